@@ -1,0 +1,100 @@
+//! The crate-level error and its stable numeric codes.
+//!
+//! Each module has its own `thiserror` enum; [`Error`] wraps them. [`ErrorCode`] values never change
+//! once released: the C ABI and the Python package hand them to users.
+
+use crate::layout::LayoutError;
+use crate::memory::MemoryError;
+use crate::metadata::MetadataError;
+use crate::transport::TransferError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{what} is not supported: {why}")]
+    Unsupported { what: String, why: String },
+    #[error("i/o error while {context}: {cause}")]
+    Io { context: String, cause: String },
+}
+
+impl Error {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Memory(e) => e.code(),
+            Error::Layout(e) => e.code(),
+            Error::Metadata(e) => e.code(),
+            Error::Transfer(e) => e.code(),
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::Unsupported { .. } => ErrorCode::Unsupported,
+            Error::Io { .. } => ErrorCode::Io,
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, err: std::io::Error) -> Self {
+        Error::Io { context: context.into(), cause: err.to_string() }
+    }
+}
+
+/// Stable numeric error codes. Grouped by hundreds: general, memory, layout, metadata, descriptors,
+/// transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    InvalidArgument = 1,
+    Unsupported = 2,
+    Io = 3,
+
+    AllocFailed = 100,
+    HugePagesUnavailable = 101,
+    PinFailed = 102,
+    InvalidCopy = 103,
+    NoDevice = 104,
+
+    LayoutInvalid = 200,
+    BlockOutOfRange = 201,
+    LayoutIncompatible = 202,
+    LayoutOverflow = 203,
+
+    MetadataTruncated = 300,
+    MetadataBadMagic = 301,
+    MetadataVersion = 302,
+    MetadataCorrupt = 303,
+    MetadataMalformed = 304,
+
+    NotRegistered = 400,
+    RemoteRegionUnknown = 401,
+    ZeroLength = 402,
+    RangeOverflow = 403,
+    LengthMismatch = 404,
+    UnknownPeer = 405,
+    DescIndexOutOfRange = 406,
+
+    Timeout = 500,
+    Cancelled = 501,
+    PeerUnreachable = 502,
+    PeerDisconnected = 503,
+    Protocol = 504,
+    RemoteUnknownKey = 510,
+    RemoteOutOfRange = 511,
+    RemoteZeroLength = 512,
+    RemoteRangeOverflow = 513,
+}
+
+impl ErrorCode {
+    pub fn as_u32(self) -> u32 {
+        self as u32
+    }
+}
