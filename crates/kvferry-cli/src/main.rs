@@ -1,1 +1,46 @@
-fn main() {}
+//! The `kvferry` command: `bench` measures transports, `serve` hosts a target buffer, `info` lists
+//! what this machine and build can use.
+
+mod bench;
+mod info;
+mod pattern;
+mod serve;
+mod units;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kvferry", version, about = "KV-cache transfer data plane: benchmarks and tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure transfer bandwidth and latency over block and batch sizes.
+    Bench(bench::BenchArgs),
+    /// Host a registered buffer that initiators can read and write.
+    Serve(serve::ServeArgs),
+    /// List devices and transports available here.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("KVFERRY_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Bench(args) => bench::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Info { json } => info::run(json),
+    };
+    if let Err(e) = result {
+        eprintln!("kvferry: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,628 @@
-//! placeholder
+//! The [`Agent`]: one engine rank's registry of memory, its transports, its peers, and the
+//! transfers between them.
+//!
+//! ```text
+//! register (RAII) → metadata() → peer.add_peer(bytes) → prepare_local / prepare_remote
+//!   → read / write / post (batch, deadline, notification) → Transfer::poll / wait / cancel
+//! ```
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::thread;
+use std::time::Duration;
+
+use crate::deadline::Deadline;
+use crate::error::{Error, ErrorCode, Result};
+use crate::memory::{MemRegion, Memory};
+use crate::metadata::{AgentMetadata, RegionInfo};
+use crate::side_channel::{self, SideChannelServer};
+use crate::transport::tcp::{self, TcpConfig, TcpTransport};
+use crate::transport::{
+    Batch, Completion, Endpoint, NotificationQueue, Op, PeerLink, RemoteRegion, Transport, TransportKind, XferOp,
+};
+
+pub use crate::transport::{Notification, TransferStatus};
+
+/// Errors in what the caller asked for, found before anything is sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DescError {
+    #[error("descriptor {index} ({addr:#x}+{len}) is not inside any local registration")]
+    NotRegistered { index: usize, addr: u64, len: u64 },
+    #[error("descriptor {index} ({addr:#x}+{len}) is not inside any region peer {peer} registered")]
+    RemoteRegionUnknown { peer: String, index: usize, addr: u64, len: u64 },
+    #[error("descriptor {index} has length zero")]
+    ZeroLength { index: usize },
+    #[error("descriptor {index} ({addr:#x}+{len}) overflows the address space")]
+    RangeOverflow { index: usize, addr: u64, len: u64 },
+    #[error("pair {position}: local length {local_len} differs from remote length {remote_len}")]
+    LengthMismatch { position: usize, local_len: u64, remote_len: u64 },
+    #[error("no peer named {peer}")]
+    UnknownPeer { peer: String },
+    #[error("index {index} is outside a prepared list of {len} descriptors")]
+    IndexOutOfRange { index: usize, len: usize },
+    #[error("descriptors were prepared against older metadata of peer {peer}; prepare them again")]
+    Stale { peer: String },
+    #[error("a transfer needs at least one descriptor pair or a notification")]
+    EmptyTransfer,
+}
+
+impl DescError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DescError::NotRegistered { .. } => ErrorCode::NotRegistered,
+            DescError::RemoteRegionUnknown { .. } => ErrorCode::RemoteRegionUnknown,
+            DescError::ZeroLength { .. } => ErrorCode::ZeroLength,
+            DescError::RangeOverflow { .. } => ErrorCode::RangeOverflow,
+            DescError::LengthMismatch { .. } => ErrorCode::LengthMismatch,
+            DescError::UnknownPeer { .. } => ErrorCode::UnknownPeer,
+            DescError::IndexOutOfRange { .. } => ErrorCode::DescIndexOutOfRange,
+            DescError::Stale { .. } => ErrorCode::StaleDescriptors,
+            DescError::EmptyTransfer => ErrorCode::EmptyTransfer,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Unique among the agents that talk to each other.
+    pub name: String,
+    /// The TCP transport; `None` disables it.
+    pub tcp: Option<TcpConfig>,
+}
+
+impl AgentConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        AgentConfig { name: name.into(), tcp: Some(TcpConfig::default()) }
+    }
+}
+
+/// A registered region on this agent.
+struct LocalReg {
+    id: u64,
+    region: MemRegion,
+    keys: Vec<(TransportKind, Vec<u8>)>,
+    /// Keeps owned memory alive; `None` for raw registrations, whose owner promised to keep it.
+    owner: Option<Arc<dyn Memory>>,
+}
+
+struct Peer {
+    meta: AgentMetadata,
+    link: Arc<dyn PeerLink>,
+}
+
+pub(crate) struct AgentInner {
+    name: String,
+    transports: Vec<Arc<dyn Transport>>,
+    /// Keyed by (start address, id): a lookup walks back from the address.
+    registry: Mutex<BTreeMap<(u64, u64), Arc<LocalReg>>>,
+    next_reg_id: AtomicU64,
+    generation: AtomicU64,
+    peers: RwLock<HashMap<String, Arc<Peer>>>,
+    notifications: Arc<NotificationQueue>,
+    side_channel: Mutex<Option<SideChannelServer>>,
+}
+
+/// One engine rank's endpoint: registered memory, transports, peers, transfers. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<AgentInner>,
+}
+
+/// Keeps a region registered; deregisters it when dropped.
+pub struct Registration {
+    agent: Weak<AgentInner>,
+    reg: Arc<LocalReg>,
+}
+
+impl Registration {
+    pub fn region(&self) -> MemRegion {
+        self.reg.region
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.upgrade() {
+            agent.deregister(&self.reg);
+        }
+        // Raw memory belongs to the caller once we return: wait for local transfers still using it.
+        if self.reg.owner.is_none() {
+            while Arc::strong_count(&self.reg) > 1 {
+                thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration").field("id", &self.reg.id).field("region", &self.reg.region).finish()
+    }
+}
+
+/// Descriptors checked once and reused: transfers pick entries by index.
+#[derive(Debug, Clone)]
+pub struct PreparedDescs {
+    side: Side,
+    descs: Vec<PreparedDesc>,
+}
+
+#[derive(Debug, Clone)]
+enum Side {
+    /// `regs[slot]` is the registration holding each descriptor. Weak, so a prepared list never
+    /// keeps memory registered.
+    Local { agent: usize, regs: Vec<Weak<LocalReg>> },
+    /// `slot` indexes the peer's regions as of metadata `generation`.
+    Remote { peer: String, generation: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PreparedDesc {
+    addr: u64,
+    len: u64,
+    slot: u32,
+}
+
+impl std::fmt::Debug for LocalReg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalReg").field("id", &self.id).field("region", &self.region).finish()
+    }
+}
+
+impl PreparedDescs {
+    pub fn len(&self) -> usize {
+        self.descs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
+    }
+
+    /// The peer a remote list targets.
+    pub fn peer(&self) -> Option<&str> {
+        match &self.side {
+            Side::Remote { peer, .. } => Some(peer),
+            Side::Local { .. } => None,
+        }
+    }
+}
+
+/// What to move: pairs `local[local_indices[i]]` ↔ `remote[remote_indices[i]]`.
+pub struct TransferRequest<'a> {
+    pub op: Op,
+    pub local: &'a PreparedDescs,
+    pub local_indices: &'a [usize],
+    pub remote: &'a PreparedDescs,
+    pub remote_indices: &'a [usize],
+    /// Delivered to the peer once all the data is in place.
+    pub notification: Option<&'a [u8]>,
+    pub deadline: Deadline,
+}
+
+/// A posted transfer.
+pub struct Transfer {
+    completion: Arc<Completion>,
+    ops: usize,
+    post_time: Duration,
+}
+
+impl Transfer {
+    pub fn poll(&self) -> TransferStatus {
+        self.completion.status()
+    }
+
+    /// Block until the transfer completes, fails or reaches its deadline.
+    pub fn wait(&self) -> Result<()> {
+        self.completion.wait().map_err(Error::from)
+    }
+
+    /// Stop the transfer; returns once it no longer touches local memory (or at its deadline).
+    pub fn cancel(&self) {
+        self.completion.cancel()
+    }
+
+    pub fn peer(&self) -> &str {
+        self.completion.peer()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.completion.bytes()
+    }
+
+    /// Ops on the wire after coalescing adjacent descriptor pairs.
+    pub fn ops(&self) -> usize {
+        self.ops
+    }
+
+    /// How long posting took on the caller's thread.
+    pub fn post_time(&self) -> Duration {
+        self.post_time
+    }
+
+    /// From post to completion, once completed.
+    pub fn elapsed(&self) -> Option<Duration> {
+        self.completion.elapsed()
+    }
+}
+
+fn check_range(index: usize, d: &MemRegion) -> Result<(), DescError> {
+    if d.len == 0 {
+        return Err(DescError::ZeroLength { index });
+    }
+    if d.end().is_none() {
+        return Err(DescError::RangeOverflow { index, addr: d.addr, len: d.len });
+    }
+    Ok(())
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig) -> Result<Agent> {
+        if config.name.is_empty() || config.name.len() > u16::MAX as usize {
+            return Err(Error::InvalidArgument("an agent name must be 1 to 65535 bytes".into()));
+        }
+        let notifications = Arc::new(NotificationQueue::default());
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        if let Some(tcp) = config.tcp {
+            transports.push(Arc::new(TcpTransport::start(&config.name, tcp, notifications.clone())?));
+        }
+        if transports.is_empty() {
+            return Err(Error::InvalidArgument("an agent needs at least one transport".into()));
+        }
+        Ok(Agent {
+            inner: Arc::new(AgentInner {
+                name: config.name,
+                transports,
+                registry: Mutex::new(BTreeMap::new()),
+                next_reg_id: AtomicU64::new(1),
+                generation: AtomicU64::new(1),
+                peers: RwLock::new(HashMap::new()),
+                notifications,
+                side_channel: Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.inner.transports.iter().map(|t| t.endpoint()).collect()
+    }
+
+    /// Register memory the registration keeps alive.
+    pub fn register(&self, memory: Arc<dyn Memory>) -> Result<Registration> {
+        let region = memory.region();
+        self.inner.register(self, region, Some(memory))
+    }
+
+    /// Register memory owned elsewhere (a framework's tensor, say).
+    ///
+    /// # Safety
+    /// The region must be valid memory of its kind until the returned [`Registration`] is dropped.
+    pub unsafe fn register_raw(&self, region: MemRegion) -> Result<Registration> {
+        self.inner.register(self, region, None)
+    }
+
+    /// This agent's metadata as of now, for peers.
+    pub fn metadata(&self) -> Vec<u8> {
+        self.inner.metadata().encode()
+    }
+
+    /// Add (or update) a peer from its metadata; returns its name. Connections open on first use.
+    pub fn add_peer(&self, metadata: &[u8]) -> Result<String> {
+        self.inner.add_peer(metadata)
+    }
+
+    pub fn remove_peer(&self, name: &str) -> Result<()> {
+        match self.inner.peers.write().unwrap().remove(name) {
+            Some(_) => Ok(()),
+            None => Err(DescError::UnknownPeer { peer: name.into() }.into()),
+        }
+    }
+
+    pub fn peers(&self) -> Vec<String> {
+        self.inner.peers.read().unwrap().keys().cloned().collect()
+    }
+
+    pub fn peer_metadata(&self, name: &str) -> Option<AgentMetadata> {
+        self.inner.peers.read().unwrap().get(name).map(|p| p.meta.clone())
+    }
+
+    /// Check local descriptors against this agent's registrations.
+    pub fn prepare_local(&self, descs: &[MemRegion]) -> Result<PreparedDescs> {
+        let registry = self.inner.registry.lock().unwrap();
+        let mut regs: Vec<Weak<LocalReg>> = Vec::new();
+        let mut slots: HashMap<u64, u32> = HashMap::new();
+        let mut prepared = Vec::with_capacity(descs.len());
+        for (index, d) in descs.iter().enumerate() {
+            check_range(index, d)?;
+            // Registrations may overlap: walk back from the address to the first that holds it.
+            let reg = registry
+                .range(..=(d.addr, u64::MAX))
+                .rev()
+                .map(|(_, r)| r)
+                .find(|r| r.region.kind == d.kind && r.region.contains(d.addr, d.len))
+                .ok_or(DescError::NotRegistered { index, addr: d.addr, len: d.len })?;
+            let slot = *slots.entry(reg.id).or_insert_with(|| {
+                regs.push(Arc::downgrade(reg));
+                (regs.len() - 1) as u32
+            });
+            prepared.push(PreparedDesc { addr: d.addr, len: d.len, slot });
+        }
+        Ok(PreparedDescs { side: Side::Local { agent: self.id(), regs }, descs: prepared })
+    }
+
+    /// Check remote descriptors against the regions the peer advertised.
+    pub fn prepare_remote(&self, peer: &str, descs: &[MemRegion]) -> Result<PreparedDescs> {
+        let peer_entry = self.inner.peer(peer)?;
+        let regions = &peer_entry.meta.regions;
+        let mut prepared = Vec::with_capacity(descs.len());
+        let mut last_slot = 0usize;
+        for (index, d) in descs.iter().enumerate() {
+            check_range(index, d)?;
+            let holds = |r: &RegionInfo| r.region.kind == d.kind && r.region.contains(d.addr, d.len);
+            // Consecutive descriptors usually fall in the same region: try it first.
+            let slot = match regions.get(last_slot) {
+                Some(r) if holds(r) => last_slot,
+                _ => regions.iter().position(holds).ok_or_else(|| DescError::RemoteRegionUnknown {
+                    peer: peer.into(),
+                    index,
+                    addr: d.addr,
+                    len: d.len,
+                })?,
+            };
+            last_slot = slot;
+            prepared.push(PreparedDesc { addr: d.addr, len: d.len, slot: slot as u32 });
+        }
+        let side = Side::Remote { peer: peer.into(), generation: peer_entry.meta.generation };
+        Ok(PreparedDescs { side, descs: prepared })
+    }
+
+    /// Read `remote[remote_indices[i]]` into `local[local_indices[i]]`.
+    pub fn read(
+        &self,
+        local: &PreparedDescs,
+        local_indices: &[usize],
+        remote: &PreparedDescs,
+        remote_indices: &[usize],
+        deadline: Deadline,
+    ) -> Result<Transfer> {
+        self.post(TransferRequest { op: Op::Read, local, local_indices, remote, remote_indices, notification: None, deadline })
+    }
+
+    /// Write `local[local_indices[i]]` into `remote[remote_indices[i]]`.
+    pub fn write(
+        &self,
+        local: &PreparedDescs,
+        local_indices: &[usize],
+        remote: &PreparedDescs,
+        remote_indices: &[usize],
+        deadline: Deadline,
+    ) -> Result<Transfer> {
+        self.post(TransferRequest { op: Op::Write, local, local_indices, remote, remote_indices, notification: None, deadline })
+    }
+
+    /// Send a notification alone.
+    pub fn notify(&self, peer: &str, data: &[u8], deadline: Deadline) -> Result<Transfer> {
+        let peer_entry = self.inner.peer(peer)?;
+        check_notification(data)?;
+        let completion = Arc::new(Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline));
+        self.submit(&peer_entry, Op::Notify, Vec::new(), completion, Arc::new(()))
+    }
+
+    /// Post a transfer. Never blocks on the network: completion comes through the handle.
+    pub fn post(&self, req: TransferRequest<'_>) -> Result<Transfer> {
+        if req.op == Op::Notify {
+            return Err(Error::InvalidArgument("use Agent::notify for a notification without data".into()));
+        }
+        let Side::Local { agent, regs } = &req.local.side else {
+            return Err(Error::InvalidArgument("the local list was prepared for a peer".into()));
+        };
+        if *agent != self.id() {
+            return Err(Error::InvalidArgument("the local list was prepared by another agent".into()));
+        }
+        let Side::Remote { peer, generation } = &req.remote.side else {
+            return Err(Error::InvalidArgument("the remote list was prepared for local memory".into()));
+        };
+        let peer_entry = self.inner.peer(peer)?;
+        if peer_entry.meta.generation != *generation {
+            return Err(DescError::Stale { peer: peer.clone() }.into());
+        }
+        if req.local_indices.len() != req.remote_indices.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} local indices but {} remote indices",
+                req.local_indices.len(),
+                req.remote_indices.len()
+            )));
+        }
+        if req.local_indices.is_empty() && req.notification.is_none() {
+            return Err(DescError::EmptyTransfer.into());
+        }
+        if let Some(n) = req.notification {
+            check_notification(n)?;
+        }
+        let pick = |list: &PreparedDescs, index: usize| {
+            list.descs.get(index).copied().ok_or(DescError::IndexOutOfRange { index, len: list.descs.len() })
+        };
+        // Upgrade each registration once: the batch holds them until its last part is done.
+        let mut held: Vec<Option<Arc<LocalReg>>> = vec![None; regs.len()];
+        let mut ops: Vec<XferOp> = Vec::with_capacity(req.local_indices.len());
+        let mut last_local_slot = u32::MAX;
+        let mut bytes = 0u64;
+        for (position, (&li, &ri)) in req.local_indices.iter().zip(req.remote_indices).enumerate() {
+            let (l, r) = (pick(req.local, li)?, pick(req.remote, ri)?);
+            if l.len != r.len {
+                return Err(DescError::LengthMismatch { position, local_len: l.len, remote_len: r.len }.into());
+            }
+            let reg = &mut held[l.slot as usize];
+            if reg.is_none() {
+                *reg = Some(regs[l.slot as usize].upgrade().ok_or(DescError::NotRegistered { index: li, addr: l.addr, len: l.len })?);
+            }
+            bytes += l.len;
+            // Coalesce pairs that continue the previous op on both sides.
+            if let Some(prev) = ops.last_mut() {
+                if last_local_slot == l.slot
+                    && prev.remote_region == r.slot
+                    && prev.local_addr + prev.len == l.addr
+                    && prev.remote_addr + prev.len == r.addr
+                {
+                    prev.len += l.len;
+                    continue;
+                }
+            }
+            last_local_slot = l.slot;
+            ops.push(XferOp { local_addr: l.addr, remote_region: r.slot, remote_addr: r.addr, len: l.len });
+        }
+        let held: Vec<Arc<LocalReg>> = held.into_iter().flatten().collect();
+        let notification = req.notification.map(<[u8]>::to_vec);
+        let completion = Arc::new(Completion::new(peer, req.op, bytes, notification, req.deadline));
+        self.submit(&peer_entry, req.op, ops, completion, Arc::new(held))
+    }
+
+    fn submit(
+        &self,
+        peer: &Peer,
+        op: Op,
+        ops: Vec<XferOp>,
+        completion: Arc<Completion>,
+        keep_alive: Arc<dyn Any + Send + Sync>,
+    ) -> Result<Transfer> {
+        let started = std::time::Instant::now();
+        let n_ops = ops.len();
+        peer.link.post(Batch { op, ops, notification: None, completion: completion.clone(), keep_alive })?;
+        Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed() })
+    }
+
+    /// Notifications received so far (emptied by the call).
+    pub fn take_notifications(&self) -> Vec<Notification> {
+        self.inner.notifications.take()
+    }
+
+    /// Wait until at least one notification has arrived or the deadline passes, then take them all.
+    pub fn wait_notifications(&self, deadline: Deadline) -> Vec<Notification> {
+        self.inner.notifications.wait(deadline)
+    }
+
+    /// Serve this agent's metadata on `listen` so peers can find it from `host:port` alone.
+    /// Returns the bound address. Peers that send their own metadata are added as peers.
+    pub fn serve_side_channel(&self, listen: SocketAddr) -> Result<SocketAddr> {
+        let server = side_channel::serve(Arc::downgrade(&self.inner), listen)?;
+        let addr = server.local_addr();
+        *self.inner.side_channel.lock().unwrap() = Some(server);
+        Ok(addr)
+    }
+
+    /// Exchange metadata with the agent serving a side channel at `addr` and add it as a peer.
+    pub fn connect_peer(&self, addr: &str, deadline: Deadline) -> Result<String> {
+        let theirs = side_channel::exchange(addr, Some(&self.metadata()), deadline)?;
+        self.add_peer(&theirs)
+    }
+
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+}
+
+fn check_notification(data: &[u8]) -> Result<()> {
+    if data.len() as u64 > tcp::MAX_NOTIFICATION {
+        return Err(Error::InvalidArgument(format!(
+            "a notification of {} bytes exceeds the limit of {}",
+            data.len(),
+            tcp::MAX_NOTIFICATION
+        )));
+    }
+    Ok(())
+}
+
+impl AgentInner {
+    fn register(&self, agent: &Agent, region: MemRegion, owner: Option<Arc<dyn Memory>>) -> Result<Registration> {
+        check_range(0, &region)?;
+        let keep_alive: Arc<dyn Any + Send + Sync> = Arc::new(owner.clone());
+        let mut keys = Vec::new();
+        for t in self.transports.iter().filter(|t| t.supports(region.kind)) {
+            match t.register(region, keep_alive.clone()) {
+                Ok(key) => keys.push((t.kind(), key)),
+                Err(e) => {
+                    self.revoke(&keys);
+                    return Err(e);
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Err(Error::Unsupported {
+                what: format!("registering {} memory", region.kind),
+                why: "no enabled transport can move it".into(),
+            });
+        }
+        let id = self.next_reg_id.fetch_add(1, Ordering::Relaxed);
+        let reg = Arc::new(LocalReg { id, region, keys, owner });
+        self.registry.lock().unwrap().insert((region.addr, id), reg.clone());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(Registration { agent: Arc::downgrade(&agent.inner), reg })
+    }
+
+    fn deregister(&self, reg: &LocalReg) {
+        self.registry.lock().unwrap().remove(&(reg.region.addr, reg.id));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.revoke(&reg.keys);
+    }
+
+    fn revoke(&self, keys: &[(TransportKind, Vec<u8>)]) {
+        for (kind, key) in keys {
+            if let Some(t) = self.transports.iter().find(|t| t.kind() == *kind) {
+                t.deregister(key);
+            }
+        }
+    }
+
+    pub(crate) fn metadata(&self) -> AgentMetadata {
+        let registry = self.registry.lock().unwrap();
+        AgentMetadata {
+            name: self.name.clone(),
+            generation: self.generation.load(Ordering::Acquire),
+            endpoints: self.transports.iter().map(|t| t.endpoint()).collect(),
+            regions: registry.values().map(|r| RegionInfo { region: r.region, keys: r.keys.clone() }).collect(),
+        }
+    }
+
+    fn peer(&self, name: &str) -> Result<Arc<Peer>> {
+        self.peers.read().unwrap().get(name).cloned().ok_or_else(|| DescError::UnknownPeer { peer: name.into() }.into())
+    }
+
+    pub(crate) fn add_peer(&self, bytes: &[u8]) -> Result<String> {
+        let meta = AgentMetadata::decode(bytes)?;
+        if meta.name == self.name {
+            return Err(Error::InvalidArgument(format!("metadata of {} is this agent's own", meta.name)));
+        }
+        if let Some(known) = self.peers.read().unwrap().get(&meta.name) {
+            let unchanged = known.meta.endpoints == meta.endpoints && known.meta.regions == meta.regions;
+            if unchanged || known.meta.generation > meta.generation {
+                // Nothing new, or older news: keep the link, its connections and prepared lists valid.
+                return Ok(meta.name);
+            }
+        }
+        // The first of our transports the peer also speaks.
+        let (transport, endpoint) = self
+            .transports
+            .iter()
+            .find_map(|t| meta.endpoints.iter().find(|e| e.kind == t.kind()).map(|e| (t, e)))
+            .ok_or_else(|| Error::Unsupported {
+                what: format!("talking to peer {}", meta.name),
+                why: "it shares no transport with this agent".into(),
+            })?;
+        let regions = meta
+            .regions
+            .iter()
+            .map(|r| RemoteRegion { region: r.region, key: r.key(transport.kind()).unwrap_or_default().to_vec() })
+            .collect();
+        let link = transport.link(&meta.name, endpoint, regions)?;
+        let name = meta.name.clone();
+        self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, link }));
+        Ok(name)
+    }
+}

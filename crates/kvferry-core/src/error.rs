@@ -3,6 +3,7 @@
 //! Each module has its own `thiserror` enum; [`Error`] wraps them. [`ErrorCode`] values never change
 //! once released: the C ABI and the Python package hand them to users.
 
+use crate::agent::DescError;
 use crate::layout::LayoutError;
 use crate::memory::MemoryError;
 use crate::metadata::MetadataError;
@@ -20,6 +21,8 @@ pub enum Error {
     #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
+    Descriptor(#[from] DescError),
+    #[error(transparent)]
     Transfer(#[from] TransferError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -35,6 +38,7 @@ impl Error {
             Error::Memory(e) => e.code(),
             Error::Layout(e) => e.code(),
             Error::Metadata(e) => e.code(),
+            Error::Descriptor(e) => e.code(),
             Error::Transfer(e) => e.code(),
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::Unsupported { .. } => ErrorCode::Unsupported,
@@ -81,6 +85,8 @@ pub enum ErrorCode {
     LengthMismatch = 404,
     UnknownPeer = 405,
     DescIndexOutOfRange = 406,
+    StaleDescriptors = 407,
+    EmptyTransfer = 408,
 
     Timeout = 500,
     Cancelled = 501,
@@ -91,6 +97,7 @@ pub enum ErrorCode {
     RemoteOutOfRange = 511,
     RemoteZeroLength = 512,
     RemoteRangeOverflow = 513,
+    RemoteTooLarge = 514,
 }
 
 impl ErrorCode {

@@ -7,10 +7,10 @@ pub mod error;
 pub mod layout;
 pub mod memory;
 pub mod metadata;
+mod net;
 pub mod side_channel;
 pub mod transport;
-
-
+pub use agent::{Agent, AgentConfig, DescError, Notification, PreparedDescs, Registration, Transfer, TransferRequest, TransferStatus};
 pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};
 

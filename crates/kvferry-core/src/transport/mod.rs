@@ -1,7 +1,446 @@
-//! placeholder
-use crate::error::ErrorCode;
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum TransferError { #[error("x")] X }
-impl TransferError { pub fn code(&self) -> ErrorCode { ErrorCode::Protocol } }
-pub enum Op { Read }
-pub enum TransportKind { Tcp }
+//! Moving bytes between registered regions of two agents.
+//!
+//! A [`Transport`] registers regions (→ a key the peer needs), publishes an [`Endpoint`], connects to
+//! peers ([`PeerLink`]) and posts batches of READ/WRITE ops with an optional notification. It knows
+//! nothing about KV caches, layers or tiers. Completion is reported through a shared [`Completion`].
+
+pub mod tcp;
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::deadline::Deadline;
+use crate::error::{ErrorCode, Result};
+use crate::memory::{MemKind, MemRegion};
+
+/// What a transfer does, seen from the initiator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Remote memory → local memory.
+    Read,
+    /// Local memory → remote memory.
+    Write,
+    /// No data, only a notification delivered to the peer.
+    Notify,
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Notify => "notify",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportKind {
+    Tcp,
+}
+
+impl TransportKind {
+    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+        }
+    }
+
+    pub fn to_wire(self) -> u8 {
+        match self {
+            TransportKind::Tcp => 1,
+        }
+    }
+
+    pub fn from_wire(tag: u8) -> Option<TransportKind> {
+        match tag {
+            1 => Some(TransportKind::Tcp),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a peer reaches one of an agent's transports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub kind: TransportKind,
+    pub address: String,
+}
+
+/// Why the owner of the memory refused a descriptor. Sent on the wire as one byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// No registration has this key (never registered, deregistered, or forged).
+    UnknownKey,
+    /// The range is not inside the registration the key names.
+    OutOfRange,
+    ZeroLength,
+    /// `addr + len` overflows.
+    RangeOverflow,
+    /// The request exceeds the target's limits (descriptor count or frame size).
+    TooLarge,
+}
+
+impl RejectReason {
+    pub fn to_wire(self) -> u8 {
+        match self {
+            RejectReason::UnknownKey => 1,
+            RejectReason::OutOfRange => 2,
+            RejectReason::ZeroLength => 3,
+            RejectReason::RangeOverflow => 4,
+            RejectReason::TooLarge => 5,
+        }
+    }
+
+    pub fn from_wire(b: u8) -> Option<RejectReason> {
+        Some(match b {
+            1 => RejectReason::UnknownKey,
+            2 => RejectReason::OutOfRange,
+            3 => RejectReason::ZeroLength,
+            4 => RejectReason::RangeOverflow,
+            5 => RejectReason::TooLarge,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RejectReason::UnknownKey => "no registration has this key",
+            RejectReason::OutOfRange => "range lies outside the registered region",
+            RejectReason::ZeroLength => "zero-length range",
+            RejectReason::RangeOverflow => "address + length overflows",
+            RejectReason::TooLarge => "request exceeds the target's limits",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    #[error("{op} with peer {peer} did not complete before its deadline")]
+    Timeout { peer: String, op: Op },
+    #[error("{op} with peer {peer} was cancelled")]
+    Cancelled { peer: String, op: Op },
+    #[error("cannot reach peer {peer} at {endpoint}: {cause}")]
+    PeerUnreachable { peer: String, endpoint: String, cause: String },
+    #[error("peer {peer} disconnected during {op}: {cause}")]
+    PeerDisconnected { peer: String, op: Op, cause: String },
+    #[error("peer {peer} rejected {op} descriptor {index}: {reason}")]
+    Rejected { peer: String, op: Op, index: u32, reason: RejectReason },
+    #[error("protocol error with peer {peer}: {detail}")]
+    Protocol { peer: String, detail: String },
+}
+
+impl TransferError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TransferError::Timeout { .. } => ErrorCode::Timeout,
+            TransferError::Cancelled { .. } => ErrorCode::Cancelled,
+            TransferError::PeerUnreachable { .. } => ErrorCode::PeerUnreachable,
+            TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
+            TransferError::Protocol { .. } => ErrorCode::Protocol,
+            TransferError::Rejected { reason, .. } => match reason {
+                RejectReason::UnknownKey => ErrorCode::RemoteUnknownKey,
+                RejectReason::OutOfRange => ErrorCode::RemoteOutOfRange,
+                RejectReason::ZeroLength => ErrorCode::RemoteZeroLength,
+                RejectReason::RangeOverflow => ErrorCode::RemoteRangeOverflow,
+                RejectReason::TooLarge => ErrorCode::RemoteTooLarge,
+            },
+        }
+    }
+}
+
+/// One op of a batch, resolved: a local address, and a remote address inside the peer's region
+/// number `remote_region` (an index into the peer's metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XferOp {
+    pub local_addr: u64,
+    pub remote_region: u32,
+    pub remote_addr: u64,
+    pub len: u64,
+}
+
+/// A batch handed to a [`PeerLink`].
+pub struct Batch {
+    pub op: Op,
+    pub ops: Vec<XferOp>,
+    pub notification: Option<Vec<u8>>,
+    pub completion: Arc<Completion>,
+    /// Keeps the local memory of the ops alive until the last part of the batch has finished.
+    pub keep_alive: Arc<dyn Any + Send + Sync>,
+}
+
+/// A region of the peer as a transport needs it: where it is and the key that opens it.
+#[derive(Debug, Clone)]
+pub struct RemoteRegion {
+    pub region: MemRegion,
+    pub key: Vec<u8>,
+}
+
+/// A transport's connection to one peer.
+pub trait PeerLink: Send + Sync {
+    /// Queue a batch; never blocks on the network. Failures after this returns are reported through
+    /// the batch's completion.
+    fn post(&self, batch: Batch) -> Result<()>;
+}
+
+/// Moves bytes between registered regions of two agents.
+pub trait Transport: Send + Sync {
+    fn kind(&self) -> TransportKind;
+
+    fn endpoint(&self) -> Endpoint;
+
+    /// Whether this transport can move memory of this kind directly.
+    fn supports(&self, kind: MemKind) -> bool;
+
+    /// Make a region accessible to peers; returns the key they need. `keep_alive` is held while any
+    /// remote request is using the region.
+    fn register(&self, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>>;
+
+    /// Revoke a key. Returns once no remote request is using the region any more.
+    fn deregister(&self, key: &[u8]);
+
+    /// A link to a peer, which connects lazily on first use.
+    fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>>;
+}
+
+/// A notification delivered after a batch's data is in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// The sending agent's name.
+    pub from: String,
+    pub data: Vec<u8>,
+}
+
+/// Where transports deliver incoming notifications; the agent drains it.
+#[derive(Default)]
+pub struct NotificationQueue {
+    queue: Mutex<VecDeque<Notification>>,
+    arrived: Condvar,
+}
+
+impl NotificationQueue {
+    pub fn push(&self, n: Notification) {
+        self.queue.lock().unwrap().push_back(n);
+        self.arrived.notify_all();
+    }
+
+    pub fn take(&self) -> Vec<Notification> {
+        self.queue.lock().unwrap().drain(..).collect()
+    }
+
+    /// Waits until at least one notification is queued or the deadline passes, then takes all.
+    pub fn wait(&self, deadline: Deadline) -> Vec<Notification> {
+        let mut q = self.queue.lock().unwrap();
+        while q.is_empty() && !deadline.expired() {
+            q = self.arrived.wait_timeout(q, deadline.remaining()).unwrap().0;
+        }
+        q.drain(..).collect()
+    }
+}
+
+/// The state of a transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransferStatus {
+    InProgress,
+    Done,
+    Failed(TransferError),
+}
+
+/// What a finished part means for the transport that ran it.
+pub enum PartOutcome {
+    /// Other parts are still running.
+    Pending,
+    /// This was the last part and all succeeded: send the notification (if any), then call
+    /// [`Completion::finish`].
+    LastOk { notification: Option<Vec<u8>> },
+    /// This was the last part; the batch is already finished.
+    Finished,
+}
+
+/// Completion state of one batch, shared by the transport's workers and the caller's handle.
+///
+/// A batch is split into parts (frames, work requests). Each part reports once through
+/// [`Completion::part_done`]; the part that finishes last sends the notification and settles the
+/// status, so a notification never overtakes the data it announces.
+pub struct Completion {
+    peer: String,
+    op: Op,
+    deadline: Deadline,
+    posted_at: Instant,
+    bytes: u64,
+    remaining: AtomicUsize,
+    cancelled: AtomicBool,
+    state: Mutex<CompletionState>,
+    settled: Condvar,
+}
+
+struct CompletionState {
+    status: TransferStatus,
+    first_error: Option<TransferError>,
+    notification: Option<Vec<u8>>,
+    finished_at: Option<Instant>,
+}
+
+impl Completion {
+    pub fn new(peer: &str, op: Op, bytes: u64, notification: Option<Vec<u8>>, deadline: Deadline) -> Self {
+        Completion {
+            peer: peer.to_string(),
+            op,
+            deadline,
+            posted_at: Instant::now(),
+            bytes,
+            remaining: AtomicUsize::new(0),
+            cancelled: AtomicBool::new(false),
+            state: Mutex::new(CompletionState {
+                status: TransferStatus::InProgress,
+                first_error: None,
+                notification,
+                finished_at: None,
+            }),
+            settled: Condvar::new(),
+        }
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    pub fn op(&self) -> Op {
+        self.op
+    }
+
+    pub fn deadline(&self) -> Deadline {
+        self.deadline
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Called by the transport before handing out parts.
+    pub fn set_parts(&self, parts: usize) {
+        self.remaining.store(parts, Ordering::Release);
+    }
+
+    /// Why a part that has not started yet should not start: cancelled, past its deadline, or
+    /// another part already failed.
+    pub fn skip_reason(&self) -> Option<TransferError> {
+        if self.cancelled.load(Ordering::Acquire) {
+            return Some(TransferError::Cancelled { peer: self.peer.clone(), op: self.op });
+        }
+        if self.deadline.expired() {
+            return Some(self.timeout_error());
+        }
+        let state = self.state.lock().unwrap();
+        if let TransferStatus::Failed(e) = &state.status {
+            return Some(e.clone());
+        }
+        state.first_error.clone()
+    }
+
+    pub fn timeout_error(&self) -> TransferError {
+        TransferError::Timeout { peer: self.peer.clone(), op: self.op }
+    }
+
+    /// Report one part's outcome.
+    pub fn part_done(&self, result: std::result::Result<(), TransferError>) -> PartOutcome {
+        let mut state = self.state.lock().unwrap();
+        if let Err(e) = result {
+            state.first_error.get_or_insert(e);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return PartOutcome::Pending;
+        }
+        if let Some(e) = state.first_error.clone() {
+            self.settle(&mut state, TransferStatus::Failed(e));
+            return PartOutcome::Finished;
+        }
+        if self.cancelled.load(Ordering::Acquire) {
+            let e = TransferError::Cancelled { peer: self.peer.clone(), op: self.op };
+            self.settle(&mut state, TransferStatus::Failed(e));
+            return PartOutcome::Finished;
+        }
+        PartOutcome::LastOk { notification: state.notification.take() }
+    }
+
+    /// Settle the batch after a [`PartOutcome::LastOk`] (with the notification's outcome).
+    pub fn finish(&self, result: std::result::Result<(), TransferError>) {
+        let mut state = self.state.lock().unwrap();
+        let status = match result {
+            Ok(()) => TransferStatus::Done,
+            Err(e) => TransferStatus::Failed(e),
+        };
+        self.settle(&mut state, status);
+    }
+
+    fn settle(&self, state: &mut CompletionState, status: TransferStatus) {
+        // A waiter that gave up at the deadline has already settled the batch as timed out.
+        if state.status == TransferStatus::InProgress {
+            state.status = status;
+            state.finished_at = Some(Instant::now());
+        }
+        self.settled.notify_all();
+    }
+
+    pub fn status(&self) -> TransferStatus {
+        let mut state = self.state.lock().unwrap();
+        if state.status == TransferStatus::InProgress && self.deadline.expired() {
+            let e = self.timeout_error();
+            self.settle(&mut state, TransferStatus::Failed(e));
+        }
+        state.status.clone()
+    }
+
+    /// Block until the batch settles or its deadline passes.
+    pub fn wait(&self) -> std::result::Result<(), TransferError> {
+        let mut state = self.state.lock().unwrap();
+        while state.status == TransferStatus::InProgress {
+            let left = self.deadline.remaining();
+            if left.is_zero() {
+                let e = self.timeout_error();
+                self.settle(&mut state, TransferStatus::Failed(e));
+                break;
+            }
+            state = self.settled.wait_timeout(state, left).unwrap().0;
+        }
+        match &state.status {
+            TransferStatus::Done => Ok(()),
+            TransferStatus::Failed(e) => Err(e.clone()),
+            TransferStatus::InProgress => unreachable!("loop exits only once settled"),
+        }
+    }
+
+    /// Ask the transport to stop: parts not yet started are skipped. Returns once no part is
+    /// running any more (or the deadline passed), so the local memory is no longer touched.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        let mut state = self.state.lock().unwrap();
+        while self.remaining.load(Ordering::Acquire) > 0 && !self.deadline.expired() {
+            state = self.settled.wait_timeout(state, self.deadline.remaining()).unwrap().0;
+        }
+        if state.status == TransferStatus::InProgress {
+            let e = TransferError::Cancelled { peer: self.peer.clone(), op: self.op };
+            self.settle(&mut state, TransferStatus::Failed(e));
+        }
+    }
+
+    /// Time from post to settle, once settled.
+    pub fn elapsed(&self) -> Option<Duration> {
+        self.state.lock().unwrap().finished_at.map(|t| t - self.posted_at)
+    }
+}

@@ -1,0 +1,353 @@
+//! `kvferry bench`: transport bandwidth and latency over a sweep of block and batch sizes, in the
+//! spirit of nixlbench. By default both ends run in this process over TCP loopback.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvferry::memory::host::HostBuffer;
+use kvferry::transport::tcp::TcpConfig;
+use kvferry::{Agent, AgentConfig, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
+use serde::Serialize;
+
+use crate::serve::{self, ServeArgs, Target};
+use crate::{pattern, units};
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpArg {
+    Read,
+    Write,
+    Both,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Both ends in this process, over loopback.
+    Loopback,
+    /// Host the buffer and wait for initiators (same as `kvferry serve`).
+    Target,
+    /// Drive transfers against `--peer`.
+    Initiator,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Transport to measure (`kvferry info` lists those in this build).
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    #[arg(long, value_enum, default_value = "both")]
+    pub op: OpArg,
+    /// Block sizes to sweep.
+    #[arg(long, default_value = "4K,16K,64K,256K,1M,4M,16M,64M", value_parser = units::parse_size_list)]
+    pub block_sizes: std::vec::Vec<u64>,
+    /// Blocks per transfer to sweep.
+    #[arg(long, default_value = "1,16,64", value_parser = units::parse_count_list)]
+    pub batch_sizes: std::vec::Vec<usize>,
+    /// Skip combinations moving more than this per transfer.
+    #[arg(long, default_value = "1G", value_parser = units::parse_size)]
+    pub max_transfer: u64,
+    /// Seconds to spend on each row (after one warm-up transfer).
+    #[arg(long, default_value_t = 0.25)]
+    pub min_time: f64,
+    #[arg(long, default_value_t = 3)]
+    pub min_iters: usize,
+    #[arg(long, default_value_t = 100_000)]
+    pub max_iters: usize,
+    /// TCP streams per peer.
+    #[arg(long, default_value_t = 2)]
+    pub streams: usize,
+    /// Verify every byte of every row (outside the timed loop).
+    #[arg(long)]
+    pub check: bool,
+    /// Print one JSON array of rows instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_enum, default_value = "loopback")]
+    pub role: Role,
+    /// The target's side channel (`host:port`), for `--role initiator`.
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// Side channel address, for `--role target`.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Host peers dial when `--listen` is a wildcard address.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Deadline of each transfer, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub deadline: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub transport: String,
+    pub op: String,
+    pub block_size: u64,
+    pub batch: usize,
+    pub streams: usize,
+    pub iterations: usize,
+    pub bytes_per_transfer: u64,
+    /// 1e9 bytes per second.
+    pub gbps: f64,
+    pub lat_avg_us: f64,
+    pub lat_p50_us: f64,
+    pub lat_p99_us: f64,
+    /// Time `post` takes on the caller's thread.
+    pub post_avg_us: f64,
+    /// Ops on the wire per transfer after coalescing (equal to `batch`: the bench pairs blocks so
+    /// that none coalesce).
+    pub wire_ops: usize,
+}
+
+struct Setup {
+    agent: Agent,
+    peer: String,
+    remote: MemRegion,
+    local: Arc<HostBuffer>,
+    scratch: Option<Arc<HostBuffer>>,
+    _registrations: Vec<kvferry::Registration>,
+    /// The in-process target, in loopback mode.
+    _target: Option<Target>,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.transport != "tcp" {
+        bail!("transport `{}` is not available in this build (`kvferry info` lists the transports)", args.transport);
+    }
+    let plan = plan(args);
+    let needed = plan.iter().map(|&(_, block, batch)| block * batch as u64).max().unwrap_or(0);
+    if args.role == Role::Target {
+        return serve::run(&ServeArgs {
+            listen: args.listen,
+            advertise: args.advertise.clone(),
+            buffer_size: args.max_transfer.max(needed),
+            fill_seed: None,
+            streams: args.streams,
+            duration: None,
+            name: None,
+        });
+    }
+    if plan.is_empty() {
+        bail!("no block × batch combination fits --max-transfer {}", units::format_size(args.max_transfer));
+    }
+    let setup = setup(args, needed)?;
+    let progress = if args.json || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(plan.len() as u64)
+            .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"))
+    };
+    let mut rows = Vec::with_capacity(plan.len());
+    let mut last_op = None;
+    for (i, &(op, block, batch)) in plan.iter().enumerate() {
+        progress.set_message(format!("{op} {} × {batch}", units::format_size(block)));
+        let row = run_row(args, &setup, op, block, batch, i as u64)?;
+        if !args.json {
+            if last_op != Some(op) {
+                progress.println(table_header(args, op));
+                last_op = Some(op);
+            }
+            progress.println(table_line(&row));
+        }
+        rows.push(row);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
+}
+
+/// Every (op, block, batch) to run, reads first.
+fn plan(args: &BenchArgs) -> Vec<(Op, u64, usize)> {
+    let ops: &[Op] = match args.op {
+        OpArg::Read => &[Op::Read],
+        OpArg::Write => &[Op::Write],
+        OpArg::Both => &[Op::Read, Op::Write],
+    };
+    let mut plan = Vec::new();
+    for &op in ops {
+        for &block in &args.block_sizes {
+            for &batch in &args.batch_sizes {
+                if block.saturating_mul(batch as u64) <= args.max_transfer {
+                    plan.push((op, block, batch));
+                }
+            }
+        }
+    }
+    plan
+}
+
+fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
+    let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
+    let (target, peer_addr) = match args.role {
+        Role::Loopback => {
+            let target = Target::start(&ServeArgs {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                advertise: None,
+                buffer_size: needed,
+                fill_seed: None,
+                streams: args.streams,
+                duration: None,
+                name: Some("kvferry-bench-target".into()),
+            })?;
+            let addr = target.side_channel.to_string();
+            (Some(target), addr)
+        }
+        _ => (None, args.peer.clone().context("--role initiator needs --peer host:port")?),
+    };
+    let name = format!("kvferry-bench-{}", std::process::id());
+    let agent = Agent::new(AgentConfig { name, tcp: Some(tcp) })?;
+    let peer = agent
+        .connect_peer(&peer_addr, Deadline::after(Duration::from_secs(10)))
+        .with_context(|| format!("connecting to {peer_addr}"))?;
+    let meta = agent.peer_metadata(&peer).context("peer vanished")?;
+    let remote = meta
+        .regions
+        .iter()
+        .map(|r| r.region)
+        .filter(|r| r.kind == MemKind::Host)
+        .max_by_key(|r| r.len)
+        .context("the peer registered no host memory")?;
+    if remote.len < needed {
+        bail!("the peer's buffer holds {} bytes; this sweep needs {needed}", remote.len);
+    }
+    let local = serve::alloc_buffer(needed)?;
+    let mut registrations = vec![agent.register(local.clone())?];
+    let scratch = match args.check {
+        true => {
+            let s = serve::alloc_buffer(needed)?;
+            registrations.push(agent.register(s.clone())?);
+            Some(s)
+        }
+        false => None,
+    };
+    Ok(Setup { agent, peer, remote, local, scratch, _registrations: registrations, _target: target })
+}
+
+/// Block `i` of the local buffer pairs with block `batch - 1 - i` of the remote one, so that no two
+/// pairs coalesce and the batch really moves `batch` separate blocks.
+fn descriptors(setup: &Setup, buf: &HostBuffer, block: u64, batch: usize) -> anyhow::Result<(PreparedDescs, PreparedDescs)> {
+    let base = buf.as_ptr() as u64;
+    let local: Vec<MemRegion> = (0..batch as u64).map(|i| MemRegion::host((base + i * block) as *const u8, block as usize)).collect();
+    let remote: Vec<MemRegion> = (0..batch as u64)
+        .map(|i| MemRegion { addr: setup.remote.addr + (batch as u64 - 1 - i) * block, len: block, kind: MemKind::Host })
+        .collect();
+    Ok((setup.agent.prepare_local(&local)?, setup.agent.prepare_remote(&setup.peer, &remote)?))
+}
+
+fn transfer(args: &BenchArgs, setup: &Setup, op: Op, local: &PreparedDescs, remote: &PreparedDescs, indices: &[usize]) -> anyhow::Result<kvferry::Transfer> {
+    let deadline = Deadline::after(Duration::from_secs_f64(args.deadline));
+    let xfer = setup.agent.post(TransferRequest {
+        op,
+        local,
+        local_indices: indices,
+        remote,
+        remote_indices: indices,
+        notification: None,
+        deadline,
+    })?;
+    xfer.wait()?;
+    Ok(xfer)
+}
+
+fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, row: u64) -> anyhow::Result<Row> {
+    let (local, remote) = descriptors(setup, &setup.local, block, batch)?;
+    let indices: Vec<usize> = (0..batch).collect();
+    let bytes = block * batch as u64;
+    let seed = 0x6b76_6665_7272_7900 + row;
+    let check = setup.scratch.as_ref().map(|s| descriptors(setup, s, block, batch).map(|d| (s, d))).transpose()?;
+    if let Some((scratch, (scratch_local, _))) = &check {
+        // Untimed set-up of known data: for a read, the remote blocks hold the pattern (written
+        // there from the scratch buffer); for a write, the local blocks do.
+        let seeded = if op == Op::Read { scratch } else { &setup.local };
+        // No transfer is in flight on these buffers while the bench fills them.
+        pattern::fill(unsafe { &mut seeded.as_mut_slice()[..bytes as usize] }, seed, 0);
+        if op == Op::Read {
+            transfer(args, setup, Op::Write, scratch_local, &remote, &indices)?;
+            unsafe { setup.local.as_mut_slice()[..bytes as usize].fill(0) };
+        }
+    }
+
+    transfer(args, setup, op, &local, &remote, &indices)?; // warm-up: connections, caches
+    let mut latencies = Vec::new();
+    let mut post_total = Duration::ZERO;
+    let mut wire_ops = 0;
+    let started = Instant::now();
+    while latencies.len() < args.max_iters
+        && (latencies.len() < args.min_iters || started.elapsed().as_secs_f64() < args.min_time)
+    {
+        let t0 = Instant::now();
+        let xfer = transfer(args, setup, op, &local, &remote, &indices)?;
+        latencies.push(t0.elapsed());
+        post_total += xfer.post_time();
+        wire_ops = xfer.ops();
+    }
+    let total = started.elapsed();
+
+    if let Some((scratch, (scratch_local, _))) = &check {
+        let (verified, what) = match op {
+            Op::Read => (&setup.local, "read"),
+            _ => {
+                transfer(args, setup, Op::Read, scratch_local, &remote, &indices)?;
+                (*scratch, "written")
+            }
+        };
+        let data = unsafe { &verified.as_slice()[..bytes as usize] };
+        if let Some(at) = pattern::first_mismatch(data, seed, 0) {
+            bail!("check failed: {what} data differs at byte {at} ({op}, block {block}, batch {batch})");
+        }
+    }
+
+    latencies.sort();
+    let n = latencies.len();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let p = |q: f64| us(latencies[((q * n as f64).ceil() as usize).clamp(1, n) - 1]);
+    Ok(Row {
+        transport: args.transport.clone(),
+        op: op.to_string(),
+        block_size: block,
+        batch,
+        streams: args.streams,
+        iterations: n,
+        bytes_per_transfer: bytes,
+        gbps: (bytes as f64 * n as f64) / total.as_secs_f64() / 1e9,
+        lat_avg_us: us(latencies.iter().sum::<Duration>()) / n as f64,
+        lat_p50_us: p(0.50),
+        lat_p99_us: p(0.99),
+        post_avg_us: us(post_total) / n as f64,
+        wire_ops,
+    })
+}
+
+fn table_header(args: &BenchArgs, op: Op) -> String {
+    let mode = match args.role {
+        Role::Loopback => "in-process loopback".to_string(),
+        _ => format!("peer {}", args.peer.as_deref().unwrap_or("?")),
+    };
+    format!(
+        "\n{} {}, {} stream(s), {mode}\n{:>14} {:>10} {:>14} {:>14} {:>14} {:>14} {:>8}\n{}",
+        args.transport.to_uppercase(),
+        op.to_string().to_uppercase(),
+        args.streams,
+        "Block Size (B)",
+        "Batch Size",
+        "B/W (GB/Sec)",
+        "Avg Lat. (us)",
+        "P99 Lat. (us)",
+        "Avg Post (us)",
+        "Iters",
+        "-".repeat(94)
+    )
+}
+
+fn table_line(r: &Row) -> String {
+    format!(
+        "{:>14} {:>10} {:>14.3} {:>14.1} {:>14.1} {:>14.2} {:>8}",
+        r.block_size, r.batch, r.gbps, r.lat_avg_us, r.lat_p99_us, r.post_avg_us, r.iterations
+    )
+}

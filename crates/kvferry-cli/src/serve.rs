@@ -1,0 +1,109 @@
+//! `kvferry serve`: a target agent hosting one registered buffer behind a side channel. It is the
+//! other end of `kvferry bench --role initiator`, and what `bench` starts in-process by default.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kvferry::memory::host::{HostAllocOptions, HostBuffer};
+use kvferry::transport::tcp::TcpConfig;
+use kvferry::{Agent, AgentConfig, Deadline, Registration};
+
+use crate::{pattern, units};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Side channel address peers dial (`host:port`); the data port is picked next to it.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Host name or address peers should dial when listening on a wildcard address.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Size of the registered buffer (e.g. 256M, 1G).
+    #[arg(long, default_value = "1G", value_parser = units::parse_size)]
+    pub buffer_size: u64,
+    /// Fill the buffer with the pattern of this seed, so initiators can check what they read.
+    #[arg(long)]
+    pub fill_seed: Option<u64>,
+    /// TCP streams per peer (for transfers this agent starts).
+    #[arg(long, default_value_t = 2)]
+    pub streams: usize,
+    /// Exit after this many seconds (default: run until killed).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Agent name (default: kvferry-serve-<pid>).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// A running target: the agent, its buffer and its side channel.
+pub struct Target {
+    pub agent: Agent,
+    pub buffer: Arc<HostBuffer>,
+    pub side_channel: SocketAddr,
+    _registration: Registration,
+}
+
+impl Target {
+    pub fn start(args: &ServeArgs) -> anyhow::Result<Target> {
+        let mut tcp = TcpConfig { streams: args.streams, advertise_host: args.advertise.clone(), ..TcpConfig::default() };
+        tcp.listen.set_ip(args.listen.ip());
+        let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
+        let agent = Agent::new(AgentConfig { name, tcp: Some(tcp) }).context("starting the agent")?;
+        let buffer = alloc_buffer(args.buffer_size)?;
+        if let Some(seed) = args.fill_seed {
+            // Nothing is registered yet, so nobody else touches the buffer.
+            pattern::fill(unsafe { buffer.as_mut_slice() }, seed, 0);
+        }
+        let registration = agent.register(buffer.clone()).context("registering the buffer")?;
+        let side_channel = agent.serve_side_channel(args.listen).context("starting the side channel")?;
+        Ok(Target { agent, buffer, side_channel, _registration: registration })
+    }
+}
+
+/// A pinned, pre-faulted buffer; unpinned (with a warning) where the memlock limit is too small.
+pub fn alloc_buffer(len: u64) -> anyhow::Result<Arc<HostBuffer>> {
+    let len = usize::try_from(len).context("buffer size")?;
+    let pinned = HostAllocOptions { pin: true, populate: true, ..HostAllocOptions::default() };
+    match HostBuffer::alloc(len, &pinned) {
+        Ok(b) => Ok(Arc::new(b)),
+        Err(e) if e.code() == kvferry::ErrorCode::PinFailed => {
+            eprintln!("warning: {e}; continuing with unpinned memory");
+            let unpinned = HostAllocOptions { pin: false, ..pinned };
+            Ok(Arc::new(HostBuffer::alloc(len, &unpinned)?))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let target = Target::start(args)?;
+    let endpoints: Vec<String> = target.agent.endpoints().iter().map(|e| format!("{}://{}", e.kind, e.address)).collect();
+    // One machine-readable line first: scripts and tests wait for it.
+    println!(
+        "{}",
+        serde_json::json!({
+            "side_channel": target.side_channel.to_string(),
+            "agent": target.agent.name(),
+            "endpoints": endpoints,
+            "buffer_addr": format!("{:#x}", target.buffer.as_ptr() as u64),
+            "buffer_size": target.buffer.len(),
+        })
+    );
+    eprintln!(
+        "kvferry serve: {} bytes registered; peers connect with --peer {}",
+        target.buffer.len(),
+        target.side_channel
+    );
+    let until = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    loop {
+        let step = Deadline::after(Duration::from_millis(500));
+        for n in target.agent.wait_notifications(step) {
+            eprintln!("notification from {}: {}", n.from, String::from_utf8_lossy(&n.data));
+        }
+        if until.is_some_and(|t| Instant::now() >= t) {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The initiator's side of the TCP transport: a link per peer with several streams, each served by
+//! a worker thread that owns one connection. A batch is cut into frames spread over the streams; the
+//! frame that finishes last sends the notification.
+
+use std::any::Any;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use super::TcpConfig;
+use super::wire::{self, FrameKind, Header, WireDesc};
+use crate::error::{Error, Result};
+use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError};
+
+/// One request on one stream.
+struct Frame {
+    kind: FrameKind,
+    descs: Vec<WireDesc>,
+    /// Local addresses, parallel to `descs`.
+    local: Vec<u64>,
+    completion: Arc<Completion>,
+    _keep_alive: Arc<dyn Any + Send + Sync>,
+}
+
+struct LinkInfo {
+    local_name: String,
+    peer: String,
+    address: String,
+    connect_timeout: Duration,
+}
+
+pub(super) struct TcpLink {
+    info: Arc<LinkInfo>,
+    keys: Vec<Option<u128>>,
+    streams: Vec<Mutex<mpsc::Sender<Frame>>>,
+    next_stream: AtomicUsize,
+    min_frame_bytes: u64,
+}
+
+impl TcpLink {
+    pub fn new(local_name: &str, peer: &str, address: &str, keys: Vec<Option<u128>>, config: &TcpConfig) -> Result<TcpLink> {
+        let info = Arc::new(LinkInfo {
+            local_name: local_name.to_string(),
+            peer: peer.to_string(),
+            address: address.to_string(),
+            connect_timeout: config.connect_timeout,
+        });
+        let mut streams = Vec::with_capacity(config.streams);
+        for i in 0..config.streams.max(1) {
+            let (tx, rx) = mpsc::channel::<Frame>();
+            let info = info.clone();
+            thread::Builder::new()
+                .name(format!("kvferry-tcp-{peer}-{i}"))
+                .spawn(move || run_stream(&info, rx))
+                .map_err(|e| Error::io("spawning a tcp stream worker", e))?;
+            streams.push(Mutex::new(tx));
+        }
+        Ok(TcpLink { info, keys, streams, next_stream: AtomicUsize::new(0), min_frame_bytes: config.min_frame_bytes })
+    }
+
+    /// Cut a batch into frames of about `total / streams` bytes (at least `min_frame_bytes`, at most
+    /// `MAX_DESCS` descriptors), splitting ops where needed so one huge op still uses every stream.
+    fn frames(&self, batch: &Batch) -> Result<Vec<(Vec<WireDesc>, Vec<u64>)>> {
+        let total: u64 = batch.ops.iter().map(|o| o.len).sum();
+        let target = total.div_ceil(self.streams.len() as u64).max(self.min_frame_bytes);
+        let mut frames = Vec::new();
+        let mut descs = Vec::new();
+        let mut local = Vec::new();
+        let mut bytes = 0u64;
+        for op in &batch.ops {
+            let key = self.keys.get(op.remote_region as usize).copied().flatten().ok_or_else(|| {
+                Error::InvalidArgument(format!("peer {} has no tcp-accessible region {}", self.info.peer, op.remote_region))
+            })?;
+            let mut done = 0u64;
+            while done < op.len {
+                let take = (op.len - done).min(target - bytes);
+                descs.push(WireDesc { key, addr: op.remote_addr + done, len: take });
+                local.push(op.local_addr + done);
+                done += take;
+                bytes += take;
+                if bytes >= target || descs.len() == wire::MAX_DESCS {
+                    frames.push((std::mem::take(&mut descs), std::mem::take(&mut local)));
+                    bytes = 0;
+                }
+            }
+        }
+        if !descs.is_empty() || frames.is_empty() {
+            // A batch without ops (a bare notification) still needs one part to carry it.
+            frames.push((descs, local));
+        }
+        Ok(frames)
+    }
+}
+
+impl PeerLink for TcpLink {
+    fn post(&self, batch: Batch) -> Result<()> {
+        let kind = match batch.op {
+            Op::Read => FrameKind::Read,
+            Op::Write | Op::Notify => FrameKind::Write,
+        };
+        let frames = self.frames(&batch)?;
+        batch.completion.set_parts(frames.len());
+        let first = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        for (i, (descs, local)) in frames.into_iter().enumerate() {
+            let frame = Frame {
+                kind,
+                descs,
+                local,
+                completion: batch.completion.clone(),
+                _keep_alive: batch.keep_alive.clone(),
+            };
+            let stream = &self.streams[(first + i) % self.streams.len()];
+            // A worker only exits when the link is dropped, which cannot happen while `self` lives.
+            stream.lock().unwrap().send(frame).expect("tcp stream worker is alive while its link is");
+        }
+        Ok(())
+    }
+}
+
+fn run_stream(info: &LinkInfo, frames: mpsc::Receiver<Frame>) {
+    let mut conn: Option<TcpStream> = None;
+    for frame in frames {
+        let completion = &frame.completion;
+        let result = match completion.skip_reason() {
+            Some(e) => Err(e),
+            None if frame.descs.is_empty() => Ok(()),
+            None => exchange(info, &mut conn, completion, |c| run_frame(c, &frame)),
+        };
+        if let PartOutcome::LastOk { notification } = completion.part_done(result) {
+            let sent = match notification {
+                Some(data) => exchange(info, &mut conn, completion, |c| send_notification(c, &data)),
+                None => Ok(()),
+            };
+            completion.finish(sent);
+        }
+    }
+}
+
+/// What a request can end in, before it is named for the caller.
+enum Failure {
+    Io(io::Error),
+    Rejected(u32, RejectReason),
+    Protocol(String),
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure::Io(e)
+    }
+}
+
+/// Run one request on this stream's connection (connecting first if needed), within the batch's
+/// deadline. A connection that failed mid-request is dropped; the next request reconnects.
+fn exchange(
+    info: &LinkInfo,
+    conn: &mut Option<TcpStream>,
+    completion: &Completion,
+    request: impl FnOnce(&mut TcpStream) -> Result<(), Failure>,
+) -> Result<(), TransferError> {
+    let deadline = completion.deadline();
+    let op = completion.op();
+    if conn.is_none() {
+        *conn = Some(connect(info, deadline.remaining().min(info.connect_timeout)).map_err(|cause| {
+            TransferError::PeerUnreachable { peer: info.peer.clone(), endpoint: info.address.clone(), cause }
+        })?);
+    }
+    let stream = conn.as_mut().unwrap();
+    let left = deadline.remaining();
+    if left.is_zero() {
+        return Err(completion.timeout_error());
+    }
+    let outcome = stream
+        .set_read_timeout(Some(left))
+        .and_then(|()| stream.set_write_timeout(Some(left)))
+        .map_err(Failure::Io)
+        .and_then(|()| request(stream));
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(Failure::Rejected(index, reason)) => Err(TransferError::Rejected { peer: info.peer.clone(), op, index, reason }),
+        Err(Failure::Protocol(detail)) => {
+            *conn = None;
+            Err(TransferError::Protocol { peer: info.peer.clone(), detail })
+        }
+        Err(Failure::Io(e)) => {
+            *conn = None;
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                Err(completion.timeout_error())
+            } else {
+                Err(TransferError::PeerDisconnected { peer: info.peer.clone(), op, cause: e.to_string() })
+            }
+        }
+    }
+}
+
+fn connect(info: &LinkInfo, timeout: Duration) -> Result<TcpStream, String> {
+    if timeout.is_zero() {
+        return Err("deadline passed before connecting".into());
+    }
+    let addrs: Vec<SocketAddr> = info.address.to_socket_addrs().map_err(|e| e.to_string())?.collect();
+    let mut last = String::from("address resolves to nothing");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(mut stream) => return handshake(info, &mut stream, timeout).map(|()| stream),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+fn handshake(info: &LinkInfo, stream: &mut TcpStream, timeout: Duration) -> Result<(), String> {
+    let io = |e: io::Error| format!("handshake failed: {e}");
+    stream.set_nodelay(true).map_err(io)?;
+    let sock = socket2::SockRef::from(&*stream);
+    sock.set_keepalive(true).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.write_all(&wire::encode_hello(&info.local_name)).map_err(io)?;
+    let mut ack = [0u8; wire::HELLO_ACK_LEN];
+    stream.read_exact(&mut ack).map_err(io)?;
+    let version = u16::from_le_bytes([ack[4], ack[5]]);
+    if ack[..4] != wire::MAGIC {
+        return Err("the endpoint is not a kvferry tcp transport".into());
+    }
+    if ack[6] != wire::HELLO_OK {
+        return Err(format!("peer speaks wire version {version}, this agent {}", wire::VERSION));
+    }
+    Ok(())
+}
+
+fn read_response(stream: &mut TcpStream) -> Result<Header, Failure> {
+    let header = Header::read_from(stream)?;
+    if header.tag != 0 {
+        return Err(match RejectReason::from_wire(header.tag) {
+            Some(reason) => Failure::Rejected(header.count, reason),
+            None => Failure::Protocol(format!("unknown response status {}", header.tag)),
+        });
+    }
+    Ok(header)
+}
+
+fn request_header(kind: FrameKind, descs: &[WireDesc], payload_len: u64) -> Vec<u8> {
+    let mut head = Vec::with_capacity(wire::HEADER_LEN + descs.len() * wire::DESC_LEN);
+    head.extend_from_slice(&Header { tag: kind as u8, count: descs.len() as u32, payload_len }.encode());
+    for d in descs {
+        d.encode_into(&mut head);
+    }
+    head
+}
+
+fn run_frame(stream: &mut TcpStream, frame: &Frame) -> Result<(), Failure> {
+    let total: u64 = frame.descs.iter().map(|d| d.len).sum();
+    let lens = frame.descs.iter().map(|d| d.len);
+    match frame.kind {
+        FrameKind::Read => {
+            stream.write_all(&request_header(FrameKind::Read, &frame.descs, 0))?;
+            let header = read_response(stream)?;
+            if header.payload_len != total {
+                return Err(Failure::Protocol(format!("read returned {} bytes, expected {total}", header.payload_len)));
+            }
+            // Zero-copy: the kernel writes the payload straight into the registered local memory.
+            let mut dst = unsafe { wire::slices_mut(frame.local.iter().copied().zip(lens)) };
+            wire::read_exact_vectored(stream, &mut dst)?;
+        }
+        _ => {
+            let head = request_header(FrameKind::Write, &frame.descs, total);
+            let mut bufs = Vec::with_capacity(1 + frame.descs.len());
+            bufs.push(IoSlice::new(&head));
+            // Zero-copy: the kernel reads straight from the registered local memory.
+            bufs.extend(unsafe { wire::slices(frame.local.iter().copied().zip(lens)) });
+            wire::write_all_vectored(stream, &mut bufs)?;
+            read_response(stream)?;
+        }
+    }
+    Ok(())
+}
+
+fn send_notification(stream: &mut TcpStream, data: &[u8]) -> Result<(), Failure> {
+    let head = Header { tag: FrameKind::Notify as u8, count: 0, payload_len: data.len() as u64 }.encode();
+    wire::write_all_vectored(stream, &mut [IoSlice::new(&head), IoSlice::new(data)])?;
+    read_response(stream)?;
+    Ok(())
+}

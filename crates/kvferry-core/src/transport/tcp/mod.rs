@@ -1,0 +1,155 @@
+//! The TCP transport: the fallback that works between any two hosts.
+//!
+//! Data moves with `writev`/`readv` straight between registered memory and the socket: no
+//! intermediate buffer in user space (the kernel's own socket copies remain). Several streams per
+//! peer, each with its own worker thread, carry the frames of a batch in parallel.
+
+mod link;
+mod target;
+pub(crate) mod wire;
+
+use std::any::Any;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use self::link::TcpLink;
+use self::target::TargetShared;
+use crate::error::{Error, Result};
+use crate::memory::{MemKind, MemRegion};
+use crate::net::Acceptor;
+use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind};
+
+pub use self::wire::MAX_NOTIFICATION;
+
+#[derive(Debug, Clone)]
+pub struct TcpConfig {
+    /// Where to listen for peers. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The host peers should dial, when `listen` is a wildcard address (`0.0.0.0`).
+    pub advertise_host: Option<String>,
+    /// Parallel TCP connections per peer.
+    pub streams: usize,
+    pub connect_timeout: Duration,
+    /// Batches are cut into frames of at least this many bytes; smaller batches use one stream.
+    pub min_frame_bytes: u64,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_host: None,
+            streams: 2,
+            connect_timeout: Duration::from_secs(5),
+            min_frame_bytes: 512 * 1024,
+        }
+    }
+}
+
+pub struct TcpTransport {
+    local_name: String,
+    config: TcpConfig,
+    endpoint: Endpoint,
+    listen_addr: SocketAddr,
+    shared: Arc<TargetShared>,
+    acceptor: Option<Acceptor>,
+}
+
+impl TcpTransport {
+    pub fn start(local_name: &str, config: TcpConfig, notifications: Arc<NotificationQueue>) -> Result<TcpTransport> {
+        let shared = Arc::new(TargetShared::new(notifications));
+        let serve_shared = shared.clone();
+        let acceptor = Acceptor::spawn(config.listen, "kvferry-tcp", move |stream| target::serve(stream, &serve_shared))?;
+        let listen_addr = acceptor.local_addr();
+        let host = match &config.advertise_host {
+            Some(h) => h.clone(),
+            None if listen_addr.ip().is_unspecified() => {
+                return Err(Error::InvalidArgument(format!(
+                    "listening on {listen_addr} needs an advertised host for peers to dial"
+                )));
+            }
+            None => listen_addr.ip().to_string(),
+        };
+        let address = match host.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => format!("[{host}]:{}", listen_addr.port()),
+            Err(_) => format!("{host}:{}", listen_addr.port()),
+        };
+        Ok(TcpTransport {
+            local_name: local_name.to_string(),
+            config,
+            endpoint: Endpoint { kind: TransportKind::Tcp, address },
+            listen_addr,
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        // Stop accepting first, then close what was accepted: served connections would otherwise
+        // outlive the transport, blocked in `read`.
+        drop(self.acceptor.take());
+        self.shared.shutdown_connections();
+    }
+}
+
+fn decode_key(key: &[u8]) -> Option<u128> {
+    Some(u128::from_le_bytes(key.try_into().ok()?))
+}
+
+impl Transport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        self.endpoint.clone()
+    }
+
+    fn supports(&self, kind: MemKind) -> bool {
+        kind == MemKind::Host
+    }
+
+    fn register(&self, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
+        if !self.supports(region.kind) {
+            return Err(Error::Unsupported {
+                what: format!("registering {} memory with the tcp transport", region.kind),
+                why: "the tcp transport moves host memory only".into(),
+            });
+        }
+        // 128 random bits: a peer cannot guess another registration's key.
+        let mut key = [0u8; 16];
+        getrandom::fill(&mut key).map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
+        self.shared.keys.insert(u128::from_le_bytes(key), region, keep_alive);
+        Ok(key.to_vec())
+    }
+
+    fn deregister(&self, key: &[u8]) {
+        if let Some(key) = decode_key(key) {
+            self.shared.keys.remove(key);
+        }
+    }
+
+    fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>> {
+        // A region the peer did not open to tcp has no key; ops on it are refused when posted.
+        let keys = regions
+            .iter()
+            .map(|r| match r.key.is_empty() {
+                true => Ok(None),
+                false => decode_key(&r.key)
+                    .map(Some)
+                    .ok_or_else(|| Error::InvalidArgument(format!("peer {peer} sent a malformed tcp key"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(TcpLink::new(&self.local_name, peer, &endpoint.address, keys, &self.config)?))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,234 @@
+//! The memory owner's side of the TCP transport: accepts connections and serves READ, WRITE and
+//! NOTIFY requests against the registered regions. Every descriptor is checked against the key
+//! table (key, range) before a byte moves; nothing from the wire is trusted.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+use std::time::Duration;
+
+use super::wire::{self, FrameKind, Header, WireDesc};
+use crate::memory::MemRegion;
+use crate::transport::{Notification, NotificationQueue, RejectReason};
+
+/// A registered region as the target sees it.
+pub(super) struct KeyEntry {
+    pub region: MemRegion,
+    _keep_alive: Arc<dyn Any + Send + Sync>,
+}
+
+/// Key → region. A request holds the entries it uses, so deregistration can wait for it.
+#[derive(Default)]
+pub(super) struct KeyTable {
+    entries: RwLock<HashMap<u128, Arc<KeyEntry>>>,
+}
+
+impl KeyTable {
+    pub fn insert(&self, key: u128, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) {
+        self.entries.write().unwrap().insert(key, Arc::new(KeyEntry { region, _keep_alive: keep_alive }));
+    }
+
+    /// Remove a key and wait until no request uses its region.
+    pub fn remove(&self, key: u128) {
+        let Some(entry) = self.entries.write().unwrap().remove(&key) else { return };
+        while Arc::strong_count(&entry) > 1 {
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Check every descriptor; on success returns the entries they use (held for the request).
+    fn resolve(&self, descs: &[WireDesc]) -> Result<Vec<Arc<KeyEntry>>, (u32, RejectReason)> {
+        let entries = self.entries.read().unwrap();
+        let mut held: Vec<Arc<KeyEntry>> = Vec::new();
+        let mut last: Option<(u128, Arc<KeyEntry>)> = None;
+        for (i, d) in descs.iter().enumerate() {
+            let reject = |reason| (i as u32, reason);
+            if d.len == 0 {
+                return Err(reject(RejectReason::ZeroLength));
+            }
+            if d.addr.checked_add(d.len).is_none() {
+                return Err(reject(RejectReason::RangeOverflow));
+            }
+            let entry = match &last {
+                Some((k, e)) if *k == d.key => e.clone(),
+                _ => {
+                    let e = entries.get(&d.key).ok_or(reject(RejectReason::UnknownKey))?.clone();
+                    if !held.iter().any(|h| Arc::ptr_eq(h, &e)) {
+                        held.push(e.clone());
+                    }
+                    last = Some((d.key, e.clone()));
+                    e
+                }
+            };
+            if !entry.region.contains(d.addr, d.len) {
+                return Err(reject(RejectReason::OutOfRange));
+            }
+        }
+        Ok(held)
+    }
+}
+
+/// Shared by the accept loop and the connection threads.
+pub(super) struct TargetShared {
+    pub keys: KeyTable,
+    pub notifications: Arc<NotificationQueue>,
+    connections: Mutex<HashMap<u64, TcpStream>>,
+    next_connection: AtomicU64,
+}
+
+impl TargetShared {
+    pub fn new(notifications: Arc<NotificationQueue>) -> Self {
+        TargetShared {
+            keys: KeyTable::default(),
+            notifications,
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(0),
+        }
+    }
+
+    /// Close every served connection (the transport is going away).
+    pub fn shutdown_connections(&self) {
+        for (_, c) in self.connections.lock().unwrap().drain() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Serve one accepted connection until the initiator closes it.
+pub(super) fn serve(stream: TcpStream, shared: &TargetShared) {
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    if let Ok(clone) = stream.try_clone() {
+        shared.connections.lock().unwrap().insert(id, clone);
+    }
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    if let Err(e) = serve_connection(stream, shared) {
+        tracing::debug!(%peer, error = %e, "tcp transport: connection closed");
+    }
+    shared.connections.lock().unwrap().remove(&id);
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Reads the initiator's hello; returns its agent name.
+fn accept_hello(stream: &mut TcpStream) -> io::Result<String> {
+    let mut head = [0u8; 8];
+    stream.read_exact(&mut head)?;
+    if head[..4] != wire::MAGIC {
+        return Err(invalid("not a kvferry tcp connection"));
+    }
+    let version = u16::from_le_bytes([head[4], head[5]]);
+    if version != wire::VERSION {
+        stream.write_all(&wire::encode_hello_ack(wire::HELLO_BAD_VERSION))?;
+        return Err(invalid(format!("peer speaks wire version {version}, this agent {}", wire::VERSION)));
+    }
+    let name_len = u16::from_le_bytes([head[6], head[7]]) as usize;
+    if name_len > wire::MAX_NAME {
+        return Err(invalid("agent name too long"));
+    }
+    let mut name = vec![0u8; name_len];
+    stream.read_exact(&mut name)?;
+    let name = String::from_utf8(name).map_err(|_| invalid("agent name is not UTF-8"))?;
+    stream.write_all(&wire::encode_hello_ack(wire::HELLO_OK))?;
+    Ok(name)
+}
+
+fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let from = accept_hello(&mut stream)?;
+    let mut desc_buf: Vec<u8> = Vec::new();
+    let mut descs: Vec<WireDesc> = Vec::new();
+    loop {
+        let header = match Header::read_from(&mut stream) {
+            Ok(h) => h,
+            // The initiator closed between requests: the normal way a connection ends.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let kind = FrameKind::from_wire(header.tag).ok_or_else(|| invalid(format!("unknown request kind {}", header.tag)))?;
+        let count = header.count as usize;
+        if count > wire::MAX_DESCS {
+            // The stream cannot be resynchronised cheaply; answer and close.
+            respond(&mut stream, Err((0, RejectReason::TooLarge)), &[])?;
+            return Err(invalid(format!("{count} descriptors in one request")));
+        }
+        desc_buf.resize(count * wire::DESC_LEN, 0);
+        stream.read_exact(&mut desc_buf)?;
+        descs.clear();
+        descs.extend(desc_buf.chunks_exact(wire::DESC_LEN).map(WireDesc::decode));
+        match kind {
+            FrameKind::Read => serve_read(&mut stream, shared, &descs)?,
+            FrameKind::Write => serve_write(&mut stream, shared, &descs, header.payload_len)?,
+            FrameKind::Notify => {
+                if count != 0 || header.payload_len > wire::MAX_NOTIFICATION {
+                    respond(&mut stream, Err((0, RejectReason::TooLarge)), &[])?;
+                    return Err(invalid("oversized notification"));
+                }
+                let mut data = vec![0u8; header.payload_len as usize];
+                stream.read_exact(&mut data)?;
+                shared.notifications.push(Notification { from: from.clone(), data });
+                respond(&mut stream, Ok(0), &[])?;
+            }
+        }
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: Result<u64, (u32, RejectReason)>, payload: &[IoSlice<'_>]) -> io::Result<()> {
+    let header = match status {
+        Ok(payload_len) => Header { tag: 0, count: 0, payload_len },
+        Err((index, reason)) => Header { tag: reason.to_wire(), count: index, payload_len: 0 },
+    };
+    let encoded = header.encode();
+    let mut bufs = Vec::with_capacity(1 + payload.len());
+    bufs.push(IoSlice::new(&encoded));
+    bufs.extend_from_slice(payload);
+    wire::write_all_vectored(stream, &mut bufs)
+}
+
+fn serve_read(stream: &mut TcpStream, shared: &TargetShared, descs: &[WireDesc]) -> io::Result<()> {
+    match shared.keys.resolve(descs) {
+        Err(rejection) => respond(stream, Err(rejection), &[]),
+        Ok(_held) => {
+            let total = descs.iter().map(|d| d.len).sum();
+            // Zero-copy: the kernel reads straight from the registered memory, which `_held` keeps
+            // registered until the send is done.
+            let payload = unsafe { wire::slices(descs.iter().map(|d| (d.addr, d.len))) };
+            respond(stream, Ok(total), &payload)
+        }
+    }
+}
+
+fn serve_write(stream: &mut TcpStream, shared: &TargetShared, descs: &[WireDesc], payload_len: u64) -> io::Result<()> {
+    let described: u64 = descs.iter().fold(0u64, |acc, d| acc.saturating_add(d.len));
+    if described != payload_len {
+        return Err(invalid(format!("write carries {payload_len} bytes but describes {described}")));
+    }
+    match shared.keys.resolve(descs) {
+        Err(rejection) => {
+            drain(stream, payload_len)?;
+            respond(stream, Err(rejection), &[])
+        }
+        Ok(_held) => {
+            // Zero-copy: the kernel writes straight into the registered memory.
+            let mut dst = unsafe { wire::slices_mut(descs.iter().map(|d| (d.addr, d.len))) };
+            wire::read_exact_vectored(stream, &mut dst)?;
+            respond(stream, Ok(0), &[])
+        }
+    }
+}
+
+/// Discard a rejected request's payload so the stream stays in step. Only the error path copies.
+fn drain(stream: &mut TcpStream, mut len: u64) -> io::Result<()> {
+    let mut sink = [0u8; 64 * 1024];
+    while len > 0 {
+        let n = len.min(sink.len() as u64) as usize;
+        stream.read_exact(&mut sink[..n])?;
+        len -= n as u64;
+    }
+    Ok(())
+}

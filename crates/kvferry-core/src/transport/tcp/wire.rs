@@ -1,0 +1,166 @@
+//! The TCP transport's wire format. Little-endian, fixed-size headers so that a frame's payload can
+//! be read straight into registered memory.
+//!
+//! ```text
+//! hello      (initiator → target)  magic "KVFT" | version u16 | name_len u16 | name
+//! hello ack  (target → initiator)  magic "KVFT" | version u16 | status u8 | 0u8
+//! request    kind u8 | 0u8 ×3 | count u32 | payload_len u64 | count × desc | payload
+//! desc       key [u8;16] | addr u64 | len u64
+//! response   status u8 | 0u8 ×3 | index u32 | payload_len u64 | payload
+//! ```
+//! A request's payload is the WRITE data (the descriptors' bytes, in order) or the notification; a
+//! response's payload is the READ data. Response status 0 is success, otherwise a
+//! [`RejectReason`](crate::transport::RejectReason) naming descriptor `index`.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+
+pub const MAGIC: [u8; 4] = *b"KVFT";
+pub const VERSION: u16 = 1;
+pub const HELLO_ACK_LEN: usize = 8;
+pub const HEADER_LEN: usize = 16;
+pub const DESC_LEN: usize = 32;
+/// The most descriptors one request may carry; initiators split larger batches.
+pub const MAX_DESCS: usize = 1 << 16;
+pub const MAX_NOTIFICATION: u64 = 1 << 20;
+pub const MAX_NAME: usize = 1024;
+
+pub const HELLO_OK: u8 = 0;
+pub const HELLO_BAD_VERSION: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    Read = 1,
+    Write = 2,
+    Notify = 3,
+}
+
+impl FrameKind {
+    pub fn from_wire(b: u8) -> Option<FrameKind> {
+        match b {
+            1 => Some(FrameKind::Read),
+            2 => Some(FrameKind::Write),
+            3 => Some(FrameKind::Notify),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireDesc {
+    pub key: u128,
+    pub addr: u64,
+    pub len: u64,
+}
+
+impl WireDesc {
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.key.to_le_bytes());
+        out.extend_from_slice(&self.addr.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+    }
+
+    pub fn decode(b: &[u8]) -> WireDesc {
+        WireDesc {
+            key: u128::from_le_bytes(b[0..16].try_into().unwrap()),
+            addr: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            len: u64::from_le_bytes(b[24..32].try_into().unwrap()),
+        }
+    }
+}
+
+/// Request header and response header share one shape: a byte, a u32 and a u64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub tag: u8,
+    pub count: u32,
+    pub payload_len: u64,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = self.tag;
+        b[4..8].copy_from_slice(&self.count.to_le_bytes());
+        b[8..16].copy_from_slice(&self.payload_len.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Header {
+        Header {
+            tag: b[0],
+            count: u32::from_le_bytes(b[4..8].try_into().unwrap()),
+            payload_len: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+        }
+    }
+
+    pub fn read_from(r: &mut impl Read) -> io::Result<Header> {
+        let mut b = [0u8; HEADER_LEN];
+        r.read_exact(&mut b)?;
+        Ok(Header::decode(&b))
+    }
+}
+
+pub fn encode_hello(name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + name.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+pub fn encode_hello_ack(status: u8) -> [u8; HELLO_ACK_LEN] {
+    let mut b = [0u8; HELLO_ACK_LEN];
+    b[..4].copy_from_slice(&MAGIC);
+    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b[6] = status;
+    b
+}
+
+/// `write_all` for a gather list: loops over short writes.
+pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `read_exact` for a scatter list: loops over short reads; EOF before the end is an error.
+pub fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+    IoSliceMut::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match r.read_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Gather slices over raw memory ranges.
+///
+/// # Safety
+/// Every `(addr, len)` must be readable memory that stays valid while the slices are used.
+pub unsafe fn slices<'a>(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<IoSlice<'a>> {
+    ranges.map(|(addr, len)| IoSlice::new(unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) })).collect()
+}
+
+/// Scatter slices over raw memory ranges.
+///
+/// # Safety
+/// Every `(addr, len)` must be writable memory that stays valid while the slices are used, and no
+/// two ranges may overlap.
+pub unsafe fn slices_mut<'a>(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<IoSliceMut<'a>> {
+    ranges
+        .map(|(addr, len)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len as usize) }))
+        .collect()
+}
