@@ -1,4 +1,970 @@
-//! Host memory device (placeholder: the full implementation replaces this file).
-pub struct HostAllocOptions;
-pub struct HostBuffer;
-pub struct HostDevice;
+//! Host memory: page-aligned anonymous mappings ([`HostBuffer`]) and a CPU copy engine
+//! ([`HostDevice`]) with a persistent pool of copy threads.
+//!
+//! Host buffers are the targets of DMA by NICs and GPUs, so they are allocated with `mmap` (page
+//! aligned, optionally on huge pages, which cut IOMMU and NIC translation misses) and page-locked by
+//! default: a transport registers them once and the kernel must never move or swap the pages.
+
+use std::ptr::NonNull;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use crate::deadline::Deadline;
+use crate::error::{Error, Result};
+use crate::memory::{
+    CopyFence, CopyOp, Device, FenceSignal, IpcHandle, MemKind, MemRegion, Memory, MemoryError, PinGuard,
+};
+
+/// Batches smaller than this are copied on the caller's thread: waking a worker and signalling the
+/// fence back costs more than copying this much. Chosen with `benches/host_copy.rs`.
+const INLINE_COPY_MAX: usize = 1 << 20;
+
+/// The smallest share of a batch given to one worker; below it the hand-off dominates.
+const MIN_WORKER_SHARE: usize = 256 << 10;
+
+/// The most copy threads [`HostDevice::new`] starts: a few cores saturate memory bandwidth.
+const MAX_DEFAULT_THREADS: usize = 8;
+
+/// Used when `/proc/meminfo` does not say (it is the default huge page size on x86-64).
+const FALLBACK_HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// Whether a host allocation uses huge pages (`MAP_HUGETLB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HugePages {
+    /// Normal pages.
+    #[default]
+    Off,
+    /// Huge pages when the pool has enough; otherwise normal pages with transparent huge pages
+    /// requested (`MADV_HUGEPAGE`).
+    Try,
+    /// Huge pages or [`MemoryError::HugePagesUnavailable`].
+    Require,
+}
+
+/// How [`HostBuffer::alloc`] maps memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostAllocOptions {
+    pub huge_pages: HugePages,
+    /// Page-lock the buffer (`mlock`) so it can be handed to DMA engines. Failure is an error, not a
+    /// silent downgrade: unpinned memory registered with a NIC would be corrupted by swapping.
+    pub pin: bool,
+    /// Fault every page in at allocation (`MAP_POPULATE`) rather than on first touch.
+    pub populate: bool,
+}
+
+impl HostAllocOptions {
+    /// Normal pages, pinned, not populated.
+    pub const fn new() -> Self {
+        HostAllocOptions { huge_pages: HugePages::Off, pin: true, populate: false }
+    }
+
+    pub const fn with_huge_pages(mut self, huge_pages: HugePages) -> Self {
+        self.huge_pages = huge_pages;
+        self
+    }
+
+    pub const fn with_pin(mut self, pin: bool) -> Self {
+        self.pin = pin;
+        self
+    }
+
+    pub const fn with_populate(mut self, populate: bool) -> Self {
+        self.populate = populate;
+        self
+    }
+}
+
+impl Default for HostAllocOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An anonymous, page-aligned host mapping, unmapped on drop.
+///
+/// Transports and devices write into it at any time through its address, so it hands out raw
+/// pointers and copies rather than references whose contents Rust would assume unchanging.
+#[derive(Debug)]
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// `len` rounded up to the page size actually mapped.
+    map_len: usize,
+    pinned: bool,
+    huge_pages: bool,
+}
+
+// SAFETY: the buffer owns its mapping and has no thread affinity; concurrent access through the raw
+// pointer is the caller's to coordinate, as for any DMA memory.
+unsafe impl Send for HostBuffer {}
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// Map `len` bytes (rounded up to the page size, or to the huge page size with huge pages).
+    pub fn alloc(len: usize, options: &HostAllocOptions) -> Result<HostBuffer> {
+        if len == 0 {
+            return Err(Error::InvalidArgument("cannot allocate an empty host buffer".into()));
+        }
+        let populate = if options.populate { libc::MAP_POPULATE } else { 0 };
+        let huge = match options.huge_pages {
+            HugePages::Off => None,
+            HugePages::Try | HugePages::Require => {
+                let huge_len = round_up(len, huge_page_size())?;
+                match map(huge_len, libc::MAP_HUGETLB | populate) {
+                    Ok(ptr) => Some(HostBuffer::new(ptr, len, huge_len, true)),
+                    Err(cause) if options.huge_pages == HugePages::Require => {
+                        return Err(MemoryError::HugePagesUnavailable {
+                            len: len as u64,
+                            cause: format!("{cause} (see HugePages_Free in /proc/meminfo)"),
+                        }
+                        .into());
+                    }
+                    Err(_) => None,
+                }
+            }
+        };
+        let mut buffer = match huge {
+            Some(buffer) => buffer,
+            None => {
+                let map_len = round_up(len, page_size())?;
+                let ptr = map(map_len, populate).map_err(|cause| MemoryError::AllocFailed {
+                    kind: MemKind::Host,
+                    len: len as u64,
+                    cause: cause.to_string(),
+                })?;
+                if options.huge_pages == HugePages::Try {
+                    // Advisory only: transparent huge pages may be disabled, and normal pages work.
+                    // SAFETY: the range is the mapping just created.
+                    unsafe { libc::madvise(ptr.as_ptr().cast(), map_len, libc::MADV_HUGEPAGE) };
+                }
+                HostBuffer::new(ptr, len, map_len, false)
+            }
+        };
+        // Hugetlb pages are never swapped or migrated, so they are pinned already; mlock would only
+        // charge them against RLIMIT_MEMLOCK.
+        if options.pin && !buffer.huge_pages {
+            // On failure `buffer` drops here and unmaps.
+            mlock(buffer.ptr.as_ptr() as usize, buffer.len)?;
+        }
+        buffer.pinned = options.pin || buffer.huge_pages;
+        Ok(buffer)
+    }
+
+    fn new(ptr: NonNull<u8>, len: usize, map_len: usize, huge_pages: bool) -> Self {
+        HostBuffer { ptr, len, map_len, pinned: false, huge_pages }
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: empty buffers cannot be allocated.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the pages are locked in memory (`mlock`, or huge pages).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Whether the buffer lives on huge pages (`MAP_HUGETLB`).
+    pub fn huge_pages(&self) -> bool {
+        self.huge_pages
+    }
+
+    pub fn region(&self) -> MemRegion {
+        MemRegion::host(self.as_ptr(), self.len)
+    }
+
+    /// Copy `data` into the buffer at `offset`.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
+        let at = self.checked_ptr(offset, data.len())?;
+        // SAFETY: `checked_ptr` proved the range lies inside the mapping; `data` is a Rust slice and
+        // cannot alias memory that Rust does not own as a slice.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), at, data.len()) };
+        Ok(())
+    }
+
+    /// Copy `out.len()` bytes from the buffer at `offset` into `out`.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        let at = self.checked_ptr(offset, out.len())?;
+        // SAFETY: as in `write_at`.
+        unsafe { std::ptr::copy_nonoverlapping(at, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Set every byte to `byte`.
+    pub fn fill(&self, byte: u8) {
+        // SAFETY: the whole buffer is mapped and writable.
+        unsafe { std::ptr::write_bytes(self.as_ptr(), byte, self.len) };
+    }
+
+    /// A copy of the contents.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0; self.len];
+        // SAFETY: the whole buffer is mapped and readable; `out` is as long as it.
+        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr(), out.as_mut_ptr(), self.len) };
+        out
+    }
+
+    /// The contents as a slice.
+    ///
+    /// # Safety
+    /// Nothing may write to the buffer (another thread, a device, a transport, or
+    /// [`as_mut_slice`](Self::as_mut_slice)) while the slice is alive.
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is valid for `len` bytes for the lifetime of `self`; the caller rules
+        // out concurrent writes.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+
+    /// The contents as a mutable slice.
+    ///
+    /// # Safety
+    /// The slice must be the only access to the buffer while it is alive: no other slice from this
+    /// buffer, and no reads or writes by other threads, devices or transports.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn as_mut_slice(&self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`; the caller guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len) }
+    }
+
+    fn checked_ptr(&self, offset: usize, len: usize) -> Result<*mut u8> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.as_ptr().wrapping_add(offset)),
+            _ => Err(Error::InvalidArgument(format!(
+                "range of {len} bytes at offset {offset} exceeds the {}-byte host buffer",
+                self.len
+            ))),
+        }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // Unmapping also drops the page locks.
+        // SAFETY: `ptr`/`map_len` are exactly the mapping created in `alloc`, unmapped only here.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+impl Memory for HostBuffer {
+    fn region(&self) -> MemRegion {
+        HostBuffer::region(self)
+    }
+}
+
+/// Host memory as a [`Device`]: allocation, page locking, and copies by a persistent thread pool.
+///
+/// Dropping the device finishes the copies already submitted, then joins its threads.
+#[derive(Debug)]
+pub struct HostDevice {
+    alloc_options: HostAllocOptions,
+    jobs: Option<mpsc::Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl HostDevice {
+    /// One copy thread per available core, at most 8.
+    pub fn new() -> Result<HostDevice> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        HostDevice::with_threads(cores.clamp(1, MAX_DEFAULT_THREADS))
+    }
+
+    /// `threads` copy threads (at least one).
+    pub fn with_threads(threads: usize) -> Result<HostDevice> {
+        if threads == 0 {
+            return Err(Error::InvalidArgument("a host device needs at least one copy thread".into()));
+        }
+        let (sender, receiver) = mpsc::channel::<Job>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let mut device =
+            HostDevice { alloc_options: HostAllocOptions::new(), jobs: Some(sender), workers: Vec::new() };
+        for i in 0..threads {
+            let receiver = Arc::clone(&receiver);
+            // On failure `device` drops, which stops and joins the threads already started.
+            let worker = std::thread::Builder::new()
+                .name(format!("kvferry-copy-{i}"))
+                .spawn(move || copy_worker(&receiver))
+                .map_err(|e| Error::io("starting a host copy thread", e))?;
+            device.workers.push(worker);
+        }
+        Ok(device)
+    }
+
+    /// Options for [`Device::alloc`].
+    pub fn with_alloc_options(mut self, options: HostAllocOptions) -> Self {
+        self.alloc_options = options;
+        self
+    }
+
+    pub fn alloc_options(&self) -> &HostAllocOptions {
+        &self.alloc_options
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn submit(&self, pieces: Vec<Piece>, total: usize) -> CopyFence {
+        let jobs = split_into_shares(pieces, total, self.workers.len());
+        let fence = Arc::new(HostFence::new(jobs.len()));
+        let sender = self.jobs.as_ref().expect("the job queue lives as long as the device");
+        for pieces in jobs {
+            sender
+                .send(Job { pieces, fence: Arc::clone(&fence) })
+                .expect("copy workers run until the device drops");
+        }
+        CopyFence::new(fence)
+    }
+}
+
+impl Drop for HostDevice {
+    fn drop(&mut self) {
+        // Closing the queue lets each worker drain what is left and exit.
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            // A worker only panics if a copy did, which the safety contract rules out; there is
+            // nothing to recover in drop either way.
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Device for HostDevice {
+    fn name(&self) -> String {
+        "host".into()
+    }
+
+    fn kind(&self) -> MemKind {
+        MemKind::Host
+    }
+
+    fn alloc(&self, len: usize) -> Result<Arc<dyn Memory>> {
+        Ok(Arc::new(HostBuffer::alloc(len, &self.alloc_options)?))
+    }
+
+    /// Locks the pages covering `region`. Page locks do not nest: dropping a guard unlocks its pages
+    /// even where another pin covers them too.
+    fn pin_host(&self, region: MemRegion) -> Result<PinGuard> {
+        if region.kind != MemKind::Host {
+            return Err(Error::InvalidArgument(format!("cannot pin {} memory as host memory", region.kind)));
+        }
+        let page = page_size() as u64;
+        let start = region.addr & !(page - 1);
+        let end = region
+            .end()
+            .and_then(|end| end.checked_next_multiple_of(page))
+            .and_then(|end| usize::try_from(end).ok())
+            .ok_or_else(|| Error::InvalidArgument(format!("host region {region:?} overflows")))?;
+        let (start, len) = (start as usize, end - start as usize);
+        mlock(start, len)?;
+        Ok(PinGuard::new(move || {
+            // SAFETY: unlocking is harmless even if the range has been unmapped since.
+            unsafe { libc::munlock(start as *const libc::c_void, len) };
+        }))
+    }
+
+    unsafe fn copy_batch(&self, ops: &[CopyOp]) -> Result<CopyFence> {
+        let mut pieces = Vec::with_capacity(ops.len());
+        let mut total = 0usize;
+        for (index, op) in ops.iter().enumerate() {
+            if op.len == 0 {
+                continue;
+            }
+            let piece = Piece::validate(op).map_err(|reason| MemoryError::InvalidCopy { index, reason })?;
+            total = total.saturating_add(piece.len);
+            pieces.push(piece);
+        }
+        if total < INLINE_COPY_MAX {
+            for piece in &pieces {
+                // SAFETY: the caller guarantees the ranges are valid and non-overlapping.
+                unsafe { piece.copy() };
+            }
+            return Ok(CopyFence::new(Arc::new(HostFence::new(0))));
+        }
+        Ok(self.submit(pieces, total))
+    }
+
+    fn export_ipc(&self, _region: MemRegion) -> Result<IpcHandle> {
+        Err(ipc_unsupported("IPC export of host memory"))
+    }
+
+    fn import_ipc(&self, _handle: &IpcHandle) -> Result<Arc<dyn Memory>> {
+        Err(ipc_unsupported("IPC import of host memory"))
+    }
+}
+
+fn ipc_unsupported(what: &str) -> Error {
+    Error::Unsupported {
+        what: what.into(),
+        why: "plain anonymous mappings cannot be shared; shareable host buffers come with the \
+              shared-memory transport"
+            .into(),
+    }
+}
+
+/// One contiguous copy, as plain addresses so that it can cross to a worker thread.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    src: usize,
+    dst: usize,
+    len: usize,
+}
+
+impl Piece {
+    /// Reject what would make `copy_nonoverlapping` undefined even for a caller that otherwise
+    /// honours the contract: null, wrapping or overlapping ranges.
+    fn validate(op: &CopyOp) -> std::result::Result<Piece, String> {
+        if op.src == 0 || op.dst == 0 {
+            return Err("null address".into());
+        }
+        let in_address_space =
+            |addr: u64| addr.checked_add(op.len).and_then(|end| usize::try_from(end).ok()).is_some();
+        if !in_address_space(op.src) || !in_address_space(op.dst) {
+            return Err(format!(
+                "{} bytes from {:#x} to {:#x} overflow the address space",
+                op.len, op.src, op.dst
+            ));
+        }
+        if op.src < op.dst + op.len && op.dst < op.src + op.len {
+            return Err("source and destination overlap".into());
+        }
+        Ok(Piece { src: op.src as usize, dst: op.dst as usize, len: op.len as usize })
+    }
+
+    /// # Safety
+    /// `src` must be readable and `dst` writable for `len` bytes, and nothing else may access `dst`.
+    unsafe fn copy(&self) {
+        // SAFETY: the caller's guarantees; `validate` ruled out overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.src as *const u8, self.dst as *mut u8, self.len) };
+    }
+}
+
+/// Deal `pieces` (`total` bytes) out to `workers` in roughly equal byte shares, splitting pieces
+/// that straddle a share boundary, so that one large copy uses every thread.
+fn split_into_shares(pieces: Vec<Piece>, total: usize, workers: usize) -> Vec<Vec<Piece>> {
+    let share = total.div_ceil(workers).max(MIN_WORKER_SHARE);
+    let mut shares = Vec::with_capacity(total.div_ceil(share));
+    let mut current = Vec::new();
+    let mut current_len = 0;
+    for mut piece in pieces {
+        while piece.len > 0 {
+            let take = piece.len.min(share - current_len);
+            current.push(Piece { src: piece.src, dst: piece.dst, len: take });
+            current_len += take;
+            piece = Piece { src: piece.src + take, dst: piece.dst + take, len: piece.len - take };
+            if current_len == share {
+                shares.push(std::mem::take(&mut current));
+                current_len = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        shares.push(current);
+    }
+    shares
+}
+
+/// A worker's share of one batch.
+struct Job {
+    pieces: Vec<Piece>,
+    fence: Arc<HostFence>,
+}
+
+fn copy_worker(jobs: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        // The lock is released as soon as a job is taken, so the others can take the next one.
+        let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok(job) = job else { return };
+        for piece in &job.pieces {
+            // SAFETY: `copy_batch`'s caller keeps the ranges valid until the fence completes, which
+            // is not before this job signals it.
+            unsafe { piece.copy() };
+        }
+        job.fence.signal();
+    }
+}
+
+/// Completes when every worker share of a batch is done. Host copies cannot fail once validated,
+/// so the outcome is always success.
+struct HostFence {
+    remaining: Mutex<usize>,
+    done: Condvar,
+}
+
+impl HostFence {
+    fn new(remaining: usize) -> Self {
+        HostFence { remaining: Mutex::new(remaining), done: Condvar::new() }
+    }
+
+    fn signal(&self) {
+        let mut remaining = self.remaining.lock().unwrap_or_else(PoisonError::into_inner);
+        *remaining -= 1;
+        if *remaining == 0 {
+            self.done.notify_all();
+        }
+    }
+}
+
+impl FenceSignal for HostFence {
+    fn poll(&self) -> Option<Result<()>> {
+        (*self.remaining.lock().unwrap_or_else(PoisonError::into_inner) == 0).then_some(Ok(()))
+    }
+
+    fn wait(&self, deadline: Deadline) -> Result<()> {
+        let mut remaining = self.remaining.lock().unwrap_or_else(PoisonError::into_inner);
+        while *remaining > 0 {
+            if deadline.expired() {
+                return Err(MemoryError::FenceTimeout.into());
+            }
+            remaining = self
+                .done
+                .wait_timeout(remaining, deadline.remaining())
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+}
+
+/// The system page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
+}
+
+/// The soft `RLIMIT_MEMLOCK` in bytes: how much an unprivileged process may pin. `None` when
+/// unlimited (or unknown).
+pub fn memlock_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid rlimit to write into.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(limit.rlim_cur)
+}
+
+/// Bytes of free huge pages of the default size (`HugePages_Free × Hugepagesize`), or `None` when
+/// `/proc/meminfo` does not say.
+pub fn huge_pages_free() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let free = meminfo_field(&meminfo, "HugePages_Free")?;
+    let size_kib = meminfo_field(&meminfo, "Hugepagesize")?;
+    free.checked_mul(size_kib)?.checked_mul(1024)
+}
+
+/// The default huge page size, which `MAP_HUGETLB` uses.
+fn huge_page_size() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| meminfo_field(&meminfo, "Hugepagesize"))
+        .and_then(|kib| usize::try_from(kib.checked_mul(1024)?).ok())
+        .unwrap_or(FALLBACK_HUGE_PAGE_SIZE)
+}
+
+/// The number on a `Name:   value [kB]` line of `/proc/meminfo`.
+fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(':')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn round_up(len: usize, to: usize) -> Result<usize> {
+    len.checked_next_multiple_of(to)
+        .ok_or_else(|| Error::InvalidArgument(format!("{len} bytes overflow when rounded up to pages")))
+}
+
+fn map(len: usize, extra_flags: libc::c_int) -> std::io::Result<NonNull<u8>> {
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
+    // existing memory.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra_flags,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned a null mapping"))
+}
+
+fn mlock(addr: usize, len: usize) -> Result<(), MemoryError> {
+    // SAFETY: mlock only changes page residency; an unmapped range fails with ENOMEM.
+    if unsafe { libc::mlock(addr as *const libc::c_void, len) } != 0 {
+        return Err(MemoryError::PinFailed {
+            addr: addr as u64,
+            len: len as u64,
+            cause: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::error::ErrorCode;
+
+    const UNPINNED: HostAllocOptions = HostAllocOptions::new().with_pin(false);
+
+    /// The code of a call that must fail (for results whose value is not `Debug`).
+    fn error_code<T>(result: Result<T>) -> ErrorCode {
+        match result {
+            Ok(_) => panic!("expected an error"),
+            Err(err) => err.code(),
+        }
+    }
+
+    fn deadline() -> Deadline {
+        Deadline::after(Duration::from_secs(30))
+    }
+
+    /// A buffer whose every byte depends on its position and on `seed`.
+    fn patterned(len: usize, seed: u8) -> HostBuffer {
+        let buf = HostBuffer::alloc(len, &UNPINNED).unwrap();
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
+        buf.write_at(0, &bytes).unwrap();
+        buf
+    }
+
+    fn op(src: &HostBuffer, src_off: usize, dst: &HostBuffer, dst_off: usize, len: usize) -> CopyOp {
+        CopyOp {
+            src: src.as_ptr() as u64 + src_off as u64,
+            dst: dst.as_ptr() as u64 + dst_off as u64,
+            len: len as u64,
+        }
+    }
+
+    /// Copies `count` ops of `len` bytes from a patterned source into a patterned destination in
+    /// reverse order, and checks every destination byte.
+    fn check_copy(device: &HostDevice, count: usize, len: usize) {
+        let src = patterned(count * len, 0x5a);
+        let dst = patterned(count * len, 0xc3);
+        let ops: Vec<CopyOp> =
+            (0..count).map(|i| op(&src, i * len, &dst, (count - 1 - i) * len, len)).collect();
+        let fence = unsafe { device.copy_batch(&ops) }.unwrap();
+        fence.wait(deadline()).unwrap();
+        assert!(matches!(fence.poll(), Some(Ok(()))));
+        let (src, dst) = (src.to_vec(), dst.to_vec());
+        for i in 0..count {
+            let j = count - 1 - i;
+            assert!(src[i * len..(i + 1) * len] == dst[j * len..(j + 1) * len], "op {i} copied wrong bytes");
+        }
+    }
+
+    #[test]
+    fn buffers_are_page_aligned_and_rounded() {
+        let page = page_size();
+        assert!(page.is_power_of_two());
+        for len in [1, page - 1, page, page + 1, 3 * page + 17] {
+            let buf = HostBuffer::alloc(len, &UNPINNED).unwrap();
+            assert_eq!(buf.as_ptr() as usize % page, 0);
+            assert_eq!(buf.len(), len);
+            assert!(!buf.is_empty() && !buf.is_pinned() && !buf.huge_pages());
+            assert_eq!(
+                buf.region(),
+                MemRegion { addr: buf.as_ptr() as u64, len: len as u64, kind: MemKind::Host }
+            );
+            assert_eq!(Memory::region(&buf), buf.region());
+        }
+    }
+
+    #[test]
+    fn empty_allocation_is_invalid() {
+        let err = HostBuffer::alloc(0, &UNPINNED).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn fresh_buffers_are_zeroed_and_fill_sets_every_byte() {
+        let buf = HostBuffer::alloc(10_000, &UNPINNED.with_populate(true)).unwrap();
+        assert!(buf.to_vec().iter().all(|&b| b == 0));
+        buf.fill(0xab);
+        assert!(unsafe { buf.as_slice() }.iter().all(|&b| b == 0xab));
+        let bytes = unsafe { buf.as_mut_slice() };
+        bytes[9_999] = 1;
+        assert_eq!(buf.to_vec()[9_999], 1);
+    }
+
+    #[test]
+    fn write_at_and_read_at_are_bounds_checked() {
+        let buf = HostBuffer::alloc(100, &UNPINNED).unwrap();
+        buf.write_at(90, &[7; 10]).unwrap();
+        let mut out = [0; 12];
+        buf.read_at(88, &mut out).unwrap();
+        assert_eq!(out, [0, 0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]);
+        buf.write_at(100, &[]).unwrap();
+
+        for err in [
+            buf.write_at(91, &[0; 10]).unwrap_err(),
+            buf.write_at(101, &[]).unwrap_err(),
+            buf.write_at(usize::MAX, &[0]).unwrap_err(),
+            buf.read_at(95, &mut [0; 6]).unwrap_err(),
+            buf.read_at(usize::MAX - 2, &mut [0; 6]).unwrap_err(),
+        ] {
+            assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+        }
+        assert_eq!(buf.to_vec()[90..], [7; 10]);
+    }
+
+    fn huge_pages_available(len: usize) -> bool {
+        huge_pages_free().is_some_and(|free| free >= len as u64)
+    }
+
+    #[test]
+    fn try_huge_pages_always_allocates() {
+        let len = 3 << 20;
+        let expect_huge = huge_pages_available(4 << 20);
+        let buf = HostBuffer::alloc(len, &UNPINNED.with_huge_pages(HugePages::Try)).unwrap();
+        assert_eq!(buf.len(), len);
+        // Huge pages may be taken by someone else between the check and the allocation, so only
+        // their absence is certain.
+        if !expect_huge {
+            assert!(!buf.huge_pages());
+        }
+        buf.write_at(len - 1, &[9]).unwrap();
+        assert_eq!(buf.to_vec()[len - 1], 9);
+    }
+
+    #[test]
+    fn required_huge_pages_are_used_or_reported_unavailable() {
+        let len = 1 << 20;
+        match HostBuffer::alloc(len, &UNPINNED.with_huge_pages(HugePages::Require)) {
+            Ok(buf) => {
+                assert!(buf.huge_pages() && buf.is_pinned());
+                assert_eq!(buf.as_ptr() as usize % huge_page_size(), 0);
+                buf.fill(1);
+            }
+            Err(err) => {
+                assert!(!huge_pages_available(2 * huge_page_size()), "huge pages were free: {err}");
+                assert!(matches!(err, Error::Memory(MemoryError::HugePagesUnavailable { .. })), "{err}");
+                assert_eq!(err.code(), ErrorCode::HugePagesUnavailable);
+            }
+        }
+    }
+
+    #[test]
+    fn pinned_allocation_succeeds_within_the_memlock_limit() {
+        let len = 64 << 10;
+        let ample = memlock_limit().is_none_or(|limit| limit >= 4 * len as u64);
+        match HostBuffer::alloc(len, &HostAllocOptions::default()) {
+            Ok(buf) => assert!(buf.is_pinned()),
+            // A process with CAP_IPC_LOCK pins past the limit, so a small limit only allows failure.
+            Err(err) => {
+                assert!(!ample, "pinning failed within the limit: {err}");
+                assert_eq!(err.code(), ErrorCode::PinFailed);
+                assert!(err.to_string().contains("ulimit -l"));
+            }
+        }
+    }
+
+    #[test]
+    fn pin_host_locks_existing_memory() {
+        let device = HostDevice::with_threads(1).unwrap();
+        let buf = HostBuffer::alloc(3 * page_size(), &UNPINNED).unwrap();
+        let ample = memlock_limit().is_none_or(|limit| limit >= 1 << 20);
+        let region = MemRegion::host(buf.as_ptr().wrapping_add(100), page_size());
+        match device.pin_host(region) {
+            Ok(guard) => drop(guard),
+            Err(err) => {
+                assert!(!ample, "pinning failed within the limit: {err}");
+                assert_eq!(err.code(), ErrorCode::PinFailed);
+            }
+        }
+        let gpu = MemRegion { kind: MemKind::Cuda { device: 0 }, ..region };
+        assert_eq!(error_code(device.pin_host(gpu)), ErrorCode::InvalidArgument);
+        let wrapping = MemRegion { addr: u64::MAX - 10, len: 100, kind: MemKind::Host };
+        assert_eq!(error_code(device.pin_host(wrapping)), ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn device_identity_and_allocation() {
+        let device = HostDevice::with_threads(2).unwrap().with_alloc_options(UNPINNED);
+        assert_eq!(device.name(), "host");
+        assert_eq!(device.kind(), MemKind::Host);
+        assert_eq!(device.threads(), 2);
+        assert_eq!(device.alloc_options(), &UNPINNED);
+        let memory = device.alloc(5000).unwrap();
+        assert_eq!(memory.region().len, 5000);
+        assert_eq!(memory.region().addr % page_size() as u64, 0);
+        assert_eq!(error_code(device.alloc(0)), ErrorCode::InvalidArgument);
+        assert_eq!(HostDevice::with_threads(0).unwrap_err().code(), ErrorCode::InvalidArgument);
+        assert!((1..=MAX_DEFAULT_THREADS).contains(&HostDevice::new().unwrap().threads()));
+    }
+
+    #[test]
+    fn empty_batch_completes_immediately() {
+        let device = HostDevice::with_threads(2).unwrap();
+        let fence = unsafe { device.copy_batch(&[]) }.unwrap();
+        assert!(matches!(fence.poll(), Some(Ok(()))));
+        fence.wait(deadline()).unwrap();
+    }
+
+    #[test]
+    fn small_batch_is_copied_inline() {
+        let device = HostDevice::with_threads(2).unwrap();
+        let src = patterned(4096, 1);
+        let dst = patterned(4096, 2);
+        let ops =
+            [op(&src, 0, &dst, 1000, 100), CopyOp { src: 0, dst: 0, len: 0 }, op(&src, 500, &dst, 0, 1000)];
+        let fence = unsafe { device.copy_batch(&ops) }.unwrap();
+        // Already done before any wait.
+        assert!(fence.is_done());
+        let (src, dst) = (src.to_vec(), dst.to_vec());
+        assert_eq!(dst[1000..1100], src[..100]);
+        assert_eq!(dst[..1000], src[500..1500]);
+        assert_eq!(dst[1100..], patterned(4096, 2).to_vec()[1100..]);
+    }
+
+    #[test]
+    fn many_small_ops_are_copied_exactly() {
+        check_copy(&HostDevice::with_threads(3).unwrap(), 256, 64 << 10);
+    }
+
+    #[test]
+    fn single_large_op_is_split_across_threads() {
+        check_copy(&HostDevice::with_threads(4).unwrap(), 1, 32 << 20);
+    }
+
+    #[test]
+    fn uneven_ops_are_copied_exactly() {
+        let device = HostDevice::with_threads(3).unwrap();
+        let len = 5 << 20;
+        let src = patterned(len, 0x11);
+        let dst = patterned(len, 0x22);
+        // Pieces of odd lengths straddle the worker shares.
+        let cuts = [0, 1, 300_001, 1 << 20, (3 << 20) + 7, len];
+        let ops: Vec<CopyOp> = cuts.windows(2).map(|w| op(&src, w[0], &dst, w[0], w[1] - w[0])).collect();
+        unsafe { device.copy_batch(&ops) }.unwrap().wait(deadline()).unwrap();
+        assert!(src.to_vec() == dst.to_vec());
+    }
+
+    #[test]
+    fn batches_are_split_into_equal_shares() {
+        let mib = 1 << 20;
+        let shares =
+            split_into_shares(vec![Piece { src: 0x1000, dst: 0x1000_0000, len: 32 * mib }], 32 * mib, 4);
+        assert_eq!(shares.len(), 4);
+        for (i, share) in shares.iter().enumerate() {
+            let offset = i * 8 * mib;
+            assert_eq!(share.len(), 1);
+            assert_eq!(
+                (share[0].src, share[0].dst, share[0].len),
+                (0x1000 + offset, 0x1000_0000 + offset, 8 * mib)
+            );
+        }
+
+        // 1 MiB over 8 workers: shares do not shrink below the minimum.
+        let ops: Vec<Piece> = (0..64)
+            .map(|i| Piece { src: 0x1000 + i * 16384, dst: 0x100_0000 + i * 16384, len: 16384 })
+            .collect();
+        let shares = split_into_shares(ops, mib, 8);
+        assert_eq!(shares.len(), mib / MIN_WORKER_SHARE);
+        assert!(shares.iter().all(|s| s.iter().map(|p| p.len).sum::<usize>() == MIN_WORKER_SHARE));
+
+        // A share boundary inside a piece splits it; the remainder goes to the last share.
+        let ops = vec![
+            Piece { src: 0x1000, dst: 0x90_0000, len: 300_000 },
+            Piece { src: 0x80_0000, dst: 0xa0_0000, len: 300_001 },
+        ];
+        let shares = split_into_shares(ops, 600_001, 2);
+        let lens: Vec<Vec<usize>> = shares.iter().map(|s| s.iter().map(|p| p.len).collect()).collect();
+        assert_eq!(lens, [vec![300_000, 1], vec![300_000]]);
+        assert_eq!((shares[1][0].src, shares[1][0].dst), (0x80_0001, 0xa0_0001));
+    }
+
+    #[test]
+    fn invalid_ops_are_rejected_with_their_index() {
+        let device = HostDevice::with_threads(2).unwrap();
+        let src = patterned(4096, 1);
+        let dst = HostBuffer::alloc(4096, &UNPINNED).unwrap();
+        let good = op(&src, 0, &dst, 0, 16);
+        let cases = [
+            (vec![good, CopyOp { src: 0, ..good }], 1),
+            (vec![CopyOp { dst: 0, ..good }], 0),
+            (vec![good, CopyOp { src: 0, dst: 0, len: 0 }, good, CopyOp { len: u64::MAX, ..good }], 3),
+            (vec![CopyOp { src: u64::MAX - 4, ..good }], 0),
+            (vec![good, good, CopyOp { dst: good.src + 8, ..good }], 2),
+        ];
+        for (ops, index) in cases {
+            match unsafe { device.copy_batch(&ops) } {
+                Err(err @ Error::Memory(MemoryError::InvalidCopy { index: got, .. })) => {
+                    assert_eq!(got, index, "{err}");
+                    assert_eq!(err.code(), ErrorCode::InvalidCopy);
+                }
+                other => panic!("expected InvalidCopy at {index}, got {:?}", other.map(|_| ())),
+            }
+        }
+        // Nothing of a rejected batch is copied.
+        assert!(dst.to_vec().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn fence_times_out_while_copies_remain() {
+        let fence = HostFence::new(1);
+        let err = fence.wait(Deadline::after(Duration::from_millis(10))).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Timeout);
+        assert!(fence.poll().is_none());
+        fence.signal();
+        assert!(matches!(fence.poll(), Some(Ok(()))));
+        fence.wait(Deadline::after(Duration::ZERO)).unwrap();
+    }
+
+    #[test]
+    fn dropping_the_device_finishes_copies_and_joins_threads() {
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            let src = patterned(8 << 20, 3);
+            let dst = HostBuffer::alloc(8 << 20, &UNPINNED).unwrap();
+            let device = HostDevice::with_threads(4).unwrap();
+            let fence = unsafe { device.copy_batch(&[op(&src, 0, &dst, 0, 8 << 20)]) }.unwrap();
+            drop(device);
+            let copied = fence.is_done() && src.to_vec() == dst.to_vec();
+            done.send(copied).unwrap();
+        });
+        assert!(finished.recv_timeout(Duration::from_secs(60)).expect("device drop hung"));
+    }
+
+    #[test]
+    fn ipc_is_unsupported() {
+        let device = HostDevice::with_threads(1).unwrap();
+        let buf = HostBuffer::alloc(4096, &UNPINNED).unwrap();
+        assert_eq!(device.export_ipc(buf.region()).unwrap_err().code(), ErrorCode::Unsupported);
+        let handle = IpcHandle { kind: MemKind::Host, len: 4096, bytes: vec![] };
+        assert_eq!(error_code(device.import_ipc(&handle)), ErrorCode::Unsupported);
+    }
+
+    #[test]
+    fn system_limits_are_readable() {
+        assert!(page_size() >= 4096);
+        assert!(huge_page_size().is_power_of_two());
+        assert_eq!(
+            meminfo_field("HugePages_Free:      12\nHugepagesize:    2048 kB\n", "Hugepagesize"),
+            Some(2048)
+        );
+        assert_eq!(meminfo_field("HugePages_Free:      12\n", "HugePages"), None);
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(huge_pages_free().is_some());
+        }
+        // Whatever the limit, asking must not fail.
+        let _ = memlock_limit();
+    }
+}
