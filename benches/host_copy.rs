@@ -30,21 +30,26 @@ fn host_copy(c: &mut Criterion) {
         let src = HostBuffer::alloc(total, &options).expect("source buffer");
         let dst = HostBuffer::alloc(total, &options).expect("destination buffer");
         src.fill(0x5a);
-        let ops: Vec<CopyOp> = (0..count)
-            .map(|i| CopyOp {
-                src: (src.as_ptr() as usize + i * len) as u64,
-                dst: (dst.as_ptr() as usize + i * len) as u64,
-                len: len as u64,
-            })
-            .collect();
+        let op = |i: usize, j: usize| CopyOp {
+            src: (src.as_ptr() as usize + i * len) as u64,
+            dst: (dst.as_ptr() as usize + j * len) as u64,
+            len: len as u64,
+        };
+        // Contiguous ops merge into one copy; reversed destinations keep them apart.
+        let layouts = [
+            ("contiguous", (0..count).map(|i| op(i, i)).collect::<Vec<_>>()),
+            ("scattered", (0..count).map(|i| op(i, count - 1 - i)).collect()),
+        ];
         group.throughput(Throughput::Bytes(total as u64));
-        group.bench_function(format!("copy_batch/{}", label(count, len)), |b| {
-            b.iter(|| {
-                // SAFETY: both buffers outlive the wait and do not overlap.
-                let fence = unsafe { device.copy_batch(black_box(&ops)) }.expect("valid batch");
-                fence.wait(Deadline::after(Duration::from_secs(10))).expect("copy completes");
-            })
-        });
+        for (layout, ops) in &layouts {
+            group.bench_function(format!("copy_batch_{layout}/{}", label(count, len)), |b| {
+                b.iter(|| {
+                    // SAFETY: both buffers outlive the wait and do not overlap.
+                    let fence = unsafe { device.copy_batch(black_box(ops)) }.expect("valid batch");
+                    fence.wait(Deadline::after(Duration::from_secs(10))).expect("copy completes");
+                })
+            });
+        }
         group.bench_function(format!("memcpy_1thread/{}", label(count, len)), |b| {
             b.iter(|| {
                 // SAFETY: as above.

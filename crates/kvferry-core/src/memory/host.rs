@@ -380,7 +380,9 @@ impl Device for HostDevice {
             }
             let piece = Piece::validate(op).map_err(|reason| MemoryError::InvalidCopy { index, reason })?;
             total = total.saturating_add(piece.len);
-            pieces.push(piece);
+            if !pieces.last_mut().is_some_and(|last: &mut Piece| last.try_extend(&piece)) {
+                pieces.push(piece);
+            }
         }
         if total < INLINE_COPY_MAX {
             for piece in &pieces {
@@ -433,10 +435,30 @@ impl Piece {
                 op.len, op.src, op.dst
             ));
         }
-        if op.src < op.dst + op.len && op.dst < op.src + op.len {
+        let piece = Piece { src: op.src as usize, dst: op.dst as usize, len: op.len as usize };
+        if piece.overlaps() {
             return Err("source and destination overlap".into());
         }
-        Ok(Piece { src: op.src as usize, dst: op.dst as usize, len: op.len as usize })
+        Ok(piece)
+    }
+
+    fn overlaps(&self) -> bool {
+        self.src < self.dst + self.len && self.dst < self.src + self.len
+    }
+
+    /// Absorb `next` when it continues this piece in both source and destination. Adjacent KV blocks
+    /// are common, and one long copy is faster than many short ones: past a few MiB, memcpy switches
+    /// to non-temporal stores that do not pull the destination through the cache.
+    fn try_extend(&mut self, next: &Piece) -> bool {
+        if next.src != self.src + self.len || next.dst != self.dst + self.len {
+            return false;
+        }
+        let merged = Piece { len: self.len + next.len, ..*self };
+        if merged.overlaps() {
+            return false;
+        }
+        *self = merged;
+        true
     }
 
     /// # Safety
@@ -849,12 +871,25 @@ mod tests {
         let device = HostDevice::with_threads(3).unwrap();
         let len = 5 << 20;
         let src = patterned(len, 0x11);
-        let dst = patterned(len, 0x22);
-        // Pieces of odd lengths straddle the worker shares.
+        // Pieces of odd lengths straddle the worker shares; laid out in the same order they merge
+        // into one copy, mirrored they stay apart.
         let cuts = [0, 1, 300_001, 1 << 20, (3 << 20) + 7, len];
-        let ops: Vec<CopyOp> = cuts.windows(2).map(|w| op(&src, w[0], &dst, w[0], w[1] - w[0])).collect();
-        unsafe { device.copy_batch(&ops) }.unwrap().wait(deadline()).unwrap();
-        assert!(src.to_vec() == dst.to_vec());
+        for mirrored in [false, true] {
+            let dst = patterned(len, 0x22);
+            let dst_offset = |from: usize, to: usize| if mirrored { len - to } else { from };
+            let ops: Vec<CopyOp> =
+                cuts.windows(2).map(|w| op(&src, w[0], &dst, dst_offset(w[0], w[1]), w[1] - w[0])).collect();
+            unsafe { device.copy_batch(&ops) }.unwrap().wait(deadline()).unwrap();
+            let (src, dst) = (src.to_vec(), dst.to_vec());
+            for w in cuts.windows(2) {
+                let at = dst_offset(w[0], w[1]);
+                assert!(
+                    dst[at..at + w[1] - w[0]] == src[w[0]..w[1]],
+                    "mirrored {mirrored}, piece at {}",
+                    w[0]
+                );
+            }
+        }
     }
 
     #[test]
@@ -889,6 +924,19 @@ mod tests {
         let lens: Vec<Vec<usize>> = shares.iter().map(|s| s.iter().map(|p| p.len).collect()).collect();
         assert_eq!(lens, [vec![300_000, 1], vec![300_000]]);
         assert_eq!((shares[1][0].src, shares[1][0].dst), (0x80_0001, 0xa0_0001));
+    }
+
+    #[test]
+    fn contiguous_ops_merge_unless_the_result_overlaps() {
+        let mut piece = Piece { src: 0x1000, dst: 0x9000, len: 0x100 };
+        assert!(piece.try_extend(&Piece { src: 0x1100, dst: 0x9100, len: 0x200 }));
+        assert_eq!((piece.src, piece.dst, piece.len), (0x1000, 0x9000, 0x300));
+        assert!(!piece.try_extend(&Piece { src: 0x1300, dst: 0x9400, len: 0x100 }));
+        assert!(!piece.try_extend(&Piece { src: 0x1400, dst: 0x9300, len: 0x100 }));
+        // Each op is disjoint on its own, but together the ranges would overlap.
+        let mut piece = Piece { src: 0x1000, dst: 0x1800, len: 0x800 };
+        assert!(!piece.try_extend(&Piece { src: 0x1800, dst: 0x2000, len: 0x800 }));
+        assert_eq!(piece.len, 0x800);
     }
 
     #[test]
