@@ -52,7 +52,7 @@ pub enum Dim {
 }
 
 impl Dim {
-    /// All dims, in the order of [`Dim::index`].
+    /// All dims, in declaration order.
     pub const ALL: [Dim; 6] =
         [Dim::Layer, Dim::Kv, Dim::Block, Dim::Head, Dim::Token, Dim::Channel];
 
@@ -235,7 +235,7 @@ impl KvLayout {
         }
     }
 
-    /// Byte stride of each dim (indexed by [`Dim::index`]) within its tensor. Layer has stride 0
+    /// Byte stride of each dim (indexed by `Dim::index`) within its tensor. Layer has stride 0
     /// when each layer is its own tensor: it picks the tensor instead.
     fn strides(&self) -> [u64; 6] {
         let mut strides = [0; 6];
