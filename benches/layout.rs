@@ -27,15 +27,11 @@ fn bench(c: &mut Criterion) {
     // Every other block scattered over the cache, so no two are adjacent.
     let scattered_1024: Vec<u32> = (0..1024).map(|i| (i * 7919) % 5000 * 2).collect();
 
-    for (name, blocks) in [
-        ("contiguous_64", &contiguous_64),
-        ("contiguous_1024", &contiguous_1024),
-        ("scattered_1024", &scattered_1024),
-    ] {
+    for (name, blocks) in
+        [("contiguous_64", &contiguous_64), ("contiguous_1024", &contiguous_1024), ("scattered_1024", &scattered_1024)]
+    {
         let sel = Selection::blocks(&local, blocks);
-        c.bench_function(&format!("regions/{name}"), |b| {
-            b.iter(|| local.regions(black_box(&sel)).unwrap())
-        });
+        c.bench_function(&format!("regions/{name}"), |b| b.iter(|| local.regions(black_box(&sel)).unwrap()));
         c.bench_function(&format!("pair/{name}"), |b| {
             b.iter(|| KvLayout::pair(&local, black_box(&sel), &local, black_box(&sel)).unwrap())
         });
@@ -47,9 +43,7 @@ fn bench(c: &mut Criterion) {
     let local_sel = Selection { heads, ..Selection::blocks(&local, &contiguous_64) };
     let remote_sel = Selection::blocks(&remote, &contiguous_1024[..64]);
     c.bench_function("pair/tp1_to_tp2_contiguous_64", |b| {
-        b.iter(|| {
-            KvLayout::pair(&local, black_box(&local_sel), &remote, black_box(&remote_sel)).unwrap()
-        })
+        b.iter(|| KvLayout::pair(&local, black_box(&local_sel), &remote, black_box(&remote_sel)).unwrap())
     });
 }
 

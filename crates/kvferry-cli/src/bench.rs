@@ -146,11 +146,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         progress.set_message(format!("{op} {} × {batch}", units::format_size(block)));
         let row = run_row(args, &setup, op, block, batch, i as u64)?;
         if !args.json {
-            if last_op != Some(op) {
-                progress.println(table_header(args, op));
-                last_op = Some(op);
-            }
-            progress.println(table_line(&row));
+            let header = (last_op != Some(op)).then(|| table_header(args, op));
+            last_op = Some(op);
+            // `suspend` rather than `println`: a hidden bar (no terminal) would swallow the lines.
+            progress.suspend(|| {
+                header.iter().for_each(|h| println!("{h}"));
+                println!("{}", table_line(&row));
+            });
         }
         rows.push(row);
         progress.inc(1);
@@ -231,16 +233,33 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
 
 /// Block `i` of the local buffer pairs with block `batch - 1 - i` of the remote one, so that no two
 /// pairs coalesce and the batch really moves `batch` separate blocks.
-fn descriptors(setup: &Setup, buf: &HostBuffer, block: u64, batch: usize) -> anyhow::Result<(PreparedDescs, PreparedDescs)> {
+fn descriptors(
+    setup: &Setup,
+    buf: &HostBuffer,
+    block: u64,
+    batch: usize,
+) -> anyhow::Result<(PreparedDescs, PreparedDescs)> {
     let base = buf.as_ptr() as u64;
-    let local: Vec<MemRegion> = (0..batch as u64).map(|i| MemRegion::host((base + i * block) as *const u8, block as usize)).collect();
+    let local: Vec<MemRegion> =
+        (0..batch as u64).map(|i| MemRegion::host((base + i * block) as *const u8, block as usize)).collect();
     let remote: Vec<MemRegion> = (0..batch as u64)
-        .map(|i| MemRegion { addr: setup.remote.addr + (batch as u64 - 1 - i) * block, len: block, kind: MemKind::Host })
+        .map(|i| MemRegion {
+            addr: setup.remote.addr + (batch as u64 - 1 - i) * block,
+            len: block,
+            kind: MemKind::Host,
+        })
         .collect();
     Ok((setup.agent.prepare_local(&local)?, setup.agent.prepare_remote(&setup.peer, &remote)?))
 }
 
-fn transfer(args: &BenchArgs, setup: &Setup, op: Op, local: &PreparedDescs, remote: &PreparedDescs, indices: &[usize]) -> anyhow::Result<kvferry::Transfer> {
+fn transfer(
+    args: &BenchArgs,
+    setup: &Setup,
+    op: Op,
+    local: &PreparedDescs,
+    remote: &PreparedDescs,
+    indices: &[usize],
+) -> anyhow::Result<kvferry::Transfer> {
     let deadline = Deadline::after(Duration::from_secs_f64(args.deadline));
     let xfer = setup.agent.post(TransferRequest {
         op,

@@ -51,7 +51,11 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
         println!("{section}:");
         for item in report[section].as_array().into_iter().flatten() {
             let mark = if item["available"].as_bool() == Some(true) { "yes" } else { "no " };
-            println!("  {:<8} {mark}  {}", item["name"].as_str().unwrap_or_default(), item["detail"].as_str().unwrap_or_default());
+            println!(
+                "  {:<8} {mark}  {}",
+                item["name"].as_str().unwrap_or_default(),
+                item["detail"].as_str().unwrap_or_default()
+            );
         }
     }
     Ok(())

@@ -47,7 +47,8 @@ pub struct Target {
 
 impl Target {
     pub fn start(args: &ServeArgs) -> anyhow::Result<Target> {
-        let mut tcp = TcpConfig { streams: args.streams, advertise_host: args.advertise.clone(), ..TcpConfig::default() };
+        let mut tcp =
+            TcpConfig { streams: args.streams, advertise_host: args.advertise.clone(), ..TcpConfig::default() };
         tcp.listen.set_ip(args.listen.ip());
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
         let agent = Agent::new(AgentConfig { name, tcp: Some(tcp) }).context("starting the agent")?;
@@ -79,7 +80,8 @@ pub fn alloc_buffer(len: u64) -> anyhow::Result<Arc<HostBuffer>> {
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let target = Target::start(args)?;
-    let endpoints: Vec<String> = target.agent.endpoints().iter().map(|e| format!("{}://{}", e.kind, e.address)).collect();
+    let endpoints: Vec<String> =
+        target.agent.endpoints().iter().map(|e| format!("{}://{}", e.kind, e.address)).collect();
     // One machine-readable line first: scripts and tests wait for it.
     println!(
         "{}",

@@ -21,7 +21,9 @@ pub fn parse_size_list(s: &str) -> Result<Vec<u64>, String> {
 
 pub fn parse_count_list(s: &str) -> Result<Vec<usize>, String> {
     s.split(',')
-        .map(|p| p.trim().parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| format!("`{p}` is not a positive count")))
+        .map(|p| {
+            p.trim().parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| format!("`{p}` is not a positive count"))
+        })
         .collect()
 }
 

@@ -392,7 +392,15 @@ impl Agent {
         remote_indices: &[usize],
         deadline: Deadline,
     ) -> Result<Transfer> {
-        self.post(TransferRequest { op: Op::Read, local, local_indices, remote, remote_indices, notification: None, deadline })
+        self.post(TransferRequest {
+            op: Op::Read,
+            local,
+            local_indices,
+            remote,
+            remote_indices,
+            notification: None,
+            deadline,
+        })
     }
 
     /// Write `local[local_indices[i]]` into `remote[remote_indices[i]]`.
@@ -404,7 +412,15 @@ impl Agent {
         remote_indices: &[usize],
         deadline: Deadline,
     ) -> Result<Transfer> {
-        self.post(TransferRequest { op: Op::Write, local, local_indices, remote, remote_indices, notification: None, deadline })
+        self.post(TransferRequest {
+            op: Op::Write,
+            local,
+            local_indices,
+            remote,
+            remote_indices,
+            notification: None,
+            deadline,
+        })
     }
 
     /// Send a notification alone.
@@ -461,7 +477,11 @@ impl Agent {
             }
             let reg = &mut held[l.slot as usize];
             if reg.is_none() {
-                *reg = Some(regs[l.slot as usize].upgrade().ok_or(DescError::NotRegistered { index: li, addr: l.addr, len: l.len })?);
+                *reg = Some(regs[l.slot as usize].upgrade().ok_or(DescError::NotRegistered {
+                    index: li,
+                    addr: l.addr,
+                    len: l.len,
+                })?);
             }
             bytes += l.len;
             // Coalesce pairs that continue the previous op on both sides.

@@ -53,8 +53,7 @@ pub enum Dim {
 
 impl Dim {
     /// All dims, in declaration order.
-    pub const ALL: [Dim; 6] =
-        [Dim::Layer, Dim::Kv, Dim::Block, Dim::Head, Dim::Token, Dim::Channel];
+    pub const ALL: [Dim; 6] = [Dim::Layer, Dim::Kv, Dim::Block, Dim::Head, Dim::Token, Dim::Channel];
 
     fn index(self) -> usize {
         self as usize
@@ -141,13 +140,11 @@ impl KvLayout {
     /// then inserted next to `B` as `placement` says) or six letters with an explicit `K` (then
     /// `placement` is ignored). Case-insensitive, each letter once.
     pub fn parse_order(s: &str, placement: KvPlacement) -> Result<[Dim; 6]> {
-        let invalid = |why: &str| -> crate::Error {
-            LayoutError::Invalid(format!("layout string {s:?}: {why}")).into()
-        };
+        let invalid =
+            |why: &str| -> crate::Error { LayoutError::Invalid(format!("layout string {s:?}: {why}")).into() };
         let mut dims = Vec::with_capacity(6);
         for c in s.chars() {
-            let d = Dim::from_letter(c)
-                .ok_or_else(|| invalid(&format!("{c:?} is not one of L K B H N C")))?;
+            let d = Dim::from_letter(c).ok_or_else(|| invalid(&format!("{c:?} is not one of L K B H N C")))?;
             if dims.contains(&d) {
                 return Err(invalid(&format!("{c:?} appears twice")));
             }
@@ -192,16 +189,11 @@ impl KvLayout {
             }
         }
         if self.tensor_per_layer && self.order[0] != Dim::Layer {
-            return invalid(format!(
-                "order {:?} must start with Layer when each layer is its own tensor",
-                self.order
-            ));
+            return invalid(format!("order {:?} must start with Layer when each layer is its own tensor", self.order));
         }
         Dim::ALL
             .iter()
-            .try_fold(u64::from(self.dtype_bytes), |acc, &d| {
-                acc.checked_mul(u64::from(self.dim_size(d)))
-            })
+            .try_fold(u64::from(self.dtype_bytes), |acc, &d| acc.checked_mul(u64::from(self.dim_size(d))))
             .ok_or(LayoutError::Overflow)?;
         Ok(())
     }
@@ -347,10 +339,7 @@ pub fn heads_for_rank(total_heads: u32, tp_size: u32, rank: u32) -> Result<Range
 
 fn check_range(what: &str, r: &Range<u32>, size: u32) -> Result<()> {
     if r.is_empty() || r.end > size {
-        return Err(LayoutError::Invalid(format!(
-            "{what} range {r:?} is empty or outside 0..{size}"
-        ))
-        .into());
+        return Err(LayoutError::Invalid(format!("{what} range {r:?} is empty or outside 0..{size}")).into());
     }
     Ok(())
 }
@@ -383,9 +372,7 @@ impl Indices<'_> {
     fn is_full(&self, size: u32) -> bool {
         match self {
             Indices::Range(r) => *r == (0..size),
-            Indices::List(l) => {
-                l.len() == size as usize && l.iter().enumerate().all(|(i, &b)| b == i as u32)
-            }
+            Indices::List(l) => l.len() == size as usize && l.iter().enumerate().all(|(i, &b)| b == i as u32),
         }
     }
 }
@@ -466,9 +453,8 @@ fn walk<const N: usize>(order: [Dim; 6], sides: [(&KvLayout, &Selection); N]) ->
             let len = idx[0].len();
             let mut start = 0;
             for pos in 1..=len {
-                let extends = pos < len
-                    && adjacent_steps
-                    && idx.iter().all(|ix| ix.get(pos) == ix.get(pos - 1).wrapping_add(1));
+                let extends =
+                    pos < len && adjacent_steps && idx.iter().all(|ix| ix.get(pos) == ix.get(pos - 1).wrapping_add(1));
                 if !extends {
                     let addrs = std::array::from_fn(|s| sides[s].addr(d, idx[s].get(start)));
                     runs.push((addrs, (pos - start) as u64 * span));
@@ -484,9 +470,7 @@ fn walk<const N: usize>(order: [Dim; 6], sides: [(&KvLayout, &Selection); N]) ->
         .iter()
         .map(|&d| {
             let idx = sides.each_ref().map(|s| s.indices(d));
-            (0..idx[0].len())
-                .map(|pos| std::array::from_fn(|s| sides[s].addr(d, idx[s].get(pos))))
-                .collect()
+            (0..idx[0].len()).map(|pos| std::array::from_fn(|s| sides[s].addr(d, idx[s].get(pos)))).collect()
         })
         .collect();
 
@@ -494,9 +478,8 @@ fn walk<const N: usize>(order: [Dim; 6], sides: [(&KvLayout, &Selection); N]) ->
     let mut out: Vec<[Region; N]> = Vec::with_capacity(chunks);
     let mut pos = [0usize; 6];
     loop {
-        let base: [Addr; N] = std::array::from_fn(|s| {
-            tables.iter().zip(&pos).fold(Addr::default(), |acc, (t, &p)| acc.add(t[p][s]))
-        });
+        let base: [Addr; N] =
+            std::array::from_fn(|s| tables.iter().zip(&pos).fold(Addr::default(), |acc, (t, &p)| acc.add(t[p][s])));
         for (start, len) in &runs {
             let cur: [Region; N] = std::array::from_fn(|s| {
                 let a = base[s].add(start[s]);
@@ -504,10 +487,7 @@ fn walk<const N: usize>(order: [Dim; 6], sides: [(&KvLayout, &Selection); N]) ->
             });
             match out.last_mut() {
                 Some(last)
-                    if last
-                        .iter()
-                        .zip(&cur)
-                        .all(|(l, c)| l.tensor == c.tensor && l.offset + l.len == c.offset) =>
+                    if last.iter().zip(&cur).all(|(l, c)| l.tensor == c.tensor && l.offset + l.len == c.offset) =>
                 {
                     last.iter_mut().for_each(|l| l.len += len);
                 }
@@ -536,8 +516,7 @@ mod tests {
     use crate::Error;
     use proptest::prelude::*;
 
-    const FLASH_ATTN: [Dim; 6] =
-        [Dim::Layer, Dim::Kv, Dim::Block, Dim::Token, Dim::Head, Dim::Channel];
+    const FLASH_ATTN: [Dim; 6] = [Dim::Layer, Dim::Kv, Dim::Block, Dim::Token, Dim::Head, Dim::Channel];
 
     fn flash_attn(num_layers: u32, num_blocks: u32) -> KvLayout {
         KvLayout {
@@ -589,8 +568,7 @@ mod tests {
     }
 
     fn reference(order: [Dim; 6], sides: &[(&KvLayout, &Selection)]) -> Vec<Vec<Region>> {
-        let lists: Vec<[Vec<u32>; 6]> =
-            sides.iter().map(|(l, s)| Dim::ALL.map(|d| index_list(l, s, d))).collect();
+        let lists: Vec<[Vec<u32>; 6]> = sides.iter().map(|(l, s)| Dim::ALL.map(|d| index_list(l, s, d))).collect();
         let lens = Dim::ALL.map(|d| lists[0][d as usize].len());
         let mut out: Vec<Vec<Region>> = Vec::new();
         let mut pos = [0usize; 6];
@@ -608,9 +586,7 @@ mod tests {
                 })
                 .collect();
             let merge = out.last().is_some_and(|last| {
-                last.iter()
-                    .zip(&elems)
-                    .all(|(a, e)| a.tensor == e.tensor && a.offset + a.len == e.offset)
+                last.iter().zip(&elems).all(|(a, e)| a.tensor == e.tensor && a.offset + a.len == e.offset)
             });
             if merge {
                 let last = out.last_mut().unwrap();
@@ -657,11 +633,7 @@ mod tests {
 
     impl Sel {
         fn get(&self) -> Selection<'_> {
-            Selection {
-                blocks: &self.blocks,
-                layers: self.layers.clone(),
-                heads: self.heads.clone(),
-            }
+            Selection { blocks: &self.blocks, layers: self.layers.clone(), heads: self.heads.clone() }
         }
     }
 
@@ -728,8 +700,7 @@ mod tests {
                 let n = l.num_blocks;
                 move |len| arb_blocks(n, len)
             });
-            (Just(l), blocks, layers, heads)
-                .prop_map(|(l, blocks, layers, heads)| (l, Sel { blocks, layers, heads }))
+            (Just(l), blocks, layers, heads).prop_map(|(l, blocks, layers, heads)| (l, Sel { blocks, layers, heads }))
         })
     }
 
@@ -737,11 +708,7 @@ mod tests {
         arb_common()
             .prop_flat_map(|c| (arb_layout(c), arb_layout(c)))
             .prop_flat_map(|(a, b)| {
-                let shape = (
-                    1..=a.num_layers.min(b.num_layers),
-                    1..=a.num_kv_heads.min(b.num_kv_heads),
-                    0..=6usize,
-                );
+                let shape = (1..=a.num_layers.min(b.num_layers), 1..=a.num_kv_heads.min(b.num_kv_heads), 0..=6usize);
                 (Just(a), Just(b), shape)
             })
             .prop_flat_map(|(a, b, (layer_len, head_len, n))| {
@@ -751,11 +718,7 @@ mod tests {
                         arb_sub_range(l.num_layers, layer_len),
                         arb_sub_range(l.num_kv_heads, head_len),
                     )
-                        .prop_map(|(blocks, layers, heads)| Sel {
-                            blocks,
-                            layers,
-                            heads,
-                        })
+                        .prop_map(|(blocks, layers, heads)| Sel { blocks, layers, heads })
                 };
                 (side(&a), side(&b), Just(a), Just(b))
             })
@@ -802,9 +765,8 @@ mod tests {
         let got = l.regions(&Selection::blocks(&l, &blocks)).unwrap();
         let block = 16 * 8 * 128 * 2;
         let plane = 100 * block;
-        let want: Vec<Region> = (0..3)
-            .flat_map(|t| (0..2).map(move |k| region(t, k * plane + 10 * block, 10 * block)))
-            .collect();
+        let want: Vec<Region> =
+            (0..3).flat_map(|t| (0..2).map(move |k| region(t, k * plane + 10 * block, 10 * block))).collect();
         assert_eq!(got, want);
     }
 
@@ -815,9 +777,8 @@ mod tests {
         let blocks = [7, 8, 9, 3];
         let got = l.regions(&Selection::blocks(&l, &blocks)).unwrap();
         let block = 2 * 16 * 8 * 128 * 2;
-        let want = (0..2)
-            .flat_map(|t| [region(t, 7 * block, 3 * block), region(t, 3 * block, block)])
-            .collect::<Vec<_>>();
+        let want =
+            (0..2).flat_map(|t| [region(t, 7 * block, 3 * block), region(t, 3 * block, block)]).collect::<Vec<_>>();
         assert_eq!(got, want);
     }
 
@@ -949,10 +910,7 @@ mod tests {
         let l = flash_attn(4, 10);
         let err = l.regions(&Selection::blocks(&l, &[3, 10])).unwrap_err();
         assert_eq!(err.code(), ErrorCode::BlockOutOfRange);
-        assert!(matches!(
-            layout_error(err),
-            LayoutError::BlockOutOfRange { block: 10, num_blocks: 10 }
-        ));
+        assert!(matches!(layout_error(err), LayoutError::BlockOutOfRange { block: 10, num_blocks: 10 }));
         for (layers, heads) in [(0..4, 3..3), (0..5, 0..8), (2..2, 0..8), (0..4, 4..9)] {
             let sel = Selection { blocks: &[1], layers: layers.clone(), heads: heads.clone() };
             let err = l.regions(&sel).unwrap_err();
@@ -991,8 +949,7 @@ mod tests {
     #[test]
     fn check_compatible_names_the_field() {
         let a = flash_attn(2, 10);
-        a.check_compatible(&KvLayout { num_blocks: 5, order: [Dim::Layer; 6], ..a.clone() })
-            .unwrap();
+        a.check_compatible(&KvLayout { num_blocks: 5, order: [Dim::Layer; 6], ..a.clone() }).unwrap();
         for (b, field) in [
             (KvLayout { block_size: 32, ..a.clone() }, "block_size"),
             (KvLayout { dtype_bytes: 4, ..a.clone() }, "dtype_bytes"),

@@ -10,10 +10,14 @@ pub mod metadata;
 mod net;
 pub mod side_channel;
 pub mod transport;
-pub use agent::{Agent, AgentConfig, DescError, Notification, PreparedDescs, Registration, Transfer, TransferRequest, TransferStatus};
+pub use agent::{
+    Agent, AgentConfig, DescError, Notification, PreparedDescs, Registration, Transfer, TransferRequest, TransferStatus,
+};
 pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};
 
+pub use layout::{KvLayout, KvPlacement, Region, Selection};
+pub use memory::host::{HostAllocOptions, HostBuffer, HostDevice, HugePages};
 pub use memory::{CopyFence, CopyOp, Device, MemKind, MemRegion, Memory};
 
 pub use transport::{Op, TransportKind};

@@ -153,7 +153,8 @@ impl AgentMetadata {
             let addr = r.u64()?;
             let len = r.u64()?;
             let (tag, device) = (r.u8()?, r.u32()?);
-            let kind = MemKind::from_wire(tag, device).ok_or_else(|| MetadataError::Malformed(format!("region {i}: unknown memory kind {tag}")))?;
+            let kind = MemKind::from_wire(tag, device)
+                .ok_or_else(|| MetadataError::Malformed(format!("region {i}: unknown memory kind {tag}")))?;
             let region = MemRegion { addr, len, kind };
             if len == 0 || region.end().is_none() {
                 return Err(MetadataError::Malformed(format!("region {i}: bad range {addr:#x}+{len}")));
@@ -232,7 +233,10 @@ mod tests {
                     region: MemRegion { addr: 0x7000_0000, len: 1 << 20, kind: MemKind::Host },
                     keys: vec![(TransportKind::Tcp, vec![9; 16])],
                 },
-                RegionInfo { region: MemRegion { addr: 0x1000, len: 4096, kind: MemKind::Cuda { device: 3 } }, keys: vec![] },
+                RegionInfo {
+                    region: MemRegion { addr: 0x1000, len: 4096, kind: MemKind::Cuda { device: 3 } },
+                    keys: vec![],
+                },
             ],
         }
     }

@@ -38,7 +38,8 @@ impl Acceptor {
                     match stream {
                         Ok(stream) => {
                             let serve = serve.clone();
-                            if let Err(e) = thread::Builder::new().name(conn_name.clone()).spawn(move || serve(stream)) {
+                            if let Err(e) = thread::Builder::new().name(conn_name.clone()).spawn(move || serve(stream))
+                            {
                                 tracing::error!(error = %e, "cannot spawn a connection thread");
                             }
                         }

@@ -104,9 +104,8 @@ fn serve_one(stream: &mut TcpStream, agent: &AgentInner) -> io::Result<()> {
 
 /// Fetch the metadata of the agent serving at `addr`; with `own`, also hand it ours.
 pub fn exchange(addr: &str, own: Option<&[u8]>, deadline: Deadline) -> Result<Vec<u8>> {
-    let unreachable = |cause: String| {
-        Error::from(TransferError::PeerUnreachable { peer: addr.into(), endpoint: addr.into(), cause })
-    };
+    let unreachable =
+        |cause: String| Error::from(TransferError::PeerUnreachable { peer: addr.into(), endpoint: addr.into(), cause });
     let protocol = |detail: String| Error::from(TransferError::Protocol { peer: addr.into(), detail });
     let targets: Vec<SocketAddr> = addr.to_socket_addrs().map_err(|e| unreachable(e.to_string()))?.collect();
     let mut last = String::from("address resolves to nothing");

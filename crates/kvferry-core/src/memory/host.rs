@@ -284,8 +284,7 @@ impl HostDevice {
         }
         let (sender, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
-        let mut device =
-            HostDevice { alloc_options: HostAllocOptions::new(), jobs: Some(sender), workers: Vec::new() };
+        let mut device = HostDevice { alloc_options: HostAllocOptions::new(), jobs: Some(sender), workers: Vec::new() };
         for i in 0..threads {
             let receiver = Arc::clone(&receiver);
             // On failure `device` drops, which stops and joins the threads already started.
@@ -317,9 +316,7 @@ impl HostDevice {
         let fence = Arc::new(HostFence::new(jobs.len()));
         let sender = self.jobs.as_ref().expect("the job queue lives as long as the device");
         for pieces in jobs {
-            sender
-                .send(Job { pieces, fence: Arc::clone(&fence) })
-                .expect("copy workers run until the device drops");
+            sender.send(Job { pieces, fence: Arc::clone(&fence) }).expect("copy workers run until the device drops");
         }
         CopyFence::new(fence)
     }
@@ -427,13 +424,9 @@ impl Piece {
         if op.src == 0 || op.dst == 0 {
             return Err("null address".into());
         }
-        let in_address_space =
-            |addr: u64| addr.checked_add(op.len).and_then(|end| usize::try_from(end).ok()).is_some();
+        let in_address_space = |addr: u64| addr.checked_add(op.len).and_then(|end| usize::try_from(end).ok()).is_some();
         if !in_address_space(op.src) || !in_address_space(op.dst) {
-            return Err(format!(
-                "{} bytes from {:#x} to {:#x} overflow the address space",
-                op.len, op.src, op.dst
-            ));
+            return Err(format!("{} bytes from {:#x} to {:#x} overflow the address space", op.len, op.src, op.dst));
         }
         let piece = Piece { src: op.src as usize, dst: op.dst as usize, len: op.len as usize };
         if piece.overlaps() {
@@ -546,11 +539,8 @@ impl FenceSignal for HostFence {
             if deadline.expired() {
                 return Err(MemoryError::FenceTimeout.into());
             }
-            remaining = self
-                .done
-                .wait_timeout(remaining, deadline.remaining())
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            remaining =
+                self.done.wait_timeout(remaining, deadline.remaining()).unwrap_or_else(PoisonError::into_inner).0;
         }
         Ok(())
     }
@@ -568,9 +558,7 @@ pub fn page_size() -> usize {
 pub fn memlock_limit() -> Option<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `limit` is a valid rlimit to write into.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0
-        || limit.rlim_cur == libc::RLIM_INFINITY
-    {
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
         return None;
     }
     Some(limit.rlim_cur)
@@ -668,11 +656,7 @@ mod tests {
     }
 
     fn op(src: &HostBuffer, src_off: usize, dst: &HostBuffer, dst_off: usize, len: usize) -> CopyOp {
-        CopyOp {
-            src: src.as_ptr() as u64 + src_off as u64,
-            dst: dst.as_ptr() as u64 + dst_off as u64,
-            len: len as u64,
-        }
+        CopyOp { src: src.as_ptr() as u64 + src_off as u64, dst: dst.as_ptr() as u64 + dst_off as u64, len: len as u64 }
     }
 
     /// Copies `count` ops of `len` bytes from a patterned source into a patterned destination in
@@ -680,8 +664,7 @@ mod tests {
     fn check_copy(device: &HostDevice, count: usize, len: usize) {
         let src = patterned(count * len, 0x5a);
         let dst = patterned(count * len, 0xc3);
-        let ops: Vec<CopyOp> =
-            (0..count).map(|i| op(&src, i * len, &dst, (count - 1 - i) * len, len)).collect();
+        let ops: Vec<CopyOp> = (0..count).map(|i| op(&src, i * len, &dst, (count - 1 - i) * len, len)).collect();
         let fence = unsafe { device.copy_batch(&ops) }.unwrap();
         fence.wait(deadline()).unwrap();
         assert!(matches!(fence.poll(), Some(Ok(()))));
@@ -701,10 +684,7 @@ mod tests {
             assert_eq!(buf.as_ptr() as usize % page, 0);
             assert_eq!(buf.len(), len);
             assert!(!buf.is_empty() && !buf.is_pinned() && !buf.huge_pages());
-            assert_eq!(
-                buf.region(),
-                MemRegion { addr: buf.as_ptr() as u64, len: len as u64, kind: MemKind::Host }
-            );
+            assert_eq!(buf.region(), MemRegion { addr: buf.as_ptr() as u64, len: len as u64, kind: MemKind::Host });
             assert_eq!(Memory::region(&buf), buf.region());
         }
     }
@@ -845,8 +825,7 @@ mod tests {
         let device = HostDevice::with_threads(2).unwrap();
         let src = patterned(4096, 1);
         let dst = patterned(4096, 2);
-        let ops =
-            [op(&src, 0, &dst, 1000, 100), CopyOp { src: 0, dst: 0, len: 0 }, op(&src, 500, &dst, 0, 1000)];
+        let ops = [op(&src, 0, &dst, 1000, 100), CopyOp { src: 0, dst: 0, len: 0 }, op(&src, 500, &dst, 0, 1000)];
         let fence = unsafe { device.copy_batch(&ops) }.unwrap();
         // Already done before any wait.
         assert!(fence.is_done());
@@ -883,11 +862,7 @@ mod tests {
             let (src, dst) = (src.to_vec(), dst.to_vec());
             for w in cuts.windows(2) {
                 let at = dst_offset(w[0], w[1]);
-                assert!(
-                    dst[at..at + w[1] - w[0]] == src[w[0]..w[1]],
-                    "mirrored {mirrored}, piece at {}",
-                    w[0]
-                );
+                assert!(dst[at..at + w[1] - w[0]] == src[w[0]..w[1]], "mirrored {mirrored}, piece at {}", w[0]);
             }
         }
     }
@@ -895,22 +870,17 @@ mod tests {
     #[test]
     fn batches_are_split_into_equal_shares() {
         let mib = 1 << 20;
-        let shares =
-            split_into_shares(vec![Piece { src: 0x1000, dst: 0x1000_0000, len: 32 * mib }], 32 * mib, 4);
+        let shares = split_into_shares(vec![Piece { src: 0x1000, dst: 0x1000_0000, len: 32 * mib }], 32 * mib, 4);
         assert_eq!(shares.len(), 4);
         for (i, share) in shares.iter().enumerate() {
             let offset = i * 8 * mib;
             assert_eq!(share.len(), 1);
-            assert_eq!(
-                (share[0].src, share[0].dst, share[0].len),
-                (0x1000 + offset, 0x1000_0000 + offset, 8 * mib)
-            );
+            assert_eq!((share[0].src, share[0].dst, share[0].len), (0x1000 + offset, 0x1000_0000 + offset, 8 * mib));
         }
 
         // 1 MiB over 8 workers: shares do not shrink below the minimum.
-        let ops: Vec<Piece> = (0..64)
-            .map(|i| Piece { src: 0x1000 + i * 16384, dst: 0x100_0000 + i * 16384, len: 16384 })
-            .collect();
+        let ops: Vec<Piece> =
+            (0..64).map(|i| Piece { src: 0x1000 + i * 16384, dst: 0x100_0000 + i * 16384, len: 16384 }).collect();
         let shares = split_into_shares(ops, mib, 8);
         assert_eq!(shares.len(), mib / MIN_WORKER_SHARE);
         assert!(shares.iter().all(|s| s.iter().map(|p| p.len).sum::<usize>() == MIN_WORKER_SHARE));
@@ -1004,10 +974,7 @@ mod tests {
     fn system_limits_are_readable() {
         assert!(page_size() >= 4096);
         assert!(huge_page_size().is_power_of_two());
-        assert_eq!(
-            meminfo_field("HugePages_Free:      12\nHugepagesize:    2048 kB\n", "Hugepagesize"),
-            Some(2048)
-        );
+        assert_eq!(meminfo_field("HugePages_Free:      12\nHugepagesize:    2048 kB\n", "Hugepagesize"), Some(2048));
         assert_eq!(meminfo_field("HugePages_Free:      12\n", "HugePages"), None);
         if std::path::Path::new("/proc/meminfo").exists() {
             assert!(huge_pages_free().is_some());

@@ -42,7 +42,13 @@ pub(super) struct TcpLink {
 }
 
 impl TcpLink {
-    pub fn new(local_name: &str, peer: &str, address: &str, keys: Vec<Option<u128>>, config: &TcpConfig) -> Result<TcpLink> {
+    pub fn new(
+        local_name: &str,
+        peer: &str,
+        address: &str,
+        keys: Vec<Option<u128>>,
+        config: &TcpConfig,
+    ) -> Result<TcpLink> {
         let info = Arc::new(LinkInfo {
             local_name: local_name.to_string(),
             peer: peer.to_string(),
@@ -73,7 +79,10 @@ impl TcpLink {
         let mut bytes = 0u64;
         for op in &batch.ops {
             let key = self.keys.get(op.remote_region as usize).copied().flatten().ok_or_else(|| {
-                Error::InvalidArgument(format!("peer {} has no tcp-accessible region {}", self.info.peer, op.remote_region))
+                Error::InvalidArgument(format!(
+                    "peer {} has no tcp-accessible region {}",
+                    self.info.peer, op.remote_region
+                ))
             })?;
             let mut done = 0u64;
             while done < op.len {
@@ -180,7 +189,9 @@ fn exchange(
         .and_then(|()| request(stream));
     match outcome {
         Ok(()) => Ok(()),
-        Err(Failure::Rejected(index, reason)) => Err(TransferError::Rejected { peer: info.peer.clone(), op, index, reason }),
+        Err(Failure::Rejected(index, reason)) => {
+            Err(TransferError::Rejected { peer: info.peer.clone(), op, index, reason })
+        }
         Err(Failure::Protocol(detail)) => {
             *conn = None;
             Err(TransferError::Protocol { peer: info.peer.clone(), detail })

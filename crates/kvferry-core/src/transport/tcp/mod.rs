@@ -60,7 +60,8 @@ impl TcpTransport {
     pub fn start(local_name: &str, config: TcpConfig, notifications: Arc<NotificationQueue>) -> Result<TcpTransport> {
         let shared = Arc::new(TargetShared::new(notifications));
         let serve_shared = shared.clone();
-        let acceptor = Acceptor::spawn(config.listen, "kvferry-tcp", move |stream| target::serve(stream, &serve_shared))?;
+        let acceptor =
+            Acceptor::spawn(config.listen, "kvferry-tcp", move |stream| target::serve(stream, &serve_shared))?;
         let listen_addr = acceptor.local_addr();
         let host = match &config.advertise_host {
             Some(h) => h.clone(),
@@ -125,7 +126,8 @@ impl Transport for TcpTransport {
         }
         // 128 random bits: a peer cannot guess another registration's key.
         let mut key = [0u8; 16];
-        getrandom::fill(&mut key).map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
+        getrandom::fill(&mut key)
+            .map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
         self.shared.keys.insert(u128::from_le_bytes(key), region, keep_alive);
         Ok(key.to_vec())
     }

@@ -150,7 +150,8 @@ fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
-        let kind = FrameKind::from_wire(header.tag).ok_or_else(|| invalid(format!("unknown request kind {}", header.tag)))?;
+        let kind =
+            FrameKind::from_wire(header.tag).ok_or_else(|| invalid(format!("unknown request kind {}", header.tag)))?;
         let count = header.count as usize;
         if count > wire::MAX_DESCS {
             // The stream cannot be resynchronised cheaply; answer and close.
@@ -178,7 +179,11 @@ fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<
     }
 }
 
-fn respond(stream: &mut TcpStream, status: Result<u64, (u32, RejectReason)>, payload: &[IoSlice<'_>]) -> io::Result<()> {
+fn respond(
+    stream: &mut TcpStream,
+    status: Result<u64, (u32, RejectReason)>,
+    payload: &[IoSlice<'_>],
+) -> io::Result<()> {
     let header = match status {
         Ok(payload_len) => Header { tag: 0, count: 0, payload_len },
         Err((index, reason)) => Header { tag: reason.to_wire(), count: index, payload_len: 0 },

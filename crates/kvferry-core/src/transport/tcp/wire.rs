@@ -151,7 +151,9 @@ pub fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [IoSliceMut<'_>]) -
 /// # Safety
 /// Every `(addr, len)` must be readable memory that stays valid while the slices are used.
 pub unsafe fn slices<'a>(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<IoSlice<'a>> {
-    ranges.map(|(addr, len)| IoSlice::new(unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) })).collect()
+    ranges
+        .map(|(addr, len)| IoSlice::new(unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) }))
+        .collect()
 }
 
 /// Scatter slices over raw memory ranges.
