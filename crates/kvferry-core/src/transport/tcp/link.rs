@@ -174,7 +174,13 @@ fn exchange(
     let op = completion.op();
     if conn.is_none() {
         *conn = Some(connect(info, deadline.remaining().min(info.connect_timeout)).map_err(|cause| {
-            TransferError::PeerUnreachable { peer: info.peer.clone(), endpoint: info.address.clone(), cause }
+            // A handshake cut short by the deadline is a timeout, not proof the peer is gone.
+            match deadline.expired() {
+                true => completion.timeout_error(),
+                false => {
+                    TransferError::PeerUnreachable { peer: info.peer.clone(), endpoint: info.address.clone(), cause }
+                }
+            }
         })?);
     }
     let stream = conn.as_mut().unwrap();
