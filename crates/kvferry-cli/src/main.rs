@@ -1,13 +1,8 @@
 //! The `kvferry` command: `bench` measures transports, `serve` hosts a target buffer, `info` lists
 //! what this machine and build can use.
 
-mod bench;
-mod info;
-mod pattern;
-mod serve;
-mod units;
-
 use clap::{Parser, Subcommand};
+use kvferry_cli::{bench, info, serve};
 
 #[derive(Parser)]
 #[command(name = "kvferry", version, about = "KV-cache transfer data plane: benchmarks and tools")]

@@ -1,0 +1,230 @@
+//! Two real OS processes: `kvferry serve` hosts a buffer, this test's agent (or `kvferry bench`)
+//! moves blocks in and out of it over TCP.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvferry::memory::host::{HostAllocOptions, HostBuffer};
+use kvferry::metadata::AgentMetadata;
+use kvferry::{Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion, Memory};
+use kvferry_cli::pattern;
+
+const KVFERRY: &str = env!("CARGO_BIN_EXE_kvferry");
+
+/// A `kvferry serve` child, killed when dropped.
+struct Served {
+    child: Child,
+    side_channel: String,
+    buffer_addr: u64,
+    buffer_size: u64,
+}
+
+impl Served {
+    fn start(buffer_size: &str, fill_seed: u64) -> Served {
+        let mut child = Command::new(KVFERRY)
+            .args(["serve", "--buffer-size", buffer_size, "--fill-seed", &fill_seed.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("kvferry serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        let addr = info["buffer_addr"].as_str().unwrap().trim_start_matches("0x");
+        Served {
+            child,
+            side_channel: info["side_channel"].as_str().unwrap().to_string(),
+            buffer_addr: u64::from_str_radix(addr, 16).unwrap(),
+            buffer_size: info["buffer_size"].as_u64().unwrap(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn region(&self, offset: u64, len: u64) -> MemRegion {
+        MemRegion { addr: self.buffer_addr + offset, len, kind: MemKind::Host }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
+    let agent = Agent::new(AgentConfig::new(name)).unwrap();
+    let buf = Arc::new(HostBuffer::alloc(len, &HostAllocOptions { pin: false, ..Default::default() }).unwrap());
+    let reg = agent.register(buf.clone()).unwrap();
+    (agent, buf, reg)
+}
+
+fn soon() -> Deadline {
+    Deadline::after(Duration::from_secs(30))
+}
+
+#[test]
+fn blocks_move_both_ways_between_processes_byte_exact() {
+    const BLOCK: u64 = 64 * 1024;
+    const N: usize = 64;
+    let served = Served::start("8M", 11);
+    let (agent, buf, _reg) = initiator("two-process", BLOCK as usize * N);
+    let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
+    let local: Vec<MemRegion> = (0..N as u64)
+        .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * BLOCK) as usize) }, BLOCK as usize))
+        .collect();
+    let remote: Vec<MemRegion> = (0..(served.buffer_size / BLOCK)).map(|i| served.region(i * BLOCK, BLOCK)).collect();
+    let local = agent.prepare_local(&local).unwrap();
+    let remote = agent.prepare_remote(&peer, &remote).unwrap();
+
+    // READ: local block i ← remote block 2i + 1, checked against the pattern the server wrote.
+    let picks: Vec<usize> = (0..N).map(|i| 2 * i + 1).collect();
+    let all: Vec<usize> = (0..N).collect();
+    agent.read(&local, &all, &remote, &picks, soon()).unwrap().wait().unwrap();
+    let got = buf.to_vec();
+    for (i, &r) in picks.iter().enumerate() {
+        let block = &got[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+        assert_eq!(pattern::first_mismatch(block, 11, r as u64 * BLOCK), None, "block {i} ← {r}");
+    }
+
+    // WRITE a new pattern into remote blocks 0..N, then read it back into the local buffer.
+    pattern::fill(unsafe { buf.as_mut_slice() }, 99, 0);
+    agent.write(&local, &all, &remote, &all, soon()).unwrap().wait().unwrap();
+    buf.fill(0);
+    agent.read(&local, &all, &remote, &all, soon()).unwrap().wait().unwrap();
+    assert_eq!(pattern::first_mismatch(&buf.to_vec(), 99, 0), None);
+}
+
+#[test]
+fn killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on() {
+    let len: u64 = 1 << 30;
+    let (agent, _buf, _reg) = initiator("killer", len as usize);
+    let local = agent.prepare_local(&[_buf.region()]).unwrap();
+    let mut victim = Served::start("1G", 1);
+    let peer = agent.connect_peer(&victim.side_channel, soon()).unwrap();
+    let remote = agent.prepare_remote(&peer, &[victim.region(0, len)]).unwrap();
+    // Warm the connections so the kill lands during the data, not the handshake.
+    let small = agent.prepare_remote(&peer, &[victim.region(0, 4096)]).unwrap();
+    let small_local = agent.prepare_local(&[MemRegion::host(_buf.as_ptr(), 4096)]).unwrap();
+    agent.read(&small_local, &[0], &small, &[0], soon()).unwrap().wait().unwrap();
+
+    let deadline = Duration::from_secs(60);
+    let xfer = agent.read(&local, &[0], &remote, &[0], Deadline::after(deadline)).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let killed_at = Instant::now();
+    victim.kill();
+    let err = xfer.wait().expect_err("1 GiB cannot cross loopback in 30 ms");
+    let took = killed_at.elapsed();
+    assert!(matches!(err.code(), ErrorCode::PeerDisconnected | ErrorCode::PeerUnreachable), "unexpected error: {err}");
+    assert!(err.to_string().contains(&peer), "the error names the peer: {err}");
+    assert!(took < Duration::from_secs(5), "failed {took:?} after the kill; deadline was {deadline:?}");
+
+    // The same agent keeps working with another peer.
+    let other = Served::start("4M", 5);
+    let peer2 = agent.connect_peer(&other.side_channel, soon()).unwrap();
+    let remote2 = agent.prepare_remote(&peer2, &[other.region(0, 4096)]).unwrap();
+    agent.read(&small_local, &[0], &remote2, &[0], soon()).unwrap().wait().unwrap();
+    assert_eq!(pattern::first_mismatch(&_buf.to_vec()[..4096], 5, 0), None);
+}
+
+#[test]
+fn the_target_process_rejects_forged_descriptors_and_keeps_serving() {
+    let served = Served::start("1M", 3);
+    let (agent, buf, _reg) = initiator("forger", 4096);
+    let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
+    let local = agent.prepare_local(&[MemRegion::host(buf.as_ptr(), 4096)]).unwrap();
+    let honest = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
+
+    let mut md =
+        AgentMetadata::decode(&kvferry::side_channel::exchange(&served.side_channel, None, soon()).unwrap()).unwrap();
+    md.name = "forged".into();
+    md.regions[0].region.len *= 4; // claims memory beyond the registration
+    agent.add_peer(&md.encode()).unwrap();
+    let beyond = agent.prepare_remote("forged", &[served.region(served.buffer_size, 4096)]).unwrap();
+    let e = agent.read(&local, &[0], &beyond, &[0], soon()).unwrap().wait().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RemoteOutOfRange, "{e}");
+
+    md.regions[0].keys[0].1[3] ^= 0x5a; // a key the target never issued
+    md.generation += 1;
+    agent.add_peer(&md.encode()).unwrap();
+    let forged = agent.prepare_remote("forged", &[served.region(0, 4096)]).unwrap();
+    let e = agent.write(&local, &[0], &forged, &[0], soon()).unwrap().wait().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RemoteUnknownKey, "{e}");
+
+    // The forged write changed nothing and honest requests are still served.
+    agent.read(&local, &[0], &honest, &[0], soon()).unwrap().wait().unwrap();
+    assert_eq!(pattern::first_mismatch(&buf.to_vec(), 3, 0), None);
+}
+
+fn bench_json(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(KVFERRY).arg("bench").args(args).args(["--json", "--min-time", "0.01"]).output().unwrap();
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+#[test]
+fn bench_initiator_checks_every_byte_against_a_serve_process() {
+    let served = Served::start("4M", 0);
+    let rows = bench_json(&[
+        "--role",
+        "initiator",
+        "--peer",
+        &served.side_channel,
+        "--block-sizes",
+        "4K,64K",
+        "--batch-sizes",
+        "1,16",
+        "--check",
+    ]);
+    assert_eq!(rows.len(), 2 * 2 * 2);
+    for r in &rows {
+        assert_eq!(r["transport"], "tcp");
+        assert!(r["gbps"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["lat_p99_us"].as_f64().unwrap() >= r["lat_p50_us"].as_f64().unwrap(), "{r}");
+        assert_eq!(r["wire_ops"], r["batch"], "bench blocks must not coalesce: {r}");
+        assert_eq!(
+            r["bytes_per_transfer"].as_u64().unwrap(),
+            r["block_size"].as_u64().unwrap() * r["batch"].as_u64().unwrap()
+        );
+    }
+}
+
+#[test]
+fn bench_loopback_default_sweeps_and_skips_what_exceeds_max_transfer() {
+    let rows =
+        bench_json(&["--block-sizes", "16K,1M", "--batch-sizes", "1,64", "--max-transfer", "16M", "--op", "read"]);
+    let combos: Vec<(u64, u64)> =
+        rows.iter().map(|r| (r["block_size"].as_u64().unwrap(), r["batch"].as_u64().unwrap())).collect();
+    assert_eq!(combos, vec![(16384, 1), (16384, 64), (1 << 20, 1)]);
+    assert!(rows.iter().all(|r| r["op"] == "read"));
+}
+
+#[test]
+fn bench_rejects_bad_flags_with_a_clear_message() {
+    for (args, needle) in [
+        (&["--block-sizes", "12Q"][..], "unknown unit"),
+        (&["--transport", "carrier-pigeon"][..], "not available in this build"),
+        (&["--role", "initiator"][..], "--peer"),
+    ] {
+        let out = Command::new(KVFERRY).arg("bench").args(args).output().unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn info_lists_host_and_tcp() {
+    let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names = |k: &str| {
+        v[k].as_array().unwrap().iter().map(|d| (d["name"].clone(), d["available"].clone())).collect::<Vec<_>>()
+    };
+    assert!(names("devices").contains(&("host".into(), true.into())));
+    assert!(names("transports").contains(&("tcp".into(), true.into())));
+}
