@@ -16,19 +16,21 @@ pub fn byte_at(seed: u64, offset: u64) -> u8 {
 
 /// Fill `buf`, which sits at `offset` in the patterned buffer.
 pub fn fill(buf: &mut [u8], seed: u64, offset: u64) {
-    let mut i = 0usize;
-    // Head up to the first word boundary, whole words, then the tail.
-    while i < buf.len() && (offset + i as u64) % 8 != 0 {
-        buf[i] = byte_at(seed, offset + i as u64);
-        i += 1;
+    let len = buf.len();
+    let head = ((offset.next_multiple_of(8) - offset) as usize).min(len);
+    let tail_start = head + (len - head) / 8 * 8;
+    let (head_bytes, rest) = buf.split_at_mut(head);
+    let (words, tail) = rest.split_at_mut(tail_start - head);
+    // Bytes up to the first word boundary, whole words, then the bytes after the last one.
+    for (i, b) in head_bytes.iter_mut().enumerate() {
+        *b = byte_at(seed, offset + i as u64);
     }
-    let words = (buf.len() - i) / 8;
-    for w in 0..words {
-        let at = offset + (i + w * 8) as u64;
-        buf[i + w * 8..i + w * 8 + 8].copy_from_slice(&word(seed, at / 8).to_le_bytes());
+    let first_word = (offset + head as u64) / 8;
+    for (w, chunk) in words.chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&word(seed, first_word + w as u64).to_le_bytes());
     }
-    for j in i + words * 8..buf.len() {
-        buf[j] = byte_at(seed, offset + j as u64);
+    for (i, b) in tail.iter_mut().enumerate() {
+        *b = byte_at(seed, offset + (tail_start + i) as u64);
     }
 }
 

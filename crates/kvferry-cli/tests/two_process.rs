@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry::metadata::AgentMetadata;
-use kvferry::{Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion, Memory};
+use kvferry::{Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion};
 use kvferry_cli::pattern;
 
 const KVFERRY: &str = env!("CARGO_BIN_EXE_kvferry");
@@ -102,14 +102,14 @@ fn blocks_move_both_ways_between_processes_byte_exact() {
 #[test]
 fn killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on() {
     let len: u64 = 1 << 30;
-    let (agent, _buf, _reg) = initiator("killer", len as usize);
-    let local = agent.prepare_local(&[_buf.region()]).unwrap();
+    let (agent, buf, _reg) = initiator("killer", len as usize);
+    let local = agent.prepare_local(&[buf.region()]).unwrap();
     let mut victim = Served::start("1G", 1);
     let peer = agent.connect_peer(&victim.side_channel, soon()).unwrap();
     let remote = agent.prepare_remote(&peer, &[victim.region(0, len)]).unwrap();
     // Warm the connections so the kill lands during the data, not the handshake.
     let small = agent.prepare_remote(&peer, &[victim.region(0, 4096)]).unwrap();
-    let small_local = agent.prepare_local(&[MemRegion::host(_buf.as_ptr(), 4096)]).unwrap();
+    let small_local = agent.prepare_local(&[MemRegion::host(buf.as_ptr(), 4096)]).unwrap();
     agent.read(&small_local, &[0], &small, &[0], soon()).unwrap().wait().unwrap();
 
     let deadline = Duration::from_secs(60);
@@ -128,7 +128,7 @@ fn killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on() {
     let peer2 = agent.connect_peer(&other.side_channel, soon()).unwrap();
     let remote2 = agent.prepare_remote(&peer2, &[other.region(0, 4096)]).unwrap();
     agent.read(&small_local, &[0], &remote2, &[0], soon()).unwrap().wait().unwrap();
-    assert_eq!(pattern::first_mismatch(&_buf.to_vec()[..4096], 5, 0), None);
+    assert_eq!(pattern::first_mismatch(&buf.to_vec()[..4096], 5, 0), None);
 }
 
 #[test]

@@ -43,7 +43,7 @@ impl SideChannelServer {
 pub(crate) fn serve(agent: Weak<AgentInner>, listen: SocketAddr) -> Result<SideChannelServer> {
     let acceptor = Acceptor::spawn(listen, "kvferry-side-channel", move |mut stream| {
         let Some(agent) = agent.upgrade() else { return };
-        if let Err(e) = serve_one(&mut stream, &*agent) {
+        if let Err(e) = serve_one(&mut stream, &agent) {
             tracing::debug!(error = %e, "side channel: request failed");
         }
     })?;

@@ -7,8 +7,7 @@ use kvferry_core::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{
-    Agent, AgentConfig, Deadline, Error, ErrorCode, MemKind, MemRegion, Memory, PreparedDescs, TransferRequest,
-    TransferStatus,
+    Agent, AgentConfig, Deadline, Error, ErrorCode, MemKind, MemRegion, PreparedDescs, TransferRequest, TransferStatus,
 };
 
 const BLOCK: usize = 4096;

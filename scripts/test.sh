@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Runs every kvferry test on a fresh Debian machine with a Rust toolchain: installs what the tests
+# need, checks formatting and lints, builds every target, runs the tests, and fails if none ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null; then
+    echo "kvferry's tests need a Rust toolchain (1.85 or newer) on PATH" >&2
+    exit 1
+fi
+
+# System packages the build and tests use.
+packages=(build-essential pkg-config)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
+fi
+
+if cargo fmt --version >/dev/null 2>&1; then
+    log "cargo fmt --check"
+    cargo fmt --all --check
+else
+    echo "skipping the format check: rustfmt is not installed"
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+    log "cargo clippy"
+    cargo clippy --workspace --all-targets -- -D warnings
+else
+    echo "skipping lints: clippy is not installed"
+fi
+
+log "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+
+log "cargo test --workspace"
+mkdir -p target
+set +e
+cargo test --workspace 2>&1 | tee target/test-output.log
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -ne 0 ]; then
+    echo "tests failed (exit $status)" >&2
+    exit "$status"
+fi
+
+# A run that executed no tests, or skipped the process tests, must not pass as green.
+passed=$(awk '/^test result: ok\./ { n += $4 } END { print n + 0 }' target/test-output.log)
+for must in killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on \
+            blocks_move_both_ways_between_processes_byte_exact \
+            regions_match_reference; do
+    grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }
+done
+if [ "$passed" -lt 50 ]; then
+    echo "sentinel: only $passed tests passed; expected at least 50" >&2
+    exit 1
+fi
+echo "$passed passed, 0 failed"
