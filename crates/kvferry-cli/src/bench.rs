@@ -35,7 +35,8 @@ pub enum Role {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Transport to measure (`kvferry info` lists those in this build).
+    /// Transport to measure (`kvferry info` lists those in this build), or `memcpy` for the
+    /// machine's single-thread copy limit measured the same way.
     #[arg(long, default_value = "tcp")]
     pub transport: String,
     #[arg(long, value_enum, default_value = "both")]
@@ -102,20 +103,35 @@ pub struct Row {
     pub wire_ops: usize,
 }
 
+/// What moves the bytes: an agent talking to a peer, or plain `memcpy` in this process (the
+/// machine's limit, measured the same way).
+enum Mover {
+    Agent {
+        agent: Agent,
+        peer: String,
+        _registrations: Vec<kvferry::Registration>,
+        /// The in-process target, in loopback mode.
+        _target: Option<Target>,
+    },
+    Memcpy {
+        _remote: Arc<HostBuffer>,
+    },
+}
+
 struct Setup {
-    agent: Agent,
-    peer: String,
+    mover: Mover,
     remote: MemRegion,
     local: Arc<HostBuffer>,
     scratch: Option<Arc<HostBuffer>>,
-    _registrations: Vec<kvferry::Registration>,
-    /// The in-process target, in loopback mode.
-    _target: Option<Target>,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.transport != "tcp" {
-        bail!("transport `{}` is not available in this build (`kvferry info` lists the transports)", args.transport);
+    if !["tcp", "memcpy"].contains(&args.transport.as_str()) {
+        bail!(
+            "transport `{}` is not available in this build (`kvferry info` lists the transports; `memcpy` gives the \
+             machine's copy limit)",
+            args.transport
+        );
     }
     let plan = plan(args);
     let needed = plan.iter().map(|&(_, block, batch)| block * batch as u64).max().unwrap_or(0);
@@ -185,7 +201,12 @@ fn plan(args: &BenchArgs) -> Vec<(Op, u64, usize)> {
 }
 
 fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
-    let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
+    let local = serve::alloc_buffer(needed)?;
+    let scratch = args.check.then(|| serve::alloc_buffer(needed)).transpose()?;
+    if args.transport == "memcpy" {
+        let remote = serve::alloc_buffer(needed)?;
+        return Ok(Setup { remote: remote.region(), mover: Mover::Memcpy { _remote: remote }, local, scratch });
+    }
     let (target, peer_addr) = match args.role {
         Role::Loopback => {
             let target = Target::start(&ServeArgs {
@@ -202,8 +223,8 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
         }
         _ => (None, args.peer.clone().context("--role initiator needs --peer host:port")?),
     };
-    let name = format!("kvferry-bench-{}", std::process::id());
-    let agent = Agent::new(AgentConfig { name, tcp: Some(tcp) })?;
+    let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
+    let agent = Agent::new(AgentConfig { name: format!("kvferry-bench-{}", std::process::id()), tcp: Some(tcp) })?;
     let peer = agent
         .connect_peer(&peer_addr, Deadline::after(Duration::from_secs(10)))
         .with_context(|| format!("connecting to {peer_addr}"))?;
@@ -218,81 +239,90 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
     if remote.len < needed {
         bail!("the peer's buffer holds {} bytes; this sweep needs {needed}", remote.len);
     }
-    let local = serve::alloc_buffer(needed)?;
-    let mut registrations = vec![agent.register(local.clone())?];
-    let scratch = match args.check {
-        true => {
-            let s = serve::alloc_buffer(needed)?;
-            registrations.push(agent.register(s.clone())?);
-            Some(s)
-        }
-        false => None,
-    };
-    Ok(Setup { agent, peer, remote, local, scratch, _registrations: registrations, _target: target })
-}
-
-/// Block `i` of the local buffer pairs with block `batch - 1 - i` of the remote one, so that no two
-/// pairs coalesce and the batch really moves `batch` separate blocks.
-fn descriptors(
-    setup: &Setup,
-    buf: &HostBuffer,
-    block: u64,
-    batch: usize,
-) -> anyhow::Result<(PreparedDescs, PreparedDescs)> {
-    let base = buf.as_ptr() as u64;
-    let local: Vec<MemRegion> =
-        (0..batch as u64).map(|i| MemRegion::host((base + i * block) as *const u8, block as usize)).collect();
-    let remote: Vec<MemRegion> = (0..batch as u64)
-        .map(|i| MemRegion {
-            addr: setup.remote.addr + (batch as u64 - 1 - i) * block,
-            len: block,
-            kind: MemKind::Host,
-        })
-        .collect();
-    Ok((setup.agent.prepare_local(&local)?, setup.agent.prepare_remote(&setup.peer, &remote)?))
-}
-
-fn transfer(
-    args: &BenchArgs,
-    setup: &Setup,
-    op: Op,
-    local: &PreparedDescs,
-    remote: &PreparedDescs,
-    indices: &[usize],
-) -> anyhow::Result<kvferry::Transfer> {
-    let deadline = Deadline::after(Duration::from_secs_f64(args.deadline));
-    let xfer = setup.agent.post(TransferRequest {
-        op,
-        local,
-        local_indices: indices,
+    let registrations =
+        std::iter::once(&local).chain(&scratch).map(|b| agent.register(b.clone())).collect::<Result<Vec<_>, _>>()?;
+    Ok(Setup {
+        mover: Mover::Agent { agent, peer, _registrations: registrations, _target: target },
         remote,
-        remote_indices: indices,
-        notification: None,
-        deadline,
-    })?;
-    xfer.wait()?;
-    Ok(xfer)
+        local,
+        scratch,
+    })
+}
+
+/// The block pairs of one row. Block `i` of the local buffer pairs with block `batch - 1 - i` of
+/// the remote one, so that no two pairs coalesce and a batch really moves `batch` separate blocks.
+enum Pairs {
+    Agent { local: PreparedDescs, remote: PreparedDescs, indices: Vec<usize> },
+    Memcpy { local: u64, remote: u64, block: u64, batch: u64 },
+}
+
+impl Pairs {
+    fn new(setup: &Setup, buf: &HostBuffer, block: u64, batch: usize) -> anyhow::Result<Pairs> {
+        let (local_base, remote_base) = (buf.as_ptr() as u64, setup.remote.addr);
+        let Mover::Agent { agent, peer, .. } = &setup.mover else {
+            return Ok(Pairs::Memcpy { local: local_base, remote: remote_base, block, batch: batch as u64 });
+        };
+        let n = batch as u64;
+        let local: Vec<MemRegion> =
+            (0..n).map(|i| MemRegion { addr: local_base + i * block, len: block, kind: MemKind::Host }).collect();
+        let remote: Vec<MemRegion> = (0..n)
+            .map(|i| MemRegion { addr: remote_base + (n - 1 - i) * block, len: block, kind: MemKind::Host })
+            .collect();
+        Ok(Pairs::Agent {
+            local: agent.prepare_local(&local)?,
+            remote: agent.prepare_remote(peer, &remote)?,
+            indices: (0..batch).collect(),
+        })
+    }
+
+    /// Move the row's blocks once; returns the time spent posting and the ops on the wire.
+    fn transfer(&self, args: &BenchArgs, setup: &Setup, op: Op) -> anyhow::Result<(Duration, usize)> {
+        match self {
+            Pairs::Agent { local, remote, indices } => {
+                let Mover::Agent { agent, .. } = &setup.mover else { unreachable!("agent pairs come from an agent") };
+                let xfer = agent.post(TransferRequest {
+                    op,
+                    local,
+                    local_indices: indices,
+                    remote,
+                    remote_indices: indices,
+                    notification: None,
+                    deadline: Deadline::after(Duration::from_secs_f64(args.deadline)),
+                })?;
+                xfer.wait()?;
+                Ok((xfer.post_time(), xfer.ops()))
+            }
+            &Pairs::Memcpy { local, remote, block, batch } => {
+                for i in 0..batch {
+                    let (l, r) = (local + i * block, remote + (batch - 1 - i) * block);
+                    let (src, dst) = if op == Op::Read { (r, l) } else { (l, r) };
+                    // Both buffers are this process's own, sized for the sweep.
+                    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, block as usize) };
+                }
+                Ok((Duration::ZERO, batch as usize))
+            }
+        }
+    }
 }
 
 fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, row: u64) -> anyhow::Result<Row> {
-    let (local, remote) = descriptors(setup, &setup.local, block, batch)?;
-    let indices: Vec<usize> = (0..batch).collect();
+    let pairs = Pairs::new(setup, &setup.local, block, batch)?;
     let bytes = block * batch as u64;
     let seed = 0x6b76_6665_7272_7900 + row;
-    let check = setup.scratch.as_ref().map(|s| descriptors(setup, s, block, batch).map(|d| (s, d))).transpose()?;
-    if let Some((scratch, (scratch_local, _))) = &check {
+    let check = setup.scratch.as_ref().map(|s| Pairs::new(setup, s, block, batch).map(|p| (s, p))).transpose()?;
+    if let Some((scratch, scratch_pairs)) = &check {
         // Untimed set-up of known data: for a read, the remote blocks hold the pattern (written
         // there from the scratch buffer); for a write, the local blocks do.
         let seeded = if op == Op::Read { scratch } else { &setup.local };
         // No transfer is in flight on these buffers while the bench fills them.
         pattern::fill(unsafe { &mut seeded.as_mut_slice()[..bytes as usize] }, seed, 0);
         if op == Op::Read {
-            transfer(args, setup, Op::Write, scratch_local, &remote, &indices)?;
+            scratch_pairs.transfer(args, setup, Op::Write)?;
             unsafe { setup.local.as_mut_slice()[..bytes as usize].fill(0) };
         }
     }
 
-    transfer(args, setup, op, &local, &remote, &indices)?; // warm-up: connections, caches
+    pairs.transfer(args, setup, op)?; // warm-up: connections, caches
     let mut latencies = Vec::new();
     let mut post_total = Duration::ZERO;
     let mut wire_ops = 0;
@@ -301,18 +331,18 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
         && (latencies.len() < args.min_iters || started.elapsed().as_secs_f64() < args.min_time)
     {
         let t0 = Instant::now();
-        let xfer = transfer(args, setup, op, &local, &remote, &indices)?;
+        let (post, ops) = pairs.transfer(args, setup, op)?;
         latencies.push(t0.elapsed());
-        post_total += xfer.post_time();
-        wire_ops = xfer.ops();
+        post_total += post;
+        wire_ops = ops;
     }
     let total = started.elapsed();
 
-    if let Some((scratch, (scratch_local, _))) = &check {
+    if let Some((scratch, scratch_pairs)) = &check {
         let (verified, what) = match op {
             Op::Read => (&setup.local, "read"),
             _ => {
-                transfer(args, setup, Op::Read, scratch_local, &remote, &indices)?;
+                scratch_pairs.transfer(args, setup, Op::Read)?;
                 (*scratch, "written")
             }
         };
@@ -345,14 +375,14 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
 
 fn table_header(args: &BenchArgs, op: Op) -> String {
     let mode = match args.role {
-        Role::Loopback => "in-process loopback".to_string(),
-        _ => format!("peer {}", args.peer.as_deref().unwrap_or("?")),
+        _ if args.transport == "memcpy" => "single-thread copy in this process".to_string(),
+        Role::Loopback => format!("{} stream(s), in-process loopback", args.streams),
+        _ => format!("{} stream(s), peer {}", args.streams, args.peer.as_deref().unwrap_or("?")),
     };
     format!(
-        "\n{} {}, {} stream(s), {mode}\n{:>14} {:>10} {:>14} {:>14} {:>14} {:>14} {:>8}\n{}",
+        "\n{} {}, {mode}\n{:>14} {:>10} {:>14} {:>14} {:>14} {:>14} {:>8}\n{}",
         args.transport.to_uppercase(),
         op.to_string().to_uppercase(),
-        args.streams,
         "Block Size (B)",
         "Batch Size",
         "B/W (GB/Sec)",
