@@ -123,8 +123,14 @@ impl PeerLink for TcpLink {
                 _keep_alive: batch.keep_alive.clone(),
             };
             let stream = &self.streams[(first + i) % self.streams.len()];
-            // A worker only exits when the link is dropped, which cannot happen while `self` lives.
-            stream.lock().unwrap().send(frame).expect("tcp stream worker is alive while its link is");
+            // Workers exit only when the link is dropped; should one have died anyway, its part
+            // fails rather than leaving the batch unsettled.
+            if let Err(mpsc::SendError(frame)) = stream.lock().unwrap().send(frame) {
+                let cause = "the stream's worker thread has exited".to_string();
+                let e = TransferError::PeerDisconnected { peer: self.info.peer.clone(), op: batch.op, cause };
+                // A failed part settles the batch as failed if it was the last; nothing else to do.
+                let _ = frame.completion.part_done(Err(e));
+            }
         }
         Ok(())
     }
@@ -231,8 +237,7 @@ fn connect(info: &LinkInfo, timeout: Duration) -> Result<TcpStream, String> {
 fn handshake(info: &LinkInfo, stream: &mut TcpStream, timeout: Duration) -> Result<(), String> {
     let io = |e: io::Error| format!("handshake failed: {e}");
     stream.set_nodelay(true).map_err(io)?;
-    let sock = socket2::SockRef::from(&*stream);
-    sock.set_keepalive(true).map_err(io)?;
+    super::set_keepalive(stream).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.write_all(&wire::encode_hello(&info.local_name)).map_err(io)?;
     let mut ack = [0u8; wire::HELLO_ACK_LEN];

@@ -140,6 +140,7 @@ fn accept_hello(stream: &mut TcpStream) -> io::Result<String> {
 
 fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    super::set_keepalive(&stream)?;
     let from = accept_hello(&mut stream)?;
     let mut desc_buf: Vec<u8> = Vec::new();
     let mut descs: Vec<WireDesc> = Vec::new();
