@@ -280,15 +280,8 @@ impl Pairs {
         match self {
             Pairs::Agent { local, remote, indices } => {
                 let Mover::Agent { agent, .. } = &setup.mover else { unreachable!("agent pairs come from an agent") };
-                let xfer = agent.post(TransferRequest {
-                    op,
-                    local,
-                    local_indices: indices,
-                    remote,
-                    remote_indices: indices,
-                    notification: None,
-                    deadline: Deadline::after(Duration::from_secs_f64(args.deadline)),
-                })?;
+                let deadline = Deadline::after(Duration::from_secs_f64(args.deadline));
+                let xfer = agent.post(TransferRequest::new(op, (local, indices), (remote, indices), deadline))?;
                 xfer.wait()?;
                 Ok((xfer.post_time(), xfer.ops()))
             }

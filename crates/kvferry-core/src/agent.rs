@@ -203,6 +203,18 @@ pub struct TransferRequest<'a> {
     pub deadline: Deadline,
 }
 
+impl<'a> TransferRequest<'a> {
+    /// A request without a notification; set `notification` on the result to add one.
+    pub fn new(
+        op: Op,
+        (local, local_indices): (&'a PreparedDescs, &'a [usize]),
+        (remote, remote_indices): (&'a PreparedDescs, &'a [usize]),
+        deadline: Deadline,
+    ) -> Self {
+        TransferRequest { op, local, local_indices, remote, remote_indices, notification: None, deadline }
+    }
+}
+
 /// A posted transfer.
 pub struct Transfer {
     completion: Arc<Completion>,
@@ -392,15 +404,7 @@ impl Agent {
         remote_indices: &[usize],
         deadline: Deadline,
     ) -> Result<Transfer> {
-        self.post(TransferRequest {
-            op: Op::Read,
-            local,
-            local_indices,
-            remote,
-            remote_indices,
-            notification: None,
-            deadline,
-        })
+        self.post(TransferRequest::new(Op::Read, (local, local_indices), (remote, remote_indices), deadline))
     }
 
     /// Write `local[local_indices[i]]` into `remote[remote_indices[i]]`.
@@ -412,15 +416,7 @@ impl Agent {
         remote_indices: &[usize],
         deadline: Deadline,
     ) -> Result<Transfer> {
-        self.post(TransferRequest {
-            op: Op::Write,
-            local,
-            local_indices,
-            remote,
-            remote_indices,
-            notification: None,
-            deadline,
-        })
+        self.post(TransferRequest::new(Op::Write, (local, local_indices), (remote, remote_indices), deadline))
     }
 
     /// Send a notification alone.

@@ -90,14 +90,7 @@ impl AgentMetadata {
                 body.extend_from_slice(key);
             }
         }
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        out.extend_from_slice(&body);
-        out
+        seal(&body)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<AgentMetadata, MetadataError> {
@@ -175,6 +168,18 @@ impl AgentMetadata {
         }
         Ok(AgentMetadata { name, generation, endpoints, regions })
     }
+}
+
+/// Header (magic, version, flags, length, checksum) + body.
+fn seal(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -296,13 +301,6 @@ mod tests {
         body.extend_from_slice(&1u64.to_le_bytes());
         body.extend_from_slice(&0u16.to_le_bytes());
         body.extend_from_slice(&u32::MAX.to_le_bytes());
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&MAGIC);
-        bytes.extend_from_slice(&VERSION.to_le_bytes());
-        bytes.extend_from_slice(&0u16.to_le_bytes());
-        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        assert!(matches!(AgentMetadata::decode(&bytes), Err(MetadataError::Malformed(_))));
+        assert!(matches!(AgentMetadata::decode(&seal(&body)), Err(MetadataError::Malformed(_))));
     }
 }

@@ -267,16 +267,20 @@ fn an_unreachable_peer_fails_fast_and_other_peers_still_work() {
     p.initiator.read(&p.local, &[0], &p.remote, &[0], soon()).unwrap().wait().unwrap();
 }
 
-#[test]
-fn a_peer_that_never_answers_fails_at_the_deadline() {
-    // A listener that accepts (the kernel does) but never speaks.
+/// A peer whose endpoint is a listener that accepts (the kernel does) but never speaks.
+fn silent_peer(p: &Pair) -> (std::net::TcpListener, PreparedDescs) {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let p = pair();
     let mut md = AgentMetadata::decode(&p.target.metadata()).unwrap();
     md.name = "silent".into();
     md.endpoints[0].address = silent.local_addr().unwrap().to_string();
     p.initiator.add_peer(&md.encode()).unwrap();
-    let remote = p.initiator.prepare_remote("silent", &blocks(&p.remote_buf)).unwrap();
+    (silent, p.initiator.prepare_remote("silent", &blocks(&p.remote_buf)).unwrap())
+}
+
+#[test]
+fn a_peer_that_never_answers_fails_at_the_deadline() {
+    let p = pair();
+    let (_silent, remote) = silent_peer(&p);
     let started = Instant::now();
     let xfer = p.initiator.read(&p.local, &[0], &remote, &[0], Deadline::after(Duration::from_millis(300))).unwrap();
     let e = xfer.wait().unwrap_err();
@@ -288,13 +292,8 @@ fn a_peer_that_never_answers_fails_at_the_deadline() {
 
 #[test]
 fn cancel_stops_a_transfer_that_cannot_progress() {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let p = pair();
-    let mut md = AgentMetadata::decode(&p.target.metadata()).unwrap();
-    md.name = "silent".into();
-    md.endpoints[0].address = silent.local_addr().unwrap().to_string();
-    p.initiator.add_peer(&md.encode()).unwrap();
-    let remote = p.initiator.prepare_remote("silent", &blocks(&p.remote_buf)).unwrap();
+    let (_silent, remote) = silent_peer(&p);
     let xfer = p.initiator.read(&p.local, &[0], &remote, &[0], Deadline::after(Duration::from_millis(500))).unwrap();
     xfer.cancel();
     assert!(matches!(xfer.poll(), TransferStatus::Failed(_)));
