@@ -82,22 +82,23 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let target = Target::start(args)?;
     let endpoints: Vec<String> =
         target.agent.endpoints().iter().map(|e| format!("{}://{}", e.kind, e.address)).collect();
+    // What a peer dials: a wildcard listen address is reached through the advertised host.
+    let dial = match (&args.advertise, target.side_channel.ip().is_unspecified()) {
+        (Some(host), true) => format!("{host}:{}", target.side_channel.port()),
+        _ => target.side_channel.to_string(),
+    };
     // One machine-readable line first: scripts and tests wait for it.
     println!(
         "{}",
         serde_json::json!({
-            "side_channel": target.side_channel.to_string(),
+            "side_channel": dial,
             "agent": target.agent.name(),
             "endpoints": endpoints,
             "buffer_addr": format!("{:#x}", target.buffer.as_ptr() as u64),
             "buffer_size": target.buffer.len(),
         })
     );
-    eprintln!(
-        "kvferry serve: {} bytes registered; peers connect with --peer {}",
-        target.buffer.len(),
-        target.side_channel
-    );
+    eprintln!("kvferry serve: {} bytes registered; peers connect with --peer {dial}", target.buffer.len());
     let until = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
     loop {
         let step = Deadline::after(Duration::from_millis(500));

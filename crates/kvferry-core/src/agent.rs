@@ -32,7 +32,9 @@ pub use crate::transport::{Notification, TransferStatus};
 pub enum DescError {
     #[error("descriptor {index} ({addr:#x}+{len}) is not inside any local registration")]
     NotRegistered { index: usize, addr: u64, len: u64 },
-    #[error("descriptor {index} ({addr:#x}+{len}) is not inside any region peer {peer} registered")]
+    #[error(
+        "descriptor {index} ({addr:#x}+{len}) is not inside any region peer {peer} registered for a shared transport"
+    )]
     RemoteRegionUnknown { peer: String, index: usize, addr: u64, len: u64 },
     #[error("descriptor {index} has length zero")]
     ZeroLength { index: usize },
@@ -91,6 +93,8 @@ struct LocalReg {
 
 struct Peer {
     meta: AgentMetadata,
+    /// The transport this agent uses to reach the peer.
+    transport: TransportKind,
     link: Arc<dyn PeerLink>,
 }
 
@@ -377,7 +381,10 @@ impl Agent {
         let mut last_slot = 0usize;
         for (index, d) in descs.iter().enumerate() {
             check_range(index, d)?;
-            let holds = |r: &RegionInfo| r.region.kind == d.kind && r.region.contains(d.addr, d.len);
+            // The region must also be open to the transport that reaches this peer.
+            let holds = |r: &RegionInfo| {
+                r.region.kind == d.kind && r.region.contains(d.addr, d.len) && r.key(peer_entry.transport).is_some()
+            };
             // Consecutive descriptors usually fall in the same region: try it first.
             let slot = match regions.get(last_slot) {
                 Some(r) if holds(r) => last_slot,
@@ -638,7 +645,8 @@ impl AgentInner {
             .collect();
         let link = transport.link(&meta.name, endpoint, regions)?;
         let name = meta.name.clone();
-        self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, link }));
+        let transport = transport.kind();
+        self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, transport, link }));
         Ok(name)
     }
 }
