@@ -303,4 +303,25 @@ mod tests {
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(AgentMetadata::decode(&seal(&body)), Err(MetadataError::Malformed(_))));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = AgentMetadata::decode(&bytes);
+        }
+
+        /// Damage behind a valid header and checksum (a buggy or hostile peer) is an error, not a
+        /// panic or a huge allocation.
+        #[test]
+        fn resealed_damaged_bodies_never_panic(at in 0usize..200, byte in proptest::num::u8::ANY, cut in 0usize..200) {
+            let encoded = sample().encode();
+            let mut body = encoded[HEADER_LEN..].to_vec();
+            let at = at % body.len();
+            body[at] = byte;
+            body.truncate(body.len() - cut % body.len());
+            if let Ok(md) = AgentMetadata::decode(&seal(&body)) {
+                proptest::prop_assert_eq!(AgentMetadata::decode(&md.encode()).unwrap(), md);
+            }
+        }
+    }
 }

@@ -317,3 +317,47 @@ fn peers_find_each_other_through_the_side_channel() {
     let e = initiator.connect_peer("127.0.0.1:1", soon()).unwrap_err();
     assert_eq!(e.code(), ErrorCode::PeerUnreachable);
 }
+
+#[test]
+fn concurrent_transfers_from_many_threads_stay_byte_exact() {
+    let p = pair();
+    let (local, remote) = (&p.local, &p.remote);
+    std::thread::scope(|scope| {
+        for t in 0..4usize {
+            let initiator = p.initiator.clone();
+            scope.spawn(move || {
+                // Each thread owns 8 local blocks; remote blocks are shared read-only sources.
+                for round in 0..25usize {
+                    let mine: Vec<usize> = (t * 8..t * 8 + 8).collect();
+                    let theirs: Vec<usize> = (0..8).map(|i| (i * 5 + round + t) % BLOCKS).collect();
+                    initiator.read(local, &mine, remote, &theirs, soon()).unwrap().wait().unwrap();
+                }
+            });
+        }
+    });
+    // The last round of each thread decides what its blocks hold.
+    for t in 0..4usize {
+        for i in 0..8usize {
+            assert_eq!(block_of(&p.local_buf, t * 8 + i), block_of(&p.remote_buf, (i * 5 + 24 + t) % BLOCKS));
+        }
+    }
+}
+
+#[test]
+fn the_side_channel_survives_garbage_and_keeps_answering() {
+    use std::io::{Read, Write};
+    let target = agent("sc-garbage");
+    let addr = target.serve_side_channel("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(!reply.is_empty(), "a bad request gets an answer saying so");
+    let md = kvferry_core::side_channel::exchange(&addr.to_string(), None, soon()).unwrap();
+    assert_eq!(AgentMetadata::decode(&md).unwrap().name, "sc-garbage");
+    // An exchange carrying corrupt metadata is refused with the reason.
+    let e = kvferry_core::side_channel::exchange(&addr.to_string(), Some(b"KVFMxx"), soon()).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Protocol);
+    assert!(e.to_string().contains("truncated"), "{e}");
+    assert!(target.peers().is_empty());
+}

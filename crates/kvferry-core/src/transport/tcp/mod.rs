@@ -33,6 +33,8 @@ pub struct TcpConfig {
     pub connect_timeout: Duration,
     /// Batches are cut into frames of at least this many bytes; smaller batches use one stream.
     pub min_frame_bytes: u64,
+    /// How long a request this agent serves may stall part-way before its connection is dropped.
+    pub request_timeout: Duration,
 }
 
 impl Default for TcpConfig {
@@ -43,6 +45,7 @@ impl Default for TcpConfig {
             streams: 2,
             connect_timeout: Duration::from_secs(5),
             min_frame_bytes: 512 * 1024,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -58,7 +61,7 @@ pub struct TcpTransport {
 
 impl TcpTransport {
     pub fn start(local_name: &str, config: TcpConfig, notifications: Arc<NotificationQueue>) -> Result<TcpTransport> {
-        let shared = Arc::new(TargetShared::new(notifications));
+        let shared = Arc::new(TargetShared::new(notifications, config.request_timeout));
         let serve_shared = shared.clone();
         let acceptor =
             Acceptor::spawn(config.listen, "kvferry-tcp", move |stream| target::serve(stream, &serve_shared))?;

@@ -76,15 +76,19 @@ impl KeyTable {
 pub(super) struct TargetShared {
     pub keys: KeyTable,
     pub notifications: Arc<NotificationQueue>,
+    /// Longest a request may stall mid-way before its connection is closed (which releases the
+    /// regions it holds, so deregistration never waits on a stopped initiator for longer).
+    request_timeout: Duration,
     connections: Mutex<HashMap<u64, TcpStream>>,
     next_connection: AtomicU64,
 }
 
 impl TargetShared {
-    pub fn new(notifications: Arc<NotificationQueue>) -> Self {
+    pub fn new(notifications: Arc<NotificationQueue>, request_timeout: Duration) -> Self {
         TargetShared {
             keys: KeyTable::default(),
             notifications,
+            request_timeout,
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(0),
         }
@@ -141,16 +145,13 @@ fn accept_hello(stream: &mut TcpStream) -> io::Result<String> {
 fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<()> {
     stream.set_nodelay(true)?;
     super::set_keepalive(&stream)?;
+    stream.set_read_timeout(Some(shared.request_timeout))?;
+    stream.set_write_timeout(Some(shared.request_timeout))?;
     let from = accept_hello(&mut stream)?;
     let mut desc_buf: Vec<u8> = Vec::new();
     let mut descs: Vec<WireDesc> = Vec::new();
     loop {
-        let header = match Header::read_from(&mut stream) {
-            Ok(h) => h,
-            // The initiator closed between requests: the normal way a connection ends.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        };
+        let Some(header) = next_header(&mut stream)? else { return Ok(()) };
         let kind =
             FrameKind::from_wire(header.tag).ok_or_else(|| invalid(format!("unknown request kind {}", header.tag)))?;
         let count = header.count as usize;
@@ -178,6 +179,26 @@ fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<
             }
         }
     }
+}
+
+/// Wait for the next request: idle time between requests is unlimited (the socket timeout only
+/// bounds a request once its first byte has arrived). `None` when the initiator closed.
+fn next_header(stream: &mut TcpStream) -> io::Result<Option<Header>> {
+    let mut b = [0u8; wire::HEADER_LEN];
+    loop {
+        match stream.read(&mut b[..1]) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    stream.read_exact(&mut b[1..])?;
+    Ok(Some(Header::decode(&b)))
 }
 
 fn respond(

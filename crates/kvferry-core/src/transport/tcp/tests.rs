@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::wire::{self, FrameKind, Header, WireDesc};
 use super::{TcpConfig, TcpTransport};
@@ -18,8 +19,12 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(TcpConfig::default())
+}
+
+fn fixture_with(config: TcpConfig) -> Fixture {
     let notifications = Arc::new(NotificationQueue::default());
-    let transport = TcpTransport::start("target", TcpConfig::default(), notifications.clone()).unwrap();
+    let transport = TcpTransport::start("target", config, notifications.clone()).unwrap();
     let buffer =
         Arc::new(HostBuffer::alloc(64 * 1024, &HostAllocOptions { pin: false, ..Default::default() }).unwrap());
     for i in 0..buffer.len() {
@@ -161,4 +166,26 @@ fn notifications_carry_the_sender_name() {
     let got = f.notifications.take();
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].from.as_str(), got[0].data.as_slice()), ("raw-client", &b"req-42 done"[..]));
+}
+
+#[test]
+fn a_request_stalled_midway_is_dropped_and_deregistration_does_not_wait_for_it() {
+    let f = fixture_with(TcpConfig { request_timeout: Duration::from_millis(200), ..TcpConfig::default() });
+    let mut idle = client(&f);
+    let mut stalled = client(&f);
+    let d = WireDesc { key: f.key, addr: base(&f), len: 4096 };
+    let mut frame = Header { tag: FrameKind::Write as u8, count: 1, payload_len: 4096 }.encode().to_vec();
+    d.encode_into(&mut frame);
+    frame.extend_from_slice(&[1u8; 100]); // and then nothing more
+    stalled.write_all(&frame).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    f.transport.deregister(&f.key.to_le_bytes());
+    assert!(started.elapsed() < Duration::from_secs(5), "deregistration waited {:?}", started.elapsed());
+    let mut rest = Vec::new();
+    assert_eq!(stalled.read_to_end(&mut rest).unwrap_or(0), 0, "the stalled connection was closed");
+    // An idle connection is not a stalled request: it still works after the timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    let h = request(&mut idle, FrameKind::Notify, &[], b"still here");
+    assert_eq!(h.tag, 0);
 }
