@@ -41,6 +41,9 @@ fi
 log "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
 
+log "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace -q
+
 log "cargo test --workspace"
 mkdir -p target
 set +e

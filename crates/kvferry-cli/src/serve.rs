@@ -32,7 +32,7 @@ pub struct ServeArgs {
     /// Exit after this many seconds (default: run until killed).
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Agent name (default: kvferry-serve-<pid>).
+    /// Agent name (default: kvferry-serve-PID).
     #[arg(long)]
     pub name: Option<String>,
 }

@@ -564,7 +564,12 @@ fn check_notification(data: &[u8]) -> Result<()> {
 
 impl AgentInner {
     fn register(&self, agent: &Agent, region: MemRegion, owner: Option<Arc<dyn Memory>>) -> Result<Registration> {
-        check_range(0, &region)?;
+        if region.len == 0 || region.end().is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "cannot register {:#x}+{}: empty or past the end of the address space",
+                region.addr, region.len
+            )));
+        }
         let keep_alive: Arc<dyn Any + Send + Sync> = Arc::new(owner.clone());
         let mut keys = Vec::new();
         for t in self.transports.iter().filter(|t| t.supports(region.kind)) {
