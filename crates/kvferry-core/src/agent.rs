@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorCode, Result};
@@ -428,14 +428,16 @@ impl Agent {
 
     /// Send a notification alone.
     pub fn notify(&self, peer: &str, data: &[u8], deadline: Deadline) -> Result<Transfer> {
+        let started = Instant::now();
         let peer_entry = self.inner.peer(peer)?;
         check_notification(data)?;
         let completion = Arc::new(Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline));
-        self.submit(&peer_entry, Op::Notify, Vec::new(), completion, Arc::new(()))
+        self.submit(&peer_entry, started, Vec::new(), completion, Arc::new(()))
     }
 
     /// Post a transfer. Never blocks on the network: completion comes through the handle.
     pub fn post(&self, req: TransferRequest<'_>) -> Result<Transfer> {
+        let started = Instant::now();
         if req.op == Op::Notify {
             return Err(Error::InvalidArgument("use Agent::notify for a notification without data".into()));
         }
@@ -504,20 +506,20 @@ impl Agent {
         let held: Vec<Arc<LocalReg>> = held.into_iter().flatten().collect();
         let notification = req.notification.map(<[u8]>::to_vec);
         let completion = Arc::new(Completion::new(peer, req.op, bytes, notification, req.deadline));
-        self.submit(&peer_entry, req.op, ops, completion, Arc::new(held))
+        self.submit(&peer_entry, started, ops, completion, Arc::new(held))
     }
 
+    /// Hand the batch to the peer's link; `started` is when the caller entered `post`.
     fn submit(
         &self,
         peer: &Peer,
-        op: Op,
+        started: Instant,
         ops: Vec<XferOp>,
         completion: Arc<Completion>,
         keep_alive: Arc<dyn Any + Send + Sync>,
     ) -> Result<Transfer> {
-        let started = std::time::Instant::now();
         let n_ops = ops.len();
-        peer.link.post(Batch { op, ops, notification: None, completion: completion.clone(), keep_alive })?;
+        peer.link.post(Batch { ops, completion: completion.clone(), keep_alive })?;
         Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed() })
     }
 

@@ -174,11 +174,10 @@ pub struct XferOp {
     pub len: u64,
 }
 
-/// A batch handed to a [`PeerLink`].
+/// A batch handed to a [`PeerLink`]. Its op and notification travel in `completion`, where the
+/// part that finishes last finds them.
 pub struct Batch {
-    pub op: Op,
     pub ops: Vec<XferOp>,
-    pub notification: Option<Vec<u8>>,
     pub completion: Arc<Completion>,
     /// Keeps the local memory of the ops alive until the last part of the batch has finished.
     pub keep_alive: Arc<dyn Any + Send + Sync>,

@@ -5,9 +5,9 @@
 use std::any::Any;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ struct LinkInfo {
 pub(super) struct TcpLink {
     info: Arc<LinkInfo>,
     keys: Vec<Option<u128>>,
-    streams: Vec<Mutex<mpsc::Sender<Frame>>>,
+    streams: Vec<mpsc::Sender<Frame>>,
     next_stream: AtomicUsize,
     min_frame_bytes: u64,
 }
@@ -63,7 +63,7 @@ impl TcpLink {
                 .name(format!("kvferry-tcp-{peer}-{i}"))
                 .spawn(move || run_stream(&info, rx))
                 .map_err(|e| Error::io("spawning a tcp stream worker", e))?;
-            streams.push(Mutex::new(tx));
+            streams.push(tx);
         }
         Ok(TcpLink { info, keys, streams, next_stream: AtomicUsize::new(0), min_frame_bytes: config.min_frame_bytes })
     }
@@ -107,7 +107,8 @@ impl TcpLink {
 
 impl PeerLink for TcpLink {
     fn post(&self, batch: Batch) -> Result<()> {
-        let kind = match batch.op {
+        let op = batch.completion.op();
+        let kind = match op {
             Op::Read => FrameKind::Read,
             Op::Write | Op::Notify => FrameKind::Write,
         };
@@ -125,9 +126,9 @@ impl PeerLink for TcpLink {
             let stream = &self.streams[(first + i) % self.streams.len()];
             // Workers exit only when the link is dropped; should one have died anyway, its part
             // fails rather than leaving the batch unsettled.
-            if let Err(mpsc::SendError(frame)) = stream.lock().unwrap().send(frame) {
+            if let Err(mpsc::SendError(frame)) = stream.send(frame) {
                 let cause = "the stream's worker thread has exited".to_string();
-                let e = TransferError::PeerDisconnected { peer: self.info.peer.clone(), op: batch.op, cause };
+                let e = TransferError::PeerDisconnected { peer: self.info.peer.clone(), op, cause };
                 // A failed part settles the batch as failed if it was the last; nothing else to do.
                 let _ = frame.completion.part_done(Err(e));
             }
