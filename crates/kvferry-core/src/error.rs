@@ -66,6 +66,9 @@ pub enum ErrorCode {
     PinFailed = 102,
     InvalidCopy = 103,
     NoDevice = 104,
+    NoDriver = 105,
+    DeviceCallFailed = 106,
+    InvalidIpcHandle = 107,
 
     LayoutInvalid = 200,
     BlockOutOfRange = 201,

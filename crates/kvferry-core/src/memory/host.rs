@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::{
-    CopyFence, CopyOp, Device, FenceSignal, IpcHandle, MemKind, MemRegion, Memory, MemoryError, PinGuard,
+    CopyFence, CopyOp, Device, FenceSignal, IpcHandle, MemKind, MemRegion, Memory, MemoryError, Piece, PinGuard,
+    coalesce_copies,
 };
 
 /// Batches smaller than this are copied on the caller's thread: waking a worker and signalling the
@@ -369,18 +370,8 @@ impl Device for HostDevice {
     }
 
     unsafe fn copy_batch(&self, ops: &[CopyOp]) -> Result<CopyFence> {
-        let mut pieces = Vec::with_capacity(ops.len());
-        let mut total = 0usize;
-        for (index, op) in ops.iter().enumerate() {
-            if op.len == 0 {
-                continue;
-            }
-            let piece = Piece::validate(op).map_err(|reason| MemoryError::InvalidCopy { index, reason })?;
-            total = total.saturating_add(piece.len);
-            if !pieces.last_mut().is_some_and(|last: &mut Piece| last.try_extend(&piece)) {
-                pieces.push(piece);
-            }
-        }
+        let pieces = coalesce_copies(ops)?;
+        let total = pieces.iter().fold(0usize, |acc, p| acc.saturating_add(p.len));
         if total < INLINE_COPY_MAX {
             for piece in &pieces {
                 // SAFETY: the caller guarantees the ranges are valid and non-overlapping.
@@ -406,59 +397,6 @@ fn ipc_unsupported(what: &str) -> Error {
         why: "plain anonymous mappings cannot be shared; shareable host buffers come with the \
               shared-memory transport"
             .into(),
-    }
-}
-
-/// One contiguous copy, as plain addresses so that it can cross to a worker thread.
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    src: usize,
-    dst: usize,
-    len: usize,
-}
-
-impl Piece {
-    /// Reject what would make `copy_nonoverlapping` undefined even for a caller that otherwise
-    /// honours the contract: null, wrapping or overlapping ranges.
-    fn validate(op: &CopyOp) -> std::result::Result<Piece, String> {
-        if op.src == 0 || op.dst == 0 {
-            return Err("null address".into());
-        }
-        let in_address_space = |addr: u64| addr.checked_add(op.len).and_then(|end| usize::try_from(end).ok()).is_some();
-        if !in_address_space(op.src) || !in_address_space(op.dst) {
-            return Err(format!("{} bytes from {:#x} to {:#x} overflow the address space", op.len, op.src, op.dst));
-        }
-        let piece = Piece { src: op.src as usize, dst: op.dst as usize, len: op.len as usize };
-        if piece.overlaps() {
-            return Err("source and destination overlap".into());
-        }
-        Ok(piece)
-    }
-
-    fn overlaps(&self) -> bool {
-        self.src < self.dst + self.len && self.dst < self.src + self.len
-    }
-
-    /// Absorb `next` when it continues this piece in both source and destination. Adjacent KV blocks
-    /// are common, and one long copy is faster than many short ones: past a few MiB, memcpy switches
-    /// to non-temporal stores that do not pull the destination through the cache.
-    fn try_extend(&mut self, next: &Piece) -> bool {
-        if next.src != self.src + self.len || next.dst != self.dst + self.len {
-            return false;
-        }
-        let merged = Piece { len: self.len + next.len, ..*self };
-        if merged.overlaps() {
-            return false;
-        }
-        *self = merged;
-        true
-    }
-
-    /// # Safety
-    /// `src` must be readable and `dst` writable for `len` bytes, and nothing else may access `dst`.
-    unsafe fn copy(&self) {
-        // SAFETY: the caller's guarantees; `validate` ruled out overlap.
-        unsafe { std::ptr::copy_nonoverlapping(self.src as *const u8, self.dst as *mut u8, self.len) };
     }
 }
 

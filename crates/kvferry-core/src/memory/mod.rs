@@ -5,7 +5,16 @@
 //! the same trait, which is why copies are batched and asynchronous (completion through a
 //! [`CopyFence`]) and why memory can be exported to another process as an [`IpcHandle`].
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(any(feature = "cuda", feature = "rocm"))]
+mod dynlib;
+#[cfg(any(feature = "cuda", feature = "rocm"))]
+pub mod gpu;
 pub mod host;
+pub mod paged;
+#[cfg(feature = "rocm")]
+pub mod rocm;
 
 use std::sync::Arc;
 
@@ -180,6 +189,75 @@ impl CopyFence {
     }
 }
 
+/// One contiguous copy, as plain addresses so that it can cross to a worker thread.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Piece {
+    pub src: usize,
+    pub dst: usize,
+    pub len: usize,
+}
+
+impl Piece {
+    /// Reject what would make `copy_nonoverlapping` undefined even for a caller that otherwise
+    /// honours the contract: null, wrapping or overlapping ranges.
+    fn validate(op: &CopyOp) -> std::result::Result<Piece, String> {
+        if op.src == 0 || op.dst == 0 {
+            return Err("null address".into());
+        }
+        let in_address_space = |addr: u64| addr.checked_add(op.len).and_then(|end| usize::try_from(end).ok()).is_some();
+        if !in_address_space(op.src) || !in_address_space(op.dst) {
+            return Err(format!("{} bytes from {:#x} to {:#x} overflow the address space", op.len, op.src, op.dst));
+        }
+        let piece = Piece { src: op.src as usize, dst: op.dst as usize, len: op.len as usize };
+        if piece.overlaps() {
+            return Err("source and destination overlap".into());
+        }
+        Ok(piece)
+    }
+
+    fn overlaps(&self) -> bool {
+        self.src < self.dst + self.len && self.dst < self.src + self.len
+    }
+
+    /// Absorb `next` when it continues this piece in both source and destination. Adjacent KV blocks
+    /// are common, and one long copy is faster than many short ones: past a few MiB, memcpy switches
+    /// to non-temporal stores that do not pull the destination through the cache.
+    fn try_extend(&mut self, next: &Piece) -> bool {
+        if next.src != self.src + self.len || next.dst != self.dst + self.len {
+            return false;
+        }
+        let merged = Piece { len: self.len + next.len, ..*self };
+        if merged.overlaps() {
+            return false;
+        }
+        *self = merged;
+        true
+    }
+
+    /// # Safety
+    /// `src` must be readable and `dst` writable for `len` bytes, and nothing else may access `dst`.
+    pub unsafe fn copy(&self) {
+        // SAFETY: the caller's guarantees; `validate` ruled out overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.src as *const u8, self.dst as *mut u8, self.len) };
+    }
+}
+
+/// Validate a batch and merge ops that continue each other; zero-length ops are dropped. Every
+/// device runs this first, so a bad op is refused with its index before anything is copied.
+pub(crate) fn coalesce_copies(ops: &[CopyOp]) -> Result<Vec<Piece>> {
+    let mut pieces: Vec<Piece> = Vec::with_capacity(ops.len());
+    for (index, op) in ops.iter().enumerate() {
+        if op.len == 0 {
+            continue;
+        }
+        let piece = Piece::validate(op).map_err(|reason| MemoryError::InvalidCopy { index, reason })?;
+        if !pieces.last_mut().is_some_and(|last| last.try_extend(&piece)) {
+            pieces.push(piece);
+        }
+    }
+    Ok(pieces)
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum MemoryError {
@@ -195,6 +273,12 @@ pub enum MemoryError {
     NoDevice { kind: String, reason: String },
     #[error("copies did not complete before the deadline")]
     FenceTimeout,
+    #[error("no {kind} driver: {reason}")]
+    NoDriver { kind: String, reason: String },
+    #[error("{device}: {call} failed: {cause}")]
+    DeviceCall { device: String, call: String, cause: String },
+    #[error("invalid IPC handle: {reason}")]
+    InvalidIpcHandle { reason: String },
 }
 
 impl MemoryError {
@@ -206,6 +290,9 @@ impl MemoryError {
             MemoryError::InvalidCopy { .. } => ErrorCode::InvalidCopy,
             MemoryError::NoDevice { .. } => ErrorCode::NoDevice,
             MemoryError::FenceTimeout => ErrorCode::Timeout,
+            MemoryError::NoDriver { .. } => ErrorCode::NoDriver,
+            MemoryError::DeviceCall { .. } => ErrorCode::DeviceCallFailed,
+            MemoryError::InvalidIpcHandle { .. } => ErrorCode::InvalidIpcHandle,
         }
     }
 }
