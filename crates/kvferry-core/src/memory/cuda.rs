@@ -350,4 +350,27 @@ mod tests {
         let err = CudaDevice::open(count).err().expect("one past the last ordinal");
         assert_eq!(err.code(), ErrorCode::NoDevice);
     }
+
+    /// The device, or `None` after printing why the test is skipped.
+    fn device_or_skip() -> Option<CudaDevice> {
+        CudaDevice::open(0).map_err(|e| println!("skipping: {e}")).ok()
+    }
+
+    #[test]
+    fn copies_round_trip_through_the_device() {
+        let Some(device) = device_or_skip() else { return };
+        crate::memory::gpu::conformance::round_trip(&device);
+    }
+
+    #[test]
+    fn existing_device_pointers_are_described_exactly() {
+        let Some(device) = device_or_skip() else { return };
+        crate::memory::gpu::conformance::describes_existing_pointers(&device);
+    }
+
+    #[test]
+    fn malformed_ipc_handles_are_refused() {
+        let Some(device) = device_or_skip() else { return };
+        crate::memory::gpu::conformance::refuses_malformed_ipc_handles(&device);
+    }
 }

@@ -286,3 +286,75 @@ impl<R: GpuRuntime> Drop for GpuFence<R> {
         self.runtime.destroy_event(self.event);
     }
 }
+
+/// Checks every GPU device passes, run by each vendor's tests where its hardware is present.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::memory::host::{HostAllocOptions, HostBuffer};
+
+    fn deadline() -> Deadline {
+        Deadline::after(Duration::from_secs(20))
+    }
+
+    /// Scattered 16-token blocks H2D, D2D inside the device, D2H, and the bytes come back intact.
+    pub fn round_trip<R: GpuRuntime>(device: &GpuDevice<R>) {
+        const BLOCK: usize = 16 * 8 * 128 * 2; // 16 tokens x 8 heads x 128 x fp16
+        const BLOCKS: usize = 64;
+        let host = HostBuffer::alloc(BLOCK * BLOCKS, &HostAllocOptions::new()).unwrap();
+        let data: Vec<u8> = (0..host.len()).map(|i| (i * 31 % 253) as u8).collect();
+        host.write_at(0, &data).unwrap();
+        let _pin = device.pin_host(host.region()).unwrap();
+        let a = device.alloc(BLOCK * BLOCKS * 2).unwrap().region();
+        let b = device.alloc(BLOCK * BLOCKS).unwrap().region();
+        assert_eq!(a.kind, device.kind());
+        // Block i goes to slot 2i of `a` (scattered), then gathered back densely into `b`.
+        let h2d: Vec<CopyOp> = (0..BLOCKS)
+            .map(|i| CopyOp {
+                src: host.as_ptr() as u64 + (i * BLOCK) as u64,
+                dst: a.addr + (2 * i * BLOCK) as u64,
+                len: BLOCK as u64,
+            })
+            .collect();
+        let d2d: Vec<CopyOp> = h2d
+            .iter()
+            .enumerate()
+            .map(|(i, op)| CopyOp { src: op.dst, dst: b.addr + (i * BLOCK) as u64, len: op.len })
+            .collect();
+        let back = HostBuffer::alloc(BLOCK * BLOCKS, &HostAllocOptions::new()).unwrap();
+        let _pin_back = device.pin_host(back.region()).unwrap();
+        let d2h = [CopyOp { src: b.addr, dst: back.as_ptr() as u64, len: (BLOCK * BLOCKS) as u64 }];
+        unsafe {
+            // One stream: the three batches run in order, so only the last fence needs waiting.
+            device.copy_batch(&h2d).unwrap();
+            device.copy_batch(&d2d).unwrap();
+            device.copy_now(&d2h, deadline()).unwrap();
+        }
+        assert!(back.to_vec() == data, "bytes changed on the way through {}", device.name());
+    }
+
+    /// Existing allocations are described exactly; foreign addresses and overruns are refused.
+    pub fn describes_existing_pointers<R: GpuRuntime>(device: &GpuDevice<R>) {
+        let memory = device.alloc(1 << 20).unwrap();
+        let r = memory.region();
+        assert_eq!(
+            device.region_of(r.addr + 4096, 8192).unwrap(),
+            MemRegion { addr: r.addr + 4096, len: 8192, kind: r.kind }
+        );
+        assert_eq!(device.region_of(r.addr, r.len + 1).unwrap_err().code(), ErrorCode::InvalidArgument);
+        let host = HostBuffer::alloc(4096, &HostAllocOptions::new()).unwrap();
+        assert!(device.region_of(host.as_ptr() as u64, 4096).is_err());
+    }
+
+    /// Malformed handles are refused before the driver sees them.
+    pub fn refuses_malformed_ipc_handles<R: GpuRuntime>(device: &GpuDevice<R>) {
+        let memory = device.alloc(1 << 20).unwrap();
+        let mut handle = device.export_ipc(memory.region()).unwrap();
+        assert_eq!(handle.bytes.len(), EXPORTED_LEN);
+        handle.bytes.pop();
+        assert_eq!(device.import_ipc(&handle).err().unwrap().code(), ErrorCode::InvalidIpcHandle);
+        let wrong_kind = IpcHandle { kind: MemKind::Host, ..device.export_ipc(memory.region()).unwrap() };
+        assert_eq!(device.import_ipc(&wrong_kind).err().unwrap().code(), ErrorCode::InvalidIpcHandle);
+    }
+}
