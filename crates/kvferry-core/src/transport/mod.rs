@@ -4,6 +4,7 @@
 //! peers ([`PeerLink`]) and posts batches of READ/WRITE ops with an optional notification. It knows
 //! nothing about KV caches, layers or tiers. Completion is reported through a shared [`Completion`].
 
+pub mod staging;
 pub mod tcp;
 
 use std::any::Any;
