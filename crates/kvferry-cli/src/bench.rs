@@ -224,7 +224,10 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
         _ => (None, args.peer.clone().context("--role initiator needs --peer host:port")?),
     };
     let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
-    let agent = Agent::new(AgentConfig { name: format!("kvferry-bench-{}", std::process::id()), tcp: Some(tcp) })?;
+    let agent = Agent::new(AgentConfig {
+        tcp: Some(tcp),
+        ..AgentConfig::new(format!("kvferry-bench-{}", std::process::id()))
+    })?;
     let peer = agent
         .connect_peer(&peer_addr, Deadline::after(Duration::from_secs(10)))
         .with_context(|| format!("connecting to {peer_addr}"))?;

@@ -51,7 +51,8 @@ impl Target {
             TcpConfig { streams: args.streams, advertise_host: args.advertise.clone(), ..TcpConfig::default() };
         tcp.listen.set_ip(args.listen.ip());
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
-        let agent = Agent::new(AgentConfig { name, tcp: Some(tcp) }).context("starting the agent")?;
+        let agent =
+            Agent::new(AgentConfig { tcp: Some(tcp), ..AgentConfig::new(name) }).context("starting the agent")?;
         let buffer = alloc_buffer(args.buffer_size)?;
         if let Some(seed) = args.fill_seed {
             // Nothing is registered yet, so nobody else touches the buffer.

@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemRegion, Memory};
 use crate::metadata::{AgentMetadata, RegionInfo};
 use crate::side_channel::{self, SideChannelServer};
+use crate::transport::staging::{Stager, StagingConfig};
 use crate::transport::tcp::{self, TcpConfig, TcpTransport};
 use crate::transport::{
     Batch, Completion, Endpoint, NotificationQueue, Op, PeerLink, RemoteRegion, Transport, TransportKind, XferOp,
@@ -74,11 +75,14 @@ pub struct AgentConfig {
     pub name: String,
     /// The TCP transport; `None` disables it.
     pub tcp: Option<TcpConfig>,
+    /// Device memory moved by transports that cannot reach it (TCP) passes through pinned host
+    /// buffers with these devices; `None` registers device memory only with transports that can.
+    pub staging: Option<StagingConfig>,
 }
 
 impl AgentConfig {
     pub fn new(name: impl Into<String>) -> Self {
-        AgentConfig { name: name.into(), tcp: Some(TcpConfig::default()) }
+        AgentConfig { name: name.into(), tcp: Some(TcpConfig::default()), staging: None }
     }
 }
 
@@ -282,8 +286,14 @@ impl Agent {
         }
         let notifications = Arc::new(NotificationQueue::default());
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        let stager = config.staging.map(Stager::new).transpose()?.map(Arc::new);
         if let Some(tcp) = config.tcp {
-            transports.push(Arc::new(TcpTransport::start(&config.name, tcp, notifications.clone())?));
+            transports.push(Arc::new(TcpTransport::start_staged(
+                &config.name,
+                tcp,
+                notifications.clone(),
+                stager.clone(),
+            )?));
         }
         if transports.is_empty() {
             return Err(Error::InvalidArgument("an agent needs at least one transport".into()));

@@ -101,6 +101,8 @@ pub enum ErrorCode {
     RemoteZeroLength = 512,
     RemoteRangeOverflow = 513,
     RemoteTooLarge = 514,
+
+    StagingFailed = 560,
 }
 
 impl ErrorCode {

@@ -17,7 +17,12 @@ pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};
 
 pub use layout::{KvLayout, KvPlacement, Region, Selection};
+#[cfg(feature = "cuda")]
+pub use memory::cuda::CudaDevice;
 pub use memory::host::{HostAllocOptions, HostBuffer, HostDevice, HugePages};
+#[cfg(feature = "rocm")]
+pub use memory::rocm::RocmDevice;
 pub use memory::{CopyFence, CopyOp, Device, MemKind, MemRegion, Memory};
+pub use transport::staging::StagingConfig;
 
 pub use transport::{Op, TransportKind};

@@ -144,6 +144,8 @@ pub enum TransferError {
     Rejected { peer: String, op: Op, index: u32, reason: RejectReason },
     #[error("protocol error with peer {peer}: {detail}")]
     Protocol { peer: String, detail: String },
+    #[error("{op} with peer {peer} failed staging through host memory: {cause}")]
+    Staging { peer: String, op: Op, cause: String },
 }
 
 impl TransferError {
@@ -154,6 +156,7 @@ impl TransferError {
             TransferError::PeerUnreachable { .. } => ErrorCode::PeerUnreachable,
             TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
             TransferError::Protocol { .. } => ErrorCode::Protocol,
+            TransferError::Staging { .. } => ErrorCode::StagingFailed,
             TransferError::Rejected { reason, .. } => match reason {
                 RejectReason::UnknownKey => ErrorCode::RemoteUnknownKey,
                 RejectReason::OutOfRange => ErrorCode::RemoteOutOfRange,

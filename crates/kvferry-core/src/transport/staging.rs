@@ -378,10 +378,13 @@ mod tests {
         let chunks = plan(&[host(0x1000, 5), host(0x9000, 9), host(0x20000, 2)], 6);
         let lens: Vec<u64> = chunks.iter().map(|c| c.len).collect();
         assert_eq!(lens, [6, 6, 4]);
-        assert_eq!(chunks[0].pieces, [
-            Piece { addr: 0x1000, len: 5, kind: MemKind::Host, offset: 0 },
-            Piece { addr: 0x9000, len: 1, kind: MemKind::Host, offset: 5 }
-        ]);
+        assert_eq!(
+            chunks[0].pieces,
+            [
+                Piece { addr: 0x1000, len: 5, kind: MemKind::Host, offset: 0 },
+                Piece { addr: 0x9000, len: 1, kind: MemKind::Host, offset: 5 }
+            ]
+        );
         assert_eq!(chunks[1].pieces, [Piece { addr: 0x9001, len: 6, kind: MemKind::Host, offset: 0 }]);
         assert_eq!(chunks[2].pieces[1], Piece { addr: 0x20000, len: 2, kind: MemKind::Host, offset: 2 });
         assert!(plan(&[], 6).is_empty());
@@ -404,7 +407,8 @@ mod tests {
             at_src += len + 1000;
         }
         let total: u64 = sizes.iter().sum();
-        let dst_segments = [host(dst.as_ptr() as u64 + 500_000, total / 2), host(dst.as_ptr() as u64, total - total / 2)];
+        let dst_segments =
+            [host(dst.as_ptr() as u64 + 500_000, total / 2), host(dst.as_ptr() as u64, total - total / 2)];
 
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let receiver = std::thread::scope(|s| {
@@ -412,7 +416,9 @@ mod tests {
             let dst_segments = &dst_segments;
             let handle = s.spawn(move || {
                 let mut bounce = None;
-                stager.receive(&mut bounce, dst_segments, deadline(), |buf| b.read_exact(buf)).map(|()| bounce.is_some())
+                stager
+                    .receive(&mut bounce, dst_segments, deadline(), |buf| b.read_exact(buf))
+                    .map(|()| bounce.is_some())
             });
             let mut bounce = None;
             stager.send(&mut bounce, &src_segments, deadline(), |buf| a.write_all(buf)).unwrap();

@@ -14,6 +14,8 @@ use std::time::Duration;
 use super::TcpConfig;
 use super::wire::{self, FrameKind, Header, WireDesc};
 use crate::error::{Error, Result};
+use crate::memory::MemKind;
+use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError};
 
 /// One request on one stream.
@@ -31,6 +33,7 @@ struct LinkInfo {
     peer: String,
     address: String,
     connect_timeout: Duration,
+    stager: Option<Arc<Stager>>,
 }
 
 pub(super) struct TcpLink {
@@ -48,12 +51,14 @@ impl TcpLink {
         address: &str,
         keys: Vec<Option<u128>>,
         config: &TcpConfig,
+        stager: Option<Arc<Stager>>,
     ) -> Result<TcpLink> {
         let info = Arc::new(LinkInfo {
             local_name: local_name.to_string(),
             peer: peer.to_string(),
             address: address.to_string(),
             connect_timeout: config.connect_timeout,
+            stager,
         });
         let mut streams = Vec::with_capacity(config.streams);
         for i in 0..config.streams.max(1) {
@@ -139,12 +144,16 @@ impl PeerLink for TcpLink {
 
 fn run_stream(info: &LinkInfo, frames: mpsc::Receiver<Frame>) {
     let mut conn: Option<TcpStream> = None;
+    // Bounce buffers for frames that stage local memory, allocated on the first one.
+    let mut bounce: Option<Bounce> = None;
     for frame in frames {
         let completion = &frame.completion;
         let result = match completion.skip_reason() {
             Some(e) => Err(e),
             None if frame.descs.is_empty() => Ok(()),
-            None => exchange(info, &mut conn, completion, |c| run_frame(c, &frame)),
+            None => {
+                exchange(info, &mut conn, completion, |c| run_frame(c, &frame, info.stager.as_deref(), &mut bounce))
+            }
         };
         if let PartOutcome::LastOk { notification } = completion.part_done(result) {
             let sent = match notification {
@@ -161,11 +170,22 @@ enum Failure {
     Io(io::Error),
     Rejected(u32, RejectReason),
     Protocol(String),
+    /// A device copy to or from the bounce buffers failed.
+    Staging(String),
 }
 
 impl From<io::Error> for Failure {
     fn from(e: io::Error) -> Self {
         Failure::Io(e)
+    }
+}
+
+impl From<StageError> for Failure {
+    fn from(e: StageError) -> Self {
+        match e {
+            StageError::Io(e) => Failure::Io(e),
+            StageError::Device(e) => Failure::Staging(e.to_string()),
+        }
     }
 }
 
@@ -208,6 +228,11 @@ fn exchange(
         Err(Failure::Protocol(detail)) => {
             *conn = None;
             Err(TransferError::Protocol { peer: info.peer.clone(), detail })
+        }
+        Err(Failure::Staging(cause)) => {
+            // The payload stopped mid-way: the stream is out of step.
+            *conn = None;
+            Err(TransferError::Staging { peer: info.peer.clone(), op, cause })
         }
         Err(Failure::Io(e)) => {
             *conn = None;
@@ -273,9 +298,28 @@ fn request_header(kind: FrameKind, descs: &[WireDesc], payload_len: u64) -> Vec<
     head
 }
 
-fn run_frame(stream: &mut TcpStream, frame: &Frame) -> Result<(), Failure> {
+/// The frame's local memory as staged segments, when any of it is memory the stager handles.
+fn staged_segments(stager: Option<&Stager>, frame: &Frame) -> Option<Vec<Segment>> {
+    let stager = stager?;
+    let kinds: Vec<Option<MemKind>> =
+        frame.local.iter().zip(&frame.descs).map(|(&addr, d)| stager.staged_kind(addr, d.len)).collect();
+    if kinds.iter().all(Option::is_none) {
+        return None;
+    }
+    let segments = frame.local.iter().zip(&frame.descs).zip(kinds);
+    Some(segments.map(|((&addr, d), kind)| Segment { addr, len: d.len, kind: kind.unwrap_or(MemKind::Host) }).collect())
+}
+
+fn run_frame(
+    stream: &mut TcpStream,
+    frame: &Frame,
+    stager: Option<&Stager>,
+    bounce: &mut Option<Bounce>,
+) -> Result<(), Failure> {
     let total: u64 = frame.descs.iter().map(|d| d.len).sum();
     let lens = frame.descs.iter().map(|d| d.len);
+    let staged = staged_segments(stager, frame).and_then(|segments| Some((stager?, segments)));
+    let deadline = frame.completion.deadline();
     match frame.kind {
         FrameKind::Read => {
             stream.write_all(&request_header(FrameKind::Read, &frame.descs, 0))?;
@@ -283,12 +327,22 @@ fn run_frame(stream: &mut TcpStream, frame: &Frame) -> Result<(), Failure> {
             if header.payload_len != total {
                 return Err(Failure::Protocol(format!("read returned {} bytes, expected {total}", header.payload_len)));
             }
+            if let Some((stager, segments)) = staged {
+                stager.receive(bounce, &segments, deadline, |chunk| stream.read_exact(chunk))?;
+                return Ok(());
+            }
             // Zero-copy: the kernel writes the payload straight into the registered local memory.
             let mut dst = unsafe { wire::slices_mut(frame.local.iter().copied().zip(lens)) };
             wire::read_exact_vectored(stream, &mut dst)?;
         }
         _ => {
             let head = request_header(FrameKind::Write, &frame.descs, total);
+            if let Some((stager, segments)) = staged {
+                stream.write_all(&head)?;
+                stager.send(bounce, &segments, deadline, |chunk| stream.write_all(chunk))?;
+                read_response(stream)?;
+                return Ok(());
+            }
             let mut bufs = Vec::with_capacity(1 + frame.descs.len());
             bufs.push(IoSlice::new(&head));
             // Zero-copy: the kernel reads straight from the registered local memory.

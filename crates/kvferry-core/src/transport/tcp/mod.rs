@@ -18,6 +18,7 @@ use self::target::TargetShared;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Acceptor;
+use crate::transport::staging::Stager;
 use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind};
 
 pub use self::wire::MAX_NOTIFICATION;
@@ -57,11 +58,23 @@ pub struct TcpTransport {
     listen_addr: SocketAddr,
     shared: Arc<TargetShared>,
     acceptor: Option<Acceptor>,
+    /// Stages device memory (and, if configured, host memory) through bounce buffers.
+    stager: Option<Arc<Stager>>,
 }
 
 impl TcpTransport {
     pub fn start(local_name: &str, config: TcpConfig, notifications: Arc<NotificationQueue>) -> Result<TcpTransport> {
-        let shared = Arc::new(TargetShared::new(notifications, config.request_timeout));
+        TcpTransport::start_staged(local_name, config, notifications, None)
+    }
+
+    /// Start listening. With a `stager`, the transport also moves the memory kinds it stages.
+    pub(crate) fn start_staged(
+        local_name: &str,
+        config: TcpConfig,
+        notifications: Arc<NotificationQueue>,
+        stager: Option<Arc<Stager>>,
+    ) -> Result<TcpTransport> {
+        let shared = Arc::new(TargetShared::new(notifications, config.request_timeout, stager.clone()));
         let serve_shared = shared.clone();
         let acceptor =
             Acceptor::spawn(config.listen, "kvferry-tcp", move |stream| target::serve(stream, &serve_shared))?;
@@ -86,6 +99,7 @@ impl TcpTransport {
             listen_addr,
             shared,
             acceptor: Some(acceptor),
+            stager,
         })
     }
 
@@ -127,26 +141,33 @@ impl Transport for TcpTransport {
     }
 
     fn supports(&self, kind: MemKind) -> bool {
-        kind == MemKind::Host
+        kind == MemKind::Host || self.stager.as_ref().is_some_and(|s| s.stages(kind))
     }
 
     fn register(&self, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
         if !self.supports(region.kind) {
             return Err(Error::Unsupported {
                 what: format!("registering {} memory with the tcp transport", region.kind),
-                why: "the tcp transport moves host memory only".into(),
+                why: "the tcp transport moves host memory, and device memory only with staging configured".into(),
             });
         }
         // 128 random bits: a peer cannot guess another registration's key.
         let mut key = [0u8; 16];
         getrandom::fill(&mut key)
             .map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
-        self.shared.keys.insert(u128::from_le_bytes(key), region, keep_alive);
+        let key_bits = u128::from_le_bytes(key);
+        self.shared.keys.insert(key_bits, region, keep_alive);
+        if let Some(stager) = self.stager.as_ref().filter(|s| s.stages(region.kind)) {
+            stager.add_region(key_bits, region);
+        }
         Ok(key.to_vec())
     }
 
     fn deregister(&self, key: &[u8]) {
         if let Some(key) = decode_key(key) {
+            if let Some(stager) = &self.stager {
+                stager.remove_region(key);
+            }
             self.shared.keys.remove(key);
         }
     }
@@ -162,7 +183,8 @@ impl Transport for TcpTransport {
                     .ok_or_else(|| Error::InvalidArgument(format!("peer {peer} sent a malformed tcp key"))),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Arc::new(TcpLink::new(&self.local_name, peer, &endpoint.address, keys, &self.config)?))
+        let link = TcpLink::new(&self.local_name, peer, &endpoint.address, keys, &self.config, self.stager.clone())?;
+        Ok(Arc::new(link))
     }
 }
 

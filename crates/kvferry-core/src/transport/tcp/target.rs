@@ -12,7 +12,9 @@ use std::thread;
 use std::time::Duration;
 
 use super::wire::{self, FrameKind, Header, WireDesc};
-use crate::memory::MemRegion;
+use crate::deadline::Deadline;
+use crate::memory::{MemKind, MemRegion};
+use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
 /// A registered region as the target sees it.
@@ -40,10 +42,12 @@ impl KeyTable {
         }
     }
 
-    /// Check every descriptor; on success returns the entries they use (held for the request).
-    fn resolve(&self, descs: &[WireDesc]) -> Result<Vec<Arc<KeyEntry>>, (u32, RejectReason)> {
+    /// Check every descriptor; on success returns the entries they use (held for the request) and
+    /// the kind of memory each descriptor names.
+    fn resolve(&self, descs: &[WireDesc]) -> Result<(Vec<Arc<KeyEntry>>, Vec<MemKind>), (u32, RejectReason)> {
         let entries = self.entries.read().unwrap();
         let mut held: Vec<Arc<KeyEntry>> = Vec::new();
+        let mut kinds = Vec::with_capacity(descs.len());
         let mut last: Option<(u128, Arc<KeyEntry>)> = None;
         for (i, d) in descs.iter().enumerate() {
             let reject = |reason| (i as u32, reason);
@@ -67,8 +71,9 @@ impl KeyTable {
             if !entry.region.contains(d.addr, d.len) {
                 return Err(reject(RejectReason::OutOfRange));
             }
+            kinds.push(entry.region.kind);
         }
-        Ok(held)
+        Ok((held, kinds))
     }
 }
 
@@ -79,16 +84,18 @@ pub(super) struct TargetShared {
     /// Longest a request may stall mid-way before its connection is closed (which releases the
     /// regions it holds, so deregistration never waits on a stopped initiator for longer).
     request_timeout: Duration,
+    stager: Option<Arc<Stager>>,
     connections: Mutex<HashMap<u64, TcpStream>>,
     next_connection: AtomicU64,
 }
 
 impl TargetShared {
-    pub fn new(notifications: Arc<NotificationQueue>, request_timeout: Duration) -> Self {
+    pub fn new(notifications: Arc<NotificationQueue>, request_timeout: Duration, stager: Option<Arc<Stager>>) -> Self {
         TargetShared {
             keys: KeyTable::default(),
             notifications,
             request_timeout,
+            stager,
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(0),
         }
@@ -150,6 +157,8 @@ fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<
     let from = accept_hello(&mut stream)?;
     let mut desc_buf: Vec<u8> = Vec::new();
     let mut descs: Vec<WireDesc> = Vec::new();
+    // Bounce buffers for staged requests, allocated on the first one.
+    let mut bounce: Option<Bounce> = None;
     loop {
         let Some(header) = next_header(&mut stream)? else { return Ok(()) };
         let kind =
@@ -165,8 +174,8 @@ fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<
         descs.clear();
         descs.extend(desc_buf.chunks_exact(wire::DESC_LEN).map(WireDesc::decode));
         match kind {
-            FrameKind::Read => serve_read(&mut stream, shared, &descs)?,
-            FrameKind::Write => serve_write(&mut stream, shared, &descs, header.payload_len)?,
+            FrameKind::Read => serve_read(&mut stream, shared, &descs, &mut bounce)?,
+            FrameKind::Write => serve_write(&mut stream, shared, &descs, header.payload_len, &mut bounce)?,
             FrameKind::Notify => {
                 if count != 0 || header.payload_len > wire::MAX_NOTIFICATION {
                     respond(&mut stream, Err((0, RejectReason::TooLarge)), &[])?;
@@ -217,11 +226,46 @@ fn respond(
     wire::write_all_vectored(stream, &mut bufs)
 }
 
-fn serve_read(stream: &mut TcpStream, shared: &TargetShared, descs: &[WireDesc]) -> io::Result<()> {
+/// The staging path for a request, when it names memory the transport stages: the stager and the
+/// payload's segments.
+fn staged<'a>(shared: &'a TargetShared, descs: &[WireDesc], kinds: &[MemKind]) -> Option<(&'a Stager, Vec<Segment>)> {
+    let stager = shared.stager.as_deref()?;
+    if !kinds.iter().any(|&k| stager.stages(k)) {
+        return None;
+    }
+    let segments = descs.iter().zip(kinds).map(|(d, &kind)| Segment { addr: d.addr, len: d.len, kind }).collect();
+    Some((stager, segments))
+}
+
+/// A device failure mid-payload cannot be answered in step with the stream: close the connection
+/// (the initiator sees it fail) and say why here.
+fn staging_failed(e: StageError) -> io::Error {
+    match e {
+        StageError::Io(e) => e,
+        StageError::Device(e) => {
+            tracing::warn!(error = %e, "tcp transport: staging through host memory failed; closing the connection");
+            io::Error::other(e.to_string())
+        }
+    }
+}
+
+fn serve_read(
+    stream: &mut TcpStream,
+    shared: &TargetShared,
+    descs: &[WireDesc],
+    bounce: &mut Option<Bounce>,
+) -> io::Result<()> {
     match shared.keys.resolve(descs) {
         Err(rejection) => respond(stream, Err(rejection), &[]),
-        Ok(_held) => {
+        Ok((_held, kinds)) => {
             let total = descs.iter().map(|d| d.len).sum();
+            if let Some((stager, segments)) = staged(shared, descs, &kinds) {
+                respond(stream, Ok(total), &[])?;
+                let deadline = Deadline::after(shared.request_timeout);
+                return stager
+                    .send(bounce, &segments, deadline, |chunk| stream.write_all(chunk))
+                    .map_err(staging_failed);
+            }
             // Zero-copy: the kernel reads straight from the registered memory, which `_held` keeps
             // registered until the send is done.
             let payload = unsafe { wire::slices(descs.iter().map(|d| (d.addr, d.len))) };
@@ -230,7 +274,13 @@ fn serve_read(stream: &mut TcpStream, shared: &TargetShared, descs: &[WireDesc])
     }
 }
 
-fn serve_write(stream: &mut TcpStream, shared: &TargetShared, descs: &[WireDesc], payload_len: u64) -> io::Result<()> {
+fn serve_write(
+    stream: &mut TcpStream,
+    shared: &TargetShared,
+    descs: &[WireDesc],
+    payload_len: u64,
+    bounce: &mut Option<Bounce>,
+) -> io::Result<()> {
     let described: u64 = descs.iter().fold(0u64, |acc, d| acc.saturating_add(d.len));
     if described != payload_len {
         return Err(invalid(format!("write carries {payload_len} bytes but describes {described}")));
@@ -240,7 +290,14 @@ fn serve_write(stream: &mut TcpStream, shared: &TargetShared, descs: &[WireDesc]
             drain(stream, payload_len)?;
             respond(stream, Err(rejection), &[])
         }
-        Ok(_held) => {
+        Ok((_held, kinds)) => {
+            if let Some((stager, segments)) = staged(shared, descs, &kinds) {
+                let deadline = Deadline::after(shared.request_timeout);
+                stager
+                    .receive(bounce, &segments, deadline, |chunk| stream.read_exact(chunk))
+                    .map_err(staging_failed)?;
+                return respond(stream, Ok(0), &[]);
+            }
             // Zero-copy: the kernel writes straight into the registered memory.
             let mut dst = unsafe { wire::slices_mut(descs.iter().map(|d| (d.addr, d.len))) };
             wire::read_exact_vectored(stream, &mut dst)?;
