@@ -78,11 +78,21 @@ pub struct AgentConfig {
     /// Device memory moved by transports that cannot reach it (TCP) passes through pinned host
     /// buffers with these devices; `None` registers device memory only with transports that can.
     pub staging: Option<StagingConfig>,
+    /// CUDA IPC between peers on this host; `None` disables it. When enabled it is preferred over
+    /// TCP for peers on the same host, which then reach only the memory this transport moves.
+    #[cfg(feature = "cuda")]
+    pub cuda_ipc: Option<crate::transport::cuda_ipc::CudaIpcConfig>,
 }
 
 impl AgentConfig {
     pub fn new(name: impl Into<String>) -> Self {
-        AgentConfig { name: name.into(), tcp: Some(TcpConfig::default()), staging: None }
+        AgentConfig {
+            name: name.into(),
+            tcp: Some(TcpConfig::default()),
+            staging: None,
+            #[cfg(feature = "cuda")]
+            cuda_ipc: None,
+        }
     }
 }
 
@@ -287,6 +297,13 @@ impl Agent {
         let notifications = Arc::new(NotificationQueue::default());
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         let stager = config.staging.map(Stager::new).transpose()?.map(Arc::new);
+        // Listed first: add_peer picks the first transport a peer shares, and a peer on this host
+        // is better served by device-to-device copies.
+        #[cfg(feature = "cuda")]
+        if let Some(ipc) = config.cuda_ipc {
+            let ipc = crate::transport::cuda_ipc::CudaIpcTransport::start(&config.name, ipc, notifications.clone())?;
+            transports.push(Arc::new(ipc));
+        }
         if let Some(tcp) = config.tcp {
             transports.push(Arc::new(TcpTransport::start_staged(
                 &config.name,
@@ -646,21 +663,34 @@ impl AgentInner {
                 return Ok(meta.name);
             }
         }
-        // The first of our transports the peer also speaks.
-        let (transport, endpoint) = self
-            .transports
-            .iter()
-            .find_map(|t| meta.endpoints.iter().find(|e| e.kind == t.kind()).map(|e| (t, e)))
-            .ok_or_else(|| Error::Unsupported {
-                what: format!("talking to peer {}", meta.name),
-                why: "it shares no transport with this agent".into(),
-            })?;
-        let regions = meta
-            .regions
-            .iter()
-            .map(|r| RemoteRegion { region: r.region, key: r.key(transport.kind()).unwrap_or_default().to_vec() })
-            .collect();
-        let link = transport.link(&meta.name, endpoint, regions)?;
+        // The first of our transports the peer also speaks and that can reach it (cuda-ipc cannot
+        // reach another host).
+        let mut refusals = Vec::new();
+        let mut chosen = None;
+        for (transport, endpoint) in
+            self.transports.iter().filter_map(|t| meta.endpoints.iter().find(|e| e.kind == t.kind()).map(|e| (t, e)))
+        {
+            let regions = meta
+                .regions
+                .iter()
+                .map(|r| RemoteRegion { region: r.region, key: r.key(transport.kind()).unwrap_or_default().to_vec() })
+                .collect();
+            match transport.link(&meta.name, endpoint, regions) {
+                Ok(link) => {
+                    chosen = Some((transport, link));
+                    break;
+                }
+                Err(Error::Unsupported { why, .. }) => refusals.push(format!("{}: {why}", transport.kind())),
+                Err(e) => return Err(e),
+            }
+        }
+        let (transport, link) = chosen.ok_or_else(|| Error::Unsupported {
+            what: format!("talking to peer {}", meta.name),
+            why: match refusals.is_empty() {
+                true => "it shares no transport with this agent".into(),
+                false => refusals.join("; "),
+            },
+        })?;
         let name = meta.name.clone();
         let transport = transport.kind();
         self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, transport, link }));

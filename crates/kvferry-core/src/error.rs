@@ -103,6 +103,7 @@ pub enum ErrorCode {
     RemoteTooLarge = 514,
 
     StagingFailed = 560,
+    DeviceCopyFailed = 561,
 }
 
 impl ErrorCode {

@@ -4,6 +4,8 @@
 //! peers ([`PeerLink`]) and posts batches of READ/WRITE ops with an optional notification. It knows
 //! nothing about KV caches, layers or tiers. Completion is reported through a shared [`Completion`].
 
+#[cfg(feature = "cuda")]
+pub mod cuda_ipc;
 pub mod staging;
 pub mod tcp;
 
@@ -42,26 +44,32 @@ impl std::fmt::Display for Op {
 #[non_exhaustive]
 pub enum TransportKind {
     Tcp,
+    /// CUDA IPC between processes on one host (`cuda` feature). Known to every build, so metadata
+    /// that offers it can still be read where it is not compiled in.
+    CudaIpc,
 }
 
 impl TransportKind {
-    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp];
+    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp, TransportKind::CudaIpc];
 
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::CudaIpc => "cuda-ipc",
         }
     }
 
     pub fn to_wire(self) -> u8 {
         match self {
             TransportKind::Tcp => 1,
+            TransportKind::CudaIpc => 4,
         }
     }
 
     pub fn from_wire(tag: u8) -> Option<TransportKind> {
         match tag {
             1 => Some(TransportKind::Tcp),
+            4 => Some(TransportKind::CudaIpc),
             _ => None,
         }
     }
@@ -146,6 +154,8 @@ pub enum TransferError {
     Protocol { peer: String, detail: String },
     #[error("{op} with peer {peer} failed staging through host memory: {cause}")]
     Staging { peer: String, op: Op, cause: String },
+    #[error("{op} with peer {peer} failed in the device copy: {cause}")]
+    DeviceCopy { peer: String, op: Op, cause: String },
 }
 
 impl TransferError {
@@ -157,6 +167,7 @@ impl TransferError {
             TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
             TransferError::Protocol { .. } => ErrorCode::Protocol,
             TransferError::Staging { .. } => ErrorCode::StagingFailed,
+            TransferError::DeviceCopy { .. } => ErrorCode::DeviceCopyFailed,
             TransferError::Rejected { reason, .. } => match reason {
                 RejectReason::UnknownKey => ErrorCode::RemoteUnknownKey,
                 RejectReason::OutOfRange => ErrorCode::RemoteOutOfRange,
