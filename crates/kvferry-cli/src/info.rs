@@ -3,6 +3,35 @@
 use kvferry::memory::host;
 use serde_json::json;
 
+/// How many devices a GPU back end sees: `None` when not compiled in, else the count or why none.
+type DeviceCount = Option<Result<u32, String>>;
+
+fn cuda_devices() -> DeviceCount {
+    #[cfg(feature = "cuda")]
+    return Some(kvferry::memory::cuda::device_count().map_err(|e| e.to_string()));
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+fn rocm_devices() -> DeviceCount {
+    #[cfg(feature = "rocm")]
+    return Some(kvferry::memory::rocm::device_count().map_err(|e| e.to_string()));
+    #[cfg(not(feature = "rocm"))]
+    None
+}
+
+/// A GPU back end's line: present and how many devices, compiled in but unusable and why, or not
+/// in this build and which cargo feature brings it.
+fn gpu(name: &str, devices: DeviceCount, what: &str) -> serde_json::Value {
+    let feature = name.split('-').next().unwrap_or(name);
+    let (available, detail) = match devices {
+        Some(Ok(n)) => (true, format!("{what}: {n} device(s)")),
+        Some(Err(why)) => (false, format!("{what}: compiled in; {why}")),
+        None => (false, format!("{what}: not in this build (cargo feature `{feature}`)")),
+    };
+    json!({ "name": name, "available": available, "detail": detail })
+}
+
 pub fn run(as_json: bool) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let memlock = host::memlock_limit();
@@ -33,11 +62,12 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
                     memlock.map_or("unlimited".to_string(), |b| format!("{b} B")),
                 ),
             },
-            optional("cuda", cfg!(feature = "cuda"), "CUDA devices"),
-            optional("rocm", cfg!(feature = "rocm"), "ROCm devices"),
+            gpu("cuda", cuda_devices(), "CUDA devices"),
+            gpu("rocm", rocm_devices(), "ROCm devices"),
         ],
         "transports": [
-            { "name": "tcp", "available": true, "detail": "TCP streams between any two hosts (zero-copy readv/writev)" },
+            { "name": "tcp", "available": true, "detail": "TCP streams between any two hosts (zero-copy readv/writev; device memory staged through pinned host buffers)" },
+            gpu("cuda-ipc", cuda_devices(), "CUDA IPC between processes on this host"),
             optional("fabric", cfg!(feature = "fabric"), "libfabric RDMA"),
             optional("verbs", cfg!(feature = "verbs"), "ibverbs RDMA"),
         ],

@@ -2,7 +2,7 @@
 //! what this machine and build can use.
 
 use clap::{Parser, Subcommand};
-use kvferry_cli::{bench, info, serve};
+use kvferry_cli::{bench, gpu_bench, info, serve};
 
 #[derive(Parser)]
 #[command(name = "kvferry", version, about = "KV-cache transfer data plane: benchmarks and tools")]
@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Measure transfer bandwidth and latency over block and batch sizes.
     Bench(bench::BenchArgs),
+    /// Measure GPU copies, cuda-ipc and staged transfers next to the device's own limits.
+    GpuBench(gpu_bench::GpuBenchArgs),
     /// Host a registered buffer that initiators can read and write.
     Serve(serve::ServeArgs),
     /// List devices and transports available here.
@@ -31,6 +33,7 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(&args),
+        Command::GpuBench(args) => gpu_bench::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Info { json } => info::run(json),
     };
