@@ -13,8 +13,12 @@ fi
 
 # System packages the build and tests use.
 packages=(build-essential pkg-config)
+# The HIP runtime the rocm tests load (no AMD GPU needed: they check the no-device path).
+packages+=(libamdhip64-dev)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
 features=()
+# GPU devices load their drivers at run time: they build anywhere and skip, saying why, without a GPU.
+features+=(kvferry-cli/cuda kvferry-cli/rocm)
 feature_args=()
 ((${#features[@]})) && feature_args=(--features "${features[*]}")
 missing=()
@@ -65,6 +69,10 @@ sentinels=(
     killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on
     blocks_move_both_ways_between_processes_byte_exact
     regions_match_reference
+    opening_without_a_driver_or_gpu_is_a_typed_error
+    opening_without_an_amd_gpu_is_a_typed_error
+    host_memory_staged_through_the_host_device_moves_byte_exact
+    gather_packs_blocks_in_order_and_scatter_puts_them_back
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -96,12 +96,12 @@ pub fn run(args: &GpuBenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8} {:<22} {:>8} {:>6} {:>9}  {:<26} {:>9} {:>6}",
+        "{:<8} {:<28} {:>8} {:>6} {:>9}  {:<26} {:>9} {:>6}",
         "part", "what", "block", "blocks", "GB/s", "reference", "GB/s", "ratio"
     );
     for r in &rows {
         println!(
-            "{:<8} {:<22} {:>8} {:>6} {:>9.2}  {:<26} {:>9.2} {:>5.0}%",
+            "{:<8} {:<28} {:>8} {:>6} {:>9.2}  {:<26} {:>9.2} {:>5.0}%",
             r.part,
             r.what,
             units::format_size(r.block_size),
