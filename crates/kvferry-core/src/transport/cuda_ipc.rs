@@ -132,6 +132,9 @@ impl Transport for CudaIpcTransport {
     }
 }
 
+/// A peer's region and, once used, where it is mapped in this process.
+type PeerRegion = (RemoteRegion, Option<Arc<dyn Memory>>);
+
 /// A posted batch waiting for its copies.
 struct Job {
     fence: Option<CopyFence>,
@@ -142,7 +145,7 @@ struct CudaIpcLink {
     peer: String,
     device: CudaDevice,
     /// The peer's regions and, once used, their mapping here (imported on first use, kept).
-    regions: Mutex<Vec<(RemoteRegion, Option<Arc<dyn Memory>>)>>,
+    regions: Mutex<Vec<PeerRegion>>,
     jobs: Mutex<mpsc::Sender<Job>>,
 }
 

@@ -23,6 +23,9 @@ pub(super) struct KeyEntry {
     _keep_alive: Arc<dyn Any + Send + Sync>,
 }
 
+/// The entries a request holds, and the kind of memory each of its descriptors names.
+type Resolved = (Vec<Arc<KeyEntry>>, Vec<MemKind>);
+
 /// Key → region. A request holds the entries it uses, so deregistration can wait for it.
 #[derive(Default)]
 pub(super) struct KeyTable {
@@ -44,7 +47,7 @@ impl KeyTable {
 
     /// Check every descriptor; on success returns the entries they use (held for the request) and
     /// the kind of memory each descriptor names.
-    fn resolve(&self, descs: &[WireDesc]) -> Result<(Vec<Arc<KeyEntry>>, Vec<MemKind>), (u32, RejectReason)> {
+    fn resolve(&self, descs: &[WireDesc]) -> Result<Resolved, (u32, RejectReason)> {
         let entries = self.entries.read().unwrap();
         let mut held: Vec<Arc<KeyEntry>> = Vec::new();
         let mut kinds = Vec::with_capacity(descs.len());
