@@ -69,8 +69,8 @@ sentinels=(
     killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on
     blocks_move_both_ways_between_processes_byte_exact
     regions_match_reference
-    opening_without_a_driver_or_gpu_is_a_typed_error
-    opening_without_an_amd_gpu_is_a_typed_error
+    cuda::tests::opening_without_a_device_is_a_typed_error
+    rocm::tests::opening_without_a_device_is_a_typed_error
     host_memory_staged_through_the_host_device_moves_byte_exact
     gather_packs_blocks_in_order_and_scatter_puts_them_back
 )

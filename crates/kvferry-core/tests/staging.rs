@@ -94,20 +94,23 @@ fn host_memory_staged_through_the_host_device_moves_byte_exact() {
     staged_transfers_are_byte_exact(host, true);
 }
 
+/// Device → TCP → device through staging on a GPU, or a printed reason why not.
+#[cfg(any(feature = "cuda", feature = "rocm"))]
+fn on_gpu_or_skip(device: kvferry_core::Result<Arc<dyn Device>>) {
+    match device {
+        Ok(device) => staged_transfers_are_byte_exact(device, false),
+        Err(e) => println!("skipping GPU staging: {e}"),
+    }
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_to_tcp_to_gpu_through_staging_moves_byte_exact() {
-    match kvferry_core::CudaDevice::open(0) {
-        Ok(device) => staged_transfers_are_byte_exact(Arc::new(device), false),
-        Err(e) => println!("skipping GPU staging: {e}"),
-    }
+    on_gpu_or_skip(kvferry_core::CudaDevice::open(0).map(|d| Arc::new(d) as Arc<dyn Device>));
 }
 
 #[cfg(feature = "rocm")]
 #[test]
 fn rocm_gpu_to_tcp_to_gpu_through_staging_moves_byte_exact() {
-    match kvferry_core::RocmDevice::open(0) {
-        Ok(device) => staged_transfers_are_byte_exact(Arc::new(device), false),
-        Err(e) => println!("skipping ROCm staging: {e}"),
-    }
+    on_gpu_or_skip(kvferry_core::RocmDevice::open(0).map(|d| Arc::new(d) as Arc<dyn Device>));
 }

@@ -328,49 +328,6 @@ impl GpuRuntime for CudaRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorCode;
 
-    #[test]
-    fn opening_without_a_driver_or_gpu_is_a_typed_error() {
-        match CudaDevice::open(0) {
-            Ok(device) => {
-                println!("{} is present; the no-driver path is not reachable here", crate::Device::kind(&device))
-            }
-            Err(e) => {
-                // No panic from the loader, and a code callers can branch on.
-                assert!(matches!(e.code(), ErrorCode::NoDriver | ErrorCode::NoDevice), "{e}");
-                println!("skipping CUDA device tests: {e}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_missing_ordinal_is_no_device() {
-        let Ok(count) = device_count() else { return println!("skipping: no CUDA device") };
-        let err = CudaDevice::open(count).err().expect("one past the last ordinal");
-        assert_eq!(err.code(), ErrorCode::NoDevice);
-    }
-
-    /// The device, or `None` after printing why the test is skipped.
-    fn device_or_skip() -> Option<CudaDevice> {
-        CudaDevice::open(0).map_err(|e| println!("skipping: {e}")).ok()
-    }
-
-    #[test]
-    fn copies_round_trip_through_the_device() {
-        let Some(device) = device_or_skip() else { return };
-        crate::memory::gpu::conformance::round_trip(&device);
-    }
-
-    #[test]
-    fn existing_device_pointers_are_described_exactly() {
-        let Some(device) = device_or_skip() else { return };
-        crate::memory::gpu::conformance::describes_existing_pointers(&device);
-    }
-
-    #[test]
-    fn malformed_ipc_handles_are_refused() {
-        let Some(device) = device_or_skip() else { return };
-        crate::memory::gpu::conformance::refuses_malformed_ipc_handles(&device);
-    }
+    crate::memory::gpu::gpu_device_tests!(CudaDevice, CudaDevice::open, device_count);
 }

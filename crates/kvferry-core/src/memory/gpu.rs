@@ -287,6 +287,57 @@ impl<R: GpuRuntime> Drop for GpuFence<R> {
     }
 }
 
+/// The tests every GPU device runs: `$open(ordinal)` opens a `$device`, `$count()` counts them.
+/// Without the hardware they check that opening fails with a typed error, then print why the rest
+/// is skipped.
+#[cfg(test)]
+macro_rules! gpu_device_tests {
+    ($device:ty, $open:path, $count:path) => {
+        /// The device, or `None` after printing why the test is skipped.
+        fn device_or_skip() -> Option<$device> {
+            $open(0).map_err(|e| println!("skipping: {e}")).ok()
+        }
+
+        #[test]
+        fn a_missing_ordinal_is_no_device() {
+            let Ok(count) = $count() else { return println!("skipping: no device") };
+            let err = $open(count).err().expect("one past the last ordinal");
+            assert_eq!(err.code(), crate::ErrorCode::NoDevice);
+        }
+
+        #[test]
+        fn opening_without_a_device_is_a_typed_error() {
+            match $open(0) {
+                Ok(device) => {
+                    println!("{} is present; the no-device path is not reachable here", crate::Device::name(&device))
+                }
+                // No panic from a loader, and a code callers can branch on.
+                Err(e) => assert!(matches!(e.code(), crate::ErrorCode::NoDriver | crate::ErrorCode::NoDevice), "{e}"),
+            }
+        }
+
+        #[test]
+        fn copies_round_trip_through_the_device() {
+            let Some(device) = device_or_skip() else { return };
+            crate::memory::gpu::conformance::round_trip(&device);
+        }
+
+        #[test]
+        fn existing_device_pointers_are_described_exactly() {
+            let Some(device) = device_or_skip() else { return };
+            crate::memory::gpu::conformance::describes_existing_pointers(&device);
+        }
+
+        #[test]
+        fn malformed_ipc_handles_are_refused() {
+            let Some(device) = device_or_skip() else { return };
+            crate::memory::gpu::conformance::refuses_malformed_ipc_handles(&device);
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use gpu_device_tests;
+
 /// Checks every GPU device passes, run by each vendor's tests where its hardware is present.
 #[cfg(test)]
 pub(crate) mod conformance {

@@ -2,12 +2,13 @@
 //! batch of as few copies as the layout allows.
 //!
 //! [`KvLayout::regions`] already merges runs that are contiguous in the cache; consecutive runs land
-//! next to each other in the staging buffer, so every run is exactly one copy and the whole set is
-//! one [`Device::copy_batch`] call (one `cuMemcpyBatchAsync` on a recent CUDA driver).
+//! next to each other in the staging buffer, so every run is exactly one copy, and the list goes to
+//! [`Device::copy_batch`](crate::Device::copy_batch) as one batch (one `cuMemcpyBatchAsync` on a
+//! recent CUDA driver).
 
 use crate::error::{Error, Result};
 use crate::layout::{KvLayout, Selection};
-use crate::memory::{CopyFence, CopyOp, Device, MemRegion};
+use crate::memory::{CopyOp, MemRegion};
 
 /// The copies that gather `selection` from the cache (one base address per tensor of `layout`) into
 /// `staging`, packed in the layout's own order. Scatter is the same list with each op reversed.
@@ -62,46 +63,12 @@ pub fn scatter_ops(
     Ok(ops)
 }
 
-/// Gather the selected blocks into `staging` with one batched copy on `device`.
-///
-/// # Safety
-/// `tensors` must be the live base addresses of the cache's tensors (each at least
-/// `layout.tensor_bytes()` long) and `staging` writable memory the device can reach, both valid until
-/// the fence completes, with nothing else writing `staging` meanwhile.
-pub unsafe fn gather(
-    device: &dyn Device,
-    layout: &KvLayout,
-    selection: &Selection,
-    tensors: &[u64],
-    staging: MemRegion,
-) -> Result<CopyFence> {
-    let ops = gather_ops(layout, selection, tensors, staging)?;
-    // SAFETY: the caller's contract.
-    unsafe { device.copy_batch(&ops) }
-}
-
-/// Scatter `staging` into the selected blocks with one batched copy on `device`.
-///
-/// # Safety
-/// As [`gather`], with the cache written and `staging` read. Repeated blocks in the selection would
-/// write the same bytes twice and are the caller's to avoid.
-pub unsafe fn scatter(
-    device: &dyn Device,
-    layout: &KvLayout,
-    selection: &Selection,
-    tensors: &[u64],
-    staging: MemRegion,
-) -> Result<CopyFence> {
-    let ops = scatter_ops(layout, selection, tensors, staging)?;
-    // SAFETY: the caller's contract.
-    unsafe { device.copy_batch(&ops) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::deadline::Deadline;
     use crate::layout::{Dim, KvPlacement};
+    use crate::memory::Device;
     use crate::memory::host::{HostAllocOptions, HostBuffer, HostDevice};
     use std::time::Duration;
 
@@ -154,7 +121,7 @@ mod tests {
         let ops = gather_ops(&layout, &selection, &bases, staging.region()).unwrap();
         // Blocks 7 and 8 are adjacent: per layer and plane, 7+8, 2 and 11 are three copies.
         assert_eq!(ops.len(), 3 * 2 * 3);
-        unsafe { gather(&device, &layout, &selection, &bases, staging.region()) }.unwrap().wait(deadline()).unwrap();
+        unsafe { device.copy_batch(&ops) }.unwrap().wait(deadline()).unwrap();
 
         // Expected by direct indexing: layer-major, then K/V plane, then the blocks as listed.
         let packed = staging.to_vec();
@@ -177,10 +144,8 @@ mod tests {
             })
             .collect();
         let target_bases: Vec<u64> = target.iter().map(|b| b.as_ptr() as u64).collect();
-        unsafe { scatter(&device, &layout, &selection, &target_bases, staging.region()) }
-            .unwrap()
-            .wait(deadline())
-            .unwrap();
+        let ops = scatter_ops(&layout, &selection, &target_bases, staging.region()).unwrap();
+        unsafe { device.copy_batch(&ops) }.unwrap().wait(deadline()).unwrap();
         for (src, dst) in cache.iter().zip(&target) {
             let (src, dst) = (src.to_vec(), dst.to_vec());
             for plane in 0..2 {

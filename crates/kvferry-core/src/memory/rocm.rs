@@ -308,20 +308,6 @@ impl GpuRuntime for RocmRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorCode;
-
-    #[test]
-    fn opening_without_an_amd_gpu_is_a_typed_error() {
-        match RocmDevice::open(0) {
-            Ok(device) => {
-                println!("{} is present; the no-device path is not reachable here", crate::Device::name(&device))
-            }
-            Err(e) => {
-                assert!(matches!(e.code(), ErrorCode::NoDriver | ErrorCode::NoDevice), "{e}");
-                println!("skipping ROCm device tests: {e}");
-            }
-        }
-    }
 
     #[test]
     fn the_installed_runtime_loads_with_every_entry_point() {
@@ -334,26 +320,5 @@ mod tests {
         }
     }
 
-    /// The device, or `None` after printing why the test is skipped.
-    fn device_or_skip() -> Option<RocmDevice> {
-        RocmDevice::open(0).map_err(|e| println!("skipping: {e}")).ok()
-    }
-
-    #[test]
-    fn copies_round_trip_through_the_device() {
-        let Some(device) = device_or_skip() else { return };
-        crate::memory::gpu::conformance::round_trip(&device);
-    }
-
-    #[test]
-    fn existing_device_pointers_are_described_exactly() {
-        let Some(device) = device_or_skip() else { return };
-        crate::memory::gpu::conformance::describes_existing_pointers(&device);
-    }
-
-    #[test]
-    fn malformed_ipc_handles_are_refused() {
-        let Some(device) = device_or_skip() else { return };
-        crate::memory::gpu::conformance::refuses_malformed_ipc_handles(&device);
-    }
+    crate::memory::gpu::gpu_device_tests!(RocmDevice, RocmDevice::open, device_count);
 }
