@@ -13,7 +13,7 @@
 //! price of a transport without device access, and the pipeline hides it behind the wire time.
 //! Callers see nothing of it: they register device memory and post transfers as for host memory.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -85,8 +85,9 @@ pub(crate) struct Stager {
     devices: Vec<Arc<dyn Device>>,
     chunk_bytes: usize,
     stage_host: bool,
-    /// Staged regions registered with the transport, by key.
-    regions: RwLock<HashMap<u128, MemRegion>>,
+    /// Staged regions registered with the transport, by (start address, key): a lookup walks back
+    /// from the address.
+    regions: RwLock<BTreeMap<(u64, u128), MemRegion>>,
 }
 
 /// How long to wait for device copies into a bounce buffer after a transfer failed, before giving
@@ -110,7 +111,7 @@ impl Stager {
             devices: config.devices,
             chunk_bytes: config.chunk_bytes,
             stage_host: config.stage_host,
-            regions: RwLock::new(HashMap::new()),
+            regions: RwLock::new(BTreeMap::new()),
         })
     }
 
@@ -127,18 +128,18 @@ impl Stager {
     }
 
     pub fn add_region(&self, key: u128, region: MemRegion) {
-        self.regions.write().unwrap().insert(key, region);
+        self.regions.write().unwrap().insert((region.addr, key), region);
     }
 
     pub fn remove_region(&self, key: u128) {
-        self.regions.write().unwrap().remove(&key);
+        self.regions.write().unwrap().retain(|&(_, k), _| k != key);
     }
 
     /// The kind of local memory at `addr` if a staged registration holds it, else `None` (host
     /// memory the transport reads directly).
     pub fn staged_kind(&self, addr: u64, len: u64) -> Option<MemKind> {
         let regions = self.regions.read().unwrap();
-        regions.values().find(|r| r.contains(addr, len)).map(|r| r.kind)
+        regions.range(..=(addr, u128::MAX)).rev().map(|(_, r)| r).find(|r| r.contains(addr, len)).map(|r| r.kind)
     }
 
     /// Two pinned bounce buffers, registered with every staging device for DMA.
@@ -456,6 +457,21 @@ mod tests {
         assert!(matches!(outcome, Err(StageError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe));
         assert_eq!(sent_chunks, 3, "nothing is sent after the failure");
         assert!(bounce.is_some(), "copies drained, so the buffers are reused");
+    }
+
+    #[test]
+    fn registered_regions_tell_staged_local_memory_apart() {
+        let stager = host_stager(4096);
+        let gpu = MemKind::Cuda { device: 1 };
+        stager.add_region(7, MemRegion { addr: 0x10_0000, len: 0x1000, kind: gpu });
+        stager.add_region(8, MemRegion { addr: 0x20_0000, len: 0x1000, kind: MemKind::Host });
+        assert_eq!(stager.staged_kind(0x10_0800, 0x800), Some(gpu));
+        assert_eq!(stager.staged_kind(0x10_0800, 0x801), None, "runs past the region");
+        assert_eq!(stager.staged_kind(0x20_0000, 16), Some(MemKind::Host));
+        assert_eq!(stager.staged_kind(0x30_0000, 16), None);
+        stager.remove_region(7);
+        assert_eq!(stager.staged_kind(0x10_0800, 16), None);
+        assert!(stager.stages(MemKind::Host) && !stager.stages(gpu), "only kinds with a device are staged");
     }
 
     #[test]
