@@ -259,6 +259,10 @@ const SPIN: Duration = Duration::from_micros(50);
 
 impl<R: GpuRuntime> FenceSignal for GpuFence<R> {
     fn poll(&self) -> Option<Result<()>> {
+        // Fences are polled from any thread; the driver wants the device's context there.
+        if let Err(e) = self.runtime.bind() {
+            return Some(Err(e));
+        }
         self.runtime.query_event(self.event)
     }
 
@@ -283,7 +287,9 @@ impl<R: GpuRuntime> FenceSignal for GpuFence<R> {
 
 impl<R: GpuRuntime> Drop for GpuFence<R> {
     fn drop(&mut self) {
-        self.runtime.destroy_event(self.event);
+        if self.runtime.bind().is_ok() {
+            self.runtime.destroy_event(self.event);
+        }
     }
 }
 
