@@ -19,9 +19,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::cuda::CudaDevice;
 use crate::memory::{CopyFence, CopyOp, Device, IpcHandle, MemKind, MemRegion, Memory};
+use crate::transport::staging::ABANDON_AFTER;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{
     Batch, Completion, Endpoint, NotificationQueue, Op, PartOutcome, PeerLink, RejectReason, RemoteRegion,
@@ -224,6 +226,13 @@ fn complete_in_order(jobs: mpsc::Receiver<Job>, notify: &dyn PeerLink) {
             };
             completion.finish(sent);
         }
+        // A batch past its deadline may still be copying: its memory stays held until the device is
+        // done, and is never released under a copy that does not finish.
+        let drained = fence.is_none_or(|f| f.wait(Deadline::after(ABANDON_AFTER)).is_ok());
+        if !drained {
+            tracing::error!(peer = completion.peer(), "a cuda-ipc copy did not finish; keeping its memory forever");
+            std::mem::forget(batch.keep_alive);
+        }
     }
 }
 
@@ -261,7 +270,7 @@ mod tests {
         let target = TcpTransport::start("ipc-target", TcpConfig::default(), queue.clone()).unwrap();
         let sender = TcpTransport::start("ipc-sender", TcpConfig::default(), Arc::default()).unwrap();
         let link = sender.link("ipc-target", &target.endpoint(), Vec::new()).unwrap();
-        let deadline = crate::Deadline::after(std::time::Duration::from_secs(10));
+        let deadline = Deadline::after(std::time::Duration::from_secs(10));
         let batch = Completion::new("ipc-target", Op::Write, 0, None, deadline);
         send_notification(&*link, &batch, b"blocks 3..9 ready".to_vec()).unwrap();
         let got = queue.wait(deadline);

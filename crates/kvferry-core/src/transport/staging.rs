@@ -92,7 +92,7 @@ pub(crate) struct Stager {
 
 /// How long to wait for device copies into a bounce buffer after a transfer failed, before giving
 /// the buffer up for lost rather than freeing memory a DMA engine may still write.
-const ABANDON_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const ABANDON_AFTER: Duration = Duration::from_secs(10);
 
 impl Stager {
     pub fn new(config: StagingConfig) -> Result<Stager> {
@@ -177,7 +177,7 @@ impl Stager {
                 if let Some(next) = chunks.get(i + 1) {
                     inflight[(i + 1) % 2] = self.start(next, buffers.addr((i + 1) % 2), Direction::ToBounce)?;
                 }
-                wait_all(std::mem::take(&mut inflight[i % 2]), deadline)?;
+                wait_slot(&mut inflight[i % 2], deadline)?;
                 send(buffers.bytes(i % 2, chunk.len))?;
             }
             Ok(())
@@ -201,12 +201,12 @@ impl Stager {
             for (i, chunk) in chunks.iter().enumerate() {
                 let slot = i % 2;
                 // The buffer is free once the copy of the chunk before last has drained it.
-                wait_all(std::mem::take(&mut inflight[slot]), deadline)?;
+                wait_slot(&mut inflight[slot], deadline)?;
                 recv(buffers.bytes_mut(slot, chunk.len))?;
                 inflight[slot] = self.start(chunk, buffers.addr(slot), Direction::FromBounce)?;
             }
             for fences in &mut inflight {
-                wait_all(std::mem::take(fences), deadline)?;
+                wait_slot(fences, deadline)?;
             }
             Ok(())
         })();
@@ -297,8 +297,11 @@ fn settle(
     outcome
 }
 
-fn wait_all(fences: Vec<CopyFence>, deadline: Deadline) -> Result<()> {
-    fences.iter().try_for_each(|f| f.wait(deadline))
+/// Wait for a buffer's copies; they stay listed until done, so a failure leaves them for `settle`.
+fn wait_slot(fences: &mut Vec<CopyFence>, deadline: Deadline) -> Result<()> {
+    fences.iter().try_for_each(|f| f.wait(deadline))?;
+    fences.clear();
+    Ok(())
 }
 
 #[derive(Clone, Copy)]
