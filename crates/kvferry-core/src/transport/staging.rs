@@ -463,6 +463,24 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_device_copy_stops_the_transfer_as_a_device_error() {
+        // The host device refuses a null source, as a GPU driver refuses a bad pointer.
+        let stager = host_stager(4096);
+        let mut bounce = None;
+        let mut sent = 0;
+        let outcome = stager.send(&mut bounce, &[host(0, 10_000)], deadline(), |_| {
+            sent += 1;
+            Ok(())
+        });
+        match outcome {
+            Err(StageError::Device(e)) => assert_eq!(e.code(), crate::ErrorCode::InvalidCopy, "{e}"),
+            other => panic!("expected a device error, got {other:?}"),
+        }
+        assert_eq!(sent, 0, "nothing reaches the wire");
+        assert!(bounce.is_some());
+    }
+
+    #[test]
     fn registered_regions_tell_staged_local_memory_apart() {
         let stager = host_stager(4096);
         let gpu = MemKind::Cuda { device: 1 };
