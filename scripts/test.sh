@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 log() { printf '\n== %s\n' "$*"; }
 
 if ! command -v cargo >/dev/null; then
-    echo "kvferry's tests need a Rust toolchain (1.85 or newer) on PATH" >&2
+    echo "kvferry's tests need a Rust toolchain (1.88 or newer) on PATH" >&2
     exit 1
 fi
 
