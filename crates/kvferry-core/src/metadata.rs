@@ -8,6 +8,9 @@
 //! endpoint  transport u8 | address str
 //! region  addr u64 | len u64 | kind u8 | device u32 | key count u8 | (transport u8 | key len u16 | key)*
 //! ```
+//!
+//! Endpoints and keys of transports this build does not know (a peer built with another set of
+//! back ends) are skipped, not refused: the peer stays reachable through what both sides speak.
 
 use crate::error::ErrorCode;
 use crate::memory::{MemKind, MemRegion};
@@ -128,14 +131,14 @@ impl AgentMetadata {
             return Err(MetadataError::Malformed("empty agent name".into()));
         }
         let generation = r.u64()?;
-        let endpoints = (0..r.u16()?)
-            .map(|_| {
-                let tag = r.u8()?;
-                let kind = TransportKind::from_wire(tag)
-                    .ok_or_else(|| MetadataError::Malformed(format!("unknown transport {tag}")))?;
-                Ok(Endpoint { kind, address: r.str()? })
-            })
-            .collect::<Result<Vec<_>, MetadataError>>()?;
+        let mut endpoints = Vec::new();
+        for _ in 0..r.u16()? {
+            let tag = r.u8()?;
+            let address = r.str()?;
+            if let Some(kind) = TransportKind::from_wire(tag) {
+                endpoints.push(Endpoint { kind, address });
+            }
+        }
         let region_count = r.u32()? as usize;
         // Each region takes at least 22 bytes: refuse counts the body cannot hold before allocating.
         if region_count > r.buf.len() / 22 {
@@ -152,15 +155,15 @@ impl AgentMetadata {
             if len == 0 || region.end().is_none() {
                 return Err(MetadataError::Malformed(format!("region {i}: bad range {addr:#x}+{len}")));
             }
-            let keys = (0..r.u8()?)
-                .map(|_| {
-                    let tag = r.u8()?;
-                    let kind = TransportKind::from_wire(tag)
-                        .ok_or_else(|| MetadataError::Malformed(format!("region {i}: unknown transport {tag}")))?;
-                    let key_len = r.u16()? as usize;
-                    Ok((kind, r.take(key_len)?.to_vec()))
-                })
-                .collect::<Result<Vec<_>, MetadataError>>()?;
+            let mut keys = Vec::new();
+            for _ in 0..r.u8()? {
+                let tag = r.u8()?;
+                let key_len = r.u16()? as usize;
+                let key = r.take(key_len)?;
+                if let Some(kind) = TransportKind::from_wire(tag) {
+                    keys.push((kind, key.to_vec()));
+                }
+            }
             regions.push(RegionInfo { region, keys });
         }
         if !r.buf.is_empty() {
@@ -250,6 +253,26 @@ mod tests {
     fn round_trip() {
         let md = sample();
         assert_eq!(AgentMetadata::decode(&md.encode()).unwrap(), md);
+    }
+
+    #[test]
+    fn transports_this_build_does_not_know_are_skipped() {
+        let md = sample();
+        let mut bytes = md.encode();
+        let unknown = 0xEE;
+        assert!(TransportKind::from_wire(unknown).is_none());
+        // Retag every TCP endpoint and key (tag 1 before the address / key length) as unknown.
+        let mut body = bytes[HEADER_LEN..].to_vec();
+        let endpoint_tag = body.windows(3).position(|w| w == [1, 14, 0]).expect("the endpoint's tag and length");
+        body[endpoint_tag] = unknown;
+        let key_tag = body.windows(3).position(|w| w == [1, 16, 0]).expect("the key's tag and length");
+        body[key_tag] = unknown;
+        bytes = seal(&body);
+        let decoded = AgentMetadata::decode(&bytes).unwrap();
+        assert!(decoded.endpoints.is_empty());
+        assert!(decoded.regions[0].keys.is_empty());
+        assert_eq!(decoded.regions.len(), md.regions.len());
+        assert_eq!((decoded.name, decoded.generation), (md.name, md.generation));
     }
 
     #[test]
