@@ -29,7 +29,7 @@ pub fn parse_count_list(s: &str) -> Result<Vec<usize>, String> {
 
 pub fn format_size(n: u64) -> String {
     for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{}{unit}", n >> shift);
         }
     }

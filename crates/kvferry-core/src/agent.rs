@@ -517,15 +517,14 @@ impl Agent {
             }
             bytes += l.len;
             // Coalesce pairs that continue the previous op on both sides.
-            if let Some(prev) = ops.last_mut() {
-                if last_local_slot == l.slot
-                    && prev.remote_region == r.slot
-                    && prev.local_addr + prev.len == l.addr
-                    && prev.remote_addr + prev.len == r.addr
-                {
-                    prev.len += l.len;
-                    continue;
-                }
+            if let Some(prev) = ops.last_mut()
+                && last_local_slot == l.slot
+                && prev.remote_region == r.slot
+                && prev.local_addr + prev.len == l.addr
+                && prev.remote_addr + prev.len == r.addr
+            {
+                prev.len += l.len;
+                continue;
             }
             last_local_slot = l.slot;
             ops.push(XferOp { local_addr: l.addr, remote_region: r.slot, remote_addr: r.addr, len: l.len });
