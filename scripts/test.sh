@@ -12,7 +12,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # System packages the build and tests use.
-packages=(build-essential pkg-config)
+packages=(build-essential pkg-config valgrind)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
 features=()
 feature_args=()
@@ -59,12 +59,18 @@ if [ "$status" -ne 0 ]; then
     exit "$status"
 fi
 
+# The C ABI: C programs built with cc against an installed libkvferry, run, and run under valgrind.
+log "C ABI tests (c-api/check.sh)"
+bash c-api/check.sh
+
 # A run that executed no tests, or skipped the process tests, must not pass as green.
 passed=$(awk '/^test result: ok\./ { n += $4 } END { print n + 0 }' target/test-output.log)
 sentinels=(
     killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on
     blocks_move_both_ways_between_processes_byte_exact
     regions_match_reference
+    header_is_up_to_date
+    header_codes_equal_the_library_codes
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -38,3 +38,18 @@ pub extern "C" fn kvferry_version() -> *const c_char {
 pub extern "C" fn kvferry_abi_version() -> u32 {
     KVFERRY_ABI_VERSION
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+
+    use super::*;
+
+    #[test]
+    fn versions_agree_with_the_package_and_the_soname() {
+        let version = unsafe { CStr::from_ptr(kvferry_version()) }.to_str().unwrap();
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(kvferry_abi_version(), KVFERRY_ABI_VERSION);
+        assert_eq!(env!("KVFERRY_SONAME"), format!("libkvferry.so.{KVFERRY_ABI_VERSION}"));
+    }
+}
