@@ -99,7 +99,7 @@ pub unsafe extern "C" fn kvferry_agent_create(
             .collect::<CResult<Vec<_>>>()?;
         let agent = Agent::new(agent_config(name, &options)?)?;
         let state = AgentState { agent, notifications: Mutex::default(), peers: Mutex::default() };
-        out.set(handles::insert_agent(Arc::new(state)));
+        out.set(handles::insert_root(Arc::new(state)));
         Ok(())
     })
 }
@@ -113,13 +113,13 @@ pub unsafe extern "C" fn kvferry_agent_create(
 #[unsafe(no_mangle)]
 pub extern "C" fn kvferry_agent_destroy(agent: kvferry_agent) -> kvferry_status {
     guard(|| {
-        for (kind, object) in handles::remove_agent(agent)? {
+        for (kind, object) in handles::remove_root(agent)? {
             if kind == Kind::Transfer {
                 if let Ok(transfer) = object.downcast::<kvferry_core::Transfer>() {
                     crate::transfer::stop(&transfer);
                 }
             }
-            // Everything else releases itself on drop, in the order `remove_agent` returns.
+            // Everything else releases itself on drop, in the order `remove_root` returns.
         }
         Ok(())
     })

@@ -2,9 +2,10 @@
 //! pointer: a destroyed or forged handle is then a failed lookup (`KVFERRY_ERR_INVALID_HANDLE`)
 //! rather than a use after free. Ids are never reused, so a double destroy is always detected.
 //!
-//! Every handle other than an agent records the agent it was made from. Destroying the agent
-//! destroys them too, in an order that keeps memory safe: transfers (cancelled), descriptor lists,
-//! peers, then registrations (whose drop waits for local transfers still using the memory).
+//! A handle is either a root (an agent; a tier store will be another) or made from one, whose id it
+//! records. Destroying a root destroys what was made from it too, in an order that keeps memory
+//! safe: transfers (cancelled), descriptor lists, peers, then registrations (whose drop waits for
+//! local transfers still using the memory).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -45,8 +46,8 @@ pub(crate) trait Handle: Copy {
 
 struct Entry {
     kind: Kind,
-    /// The agent this handle was made from (an agent's own id for agents).
-    agent: u64,
+    /// The root this handle was made from (a root's own id for roots).
+    root: u64,
     object: Arc<dyn Any + Send + Sync>,
 }
 
@@ -70,31 +71,31 @@ fn invalid<H: Handle>(handle: H) -> Failure {
     )
 }
 
-/// Register a new agent.
-pub(crate) fn insert_agent<H: Handle>(object: Arc<H::Object>) -> H {
+/// Register a new root object.
+pub(crate) fn insert_root<H: Handle>(object: Arc<H::Object>) -> H {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    write().insert(id, Entry { kind: H::KIND, agent: id, object });
+    write().insert(id, Entry { kind: H::KIND, root: id, object });
     H::from_id(id)
 }
 
-/// Register an object made from `agent`; fails if the agent was destroyed meanwhile, so no
-/// handle outlives its agent.
-pub(crate) fn insert<H: Handle, A: Handle>(agent: A, object: Arc<H::Object>) -> CResult<H> {
+/// Register an object made from `root`; fails if the root was destroyed meanwhile, so no handle
+/// outlives its root.
+pub(crate) fn insert<H: Handle, R: Handle>(root: R, object: Arc<H::Object>) -> CResult<H> {
     let mut table = write();
-    if table.get(&agent.id()).is_none_or(|e| e.kind != A::KIND) {
-        return Err(invalid(agent));
+    if table.get(&root.id()).is_none_or(|e| e.kind != R::KIND) {
+        return Err(invalid(root));
     }
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    table.insert(id, Entry { kind: H::KIND, agent: agent.id(), object });
+    table.insert(id, Entry { kind: H::KIND, root: root.id(), object });
     Ok(H::from_id(id))
 }
 
-/// The object behind a handle and the id of the agent it was made from.
+/// The object behind a handle and the id of the root it was made from.
 pub(crate) fn lookup<H: Handle>(handle: H) -> CResult<(Arc<H::Object>, u64)> {
     let table = read();
     let entry = table.get(&handle.id()).filter(|e| e.kind == H::KIND).ok_or_else(|| invalid(handle))?;
     let object = entry.object.clone().downcast::<H::Object>().map_err(|_| invalid(handle))?;
-    Ok((object, entry.agent))
+    Ok((object, entry.root))
 }
 
 pub(crate) fn get<H: Handle>(handle: H) -> CResult<Arc<H::Object>> {
@@ -112,14 +113,14 @@ pub(crate) fn remove<H: Handle>(handle: H) -> CResult<Arc<H::Object>> {
     entry.object.downcast::<H::Object>().map_err(|_| invalid(handle))
 }
 
-/// Take an agent and every handle made from it out of the table, dependents first in
-/// [`Kind`] order (the agent last).
-pub(crate) fn remove_agent<H: Handle>(agent: H) -> CResult<Vec<(Kind, Arc<dyn Any + Send + Sync>)>> {
+/// Take a root and every handle made from it out of the table, dependents first in [`Kind`] order
+/// (the root last).
+pub(crate) fn remove_root<H: Handle>(root: H) -> CResult<Vec<(Kind, Arc<dyn Any + Send + Sync>)>> {
     let mut table = write();
-    if table.get(&agent.id()).is_none_or(|e| e.kind != H::KIND) {
-        return Err(invalid(agent));
+    if table.get(&root.id()).is_none_or(|e| e.kind != H::KIND) {
+        return Err(invalid(root));
     }
-    let ids: Vec<u64> = table.iter().filter(|(_, e)| e.agent == agent.id()).map(|(id, _)| *id).collect();
+    let ids: Vec<u64> = table.iter().filter(|(_, e)| e.root == root.id()).map(|(id, _)| *id).collect();
     let mut removed: Vec<(Kind, Arc<dyn Any + Send + Sync>)> =
         ids.iter().filter_map(|id| table.remove(id)).map(|e| (e.kind, e.object)).collect();
     removed.sort_by_key(|(kind, _)| *kind);
@@ -142,3 +143,61 @@ macro_rules! handle {
     };
 }
 pub(crate) use handle;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, Copy)]
+    struct Root {
+        id: u64,
+    }
+    handle!(Root, String, Kind::Agent);
+
+    #[derive(Debug, Clone, Copy)]
+    struct Registration {
+        id: u64,
+    }
+    handle!(Registration, u32, Kind::Registration);
+
+    #[derive(Debug, Clone, Copy)]
+    struct Transfer {
+        id: u64,
+    }
+    handle!(Transfer, u32, Kind::Transfer);
+
+    #[test]
+    fn destroyed_forged_and_mistyped_handles_are_refused() {
+        let root: Root = insert_root(Arc::new("root".to_string()));
+        let reg: Registration = insert(root, Arc::new(7)).unwrap();
+        assert_eq!(*get(reg).unwrap(), 7);
+        assert_eq!(lookup(reg).unwrap().1, root.id);
+        assert_eq!(get(Transfer { id: reg.id }).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        assert_eq!(get(Root { id: 0 }).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        assert_eq!(*remove(reg).unwrap(), 7);
+        assert_eq!(remove(reg).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        // Ids are not reused, so the stale copy stays invalid after new inserts.
+        let next: Registration = insert(root, Arc::new(8)).unwrap();
+        assert_ne!(next.id, reg.id);
+        assert!(get(reg).is_err());
+        remove_root(root).unwrap();
+    }
+
+    #[test]
+    fn a_root_takes_its_dependents_along_in_safe_order() {
+        let root: Root = insert_root(Arc::new("root".to_string()));
+        let other: Root = insert_root(Arc::new("other".to_string()));
+        let reg: Registration = insert(root, Arc::new(1)).unwrap();
+        let transfer: Transfer = insert(root, Arc::new(2)).unwrap();
+        let unrelated: Transfer = insert(other, Arc::new(3)).unwrap();
+
+        let kinds: Vec<Kind> = remove_root(root).unwrap().into_iter().map(|(kind, _)| kind).collect();
+        assert_eq!(kinds, [Kind::Transfer, Kind::Registration, Kind::Agent]);
+        assert!(get(reg).is_err() && get(transfer).is_err());
+        assert_eq!(remove_root(root).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        // Nothing can be made from a destroyed root, so nothing is left behind in the table.
+        assert_eq!(insert::<Registration, _>(root, Arc::new(4)).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        assert_eq!(*get(unrelated).unwrap(), 3);
+        remove_root(other).unwrap();
+    }
+}
