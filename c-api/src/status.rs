@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::ffi::{CString, c_char};
+use std::ffi::c_char;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use kvferry_core::{Error, ErrorCode};
@@ -146,14 +146,22 @@ impl From<Error> for Failure {
 pub(crate) type CResult<T = ()> = Result<T, Failure>;
 
 thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// The last message with its NUL, or empty for "". Reused across calls, so a successful call
+    /// allocates nothing.
+    static LAST_ERROR: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 fn set_last_error(message: &str) {
-    // A NUL inside the text would cut the C string short; nothing else needs escaping.
-    let text = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
     // Unavailable only while the thread is being torn down; the code still reaches the caller.
-    let _ = LAST_ERROR.try_with(|slot| *slot.borrow_mut() = text);
+    let _ = LAST_ERROR.try_with(|slot| {
+        let mut slot = slot.borrow_mut();
+        slot.clear();
+        if !message.is_empty() {
+            // A NUL inside the text would cut the C string short; nothing else needs escaping.
+            slot.extend(message.bytes().filter(|&b| b != 0));
+            slot.push(0);
+        }
+    });
 }
 
 fn panic_text(payload: &(dyn Any + Send)) -> &str {
@@ -189,9 +197,13 @@ pub(crate) fn guard(call: impl FnOnce() -> CResult) -> kvferry_status {
 #[unsafe(no_mangle)]
 pub extern "C" fn kvferry_last_error_message() -> *const c_char {
     const EMPTY: &[u8] = b"\0";
-    // The pointer stays valid after `with` returns: the CString lives in the thread-local slot
-    // until the next call on this thread replaces it.
-    LAST_ERROR.try_with(|slot| slot.borrow().as_ptr()).unwrap_or(EMPTY.as_ptr().cast())
+    // The pointer stays valid after `with` returns: the buffer lives in the thread-local slot and
+    // is only changed by the next call on this thread.
+    let message = LAST_ERROR.try_with(|slot| {
+        let slot = slot.borrow();
+        if slot.is_empty() { EMPTY.as_ptr() } else { slot.as_ptr() }
+    });
+    message.unwrap_or(EMPTY.as_ptr()).cast()
 }
 
 /// The name of a status code (`"KVFERRY_ERR_TIMEOUT"`), or `"KVFERRY_ERR_UNKNOWN"` for a code this
@@ -234,13 +246,13 @@ mod tests {
     }
 
     #[test]
-    fn the_last_error_is_per_thread_and_survives_embedded_nuls() {
+    fn the_last_error_is_per_thread_and_drops_embedded_nuls() {
         assert_eq!(guard(|| Err(Failure::invalid_argument("a\0b"))), KVFERRY_ERR_INVALID_ARGUMENT);
         std::thread::spawn(|| {
             assert_eq!(unsafe { CStr::from_ptr(kvferry_last_error_message()) }.to_bytes(), b"");
         })
         .join()
         .unwrap();
-        assert_eq!(unsafe { CStr::from_ptr(kvferry_last_error_message()) }.to_str().unwrap(), "a\\0b");
+        assert_eq!(unsafe { CStr::from_ptr(kvferry_last_error_message()) }.to_str().unwrap(), "ab");
     }
 }
