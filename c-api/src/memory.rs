@@ -106,14 +106,12 @@ pub unsafe extern "C" fn kvferry_descs_prepare_local(
     count: usize,
     out: *mut kvferry_descs,
 ) -> kvferry_status {
-    guard(|| {
-        let regions = unsafe { slice_arg(regions, count, "regions") }?;
-        let out = unsafe { Out::new(out, "out") }?;
-        let state = handles::get(agent)?;
-        let descs = state.agent.prepare_local(&mem_regions(regions)?)?;
-        out.set(handles::insert(agent, descs.into())?);
-        Ok(())
-    })
+    unsafe {
+        prepare(regions, count, out, |regions| {
+            let state = handles::get(agent)?;
+            Ok((state.agent.prepare_local(regions)?, agent))
+        })
+    }
 }
 
 /// Check `count` spans of the peer's memory against the regions it published and store the
@@ -128,12 +126,27 @@ pub unsafe extern "C" fn kvferry_descs_prepare_remote(
     count: usize,
     out: *mut kvferry_descs,
 ) -> kvferry_status {
+    unsafe {
+        prepare(regions, count, out, |regions| {
+            let (peer, agent) = handles::lookup(peer)?;
+            Ok((peer.agent.agent.prepare_remote(&peer.name, regions)?, kvferry_agent { id: agent }))
+        })
+    }
+}
+
+/// Both prepare functions: check the arguments, prepare the list, and hand it out as a dependent of
+/// the agent `prepare_with` names.
+unsafe fn prepare(
+    regions: *const kvferry_region,
+    count: usize,
+    out: *mut kvferry_descs,
+    prepare_with: impl FnOnce(&[MemRegion]) -> CResult<(PreparedDescs, kvferry_agent)>,
+) -> kvferry_status {
     guard(|| {
         let regions = unsafe { slice_arg(regions, count, "regions") }?;
         let out = unsafe { Out::new(out, "out") }?;
-        let (peer_state, agent) = handles::lookup(peer)?;
-        let descs = peer_state.agent.agent.prepare_remote(&peer_state.name, &mem_regions(regions)?)?;
-        out.set(handles::insert(kvferry_agent { id: agent }, descs.into())?);
+        let (descs, agent) = prepare_with(&mem_regions(regions)?)?;
+        out.set(handles::insert(agent, descs.into())?);
         Ok(())
     })
 }

@@ -29,6 +29,16 @@ static void block_regions(uint64_t addr, kvferry_region regions[BLOCKS]) {
     }
 }
 
+/* Lists of all blocks of our buffer and of the peer's buffer at `peer_addr`. */
+static void prepare_lists(kvferry_agent agent, kvferry_peer peer, const uint8_t *buf, uint64_t peer_addr,
+                          kvferry_descs *local, kvferry_descs *remote) {
+    kvferry_region regions[BLOCKS];
+    block_regions((uintptr_t)buf, regions);
+    CHECK_OK(kvferry_descs_prepare_local(agent, regions, BLOCKS, local));
+    block_regions(peer_addr, regions);
+    CHECK_OK(kvferry_descs_prepare_remote(peer, regions, BLOCKS, remote));
+}
+
 /* Wait for one notification from `expected_from` and return its payload, NUL-terminated. */
 static void take_notification(kvferry_agent agent, const char *expected_from, char *payload, size_t capacity) {
     char from[64];
@@ -65,12 +75,8 @@ static int serve(int info_fd, pid_t client) {
     /* The child connected through the side channel, so it is a peer already. */
     kvferry_peer client_peer;
     CHECK_OK(kvferry_peer_lookup(agent, "c-client", &client_peer));
-    kvferry_region regions[BLOCKS];
     kvferry_descs local, remote;
-    block_regions((uintptr_t)buf, regions);
-    CHECK_OK(kvferry_descs_prepare_local(agent, regions, BLOCKS, &local));
-    block_regions(client_addr, regions);
-    CHECK_OK(kvferry_descs_prepare_remote(client_peer, regions, BLOCKS, &remote));
+    prepare_lists(agent, client_peer, buf, client_addr, &local, &remote);
     const size_t from_blocks[] = {0, 1, 2, 3}, to_blocks[] = {12, 13, 14, 15};
     const char reply[] = "reply";
     kvferry_transfer xfer;
@@ -121,12 +127,8 @@ static int connect_and_move(int info_fd) {
     CHECK_OK(kvferry_peer_name(server, name, sizeof name, &name_len));
     CHECK(strcmp(name, "c-server") == 0 && name_len == 8);
 
-    kvferry_region regions[BLOCKS];
     kvferry_descs local, remote;
-    block_regions((uintptr_t)buf, regions);
-    CHECK_OK(kvferry_descs_prepare_local(agent, regions, BLOCKS, &local));
-    block_regions(server_addr, regions);
-    CHECK_OK(kvferry_descs_prepare_remote(server, regions, BLOCKS, &remote));
+    prepare_lists(agent, server, buf, server_addr, &local, &remote);
 
     /* READ server blocks 5, 2, 7 into local blocks 0, 1, 2, polling for completion. */
     const size_t read_local[] = {0, 1, 2}, read_remote[] = {5, 2, 7};
