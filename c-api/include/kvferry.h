@@ -174,6 +174,8 @@ extern "C" {
 const char *kvferry_version(void);
 
 // The ABI version of the loaded library (`KVFERRY_ABI_VERSION` of the header it was built with).
+//
+// Ownership: nothing to own; never fails.
 uint32_t kvferry_abi_version(void);
 
 // The message of the last call on this thread that failed, or "" when the last call succeeded.
@@ -362,11 +364,16 @@ kvferry_status kvferry_transfer_poll(struct kvferry_transfer transfer, bool *don
 
 // Block until the transfer completes (`KVFERRY_OK`), fails (its error), or reaches its deadline
 // (`KVFERRY_ERR_TIMEOUT`).
+//
+// Ownership: borrows `transfer`; it stays valid (destroy it when done). Another thread may
+// destroy it meanwhile: the wait still returns the outcome.
 kvferry_status kvferry_transfer_wait(struct kvferry_transfer transfer);
 
 // Stop a transfer: parts not yet started are skipped. Returns once the transfer no longer
 // touches local memory (or at its deadline); it then reports `KVFERRY_ERR_CANCELLED` unless it
 // had already finished.
+//
+// Ownership: borrows `transfer`; it stays valid until destroyed.
 kvferry_status kvferry_transfer_cancel(struct kvferry_transfer transfer);
 
 // Store the number of bytes the transfer moves in `*bytes`.

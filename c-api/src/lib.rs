@@ -34,6 +34,8 @@ pub extern "C" fn kvferry_version() -> *const c_char {
 }
 
 /// The ABI version of the loaded library (`KVFERRY_ABI_VERSION` of the header it was built with).
+///
+/// Ownership: nothing to own; never fails.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvferry_abi_version() -> u32 {
     KVFERRY_ABI_VERSION

@@ -134,6 +134,9 @@ pub unsafe extern "C" fn kvferry_transfer_poll(transfer: kvferry_transfer, done:
 
 /// Block until the transfer completes (`KVFERRY_OK`), fails (its error), or reaches its deadline
 /// (`KVFERRY_ERR_TIMEOUT`).
+///
+/// Ownership: borrows `transfer`; it stays valid (destroy it when done). Another thread may
+/// destroy it meanwhile: the wait still returns the outcome.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvferry_transfer_wait(transfer: kvferry_transfer) -> kvferry_status {
     guard(|| Ok(handles::get(transfer)?.wait()?))
@@ -142,6 +145,8 @@ pub extern "C" fn kvferry_transfer_wait(transfer: kvferry_transfer) -> kvferry_s
 /// Stop a transfer: parts not yet started are skipped. Returns once the transfer no longer
 /// touches local memory (or at its deadline); it then reports `KVFERRY_ERR_CANCELLED` unless it
 /// had already finished.
+///
+/// Ownership: borrows `transfer`; it stays valid until destroyed.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvferry_transfer_cancel(transfer: kvferry_transfer) -> kvferry_status {
     guard(|| {
