@@ -47,6 +47,13 @@ fn agent_config(name: &str, options: &[&str]) -> CResult<AgentConfig> {
             .ok_or_else(|| Failure::invalid_argument(format!("option {option:?} is not of the form key=value")))?;
         let bad = |expected: &str| Failure::invalid_argument(format!("option {key}: {value:?} is not {expected}"));
         let number = |expected| value.parse::<u64>().map_err(|_| bad(expected));
+        // Sockets refuse a zero timeout, so zero would fail every connection later.
+        let millis = || {
+            number("a positive number of milliseconds").and_then(|ms| match ms {
+                0 => Err(bad("a positive number of milliseconds")),
+                ms => Ok(ms),
+            })
+        };
         match key {
             "tcp" => {
                 tcp_enabled = match value {
@@ -63,8 +70,8 @@ fn agent_config(name: &str, options: &[&str]) -> CResult<AgentConfig> {
                     _ => return Err(bad("a stream count from 1 to 64")),
                 }
             }
-            "tcp.connect_timeout_ms" => tcp.connect_timeout = Duration::from_millis(number("milliseconds")?),
-            "tcp.request_timeout_ms" => tcp.request_timeout = Duration::from_millis(number("milliseconds")?),
+            "tcp.connect_timeout_ms" => tcp.connect_timeout = Duration::from_millis(millis()?),
+            "tcp.request_timeout_ms" => tcp.request_timeout = Duration::from_millis(millis()?),
             "tcp.min_frame_bytes" => tcp.min_frame_bytes = number("a byte count")?,
             _ => return Err(Failure::invalid_argument(format!("unknown option {key:?}; known options: {OPTIONS}"))),
         }
