@@ -12,7 +12,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # System packages the build and tests use.
-packages=(build-essential pkg-config)
+packages=(build-essential pkg-config valgrind)
 # The HIP runtime the rocm tests load (no AMD GPU needed: they check the no-device path).
 packages+=(libamdhip64-dev)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
@@ -63,6 +63,10 @@ if [ "$status" -ne 0 ]; then
     exit "$status"
 fi
 
+# The C ABI: C programs built with cc against an installed libkvferry, run, and run under valgrind.
+log "C ABI tests (c-api/check.sh)"
+bash c-api/check.sh
+
 # A run that executed no tests, or skipped the process tests, must not pass as green.
 passed=$(awk '/^test result: ok\./ { n += $4 } END { print n + 0 }' target/test-output.log)
 sentinels=(
@@ -73,6 +77,8 @@ sentinels=(
     rocm::tests::opening_without_a_device_is_a_typed_error
     host_memory_staged_through_the_host_device_moves_byte_exact
     gather_packs_blocks_in_order_and_scatter_puts_them_back
+    header_is_up_to_date
+    header_codes_equal_the_library_codes
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -186,8 +186,10 @@ fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<
                 }
                 let mut data = vec![0u8; header.payload_len as usize];
                 stream.read_exact(&mut data)?;
-                shared.notifications.push(Notification { from: from.clone(), data });
+                // Acknowledge first: a receiver that acts on the notification by shutting down
+                // would otherwise close the connection before the sender learns it succeeded.
                 respond(&mut stream, Ok(0), &[])?;
+                shared.notifications.push(Notification { from: from.clone(), data });
             }
         }
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, FrameKind, Header, WireDesc};
 use super::{TcpConfig, TcpTransport};
+use crate::deadline::Deadline;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
 use crate::transport::{NotificationQueue, RejectReason, Transport};
 
@@ -163,7 +164,8 @@ fn notifications_carry_the_sender_name() {
     let mut s = client(&f);
     let h = request(&mut s, FrameKind::Notify, &[], b"req-42 done");
     assert_eq!(h.tag, 0);
-    let got = f.notifications.take();
+    // Queued just after the acknowledgement (see `serve_connection`), so wait for it.
+    let got = f.notifications.wait(Deadline::after(Duration::from_secs(5)));
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].from.as_str(), got[0].data.as_slice()), ("raw-client", &b"req-42 done"[..]));
 }

@@ -1,0 +1,243 @@
+//! Agents: create and destroy, metadata, the side channel, incoming notifications.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_char;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kvferry_core::transport::tcp::TcpConfig;
+use kvferry_core::{Agent, AgentConfig, Notification};
+
+use crate::args::{Out, OutBuf, deadline_ms, slice_arg, str_arg};
+use crate::handles::{self, Kind, handle};
+use crate::peer::kvferry_peer;
+use crate::status::{CResult, Failure, KVFERRY_ERR_TIMEOUT, guard, kvferry_status};
+
+/// One engine rank's endpoint: its transports, registered memory and peers.
+///
+/// Handles are plain values: copy them freely. `id` 0 is never a valid handle, so a
+/// zero-initialized handle is safely "none". Destroying a handle invalidates every copy of it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct kvferry_agent {
+    pub id: u64,
+}
+
+pub(crate) struct AgentState {
+    pub agent: Agent,
+    /// Notifications taken from the agent and not yet handed to C, oldest first.
+    notifications: Mutex<VecDeque<Notification>>,
+    /// Peer name -> its handle, so one peer has one handle however often it is added.
+    pub peers: Mutex<HashMap<String, kvferry_peer>>,
+}
+
+handle!(kvferry_agent, AgentState, Kind::Agent);
+
+/// The options `kvferry_agent_create` understands, for the error that lists them.
+const OPTIONS: &str = "tcp, tcp.listen, tcp.advertise_host, tcp.streams, tcp.connect_timeout_ms, \
+                       tcp.request_timeout_ms, tcp.min_frame_bytes";
+
+fn agent_config(name: &str, options: &[&str]) -> CResult<AgentConfig> {
+    let mut tcp = TcpConfig::default();
+    let mut tcp_enabled = true;
+    for option in options {
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| Failure::invalid_argument(format!("option {option:?} is not of the form key=value")))?;
+        let bad = |expected: &str| Failure::invalid_argument(format!("option {key}: {value:?} is not {expected}"));
+        let number = |expected| value.parse::<u64>().map_err(|_| bad(expected));
+        // Sockets refuse a zero timeout, so zero would fail every connection later.
+        let millis = || {
+            number("a positive number of milliseconds").and_then(|ms| match ms {
+                0 => Err(bad("a positive number of milliseconds")),
+                ms => Ok(ms),
+            })
+        };
+        match key {
+            "tcp" => {
+                tcp_enabled = match value {
+                    "on" | "1" | "true" => true,
+                    "off" | "0" | "false" => false,
+                    _ => return Err(bad("on or off")),
+                }
+            }
+            "tcp.listen" => tcp.listen = value.parse::<SocketAddr>().map_err(|_| bad("an ip:port address"))?,
+            "tcp.advertise_host" => tcp.advertise_host = Some(value.to_string()),
+            "tcp.streams" => {
+                tcp.streams = match number("a stream count from 1 to 64")? {
+                    n @ 1..=64 => n as usize,
+                    _ => return Err(bad("a stream count from 1 to 64")),
+                }
+            }
+            "tcp.connect_timeout_ms" => tcp.connect_timeout = Duration::from_millis(millis()?),
+            "tcp.request_timeout_ms" => tcp.request_timeout = Duration::from_millis(millis()?),
+            "tcp.min_frame_bytes" => tcp.min_frame_bytes = number("a byte count")?,
+            _ => return Err(Failure::invalid_argument(format!("unknown option {key:?}; known options: {OPTIONS}"))),
+        }
+    }
+    Ok(AgentConfig { tcp: tcp_enabled.then_some(tcp), ..AgentConfig::new(name) })
+}
+
+/// Create an agent named `name` (unique among the agents that talk to each other).
+///
+/// `options` is an array of `option_count` `"key=value"` strings (NULL when `option_count` is 0):
+/// `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0), `tcp.advertise_host=HOST` (needed
+/// with a wildcard listen address), `tcp.streams=N` (default 2), `tcp.connect_timeout_ms=MS`,
+/// `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`. An unknown key is an error.
+///
+/// Ownership: `name` and `options` are borrowed for the call. On success `*out` is a new agent
+/// the caller owns and must release with `kvferry_agent_destroy`; on failure `*out` is untouched.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvferry_agent_create(
+    name: *const c_char,
+    options: *const *const c_char,
+    option_count: usize,
+    out: *mut kvferry_agent,
+) -> kvferry_status {
+    guard(|| {
+        let name = unsafe { str_arg(name, "name") }?;
+        let option_ptrs = unsafe { slice_arg(options, option_count, "options") }?;
+        let out = unsafe { Out::new(out, "out") }?;
+        let options = option_ptrs
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| unsafe { str_arg(p, &format!("options[{i}]")) })
+            .collect::<CResult<Vec<_>>>()?;
+        let agent = Agent::new(agent_config(name, &options)?)?;
+        let state = AgentState { agent, notifications: Mutex::default(), peers: Mutex::default() };
+        out.set(handles::insert_root(Arc::new(state)));
+        Ok(())
+    })
+}
+
+/// Destroy an agent and every handle made from it (registrations, peers, descriptor lists,
+/// transfers): transfers in flight are cancelled, and once this returns kvferry no longer touches
+/// any memory registered with the agent, so the caller may free it.
+///
+/// Ownership: consumes `agent` and its dependents; every copy of their handles becomes invalid.
+/// Destroying it again returns `KVFERRY_ERR_INVALID_HANDLE`.
+#[unsafe(no_mangle)]
+pub extern "C" fn kvferry_agent_destroy(agent: kvferry_agent) -> kvferry_status {
+    guard(|| {
+        for (kind, object) in handles::remove_root(agent)? {
+            if kind == Kind::Transfer {
+                if let Ok(transfer) = object.downcast::<kvferry_core::Transfer>() {
+                    crate::transfer::stop(&transfer);
+                }
+            }
+            // Everything else releases itself on drop, in the order `remove_root` returns.
+        }
+        Ok(())
+    })
+}
+
+/// Copy the agent's metadata (what a peer needs to reach it, for `kvferry_peer_add`) into
+/// `buf` and store its length in `*len`. With a `capacity` too small (0 and `buf` NULL to ask),
+/// returns `KVFERRY_ERR_BUFFER_TOO_SMALL` and stores the needed size in `*len`.
+///
+/// Ownership: `buf` and `len` are the caller's; nothing is retained.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvferry_agent_metadata(
+    agent: kvferry_agent,
+    buf: *mut u8,
+    capacity: usize,
+    len: *mut usize,
+) -> kvferry_status {
+    guard(|| {
+        let out = unsafe { OutBuf::new(buf, capacity, len, "the metadata buffer") }?;
+        let state = handles::get(agent)?;
+        out.fill(&state.agent.metadata(), false)
+    })
+}
+
+/// Serve the agent's metadata on `listen` (`"IP:PORT"`, port 0 picks one) so that peers find it
+/// with `kvferry_peer_connect`; peers that connect become peers of this agent too. The port bound
+/// is stored in `*port` unless `port` is NULL. Serving again replaces the previous listener.
+///
+/// Ownership: `listen` is borrowed for the call; the listener lives until the agent is destroyed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvferry_side_channel_serve(
+    agent: kvferry_agent,
+    listen: *const c_char,
+    port: *mut u16,
+) -> kvferry_status {
+    guard(|| {
+        let listen = unsafe { str_arg(listen, "listen") }?;
+        let port = unsafe { Out::optional(port, "port") }?;
+        let listen: SocketAddr =
+            listen.parse().map_err(|_| Failure::invalid_argument(format!("{listen:?} is not an ip:port address")))?;
+        let state = handles::get(agent)?;
+        let bound = state.agent.serve_side_channel(listen)?;
+        if let Some(port) = port {
+            port.set(bound.port());
+        }
+        Ok(())
+    })
+}
+
+/// Take the oldest notification a peer sent this agent, waiting up to `timeout_ms` for one.
+///
+/// The sender's name goes into `from` (NUL-terminated; `*from_len` excludes the NUL) and the
+/// payload into `data` (`*data_len` bytes). Returns `KVFERRY_ERR_TIMEOUT` when none arrived in
+/// time. When either buffer is too small, returns `KVFERRY_ERR_BUFFER_TOO_SMALL`, stores the
+/// needed capacities in `*from_len` (NUL included) and `*data_len`, and keeps the notification
+/// queued for the next call.
+///
+/// Ownership: all buffers are the caller's; nothing is retained. Notifications are meant to be
+/// consumed by one thread per agent.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments, reason = "two caller buffers with their capacities and lengths")]
+pub unsafe extern "C" fn kvferry_notification_take(
+    agent: kvferry_agent,
+    timeout_ms: u32,
+    from: *mut c_char,
+    from_capacity: usize,
+    from_len: *mut usize,
+    data: *mut u8,
+    data_capacity: usize,
+    data_len: *mut usize,
+) -> kvferry_status {
+    guard(|| {
+        let from = unsafe { OutBuf::new(from.cast(), from_capacity, from_len, "the sender buffer") }?;
+        let data = unsafe { OutBuf::new(data, data_capacity, data_len, "the notification buffer") }?;
+        let state = handles::get(agent)?;
+        let deadline = deadline_ms(timeout_ms);
+        let queue = || state.notifications.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let mut pending = queue();
+            if pending.is_empty() {
+                pending.extend(state.agent.take_notifications());
+            }
+            if let Some(next) = pending.front() {
+                let (from_needed, data_needed) = (next.from.len() + 1, next.data.len());
+                if from.check(from_needed).is_err() || data.check(data_needed).is_err() {
+                    let too_small = from.check(from_needed).and(data.check(data_needed));
+                    from.report_needed(from_needed);
+                    data.report_needed(data_needed);
+                    return too_small;
+                }
+                let next = pending.pop_front().expect("checked above");
+                from.fill(next.from.as_bytes(), true)?;
+                return data.fill(&next.data, false);
+            }
+            if deadline.expired() {
+                return Err(Failure::new(
+                    KVFERRY_ERR_TIMEOUT,
+                    format!("no notification arrived within {timeout_ms} ms"),
+                ));
+            }
+            drop(pending);
+            let arrived = state.agent.wait_notifications(deadline);
+            queue().extend(arrived);
+        }
+    })
+}
+
+/// Fails unless `owner` (the agent a handle was made from) is `agent`.
+pub(crate) fn check_owner(agent: kvferry_agent, owner: u64, what: &str) -> CResult {
+    if owner != agent.id {
+        return Err(Failure::invalid_argument(format!("{what} belongs to another agent")));
+    }
+    Ok(())
+}
