@@ -121,10 +121,10 @@ pub unsafe extern "C" fn kvferry_agent_create(
 pub extern "C" fn kvferry_agent_destroy(agent: kvferry_agent) -> kvferry_status {
     guard(|| {
         for (kind, object) in handles::remove_root(agent)? {
-            if kind == Kind::Transfer {
-                if let Ok(transfer) = object.downcast::<kvferry_core::Transfer>() {
-                    crate::transfer::stop(&transfer);
-                }
+            if kind == Kind::Transfer
+                && let Ok(transfer) = object.downcast::<kvferry_core::Transfer>()
+            {
+                crate::transfer::stop(&transfer);
             }
             // Everything else releases itself on drop, in the order `remove_root` returns.
         }
