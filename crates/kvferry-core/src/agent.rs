@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemRegion, Memory};
 use crate::metadata::{AgentMetadata, RegionInfo};
 use crate::side_channel::{self, SideChannelServer};
+use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::tcp::{self, TcpConfig, TcpTransport};
 use crate::transport::{
     Batch, Completion, Endpoint, NotificationQueue, Op, PeerLink, RemoteRegion, Transport, TransportKind, XferOp,
@@ -74,11 +75,14 @@ pub struct AgentConfig {
     pub name: String,
     /// The TCP transport; `None` disables it.
     pub tcp: Option<TcpConfig>,
+    /// The shared-memory transport, preferred for peers on the same host; `None` disables it.
+    pub shm: Option<ShmConfig>,
 }
 
 impl AgentConfig {
+    /// TCP and shared memory with their defaults.
     pub fn new(name: impl Into<String>) -> Self {
-        AgentConfig { name: name.into(), tcp: Some(TcpConfig::default()) }
+        AgentConfig { name: name.into(), tcp: Some(TcpConfig::default()), shm: Some(ShmConfig::default()) }
     }
 }
 
@@ -224,6 +228,8 @@ pub struct Transfer {
     completion: Arc<Completion>,
     ops: usize,
     post_time: Duration,
+    transport: TransportKind,
+    mode: Option<&'static str>,
 }
 
 impl Transfer {
@@ -259,6 +265,17 @@ impl Transfer {
         self.post_time
     }
 
+    /// The transport that moves this transfer.
+    pub fn transport(&self) -> TransportKind {
+        self.transport
+    }
+
+    /// How the transport moves it, where it has more than one way: `mapped`, `cross-memory` or
+    /// `mapped+cross-memory` for shm.
+    pub fn mode(&self) -> Option<&'static str> {
+        self.mode
+    }
+
     /// From post to completion, once completed.
     pub fn elapsed(&self) -> Option<Duration> {
         self.completion.elapsed()
@@ -284,6 +301,13 @@ impl Agent {
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         if let Some(tcp) = config.tcp {
             transports.push(Arc::new(TcpTransport::start(&config.name, tcp, notifications.clone())?));
+        }
+        if let Some(shm) = config.shm {
+            // Shared memory only speeds up same-host peers: a system without it still has an agent.
+            match ShmTransport::start(&config.name, shm, notifications.clone()) {
+                Ok(t) => transports.push(Arc::new(t)),
+                Err(e) => tracing::warn!(error = %e, "the shm transport is unavailable; peers use the others"),
+            }
         }
         if transports.is_empty() {
             return Err(Error::InvalidArgument("an agent needs at least one transport".into()));
@@ -347,6 +371,11 @@ impl Agent {
 
     pub fn peer_metadata(&self, name: &str) -> Option<AgentMetadata> {
         self.inner.peers.read().unwrap().get(name).map(|p| p.meta.clone())
+    }
+
+    /// The transport this agent reaches a peer with.
+    pub fn peer_transport(&self, name: &str) -> Option<TransportKind> {
+        self.inner.peers.read().unwrap().get(name).map(|p| p.transport)
     }
 
     /// Check local descriptors against this agent's registrations.
@@ -519,8 +548,9 @@ impl Agent {
         keep_alive: Arc<dyn Any + Send + Sync>,
     ) -> Result<Transfer> {
         let n_ops = ops.len();
+        let mode = peer.link.mode(&ops);
         peer.link.post(Batch { ops, completion: completion.clone(), keep_alive })?;
-        Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed() })
+        Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed(), transport: peer.transport, mode })
     }
 
     /// Notifications received so far (emptied by the call).
@@ -636,21 +666,37 @@ impl AgentInner {
                 return Ok(meta.name);
             }
         }
-        // The first of our transports the peer also speaks.
-        let (transport, endpoint) = self
+        // Shared memory first (its link succeeds only for a reachable peer on this host), then our
+        // transports in order; one that cannot link falls through to the next.
+        let mut candidates: Vec<(&Arc<dyn Transport>, &Endpoint)> = self
             .transports
             .iter()
-            .find_map(|t| meta.endpoints.iter().find(|e| e.kind == t.kind()).map(|e| (t, e)))
-            .ok_or_else(|| Error::Unsupported {
-                what: format!("talking to peer {}", meta.name),
-                why: "it shares no transport with this agent".into(),
-            })?;
-        let regions = meta
-            .regions
-            .iter()
-            .map(|r| RemoteRegion { region: r.region, key: r.key(transport.kind()).unwrap_or_default().to_vec() })
+            .filter_map(|t| meta.endpoints.iter().find(|e| e.kind == t.kind()).map(|e| (t, e)))
             .collect();
-        let link = transport.link(&meta.name, endpoint, regions)?;
+        candidates.sort_by_key(|(t, _)| t.kind() != TransportKind::Shm);
+        let mut refused = Error::Unsupported {
+            what: format!("talking to peer {}", meta.name),
+            why: "it shares no transport with this agent".into(),
+        };
+        let mut chosen = None;
+        for (transport, endpoint) in candidates {
+            let regions = meta
+                .regions
+                .iter()
+                .map(|r| RemoteRegion { region: r.region, key: r.key(transport.kind()).unwrap_or_default().to_vec() })
+                .collect();
+            match transport.link(&meta.name, endpoint, regions) {
+                Ok(link) => {
+                    chosen = Some((transport, link));
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %meta.name, transport = %transport.kind(), error = %e, "falling back");
+                    refused = e;
+                }
+            }
+        }
+        let (transport, link) = chosen.ok_or(refused)?;
         let name = meta.name.clone();
         let transport = transport.kind();
         self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, transport, link }));

@@ -98,6 +98,9 @@ pub enum ErrorCode {
     RemoteZeroLength = 512,
     RemoteRangeOverflow = 513,
     RemoteTooLarge = 514,
+
+    ShmCrossMemoryRefused = 540,
+    ShmMappingFailed = 541,
 }
 
 impl ErrorCode {

@@ -4,6 +4,8 @@
 //! peers ([`PeerLink`]) and posts batches of READ/WRITE ops with an optional notification. It knows
 //! nothing about KV caches, layers or tiers. Completion is reported through a shared [`Completion`].
 
+pub(crate) mod keys;
+pub mod shm;
 pub mod tcp;
 
 use std::any::Any;
@@ -41,26 +43,31 @@ impl std::fmt::Display for Op {
 #[non_exhaustive]
 pub enum TransportKind {
     Tcp,
+    /// Shared memory between processes of one host.
+    Shm,
 }
 
 impl TransportKind {
-    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp];
+    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp, TransportKind::Shm];
 
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::Shm => "shm",
         }
     }
 
     pub fn to_wire(self) -> u8 {
         match self {
             TransportKind::Tcp => 1,
+            TransportKind::Shm => 3,
         }
     }
 
     pub fn from_wire(tag: u8) -> Option<TransportKind> {
         match tag {
             1 => Some(TransportKind::Tcp),
+            3 => Some(TransportKind::Shm),
             _ => None,
         }
     }
@@ -143,6 +150,12 @@ pub enum TransferError {
     Rejected { peer: String, op: Op, index: u32, reason: RejectReason },
     #[error("protocol error with peer {peer}: {detail}")]
     Protocol { peer: String, detail: String },
+    /// The kernel refused `process_vm_readv`/`process_vm_writev` into the peer (ptrace policy).
+    #[error("{op} with peer {peer}: cross-memory attach refused: {cause}")]
+    CrossMemoryRefused { peer: String, op: Op, cause: String },
+    /// The peer's shared memory could not be mapped (no file, not sealed, mmap failed).
+    #[error("cannot map the shared memory of peer {peer}: {cause}")]
+    MappingFailed { peer: String, cause: String },
 }
 
 impl TransferError {
@@ -153,6 +166,8 @@ impl TransferError {
             TransferError::PeerUnreachable { .. } => ErrorCode::PeerUnreachable,
             TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
             TransferError::Protocol { .. } => ErrorCode::Protocol,
+            TransferError::CrossMemoryRefused { .. } => ErrorCode::ShmCrossMemoryRefused,
+            TransferError::MappingFailed { .. } => ErrorCode::ShmMappingFailed,
             TransferError::Rejected { reason, .. } => match reason {
                 RejectReason::UnknownKey => ErrorCode::RemoteUnknownKey,
                 RejectReason::OutOfRange => ErrorCode::RemoteOutOfRange,
@@ -195,6 +210,12 @@ pub trait PeerLink: Send + Sync {
     /// Queue a batch; never blocks on the network. Failures after this returns are reported through
     /// the batch's completion.
     fn post(&self, batch: Batch) -> Result<()>;
+
+    /// How these ops will move, for transports with more than one way (the shm transport's
+    /// `mapped` and `cross-memory`); reported per transfer.
+    fn mode(&self, _ops: &[XferOp]) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Moves bytes between registered regions of two agents.

@@ -18,6 +18,7 @@ use self::target::TargetShared;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Acceptor;
+use crate::transport::keys;
 use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind};
 
 pub use self::wire::MAX_NOTIFICATION;
@@ -137,12 +138,9 @@ impl Transport for TcpTransport {
                 why: "the tcp transport moves host memory only".into(),
             });
         }
-        // 128 random bits: a peer cannot guess another registration's key.
-        let mut key = [0u8; 16];
-        getrandom::fill(&mut key)
-            .map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
-        self.shared.keys.insert(u128::from_le_bytes(key), region, keep_alive);
-        Ok(key.to_vec())
+        let key = keys::new_key()?;
+        self.shared.keys.insert(key, region, keep_alive);
+        Ok(key.to_le_bytes().to_vec())
     }
 
     fn deregister(&self, key: &[u8]) {

@@ -2,75 +2,16 @@
 //! NOTIFY requests against the registered regions. Every descriptor is checked against the key
 //! table (key, range) before a byte moves; nothing from the wire is trusted.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::thread;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::wire::{self, FrameKind, Header, WireDesc};
-use crate::memory::MemRegion;
+use crate::transport::keys::KeyTable;
 use crate::transport::{Notification, NotificationQueue, RejectReason};
-
-/// A registered region as the target sees it.
-pub(super) struct KeyEntry {
-    pub region: MemRegion,
-    _keep_alive: Arc<dyn Any + Send + Sync>,
-}
-
-/// Key → region. A request holds the entries it uses, so deregistration can wait for it.
-#[derive(Default)]
-pub(super) struct KeyTable {
-    entries: RwLock<HashMap<u128, Arc<KeyEntry>>>,
-}
-
-impl KeyTable {
-    pub fn insert(&self, key: u128, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) {
-        self.entries.write().unwrap().insert(key, Arc::new(KeyEntry { region, _keep_alive: keep_alive }));
-    }
-
-    /// Remove a key and wait until no request uses its region.
-    pub fn remove(&self, key: u128) {
-        let Some(entry) = self.entries.write().unwrap().remove(&key) else { return };
-        while Arc::strong_count(&entry) > 1 {
-            thread::sleep(Duration::from_micros(200));
-        }
-    }
-
-    /// Check every descriptor; on success returns the entries they use (held for the request).
-    fn resolve(&self, descs: &[WireDesc]) -> Result<Vec<Arc<KeyEntry>>, (u32, RejectReason)> {
-        let entries = self.entries.read().unwrap();
-        let mut held: Vec<Arc<KeyEntry>> = Vec::new();
-        let mut last: Option<(u128, Arc<KeyEntry>)> = None;
-        for (i, d) in descs.iter().enumerate() {
-            let reject = |reason| (i as u32, reason);
-            if d.len == 0 {
-                return Err(reject(RejectReason::ZeroLength));
-            }
-            if d.addr.checked_add(d.len).is_none() {
-                return Err(reject(RejectReason::RangeOverflow));
-            }
-            let entry = match &last {
-                Some((k, e)) if *k == d.key => e.clone(),
-                _ => {
-                    let e = entries.get(&d.key).ok_or(reject(RejectReason::UnknownKey))?.clone();
-                    if !held.iter().any(|h| Arc::ptr_eq(h, &e)) {
-                        held.push(e.clone());
-                    }
-                    last = Some((d.key, e.clone()));
-                    e
-                }
-            };
-            if !entry.region.contains(d.addr, d.len) {
-                return Err(reject(RejectReason::OutOfRange));
-            }
-        }
-        Ok(held)
-    }
-}
 
 /// Shared by the accept loop and the connection threads.
 pub(super) struct TargetShared {
