@@ -65,6 +65,10 @@ sentinels=(
     killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on
     blocks_move_both_ways_between_processes_byte_exact
     regions_match_reference
+    shm_mapped_blocks_move_both_ways_between_processes_byte_exact
+    shm_cross_memory_blocks_move_both_ways_between_processes_byte_exact
+    shm_killing_the_target_mid_transfer_fails_within_the_deadline
+    shm_target_process_rejects_unregistered_ranges_and_forged_keys
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -18,7 +18,9 @@ fn shm_report() -> serde_json::Value {
     let cross = match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").map(|s| s.trim().to_string()) {
         Err(_) => "cross-memory attach: yes (no Yama ptrace restriction)".to_string(),
         Ok(scope) if scope == "0" => "cross-memory attach: yes (Yama ptrace_scope 0)".to_string(),
-        Ok(scope) => format!("cross-memory attach: only into child processes (Yama ptrace_scope {scope}), TCP otherwise"),
+        Ok(scope) => {
+            format!("cross-memory attach: only into child processes (Yama ptrace_scope {scope}), TCP otherwise")
+        }
     };
     json!({
         "name": "shm",

@@ -127,7 +127,8 @@ fn the_owner_rejects_what_lying_metadata_allows(shareable: bool) {
     p.initiator.add_peer(&md.encode()).unwrap();
     assert_eq!(p.initiator.peer_transport("liar"), Some(TransportKind::Shm));
     let local = p.initiator.prepare_local(&blocks(&p.local_buf)).unwrap();
-    let beyond = MemRegion { addr: p.remote_buf.as_ptr() as u64 + 8 * BLOCK as u64, len: BLOCK as u64, kind: MemKind::Host };
+    let beyond =
+        MemRegion { addr: p.remote_buf.as_ptr() as u64 + 8 * BLOCK as u64, len: BLOCK as u64, kind: MemKind::Host };
     let inside = MemRegion { len: BLOCK as u64, ..p.remote_buf.region() };
     let remote = p.initiator.prepare_remote("liar", &[inside, beyond]).unwrap();
     let e = p.initiator.write(&local, &[0, 1], &remote, &[0, 1], soon()).unwrap().wait().unwrap_err();

@@ -136,23 +136,22 @@ impl HostBuffer {
                 }
             }
         };
-        let mut buffer = match huge {
-            Some(buffer) => buffer,
-            None => {
-                let map_len = round_up(len, page_size())?;
-                let (ptr, file) = map_backing(map_len, false, options).map_err(|cause| MemoryError::AllocFailed {
-                    kind: MemKind::Host,
-                    len: len as u64,
-                    cause: cause.to_string(),
-                })?;
-                if options.huge_pages == HugePages::Try {
-                    // Advisory only: transparent huge pages may be disabled, and normal pages work.
-                    // SAFETY: the range is the mapping just created.
-                    unsafe { libc::madvise(ptr.as_ptr().cast(), map_len, libc::MADV_HUGEPAGE) };
+        let mut buffer =
+            match huge {
+                Some(buffer) => buffer,
+                None => {
+                    let map_len = round_up(len, page_size())?;
+                    let (ptr, file) = map_backing(map_len, false, options).map_err(|cause| {
+                        MemoryError::AllocFailed { kind: MemKind::Host, len: len as u64, cause: cause.to_string() }
+                    })?;
+                    if options.huge_pages == HugePages::Try {
+                        // Advisory only: transparent huge pages may be disabled, and normal pages work.
+                        // SAFETY: the range is the mapping just created.
+                        unsafe { libc::madvise(ptr.as_ptr().cast(), map_len, libc::MADV_HUGEPAGE) };
+                    }
+                    HostBuffer::new(ptr, len, map_len, false, file)
                 }
-                HostBuffer::new(ptr, len, map_len, false, file)
-            }
-        };
+            };
         // Hugetlb pages are never swapped or migrated, so they are pinned already; mlock would only
         // charge them against RLIMIT_MEMLOCK.
         if options.pin && !buffer.huge_pages {
@@ -1042,6 +1041,42 @@ mod tests {
         assert_eq!(device.export_ipc(buf.region()).unwrap_err().code(), ErrorCode::Unsupported);
         let handle = IpcHandle { kind: MemKind::Host, len: 4096, bytes: vec![] };
         assert_eq!(error_code(device.import_ipc(&handle)), ErrorCode::Unsupported);
+    }
+
+    #[test]
+    fn shareable_buffers_export_a_sealed_file_another_mapping_shares() {
+        let shareable = UNPINNED.with_shareable(true).with_populate(true);
+        let buf = HostBuffer::alloc(10_000, &shareable).unwrap();
+        assert_eq!(buf.as_ptr() as usize % page_size(), 0);
+        assert!(HostBuffer::alloc(10_000, &UNPINNED).unwrap().share_fd().is_none());
+        let fd = buf.share_fd().expect("a shareable buffer has a file");
+        assert_eq!(Memory::share_fd(&buf).map(|f| f.as_raw_fd()), Some(fd.as_raw_fd()));
+        // The file is sealed: nobody holding it can shrink it under a mapping.
+        assert_ne!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0) }, 0);
+        let view = HostBuffer::map_shared(fd).unwrap();
+        assert_eq!(view.len(), 10_000usize.next_multiple_of(page_size()));
+        buf.write_at(9_999, &[42]).unwrap();
+        let mut got = [0u8];
+        view.read_at(9_999, &mut got).unwrap();
+        assert_eq!(got, [42]);
+
+        // An unsealed file could shrink under the mapping: refused.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        let unsealed = unsafe { OwnedFd::from_raw_fd(raw) };
+        assert_eq!(unsafe { libc::ftruncate(unsealed.as_raw_fd(), 4096) }, 0);
+        assert_eq!(HostBuffer::map_shared(unsealed.as_fd()).unwrap_err().code(), ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn shareable_buffers_use_huge_pages_when_there_are_some() {
+        let options = UNPINNED.with_shareable(true).with_huge_pages(HugePages::Try);
+        let buf = HostBuffer::alloc(1 << 20, &options).unwrap();
+        assert!(buf.share_fd().is_some());
+        if !huge_pages_available(2 * huge_page_size()) {
+            assert!(!buf.huge_pages());
+        }
+        buf.fill(3);
+        assert!(buf.to_vec().iter().all(|&b| b == 3));
     }
 
     #[test]

@@ -38,7 +38,11 @@ pub(super) struct LinkInfo {
 }
 
 /// Connect to an owner and say hello; returns the stream, the owner's pid and its probe address.
-pub(super) fn connect(socket: &UnixAddr, local_name: &str, timeout: Duration) -> Result<(UnixStream, u32, u64), String> {
+pub(super) fn connect(
+    socket: &UnixAddr,
+    local_name: &str,
+    timeout: Duration,
+) -> Result<(UnixStream, u32, u64), String> {
     if timeout.is_zero() {
         return Err("deadline passed before connecting".into());
     }
@@ -83,7 +87,9 @@ fn cross_memory_copy(pid: u32, op: Op, ops: &[XferOp]) -> io::Result<()> {
         let call = if op == Op::Read { libc::process_vm_readv } else { libc::process_vm_writev };
         // SAFETY: the local iovecs name registered memory held by the batch; the kernel checks the
         // remote ones against the peer's address space.
-        let n = unsafe { call(pid as libc::pid_t, local.as_ptr(), local.len() as _, remote.as_ptr(), remote.len() as _, 0) };
+        let n = unsafe {
+            call(pid as libc::pid_t, local.as_ptr(), local.len() as _, remote.as_ptr(), remote.len() as _, 0)
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -125,7 +131,8 @@ impl ShmLink {
         let regions = Arc::new(regions);
         let peer = info.peer.clone();
         let (jobs, batches) = mpsc::channel::<Batch>();
-        let worker = Worker { info, regions: regions.clone(), conn: Some(conn), maps: HashMap::new(), device, holding: false };
+        let worker =
+            Worker { info, regions: regions.clone(), conn: Some(conn), maps: HashMap::new(), device, holding: false };
         thread::Builder::new()
             .name(format!("kvferry-shm-{peer}"))
             .spawn(move || worker.run(batches))
@@ -136,7 +143,9 @@ impl ShmLink {
 
 impl PeerLink for ShmLink {
     fn post(&self, batch: Batch) -> Result<()> {
-        if let Some(op) = batch.ops.iter().find(|o| self.regions.get(o.remote_region as usize).is_none_or(Option::is_none)) {
+        if let Some(op) =
+            batch.ops.iter().find(|o| self.regions.get(o.remote_region as usize).is_none_or(Option::is_none))
+        {
             return Err(Error::InvalidArgument(format!(
                 "peer {} has no shm-accessible region {}",
                 self.peer, op.remote_region
@@ -262,9 +271,8 @@ impl Worker {
                 endpoint: self.info.endpoint.clone(),
                 cause,
             };
-            let (stream, pid, _) = connect(&self.info.socket, &self.info.local_name, timeout).map_err(|cause| {
-                if c.deadline().expired() { c.timeout_error() } else { unreachable(cause) }
-            })?;
+            let (stream, pid, _) = connect(&self.info.socket, &self.info.local_name, timeout)
+                .map_err(|cause| if c.deadline().expired() { c.timeout_error() } else { unreachable(cause) })?;
             if pid != self.info.pid {
                 return Err(unreachable(format!("another process (pid {pid}) now serves the endpoint")));
             }
@@ -314,10 +322,8 @@ impl Worker {
     }
 
     fn acquire_and_copy(&mut self, c: &Completion, ops: &[XferOp]) -> Result<(), TransferError> {
-        let descs: Vec<WireDesc> = ops
-            .iter()
-            .map(|o| WireDesc { key: self.region(o).key, addr: o.remote_addr, len: o.len })
-            .collect();
+        let descs: Vec<WireDesc> =
+            ops.iter().map(|o| WireDesc { key: self.region(o).key, addr: o.remote_addr, len: o.len }).collect();
         let request = wire::encode_descs(wire::ACQUIRE, &descs);
         let stream = self.connection(c)?;
         let acquired = stream.write_all(&request).map_err(Failure::Io).and_then(|()| read_status(stream));
@@ -336,9 +342,10 @@ impl Worker {
                     let base = self.mapping(c, &region)?;
                     // The owner checked the range against its registration; checked again here
                     // because a wrong offset would touch our own memory.
-                    let offset = op.remote_addr.checked_sub(region.region.addr).filter(|off| {
-                        off.checked_add(op.len).is_some_and(|end| end <= region.region.len)
-                    });
+                    let offset = op
+                        .remote_addr
+                        .checked_sub(region.region.addr)
+                        .filter(|off| off.checked_add(op.len).is_some_and(|end| end <= region.region.len));
                     let Some(offset) = offset else {
                         let detail = format!("op at {:#x}+{} lies outside the mapped region", op.remote_addr, op.len);
                         return Err(self.named(c, Failure::Protocol(detail)));
@@ -365,7 +372,9 @@ impl Worker {
         crossed.map_err(|e| {
             let (peer, op) = (self.info.peer.clone(), c.op());
             match e.raw_os_error() {
-                Some(libc::EPERM | libc::EACCES) => TransferError::CrossMemoryRefused { peer, op, cause: e.to_string() },
+                Some(libc::EPERM | libc::EACCES) => {
+                    TransferError::CrossMemoryRefused { peer, op, cause: e.to_string() }
+                }
                 Some(libc::ESRCH) => TransferError::PeerDisconnected { peer, op, cause: "the process exited".into() },
                 _ => TransferError::Protocol { peer, detail: format!("cross-memory copy failed: {e}") },
             }
@@ -412,7 +421,8 @@ impl Worker {
 
     fn release(&mut self, c: &Completion, notification: Option<Vec<u8>>) -> Result<(), TransferError> {
         let data = notification.as_deref().unwrap_or_default();
-        let header = Header { tag: wire::RELEASE, count: notification.is_some() as u32, payload_len: data.len() as u64 };
+        let header =
+            Header { tag: wire::RELEASE, count: notification.is_some() as u32, payload_len: data.len() as u64 };
         let mut request = header.encode().to_vec();
         request.extend_from_slice(data);
         let stream = self.connection(c)?;

@@ -47,7 +47,11 @@ pub struct ShmConfig {
 
 impl Default for ShmConfig {
     fn default() -> Self {
-        ShmConfig { copy_threads: None, connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30) }
+        ShmConfig {
+            copy_threads: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+        }
     }
 }
 
