@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry::metadata::AgentMetadata;
-use kvferry::{Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion, TransportKind};
+use kvferry::{Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion, PreparedDescs, TransportKind};
 use kvferry_cli::pattern;
 
 const KVFERRY: &str = env!("CARGO_BIN_EXE_kvferry");
@@ -74,6 +74,21 @@ fn agent_with(config: AgentConfig, len: usize) -> (Agent, Arc<HostBuffer>, kvfer
     (agent, buf, reg)
 }
 
+/// Every block of the local buffer and of the served one, prepared.
+fn block_lists(
+    agent: &Agent,
+    peer: &str,
+    buf: &HostBuffer,
+    served: &Served,
+    block: u64,
+) -> (PreparedDescs, PreparedDescs) {
+    let local: Vec<MemRegion> = (0..buf.len() as u64 / block)
+        .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * block) as usize) }, block as usize))
+        .collect();
+    let remote: Vec<MemRegion> = (0..served.buffer_size / block).map(|i| served.region(i * block, block)).collect();
+    (agent.prepare_local(&local).unwrap(), agent.prepare_remote(peer, &remote).unwrap())
+}
+
 fn soon() -> Deadline {
     Deadline::after(Duration::from_secs(30))
 }
@@ -85,12 +100,7 @@ fn blocks_move_both_ways_between_processes_byte_exact() {
     let served = Served::start("8M", 11);
     let (agent, buf, _reg) = initiator("two-process", BLOCK as usize * N);
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
-    let local: Vec<MemRegion> = (0..N as u64)
-        .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * BLOCK) as usize) }, BLOCK as usize))
-        .collect();
-    let remote: Vec<MemRegion> = (0..(served.buffer_size / BLOCK)).map(|i| served.region(i * BLOCK, BLOCK)).collect();
-    let local = agent.prepare_local(&local).unwrap();
-    let remote = agent.prepare_remote(&peer, &remote).unwrap();
+    let (local, remote) = block_lists(&agent, &peer, &buf, &served, BLOCK);
 
     // READ: local block i ← remote block 2i + 1, checked against the pattern the server wrote.
     let picks: Vec<usize> = (0..N).map(|i| 2 * i + 1).collect();
@@ -254,12 +264,7 @@ fn shm_blocks_move_both_ways(memory: &str, mode: &str) {
     let (agent, buf, _reg) = shm_initiator("shm-two-process", BLOCK as usize * N);
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
     assert_eq!(agent.peer_transport(&peer), Some(TransportKind::Shm));
-    let local: Vec<MemRegion> = (0..N as u64)
-        .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * BLOCK) as usize) }, BLOCK as usize))
-        .collect();
-    let remote: Vec<MemRegion> = (0..(served.buffer_size / BLOCK)).map(|i| served.region(i * BLOCK, BLOCK)).collect();
-    let local = agent.prepare_local(&local).unwrap();
-    let remote = agent.prepare_remote(&peer, &remote).unwrap();
+    let (local, remote) = block_lists(&agent, &peer, &buf, &served, BLOCK);
 
     // READ: local block i ← remote block 3i + 2, checked against the pattern the server wrote.
     let picks: Vec<usize> = (0..N).map(|i| 3 * i + 2).collect();

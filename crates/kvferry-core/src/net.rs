@@ -1,11 +1,13 @@
 //! A listening socket served by a thread that stops when its [`Acceptor`] is dropped: TCP for the
 //! transport and the side channel, Unix for the shared-memory transport.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -119,6 +121,33 @@ impl<L: Listener> Drop for Acceptor<L> {
             if let Some(t) = self.thread.take() {
                 let _ = t.join();
             }
+        }
+    }
+}
+
+/// The connections a server is serving, so that all of them can be closed when it goes away
+/// (otherwise they would outlive it, blocked in `read`).
+#[derive(Default)]
+pub(crate) struct Connections {
+    open: Mutex<HashMap<u64, OwnedFd>>,
+    next: AtomicU64,
+}
+
+impl Connections {
+    /// Run `serve` on `stream`; [`shutdown_all`](Self::shutdown_all) can close it meanwhile.
+    pub fn serve<S: AsFd>(&self, stream: S, serve: impl FnOnce(S)) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(handle) = stream.as_fd().try_clone_to_owned() {
+            self.open.lock().unwrap().insert(id, handle);
+        }
+        serve(stream);
+        self.open.lock().unwrap().remove(&id);
+    }
+
+    pub fn shutdown_all(&self) {
+        for (_, handle) in self.open.lock().unwrap().drain() {
+            // SAFETY: shutting down a socket we hold a descriptor of; its owner sees end of file.
+            unsafe { libc::shutdown(handle.as_raw_fd(), libc::SHUT_RDWR) };
         }
     }
 }

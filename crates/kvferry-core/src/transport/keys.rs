@@ -26,7 +26,7 @@ pub(crate) struct KeyTable {
 
 impl KeyTable {
     pub fn insert(&self, key: u128, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) {
-        self.entries.write().unwrap().insert(key, Arc::new(KeyEntry { region, keep_alive: keep_alive }));
+        self.entries.write().unwrap().insert(key, Arc::new(KeyEntry { region, keep_alive }));
     }
 
     pub fn get(&self, key: u128) -> Option<Arc<KeyEntry>> {

@@ -238,6 +238,17 @@ pub trait Transport: Send + Sync {
     fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>>;
 }
 
+/// Refuse to register anything but host memory with a transport that moves host memory only.
+pub(crate) fn require_host(transport: TransportKind, region: &MemRegion) -> Result<()> {
+    if region.kind != MemKind::Host {
+        return Err(crate::error::Error::Unsupported {
+            what: format!("registering {} memory with the {transport} transport", region.kind),
+            why: format!("the {transport} transport moves host memory only"),
+        });
+    }
+    Ok(())
+}
+
 /// A notification delivered after a batch's data is in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {

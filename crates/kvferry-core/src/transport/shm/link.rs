@@ -11,12 +11,12 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use super::wire::{self, Header, Reach, WireDesc};
+use super::wire::{self, Failure, Header, Reach, WireDesc};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::{HostBuffer, HostDevice};
 use crate::memory::{CopyOp, Device, MemRegion};
-use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp};
+use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, TransferError, XferOp};
 
 /// A peer's region as this transport reaches it.
 #[derive(Debug, Clone, Copy)]
@@ -174,32 +174,8 @@ impl PeerLink for ShmLink {
     }
 }
 
-/// What a control exchange can end in, before it is named for the caller.
-enum Failure {
-    Io(io::Error),
-    Rejected(u32, RejectReason),
-    Protocol(String),
-}
-
-impl From<io::Error> for Failure {
-    fn from(e: io::Error) -> Self {
-        Failure::Io(e)
-    }
-}
-
 fn read_status(stream: &mut UnixStream) -> Result<Header, Failure> {
-    let header = Header::read_from(stream)?;
-    status_of(header)
-}
-
-fn status_of(header: Header) -> Result<Header, Failure> {
-    match header.tag {
-        0 => Ok(header),
-        tag => Err(match RejectReason::from_wire(tag) {
-            Some(reason) => Failure::Rejected(header.count, reason),
-            None => Failure::Protocol(format!("unknown response status {tag}")),
-        }),
-    }
+    wire::status_of(Header::read_from(stream)?)
 }
 
 struct Worker {
@@ -401,7 +377,7 @@ impl Worker {
         if header.tag == wire::STATUS_NOT_SHAREABLE {
             return Err(failed("the region has no shareable file".into()));
         }
-        if let Err(f) = status_of(header) {
+        if let Err(f) = wire::status_of(header) {
             return Err(self.named(c, f));
         }
         let addr = u64::from_le_bytes(ack[16..24].try_into().expect("8 bytes"));

@@ -4,7 +4,8 @@
 //! socket the memory owner checks every batch's descriptors and holds the registrations while the
 //! initiator copies, but the bytes never cross it:
 //!
-//! - **mapped**: a region backed by a shareable file (a memfd [`HostBuffer`], see
+//! - **mapped**: a region backed by a shareable file (a memfd
+//!   [`HostBuffer`](crate::memory::host::HostBuffer), see
 //!   [`HostAllocOptions::shareable`](crate::memory::host::HostAllocOptions)) is passed to the
 //!   initiator once with `SCM_RIGHTS`, mapped and cached; an op is one `memcpy`, large batches split
 //!   over the host device's copy pool;
@@ -33,7 +34,7 @@ use crate::memory::host::HostDevice;
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Acceptor;
 use crate::transport::keys::{self, memory_of};
-use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind};
+use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, require_host};
 
 #[derive(Debug, Clone)]
 pub struct ShmConfig {
@@ -120,7 +121,7 @@ impl Drop for ShmTransport {
     fn drop(&mut self) {
         // Stop accepting first, then close what was accepted (as the TCP transport does).
         drop(self.acceptor.take());
-        self.shared.shutdown_connections();
+        self.shared.connections.shutdown_all();
     }
 }
 
@@ -138,12 +139,7 @@ impl Transport for ShmTransport {
     }
 
     fn register(&self, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
-        if !self.supports(region.kind) {
-            return Err(Error::Unsupported {
-                what: format!("registering {} memory with the shm transport", region.kind),
-                why: "the shm transport moves host memory only".into(),
-            });
-        }
+        require_host(TransportKind::Shm, &region)?;
         // Mapped only when the file starts at the region: that is how shareable buffers map it.
         let shareable =
             memory_of(&keep_alive).is_some_and(|m| m.share_fd().is_some() && m.region().addr == region.addr);

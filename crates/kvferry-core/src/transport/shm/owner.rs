@@ -3,15 +3,14 @@
 //! after checking every descriptor against the key table; the window holds the registrations, so
 //! deregistration waits for it, and the `RELEASE` delivers the notification after the data.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use super::wire::{self, Header, WireDesc};
+use crate::net::Connections;
 use crate::transport::keys::{KeyEntry, KeyTable};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
@@ -24,38 +23,21 @@ pub(super) struct OwnerShared {
     /// Longest an initiator may hold an acquired window (or stall mid-message) before its
     /// connection is closed, which releases what it held.
     request_timeout: Duration,
-    connections: Mutex<HashMap<u64, UnixStream>>,
-    next_connection: AtomicU64,
+    pub connections: Connections,
 }
 
 impl OwnerShared {
     pub fn new(notifications: Arc<NotificationQueue>, request_timeout: Duration) -> Self {
-        OwnerShared {
-            keys: KeyTable::default(),
-            notifications,
-            request_timeout,
-            connections: Mutex::new(HashMap::new()),
-            next_connection: AtomicU64::new(0),
-        }
-    }
-
-    /// Close every served connection (the transport is going away).
-    pub fn shutdown_connections(&self) {
-        for (_, c) in self.connections.lock().unwrap().drain() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
+        OwnerShared { keys: KeyTable::default(), notifications, request_timeout, connections: Connections::default() }
     }
 }
 
 pub(super) fn serve(stream: UnixStream, shared: &OwnerShared) {
-    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-    if let Ok(clone) = stream.try_clone() {
-        shared.connections.lock().unwrap().insert(id, clone);
-    }
-    if let Err(e) = serve_connection(stream, shared) {
-        tracing::debug!(error = %e, "shm transport: connection closed");
-    }
-    shared.connections.lock().unwrap().remove(&id);
+    shared.connections.serve(stream, |stream| {
+        if let Err(e) = serve_connection(stream, shared) {
+            tracing::debug!(error = %e, "shm transport: connection closed");
+        }
+    });
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {

@@ -19,7 +19,9 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-pub use crate::transport::tcp::wire::{DESC_LEN, HEADER_LEN, Header, MAX_DESCS, MAX_NAME, MAX_NOTIFICATION, WireDesc};
+pub use crate::transport::tcp::wire::{
+    DESC_LEN, Failure, HEADER_LEN, Header, MAX_DESCS, MAX_NAME, MAX_NOTIFICATION, WireDesc, status_of,
+};
 
 pub const VERSION: u32 = 1;
 

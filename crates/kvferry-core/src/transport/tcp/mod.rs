@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Acceptor;
 use crate::transport::keys;
-use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind};
+use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, require_host};
 
 pub use self::wire::MAX_NOTIFICATION;
 
@@ -100,7 +100,7 @@ impl Drop for TcpTransport {
         // Stop accepting first, then close what was accepted: served connections would otherwise
         // outlive the transport, blocked in `read`.
         drop(self.acceptor.take());
-        self.shared.shutdown_connections();
+        self.shared.connections.shutdown_all();
     }
 }
 
@@ -132,12 +132,7 @@ impl Transport for TcpTransport {
     }
 
     fn register(&self, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
-        if !self.supports(region.kind) {
-            return Err(Error::Unsupported {
-                what: format!("registering {} memory with the tcp transport", region.kind),
-                why: "the tcp transport moves host memory only".into(),
-            });
-        }
+        require_host(TransportKind::Tcp, &region)?;
         let key = keys::new_key()?;
         self.shared.keys.insert(key, region, keep_alive);
         Ok(key.to_le_bytes().to_vec())

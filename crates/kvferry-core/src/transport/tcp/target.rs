@@ -2,14 +2,13 @@
 //! NOTIFY requests against the registered regions. Every descriptor is checked against the key
 //! table (key, range) before a byte moves; nothing from the wire is trusted.
 
-use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::wire::{self, FrameKind, Header, WireDesc};
+use crate::net::Connections;
 use crate::transport::keys::KeyTable;
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
@@ -20,40 +19,23 @@ pub(super) struct TargetShared {
     /// Longest a request may stall mid-way before its connection is closed (which releases the
     /// regions it holds, so deregistration never waits on a stopped initiator for longer).
     request_timeout: Duration,
-    connections: Mutex<HashMap<u64, TcpStream>>,
-    next_connection: AtomicU64,
+    pub connections: Connections,
 }
 
 impl TargetShared {
     pub fn new(notifications: Arc<NotificationQueue>, request_timeout: Duration) -> Self {
-        TargetShared {
-            keys: KeyTable::default(),
-            notifications,
-            request_timeout,
-            connections: Mutex::new(HashMap::new()),
-            next_connection: AtomicU64::new(0),
-        }
-    }
-
-    /// Close every served connection (the transport is going away).
-    pub fn shutdown_connections(&self) {
-        for (_, c) in self.connections.lock().unwrap().drain() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
+        TargetShared { keys: KeyTable::default(), notifications, request_timeout, connections: Connections::default() }
     }
 }
 
 /// Serve one accepted connection until the initiator closes it.
 pub(super) fn serve(stream: TcpStream, shared: &TargetShared) {
-    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-    if let Ok(clone) = stream.try_clone() {
-        shared.connections.lock().unwrap().insert(id, clone);
-    }
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    if let Err(e) = serve_connection(stream, shared) {
-        tracing::debug!(%peer, error = %e, "tcp transport: connection closed");
-    }
-    shared.connections.lock().unwrap().remove(&id);
+    shared.connections.serve(stream, |stream| {
+        if let Err(e) = serve_connection(stream, shared) {
+            tracing::debug!(%peer, error = %e, "tcp transport: connection closed");
+        }
+    });
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
