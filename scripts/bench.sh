@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Measures kvferry's TCP transport next to this machine's limits, in one run: iperf3 on loopback
-# (one stream and two), single-thread memcpy, then `kvferry bench`. Prints a Markdown summary for
-# docs/benchmarks.md. Usage: scripts/bench.sh [seconds per row]
+# Measures kvferry's TCP and shared-memory transports next to this machine's limits, in one run:
+# iperf3 on loopback (one stream and two), single-thread memcpy, then `kvferry bench`. Prints a
+# Markdown summary for docs/benchmarks.md. Usage: scripts/bench.sh [seconds per row]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-2}
@@ -28,6 +28,8 @@ $kvferry bench --transport memcpy --block-sizes $sizes --batch-sizes 64 --min-ti
 $kvferry bench --streams 1 --block-sizes $sizes --batch-sizes 64 --min-time "$secs" --json >"$out/tcp1.json"
 $kvferry bench --streams 2 --block-sizes $sizes --batch-sizes 64 --min-time "$secs" --json >"$out/tcp2.json"
 $kvferry bench --streams 2 --block-sizes 4K,16K --batch-sizes 1,64 --min-time "$secs" --json >"$out/post.json"
+$kvferry bench --transport shm --memory shared --block-sizes $sizes --batch-sizes 64 --min-time "$secs" --json >"$out/shm_mapped.json"
+$kvferry bench --transport shm --memory private --block-sizes $sizes --batch-sizes 64 --min-time "$secs" --json >"$out/shm_cma.json"
 
 python3 - "$out" <<'PY'
 import json, sys, os
@@ -47,6 +49,17 @@ for op in ["read", "write"]:
         m, t1, t2 = (rows[(n, op, block)] for n in ["memcpy", "tcp1", "tcp2"])
         print(f"| {op} | {block // 1024} KiB | {m['gbps']:.2f} | {t1['gbps']:.2f} | {100 * t1['gbps'] / i1:.0f}% "
               f"| {t2['gbps']:.2f} | {100 * t2['gbps'] / i1:.0f}% | {100 * t2['gbps'] / i2:.0f}% | {t2['lat_p99_us']:.0f} |")
+print("\n| op | block × 64 | memcpy GB/s | tcp 2 streams GB/s | shm mapped GB/s | % of memcpy | shm cross-memory GB/s | % of memcpy | p99 µs (mapped) |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r in load("shm_mapped.json") + load("shm_cma.json"):
+    assert r["path"].startswith("shm/"), f"shm fell back to {r['path']}"
+    rows[(r["path"], r["op"], r["block_size"])] = r
+for op in ["read", "write"]:
+    for block in [16384, 131072, 1048576]:
+        m, t2, sm, sc = (rows[(n, op, block)] for n in ["memcpy", "tcp2", "shm/mapped", "shm/cross-memory"])
+        print(f"| {op} | {block // 1024} KiB | {m['gbps']:.2f} | {t2['gbps']:.2f} | {sm['gbps']:.2f} "
+              f"| {100 * sm['gbps'] / m['gbps']:.0f}% | {sc['gbps']:.2f} | {100 * sc['gbps'] / m['gbps']:.0f}% "
+              f"| {sm['lat_p99_us']:.0f} |")
 print("\n| op | block | batch | post µs (avg) | latency µs (avg / p99) | GB/s |")
 print("|---|---|---|---|---|---|")
 for r in load("post.json"):
