@@ -1,22 +1,25 @@
-//! The initiator's side of the shm transport: one worker thread per peer that opens a window on
-//! the owner (`ACQUIRE`), copies the bytes itself, and closes the window (`RELEASE`, which carries
-//! the notification). Mapped regions are copied with `memcpy` by the host device's copy pool;
-//! cross-memory regions with `process_vm_readv`/`process_vm_writev` on this thread, while the pool
-//! works.
+//! The initiator's side of the shm transport: one worker thread per peer. For each batch it enters
+//! the lease slots of the regions it touches (refused once a registration is revoked), checks every
+//! op against the range the owner granted, copies the bytes itself, leaves the slots, and checks
+//! that the owner is still alive before the batch completes; a notification then follows on the
+//! socket. Mapped regions are copied with `memcpy` by the host device's copy pool, cross-memory
+//! regions with `process_vm_readv`/`process_vm_writev` on this thread while the pool works.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use super::wire::{self, Failure, Header, Reach, WireDesc};
+use super::lease::LeaseFile;
+use super::wire::{self, Failure, Header, Reach};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::{HostBuffer, HostDevice};
 use crate::memory::{CopyOp, Device, MemRegion};
-use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, TransferError, XferOp};
+use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp};
 
 /// A peer's region as this transport reaches it.
 #[derive(Debug, Clone, Copy)]
@@ -37,12 +40,16 @@ pub(super) struct LinkInfo {
     pub connect_timeout: Duration,
 }
 
-/// Connect to an owner and say hello; returns the stream, the owner's pid and its probe address.
+/// A connection to an owner and its lease file.
+pub(super) type Connection = (UnixStream, LeaseFile);
+
+/// Connect to an owner and say hello; returns the stream, the owner's pid, its probe address and
+/// its lease file.
 pub(super) fn connect(
     socket: &UnixAddr,
     local_name: &str,
     timeout: Duration,
-) -> Result<(UnixStream, u32, u64), String> {
+) -> Result<(UnixStream, u32, u64, LeaseFile), String> {
     if timeout.is_zero() {
         return Err("deadline passed before connecting".into());
     }
@@ -51,9 +58,15 @@ pub(super) fn connect(
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     stream.write_all(&wire::encode_hello(local_name)).map_err(io)?;
-    let ack = Header::read_from(&mut stream).map_err(|e| format!("handshake failed: {e}"))?;
+    let mut ack = [0u8; wire::HEADER_LEN];
+    let leases = wire::recv_with_fd(&stream, &mut ack).map_err(|e| format!("handshake failed: {e}"))?;
+    let ack = Header::decode(&ack);
     match ack.tag {
-        0 => Ok((stream, ack.count, ack.payload_len)),
+        0 => {
+            let leases = leases.ok_or("the owner sent no lease file")?;
+            let leases = LeaseFile::map(leases.as_fd()).map_err(|e| e.to_string())?;
+            Ok((stream, ack.count, ack.payload_len, leases))
+        }
         wire::STATUS_BAD_VERSION => Err(format!("peer speaks shm version {}, this agent {}", ack.count, wire::VERSION)),
         other => Err(format!("handshake refused with status {other}")),
     }
@@ -125,14 +138,13 @@ impl ShmLink {
     pub fn new(
         info: LinkInfo,
         regions: Vec<Option<RemoteShm>>,
-        conn: UnixStream,
+        conn: Connection,
         device: Arc<HostDevice>,
     ) -> Result<ShmLink> {
         let regions = Arc::new(regions);
         let peer = info.peer.clone();
         let (jobs, batches) = mpsc::channel::<Batch>();
-        let worker =
-            Worker { info, regions: regions.clone(), conn: Some(conn), maps: HashMap::new(), device, holding: false };
+        let worker = Worker { info, regions: regions.clone(), conn: Some(conn), grants: HashMap::new(), device };
         thread::Builder::new()
             .name(format!("kvferry-shm-{peer}"))
             .spawn(move || worker.run(batches))
@@ -178,15 +190,22 @@ fn read_status(stream: &mut UnixStream) -> Result<Header, Failure> {
     wire::status_of(Header::read_from(stream)?)
 }
 
+/// What the owner granted for one registration.
+struct Grant {
+    /// The registered range, as the owner has it.
+    region: MemRegion,
+    slot: u32,
+    /// The mapping of a shareable region.
+    map: Option<HostBuffer>,
+}
+
 struct Worker {
     info: LinkInfo,
     regions: Arc<Vec<Option<RemoteShm>>>,
-    conn: Option<UnixStream>,
-    /// The peer's shareable regions mapped so far, by key: each is mapped once per connection.
-    maps: HashMap<u128, HostBuffer>,
+    conn: Option<Connection>,
+    /// Grants received on this connection, by key.
+    grants: HashMap<u128, Grant>,
     device: Arc<HostDevice>,
-    /// Whether the owner has a window open for us (between ACQUIRE and RELEASE).
-    holding: bool,
 }
 
 impl Worker {
@@ -198,80 +217,46 @@ impl Worker {
 
     fn run_batch(&mut self, batch: &Batch) {
         let completion = &*batch.completion;
-        let chunks: Vec<&[XferOp]> = batch.ops.chunks(wire::MAX_DESCS).collect();
-        let mut result = Ok(());
-        for (i, chunk) in chunks.iter().enumerate() {
-            result = match completion.skip_reason() {
-                Some(e) => Err(e),
-                None => self.acquire_and_copy(completion, chunk),
+        let result = match completion.skip_reason() {
+            Some(e) => Err(e),
+            None => self.copy(completion, &batch.ops),
+        };
+        if let PartOutcome::LastOk { notification } = completion.part_done(result) {
+            let sent = match notification {
+                Some(data) => self.notify(completion, &data),
+                None => Ok(()),
             };
-            // Every window but the last closes at once; the last closes with the notification.
-            if result.is_ok() && i + 1 < chunks.len() {
-                result = self.release(completion, None);
-            }
-            if result.is_err() {
-                break;
-            }
-        }
-        match completion.part_done(result) {
-            PartOutcome::LastOk { notification } => {
-                // Even without a notification the window is closed with a round trip: a mapping
-                // outlives a dead peer, so this is where its death is noticed.
-                let closed = match self.holding || notification.is_some() {
-                    true => self.release(completion, notification),
-                    false => Ok(()),
-                };
-                completion.finish(closed);
-            }
-            _ if self.holding => {
-                // The batch already failed; this only lets the owner deregister without waiting.
-                let _ = self.release(completion, None);
-            }
-            _ => {}
+            completion.finish(sent);
         }
     }
 
-    /// The connection, ready for an exchange within the batch's deadline. A lost connection is
-    /// re-established only when no window was open on it.
-    fn connection(&mut self, c: &Completion) -> Result<&mut UnixStream, TransferError> {
-        let peer = &self.info.peer;
+    /// The connection, ready for an exchange within the batch's deadline.
+    fn connection(&mut self, c: &Completion) -> Result<&mut Connection, TransferError> {
         if self.conn.is_none() {
-            if self.holding {
-                self.holding = false;
-                let cause = "the connection closed while the owner held our window".into();
-                return Err(TransferError::PeerDisconnected { peer: peer.clone(), op: c.op(), cause });
-            }
             let timeout = c.deadline().remaining().min(self.info.connect_timeout);
             let unreachable = |cause| TransferError::PeerUnreachable {
-                peer: peer.clone(),
+                peer: self.info.peer.clone(),
                 endpoint: self.info.endpoint.clone(),
                 cause,
             };
-            let (stream, pid, _) = connect(&self.info.socket, &self.info.local_name, timeout)
+            let (stream, pid, _, leases) = connect(&self.info.socket, &self.info.local_name, timeout)
                 .map_err(|cause| if c.deadline().expired() { c.timeout_error() } else { unreachable(cause) })?;
             if pid != self.info.pid {
                 return Err(unreachable(format!("another process (pid {pid}) now serves the endpoint")));
             }
-            // Mappings of a previous connection may name revoked registrations; map afresh.
-            self.maps.clear();
-            self.conn = Some(stream);
+            // Grants name slots of the previous connection's lease file; ask afresh.
+            self.grants.clear();
+            self.conn = Some((stream, leases));
         }
         let left = c.deadline().remaining();
         if left.is_zero() {
-            // Closing the connection is what releases an open window on the owner's side.
-            self.drop_connection();
             return Err(c.timeout_error());
         }
-        let stream = self.conn.as_mut().expect("connected above");
+        let (stream, _) = self.conn.as_mut().expect("connected above");
         match stream.set_read_timeout(Some(left)).and_then(|()| stream.set_write_timeout(Some(left))) {
             Ok(()) => Ok(self.conn.as_mut().expect("connected above")),
             Err(e) => Err(self.named(c, Failure::Io(e))),
         }
-    }
-
-    fn drop_connection(&mut self) {
-        self.conn = None;
-        self.holding = false;
     }
 
     /// Name a failure for the caller; a connection that may be out of step is dropped.
@@ -280,11 +265,11 @@ impl Worker {
         match failure {
             Failure::Rejected(index, reason) => TransferError::Rejected { peer, op: c.op(), index, reason },
             Failure::Protocol(detail) => {
-                self.drop_connection();
+                self.disconnect();
                 TransferError::Protocol { peer, detail }
             }
             Failure::Io(e) => {
-                self.drop_connection();
+                self.disconnect();
                 match e.kind() {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => c.timeout_error(),
                     _ => TransferError::PeerDisconnected { peer, op: c.op(), cause: e.to_string() },
@@ -293,117 +278,141 @@ impl Worker {
         }
     }
 
+    /// Forget the connection and everything granted on it.
+    fn disconnect(&mut self) {
+        self.conn = None;
+        self.grants.clear();
+    }
+
     fn region(&self, op: &XferOp) -> RemoteShm {
         self.regions[op.remote_region as usize].expect("post checked every op's region")
     }
 
-    fn acquire_and_copy(&mut self, c: &Completion, ops: &[XferOp]) -> Result<(), TransferError> {
-        let descs: Vec<WireDesc> =
-            ops.iter().map(|o| WireDesc { key: self.region(o).key, addr: o.remote_addr, len: o.len }).collect();
-        let request = wire::encode_descs(wire::ACQUIRE, &descs);
-        let stream = self.connection(c)?;
-        let acquired = stream.write_all(&request).map_err(Failure::Io).and_then(|()| read_status(stream));
-        if let Err(f) = acquired {
-            return Err(self.named(c, f));
+    /// Check every op against its grant, enter the lease slots, copy, leave, and check the owner
+    /// is still there (a mapping stays valid after its death, so the copy alone cannot tell).
+    fn copy(&mut self, c: &Completion, ops: &[XferOp]) -> Result<(), TransferError> {
+        if ops.is_empty() {
+            return Ok(());
         }
-        self.holding = true;
-
         let mut copies = Vec::new();
         let mut cross = Vec::new();
-        for op in ops {
-            let region = self.region(op);
-            match region.reach {
-                Reach::CrossMemory => cross.push(*op),
-                Reach::Mapped => {
-                    let base = self.mapping(c, &region)?;
-                    // The owner checked the range against its registration; checked again here
-                    // because a wrong offset would touch our own memory.
-                    let offset = op
-                        .remote_addr
-                        .checked_sub(region.region.addr)
-                        .filter(|off| off.checked_add(op.len).is_some_and(|end| end <= region.region.len));
-                    let Some(offset) = offset else {
-                        let detail = format!("op at {:#x}+{} lies outside the mapped region", op.remote_addr, op.len);
-                        return Err(self.named(c, Failure::Protocol(detail)));
-                    };
-                    let (local, remote) = (op.local_addr, base + offset);
+        let mut slots: Vec<(u32, u64, u32)> = Vec::new();
+        for (index, op) in ops.iter().enumerate() {
+            let remote = self.region(op);
+            let grant = self.grant(c, &remote)?;
+            let rejected = |reason| Failure::Rejected(index as u32, reason);
+            let offset = op.remote_addr.checked_sub(grant.region.addr);
+            let inside = offset.and_then(|o| o.checked_add(op.len)).is_some_and(|end| end <= grant.region.len);
+            if !inside {
+                return Err(self.named(c, rejected(RejectReason::OutOfRange)));
+            }
+            if !slots.iter().any(|&(slot, _, _)| slot == grant.slot) {
+                slots.push((grant.slot, remote.key as u64, index as u32));
+            }
+            match &grant.map {
+                None => cross.push(*op),
+                Some(map) => {
+                    let (local, remote) = (op.local_addr, map.as_ptr() as u64 + offset.expect("checked inside"));
                     let (src, dst) = if c.op() == Op::Read { (remote, local) } else { (local, remote) };
                     copies.push(CopyOp { src, dst, len: op.len });
                 }
             }
         }
+        let (stream, leases) = self.conn.as_ref().expect("grants come with a connection");
+        for (entered, &(slot, tag, index)) in slots.iter().enumerate() {
+            if !leases.enter(slot, tag) {
+                slots[..entered].iter().for_each(|&(slot, _, _)| leases.leave(slot));
+                // The registration is gone: forget its grant (and unmap its file).
+                let key = self.grants.iter().find(|(_, g)| g.slot == slot).map(|(k, _)| *k);
+                key.map(|k| self.grants.remove(&k));
+                return Err(self.named(c, Failure::Rejected(index, RejectReason::UnknownKey)));
+            }
+        }
         // SAFETY: local addresses are registered memory held by the batch; remote ones lie inside
-        // mappings this worker keeps until the fence is done; the owner's window keeps the
-        // registration alive meanwhile.
-        let fence = unsafe { self.device.copy_batch(&copies) }.map_err(|e| TransferError::Protocol {
-            peer: self.info.peer.clone(),
-            detail: format!("invalid copy: {e}"),
-        })?;
+        // mappings kept in `grants` until the fence is done; the leases keep the owner from
+        // deregistering meanwhile.
+        let fence = unsafe { self.device.copy_batch(&copies) };
         let crossed = cross_memory_copy(self.info.pid, c.op(), &cross);
-        if fence.wait(c.deadline()).is_err() {
-            // Host copies cannot hang; finish them before the caller may reuse the local memory.
-            while fence.wait(Deadline::after(Duration::from_secs(1))).is_err() {}
+        let timed_out = match &fence {
+            Ok(fence) if fence.wait(c.deadline()).is_err() => {
+                // Host copies cannot hang; finish them before the caller may reuse the memory.
+                while fence.wait(Deadline::after(Duration::from_secs(1))).is_err() {}
+                true
+            }
+            _ => false,
+        };
+        slots.iter().for_each(|&(slot, _, _)| leases.leave(slot));
+        let hung_up = peer_hung_up(stream);
+        let (peer, op) = (self.info.peer.clone(), c.op());
+        if hung_up {
+            self.disconnect();
+            return Err(TransferError::PeerDisconnected { peer, op, cause: "its process exited".into() });
+        }
+        if timed_out {
             return Err(c.timeout_error());
         }
-        crossed.map_err(|e| {
-            let (peer, op) = (self.info.peer.clone(), c.op());
-            match e.raw_os_error() {
-                Some(libc::EPERM | libc::EACCES) => {
-                    TransferError::CrossMemoryRefused { peer, op, cause: e.to_string() }
-                }
-                Some(libc::ESRCH) => TransferError::PeerDisconnected { peer, op, cause: "the process exited".into() },
-                _ => TransferError::Protocol { peer, detail: format!("cross-memory copy failed: {e}") },
-            }
+        fence.map_err(|e| TransferError::Protocol { peer: peer.clone(), detail: format!("invalid copy: {e}") })?;
+        crossed.map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => TransferError::CrossMemoryRefused { peer, op, cause: e.to_string() },
+            Some(libc::ESRCH) => TransferError::PeerDisconnected { peer, op, cause: "its process exited".into() },
+            _ => TransferError::Protocol { peer, detail: format!("cross-memory copy failed: {e}") },
         })
     }
 
-    /// The address where the region is mapped here, mapping it on first use.
-    fn mapping(&mut self, c: &Completion, region: &RemoteShm) -> Result<u64, TransferError> {
-        if let Some(map) = self.maps.get(&region.key) {
-            return Ok(map.as_ptr() as u64);
+    /// The owner's grant for a region, asked for on first use and kept for the connection.
+    fn grant(&mut self, c: &Completion, remote: &RemoteShm) -> Result<&Grant, TransferError> {
+        if !self.grants.contains_key(&remote.key) {
+            let grant = self.ask_grant(c, remote)?;
+            self.grants.insert(remote.key, grant);
         }
+        Ok(&self.grants[&remote.key])
+    }
+
+    fn ask_grant(&mut self, c: &Completion, remote: &RemoteShm) -> Result<Grant, TransferError> {
         let peer = self.info.peer.clone();
         let failed = |cause: String| TransferError::MappingFailed { peer: peer.clone(), cause };
         let mut request = Header { tag: wire::MAP, count: 0, payload_len: 0 }.encode().to_vec();
-        request.extend_from_slice(&region.key.to_le_bytes());
-        let stream = self.connection(c)?;
+        request.extend_from_slice(&remote.key.to_le_bytes());
+        let (stream, _) = self.connection(c)?;
         let mut ack = [0u8; wire::MAP_ACK_LEN];
-        let exchanged = stream.write_all(&request).and_then(|()| wire::recv_with_fd(stream, &mut ack));
-        let fd = match exchanged {
+        let fd = match stream.write_all(&request).and_then(|()| wire::recv_with_fd(stream, &mut ack)) {
             Ok(fd) => fd,
             Err(e) => return Err(self.named(c, Failure::Io(e))),
         };
-        let header = Header::decode(ack[..wire::HEADER_LEN].try_into().expect("header length"));
-        if header.tag == wire::STATUS_NOT_SHAREABLE {
-            return Err(failed("the region has no shareable file".into()));
-        }
-        if let Err(f) = wire::status_of(header) {
-            return Err(self.named(c, f));
-        }
+        let header = match wire::status_of(Header::decode(ack[..wire::HEADER_LEN].try_into().expect("header"))) {
+            Ok(header) => header,
+            Err(f) => return Err(self.named(c, f)),
+        };
         let addr = u64::from_le_bytes(ack[16..24].try_into().expect("8 bytes"));
         let len = u64::from_le_bytes(ack[24..32].try_into().expect("8 bytes"));
-        if (addr, len) != (region.region.addr, region.region.len) {
-            return Err(failed(format!("the owner maps {addr:#x}+{len}, its metadata said {:?}", region.region)));
-        }
-        let fd = fd.ok_or_else(|| failed("no file descriptor came with the answer".into()))?;
-        let map = HostBuffer::map_shared(std::os::fd::AsFd::as_fd(&fd)).map_err(|e| failed(e.to_string()))?;
-        if (map.len() as u64) < len {
-            return Err(failed(format!("the file holds {} bytes, the region {len}", map.len())));
-        }
-        let base = map.as_ptr() as u64;
-        self.maps.insert(region.key, map);
-        Ok(base)
+        let region = MemRegion { addr, len, ..remote.region };
+        let map = match (remote.reach, fd) {
+            (Reach::CrossMemory, _) => None,
+            (Reach::Mapped, None) => return Err(failed("no file descriptor came with the grant".into())),
+            (Reach::Mapped, Some(fd)) => {
+                let map = HostBuffer::map_shared(fd.as_fd()).map_err(|e| failed(e.to_string()))?;
+                if (map.len() as u64) < len {
+                    return Err(failed(format!("the file holds {} bytes, the region {len}", map.len())));
+                }
+                Some(map)
+            }
+        };
+        Ok(Grant { region, slot: header.count, map })
     }
 
-    fn release(&mut self, c: &Completion, notification: Option<Vec<u8>>) -> Result<(), TransferError> {
-        let data = notification.as_deref().unwrap_or_default();
-        let header =
-            Header { tag: wire::RELEASE, count: notification.is_some() as u32, payload_len: data.len() as u64 };
-        let mut request = header.encode().to_vec();
+    fn notify(&mut self, c: &Completion, data: &[u8]) -> Result<(), TransferError> {
+        let mut request = Header { tag: wire::NOTIFY, count: 0, payload_len: data.len() as u64 }.encode().to_vec();
         request.extend_from_slice(data);
-        let stream = self.connection(c)?;
-        let released = stream.write_all(&request).map_err(Failure::Io).and_then(|()| read_status(stream));
-        self.holding = false;
-        released.map(|_| ()).map_err(|f| self.named(c, f))
+        let (stream, _) = self.connection(c)?;
+        let sent = stream.write_all(&request).map_err(Failure::Io).and_then(|()| read_status(stream));
+        sent.map(|_| ()).map_err(|f| self.named(c, f))
     }
+}
+
+/// Whether the owner's end of the socket is closed (its process exited), without blocking.
+fn peer_hung_up(stream: &UnixStream) -> bool {
+    let mut poll = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd, no timeout.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }

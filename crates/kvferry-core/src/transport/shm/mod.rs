@@ -1,8 +1,9 @@
 //! The shared-memory transport, for peers on the same host.
 //!
 //! The endpoint names the host (its boot id), the process and an abstract Unix socket. Over that
-//! socket the memory owner checks every batch's descriptors and holds the registrations while the
-//! initiator copies, but the bytes never cross it:
+//! socket the memory owner grants access to a registration once (after checking its key) and
+//! receives notifications; revocation goes through a shared lease file ([`lease`]). The bytes never
+//! cross the socket:
 //!
 //! - **mapped**: a region backed by a shareable file (a memfd
 //!   [`HostBuffer`](crate::memory::host::HostBuffer), see
@@ -16,6 +17,7 @@
 //! (ptrace policy, pid namespaces) makes [`Transport::link`] fail, and the agent falls back to the
 //! next transport (TCP).
 
+mod lease;
 mod link;
 mod owner;
 mod wire;
@@ -102,7 +104,7 @@ impl ShmTransport {
         let socket = format!("kvferry-shm-{pid}-{:016x}", keys::new_key()? as u64);
         let addr = UnixAddr::from_abstract_name(&socket).map_err(|e| Error::io("naming the shm socket", e))?;
         let listener = UnixListener::bind_addr(&addr).map_err(|e| Error::io(format!("binding @{socket}"), e))?;
-        let shared = Arc::new(OwnerShared::new(notifications, config.request_timeout));
+        let shared = Arc::new(OwnerShared::new(notifications, config.request_timeout)?);
         let serve_shared = shared.clone();
         let acceptor = Acceptor::serve(listener, "kvferry-shm", move |stream| owner::serve(stream, &serve_shared))?;
         Ok(ShmTransport {
@@ -145,12 +147,19 @@ impl Transport for ShmTransport {
             memory_of(&keep_alive).is_some_and(|m| m.share_fd().is_some() && m.region().addr == region.addr);
         let reach = if shareable { Reach::Mapped } else { Reach::CrossMemory };
         let key = keys::new_key()?;
+        let slot = self.shared.leases.open(key as u64)?;
+        self.shared.slots.lock().unwrap().insert(key, slot);
         self.shared.keys.insert(key, region, keep_alive);
         Ok(wire::encode_key(key, reach))
     }
 
     fn deregister(&self, key: &[u8]) {
         if let Some((key, _)) = wire::decode_key(key) {
+            // No new grants first, then wait for initiators inside the registration to leave.
+            let slot = self.shared.slots.lock().unwrap().remove(&key);
+            if let Some(slot) = slot {
+                self.shared.leases.revoke(slot, self.config.request_timeout);
+            }
             self.shared.keys.remove(key);
         }
     }
@@ -173,7 +182,7 @@ impl Transport for ShmTransport {
             .collect::<Result<Vec<_>>>()?;
         let socket = UnixAddr::from_abstract_name(address.socket)
             .map_err(|e| Error::InvalidArgument(format!("peer {peer} published an invalid socket name: {e}")))?;
-        let (conn, pid, probe) = link::connect(&socket, &self.local_name, self.config.connect_timeout)
+        let (conn, pid, probe, leases) = link::connect(&socket, &self.local_name, self.config.connect_timeout)
             .map_err(|cause| unsupported(format!("its socket @{} is unreachable: {cause}", address.socket)))?;
         if pid != address.pid {
             return Err(unsupported(format!("pid {pid} answers for the endpoint of pid {}", address.pid)));
@@ -190,7 +199,7 @@ impl Transport for ShmTransport {
             pid,
             connect_timeout: self.config.connect_timeout,
         };
-        Ok(Arc::new(ShmLink::new(info, regions, conn, self.device.clone())?))
+        Ok(Arc::new(ShmLink::new(info, regions, (conn, leases), self.device.clone())?))
     }
 }
 

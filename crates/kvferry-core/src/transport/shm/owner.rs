@@ -1,17 +1,19 @@
 //! The memory owner's side of the shm transport. Initiators copy the bytes themselves (through a
-//! mapping or cross-memory attach), but only inside an `ACQUIRE`…`RELEASE` window this side opened
-//! after checking every descriptor against the key table; the window holds the registrations, so
-//! deregistration waits for it, and the `RELEASE` delivers the notification after the data.
+//! mapping or cross-memory attach); this side grants access per registration (`MAP`: checks the key,
+//! answers with the registered range, its lease slot and, for shareable memory, the file), revokes
+//! it through the lease file, and receives notifications, which initiators send after the data.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::wire::{self, Header, WireDesc};
+use super::lease::Leases;
+use super::wire::{self, Header};
 use crate::net::Connections;
-use crate::transport::keys::{KeyEntry, KeyTable};
+use crate::transport::keys::KeyTable;
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
 /// Read by initiators with `process_vm_readv` to check that cross-memory attach reaches us.
@@ -19,16 +21,25 @@ pub(super) static PROBE: AtomicU64 = AtomicU64::new(wire::PROBE_MAGIC);
 
 pub(super) struct OwnerShared {
     pub keys: KeyTable,
+    pub leases: Leases,
+    /// The lease slot of each registered key.
+    pub slots: Mutex<HashMap<u128, u32>>,
     pub notifications: Arc<NotificationQueue>,
-    /// Longest an initiator may hold an acquired window (or stall mid-message) before its
-    /// connection is closed, which releases what it held.
-    request_timeout: Duration,
+    /// Longest a message may stall mid-way, and a deregistration may wait for initiators to leave.
+    pub request_timeout: Duration,
     pub connections: Connections,
 }
 
 impl OwnerShared {
-    pub fn new(notifications: Arc<NotificationQueue>, request_timeout: Duration) -> Self {
-        OwnerShared { keys: KeyTable::default(), notifications, request_timeout, connections: Connections::default() }
+    pub fn new(notifications: Arc<NotificationQueue>, request_timeout: Duration) -> crate::error::Result<Self> {
+        Ok(OwnerShared {
+            keys: KeyTable::default(),
+            leases: Leases::new()?,
+            slots: Mutex::new(HashMap::new()),
+            notifications,
+            request_timeout,
+            connections: Connections::default(),
+        })
     }
 }
 
@@ -52,7 +63,7 @@ fn respond(stream: &mut UnixStream, status: Result<(), (u32, RejectReason)>) -> 
     stream.write_all(&header.encode())
 }
 
-fn accept_hello(stream: &mut UnixStream) -> io::Result<String> {
+fn accept_hello(stream: &mut UnixStream, shared: &OwnerShared) -> io::Result<String> {
     let hello = Header::read_from(stream)?;
     if hello.tag != wire::HELLO {
         return Err(invalid("not a kvferry shm connection"));
@@ -69,20 +80,18 @@ fn accept_hello(stream: &mut UnixStream) -> io::Result<String> {
     stream.read_exact(&mut name)?;
     let name = String::from_utf8(name).map_err(|_| invalid("agent name is not UTF-8"))?;
     let probe = PROBE.as_ptr() as u64;
-    stream.write_all(&Header { tag: 0, count: std::process::id(), payload_len: probe }.encode())?;
+    let ack = Header { tag: 0, count: std::process::id(), payload_len: probe }.encode();
+    wire::send_with_fd(stream, &ack, shared.leases.fd())?;
     Ok(name)
 }
 
 fn serve_connection(mut stream: UnixStream, shared: &OwnerShared) -> io::Result<()> {
     stream.set_read_timeout(Some(shared.request_timeout))?;
     stream.set_write_timeout(Some(shared.request_timeout))?;
-    let from = accept_hello(&mut stream)?;
-    // The registrations of the open window: while held, deregistration waits.
-    let mut held: Vec<Arc<KeyEntry>> = Vec::new();
-    let mut desc_buf = Vec::new();
+    let from = accept_hello(&mut stream, shared)?;
     loop {
-        // Idle time between windows is unlimited; an open window is bounded by the request timeout.
-        stream.set_read_timeout(if held.is_empty() { None } else { Some(shared.request_timeout) })?;
+        // Idle time between requests is unlimited; a request, once started, is bounded.
+        stream.set_read_timeout(None)?;
         let header = match Header::read_from(&mut stream) {
             Ok(h) => h,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -95,34 +104,14 @@ fn serve_connection(mut stream: UnixStream, shared: &OwnerShared) -> io::Result<
                 stream.read_exact(&mut key)?;
                 serve_map(&mut stream, shared, u128::from_le_bytes(key))?;
             }
-            wire::ACQUIRE => {
-                let count = header.count as usize;
-                if count > wire::MAX_DESCS || !held.is_empty() {
-                    respond(&mut stream, Err((0, RejectReason::TooLarge)))?;
-                    return Err(invalid("oversized request, or a second window before the first was released"));
-                }
-                desc_buf.resize(count * wire::DESC_LEN, 0);
-                stream.read_exact(&mut desc_buf)?;
-                let descs: Vec<WireDesc> = desc_buf.chunks_exact(wire::DESC_LEN).map(WireDesc::decode).collect();
-                match shared.keys.resolve(&descs) {
-                    Ok(entries) => {
-                        held = entries;
-                        respond(&mut stream, Ok(()))?;
-                    }
-                    Err(rejection) => respond(&mut stream, Err(rejection))?,
-                }
-            }
-            wire::RELEASE => {
+            wire::NOTIFY => {
                 if header.payload_len > wire::MAX_NOTIFICATION {
                     respond(&mut stream, Err((0, RejectReason::TooLarge)))?;
                     return Err(invalid("oversized notification"));
                 }
                 let mut data = vec![0u8; header.payload_len as usize];
                 stream.read_exact(&mut data)?;
-                held.clear();
-                if header.count != 0 {
-                    shared.notifications.push(Notification { from: from.clone(), data });
-                }
+                shared.notifications.push(Notification { from: from.clone(), data });
                 respond(&mut stream, Ok(()))?;
             }
             other => return Err(invalid(format!("unknown request kind {other}"))),
@@ -130,21 +119,21 @@ fn serve_connection(mut stream: UnixStream, shared: &OwnerShared) -> io::Result<
     }
 }
 
-/// Hand out the memfd behind a registration, after checking its key.
+/// Grant access to a registration, after checking its key: its range, its lease slot, and the
+/// memfd behind it when it has one.
 fn serve_map(stream: &mut UnixStream, shared: &OwnerShared, key: u128) -> io::Result<()> {
-    let refuse = |stream: &mut UnixStream, tag: u8| {
-        let mut ack = Header { tag, count: 0, payload_len: 16 }.encode().to_vec();
-        ack.resize(wire::MAP_ACK_LEN, 0);
-        stream.write_all(&ack)
+    let slot = shared.slots.lock().unwrap().get(&key).copied();
+    let (Some(entry), Some(slot)) = (shared.keys.get(key), slot) else {
+        let mut refusal =
+            Header { tag: RejectReason::UnknownKey.to_wire(), count: 0, payload_len: 16 }.encode().to_vec();
+        refusal.resize(wire::MAP_ACK_LEN, 0);
+        return stream.write_all(&refusal);
     };
-    let Some(entry) = shared.keys.get(key) else {
-        return refuse(stream, RejectReason::UnknownKey.to_wire());
-    };
-    let Some(fd) = entry.memory().and_then(|m| m.share_fd()) else {
-        return refuse(stream, wire::STATUS_NOT_SHAREABLE);
-    };
-    let mut ack = Header { tag: 0, count: 0, payload_len: 16 }.encode().to_vec();
+    let mut ack = Header { tag: 0, count: slot, payload_len: 16 }.encode().to_vec();
     ack.extend_from_slice(&entry.region.addr.to_le_bytes());
     ack.extend_from_slice(&entry.region.len.to_le_bytes());
-    wire::send_with_fd(stream, &ack, fd)
+    match entry.memory().and_then(|m| m.share_fd()) {
+        Some(fd) => wire::send_with_fd(stream, &ack, fd),
+        None => stream.write_all(&ack),
+    }
 }

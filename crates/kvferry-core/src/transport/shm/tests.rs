@@ -67,3 +67,37 @@ fn the_cross_memory_probe_checks_the_process() {
     // No process has pid 0 for process_vm_readv.
     assert!(probe_cross_memory(0, PROBE.as_ptr() as u64).is_err());
 }
+
+#[test]
+fn revocation_waits_for_initiators_inside_and_refuses_later_ones() {
+    use super::lease::{LeaseFile, Leases};
+    use std::time::{Duration, Instant};
+
+    let owner = Leases::new().unwrap();
+    let view = LeaseFile::map(owner.fd()).unwrap();
+    let slot = owner.open(0xabc).unwrap();
+    assert!(!view.enter(slot, 0xdef), "a wrong tag is refused");
+    assert!(view.enter(slot, 0xabc));
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            view.leave(slot);
+        });
+        owner.revoke(slot, Duration::from_secs(10));
+    });
+    assert!(started.elapsed() >= Duration::from_millis(90), "revoke returned while an initiator was inside");
+    assert!(!view.enter(slot, 0xabc), "a revoked registration is refused");
+
+    // The freed slot serves a new registration; the old tag stays refused.
+    let reused = owner.open(0x123).unwrap();
+    assert_eq!(reused, slot);
+    assert!(!view.enter(reused, 0xabc));
+    assert!(view.enter(reused, 0x123));
+    // An initiator that never leaves (it died inside) costs the timeout once; the slot is retired.
+    let started = Instant::now();
+    owner.revoke(reused, Duration::from_millis(50));
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_ne!(owner.open(0x456).unwrap(), reused);
+    assert!(view.slot(u32::MAX).is_none() && !view.enter(u32::MAX, 0));
+}

@@ -1,39 +1,33 @@
 //! The shm transport's control messages, on a Unix stream socket. They reuse the TCP transport's
-//! 16-byte header and 32-byte descriptor; the data itself never crosses the socket.
+//! 16-byte header; the data itself never crosses the socket.
 //!
 //! ```text
 //! hello        header{HELLO, count: version, payload_len: name_len} | name
-//! hello ack    header{status, count: pid, payload_len: probe address}
+//! hello ack    header{status, count: pid, payload_len: probe address}, the lease file attached
 //! map          header{MAP, 0, 0} | key [16]
-//! map ack      header{status, 0, 16} | addr u64 | len u64, with the memfd attached (SCM_RIGHTS)
-//! acquire      header{ACQUIRE, count, 0} | count × desc
-//! acquire ack  header{status, index, 0}
-//! release      header{RELEASE, has notification 0/1, notification_len} | notification
-//! release ack  header{status, 0, 0}
+//! map ack      header{status, count: lease slot, 16} | addr u64 | len u64,
+//!              the memfd attached (SCM_RIGHTS) when the region has one
+//! notify       header{NOTIFY, 0, len} | notification
+//! notify ack   header{status, 0, 0}
 //! ```
-//! Status 0 is success; otherwise a [`RejectReason`](crate::transport::RejectReason) naming
-//! descriptor `index`, or one of the statuses below.
+//! Status 0 is success; otherwise a [`RejectReason`](crate::transport::RejectReason) or
+//! [`STATUS_BAD_VERSION`].
 
 use std::io::{self, Read, Write};
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-pub use crate::transport::tcp::wire::{
-    DESC_LEN, Failure, HEADER_LEN, Header, MAX_DESCS, MAX_NAME, MAX_NOTIFICATION, WireDesc, status_of,
-};
+pub use crate::transport::tcp::wire::{Failure, HEADER_LEN, Header, MAX_NAME, MAX_NOTIFICATION, status_of};
 
 pub const VERSION: u32 = 1;
 
 pub const HELLO: u8 = 1;
 pub const MAP: u8 = 2;
-pub const ACQUIRE: u8 = 3;
-pub const RELEASE: u8 = 4;
+pub const NOTIFY: u8 = 3;
 
 /// The peer speaks another version of this protocol.
 pub const STATUS_BAD_VERSION: u8 = 100;
-/// The key names a registration whose memory has no file to share.
-pub const STATUS_NOT_SHAREABLE: u8 = 101;
 
 pub const MAP_ACK_LEN: usize = HEADER_LEN + 16;
 
@@ -117,15 +111,6 @@ pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Ow
 pub fn encode_hello(name: &str) -> Vec<u8> {
     let mut out = Header { tag: HELLO, count: VERSION, payload_len: name.len() as u64 }.encode().to_vec();
     out.extend_from_slice(name.as_bytes());
-    out
-}
-
-pub fn encode_descs(tag: u8, descs: &[WireDesc]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + descs.len() * DESC_LEN);
-    out.extend_from_slice(&Header { tag, count: descs.len() as u32, payload_len: 0 }.encode());
-    for d in descs {
-        d.encode_into(&mut out);
-    }
     out
 }
 
