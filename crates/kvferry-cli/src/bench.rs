@@ -66,6 +66,9 @@ pub struct BenchArgs {
     /// TCP streams per peer.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
+    /// Threads copying shm batches of 1 MiB or more (default: one per core, at most 8).
+    #[arg(long)]
+    pub copy_threads: Option<usize>,
     /// Verify every byte of every row (outside the timed loop).
     #[arg(long)]
     pub check: bool,
@@ -234,7 +237,7 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
         _ => (None, args.peer.clone().context("--role initiator needs --peer host:port")?),
     };
     let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
-    let shm = (args.transport == "shm").then(ShmConfig::default);
+    let shm = (args.transport == "shm").then(|| ShmConfig { copy_threads: args.copy_threads, ..ShmConfig::default() });
     let agent = Agent::new(AgentConfig { name: format!("kvferry-bench-{}", std::process::id()), tcp: Some(tcp), shm })?;
     let peer = agent
         .connect_peer(&peer_addr, Deadline::after(Duration::from_secs(10)))

@@ -354,14 +354,48 @@ impl HostDevice {
         self.workers.len()
     }
 
-    fn submit(&self, pieces: Vec<Piece>, total: usize) -> CopyFence {
-        let jobs = split_into_shares(pieces, total, self.workers.len());
+    /// Like [`Device::copy_batch`], but the calling thread copies a share of a large batch itself
+    /// instead of sleeping while the pool works: for callers that wait for the copies anyway (a
+    /// transport's worker), it saves a hand-off and uses the caller's core. Returns once the
+    /// caller's share is done; the fence covers the rest.
+    ///
+    /// # Safety
+    /// As for [`Device::copy_batch`].
+    pub unsafe fn copy_batch_sharing(&self, ops: &[CopyOp]) -> Result<CopyFence> {
+        // SAFETY: the caller's guarantees.
+        unsafe { self.copy(ops, true) }
+    }
+
+    /// # Safety
+    /// As for [`Device::copy_batch`].
+    unsafe fn copy(&self, ops: &[CopyOp], caller_shares: bool) -> Result<CopyFence> {
+        let mut pieces = Vec::with_capacity(ops.len());
+        let mut total = 0usize;
+        for (index, op) in ops.iter().enumerate() {
+            if op.len == 0 {
+                continue;
+            }
+            let piece = Piece::validate(op).map_err(|reason| MemoryError::InvalidCopy { index, reason })?;
+            total = total.saturating_add(piece.len);
+            if !pieces.last_mut().is_some_and(|last: &mut Piece| last.try_extend(&piece)) {
+                pieces.push(piece);
+            }
+        }
+        if total < INLINE_COPY_MAX {
+            // SAFETY: the caller guarantees the ranges are valid and non-overlapping.
+            pieces.iter().for_each(|piece| unsafe { piece.copy() });
+            return Ok(CopyFence::new(Arc::new(HostFence::new(0))));
+        }
+        let mut jobs = split_into_shares(pieces, total, self.workers.len() + caller_shares as usize);
+        let own = if caller_shares { jobs.pop() } else { None };
         let fence = Arc::new(HostFence::new(jobs.len()));
         let sender = self.jobs.as_ref().expect("the job queue lives as long as the device");
         for pieces in jobs {
             sender.send(Job { pieces, fence: Arc::clone(&fence) }).expect("copy workers run until the device drops");
         }
-        CopyFence::new(fence)
+        // SAFETY: as above.
+        own.iter().flatten().for_each(|piece| unsafe { piece.copy() });
+        Ok(CopyFence::new(fence))
     }
 }
 
@@ -412,26 +446,8 @@ impl Device for HostDevice {
     }
 
     unsafe fn copy_batch(&self, ops: &[CopyOp]) -> Result<CopyFence> {
-        let mut pieces = Vec::with_capacity(ops.len());
-        let mut total = 0usize;
-        for (index, op) in ops.iter().enumerate() {
-            if op.len == 0 {
-                continue;
-            }
-            let piece = Piece::validate(op).map_err(|reason| MemoryError::InvalidCopy { index, reason })?;
-            total = total.saturating_add(piece.len);
-            if !pieces.last_mut().is_some_and(|last: &mut Piece| last.try_extend(&piece)) {
-                pieces.push(piece);
-            }
-        }
-        if total < INLINE_COPY_MAX {
-            for piece in &pieces {
-                // SAFETY: the caller guarantees the ranges are valid and non-overlapping.
-                unsafe { piece.copy() };
-            }
-            return Ok(CopyFence::new(Arc::new(HostFence::new(0))));
-        }
-        Ok(self.submit(pieces, total))
+        // SAFETY: the caller's guarantees.
+        unsafe { self.copy(ops, false) }
     }
 
     fn export_ipc(&self, _region: MemRegion) -> Result<IpcHandle> {
@@ -916,6 +932,21 @@ mod tests {
     #[test]
     fn single_large_op_is_split_across_threads() {
         check_copy(&HostDevice::with_threads(4).unwrap(), 1, 32 << 20);
+    }
+
+    #[test]
+    fn the_caller_copies_a_share_and_the_pool_the_rest() {
+        let device = HostDevice::with_threads(2).unwrap();
+        let len = 6 << 20;
+        let src = patterned(len, 0x31);
+        let dst = patterned(len, 0x42);
+        let fence = unsafe { device.copy_batch_sharing(&[op(&src, 0, &dst, 0, len)]) }.unwrap();
+        // The caller's share (the last third) is done when the call returns.
+        assert!(dst.to_vec()[4 << 20..] == src.to_vec()[4 << 20..]);
+        fence.wait(deadline()).unwrap();
+        assert!(dst.to_vec() == src.to_vec());
+        let bad = CopyOp { src: 0, dst: dst.as_ptr() as u64, len: 1 };
+        assert_eq!(error_code(unsafe { device.copy_batch_sharing(&[bad]) }), ErrorCode::InvalidCopy);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! the lease slots of the regions it touches (refused once a registration is revoked), checks every
 //! op against the range the owner granted, copies the bytes itself, leaves the slots, and checks
 //! that the owner is still alive before the batch completes; a notification then follows on the
-//! socket. Mapped regions are copied with `memcpy` by the host device's copy pool, cross-memory
-//! regions with `process_vm_readv`/`process_vm_writev` on this thread while the pool works.
+//! socket. Mapped regions are copied with `memcpy` by the host device's copy pool (this thread
+//! taking a share), cross-memory regions with `process_vm_readv`/`process_vm_writev` on this
+//! thread while the pool works.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -18,7 +19,7 @@ use super::wire::{self, Failure, Header, Reach};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::{HostBuffer, HostDevice};
-use crate::memory::{CopyOp, Device, MemRegion};
+use crate::memory::{CopyOp, MemRegion};
 use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp};
 
 /// A peer's region as this transport reaches it.
@@ -331,7 +332,7 @@ impl Worker {
         // SAFETY: local addresses are registered memory held by the batch; remote ones lie inside
         // mappings kept in `grants` until the fence is done; the leases keep the owner from
         // deregistering meanwhile.
-        let fence = unsafe { self.device.copy_batch(&copies) };
+        let fence = unsafe { self.device.copy_batch_sharing(&copies) };
         let crossed = cross_memory_copy(self.info.pid, c.op(), &cross);
         let timed_out = match &fence {
             Ok(fence) if fence.wait(c.deadline()).is_err() => {
