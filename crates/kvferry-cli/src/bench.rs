@@ -66,7 +66,8 @@ pub struct BenchArgs {
     /// TCP streams per peer.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
-    /// Threads copying shm batches of 1 MiB or more (default: one per core, at most 8).
+    /// Pool threads copying shm batches of 1 MiB or more, next to the link's own (default: one per
+    /// core but one).
     #[arg(long)]
     pub copy_threads: Option<usize>,
     /// Verify every byte of every row (outside the timed loop).

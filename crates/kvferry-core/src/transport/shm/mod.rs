@@ -40,7 +40,8 @@ use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Tran
 
 #[derive(Debug, Clone)]
 pub struct ShmConfig {
-    /// Threads copying large batches through mappings; `None`: one per core, at most 8.
+    /// Pool threads copying large batches through mappings, next to the link's worker, which
+    /// copies a share too; `None`: one per core but one, at least 1 and at most 7.
     pub copy_threads: Option<usize>,
     pub connect_timeout: Duration,
     /// How long a peer may hold a window on this agent's memory (or stall mid-message) before its
@@ -96,10 +97,10 @@ pub struct ShmTransport {
 impl ShmTransport {
     pub fn start(local_name: &str, config: ShmConfig, notifications: Arc<NotificationQueue>) -> Result<ShmTransport> {
         let boot_id = boot_id()?;
-        let device = Arc::new(match config.copy_threads {
-            Some(threads) => HostDevice::with_threads(threads)?,
-            None => HostDevice::new()?,
-        });
+        // The worker copies a share itself: with one pool thread per core but one, a batch keeps
+        // every core busy without more copying threads than cores.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let device = Arc::new(HostDevice::with_threads(config.copy_threads.unwrap_or((cores - 1).clamp(1, 7)))?);
         let pid = std::process::id();
         let socket = format!("kvferry-shm-{pid}-{:016x}", keys::new_key()? as u64);
         let addr = UnixAddr::from_abstract_name(&socket).map_err(|e| Error::io("naming the shm socket", e))?;
