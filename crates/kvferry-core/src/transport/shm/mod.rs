@@ -2,7 +2,7 @@
 //!
 //! The endpoint names the host (its boot id), the process and an abstract Unix socket. Over that
 //! socket the memory owner grants access to a registration once (after checking its key) and
-//! receives notifications; revocation goes through a shared lease file ([`lease`]). The bytes never
+//! receives notifications; revocation goes through a shared lease file of slots. The bytes never
 //! cross the socket:
 //!
 //! - **mapped**: a region backed by a shareable file (a memfd
