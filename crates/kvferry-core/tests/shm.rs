@@ -139,9 +139,10 @@ fn the_owner_rejects_what_lying_metadata_allows(shareable: bool) {
     shm_key.1[0] ^= 1;
     md.generation += 1;
     p.initiator.add_peer(&md.encode()).unwrap();
-    let remote = p.initiator.prepare_remote("liar", &[inside]).unwrap();
-    let e = p.initiator.write(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
+    let remote = p.initiator.prepare_remote("liar", &[inside, inside]).unwrap();
+    let e = p.initiator.write(&local, &[0, 2], &remote, &[0, 1], soon()).unwrap().wait().unwrap_err();
     assert_eq!(e.code(), ErrorCode::RemoteUnknownKey, "{e}");
+    assert!(e.to_string().contains("descriptor 0"), "{e}");
     assert!(p.remote_buf.to_vec() == before, "a rejected write touched the target's memory");
 }
 

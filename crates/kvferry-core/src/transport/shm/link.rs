@@ -300,7 +300,14 @@ impl Worker {
         let mut slots: Vec<(u32, u64, u32)> = Vec::new();
         for (index, op) in ops.iter().enumerate() {
             let remote = self.region(op);
-            let grant = self.grant(c, &remote)?;
+            let grant = match self.grant(c, &remote) {
+                Ok(grant) => grant,
+                // The owner refused the key: name the op that used it.
+                Err(TransferError::Rejected { peer, op, reason, .. }) => {
+                    return Err(TransferError::Rejected { peer, op, index: index as u32, reason });
+                }
+                Err(e) => return Err(e),
+            };
             let rejected = |reason| Failure::Rejected(index as u32, reason);
             let offset = op.remote_addr.checked_sub(grant.region.addr);
             let inside = offset.and_then(|o| o.checked_add(op.len)).is_some_and(|end| end <= grant.region.len);
