@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Measures kvferry's TCP transport next to this machine's limits, in one run: iperf3 on loopback
-# (one stream and two), single-thread memcpy, then `kvferry bench`. Prints a Markdown summary for
-# docs/benchmarks.md. Usage: scripts/bench.sh [seconds per row]
+# Measures kvferry's TCP and shared-memory transports next to this machine's limits, in one run:
+# iperf3 on loopback (one stream and two), single-thread memcpy, then `kvferry bench`. Prints a
+# Markdown summary for docs/benchmarks.md. Usage: scripts/bench.sh [seconds per row]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-2}
@@ -28,6 +28,17 @@ $kvferry bench --transport memcpy --block-sizes $sizes --batch-sizes 64 --min-ti
 $kvferry bench --streams 1 --block-sizes $sizes --batch-sizes 64 --min-time "$secs" --json >"$out/tcp1.json"
 $kvferry bench --streams 2 --block-sizes $sizes --batch-sizes 64 --min-time "$secs" --json >"$out/tcp2.json"
 $kvferry bench --streams 2 --block-sizes 4K,16K --batch-sizes 1,64 --min-time "$secs" --json >"$out/post.json"
+# Shared memory is compared with memcpy measured just before it, block size by block size, so that
+# both see the same load on a shared machine.
+for size in ${sizes//,/ }; do
+    n=0
+    for mover in "memcpy" "shm --memory shared" "shm --memory private"; do
+        n=$((n + 1))
+        # shellcheck disable=SC2086 # the mover's words are separate arguments
+        $kvferry bench --transport $mover --block-sizes "$size" --batch-sizes 64 --min-time "$secs" --json \
+            >"$out/near-$size-$n.json"
+    done
+done
 
 python3 - "$out" <<'PY'
 import json, sys, os
@@ -47,6 +58,17 @@ for op in ["read", "write"]:
         m, t1, t2 = (rows[(n, op, block)] for n in ["memcpy", "tcp1", "tcp2"])
         print(f"| {op} | {block // 1024} KiB | {m['gbps']:.2f} | {t1['gbps']:.2f} | {100 * t1['gbps'] / i1:.0f}% "
               f"| {t2['gbps']:.2f} | {100 * t2['gbps'] / i1:.0f}% | {100 * t2['gbps'] / i2:.0f}% | {t2['lat_p99_us']:.0f} |")
+print("\n| op | block × 64 | memcpy GB/s (just before) | tcp 2 streams GB/s | shm mapped GB/s | % of memcpy | shm cross-memory GB/s | % of memcpy | p99 µs (mapped) |")
+print("|---|---|---|---|---|---|---|---|---|")
+near = {(r["path"], r["op"], r["block_size"]): r for n in sorted(os.listdir(d)) if n.startswith("near-") for r in load(n)}
+assert all(p in ("memcpy", "shm/mapped", "shm/cross-memory") for p, _, _ in near), "shm fell back to tcp"
+for op in ["read", "write"]:
+    for block in [16384, 131072, 1048576]:
+        t2 = rows[("tcp2", op, block)]
+        m, sm, sc = (near[(n, op, block)] for n in ["memcpy", "shm/mapped", "shm/cross-memory"])
+        print(f"| {op} | {block // 1024} KiB | {m['gbps']:.2f} | {t2['gbps']:.2f} | {sm['gbps']:.2f} "
+              f"| {100 * sm['gbps'] / m['gbps']:.0f}% | {sc['gbps']:.2f} | {100 * sc['gbps'] / m['gbps']:.0f}% "
+              f"| {sm['lat_p99_us']:.0f} |")
 print("\n| op | block | batch | post µs (avg) | latency µs (avg / p99) | GB/s |")
 print("|---|---|---|---|---|---|")
 for r in load("post.json"):

@@ -79,6 +79,10 @@ sentinels=(
     gather_packs_blocks_in_order_and_scatter_puts_them_back
     header_is_up_to_date
     header_codes_equal_the_library_codes
+    shm_mapped_blocks_move_both_ways_between_processes_byte_exact
+    shm_cross_memory_blocks_move_both_ways_between_processes_byte_exact
+    shm_killing_the_target_mid_transfer_fails_within_the_deadline
+    shm_target_process_rejects_unregistered_ranges_and_forged_keys
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvferry::memory::host::HostBuffer;
+use kvferry::transport::shm::ShmConfig;
 use kvferry::transport::tcp::TcpConfig;
 use kvferry::{Agent, AgentConfig, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
 use serde::Serialize;
 
-use crate::serve::{self, ServeArgs, Target};
+use crate::serve::{self, MemoryArg, ServeArgs, Target};
 use crate::{pattern, units};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,9 +37,14 @@ pub enum Role {
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Transport to measure (`kvferry info` lists those in this build), or `memcpy` for the
-    /// machine's single-thread copy limit measured the same way.
+    /// machine's single-thread copy limit measured the same way. `shm` falls back to TCP for a peer
+    /// it cannot reach; the `path` column shows what moved the bytes.
     #[arg(long, default_value = "tcp")]
     pub transport: String,
+    /// What backs the buffers: `shared` (memfd, which shm maps) or `private` (anonymous memory,
+    /// which shm reaches by cross-memory attach). The target's, in loopback mode.
+    #[arg(long, value_enum, default_value = "shared")]
+    pub memory: MemoryArg,
     #[arg(long, value_enum, default_value = "both")]
     pub op: OpArg,
     /// Block sizes to sweep.
@@ -60,6 +66,10 @@ pub struct BenchArgs {
     /// TCP streams per peer.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
+    /// Pool threads copying shm batches of 1 MiB or more, next to the link's own (default: one per
+    /// core but one).
+    #[arg(long)]
+    pub copy_threads: Option<usize>,
     /// Verify every byte of every row (outside the timed loop).
     #[arg(long)]
     pub check: bool,
@@ -85,6 +95,8 @@ pub struct BenchArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub transport: String,
+    /// What moved the bytes: `tcp`, `shm/mapped`, `shm/cross-memory`, `memcpy`.
+    pub path: String,
     pub op: String,
     pub block_size: u64,
     pub batch: usize,
@@ -126,7 +138,7 @@ struct Setup {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if !["tcp", "memcpy"].contains(&args.transport.as_str()) {
+    if !["tcp", "shm", "memcpy"].contains(&args.transport.as_str()) {
         bail!(
             "transport `{}` is not available in this build (`kvferry info` lists the transports; `memcpy` gives the \
              machine's copy limit)",
@@ -144,6 +156,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             streams: args.streams,
             duration: None,
             name: None,
+            memory: args.memory,
         });
     }
     if plan.is_empty() {
@@ -162,7 +175,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         progress.set_message(format!("{op} {} × {batch}", units::format_size(block)));
         let row = run_row(args, &setup, op, block, batch, i as u64)?;
         if !args.json {
-            let header = (last_op != Some(op)).then(|| table_header(args, op));
+            let header = (last_op != Some(op)).then(|| table_header(args, &row));
             last_op = Some(op);
             // `suspend` rather than `println`: a hidden bar (no terminal) would swallow the lines.
             progress.suspend(|| {
@@ -201,10 +214,10 @@ fn plan(args: &BenchArgs) -> Vec<(Op, u64, usize)> {
 }
 
 fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
-    let local = serve::alloc_buffer(needed)?;
-    let scratch = args.check.then(|| serve::alloc_buffer(needed)).transpose()?;
+    let local = serve::alloc_buffer(needed, false)?;
+    let scratch = args.check.then(|| serve::alloc_buffer(needed, false)).transpose()?;
     if args.transport == "memcpy" {
-        let remote = serve::alloc_buffer(needed)?;
+        let remote = serve::alloc_buffer(needed, false)?;
         return Ok(Setup { remote: remote.region(), mover: Mover::Memcpy { _remote: remote }, local, scratch });
     }
     let (target, peer_addr) = match args.role {
@@ -217,6 +230,7 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
                 streams: args.streams,
                 duration: None,
                 name: Some("kvferry-bench-target".into()),
+                memory: args.memory,
             })?;
             let addr = target.side_channel.to_string();
             (Some(target), addr)
@@ -224,8 +238,10 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
         _ => (None, args.peer.clone().context("--role initiator needs --peer host:port")?),
     };
     let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
+    let shm = (args.transport == "shm").then(|| ShmConfig { copy_threads: args.copy_threads, ..ShmConfig::default() });
     let agent = Agent::new(AgentConfig {
         tcp: Some(tcp),
+        shm,
         ..AgentConfig::new(format!("kvferry-bench-{}", std::process::id()))
     })?;
     let peer = agent
@@ -250,6 +266,13 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
         local,
         scratch,
     })
+}
+
+/// One transfer's figures: time spent posting, ops on the wire, and what moved the bytes.
+struct Moved {
+    post: Duration,
+    ops: usize,
+    path: String,
 }
 
 /// The block pairs of one row. Block `i` of the local buffer pairs with block `batch - 1 - i` of
@@ -278,15 +301,19 @@ impl Pairs {
         })
     }
 
-    /// Move the row's blocks once; returns the time spent posting and the ops on the wire.
-    fn transfer(&self, args: &BenchArgs, setup: &Setup, op: Op) -> anyhow::Result<(Duration, usize)> {
+    /// Move the row's blocks once.
+    fn transfer(&self, args: &BenchArgs, setup: &Setup, op: Op) -> anyhow::Result<Moved> {
         match self {
             Pairs::Agent { local, remote, indices } => {
                 let Mover::Agent { agent, .. } = &setup.mover else { unreachable!("agent pairs come from an agent") };
                 let deadline = Deadline::after(Duration::from_secs_f64(args.deadline));
                 let xfer = agent.post(TransferRequest::new(op, (local, indices), (remote, indices), deadline))?;
                 xfer.wait()?;
-                Ok((xfer.post_time(), xfer.ops()))
+                let path = match xfer.mode() {
+                    Some(mode) => format!("{}/{mode}", xfer.transport()),
+                    None => xfer.transport().to_string(),
+                };
+                Ok(Moved { post: xfer.post_time(), ops: xfer.ops(), path })
             }
             &Pairs::Memcpy { local, remote, block, batch } => {
                 for i in 0..batch {
@@ -295,7 +322,7 @@ impl Pairs {
                     // Both buffers are this process's own, sized for the sweep.
                     unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, block as usize) };
                 }
-                Ok((Duration::ZERO, batch as usize))
+                Ok(Moved { post: Duration::ZERO, ops: batch as usize, path: "memcpy".into() })
             }
         }
     }
@@ -318,7 +345,7 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
         }
     }
 
-    pairs.transfer(args, setup, op)?; // warm-up: connections, caches
+    let path = pairs.transfer(args, setup, op)?.path; // warm-up: connections, mappings, caches
     let mut latencies = Vec::new();
     let mut post_total = Duration::ZERO;
     let mut wire_ops = 0;
@@ -327,10 +354,10 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
         && (latencies.len() < args.min_iters || started.elapsed().as_secs_f64() < args.min_time)
     {
         let t0 = Instant::now();
-        let (post, ops) = pairs.transfer(args, setup, op)?;
+        let moved = pairs.transfer(args, setup, op)?;
         latencies.push(t0.elapsed());
-        post_total += post;
-        wire_ops = ops;
+        post_total += moved.post;
+        wire_ops = moved.ops;
     }
     let total = started.elapsed();
 
@@ -354,6 +381,7 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
     let p = |q: f64| us(latencies[((q * n as f64).ceil() as usize).clamp(1, n) - 1]);
     Ok(Row {
         transport: args.transport.clone(),
+        path,
         op: op.to_string(),
         block_size: block,
         batch,
@@ -369,16 +397,21 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
     })
 }
 
-fn table_header(args: &BenchArgs, op: Op) -> String {
+fn table_header(args: &BenchArgs, row: &Row) -> String {
+    let streams = match row.path.as_str() {
+        "tcp" => format!("{} stream(s), ", args.streams),
+        _ => String::new(),
+    };
     let mode = match args.role {
         _ if args.transport == "memcpy" => "single-thread copy in this process".to_string(),
-        Role::Loopback => format!("{} stream(s), in-process loopback", args.streams),
-        _ => format!("{} stream(s), peer {}", args.streams, args.peer.as_deref().unwrap_or("?")),
+        Role::Loopback => format!("{streams}in-process loopback"),
+        _ => format!("{streams}peer {}", args.peer.as_deref().unwrap_or("?")),
     };
     format!(
-        "\n{} {}, {mode}\n{:>14} {:>10} {:>14} {:>14} {:>14} {:>14} {:>8}\n{}",
+        "\n{} {} via {}, {mode}\n{:>14} {:>10} {:>14} {:>14} {:>14} {:>14} {:>8}\n{}",
         args.transport.to_uppercase(),
-        op.to_string().to_uppercase(),
+        row.op.to_uppercase(),
+        row.path,
         "Block Size (B)",
         "Batch Size",
         "B/W (GB/Sec)",

@@ -1,6 +1,7 @@
 //! `kvferry info`: the devices and transports this build can use on this machine.
 
-use kvferry::memory::host;
+use kvferry::memory::host::{self, HostAllocOptions, HostBuffer};
+use kvferry::transport::shm;
 use serde_json::json;
 
 /// How many devices a GPU back end sees: `None` when not compiled in, else the count or why none.
@@ -30,6 +31,31 @@ fn gpu(name: &str, devices: DeviceCount, what: &str) -> serde_json::Value {
         None => (false, format!("{what}: not in this build (cargo feature `{feature}`)")),
     };
     json!({ "name": name, "available": available, "detail": detail })
+}
+
+/// Whether the shm transport can run here, and which of its ways the kernel allows.
+fn shm_report() -> serde_json::Value {
+    let boot_id = match shm::boot_id() {
+        Ok(id) => id,
+        Err(e) => return json!({ "name": "shm", "available": false, "detail": format!("no boot id: {e}") }),
+    };
+    let mapped = match HostBuffer::alloc(4096, &HostAllocOptions::new().with_pin(false).with_shareable(true)) {
+        Ok(_) => "shared mappings (memfd + SCM_RIGHTS): yes".to_string(),
+        Err(e) => format!("shared mappings: no ({e})"),
+    };
+    // Yama's ptrace_scope decides whether process_vm_readv reaches a peer that is not our child.
+    let cross = match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").map(|s| s.trim().to_string()) {
+        Err(_) => "cross-memory attach: yes (no Yama ptrace restriction)".to_string(),
+        Ok(scope) if scope == "0" => "cross-memory attach: yes (Yama ptrace_scope 0)".to_string(),
+        Ok(scope) => {
+            format!("cross-memory attach: only into child processes (Yama ptrace_scope {scope}), TCP otherwise")
+        }
+    };
+    json!({
+        "name": "shm",
+        "available": true,
+        "detail": format!("same-host peers (boot id {boot_id}); {mapped}; {cross}"),
+    })
 }
 
 pub fn run(as_json: bool) -> anyhow::Result<()> {
@@ -67,6 +93,7 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
         ],
         "transports": [
             { "name": "tcp", "available": true, "detail": "TCP streams between any two hosts (zero-copy readv/writev; device memory staged through pinned host buffers)" },
+            shm_report(),
             gpu("cuda-ipc", cuda_devices(), "CUDA IPC between processes on this host"),
             optional("fabric", cfg!(feature = "fabric"), "libfabric RDMA"),
             optional("verbs", cfg!(feature = "verbs"), "ibverbs RDMA"),

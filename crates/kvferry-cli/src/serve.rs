@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
+use kvferry::transport::shm::ShmConfig;
 use kvferry::transport::tcp::TcpConfig;
 use kvferry::{Agent, AgentConfig, Deadline, Registration};
 
@@ -35,6 +36,16 @@ pub struct ServeArgs {
     /// Agent name (default: kvferry-serve-PID).
     #[arg(long)]
     pub name: Option<String>,
+    /// What backs the buffer: `shared` (a memfd that same-host peers map) or `private` (anonymous
+    /// memory, which same-host peers reach by cross-memory attach).
+    #[arg(long, value_enum, default_value = "shared")]
+    pub memory: MemoryArg,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryArg {
+    Shared,
+    Private,
 }
 
 /// A running target: the agent, its buffer and its side channel.
@@ -52,8 +63,9 @@ impl Target {
         tcp.listen.set_ip(args.listen.ip());
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
         let agent =
-            Agent::new(AgentConfig { tcp: Some(tcp), ..AgentConfig::new(name) }).context("starting the agent")?;
-        let buffer = alloc_buffer(args.buffer_size)?;
+            Agent::new(AgentConfig { tcp: Some(tcp), shm: Some(ShmConfig::default()), ..AgentConfig::new(name) })
+                .context("starting the agent")?;
+        let buffer = alloc_buffer(args.buffer_size, args.memory == MemoryArg::Shared)?;
         if let Some(seed) = args.fill_seed {
             // Nothing is registered yet, so nobody else touches the buffer.
             pattern::fill(unsafe { buffer.as_mut_slice() }, seed, 0);
@@ -64,10 +76,11 @@ impl Target {
     }
 }
 
-/// A pinned, pre-faulted buffer; unpinned (with a warning) where the memlock limit is too small.
-pub fn alloc_buffer(len: u64) -> anyhow::Result<Arc<HostBuffer>> {
+/// A pinned, pre-faulted buffer (memfd-backed when `shareable`); unpinned (with a warning) where the
+/// memlock limit is too small.
+pub fn alloc_buffer(len: u64, shareable: bool) -> anyhow::Result<Arc<HostBuffer>> {
     let len = usize::try_from(len).context("buffer size")?;
-    let pinned = HostAllocOptions { pin: true, populate: true, ..HostAllocOptions::default() };
+    let pinned = HostAllocOptions { pin: true, populate: true, shareable, ..HostAllocOptions::default() };
     match HostBuffer::alloc(len, &pinned) {
         Ok(b) => Ok(Arc::new(b)),
         Err(e) if e.code() == kvferry::ErrorCode::PinFailed => {

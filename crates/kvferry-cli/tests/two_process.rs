@@ -1,5 +1,6 @@
 //! Two real OS processes: `kvferry serve` hosts a buffer, this test's agent (or `kvferry bench`)
-//! moves blocks in and out of it over TCP.
+//! moves blocks in and out of it over TCP, or over shared memory (a mapped memfd, or cross-memory
+//! attach into the server's plain memory).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry::metadata::AgentMetadata;
-use kvferry::{Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion};
+use kvferry::{Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion, PreparedDescs, TransportKind};
 use kvferry_cli::pattern;
 
 const KVFERRY: &str = env!("CARGO_BIN_EXE_kvferry");
@@ -23,8 +24,13 @@ struct Served {
 
 impl Served {
     fn start(buffer_size: &str, fill_seed: u64) -> Served {
+        Served::start_with(buffer_size, fill_seed, "shared")
+    }
+
+    /// `memory`: `shared` (memfd) or `private` (anonymous), as `kvferry serve --memory` takes it.
+    fn start_with(buffer_size: &str, fill_seed: u64, memory: &str) -> Served {
         let mut child = Command::new(KVFERRY)
-            .args(["serve", "--buffer-size", buffer_size, "--fill-seed", &fill_seed.to_string()])
+            .args(["serve", "--buffer-size", buffer_size, "--fill-seed", &fill_seed.to_string(), "--memory", memory])
             .stdout(Stdio::piped())
             .spawn()
             .expect("kvferry serve starts");
@@ -56,11 +62,31 @@ impl Drop for Served {
     }
 }
 
+/// A TCP-only agent: the tests of the TCP transport must not be served by shm on this host.
 fn initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
-    let agent = Agent::new(AgentConfig::new(name)).unwrap();
+    agent_with(AgentConfig { shm: None, ..AgentConfig::new(name) }, len)
+}
+
+fn agent_with(config: AgentConfig, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
+    let agent = Agent::new(config).unwrap();
     let buf = Arc::new(HostBuffer::alloc(len, &HostAllocOptions { pin: false, ..Default::default() }).unwrap());
     let reg = agent.register(buf.clone()).unwrap();
     (agent, buf, reg)
+}
+
+/// Every block of the local buffer and of the served one, prepared.
+fn block_lists(
+    agent: &Agent,
+    peer: &str,
+    buf: &HostBuffer,
+    served: &Served,
+    block: u64,
+) -> (PreparedDescs, PreparedDescs) {
+    let local: Vec<MemRegion> = (0..buf.len() as u64 / block)
+        .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * block) as usize) }, block as usize))
+        .collect();
+    let remote: Vec<MemRegion> = (0..served.buffer_size / block).map(|i| served.region(i * block, block)).collect();
+    (agent.prepare_local(&local).unwrap(), agent.prepare_remote(peer, &remote).unwrap())
 }
 
 fn soon() -> Deadline {
@@ -74,12 +100,7 @@ fn blocks_move_both_ways_between_processes_byte_exact() {
     let served = Served::start("8M", 11);
     let (agent, buf, _reg) = initiator("two-process", BLOCK as usize * N);
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
-    let local: Vec<MemRegion> = (0..N as u64)
-        .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * BLOCK) as usize) }, BLOCK as usize))
-        .collect();
-    let remote: Vec<MemRegion> = (0..(served.buffer_size / BLOCK)).map(|i| served.region(i * BLOCK, BLOCK)).collect();
-    let local = agent.prepare_local(&local).unwrap();
-    let remote = agent.prepare_remote(&peer, &remote).unwrap();
+    let (local, remote) = block_lists(&agent, &peer, &buf, &served, BLOCK);
 
     // READ: local block i ← remote block 2i + 1, checked against the pattern the server wrote.
     let picks: Vec<usize> = (0..N).map(|i| 2 * i + 1).collect();
@@ -148,7 +169,8 @@ fn the_target_process_rejects_forged_descriptors_and_keeps_serving() {
     let e = agent.read(&local, &[0], &beyond, &[0], soon()).unwrap().wait().unwrap_err();
     assert_eq!(e.code(), ErrorCode::RemoteOutOfRange, "{e}");
 
-    md.regions[0].keys[0].1[3] ^= 0x5a; // a key the target never issued
+    let (_, tcp_key) = md.regions[0].keys.iter_mut().find(|(kind, _)| *kind == TransportKind::Tcp).unwrap();
+    tcp_key[3] ^= 0x5a; // a key the target never issued
     md.generation += 1;
     agent.add_peer(&md.encode()).unwrap();
     let forged = agent.prepare_remote("forged", &[served.region(0, 4096)]).unwrap();
@@ -227,4 +249,169 @@ fn info_lists_host_and_tcp() {
     };
     assert!(names("devices").contains(&("host".into(), true.into())));
     assert!(names("transports").contains(&("tcp".into(), true.into())));
+}
+
+/// `memory` of the server → the mode shm reports.
+const SHM_MODES: [(&str, &str); 2] = [("shared", "mapped"), ("private", "cross-memory")];
+
+fn shm_initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
+    agent_with(AgentConfig::new(name), len)
+}
+
+fn shm_blocks_move_both_ways(memory: &str, mode: &str) {
+    const BLOCK: u64 = 16 * 1024;
+    const N: usize = 64;
+    let served = Served::start_with("4M", 21, memory);
+    let (agent, buf, _reg) = shm_initiator("shm-two-process", BLOCK as usize * N);
+    let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
+    assert_eq!(agent.peer_transport(&peer), Some(TransportKind::Shm));
+    let (local, remote) = block_lists(&agent, &peer, &buf, &served, BLOCK);
+
+    // READ: local block i ← remote block 3i + 2, checked against the pattern the server wrote.
+    let picks: Vec<usize> = (0..N).map(|i| 3 * i + 2).collect();
+    let all: Vec<usize> = (0..N).collect();
+    let xfer = agent.read(&local, &all, &remote, &picks, soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!((xfer.transport(), xfer.mode()), (TransportKind::Shm, Some(mode)));
+    let got = buf.to_vec();
+    for (i, &r) in picks.iter().enumerate() {
+        let block = &got[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+        assert_eq!(pattern::first_mismatch(block, 21, r as u64 * BLOCK), None, "block {i} ← {r}");
+    }
+
+    // WRITE a new pattern into remote blocks N-1..0 (reversed), then read it back in order.
+    pattern::fill(unsafe { buf.as_mut_slice() }, 77, 0);
+    let reversed: Vec<usize> = all.iter().rev().copied().collect();
+    let xfer = agent.write(&local, &all, &remote, &reversed, soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!(xfer.mode(), Some(mode));
+    buf.fill(0);
+    agent.read(&local, &reversed, &remote, &all, soon()).unwrap().wait().unwrap();
+    assert_eq!(pattern::first_mismatch(&buf.to_vec(), 77, 0), None);
+}
+
+#[test]
+fn shm_mapped_blocks_move_both_ways_between_processes_byte_exact() {
+    shm_blocks_move_both_ways("shared", "mapped");
+}
+
+#[test]
+fn shm_cross_memory_blocks_move_both_ways_between_processes_byte_exact() {
+    shm_blocks_move_both_ways("private", "cross-memory");
+}
+
+#[test]
+fn shm_killing_the_target_mid_transfer_fails_within_the_deadline() {
+    let len: u64 = 256 << 20;
+    for (memory, mode) in SHM_MODES {
+        let (agent, buf, _reg) = shm_initiator("shm-killer", len as usize);
+        let local = agent.prepare_local(&[buf.region()]).unwrap();
+        let mut victim = Served::start_with("256M", 1, memory);
+        let peer = agent.connect_peer(&victim.side_channel, soon()).unwrap();
+        let remote = agent.prepare_remote(&peer, &[victim.region(0, len)]).unwrap();
+        // Map (or probe) first, so the kill lands during the data.
+        let warm = agent.read(&local, &[0], &remote, &[0], soon()).unwrap();
+        warm.wait().unwrap();
+        assert_eq!(warm.mode(), Some(mode));
+
+        let deadline = Duration::from_secs(60);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            victim.kill();
+            Instant::now()
+        });
+        // Transfers back to back until one fails: the one in flight when the server dies (a shared
+        // mapping stays valid, so only the window's release can notice).
+        let err = loop {
+            match agent.read(&local, &[0], &remote, &[0], Deadline::after(deadline)).unwrap().wait() {
+                Ok(()) => continue,
+                Err(e) => break e,
+            }
+        };
+        let failed_at = Instant::now();
+        let killed_at = killer.join().unwrap();
+        let took = failed_at.saturating_duration_since(killed_at);
+        assert!(
+            matches!(err.code(), ErrorCode::PeerDisconnected | ErrorCode::PeerUnreachable),
+            "{memory}: unexpected error: {err}"
+        );
+        assert!(err.to_string().contains(&peer), "the error names the peer: {err}");
+        assert!(took < Duration::from_secs(5), "{memory}: failed {took:?} after the kill; deadline was {deadline:?}");
+    }
+}
+
+#[test]
+fn shm_target_process_rejects_unregistered_ranges_and_forged_keys() {
+    for (memory, mode) in SHM_MODES {
+        let served = Served::start_with("1M", 3, memory);
+        let (agent, buf, _reg) = shm_initiator("shm-forger", 8192);
+        buf.fill(0xee);
+        let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
+        let local = agent.prepare_local(&[buf.region()]).unwrap();
+        let honest = agent.prepare_remote(&peer, &[served.region(0, 8192)]).unwrap();
+
+        let mut md =
+            AgentMetadata::decode(&kvferry::side_channel::exchange(&served.side_channel, None, soon()).unwrap())
+                .unwrap();
+        md.name = "forged".into();
+        md.regions[0].region.len *= 4; // claims memory beyond the registration
+        agent.add_peer(&md.encode()).unwrap();
+        assert_eq!(agent.peer_transport("forged"), Some(TransportKind::Shm));
+        let straddling = agent.prepare_remote("forged", &[served.region(served.buffer_size - 4096, 8192)]).unwrap();
+        let e = agent.write(&local, &[0], &straddling, &[0], soon()).unwrap().wait().unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RemoteOutOfRange, "{memory}: {e}");
+
+        let key = md.regions[0].keys.iter_mut().find(|(k, _)| *k == TransportKind::Shm).unwrap();
+        key.1[5] ^= 0x5a; // a key the server never issued
+        md.generation += 1;
+        agent.add_peer(&md.encode()).unwrap();
+        let forged = agent.prepare_remote("forged", &[served.region(0, 8192)]).unwrap();
+        let e = agent.write(&local, &[0], &forged, &[0], soon()).unwrap().wait().unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RemoteUnknownKey, "{memory}: {e}");
+
+        // Neither write changed a byte, and honest requests are still served.
+        let tail = agent.prepare_remote(&peer, &[served.region(served.buffer_size - 8192, 8192)]).unwrap();
+        for (remote, offset) in [(&honest, 0), (&tail, served.buffer_size - 8192)] {
+            let xfer = agent.read(&local, &[0], remote, &[0], soon()).unwrap();
+            xfer.wait().unwrap();
+            assert_eq!(xfer.mode(), Some(mode));
+            assert_eq!(pattern::first_mismatch(&buf.to_vec(), 3, offset), None, "{memory}: offset {offset}");
+        }
+    }
+}
+
+#[test]
+fn bench_over_shm_checks_every_byte_and_reports_the_mode() {
+    for (memory, mode) in SHM_MODES {
+        let served = Served::start_with("4M", 0, memory);
+        let rows = bench_json(&[
+            "--transport",
+            "shm",
+            "--role",
+            "initiator",
+            "--peer",
+            &served.side_channel,
+            "--block-sizes",
+            "16K",
+            "--batch-sizes",
+            "1,64",
+            "--check",
+        ]);
+        assert_eq!(rows.len(), 2 * 2);
+        for r in &rows {
+            assert_eq!(r["transport"], "shm");
+            assert_eq!(r["path"], format!("shm/{mode}"), "{r}");
+            assert!(r["gbps"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+}
+
+#[test]
+fn info_reports_the_shm_transport() {
+    let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shm = v["transports"].as_array().unwrap().iter().find(|t| t["name"] == "shm").expect("shm listed").clone();
+    assert_eq!(shm["available"], true, "{shm}");
+    let detail = shm["detail"].as_str().unwrap();
+    assert!(detail.contains("shared mappings") && detail.contains("cross-memory attach"), "{detail}");
 }

@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemRegion, Memory};
 use crate::metadata::{AgentMetadata, RegionInfo};
 use crate::side_channel::{self, SideChannelServer};
+use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::staging::{Stager, StagingConfig};
 use crate::transport::tcp::{self, TcpConfig, TcpTransport};
 use crate::transport::{
@@ -78,18 +79,22 @@ pub struct AgentConfig {
     /// Device memory moved by transports that cannot reach it (TCP) passes through pinned host
     /// buffers with these devices; `None` registers device memory only with transports that can.
     pub staging: Option<StagingConfig>,
+    /// The shared-memory transport, preferred for peers on the same host; `None` disables it.
+    pub shm: Option<ShmConfig>,
     /// CUDA IPC between peers on this host; `None` disables it. When enabled it is preferred over
-    /// TCP for peers on the same host, which then reach only the memory this transport moves.
+    /// shm and TCP for peers on the same host, which then reach only the memory this transport moves.
     #[cfg(feature = "cuda")]
     pub cuda_ipc: Option<crate::transport::cuda_ipc::CudaIpcConfig>,
 }
 
 impl AgentConfig {
+    /// TCP and shared memory with their defaults.
     pub fn new(name: impl Into<String>) -> Self {
         AgentConfig {
             name: name.into(),
             tcp: Some(TcpConfig::default()),
             staging: None,
+            shm: Some(ShmConfig::default()),
             #[cfg(feature = "cuda")]
             cuda_ipc: None,
         }
@@ -238,6 +243,8 @@ pub struct Transfer {
     completion: Arc<Completion>,
     ops: usize,
     post_time: Duration,
+    transport: TransportKind,
+    mode: Option<&'static str>,
 }
 
 impl Transfer {
@@ -273,6 +280,17 @@ impl Transfer {
         self.post_time
     }
 
+    /// The transport that moves this transfer.
+    pub fn transport(&self) -> TransportKind {
+        self.transport
+    }
+
+    /// How the transport moves it, where it has more than one way: `mapped`, `cross-memory` or
+    /// `mapped+cross-memory` for shm.
+    pub fn mode(&self) -> Option<&'static str> {
+        self.mode
+    }
+
     /// From post to completion, once completed.
     pub fn elapsed(&self) -> Option<Duration> {
         self.completion.elapsed()
@@ -297,12 +315,18 @@ impl Agent {
         let notifications = Arc::new(NotificationQueue::default());
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         let stager = config.staging.map(Stager::new).transpose()?.map(Arc::new);
-        // Listed first: add_peer picks the first transport a peer shares, and a peer on this host
-        // is better served by device-to-device copies.
+        // In order of preference: add_peer links a peer through the first of these that reaches it.
         #[cfg(feature = "cuda")]
         if let Some(ipc) = config.cuda_ipc {
             let ipc = crate::transport::cuda_ipc::CudaIpcTransport::start(&config.name, ipc, notifications.clone())?;
             transports.push(Arc::new(ipc));
+        }
+        if let Some(shm) = config.shm {
+            // Shared memory only speeds up same-host peers: a system without it still has an agent.
+            match ShmTransport::start(&config.name, shm, notifications.clone()) {
+                Ok(t) => transports.push(Arc::new(t)),
+                Err(e) => tracing::warn!(error = %e, "the shm transport is unavailable; peers use the others"),
+            }
         }
         if let Some(tcp) = config.tcp {
             transports.push(Arc::new(TcpTransport::start_staged(
@@ -374,6 +398,11 @@ impl Agent {
 
     pub fn peer_metadata(&self, name: &str) -> Option<AgentMetadata> {
         self.inner.peers.read().unwrap().get(name).map(|p| p.meta.clone())
+    }
+
+    /// The transport this agent reaches a peer with.
+    pub fn peer_transport(&self, name: &str) -> Option<TransportKind> {
+        self.inner.peers.read().unwrap().get(name).map(|p| p.transport)
     }
 
     /// Check local descriptors against this agent's registrations.
@@ -545,8 +574,9 @@ impl Agent {
         keep_alive: Arc<dyn Any + Send + Sync>,
     ) -> Result<Transfer> {
         let n_ops = ops.len();
+        let mode = peer.link.mode(&ops);
         peer.link.post(Batch { ops, completion: completion.clone(), keep_alive })?;
-        Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed() })
+        Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed(), transport: peer.transport, mode })
     }
 
     /// Notifications received so far (emptied by the call).
@@ -662,9 +692,12 @@ impl AgentInner {
                 return Ok(meta.name);
             }
         }
-        // The first of our transports the peer also speaks and that can reach it (cuda-ipc cannot
-        // reach another host).
-        let mut refusals = Vec::new();
+        // Our transports in order (cuda-ipc, shm, then the rest): a transport that cannot link this
+        // peer (another host, an unreachable socket) falls through to the next.
+        let mut refused = Error::Unsupported {
+            what: format!("talking to peer {}", meta.name),
+            why: "it shares no transport with this agent".into(),
+        };
         let mut chosen = None;
         for (transport, endpoint) in
             self.transports.iter().filter_map(|t| meta.endpoints.iter().find(|e| e.kind == t.kind()).map(|e| (t, e)))
@@ -679,17 +712,13 @@ impl AgentInner {
                     chosen = Some((transport, link));
                     break;
                 }
-                Err(Error::Unsupported { why, .. }) => refusals.push(format!("{}: {why}", transport.kind())),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(peer = %meta.name, transport = %transport.kind(), error = %e, "falling back");
+                    refused = e;
+                }
             }
         }
-        let (transport, link) = chosen.ok_or_else(|| Error::Unsupported {
-            what: format!("talking to peer {}", meta.name),
-            why: match refusals.is_empty() {
-                true => "it shares no transport with this agent".into(),
-                false => refusals.join("; "),
-            },
-        })?;
+        let (transport, link) = chosen.ok_or(refused)?;
         let name = meta.name.clone();
         let transport = transport.kind();
         self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, transport, link }));

@@ -102,6 +102,9 @@ pub enum ErrorCode {
     RemoteRangeOverflow = 513,
     RemoteTooLarge = 514,
 
+    ShmCrossMemoryRefused = 540,
+    ShmMappingFailed = 541,
+
     StagingFailed = 560,
     DeviceCopyFailed = 561,
 }

@@ -1,29 +1,89 @@
-//! A listening socket served by a thread that stops when its [`Acceptor`] is dropped.
+//! A listening socket served by a thread that stops when its [`Acceptor`] is dropped: TCP for the
+//! transport and the side channel, Unix for the shared-memory transport.
 
+use std::collections::HashMap;
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-pub(crate) struct Acceptor {
-    addr: SocketAddr,
+/// A listener an [`Acceptor`] can serve.
+pub(crate) trait Listener: Send + 'static {
+    type Stream: Send + 'static;
+    type Addr: Clone + Send + 'static;
+    fn accept_one(&self) -> io::Result<Self::Stream>;
+    fn addr(&self) -> io::Result<Self::Addr>;
+    /// Connect to the listener at `addr`, so that an `accept` blocked on it returns.
+    fn wake(addr: &Self::Addr) -> bool;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    type Addr = SocketAddr;
+
+    fn accept_one(&self) -> io::Result<TcpStream> {
+        self.accept().map(|(s, _)| s)
+    }
+
+    fn addr(&self) -> io::Result<SocketAddr> {
+        self.local_addr()
+    }
+
+    fn wake(addr: &SocketAddr) -> bool {
+        let mut wake = *addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(if wake.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        }
+        TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok()
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    type Addr = UnixAddr;
+
+    fn accept_one(&self) -> io::Result<UnixStream> {
+        self.accept().map(|(s, _)| s)
+    }
+
+    fn addr(&self) -> io::Result<UnixAddr> {
+        self.local_addr()
+    }
+
+    fn wake(addr: &UnixAddr) -> bool {
+        UnixStream::connect_addr(addr).is_ok()
+    }
+}
+
+pub(crate) struct Acceptor<L: Listener = TcpListener> {
+    addr: L::Addr,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Acceptor {
-    /// Bind `listen` and hand every accepted connection to `serve` on a thread of its own, so a
-    /// slow or stuck peer never holds up the others.
-    pub fn spawn(
-        listen: SocketAddr,
-        name: &str,
-        serve: impl Fn(TcpStream) + Send + Sync + 'static,
-    ) -> Result<Acceptor> {
+impl Acceptor<TcpListener> {
+    /// Bind `listen` and serve it (see [`Acceptor::serve`]).
+    pub fn spawn(listen: SocketAddr, name: &str, serve: impl Fn(TcpStream) + Send + Sync + 'static) -> Result<Self> {
         let listener = TcpListener::bind(listen).map_err(|e| Error::io(format!("binding {listen}"), e))?;
-        let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
+        Acceptor::serve(listener, name, serve)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl<L: Listener> Acceptor<L> {
+    /// Hand every connection accepted on `listener` to `serve` on a thread of its own, so a slow or
+    /// stuck peer never holds up the others.
+    pub fn serve(listener: L, name: &str, serve: impl Fn(L::Stream) + Send + Sync + 'static) -> Result<Self> {
+        let addr = listener.addr().map_err(|e| Error::io("reading the listen address", e))?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let serve = Arc::new(serve);
@@ -31,7 +91,8 @@ impl Acceptor {
         let thread = thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                for stream in listener.incoming() {
+                loop {
+                    let stream = listener.accept_one();
                     if stop.load(Ordering::Acquire) {
                         break;
                     }
@@ -50,24 +111,43 @@ impl Acceptor {
             .map_err(|e| Error::io("spawning an accept thread", e))?;
         Ok(Acceptor { addr, stopping, thread: Some(thread) })
     }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
 }
 
-impl Drop for Acceptor {
+impl<L: Listener> Drop for Acceptor<L> {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Release);
         // `accept` has no timeout: a connection of our own wakes it to see the flag.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(if wake.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
-        }
-        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok()
+        if L::wake(&self.addr)
             && let Some(t) = self.thread.take()
         {
             let _ = t.join();
+        }
+    }
+}
+
+/// The connections a server is serving, so that all of them can be closed when it goes away
+/// (otherwise they would outlive it, blocked in `read`).
+#[derive(Default)]
+pub(crate) struct Connections {
+    open: Mutex<HashMap<u64, OwnedFd>>,
+    next: AtomicU64,
+}
+
+impl Connections {
+    /// Run `serve` on `stream`; [`shutdown_all`](Self::shutdown_all) can close it meanwhile.
+    pub fn serve<S: AsFd>(&self, stream: S, serve: impl FnOnce(S)) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(handle) = stream.as_fd().try_clone_to_owned() {
+            self.open.lock().unwrap().insert(id, handle);
+        }
+        serve(stream);
+        self.open.lock().unwrap().remove(&id);
+    }
+
+    pub fn shutdown_all(&self) {
+        for (_, handle) in self.open.lock().unwrap().drain() {
+            // SAFETY: shutting down a socket we hold a descriptor of; its owner sees end of file.
+            unsafe { libc::shutdown(handle.as_raw_fd(), libc::SHUT_RDWR) };
         }
     }
 }

@@ -13,8 +13,9 @@ use kvferry_core::{
 const BLOCK: usize = 4096;
 const BLOCKS: usize = 32;
 
+/// TCP only: these tests are about the TCP transport (same-host agents would otherwise use shm).
 fn agent(name: &str) -> Agent {
-    Agent::new(AgentConfig::new(name)).unwrap()
+    Agent::new(AgentConfig { shm: None, ..AgentConfig::new(name) }).unwrap()
 }
 
 fn buffer(seed: u8) -> Arc<HostBuffer> {
@@ -308,7 +309,8 @@ fn peers_find_each_other_through_the_side_channel() {
     let _reg = target.register(buf.clone()).unwrap();
     let addr = target.serve_side_channel("127.0.0.1:0".parse().unwrap()).unwrap();
     let initiator =
-        Agent::new(AgentConfig { tcp: Some(TcpConfig::default()), ..AgentConfig::new("sc-initiator") }).unwrap();
+        Agent::new(AgentConfig { tcp: Some(TcpConfig::default()), shm: None, ..AgentConfig::new("sc-initiator") })
+            .unwrap();
     let peer = initiator.connect_peer(&addr.to_string(), soon()).unwrap();
     assert_eq!(peer, "sc-target");
     assert_eq!(initiator.peer_metadata(&peer).unwrap().regions[0].region, buf.region());

@@ -1,10 +1,13 @@
-//! Host memory: page-aligned anonymous mappings ([`HostBuffer`]) and a CPU copy engine
-//! ([`HostDevice`]) with a persistent pool of copy threads.
+//! Host memory: page-aligned mappings ([`HostBuffer`]) and a CPU copy engine ([`HostDevice`]) with a
+//! persistent pool of copy threads.
 //!
 //! Host buffers are the targets of DMA by NICs and GPUs, so they are allocated with `mmap` (page
 //! aligned, optionally on huge pages, which cut IOMMU and NIC translation misses) and page-locked by
 //! default: a transport registers them once and the kernel must never move or swap the pages.
+//! Shareable buffers are backed by a sealed `memfd` instead of anonymous memory, so another process
+//! on the node can map the same pages from the file descriptor ([`HostBuffer::share_fd`]).
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -52,12 +55,20 @@ pub struct HostAllocOptions {
     pub pin: bool,
     /// Fault every page in at allocation (`MAP_POPULATE`) rather than on first touch.
     pub populate: bool,
+    /// Back the buffer with a sealed `memfd` that other processes on this node can map
+    /// ([`HostBuffer::share_fd`]); with huge pages it is a hugetlb memfd (`MFD_HUGETLB`).
+    pub shareable: bool,
 }
 
 impl HostAllocOptions {
-    /// Normal pages, pinned, not populated.
+    /// Normal pages, pinned, not populated, not shareable.
     pub const fn new() -> Self {
-        HostAllocOptions { huge_pages: HugePages::Off, pin: true, populate: false }
+        HostAllocOptions { huge_pages: HugePages::Off, pin: true, populate: false, shareable: false }
+    }
+
+    pub const fn with_shareable(mut self, shareable: bool) -> Self {
+        self.shareable = shareable;
+        self
     }
 
     pub const fn with_huge_pages(mut self, huge_pages: HugePages) -> Self {
@@ -82,7 +93,7 @@ impl Default for HostAllocOptions {
     }
 }
 
-/// An anonymous, page-aligned host mapping, unmapped on drop.
+/// A page-aligned host mapping (anonymous, or of a `memfd` when shareable), unmapped on drop.
 ///
 /// Transports and devices write into it at any time through its address, so it hands out raw
 /// pointers and copies rather than references whose contents Rust would assume unchanging.
@@ -94,6 +105,8 @@ pub struct HostBuffer {
     map_len: usize,
     pinned: bool,
     huge_pages: bool,
+    /// The memfd behind a shareable buffer.
+    file: Option<OwnedFd>,
 }
 
 // SAFETY: the buffer owns its mapping and has no thread affinity; concurrent access through the raw
@@ -107,13 +120,12 @@ impl HostBuffer {
         if len == 0 {
             return Err(Error::InvalidArgument("cannot allocate an empty host buffer".into()));
         }
-        let populate = if options.populate { libc::MAP_POPULATE } else { 0 };
         let huge = match options.huge_pages {
             HugePages::Off => None,
             HugePages::Try | HugePages::Require => {
                 let huge_len = round_up(len, huge_page_size())?;
-                match map(huge_len, libc::MAP_HUGETLB | populate) {
-                    Ok(ptr) => Some(HostBuffer::new(ptr, len, huge_len, true)),
+                match map_backing(huge_len, true, options) {
+                    Ok((ptr, file)) => Some(HostBuffer::new(ptr, len, huge_len, true, file)),
                     Err(cause) if options.huge_pages == HugePages::Require => {
                         return Err(MemoryError::HugePagesUnavailable {
                             len: len as u64,
@@ -125,23 +137,22 @@ impl HostBuffer {
                 }
             }
         };
-        let mut buffer = match huge {
-            Some(buffer) => buffer,
-            None => {
-                let map_len = round_up(len, page_size())?;
-                let ptr = map(map_len, populate).map_err(|cause| MemoryError::AllocFailed {
-                    kind: MemKind::Host,
-                    len: len as u64,
-                    cause: cause.to_string(),
-                })?;
-                if options.huge_pages == HugePages::Try {
-                    // Advisory only: transparent huge pages may be disabled, and normal pages work.
-                    // SAFETY: the range is the mapping just created.
-                    unsafe { libc::madvise(ptr.as_ptr().cast(), map_len, libc::MADV_HUGEPAGE) };
+        let mut buffer =
+            match huge {
+                Some(buffer) => buffer,
+                None => {
+                    let map_len = round_up(len, page_size())?;
+                    let (ptr, file) = map_backing(map_len, false, options).map_err(|cause| {
+                        MemoryError::AllocFailed { kind: MemKind::Host, len: len as u64, cause: cause.to_string() }
+                    })?;
+                    if options.huge_pages == HugePages::Try {
+                        // Advisory only: transparent huge pages may be disabled, and normal pages work.
+                        // SAFETY: the range is the mapping just created.
+                        unsafe { libc::madvise(ptr.as_ptr().cast(), map_len, libc::MADV_HUGEPAGE) };
+                    }
+                    HostBuffer::new(ptr, len, map_len, false, file)
                 }
-                HostBuffer::new(ptr, len, map_len, false)
-            }
-        };
+            };
         // Hugetlb pages are never swapped or migrated, so they are pinned already; mlock would only
         // charge them against RLIMIT_MEMLOCK.
         if options.pin && !buffer.huge_pages {
@@ -152,8 +163,36 @@ impl HostBuffer {
         Ok(buffer)
     }
 
-    fn new(ptr: NonNull<u8>, len: usize, map_len: usize, huge_pages: bool) -> Self {
-        HostBuffer { ptr, len, map_len, pinned: false, huge_pages }
+    /// Map the whole of a shareable buffer another process exported with [`share_fd`](Self::share_fd).
+    /// The file must be sealed against shrinking: a peer that could truncate it would turn our
+    /// accesses into `SIGBUS`.
+    pub fn map_shared(fd: BorrowedFd<'_>) -> Result<HostBuffer> {
+        let refuse = |why: String| Error::InvalidArgument(format!("cannot map a shared host buffer: {why}"));
+        // SAFETY: F_GET_SEALS reads the file's seals and has no other effect.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(refuse("the file is not sealed against shrinking".into()));
+        }
+        // SAFETY: `stat` is plain data that fstat fills in.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is a valid descriptor and `stat` a valid out-pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
+            return Err(refuse(std::io::Error::last_os_error().to_string()));
+        }
+        let len = usize::try_from(stat.st_size).ok().filter(|&l| l > 0).ok_or_else(|| refuse("empty file".into()))?;
+        let ptr = map(len, libc::MAP_SHARED, Some(fd)).map_err(|e| refuse(e.to_string()))?;
+        Ok(HostBuffer::new(ptr, len, len, false, None))
+    }
+
+    fn new(ptr: NonNull<u8>, len: usize, map_len: usize, huge_pages: bool, file: Option<OwnedFd>) -> Self {
+        HostBuffer { ptr, len, map_len, pinned: false, huge_pages, file }
+    }
+
+    /// The memfd of a shareable buffer (mapped from offset 0 at [`as_ptr`](Self::as_ptr)), to pass
+    /// to another process (`SCM_RIGHTS`), which maps it with [`map_shared`](Self::map_shared).
+    /// `None` for buffers allocated without [`HostAllocOptions::shareable`].
+    pub fn share_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(|f| f.as_fd())
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -259,6 +298,10 @@ impl Memory for HostBuffer {
     fn region(&self) -> MemRegion {
         HostBuffer::region(self)
     }
+
+    fn share_fd(&self) -> Option<BorrowedFd<'_>> {
+        HostBuffer::share_fd(self)
+    }
 }
 
 /// Host memory as a [`Device`]: allocation, page locking, and copies by a persistent thread pool.
@@ -312,14 +355,38 @@ impl HostDevice {
         self.workers.len()
     }
 
-    fn submit(&self, pieces: Vec<Piece>, total: usize) -> CopyFence {
-        let jobs = split_into_shares(pieces, total, self.workers.len());
+    /// Like [`Device::copy_batch`], but the calling thread copies a share of a large batch itself
+    /// instead of sleeping while the pool works: for callers that wait for the copies anyway (a
+    /// transport's worker), it saves a hand-off and uses the caller's core. Returns once the
+    /// caller's share is done; the fence covers the rest.
+    ///
+    /// # Safety
+    /// As for [`Device::copy_batch`].
+    pub unsafe fn copy_batch_sharing(&self, ops: &[CopyOp]) -> Result<CopyFence> {
+        // SAFETY: the caller's guarantees.
+        unsafe { self.copy(ops, true) }
+    }
+
+    /// # Safety
+    /// As for [`Device::copy_batch`].
+    unsafe fn copy(&self, ops: &[CopyOp], caller_shares: bool) -> Result<CopyFence> {
+        let pieces = coalesce_copies(ops)?;
+        let total = pieces.iter().fold(0usize, |acc, p| acc.saturating_add(p.len));
+        if total < INLINE_COPY_MAX {
+            // SAFETY: the caller guarantees the ranges are valid and non-overlapping.
+            pieces.iter().for_each(|piece| unsafe { piece.copy() });
+            return Ok(CopyFence::new(Arc::new(HostFence::new(0))));
+        }
+        let mut jobs = split_into_shares(pieces, total, self.workers.len() + caller_shares as usize);
+        let own = if caller_shares { jobs.pop() } else { None };
         let fence = Arc::new(HostFence::new(jobs.len()));
         let sender = self.jobs.as_ref().expect("the job queue lives as long as the device");
         for pieces in jobs {
             sender.send(Job { pieces, fence: Arc::clone(&fence) }).expect("copy workers run until the device drops");
         }
-        CopyFence::new(fence)
+        // SAFETY: as above.
+        own.iter().flatten().for_each(|piece| unsafe { piece.copy() });
+        Ok(CopyFence::new(fence))
     }
 }
 
@@ -370,16 +437,8 @@ impl Device for HostDevice {
     }
 
     unsafe fn copy_batch(&self, ops: &[CopyOp]) -> Result<CopyFence> {
-        let pieces = coalesce_copies(ops)?;
-        let total = pieces.iter().fold(0usize, |acc, p| acc.saturating_add(p.len));
-        if total < INLINE_COPY_MAX {
-            for piece in &pieces {
-                // SAFETY: the caller guarantees the ranges are valid and non-overlapping.
-                unsafe { piece.copy() };
-            }
-            return Ok(CopyFence::new(Arc::new(HostFence::new(0))));
-        }
-        Ok(self.submit(pieces, total))
+        // SAFETY: the caller's guarantees.
+        unsafe { self.copy(ops, false) }
     }
 
     fn export_ipc(&self, _region: MemRegion) -> Result<IpcHandle> {
@@ -394,8 +453,8 @@ impl Device for HostDevice {
 fn ipc_unsupported(what: &str) -> Error {
     Error::Unsupported {
         what: what.into(),
-        why: "plain anonymous mappings cannot be shared; shareable host buffers come with the \
-              shared-memory transport"
+        why: "a region names no file to share; allocate the buffer with `HostAllocOptions::shareable` and pass \
+              `HostBuffer::share_fd`"
             .into(),
     }
 }
@@ -533,19 +592,49 @@ fn round_up(len: usize, to: usize) -> Result<usize> {
         .ok_or_else(|| Error::InvalidArgument(format!("{len} bytes overflow when rounded up to pages")))
 }
 
-fn map(len: usize, extra_flags: libc::c_int) -> std::io::Result<NonNull<u8>> {
-    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
-    // existing memory.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra_flags,
-            -1,
-            0,
-        )
-    };
+/// Map `len` bytes: anonymous private memory, or a fresh sealed memfd when the buffer is shareable.
+fn map_backing(len: usize, huge: bool, options: &HostAllocOptions) -> std::io::Result<(NonNull<u8>, Option<OwnedFd>)> {
+    let populate = if options.populate { libc::MAP_POPULATE } else { 0 };
+    if !options.shareable {
+        let huge = if huge { libc::MAP_HUGETLB } else { 0 };
+        return Ok((map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | huge | populate, None)?, None));
+    }
+    let file = shareable_file(len, huge)?;
+    let ptr = map(len, libc::MAP_SHARED | populate, Some(file.as_fd()))?;
+    Ok((ptr, Some(file)))
+}
+
+/// A memfd of `len` bytes, sealed so that nobody (a peer holding the descriptor included) can
+/// shrink or grow it.
+fn shareable_file(len: usize, huge: bool) -> std::io::Result<OwnedFd> {
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    if huge {
+        flags |= libc::MFD_HUGETLB;
+    }
+    // SAFETY: the name is a valid C string; memfd_create returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"kvferry-host".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { OwnedFd::from_raw_fd(fd) };
+    let size = libc::off_t::try_from(len).map_err(|_| std::io::Error::other("buffer too large for a memfd"))?;
+    // SAFETY: `file` is a valid memfd.
+    if unsafe { libc::ftruncate(file.as_raw_fd(), size) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: adding seals to our own memfd.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+fn map(len: usize, flags: libc::c_int, file: Option<BorrowedFd<'_>>) -> std::io::Result<NonNull<u8>> {
+    let fd = file.map_or(-1, |f| f.as_raw_fd());
+    // SAFETY: a mapping at an address of the kernel's choosing touches no existing memory.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
     if ptr == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
@@ -784,6 +873,21 @@ mod tests {
     }
 
     #[test]
+    fn the_caller_copies_a_share_and_the_pool_the_rest() {
+        let device = HostDevice::with_threads(2).unwrap();
+        let len = 6 << 20;
+        let src = patterned(len, 0x31);
+        let dst = patterned(len, 0x42);
+        let fence = unsafe { device.copy_batch_sharing(&[op(&src, 0, &dst, 0, len)]) }.unwrap();
+        // The caller's share (the last third) is done when the call returns.
+        assert!(dst.to_vec()[4 << 20..] == src.to_vec()[4 << 20..]);
+        fence.wait(deadline()).unwrap();
+        assert!(dst.to_vec() == src.to_vec());
+        let bad = CopyOp { src: 0, dst: dst.as_ptr() as u64, len: 1 };
+        assert_eq!(error_code(unsafe { device.copy_batch_sharing(&[bad]) }), ErrorCode::InvalidCopy);
+    }
+
+    #[test]
     fn uneven_ops_are_copied_exactly() {
         let device = HostDevice::with_threads(3).unwrap();
         let len = 5 << 20;
@@ -906,6 +1010,42 @@ mod tests {
         assert_eq!(device.export_ipc(buf.region()).unwrap_err().code(), ErrorCode::Unsupported);
         let handle = IpcHandle { kind: MemKind::Host, len: 4096, bytes: vec![] };
         assert_eq!(error_code(device.import_ipc(&handle)), ErrorCode::Unsupported);
+    }
+
+    #[test]
+    fn shareable_buffers_export_a_sealed_file_another_mapping_shares() {
+        let shareable = UNPINNED.with_shareable(true).with_populate(true);
+        let buf = HostBuffer::alloc(10_000, &shareable).unwrap();
+        assert_eq!(buf.as_ptr() as usize % page_size(), 0);
+        assert!(HostBuffer::alloc(10_000, &UNPINNED).unwrap().share_fd().is_none());
+        let fd = buf.share_fd().expect("a shareable buffer has a file");
+        assert_eq!(Memory::share_fd(&buf).map(|f| f.as_raw_fd()), Some(fd.as_raw_fd()));
+        // The file is sealed: nobody holding it can shrink it under a mapping.
+        assert_ne!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0) }, 0);
+        let view = HostBuffer::map_shared(fd).unwrap();
+        assert_eq!(view.len(), 10_000usize.next_multiple_of(page_size()));
+        buf.write_at(9_999, &[42]).unwrap();
+        let mut got = [0u8];
+        view.read_at(9_999, &mut got).unwrap();
+        assert_eq!(got, [42]);
+
+        // An unsealed file could shrink under the mapping: refused.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        let unsealed = unsafe { OwnedFd::from_raw_fd(raw) };
+        assert_eq!(unsafe { libc::ftruncate(unsealed.as_raw_fd(), 4096) }, 0);
+        assert_eq!(HostBuffer::map_shared(unsealed.as_fd()).unwrap_err().code(), ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn shareable_buffers_use_huge_pages_when_there_are_some() {
+        let options = UNPINNED.with_shareable(true).with_huge_pages(HugePages::Try);
+        let buf = HostBuffer::alloc(1 << 20, &options).unwrap();
+        assert!(buf.share_fd().is_some());
+        if !huge_pages_available(2 * huge_page_size()) {
+            assert!(!buf.huge_pages());
+        }
+        buf.fill(3);
+        assert!(buf.to_vec().iter().all(|&b| b == 3));
     }
 
     #[test]

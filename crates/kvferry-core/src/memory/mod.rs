@@ -16,6 +16,7 @@ pub mod paged;
 #[cfg(feature = "rocm")]
 pub mod rocm;
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use crate::deadline::Deadline;
@@ -89,6 +90,13 @@ impl MemRegion {
 /// Memory that can be registered with an agent and is kept alive by the registration.
 pub trait Memory: Send + Sync + 'static {
     fn region(&self) -> MemRegion;
+
+    /// A file another process can map to reach the same bytes (mapped from offset 0 at
+    /// `region().addr`), for transports that share memory within a node. `None` when the memory
+    /// cannot be shared that way.
+    fn share_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// One copy of a batch: `len` bytes from `src` to `dst`. The regions may be of different kinds

@@ -6,6 +6,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda_ipc;
+pub(crate) mod keys;
+pub mod shm;
 pub mod staging;
 pub mod tcp;
 
@@ -44,17 +46,20 @@ impl std::fmt::Display for Op {
 #[non_exhaustive]
 pub enum TransportKind {
     Tcp,
+    /// Shared memory between processes of one host.
+    Shm,
     /// CUDA IPC between processes on one host (`cuda` feature). Known to every build, so metadata
     /// that offers it can still be read where it is not compiled in.
     CudaIpc,
 }
 
 impl TransportKind {
-    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp, TransportKind::CudaIpc];
+    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp, TransportKind::Shm, TransportKind::CudaIpc];
 
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::Shm => "shm",
             TransportKind::CudaIpc => "cuda-ipc",
         }
     }
@@ -62,6 +67,7 @@ impl TransportKind {
     pub fn to_wire(self) -> u8 {
         match self {
             TransportKind::Tcp => 1,
+            TransportKind::Shm => 3,
             TransportKind::CudaIpc => 4,
         }
     }
@@ -69,6 +75,7 @@ impl TransportKind {
     pub fn from_wire(tag: u8) -> Option<TransportKind> {
         match tag {
             1 => Some(TransportKind::Tcp),
+            3 => Some(TransportKind::Shm),
             4 => Some(TransportKind::CudaIpc),
             _ => None,
         }
@@ -152,6 +159,12 @@ pub enum TransferError {
     Rejected { peer: String, op: Op, index: u32, reason: RejectReason },
     #[error("protocol error with peer {peer}: {detail}")]
     Protocol { peer: String, detail: String },
+    /// The kernel refused `process_vm_readv`/`process_vm_writev` into the peer (ptrace policy).
+    #[error("{op} with peer {peer}: cross-memory attach refused: {cause}")]
+    CrossMemoryRefused { peer: String, op: Op, cause: String },
+    /// The peer's shared memory could not be mapped (no file, not sealed, mmap failed).
+    #[error("cannot map the shared memory of peer {peer}: {cause}")]
+    MappingFailed { peer: String, cause: String },
     #[error("{op} with peer {peer} failed staging through host memory: {cause}")]
     Staging { peer: String, op: Op, cause: String },
     #[error("{op} with peer {peer} failed in the device copy: {cause}")]
@@ -166,6 +179,8 @@ impl TransferError {
             TransferError::PeerUnreachable { .. } => ErrorCode::PeerUnreachable,
             TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
             TransferError::Protocol { .. } => ErrorCode::Protocol,
+            TransferError::CrossMemoryRefused { .. } => ErrorCode::ShmCrossMemoryRefused,
+            TransferError::MappingFailed { .. } => ErrorCode::ShmMappingFailed,
             TransferError::Staging { .. } => ErrorCode::StagingFailed,
             TransferError::DeviceCopy { .. } => ErrorCode::DeviceCopyFailed,
             TransferError::Rejected { reason, .. } => match reason {
@@ -210,6 +225,12 @@ pub trait PeerLink: Send + Sync {
     /// Queue a batch; never blocks on the network. Failures after this returns are reported through
     /// the batch's completion.
     fn post(&self, batch: Batch) -> Result<()>;
+
+    /// How these ops will move, for transports with more than one way (the shm transport's
+    /// `mapped` and `cross-memory`); reported per transfer.
+    fn mode(&self, _ops: &[XferOp]) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Moves bytes between registered regions of two agents.
@@ -230,6 +251,17 @@ pub trait Transport: Send + Sync {
 
     /// A link to a peer, which connects lazily on first use.
     fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>>;
+}
+
+/// Refuse to register anything but host memory with a transport that moves host memory only.
+pub(crate) fn require_host(transport: TransportKind, region: &MemRegion) -> Result<()> {
+    if region.kind != MemKind::Host {
+        return Err(crate::error::Error::Unsupported {
+            what: format!("registering {} memory with the {transport} transport", region.kind),
+            why: format!("the {transport} transport moves host memory only"),
+        });
+    }
+    Ok(())
 }
 
 /// A notification delivered after a batch's data is in place.

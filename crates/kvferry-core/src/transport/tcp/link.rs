@@ -12,11 +12,11 @@ use std::thread;
 use std::time::Duration;
 
 use super::TcpConfig;
-use super::wire::{self, FrameKind, Header, WireDesc};
+use super::wire::{self, Failure, FrameKind, Header, WireDesc};
 use crate::error::{Error, Result};
 use crate::memory::MemKind;
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
-use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError};
+use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, TransferError};
 
 /// One request on one stream.
 struct Frame {
@@ -165,21 +165,6 @@ fn run_stream(info: &LinkInfo, frames: mpsc::Receiver<Frame>) {
     }
 }
 
-/// What a request can end in, before it is named for the caller.
-enum Failure {
-    Io(io::Error),
-    Rejected(u32, RejectReason),
-    Protocol(String),
-    /// A device copy to or from the bounce buffers failed.
-    Staging(String),
-}
-
-impl From<io::Error> for Failure {
-    fn from(e: io::Error) -> Self {
-        Failure::Io(e)
-    }
-}
-
 impl From<StageError> for Failure {
     fn from(e: StageError) -> Self {
         match e {
@@ -279,14 +264,7 @@ fn handshake(info: &LinkInfo, stream: &mut TcpStream, timeout: Duration) -> Resu
 }
 
 fn read_response(stream: &mut TcpStream) -> Result<Header, Failure> {
-    let header = Header::read_from(stream)?;
-    if header.tag != 0 {
-        return Err(match RejectReason::from_wire(header.tag) {
-            Some(reason) => Failure::Rejected(header.count, reason),
-            None => Failure::Protocol(format!("unknown response status {}", header.tag)),
-        });
-    }
-    Ok(header)
+    wire::status_of(Header::read_from(stream)?)
 }
 
 fn request_header(kind: FrameKind, descs: &[WireDesc], payload_len: u64) -> Vec<u8> {

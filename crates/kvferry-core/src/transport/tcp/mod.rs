@@ -18,6 +18,7 @@ use self::target::TargetShared;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Acceptor;
+use crate::transport::keys;
 use crate::transport::staging::Stager;
 use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind};
 
@@ -113,7 +114,7 @@ impl Drop for TcpTransport {
         // Stop accepting first, then close what was accepted: served connections would otherwise
         // outlive the transport, blocked in `read`.
         drop(self.acceptor.take());
-        self.shared.shutdown_connections();
+        self.shared.connections.shutdown_all();
     }
 }
 
@@ -151,16 +152,12 @@ impl Transport for TcpTransport {
                 why: "the tcp transport moves host memory, and device memory only with staging configured".into(),
             });
         }
-        // 128 random bits: a peer cannot guess another registration's key.
-        let mut key = [0u8; 16];
-        getrandom::fill(&mut key)
-            .map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
-        let key_bits = u128::from_le_bytes(key);
-        self.shared.keys.insert(key_bits, region, keep_alive);
+        let key = keys::new_key()?;
+        self.shared.keys.insert(key, region, keep_alive);
         if let Some(stager) = self.stager.as_ref().filter(|s| s.stages(region.kind)) {
-            stager.add_region(key_bits, region);
+            stager.add_region(key, region);
         }
-        Ok(key.to_vec())
+        Ok(key.to_le_bytes().to_vec())
     }
 
     fn deregister(&self, key: &[u8]) {

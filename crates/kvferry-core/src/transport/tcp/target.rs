@@ -2,83 +2,18 @@
 //! NOTIFY requests against the registered regions. Every descriptor is checked against the key
 //! table (key, range) before a byte moves; nothing from the wire is trusted.
 
-use std::any::Any;
-use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::thread;
+use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::wire::{self, FrameKind, Header, WireDesc};
 use crate::deadline::Deadline;
-use crate::memory::{MemKind, MemRegion};
+use crate::memory::MemKind;
+use crate::net::Connections;
+use crate::transport::keys::KeyTable;
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
-
-/// A registered region as the target sees it.
-pub(super) struct KeyEntry {
-    pub region: MemRegion,
-    _keep_alive: Arc<dyn Any + Send + Sync>,
-}
-
-/// The entries a request holds, and the kind of memory each of its descriptors names.
-type Resolved = (Vec<Arc<KeyEntry>>, Vec<MemKind>);
-
-/// Key → region. A request holds the entries it uses, so deregistration can wait for it.
-#[derive(Default)]
-pub(super) struct KeyTable {
-    entries: RwLock<HashMap<u128, Arc<KeyEntry>>>,
-}
-
-impl KeyTable {
-    pub fn insert(&self, key: u128, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) {
-        self.entries.write().unwrap().insert(key, Arc::new(KeyEntry { region, _keep_alive: keep_alive }));
-    }
-
-    /// Remove a key and wait until no request uses its region.
-    pub fn remove(&self, key: u128) {
-        let Some(entry) = self.entries.write().unwrap().remove(&key) else { return };
-        while Arc::strong_count(&entry) > 1 {
-            thread::sleep(Duration::from_micros(200));
-        }
-    }
-
-    /// Check every descriptor; on success returns the entries they use (held for the request) and
-    /// the kind of memory each descriptor names.
-    fn resolve(&self, descs: &[WireDesc]) -> Result<Resolved, (u32, RejectReason)> {
-        let entries = self.entries.read().unwrap();
-        let mut held: Vec<Arc<KeyEntry>> = Vec::new();
-        let mut kinds = Vec::with_capacity(descs.len());
-        let mut last: Option<(u128, Arc<KeyEntry>)> = None;
-        for (i, d) in descs.iter().enumerate() {
-            let reject = |reason| (i as u32, reason);
-            if d.len == 0 {
-                return Err(reject(RejectReason::ZeroLength));
-            }
-            if d.addr.checked_add(d.len).is_none() {
-                return Err(reject(RejectReason::RangeOverflow));
-            }
-            let entry = match &last {
-                Some((k, e)) if *k == d.key => e.clone(),
-                _ => {
-                    let e = entries.get(&d.key).ok_or(reject(RejectReason::UnknownKey))?.clone();
-                    if !held.iter().any(|h| Arc::ptr_eq(h, &e)) {
-                        held.push(e.clone());
-                    }
-                    last = Some((d.key, e.clone()));
-                    e
-                }
-            };
-            if !entry.region.contains(d.addr, d.len) {
-                return Err(reject(RejectReason::OutOfRange));
-            }
-            kinds.push(entry.region.kind);
-        }
-        Ok((held, kinds))
-    }
-}
 
 /// Shared by the accept loop and the connection threads.
 pub(super) struct TargetShared {
@@ -88,8 +23,7 @@ pub(super) struct TargetShared {
     /// regions it holds, so deregistration never waits on a stopped initiator for longer).
     request_timeout: Duration,
     stager: Option<Arc<Stager>>,
-    connections: Mutex<HashMap<u64, TcpStream>>,
-    next_connection: AtomicU64,
+    pub connections: Connections,
 }
 
 impl TargetShared {
@@ -99,30 +33,19 @@ impl TargetShared {
             notifications,
             request_timeout,
             stager,
-            connections: Mutex::new(HashMap::new()),
-            next_connection: AtomicU64::new(0),
-        }
-    }
-
-    /// Close every served connection (the transport is going away).
-    pub fn shutdown_connections(&self) {
-        for (_, c) in self.connections.lock().unwrap().drain() {
-            let _ = c.shutdown(Shutdown::Both);
+            connections: Connections::default(),
         }
     }
 }
 
 /// Serve one accepted connection until the initiator closes it.
 pub(super) fn serve(stream: TcpStream, shared: &TargetShared) {
-    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-    if let Ok(clone) = stream.try_clone() {
-        shared.connections.lock().unwrap().insert(id, clone);
-    }
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    if let Err(e) = serve_connection(stream, shared) {
-        tracing::debug!(%peer, error = %e, "tcp transport: connection closed");
-    }
-    shared.connections.lock().unwrap().remove(&id);
+    shared.connections.serve(stream, |stream| {
+        if let Err(e) = serve_connection(stream, shared) {
+            tracing::debug!(%peer, error = %e, "tcp transport: connection closed");
+        }
+    });
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {

@@ -14,6 +14,8 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
+use crate::transport::RejectReason;
+
 pub const MAGIC: [u8; 4] = *b"KVFT";
 pub const VERSION: u16 = 1;
 pub const HELLO_ACK_LEN: usize = 8;
@@ -98,6 +100,32 @@ impl Header {
         let mut b = [0u8; HEADER_LEN];
         r.read_exact(&mut b)?;
         Ok(Header::decode(&b))
+    }
+}
+
+/// What a request can end in, before the transport names it for the caller.
+pub enum Failure {
+    Io(io::Error),
+    Rejected(u32, RejectReason),
+    Protocol(String),
+    /// A device copy to or from the staging bounce buffers failed.
+    Staging(String),
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure::Io(e)
+    }
+}
+
+/// A response header's status: 0 is success, otherwise the rejection it names.
+pub fn status_of(header: Header) -> Result<Header, Failure> {
+    match header.tag {
+        0 => Ok(header),
+        tag => Err(match RejectReason::from_wire(tag) {
+            Some(reason) => Failure::Rejected(header.count, reason),
+            None => Failure::Protocol(format!("unknown response status {tag}")),
+        }),
     }
 }
 

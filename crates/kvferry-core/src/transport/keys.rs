@@ -1,0 +1,101 @@
+//! The memory owner's table of registration keys, shared by the transports that check every
+//! remote access against it: 128 random bits per registration, a region, and what keeps it alive.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::thread;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::memory::{MemKind, MemRegion, Memory};
+use crate::transport::RejectReason;
+use crate::transport::tcp::wire::WireDesc;
+
+/// A registered region as the target sees it.
+pub(crate) struct KeyEntry {
+    pub region: MemRegion,
+    keep_alive: Arc<dyn Any + Send + Sync>,
+}
+
+/// The entries a request holds, and the kind of memory each of its descriptors names.
+pub(crate) type Resolved = (Vec<Arc<KeyEntry>>, Vec<MemKind>);
+
+/// Key → region. A request holds the entries it uses, so deregistration can wait for it.
+#[derive(Default)]
+pub(crate) struct KeyTable {
+    entries: RwLock<HashMap<u128, Arc<KeyEntry>>>,
+}
+
+impl KeyTable {
+    pub fn insert(&self, key: u128, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) {
+        self.entries.write().unwrap().insert(key, Arc::new(KeyEntry { region, keep_alive }));
+    }
+
+    pub fn get(&self, key: u128) -> Option<Arc<KeyEntry>> {
+        self.entries.read().unwrap().get(&key).cloned()
+    }
+
+    /// Remove a key and wait until no request uses its region.
+    pub fn remove(&self, key: u128) {
+        let Some(entry) = self.entries.write().unwrap().remove(&key) else { return };
+        while Arc::strong_count(&entry) > 1 {
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Check every descriptor; on success returns the entries they use (held for the request) and
+    /// the kind of memory each descriptor names.
+    pub fn resolve(&self, descs: &[WireDesc]) -> Result<Resolved, (u32, RejectReason)> {
+        let entries = self.entries.read().unwrap();
+        let mut held: Vec<Arc<KeyEntry>> = Vec::new();
+        let mut kinds = Vec::with_capacity(descs.len());
+        let mut last: Option<(u128, Arc<KeyEntry>)> = None;
+        for (i, d) in descs.iter().enumerate() {
+            let reject = |reason| (i as u32, reason);
+            if d.len == 0 {
+                return Err(reject(RejectReason::ZeroLength));
+            }
+            if d.addr.checked_add(d.len).is_none() {
+                return Err(reject(RejectReason::RangeOverflow));
+            }
+            let entry = match &last {
+                Some((k, e)) if *k == d.key => e.clone(),
+                _ => {
+                    let e = entries.get(&d.key).ok_or(reject(RejectReason::UnknownKey))?.clone();
+                    if !held.iter().any(|h| Arc::ptr_eq(h, &e)) {
+                        held.push(e.clone());
+                    }
+                    last = Some((d.key, e.clone()));
+                    e
+                }
+            };
+            if !entry.region.contains(d.addr, d.len) {
+                return Err(reject(RejectReason::OutOfRange));
+            }
+            kinds.push(entry.region.kind);
+        }
+        Ok((held, kinds))
+    }
+}
+
+impl KeyEntry {
+    /// The memory behind the region, when the agent registered memory it owns.
+    pub fn memory(&self) -> Option<&Arc<dyn Memory>> {
+        memory_of(&self.keep_alive)
+    }
+}
+
+/// The memory a registration's keep-alive holds: the agent passes `Option<Arc<dyn Memory>>`
+/// (`None` for raw registrations of memory owned elsewhere).
+pub(crate) fn memory_of(keep_alive: &Arc<dyn Any + Send + Sync>) -> Option<&Arc<dyn Memory>> {
+    keep_alive.downcast_ref::<Option<Arc<dyn Memory>>>()?.as_ref()
+}
+
+/// A fresh key: a peer cannot guess another registration's key.
+pub(crate) fn new_key() -> Result<u128> {
+    let mut key = [0u8; 16];
+    getrandom::fill(&mut key)
+        .map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
+    Ok(u128::from_le_bytes(key))
+}

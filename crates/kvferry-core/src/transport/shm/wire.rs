@@ -1,0 +1,152 @@
+//! The shm transport's control messages, on a Unix stream socket. They reuse the TCP transport's
+//! 16-byte header; the data itself never crosses the socket.
+//!
+//! ```text
+//! hello        header{HELLO, count: version, payload_len: name_len} | name
+//! hello ack    header{status, count: pid, payload_len: probe address}, the lease file attached
+//! map          header{MAP, 0, 0} | key [16]
+//! map ack      header{status, count: lease slot, 16} | addr u64 | len u64,
+//!              the memfd attached (SCM_RIGHTS) when the region has one
+//! notify       header{NOTIFY, 0, len} | notification
+//! notify ack   header{status, 0, 0}
+//! ```
+//! Status 0 is success; otherwise a [`RejectReason`](crate::transport::RejectReason) or
+//! [`STATUS_BAD_VERSION`].
+
+use std::io::{self, Read, Write};
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+pub use crate::transport::tcp::wire::{Failure, HEADER_LEN, Header, MAX_NAME, MAX_NOTIFICATION, status_of};
+
+pub const VERSION: u32 = 1;
+
+pub const HELLO: u8 = 1;
+pub const MAP: u8 = 2;
+pub const NOTIFY: u8 = 3;
+
+/// The peer speaks another version of this protocol.
+pub const STATUS_BAD_VERSION: u8 = 100;
+
+pub const MAP_ACK_LEN: usize = HEADER_LEN + 16;
+
+/// The word at the probe address: an initiator that reads it with `process_vm_readv` knows that
+/// cross-memory attach works and that the pid names the right process.
+pub const PROBE_MAGIC: u64 = 0x6b76_6665_7272_7973;
+
+/// Send `data` with `fd` attached (`SCM_RIGHTS`).
+pub fn send_with_fd(stream: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // Room for one descriptor's control message, aligned as cmsghdr needs.
+    let mut control = [0u64; 4];
+    // SAFETY: msghdr is plain data; zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is arithmetic.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as _;
+    // SAFETY: the control buffer is large enough for one header and one int, and `msg` points at it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+    }
+    // SAFETY: `msg` and everything it points to are valid for the call.
+    let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The descriptor went with the first byte; the rest of a short send follows plainly.
+    (&mut &*stream).write_all(&data[sent as usize..])
+}
+
+/// Fill `buf` from the stream, returning the descriptor attached to its first bytes, if any.
+pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut control = [0u64; 8];
+    // SAFETY: as in `send_with_fd`.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    let got = loop {
+        // SAFETY: `msg` describes `buf` and `control`, both valid for writes.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // Take ownership of every descriptor that arrived, so none leaks; keep the first.
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `control` with well-formed control messages of `msg_controllen`.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / size_of::<libc::c_int>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if got == 0 && !buf.is_empty() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    (&mut &*stream).read_exact(&mut buf[got..])?;
+    Ok(fds.into_iter().next())
+}
+
+pub fn encode_hello(name: &str) -> Vec<u8> {
+    let mut out = Header { tag: HELLO, count: VERSION, payload_len: name.len() as u64 }.encode().to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// How a peer's region is reached; the last byte of its shm key (after the 16-byte registration key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// The region is a shareable file: the initiator maps it once and copies with `memcpy`.
+    Mapped,
+    /// Plain process memory: `process_vm_readv`/`process_vm_writev`.
+    CrossMemory,
+}
+
+impl Reach {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reach::Mapped => "mapped",
+            Reach::CrossMemory => "cross-memory",
+        }
+    }
+}
+
+pub fn encode_key(key: u128, reach: Reach) -> Vec<u8> {
+    let mut out = key.to_le_bytes().to_vec();
+    out.push(match reach {
+        Reach::Mapped => 1,
+        Reach::CrossMemory => 2,
+    });
+    out
+}
+
+pub fn decode_key(bytes: &[u8]) -> Option<(u128, Reach)> {
+    let (key, reach) = bytes.split_first_chunk::<16>()?;
+    let reach = match reach {
+        [1] => Reach::Mapped,
+        [2] => Reach::CrossMemory,
+        _ => return None,
+    };
+    Some((u128::from_le_bytes(*key), reach))
+}
