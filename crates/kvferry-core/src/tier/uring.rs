@@ -1,0 +1,158 @@
+//! One io_uring moving slabs of the host arena to and from the disk tier's file.
+//!
+//! The file and the arena are registered with the ring when the kernel allows (fixed files skip a
+//! file-table lookup per op; fixed buffers skip pinning and unpinning the pages on every op), and the
+//! ring falls back to plain reads and writes otherwise, keeping the reason for `TierStore::stats`.
+//! A batch is kept `depth` ops deep until it drains.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+/// The kernel caps one registered buffer at 1 GiB.
+const MAX_FIXED_BUFFER: usize = 1 << 30;
+
+/// One read or write of a slab: `len` bytes at `addr` in the arena, `offset` in the file.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IoOp {
+    pub addr: usize,
+    pub len: usize,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Read,
+    Write,
+}
+
+/// The arena as the ring registers it: `count` buffers of `chunk` bytes from `base`.
+struct FixedBuffers {
+    base: usize,
+    chunk: usize,
+}
+
+pub(crate) struct Ring {
+    ring: IoUring,
+    depth: usize,
+    fd: RawFd,
+    fixed_file: bool,
+    fixed_buffers: Option<FixedBuffers>,
+}
+
+impl Ring {
+    /// A ring of `depth` entries for `fd`, registering the arena (`arena_base`, `arena_len`) cut at
+    /// multiples of `slab` so that no slab straddles two registered buffers. Also returns why
+    /// registration was refused, when it was.
+    pub(crate) fn new(
+        depth: usize,
+        fd: RawFd,
+        arena_base: usize,
+        arena_len: usize,
+        slab: usize,
+    ) -> io::Result<(Ring, Option<String>)> {
+        let ring = IoUring::new(depth.next_power_of_two() as u32)?;
+        let mut refused = Vec::new();
+        let fixed_file = match ring.submitter().register_files(&[fd]) {
+            Ok(()) => true,
+            Err(e) => {
+                refused.push(format!("registered files: {e}"));
+                false
+            }
+        };
+        let chunk = (MAX_FIXED_BUFFER / slab).max(1) * slab;
+        let iovecs: Vec<libc::iovec> = (0..arena_len)
+            .step_by(chunk)
+            .map(|at| libc::iovec {
+                iov_base: (arena_base + at) as *mut libc::c_void,
+                iov_len: chunk.min(arena_len - at),
+            })
+            .collect();
+        // SAFETY: the iovecs cover the arena, which outlives the ring (the store drops its rings
+        // first).
+        let fixed_buffers = match unsafe { ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => Some(FixedBuffers { base: arena_base, chunk }),
+            Err(e) => {
+                refused.push(format!("registered buffers: {e} (needs RLIMIT_MEMLOCK above the arena or CAP_IPC_LOCK)"));
+                None
+            }
+        };
+        let refused = (!refused.is_empty()).then(|| refused.join("; "));
+        Ok((Ring { ring, depth, fd, fixed_file, fixed_buffers }, refused))
+    }
+
+    fn entry(&self, direction: Direction, op: &IoOp, tag: u64) -> squeue::Entry {
+        let (ptr, len) = (op.addr as *mut u8, op.len as u32);
+        let buffer = self.fixed_buffers.as_ref().map(|fixed| ((op.addr - fixed.base) / fixed.chunk) as u16);
+        // The file target is a different type for fixed and plain files, hence a macro, not a fn.
+        macro_rules! build {
+            ($file:expr) => {
+                match (buffer, direction) {
+                    (Some(index), Direction::Write) => {
+                        opcode::WriteFixed::new($file, ptr, len, index).offset(op.offset).build()
+                    }
+                    (Some(index), Direction::Read) => {
+                        opcode::ReadFixed::new($file, ptr, len, index).offset(op.offset).build()
+                    }
+                    (None, Direction::Write) => opcode::Write::new($file, ptr, len).offset(op.offset).build(),
+                    (None, Direction::Read) => opcode::Read::new($file, ptr, len).offset(op.offset).build(),
+                }
+            };
+        }
+        let entry = if self.fixed_file { build!(types::Fixed(0)) } else { build!(types::Fd(self.fd)) };
+        entry.user_data(tag)
+    }
+
+    /// Run every op, keeping up to `depth` in flight, and return each op's outcome in order. A short
+    /// transfer is continued from where it stopped; reading past the end of the file is an error.
+    pub(crate) fn run(&mut self, direction: Direction, ops: &[IoOp]) -> Vec<io::Result<()>> {
+        let mut outcome: Vec<Option<io::Result<()>>> = (0..ops.len()).map(|_| None).collect();
+        let mut remaining: Vec<IoOp> = ops.to_vec();
+        // Ops to (re)submit, as indices into `remaining`.
+        let mut pending: std::collections::VecDeque<usize> = (0..ops.len()).collect();
+        let mut in_flight = 0;
+        while !pending.is_empty() || in_flight > 0 {
+            while in_flight < self.depth {
+                let Some(index) = pending.pop_front() else { break };
+                let entry = self.entry(direction, &remaining[index], index as u64);
+                // SAFETY: the buffer lies in the arena, which outlives this call; the ring has room
+                // because no more than `depth` entries are ever outstanding.
+                if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                    pending.push_front(index);
+                    break;
+                }
+                in_flight += 1;
+            }
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The ring itself failed: nothing more completes, so every unfinished op fails.
+                for slot in outcome.iter_mut().filter(|o| o.is_none()) {
+                    *slot = Some(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+                return outcome.into_iter().map(|o| o.unwrap_or(Ok(()))).collect();
+            }
+            let completed: Vec<(u64, i32)> =
+                self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
+            for (tag, result) in completed {
+                in_flight -= 1;
+                let index = tag as usize;
+                let op = &mut remaining[index];
+                if result < 0 {
+                    outcome[index] = Some(Err(io::Error::from_raw_os_error(-result)));
+                } else if result == 0 {
+                    outcome[index] = Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file ended early")));
+                } else if (result as usize) < op.len {
+                    let done = result as usize;
+                    *op = IoOp { addr: op.addr + done, len: op.len - done, offset: op.offset + done as u64 };
+                    pending.push_back(index);
+                } else {
+                    outcome[index] = Some(Ok(()));
+                }
+            }
+        }
+        outcome.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
+    }
+}
