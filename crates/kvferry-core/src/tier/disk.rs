@@ -129,6 +129,8 @@ impl DiskFiles {
             .custom_flags(libc::O_DIRECT)
             .open(dir.join(DATA_FILE))
             .map_err(|e| unavailable(dir, "opening the data file with O_DIRECT", e))?;
+        // Replayed first: a log for another geometry must not resize the data file.
+        let replayed = replay(dir, block_size, slots)?;
         let len = block_size as u64 * slots as u64;
         // SAFETY: plain syscall on an open descriptor.
         if unsafe { libc::fallocate(data.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
@@ -141,7 +143,6 @@ impl DiskFiles {
             data.set_len(len.max(data.metadata().map(|m| m.len()).unwrap_or(0)))
                 .map_err(|e| unavailable(dir, "sizing the data file", e))?;
         }
-        let replayed = replay(dir, block_size, slots)?;
         let log = rewrite_log(dir, block_size, slots, &replayed.blocks)?;
         Ok((DiskFiles { dir: dir.to_path_buf(), data, log, sync_writes }, replayed))
     }

@@ -347,7 +347,8 @@ impl TierStore {
     }
 
     /// Move blocks from DRAM to disk (writing those not there yet) and free their slabs; blocks not
-    /// in DRAM are skipped. The disk's admission filter does not apply: the caller asked.
+    /// in DRAM are skipped, and blocks the disk cannot take stay in DRAM. The disk's admission filter
+    /// does not apply: the caller asked.
     pub fn offload(&self, keys: Vec<BlockKey>) -> Result<CopyFence> {
         self.submit(move |shared, ring| shared.offload(ring, &keys))
     }
@@ -429,6 +430,12 @@ impl TierStore {
         let job: Job = Box::new(move |shared, ring| signal.complete(work(shared, ring)));
         self.jobs.as_ref().ok_or(TierError::Closed)?.send(job).map_err(|_| TierError::Closed)?;
         Ok(CopyFence::new(outcome))
+    }
+}
+
+impl std::fmt::Debug for TierStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TierStore").field("block_size", &self.shared.block_size).field("stats", &self.stats()).finish()
     }
 }
 
@@ -710,7 +717,7 @@ impl Shared {
             };
             let written = self.write_down(ring.as_deref_mut(), writes);
             let mut state = self.lock();
-            let freed = self.finish_eviction(&mut state, &victims, &written);
+            let freed = self.finish_eviction(&mut state, &victims, &written, false);
             state.free.extend(freed);
         }
         let mut state = self.lock();
@@ -788,12 +795,13 @@ impl Shared {
     }
 
     /// Record what was written, then release the victims: each one no one else pinned meanwhile
-    /// leaves DRAM and its slab is returned.
+    /// leaves DRAM and its slab is returned; with `keep_unwritten`, only those now on disk.
     fn finish_eviction(
         &self,
         state: &mut State,
         victims: &[(BlockKey, u32)],
         written: &[(WriteDown, std::io::Result<u64>)],
+        keep_unwritten: bool,
     ) -> Vec<u32> {
         let mut records = Vec::new();
         let mut failure = None;
@@ -843,7 +851,7 @@ impl Shared {
         for (key, index) in victims {
             let slot = state.slot(*index);
             slot.pins -= 1;
-            if slot.pins > 0 {
+            if slot.pins > 0 || (keep_unwritten && !slot.on_disk) {
                 continue;
             }
             let on_disk = slot.on_disk;
@@ -885,7 +893,7 @@ impl Shared {
         };
         let written = self.write_down(ring, writes);
         let mut state = self.lock();
-        let freed = self.finish_eviction(&mut state, &victims, &written);
+        let freed = self.finish_eviction(&mut state, &victims, &written, true);
         state.free.extend(freed);
         match state.disk.as_ref().and_then(|d| d.failed.clone()) {
             Some(e) => Err(e.into()),
