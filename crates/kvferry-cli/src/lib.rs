@@ -4,4 +4,5 @@ pub mod bench;
 pub mod info;
 pub mod pattern;
 pub mod serve;
+pub mod tier_bench;
 pub mod units;

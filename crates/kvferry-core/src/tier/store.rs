@@ -383,6 +383,8 @@ impl TierStore {
                 disk.free.push(block.entry.slot);
             }
         }
+        // Descending, so that slots are handed out in file order again (sequential writes).
+        disk.free.sort_unstable_by(|a, b| b.cmp(a));
         for slot in state.slots.iter_mut().flatten() {
             slot.on_disk &= disk.blocks.contains_key(&slot.key);
         }
@@ -578,27 +580,76 @@ impl Shared {
                 }
             }
         }
-        let promoted = match self.promote(ring.as_deref_mut(), &from_disk) {
-            Ok(promoted) => promoted,
-            Err(e) => {
-                self.unpin(&mut self.lock(), &pinned_host, &[]);
-                return Err(e);
+        // Copies out start as soon as each block is in DRAM: DRAM hits now, disk blocks as each read
+        // completes (while the others are still in flight).
+        let mut destinations: HashMap<BlockKey, Vec<&Vec<MemRegion>>> = HashMap::new();
+        for (key, regions) in blocks {
+            destinations.entry(*key).or_default().push(regions);
+        }
+        let mut fences = Vec::new();
+        let mut copy_error = None;
+        let mut copy_out = |slabs: &[(BlockKey, u32)]| {
+            let mut ops = Vec::new();
+            for (key, index) in slabs {
+                for regions in destinations.remove(key).unwrap_or_default() {
+                    let mut at = self.slab(*index);
+                    for region in regions {
+                        ops.push(CopyOp { src: at, dst: region.addr, len: region.len });
+                        at += region.len;
+                    }
+                }
+            }
+            // SAFETY: the destinations are the caller's (see `TierStore::get`); the slabs stay pinned
+            // until every fence has completed.
+            match unsafe { device.copy_batch(&ops) } {
+                Ok(fence) => fences.push(fence),
+                Err(e) => {
+                    copy_error.get_or_insert(e);
+                }
             }
         };
-        pinned_host.extend(promoted);
-        let slab_of: HashMap<BlockKey, u32> = pinned_host.iter().copied().collect();
-        let mut ops = Vec::new();
-        for (key, regions) in blocks {
-            let mut at = self.slab(slab_of[key]);
-            for region in regions {
-                ops.push(CopyOp { src: at, dst: region.addr, len: region.len });
-                at += region.len;
+        copy_out(&pinned_host);
+        let promoted = self.promote(ring.as_deref_mut(), &from_disk, &mut |key, index| copy_out(&[(key, index)]));
+        let mut outcome = promoted.map(|promoted| pinned_host.extend(promoted));
+        // A disk block another get promoted at the same time is in DRAM under that get's claim.
+        for (key, _) in &from_disk {
+            if outcome.is_err() || pinned_host.iter().any(|(k, _)| k == key) {
+                continue;
             }
+            outcome = self.pin_when_ready(key).map(|index| {
+                pinned_host.push((*key, index));
+                copy_out(&[(*key, index)]);
+            });
         }
-        // SAFETY: the destinations are the caller's (see `TierStore::get`); the slabs are pinned.
-        let copied = unsafe { device.copy_batch(&ops) }.and_then(|f| f.wait(Deadline::after(self.copy_timeout)));
+        let deadline = Deadline::after(self.copy_timeout);
+        // Every fence is waited for, even after a failure: the copies read slabs about to be unpinned.
+        let waited: Vec<Result<()>> = fences.iter().map(|f| f.wait(deadline)).collect();
         self.unpin(&mut self.lock(), &pinned_host, &[]);
-        copied
+        outcome?;
+        if let Some(e) = copy_error {
+            return Err(e);
+        }
+        waited.into_iter().collect()
+    }
+
+    /// Pin `key`'s slab once the put or promotion filling it publishes it.
+    fn pin_when_ready(&self, key: &BlockKey) -> Result<u32> {
+        let deadline = Deadline::after(self.copy_timeout);
+        loop {
+            {
+                let mut state = self.lock();
+                let Some(&index) = state.host.get(key) else { return Err(TierError::NotCached { key: *key }.into()) };
+                let slot = state.slot(index);
+                if slot.ready {
+                    slot.pins += 1;
+                    return Ok(index);
+                }
+            }
+            if deadline.expired() {
+                return Err(crate::memory::MemoryError::FenceTimeout.into());
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
     }
 
     fn unpin(&self, state: &mut State, host: &[(BlockKey, u32)], disk: &[(BlockKey, DiskEntry)]) {
@@ -614,9 +665,15 @@ impl Shared {
         }
     }
 
-    /// Read pinned disk blocks into fresh slabs, verify them and publish them in DRAM. Returns the
-    /// slabs, still pinned for the caller; unpins the disk blocks.
-    fn promote(&self, ring: Option<&mut Ring>, blocks: &[(BlockKey, DiskEntry)]) -> Result<Vec<(BlockKey, u32)>> {
+    /// Read pinned disk blocks into fresh slabs, verify them and publish them in DRAM, calling
+    /// `on_ready` with each verified block as soon as its read completes. Returns the slabs, still
+    /// pinned for the caller; unpins the disk blocks.
+    fn promote(
+        &self,
+        ring: Option<&mut Ring>,
+        blocks: &[(BlockKey, DiskEntry)],
+        on_ready: &mut dyn FnMut(BlockKey, u32),
+    ) -> Result<Vec<(BlockKey, u32)>> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
@@ -640,20 +697,21 @@ impl Shared {
                 offset: entry_of[key].slot as u64 * self.block_size as u64,
             })
             .collect();
-        let results = ring.run(Direction::Read, &ops);
-        let verified: Vec<std::result::Result<(), TierError>> = claimed
-            .iter()
-            .zip(results)
-            .map(|((key, index), read)| {
-                read.map_err(|e| TierError::DiskIo { op: format!("reading block {key}"), cause: e.to_string() })?;
-                // SAFETY: the slab is claimed by this worker and the read into it has completed.
-                let bytes = unsafe { std::slice::from_raw_parts(self.slab(*index) as *const u8, self.block_size) };
-                if xxh3_64(bytes) != entry_of[key].checksum {
-                    return Err(TierError::BlockCorrupt { key: *key });
-                }
-                Ok(())
-            })
-            .collect();
+        let mut verified: Vec<std::result::Result<(), TierError>> = vec![Ok(()); claimed.len()];
+        ring.run(Direction::Read, &ops, &mut |_| {}, &mut |i, read| {
+            let (key, index) = claimed[i];
+            verified[i] = read
+                .map_err(|e| TierError::DiskIo { op: format!("reading block {key}"), cause: e.to_string() })
+                .and_then(|()| {
+                    // SAFETY: the slab is claimed by this worker and the read into it has completed.
+                    let bytes = unsafe { std::slice::from_raw_parts(self.slab(index) as *const u8, self.block_size) };
+                    if xxh3_64(bytes) != entry_of[&key].checksum {
+                        return Err(TierError::BlockCorrupt { key });
+                    }
+                    on_ready(key, index);
+                    Ok(())
+                });
+        });
 
         let mut state = self.lock();
         self.unpin(&mut state, &[], blocks);
@@ -782,15 +840,20 @@ impl Shared {
                 offset: w.disk_slot as u64 * self.block_size as u64,
             })
             .collect();
-        // The checksum is taken while the slab is pinned and ready, so no one writes it meanwhile.
-        let checksums: Vec<u64> = writes
-            .iter()
-            .map(|w| {
-                // SAFETY: the slab is pinned by the eviction and holds a published block.
-                xxh3_64(unsafe { std::slice::from_raw_parts(self.slab(w.host_slot) as *const u8, self.block_size) })
-            })
-            .collect();
-        let results = ring.run(Direction::Write, &ops);
+        let mut checksums = vec![0u64; writes.len()];
+        let mut results: Vec<std::io::Result<()>> = (0..writes.len()).map(|_| Ok(())).collect();
+        ring.run(
+            Direction::Write,
+            &ops,
+            &mut |i| {
+                // SAFETY: the slab is pinned by the eviction and holds a published block, which no one
+                // writes while it is pinned.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(self.slab(writes[i].host_slot) as *const u8, self.block_size) };
+                checksums[i] = xxh3_64(bytes);
+            },
+            &mut |i, result| results[i] = result,
+        );
         writes.into_iter().zip(results.into_iter().zip(checksums)).map(|(w, (r, sum))| (w, r.map(|()| sum))).collect()
     }
 

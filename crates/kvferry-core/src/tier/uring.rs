@@ -5,6 +5,7 @@
 //! ring falls back to plain reads and writes otherwise, keeping the reason for `TierStore::stats`.
 //! A batch is kept `depth` ops deep until it drains.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 
@@ -104,35 +105,70 @@ impl Ring {
         entry.user_data(tag)
     }
 
-    /// Run every op, keeping up to `depth` in flight, and return each op's outcome in order. A short
-    /// transfer is continued from where it stopped; reading past the end of the file is an error.
-    pub(crate) fn run(&mut self, direction: Direction, ops: &[IoOp]) -> Vec<io::Result<()>> {
-        let mut outcome: Vec<Option<io::Result<()>>> = (0..ops.len()).map(|_| None).collect();
+    /// Run every op, keeping up to `depth` in flight. `prepare(i)` runs once before op `i` is first
+    /// submitted and `complete(i, outcome)` once when it is done; both run while other ops are in
+    /// flight where there are any, so that per-block CPU work (checksums, copies) overlaps the i/o
+    /// instead of adding to it. A short transfer is continued from where it stopped; reading past the
+    /// end of the file is an error.
+    pub(crate) fn run(
+        &mut self,
+        direction: Direction,
+        ops: &[IoOp],
+        prepare: &mut dyn FnMut(usize),
+        complete: &mut dyn FnMut(usize, io::Result<()>),
+    ) {
         let mut remaining: Vec<IoOp> = ops.to_vec();
-        // Ops to (re)submit, as indices into `remaining`.
-        let mut pending: std::collections::VecDeque<usize> = (0..ops.len()).collect();
+        // Ops to (re)submit, as indices into `remaining`; ops below `prepared` have been prepared.
+        let mut pending: VecDeque<usize> = (0..ops.len()).collect();
+        let mut prepared = 0;
+        let mut done: Vec<(usize, io::Result<()>)> = Vec::new();
+        let mut reported = vec![false; ops.len()];
         let mut in_flight = 0;
-        while !pending.is_empty() || in_flight > 0 {
+        loop {
             while in_flight < self.depth {
-                let Some(index) = pending.pop_front() else { break };
+                let Some(&index) = pending.front() else { break };
+                if index >= prepared {
+                    prepare(index);
+                    prepared = index + 1;
+                }
                 let entry = self.entry(direction, &remaining[index], index as u64);
                 // SAFETY: the buffer lies in the arena, which outlives this call; the ring has room
                 // because no more than `depth` entries are ever outstanding.
                 if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                    pending.push_front(index);
                     break;
                 }
+                pending.pop_front();
                 in_flight += 1;
             }
-            if let Err(e) = self.ring.submit_and_wait(1) {
+            let submitted = self.ring.submit();
+            // While the device works: the next op's preparation and the last completions' work.
+            if let Some(&next) = pending.front() {
+                if next >= prepared {
+                    prepare(next);
+                    prepared = next + 1;
+                }
+            }
+            for (index, outcome) in done.drain(..) {
+                reported[index] = true;
+                complete(index, outcome);
+            }
+            if in_flight == 0 && pending.is_empty() {
+                return;
+            }
+            let waited = submitted.and_then(|_| self.ring.submit_and_wait(1));
+            if let Err(e) = waited {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 // The ring itself failed: nothing more completes, so every unfinished op fails.
-                for slot in outcome.iter_mut().filter(|o| o.is_none()) {
-                    *slot = Some(Err(io::Error::new(e.kind(), e.to_string())));
+                for (index, outcome) in done.drain(..) {
+                    reported[index] = true;
+                    complete(index, outcome);
                 }
-                return outcome.into_iter().map(|o| o.unwrap_or(Ok(()))).collect();
+                for (index, _) in reported.iter().enumerate().filter(|(_, r)| !**r) {
+                    complete(index, Err(io::Error::new(e.kind(), e.to_string())));
+                }
+                return;
             }
             let completed: Vec<(u64, i32)> =
                 self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
@@ -141,18 +177,17 @@ impl Ring {
                 let index = tag as usize;
                 let op = &mut remaining[index];
                 if result < 0 {
-                    outcome[index] = Some(Err(io::Error::from_raw_os_error(-result)));
+                    done.push((index, Err(io::Error::from_raw_os_error(-result))));
                 } else if result == 0 {
-                    outcome[index] = Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file ended early")));
+                    done.push((index, Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file ended early"))));
                 } else if (result as usize) < op.len {
-                    let done = result as usize;
-                    *op = IoOp { addr: op.addr + done, len: op.len - done, offset: op.offset + done as u64 };
-                    pending.push_back(index);
+                    let moved = result as usize;
+                    *op = IoOp { addr: op.addr + moved, len: op.len - moved, offset: op.offset + moved as u64 };
+                    pending.push_front(index);
                 } else {
-                    outcome[index] = Some(Ok(()));
+                    done.push((index, Ok(())));
                 }
             }
         }
-        outcome.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
     }
 }
