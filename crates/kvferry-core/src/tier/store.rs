@@ -549,6 +549,7 @@ impl Shared {
         // Pin what is where: DRAM slabs to copy from, disk blocks to promote first.
         let mut pinned_host: Vec<(BlockKey, u32)> = Vec::new();
         let mut from_disk: Vec<(BlockKey, DiskEntry)> = Vec::new();
+        let mut promoting = HashSet::new();
         {
             let mut state = self.lock();
             let state = &mut *state;
@@ -565,7 +566,7 @@ impl Shared {
                 }
                 let on_disk = state.disk.as_mut().and_then(|d| d.blocks.get_mut(key).map(|b| (b, &mut d.policy)));
                 match on_disk {
-                    Some((block, policy)) if !from_disk.iter().any(|(k, _)| k == key) => {
+                    Some((block, policy)) if promoting.insert(*key) => {
                         block.pins += 1;
                         policy.touched(key);
                         state.stats.disk_hits += 1;
@@ -612,8 +613,9 @@ impl Shared {
         let promoted = self.promote(ring.as_deref_mut(), &from_disk, &mut |key, index| copy_out(&[(key, index)]));
         let mut outcome = promoted.map(|promoted| pinned_host.extend(promoted));
         // A disk block another get promoted at the same time is in DRAM under that get's claim.
+        let in_hand: HashSet<BlockKey> = pinned_host.iter().map(|(k, _)| *k).collect();
         for (key, _) in &from_disk {
-            if outcome.is_err() || pinned_host.iter().any(|(k, _)| k == key) {
+            if outcome.is_err() || in_hand.contains(key) {
                 continue;
             }
             outcome = self.pin_when_ready(key).map(|index| {
@@ -866,8 +868,8 @@ impl Shared {
         written: &[(WriteDown, std::io::Result<u64>)],
         keep_unwritten: bool,
     ) -> Vec<u32> {
-        let mut records = Vec::new();
         let mut failure = None;
+        let mut records = Vec::new();
         for (w, result) in written {
             match result {
                 Ok(checksum) => {
@@ -881,19 +883,17 @@ impl Shared {
         let mut stored = Vec::new();
         if let Some(disk) = &mut state.disk {
             let logged = disk.files.append(&records);
-            for (w, result) in written {
-                match (result, &logged) {
-                    (Ok(_), Ok(())) => {
-                        let Some(Record::Store(_, entry)) =
-                            records.iter().find(|r| matches!(r, Record::Store(k, _) if *k == w.key)).copied()
-                        else {
-                            continue;
-                        };
-                        disk.blocks.insert(w.key, DiskBlock { entry, pins: 0 });
-                        disk.policy.inserted(w.key);
-                        stored.push(w.key);
-                    }
-                    _ => disk.free.push(w.disk_slot),
+            for (w, _) in written.iter().filter(|(_, result)| result.is_err()) {
+                disk.free.push(w.disk_slot);
+            }
+            for record in &records {
+                let Record::Store(key, entry) = *record else { continue };
+                if logged.is_ok() {
+                    disk.blocks.insert(key, DiskBlock { entry, pins: 0 });
+                    disk.policy.inserted(key);
+                    stored.push(key);
+                } else {
+                    disk.free.push(entry.slot);
                 }
             }
             if let Err(e) = logged {
@@ -942,10 +942,11 @@ impl Shared {
             let mut state = self.lock();
             let state = &mut *state;
             let mut victims = Vec::new();
+            let mut seen = HashSet::new();
             for key in keys {
                 let Some(&index) = state.host.get(key) else { continue };
                 let slot = state.slot(index);
-                if !slot.ready || victims.iter().any(|(k, _)| k == key) {
+                if !slot.ready || !seen.insert(*key) {
                     continue;
                 }
                 slot.pins += 1;
