@@ -88,6 +88,8 @@ pub(crate) struct DiskFiles {
     data: File,
     log: File,
     sync_writes: bool,
+    /// Why the data file is not opened with `O_DIRECT`, when it is not.
+    buffered: Option<String>,
 }
 
 fn unavailable(dir: &Path, what: &str, err: std::io::Error) -> TierError {
@@ -121,14 +123,25 @@ impl DiskFiles {
         sync_writes: bool,
     ) -> Result<(DiskFiles, Replayed), TierError> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable(dir, "creating the directory", e))?;
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(libc::O_DIRECT)
-            .open(dir.join(DATA_FILE))
-            .map_err(|e| unavailable(dir, "opening the data file with O_DIRECT", e))?;
+        let open_data = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(flags)
+                .open(dir.join(DATA_FILE))
+        };
+        let (data, buffered) = match open_data(libc::O_DIRECT) {
+            Ok(data) => (data, None),
+            // File systems without direct i/o (tmpfs before Linux 6.6) still work, through the page
+            // cache: slower and with a second copy of each block in memory, hence the note.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let data = open_data(0).map_err(|e| unavailable(dir, "opening the data file", e))?;
+                (data, Some(format!("O_DIRECT: {e}; the data file goes through the page cache")))
+            }
+            Err(e) => return Err(unavailable(dir, "opening the data file with O_DIRECT", e)),
+        };
         // Replayed first: a log for another geometry must not resize the data file.
         let replayed = replay(dir, block_size, slots)?;
         let len = block_size as u64 * slots as u64;
@@ -144,11 +157,15 @@ impl DiskFiles {
                 .map_err(|e| unavailable(dir, "sizing the data file", e))?;
         }
         let log = rewrite_log(dir, block_size, slots, &replayed.blocks)?;
-        Ok((DiskFiles { dir: dir.to_path_buf(), data, log, sync_writes }, replayed))
+        Ok((DiskFiles { dir: dir.to_path_buf(), data, log, sync_writes, buffered }, replayed))
     }
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub(crate) fn buffered(&self) -> Option<&str> {
+        self.buffered.as_deref()
     }
 
     pub(crate) fn data_fd(&self) -> std::os::fd::RawFd {

@@ -243,13 +243,12 @@ impl TierStore {
                     arena.as_ptr() as usize,
                     arena.len(),
                     block_size,
-                )
-                .map_err(|e| TierError::DiskUnavailable {
-                    dir: disk_config.dir.display().to_string(),
-                    cause: format!("setting up io_uring: {e}"),
-                })?;
-                if let Some(reason) = refused {
-                    tracing::warn!("disk tier without registered buffers or files: {reason}");
+                );
+                let reasons: Vec<String> =
+                    refused.into_iter().chain(disk.files.buffered().map(str::to_string)).collect();
+                if !reasons.is_empty() {
+                    let reason = reasons.join("; ");
+                    tracing::warn!("the disk tier runs without some kernel fast paths: {reason}");
                     stats.io_fallback = Some(reason);
                 }
                 rings.push(Some(ring));
