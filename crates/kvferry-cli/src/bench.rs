@@ -37,7 +37,7 @@ pub enum Role {
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum BenchWhat {
     /// Put and get throughput of the tier store's DRAM and disk tiers, next to memcpy.
-    Tier(TierBenchArgs),
+    Tier(Box<TierBenchArgs>),
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kvferry::memory::host::HostBuffer;
-use kvferry::tier::{BlockKey, DiskConfig, TierConfig, TierStore};
+use kvferry::tier::{BlockKey, BlockRegions, DiskConfig, TierConfig, TierStore};
 use kvferry::{CopyFence, Deadline, Device, HostAllocOptions, HostDevice, MemRegion};
 use serde::Serialize;
 
@@ -121,7 +121,7 @@ fn run_in(args: &TierBenchArgs, dir: &std::path::Path) -> anyhow::Result<Vec<Tie
         crate::pattern::fill(unsafe { src.as_mut_slice() }, block, 0);
         let keys: Vec<BlockKey> =
             (0..count as u32).map(|i| BlockKey::chain(None, &[i, block as u32], b"bench")).collect();
-        let regions = |buf: &HostBuffer| -> Vec<(BlockKey, Vec<MemRegion>)> {
+        let regions = |buf: &HostBuffer| -> Vec<BlockRegions> {
             keys.iter()
                 .enumerate()
                 .map(|(i, k)| {
@@ -192,7 +192,7 @@ fn host_rows(
     device: &Arc<dyn Device>,
     block: u64,
     (src, dst): (&HostBuffer, &HostBuffer),
-    (sources, destinations): (&[(BlockKey, Vec<MemRegion>)], &[(BlockKey, Vec<MemRegion>)]),
+    (sources, destinations): (&[BlockRegions], &[BlockRegions]),
 ) -> anyhow::Result<Vec<TierRow>> {
     let total = src.len() as u64;
     let gbps = |elapsed: Duration| total as f64 / elapsed.as_secs_f64() / 1e9;
@@ -214,13 +214,13 @@ fn host_rows(
         store.clear()?;
         let start = Instant::now();
         // SAFETY: `src` outlives every fence, which are all waited for.
-        wait_all(args.batch, sources, |chunk| unsafe { store.put(Arc::clone(&device), chunk) })?;
+        wait_all(args.batch, sources, |chunk| unsafe { store.put(Arc::clone(device), chunk) })?;
         Ok(gbps(start.elapsed()))
     })?;
     let get = median(args.repeats, || {
         let start = Instant::now();
         // SAFETY: `dst` outlives every fence.
-        wait_all(args.batch, destinations, |chunk| unsafe { store.get(Arc::clone(&device), chunk) })?;
+        wait_all(args.batch, destinations, |chunk| unsafe { store.get(Arc::clone(device), chunk) })?;
         Ok(gbps(start.elapsed()))
     })?;
     check(dst, block, "host")?;
@@ -234,8 +234,8 @@ fn host_rows(
 /// Submit every chunk of `batch` blocks, then wait for all of them.
 fn wait_all(
     batch: usize,
-    blocks: &[(BlockKey, Vec<MemRegion>)],
-    mut submit: impl FnMut(Vec<(BlockKey, Vec<MemRegion>)>) -> kvferry::Result<CopyFence>,
+    blocks: &[BlockRegions],
+    mut submit: impl FnMut(Vec<BlockRegions>) -> kvferry::Result<CopyFence>,
 ) -> anyhow::Result<()> {
     let fences = blocks.chunks(batch).map(|chunk| submit(chunk.to_vec())).collect::<kvferry::Result<Vec<_>>>()?;
     let deadline = Deadline::after(DEADLINE);

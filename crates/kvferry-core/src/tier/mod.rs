@@ -26,7 +26,12 @@ pub use policy::EvictionPolicy;
 pub use store::{TierStats, TierStore};
 
 use crate::error::ErrorCode;
+use crate::memory::MemRegion;
 use crate::memory::host::HostAllocOptions;
+
+/// One block of a `put` or `get`: its key and the regions it is gathered from or scattered to, in
+/// order (one per layer, say), which add up to the store's block size.
+pub type BlockRegions = (BlockKey, Vec<MemRegion>);
 
 /// `O_DIRECT` needs block sizes and file offsets aligned to the device's logical block; 4 KiB covers
 /// every NVMe and file system in use.

@@ -19,7 +19,7 @@ use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemRegion};
 use crate::tier::disk::{DiskEntry, DiskFiles, Record};
 use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
 use crate::tier::uring::{Direction, IoOp, Ring};
-use crate::tier::{BlockKey, DISK_ALIGNMENT, Medium, TierConfig, TierError, TierEvent};
+use crate::tier::{BlockKey, BlockRegions, DISK_ALIGNMENT, Medium, TierConfig, TierError, TierEvent};
 
 /// Rounds of "pick victims, write them down" a reservation tries before reporting no room: a victim
 /// that a reader pins meanwhile stays, and the next round picks another.
@@ -329,7 +329,7 @@ impl TierStore {
     /// # Safety
     /// The regions must be readable by `device` and stay valid and unchanged until the fence
     /// completes.
-    pub unsafe fn put(&self, device: Arc<dyn Device>, blocks: Vec<(BlockKey, Vec<MemRegion>)>) -> Result<CopyFence> {
+    pub unsafe fn put(&self, device: Arc<dyn Device>, blocks: Vec<BlockRegions>) -> Result<CopyFence> {
         self.check_blocks(&blocks)?;
         self.submit(move |shared, ring| shared.put(ring, device.as_ref(), &blocks))
     }
@@ -340,7 +340,7 @@ impl TierStore {
     /// # Safety
     /// The regions must be writable by `device`, not overlap, and stay valid until the fence
     /// completes.
-    pub unsafe fn get(&self, device: Arc<dyn Device>, blocks: Vec<(BlockKey, Vec<MemRegion>)>) -> Result<CopyFence> {
+    pub unsafe fn get(&self, device: Arc<dyn Device>, blocks: Vec<BlockRegions>) -> Result<CopyFence> {
         self.check_blocks(&blocks)?;
         self.submit(move |shared, ring| shared.get(ring, device.as_ref(), &blocks))
     }
@@ -402,7 +402,7 @@ impl TierStore {
         stats
     }
 
-    fn check_blocks(&self, blocks: &[(BlockKey, Vec<MemRegion>)]) -> Result<()> {
+    fn check_blocks(&self, blocks: &[BlockRegions]) -> Result<()> {
         for (index, (_, regions)) in blocks.iter().enumerate() {
             let total = regions.iter().try_fold(0u64, |sum, r| sum.checked_add(r.len));
             if total != Some(self.shared.block_size as u64) {
@@ -493,7 +493,7 @@ impl Shared {
         self.arena.as_ptr() as u64 + index as u64 * self.block_size as u64
     }
 
-    fn put(&self, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[(BlockKey, Vec<MemRegion>)]) -> Result<()> {
+    fn put(&self, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
         let keys: Vec<BlockKey> = {
             let mut state = self.lock();
             let mut seen = HashSet::new();
@@ -539,12 +539,7 @@ impl Shared {
         Ok(())
     }
 
-    fn get(
-        &self,
-        mut ring: Option<&mut Ring>,
-        device: &dyn Device,
-        blocks: &[(BlockKey, Vec<MemRegion>)],
-    ) -> Result<()> {
+    fn get(&self, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
         // Pin what is where: DRAM slabs to copy from, disk blocks to promote first.
         let mut pinned_host: Vec<(BlockKey, u32)> = Vec::new();
         let mut from_disk: Vec<(BlockKey, DiskEntry)> = Vec::new();
@@ -609,7 +604,7 @@ impl Shared {
             }
         };
         copy_out(&pinned_host);
-        let promoted = self.promote(ring.as_deref_mut(), &from_disk, &mut |key, index| copy_out(&[(key, index)]));
+        let promoted = self.promote(ring, &from_disk, &mut |key, index| copy_out(&[(key, index)]));
         let mut outcome = promoted.map(|promoted| pinned_host.extend(promoted));
         // A disk block another get promoted at the same time is in DRAM under that get's claim.
         let in_hand: HashSet<BlockKey> = pinned_host.iter().map(|(k, _)| *k).collect();

@@ -288,7 +288,7 @@ mod tests {
         let reads: Vec<IoOp> = (0..4)
             .map(|i| IoOp { addr: base + (3 + i.min(2)) * BLOCK, len: BLOCK, offset: (i * BLOCK) as u64 })
             .collect();
-        let mut outcomes = vec![None; 4];
+        let mut outcomes = [None; 4];
         ring.run(Direction::Read, &reads[..3], &mut |_| {}, &mut |i, r| outcomes[i] = Some(r.is_ok()));
         assert_eq!(outcomes[..3], [Some(true); 3]);
         let bytes = arena.to_vec();
