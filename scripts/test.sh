@@ -65,6 +65,9 @@ sentinels=(
     killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on
     blocks_move_both_ways_between_processes_byte_exact
     regions_match_reference
+    killed_writer_leaves_only_intact_blocks
+    restart_keeps_the_disk_tier_byte_exact
+    a_full_disk_is_a_typed_error_and_dram_keeps_serving
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

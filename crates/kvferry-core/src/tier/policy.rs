@@ -273,44 +273,34 @@ mod tests {
         assert_eq!(victims(&*lru, &[]), Some(key(3)));
     }
 
+    /// Two blocks that are hit again, then a scan of 20 one-off blocks through a cache of 4: what
+    /// is resident at the end.
+    fn after_a_scan(kind: EvictionPolicy) -> Vec<BlockKey> {
+        let mut policy = new_policy(kind, 4);
+        let mut resident = vec![key(0), key(1)];
+        for i in 0..2 {
+            policy.inserted(key(i));
+            policy.touched(&key(i));
+        }
+        for i in 100..120 {
+            if resident.len() == 4 {
+                let victim = policy.victim(&mut |_| true).unwrap();
+                policy.evicted(&victim);
+                resident.retain(|k| *k != victim);
+            }
+            policy.inserted(key(i));
+            resident.push(key(i));
+        }
+        resident
+    }
+
     #[test]
     fn arc_keeps_frequent_blocks_through_a_scan() {
-        let mut arc = new_policy(EvictionPolicy::Arc, 4);
-        // Two hot blocks, hit again.
-        for i in 0..2 {
-            arc.inserted(key(i));
-            arc.touched(&key(i));
-        }
-        // A scan of one-off blocks: each insert evicts what ARC picks while the cache holds 4.
-        let mut resident = vec![key(0), key(1)];
-        for i in 100..120 {
-            if resident.len() == 4 {
-                let victim = arc.victim(&mut |_| true).unwrap();
-                arc.evicted(&victim);
-                resident.retain(|k| *k != victim);
-            }
-            arc.inserted(key(i));
-            resident.push(key(i));
-        }
+        let resident = after_a_scan(EvictionPolicy::Arc);
         assert!(resident.contains(&key(0)) && resident.contains(&key(1)), "the scan flushed the hot blocks");
-
         // LRU, given the same sequence, loses them.
-        let mut lru = new_policy(EvictionPolicy::Lru, 4);
-        let mut resident = vec![];
-        for i in 0..2 {
-            lru.inserted(key(i));
-            resident.push(key(i));
-        }
-        for i in 100..120 {
-            if resident.len() == 4 {
-                let victim = lru.victim(&mut |_| true).unwrap();
-                lru.evicted(&victim);
-                resident.retain(|k| *k != victim);
-            }
-            lru.inserted(key(i));
-            resident.push(key(i));
-        }
-        assert!(!resident.contains(&key(0)));
+        let resident = after_a_scan(EvictionPolicy::Lru);
+        assert!(!resident.contains(&key(0)) && !resident.contains(&key(1)));
     }
 
     #[test]
