@@ -526,7 +526,18 @@ impl Shared {
         let copied = unsafe { device.copy_batch(&ops) }.and_then(|f| f.wait(Deadline::after(self.copy_timeout)));
         let mut state = self.lock();
         if let Err(e) = copied {
-            claimed.iter().for_each(|(_, index)| state.release_claim(*index));
+            // A copy that timed out may still write into its slabs, so they leave the arena for good
+            // (its capacity shrinks) instead of returning to the free list; a refused copy wrote
+            // nothing.
+            let timed_out = e.code() == crate::error::ErrorCode::Timeout;
+            for (key, index) in &claimed {
+                if timed_out {
+                    state.host.remove(key);
+                    state.slots[*index as usize] = None;
+                } else {
+                    state.release_claim(*index);
+                }
+            }
             return Err(e);
         }
         for (key, index) in &claimed {
