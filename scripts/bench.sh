@@ -64,7 +64,7 @@ fi
 if [ "$what" != tcp ]; then
 # The tier store next to its limits, each measured right before it on the same file system (the
 # tier's directory is next to fio's file), at the same block size, queue depth and bytes: memcpy for
-# DRAM, fio (io_uring, O_DIRECT, registered files and buffers) for the disk.
+# DRAM, fio (io_uring, O_DIRECT, registered files and buffers) for the disk; medians of three.
 tier_bytes=512M
 tier_sizes=(64K 1M)
 tier_depths=(1 32)
@@ -72,10 +72,13 @@ tier="$kvferry bench tier --dir $out/tier --bytes $tier_bytes --repeats 3 --json
 for bs in "${tier_sizes[@]}"; do
     $tier --tiers host --block-sizes "$bs" >"$out/tier-$bs-host.json"
     for qd in "${tier_depths[@]}"; do
-        for rw in write read; do
-            fio --name=tier --filename="$out/fio-data" --size=$tier_bytes --bs="$bs" --iodepth="$qd" --rw=$rw \
-                --ioengine=io_uring --direct=1 --fixedbufs --registerfiles --output-format=json \
-                >"$out/fio-$bs-$qd-$rw.json"
+        # Three runs of each, like the store's three passes: the shared disk's speed wanders.
+        for run in 1 2 3; do
+            for rw in write read; do
+                fio --name=tier --filename="$out/fio-data" --size=$tier_bytes --bs="$bs" --iodepth="$qd" --rw=$rw \
+                    --ioengine=io_uring --direct=1 --fixedbufs --registerfiles --output-format=json \
+                    >"$out/fio-$bs-$qd-$rw-$run.json"
+            done
         done
         rm -f "$out/fio-data"
         $tier --tiers disk --block-sizes "$bs" --queue-depths "$qd" >"$out/tier-$bs-$qd.json"
@@ -89,8 +92,9 @@ rows.sort(key=lambda r: (r["block_size"], r["tier"] != "host", r["queue_depth"] 
 def size_name(n):
     return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"
 def fio(bs, qd, rw):
-    job = json.load(open(os.path.join(d, f"fio-{bs}-{qd}-{rw}.json")))["jobs"][0]
-    return job[rw]["bw_bytes"] / 1e9
+    runs = sorted(json.load(open(os.path.join(d, f"fio-{bs}-{qd}-{rw}-{run}.json")))["jobs"][0][rw]["bw_bytes"] / 1e9
+                  for run in (1, 2, 3))
+    return runs[1]
 print("\n| tier | op | block | queue depth | kvferry GB/s | limit GB/s | % of limit |")
 print("|---|---|---|---|---|---|---|")
 for r in rows:
