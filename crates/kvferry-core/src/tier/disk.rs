@@ -93,14 +93,25 @@ pub(crate) struct DiskFiles {
 }
 
 fn unavailable(dir: &Path, what: &str, err: std::io::Error) -> TierError {
-    if is_full(&err) {
-        return TierError::DiskFull { dir: dir.display().to_string(), cause: format!("{what}: {err}") };
+    classify(dir, what, &err, |cause| TierError::DiskUnavailable { dir: dir.display().to_string(), cause })
+}
+
+/// A write that failed while the tier was running.
+pub(crate) fn write_failed(dir: &Path, what: &str, err: &std::io::Error) -> TierError {
+    classify(dir, what, err, |_| TierError::DiskIo { op: what.into(), cause: err.to_string() })
+}
+
+/// `DiskFull` for a full disk, `otherwise(cause)` for anything else.
+fn classify(dir: &Path, what: &str, err: &std::io::Error, otherwise: impl FnOnce(String) -> TierError) -> TierError {
+    let cause = format!("{what}: {err}");
+    if is_full(err) {
+        return TierError::DiskFull { dir: dir.display().to_string(), cause };
     }
-    TierError::DiskUnavailable { dir: dir.display().to_string(), cause: format!("{what}: {err}") }
+    otherwise(cause)
 }
 
 /// ENOSPC, and EFBIG (a file size limit is a full disk as far as the store is concerned).
-pub(crate) fn is_full(err: &std::io::Error) -> bool {
+fn is_full(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT))
 }
 
@@ -179,10 +190,10 @@ impl DiskFiles {
         }
         let mut bytes = Vec::with_capacity(records.len() * RECORD_LEN);
         records.iter().for_each(|r| r.encode(&mut bytes));
-        self.log.write_all(&bytes).map_err(|e| self.write_error("appending to the index log", e))?;
+        self.log.write_all(&bytes).map_err(|e| write_failed(&self.dir, "appending to the index log", &e))?;
         if self.sync_writes {
-            self.data.sync_data().map_err(|e| self.write_error("syncing the data file", e))?;
-            self.log.sync_data().map_err(|e| self.write_error("syncing the index log", e))?;
+            self.data.sync_data().map_err(|e| write_failed(&self.dir, "syncing the data file", &e))?;
+            self.log.sync_data().map_err(|e| write_failed(&self.dir, "syncing the index log", &e))?;
         }
         Ok(())
     }
@@ -191,13 +202,6 @@ impl DiskFiles {
     pub(crate) fn clear(&mut self, block_size: usize, slots: u32) -> Result<(), TierError> {
         self.log = rewrite_log(&self.dir, block_size, slots, &HashMap::new())?;
         Ok(())
-    }
-
-    fn write_error(&self, what: &str, err: std::io::Error) -> TierError {
-        if is_full(&err) {
-            return TierError::DiskFull { dir: self.dir.display().to_string(), cause: format!("{what}: {err}") };
-        }
-        TierError::DiskIo { op: what.into(), cause: err.to_string() }
     }
 }
 

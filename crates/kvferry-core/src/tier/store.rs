@@ -972,9 +972,6 @@ impl Shared {
 }
 
 fn write_failure(state: &State, err: &std::io::Error) -> TierError {
-    let dir = state.disk.as_ref().map(|d| d.files.dir().display().to_string()).unwrap_or_default();
-    if crate::tier::disk::is_full(err) {
-        return TierError::DiskFull { dir, cause: format!("writing a block: {err}") };
-    }
-    TierError::DiskIo { op: "writing a block".into(), cause: err.to_string() }
+    let dir = state.disk.as_ref().map(|d| d.files.dir().to_path_buf()).unwrap_or_default();
+    crate::tier::disk::write_failed(&dir, "writing a block", err)
 }
