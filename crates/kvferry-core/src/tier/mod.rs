@@ -37,6 +37,11 @@ pub type BlockRegions = (BlockKey, Vec<MemRegion>);
 /// every NVMe and file system in use.
 pub const DISK_ALIGNMENT: usize = 4096;
 
+/// Whether the disk tier can use io_uring here; `Err` says why not (it then uses `pread`/`pwrite`).
+pub fn io_uring_available() -> Result<(), String> {
+    uring::probe().map_err(|e| e.to_string())
+}
+
 /// Where a block lives, spelled as vLLM's KV events spell it (`vllm/distributed/kv_events.py`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Medium {
