@@ -672,3 +672,27 @@ fn concurrent_puts_and_gets_stay_byte_exact_within_capacity() {
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_index_log_is_compacted_while_running() {
+    let dir = temp_dir("compaction");
+    let log_len = || std::fs::metadata(dir.join("index.kvf")).unwrap().len();
+    let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
+    let mut largest = 0;
+    // Each offload into the full disk logs two records (a removal, a store): 10,000 in all.
+    for i in 0..5000 {
+        put(&store, &[i]).unwrap();
+        store.offload(vec![key(i)]).unwrap().wait(deadline()).unwrap();
+        largest = largest.max(log_len());
+    }
+    // The log never holds more than the compaction threshold (4 × 8 live + 4096) and a batch.
+    assert!(largest <= 32 + (4 * 8 + 4096 + 2) * 64, "the log grew to {largest} bytes");
+    drop(store);
+    let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
+    assert_eq!(store.stats().disk_blocks, 8);
+    for chunk in (4992..5000).collect::<Vec<_>>().chunks(4) {
+        get_exact(&store, chunk).unwrap();
+    }
+    drop(store);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -8,8 +8,8 @@
 //! record (dropped at open). With `sync_writes` the log is also fsynced after each batch, which extends
 //! the same guarantee to power loss.
 //!
-//! At open the log is replayed and rewritten compacted (one record per live block) through a temporary
-//! file and a rename, so the log never holds more than one generation of history per open.
+//! At open, and whenever dead records outnumber live ones four to one, the log is rewritten compacted
+//! (one record per live block) through a temporary file and a rename.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -85,8 +85,12 @@ pub(crate) struct Replayed {
 
 pub(crate) struct DiskFiles {
     dir: PathBuf,
+    block_size: usize,
+    slots: u32,
     data: File,
     log: File,
+    /// Records in the log, live or not.
+    log_records: usize,
     sync_writes: bool,
     /// Why the data file is not opened with `O_DIRECT`, when it is not.
     buffered: Option<String>,
@@ -168,7 +172,10 @@ impl DiskFiles {
                 .map_err(|e| unavailable(dir, "sizing the data file", e))?;
         }
         let log = rewrite_log(dir, block_size, slots, &replayed.blocks)?;
-        Ok((DiskFiles { dir: dir.to_path_buf(), data, log, sync_writes, buffered }, replayed))
+        let log_records = replayed.blocks.len();
+        let files =
+            DiskFiles { dir: dir.to_path_buf(), block_size, slots, data, log, log_records, sync_writes, buffered };
+        Ok((files, replayed))
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -191,6 +198,7 @@ impl DiskFiles {
         let mut bytes = Vec::with_capacity(records.len() * RECORD_LEN);
         records.iter().for_each(|r| r.encode(&mut bytes));
         self.log.write_all(&bytes).map_err(|e| write_failed(&self.dir, "appending to the index log", &e))?;
+        self.log_records += records.len();
         if self.sync_writes {
             self.data.sync_data().map_err(|e| write_failed(&self.dir, "syncing the data file", &e))?;
             self.log.sync_data().map_err(|e| write_failed(&self.dir, "syncing the index log", &e))?;
@@ -198,9 +206,17 @@ impl DiskFiles {
         Ok(())
     }
 
-    /// Forget every block: the log is rewritten empty.
-    pub(crate) fn clear(&mut self, block_size: usize, slots: u32) -> Result<(), TierError> {
-        self.log = rewrite_log(&self.dir, block_size, slots, &HashMap::new())?;
+    /// Whether the log holds so many dead records (blocks removed or overwritten since) next to
+    /// `live` ones that it is worth rewriting.
+    pub(crate) fn needs_compaction(&self, live: usize) -> bool {
+        self.log_records > 4 * live + 4096
+    }
+
+    /// Replace the log with one record per block of `live` (all of them: none to forget every
+    /// block), atomically.
+    pub(crate) fn rewrite(&mut self, live: &HashMap<BlockKey, DiskEntry>) -> Result<(), TierError> {
+        self.log = rewrite_log(&self.dir, self.block_size, self.slots, live)?;
+        self.log_records = live.len();
         Ok(())
     }
 }

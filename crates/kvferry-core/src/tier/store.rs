@@ -371,7 +371,7 @@ impl TierStore {
         let gone: Vec<BlockKey> = disk.blocks.iter().filter(|(_, b)| b.pins == 0).map(|(k, _)| *k).collect();
         let records: Vec<Record> = gone.iter().map(|k| Record::Remove(*k)).collect();
         let logged = if gone.len() == disk.blocks.len() {
-            disk.files.clear(self.shared.block_size, disk.slots)
+            disk.files.rewrite(&HashMap::new())
         } else {
             disk.files.append(&records)
         };
@@ -903,6 +903,11 @@ impl Shared {
             }
             if let Err(e) = logged {
                 failure.get_or_insert(e);
+            } else if disk.files.needs_compaction(disk.blocks.len()) {
+                let live: HashMap<BlockKey, DiskEntry> = disk.blocks.iter().map(|(k, b)| (*k, b.entry)).collect();
+                if let Err(e) = disk.files.rewrite(&live) {
+                    failure.get_or_insert(e);
+                }
             }
             if let Some(failure) = failure {
                 tracing::warn!("the disk tier stops taking blocks: {failure}");
