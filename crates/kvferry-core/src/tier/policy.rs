@@ -30,8 +30,14 @@ pub(crate) trait Policy: Send {
     fn evicted(&mut self, key: &BlockKey);
     /// `key` left for another reason (cleared, moved on request): no ghost.
     fn forgotten(&mut self, key: &BlockKey);
-    /// The next block to evict among those `evictable` accepts, without removing it.
-    fn victim(&self, evictable: &mut dyn FnMut(&BlockKey) -> bool) -> Option<BlockKey>;
+    /// The next `count` blocks to evict among those `evictable` accepts, in order, without removing
+    /// them.
+    fn victims(&self, count: usize, evictable: &mut dyn FnMut(&BlockKey) -> bool) -> Vec<BlockKey>;
+
+    /// The next block to evict among those `evictable` accepts.
+    fn victim(&self, evictable: &mut dyn FnMut(&BlockKey) -> bool) -> Option<BlockKey> {
+        self.victims(1, evictable).pop()
+    }
 }
 
 pub(crate) fn new_policy(kind: EvictionPolicy, capacity_blocks: usize) -> Box<dyn Policy> {
@@ -81,8 +87,10 @@ impl RecencyList {
         Some(key)
     }
 
-    fn oldest_where(&self, accept: &mut dyn FnMut(&BlockKey) -> bool) -> Option<BlockKey> {
-        self.by_stamp.values().find(|key| accept(key)).copied()
+    /// Up to `count` keys that `accept` takes, oldest first, appended to `out`.
+    fn oldest_where(&self, count: usize, accept: &mut dyn FnMut(&BlockKey) -> bool, out: &mut Vec<BlockKey>) {
+        let wanted = count.saturating_sub(out.len());
+        out.extend(self.by_stamp.values().filter(|key| accept(key)).take(wanted).copied());
     }
 }
 
@@ -110,8 +118,10 @@ impl Policy for Lru {
         self.order.remove(key);
     }
 
-    fn victim(&self, evictable: &mut dyn FnMut(&BlockKey) -> bool) -> Option<BlockKey> {
-        self.order.oldest_where(evictable)
+    fn victims(&self, count: usize, evictable: &mut dyn FnMut(&BlockKey) -> bool) -> Vec<BlockKey> {
+        let mut out = Vec::new();
+        self.order.oldest_where(count, evictable, &mut out);
+        out
     }
 }
 
@@ -186,13 +196,15 @@ impl Policy for Arc {
         self.frequent.remove(key);
     }
 
-    fn victim(&self, evictable: &mut dyn FnMut(&BlockKey) -> bool) -> Option<BlockKey> {
-        let (first, second) = if self.recent.len() > 0 && self.recent.len() > self.target {
-            (&self.recent, &self.frequent)
-        } else {
-            (&self.frequent, &self.recent)
-        };
-        first.oldest_where(evictable).or_else(|| second.oldest_where(evictable))
+    fn victims(&self, count: usize, evictable: &mut dyn FnMut(&BlockKey) -> bool) -> Vec<BlockKey> {
+        // T1 gives up blocks while it holds more than its target share, then T2, then the rest of T1.
+        let mut recent = Vec::new();
+        self.recent.oldest_where(count, evictable, &mut recent);
+        let surplus = self.recent.len().saturating_sub(self.target).min(recent.len());
+        let rest = recent.split_off(surplus);
+        self.frequent.oldest_where(count, evictable, &mut recent);
+        recent.extend(rest.into_iter().take(count.saturating_sub(recent.len())));
+        recent
     }
 }
 
@@ -301,6 +313,26 @@ mod tests {
         // LRU, given the same sequence, loses them.
         let resident = after_a_scan(EvictionPolicy::Lru);
         assert!(!resident.contains(&key(0)) && !resident.contains(&key(1)));
+    }
+
+    #[test]
+    fn several_victims_come_in_eviction_order_without_repeats() {
+        let mut lru = new_policy(EvictionPolicy::Lru, 8);
+        let mut arc = new_policy(EvictionPolicy::Arc, 8);
+        for policy in [&mut lru, &mut arc] {
+            for i in 0..6 {
+                policy.inserted(key(i));
+            }
+            policy.touched(&key(0));
+            policy.touched(&key(1));
+        }
+        let not_3 = |k: &BlockKey| *k != key(3);
+        assert_eq!(lru.victims(3, &mut { not_3 }), [key(2), key(4), key(5)]);
+        assert_eq!(lru.victims(10, &mut |_| true).len(), 6);
+        // ARC: T1 (2..6) holds more than its target (0), so it goes first, then T2 (0, 1).
+        assert_eq!(arc.victims(3, &mut { not_3 }), [key(2), key(4), key(5)]);
+        assert_eq!(arc.victims(6, &mut |_| true), [key(2), key(3), key(4), key(5), key(0), key(1)]);
+        assert_eq!(arc.victims(1, &mut |k| *k == key(1)), [key(1)]);
     }
 
     #[test]

@@ -792,23 +792,17 @@ impl Shared {
 
     /// Up to `count` evictable slabs in policy order, pinned for the eviction.
     fn pick_victims(&self, state: &mut State, count: usize) -> Vec<(BlockKey, u32)> {
-        let mut chosen: HashSet<BlockKey> = HashSet::new();
-        let mut victims = Vec::new();
-        while victims.len() < count {
-            let (host, slots) = (&state.host, &state.slots);
-            let evictable = |key: &BlockKey| {
-                !chosen.contains(key)
-                    && host
-                        .get(key)
-                        .is_some_and(|&i| slots[i as usize].as_ref().is_some_and(|s| s.ready && s.pins == 0))
-            };
-            let Some(key) = state.policy.victim(&mut { evictable }) else { break };
-            chosen.insert(key);
-            let index = state.host[&key];
-            state.slot(index).pins += 1;
-            victims.push((key, index));
-        }
-        victims
+        let (host, slots) = (&state.host, &state.slots);
+        let keys = state.policy.victims(count, &mut |key| {
+            host.get(key).is_some_and(|&i| slots[i as usize].as_ref().is_some_and(|s| s.ready && s.pins == 0))
+        });
+        keys.into_iter()
+            .map(|key| {
+                let index = state.host[&key];
+                state.slot(index).pins += 1;
+                (key, index)
+            })
+            .collect()
     }
 
     /// Which victims go to disk, with a disk slot each: those not there yet that the admission filter
