@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Measures kvferry's TCP and shared-memory transports next to this machine's limits, in one run:
-# iperf3 on loopback (one stream and two), single-thread memcpy, then `kvferry bench`. Prints a
-# Markdown summary for docs/benchmarks.md. Usage: scripts/bench.sh [seconds per row]
+# iperf3 on loopback (one stream and two), single-thread memcpy, then `kvferry bench`; then the tier
+# store next to fio (io_uring, O_DIRECT) at the same block sizes and queue depths, and memcpy.
+# Prints a Markdown summary for docs/benchmarks.md.
+# Usage: scripts/bench.sh [seconds per row] [all|tcp|tier]   (tcp: the transport rows, shm included)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-2}
+what=${2:-all}
 
-if ! command -v iperf3 >/dev/null; then
+missing=()
+command -v iperf3 >/dev/null || missing+=(iperf3)
+command -v fio >/dev/null || missing+=(fio)
+if ((${#missing[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q iperf3
+    $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
 fi
 cargo build --release -q -p kvferry-cli
 kvferry=target/release/kvferry
 out=$(mktemp -d)
 
+if [ "$what" != tier ]; then
 port=5299
 iperf3 -s -1 -p $port >/dev/null 2>&1 &
 sleep 0.5
@@ -75,4 +82,52 @@ for r in load("post.json"):
     print(f"| {r['op']} | {r['block_size'] // 1024} KiB | {r['batch']} | {r['post_avg_us']:.1f} "
           f"| {r['lat_avg_us']:.0f} / {r['lat_p99_us']:.0f} | {r['gbps']:.2f} |")
 PY
+fi
+
+if [ "$what" != tcp ]; then
+# The tier store next to its limits, each measured right before it on the same file system (the
+# tier's directory is next to fio's file), at the same block size, queue depth and bytes: memcpy for
+# DRAM, fio (io_uring, O_DIRECT, registered files and buffers) for the disk; medians of three.
+tier_bytes=512M
+tier_sizes=(64K 1M)
+tier_depths=(1 32)
+tier="$kvferry bench tier --dir $out/tier --bytes $tier_bytes --repeats 3 --json"
+for bs in "${tier_sizes[@]}"; do
+    $tier --tiers host --block-sizes "$bs" >"$out/tier-$bs-host.json"
+    for qd in "${tier_depths[@]}"; do
+        # Three runs of each, like the store's three passes: the shared disk's speed wanders.
+        for run in 1 2 3; do
+            for rw in write read; do
+                fio --name=tier --filename="$out/fio-data" --size=$tier_bytes --bs="$bs" --iodepth="$qd" --rw=$rw \
+                    --ioengine=io_uring --direct=1 --fixedbufs --registerfiles --output-format=json \
+                    >"$out/fio-$bs-$qd-$rw-$run.json"
+            done
+        done
+        rm -f "$out/fio-data"
+        $tier --tiers disk --block-sizes "$bs" --queue-depths "$qd" >"$out/tier-$bs-$qd.json"
+    done
+done
+python3 - "$out" <<'PY'
+import json, sys, os
+d = sys.argv[1]
+rows = [r for name in sorted(os.listdir(d)) if name.startswith("tier-") for r in json.load(open(os.path.join(d, name)))]
+rows.sort(key=lambda r: (r["block_size"], r["tier"] != "host", r["queue_depth"] or 0, r["op"] != "put"))
+def size_name(n):
+    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K"
+def fio(bs, qd, rw):
+    runs = sorted(json.load(open(os.path.join(d, f"fio-{bs}-{qd}-{rw}-{run}.json")))["jobs"][0][rw]["bw_bytes"] / 1e9
+                  for run in (1, 2, 3))
+    return runs[1]
+print("\n| tier | op | block | queue depth | kvferry GB/s | limit GB/s | % of limit |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    bs = size_name(r["block_size"])
+    if r["tier"] == "host":
+        limit, name, qd = r["memcpy_gbps"], "memcpy", "-"
+    else:
+        limit = fio(bs, r["queue_depth"], "write" if r["op"] == "put" else "read")
+        name, qd = "fio", r["queue_depth"]
+    print(f"| {r['tier']} | {r['op']} | {bs} | {qd} | {r['gbps']:.2f} | {name} {limit:.2f} | {100 * r['gbps'] / limit:.0f}% |")
+PY
+fi
 rm -rf "$out"

@@ -83,6 +83,9 @@ sentinels=(
     shm_cross_memory_blocks_move_both_ways_between_processes_byte_exact
     shm_killing_the_target_mid_transfer_fails_within_the_deadline
     shm_target_process_rejects_unregistered_ranges_and_forged_keys
+    killed_writer_leaves_only_intact_blocks
+    restart_keeps_the_disk_tier_byte_exact
+    a_full_disk_is_a_typed_error_and_dram_keeps_serving
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -15,6 +15,7 @@ use kvferry::{Agent, AgentConfig, Deadline, MemKind, MemRegion, Op, PreparedDesc
 use serde::Serialize;
 
 use crate::serve::{self, MemoryArg, ServeArgs, Target};
+use crate::tier_bench::{self, TierBenchArgs};
 use crate::{pattern, units};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +35,17 @@ pub enum Role {
     Initiator,
 }
 
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BenchWhat {
+    /// Put and get throughput of the tier store's DRAM and disk tiers, next to memcpy.
+    Tier(Box<TierBenchArgs>),
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// Something other than a transport to measure.
+    #[command(subcommand)]
+    pub what: Option<BenchWhat>,
     /// Transport to measure (`kvferry info` lists those in this build), or `memcpy` for the
     /// machine's single-thread copy limit measured the same way. `shm` falls back to TCP for a peer
     /// it cannot reach; the `path` column shows what moved the bytes.
@@ -138,6 +148,9 @@ struct Setup {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchWhat::Tier(tier)) = &args.what {
+        return tier_bench::run(tier);
+    }
     if !["tcp", "shm", "memcpy"].contains(&args.transport.as_str()) {
         bail!(
             "transport `{}` is not available in this build (`kvferry info` lists the transports; `memcpy` gives the \

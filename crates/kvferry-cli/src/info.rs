@@ -1,4 +1,4 @@
-//! `kvferry info`: the devices and transports this build can use on this machine.
+//! `kvferry info`: the devices, transports and tiers this build can use on this machine.
 
 use kvferry::memory::host::{self, HostAllocOptions, HostBuffer};
 use kvferry::transport::shm;
@@ -98,13 +98,24 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
             optional("fabric", cfg!(feature = "fabric"), "libfabric RDMA"),
             optional("verbs", cfg!(feature = "verbs"), "ibverbs RDMA"),
         ],
+        "tiers": [
+            { "name": "host", "available": true, "detail": "pinned DRAM arena (tier store)" },
+            {
+                "name": "disk",
+                "available": true,
+                "detail": match kvferry::tier::io_uring_available() {
+                    Ok(()) => "NVMe through io_uring, O_DIRECT".to_string(),
+                    Err(why) => format!("pread/pwrite, one block at a time (io_uring: {why})"),
+                },
+            },
+        ],
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     println!("kvferry {}", report["version"].as_str().unwrap_or_default());
-    for section in ["devices", "transports"] {
+    for section in ["devices", "transports", "tiers"] {
         println!("{section}:");
         for item in report[section].as_array().into_iter().flatten() {
             let mark = if item["available"].as_bool() == Some(true) { "yes" } else { "no " };

@@ -5,4 +5,5 @@ pub mod gpu_bench;
 pub mod info;
 pub mod pattern;
 pub mod serve;
+pub mod tier_bench;
 pub mod units;

@@ -249,6 +249,44 @@ fn info_lists_host_and_tcp() {
     };
     assert!(names("devices").contains(&("host".into(), true.into())));
     assert!(names("transports").contains(&("tcp".into(), true.into())));
+    assert!(names("tiers").contains(&("disk".into(), true.into())));
+}
+
+#[test]
+fn bench_tier_measures_both_tiers_and_checks_the_bytes() {
+    let dir = std::env::temp_dir().join(format!("kvferry-bench-tier-{}", std::process::id()));
+    let args = [
+        "bench",
+        "tier",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--bytes",
+        "2M",
+        "--block-sizes",
+        "64K,256K",
+        "--queue-depths",
+        "1,4",
+        "--repeats",
+        "1",
+        "--disk-batch",
+        "8",
+        "--json",
+    ];
+    let out = Command::new(KVFERRY).args(args).output().unwrap();
+    assert!(out.status.success(), "bench tier failed: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().unwrap().clone();
+    // Per block size: host put and get, then put and get at each queue depth.
+    assert_eq!(rows.len(), 2 * (2 + 2 * 2), "{rows:?}");
+    for row in &rows {
+        assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["memcpy_gbps"].is_null(), row["tier"] == "disk", "{row}");
+    }
+    assert!(!dir.exists(), "the bench left its directory behind");
+    let out =
+        Command::new(KVFERRY).args(["bench", "tier", "--dir", "/proc/no-such-dir", "--bytes", "1M"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("disk tier"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// `memory` of the server → the mode shm reports.

@@ -7,6 +7,7 @@ use crate::agent::DescError;
 use crate::layout::LayoutError;
 use crate::memory::MemoryError;
 use crate::metadata::MetadataError;
+use crate::tier::TierError;
 use crate::transport::TransferError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -24,6 +25,8 @@ pub enum Error {
     Descriptor(#[from] DescError),
     #[error(transparent)]
     Transfer(#[from] TransferError),
+    #[error(transparent)]
+    Tier(#[from] TierError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("{what} is not supported: {why}")]
@@ -40,6 +43,7 @@ impl Error {
             Error::Metadata(e) => e.code(),
             Error::Descriptor(e) => e.code(),
             Error::Transfer(e) => e.code(),
+            Error::Tier(e) => e.code(),
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::Unsupported { .. } => ErrorCode::Unsupported,
             Error::Io { .. } => ErrorCode::Io,
@@ -52,7 +56,7 @@ impl Error {
 }
 
 /// Stable numeric error codes. Grouped by hundreds: general, memory, layout, metadata, descriptors,
-/// transfers.
+/// transfers, tier store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 #[non_exhaustive]
@@ -107,6 +111,18 @@ pub enum ErrorCode {
 
     StagingFailed = 560,
     DeviceCopyFailed = 561,
+    TierBadKey = 600,
+    TierConfig = 601,
+    TierBadBlock = 602,
+    TierDiskUnavailable = 603,
+    TierDiskFull = 604,
+    TierIndexCorrupt = 605,
+    TierIndexMismatch = 606,
+    TierBlockCorrupt = 607,
+    TierNotCached = 608,
+    TierNoRoom = 609,
+    TierDiskIo = 610,
+    TierClosed = 611,
 }
 
 impl ErrorCode {

@@ -1,5 +1,5 @@
 //! kvferry-core: memory (`Device`), KV layout arithmetic (`Layout`), transports (`Transport`) and the
-//! `Agent` that ties them together for one engine rank.
+//! `Agent` that ties them together for one engine rank, and the tiered block store (`tier`).
 
 pub mod agent;
 pub mod deadline;
@@ -9,6 +9,7 @@ pub mod memory;
 pub mod metadata;
 mod net;
 pub mod side_channel;
+pub mod tier;
 pub mod transport;
 pub use agent::{
     Agent, AgentConfig, DescError, Notification, PreparedDescs, Registration, Transfer, TransferRequest, TransferStatus,
@@ -25,4 +26,5 @@ pub use memory::rocm::RocmDevice;
 pub use memory::{CopyFence, CopyOp, Device, MemKind, MemRegion, Memory};
 pub use transport::staging::StagingConfig;
 
+pub use tier::{BlockKey, DiskConfig, EvictionPolicy, Medium, TierConfig, TierEvent, TierStore};
 pub use transport::{Op, TransportKind};

@@ -1,0 +1,264 @@
+//! `kvferry bench tier`: put and get throughput of the tier store's DRAM and disk tiers, next to a
+//! single-thread memcpy of the same bytes measured in the same run.
+//!
+//! Host rows: blocks are put into a DRAM-only store from a host buffer and read back out. Disk rows:
+//! a store with one worker (one ring, so `--queue-depths` is the number of i/os in flight, as fio's
+//! `--iodepth`) takes the blocks into DRAM untimed, then `offload` writes them all down (disk put)
+//! and `get` reads them back, verifying checksums and promoting them (disk get).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kvferry::memory::host::HostBuffer;
+use kvferry::tier::{BlockKey, BlockRegions, DiskConfig, TierConfig, TierStore};
+use kvferry::{CopyFence, Deadline, Device, HostAllocOptions, HostDevice, MemRegion};
+use serde::Serialize;
+
+use crate::units;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TierBenchArgs {
+    /// Directory for the disk tier's files (default: a fresh one under the system's temp dir);
+    /// removed afterwards.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long, default_value = "64K,256K,1M", value_parser = units::parse_size_list)]
+    pub block_sizes: std::vec::Vec<u64>,
+    /// Tiers to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "host,disk")]
+    pub tiers: Vec<TierArg>,
+    /// Disk i/os in flight.
+    #[arg(long, default_value = "1,8,32", value_parser = units::parse_count_list)]
+    pub queue_depths: std::vec::Vec<usize>,
+    /// Bytes moved by each measurement (also the size of each tier).
+    #[arg(long, default_value = "512M", value_parser = units::parse_size)]
+    pub bytes: u64,
+    /// Blocks per `put` / `get` call of the host rows.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Blocks per `get` call of the disk rows: many times the queue depth, so that the ring stays
+    /// full as fio's does rather than draining at the end of every call.
+    #[arg(long, default_value_t = 1024)]
+    pub disk_batch: usize,
+    /// Measurements per row; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Print one JSON array of rows instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierArg {
+    Host,
+    Disk,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TierRow {
+    pub tier: &'static str,
+    pub op: &'static str,
+    pub block_size: u64,
+    /// Disk rows only.
+    pub queue_depth: Option<usize>,
+    pub gbps: f64,
+    /// The single-thread memcpy of the same bytes, same run (host rows).
+    pub memcpy_gbps: Option<f64>,
+}
+
+const DEADLINE: Duration = Duration::from_secs(600);
+
+pub fn run(args: &TierBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.repeats > 0 && args.batch > 0 && args.disk_batch > 0,
+        "--repeats, --batch and --disk-batch must be positive"
+    );
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("kvferry-tier-bench-{}", std::process::id())),
+    };
+    let result = run_in(args, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("| tier | op | block | queue depth | GB/s | memcpy GB/s | % of memcpy |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in &rows {
+            let qd = r.queue_depth.map_or("-".into(), |q| q.to_string());
+            let (memcpy, ratio) = match r.memcpy_gbps {
+                Some(m) => (format!("{m:.2}"), format!("{:.0}%", 100.0 * r.gbps / m)),
+                None => ("-".into(), "-".into()),
+            };
+            println!(
+                "| {} | {} | {} | {qd} | {:.2} | {memcpy} | {ratio} |",
+                r.tier,
+                r.op,
+                units::format_size(r.block_size),
+                r.gbps
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run_in(args: &TierBenchArgs, dir: &std::path::Path) -> anyhow::Result<Vec<TierRow>> {
+    let device: Arc<dyn Device> = Arc::new(HostDevice::new()?);
+    let mut rows = Vec::new();
+    for &block in &args.block_sizes {
+        let count = (args.bytes / block).max(1) as usize;
+        let total = count as u64 * block;
+        let buffer = |byte: u8| -> anyhow::Result<HostBuffer> {
+            let buf = HostBuffer::alloc(total as usize, &HostAllocOptions::new().with_pin(false).with_populate(true))?;
+            buf.fill(byte);
+            Ok(buf)
+        };
+        let (src, dst) = (buffer(0x5a)?, buffer(0)?);
+        // SAFETY: nothing else uses the buffer yet.
+        crate::pattern::fill(unsafe { src.as_mut_slice() }, block, 0);
+        let keys: Vec<BlockKey> =
+            (0..count as u32).map(|i| BlockKey::chain(None, &[i, block as u32], b"bench")).collect();
+        let regions = |buf: &HostBuffer| -> Vec<BlockRegions> {
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    (*k, vec![MemRegion::host(buf.as_ptr().wrapping_add(i * block as usize), block as usize)])
+                })
+                .collect()
+        };
+        let (sources, destinations) = (regions(&src), regions(&dst));
+        let gbps = |elapsed: Duration| total as f64 / elapsed.as_secs_f64() / 1e9;
+
+        if args.tiers.contains(&TierArg::Host) {
+            rows.extend(host_rows(args, &device, block, (&src, &dst), (&sources, &destinations))?);
+        }
+        if !args.tiers.contains(&TierArg::Disk) {
+            continue;
+        }
+        for &depth in &args.queue_depths {
+            let _ = std::fs::remove_dir_all(dir);
+            let disk = DiskConfig::new(dir, total).with_queue_depth(depth).with_admit_after(0);
+            let config = TierConfig::new(block as usize, total)
+                .with_host_alloc(HostAllocOptions::new().with_pin(false).with_populate(true))
+                .with_workers(1)
+                .with_disk(disk);
+            let store = TierStore::open(config).context("opening the disk tier")?;
+            let (mut puts, mut gets) = (Vec::new(), Vec::new());
+            // The first pass writes into freshly allocated extents, which costs the file system more
+            // than the steady state (fio, too, measures a file it has laid out first): not counted.
+            for pass in 0..=args.repeats {
+                store.clear()?;
+                // SAFETY: as above.
+                wait_all(args.batch, &sources, |chunk| unsafe { store.put(Arc::clone(&device), chunk) })?;
+                let start = Instant::now();
+                store.offload(keys.clone())?.wait(Deadline::after(DEADLINE))?;
+                let put = gbps(start.elapsed());
+                dst.fill(0);
+                let start = Instant::now();
+                // SAFETY: as above.
+                wait_all(args.disk_batch, &destinations, |chunk| unsafe { store.get(Arc::clone(&device), chunk) })?;
+                let get = gbps(start.elapsed());
+                if pass > 0 {
+                    puts.push(put);
+                    gets.push(get);
+                }
+                check(&dst, block, "disk")?;
+                store.offload(keys.clone())?.wait(Deadline::after(DEADLINE))?;
+            }
+            if let Some(reason) = store.stats().io_fallback {
+                eprintln!("note: the disk tier ran without registered buffers or files: {reason}");
+            }
+            for (op, samples) in [("put", puts), ("get", gets)] {
+                rows.push(TierRow {
+                    tier: "disk",
+                    op,
+                    block_size: block,
+                    queue_depth: Some(depth),
+                    gbps: median_of(samples),
+                    memcpy_gbps: None,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Put and get through a DRAM-only store, and memcpy of the same blocks.
+fn host_rows(
+    args: &TierBenchArgs,
+    device: &Arc<dyn Device>,
+    block: u64,
+    (src, dst): (&HostBuffer, &HostBuffer),
+    (sources, destinations): (&[BlockRegions], &[BlockRegions]),
+) -> anyhow::Result<Vec<TierRow>> {
+    let total = src.len() as u64;
+    let gbps = |elapsed: Duration| total as f64 / elapsed.as_secs_f64() / 1e9;
+    let mut rows = Vec::new();
+    let memcpy = median(args.repeats, || {
+        let start = Instant::now();
+        for at in (0..total as usize).step_by(block as usize) {
+            // SAFETY: both buffers are `total` bytes long and distinct.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(at), dst.as_ptr().add(at), block as usize) };
+        }
+        Ok(gbps(start.elapsed()))
+    })?;
+
+    let store = TierStore::open(
+        TierConfig::new(block as usize, total)
+            .with_host_alloc(HostAllocOptions::new().with_pin(false).with_populate(true)),
+    )?;
+    let put = median(args.repeats, || {
+        store.clear()?;
+        let start = Instant::now();
+        // SAFETY: `src` outlives every fence, which are all waited for.
+        wait_all(args.batch, sources, |chunk| unsafe { store.put(Arc::clone(device), chunk) })?;
+        Ok(gbps(start.elapsed()))
+    })?;
+    let get = median(args.repeats, || {
+        let start = Instant::now();
+        // SAFETY: `dst` outlives every fence.
+        wait_all(args.batch, destinations, |chunk| unsafe { store.get(Arc::clone(device), chunk) })?;
+        Ok(gbps(start.elapsed()))
+    })?;
+    check(dst, block, "host")?;
+    drop(store);
+    for (op, gbps) in [("put", put), ("get", get)] {
+        rows.push(TierRow { tier: "host", op, block_size: block, queue_depth: None, gbps, memcpy_gbps: Some(memcpy) });
+    }
+    Ok(rows)
+}
+
+/// Submit every chunk of `batch` blocks, then wait for all of them.
+fn wait_all(
+    batch: usize,
+    blocks: &[BlockRegions],
+    mut submit: impl FnMut(Vec<BlockRegions>) -> kvferry::Result<CopyFence>,
+) -> anyhow::Result<()> {
+    let fences = blocks.chunks(batch).map(|chunk| submit(chunk.to_vec())).collect::<kvferry::Result<Vec<_>>>()?;
+    let deadline = Deadline::after(DEADLINE);
+    for fence in fences {
+        fence.wait(deadline)?;
+    }
+    Ok(())
+}
+
+fn median(repeats: usize, mut measure: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
+    let samples = (0..repeats).map(|_| measure()).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(median_of(samples))
+}
+
+fn median_of(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+fn check(buf: &HostBuffer, seed: u64, tier: &str) -> anyhow::Result<()> {
+    // SAFETY: every fence writing the buffer has completed.
+    if let Some(at) = crate::pattern::first_mismatch(unsafe { buf.as_slice() }, seed, 0) {
+        bail!("the {tier} tier returned different bytes at offset {at}");
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! The disk tier's files: one preallocated data file of fixed-size slots, read and written with
+//! `O_DIRECT` through io_uring, and an append-only index log that survives restarts.
+//!
+//! Crash safety comes from ordering and checksums, not from fsync on the hot path: a block's data is
+//! written (and its completion reaped) before the log records it, a slot is recorded free before it is
+//! reused, and every record carries the xxh3 checksum of its block, which every read verifies. A kill
+//! at any point therefore leaves at worst a block with no record (lost, never served) or a torn last
+//! record (dropped at open). With `sync_writes` the log is also fsynced after each batch, which extends
+//! the same guarantee to power loss.
+//!
+//! At open, and whenever dead records outnumber live ones four to one, the log is rewritten compacted
+//! (one record per live block) through a temporary file and a rename.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::tier::{BlockKey, TierError};
+
+const DATA_FILE: &str = "blocks.kvf";
+const LOG_FILE: &str = "index.kvf";
+const LOG_TMP_FILE: &str = "index.kvf.tmp";
+const LOG_MAGIC: &[u8; 8] = b"KVFIDX01";
+const HEADER_LEN: usize = 32;
+pub(crate) const RECORD_LEN: usize = 64;
+const STORE: u8 = 1;
+const REMOVE: u8 = 2;
+
+/// Where a block lives on disk and what its bytes hash to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DiskEntry {
+    pub slot: u32,
+    pub checksum: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Record {
+    Store(BlockKey, DiskEntry),
+    Remove(BlockKey),
+}
+
+impl Record {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let mut rec = [0u8; RECORD_LEN];
+        let (kind, key, entry) = match self {
+            Record::Store(key, entry) => (STORE, key, *entry),
+            Record::Remove(key) => (REMOVE, key, DiskEntry { slot: 0, checksum: 0 }),
+        };
+        rec[0] = kind;
+        rec[1] = key.as_bytes().len() as u8;
+        rec[4..8].copy_from_slice(&entry.slot.to_le_bytes());
+        rec[8..8 + key.as_bytes().len()].copy_from_slice(key.as_bytes());
+        rec[40..48].copy_from_slice(&entry.checksum.to_le_bytes());
+        let crc = crc32fast::hash(&rec[..RECORD_LEN - 4]);
+        rec[RECORD_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&rec);
+    }
+
+    /// `None` when the record is torn or corrupt.
+    fn decode(rec: &[u8]) -> Option<Record> {
+        let crc = u32::from_le_bytes(rec[RECORD_LEN - 4..].try_into().ok()?);
+        if crc32fast::hash(&rec[..RECORD_LEN - 4]) != crc {
+            return None;
+        }
+        let key = BlockKey::from_engine_hash(rec.get(8..8 + rec[1] as usize)?).ok()?;
+        let slot = u32::from_le_bytes(rec[4..8].try_into().ok()?);
+        let checksum = u64::from_le_bytes(rec[40..48].try_into().ok()?);
+        match rec[0] {
+            STORE => Some(Record::Store(key, DiskEntry { slot, checksum })),
+            REMOVE => Some(Record::Remove(key)),
+            _ => None,
+        }
+    }
+}
+
+/// What the disk tier held when it was last closed or killed.
+pub(crate) struct Replayed {
+    pub blocks: HashMap<BlockKey, DiskEntry>,
+    /// Torn records dropped from the log's tail.
+    pub torn_records: u64,
+}
+
+pub(crate) struct DiskFiles {
+    dir: PathBuf,
+    block_size: usize,
+    slots: u32,
+    data: File,
+    log: File,
+    /// Records in the log, live or not.
+    log_records: usize,
+    sync_writes: bool,
+    /// Why the data file is not opened with `O_DIRECT`, when it is not.
+    buffered: Option<String>,
+}
+
+fn unavailable(dir: &Path, what: &str, err: std::io::Error) -> TierError {
+    classify(dir, what, &err, |cause| TierError::DiskUnavailable { dir: dir.display().to_string(), cause })
+}
+
+/// A write that failed while the tier was running.
+pub(crate) fn write_failed(dir: &Path, what: &str, err: &std::io::Error) -> TierError {
+    classify(dir, what, err, |_| TierError::DiskIo { op: what.into(), cause: err.to_string() })
+}
+
+/// `DiskFull` for a full disk, `otherwise(cause)` for anything else.
+fn classify(dir: &Path, what: &str, err: &std::io::Error, otherwise: impl FnOnce(String) -> TierError) -> TierError {
+    let cause = format!("{what}: {err}");
+    if is_full(err) {
+        return TierError::DiskFull { dir: dir.display().to_string(), cause };
+    }
+    otherwise(cause)
+}
+
+/// ENOSPC, and EFBIG (a file size limit is a full disk as far as the store is concerned).
+fn is_full(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT))
+}
+
+fn header(block_size: usize, slots: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(LOG_MAGIC);
+    h[8..16].copy_from_slice(&(block_size as u64).to_le_bytes());
+    h[16..20].copy_from_slice(&slots.to_le_bytes());
+    let crc = crc32fast::hash(&h[..HEADER_LEN - 4]);
+    h[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+impl DiskFiles {
+    /// Open (or create) the tier in `dir`: `slots` blocks of `block_size` bytes, preallocated.
+    pub(crate) fn open(
+        dir: &Path,
+        block_size: usize,
+        slots: u32,
+        sync_writes: bool,
+    ) -> Result<(DiskFiles, Replayed), TierError> {
+        std::fs::create_dir_all(dir).map_err(|e| unavailable(dir, "creating the directory", e))?;
+        let open_data = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(flags)
+                .open(dir.join(DATA_FILE))
+        };
+        let (data, buffered) = match open_data(libc::O_DIRECT) {
+            Ok(data) => (data, None),
+            // File systems without direct i/o (tmpfs before Linux 6.6) still work, through the page
+            // cache: slower and with a second copy of each block in memory, hence the note.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let data = open_data(0).map_err(|e| unavailable(dir, "opening the data file", e))?;
+                (data, Some(format!("O_DIRECT: {e}; the data file goes through the page cache")))
+            }
+            Err(e) => return Err(unavailable(dir, "opening the data file with O_DIRECT", e)),
+        };
+        // Replayed first: a log for another geometry must not resize the data file.
+        let replayed = replay(dir, block_size, slots)?;
+        let len = block_size as u64 * slots as u64;
+        // SAFETY: plain syscall on an open descriptor.
+        if unsafe { libc::fallocate(data.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(unavailable(dir, &format!("preallocating {len} bytes"), err));
+            }
+            // No preallocation on this file system: a sparse file, whose blocks are allocated on
+            // first write (where a full disk then shows up instead).
+            data.set_len(len.max(data.metadata().map(|m| m.len()).unwrap_or(0)))
+                .map_err(|e| unavailable(dir, "sizing the data file", e))?;
+        }
+        let log = rewrite_log(dir, block_size, slots, &replayed.blocks)?;
+        let log_records = replayed.blocks.len();
+        let files =
+            DiskFiles { dir: dir.to_path_buf(), block_size, slots, data, log, log_records, sync_writes, buffered };
+        Ok((files, replayed))
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn buffered(&self) -> Option<&str> {
+        self.buffered.as_deref()
+    }
+
+    pub(crate) fn data_fd(&self) -> std::os::fd::RawFd {
+        self.data.as_raw_fd()
+    }
+
+    /// Append records in one write.
+    pub(crate) fn append(&mut self, records: &[Record]) -> Result<(), TierError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(records.len() * RECORD_LEN);
+        records.iter().for_each(|r| r.encode(&mut bytes));
+        self.log.write_all(&bytes).map_err(|e| write_failed(&self.dir, "appending to the index log", &e))?;
+        self.log_records += records.len();
+        if self.sync_writes {
+            self.data.sync_data().map_err(|e| write_failed(&self.dir, "syncing the data file", &e))?;
+            self.log.sync_data().map_err(|e| write_failed(&self.dir, "syncing the index log", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the log holds so many dead records (blocks removed or overwritten since) next to
+    /// `live` ones that it is worth rewriting.
+    pub(crate) fn needs_compaction(&self, live: usize) -> bool {
+        self.log_records > 4 * live + 4096
+    }
+
+    /// Replace the log with one record per block of `live` (all of them: none to forget every
+    /// block), atomically.
+    pub(crate) fn rewrite(&mut self, live: &HashMap<BlockKey, DiskEntry>) -> Result<(), TierError> {
+        self.log = rewrite_log(&self.dir, self.block_size, self.slots, live)?;
+        self.log_records = live.len();
+        Ok(())
+    }
+}
+
+fn replay(dir: &Path, block_size: usize, slots: u32) -> Result<Replayed, TierError> {
+    let corrupt = |why: String| TierError::IndexCorrupt { path: dir.join(LOG_FILE).display().to_string(), why };
+    let mut bytes = Vec::new();
+    match File::open(dir.join(LOG_FILE)) {
+        Ok(mut file) => {
+            file.read_to_end(&mut bytes).map_err(|e| unavailable(dir, "reading the index log", e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(unavailable(dir, "opening the index log", e)),
+    }
+    let mut replayed = Replayed { blocks: HashMap::new(), torn_records: 0 };
+    if bytes.is_empty() {
+        return Ok(replayed);
+    }
+    if bytes.len() < HEADER_LEN || bytes[..8] != LOG_MAGIC[..] {
+        return Err(corrupt("no kvferry index header".into()));
+    }
+    let expected = header(block_size, slots);
+    if bytes[..HEADER_LEN] != expected[..] {
+        let crc = u32::from_le_bytes(bytes[HEADER_LEN - 4..HEADER_LEN].try_into().unwrap_or_default());
+        if crc32fast::hash(&bytes[..HEADER_LEN - 4]) != crc {
+            return Err(corrupt("the header's checksum does not match".into()));
+        }
+        let found_block = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
+        let found_slots = u32::from_le_bytes(bytes[16..20].try_into().unwrap_or_default());
+        return Err(TierError::IndexMismatch {
+            path: dir.join(LOG_FILE).display().to_string(),
+            found: format!("{found_slots} blocks of {found_block} bytes"),
+            expected: format!("{slots} blocks of {block_size} bytes"),
+        });
+    }
+    let body = &bytes[HEADER_LEN..];
+    let mut owner_of_slot: HashMap<u32, BlockKey> = HashMap::new();
+    let records = body.len().div_ceil(RECORD_LEN);
+    for (i, rec) in body.chunks(RECORD_LEN).enumerate() {
+        let decoded = if rec.len() == RECORD_LEN { Record::decode(rec) } else { None };
+        let Some(record) = decoded else {
+            // Only the last record can be torn by a crash: appends are sequential.
+            if i + 1 == records {
+                replayed.torn_records += 1;
+                break;
+            }
+            return Err(corrupt(format!("record {i} of {records} is damaged")));
+        };
+        match record {
+            Record::Store(key, entry) => {
+                if entry.slot >= slots {
+                    return Err(corrupt(format!("record {i} names slot {} of {slots}", entry.slot)));
+                }
+                // A later store into the same slot overwrote whatever was there.
+                if let Some(previous) = owner_of_slot.insert(entry.slot, key) {
+                    replayed.blocks.remove(&previous);
+                }
+                if let Some(old) = replayed.blocks.insert(key, entry)
+                    && old.slot != entry.slot
+                {
+                    owner_of_slot.remove(&old.slot);
+                }
+            }
+            Record::Remove(key) => {
+                if let Some(old) = replayed.blocks.remove(&key) {
+                    owner_of_slot.remove(&old.slot);
+                }
+            }
+        }
+    }
+    Ok(replayed)
+}
+
+/// Write a fresh log holding `blocks`, replace the old one atomically and open it for appending.
+fn rewrite_log(
+    dir: &Path,
+    block_size: usize,
+    slots: u32,
+    blocks: &HashMap<BlockKey, DiskEntry>,
+) -> Result<File, TierError> {
+    let mut bytes = Vec::with_capacity(HEADER_LEN + blocks.len() * RECORD_LEN);
+    bytes.extend_from_slice(&header(block_size, slots));
+    for (key, entry) in blocks {
+        Record::Store(*key, *entry).encode(&mut bytes);
+    }
+    let tmp = dir.join(LOG_TMP_FILE);
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, dir.join(LOG_FILE))?;
+        // The rename must reach the disk before records are appended to the new log.
+        File::open(dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(unavailable(dir, "rewriting the index log", e));
+    }
+    OpenOptions::new().append(true).open(dir.join(LOG_FILE)).map_err(|e| unavailable(dir, "opening the index log", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> BlockKey {
+        BlockKey::chain(None, &[i], b"")
+    }
+
+    #[test]
+    fn records_round_trip_and_damage_is_detected() {
+        let store = Record::Store(key(1), DiskEntry { slot: 7, checksum: 0xdead_beef });
+        let mut bytes = vec![];
+        store.encode(&mut bytes);
+        Record::Remove(key(2)).encode(&mut bytes);
+        assert_eq!(bytes.len(), 2 * RECORD_LEN);
+        assert_eq!(Record::decode(&bytes[..RECORD_LEN]), Some(store));
+        assert_eq!(Record::decode(&bytes[RECORD_LEN..]), Some(Record::Remove(key(2))));
+        for at in [0, 1, 5, 20, 45, 63] {
+            let mut damaged = bytes[..RECORD_LEN].to_vec();
+            damaged[at] ^= 0x10;
+            assert_eq!(Record::decode(&damaged), None, "flip at {at}");
+        }
+    }
+}
