@@ -195,7 +195,8 @@ const char *kvferry_status_name(kvferry_status status);
 // `options` is an array of `option_count` `"key=value"` strings (NULL when `option_count` is 0):
 // `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0), `tcp.advertise_host=HOST` (needed
 // with a wildcard listen address), `tcp.streams=N` (default 2), `tcp.connect_timeout_ms=MS`,
-// `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`. An unknown key is an error.
+// `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`, `shm=on|off` (shared memory with peers on
+// this host, default on). An unknown key is an error; so is turning every transport off.
 //
 // Ownership: `name` and `options` are borrowed for the call. On success `*out` is a new agent
 // the caller owns and must release with `kvferry_agent_destroy`; on failure `*out` is untouched.

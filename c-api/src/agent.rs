@@ -36,11 +36,12 @@ handle!(kvferry_agent, AgentState, Kind::Agent);
 
 /// The options `kvferry_agent_create` understands, for the error that lists them.
 const OPTIONS: &str = "tcp, tcp.listen, tcp.advertise_host, tcp.streams, tcp.connect_timeout_ms, \
-                       tcp.request_timeout_ms, tcp.min_frame_bytes";
+                       tcp.request_timeout_ms, tcp.min_frame_bytes, shm";
 
 fn agent_config(name: &str, options: &[&str]) -> CResult<AgentConfig> {
     let mut tcp = TcpConfig::default();
     let mut tcp_enabled = true;
+    let mut shm_enabled = true;
     for option in options {
         let (key, value) = option
             .split_once('=')
@@ -54,14 +55,14 @@ fn agent_config(name: &str, options: &[&str]) -> CResult<AgentConfig> {
                 ms => Ok(ms),
             })
         };
+        let switch = || match value {
+            "on" | "1" | "true" => Ok(true),
+            "off" | "0" | "false" => Ok(false),
+            _ => Err(bad("on or off")),
+        };
         match key {
-            "tcp" => {
-                tcp_enabled = match value {
-                    "on" | "1" | "true" => true,
-                    "off" | "0" | "false" => false,
-                    _ => return Err(bad("on or off")),
-                }
-            }
+            "tcp" => tcp_enabled = switch()?,
+            "shm" => shm_enabled = switch()?,
             "tcp.listen" => tcp.listen = value.parse::<SocketAddr>().map_err(|_| bad("an ip:port address"))?,
             "tcp.advertise_host" => tcp.advertise_host = Some(value.to_string()),
             "tcp.streams" => {
@@ -76,7 +77,8 @@ fn agent_config(name: &str, options: &[&str]) -> CResult<AgentConfig> {
             _ => return Err(Failure::invalid_argument(format!("unknown option {key:?}; known options: {OPTIONS}"))),
         }
     }
-    Ok(AgentConfig { tcp: tcp_enabled.then_some(tcp), ..AgentConfig::new(name) })
+    let defaults = AgentConfig::new(name);
+    Ok(AgentConfig { tcp: tcp_enabled.then_some(tcp), shm: defaults.shm.clone().filter(|_| shm_enabled), ..defaults })
 }
 
 /// Create an agent named `name` (unique among the agents that talk to each other).
@@ -84,7 +86,8 @@ fn agent_config(name: &str, options: &[&str]) -> CResult<AgentConfig> {
 /// `options` is an array of `option_count` `"key=value"` strings (NULL when `option_count` is 0):
 /// `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0), `tcp.advertise_host=HOST` (needed
 /// with a wildcard listen address), `tcp.streams=N` (default 2), `tcp.connect_timeout_ms=MS`,
-/// `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`. An unknown key is an error.
+/// `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`, `shm=on|off` (shared memory with peers on
+/// this host, default on). An unknown key is an error; so is turning every transport off.
 ///
 /// Ownership: `name` and `options` are borrowed for the call. On success `*out` is a new agent
 /// the caller owns and must release with `kvferry_agent_destroy`; on failure `*out` is untouched.
