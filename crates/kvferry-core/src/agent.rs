@@ -74,11 +74,20 @@ pub struct AgentConfig {
     pub name: String,
     /// The TCP transport; `None` disables it.
     pub tcp: Option<TcpConfig>,
+    /// The libfabric transport; `None` (the default) disables it. Peers that publish both use it
+    /// rather than TCP.
+    #[cfg(feature = "fabric")]
+    pub fabric: Option<crate::transport::fabric::FabricConfig>,
 }
 
 impl AgentConfig {
     pub fn new(name: impl Into<String>) -> Self {
-        AgentConfig { name: name.into(), tcp: Some(TcpConfig::default()) }
+        AgentConfig {
+            name: name.into(),
+            tcp: Some(TcpConfig::default()),
+            #[cfg(feature = "fabric")]
+            fabric: None,
+        }
     }
 }
 
@@ -282,6 +291,12 @@ impl Agent {
         }
         let notifications = Arc::new(NotificationQueue::default());
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        // Listed first: `add_peer` takes the first transport both sides speak.
+        #[cfg(feature = "fabric")]
+        if let Some(fabric) = config.fabric {
+            let fabric = crate::transport::fabric::FabricTransport::start(&config.name, fabric, notifications.clone())?;
+            transports.push(Arc::new(fabric));
+        }
         if let Some(tcp) = config.tcp {
             transports.push(Arc::new(TcpTransport::start(&config.name, tcp, notifications.clone())?));
         }
@@ -430,7 +445,7 @@ impl Agent {
     pub fn notify(&self, peer: &str, data: &[u8], deadline: Deadline) -> Result<Transfer> {
         let started = Instant::now();
         let peer_entry = self.inner.peer(peer)?;
-        check_notification(data)?;
+        check_notification(peer_entry.transport, data)?;
         let completion = Arc::new(Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline));
         self.submit(&peer_entry, started, Vec::new(), completion, Arc::new(()))
     }
@@ -465,7 +480,7 @@ impl Agent {
             return Err(DescError::EmptyTransfer.into());
         }
         if let Some(n) = req.notification {
-            check_notification(n)?;
+            check_notification(peer_entry.transport, n)?;
         }
         let pick = |list: &PreparedDescs, index: usize| {
             list.descs.get(index).copied().ok_or(DescError::IndexOutOfRange { index, len: list.descs.len() })
@@ -553,12 +568,16 @@ impl Agent {
     }
 }
 
-fn check_notification(data: &[u8]) -> Result<()> {
-    if data.len() as u64 > tcp::MAX_NOTIFICATION {
+fn check_notification(transport: TransportKind, data: &[u8]) -> Result<()> {
+    let limit = match transport {
+        #[cfg(feature = "fabric")]
+        TransportKind::Fabric => crate::transport::fabric::MAX_NOTIFICATION,
+        _ => tcp::MAX_NOTIFICATION,
+    };
+    if data.len() as u64 > limit {
         return Err(Error::InvalidArgument(format!(
-            "a notification of {} bytes exceeds the limit of {}",
+            "a notification of {} bytes exceeds the {transport} transport's limit of {limit}",
             data.len(),
-            tcp::MAX_NOTIFICATION
         )));
     }
     Ok(())

@@ -30,6 +30,9 @@ pub enum Error {
     Unsupported { what: String, why: String },
     #[error("i/o error while {context}: {cause}")]
     Io { context: String, cause: String },
+    #[cfg(feature = "fabric")]
+    #[error(transparent)]
+    Fabric(#[from] crate::transport::fabric::FabricError),
 }
 
 impl Error {
@@ -43,6 +46,8 @@ impl Error {
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::Unsupported { .. } => ErrorCode::Unsupported,
             Error::Io { .. } => ErrorCode::Io,
+            #[cfg(feature = "fabric")]
+            Error::Fabric(e) => e.code(),
         }
     }
 
@@ -98,6 +103,17 @@ pub enum ErrorCode {
     RemoteZeroLength = 512,
     RemoteRangeOverflow = 513,
     RemoteTooLarge = 514,
+
+    /// The target's provider refused a remote access (unknown key or range outside a registration).
+    FabricRemoteAccess = 520,
+    /// A fabric provider failed a transfer for another reason.
+    FabricTransfer = 521,
+    /// No usable libfabric provider (or not the one asked for).
+    FabricNoProvider = 522,
+    /// A libfabric call failed while setting up (domain, endpoint, registration, address vector).
+    FabricCall = 523,
+    /// The peer uses another fabric provider.
+    FabricProviderMismatch = 524,
 }
 
 impl ErrorCode {

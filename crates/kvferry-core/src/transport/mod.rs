@@ -4,6 +4,8 @@
 //! peers ([`PeerLink`]) and posts batches of READ/WRITE ops with an optional notification. It knows
 //! nothing about KV caches, layers or tiers. Completion is reported through a shared [`Completion`].
 
+#[cfg(feature = "fabric")]
+pub mod fabric;
 pub mod tcp;
 
 use std::any::Any;
@@ -41,26 +43,31 @@ impl std::fmt::Display for Op {
 #[non_exhaustive]
 pub enum TransportKind {
     Tcp,
+    /// libfabric (RDMA NICs, or its tcp and shm providers).
+    Fabric,
 }
 
 impl TransportKind {
-    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp];
+    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp, TransportKind::Fabric];
 
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::Fabric => "fabric",
         }
     }
 
     pub fn to_wire(self) -> u8 {
         match self {
             TransportKind::Tcp => 1,
+            TransportKind::Fabric => 2,
         }
     }
 
     pub fn from_wire(tag: u8) -> Option<TransportKind> {
         match tag {
             1 => Some(TransportKind::Tcp),
+            2 => Some(TransportKind::Fabric),
             _ => None,
         }
     }
@@ -143,6 +150,13 @@ pub enum TransferError {
     Rejected { peer: String, op: Op, index: u32, reason: RejectReason },
     #[error("protocol error with peer {peer}: {detail}")]
     Protocol { peer: String, detail: String },
+    /// The target's NIC or provider refused a remote access: a key it never issued (or revoked),
+    /// or a range outside the registration. libfabric does not say which.
+    #[error("peer {peer} refused {op} access to its memory: {cause}")]
+    RemoteAccess { peer: String, op: Op, cause: String },
+    /// Any other failure a fabric provider reported for the transfer.
+    #[error("fabric {op} with peer {peer} failed: {cause}")]
+    Fabric { peer: String, op: Op, cause: String },
 }
 
 impl TransferError {
@@ -153,6 +167,8 @@ impl TransferError {
             TransferError::PeerUnreachable { .. } => ErrorCode::PeerUnreachable,
             TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
             TransferError::Protocol { .. } => ErrorCode::Protocol,
+            TransferError::RemoteAccess { .. } => ErrorCode::FabricRemoteAccess,
+            TransferError::Fabric { .. } => ErrorCode::FabricTransfer,
             TransferError::Rejected { reason, .. } => match reason {
                 RejectReason::UnknownKey => ErrorCode::RemoteUnknownKey,
                 RejectReason::OutOfRange => ErrorCode::RemoteOutOfRange,
