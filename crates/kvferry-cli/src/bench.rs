@@ -10,10 +10,10 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvferry::memory::host::HostBuffer;
 use kvferry::transport::tcp::TcpConfig;
-use kvferry::{Agent, AgentConfig, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
+use kvferry::{Agent, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
 use serde::Serialize;
 
-use crate::serve::{self, ServeArgs, Target};
+use crate::serve::{self, FabricArgs, ServeArgs, Target};
 use crate::{pattern, units};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,11 +80,16 @@ pub struct BenchArgs {
     /// Deadline of each transfer, in seconds.
     #[arg(long, default_value_t = 60.0)]
     pub deadline: f64,
+    #[command(flatten)]
+    pub fabric: FabricArgs,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub transport: String,
+    /// The libfabric provider, for `--transport fabric`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     pub op: String,
     pub block_size: u64,
     pub batch: usize,
@@ -120,13 +125,22 @@ enum Mover {
 
 struct Setup {
     mover: Mover,
+    /// The libfabric provider the agent uses, for `--transport fabric`.
+    provider: Option<String>,
     remote: MemRegion,
     local: Arc<HostBuffer>,
     scratch: Option<Arc<HostBuffer>>,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if !["tcp", "memcpy"].contains(&args.transport.as_str()) {
+    if ![
+        "tcp",
+        "memcpy",
+        #[cfg(feature = "fabric")]
+        "fabric",
+    ]
+    .contains(&args.transport.as_str())
+    {
         bail!(
             "transport `{}` is not available in this build (`kvferry info` lists the transports; `memcpy` gives the \
              machine's copy limit)",
@@ -144,6 +158,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             streams: args.streams,
             duration: None,
             name: None,
+            transport: args.transport.clone(),
+            fabric: args.fabric.clone(),
         });
     }
     if plan.is_empty() {
@@ -162,7 +178,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         progress.set_message(format!("{op} {} × {batch}", units::format_size(block)));
         let row = run_row(args, &setup, op, block, batch, i as u64)?;
         if !args.json {
-            let header = (last_op != Some(op)).then(|| table_header(args, op));
+            let header = (last_op != Some(op)).then(|| table_header(args, &setup, op));
             last_op = Some(op);
             // `suspend` rather than `println`: a hidden bar (no terminal) would swallow the lines.
             progress.suspend(|| {
@@ -205,7 +221,8 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
     let scratch = args.check.then(|| serve::alloc_buffer(needed)).transpose()?;
     if args.transport == "memcpy" {
         let remote = serve::alloc_buffer(needed)?;
-        return Ok(Setup { remote: remote.region(), mover: Mover::Memcpy { _remote: remote }, local, scratch });
+        let mover = Mover::Memcpy { _remote: remote.clone() };
+        return Ok(Setup { remote: remote.region(), mover, provider: None, local, scratch });
     }
     let (target, peer_addr) = match args.role {
         Role::Loopback => {
@@ -217,6 +234,8 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
                 streams: args.streams,
                 duration: None,
                 name: Some("kvferry-bench-target".into()),
+                transport: args.transport.clone(),
+                fabric: args.fabric.clone(),
             })?;
             let addr = target.side_channel.to_string();
             (Some(target), addr)
@@ -224,7 +243,8 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
         _ => (None, args.peer.clone().context("--role initiator needs --peer host:port")?),
     };
     let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
-    let agent = Agent::new(AgentConfig { name: format!("kvferry-bench-{}", std::process::id()), tcp: Some(tcp) })?;
+    let name = format!("kvferry-bench-{}", std::process::id());
+    let agent = Agent::new(serve::agent_config(name, &args.transport, tcp, &args.fabric)?)?;
     let peer = agent
         .connect_peer(&peer_addr, Deadline::after(Duration::from_secs(10)))
         .with_context(|| format!("connecting to {peer_addr}"))?;
@@ -241,8 +261,15 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
     }
     let registrations =
         std::iter::once(&local).chain(&scratch).map(|b| agent.register(b.clone())).collect::<Result<Vec<_>, _>>()?;
+    // The fabric endpoint reads `provider|addresses`.
+    let provider = agent
+        .endpoints()
+        .iter()
+        .find(|e| e.kind.name() == "fabric")
+        .and_then(|e| e.address.split('|').next().map(str::to_string));
     Ok(Setup {
         mover: Mover::Agent { agent, peer, _registrations: registrations, _target: target },
+        provider,
         remote,
         local,
         scratch,
@@ -351,6 +378,7 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
     let p = |q: f64| us(latencies[((q * n as f64).ceil() as usize).clamp(1, n) - 1]);
     Ok(Row {
         transport: args.transport.clone(),
+        provider: setup.provider.clone(),
         op: op.to_string(),
         block_size: block,
         batch,
@@ -366,9 +394,16 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
     })
 }
 
-fn table_header(args: &BenchArgs, op: Op) -> String {
+fn table_header(args: &BenchArgs, setup: &Setup, op: Op) -> String {
     let mode = match args.role {
         _ if args.transport == "memcpy" => "single-thread copy in this process".to_string(),
+        Role::Loopback if args.transport == "fabric" => {
+            format!(
+                "provider {}, {} rail(s), in-process loopback",
+                setup.provider.as_deref().unwrap_or("?"),
+                args.fabric.rails
+            )
+        }
         Role::Loopback => format!("{} stream(s), in-process loopback", args.streams),
         _ => format!("{} stream(s), peer {}", args.streams, args.peer.as_deref().unwrap_or("?")),
     };

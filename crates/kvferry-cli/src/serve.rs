@@ -35,6 +35,47 @@ pub struct ServeArgs {
     /// Agent name (default: kvferry-serve-PID).
     #[arg(long)]
     pub name: Option<String>,
+    /// Transport peers reach the buffer through: `tcp`, or `fabric` (libfabric) in builds with it.
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    #[command(flatten)]
+    pub fabric: FabricArgs,
+}
+
+/// libfabric options, for `--transport fabric`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FabricArgs {
+    /// libfabric provider: verbs, efa, cxi, tcp, shm, ... (default: the best available; `kvferry
+    /// info` lists them).
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Domains (NICs) to use at once; large batches are striped across them.
+    #[arg(long, default_value_t = 1)]
+    pub rails: usize,
+}
+
+/// The agent configuration for `transport` (`tcp` or `fabric`).
+pub fn agent_config(name: String, transport: &str, tcp: TcpConfig, fabric: &FabricArgs) -> anyhow::Result<AgentConfig> {
+    match transport {
+        "tcp" => Ok(AgentConfig { tcp: Some(tcp), ..AgentConfig::new(name) }),
+        #[cfg(feature = "fabric")]
+        "fabric" => Ok(AgentConfig {
+            tcp: None,
+            fabric: Some(kvferry::transport::fabric::FabricConfig {
+                provider: fabric.provider.clone(),
+                rails: fabric.rails,
+                ..Default::default()
+            }),
+            ..AgentConfig::new(name)
+        }),
+        other => {
+            let _ = fabric;
+            anyhow::bail!(
+                "transport `{other}` is not available in this build (`kvferry info` lists the transports; fabric \
+                 needs the cargo feature `fabric`)"
+            )
+        }
+    }
 }
 
 /// A running target: the agent, its buffer and its side channel.
@@ -51,7 +92,8 @@ impl Target {
             TcpConfig { streams: args.streams, advertise_host: args.advertise.clone(), ..TcpConfig::default() };
         tcp.listen.set_ip(args.listen.ip());
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
-        let agent = Agent::new(AgentConfig { name, tcp: Some(tcp) }).context("starting the agent")?;
+        let agent =
+            Agent::new(agent_config(name, &args.transport, tcp, &args.fabric)?).context("starting the agent")?;
         let buffer = alloc_buffer(args.buffer_size)?;
         if let Some(seed) = args.fill_seed {
             // Nothing is registered yet, so nobody else touches the buffer.

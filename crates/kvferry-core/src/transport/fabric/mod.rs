@@ -97,8 +97,13 @@ pub(crate) fn classify(peer: &str, op: Op, endpoint: &str, code: i32, cause: Str
         sys::FI_ECONNREFUSED | sys::FI_EHOSTUNREACH | sys::FI_ENETUNREACH | sys::FI_EADDRNOTAVAIL => {
             TransferError::PeerUnreachable { peer, endpoint: endpoint.to_string(), cause }
         }
-        sys::FI_ECONNRESET | sys::FI_ECONNABORTED | sys::FI_ENOTCONN | sys::FI_EIO
-        | sys::FI_ESHUTDOWN | sys::FI_ENETDOWN | sys::FI_EHOSTDOWN => TransferError::PeerDisconnected { peer, op, cause },
+        sys::FI_ECONNRESET
+        | sys::FI_ECONNABORTED
+        | sys::FI_ENOTCONN
+        | sys::FI_EIO
+        | sys::FI_ESHUTDOWN
+        | sys::FI_ENETDOWN
+        | sys::FI_EHOSTDOWN => TransferError::PeerDisconnected { peer, op, cause },
         sys::FI_EACCES | sys::FI_EPERM | sys::FI_EKEYREJECTED | sys::FI_EINVAL | sys::FI_EFAULT | sys::FI_EREMOTEIO => {
             TransferError::RemoteAccess { peer, op, cause }
         }
@@ -201,11 +206,8 @@ fn get_infos(hmem: bool) -> Result<Vec<Info>> {
         (*hints).mode = sys::FI_CONTEXT | sys::FI_CONTEXT2;
         (*(*hints).ep_attr).type_ = sys::FI_EP_RDM;
         // The registration modes this transport honours; FI_MR_RAW (keys over 8 bytes) is not one.
-        let mut mr_mode = sys::FI_MR_LOCAL
-            | sys::FI_MR_VIRT_ADDR
-            | sys::FI_MR_PROV_KEY
-            | sys::FI_MR_ALLOCATED
-            | sys::FI_MR_ENDPOINT;
+        let mut mr_mode =
+            sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_PROV_KEY | sys::FI_MR_ALLOCATED | sys::FI_MR_ENDPOINT;
         if hmem {
             mr_mode |= sys::FI_MR_HMEM;
         }
@@ -244,9 +246,11 @@ pub struct ProviderInfo {
     pub mr_mode: Vec<&'static str>,
 }
 
-/// The providers usable by this transport on this machine.
+/// The providers usable by this transport on this machine, one entry per (provider, fabric,
+/// domain).
 pub fn providers() -> Result<Vec<ProviderInfo>> {
-    Ok(get_infos(false)?
+    let mut list: Vec<ProviderInfo> = Vec::new();
+    let entries = get_infos(false)?
         .iter()
         .map(|i| ProviderInfo {
             provider: i.provider(),
@@ -264,7 +268,21 @@ pub fn providers() -> Result<Vec<ProviderInfo>> {
             .collect(),
             mr_mode: i.mr_flag_names(),
         })
-        .collect())
+        .collect::<Vec<_>>();
+    for entry in entries {
+        let same = |p: &&mut ProviderInfo| {
+            (&p.provider, &p.fabric, &p.domain) == (&entry.provider, &entry.fabric, &entry.domain)
+        };
+        match list.iter_mut().find(same) {
+            Some(known) => entry.caps.iter().for_each(|c| {
+                if !known.caps.contains(c) {
+                    known.caps.push(c)
+                }
+            }),
+            None => list.push(entry),
+        }
+    }
+    Ok(list)
 }
 
 /// The entries to open as rails: the named (or best) provider, one entry per domain.
@@ -379,7 +397,14 @@ impl FabricTransport {
             .collect::<Result<Vec<_>>>()?;
         let addresses: Vec<&[u8]> = rails.iter().map(|r| r.address.as_slice()).collect();
         let endpoint = Endpoint { kind: TransportKind::Fabric, address: encode_endpoint(&provider, &addresses) };
-        Ok(FabricTransport { local_name: local_name.into(), provider, config, rails, endpoint, local: LocalRegistry::default() })
+        Ok(FabricTransport {
+            local_name: local_name.into(),
+            provider,
+            config,
+            rails,
+            endpoint,
+            local: LocalRegistry::default(),
+        })
     }
 
     /// The provider in use, e.g. `tcp;ofi_rxm`.
@@ -527,7 +552,11 @@ impl FabricLink {
             .rev()
             .find(|(_, mr)| mr.region.contains(addr, len))
             .map(|(_, mr)| mr.rails[rail].1)
-            .ok_or_else(|| Error::InvalidArgument(format!("local range {addr:#x}+{len} is not registered with the fabric transport")))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "local range {addr:#x}+{len} is not registered with the fabric transport"
+                ))
+            })
     }
 }
 

@@ -119,13 +119,14 @@ impl Rail {
                         stop: AtomicBool::new(false),
                         wakeable_cq: if objects.cq_waits { objects.cq as usize } else { 0 },
                     });
-                    let mut progress = match Progress::new(objects, thread_info, queue.clone(), notifications, thread_bytes) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
+                    let mut progress =
+                        match Progress::new(objects, thread_info, queue.clone(), notifications, thread_bytes) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
                     let _ = ready_tx.send(Ok((progress.objects.address.clone(), queue)));
                     progress.run();
                 }
@@ -326,13 +327,9 @@ impl Progress {
     }
 
     fn run(&mut self) {
-        let mut entries = [sys::fi_cq_data_entry {
-            op_context: ptr::null_mut(),
-            flags: 0,
-            len: 0,
-            buf: ptr::null_mut(),
-            data: 0,
-        }; CQ_BATCH];
+        let mut entries =
+            [sys::fi_cq_data_entry { op_context: ptr::null_mut(), flags: 0, len: 0, buf: ptr::null_mut(), data: 0 };
+                CQ_BATCH];
         while !self.queue.stop.load(Ordering::Acquire) {
             let mut busy = self.drain_commands();
             busy |= self.poll(&mut entries) > 0;
@@ -414,8 +411,10 @@ impl Progress {
                     };
                     let result = match ret {
                         1 => Ok(fi_addr),
-                        r => Err(FabricError::Call { call: "fi_av_insert", code: r.min(0), detail: fi_error_text(r) }
-                            .into()),
+                        r => {
+                            Err(FabricError::Call { call: "fi_av_insert", code: r.min(0), detail: fi_error_text(r) }
+                                .into())
+                        }
                     };
                     let _ = reply.send(result);
                 }
@@ -500,13 +499,9 @@ impl Progress {
 
     /// Post with `post`, progressing the completion queue while the provider's queue is full.
     fn retry(&mut self, mut post: impl FnMut(*mut sys::fid_ep) -> isize) -> isize {
-        let mut entries = [sys::fi_cq_data_entry {
-            op_context: ptr::null_mut(),
-            flags: 0,
-            len: 0,
-            buf: ptr::null_mut(),
-            data: 0,
-        }; CQ_BATCH];
+        let mut entries =
+            [sys::fi_cq_data_entry { op_context: ptr::null_mut(), flags: 0, len: 0, buf: ptr::null_mut(), data: 0 };
+                CQ_BATCH];
         loop {
             let ret = post(self.objects.ep);
             if ret != -(sys::FI_EAGAIN as isize) {
@@ -549,9 +544,8 @@ impl Progress {
             // Writes complete only once the data is in the target's memory, so the notification
             // sent after them cannot overtake it.
             let ret = match op {
-                Op::Write => self.retry(|ep| unsafe {
-                    sys::kvferry_fi_writemsg(ep, &msg, more | sys::FI_DELIVERY_COMPLETE as u64)
-                }),
+                Op::Write => self
+                    .retry(|ep| unsafe { sys::kvferry_fi_writemsg(ep, &msg, more | sys::FI_DELIVERY_COMPLETE as u64) }),
                 _ => self.retry(|ep| unsafe { sys::kvferry_fi_readmsg(ep, &msg, more) }),
             };
             if ret != 0 {
@@ -693,9 +687,9 @@ impl Progress {
                     unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
                 }
                 let peer = completion.peer().to_string();
-                completion.finish(result.map(drop).map_err(|(code, detail)| {
-                    super::classify(&peer, Op::Notify, "", code, detail)
-                }));
+                completion.finish(
+                    result.map(drop).map_err(|(code, detail)| super::classify(&peer, Op::Notify, "", code, detail)),
+                );
             }
             Pending::Recv { slot } => {
                 if let Ok(len) = result {
