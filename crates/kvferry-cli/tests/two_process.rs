@@ -23,8 +23,14 @@ struct Served {
 
 impl Served {
     fn start(buffer_size: &str, fill_seed: u64) -> Served {
+        Served::start_with(buffer_size, fill_seed, &[])
+    }
+
+    /// `extra` adds `kvferry serve` flags (`--transport fabric --provider shm`).
+    fn start_with(buffer_size: &str, fill_seed: u64, extra: &[&str]) -> Served {
         let mut child = Command::new(KVFERRY)
             .args(["serve", "--buffer-size", buffer_size, "--fill-seed", &fill_seed.to_string()])
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("kvferry serve starts");
@@ -57,7 +63,11 @@ impl Drop for Served {
 }
 
 fn initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
-    let agent = Agent::new(AgentConfig::new(name)).unwrap();
+    initiator_with(AgentConfig::new(name), len)
+}
+
+fn initiator_with(config: AgentConfig, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
+    let agent = Agent::new(config).unwrap();
     let buf = Arc::new(HostBuffer::alloc(len, &HostAllocOptions { pin: false, ..Default::default() }).unwrap());
     let reg = agent.register(buf.clone()).unwrap();
     (agent, buf, reg)
@@ -227,4 +237,110 @@ fn info_lists_host_and_tcp() {
     };
     assert!(names("devices").contains(&("host".into(), true.into())));
     assert!(names("transports").contains(&("tcp".into(), true.into())));
+}
+
+/// The same process pairs over libfabric's `tcp` (RDM over TCP) and `shm` providers.
+#[cfg(feature = "fabric")]
+mod fabric {
+    use kvferry::transport::fabric::FabricConfig;
+
+    use super::*;
+
+    fn config(name: &str, provider: &str) -> AgentConfig {
+        let fabric = FabricConfig { provider: Some(provider.into()), ..FabricConfig::default() };
+        AgentConfig { tcp: None, fabric: Some(fabric), ..AgentConfig::new(name) }
+    }
+
+    fn serve(buffer_size: &str, fill_seed: u64, provider: &str) -> Served {
+        Served::start_with(buffer_size, fill_seed, &["--transport", "fabric", "--provider", provider])
+    }
+
+    fn blocks_move_both_ways(provider: &str) {
+        const BLOCK: u64 = 64 * 1024;
+        const N: usize = 64;
+        let served = serve("8M", 11, provider);
+        let (agent, buf, _reg) = initiator_with(config(&format!("fabric-{provider}"), provider), BLOCK as usize * N);
+        let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
+        let local: Vec<MemRegion> = (0..N as u64)
+            .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * BLOCK) as usize) }, BLOCK as usize))
+            .collect();
+        let remote: Vec<MemRegion> =
+            (0..(served.buffer_size / BLOCK)).map(|i| served.region(i * BLOCK, BLOCK)).collect();
+        let local = agent.prepare_local(&local).unwrap();
+        let remote = agent.prepare_remote(&peer, &remote).unwrap();
+
+        // READ: local block i ← remote block 2i + 1, checked against the pattern the server wrote.
+        let picks: Vec<usize> = (0..N).map(|i| 2 * i + 1).collect();
+        let all: Vec<usize> = (0..N).collect();
+        agent.read(&local, &all, &remote, &picks, soon()).unwrap().wait().unwrap();
+        let got = buf.to_vec();
+        for (i, &r) in picks.iter().enumerate() {
+            let block = &got[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+            assert_eq!(pattern::first_mismatch(block, 11, r as u64 * BLOCK), None, "{provider}: block {i} ← {r}");
+        }
+
+        // WRITE a new pattern into remote blocks 0..N, then read it back into the local buffer.
+        pattern::fill(unsafe { buf.as_mut_slice() }, 99, 0);
+        agent.write(&local, &all, &remote, &all, soon()).unwrap().wait().unwrap();
+        buf.fill(0);
+        agent.read(&local, &all, &remote, &all, soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec(), 99, 0), None, "{provider}");
+    }
+
+    #[test]
+    fn fabric_tcp_blocks_move_both_ways_between_processes_byte_exact() {
+        blocks_move_both_ways("tcp");
+    }
+
+    #[test]
+    fn fabric_shm_blocks_move_both_ways_between_processes_byte_exact() {
+        blocks_move_both_ways("shm");
+    }
+
+    /// kill -9 of the target during a 1 GiB read: a typed error naming the peer, before the
+    /// deadline, and the agent then works with another peer.
+    fn killed_target(provider: &str, deadline: Duration, within: Duration) {
+        let len: u64 = 1 << 30;
+        let (agent, buf, _reg) = initiator_with(config(&format!("killer-{provider}"), provider), len as usize);
+        let local = agent.prepare_local(&[buf.region()]).unwrap();
+        let mut victim = serve("1G", 1, provider);
+        let peer = agent.connect_peer(&victim.side_channel, soon()).unwrap();
+        let remote = agent.prepare_remote(&peer, &[victim.region(0, len)]).unwrap();
+        // Warm the connection so the kill lands during the data, not the handshake.
+        let small = agent.prepare_remote(&peer, &[victim.region(0, 4096)]).unwrap();
+        let small_local = agent.prepare_local(&[MemRegion::host(buf.as_ptr(), 4096)]).unwrap();
+        agent.read(&small_local, &[0], &small, &[0], soon()).unwrap().wait().unwrap();
+
+        let xfer = agent.read(&local, &[0], &remote, &[0], Deadline::after(deadline)).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let killed_at = Instant::now();
+        victim.kill();
+        let err = xfer.wait().expect_err("1 GiB cannot cross in 30 ms");
+        let took = killed_at.elapsed();
+        eprintln!("{provider}: {err} ({took:?} after the kill)");
+        assert!(
+            matches!(err.code(), ErrorCode::PeerDisconnected | ErrorCode::PeerUnreachable | ErrorCode::Timeout),
+            "{provider}: unexpected error: {err}"
+        );
+        assert!(err.to_string().contains(&peer), "the error names the peer: {err}");
+        assert!(took < within, "{provider}: failed {took:?} after the kill; deadline was {deadline:?}");
+
+        let other = serve("4M", 5, provider);
+        let peer2 = agent.connect_peer(&other.side_channel, soon()).unwrap();
+        let remote2 = agent.prepare_remote(&peer2, &[other.region(0, 4096)]).unwrap();
+        agent.read(&small_local, &[0], &remote2, &[0], soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec()[..4096], 5, 0), None, "{provider}");
+    }
+
+    #[test]
+    fn fabric_tcp_killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on() {
+        // The provider sees the connection drop: the error comes long before the deadline.
+        killed_target("tcp", Duration::from_secs(60), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn fabric_shm_killing_the_target_mid_transfer_ends_by_the_deadline_and_the_agent_moves_on() {
+        // shm has no connection to lose: work queued to a dead process ends at the deadline.
+        killed_target("shm", Duration::from_secs(3), Duration::from_secs(5));
+    }
 }
