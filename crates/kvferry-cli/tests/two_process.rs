@@ -145,6 +145,12 @@ fn killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on() {
 fn the_target_process_rejects_forged_descriptors_and_keeps_serving() {
     let served = Served::start("1M", 3);
     let (agent, buf, _reg) = initiator("forger", 4096);
+    rejects_forged_descriptors(&served, &agent, &buf);
+}
+
+/// Metadata forged to claim more memory, then to carry a key the target never issued: typed
+/// rejections, nothing written, honest requests still served. `served` was filled with seed 3.
+fn rejects_forged_descriptors(served: &Served, agent: &Agent, buf: &HostBuffer) {
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
     let local = agent.prepare_local(&[MemRegion::host(buf.as_ptr(), 4096)]).unwrap();
     let honest = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
@@ -330,6 +336,20 @@ mod fabric {
         let remote2 = agent.prepare_remote(&peer2, &[other.region(0, 4096)]).unwrap();
         agent.read(&small_local, &[0], &remote2, &[0], soon()).unwrap().wait().unwrap();
         assert_eq!(pattern::first_mismatch(&buf.to_vec()[..4096], 5, 0), None, "{provider}");
+    }
+
+    #[test]
+    fn fabric_tcp_target_process_rejects_forged_descriptors_and_keeps_serving() {
+        let served = serve("1M", 3, "tcp");
+        let (agent, buf, _reg) = initiator_with(config("forger-tcp", "tcp"), 4096);
+        rejects_forged_descriptors(&served, &agent, &buf);
+    }
+
+    #[test]
+    fn fabric_shm_target_process_rejects_forged_descriptors_and_keeps_serving() {
+        let served = serve("1M", 3, "shm");
+        let (agent, buf, _reg) = initiator_with(config("forger-shm", "shm"), 4096);
+        rejects_forged_descriptors(&served, &agent, &buf);
     }
 
     #[test]

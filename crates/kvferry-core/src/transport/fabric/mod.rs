@@ -14,16 +14,17 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::ptr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use kvferry_fabric_sys as sys;
 
-use self::rail::{Part, Rail, RailOp};
+use self::rail::{CONFIRMED, Check, Part, REFUSED, Rail, RailOp, UNCHECKED};
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{
-    Batch, Endpoint, NotificationQueue, Op, PeerLink, RemoteRegion, TransferError, Transport, TransportKind,
+    Batch, Endpoint, NotificationQueue, Op, PeerLink, RejectReason, RemoteRegion, TransferError, Transport,
+    TransportKind,
 };
 
 /// The largest notification the fabric transport carries (it lands in a posted receive buffer).
@@ -328,6 +329,8 @@ struct LocalMr {
     region: MemRegion,
     /// Per rail: the registration id on that rail, and its local descriptor.
     rails: Vec<(u64, usize)>,
+    /// Per rail: the key peers use.
+    keys: Vec<u64>,
 }
 
 /// The key a peer needs: `version u8 | flags u8 | rails u8 | rails × key u64`. Flag bit 0: remote
@@ -390,21 +393,15 @@ impl FabricTransport {
     pub fn start(local_name: &str, config: FabricConfig, notifications: Arc<NotificationQueue>) -> Result<Self> {
         let infos = choose_rails(&config)?;
         let provider = infos[0].provider();
+        let local = LocalRegistry::default();
         let rails = infos
             .into_iter()
             .enumerate()
-            .map(|(i, info)| Rail::open(info, i, notifications.clone()).map(Arc::new))
+            .map(|(i, info)| Rail::open(info, i, notifications.clone(), local.clone()).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let addresses: Vec<&[u8]> = rails.iter().map(|r| r.address.as_slice()).collect();
         let endpoint = Endpoint { kind: TransportKind::Fabric, address: encode_endpoint(&provider, &addresses) };
-        Ok(FabricTransport {
-            local_name: local_name.into(),
-            provider,
-            config,
-            rails,
-            endpoint,
-            local: LocalRegistry::default(),
-        })
+        Ok(FabricTransport { local_name: local_name.into(), provider, config, rails, endpoint, local })
     }
 
     /// The provider in use, e.g. `tcp;ofi_rxm`.
@@ -469,7 +466,7 @@ impl Transport for FabricTransport {
                 }
             }
         }
-        let mr = Arc::new(LocalMr { region, rails: ids });
+        let mr = Arc::new(LocalMr { region, rails: ids, keys: keys.clone() });
         self.local.write().unwrap().insert((region.addr, keys[0]), mr);
         Ok(encode_key(self.virt_addr(), &keys))
     }
@@ -515,6 +512,7 @@ impl Transport for FabricTransport {
             peer: peer.to_string(),
             endpoint: endpoint.address.as_str().into(),
             routes,
+            verdicts: (0..remote.len()).map(|_| AtomicU8::new(UNCHECKED)).collect(),
             remote,
             local: self.local.clone(),
             mr_local: self.rails[0].info.mr_local(),
@@ -533,6 +531,8 @@ struct FabricLink {
     routes: Vec<(Arc<Rail>, sys::fi_addr_t)>,
     /// The peer's regions (by index in its metadata) and their keys; `None` where not open to us.
     remote: Vec<Option<(MemRegion, RemoteKey)>>,
+    /// Per remote region: whether its owner confirmed the keys and range (see `rail::Check`).
+    verdicts: Arc<[AtomicU8]>,
     local: LocalRegistry,
     mr_local: bool,
     stripe_min_bytes: u64,
@@ -564,9 +564,32 @@ impl PeerLink for FabricLink {
     fn post(&self, batch: Batch) -> Result<()> {
         let op = batch.completion.op();
         let rails = self.routes.len();
+        let mut checks: Vec<Check> = Vec::new();
+        for (index, o) in batch.ops.iter().enumerate() {
+            let region = o.remote_region;
+            match self.verdicts.get(region as usize).map(|v| v.load(Ordering::Acquire)) {
+                Some(CONFIRMED) | None => {}
+                Some(UNCHECKED) => {
+                    if let (Some(Some((r, key))), false) =
+                        (self.remote.get(region as usize), checks.iter().any(|c| c.region == region))
+                    {
+                        let (addr, len, keys) = (r.addr, r.len, key.keys.clone());
+                        checks.push(Check { region, first_op: index as u32, addr, len, keys });
+                    }
+                }
+                Some(refused) => {
+                    let reason = RejectReason::from_wire(refused - REFUSED).unwrap_or(RejectReason::UnknownKey);
+                    let e = TransferError::Rejected { peer: self.peer.clone(), op, index: index as u32, reason };
+                    batch.completion.set_parts(1);
+                    batch.completion.part_done(Err(e));
+                    return Ok(());
+                }
+            }
+        }
         let total: u64 = batch.ops.iter().map(|o| o.len).sum();
-        // Split the bytes into one share per rail when the batch is large enough to gain from it.
-        let (stripes, share) = match rails > 1 && total >= self.stripe_min_bytes {
+        // Split the bytes into one share per rail when the batch is large enough to gain from it;
+        // a batch that first checks regions runs on one rail, where the answer arrives.
+        let (stripes, share) = match rails > 1 && total >= self.stripe_min_bytes && checks.is_empty() {
             true => (rails, total.div_ceil(rails as u64)),
             false => (1, u64::MAX),
         };
@@ -622,6 +645,9 @@ impl PeerLink for FabricLink {
                 op,
                 dest: *dest,
                 ops,
+                checks: std::mem::take(&mut checks),
+                verdicts: self.verdicts.clone(),
+                reply_to: rail_handle.address.as_slice().into(),
                 completion: batch.completion.clone(),
                 _keep_alive: batch.keep_alive.clone(),
                 from: self.from.clone(),

@@ -8,17 +8,17 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::CStr;
 use std::ptr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kvferry_fabric_sys as sys;
 
-use super::{FabricError, Info, check, fi_error_text, transfer_error};
+use super::{FabricError, Info, LocalRegistry, check, fi_error_text, transfer_error};
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
-use crate::transport::{Completion, NotificationQueue, Op, PartOutcome, TransferError};
+use crate::transport::{Completion, NotificationQueue, Op, PartOutcome, RejectReason, TransferError};
 
 /// Posted receive buffers per rail for notifications, and the size of each: the sender's name
 /// (`u16` length) and the largest notification.
@@ -55,7 +55,36 @@ pub(super) struct Part {
     /// The sending agent's name, put in front of a notification.
     pub from: Arc<str>,
     pub endpoint: Arc<str>,
+    /// Remote regions to confirm with their owner before the first access (see [`Check`]).
+    pub checks: Vec<Check>,
+    /// The link's verdict per remote region, updated from the owner's answer.
+    pub verdicts: Arc<[AtomicU8]>,
+    /// This rail's own address, where the owner sends its answer.
+    pub reply_to: Arc<[u8]>,
 }
+
+/// A remote region (index `region` in the peer's metadata) whose keys this link has not yet
+/// confirmed with the peer. Providers differ in how they report a refused access (`shm` 1.17 never
+/// answers one; `tcp;ofi_rxm` drops the connection), so the owner confirms each region's keys and
+/// range once per link, and a forged descriptor fails with a typed rejection before any access.
+pub(super) struct Check {
+    pub region: u32,
+    /// The first op of the batch that uses the region, for the error.
+    pub first_op: u32,
+    pub addr: u64,
+    pub len: u64,
+    pub keys: Vec<u64>,
+}
+
+/// A region's verdict: not yet asked, confirmed, or `REFUSED + RejectReason::to_wire()`.
+pub(super) const UNCHECKED: u8 = 0;
+pub(super) const CONFIRMED: u8 = 1;
+pub(super) const REFUSED: u8 = 16;
+
+/// Message kinds, the first byte of every message between rails.
+const MSG_NOTIFY: u8 = 1;
+const MSG_CHECK: u8 = 2;
+const MSG_CHECKED: u8 = 3;
 
 pub(super) struct RegisteredMr {
     pub id: u64,
@@ -101,7 +130,12 @@ impl CommandQueue {
 }
 
 impl Rail {
-    pub fn open(info: Info, index: usize, notifications: Arc<NotificationQueue>) -> Result<Rail> {
+    pub fn open(
+        info: Info,
+        index: usize,
+        notifications: Arc<NotificationQueue>,
+        registry: LocalRegistry,
+    ) -> Result<Rail> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_info = info.clone();
         let bytes = Arc::new(AtomicU64::new(0));
@@ -120,7 +154,8 @@ impl Rail {
                         wakeable_cq: if objects.cq_waits { objects.cq as usize } else { 0 },
                     });
                     let mut progress =
-                        match Progress::new(objects, thread_info, queue.clone(), notifications, thread_bytes) {
+                        match Progress::new(objects, thread_info, queue.clone(), notifications, thread_bytes, registry)
+                        {
                             Ok(p) => p,
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e));
@@ -266,8 +301,15 @@ struct OpContext {
 
 enum Pending {
     Access(Rc<RefCell<PartRun>>),
-    Notify { completion: Arc<Completion>, _message: Vec<u8>, mr: *mut sys::fid_mr },
-    Recv { slot: usize },
+    /// A message; `completion` is the batch a notification settles.
+    Send {
+        completion: Option<Arc<Completion>>,
+        _message: Vec<u8>,
+        mr: *mut sys::fid_mr,
+    },
+    Recv {
+        slot: usize,
+    },
 }
 
 /// A part whose operations are in flight.
@@ -293,6 +335,13 @@ struct Progress {
     recv_mr: *mut sys::fid_mr,
     last_activity: Instant,
     bytes: Arc<AtomicU64>,
+    /// The transport's registrations, to answer peers' checks.
+    registry: LocalRegistry,
+    /// Peers' rail addresses already in the address vector (for answers).
+    known: HashMap<Vec<u8>, sys::fi_addr_t>,
+    /// Parts waiting for the answer to their check, by query id.
+    parked: HashMap<u64, Part>,
+    next_query: u64,
 }
 
 impl Progress {
@@ -302,6 +351,7 @@ impl Progress {
         queue: Arc<CommandQueue>,
         notifications: Arc<NotificationQueue>,
         bytes: Arc<AtomicU64>,
+        registry: LocalRegistry,
     ) -> Result<Progress> {
         let mut p = Progress {
             objects,
@@ -315,6 +365,10 @@ impl Progress {
             recv_mr: ptr::null_mut(),
             last_activity: Instant::now(),
             bytes,
+            registry,
+            known: HashMap::new(),
+            parked: HashMap::new(),
+            next_query: 1,
         };
         if p.info.mr_local() {
             let region = MemRegion::host(p.recv_buffer.as_ptr(), p.recv_buffer.len());
@@ -333,9 +387,13 @@ impl Progress {
         while !self.queue.stop.load(Ordering::Acquire) {
             let mut busy = self.drain_commands();
             busy |= self.poll(&mut entries) > 0;
+            self.expire_parked();
             if busy {
                 self.last_activity = Instant::now();
-            } else if self.live.len() > RECV_SLOTS || self.last_activity.elapsed() < SPIN_AFTER_ACTIVITY {
+            } else if self.live.len() > RECV_SLOTS
+                || !self.parked.is_empty()
+                || self.last_activity.elapsed() < SPIN_AFTER_ACTIVITY
+            {
                 // Operations in flight, or recent traffic: keep polling, but let the other side
                 // of a same-host transfer run.
                 thread::yield_now();
@@ -516,6 +574,9 @@ impl Progress {
         if let Some(e) = part.completion.skip_reason() {
             return self.part_finished(part, Some(e));
         }
+        if !part.checks.is_empty() {
+            return self.send_check(part);
+        }
         if part.ops.is_empty() {
             return self.part_finished(part, None);
         }
@@ -590,44 +651,172 @@ impl Progress {
     }
 
     fn send_notification(&mut self, part: &Part, data: Vec<u8>) {
-        let completion = part.completion.clone();
-        let mut message = Vec::with_capacity(2 + part.from.len() + data.len());
+        let mut message = Vec::with_capacity(3 + part.from.len() + data.len());
+        message.push(MSG_NOTIFY);
         message.extend_from_slice(&(part.from.len() as u16).to_le_bytes());
         message.extend_from_slice(part.from.as_bytes());
         message.extend_from_slice(&data);
-        // Providers with FI_MR_LOCAL need the message registered; it is a few bytes, once a batch.
-        let mr = match self.info.mr_local() {
-            true => match self.reg_mr(MemRegion::host(message.as_ptr(), message.len()), 0, sys::FI_SEND as u64) {
-                Ok(mr) => mr,
-                Err(e) => {
-                    let detail = format!("registering the notification: {e}");
-                    return completion.finish(Err(transfer_error(part, 0, detail)));
+        if let Err((code, detail)) = self.send(part.dest, message, Some(part.completion.clone())) {
+            part.completion.finish(Err(transfer_error(part, code, detail)));
+        }
+    }
+
+    /// Ask the peer to confirm the part's regions; the part waits for the answer.
+    fn send_check(&mut self, part: Part) {
+        let query = self.next_query;
+        self.next_query += 1;
+        let mut message = vec![MSG_CHECK];
+        message.extend_from_slice(&query.to_le_bytes());
+        message.extend_from_slice(&(part.reply_to.len() as u16).to_le_bytes());
+        message.extend_from_slice(&part.reply_to);
+        message.extend_from_slice(&(part.checks.len() as u16).to_le_bytes());
+        for c in &part.checks {
+            message.extend_from_slice(&c.addr.to_le_bytes());
+            message.extend_from_slice(&c.len.to_le_bytes());
+            message.push(c.keys.len() as u8);
+            c.keys.iter().for_each(|k| message.extend_from_slice(&k.to_le_bytes()));
+        }
+        match self.send(part.dest, message, None) {
+            Ok(()) => {
+                self.parked.insert(query, part);
+            }
+            Err((code, detail)) => {
+                let e = transfer_error(&part, code, detail);
+                self.part_finished(part, Some(e));
+            }
+        }
+    }
+
+    /// The peer's answer to a check: record the verdicts, then run the part or refuse it.
+    fn checked(&mut self, message: &[u8]) -> Option<()> {
+        let query = u64::from_le_bytes(message.get(1..9)?.try_into().ok()?);
+        let count = u16::from_le_bytes(message.get(9..11)?.try_into().ok()?) as usize;
+        let verdicts = message.get(11..11 + count)?;
+        let mut part = self.parked.remove(&query)?;
+        if verdicts.len() != part.checks.len() {
+            return None;
+        }
+        let mut refusal = None;
+        for (c, &v) in part.checks.iter().zip(verdicts) {
+            part.verdicts[c.region as usize].store(v, Ordering::Release);
+            if let (None, Some(reason)) = (&refusal, v.checked_sub(REFUSED).and_then(RejectReason::from_wire)) {
+                refusal = Some(TransferError::Rejected {
+                    peer: part.completion.peer().to_string(),
+                    op: part.op,
+                    index: c.first_op,
+                    reason,
+                });
+            }
+        }
+        part.checks.clear();
+        match refusal {
+            Some(e) => self.part_finished(part, Some(e)),
+            None => self.start(part),
+        }
+        Some(())
+    }
+
+    /// Answer a peer's check against this transport's registrations.
+    fn answer_check(&mut self, message: &[u8]) -> Option<()> {
+        let mut r = Reader(message.get(1..)?);
+        let query = r.u64()?;
+        let reply_len = r.u16()? as usize;
+        let reply_to = r.take(reply_len)?.to_vec();
+        let count = r.u16()? as usize;
+        let mut answer = vec![MSG_CHECKED];
+        answer.extend_from_slice(&query.to_le_bytes());
+        answer.extend_from_slice(&(count as u16).to_le_bytes());
+        {
+            let registry = self.registry.read().unwrap();
+            for _ in 0..count {
+                let (addr, len) = (r.u64()?, r.u64()?);
+                let keys: Vec<u64> = (0..r.take(1)?[0]).map(|_| r.u64()).collect::<Option<_>>()?;
+                let verdict = match registry.values().find(|mr| mr.keys == keys) {
+                    None => REFUSED + RejectReason::UnknownKey.to_wire(),
+                    Some(mr) if !mr.region.contains(addr, len) => REFUSED + RejectReason::OutOfRange.to_wire(),
+                    Some(_) => CONFIRMED,
+                };
+                answer.push(verdict);
+            }
+        }
+        let dest = match self.known.get(&reply_to) {
+            Some(&a) => a,
+            None => {
+                let mut fi_addr = sys::FI_ADDR_UNSPEC;
+                let ret = unsafe {
+                    sys::kvferry_fi_av_insert(
+                        self.objects.av,
+                        reply_to.as_ptr().cast(),
+                        1,
+                        &mut fi_addr,
+                        0,
+                        ptr::null_mut(),
+                    )
+                };
+                if ret != 1 {
+                    tracing::warn!("fabric: cannot answer a check: fi_av_insert: {}", fi_error_text(ret));
+                    return Some(());
                 }
-            },
+                self.known.insert(reply_to, fi_addr);
+                fi_addr
+            }
+        };
+        if let Err((_, detail)) = self.send(dest, answer, None) {
+            tracing::warn!("fabric: cannot answer a check: {detail}");
+        }
+        Some(())
+    }
+
+    /// Parts whose check has not been answered by their deadline (or that were cancelled) fail.
+    fn expire_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let expired: Vec<u64> =
+            self.parked.iter().filter(|(_, p)| p.completion.skip_reason().is_some()).map(|(q, _)| *q).collect();
+        for q in expired {
+            let part = self.parked.remove(&q).expect("listed above");
+            let e = part.completion.skip_reason();
+            self.part_finished(part, e);
+        }
+    }
+
+    /// Send a message; `completion` (a notification's batch) settles when the send completes.
+    fn send(
+        &mut self,
+        dest: sys::fi_addr_t,
+        message: Vec<u8>,
+        completion: Option<Arc<Completion>>,
+    ) -> std::result::Result<(), (i32, String)> {
+        // Providers with FI_MR_LOCAL need the message registered; it is small and rare.
+        let mr = match self.info.mr_local() {
+            true => self
+                .reg_mr(MemRegion::host(message.as_ptr(), message.len()), 0, sys::FI_SEND as u64)
+                .map_err(|e| (0, format!("registering a message: {e}")))?,
             false => ptr::null_mut(),
         };
         let iov = libc::iovec { iov_base: message.as_ptr() as *mut libc::c_void, iov_len: message.len() };
         let mut desc = self.mr_desc(mr);
-        let ctx = self.context(Pending::Notify { completion: completion.clone(), _message: message, mr });
+        let ctx = self.context(Pending::Send { completion, _message: message, mr });
         let msg = sys::fi_msg {
             msg_iov: (&iov as *const libc::iovec).cast(),
             desc: &mut desc,
             iov_count: 1,
-            addr: part.dest,
+            addr: dest,
             context: ctx.cast(),
             data: 0,
         };
         let ret = self.retry(|ep| unsafe { sys::kvferry_fi_sendmsg(ep, &msg, 0) });
         if ret != 0 {
             self.release(ctx);
-            let detail = format!("fi_sendmsg: {}", fi_error_text(ret as i32));
-            completion.finish(Err(transfer_error(part, (-ret) as i32, detail)));
+            return Err(((-ret) as i32, format!("fi_sendmsg: {}", fi_error_text(ret as i32))));
         }
+        Ok(())
     }
 
     /// Free a context that will not complete, closing what it holds.
     fn release(&mut self, ctx: *mut OpContext) {
-        if let Pending::Notify { mr, .. } = self.forget(ctx) {
+        if let Pending::Send { mr, .. } = self.forget(ctx) {
             if !mr.is_null() {
                 unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
             }
@@ -682,19 +871,30 @@ impl Progress {
                 run.borrow_mut().in_flight -= 1;
                 self.maybe_finish(run);
             }
-            Pending::Notify { completion, mr, .. } => {
+            Pending::Send { completion, mr, .. } => {
                 if !mr.is_null() {
                     unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
                 }
-                let peer = completion.peer().to_string();
-                completion.finish(
-                    result.map(drop).map_err(|(code, detail)| super::classify(&peer, Op::Notify, "", code, detail)),
-                );
+                if let Some(completion) = completion {
+                    let peer = completion.peer().to_string();
+                    let result = result.map(drop);
+                    completion
+                        .finish(result.map_err(|(code, cause)| super::classify(&peer, Op::Notify, "", code, cause)));
+                }
             }
             Pending::Recv { slot } => {
                 if let Ok(len) = result {
                     let start = slot * RECV_SLOT_BYTES;
-                    self.deliver(&self.recv_buffer[start..start + len.min(RECV_SLOT_BYTES)].to_vec());
+                    let message = self.recv_buffer[start..start + len.min(RECV_SLOT_BYTES)].to_vec();
+                    let handled = match message.first() {
+                        Some(&MSG_NOTIFY) => self.deliver(&message[1..]),
+                        Some(&MSG_CHECK) => self.answer_check(&message),
+                        Some(&MSG_CHECKED) => self.checked(&message),
+                        _ => None,
+                    };
+                    if handled.is_none() {
+                        tracing::warn!("fabric: dropped a malformed message of {} bytes", message.len());
+                    }
                 }
                 if !self.queue.stop.load(Ordering::Acquire) {
                     if let Err(e) = self.post_recv(slot) {
@@ -706,16 +906,12 @@ impl Progress {
     }
 
     /// Hand an incoming notification (`name_len u16 | name | data`) to the agent.
-    fn deliver(&self, message: &[u8]) {
-        let parsed = message.split_first_chunk::<2>().and_then(|(len, rest)| {
-            let len = u16::from_le_bytes(*len) as usize;
-            let name = std::str::from_utf8(rest.get(..len)?).ok()?;
-            Some((name.to_string(), rest[len..].to_vec()))
-        });
-        match parsed {
-            Some((from, data)) => self.notifications.push(crate::transport::Notification { from, data }),
-            None => tracing::warn!("fabric: dropped a malformed notification of {} bytes", message.len()),
-        }
+    fn deliver(&self, message: &[u8]) -> Option<()> {
+        let mut r = Reader(message);
+        let len = r.u16()? as usize;
+        let from = std::str::from_utf8(r.take(len)?).ok()?.to_string();
+        self.notifications.push(crate::transport::Notification { from, data: r.0.to_vec() });
+        Some(())
     }
 }
 
@@ -735,5 +931,24 @@ impl Drop for Progress {
         if !self.recv_mr.is_null() {
             unsafe { sys::kvferry_fi_close(&mut (*self.recv_mr).fid) };
         }
+    }
+}
+
+/// Little-endian fields off the front of a message; `None` when it is too short.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 }

@@ -80,33 +80,44 @@ fn shm_provider_moves_blocks_both_ways_byte_exact() {
     move_blocks("shm");
 }
 
-/// A key the target never issued is refused by the target's provider; nothing changes and the
-/// honest key keeps working.
+/// A key the target never issued, or a range beyond its registration, is refused by the owner
+/// with a typed rejection before any access; nothing changes and honest requests keep working.
 fn forged_key(provider: &str) {
     let (a, b) = (agent(&format!("{provider}-honest"), provider), agent(&format!("{provider}-t"), provider));
-    let (abuf, bbuf) = (buffer(4096), buffer(4096));
-    bbuf.write_at(0, &pattern(4096, 3)).unwrap();
+    let (abuf, bbuf) = (buffer(4096), buffer(8192));
+    bbuf.write_at(0, &pattern(8192, 3)).unwrap();
     let (_ra, _rb) = (a.register(abuf.clone()).unwrap(), b.register(bbuf.clone()).unwrap());
     let honest = a.add_peer(&b.metadata()).unwrap();
+    let local = a.prepare_local(&[abuf.region()]).unwrap();
+    abuf.write_at(0, &[0xee; 4096]).unwrap();
+
     let mut md = AgentMetadata::decode(&b.metadata()).unwrap();
     md.name = format!("{provider}-forged");
+    md.regions[0].region.len *= 4; // claims memory beyond the registration
+    let forged = a.add_peer(&md.encode()).unwrap();
+    let beyond = MemRegion::host(unsafe { bbuf.as_ptr().add(8192) }, 4096);
+    let remote = a.prepare_remote(&forged, &[beyond]).unwrap();
+    let e = a.write(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RemoteOutOfRange, "{provider}: {e}");
+
     let key = &mut md.regions[0].keys.iter_mut().find(|(k, _)| *k == TransportKind::Fabric).unwrap().1;
     key[5] ^= 0x5a; // inside the rail-0 key
-    let forged = a.add_peer(&md.encode()).unwrap();
-
-    let local = a.prepare_local(&[abuf.region()]).unwrap();
-    let remote = a.prepare_remote(&forged, &[bbuf.region()]).unwrap();
-    abuf.write_at(0, &[0xee; 4096]).unwrap();
-    let e = a.write(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
-    assert_eq!(e.code(), ErrorCode::FabricRemoteAccess, "{provider}: {e}");
-    assert!(e.to_string().contains(&forged), "the error names the peer: {e}");
+    md.generation += 1;
+    a.add_peer(&md.encode()).unwrap();
+    let remote = a.prepare_remote(&forged, &[MemRegion::host(bbuf.as_ptr(), 4096)]).unwrap();
+    for _ in 0..2 {
+        // The second time the refusal is already known and nothing is sent.
+        let e = a.write(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RemoteUnknownKey, "{provider}: {e}");
+        assert!(e.to_string().contains(&forged), "the error names the peer: {e}");
+    }
     let e = a.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
-    assert_eq!(e.code(), ErrorCode::FabricRemoteAccess, "{provider}: {e}");
-    assert_eq!(bbuf.to_vec(), pattern(4096, 3), "{provider}: the refused write changed nothing");
+    assert_eq!(e.code(), ErrorCode::RemoteUnknownKey, "{provider}: {e}");
+    assert_eq!(bbuf.to_vec(), pattern(8192, 3), "{provider}: the refused writes changed nothing");
 
-    let remote = a.prepare_remote(&honest, &[bbuf.region()]).unwrap();
+    let remote = a.prepare_remote(&honest, &[MemRegion::host(bbuf.as_ptr(), 4096)]).unwrap();
     a.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
-    assert_eq!(abuf.to_vec(), pattern(4096, 3), "{provider}");
+    assert_eq!(abuf.to_vec(), pattern(8192, 3)[..4096], "{provider}");
 }
 
 #[test]
@@ -135,20 +146,27 @@ fn large_batches_stripe_across_two_rails_byte_exact() {
     a.register(abuf.region(), Arc::new(())).unwrap();
     let key = b.register(bbuf.region(), Arc::new(())).unwrap();
     let link = a.link("striped", &b.endpoint(), vec![RemoteRegion { region: bbuf.region(), key }]).unwrap();
+    let post = |ops: Vec<XferOp>, len: u64| {
+        let completion = Arc::new(Completion::new("striped", Op::Write, len, None, soon()));
+        link.post(Batch { ops, completion: completion.clone(), keep_alive: Arc::new(()) }).unwrap();
+        completion.wait().unwrap();
+    };
+    // The first batch on a region has the owner confirm it, on one rail.
+    let (local_base, remote_base) = (abuf.as_ptr() as u64, bbuf.as_ptr() as u64);
+    post(vec![XferOp { local_addr: local_base, remote_region: 0, remote_addr: remote_base, len: 4096 }], 4096);
+    let before = a.rail_bytes();
     // Two ops of 4 MiB: one single op is also cut between the rails.
     let ops: Vec<XferOp> = [(0u64, LEN as u64 / 2), (LEN as u64 / 2, LEN as u64 / 2)]
         .iter()
         .map(|&(off, len)| XferOp {
-            local_addr: abuf.as_ptr() as u64 + off,
+            local_addr: local_base + off,
             remote_region: 0,
-            remote_addr: bbuf.as_ptr() as u64 + (LEN as u64 / 2 - off),
+            remote_addr: remote_base + (LEN as u64 / 2 - off),
             len,
         })
         .collect();
-    let completion = Arc::new(Completion::new("striped", Op::Write, LEN as u64, None, soon()));
-    link.post(Batch { ops, completion: completion.clone(), keep_alive: Arc::new(()) }).unwrap();
-    completion.wait().unwrap();
-    let per_rail = a.rail_bytes();
+    post(ops, LEN as u64);
+    let per_rail: Vec<u64> = a.rail_bytes().iter().zip(&before).map(|(after, before)| after - before).collect();
     assert_eq!(per_rail.iter().sum::<u64>(), LEN as u64);
     assert!(per_rail.iter().all(|&b| b > 0), "both rails carried data: {per_rail:?}");
     let (got, want) = (bbuf.to_vec(), pattern(LEN, 9));
