@@ -13,8 +13,11 @@ fi
 
 # System packages the build and tests use.
 packages=(build-essential pkg-config)
+# The fabric transport: libfabric >= 1.17 headers and library, and fi_info.
+packages+=(libfabric-dev libfabric-bin)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
 features=()
+features+=(kvferry-cli/fabric)
 feature_args=()
 ((${#features[@]})) && feature_args=(--features "${features[*]}")
 missing=()
@@ -65,6 +68,13 @@ sentinels=(
     killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on
     blocks_move_both_ways_between_processes_byte_exact
     regions_match_reference
+    fabric_tcp_blocks_move_both_ways_between_processes_byte_exact
+    fabric_shm_blocks_move_both_ways_between_processes_byte_exact
+    fabric_tcp_killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on
+    fabric_shm_killing_the_target_mid_transfer_ends_by_the_deadline_and_the_agent_moves_on
+    fabric_tcp_target_process_rejects_forged_descriptors_and_keeps_serving
+    fabric_shm_target_process_rejects_forged_descriptors_and_keeps_serving
+    large_batches_stripe_across_two_rails_byte_exact
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }
