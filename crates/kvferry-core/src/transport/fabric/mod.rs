@@ -30,6 +30,9 @@ use crate::transport::{
 /// The largest notification the fabric transport carries (it lands in a posted receive buffer).
 pub const MAX_NOTIFICATION: u64 = 64 * 1024;
 
+/// Rails per transport at most (a key holds one `u64` per rail).
+pub const MAX_RAILS: usize = 16;
+
 /// Providers in the order "best available" tries them: hardware first, then TCP. `shm` only
 /// reaches the same host, so it is used only when named.
 const PREFERRED: &[&str] = &["cxi", "efa", "verbs", "psm3", "opx", "tcp"];
@@ -38,7 +41,8 @@ const PREFERRED: &[&str] = &["cxi", "efa", "verbs", "psm3", "opx", "tcp"];
 pub struct FabricConfig {
     /// Provider by name (`verbs`, `efa`, `cxi`, `tcp`, `shm`, ...); `None` picks the best available.
     pub provider: Option<String>,
-    /// Use at most this many domains (NICs) of the provider; large batches are striped across them.
+    /// Use at most this many domains (NICs) of the provider (up to [`MAX_RAILS`]); large batches
+    /// are striped across them.
     pub rails: usize,
     /// Use only these domains (e.g. `mlx5_0`, `lo`), in this order; empty means any.
     pub domains: Vec<String>,
@@ -172,6 +176,19 @@ impl Info {
 
     pub fn mr_mode(&self) -> i32 {
         unsafe { (*(*self.0).domain_attr).mr_mode }
+    }
+
+    /// How many ops one RMA message may carry: the smaller of the local and remote scatter-gather
+    /// limits.
+    pub fn max_iov(&self) -> usize {
+        let tx = unsafe { &*(*self.0).tx_attr };
+        tx.iov_limit.min(tx.rma_iov_limit).max(1)
+    }
+
+    /// Whether the provider applies RMA writes to the same target in the order they were posted.
+    pub fn ordered_writes(&self) -> bool {
+        let order = unsafe { (*(*self.0).tx_attr).msg_order };
+        order & (sys::FI_ORDER_WAW as u64 | sys::FI_ORDER_RMA_WAW) != 0
     }
 
     pub fn mr_local(&self) -> bool {
@@ -308,7 +325,7 @@ fn choose_rails(config: &FabricConfig) -> Result<Vec<Info>> {
     if !config.domains.is_empty() {
         rails.sort_by_key(|r| config.domains.iter().position(|d| *d == r.domain()));
     }
-    rails.truncate(config.rails.max(1));
+    rails.truncate(config.rails.clamp(1, MAX_RAILS));
     if rails.is_empty() {
         let found = get_infos(config.hmem)?.iter().map(Info::provider).collect::<std::collections::BTreeSet<_>>();
         let found = match found.is_empty() {
@@ -399,7 +416,7 @@ impl FabricTransport {
             .enumerate()
             .map(|(i, info)| Rail::open(info, i, notifications.clone(), local.clone()).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        let addresses: Vec<&[u8]> = rails.iter().map(|r| r.address.as_slice()).collect();
+        let addresses: Vec<&[u8]> = rails.iter().map(|r| &r.address[..]).collect();
         let endpoint = Endpoint { kind: TransportKind::Fabric, address: encode_endpoint(&provider, &addresses) };
         Ok(FabricTransport { local_name: local_name.into(), provider, config, rails, endpoint, local })
     }
@@ -586,6 +603,15 @@ impl PeerLink for FabricLink {
                 }
             }
         }
+        if checks.len() > rail::MAX_CHECKS {
+            return Err(Error::InvalidArgument(format!(
+                "a batch may touch at most {} remote regions of peer {} not yet used on this link; this one \
+                 touches {} (post a smaller batch first)",
+                rail::MAX_CHECKS,
+                self.peer,
+                checks.len()
+            )));
+        }
         let total: u64 = batch.ops.iter().map(|o| o.len).sum();
         // Split the bytes into one share per rail when the batch is large enough to gain from it;
         // a batch that first checks regions runs on one rail, where the answer arrives.
@@ -647,7 +673,7 @@ impl PeerLink for FabricLink {
                 ops,
                 checks: std::mem::take(&mut checks),
                 verdicts: self.verdicts.clone(),
-                reply_to: rail_handle.address.as_slice().into(),
+                reply_to: rail_handle.address.clone(),
                 completion: batch.completion.clone(),
                 _keep_alive: batch.keep_alive.clone(),
                 from: self.from.clone(),

@@ -81,6 +81,10 @@ pub(super) const UNCHECKED: u8 = 0;
 pub(super) const CONFIRMED: u8 = 1;
 pub(super) const REFUSED: u8 = 16;
 
+/// The most regions one check message asks about: it must fit a receive buffer with every rail's
+/// key for each region (17 + 8 × rails bytes each).
+pub(super) const MAX_CHECKS: usize = (RECV_SLOT_BYTES - 64) / (17 + 8 * super::MAX_RAILS);
+
 /// Message kinds, the first byte of every message between rails.
 const MSG_NOTIFY: u8 = 1;
 const MSG_CHECK: u8 = 2;
@@ -103,7 +107,7 @@ enum Command {
 pub(super) struct Rail {
     pub info: Info,
     /// This rail's endpoint name, as peers insert it into their address vectors.
-    pub address: Vec<u8>,
+    pub address: Arc<[u8]>,
     /// Bytes of remote accesses posted on this rail.
     pub bytes: Arc<AtomicU64>,
     queue: Arc<CommandQueue>,
@@ -122,6 +126,10 @@ struct CommandQueue {
 impl CommandQueue {
     fn push(&self, c: Command) {
         self.commands.lock().unwrap().push_back(c);
+        self.wake();
+    }
+
+    fn wake(&self) {
         self.posted.notify_one();
         if self.wakeable_cq != 0 {
             unsafe { sys::kvferry_fi_cq_signal(self.wakeable_cq as *mut sys::fid_cq) };
@@ -170,7 +178,7 @@ impl Rail {
         let (address, queue) = ready_rx
             .recv()
             .map_err(|_| Error::Io { context: "starting a fabric rail".into(), cause: "thread exited".into() })??;
-        Ok(Rail { info, address, bytes, queue, thread: Some(thread) })
+        Ok(Rail { info, address: address.into(), bytes, queue, thread: Some(thread) })
     }
 
     fn call<T>(&self, make: impl FnOnce(mpsc::Sender<T>) -> Command) -> Option<T> {
@@ -203,18 +211,9 @@ fn stopped() -> Error {
 impl Drop for Rail {
     fn drop(&mut self) {
         self.queue.stop.store(true, Ordering::Release);
-        self.queue.push_wake();
+        self.queue.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-    }
-}
-
-impl CommandQueue {
-    fn push_wake(&self) {
-        self.posted.notify_one();
-        if self.wakeable_cq != 0 {
-            unsafe { sys::kvferry_fi_cq_signal(self.wakeable_cq as *mut sys::fid_cq) };
         }
     }
 }
@@ -580,33 +579,50 @@ impl Progress {
         if part.ops.is_empty() {
             return self.part_finished(part, None);
         }
+        // Up to `per_message` ops share one message (local and remote scatter-gather lists of equal
+        // lengths pair up in order), which cuts the provider's per-message work.
+        let per_message = self.info.max_iov();
+        let ordered_writes = self.info.ordered_writes();
+        let (op, dest, count) = (part.op, part.dest, part.ops.len());
         let run = Rc::new(RefCell::new(PartRun { part, in_flight: 0, all_posted: false, error: None }));
-        let count = run.borrow().part.ops.len();
-        for i in 0..count {
-            let (op, dest, local_addr, mut desc, len, rma) = {
+        let mut first = 0;
+        while first < count {
+            let last = (first + per_message).min(count);
+            let (iov, mut desc, rma): (Vec<libc::iovec>, Vec<*mut libc::c_void>, Vec<sys::fi_rma_iov>) = {
                 let r = run.borrow();
-                let o = &r.part.ops[i];
-                let rma = sys::fi_rma_iov { addr: o.remote_addr, len: o.len as usize, key: o.remote_key };
-                (r.part.op, r.part.dest, o.local_addr, o.local_desc as *mut libc::c_void, o.len, rma)
+                let ops = &r.part.ops[first..last];
+                (
+                    ops.iter()
+                        .map(|o| libc::iovec { iov_base: o.local_addr as *mut libc::c_void, iov_len: o.len as usize })
+                        .collect(),
+                    ops.iter().map(|o| o.local_desc as *mut libc::c_void).collect(),
+                    ops.iter()
+                        .map(|o| sys::fi_rma_iov { addr: o.remote_addr, len: o.len as usize, key: o.remote_key })
+                        .collect(),
+                )
             };
-            let iov = libc::iovec { iov_base: local_addr as *mut libc::c_void, iov_len: len as usize };
+            let len: u64 = iov.iter().map(|v| v.iov_len as u64).sum();
             let ctx = self.context(Pending::Access(run.clone()));
             let msg = sys::fi_msg_rma {
-                msg_iov: (&iov as *const libc::iovec).cast(),
-                desc: &mut desc,
-                iov_count: 1,
+                msg_iov: iov.as_ptr().cast(),
+                desc: desc.as_mut_ptr(),
+                iov_count: iov.len(),
                 addr: dest,
-                rma_iov: &rma,
-                rma_iov_count: 1,
+                rma_iov: rma.as_ptr(),
+                rma_iov_count: rma.len(),
                 context: ctx.cast(),
                 data: 0,
             };
-            let more = if i + 1 < count { sys::FI_MORE as u64 } else { 0 };
-            // Writes complete only once the data is in the target's memory, so the notification
-            // sent after them cannot overtake it.
+            let more = if last < count { sys::FI_MORE as u64 } else { 0 };
+            // A part's writes complete only once the data is in the target's memory, so the
+            // notification sent after the batch cannot overtake it. Where the provider applies
+            // writes in order, asking that of the last write covers the ones before it.
+            let delivered = match ordered_writes && last < count {
+                true => 0,
+                false => sys::FI_DELIVERY_COMPLETE as u64,
+            };
             let ret = match op {
-                Op::Write => self
-                    .retry(|ep| unsafe { sys::kvferry_fi_writemsg(ep, &msg, more | sys::FI_DELIVERY_COMPLETE as u64) }),
+                Op::Write => self.retry(|ep| unsafe { sys::kvferry_fi_writemsg(ep, &msg, more | delivered) }),
                 _ => self.retry(|ep| unsafe { sys::kvferry_fi_readmsg(ep, &msg, more) }),
             };
             if ret != 0 {
@@ -619,6 +635,7 @@ impl Progress {
             }
             run.borrow_mut().in_flight += 1;
             self.bytes.fetch_add(len, Ordering::Relaxed);
+            first = last;
         }
         run.borrow_mut().all_posted = true;
         self.maybe_finish(run);
@@ -694,7 +711,10 @@ impl Progress {
         let verdicts = message.get(11..11 + count)?;
         let mut part = self.parked.remove(&query)?;
         if verdicts.len() != part.checks.len() {
-            return None;
+            let peer = part.completion.peer().to_string();
+            let detail = format!("{} verdicts for {} regions", verdicts.len(), part.checks.len());
+            self.part_finished(part, Some(TransferError::Protocol { peer, detail }));
+            return Some(());
         }
         let mut refusal = None;
         for (c, &v) in part.checks.iter().zip(verdicts) {
@@ -922,8 +942,14 @@ impl Drop for Progress {
             unsafe { sys::kvferry_fi_close(&mut (*self.objects.ep).fid) };
             self.objects.ep = ptr::null_mut();
         }
-        for ctx in std::mem::take(&mut self.live) {
-            self.release(ctx as *mut OpContext);
+        // Fail what is still in flight (its completions will never come), releasing its memory.
+        let closed = || (sys::FI_ECANCELED as i32, "the fabric transport was closed".to_string());
+        for ctx in self.live.iter().copied().collect::<Vec<_>>() {
+            self.complete(ctx as *mut OpContext, Err(closed()));
+        }
+        for (_, part) in std::mem::take(&mut self.parked) {
+            let e = transfer_error(&part, closed().0, closed().1);
+            self.part_finished(part, Some(e));
         }
         for (_, mr) in self.mrs.drain() {
             unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
