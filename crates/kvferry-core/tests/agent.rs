@@ -307,7 +307,8 @@ fn peers_find_each_other_through_the_side_channel() {
     let buf = buffer(7);
     let _reg = target.register(buf.clone()).unwrap();
     let addr = target.serve_side_channel("127.0.0.1:0".parse().unwrap()).unwrap();
-    let initiator = Agent::new(AgentConfig { name: "sc-initiator".into(), tcp: Some(TcpConfig::default()) }).unwrap();
+    let initiator =
+        Agent::new(AgentConfig { tcp: Some(TcpConfig::default()), ..AgentConfig::new("sc-initiator") }).unwrap();
     let peer = initiator.connect_peer(&addr.to_string(), soon()).unwrap();
     assert_eq!(peer, "sc-target");
     assert_eq!(initiator.peer_metadata(&peer).unwrap().regions[0].region, buf.region());
