@@ -79,10 +79,18 @@ fn soon() -> Deadline {
 
 #[test]
 fn blocks_move_both_ways_between_processes_byte_exact() {
-    const BLOCK: u64 = 64 * 1024;
-    const N: usize = 64;
     let served = Served::start("8M", 11);
-    let (agent, buf, _reg) = initiator("two-process", BLOCK as usize * N);
+    let (agent, buf, _reg) = initiator("two-process", BLOCK as usize * BLOCKS);
+    moves_blocks_both_ways(&served, &agent, &buf);
+}
+
+const BLOCK: u64 = 64 * 1024;
+const BLOCKS: usize = 64;
+
+/// Scattered READs checked against the pattern `served` was filled with (seed 11), then a WRITE
+/// read back. `buf` holds `BLOCKS` blocks.
+fn moves_blocks_both_ways(served: &Served, agent: &Agent, buf: &HostBuffer) {
+    const N: usize = BLOCKS;
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
     let local: Vec<MemRegion> = (0..N as u64)
         .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * BLOCK) as usize) }, BLOCK as usize))
@@ -262,35 +270,10 @@ mod fabric {
     }
 
     fn blocks_move_both_ways(provider: &str) {
-        const BLOCK: u64 = 64 * 1024;
-        const N: usize = 64;
         let served = serve("8M", 11, provider);
-        let (agent, buf, _reg) = initiator_with(config(&format!("fabric-{provider}"), provider), BLOCK as usize * N);
-        let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
-        let local: Vec<MemRegion> = (0..N as u64)
-            .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * BLOCK) as usize) }, BLOCK as usize))
-            .collect();
-        let remote: Vec<MemRegion> =
-            (0..(served.buffer_size / BLOCK)).map(|i| served.region(i * BLOCK, BLOCK)).collect();
-        let local = agent.prepare_local(&local).unwrap();
-        let remote = agent.prepare_remote(&peer, &remote).unwrap();
-
-        // READ: local block i ← remote block 2i + 1, checked against the pattern the server wrote.
-        let picks: Vec<usize> = (0..N).map(|i| 2 * i + 1).collect();
-        let all: Vec<usize> = (0..N).collect();
-        agent.read(&local, &all, &remote, &picks, soon()).unwrap().wait().unwrap();
-        let got = buf.to_vec();
-        for (i, &r) in picks.iter().enumerate() {
-            let block = &got[i * BLOCK as usize..(i + 1) * BLOCK as usize];
-            assert_eq!(pattern::first_mismatch(block, 11, r as u64 * BLOCK), None, "{provider}: block {i} ← {r}");
-        }
-
-        // WRITE a new pattern into remote blocks 0..N, then read it back into the local buffer.
-        pattern::fill(unsafe { buf.as_mut_slice() }, 99, 0);
-        agent.write(&local, &all, &remote, &all, soon()).unwrap().wait().unwrap();
-        buf.fill(0);
-        agent.read(&local, &all, &remote, &all, soon()).unwrap().wait().unwrap();
-        assert_eq!(pattern::first_mismatch(&buf.to_vec(), 99, 0), None, "{provider}");
+        let name = format!("fabric-{provider}");
+        let (agent, buf, _reg) = initiator_with(config(&name, provider), BLOCK as usize * BLOCKS);
+        moves_blocks_both_ways(&served, &agent, &buf);
     }
 
     #[test]

@@ -233,6 +233,14 @@ pub trait Transport: Send + Sync {
     fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>>;
 }
 
+/// Random bits for a registration key, from the OS: a peer cannot guess another registration's key.
+pub(crate) fn random_key<const N: usize>() -> Result<[u8; N]> {
+    let mut key = [0u8; N];
+    getrandom::fill(&mut key)
+        .map_err(|e| crate::error::Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
+    Ok(key)
+}
+
 /// A notification delivered after a batch's data is in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {

@@ -441,13 +441,6 @@ impl FabricTransport {
     }
 }
 
-fn random_u64() -> Result<u64> {
-    let mut key = [0u8; 8];
-    getrandom::fill(&mut key)
-        .map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
-    Ok(u64::from_le_bytes(key))
-}
-
 impl Transport for FabricTransport {
     fn kind(&self) -> TransportKind {
         TransportKind::Fabric
@@ -472,7 +465,7 @@ impl Transport for FabricTransport {
         let mut ids = Vec::with_capacity(self.rails.len());
         for rail in &self.rails {
             // Without FI_MR_PROV_KEY we choose the key: random, so a peer cannot guess another's.
-            match rail.register(region, random_u64()?) {
+            match rail.register(region, u64::from_le_bytes(crate::transport::random_key()?)) {
                 Ok(mr) => {
                     keys.push(mr.key);
                     ids.push((mr.id, mr.desc));

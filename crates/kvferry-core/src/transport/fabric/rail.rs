@@ -455,28 +455,21 @@ impl Progress {
                     let _ = reply.send(());
                 }
                 Command::Insert { address, reply } => {
-                    let mut fi_addr: sys::fi_addr_t = sys::FI_ADDR_UNSPEC;
-                    let ret = unsafe {
-                        sys::kvferry_fi_av_insert(
-                            self.objects.av,
-                            address.as_ptr().cast(),
-                            1,
-                            &mut fi_addr,
-                            0,
-                            ptr::null_mut(),
-                        )
-                    };
-                    let result = match ret {
-                        1 => Ok(fi_addr),
-                        r => {
-                            Err(FabricError::Call { call: "fi_av_insert", code: r.min(0), detail: fi_error_text(r) }
-                                .into())
-                        }
-                    };
-                    let _ = reply.send(result);
+                    let _ = reply.send(self.av_insert(&address));
                 }
                 Command::Post(part) => self.start(part),
             }
+        }
+    }
+
+    fn av_insert(&mut self, address: &[u8]) -> Result<sys::fi_addr_t> {
+        let mut fi_addr: sys::fi_addr_t = sys::FI_ADDR_UNSPEC;
+        let ret = unsafe {
+            sys::kvferry_fi_av_insert(self.objects.av, address.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut())
+        };
+        match ret {
+            1 => Ok(fi_addr),
+            r => Err(FabricError::Call { call: "fi_av_insert", code: r.min(0), detail: fi_error_text(r) }.into()),
         }
     }
 
@@ -761,25 +754,13 @@ impl Progress {
         }
         let dest = match self.known.get(&reply_to) {
             Some(&a) => a,
-            None => {
-                let mut fi_addr = sys::FI_ADDR_UNSPEC;
-                let ret = unsafe {
-                    sys::kvferry_fi_av_insert(
-                        self.objects.av,
-                        reply_to.as_ptr().cast(),
-                        1,
-                        &mut fi_addr,
-                        0,
-                        ptr::null_mut(),
-                    )
-                };
-                if ret != 1 {
-                    tracing::warn!("fabric: cannot answer a check: fi_av_insert: {}", fi_error_text(ret));
+            None => match self.av_insert(&reply_to) {
+                Ok(a) => *self.known.entry(reply_to).or_insert(a),
+                Err(e) => {
+                    tracing::warn!("fabric: cannot answer a check: {e}");
                     return Some(());
                 }
-                self.known.insert(reply_to, fi_addr);
-                fi_addr
-            }
+            },
         };
         if let Err((_, detail)) = self.send(dest, answer, None) {
             tracing::warn!("fabric: cannot answer a check: {detail}");

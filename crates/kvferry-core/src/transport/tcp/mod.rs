@@ -137,10 +137,7 @@ impl Transport for TcpTransport {
                 why: "the tcp transport moves host memory only".into(),
             });
         }
-        // 128 random bits: a peer cannot guess another registration's key.
-        let mut key = [0u8; 16];
-        getrandom::fill(&mut key)
-            .map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
+        let key: [u8; 16] = crate::transport::random_key()?;
         self.shared.keys.insert(u128::from_le_bytes(key), region, keep_alive);
         Ok(key.to_vec())
     }
