@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use kvferry_fabric_sys as sys;
 
 use super::{FabricError, Info, LocalRegistry, check, fi_error_text, transfer_error};
+use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{Completion, NotificationQueue, Op, PartOutcome, RejectReason, TransferError};
@@ -34,6 +35,8 @@ const IDLE_SLEEP: Duration = Duration::from_micros(50);
 /// Busy-poll this long after the last activity before waiting: back-to-back transfers then see no
 /// wake-up latency.
 const SPIN_AFTER_ACTIVITY: Duration = Duration::from_millis(2);
+/// How long posting a receive buffer or an answer to a peer's check may wait for queue space.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// One remote access of a part, resolved for this rail.
 pub(super) struct RailOp {
@@ -341,6 +344,9 @@ struct Progress {
     /// Parts waiting for the answer to their check, by query id.
     parked: HashMap<u64, Part>,
     next_query: u64,
+    /// The latest deadline of the parts posted so far: past it, operations still in flight are
+    /// stuck with a dead peer and no longer worth a spinning core.
+    spin_until: Option<Deadline>,
 }
 
 impl Progress {
@@ -368,6 +374,7 @@ impl Progress {
             known: HashMap::new(),
             parked: HashMap::new(),
             next_query: 1,
+            spin_until: None,
         };
         if p.info.mr_local() {
             let region = MemRegion::host(p.recv_buffer.as_ptr(), p.recv_buffer.len());
@@ -380,16 +387,14 @@ impl Progress {
     }
 
     fn run(&mut self) {
-        let mut entries =
-            [sys::fi_cq_data_entry { op_context: ptr::null_mut(), flags: 0, len: 0, buf: ptr::null_mut(), data: 0 };
-                CQ_BATCH];
+        let mut entries = empty_entries();
         while !self.queue.stop.load(Ordering::Acquire) {
             let mut busy = self.drain_commands();
             busy |= self.poll(&mut entries) > 0;
             self.expire_parked();
             if busy {
                 self.last_activity = Instant::now();
-            } else if self.live.len() > RECV_SLOTS
+            } else if (self.live.len() > RECV_SLOTS && self.spin_until.is_some_and(|d| !d.expired()))
                 || !self.parked.is_empty()
                 || self.last_activity.elapsed() < SPIN_AFTER_ACTIVITY
             {
@@ -524,7 +529,7 @@ impl Progress {
             context: ctx.cast(),
             data: 0,
         };
-        let ret = self.retry(|ep| unsafe { sys::kvferry_fi_recvmsg(ep, &msg, 0) });
+        let ret = self.retry(Deadline::after(HOUSEKEEPING), |ep| unsafe { sys::kvferry_fi_recvmsg(ep, &msg, 0) });
         if ret != 0 {
             self.forget(ctx);
             return check("fi_recvmsg", ret as i32);
@@ -547,15 +552,17 @@ impl Progress {
         unsafe { Box::from_raw(ctx) }.what
     }
 
-    /// Post with `post`, progressing the completion queue while the provider's queue is full.
-    fn retry(&mut self, mut post: impl FnMut(*mut sys::fid_ep) -> isize) -> isize {
-        let mut entries =
-            [sys::fi_cq_data_entry { op_context: ptr::null_mut(), flags: 0, len: 0, buf: ptr::null_mut(), data: 0 };
-                CQ_BATCH];
+    /// Post with `post`, progressing the completion queue while the provider's queue is full, until
+    /// `deadline` (a peer that went away can leave a provider answering `FI_EAGAIN` for good).
+    fn retry(&mut self, deadline: Deadline, mut post: impl FnMut(*mut sys::fid_ep) -> isize) -> isize {
+        let mut entries = empty_entries();
         loop {
             let ret = post(self.objects.ep);
             if ret != -(sys::FI_EAGAIN as isize) {
                 return ret;
+            }
+            if deadline.expired() {
+                return -(sys::FI_ETIMEDOUT as isize);
             }
             self.poll(&mut entries);
         }
@@ -576,7 +583,8 @@ impl Progress {
         // lengths pair up in order), which cuts the provider's per-message work.
         let per_message = self.info.max_iov();
         let ordered_writes = self.info.ordered_writes();
-        let (op, dest, count) = (part.op, part.dest, part.ops.len());
+        let (op, dest, count, deadline) = (part.op, part.dest, part.ops.len(), part.completion.deadline());
+        self.spin_until = Some(self.spin_until.map_or(deadline, |d| d.max(deadline)));
         let run = Rc::new(RefCell::new(PartRun { part, in_flight: 0, all_posted: false, error: None }));
         let mut first = 0;
         while first < count {
@@ -615,8 +623,8 @@ impl Progress {
                 false => sys::FI_DELIVERY_COMPLETE as u64,
             };
             let ret = match op {
-                Op::Write => self.retry(|ep| unsafe { sys::kvferry_fi_writemsg(ep, &msg, more | delivered) }),
-                _ => self.retry(|ep| unsafe { sys::kvferry_fi_readmsg(ep, &msg, more) }),
+                Op::Write => self.retry(deadline, |ep| unsafe { sys::kvferry_fi_writemsg(ep, &msg, more | delivered) }),
+                _ => self.retry(deadline, |ep| unsafe { sys::kvferry_fi_readmsg(ep, &msg, more) }),
             };
             if ret != 0 {
                 self.forget(ctx);
@@ -666,7 +674,8 @@ impl Progress {
         message.extend_from_slice(&(part.from.len() as u16).to_le_bytes());
         message.extend_from_slice(part.from.as_bytes());
         message.extend_from_slice(&data);
-        if let Err((code, detail)) = self.send(part.dest, message, Some(part.completion.clone())) {
+        let deadline = part.completion.deadline();
+        if let Err((code, detail)) = self.send(part.dest, message, Some(part.completion.clone()), deadline) {
             part.completion.finish(Err(transfer_error(part, code, detail)));
         }
     }
@@ -686,7 +695,7 @@ impl Progress {
             message.push(c.keys.len() as u8);
             c.keys.iter().for_each(|k| message.extend_from_slice(&k.to_le_bytes()));
         }
-        match self.send(part.dest, message, None) {
+        match self.send(part.dest, message, None, part.completion.deadline()) {
             Ok(()) => {
                 self.parked.insert(query, part);
             }
@@ -762,7 +771,7 @@ impl Progress {
                 }
             },
         };
-        if let Err((_, detail)) = self.send(dest, answer, None) {
+        if let Err((_, detail)) = self.send(dest, answer, None, Deadline::after(HOUSEKEEPING)) {
             tracing::warn!("fabric: cannot answer a check: {detail}");
         }
         Some(())
@@ -788,6 +797,7 @@ impl Progress {
         dest: sys::fi_addr_t,
         message: Vec<u8>,
         completion: Option<Arc<Completion>>,
+        deadline: Deadline,
     ) -> std::result::Result<(), (i32, String)> {
         // Providers with FI_MR_LOCAL need the message registered; it is small and rare.
         let mr = match self.info.mr_local() {
@@ -807,7 +817,7 @@ impl Progress {
             context: ctx.cast(),
             data: 0,
         };
-        let ret = self.retry(|ep| unsafe { sys::kvferry_fi_sendmsg(ep, &msg, 0) });
+        let ret = self.retry(deadline, |ep| unsafe { sys::kvferry_fi_sendmsg(ep, &msg, 0) });
         if ret != 0 {
             self.release(ctx);
             return Err(((-ret) as i32, format!("fi_sendmsg: {}", fi_error_text(ret as i32))));
@@ -939,6 +949,10 @@ impl Drop for Progress {
             unsafe { sys::kvferry_fi_close(&mut (*self.recv_mr).fid) };
         }
     }
+}
+
+fn empty_entries() -> [sys::fi_cq_data_entry; CQ_BATCH] {
+    [sys::fi_cq_data_entry { op_context: ptr::null_mut(), flags: 0, len: 0, buf: ptr::null_mut(), data: 0 }; CQ_BATCH]
 }
 
 /// Little-endian fields off the front of a message; `None` when it is too short.
