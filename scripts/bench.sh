@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Measures kvferry's TCP and shared-memory transports next to this machine's limits, in one run:
-# iperf3 on loopback (one stream and two), single-thread memcpy, then `kvferry bench`; then the tier
-# store next to fio (io_uring, O_DIRECT) at the same block sizes and queue depths, and memcpy.
-# Prints a Markdown summary for docs/benchmarks.md.
-# Usage: scripts/bench.sh [seconds per row] [all|tcp|tier]   (tcp: the transport rows, shm included)
+# Measures kvferry's transports next to this machine's limits, in one run: iperf3 on loopback (one
+# stream and two), single-thread memcpy, then `kvferry bench` (TCP, shared memory, and the fabric
+# transport over libfabric's tcp and shm providers; needs libfabric-dev); then the tier store next
+# to fio (io_uring, O_DIRECT) at the same block sizes and queue depths, and memcpy. Prints a
+# Markdown summary for docs/benchmarks.md.
+# Usage: scripts/bench.sh [seconds per row] [all|tcp|tier]   (tcp: the transport rows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-2}
@@ -17,7 +18,7 @@ if ((${#missing[@]})); then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
 fi
-cargo build --release -q -p kvferry-cli
+cargo build --release -q -p kvferry-cli --features fabric
 kvferry=target/release/kvferry
 out=$(mktemp -d)
 
@@ -46,6 +47,8 @@ for size in ${sizes//,/ }; do
             >"$out/near-$size-$n.json"
     done
 done
+$kvferry bench --transport fabric --provider tcp --block-sizes $sizes --batch-sizes 64 --min-time "$secs" --json >"$out/fabric_tcp.json"
+$kvferry bench --transport fabric --provider shm --block-sizes $sizes --batch-sizes 64 --min-time "$secs" --json >"$out/fabric_shm.json"
 
 python3 - "$out" <<'PY'
 import json, sys, os
@@ -55,7 +58,7 @@ iperf = lambda n: load(n)["end"]["sum_received"]["bits_per_second"] / 8e9
 i1, i2 = iperf("iperf1.json"), iperf("iperf2.json")
 print(f"iperf3 loopback: 1 stream {i1:.2f} GB/s, 2 streams {i2:.2f} GB/s\n")
 rows = {}
-for name in ["memcpy", "tcp1", "tcp2"]:
+for name in ["memcpy", "tcp1", "tcp2", "fabric_tcp", "fabric_shm"]:
     for r in load(name + ".json"):
         rows[(name, r["op"], r["block_size"])] = r
 print("| op | block × 64 | memcpy GB/s | tcp 1 stream GB/s | % of iperf3 ×1 | tcp 2 streams GB/s | % of iperf3 ×1 | % of iperf3 ×2 | p99 µs (2 streams) |")
@@ -76,6 +79,13 @@ for op in ["read", "write"]:
         print(f"| {op} | {block // 1024} KiB | {m['gbps']:.2f} | {t2['gbps']:.2f} | {sm['gbps']:.2f} "
               f"| {100 * sm['gbps'] / m['gbps']:.0f}% | {sc['gbps']:.2f} | {100 * sc['gbps'] / m['gbps']:.0f}% "
               f"| {sm['lat_p99_us']:.0f} |")
+print("\n| op | block × 64 | memcpy GB/s | kvferry tcp (2 streams) GB/s | fabric/tcp GB/s | % of kvferry tcp | fabric/shm GB/s | % of memcpy | p99 µs fabric/tcp / shm |")
+print("|---|---|---|---|---|---|---|---|---|")
+for op in ["read", "write"]:
+    for block in [16384, 131072, 1048576]:
+        m, t2, ft, fs = (rows[(n, op, block)] for n in ["memcpy", "tcp2", "fabric_tcp", "fabric_shm"])
+        print(f"| {op} | {block // 1024} KiB | {m['gbps']:.2f} | {t2['gbps']:.2f} | {ft['gbps']:.2f} | {100 * ft['gbps'] / t2['gbps']:.0f}% "
+              f"| {fs['gbps']:.2f} | {100 * fs['gbps'] / m['gbps']:.0f}% | {ft['lat_p99_us']:.0f} / {fs['lat_p99_us']:.0f} |")
 print("\n| op | block | batch | post µs (avg) | latency µs (avg / p99) | GB/s |")
 print("|---|---|---|---|---|---|")
 for r in load("post.json"):

@@ -15,10 +15,13 @@ fi
 packages=(build-essential pkg-config valgrind)
 # The HIP runtime the rocm tests load (no AMD GPU needed: they check the no-device path).
 packages+=(libamdhip64-dev)
+# The fabric transport: libfabric >= 1.17 headers and library, and fi_info.
+packages+=(libfabric-dev libfabric-bin)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
 features=()
 # GPU devices load their drivers at run time: they build anywhere and skip, saying why, without a GPU.
 features+=(kvferry-cli/cuda kvferry-cli/rocm)
+features+=(kvferry-cli/fabric)
 feature_args=()
 ((${#features[@]})) && feature_args=(--features "${features[*]}")
 missing=()
@@ -86,6 +89,13 @@ sentinels=(
     killed_writer_leaves_only_intact_blocks
     restart_keeps_the_disk_tier_byte_exact
     a_full_disk_is_a_typed_error_and_dram_keeps_serving
+    fabric_tcp_blocks_move_both_ways_between_processes_byte_exact
+    fabric_shm_blocks_move_both_ways_between_processes_byte_exact
+    fabric_tcp_killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on
+    fabric_shm_killing_the_target_mid_transfer_ends_by_the_deadline_and_the_agent_moves_on
+    fabric_tcp_target_process_rejects_forged_descriptors_and_keeps_serving
+    fabric_shm_target_process_rejects_forged_descriptors_and_keeps_serving
+    large_batches_stripe_across_two_rails_byte_exact
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

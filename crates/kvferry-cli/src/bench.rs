@@ -11,10 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvferry::memory::host::HostBuffer;
 use kvferry::transport::shm::ShmConfig;
 use kvferry::transport::tcp::TcpConfig;
-use kvferry::{Agent, AgentConfig, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
+use kvferry::{Agent, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
 use serde::Serialize;
 
-use crate::serve::{self, MemoryArg, ServeArgs, Target};
+use crate::serve::{self, FabricArgs, MemoryArg, ServeArgs, Target};
 use crate::tier_bench::{self, TierBenchArgs};
 use crate::{pattern, units};
 
@@ -100,6 +100,8 @@ pub struct BenchArgs {
     /// Deadline of each transfer, in seconds.
     #[arg(long, default_value_t = 60.0)]
     pub deadline: f64,
+    #[command(flatten)]
+    pub fabric: FabricArgs,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -107,6 +109,9 @@ pub struct Row {
     pub transport: String,
     /// What moved the bytes: `tcp`, `shm/mapped`, `shm/cross-memory`, `memcpy`.
     pub path: String,
+    /// The libfabric provider, for `--transport fabric`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     pub op: String,
     pub block_size: u64,
     pub batch: usize,
@@ -142,6 +147,8 @@ enum Mover {
 
 struct Setup {
     mover: Mover,
+    /// The libfabric provider the agent uses, for `--transport fabric`.
+    provider: Option<String>,
     remote: MemRegion,
     local: Arc<HostBuffer>,
     scratch: Option<Arc<HostBuffer>>,
@@ -151,7 +158,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(BenchWhat::Tier(tier)) = &args.what {
         return tier_bench::run(tier);
     }
-    if !["tcp", "shm", "memcpy"].contains(&args.transport.as_str()) {
+    if ![
+        "tcp",
+        "shm",
+        "memcpy",
+        #[cfg(feature = "fabric")]
+        "fabric",
+    ]
+    .contains(&args.transport.as_str())
+    {
         bail!(
             "transport `{}` is not available in this build (`kvferry info` lists the transports; `memcpy` gives the \
              machine's copy limit)",
@@ -170,6 +185,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             duration: None,
             name: None,
             memory: args.memory,
+            transport: args.transport.clone(),
+            fabric: args.fabric.clone(),
         });
     }
     if plan.is_empty() {
@@ -188,7 +205,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         progress.set_message(format!("{op} {} × {batch}", units::format_size(block)));
         let row = run_row(args, &setup, op, block, batch, i as u64)?;
         if !args.json {
-            let header = (last_op != Some(op)).then(|| table_header(args, &row));
+            let header = (last_op != Some(op)).then(|| table_header(args, &setup, &row));
             last_op = Some(op);
             // `suspend` rather than `println`: a hidden bar (no terminal) would swallow the lines.
             progress.suspend(|| {
@@ -231,7 +248,8 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
     let scratch = args.check.then(|| serve::alloc_buffer(needed, false)).transpose()?;
     if args.transport == "memcpy" {
         let remote = serve::alloc_buffer(needed, false)?;
-        return Ok(Setup { remote: remote.region(), mover: Mover::Memcpy { _remote: remote }, local, scratch });
+        let mover = Mover::Memcpy { _remote: remote.clone() };
+        return Ok(Setup { remote: remote.region(), mover, provider: None, local, scratch });
     }
     let (target, peer_addr) = match args.role {
         Role::Loopback => {
@@ -244,6 +262,8 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
                 duration: None,
                 name: Some("kvferry-bench-target".into()),
                 memory: args.memory,
+                transport: args.transport.clone(),
+                fabric: args.fabric.clone(),
             })?;
             let addr = target.side_channel.to_string();
             (Some(target), addr)
@@ -251,12 +271,12 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
         _ => (None, args.peer.clone().context("--role initiator needs --peer host:port")?),
     };
     let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
-    let shm = (args.transport == "shm").then(|| ShmConfig { copy_threads: args.copy_threads, ..ShmConfig::default() });
-    let agent = Agent::new(AgentConfig {
-        tcp: Some(tcp),
-        shm,
-        ..AgentConfig::new(format!("kvferry-bench-{}", std::process::id()))
-    })?;
+    let name = format!("kvferry-bench-{}", std::process::id());
+    let mut config = serve::agent_config(name, &args.transport, tcp, &args.fabric)?;
+    // Only `--transport shm` measures shared memory; otherwise a peer on this host would take it.
+    config.shm =
+        (args.transport == "shm").then(|| ShmConfig { copy_threads: args.copy_threads, ..ShmConfig::default() });
+    let agent = Agent::new(config)?;
     let peer = agent
         .connect_peer(&peer_addr, Deadline::after(Duration::from_secs(10)))
         .with_context(|| format!("connecting to {peer_addr}"))?;
@@ -273,8 +293,15 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
     }
     let registrations =
         std::iter::once(&local).chain(&scratch).map(|b| agent.register(b.clone())).collect::<Result<Vec<_>, _>>()?;
+    // The fabric endpoint reads `provider|addresses`.
+    let provider = agent
+        .endpoints()
+        .iter()
+        .find(|e| e.kind.name() == "fabric")
+        .and_then(|e| e.address.split('|').next().map(str::to_string));
     Ok(Setup {
         mover: Mover::Agent { agent, peer, _registrations: registrations, _target: target },
+        provider,
         remote,
         local,
         scratch,
@@ -395,6 +422,7 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
     Ok(Row {
         transport: args.transport.clone(),
         path,
+        provider: setup.provider.clone(),
         op: op.to_string(),
         block_size: block,
         batch,
@@ -410,9 +438,10 @@ fn run_row(args: &BenchArgs, setup: &Setup, op: Op, block: u64, batch: usize, ro
     })
 }
 
-fn table_header(args: &BenchArgs, row: &Row) -> String {
+fn table_header(args: &BenchArgs, setup: &Setup, row: &Row) -> String {
     let streams = match row.path.as_str() {
         "tcp" => format!("{} stream(s), ", args.streams),
+        "fabric" => format!("provider {}, {} rail(s), ", setup.provider.as_deref().unwrap_or("?"), args.fabric.rails),
         _ => String::new(),
     };
     let mode = match args.role {

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
-use kvferry::transport::shm::ShmConfig;
 use kvferry::transport::tcp::TcpConfig;
 use kvferry::{Agent, AgentConfig, Deadline, Registration};
 
@@ -40,6 +39,50 @@ pub struct ServeArgs {
     /// memory, which same-host peers reach by cross-memory attach).
     #[arg(long, value_enum, default_value = "shared")]
     pub memory: MemoryArg,
+    /// Transport peers reach the buffer through: `tcp` (and shm for peers on this host), or `fabric`
+    /// (libfabric only) in builds with it.
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    #[command(flatten)]
+    pub fabric: FabricArgs,
+}
+
+/// libfabric options, for `--transport fabric`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FabricArgs {
+    /// libfabric provider: verbs, efa, cxi, tcp, shm, ... (default: the best available; `kvferry
+    /// info` lists them).
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Domains (NICs) to use at once; large batches are striped across them.
+    #[arg(long, default_value_t = 1)]
+    pub rails: usize,
+}
+
+/// The agent configuration for `transport`: `tcp` (TCP, and shm for same-host peers) or `fabric`
+/// (libfabric alone, so that same-host peers measure it rather than shm).
+pub fn agent_config(name: String, transport: &str, tcp: TcpConfig, fabric: &FabricArgs) -> anyhow::Result<AgentConfig> {
+    match transport {
+        "tcp" | "shm" => Ok(AgentConfig { tcp: Some(tcp), ..AgentConfig::new(name) }),
+        #[cfg(feature = "fabric")]
+        "fabric" => Ok(AgentConfig {
+            tcp: None,
+            shm: None,
+            fabric: Some(kvferry::transport::fabric::FabricConfig {
+                provider: fabric.provider.clone(),
+                rails: fabric.rails,
+                ..Default::default()
+            }),
+            ..AgentConfig::new(name)
+        }),
+        other => {
+            let _ = fabric;
+            anyhow::bail!(
+                "transport `{other}` is not available in this build (`kvferry info` lists the transports; fabric \
+                 needs the cargo feature `fabric`)"
+            )
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +106,7 @@ impl Target {
         tcp.listen.set_ip(args.listen.ip());
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
         let agent =
-            Agent::new(AgentConfig { tcp: Some(tcp), shm: Some(ShmConfig::default()), ..AgentConfig::new(name) })
-                .context("starting the agent")?;
+            Agent::new(agent_config(name, &args.transport, tcp, &args.fabric)?).context("starting the agent")?;
         let buffer = alloc_buffer(args.buffer_size, args.memory == MemoryArg::Shared)?;
         if let Some(seed) = args.fill_seed {
             // Nothing is registered yet, so nobody else touches the buffer.

@@ -24,13 +24,14 @@ struct Served {
 
 impl Served {
     fn start(buffer_size: &str, fill_seed: u64) -> Served {
-        Served::start_with(buffer_size, fill_seed, "shared")
+        Served::start_with(buffer_size, fill_seed, &[])
     }
 
-    /// `memory`: `shared` (memfd) or `private` (anonymous), as `kvferry serve --memory` takes it.
-    fn start_with(buffer_size: &str, fill_seed: u64, memory: &str) -> Served {
+    /// `extra` adds `kvferry serve` flags (`--transport fabric --provider shm`).
+    fn start_with(buffer_size: &str, fill_seed: u64, extra: &[&str]) -> Served {
         let mut child = Command::new(KVFERRY)
-            .args(["serve", "--buffer-size", buffer_size, "--fill-seed", &fill_seed.to_string(), "--memory", memory])
+            .args(["serve", "--buffer-size", buffer_size, "--fill-seed", &fill_seed.to_string()])
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("kvferry serve starts");
@@ -64,10 +65,10 @@ impl Drop for Served {
 
 /// A TCP-only agent: the tests of the TCP transport must not be served by shm on this host.
 fn initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
-    agent_with(AgentConfig { shm: None, ..AgentConfig::new(name) }, len)
+    initiator_with(AgentConfig { shm: None, ..AgentConfig::new(name) }, len)
 }
 
-fn agent_with(config: AgentConfig, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
+fn initiator_with(config: AgentConfig, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
     let agent = Agent::new(config).unwrap();
     let buf = Arc::new(HostBuffer::alloc(len, &HostAllocOptions { pin: false, ..Default::default() }).unwrap());
     let reg = agent.register(buf.clone()).unwrap();
@@ -95,12 +96,20 @@ fn soon() -> Deadline {
 
 #[test]
 fn blocks_move_both_ways_between_processes_byte_exact() {
-    const BLOCK: u64 = 64 * 1024;
-    const N: usize = 64;
     let served = Served::start("8M", 11);
-    let (agent, buf, _reg) = initiator("two-process", BLOCK as usize * N);
+    let (agent, buf, _reg) = initiator("two-process", BLOCK as usize * BLOCKS);
+    moves_blocks_both_ways(&served, &agent, &buf);
+}
+
+const BLOCK: u64 = 64 * 1024;
+const BLOCKS: usize = 64;
+
+/// Scattered READs checked against the pattern `served` was filled with (seed 11), then a WRITE
+/// read back. `buf` holds `BLOCKS` blocks.
+fn moves_blocks_both_ways(served: &Served, agent: &Agent, buf: &HostBuffer) {
+    const N: usize = BLOCKS;
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
-    let (local, remote) = block_lists(&agent, &peer, &buf, &served, BLOCK);
+    let (local, remote) = block_lists(agent, &peer, buf, served, BLOCK);
 
     // READ: local block i ← remote block 2i + 1, checked against the pattern the server wrote.
     let picks: Vec<usize> = (0..N).map(|i| 2 * i + 1).collect();
@@ -156,6 +165,12 @@ fn killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on() {
 fn the_target_process_rejects_forged_descriptors_and_keeps_serving() {
     let served = Served::start("1M", 3);
     let (agent, buf, _reg) = initiator("forger", 4096);
+    rejects_forged_descriptors(&served, &agent, &buf);
+}
+
+/// Metadata forged to claim more memory, then to carry a key the target never issued: typed
+/// rejections, nothing written, honest requests still served. `served` was filled with seed 3.
+fn rejects_forged_descriptors(served: &Served, agent: &Agent, buf: &HostBuffer) {
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
     let local = agent.prepare_local(&[MemRegion::host(buf.as_ptr(), 4096)]).unwrap();
     let honest = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
@@ -169,8 +184,10 @@ fn the_target_process_rejects_forged_descriptors_and_keeps_serving() {
     let e = agent.read(&local, &[0], &beyond, &[0], soon()).unwrap().wait().unwrap_err();
     assert_eq!(e.code(), ErrorCode::RemoteOutOfRange, "{e}");
 
-    let (_, tcp_key) = md.regions[0].keys.iter_mut().find(|(kind, _)| *kind == TransportKind::Tcp).unwrap();
-    tcp_key[3] ^= 0x5a; // a key the target never issued
+    // Every key the region has (the one for this agent's transport among them) is one the target never issued.
+    for (_, key) in &mut md.regions[0].keys {
+        key[3] ^= 0x5a;
+    }
     md.generation += 1;
     agent.add_peer(&md.encode()).unwrap();
     let forged = agent.prepare_remote("forged", &[served.region(0, 4096)]).unwrap();
@@ -293,13 +310,13 @@ fn bench_tier_measures_both_tiers_and_checks_the_bytes() {
 const SHM_MODES: [(&str, &str); 2] = [("shared", "mapped"), ("private", "cross-memory")];
 
 fn shm_initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
-    agent_with(AgentConfig::new(name), len)
+    initiator_with(AgentConfig::new(name), len)
 }
 
 fn shm_blocks_move_both_ways(memory: &str, mode: &str) {
     const BLOCK: u64 = 16 * 1024;
     const N: usize = 64;
-    let served = Served::start_with("4M", 21, memory);
+    let served = Served::start_with("4M", 21, &["--memory", memory]);
     let (agent, buf, _reg) = shm_initiator("shm-two-process", BLOCK as usize * N);
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
     assert_eq!(agent.peer_transport(&peer), Some(TransportKind::Shm));
@@ -344,7 +361,7 @@ fn shm_killing_the_target_mid_transfer_fails_within_the_deadline() {
     for (memory, mode) in SHM_MODES {
         let (agent, buf, _reg) = shm_initiator("shm-killer", len as usize);
         let local = agent.prepare_local(&[buf.region()]).unwrap();
-        let mut victim = Served::start_with("256M", 1, memory);
+        let mut victim = Served::start_with("256M", 1, &["--memory", memory]);
         let peer = agent.connect_peer(&victim.side_channel, soon()).unwrap();
         let remote = agent.prepare_remote(&peer, &[victim.region(0, len)]).unwrap();
         // Map (or probe) first, so the kill lands during the data.
@@ -381,7 +398,7 @@ fn shm_killing_the_target_mid_transfer_fails_within_the_deadline() {
 #[test]
 fn shm_target_process_rejects_unregistered_ranges_and_forged_keys() {
     for (memory, mode) in SHM_MODES {
-        let served = Served::start_with("1M", 3, memory);
+        let served = Served::start_with("1M", 3, &["--memory", memory]);
         let (agent, buf, _reg) = shm_initiator("shm-forger", 8192);
         buf.fill(0xee);
         let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
@@ -421,7 +438,7 @@ fn shm_target_process_rejects_unregistered_ranges_and_forged_keys() {
 #[test]
 fn bench_over_shm_checks_every_byte_and_reports_the_mode() {
     for (memory, mode) in SHM_MODES {
-        let served = Served::start_with("4M", 0, memory);
+        let served = Served::start_with("4M", 0, &["--memory", memory]);
         let rows = bench_json(&[
             "--transport",
             "shm",
@@ -452,4 +469,110 @@ fn info_reports_the_shm_transport() {
     assert_eq!(shm["available"], true, "{shm}");
     let detail = shm["detail"].as_str().unwrap();
     assert!(detail.contains("shared mappings") && detail.contains("cross-memory attach"), "{detail}");
+}
+
+/// The same process pairs over libfabric's `tcp` (RDM over TCP) and `shm` providers.
+#[cfg(feature = "fabric")]
+mod fabric {
+    use kvferry::transport::fabric::FabricConfig;
+
+    use super::*;
+
+    fn config(name: &str, provider: &str) -> AgentConfig {
+        let fabric = FabricConfig { provider: Some(provider.into()), ..FabricConfig::default() };
+        AgentConfig { tcp: None, shm: None, fabric: Some(fabric), ..AgentConfig::new(name) }
+    }
+
+    fn serve(buffer_size: &str, fill_seed: u64, provider: &str) -> Served {
+        Served::start_with(buffer_size, fill_seed, &["--transport", "fabric", "--provider", provider])
+    }
+
+    fn blocks_move_both_ways(provider: &str) {
+        let served = serve("8M", 11, provider);
+        let name = format!("fabric-{provider}");
+        let (agent, buf, _reg) = initiator_with(config(&name, provider), BLOCK as usize * BLOCKS);
+        moves_blocks_both_ways(&served, &agent, &buf);
+    }
+
+    #[test]
+    fn fabric_tcp_blocks_move_both_ways_between_processes_byte_exact() {
+        blocks_move_both_ways("tcp");
+    }
+
+    #[test]
+    fn fabric_shm_blocks_move_both_ways_between_processes_byte_exact() {
+        blocks_move_both_ways("shm");
+    }
+
+    /// kill -9 of the target during a 1 GiB read ends the read by its deadline: with a typed error
+    /// naming the peer, or, where `may_finish` (shm: the kernel copies between the processes and
+    /// keeps a dying process's memory until the copy ends), with every byte in place. A transfer
+    /// to the dead peer then fails by its deadline, and the agent works with another peer.
+    fn killed_target(provider: &str, may_finish: bool, deadline: Duration, within: Duration) {
+        let len: u64 = 1 << 30;
+        let (agent, buf, _reg) = initiator_with(config(&format!("killer-{provider}"), provider), len as usize);
+        let local = agent.prepare_local(&[buf.region()]).unwrap();
+        let mut victim = serve("1G", 1, provider);
+        let peer = agent.connect_peer(&victim.side_channel, soon()).unwrap();
+        let remote = agent.prepare_remote(&peer, &[victim.region(0, len)]).unwrap();
+        // Warm the connection so the kill lands during the data, not the handshake.
+        let small = agent.prepare_remote(&peer, &[victim.region(0, 4096)]).unwrap();
+        let small_local = agent.prepare_local(&[MemRegion::host(buf.as_ptr(), 4096)]).unwrap();
+        agent.read(&small_local, &[0], &small, &[0], soon()).unwrap().wait().unwrap();
+
+        let xfer = agent.read(&local, &[0], &remote, &[0], Deadline::after(deadline)).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let killed_at = Instant::now();
+        victim.kill();
+        let outcome = xfer.wait();
+        let took = killed_at.elapsed();
+        eprintln!("{provider}: {outcome:?} ({took:?} after the kill)");
+        assert!(took < within, "{provider}: ended {took:?} after the kill; deadline was {deadline:?}");
+        let dead = [ErrorCode::PeerDisconnected, ErrorCode::PeerUnreachable, ErrorCode::Timeout];
+        match outcome {
+            Err(err) => {
+                assert!(dead.contains(&err.code()), "{provider}: unexpected error: {err}");
+                assert!(err.to_string().contains(&peer), "the error names the peer: {err}");
+            }
+            Ok(()) if may_finish => assert_eq!(pattern::first_mismatch(&buf.to_vec(), 1, 0), None, "{provider}"),
+            Ok(()) => panic!("{provider}: 1 GiB cannot cross in 30 ms"),
+        }
+        let started = Instant::now();
+        let err = agent.read(&small_local, &[0], &small, &[0], Deadline::after(Duration::from_secs(2))).unwrap().wait();
+        let err = err.expect_err("the peer is dead");
+        assert!(dead.contains(&err.code()), "{provider}: unexpected error: {err}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{provider}: {:?}", started.elapsed());
+
+        let other = serve("4M", 5, provider);
+        let peer2 = agent.connect_peer(&other.side_channel, soon()).unwrap();
+        let remote2 = agent.prepare_remote(&peer2, &[other.region(0, 4096)]).unwrap();
+        agent.read(&small_local, &[0], &remote2, &[0], soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec()[..4096], 5, 0), None, "{provider}");
+    }
+
+    #[test]
+    fn fabric_tcp_target_process_rejects_forged_descriptors_and_keeps_serving() {
+        let served = serve("1M", 3, "tcp");
+        let (agent, buf, _reg) = initiator_with(config("forger-tcp", "tcp"), 4096);
+        rejects_forged_descriptors(&served, &agent, &buf);
+    }
+
+    #[test]
+    fn fabric_shm_target_process_rejects_forged_descriptors_and_keeps_serving() {
+        let served = serve("1M", 3, "shm");
+        let (agent, buf, _reg) = initiator_with(config("forger-shm", "shm"), 4096);
+        rejects_forged_descriptors(&served, &agent, &buf);
+    }
+
+    #[test]
+    fn fabric_tcp_killing_the_target_mid_transfer_fails_fast_and_the_agent_moves_on() {
+        // The provider sees the connection drop: the error comes long before the deadline.
+        killed_target("tcp", false, Duration::from_secs(60), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn fabric_shm_killing_the_target_mid_transfer_ends_by_the_deadline_and_the_agent_moves_on() {
+        // shm has no connection to lose: work queued to a dead process ends at its deadline.
+        killed_target("shm", true, Duration::from_secs(10), Duration::from_secs(12));
+    }
 }

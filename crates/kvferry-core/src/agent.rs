@@ -85,6 +85,10 @@ pub struct AgentConfig {
     /// shm and TCP for peers on the same host, which then reach only the memory this transport moves.
     #[cfg(feature = "cuda")]
     pub cuda_ipc: Option<crate::transport::cuda_ipc::CudaIpcConfig>,
+    /// The libfabric transport; `None` (the default) disables it. Preferred over TCP (and after
+    /// shm and cuda-ipc, which only reach peers on this host).
+    #[cfg(feature = "fabric")]
+    pub fabric: Option<crate::transport::fabric::FabricConfig>,
 }
 
 impl AgentConfig {
@@ -97,6 +101,8 @@ impl AgentConfig {
             shm: Some(ShmConfig::default()),
             #[cfg(feature = "cuda")]
             cuda_ipc: None,
+            #[cfg(feature = "fabric")]
+            fabric: None,
         }
     }
 }
@@ -328,6 +334,11 @@ impl Agent {
                 Err(e) => tracing::warn!(error = %e, "the shm transport is unavailable; peers use the others"),
             }
         }
+        #[cfg(feature = "fabric")]
+        if let Some(fabric) = config.fabric {
+            let fabric = crate::transport::fabric::FabricTransport::start(&config.name, fabric, notifications.clone())?;
+            transports.push(Arc::new(fabric));
+        }
         if let Some(tcp) = config.tcp {
             transports.push(Arc::new(TcpTransport::start_staged(
                 &config.name,
@@ -486,7 +497,7 @@ impl Agent {
     pub fn notify(&self, peer: &str, data: &[u8], deadline: Deadline) -> Result<Transfer> {
         let started = Instant::now();
         let peer_entry = self.inner.peer(peer)?;
-        check_notification(data)?;
+        check_notification(peer_entry.transport, data)?;
         let completion = Arc::new(Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline));
         self.submit(&peer_entry, started, Vec::new(), completion, Arc::new(()))
     }
@@ -521,7 +532,7 @@ impl Agent {
             return Err(DescError::EmptyTransfer.into());
         }
         if let Some(n) = req.notification {
-            check_notification(n)?;
+            check_notification(peer_entry.transport, n)?;
         }
         let pick = |list: &PreparedDescs, index: usize| {
             list.descs.get(index).copied().ok_or(DescError::IndexOutOfRange { index, len: list.descs.len() })
@@ -609,12 +620,16 @@ impl Agent {
     }
 }
 
-fn check_notification(data: &[u8]) -> Result<()> {
-    if data.len() as u64 > tcp::MAX_NOTIFICATION {
+fn check_notification(transport: TransportKind, data: &[u8]) -> Result<()> {
+    let limit = match transport {
+        #[cfg(feature = "fabric")]
+        TransportKind::Fabric => crate::transport::fabric::MAX_NOTIFICATION,
+        _ => tcp::MAX_NOTIFICATION,
+    };
+    if data.len() as u64 > limit {
         return Err(Error::InvalidArgument(format!(
-            "a notification of {} bytes exceeds the limit of {}",
+            "a notification of {} bytes exceeds the {transport} transport's limit of {limit}",
             data.len(),
-            tcp::MAX_NOTIFICATION
         )));
     }
     Ok(())

@@ -33,6 +33,9 @@ pub enum Error {
     Unsupported { what: String, why: String },
     #[error("i/o error while {context}: {cause}")]
     Io { context: String, cause: String },
+    #[cfg(feature = "fabric")]
+    #[error(transparent)]
+    Fabric(#[from] crate::transport::fabric::FabricError),
 }
 
 impl Error {
@@ -47,6 +50,8 @@ impl Error {
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::Unsupported { .. } => ErrorCode::Unsupported,
             Error::Io { .. } => ErrorCode::Io,
+            #[cfg(feature = "fabric")]
+            Error::Fabric(e) => e.code(),
         }
     }
 
@@ -106,11 +111,23 @@ pub enum ErrorCode {
     RemoteRangeOverflow = 513,
     RemoteTooLarge = 514,
 
+    /// The target's provider refused a remote access (unknown key or range outside a registration).
+    FabricRemoteAccess = 520,
+    /// A fabric provider failed a transfer for another reason.
+    FabricTransfer = 521,
+    /// No usable libfabric provider (or not the one asked for).
+    FabricNoProvider = 522,
+    /// A libfabric call failed while setting up (domain, endpoint, registration, address vector).
+    FabricCall = 523,
+    /// The peer uses another fabric provider.
+    FabricProviderMismatch = 524,
+
     ShmCrossMemoryRefused = 540,
     ShmMappingFailed = 541,
 
     StagingFailed = 560,
     DeviceCopyFailed = 561,
+
     TierBadKey = 600,
     TierConfig = 601,
     TierBadBlock = 602,

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::thread;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::memory::{MemKind, MemRegion, Memory};
 use crate::transport::RejectReason;
 use crate::transport::tcp::wire::WireDesc;
@@ -92,10 +92,7 @@ pub(crate) fn memory_of(keep_alive: &Arc<dyn Any + Send + Sync>) -> Option<&Arc<
     keep_alive.downcast_ref::<Option<Arc<dyn Memory>>>()?.as_ref()
 }
 
-/// A fresh key: a peer cannot guess another registration's key.
+/// A fresh 128-bit key.
 pub(crate) fn new_key() -> Result<u128> {
-    let mut key = [0u8; 16];
-    getrandom::fill(&mut key)
-        .map_err(|e| Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
-    Ok(u128::from_le_bytes(key))
+    crate::transport::random_key().map(u128::from_le_bytes)
 }

@@ -6,6 +6,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda_ipc;
+#[cfg(feature = "fabric")]
+pub mod fabric;
 pub(crate) mod keys;
 pub mod shm;
 pub mod staging;
@@ -46,6 +48,8 @@ impl std::fmt::Display for Op {
 #[non_exhaustive]
 pub enum TransportKind {
     Tcp,
+    /// libfabric (RDMA NICs, or its tcp and shm providers).
+    Fabric,
     /// Shared memory between processes of one host.
     Shm,
     /// CUDA IPC between processes on one host (`cuda` feature). Known to every build, so metadata
@@ -54,11 +58,13 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    pub const ALL: &'static [TransportKind] = &[TransportKind::Tcp, TransportKind::Shm, TransportKind::CudaIpc];
+    pub const ALL: &'static [TransportKind] =
+        &[TransportKind::Tcp, TransportKind::Fabric, TransportKind::Shm, TransportKind::CudaIpc];
 
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::Fabric => "fabric",
             TransportKind::Shm => "shm",
             TransportKind::CudaIpc => "cuda-ipc",
         }
@@ -67,6 +73,7 @@ impl TransportKind {
     pub fn to_wire(self) -> u8 {
         match self {
             TransportKind::Tcp => 1,
+            TransportKind::Fabric => 2,
             TransportKind::Shm => 3,
             TransportKind::CudaIpc => 4,
         }
@@ -75,6 +82,7 @@ impl TransportKind {
     pub fn from_wire(tag: u8) -> Option<TransportKind> {
         match tag {
             1 => Some(TransportKind::Tcp),
+            2 => Some(TransportKind::Fabric),
             3 => Some(TransportKind::Shm),
             4 => Some(TransportKind::CudaIpc),
             _ => None,
@@ -159,6 +167,13 @@ pub enum TransferError {
     Rejected { peer: String, op: Op, index: u32, reason: RejectReason },
     #[error("protocol error with peer {peer}: {detail}")]
     Protocol { peer: String, detail: String },
+    /// The target's NIC or provider refused a remote access: a key it never issued (or revoked),
+    /// or a range outside the registration. libfabric does not say which.
+    #[error("peer {peer} refused {op} access to its memory: {cause}")]
+    RemoteAccess { peer: String, op: Op, cause: String },
+    /// Any other failure a fabric provider reported for the transfer.
+    #[error("fabric {op} with peer {peer} failed: {cause}")]
+    Fabric { peer: String, op: Op, cause: String },
     /// The kernel refused `process_vm_readv`/`process_vm_writev` into the peer (ptrace policy).
     #[error("{op} with peer {peer}: cross-memory attach refused: {cause}")]
     CrossMemoryRefused { peer: String, op: Op, cause: String },
@@ -179,6 +194,8 @@ impl TransferError {
             TransferError::PeerUnreachable { .. } => ErrorCode::PeerUnreachable,
             TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
             TransferError::Protocol { .. } => ErrorCode::Protocol,
+            TransferError::RemoteAccess { .. } => ErrorCode::FabricRemoteAccess,
+            TransferError::Fabric { .. } => ErrorCode::FabricTransfer,
             TransferError::CrossMemoryRefused { .. } => ErrorCode::ShmCrossMemoryRefused,
             TransferError::MappingFailed { .. } => ErrorCode::ShmMappingFailed,
             TransferError::Staging { .. } => ErrorCode::StagingFailed,
@@ -262,6 +279,14 @@ pub(crate) fn require_host(transport: TransportKind, region: &MemRegion) -> Resu
         });
     }
     Ok(())
+}
+
+/// Random bits for a registration key, from the OS: a peer cannot guess another registration's key.
+pub(crate) fn random_key<const N: usize>() -> Result<[u8; N]> {
+    let mut key = [0u8; N];
+    getrandom::fill(&mut key)
+        .map_err(|e| crate::error::Error::Io { context: "drawing a registration key".into(), cause: e.to_string() })?;
+    Ok(key)
 }
 
 /// A notification delivered after a batch's data is in place.

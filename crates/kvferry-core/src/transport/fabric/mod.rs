@@ -1,0 +1,681 @@
+//! The libfabric transport: RDMA on InfiniBand/RoCE (`verbs`), AWS EFA (`efa`), HPE Slingshot
+//! (`cxi`), and libfabric's software providers (`tcp`, `shm`) through the same code.
+//!
+//! Each *rail* is one libfabric domain (a NIC, or an interface for `tcp`) with an RDM endpoint and
+//! its own progress thread. Regions are registered with every rail; a batch is posted as
+//! `fi_readmsg`/`fi_writemsg` (`FI_MORE` between ops), and large batches are striped across rails.
+//! The target's provider checks every access against the key and range of a registration, so a
+//! forged descriptor is refused by the NIC (or provider), not trusted. A notification follows the
+//! batch's data as a message.
+
+mod rail;
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+use std::ptr;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use kvferry_fabric_sys as sys;
+
+use self::rail::{CONFIRMED, Check, Part, REFUSED, Rail, RailOp, UNCHECKED};
+use crate::error::{Error, ErrorCode, Result};
+use crate::memory::{MemKind, MemRegion};
+use crate::transport::{
+    Batch, Endpoint, NotificationQueue, Op, PeerLink, RejectReason, RemoteRegion, TransferError, Transport,
+    TransportKind,
+};
+
+/// The largest notification the fabric transport carries (it lands in a posted receive buffer).
+pub const MAX_NOTIFICATION: u64 = 64 * 1024;
+
+/// Rails per transport at most (a key holds one `u64` per rail).
+pub const MAX_RAILS: usize = 16;
+
+/// Providers in the order "best available" tries them: hardware first, then TCP. `shm` only
+/// reaches the same host, so it is used only when named.
+const PREFERRED: &[&str] = &["cxi", "efa", "verbs", "psm3", "opx", "tcp"];
+
+#[derive(Debug, Clone)]
+pub struct FabricConfig {
+    /// Provider by name (`verbs`, `efa`, `cxi`, `tcp`, `shm`, ...); `None` picks the best available.
+    pub provider: Option<String>,
+    /// Use at most this many domains (NICs) of the provider (up to [`MAX_RAILS`]); large batches
+    /// are striped across them.
+    pub rails: usize,
+    /// Use only these domains (e.g. `mlx5_0`, `lo`), in this order; empty means any.
+    pub domains: Vec<String>,
+    /// Ask for `FI_HMEM` so device memory can be registered (needs a provider that supports it).
+    pub hmem: bool,
+    /// Batches of at least this many bytes are striped across rails; smaller ones use one rail.
+    pub stripe_min_bytes: u64,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        FabricConfig { provider: None, rails: 1, domains: Vec::new(), hmem: false, stripe_min_bytes: 1 << 20 }
+    }
+}
+
+/// Failures of libfabric itself, before a transfer exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FabricError {
+    #[error("no libfabric provider {wanted} with RDM endpoints, RMA and messages is usable here{found}")]
+    NoProvider { wanted: String, found: String },
+    #[error("{call} failed: {detail}")]
+    Call { call: &'static str, code: i32, detail: String },
+    #[error("peer {peer} uses fabric provider {theirs}; this agent uses {ours}")]
+    ProviderMismatch { peer: String, ours: String, theirs: String },
+}
+
+impl FabricError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FabricError::NoProvider { .. } => ErrorCode::FabricNoProvider,
+            FabricError::Call { .. } => ErrorCode::FabricCall,
+            FabricError::ProviderMismatch { .. } => ErrorCode::FabricProviderMismatch,
+        }
+    }
+}
+
+pub(crate) fn fi_error_text(code: i32) -> String {
+    let text = unsafe { sys::fi_strerror(code.abs()) };
+    if text.is_null() {
+        return format!("error {code}");
+    }
+    format!("{} ({code})", unsafe { CStr::from_ptr(text) }.to_string_lossy())
+}
+
+pub(crate) fn check(call: &'static str, ret: i32) -> Result<()> {
+    match ret {
+        0 => Ok(()),
+        code => Err(FabricError::Call { call, code, detail: fi_error_text(code) }.into()),
+    }
+}
+
+/// A transfer failure from a positive libfabric error code.
+pub(crate) fn classify(peer: &str, op: Op, endpoint: &str, code: i32, cause: String) -> TransferError {
+    let peer = peer.to_string();
+    match code as u32 {
+        sys::FI_ECONNREFUSED | sys::FI_EHOSTUNREACH | sys::FI_ENETUNREACH | sys::FI_EADDRNOTAVAIL => {
+            TransferError::PeerUnreachable { peer, endpoint: endpoint.to_string(), cause }
+        }
+        sys::FI_ECONNRESET
+        | sys::FI_ECONNABORTED
+        | sys::FI_ENOTCONN
+        | sys::FI_EIO
+        | sys::FI_ESHUTDOWN
+        | sys::FI_ENETDOWN
+        | sys::FI_EHOSTDOWN => TransferError::PeerDisconnected { peer, op, cause },
+        sys::FI_EACCES | sys::FI_EPERM | sys::FI_EKEYREJECTED | sys::FI_EINVAL | sys::FI_EFAULT | sys::FI_EREMOTEIO => {
+            TransferError::RemoteAccess { peer, op, cause }
+        }
+        sys::FI_ETIMEDOUT => TransferError::Timeout { peer, op },
+        // This transport never cancels an operation it posted: the provider aborted it because
+        // the connection closed (tcp;ofi_rxm also closes it when the target refuses an access).
+        sys::FI_ECANCELED => TransferError::PeerDisconnected { peer, op, cause },
+        _ => TransferError::Fabric { peer, op, cause },
+    }
+}
+
+fn transfer_error(part: &Part, code: i32, cause: String) -> TransferError {
+    classify(part.completion.peer(), part.op, &part.endpoint, code, cause)
+}
+
+/// One entry of `fi_getinfo`'s answer, duplicated so it owns its memory.
+pub(crate) struct Info(*mut sys::fi_info);
+
+// The entry is never modified after construction; libfabric only reads it.
+unsafe impl Send for Info {}
+unsafe impl Sync for Info {}
+
+impl Clone for Info {
+    fn clone(&self) -> Info {
+        Info(unsafe { sys::fi_dupinfo(self.0) })
+    }
+}
+
+impl Drop for Info {
+    fn drop(&mut self) {
+        unsafe { sys::fi_freeinfo(self.0) };
+    }
+}
+
+fn c_text(s: *const libc::c_char) -> String {
+    if s.is_null() { String::new() } else { unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned() }
+}
+
+impl Info {
+    fn raw(&self) -> *mut sys::fi_info {
+        self.0
+    }
+
+    /// `tcp;ofi_rxm`, `shm`, `verbs;ofi_rxm`, `efa`, ...
+    pub fn provider(&self) -> String {
+        c_text(unsafe { (*(*self.0).fabric_attr).prov_name })
+    }
+
+    /// The core provider's name, without the utility layers (`tcp` for `tcp;ofi_rxm`).
+    pub fn core_provider(&self) -> String {
+        self.provider().split(';').next().unwrap_or_default().to_string()
+    }
+
+    pub fn fabric(&self) -> String {
+        c_text(unsafe { (*(*self.0).fabric_attr).name })
+    }
+
+    pub fn domain(&self) -> String {
+        c_text(unsafe { (*(*self.0).domain_attr).name })
+    }
+
+    pub fn caps(&self) -> u64 {
+        unsafe { (*self.0).caps }
+    }
+
+    pub fn mr_mode(&self) -> i32 {
+        unsafe { (*(*self.0).domain_attr).mr_mode }
+    }
+
+    /// How many ops one RMA message may carry: the smaller of the local and remote scatter-gather
+    /// limits.
+    pub fn max_iov(&self) -> usize {
+        let tx = unsafe { &*(*self.0).tx_attr };
+        tx.iov_limit.min(tx.rma_iov_limit).max(1)
+    }
+
+    /// Whether the provider applies RMA writes to the same target in the order they were posted.
+    pub fn ordered_writes(&self) -> bool {
+        let order = unsafe { (*(*self.0).tx_attr).msg_order };
+        order & (sys::FI_ORDER_WAW as u64 | sys::FI_ORDER_RMA_WAW) != 0
+    }
+
+    pub fn mr_local(&self) -> bool {
+        self.mr_mode() & sys::FI_MR_LOCAL as i32 != 0
+    }
+
+    fn mr_flag_names(&self) -> Vec<&'static str> {
+        let mode = self.mr_mode();
+        [
+            (sys::FI_MR_LOCAL, "local"),
+            (sys::FI_MR_VIRT_ADDR, "virt_addr"),
+            (sys::FI_MR_PROV_KEY, "prov_key"),
+            (sys::FI_MR_ALLOCATED, "allocated"),
+            (sys::FI_MR_ENDPOINT, "endpoint"),
+            (sys::FI_MR_HMEM, "hmem"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| mode & *bit as i32 != 0)
+        .map(|(_, name)| name)
+        .collect()
+    }
+}
+
+/// Every RDM provider entry with RMA and messages, as `fi_getinfo` lists them.
+fn get_infos(hmem: bool) -> Result<Vec<Info>> {
+    unsafe {
+        let hints = sys::kvferry_fi_allocinfo();
+        if hints.is_null() {
+            return Err(FabricError::Call { call: "fi_allocinfo", code: 0, detail: "out of memory".into() }.into());
+        }
+        (*hints).caps = (sys::FI_MSG | sys::FI_RMA) as u64 | if hmem { sys::FI_HMEM } else { 0 };
+        // Contexts are `fi_context2`-sized, so providers that need either may use them.
+        (*hints).mode = sys::FI_CONTEXT | sys::FI_CONTEXT2;
+        (*(*hints).ep_attr).type_ = sys::FI_EP_RDM;
+        // The registration modes this transport honours; FI_MR_RAW (keys over 8 bytes) is not one.
+        let mut mr_mode =
+            sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_PROV_KEY | sys::FI_MR_ALLOCATED | sys::FI_MR_ENDPOINT;
+        if hmem {
+            mr_mode |= sys::FI_MR_HMEM;
+        }
+        (*(*hints).domain_attr).mr_mode = mr_mode as i32;
+        (*(*hints).domain_attr).threading = sys::FI_THREAD_DOMAIN;
+        let mut list: *mut sys::fi_info = ptr::null_mut();
+        let ret = sys::fi_getinfo(sys::fi_version_of(1, 17), ptr::null(), ptr::null(), 0, hints, &mut list);
+        sys::fi_freeinfo(hints);
+        if ret == -(sys::FI_ENODATA as i32) {
+            return Ok(Vec::new());
+        }
+        check("fi_getinfo", ret)?;
+        let mut infos = Vec::new();
+        let mut cur = list;
+        while !cur.is_null() {
+            let next = (*cur).next;
+            (*cur).next = ptr::null_mut();
+            infos.push(Info(sys::fi_dupinfo(cur)));
+            (*cur).next = next;
+            cur = next;
+        }
+        sys::fi_freeinfo(list);
+        Ok(infos)
+    }
+}
+
+/// A provider entry as `kvferry info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderInfo {
+    pub provider: String,
+    pub fabric: String,
+    pub domain: String,
+    /// The capabilities kvferry uses that the entry has: `rma`, `msg`, `remote_cq_data`, `hmem`.
+    pub caps: Vec<&'static str>,
+    /// The registration modes the provider requires (`local`, `virt_addr`, `prov_key`, ...).
+    pub mr_mode: Vec<&'static str>,
+}
+
+/// The providers usable by this transport on this machine, one entry per (provider, fabric,
+/// domain).
+pub fn providers() -> Result<Vec<ProviderInfo>> {
+    let mut list: Vec<ProviderInfo> = Vec::new();
+    let entries = get_infos(false)?
+        .iter()
+        .map(|i| ProviderInfo {
+            provider: i.provider(),
+            fabric: i.fabric(),
+            domain: i.domain(),
+            caps: [
+                (sys::FI_RMA as u64, "rma"),
+                (sys::FI_MSG as u64, "msg"),
+                (sys::FI_REMOTE_CQ_DATA as u64, "remote_cq_data"),
+                (sys::FI_HMEM, "hmem"),
+            ]
+            .into_iter()
+            .filter(|(bit, _)| i.caps() & bit != 0)
+            .map(|(_, name)| name)
+            .collect(),
+            mr_mode: i.mr_flag_names(),
+        })
+        .collect::<Vec<_>>();
+    for entry in entries {
+        let same = |p: &&mut ProviderInfo| {
+            (&p.provider, &p.fabric, &p.domain) == (&entry.provider, &entry.fabric, &entry.domain)
+        };
+        match list.iter_mut().find(same) {
+            Some(known) => entry.caps.iter().for_each(|c| {
+                if !known.caps.contains(c) {
+                    known.caps.push(c)
+                }
+            }),
+            None => list.push(entry),
+        }
+    }
+    Ok(list)
+}
+
+/// The entries to open as rails: the named (or best) provider, one entry per domain.
+fn choose_rails(config: &FabricConfig) -> Result<Vec<Info>> {
+    let infos = get_infos(config.hmem)?;
+    let wanted = match &config.provider {
+        Some(p) => p.clone(),
+        None => PREFERRED
+            .iter()
+            .find(|p| infos.iter().any(|i| i.core_provider() == **p))
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+    };
+    let mut rails: Vec<Info> = Vec::new();
+    for info in infos.into_iter().filter(|i| i.core_provider() == wanted || i.provider() == wanted) {
+        let domain = info.domain();
+        let listed = config.domains.is_empty() || config.domains.contains(&domain);
+        if listed && rails.iter().all(|r| r.domain() != domain) {
+            rails.push(info);
+        }
+    }
+    if !config.domains.is_empty() {
+        rails.sort_by_key(|r| config.domains.iter().position(|d| *d == r.domain()));
+    }
+    rails.truncate(config.rails.clamp(1, MAX_RAILS));
+    if rails.is_empty() {
+        let found = get_infos(config.hmem)?.iter().map(Info::provider).collect::<std::collections::BTreeSet<_>>();
+        let found = match found.is_empty() {
+            true => String::new(),
+            false => format!(" (available: {})", found.into_iter().collect::<Vec<_>>().join(", ")),
+        };
+        let mut wanted = if wanted.is_empty() { "(any)".to_string() } else { format!("`{wanted}`") };
+        if !config.domains.is_empty() {
+            wanted += &format!(" on domains {:?}", config.domains);
+        }
+        return Err(FabricError::NoProvider { wanted, found }.into());
+    }
+    Ok(rails)
+}
+
+/// A region registered with every rail.
+struct LocalMr {
+    region: MemRegion,
+    /// Per rail: the registration id on that rail, and its local descriptor.
+    rails: Vec<(u64, usize)>,
+    /// Per rail: the key peers use.
+    keys: Vec<u64>,
+}
+
+/// The key a peer needs: `version u8 | flags u8 | rails u8 | rails × key u64`. Flag bit 0: remote
+/// addresses are virtual addresses (`FI_MR_VIRT_ADDR`), otherwise offsets into the region.
+const KEY_VERSION: u8 = 1;
+const KEY_VIRT_ADDR: u8 = 1;
+
+struct RemoteKey {
+    virt_addr: bool,
+    keys: Vec<u64>,
+}
+
+fn encode_key(virt_addr: bool, keys: &[u64]) -> Vec<u8> {
+    let mut out = vec![KEY_VERSION, if virt_addr { KEY_VIRT_ADDR } else { 0 }, keys.len() as u8];
+    keys.iter().for_each(|k| out.extend_from_slice(&k.to_le_bytes()));
+    out
+}
+
+fn decode_key(bytes: &[u8]) -> Option<RemoteKey> {
+    let (&[version, flags, count], rest) = bytes.split_first_chunk::<3>()?;
+    if version != KEY_VERSION || count == 0 || rest.len() != count as usize * 8 {
+        return None;
+    }
+    let keys = rest.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+    Some(RemoteKey { virt_addr: flags & KEY_VIRT_ADDR != 0, keys })
+}
+
+/// The endpoint string: `provider|hex(rail 0 name),hex(rail 1 name),...`.
+fn encode_endpoint(provider: &str, addresses: &[&[u8]]) -> String {
+    let hex: Vec<String> = addresses.iter().map(|a| a.iter().map(|b| format!("{b:02x}")).collect()).collect();
+    format!("{provider}|{}", hex.join(","))
+}
+
+fn decode_endpoint(address: &str) -> Option<(&str, Vec<Vec<u8>>)> {
+    let (provider, rails) = address.split_once('|')?;
+    let rails = rails
+        .split(',')
+        .map(|h| {
+            (h.len() % 2 == 0 && !h.is_empty())
+                .then(|| (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok()).collect())
+                .flatten()
+        })
+        .collect::<Option<Vec<Vec<u8>>>>()?;
+    Some((provider, rails))
+}
+
+/// Regions registered with every rail, by (start address, rail 0 key).
+type LocalRegistry = Arc<RwLock<BTreeMap<(u64, u64), Arc<LocalMr>>>>;
+
+pub struct FabricTransport {
+    local_name: Arc<str>,
+    provider: String,
+    config: FabricConfig,
+    rails: Vec<Arc<Rail>>,
+    endpoint: Endpoint,
+    local: LocalRegistry,
+}
+
+impl FabricTransport {
+    pub fn start(local_name: &str, config: FabricConfig, notifications: Arc<NotificationQueue>) -> Result<Self> {
+        let infos = choose_rails(&config)?;
+        let provider = infos[0].provider();
+        let local = LocalRegistry::default();
+        let rails = infos
+            .into_iter()
+            .enumerate()
+            .map(|(i, info)| Rail::open(info, i, notifications.clone(), local.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let addresses: Vec<&[u8]> = rails.iter().map(|r| &r.address[..]).collect();
+        let endpoint = Endpoint { kind: TransportKind::Fabric, address: encode_endpoint(&provider, &addresses) };
+        Ok(FabricTransport { local_name: local_name.into(), provider, config, rails, endpoint, local })
+    }
+
+    /// The provider in use, e.g. `tcp;ofi_rxm`.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// The domains in use, one per rail.
+    pub fn domains(&self) -> Vec<String> {
+        self.rails.iter().map(|r| r.info.domain()).collect()
+    }
+
+    /// Bytes of remote accesses posted so far, per rail.
+    pub fn rail_bytes(&self) -> Vec<u64> {
+        self.rails.iter().map(|r| r.bytes.load(Ordering::Relaxed)).collect()
+    }
+
+    fn virt_addr(&self) -> bool {
+        self.rails[0].info.mr_mode() & sys::FI_MR_VIRT_ADDR as i32 != 0
+    }
+}
+
+impl Transport for FabricTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Fabric
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        self.endpoint.clone()
+    }
+
+    fn supports(&self, kind: MemKind) -> bool {
+        kind == MemKind::Host || (self.rails[0].info.caps() & sys::FI_HMEM != 0)
+    }
+
+    fn register(&self, region: MemRegion, _keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
+        if !self.supports(region.kind) {
+            return Err(Error::Unsupported {
+                what: format!("registering {} memory with the fabric transport", region.kind),
+                why: format!("provider {} was not opened with FI_HMEM (FabricConfig::hmem)", self.provider),
+            });
+        }
+        let mut keys = Vec::with_capacity(self.rails.len());
+        let mut ids = Vec::with_capacity(self.rails.len());
+        for rail in &self.rails {
+            // Without FI_MR_PROV_KEY we choose the key: random, so a peer cannot guess another's.
+            match rail.register(region, u64::from_le_bytes(crate::transport::random_key()?)) {
+                Ok(mr) => {
+                    keys.push(mr.key);
+                    ids.push((mr.id, mr.desc));
+                }
+                Err(e) => {
+                    ids.iter().zip(&self.rails).for_each(|((id, _), r)| r.deregister(*id));
+                    return Err(e);
+                }
+            }
+        }
+        let mr = Arc::new(LocalMr { region, rails: ids, keys: keys.clone() });
+        self.local.write().unwrap().insert((region.addr, keys[0]), mr);
+        Ok(encode_key(self.virt_addr(), &keys))
+    }
+
+    fn deregister(&self, key: &[u8]) {
+        let Some(key) = decode_key(key) else { return };
+        let mut local = self.local.write().unwrap();
+        let Some(&at) = local.iter().find(|((_, k), _)| *k == key.keys[0]).map(|(at, _)| at) else { return };
+        let mr = local.remove(&at).expect("found above");
+        drop(local);
+        for ((id, _), rail) in mr.rails.iter().zip(&self.rails) {
+            rail.deregister(*id);
+        }
+    }
+
+    fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>> {
+        let malformed = |what: &str| Error::InvalidArgument(format!("peer {peer} sent a malformed fabric {what}"));
+        let (provider, addresses) = decode_endpoint(&endpoint.address).ok_or_else(|| malformed("endpoint"))?;
+        if provider != self.provider {
+            return Err(FabricError::ProviderMismatch {
+                peer: peer.into(),
+                ours: self.provider.clone(),
+                theirs: provider.into(),
+            }
+            .into());
+        }
+        // Local rail i talks to the peer's rail i mod (its rail count).
+        let routes = self
+            .rails
+            .iter()
+            .enumerate()
+            .map(|(i, rail)| Ok((rail.clone(), rail.insert(addresses[i % addresses.len()].clone())?)))
+            .collect::<Result<Vec<_>>>()?;
+        let remote = regions
+            .iter()
+            .map(|r| match r.key.is_empty() {
+                true => Ok(None),
+                false => decode_key(&r.key).map(|k| Some((r.region, k))).ok_or_else(|| malformed("key")),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(FabricLink {
+            from: self.local_name.clone(),
+            peer: peer.to_string(),
+            endpoint: endpoint.address.as_str().into(),
+            routes,
+            verdicts: (0..remote.len()).map(|_| AtomicU8::new(UNCHECKED)).collect(),
+            remote,
+            local: self.local.clone(),
+            mr_local: self.rails[0].info.mr_local(),
+            stripe_min_bytes: self.config.stripe_min_bytes,
+            next_rail: AtomicUsize::new(0),
+        }))
+    }
+}
+
+/// A connection to one peer over every rail.
+struct FabricLink {
+    from: Arc<str>,
+    peer: String,
+    endpoint: Arc<str>,
+    /// Per local rail: the rail and the peer's address in its address vector.
+    routes: Vec<(Arc<Rail>, sys::fi_addr_t)>,
+    /// The peer's regions (by index in its metadata) and their keys; `None` where not open to us.
+    remote: Vec<Option<(MemRegion, RemoteKey)>>,
+    /// Per remote region: whether its owner confirmed the keys and range (see `rail::Check`).
+    verdicts: Arc<[AtomicU8]>,
+    local: LocalRegistry,
+    mr_local: bool,
+    stripe_min_bytes: u64,
+    /// Small batches take turns on the rails.
+    next_rail: AtomicUsize,
+}
+
+impl FabricLink {
+    /// The local descriptor of `[addr, addr + len)` on rail `rail` (null unless FI_MR_LOCAL).
+    fn local_desc(&self, addr: u64, len: u64, rail: usize) -> Result<usize> {
+        if !self.mr_local {
+            return Ok(0);
+        }
+        let local = self.local.read().unwrap();
+        local
+            .range(..=(addr, u64::MAX))
+            .rev()
+            .find(|(_, mr)| mr.region.contains(addr, len))
+            .map(|(_, mr)| mr.rails[rail].1)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "local range {addr:#x}+{len} is not registered with the fabric transport"
+                ))
+            })
+    }
+}
+
+impl PeerLink for FabricLink {
+    fn post(&self, batch: Batch) -> Result<()> {
+        let op = batch.completion.op();
+        let rails = self.routes.len();
+        let mut checks: Vec<Check> = Vec::new();
+        for (index, o) in batch.ops.iter().enumerate() {
+            let region = o.remote_region;
+            match self.verdicts.get(region as usize).map(|v| v.load(Ordering::Acquire)) {
+                Some(CONFIRMED) | None => {}
+                Some(UNCHECKED) => {
+                    if let (Some(Some((r, key))), false) =
+                        (self.remote.get(region as usize), checks.iter().any(|c| c.region == region))
+                    {
+                        let (addr, len, keys) = (r.addr, r.len, key.keys.clone());
+                        checks.push(Check { region, first_op: index as u32, addr, len, keys });
+                    }
+                }
+                Some(refused) => {
+                    let reason = RejectReason::from_wire(refused - REFUSED).unwrap_or(RejectReason::UnknownKey);
+                    let e = TransferError::Rejected { peer: self.peer.clone(), op, index: index as u32, reason };
+                    batch.completion.set_parts(1);
+                    batch.completion.part_done(Err(e));
+                    return Ok(());
+                }
+            }
+        }
+        if checks.len() > rail::MAX_CHECKS {
+            return Err(Error::InvalidArgument(format!(
+                "a batch may touch at most {} remote regions of peer {} not yet used on this link; this one \
+                 touches {} (post a smaller batch first)",
+                rail::MAX_CHECKS,
+                self.peer,
+                checks.len()
+            )));
+        }
+        let total: u64 = batch.ops.iter().map(|o| o.len).sum();
+        // Split the bytes into one share per rail when the batch is large enough to gain from it;
+        // a batch that first checks regions runs on one rail, where the answer arrives.
+        let (stripes, share) = match rails > 1 && total >= self.stripe_min_bytes && checks.is_empty() {
+            true => (rails, total.div_ceil(rails as u64)),
+            false => (1, u64::MAX),
+        };
+        let first = match stripes {
+            1 => self.next_rail.fetch_add(1, Ordering::Relaxed) % rails,
+            _ => 0,
+        };
+        let mut parts: Vec<Vec<RailOp>> = (0..stripes).map(|_| Vec::new()).collect();
+        let (mut stripe, mut filled) = (0usize, 0u64);
+        for (index, o) in batch.ops.iter().enumerate() {
+            let Some(Some((region, key))) = self.remote.get(o.remote_region as usize) else {
+                return Err(crate::agent::DescError::RemoteRegionUnknown {
+                    peer: self.peer.clone(),
+                    index,
+                    addr: o.remote_addr,
+                    len: o.len,
+                }
+                .into());
+            };
+            let (mut local_addr, mut remote_addr, mut left) = (o.local_addr, o.remote_addr, o.len);
+            while left > 0 {
+                if filled >= share && stripe + 1 < stripes {
+                    stripe += 1;
+                    filled = 0;
+                }
+                let chunk = left.min(share - filled);
+                let rail = (first + stripe) % rails;
+                let target_rail = rail % key.keys.len();
+                parts[stripe].push(RailOp {
+                    local_addr,
+                    local_desc: self.local_desc(local_addr, chunk, rail)?,
+                    remote_addr: if key.virt_addr { remote_addr } else { remote_addr - region.addr },
+                    remote_key: key.keys[target_rail],
+                    len: chunk,
+                });
+                filled += chunk;
+                local_addr += chunk;
+                remote_addr += chunk;
+                left -= chunk;
+            }
+        }
+        // An empty stripe (a batch smaller than the rails) still has to report, so drop it instead.
+        let parts: Vec<(usize, Vec<RailOp>)> = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(i, p)| !p.is_empty() || *i == 0)
+            .map(|(i, p)| ((first + i) % rails, p))
+            .collect();
+        batch.completion.set_parts(parts.len());
+        for (rail, ops) in parts {
+            let (rail_handle, dest) = &self.routes[rail];
+            rail_handle.post(Part {
+                op,
+                dest: *dest,
+                ops,
+                checks: std::mem::take(&mut checks),
+                verdicts: self.verdicts.clone(),
+                reply_to: rail_handle.address.clone(),
+                completion: batch.completion.clone(),
+                _keep_alive: batch.keep_alive.clone(),
+                from: self.from.clone(),
+                endpoint: self.endpoint.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,975 @@
+//! One rail: a libfabric domain with its RDM endpoint, completion queue and address vector, owned by
+//! one progress thread. Every libfabric call on the rail runs on that thread, so the domain can be
+//! opened with `FI_THREAD_DOMAIN` (no locks inside the provider); other threads hand it commands.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::CStr;
+use std::ptr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvferry_fabric_sys as sys;
+
+use super::{FabricError, Info, LocalRegistry, check, fi_error_text, transfer_error};
+use crate::deadline::Deadline;
+use crate::error::{Error, Result};
+use crate::memory::{MemKind, MemRegion};
+use crate::transport::{Completion, NotificationQueue, Op, PartOutcome, RejectReason, TransferError};
+
+/// Posted receive buffers per rail for notifications, and the size of each: the sender's name
+/// (`u16` length) and the largest notification.
+const RECV_SLOTS: usize = 16;
+const RECV_SLOT_BYTES: usize = 2 + u16::MAX as usize + super::MAX_NOTIFICATION as usize;
+/// Completion entries read per `fi_cq_read`.
+const CQ_BATCH: usize = 64;
+/// How long an idle rail waits in `fi_cq_sread` (or sleeps, where the provider has no wait object)
+/// before polling again. Peers' requests to this rail need its progress on providers with manual
+/// progress, so an idle rail still polls.
+const IDLE_WAIT_MS: i32 = 100;
+const IDLE_SLEEP: Duration = Duration::from_micros(50);
+/// Busy-poll this long after the last activity before waiting: back-to-back transfers then see no
+/// wake-up latency.
+const SPIN_AFTER_ACTIVITY: Duration = Duration::from_millis(2);
+/// How long posting a receive buffer or an answer to a peer's check may wait for queue space.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// One remote access of a part, resolved for this rail.
+pub(super) struct RailOp {
+    pub local_addr: u64,
+    pub local_desc: usize,
+    pub remote_addr: u64,
+    pub remote_key: u64,
+    pub len: u64,
+}
+
+/// The share of a batch that runs on one rail.
+pub(super) struct Part {
+    pub op: Op,
+    pub dest: sys::fi_addr_t,
+    pub ops: Vec<RailOp>,
+    pub completion: Arc<Completion>,
+    /// Held, never read: keeps the batch's local memory alive while the part runs.
+    pub _keep_alive: Arc<dyn Any + Send + Sync>,
+    /// The sending agent's name, put in front of a notification.
+    pub from: Arc<str>,
+    pub endpoint: Arc<str>,
+    /// Remote regions to confirm with their owner before the first access (see [`Check`]).
+    pub checks: Vec<Check>,
+    /// The link's verdict per remote region, updated from the owner's answer.
+    pub verdicts: Arc<[AtomicU8]>,
+    /// This rail's own address, where the owner sends its answer.
+    pub reply_to: Arc<[u8]>,
+}
+
+/// A remote region (index `region` in the peer's metadata) whose keys this link has not yet
+/// confirmed with the peer. Providers differ in how they report a refused access (`shm` 1.17 never
+/// answers one; `tcp;ofi_rxm` drops the connection), so the owner confirms each region's keys and
+/// range once per link, and a forged descriptor fails with a typed rejection before any access.
+pub(super) struct Check {
+    pub region: u32,
+    /// The first op of the batch that uses the region, for the error.
+    pub first_op: u32,
+    pub addr: u64,
+    pub len: u64,
+    pub keys: Vec<u64>,
+}
+
+/// A region's verdict: not yet asked, confirmed, or `REFUSED + RejectReason::to_wire()`.
+pub(super) const UNCHECKED: u8 = 0;
+pub(super) const CONFIRMED: u8 = 1;
+pub(super) const REFUSED: u8 = 16;
+
+/// The most regions one check message asks about: it must fit a receive buffer with every rail's
+/// key for each region (17 + 8 × rails bytes each).
+pub(super) const MAX_CHECKS: usize = (RECV_SLOT_BYTES - 64) / (17 + 8 * super::MAX_RAILS);
+
+/// Message kinds, the first byte of every message between rails.
+const MSG_NOTIFY: u8 = 1;
+const MSG_CHECK: u8 = 2;
+const MSG_CHECKED: u8 = 3;
+
+pub(super) struct RegisteredMr {
+    pub id: u64,
+    pub key: u64,
+    pub desc: usize,
+}
+
+enum Command {
+    Register { region: MemRegion, requested_key: u64, reply: mpsc::Sender<Result<RegisteredMr>> },
+    Deregister { id: u64, reply: mpsc::Sender<()> },
+    Insert { address: Vec<u8>, reply: mpsc::Sender<Result<sys::fi_addr_t>> },
+    Post(Part),
+}
+
+/// The handle other threads hold: a command queue and what they need to know about the rail.
+pub(super) struct Rail {
+    pub info: Info,
+    /// This rail's endpoint name, as peers insert it into their address vectors.
+    pub address: Arc<[u8]>,
+    /// Bytes of remote accesses posted on this rail.
+    pub bytes: Arc<AtomicU64>,
+    queue: Arc<CommandQueue>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+struct CommandQueue {
+    commands: Mutex<VecDeque<Command>>,
+    posted: Condvar,
+    stop: AtomicBool,
+    /// The completion queue, for `fi_cq_signal` (which may be called from any thread) to wake a
+    /// progress thread blocked in `fi_cq_sread`; 0 when the provider has no wait object.
+    wakeable_cq: usize,
+}
+
+impl CommandQueue {
+    fn push(&self, c: Command) {
+        self.commands.lock().unwrap().push_back(c);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        self.posted.notify_one();
+        if self.wakeable_cq != 0 {
+            unsafe { sys::kvferry_fi_cq_signal(self.wakeable_cq as *mut sys::fid_cq) };
+        }
+    }
+}
+
+impl Rail {
+    pub fn open(
+        info: Info,
+        index: usize,
+        notifications: Arc<NotificationQueue>,
+        registry: LocalRegistry,
+    ) -> Result<Rail> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread_info = info.clone();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let thread_bytes = bytes.clone();
+        let thread = thread::Builder::new()
+            .name(format!("kvferry-fabric-{index}"))
+            .spawn(move || match Objects::open(&thread_info) {
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+                Ok(objects) => {
+                    let queue = Arc::new(CommandQueue {
+                        commands: Mutex::new(VecDeque::new()),
+                        posted: Condvar::new(),
+                        stop: AtomicBool::new(false),
+                        wakeable_cq: if objects.cq_waits { objects.cq as usize } else { 0 },
+                    });
+                    let mut progress =
+                        match Progress::new(objects, thread_info, queue.clone(), notifications, thread_bytes, registry)
+                        {
+                            Ok(p) => p,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
+                    let _ = ready_tx.send(Ok((progress.objects.address.clone(), queue)));
+                    progress.run();
+                }
+            })
+            .map_err(|e| Error::io("starting a fabric progress thread", e))?;
+        let (address, queue) = ready_rx
+            .recv()
+            .map_err(|_| Error::Io { context: "starting a fabric rail".into(), cause: "thread exited".into() })??;
+        Ok(Rail { info, address: address.into(), bytes, queue, thread: Some(thread) })
+    }
+
+    fn call<T>(&self, make: impl FnOnce(mpsc::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = mpsc::channel();
+        self.queue.push(make(tx));
+        rx.recv().ok()
+    }
+
+    pub fn register(&self, region: MemRegion, requested_key: u64) -> Result<RegisteredMr> {
+        self.call(|reply| Command::Register { region, requested_key, reply }).unwrap_or_else(|| Err(stopped()))
+    }
+
+    pub fn deregister(&self, id: u64) {
+        self.call(|reply| Command::Deregister { id, reply });
+    }
+
+    pub fn insert(&self, address: Vec<u8>) -> Result<sys::fi_addr_t> {
+        self.call(|reply| Command::Insert { address, reply }).unwrap_or_else(|| Err(stopped()))
+    }
+
+    pub fn post(&self, part: Part) {
+        self.queue.push(Command::Post(part));
+    }
+}
+
+fn stopped() -> Error {
+    Error::Io { context: "using a fabric rail".into(), cause: "its progress thread has stopped".into() }
+}
+
+impl Drop for Rail {
+    fn drop(&mut self) {
+        self.queue.stop.store(true, Ordering::Release);
+        self.queue.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The libfabric objects of a rail, closed in reverse order of opening.
+struct Objects {
+    fabric: *mut sys::fid_fabric,
+    domain: *mut sys::fid_domain,
+    cq: *mut sys::fid_cq,
+    av: *mut sys::fid_av,
+    ep: *mut sys::fid_ep,
+    /// Whether the completion queue has a wait object (`fi_cq_sread`, `fi_cq_signal` work).
+    cq_waits: bool,
+    address: Vec<u8>,
+}
+
+impl Objects {
+    fn open(info: &Info) -> Result<Objects> {
+        let mut o = Objects {
+            fabric: ptr::null_mut(),
+            domain: ptr::null_mut(),
+            cq: ptr::null_mut(),
+            av: ptr::null_mut(),
+            ep: ptr::null_mut(),
+            cq_waits: false,
+            address: Vec::new(),
+        };
+        let raw = info.raw();
+        unsafe {
+            check("fi_fabric", sys::fi_fabric((*raw).fabric_attr, &mut o.fabric, ptr::null_mut()))?;
+            check("fi_domain", sys::kvferry_fi_domain(o.fabric, raw, &mut o.domain, ptr::null_mut()))?;
+            let mut cq_attr: sys::fi_cq_attr = std::mem::zeroed();
+            cq_attr.format = sys::FI_CQ_FORMAT_DATA;
+            cq_attr.wait_obj = sys::FI_WAIT_UNSPEC;
+            // A wait object lets an idle rail sleep in the kernel; providers without one are polled.
+            if sys::kvferry_fi_cq_open(o.domain, &mut cq_attr, &mut o.cq, ptr::null_mut()) == 0 {
+                o.cq_waits = true;
+            } else {
+                cq_attr.wait_obj = sys::FI_WAIT_NONE;
+                check("fi_cq_open", sys::kvferry_fi_cq_open(o.domain, &mut cq_attr, &mut o.cq, ptr::null_mut()))?;
+            }
+            let mut av_attr: sys::fi_av_attr = std::mem::zeroed();
+            av_attr.type_ = sys::FI_AV_TABLE;
+            check("fi_av_open", sys::kvferry_fi_av_open(o.domain, &mut av_attr, &mut o.av, ptr::null_mut()))?;
+            check("fi_endpoint", sys::kvferry_fi_endpoint(o.domain, raw, &mut o.ep, ptr::null_mut()))?;
+            check("fi_ep_bind(av)", sys::kvferry_fi_ep_bind(o.ep, &mut (*o.av).fid, 0))?;
+            let cq_flags = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
+            check("fi_ep_bind(cq)", sys::kvferry_fi_ep_bind(o.ep, &mut (*o.cq).fid, cq_flags))?;
+            check("fi_enable", sys::kvferry_fi_enable(o.ep))?;
+            let mut len = 0usize;
+            // The first call reports the length (-FI_ETOOSMALL), the second fills the name.
+            sys::kvferry_fi_getname(&mut (*o.ep).fid, ptr::null_mut(), &mut len);
+            o.address = vec![0u8; len];
+            check("fi_getname", sys::kvferry_fi_getname(&mut (*o.ep).fid, o.address.as_mut_ptr().cast(), &mut len))?;
+            o.address.truncate(len);
+        }
+        Ok(o)
+    }
+}
+
+impl Drop for Objects {
+    fn drop(&mut self) {
+        for fid in [
+            self.ep as *mut sys::fid,
+            self.av as *mut sys::fid,
+            self.cq as *mut sys::fid,
+            self.domain as *mut sys::fid,
+            self.fabric as *mut sys::fid,
+        ] {
+            if !fid.is_null() {
+                unsafe { sys::kvferry_fi_close(fid) };
+            }
+        }
+    }
+}
+
+/// A posted operation's context. `fi_context2` comes first: providers that ask for `FI_CONTEXT2`
+/// use that space while the operation runs.
+#[repr(C)]
+struct OpContext {
+    scratch: sys::fi_context2,
+    what: Pending,
+}
+
+enum Pending {
+    Access(Rc<RefCell<PartRun>>),
+    /// A message; `completion` is the batch a notification settles.
+    Send {
+        completion: Option<Arc<Completion>>,
+        _message: Vec<u8>,
+        mr: *mut sys::fid_mr,
+    },
+    Recv {
+        slot: usize,
+    },
+}
+
+/// A part whose operations are in flight.
+struct PartRun {
+    part: Part,
+    in_flight: usize,
+    /// Every op has been posted (no further completions will be added).
+    all_posted: bool,
+    error: Option<TransferError>,
+}
+
+/// State owned by the progress thread.
+struct Progress {
+    objects: Objects,
+    info: Info,
+    queue: Arc<CommandQueue>,
+    notifications: Arc<NotificationQueue>,
+    mrs: HashMap<u64, *mut sys::fid_mr>,
+    next_mr: u64,
+    /// Contexts handed to libfabric and not yet returned by a completion, freed at shutdown.
+    live: HashSet<usize>,
+    recv_buffer: Vec<u8>,
+    recv_mr: *mut sys::fid_mr,
+    last_activity: Instant,
+    bytes: Arc<AtomicU64>,
+    /// The transport's registrations, to answer peers' checks.
+    registry: LocalRegistry,
+    /// Peers' rail addresses already in the address vector (for answers).
+    known: HashMap<Vec<u8>, sys::fi_addr_t>,
+    /// Parts waiting for the answer to their check, by query id.
+    parked: HashMap<u64, Part>,
+    next_query: u64,
+    /// The latest deadline of the parts posted so far: past it, operations still in flight are
+    /// stuck with a dead peer and no longer worth a spinning core.
+    spin_until: Option<Deadline>,
+}
+
+impl Progress {
+    fn new(
+        objects: Objects,
+        info: Info,
+        queue: Arc<CommandQueue>,
+        notifications: Arc<NotificationQueue>,
+        bytes: Arc<AtomicU64>,
+        registry: LocalRegistry,
+    ) -> Result<Progress> {
+        let mut p = Progress {
+            objects,
+            info,
+            queue,
+            notifications,
+            mrs: HashMap::new(),
+            next_mr: 1,
+            live: HashSet::new(),
+            recv_buffer: vec![0u8; RECV_SLOTS * RECV_SLOT_BYTES],
+            recv_mr: ptr::null_mut(),
+            last_activity: Instant::now(),
+            bytes,
+            registry,
+            known: HashMap::new(),
+            parked: HashMap::new(),
+            next_query: 1,
+            spin_until: None,
+        };
+        if p.info.mr_local() {
+            let region = MemRegion::host(p.recv_buffer.as_ptr(), p.recv_buffer.len());
+            p.recv_mr = p.reg_mr(region, 0, sys::FI_RECV as u64)?;
+        }
+        for slot in 0..RECV_SLOTS {
+            p.post_recv(slot)?;
+        }
+        Ok(p)
+    }
+
+    fn run(&mut self) {
+        let mut entries = empty_entries();
+        while !self.queue.stop.load(Ordering::Acquire) {
+            let mut busy = self.drain_commands();
+            busy |= self.poll(&mut entries) > 0;
+            self.expire_parked();
+            if busy {
+                self.last_activity = Instant::now();
+            } else if (self.live.len() > RECV_SLOTS && self.spin_until.is_some_and(|d| !d.expired()))
+                || !self.parked.is_empty()
+                || self.last_activity.elapsed() < SPIN_AFTER_ACTIVITY
+            {
+                // Operations in flight, or recent traffic: keep polling, but let the other side
+                // of a same-host transfer run.
+                thread::yield_now();
+            } else {
+                self.idle(&mut entries);
+            }
+        }
+    }
+
+    /// Wait for a completion or a command without spinning.
+    fn idle(&mut self, entries: &mut [sys::fi_cq_data_entry; CQ_BATCH]) {
+        if self.objects.cq_waits {
+            let n = unsafe {
+                sys::kvferry_fi_cq_sread(
+                    self.objects.cq,
+                    entries.as_mut_ptr().cast(),
+                    CQ_BATCH,
+                    ptr::null(),
+                    IDLE_WAIT_MS,
+                )
+            };
+            if n > 0 {
+                self.dispatch(&entries[..n as usize]);
+                self.last_activity = Instant::now();
+            } else if n == -(sys::FI_EAVAIL as isize) {
+                self.read_error();
+            }
+            return;
+        }
+        let commands = self.queue.commands.lock().unwrap();
+        if commands.is_empty() {
+            let _ = self.queue.posted.wait_timeout(commands, IDLE_SLEEP);
+        }
+    }
+
+    fn drain_commands(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            let Some(command) = self.queue.commands.lock().unwrap().pop_front() else { return any };
+            any = true;
+            match command {
+                Command::Register { region, requested_key, reply } => {
+                    let access = (sys::FI_READ | sys::FI_WRITE | sys::FI_REMOTE_READ | sys::FI_REMOTE_WRITE) as u64;
+                    let result = self.reg_mr(region, requested_key, access).map(|mr| {
+                        let id = self.next_mr;
+                        self.next_mr += 1;
+                        self.mrs.insert(id, mr);
+                        RegisteredMr {
+                            id,
+                            key: unsafe { sys::kvferry_fi_mr_key(mr) },
+                            desc: unsafe { sys::kvferry_fi_mr_desc(mr) } as usize,
+                        }
+                    });
+                    let _ = reply.send(result);
+                }
+                Command::Deregister { id, reply } => {
+                    if let Some(mr) = self.mrs.remove(&id) {
+                        unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
+                    }
+                    let _ = reply.send(());
+                }
+                Command::Insert { address, reply } => {
+                    let _ = reply.send(self.av_insert(&address));
+                }
+                Command::Post(part) => self.start(part),
+            }
+        }
+    }
+
+    fn av_insert(&mut self, address: &[u8]) -> Result<sys::fi_addr_t> {
+        let mut fi_addr: sys::fi_addr_t = sys::FI_ADDR_UNSPEC;
+        let ret = unsafe {
+            sys::kvferry_fi_av_insert(self.objects.av, address.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut())
+        };
+        match ret {
+            1 => Ok(fi_addr),
+            r => Err(FabricError::Call { call: "fi_av_insert", code: r.min(0), detail: fi_error_text(r) }.into()),
+        }
+    }
+
+    /// Register memory with this rail's domain, honouring the provider's `mr_mode`.
+    fn reg_mr(&mut self, region: MemRegion, requested_key: u64, access: u64) -> Result<*mut sys::fid_mr> {
+        let iov = libc::iovec { iov_base: region.addr as *mut libc::c_void, iov_len: region.len as usize };
+        let mut attr: sys::fi_mr_attr = unsafe { std::mem::zeroed() };
+        attr.mr_iov = (&iov as *const libc::iovec).cast();
+        attr.iov_count = 1;
+        attr.access = access;
+        // Without FI_MR_PROV_KEY the caller picks the key; with it the provider does.
+        attr.requested_key = requested_key;
+        match region.kind {
+            MemKind::Host => attr.iface = sys::FI_HMEM_SYSTEM,
+            MemKind::Cuda { device } => {
+                attr.iface = sys::FI_HMEM_CUDA;
+                attr.device.cuda = device as i32;
+            }
+            MemKind::Rocm { device } => {
+                attr.iface = sys::FI_HMEM_ROCR;
+                attr.device.reserved = device as u64;
+            }
+        }
+        let mut mr: *mut sys::fid_mr = ptr::null_mut();
+        unsafe {
+            check("fi_mr_regattr", sys::kvferry_fi_mr_regattr(self.objects.domain, &attr, 0, &mut mr))?;
+            // FI_MR_ENDPOINT: a region is usable only once bound to the endpoint and enabled.
+            if self.info.mr_mode() & sys::FI_MR_ENDPOINT as i32 != 0 {
+                let bound = check("fi_mr_bind", sys::kvferry_fi_mr_bind(mr, &mut (*self.objects.ep).fid, 0))
+                    .and_then(|()| check("fi_mr_enable", sys::kvferry_fi_mr_enable(mr)));
+                if let Err(e) = bound {
+                    sys::kvferry_fi_close(&mut (*mr).fid);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(mr)
+    }
+
+    fn post_recv(&mut self, slot: usize) -> Result<()> {
+        let ctx = self.context(Pending::Recv { slot });
+        let iov = libc::iovec {
+            iov_base: unsafe { self.recv_buffer.as_mut_ptr().add(slot * RECV_SLOT_BYTES) }.cast(),
+            iov_len: RECV_SLOT_BYTES,
+        };
+        let mut desc = self.mr_desc(self.recv_mr);
+        let msg = sys::fi_msg {
+            msg_iov: (&iov as *const libc::iovec).cast(),
+            desc: &mut desc,
+            iov_count: 1,
+            addr: sys::FI_ADDR_UNSPEC,
+            context: ctx.cast(),
+            data: 0,
+        };
+        let ret = self.retry(Deadline::after(HOUSEKEEPING), |ep| unsafe { sys::kvferry_fi_recvmsg(ep, &msg, 0) });
+        if ret != 0 {
+            self.forget(ctx);
+            return check("fi_recvmsg", ret as i32);
+        }
+        Ok(())
+    }
+
+    fn mr_desc(&self, mr: *mut sys::fid_mr) -> *mut libc::c_void {
+        if mr.is_null() { ptr::null_mut() } else { unsafe { sys::kvferry_fi_mr_desc(mr) } }
+    }
+
+    fn context(&mut self, what: Pending) -> *mut OpContext {
+        let ctx = Box::into_raw(Box::new(OpContext { scratch: unsafe { std::mem::zeroed() }, what }));
+        self.live.insert(ctx as usize);
+        ctx
+    }
+
+    fn forget(&mut self, ctx: *mut OpContext) -> Pending {
+        self.live.remove(&(ctx as usize));
+        unsafe { Box::from_raw(ctx) }.what
+    }
+
+    /// Post with `post`, progressing the completion queue while the provider's queue is full, until
+    /// `deadline` (a peer that went away can leave a provider answering `FI_EAGAIN` for good).
+    fn retry(&mut self, deadline: Deadline, mut post: impl FnMut(*mut sys::fid_ep) -> isize) -> isize {
+        let mut entries = empty_entries();
+        loop {
+            let ret = post(self.objects.ep);
+            if ret != -(sys::FI_EAGAIN as isize) {
+                return ret;
+            }
+            if deadline.expired() {
+                return -(sys::FI_ETIMEDOUT as isize);
+            }
+            self.poll(&mut entries);
+        }
+    }
+
+    /// Post every op of a part, `FI_MORE` on all but the last so the provider can batch them.
+    fn start(&mut self, part: Part) {
+        if let Some(e) = part.completion.skip_reason() {
+            return self.part_finished(part, Some(e));
+        }
+        if !part.checks.is_empty() {
+            return self.send_check(part);
+        }
+        if part.ops.is_empty() {
+            return self.part_finished(part, None);
+        }
+        // Up to `per_message` ops share one message (local and remote scatter-gather lists of equal
+        // lengths pair up in order), which cuts the provider's per-message work.
+        let per_message = self.info.max_iov();
+        let ordered_writes = self.info.ordered_writes();
+        let (op, dest, count, deadline) = (part.op, part.dest, part.ops.len(), part.completion.deadline());
+        self.spin_until = Some(self.spin_until.map_or(deadline, |d| d.max(deadline)));
+        let run = Rc::new(RefCell::new(PartRun { part, in_flight: 0, all_posted: false, error: None }));
+        let mut first = 0;
+        while first < count {
+            let last = (first + per_message).min(count);
+            let (iov, mut desc, rma): (Vec<libc::iovec>, Vec<*mut libc::c_void>, Vec<sys::fi_rma_iov>) = {
+                let r = run.borrow();
+                let ops = &r.part.ops[first..last];
+                (
+                    ops.iter()
+                        .map(|o| libc::iovec { iov_base: o.local_addr as *mut libc::c_void, iov_len: o.len as usize })
+                        .collect(),
+                    ops.iter().map(|o| o.local_desc as *mut libc::c_void).collect(),
+                    ops.iter()
+                        .map(|o| sys::fi_rma_iov { addr: o.remote_addr, len: o.len as usize, key: o.remote_key })
+                        .collect(),
+                )
+            };
+            let len: u64 = iov.iter().map(|v| v.iov_len as u64).sum();
+            let ctx = self.context(Pending::Access(run.clone()));
+            let msg = sys::fi_msg_rma {
+                msg_iov: iov.as_ptr().cast(),
+                desc: desc.as_mut_ptr(),
+                iov_count: iov.len(),
+                addr: dest,
+                rma_iov: rma.as_ptr(),
+                rma_iov_count: rma.len(),
+                context: ctx.cast(),
+                data: 0,
+            };
+            let more = if last < count { sys::FI_MORE as u64 } else { 0 };
+            // A part's writes complete only once the data is in the target's memory, so the
+            // notification sent after the batch cannot overtake it. Where the provider applies
+            // writes in order, asking that of the last write covers the ones before it.
+            let delivered = match ordered_writes && last < count {
+                true => 0,
+                false => sys::FI_DELIVERY_COMPLETE as u64,
+            };
+            let ret = match op {
+                Op::Write => self.retry(deadline, |ep| unsafe { sys::kvferry_fi_writemsg(ep, &msg, more | delivered) }),
+                _ => self.retry(deadline, |ep| unsafe { sys::kvferry_fi_readmsg(ep, &msg, more) }),
+            };
+            if ret != 0 {
+                self.forget(ctx);
+                let call = if op == Op::Write { "fi_writemsg" } else { "fi_readmsg" };
+                let detail = format!("{call}: {}", fi_error_text(ret as i32));
+                let e = transfer_error(&run.borrow().part, (-ret) as i32, detail);
+                run.borrow_mut().error.get_or_insert(e);
+                break;
+            }
+            run.borrow_mut().in_flight += 1;
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            first = last;
+        }
+        run.borrow_mut().all_posted = true;
+        self.maybe_finish(run);
+    }
+
+    /// Finish the part once every op is posted and back; `run` is then its last reference.
+    fn maybe_finish(&mut self, run: Rc<RefCell<PartRun>>) {
+        let done = {
+            let r = run.borrow();
+            r.all_posted && r.in_flight == 0
+        };
+        if !done {
+            return;
+        }
+        let Ok(run) = Rc::try_unwrap(run).map(RefCell::into_inner) else {
+            return;
+        };
+        self.part_finished(run.part, run.error);
+    }
+
+    /// Report a part to its batch; the last part of a successful batch sends its notification.
+    fn part_finished(&mut self, part: Part, error: Option<TransferError>) {
+        let completion = part.completion.clone();
+        match completion.part_done(error.map_or(Ok(()), Err)) {
+            PartOutcome::LastOk { notification: Some(data) } => self.send_notification(&part, data),
+            PartOutcome::LastOk { notification: None } => completion.finish(Ok(())),
+            PartOutcome::Pending | PartOutcome::Finished => {}
+        }
+        // Dropping the part releases the batch's hold on its local memory.
+    }
+
+    fn send_notification(&mut self, part: &Part, data: Vec<u8>) {
+        let mut message = Vec::with_capacity(3 + part.from.len() + data.len());
+        message.push(MSG_NOTIFY);
+        message.extend_from_slice(&(part.from.len() as u16).to_le_bytes());
+        message.extend_from_slice(part.from.as_bytes());
+        message.extend_from_slice(&data);
+        let deadline = part.completion.deadline();
+        if let Err((code, detail)) = self.send(part.dest, message, Some(part.completion.clone()), deadline) {
+            part.completion.finish(Err(transfer_error(part, code, detail)));
+        }
+    }
+
+    /// Ask the peer to confirm the part's regions; the part waits for the answer.
+    fn send_check(&mut self, part: Part) {
+        let query = self.next_query;
+        self.next_query += 1;
+        let mut message = vec![MSG_CHECK];
+        message.extend_from_slice(&query.to_le_bytes());
+        message.extend_from_slice(&(part.reply_to.len() as u16).to_le_bytes());
+        message.extend_from_slice(&part.reply_to);
+        message.extend_from_slice(&(part.checks.len() as u16).to_le_bytes());
+        for c in &part.checks {
+            message.extend_from_slice(&c.addr.to_le_bytes());
+            message.extend_from_slice(&c.len.to_le_bytes());
+            message.push(c.keys.len() as u8);
+            c.keys.iter().for_each(|k| message.extend_from_slice(&k.to_le_bytes()));
+        }
+        match self.send(part.dest, message, None, part.completion.deadline()) {
+            Ok(()) => {
+                self.parked.insert(query, part);
+            }
+            Err((code, detail)) => {
+                let e = transfer_error(&part, code, detail);
+                self.part_finished(part, Some(e));
+            }
+        }
+    }
+
+    /// The peer's answer to a check: record the verdicts, then run the part or refuse it.
+    fn checked(&mut self, message: &[u8]) -> Option<()> {
+        let query = u64::from_le_bytes(message.get(1..9)?.try_into().ok()?);
+        let count = u16::from_le_bytes(message.get(9..11)?.try_into().ok()?) as usize;
+        let verdicts = message.get(11..11 + count)?;
+        let mut part = self.parked.remove(&query)?;
+        if verdicts.len() != part.checks.len() {
+            let peer = part.completion.peer().to_string();
+            let detail = format!("{} verdicts for {} regions", verdicts.len(), part.checks.len());
+            self.part_finished(part, Some(TransferError::Protocol { peer, detail }));
+            return Some(());
+        }
+        let mut refusal = None;
+        for (c, &v) in part.checks.iter().zip(verdicts) {
+            part.verdicts[c.region as usize].store(v, Ordering::Release);
+            if let (None, Some(reason)) = (&refusal, v.checked_sub(REFUSED).and_then(RejectReason::from_wire)) {
+                refusal = Some(TransferError::Rejected {
+                    peer: part.completion.peer().to_string(),
+                    op: part.op,
+                    index: c.first_op,
+                    reason,
+                });
+            }
+        }
+        part.checks.clear();
+        match refusal {
+            Some(e) => self.part_finished(part, Some(e)),
+            None => self.start(part),
+        }
+        Some(())
+    }
+
+    /// Answer a peer's check against this transport's registrations.
+    fn answer_check(&mut self, message: &[u8]) -> Option<()> {
+        let mut r = Reader(message.get(1..)?);
+        let query = r.u64()?;
+        let reply_len = r.u16()? as usize;
+        let reply_to = r.take(reply_len)?.to_vec();
+        let count = r.u16()? as usize;
+        let mut answer = vec![MSG_CHECKED];
+        answer.extend_from_slice(&query.to_le_bytes());
+        answer.extend_from_slice(&(count as u16).to_le_bytes());
+        {
+            let registry = self.registry.read().unwrap();
+            for _ in 0..count {
+                let (addr, len) = (r.u64()?, r.u64()?);
+                let keys: Vec<u64> = (0..r.take(1)?[0]).map(|_| r.u64()).collect::<Option<_>>()?;
+                let verdict = match registry.values().find(|mr| mr.keys == keys) {
+                    None => REFUSED + RejectReason::UnknownKey.to_wire(),
+                    Some(mr) if !mr.region.contains(addr, len) => REFUSED + RejectReason::OutOfRange.to_wire(),
+                    Some(_) => CONFIRMED,
+                };
+                answer.push(verdict);
+            }
+        }
+        let dest = match self.known.get(&reply_to) {
+            Some(&a) => a,
+            None => match self.av_insert(&reply_to) {
+                Ok(a) => *self.known.entry(reply_to).or_insert(a),
+                Err(e) => {
+                    tracing::warn!("fabric: cannot answer a check: {e}");
+                    return Some(());
+                }
+            },
+        };
+        if let Err((_, detail)) = self.send(dest, answer, None, Deadline::after(HOUSEKEEPING)) {
+            tracing::warn!("fabric: cannot answer a check: {detail}");
+        }
+        Some(())
+    }
+
+    /// Parts whose check has not been answered by their deadline (or that were cancelled) fail.
+    fn expire_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let expired: Vec<u64> =
+            self.parked.iter().filter(|(_, p)| p.completion.skip_reason().is_some()).map(|(q, _)| *q).collect();
+        for q in expired {
+            let part = self.parked.remove(&q).expect("listed above");
+            let e = part.completion.skip_reason();
+            self.part_finished(part, e);
+        }
+    }
+
+    /// Send a message; `completion` (a notification's batch) settles when the send completes.
+    fn send(
+        &mut self,
+        dest: sys::fi_addr_t,
+        message: Vec<u8>,
+        completion: Option<Arc<Completion>>,
+        deadline: Deadline,
+    ) -> std::result::Result<(), (i32, String)> {
+        // Providers with FI_MR_LOCAL need the message registered; it is small and rare.
+        let mr = match self.info.mr_local() {
+            true => self
+                .reg_mr(MemRegion::host(message.as_ptr(), message.len()), 0, sys::FI_SEND as u64)
+                .map_err(|e| (0, format!("registering a message: {e}")))?,
+            false => ptr::null_mut(),
+        };
+        let iov = libc::iovec { iov_base: message.as_ptr() as *mut libc::c_void, iov_len: message.len() };
+        let mut desc = self.mr_desc(mr);
+        let ctx = self.context(Pending::Send { completion, _message: message, mr });
+        let msg = sys::fi_msg {
+            msg_iov: (&iov as *const libc::iovec).cast(),
+            desc: &mut desc,
+            iov_count: 1,
+            addr: dest,
+            context: ctx.cast(),
+            data: 0,
+        };
+        let ret = self.retry(deadline, |ep| unsafe { sys::kvferry_fi_sendmsg(ep, &msg, 0) });
+        if ret != 0 {
+            self.release(ctx);
+            return Err(((-ret) as i32, format!("fi_sendmsg: {}", fi_error_text(ret as i32))));
+        }
+        Ok(())
+    }
+
+    /// Free a context that will not complete, closing what it holds.
+    fn release(&mut self, ctx: *mut OpContext) {
+        if let Pending::Send { mr, .. } = self.forget(ctx)
+            && !mr.is_null()
+        {
+            unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
+        }
+    }
+
+    /// Read completions once; returns how many arrived (errors included).
+    fn poll(&mut self, entries: &mut [sys::fi_cq_data_entry; CQ_BATCH]) -> usize {
+        let n = unsafe { sys::kvferry_fi_cq_read(self.objects.cq, entries.as_mut_ptr().cast(), CQ_BATCH) };
+        if n > 0 {
+            self.dispatch(&entries[..n as usize]);
+            return n as usize;
+        }
+        if n == -(sys::FI_EAVAIL as isize) {
+            self.read_error();
+            return 1;
+        }
+        0
+    }
+
+    fn dispatch(&mut self, entries: &[sys::fi_cq_data_entry]) {
+        for e in entries {
+            self.complete(e.op_context.cast(), Ok(e.len));
+        }
+    }
+
+    fn read_error(&mut self) {
+        let mut err: sys::fi_cq_err_entry = unsafe { std::mem::zeroed() };
+        if unsafe { sys::kvferry_fi_cq_readerr(self.objects.cq, &mut err, 0) } != 1 {
+            return;
+        }
+        let mut text = [0 as libc::c_char; 256];
+        let provider = unsafe {
+            let s = sys::kvferry_fi_cq_strerror(self.objects.cq, err.prov_errno, err.err_data, text.as_mut_ptr(), 256);
+            if s.is_null() { String::new() } else { CStr::from_ptr(s).to_string_lossy().into_owned() }
+        };
+        let detail = format!("{} (provider: {provider})", fi_error_text(-err.err));
+        self.complete(err.op_context.cast(), Err((err.err, detail)));
+    }
+
+    fn complete(&mut self, ctx: *mut OpContext, result: std::result::Result<usize, (i32, String)>) {
+        if ctx.is_null() || !self.live.contains(&(ctx as usize)) {
+            return;
+        }
+        match self.forget(ctx) {
+            Pending::Access(run) => {
+                if let Err((code, detail)) = result {
+                    let mut r = run.borrow_mut();
+                    let e = transfer_error(&r.part, code, detail);
+                    r.error.get_or_insert(e);
+                }
+                run.borrow_mut().in_flight -= 1;
+                self.maybe_finish(run);
+            }
+            Pending::Send { completion, mr, .. } => {
+                if !mr.is_null() {
+                    unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
+                }
+                if let Some(completion) = completion {
+                    let peer = completion.peer().to_string();
+                    let result = result.map(drop);
+                    completion
+                        .finish(result.map_err(|(code, cause)| super::classify(&peer, Op::Notify, "", code, cause)));
+                }
+            }
+            Pending::Recv { slot } => {
+                if let Ok(len) = result {
+                    let start = slot * RECV_SLOT_BYTES;
+                    let message = self.recv_buffer[start..start + len.min(RECV_SLOT_BYTES)].to_vec();
+                    let handled = match message.first() {
+                        Some(&MSG_NOTIFY) => self.deliver(&message[1..]),
+                        Some(&MSG_CHECK) => self.answer_check(&message),
+                        Some(&MSG_CHECKED) => self.checked(&message),
+                        _ => None,
+                    };
+                    if handled.is_none() {
+                        tracing::warn!("fabric: dropped a malformed message of {} bytes", message.len());
+                    }
+                }
+                if !self.queue.stop.load(Ordering::Acquire)
+                    && let Err(e) = self.post_recv(slot)
+                {
+                    tracing::warn!("fabric: reposting a notification buffer failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Hand an incoming notification (`name_len u16 | name | data`) to the agent.
+    fn deliver(&self, message: &[u8]) -> Option<()> {
+        let mut r = Reader(message);
+        let len = r.u16()? as usize;
+        let from = std::str::from_utf8(r.take(len)?).ok()?.to_string();
+        self.notifications.push(crate::transport::Notification { from, data: r.0.to_vec() });
+        Some(())
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        // Close the endpoint first so no completion can name a context freed below.
+        if !self.objects.ep.is_null() {
+            unsafe { sys::kvferry_fi_close(&mut (*self.objects.ep).fid) };
+            self.objects.ep = ptr::null_mut();
+        }
+        // Fail what is still in flight (its completions will never come), releasing its memory.
+        let closed = || (sys::FI_ECANCELED as i32, "the fabric transport was closed".to_string());
+        for ctx in self.live.iter().copied().collect::<Vec<_>>() {
+            self.complete(ctx as *mut OpContext, Err(closed()));
+        }
+        for (_, part) in std::mem::take(&mut self.parked) {
+            let e = transfer_error(&part, closed().0, closed().1);
+            self.part_finished(part, Some(e));
+        }
+        for (_, mr) in self.mrs.drain() {
+            unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
+        }
+        if !self.recv_mr.is_null() {
+            unsafe { sys::kvferry_fi_close(&mut (*self.recv_mr).fid) };
+        }
+    }
+}
+
+fn empty_entries() -> [sys::fi_cq_data_entry; CQ_BATCH] {
+    [sys::fi_cq_data_entry { op_context: ptr::null_mut(), flags: 0, len: 0, buf: ptr::null_mut(), data: 0 }; CQ_BATCH]
+}
+
+/// Little-endian fields off the front of a message; `None` when it is too short.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
