@@ -1,0 +1,183 @@
+//! One peer, several links: two agents on this host share shm and TCP (staging through the host
+//! device), and each transfer goes over the first link that reaches all of its memory.
+//!
+//! Without a GPU all memory here is host memory, which shm moves whatever it is. Memory that only
+//! TCP can move is made the way an engine keeps a region off shared memory: registered with TCP
+//! alone (`Agent::register_with`). On a GPU host the same choice falls out of the memory kind:
+//! shm refuses to register device memory, TCP stages it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvferry_core::memory::host::{HostAllocOptions, HostBuffer};
+use kvferry_core::{
+    Agent, AgentConfig, Deadline, DescError, DescSide, Device, Error, ErrorCode, HostDevice, LinkGap, MemRegion, Op,
+    StagingConfig, TransferRequest, TransportKind,
+};
+
+const BLOCK: usize = 4096;
+const BLOCKS: usize = 16;
+
+fn soon() -> Deadline {
+    Deadline::after(Duration::from_secs(10))
+}
+
+/// shm (the default) and TCP staging host memory through the host device.
+fn agent(name: &str) -> Agent {
+    let host: Arc<dyn Device> = Arc::new(HostDevice::with_threads(2).unwrap());
+    let staging = StagingConfig { devices: vec![host], chunk_bytes: 3 * BLOCK, stage_host: true };
+    Agent::new(AgentConfig { staging: Some(staging), ..AgentConfig::new(name) }).unwrap()
+}
+
+fn buffer(seed: u8) -> Arc<HostBuffer> {
+    let options = HostAllocOptions::new().with_pin(false).with_shareable(true);
+    let b = Arc::new(HostBuffer::alloc(BLOCK * BLOCKS, &options).unwrap());
+    let data: Vec<u8> = (0..b.len()).map(|i| (i % 251) as u8 ^ seed).collect();
+    b.write_at(0, &data).unwrap();
+    b
+}
+
+fn blocks(buf: &HostBuffer) -> Vec<MemRegion> {
+    (0..BLOCKS).map(|i| MemRegion::host(unsafe { buf.as_ptr().add(i * BLOCK) }, BLOCK)).collect()
+}
+
+fn block_of(buf: &HostBuffer, i: usize) -> Vec<u8> {
+    buf.to_vec()[i * BLOCK..(i + 1) * BLOCK].to_vec()
+}
+
+#[test]
+fn each_transfer_goes_over_the_first_link_that_reaches_its_memory() {
+    let (initiator, target) = (agent("multi-initiator"), agent("multi-target"));
+    let (local, local_tcp) = (buffer(1), buffer(2));
+    let (remote_any, remote_tcp) = (buffer(3), buffer(4));
+    let _regs = [
+        initiator.register(local.clone()).unwrap(),
+        initiator.register_with(local_tcp.clone(), &[TransportKind::Tcp]).unwrap(),
+        target.register(remote_any.clone()).unwrap(),
+        target.register_with(remote_tcp.clone(), &[TransportKind::Tcp]).unwrap(),
+    ];
+    initiator.add_peer(&target.metadata()).unwrap();
+    assert_eq!(initiator.peer_transports("multi-target"), Some(vec![TransportKind::Shm, TransportKind::Tcp]));
+    assert_eq!(initiator.peer_transport("multi-target"), Some(TransportKind::Shm));
+
+    let locals = initiator.prepare_local(&[blocks(&local), blocks(&local_tcp)].concat()).unwrap();
+    let remotes =
+        initiator.prepare_remote("multi-target", &[blocks(&remote_any), blocks(&remote_tcp)].concat()).unwrap();
+    // Both lists hold the TCP-only buffer's blocks after the others.
+    let tcp_only = |i: usize| BLOCKS + i;
+
+    // Both sides open to shm: shm, through the mapping.
+    let xfer = initiator.write(&locals, &[0, 1], &remotes, &[5, 6], soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!((xfer.transport(), xfer.mode()), (TransportKind::Shm, Some("mapped")));
+    assert_eq!(block_of(&remote_any, 5), block_of(&local, 0));
+    assert_eq!(block_of(&remote_any, 6), block_of(&local, 1));
+
+    // The remote region is open to TCP only: TCP, with the notification after the data.
+    let targets = [tcp_only(7), tcp_only(0)];
+    let mut request = TransferRequest::new(Op::Write, (&locals, &[2, 3]), (&remotes, &targets), soon());
+    request.notification = Some(b"over tcp");
+    let xfer = initiator.post(request).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!((xfer.transport(), xfer.mode()), (TransportKind::Tcp, None));
+    assert_eq!(target.wait_notifications(soon())[0].data, b"over tcp");
+    assert_eq!(block_of(&remote_tcp, 7), block_of(&local, 2));
+    assert_eq!(block_of(&remote_tcp, 0), block_of(&local, 3));
+
+    // The local region is open to TCP only: TCP too, reading into it.
+    let xfer = initiator.read(&locals, &[tcp_only(4)], &remotes, &[9], soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!(xfer.transport(), TransportKind::Tcp);
+    assert_eq!(block_of(&local_tcp, 4), block_of(&remote_any, 9));
+
+    // A notification alone takes the preferred link.
+    let xfer = initiator.notify("multi-target", b"alone", soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!(xfer.transport(), TransportKind::Shm);
+    assert_eq!(target.wait_notifications(soon())[0].data, b"alone");
+}
+
+#[test]
+fn a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing() {
+    let (initiator, target) = (agent("split-initiator"), agent("split-target"));
+    let (local, remote_shm, remote_tcp) = (buffer(1), buffer(2), buffer(3));
+    let _regs = [
+        initiator.register(local.clone()).unwrap(),
+        target.register_with(remote_shm.clone(), &[TransportKind::Shm]).unwrap(),
+        target.register_with(remote_tcp.clone(), &[TransportKind::Tcp]).unwrap(),
+    ];
+    initiator.add_peer(&target.metadata()).unwrap();
+    let locals = initiator.prepare_local(&blocks(&local)).unwrap();
+    // Each descriptor alone is reachable, so the list is accepted.
+    let remotes =
+        initiator.prepare_remote("split-target", &[blocks(&remote_shm), blocks(&remote_tcp)].concat()).unwrap();
+    let before = (remote_shm.to_vec(), remote_tcp.to_vec());
+
+    let e = initiator.write(&locals, &[0, 1], &remotes, &[2, BLOCKS + 3], soon()).err().unwrap();
+    assert_eq!(e.code(), ErrorCode::NoCommonLink, "{e}");
+    let Error::Descriptor(DescError::NoCommonLink { peer, gaps }) = &e else { panic!("not a descriptor error: {e}") };
+    assert_eq!(peer, "split-target");
+    let gap = |transport, index| LinkGap { transport, side: DescSide::Remote, index };
+    assert_eq!(gaps, &[gap(TransportKind::Shm, BLOCKS + 3), gap(TransportKind::Tcp, 2)]);
+    assert!(e.to_string().contains("shm: the peer did not register remote descriptor 19"), "{e}");
+    assert!((remote_shm.to_vec(), remote_tcp.to_vec()) == before, "a refused request moved data");
+
+    // Split in two, each half has its link.
+    let xfer = initiator.write(&locals, &[0], &remotes, &[2], soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!(xfer.transport(), TransportKind::Shm);
+    let xfer = initiator.write(&locals, &[1], &remotes, &[BLOCKS + 3], soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!(xfer.transport(), TransportKind::Tcp);
+    assert_eq!(block_of(&remote_shm, 2), block_of(&local, 0));
+    assert_eq!(block_of(&remote_tcp, 3), block_of(&local, 1));
+}
+
+#[test]
+fn a_region_open_only_to_an_unlinked_transport_is_refused_when_prepared() {
+    let tcp_only = Agent::new(AgentConfig { shm: None, ..AgentConfig::new("no-shm") }).unwrap();
+    let target = agent("shm-and-tcp");
+    let remote_shm = buffer(2);
+    let _reg = target.register_with(remote_shm.clone(), &[TransportKind::Shm]).unwrap();
+    tcp_only.add_peer(&target.metadata()).unwrap();
+    assert_eq!(tcp_only.peer_transports("shm-and-tcp"), Some(vec![TransportKind::Tcp]));
+    let e = tcp_only.prepare_remote("shm-and-tcp", &blocks(&remote_shm)).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RemoteRegionUnknown, "{e}");
+}
+
+#[test]
+fn registering_with_no_transport_that_moves_the_memory_is_refused() {
+    let a = agent("picky");
+    let e = a.register_with(buffer(1), &[TransportKind::CudaIpc]).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unsupported, "{e}");
+    let e = a.register_with(buffer(1), &[]).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unsupported, "{e}");
+}
+
+#[test]
+fn new_metadata_relinks_every_transport_and_stales_old_lists() {
+    let (initiator, target) = (agent("relink-initiator"), agent("relink-target"));
+    let (local, remote) = (buffer(1), buffer(2));
+    let _regs = [initiator.register(local.clone()).unwrap(), target.register(remote.clone()).unwrap()];
+    initiator.add_peer(&target.metadata()).unwrap();
+    let locals = initiator.prepare_local(&blocks(&local)).unwrap();
+    let old = initiator.prepare_remote("relink-target", &blocks(&remote)).unwrap();
+
+    let later = buffer(3);
+    let _later = target.register_with(later.clone(), &[TransportKind::Tcp]).unwrap();
+    initiator.add_peer(&target.metadata()).unwrap();
+    let e = initiator.write(&locals, &[0], &old, &[0], soon()).err().unwrap();
+    assert_eq!(e.code(), ErrorCode::StaleDescriptors, "{e}");
+    assert_eq!(initiator.peer_transports("relink-target"), Some(vec![TransportKind::Shm, TransportKind::Tcp]));
+    let fresh = initiator.prepare_remote("relink-target", &[blocks(&remote), blocks(&later)].concat()).unwrap();
+    let xfer = initiator.read(&locals, &[0, 1], &fresh, &[1, BLOCKS + 2], soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!(xfer.transport(), TransportKind::Tcp, "one descriptor is open to TCP only");
+    assert_eq!(block_of(&local, 0), block_of(&remote, 1));
+    assert_eq!(block_of(&local, 1), block_of(&later, 2));
+
+    initiator.remove_peer("relink-target").unwrap();
+    assert_eq!(initiator.peer_transports("relink-target"), None);
+    let e = initiator.write(&locals, &[0], &fresh, &[0], soon()).err().unwrap();
+    assert_eq!(e.code(), ErrorCode::UnknownPeer, "{e}");
+}
