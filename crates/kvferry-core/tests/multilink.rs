@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use kvferry_core::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry_core::{
-    Agent, AgentConfig, Deadline, DescError, DescSide, Device, Error, ErrorCode, HostDevice, LinkGap, MemRegion, Op,
-    StagingConfig, TransferRequest, TransportKind,
+    Agent, AgentConfig, Deadline, DescError, DescSide, Device, Error, ErrorCode, HostDevice, LinkGap, MemRegion,
+    Memory, Op, StagingConfig, TransferRequest, TransportKind,
 };
 
 const BLOCK: usize = 4096;
@@ -37,8 +37,9 @@ fn buffer(seed: u8) -> Arc<HostBuffer> {
     b
 }
 
-fn blocks(buf: &HostBuffer) -> Vec<MemRegion> {
-    (0..BLOCKS).map(|i| MemRegion::host(unsafe { buf.as_ptr().add(i * BLOCK) }, BLOCK)).collect()
+fn blocks(memory: &dyn Memory) -> Vec<MemRegion> {
+    let r = memory.region();
+    (0..BLOCKS).map(|i| MemRegion { addr: r.addr + (i * BLOCK) as u64, len: BLOCK as u64, kind: r.kind }).collect()
 }
 
 fn block_of(buf: &HostBuffer, i: usize) -> Vec<u8> {
@@ -60,9 +61,9 @@ fn each_transfer_goes_over_the_first_link_that_reaches_its_memory() {
     assert_eq!(initiator.peer_transports("multi-target"), Some(vec![TransportKind::Shm, TransportKind::Tcp]));
     assert_eq!(initiator.peer_transport("multi-target"), Some(TransportKind::Shm));
 
-    let locals = initiator.prepare_local(&[blocks(&local), blocks(&local_tcp)].concat()).unwrap();
+    let locals = initiator.prepare_local(&[blocks(&*local), blocks(&*local_tcp)].concat()).unwrap();
     let remotes =
-        initiator.prepare_remote("multi-target", &[blocks(&remote_any), blocks(&remote_tcp)].concat()).unwrap();
+        initiator.prepare_remote("multi-target", &[blocks(&*remote_any), blocks(&*remote_tcp)].concat()).unwrap();
     // Both lists hold the TCP-only buffer's blocks after the others.
     let tcp_only = |i: usize| BLOCKS + i;
 
@@ -107,10 +108,10 @@ fn a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing() {
         target.register_with(remote_tcp.clone(), &[TransportKind::Tcp]).unwrap(),
     ];
     initiator.add_peer(&target.metadata()).unwrap();
-    let locals = initiator.prepare_local(&blocks(&local)).unwrap();
+    let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
     // Each descriptor alone is reachable, so the list is accepted.
     let remotes =
-        initiator.prepare_remote("split-target", &[blocks(&remote_shm), blocks(&remote_tcp)].concat()).unwrap();
+        initiator.prepare_remote("split-target", &[blocks(&*remote_shm), blocks(&*remote_tcp)].concat()).unwrap();
     let before = (remote_shm.to_vec(), remote_tcp.to_vec());
 
     let e = initiator.write(&locals, &[0, 1], &remotes, &[2, BLOCKS + 3], soon()).err().unwrap();
@@ -141,7 +142,7 @@ fn a_region_open_only_to_an_unlinked_transport_is_refused_when_prepared() {
     let _reg = target.register_with(remote_shm.clone(), &[TransportKind::Shm]).unwrap();
     tcp_only.add_peer(&target.metadata()).unwrap();
     assert_eq!(tcp_only.peer_transports("shm-and-tcp"), Some(vec![TransportKind::Tcp]));
-    let e = tcp_only.prepare_remote("shm-and-tcp", &blocks(&remote_shm)).unwrap_err();
+    let e = tcp_only.prepare_remote("shm-and-tcp", &blocks(&*remote_shm)).unwrap_err();
     assert_eq!(e.code(), ErrorCode::RemoteRegionUnknown, "{e}");
 }
 
@@ -160,8 +161,8 @@ fn new_metadata_relinks_every_transport_and_stales_old_lists() {
     let (local, remote) = (buffer(1), buffer(2));
     let _regs = [initiator.register(local.clone()).unwrap(), target.register(remote.clone()).unwrap()];
     initiator.add_peer(&target.metadata()).unwrap();
-    let locals = initiator.prepare_local(&blocks(&local)).unwrap();
-    let old = initiator.prepare_remote("relink-target", &blocks(&remote)).unwrap();
+    let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
+    let old = initiator.prepare_remote("relink-target", &blocks(&*remote)).unwrap();
 
     let later = buffer(3);
     let _later = target.register_with(later.clone(), &[TransportKind::Tcp]).unwrap();
@@ -169,7 +170,7 @@ fn new_metadata_relinks_every_transport_and_stales_old_lists() {
     let e = initiator.write(&locals, &[0], &old, &[0], soon()).err().unwrap();
     assert_eq!(e.code(), ErrorCode::StaleDescriptors, "{e}");
     assert_eq!(initiator.peer_transports("relink-target"), Some(vec![TransportKind::Shm, TransportKind::Tcp]));
-    let fresh = initiator.prepare_remote("relink-target", &[blocks(&remote), blocks(&later)].concat()).unwrap();
+    let fresh = initiator.prepare_remote("relink-target", &[blocks(&*remote), blocks(&*later)].concat()).unwrap();
     let xfer = initiator.read(&locals, &[0, 1], &fresh, &[1, BLOCKS + 2], soon()).unwrap();
     xfer.wait().unwrap();
     assert_eq!(xfer.transport(), TransportKind::Tcp, "one descriptor is open to TCP only");
@@ -180,4 +181,52 @@ fn new_metadata_relinks_every_transport_and_stales_old_lists() {
     assert_eq!(initiator.peer_transports("relink-target"), None);
     let e = initiator.write(&locals, &[0], &fresh, &[0], soon()).err().unwrap();
     assert_eq!(e.code(), ErrorCode::UnknownPeer, "{e}");
+}
+
+/// GPU memory, which shm refuses and TCP stages, goes over TCP while host memory takes shm.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_memory_goes_over_tcp_staging_while_host_memory_takes_shm() {
+    use kvferry_core::{CopyOp, CudaDevice};
+    let device = match CudaDevice::open(0) {
+        Ok(d) => d,
+        Err(e) => return println!("skipping GPU link choice: {e}"),
+    };
+    let gpu_agent = |name: &str| {
+        let staging = StagingConfig::new(vec![Arc::new(device.clone()) as Arc<dyn Device>]);
+        Agent::new(AgentConfig { staging: Some(staging), ..AgentConfig::new(name) }).unwrap()
+    };
+    let upload = |seed: u8| {
+        let memory = device.alloc(BLOCK * BLOCKS).unwrap();
+        let host = buffer(seed);
+        let op = CopyOp { src: host.as_ptr() as u64, dst: memory.region().addr, len: host.len() as u64 };
+        unsafe { device.copy_now(&[op], soon()) }.unwrap();
+        (memory, host)
+    };
+    let (initiator, target) = (gpu_agent("gpu-initiator"), gpu_agent("gpu-target"));
+    let ((local_gpu, local_gpu_bytes), (remote_gpu, _)) = (upload(1), upload(2));
+    let (local_host, remote_host) = (buffer(3), buffer(4));
+    let _regs = [
+        initiator.register(local_gpu.clone()).unwrap(),
+        initiator.register(local_host.clone()).unwrap(),
+        target.register(remote_gpu.clone()).unwrap(),
+        target.register(remote_host.clone()).unwrap(),
+    ];
+    initiator.add_peer(&target.metadata()).unwrap();
+    let locals = initiator.prepare_local(&[blocks(&*local_gpu), blocks(&*local_host)].concat()).unwrap();
+    let remotes =
+        initiator.prepare_remote("gpu-target", &[blocks(&*remote_gpu), blocks(&*remote_host)].concat()).unwrap();
+
+    let xfer = initiator.write(&locals, &[0, 1], &remotes, &[0, 1], soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!(xfer.transport(), TransportKind::Tcp);
+    let check = buffer(0);
+    let op = CopyOp { src: remote_gpu.region().addr, dst: check.as_ptr() as u64, len: check.len() as u64 };
+    unsafe { device.copy_now(&[op], soon()) }.unwrap();
+    assert!(check.to_vec()[..2 * BLOCK] == local_gpu_bytes.to_vec()[..2 * BLOCK], "GPU blocks arrived");
+
+    let xfer = initiator.write(&locals, &[BLOCKS + 2], &remotes, &[BLOCKS + 5], soon()).unwrap();
+    xfer.wait().unwrap();
+    assert_eq!(xfer.transport(), TransportKind::Shm);
+    assert_eq!(block_of(&remote_host, 5), block_of(&local_host, 2));
 }
