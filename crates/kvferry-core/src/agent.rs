@@ -117,7 +117,7 @@ pub struct AgentConfig {
     /// The shared-memory transport, preferred for peers on the same host; `None` disables it.
     pub shm: Option<ShmConfig>,
     /// CUDA IPC between peers on this host; `None` disables it. When enabled it is preferred over
-    /// shm and TCP for peers on the same host, which then reach only the memory this transport moves.
+    /// shm and TCP for the device memory it moves; other memory to the same peer takes the others.
     #[cfg(feature = "cuda")]
     pub cuda_ipc: Option<crate::transport::cuda_ipc::CudaIpcConfig>,
 }
