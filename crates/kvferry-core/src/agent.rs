@@ -775,7 +775,10 @@ impl AgentInner {
                 what: format!("registering {} memory", region.kind),
                 why: match only {
                     None => "no enabled transport can move it".into(),
-                    Some(only) => format!("none of the enabled transports among {only:?} can move it"),
+                    Some(only) => {
+                        let names: Vec<&str> = only.iter().map(|k| k.name()).collect();
+                        format!("none of the enabled transports among [{}] can move it", names.join(", "))
+                    }
                 },
             });
         }

@@ -230,3 +230,29 @@ fn gpu_memory_goes_over_tcp_staging_while_host_memory_takes_shm() {
     assert_eq!(xfer.transport(), TransportKind::Shm);
     assert_eq!(block_of(&remote_host, 5), block_of(&local_host, 2));
 }
+
+/// Threads of this process whose (15-byte) name is `name`.
+fn threads_named(name: &str) -> usize {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    tasks.filter(|t| std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap().trim() == name).count()
+}
+
+#[test]
+fn a_link_that_is_never_used_starts_no_threads() {
+    // TCP stream workers are named `kvferry-tcp-<peer>-<n>`, cut by the kernel to 15 bytes.
+    let (initiator, target) = (agent("idle-initiator"), agent("qz7-idle-target"));
+    let (local, remote, remote_tcp) = (buffer(1), buffer(2), buffer(3));
+    let _regs = [
+        initiator.register(local.clone()).unwrap(),
+        target.register(remote.clone()).unwrap(),
+        target.register_with(remote_tcp.clone(), &[TransportKind::Tcp]).unwrap(),
+    ];
+    initiator.add_peer(&target.metadata()).unwrap();
+    let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
+    let remotes =
+        initiator.prepare_remote("qz7-idle-target", &[blocks(&*remote), blocks(&*remote_tcp)].concat()).unwrap();
+    initiator.write(&locals, &[0], &remotes, &[0], soon()).unwrap().wait().unwrap();
+    assert_eq!(threads_named("kvferry-tcp-qz7"), 0, "the TCP link to a peer reached over shm stays idle");
+    initiator.write(&locals, &[1], &remotes, &[BLOCKS + 1], soon()).unwrap().wait().unwrap();
+    assert!(threads_named("kvferry-tcp-qz7") > 0, "its first transfer starts the TCP link's workers");
+}
