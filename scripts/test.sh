@@ -86,6 +86,8 @@ sentinels=(
     killed_writer_leaves_only_intact_blocks
     restart_keeps_the_disk_tier_byte_exact
     a_full_disk_is_a_typed_error_and_dram_keeps_serving
+    each_transfer_goes_over_the_first_link_that_reaches_its_memory
+    a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }
