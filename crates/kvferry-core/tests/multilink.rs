@@ -12,7 +12,7 @@ use std::time::Duration;
 use kvferry_core::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry_core::{
     Agent, AgentConfig, Deadline, DescError, DescSide, Device, Error, ErrorCode, HostDevice, LinkGap, MemRegion,
-    Memory, Op, StagingConfig, TransferRequest, TransportKind,
+    Memory, Op, Registration, StagingConfig, TransferRequest, TransportKind,
 };
 
 const BLOCK: usize = 4096;
@@ -44,6 +44,31 @@ fn blocks(memory: &dyn Memory) -> Vec<MemRegion> {
 
 fn block_of(buf: &HostBuffer, i: usize) -> Vec<u8> {
     buf.to_vec()[i * BLOCK..(i + 1) * BLOCK].to_vec()
+}
+
+/// An initiator with one buffer registered everywhere, linked to a target whose buffers are
+/// registered with every transport (`None`) or with some.
+struct Pair {
+    initiator: Agent,
+    target: Agent,
+    local: Arc<HostBuffer>,
+    remotes: Vec<Arc<HostBuffer>>,
+    _regs: Vec<Registration>,
+}
+
+fn pair(initiator: &str, target: &str, remote_transports: &[Option<&[TransportKind]>]) -> Pair {
+    let (initiator, target) = (agent(initiator), agent(target));
+    let local = buffer(1);
+    let mut regs = vec![initiator.register(local.clone()).unwrap()];
+    let remotes: Vec<_> = (2..).zip(remote_transports).map(|(seed, _)| buffer(seed)).collect();
+    for (remote, transports) in remotes.iter().zip(remote_transports) {
+        regs.push(match transports {
+            None => target.register(remote.clone()).unwrap(),
+            Some(only) => target.register_with(remote.clone(), only).unwrap(),
+        });
+    }
+    initiator.add_peer(&target.metadata()).unwrap();
+    Pair { initiator, target, local, remotes, _regs: regs }
 }
 
 #[test]
@@ -100,14 +125,8 @@ fn each_transfer_goes_over_the_first_link_that_reaches_its_memory() {
 
 #[test]
 fn a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing() {
-    let (initiator, target) = (agent("split-initiator"), agent("split-target"));
-    let (local, remote_shm, remote_tcp) = (buffer(1), buffer(2), buffer(3));
-    let _regs = [
-        initiator.register(local.clone()).unwrap(),
-        target.register_with(remote_shm.clone(), &[TransportKind::Shm]).unwrap(),
-        target.register_with(remote_tcp.clone(), &[TransportKind::Tcp]).unwrap(),
-    ];
-    initiator.add_peer(&target.metadata()).unwrap();
+    let p = pair("split-initiator", "split-target", &[Some(&[TransportKind::Shm]), Some(&[TransportKind::Tcp])]);
+    let (initiator, local, remote_shm, remote_tcp) = (&p.initiator, &*p.local, &*p.remotes[0], &*p.remotes[1]);
     let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
     // Each descriptor alone is reachable, so the list is accepted.
     let remotes =
@@ -157,10 +176,8 @@ fn registering_with_no_transport_that_moves_the_memory_is_refused() {
 
 #[test]
 fn new_metadata_relinks_every_transport_and_stales_old_lists() {
-    let (initiator, target) = (agent("relink-initiator"), agent("relink-target"));
-    let (local, remote) = (buffer(1), buffer(2));
-    let _regs = [initiator.register(local.clone()).unwrap(), target.register(remote.clone()).unwrap()];
-    initiator.add_peer(&target.metadata()).unwrap();
+    let p = pair("relink-initiator", "relink-target", &[None]);
+    let (initiator, target, local, remote) = (&p.initiator, &p.target, &*p.local, &*p.remotes[0]);
     let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
     let old = initiator.prepare_remote("relink-target", &blocks(&*remote)).unwrap();
 
@@ -240,14 +257,8 @@ fn threads_named(name: &str) -> usize {
 #[test]
 fn a_link_that_is_never_used_starts_no_threads() {
     // TCP stream workers are named `kvferry-tcp-<peer>-<n>`, cut by the kernel to 15 bytes.
-    let (initiator, target) = (agent("idle-initiator"), agent("qz7-idle-target"));
-    let (local, remote, remote_tcp) = (buffer(1), buffer(2), buffer(3));
-    let _regs = [
-        initiator.register(local.clone()).unwrap(),
-        target.register(remote.clone()).unwrap(),
-        target.register_with(remote_tcp.clone(), &[TransportKind::Tcp]).unwrap(),
-    ];
-    initiator.add_peer(&target.metadata()).unwrap();
+    let p = pair("idle-initiator", "qz7-idle-target", &[None, Some(&[TransportKind::Tcp])]);
+    let (initiator, local, remote, remote_tcp) = (&p.initiator, &*p.local, &*p.remotes[0], &*p.remotes[1]);
     let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
     let remotes =
         initiator.prepare_remote("qz7-idle-target", &[blocks(&*remote), blocks(&*remote_tcp)].concat()).unwrap();
