@@ -127,10 +127,9 @@ fn each_transfer_goes_over_the_first_link_that_reaches_its_memory() {
 fn a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing() {
     let p = pair("split-initiator", "split-target", &[Some(&[TransportKind::Shm]), Some(&[TransportKind::Tcp])]);
     let (initiator, local, remote_shm, remote_tcp) = (&p.initiator, &*p.local, &*p.remotes[0], &*p.remotes[1]);
-    let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
+    let locals = initiator.prepare_local(&blocks(local)).unwrap();
     // Each descriptor alone is reachable, so the list is accepted.
-    let remotes =
-        initiator.prepare_remote("split-target", &[blocks(&*remote_shm), blocks(&*remote_tcp)].concat()).unwrap();
+    let remotes = initiator.prepare_remote("split-target", &[blocks(remote_shm), blocks(remote_tcp)].concat()).unwrap();
     let before = (remote_shm.to_vec(), remote_tcp.to_vec());
 
     let e = initiator.write(&locals, &[0, 1], &remotes, &[2, BLOCKS + 3], soon()).err().unwrap();
@@ -149,8 +148,8 @@ fn a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing() {
     let xfer = initiator.write(&locals, &[1], &remotes, &[BLOCKS + 3], soon()).unwrap();
     xfer.wait().unwrap();
     assert_eq!(xfer.transport(), TransportKind::Tcp);
-    assert_eq!(block_of(&remote_shm, 2), block_of(&local, 0));
-    assert_eq!(block_of(&remote_tcp, 3), block_of(&local, 1));
+    assert_eq!(block_of(remote_shm, 2), block_of(local, 0));
+    assert_eq!(block_of(remote_tcp, 3), block_of(local, 1));
 }
 
 #[test]
@@ -178,8 +177,8 @@ fn registering_with_no_transport_that_moves_the_memory_is_refused() {
 fn new_metadata_relinks_every_transport_and_stales_old_lists() {
     let p = pair("relink-initiator", "relink-target", &[None]);
     let (initiator, target, local, remote) = (&p.initiator, &p.target, &*p.local, &*p.remotes[0]);
-    let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
-    let old = initiator.prepare_remote("relink-target", &blocks(&*remote)).unwrap();
+    let locals = initiator.prepare_local(&blocks(local)).unwrap();
+    let old = initiator.prepare_remote("relink-target", &blocks(remote)).unwrap();
 
     let later = buffer(3);
     let _later = target.register_with(later.clone(), &[TransportKind::Tcp]).unwrap();
@@ -187,12 +186,12 @@ fn new_metadata_relinks_every_transport_and_stales_old_lists() {
     let e = initiator.write(&locals, &[0], &old, &[0], soon()).err().unwrap();
     assert_eq!(e.code(), ErrorCode::StaleDescriptors, "{e}");
     assert_eq!(initiator.peer_transports("relink-target"), Some(vec![TransportKind::Shm, TransportKind::Tcp]));
-    let fresh = initiator.prepare_remote("relink-target", &[blocks(&*remote), blocks(&*later)].concat()).unwrap();
+    let fresh = initiator.prepare_remote("relink-target", &[blocks(remote), blocks(&*later)].concat()).unwrap();
     let xfer = initiator.read(&locals, &[0, 1], &fresh, &[1, BLOCKS + 2], soon()).unwrap();
     xfer.wait().unwrap();
     assert_eq!(xfer.transport(), TransportKind::Tcp, "one descriptor is open to TCP only");
-    assert_eq!(block_of(&local, 0), block_of(&remote, 1));
-    assert_eq!(block_of(&local, 1), block_of(&later, 2));
+    assert_eq!(block_of(local, 0), block_of(remote, 1));
+    assert_eq!(block_of(local, 1), block_of(&later, 2));
 
     initiator.remove_peer("relink-target").unwrap();
     assert_eq!(initiator.peer_transports("relink-target"), None);
@@ -259,9 +258,8 @@ fn a_link_that_is_never_used_starts_no_threads() {
     // TCP stream workers are named `kvferry-tcp-<peer>-<n>`, cut by the kernel to 15 bytes.
     let p = pair("idle-initiator", "qz7-idle-target", &[None, Some(&[TransportKind::Tcp])]);
     let (initiator, local, remote, remote_tcp) = (&p.initiator, &*p.local, &*p.remotes[0], &*p.remotes[1]);
-    let locals = initiator.prepare_local(&blocks(&*local)).unwrap();
-    let remotes =
-        initiator.prepare_remote("qz7-idle-target", &[blocks(&*remote), blocks(&*remote_tcp)].concat()).unwrap();
+    let locals = initiator.prepare_local(&blocks(local)).unwrap();
+    let remotes = initiator.prepare_remote("qz7-idle-target", &[blocks(remote), blocks(remote_tcp)].concat()).unwrap();
     initiator.write(&locals, &[0], &remotes, &[0], soon()).unwrap().wait().unwrap();
     assert_eq!(threads_named("kvferry-tcp-qz7"), 0, "the TCP link to a peer reached over shm stays idle");
     initiator.write(&locals, &[1], &remotes, &[BLOCKS + 1], soon()).unwrap().wait().unwrap();
