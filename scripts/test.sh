@@ -96,6 +96,8 @@ sentinels=(
     fabric_tcp_target_process_rejects_forged_descriptors_and_keeps_serving
     fabric_shm_target_process_rejects_forged_descriptors_and_keeps_serving
     large_batches_stripe_across_two_rails_byte_exact
+    each_transfer_goes_over_the_first_link_that_reaches_its_memory
+    a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -132,6 +132,9 @@ typedef struct kvferry_transfer {
 
 #define KVFERRY_ERR_EMPTY_TRANSFER 408
 
+// No single link to the peer reaches every descriptor of the request; split it.
+#define KVFERRY_ERR_NO_COMMON_LINK 409
+
 #define KVFERRY_ERR_TIMEOUT 500
 
 #define KVFERRY_ERR_CANCELLED 501

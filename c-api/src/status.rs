@@ -54,6 +54,8 @@ pub const KVFERRY_ERR_UNKNOWN_PEER: kvferry_status = 405;
 pub const KVFERRY_ERR_DESC_INDEX_OUT_OF_RANGE: kvferry_status = 406;
 pub const KVFERRY_ERR_STALE_DESCRIPTORS: kvferry_status = 407;
 pub const KVFERRY_ERR_EMPTY_TRANSFER: kvferry_status = 408;
+/// No single link to the peer reaches every descriptor of the request; split it.
+pub const KVFERRY_ERR_NO_COMMON_LINK: kvferry_status = 409;
 
 pub const KVFERRY_ERR_TIMEOUT: kvferry_status = 500;
 pub const KVFERRY_ERR_CANCELLED: kvferry_status = 501;
@@ -104,6 +106,7 @@ const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
     ),
     (KVFERRY_ERR_STALE_DESCRIPTORS, "KVFERRY_ERR_STALE_DESCRIPTORS\0", Some(ErrorCode::StaleDescriptors)),
     (KVFERRY_ERR_EMPTY_TRANSFER, "KVFERRY_ERR_EMPTY_TRANSFER\0", Some(ErrorCode::EmptyTransfer)),
+    (KVFERRY_ERR_NO_COMMON_LINK, "KVFERRY_ERR_NO_COMMON_LINK\0", Some(ErrorCode::NoCommonLink)),
     (KVFERRY_ERR_TIMEOUT, "KVFERRY_ERR_TIMEOUT\0", Some(ErrorCode::Timeout)),
     (KVFERRY_ERR_CANCELLED, "KVFERRY_ERR_CANCELLED\0", Some(ErrorCode::Cancelled)),
     (KVFERRY_ERR_PEER_UNREACHABLE, "KVFERRY_ERR_PEER_UNREACHABLE\0", Some(ErrorCode::PeerUnreachable)),

@@ -52,6 +52,40 @@ pub enum DescError {
     Stale { peer: String },
     #[error("a transfer needs at least one descriptor pair or a notification")]
     EmptyTransfer,
+    #[error("no link to peer {peer} moves every descriptor of the request: {}", join_gaps(.gaps))]
+    NoCommonLink { peer: String, gaps: Vec<LinkGap> },
+}
+
+/// Why one of a peer's links cannot move a request: the first descriptor without a key for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkGap {
+    pub transport: TransportKind,
+    pub side: DescSide,
+    /// The descriptor's index in its prepared list.
+    pub index: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DescSide {
+    Local,
+    Remote,
+}
+
+impl std::fmt::Display for LinkGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.side {
+            DescSide::Local => {
+                write!(f, "{}: local descriptor {} is not registered for it", self.transport, self.index)
+            }
+            DescSide::Remote => {
+                write!(f, "{}: the peer did not register remote descriptor {} for it", self.transport, self.index)
+            }
+        }
+    }
+}
+
+fn join_gaps(gaps: &[LinkGap]) -> String {
+    gaps.iter().map(LinkGap::to_string).collect::<Vec<_>>().join("; ")
 }
 
 impl DescError {
@@ -66,6 +100,7 @@ impl DescError {
             DescError::IndexOutOfRange { .. } => ErrorCode::DescIndexOutOfRange,
             DescError::Stale { .. } => ErrorCode::StaleDescriptors,
             DescError::EmptyTransfer => ErrorCode::EmptyTransfer,
+            DescError::NoCommonLink { .. } => ErrorCode::NoCommonLink,
         }
     }
 }
@@ -82,7 +117,7 @@ pub struct AgentConfig {
     /// The shared-memory transport, preferred for peers on the same host; `None` disables it.
     pub shm: Option<ShmConfig>,
     /// CUDA IPC between peers on this host; `None` disables it. When enabled it is preferred over
-    /// shm and TCP for peers on the same host, which then reach only the memory this transport moves.
+    /// shm and TCP for the device memory it moves; other memory to the same peer takes the others.
     #[cfg(feature = "cuda")]
     pub cuda_ipc: Option<crate::transport::cuda_ipc::CudaIpcConfig>,
     /// The libfabric transport; `None` (the default) disables it. Preferred over TCP (and after
@@ -118,9 +153,47 @@ struct LocalReg {
 
 struct Peer {
     meta: AgentMetadata,
-    /// The transport this agent uses to reach the peer.
-    transport: TransportKind,
-    link: Arc<dyn PeerLink>,
+    /// Every transport that reached the peer, in this agent's order of preference; never empty.
+    /// Each transfer takes the first that holds keys for all its descriptors.
+    links: Vec<(TransportKind, Arc<dyn PeerLink>)>,
+}
+
+impl Peer {
+    fn preferred(&self) -> &(TransportKind, Arc<dyn PeerLink>) {
+        &self.links[0]
+    }
+
+    fn kinds(&self) -> Kinds {
+        Kinds::of(self.links.iter().map(|(kind, _)| *kind))
+    }
+}
+
+/// A set of transports, one bit per wire tag: small enough to keep with every prepared descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kinds(u32);
+
+impl Kinds {
+    const ALL: Kinds = Kinds(u32::MAX);
+
+    fn of(kinds: impl IntoIterator<Item = TransportKind>) -> Kinds {
+        Kinds(kinds.into_iter().fold(0, |bits, k| bits | 1 << k.to_wire()))
+    }
+
+    fn keyed(keys: &[(TransportKind, Vec<u8>)]) -> Kinds {
+        Kinds::of(keys.iter().map(|(kind, _)| *kind))
+    }
+
+    fn and(self, other: Kinds) -> Kinds {
+        Kinds(self.0 & other.0)
+    }
+
+    fn has(self, kind: TransportKind) -> bool {
+        self.0 & 1 << kind.to_wire() != 0
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
 }
 
 pub(crate) struct AgentInner {
@@ -194,6 +267,8 @@ struct PreparedDesc {
     addr: u64,
     len: u64,
     slot: u32,
+    /// The transports holding a key for the region: a transfer goes over a link all its pairs share.
+    kinds: Kinds,
 }
 
 impl std::fmt::Debug for LocalReg {
@@ -375,7 +450,14 @@ impl Agent {
     /// Register memory the registration keeps alive.
     pub fn register(&self, memory: Arc<dyn Memory>) -> Result<Registration> {
         let region = memory.region();
-        self.inner.register(self, region, Some(memory))
+        self.inner.register(self, region, Some(memory), None)
+    }
+
+    /// Register memory the registration keeps alive with only some of the enabled transports: a
+    /// region kept off shared memory, say. Transfers touching it go over a link of one of these.
+    pub fn register_with(&self, memory: Arc<dyn Memory>, transports: &[TransportKind]) -> Result<Registration> {
+        let region = memory.region();
+        self.inner.register(self, region, Some(memory), Some(transports))
     }
 
     /// Register memory owned elsewhere (a framework's tensor, say).
@@ -383,7 +465,7 @@ impl Agent {
     /// # Safety
     /// The region must be valid memory of its kind until the returned [`Registration`] is dropped.
     pub unsafe fn register_raw(&self, region: MemRegion) -> Result<Registration> {
-        self.inner.register(self, region, None)
+        self.inner.register(self, region, None, None)
     }
 
     /// This agent's metadata as of now, for peers.
@@ -391,7 +473,9 @@ impl Agent {
         self.inner.metadata().encode()
     }
 
-    /// Add (or update) a peer from its metadata; returns its name. Connections open on first use.
+    /// Add (or update) a peer from its metadata; returns its name. The peer is linked through every
+    /// transport both agents enable that reaches it; TCP connects on first use, shm checks now that
+    /// the peer shares this kernel.
     pub fn add_peer(&self, metadata: &[u8]) -> Result<String> {
         self.inner.add_peer(metadata)
     }
@@ -411,9 +495,15 @@ impl Agent {
         self.inner.peers.read().unwrap().get(name).map(|p| p.meta.clone())
     }
 
-    /// The transport this agent reaches a peer with.
+    /// The transport this agent prefers for a peer: notifications alone go over it, and every
+    /// transfer whose descriptors it can reach.
     pub fn peer_transport(&self, name: &str) -> Option<TransportKind> {
-        self.inner.peers.read().unwrap().get(name).map(|p| p.transport)
+        self.inner.peers.read().unwrap().get(name).map(|p| p.preferred().0)
+    }
+
+    /// Every transport linking this agent to a peer, most preferred first.
+    pub fn peer_transports(&self, name: &str) -> Option<Vec<TransportKind>> {
+        self.inner.peers.read().unwrap().get(name).map(|p| p.links.iter().map(|(kind, _)| *kind).collect())
     }
 
     /// Check local descriptors against this agent's registrations.
@@ -435,7 +525,7 @@ impl Agent {
                 regs.push(Arc::downgrade(reg));
                 (regs.len() - 1) as u32
             });
-            prepared.push(PreparedDesc { addr: d.addr, len: d.len, slot });
+            prepared.push(PreparedDesc { addr: d.addr, len: d.len, slot, kinds: Kinds::keyed(&reg.keys) });
         }
         Ok(PreparedDescs { side: Side::Local { agent: self.id(), regs }, descs: prepared })
     }
@@ -444,13 +534,16 @@ impl Agent {
     pub fn prepare_remote(&self, peer: &str, descs: &[MemRegion]) -> Result<PreparedDescs> {
         let peer_entry = self.inner.peer(peer)?;
         let regions = &peer_entry.meta.regions;
+        let linked = peer_entry.kinds();
         let mut prepared = Vec::with_capacity(descs.len());
         let mut last_slot = 0usize;
         for (index, d) in descs.iter().enumerate() {
             check_range(index, d)?;
-            // The region must also be open to the transport that reaches this peer.
+            // The region must also be open to a transport that links this peer.
             let holds = |r: &RegionInfo| {
-                r.region.kind == d.kind && r.region.contains(d.addr, d.len) && r.key(peer_entry.transport).is_some()
+                r.region.kind == d.kind
+                    && r.region.contains(d.addr, d.len)
+                    && !Kinds::keyed(&r.keys).and(linked).is_empty()
             };
             // Consecutive descriptors usually fall in the same region: try it first.
             let slot = match regions.get(last_slot) {
@@ -463,7 +556,8 @@ impl Agent {
                 })?,
             };
             last_slot = slot;
-            prepared.push(PreparedDesc { addr: d.addr, len: d.len, slot: slot as u32 });
+            let kinds = Kinds::keyed(&regions[slot].keys).and(linked);
+            prepared.push(PreparedDesc { addr: d.addr, len: d.len, slot: slot as u32, kinds });
         }
         let side = Side::Remote { peer: peer.into(), generation: peer_entry.meta.generation };
         Ok(PreparedDescs { side, descs: prepared })
@@ -497,9 +591,10 @@ impl Agent {
     pub fn notify(&self, peer: &str, data: &[u8], deadline: Deadline) -> Result<Transfer> {
         let started = Instant::now();
         let peer_entry = self.inner.peer(peer)?;
-        check_notification(peer_entry.transport, data)?;
+        let link = peer_entry.preferred();
+        check_notification(link.0, data)?;
         let completion = Arc::new(Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline));
-        self.submit(&peer_entry, started, Vec::new(), completion, Arc::new(()))
+        self.submit(link, started, Vec::new(), completion, Arc::new(()))
     }
 
     /// Post a transfer. Never blocks on the network: completion comes through the handle.
@@ -531,9 +626,6 @@ impl Agent {
         if req.local_indices.is_empty() && req.notification.is_none() {
             return Err(DescError::EmptyTransfer.into());
         }
-        if let Some(n) = req.notification {
-            check_notification(peer_entry.transport, n)?;
-        }
         let pick = |list: &PreparedDescs, index: usize| {
             list.descs.get(index).copied().ok_or(DescError::IndexOutOfRange { index, len: list.descs.len() })
         };
@@ -542,6 +634,7 @@ impl Agent {
         let mut ops: Vec<XferOp> = Vec::with_capacity(req.local_indices.len());
         let mut last_local_slot = u32::MAX;
         let mut bytes = 0u64;
+        let mut shared = Kinds::ALL;
         for (position, (&li, &ri)) in req.local_indices.iter().zip(req.remote_indices).enumerate() {
             let (l, r) = (pick(req.local, li)?, pick(req.remote, ri)?);
             if l.len != r.len {
@@ -556,6 +649,7 @@ impl Agent {
                 })?);
             }
             bytes += l.len;
+            shared = shared.and(l.kinds).and(r.kinds);
             // Coalesce pairs that continue the previous op on both sides.
             if let Some(prev) = ops.last_mut()
                 && last_local_slot == l.slot
@@ -569,25 +663,33 @@ impl Agent {
             last_local_slot = l.slot;
             ops.push(XferOp { local_addr: l.addr, remote_region: r.slot, remote_addr: r.addr, len: l.len });
         }
+        let link = peer_entry
+            .links
+            .iter()
+            .find(|(kind, _)| shared.has(*kind))
+            .ok_or_else(|| DescError::NoCommonLink { peer: peer.clone(), gaps: link_gaps(&peer_entry, &req) })?;
+        if let Some(n) = req.notification {
+            check_notification(link.0, n)?;
+        }
         let held: Vec<Arc<LocalReg>> = held.into_iter().flatten().collect();
         let notification = req.notification.map(<[u8]>::to_vec);
         let completion = Arc::new(Completion::new(peer, req.op, bytes, notification, req.deadline));
-        self.submit(&peer_entry, started, ops, completion, Arc::new(held))
+        self.submit(link, started, ops, completion, Arc::new(held))
     }
 
-    /// Hand the batch to the peer's link; `started` is when the caller entered `post`.
+    /// Hand the batch to one of the peer's links; `started` is when the caller entered `post`.
     fn submit(
         &self,
-        peer: &Peer,
+        (transport, link): &(TransportKind, Arc<dyn PeerLink>),
         started: Instant,
         ops: Vec<XferOp>,
         completion: Arc<Completion>,
         keep_alive: Arc<dyn Any + Send + Sync>,
     ) -> Result<Transfer> {
         let n_ops = ops.len();
-        let mode = peer.link.mode(&ops);
-        peer.link.post(Batch { ops, completion: completion.clone(), keep_alive })?;
-        Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed(), transport: peer.transport, mode })
+        let mode = link.mode(&ops);
+        link.post(Batch { ops, completion: completion.clone(), keep_alive })?;
+        Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed(), transport: *transport, mode })
     }
 
     /// Notifications received so far (emptied by the call).
@@ -620,6 +722,27 @@ impl Agent {
     }
 }
 
+/// For each of the peer's links, the first descriptor of an (already checked) request it has no key for.
+fn link_gaps(peer: &Peer, req: &TransferRequest<'_>) -> Vec<LinkGap> {
+    let pairs = || req.local_indices.iter().zip(req.remote_indices);
+    let lacks = |list: &PreparedDescs, index: usize, kind| !list.descs[index].kinds.has(kind);
+    peer.links
+        .iter()
+        .filter_map(|&(transport, _)| {
+            pairs().find_map(|(&li, &ri)| {
+                let gap = |side, index| Some(LinkGap { transport, side, index });
+                if lacks(req.local, li, transport) {
+                    gap(DescSide::Local, li)
+                } else if lacks(req.remote, ri, transport) {
+                    gap(DescSide::Remote, ri)
+                } else {
+                    None
+                }
+            })
+        })
+        .collect()
+}
+
 fn check_notification(transport: TransportKind, data: &[u8]) -> Result<()> {
     let limit = match transport {
         #[cfg(feature = "fabric")]
@@ -636,7 +759,15 @@ fn check_notification(transport: TransportKind, data: &[u8]) -> Result<()> {
 }
 
 impl AgentInner {
-    fn register(&self, agent: &Agent, region: MemRegion, owner: Option<Arc<dyn Memory>>) -> Result<Registration> {
+    /// Registers with every enabled transport that moves the region's memory, or with those of
+    /// `only` among them.
+    fn register(
+        &self,
+        agent: &Agent,
+        region: MemRegion,
+        owner: Option<Arc<dyn Memory>>,
+        only: Option<&[TransportKind]>,
+    ) -> Result<Registration> {
         if region.len == 0 || region.end().is_none() {
             return Err(Error::InvalidArgument(format!(
                 "cannot register {:#x}+{}: empty or past the end of the address space",
@@ -645,7 +776,8 @@ impl AgentInner {
         }
         let keep_alive: Arc<dyn Any + Send + Sync> = Arc::new(owner.clone());
         let mut keys = Vec::new();
-        for t in self.transports.iter().filter(|t| t.supports(region.kind)) {
+        let wanted = |t: &&Arc<dyn Transport>| t.supports(region.kind) && only.is_none_or(|o| o.contains(&t.kind()));
+        for t in self.transports.iter().filter(wanted) {
             match t.register(region, keep_alive.clone()) {
                 Ok(key) => keys.push((t.kind(), key)),
                 Err(e) => {
@@ -657,7 +789,13 @@ impl AgentInner {
         if keys.is_empty() {
             return Err(Error::Unsupported {
                 what: format!("registering {} memory", region.kind),
-                why: "no enabled transport can move it".into(),
+                why: match only {
+                    None => "no enabled transport can move it".into(),
+                    Some(only) => {
+                        let names: Vec<&str> = only.iter().map(|k| k.name()).collect();
+                        format!("none of the enabled transports among [{}] can move it", names.join(", "))
+                    }
+                },
             });
         }
         let id = self.next_reg_id.fetch_add(1, Ordering::Relaxed);
@@ -708,12 +846,12 @@ impl AgentInner {
             }
         }
         // Our transports in order (cuda-ipc, shm, then the rest): a transport that cannot link this
-        // peer (another host, an unreachable socket) falls through to the next.
+        // peer (another host, an unreachable socket) is left out of its links.
         let mut refused = Error::Unsupported {
             what: format!("talking to peer {}", meta.name),
             why: "it shares no transport with this agent".into(),
         };
-        let mut chosen = None;
+        let mut links = Vec::new();
         for (transport, endpoint) in
             self.transports.iter().filter_map(|t| meta.endpoints.iter().find(|e| e.kind == t.kind()).map(|e| (t, e)))
         {
@@ -723,20 +861,18 @@ impl AgentInner {
                 .map(|r| RemoteRegion { region: r.region, key: r.key(transport.kind()).unwrap_or_default().to_vec() })
                 .collect();
             match transport.link(&meta.name, endpoint, regions) {
-                Ok(link) => {
-                    chosen = Some((transport, link));
-                    break;
-                }
+                Ok(link) => links.push((transport.kind(), link)),
                 Err(e) => {
-                    tracing::debug!(peer = %meta.name, transport = %transport.kind(), error = %e, "falling back");
+                    tracing::debug!(peer = %meta.name, transport = %transport.kind(), error = %e, "not linked");
                     refused = e;
                 }
             }
         }
-        let (transport, link) = chosen.ok_or(refused)?;
+        if links.is_empty() {
+            return Err(refused);
+        }
         let name = meta.name.clone();
-        let transport = transport.kind();
-        self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, transport, link }));
+        self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, links }));
         Ok(name)
     }
 }

@@ -99,6 +99,7 @@ pub enum ErrorCode {
     DescIndexOutOfRange = 406,
     StaleDescriptors = 407,
     EmptyTransfer = 408,
+    NoCommonLink = 409,
 
     Timeout = 500,
     Cancelled = 501,

@@ -12,7 +12,8 @@ pub mod side_channel;
 pub mod tier;
 pub mod transport;
 pub use agent::{
-    Agent, AgentConfig, DescError, Notification, PreparedDescs, Registration, Transfer, TransferRequest, TransferStatus,
+    Agent, AgentConfig, DescError, DescSide, LinkGap, Notification, PreparedDescs, Registration, Transfer,
+    TransferRequest, TransferStatus,
 };
 pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};

@@ -1,13 +1,14 @@
 //! The initiator's side of the TCP transport: a link per peer with several streams, each served by
 //! a worker thread that owns one connection. A batch is cut into frames spread over the streams; the
-//! frame that finishes last sends the notification.
+//! frame that finishes last sends the notification. The workers start on the first post, so a link
+//! that is never used (a same-host peer reached over shm, say) costs no threads.
 
 use std::any::Any;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -39,7 +40,8 @@ struct LinkInfo {
 pub(super) struct TcpLink {
     info: Arc<LinkInfo>,
     keys: Vec<Option<u128>>,
-    streams: Vec<mpsc::Sender<Frame>>,
+    stream_count: usize,
+    streams: OnceLock<Vec<mpsc::Sender<Frame>>>,
     next_stream: AtomicUsize,
     min_frame_bytes: u64,
 }
@@ -60,24 +62,40 @@ impl TcpLink {
             connect_timeout: config.connect_timeout,
             stager,
         });
-        let mut streams = Vec::with_capacity(config.streams);
-        for i in 0..config.streams.max(1) {
+        Ok(TcpLink {
+            info,
+            keys,
+            stream_count: config.streams.max(1),
+            streams: OnceLock::new(),
+            next_stream: AtomicUsize::new(0),
+            min_frame_bytes: config.min_frame_bytes,
+        })
+    }
+
+    /// The streams' senders, starting their workers on first use.
+    fn streams(&self) -> Result<&[mpsc::Sender<Frame>]> {
+        if let Some(streams) = self.streams.get() {
+            return Ok(streams);
+        }
+        let mut streams = Vec::with_capacity(self.stream_count);
+        for i in 0..self.stream_count {
             let (tx, rx) = mpsc::channel::<Frame>();
-            let info = info.clone();
+            let info = self.info.clone();
             thread::Builder::new()
-                .name(format!("kvferry-tcp-{peer}-{i}"))
+                .name(format!("kvferry-tcp-{}-{i}", info.peer))
                 .spawn(move || run_stream(&info, rx))
                 .map_err(|e| Error::io("spawning a tcp stream worker", e))?;
             streams.push(tx);
         }
-        Ok(TcpLink { info, keys, streams, next_stream: AtomicUsize::new(0), min_frame_bytes: config.min_frame_bytes })
+        // Two first posts may race: the loser's senders are dropped here, and its workers exit.
+        Ok(self.streams.get_or_init(|| streams))
     }
 
     /// Cut a batch into frames of about `total / streams` bytes (at least `min_frame_bytes`, at most
     /// `MAX_DESCS` descriptors), splitting ops where needed so one huge op still uses every stream.
     fn frames(&self, batch: &Batch) -> Result<Vec<(Vec<WireDesc>, Vec<u64>)>> {
         let total: u64 = batch.ops.iter().map(|o| o.len).sum();
-        let target = total.div_ceil(self.streams.len() as u64).max(self.min_frame_bytes);
+        let target = total.div_ceil(self.stream_count as u64).max(self.min_frame_bytes);
         let mut frames = Vec::new();
         let mut descs = Vec::new();
         let mut local = Vec::new();
@@ -118,6 +136,7 @@ impl PeerLink for TcpLink {
             Op::Write | Op::Notify => FrameKind::Write,
         };
         let frames = self.frames(&batch)?;
+        let streams = self.streams()?;
         batch.completion.set_parts(frames.len());
         let first = self.next_stream.fetch_add(1, Ordering::Relaxed);
         for (i, (descs, local)) in frames.into_iter().enumerate() {
@@ -128,7 +147,7 @@ impl PeerLink for TcpLink {
                 completion: batch.completion.clone(),
                 _keep_alive: batch.keep_alive.clone(),
             };
-            let stream = &self.streams[(first + i) % self.streams.len()];
+            let stream = &streams[(first + i) % streams.len()];
             // Workers exit only when the link is dropped; should one have died anyway, its part
             // fails rather than leaving the batch unsettled.
             if let Err(mpsc::SendError(frame)) = stream.send(frame) {
