@@ -2,10 +2,11 @@
 //! pointer: a destroyed or forged handle is then a failed lookup (`KVFERRY_ERR_INVALID_HANDLE`)
 //! rather than a use after free. Ids are never reused, so a double destroy is always detected.
 //!
-//! A handle is either a root (an agent; a tier store will be another) or made from one, whose id it
-//! records. Destroying a root destroys what was made from it too, in an order that keeps memory
-//! safe: transfers (cancelled), descriptor lists, peers, then registrations (whose drop waits for
-//! local transfers still using the memory).
+//! A handle is either a root (an agent or a tier store) or made from one, whose id it records.
+//! Destroying a root destroys what was made from it too, in an order that keeps memory safe: an
+//! agent's transfers (cancelled), descriptor lists, peers, then registrations (whose drop waits for
+//! local transfers still using the memory); a store's operations (waited for, since a worker may be
+//! copying caller memory), then the store.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -14,14 +15,16 @@ use std::sync::{Arc, LazyLock, PoisonError, RwLock};
 
 use crate::status::{CResult, Failure, KVFERRY_ERR_INVALID_HANDLE};
 
-/// The kinds of handle, in the order an agent's dependents are destroyed.
+/// The kinds of handle, in the order a root's dependents are destroyed (roots last).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Kind {
     Transfer,
+    StoreOp,
     Descs,
     Peer,
     Registration,
     Agent,
+    Store,
 }
 
 impl Kind {
@@ -32,6 +35,8 @@ impl Kind {
             Kind::Peer => "peer",
             Kind::Registration => "registration",
             Kind::Agent => "agent",
+            Kind::StoreOp => "store operation",
+            Kind::Store => "tier store",
         }
     }
 }
