@@ -442,7 +442,7 @@ pub unsafe extern "C" fn kvferry_store_op_poll(op: kvferry_store_op, done: *mut 
         let done = unsafe { Out::new(done, "done") }?;
         let outcome = handles::get(op)?.poll();
         done.set(outcome.is_some());
-        Ok(outcome.transpose()?.unwrap_or_default())
+        Ok(outcome.unwrap_or(Ok(()))?)
     })
 }
 
@@ -626,4 +626,83 @@ pub unsafe extern "C" fn kvferry_block_key_from_hash(
         out.set(kvferry_block_key::from_core(&key));
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{KVFERRY_ERR_INVALID_ARGUMENT, KVFERRY_ERR_TIER_BAD_KEY};
+
+    fn parse(options: &[&str]) -> CResult<StoreOptions> {
+        let options: Vec<KeyValue> = options
+            .iter()
+            .map(|o| {
+                let (key, value) = o.split_once('=').unwrap();
+                KeyValue { key, value }
+            })
+            .collect();
+        store_options(&options)
+    }
+
+    #[test]
+    fn store_options_become_the_tier_config() {
+        let parsed = parse(&[
+            "block_size=8192",
+            "host_capacity=65536",
+            "policy=arc",
+            "workers=3",
+            "pin=off",
+            "events=on",
+            "disk.dir=/nvme/kv",
+            "disk.capacity=1048576",
+            "disk.queue_depth=8",
+            "disk.admit_after=0",
+            "disk.sync_writes=on",
+        ])
+        .unwrap();
+        let config = parsed.config;
+        assert!(parsed.events);
+        assert_eq!((config.block_size, config.host_capacity, config.workers), (8192, 65536, 3));
+        assert_eq!(config.policy, EvictionPolicy::Arc);
+        assert!(!config.host_alloc.pin);
+        let disk = config.disk.unwrap();
+        assert_eq!(disk.dir, PathBuf::from("/nvme/kv"));
+        assert_eq!((disk.capacity, disk.queue_depth, disk.admit_after, disk.sync_writes), (1 << 20, 8, 0, true));
+
+        let plain = parse(&["block_size=4096", "host_capacity=4096"]).unwrap();
+        assert!(plain.config.disk.is_none() && !plain.events);
+        assert_eq!(plain.config.policy, EvictionPolicy::Lru);
+
+        for bad in [
+            &["host_capacity=4096"][..],
+            &["block_size=4096"],
+            &["block_size=4096", "host_capacity=4096", "disk.dir=/x"],
+            &["block_size=4096", "host_capacity=4096", "disk.capacity=4096"],
+            &["block_size=4096", "host_capacity=4096", "disk.dir="],
+            &["block_size=-1", "host_capacity=4096"],
+            &["block_size=4096", "host_capacity=0"],
+            &["block_size=4096", "host_capacity=4096", "disk.queue_depth=0"],
+            &["block_size=4096", "host_capacity=4096", "policy=mru"],
+            &["block_size=4096", "host_capacity=4096", "pin=sometimes"],
+        ] {
+            let failure = parse(bad).err().unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            assert_eq!(failure.code, KVFERRY_ERR_INVALID_ARGUMENT, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys_cross_the_boundary_unchanged() {
+        let chained = BlockKey::chain(None, &[1, 2, 3], b"salt");
+        let engine = BlockKey::from_engine_hash(&[9; 32]).unwrap();
+        for key in [chained, engine] {
+            assert_eq!(kvferry_block_key::from_core(&key).to_core(0).unwrap(), key);
+        }
+        let mut bad = kvferry_block_key::from_core(&chained);
+        for len in [0, KVFERRY_BLOCK_KEY_MAX_BYTES as u8 + 1, u8::MAX] {
+            bad.len = len;
+            let failure = bad.to_core(4).unwrap_err();
+            assert_eq!(failure.code, KVFERRY_ERR_TIER_BAD_KEY);
+            assert!(failure.message.starts_with("keys[4]: "), "{}", failure.message);
+        }
+    }
 }
