@@ -205,4 +205,28 @@ mod tests {
         assert_eq!(*get(unrelated).unwrap(), 3);
         remove_root(other).unwrap();
     }
+
+    #[derive(Debug, Clone, Copy)]
+    struct Store {
+        id: u64,
+    }
+    handle!(Store, String, Kind::Store);
+
+    #[derive(Debug, Clone, Copy)]
+    struct StoreOp {
+        id: u64,
+    }
+    handle!(StoreOp, u32, Kind::StoreOp);
+
+    #[test]
+    fn a_store_is_a_root_of_its_own() {
+        let store: Store = insert_root(Arc::new("store".to_string()));
+        let op: StoreOp = insert(store, Arc::new(1)).unwrap();
+        // A store is not an agent, nor an operation a transfer.
+        assert_eq!(get(Root { id: store.id }).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        assert_eq!(get(Transfer { id: op.id }).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        let kinds: Vec<Kind> = remove_root(store).unwrap().into_iter().map(|(kind, _)| kind).collect();
+        assert_eq!(kinds, [Kind::StoreOp, Kind::Store]);
+        assert!(get(op).is_err());
+    }
 }
