@@ -80,7 +80,12 @@ typedef struct kvferry_store_op {
 // Where a block is, spelled as vLLM's KV events spell it (`"GPU"`, `"CPU"`, `"DISK"`).
 typedef uint32_t kvferry_medium;
 
-// Occupancy and counters of a store (`kvferry_store_stats`).
+// Occupancy and counters of a store (`kvferry_store_stats_get`), as `docs/tier.md` describes them:
+// blocks held and slots per tier, hits per tier and misses, evictions per tier, disk writes,
+// evicted blocks the admission filter kept off the disk, blocks dropped for a bad checksum, torn
+// index records dropped at open; `disk_failed`: the disk tier stopped taking writes (full disk,
+// i/o error) and serves reads only; `io_fallback`: it runs without some kernel fast path
+// (io_uring, registered buffers, `O_DIRECT`).
 typedef struct kvferry_store_stats {
   uint64_t block_size;
   uint64_t host_blocks;
@@ -93,15 +98,10 @@ typedef struct kvferry_store_stats {
   uint64_t host_evictions;
   uint64_t disk_evictions;
   uint64_t disk_writes;
-  // Evicted blocks the admission filter kept off the disk.
   uint64_t not_admitted;
-  // Blocks that failed their checksum on read and were dropped.
   uint64_t corrupt_blocks;
-  // Torn records dropped from the index log's tail at open.
   uint64_t torn_records;
-  // The disk tier stopped taking writes (full disk, i/o error); it still serves reads.
   bool disk_failed;
-  // The disk tier runs without some kernel fast path (io_uring, registered buffers, O_DIRECT).
   bool io_fallback;
 } kvferry_store_stats;
 

@@ -93,7 +93,12 @@ pub struct kvferry_store_event {
     pub key: kvferry_block_key,
 }
 
-/// Occupancy and counters of a store (`kvferry_store_stats`).
+/// Occupancy and counters of a store (`kvferry_store_stats_get`), as `docs/tier.md` describes them:
+/// blocks held and slots per tier, hits per tier and misses, evictions per tier, disk writes,
+/// evicted blocks the admission filter kept off the disk, blocks dropped for a bad checksum, torn
+/// index records dropped at open; `disk_failed`: the disk tier stopped taking writes (full disk,
+/// i/o error) and serves reads only; `io_fallback`: it runs without some kernel fast path
+/// (io_uring, registered buffers, `O_DIRECT`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvferry_store_stats {
@@ -108,15 +113,10 @@ pub struct kvferry_store_stats {
     pub host_evictions: u64,
     pub disk_evictions: u64,
     pub disk_writes: u64,
-    /// Evicted blocks the admission filter kept off the disk.
     pub not_admitted: u64,
-    /// Blocks that failed their checksum on read and were dropped.
     pub corrupt_blocks: u64,
-    /// Torn records dropped from the index log's tail at open.
     pub torn_records: u64,
-    /// The disk tier stopped taking writes (full disk, i/o error); it still serves reads.
     pub disk_failed: bool,
-    /// The disk tier runs without some kernel fast path (io_uring, registered buffers, O_DIRECT).
     pub io_fallback: bool,
 }
 
@@ -323,15 +323,23 @@ fn track(store: kvferry_store, fence: CopyFence) -> CResult<kvferry_store_op> {
     handles::insert(store, fence.clone()).inspect_err(|_| wait_done(&fence))
 }
 
+/// Which way a batch of blocks goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Put,
+    Get,
+}
+
 /// Put and get: check the arguments, pair keys with their regions, submit, hand out the operation.
+#[allow(clippy::too_many_arguments, reason = "the C arguments of put and get, passed through")]
 unsafe fn submit_blocks(
+    direction: Direction,
     store: kvferry_store,
     keys: *const kvferry_block_key,
     count: usize,
     regions: *const kvferry_region,
     regions_per_block: usize,
     out: *mut kvferry_store_op,
-    submit: impl FnOnce(&StoreState, Vec<BlockRegions>) -> kvferry_core::Result<CopyFence>,
 ) -> kvferry_status {
     guard(|| {
         if count > 0 && regions_per_block == 0 {
@@ -356,7 +364,16 @@ unsafe fn submit_blocks(
             n => keys.into_iter().zip(regions.chunks_exact(n).map(<[_]>::to_vec)).collect(),
         };
         let state = handles::get(store)?;
-        let fence = submit(&state, blocks)?;
+        let device = state.device.clone();
+        // SAFETY: host memory (checked above) that the caller keeps valid, and for a get writable
+        // and not overlapping, until the operation is done, as the header states; destroying the
+        // operation or the store waits for that.
+        let fence = unsafe {
+            match direction {
+                Direction::Put => state.store.put(device, blocks),
+                Direction::Get => state.store.get(device, blocks),
+            }
+        }?;
         out.set(track(store, fence)?);
         Ok(())
     })
@@ -380,12 +397,7 @@ pub unsafe extern "C" fn kvferry_store_put(
     regions_per_block: usize,
     out: *mut kvferry_store_op,
 ) -> kvferry_status {
-    unsafe {
-        submit_blocks(store, keys, count, regions, regions_per_block, out, |state, blocks| {
-            // SAFETY: host memory the caller keeps valid until the operation is done, as above.
-            state.store.put(state.device.clone(), blocks)
-        })
-    }
+    unsafe { submit_blocks(Direction::Put, store, keys, count, regions, regions_per_block, out) }
 }
 
 /// Copy `count` cached blocks out of the store into caller memory, laid out as for
@@ -403,12 +415,7 @@ pub unsafe extern "C" fn kvferry_store_get(
     regions_per_block: usize,
     out: *mut kvferry_store_op,
 ) -> kvferry_status {
-    unsafe {
-        submit_blocks(store, keys, count, regions, regions_per_block, out, |state, blocks| {
-            // SAFETY: writable host memory the caller keeps valid until the operation is done.
-            state.store.get(state.device.clone(), blocks)
-        })
-    }
+    unsafe { submit_blocks(Direction::Get, store, keys, count, regions, regions_per_block, out) }
 }
 
 /// Move `count` blocks from DRAM to the disk tier (writing those not there yet) and free their DRAM;
