@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use kvferry_core::tier::{BlockRegions, MAX_KEY_BYTES, TierStats};
+use kvferry_core::tier::{BlockRegions, MAX_KEY_BYTES, TierError, TierStats};
 use kvferry_core::{
     BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, EvictionPolicy, HostDevice, Medium, MemKind, TierConfig,
     TierEvent, TierStore,
@@ -37,8 +37,12 @@ pub struct kvferry_block_key {
 
 impl kvferry_block_key {
     fn to_core(self, index: usize) -> CResult<BlockKey> {
-        let bytes = self.bytes.get(..self.len as usize).unwrap_or_default();
-        BlockKey::from_engine_hash(bytes).map_err(|e| {
+        let len = self.len as usize;
+        let key = match self.bytes.get(..len) {
+            Some(bytes) => BlockKey::from_engine_hash(bytes),
+            None => Err(TierError::BadKey { len }),
+        };
+        key.map_err(|e| {
             let failure = Failure::from(Error::from(e));
             Failure::new(failure.code, format!("keys[{index}]: {}", failure.message))
         })
@@ -710,6 +714,7 @@ mod tests {
             let failure = bad.to_core(4).unwrap_err();
             assert_eq!(failure.code, KVFERRY_ERR_TIER_BAD_KEY);
             assert!(failure.message.starts_with("keys[4]: "), "{}", failure.message);
+            assert!(failure.message.ends_with(&format!("got {len}")), "{}", failure.message);
         }
     }
 }
