@@ -86,6 +86,7 @@ sentinels=(
     killed_writer_leaves_only_intact_blocks
     restart_keeps_the_disk_tier_byte_exact
     a_full_disk_is_a_typed_error_and_dram_keeps_serving
+    store::tests::keys_cross_the_boundary_unchanged
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }
