@@ -447,10 +447,11 @@ kvferry_status kvferry_store_create(const char *const *options,
                                     size_t option_count,
                                     struct kvferry_store *out);
 
-// Destroy a store and its operations. Operations still running are waited for (they cannot be
-// cancelled), then the store finishes its work, stops its threads and closes its disk files; the
-// disk tier's blocks stay in `disk.dir` for the next store opened there. Once this returns,
-// kvferry no longer touches memory given to any put or get of the store.
+// Destroy a store and its operations. Operations still running are finished first (they cannot
+// be cancelled), as are calls on the store that other threads are making; then the store stops its
+// threads and closes its disk files. The disk tier's blocks stay in `disk.dir` for the next store
+// opened there. Once this returns, kvferry no longer touches memory given to any put or get of the
+// store.
 //
 // Ownership: consumes `store` and its operations; every copy of their handles becomes invalid.
 // Destroying it again returns `KVFERRY_ERR_INVALID_HANDLE`.

@@ -5,8 +5,8 @@
 //! A handle is either a root (an agent or a tier store) or made from one, whose id it records.
 //! Destroying a root destroys what was made from it too, in an order that keeps memory safe: an
 //! agent's transfers (cancelled), descriptor lists, peers, then registrations (whose drop waits for
-//! local transfers still using the memory); a store's operations (waited for, since a worker may be
-//! copying caller memory), then the store.
+//! local transfers still using the memory); a store's operations, then the store (whose drop runs
+//! every submitted operation to the end).
 
 use std::any::Any;
 use std::collections::HashMap;

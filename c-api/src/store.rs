@@ -298,23 +298,30 @@ fn wait_done(fence: &CopyFence) {
     }
 }
 
-/// Destroy a store and its operations. Operations still running are waited for (they cannot be
-/// cancelled), then the store finishes its work, stops its threads and closes its disk files; the
-/// disk tier's blocks stay in `disk.dir` for the next store opened there. Once this returns,
-/// kvferry no longer touches memory given to any put or get of the store.
+/// Destroy a store and its operations. Operations still running are finished first (they cannot
+/// be cancelled), as are calls on the store that other threads are making; then the store stops its
+/// threads and closes its disk files. The disk tier's blocks stay in `disk.dir` for the next store
+/// opened there. Once this returns, kvferry no longer touches memory given to any put or get of the
+/// store.
 ///
 /// Ownership: consumes `store` and its operations; every copy of their handles becomes invalid.
 /// Destroying it again returns `KVFERRY_ERR_INVALID_HANDLE`.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvferry_store_destroy(store: kvferry_store) -> kvferry_status {
     guard(|| {
-        for (kind, object) in handles::remove_root(store)? {
-            if kind == Kind::StoreOp
-                && let Ok(fence) = object.downcast::<CopyFence>()
-            {
-                wait_done(&fence);
+        // Operations need nothing done: the store's drop runs every submitted job to the end.
+        for (_, object) in handles::remove_root(store)? {
+            let Ok(mut state) = object.downcast::<StoreState>() else { continue };
+            // A call that looked the store up before it left the table may still be submitting a
+            // copy of caller memory; such calls never block, so wait for them to let go, then drop
+            // the store here, where its drop drains the job queue and joins the workers.
+            loop {
+                match Arc::try_unwrap(state) {
+                    Ok(last) => break drop(last),
+                    Err(shared) => state = shared,
+                }
+                std::thread::yield_now();
             }
-            // The store itself goes last; its drop lets the workers drain their queue and exit.
         }
         Ok(())
     })

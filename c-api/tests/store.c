@@ -4,6 +4,7 @@
  * the store functions. Run under valgrind by the test script too, so destroying a store or an
  * operation still copying caller memory must leave no invalid access behind. */
 #define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -410,6 +411,60 @@ static void destroy_with_pending_ops(const kvferry_block_key *keys) {
     }
 }
 
+/* Threads putting and getting through one store while the main thread destroys it: each call
+ * succeeds or fails with KVFERRY_ERR_INVALID_HANDLE, and once destroy has returned no operation
+ * touches the buffers, which are freed straight away (valgrind checks). */
+struct worker {
+    kvferry_store store;
+    const kvferry_block_key *keys;
+    uint8_t *buf;
+    int refused;
+};
+
+static void *put_and_get(void *arg) {
+    struct worker *w = arg;
+    kvferry_region regions[HOST_BLOCKS];
+    block_regions(w->buf, 0, HOST_BLOCKS, 1, regions);
+    for (unsigned round = 0; !w->refused; round++) {
+        kvferry_store_op op = {0};
+        kvferry_status status = round % 2 ? kvferry_store_get(w->store, w->keys, HOST_BLOCKS, regions, 1, &op)
+                                          : kvferry_store_put(w->store, w->keys, HOST_BLOCKS, regions, 1, &op);
+        if (status == KVFERRY_ERR_INVALID_HANDLE) {
+            w->refused = 1;
+            break;
+        }
+        CHECK_OK(status);
+        /* The store may be destroyed between the post and the wait: the operation goes with it. */
+        status = kvferry_store_op_wait(op, WAIT_MS);
+        CHECK(status == KVFERRY_OK || status == KVFERRY_ERR_INVALID_HANDLE);
+        status = kvferry_store_op_destroy(op);
+        CHECK(status == KVFERRY_OK || status == KVFERRY_ERR_INVALID_HANDLE);
+    }
+    return NULL;
+}
+
+static void destroy_under_threads(const kvferry_block_key *keys) {
+    const char *options[] = {"block_size=4096", "host_capacity=65536"};
+    kvferry_store store = {0};
+    CHECK_OK(kvferry_store_create(options, 2, &store));
+    struct worker workers[2];
+    pthread_t threads[2];
+    for (int i = 0; i < 2; i++) {
+        workers[i] = (struct worker){.store = store, .keys = keys + i * HOST_BLOCKS, .buf = malloc(HOST_BLOCKS * BLOCK)};
+        CHECK(workers[i].buf != NULL);
+        for (size_t b = 0; b < HOST_BLOCKS; b++) fill_block(workers[i].buf + b * BLOCK, BLOCK, SEED, b);
+        CHECK(pthread_create(&threads[i], NULL, put_and_get, &workers[i]) == 0);
+    }
+    struct timespec pause = {.tv_nsec = 20 * 1000 * 1000};
+    nanosleep(&pause, NULL);
+    CHECK_OK(kvferry_store_destroy(store));
+    for (int i = 0; i < 2; i++) free(workers[i].buf); /* before joining: nothing may touch them now */
+    for (int i = 0; i < 2; i++) {
+        CHECK(pthread_join(threads[i], NULL) == 0);
+        CHECK(workers[i].refused);
+    }
+}
+
 int main(void) {
     snprintf(dir, sizeof dir, "/tmp/kvferry-store-XXXXXX");
     CHECK(mkdtemp(dir) != NULL);
@@ -435,6 +490,7 @@ int main(void) {
     handle_errors(store, keys);
     CHECK_OK(kvferry_store_destroy(store));
     destroy_with_pending_ops(keys);
+    destroy_under_threads(keys);
 
     free(src);
     free(dst);
