@@ -22,6 +22,7 @@ build threads c-api/tests/threads.c kvferry
 build store c-api/tests/store.c kvferry
 build transfer c-api/examples/transfer.c kvferry
 build transfer-static c-api/examples/transfer.c kvferry-static
+build store-example c-api/examples/store.c kvferry
 if readelf -d "$work/transfer-static" | grep -q 'libkvferry'; then
     echo "the static build still needs libkvferry.so" >&2
     exit 1
@@ -30,7 +31,7 @@ fi
 # shellcheck disable=SC2046
 echo '#include <kvferry.h>' | c++ -x c++ -std=c++17 -Wall -Wextra -Werror -fsyntax-only $(pkg-config --cflags kvferry) -
 
-for program in errors two_process threads store transfer transfer-static; do
+for program in errors two_process threads store transfer transfer-static store-example; do
     echo "-- $program"
     "$work/$program"
 done
