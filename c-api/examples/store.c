@@ -17,9 +17,9 @@ static int fail(const char *what, kvferry_status status) {
     fprintf(stderr, "%s: %s (%s)\n", what, kvferry_last_error_message(), kvferry_status_name(status));
     return 1;
 }
-#define TRY(call)                                           \
-    do {                                                    \
-        kvferry_status status_ = (call);                    \
+#define TRY(call)                                               \
+    do {                                                        \
+        kvferry_status status_ = (call);                        \
         if (status_ != KVFERRY_OK) return fail(#call, status_); \
     } while (0)
 
