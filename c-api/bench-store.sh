@@ -8,13 +8,8 @@ cd "$(dirname "$0")/.."
 mib=${1:-256}
 rounds=${2:-2}
 
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-bash c-api/install.sh "$out/prefix" >/dev/null
-cargo build --release -q -p kvferry-cli
-# shellcheck disable=SC2046 # pkg-config's output is a list of flags
-cc -std=c11 -O2 c-api/bench/store.c $(PKG_CONFIG_PATH="$out/prefix/lib/pkgconfig" pkg-config --cflags --libs kvferry) \
-    -Wl,-rpath,"$out/prefix/lib" -o "$out/store"
+# shellcheck source=c-api/bench/prepare.sh
+source c-api/bench/prepare.sh store
 
 for round in $(seq "$rounds"); do
     echo "round $round, load average $(cut -d' ' -f1-3 /proc/loadavg)"
