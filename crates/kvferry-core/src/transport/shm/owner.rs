@@ -111,8 +111,11 @@ fn serve_connection(mut stream: UnixStream, shared: &OwnerShared) -> io::Result<
                 }
                 let mut data = vec![0u8; header.payload_len as usize];
                 stream.read_exact(&mut data)?;
-                shared.notifications.push(Notification { from: from.clone(), data });
+                // Acknowledge first, as TCP does: a receiver that acts on the notification by
+                // shutting down would otherwise close the connection before the sender learns it
+                // succeeded.
                 respond(&mut stream, Ok(()))?;
+                shared.notifications.push(Notification { from: from.clone(), data });
             }
             other => return Err(invalid(format!("unknown request kind {other}"))),
         }
