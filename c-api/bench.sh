@@ -9,13 +9,8 @@ cd "$(dirname "$0")/.."
 secs=${1:-1}
 rounds=${2:-3}
 
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-bash c-api/install.sh "$out/prefix" >/dev/null
-cargo build --release -q -p kvferry-cli
-# shellcheck disable=SC2046 # pkg-config's output is a list of flags
-cc -std=c11 -O2 c-api/bench/post.c $(PKG_CONFIG_PATH="$out/prefix/lib/pkgconfig" pkg-config --cflags --libs kvferry) \
-    -Wl,-rpath,"$out/prefix/lib" -o "$out/post"
+# shellcheck source=c-api/bench/prepare.sh
+source c-api/bench/prepare.sh post
 
 for round in $(seq "$rounds"); do
     target/release/kvferry bench --streams 2 --block-sizes 4K,16K,1M --batch-sizes 1,64 --min-time "$secs" \

@@ -19,8 +19,10 @@ build() { # output, source, pkg-config package
 build errors c-api/tests/errors.c kvferry
 build two_process c-api/tests/two_process.c kvferry
 build threads c-api/tests/threads.c kvferry
+build store c-api/tests/store.c kvferry
 build transfer c-api/examples/transfer.c kvferry
 build transfer-static c-api/examples/transfer.c kvferry-static
+build store-example c-api/examples/store.c kvferry
 if readelf -d "$work/transfer-static" | grep -q 'libkvferry'; then
     echo "the static build still needs libkvferry.so" >&2
     exit 1
@@ -29,13 +31,13 @@ fi
 # shellcheck disable=SC2046
 echo '#include <kvferry.h>' | c++ -x c++ -std=c++17 -Wall -Wextra -Werror -fsyntax-only $(pkg-config --cflags kvferry) -
 
-for program in errors two_process threads transfer transfer-static; do
+for program in errors two_process threads store transfer transfer-static store-example; do
     echo "-- $program"
     "$work/$program"
 done
 # The global handle table shows up as "possibly lost" (hash tables point inside their
 # allocation); only definite leaks fail.
-for program in errors two_process threads; do
+for program in errors two_process threads store; do
     echo "-- $program under valgrind"
     valgrind -q --trace-children=yes --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=1 \
         "$work/$program"

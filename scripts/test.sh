@@ -98,6 +98,7 @@ sentinels=(
     large_batches_stripe_across_two_rails_byte_exact
     each_transfer_goes_over_the_first_link_that_reaches_its_memory
     a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing
+    store::tests::keys_cross_the_boundary_unchanged
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -14,9 +14,12 @@
 // another value is not compatible with code compiled against this header.
 #define KVFERRY_ABI_VERSION 1
 
+// The longest block key: engine hashes up to this many bytes are kept verbatim.
+#define KVFERRY_BLOCK_KEY_MAX_BYTES 32
+
 // What every fallible function returns: `KVFERRY_OK` (0) or an error code. Codes are stable: they
 // are kvferry's own error codes (1xx memory, 2xx layout, 3xx metadata, 4xx descriptors, 5xx
-// transfers) plus 4 to 9 for misuse of the C interface. A code this header does not list may
+// transfers, 6xx the tier store) plus 4 to 9 for misuse of the C interface. A code this header does not list may
 // appear from a newer library; `kvferry_status_name` names the ones it knows.
 typedef int32_t kvferry_status;
 
@@ -56,6 +59,63 @@ typedef struct kvferry_descs {
 typedef struct kvferry_peer {
   uint64_t id;
 } kvferry_peer;
+
+// A tiered block store: pinned DRAM, optionally backed by a disk directory.
+typedef struct kvferry_store {
+  uint64_t id;
+} kvferry_store;
+
+// The key of one cached block: `len` (1 to `KVFERRY_BLOCK_KEY_MAX_BYTES`) significant bytes.
+// Keys are values: compare `len` and the first `len` bytes.
+typedef struct kvferry_block_key {
+  uint8_t len;
+  uint8_t bytes[KVFERRY_BLOCK_KEY_MAX_BYTES];
+} kvferry_block_key;
+
+// A put, get or offload in progress: poll, wait, destroy.
+typedef struct kvferry_store_op {
+  uint64_t id;
+} kvferry_store_op;
+
+// Where a block is, spelled as vLLM's KV events spell it (`"GPU"`, `"CPU"`, `"DISK"`).
+typedef uint32_t kvferry_medium;
+
+// Occupancy and counters of a store (`kvferry_store_stats_get`), as `docs/tier.md` describes them:
+// blocks held and slots per tier, hits per tier and misses, evictions per tier, disk writes,
+// evicted blocks the admission filter kept off the disk, blocks dropped for a bad checksum, torn
+// index records dropped at open; `disk_failed`: the disk tier stopped taking writes (full disk,
+// i/o error) and serves reads only; `io_fallback`: it runs without some kernel fast path
+// (io_uring, registered buffers, `O_DIRECT`).
+typedef struct kvferry_store_stats {
+  uint64_t block_size;
+  uint64_t host_blocks;
+  uint64_t host_capacity_blocks;
+  uint64_t disk_blocks;
+  uint64_t disk_capacity_blocks;
+  uint64_t host_hits;
+  uint64_t disk_hits;
+  uint64_t misses;
+  uint64_t host_evictions;
+  uint64_t disk_evictions;
+  uint64_t disk_writes;
+  uint64_t not_admitted;
+  uint64_t corrupt_blocks;
+  uint64_t torn_records;
+  bool disk_failed;
+  bool io_fallback;
+} kvferry_store_stats;
+
+// What happened to a block (`kvferry_store_event::kind`).
+typedef uint32_t kvferry_store_event_kind;
+
+// One block's change of place. `from` is `KVFERRY_MEDIUM_NONE` unless `kind` is
+// `KVFERRY_STORE_EVENT_MOVED`.
+typedef struct kvferry_store_event {
+  kvferry_store_event_kind kind;
+  kvferry_medium medium;
+  kvferry_medium from;
+  struct kvferry_block_key key;
+} kvferry_store_event;
 
 // What a transfer does, seen from the agent that posts it.
 typedef uint32_t kvferry_op;
@@ -155,11 +215,55 @@ typedef struct kvferry_transfer {
 
 #define KVFERRY_ERR_REMOTE_TOO_LARGE 514
 
+#define KVFERRY_ERR_TIER_BAD_KEY 600
+
+#define KVFERRY_ERR_TIER_CONFIG 601
+
+#define KVFERRY_ERR_TIER_BAD_BLOCK 602
+
+#define KVFERRY_ERR_TIER_DISK_UNAVAILABLE 603
+
+#define KVFERRY_ERR_TIER_DISK_FULL 604
+
+#define KVFERRY_ERR_TIER_INDEX_CORRUPT 605
+
+#define KVFERRY_ERR_TIER_INDEX_MISMATCH 606
+
+#define KVFERRY_ERR_TIER_BLOCK_CORRUPT 607
+
+#define KVFERRY_ERR_TIER_NOT_CACHED 608
+
+#define KVFERRY_ERR_TIER_NO_ROOM 609
+
+#define KVFERRY_ERR_TIER_DISK_IO 610
+
+#define KVFERRY_ERR_TIER_CLOSED 611
+
 #define KVFERRY_MEM_HOST 0
 
 #define KVFERRY_MEM_CUDA 1
 
 #define KVFERRY_MEM_ROCM 2
+
+// No medium (the `from` of an event that is not a move).
+#define KVFERRY_MEDIUM_NONE 0
+
+#define KVFERRY_MEDIUM_GPU 1
+
+// The store's pinned DRAM arena.
+#define KVFERRY_MEDIUM_CPU 2
+
+// The store's disk tier.
+#define KVFERRY_MEDIUM_DISK 3
+
+// The block is now in `medium`.
+#define KVFERRY_STORE_EVENT_STORED 1
+
+// The block left `medium`.
+#define KVFERRY_STORE_EVENT_REMOVED 2
+
+// The block left `from` and is now in `medium`.
+#define KVFERRY_STORE_EVENT_MOVED 3
 
 // The peer's memory -> this agent's memory.
 #define KVFERRY_OP_READ 1
@@ -328,6 +432,160 @@ kvferry_status kvferry_peer_name(struct kvferry_peer peer, char *buf, size_t cap
 //
 // Ownership: consumes `peer`; every copy of the handle becomes invalid.
 kvferry_status kvferry_peer_destroy(struct kvferry_peer peer);
+
+// Open a tier store: a pinned DRAM arena, and with `disk.dir` a disk tier whose blocks survive
+// the process (reopening the same directory finds them again).
+//
+// `options` is an array of `option_count` `"key=value"` strings: `block_size=BYTES` and
+// `host_capacity=BYTES` (required; the arena is allocated up front), `policy=lru|arc` (default
+// lru), `workers=N` (threads doing the copies and disk i/o, default 2), `pin=on|off` (page-lock
+// the arena, default on), `events=on|off` (queue events for `kvferry_store_events_take`, default
+// off: an undrained queue grows), `disk.dir=PATH` and `disk.capacity=BYTES` (together; the block
+// size must then be a multiple of 4096), `disk.queue_depth=N` (default 32), `disk.admit_after=N`
+// (how often a block must have been seen before an eviction writes it down; 0 or 1 writes every
+// block; default 2), `disk.sync_writes=on|off` (default off). An unknown key is an error.
+//
+// Ownership: `options` is borrowed for the call. On success `*out` is a new store the caller
+// owns and must release with `kvferry_store_destroy`; on failure `*out` is untouched.
+kvferry_status kvferry_store_create(const char *const *options,
+                                    size_t option_count,
+                                    struct kvferry_store *out);
+
+// Destroy a store and its operations. Operations still running are finished first (they cannot
+// be cancelled), as are calls on the store that other threads are making; then the store stops its
+// threads and closes its disk files. The disk tier's blocks stay in `disk.dir` for the next store
+// opened there. Once this returns, kvferry no longer touches memory given to any put or get of the
+// store.
+//
+// Ownership: consumes `store` and its operations; every copy of their handles becomes invalid.
+// Destroying it again returns `KVFERRY_ERR_INVALID_HANDLE`.
+kvferry_status kvferry_store_destroy(struct kvferry_store store);
+
+// Copy `count` blocks into the store: block `i`, keyed `keys[i]`, is the concatenation of
+// `regions[i * regions_per_block ..][.. regions_per_block]` (one region per layer, say), which must
+// add up to the block size. Blocks already cached are skipped. A batch needs DRAM for all its
+// blocks at once: more than the arena holds fails with `KVFERRY_ERR_TIER_NO_ROOM`. Returns at
+// once; the copy completes through `*out`.
+//
+// Ownership: `keys` and `regions` are borrowed for the call; the memory the regions describe must
+// stay valid and unchanged until the operation is done (destroying the operation or the store
+// waits for that). `*out` belongs to the store: release it with `kvferry_store_op_destroy`.
+kvferry_status kvferry_store_put(struct kvferry_store store,
+                                 const struct kvferry_block_key *keys,
+                                 size_t count,
+                                 const struct kvferry_region *regions,
+                                 size_t regions_per_block,
+                                 struct kvferry_store_op *out);
+
+// Copy `count` cached blocks out of the store into caller memory, laid out as for
+// `kvferry_store_put`. Disk blocks are read into DRAM first and stay there (promoted). The
+// operation fails with `KVFERRY_ERR_TIER_NOT_CACHED`, naming the block, if one is missing.
+//
+// Ownership: as for `kvferry_store_put`; the destination regions must not overlap and must not be
+// read until the operation is done.
+kvferry_status kvferry_store_get(struct kvferry_store store,
+                                 const struct kvferry_block_key *keys,
+                                 size_t count,
+                                 const struct kvferry_region *regions,
+                                 size_t regions_per_block,
+                                 struct kvferry_store_op *out);
+
+// Move `count` blocks from DRAM to the disk tier (writing those not there yet) and free their DRAM;
+// blocks not in DRAM are skipped. Returns at once; completion comes through `*out`.
+//
+// Ownership: `keys` is borrowed for the call. `*out` belongs to the store.
+kvferry_status kvferry_store_offload(struct kvferry_store store,
+                                     const struct kvferry_block_key *keys,
+                                     size_t count,
+                                     struct kvferry_store_op *out);
+
+// Check an operation without blocking: stores whether it has finished in `*done` and returns
+// `KVFERRY_OK` while it runs or once it succeeded, or the error it failed with (`*done` true).
+//
+// Ownership: `done` is the caller's.
+kvferry_status kvferry_store_op_poll(struct kvferry_store_op op, bool *done);
+
+// Block until the operation completes (`KVFERRY_OK`), fails (its error), or `timeout_ms` passes
+// (`KVFERRY_ERR_TIMEOUT`; the operation goes on).
+//
+// Ownership: borrows `op`; it stays valid (destroy it when done).
+kvferry_status kvferry_store_op_wait(struct kvferry_store_op op, uint32_t timeout_ms);
+
+// Release an operation. One still running is waited for first (it cannot be cancelled), so once
+// this returns kvferry no longer touches its memory.
+//
+// Ownership: consumes `op`; every copy of the handle becomes invalid.
+kvferry_status kvferry_store_op_destroy(struct kvferry_store_op op);
+
+// The longest cached prefix of `keys[0..count]`: stores its length in `*found` and where each of
+// its blocks is (`KVFERRY_MEDIUM_CPU` or `_DISK`; DRAM wins) in `media[0..*found]`. When
+// `capacity` is smaller than the prefix, returns `KVFERRY_ERR_BUFFER_TOO_SMALL` with the prefix
+// length in `*found` (`capacity` = `count` always suffices). Never blocks on i/o.
+//
+// Ownership: `keys` is borrowed for the call; `media` and `found` are the caller's.
+kvferry_status kvferry_store_lookup(struct kvferry_store store,
+                                    const struct kvferry_block_key *keys,
+                                    size_t count,
+                                    kvferry_medium *media,
+                                    size_t capacity,
+                                    size_t *found);
+
+// Forget every block that is not being read or written, in DRAM and on disk.
+//
+// Ownership: borrows `store`.
+kvferry_status kvferry_store_clear(struct kvferry_store store);
+
+// Store the store's occupancy and counters in `*stats`.
+//
+// Ownership: `stats` is the caller's.
+kvferry_status kvferry_store_stats_get(struct kvferry_store store, struct kvferry_store_stats *stats);
+
+// Move up to `capacity` of the oldest queued events into `events` (one per block, in order) and
+// store how many in `*count`; never blocks. Fewer than `capacity` means the queue is now empty.
+// The store must have been created with `events=on` (else `KVFERRY_ERR_INVALID_ARGUMENT`).
+//
+// Ownership: `events` and `count` are the caller's. Events are meant to be drained by one thread
+// per store.
+kvferry_status kvferry_store_events_take(struct kvferry_store store,
+                                         struct kvferry_store_event *events,
+                                         size_t capacity,
+                                         size_t *count);
+
+// The key of the block holding `tokens[0..token_count]` after the block keyed `*parent` (NULL for
+// the first block of a sequence), mixed with `extra_len` bytes of `extra` (LoRA id, multimodal
+// hashes, cache salt; NULL when 0): xxh3-128, 16 bytes. Equal prefixes give equal keys in every
+// process and across restarts.
+//
+// Ownership: all inputs are borrowed for the call; `out` is the caller's.
+kvferry_status kvferry_block_key_chain(const struct kvferry_block_key *parent,
+                                       const uint32_t *tokens,
+                                       size_t token_count,
+                                       const uint8_t *extra,
+                                       size_t extra_len,
+                                       struct kvferry_block_key *out);
+
+// The chained keys of every full block of `tokens[0..token_count]`, `block_tokens` tokens per
+// block, into `keys[0..*count]` (a trailing partial block has no key). With `capacity` too small,
+// returns `KVFERRY_ERR_BUFFER_TOO_SMALL` with the number needed in `*count`.
+//
+// Ownership: inputs are borrowed for the call; `keys` and `count` are the caller's.
+kvferry_status kvferry_block_key_prefix(const uint32_t *tokens,
+                                        size_t token_count,
+                                        size_t block_tokens,
+                                        const uint8_t *extra,
+                                        size_t extra_len,
+                                        struct kvferry_block_key *keys,
+                                        size_t capacity,
+                                        size_t *count);
+
+// A key from the engine's own block hash (`hash_len` bytes, 1 to `KVFERRY_BLOCK_KEY_MAX_BYTES`),
+// kept verbatim so that events carry the engine's hashes. Other lengths return
+// `KVFERRY_ERR_TIER_BAD_KEY`.
+//
+// Ownership: `hash` is borrowed for the call; `out` is the caller's.
+kvferry_status kvferry_block_key_from_hash(const uint8_t *hash,
+                                           size_t hash_len,
+                                           struct kvferry_block_key *out);
 
 // Post a transfer of `count` pairs: `local[local_indices[i]]` <-> `remote[remote_indices[i]]`
 // (READ or WRITE per `op`), with lengths equal pair by pair. With `notification` not NULL, its

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{Agent, AgentConfig, Notification};
 
-use crate::args::{Out, OutBuf, deadline_ms, slice_arg, str_arg};
+use crate::args::{KeyValue, Out, OutBuf, deadline_ms, options_arg, str_arg};
 use crate::handles::{self, Kind, handle};
 use crate::peer::kvferry_peer;
 use crate::status::{CResult, Failure, KVFERRY_ERR_TIMEOUT, guard, kvferry_status};
@@ -38,43 +38,33 @@ handle!(kvferry_agent, AgentState, Kind::Agent);
 const OPTIONS: &str = "tcp, tcp.listen, tcp.advertise_host, tcp.streams, tcp.connect_timeout_ms, \
                        tcp.request_timeout_ms, tcp.min_frame_bytes, shm";
 
-fn agent_config(name: &str, options: &[&str]) -> CResult<AgentConfig> {
+fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
     let mut tcp = TcpConfig::default();
     let mut tcp_enabled = true;
     let mut shm_enabled = true;
     for option in options {
-        let (key, value) = option
-            .split_once('=')
-            .ok_or_else(|| Failure::invalid_argument(format!("option {option:?} is not of the form key=value")))?;
-        let bad = |expected: &str| Failure::invalid_argument(format!("option {key}: {value:?} is not {expected}"));
-        let number = |expected| value.parse::<u64>().map_err(|_| bad(expected));
         // Sockets refuse a zero timeout, so zero would fail every connection later.
-        let millis = || {
-            number("a positive number of milliseconds").and_then(|ms| match ms {
-                0 => Err(bad("a positive number of milliseconds")),
-                ms => Ok(ms),
-            })
+        let millis = || match option.number("a positive number of milliseconds")? {
+            0 => Err(option.bad("a positive number of milliseconds")),
+            ms => Ok(ms),
         };
-        let switch = || match value {
-            "on" | "1" | "true" => Ok(true),
-            "off" | "0" | "false" => Ok(false),
-            _ => Err(bad("on or off")),
-        };
-        match key {
-            "tcp" => tcp_enabled = switch()?,
-            "shm" => shm_enabled = switch()?,
-            "tcp.listen" => tcp.listen = value.parse::<SocketAddr>().map_err(|_| bad("an ip:port address"))?,
-            "tcp.advertise_host" => tcp.advertise_host = Some(value.to_string()),
+        match option.key {
+            "tcp" => tcp_enabled = option.switch()?,
+            "shm" => shm_enabled = option.switch()?,
+            "tcp.listen" => {
+                tcp.listen = option.value.parse::<SocketAddr>().map_err(|_| option.bad("an ip:port address"))?
+            }
+            "tcp.advertise_host" => tcp.advertise_host = Some(option.value.to_string()),
             "tcp.streams" => {
-                tcp.streams = match number("a stream count from 1 to 64")? {
+                tcp.streams = match option.number("a stream count from 1 to 64")? {
                     n @ 1..=64 => n as usize,
-                    _ => return Err(bad("a stream count from 1 to 64")),
+                    _ => return Err(option.bad("a stream count from 1 to 64")),
                 }
             }
             "tcp.connect_timeout_ms" => tcp.connect_timeout = Duration::from_millis(millis()?),
             "tcp.request_timeout_ms" => tcp.request_timeout = Duration::from_millis(millis()?),
-            "tcp.min_frame_bytes" => tcp.min_frame_bytes = number("a byte count")?,
-            _ => return Err(Failure::invalid_argument(format!("unknown option {key:?}; known options: {OPTIONS}"))),
+            "tcp.min_frame_bytes" => tcp.min_frame_bytes = option.number("a byte count")?,
+            _ => return Err(option.unknown(OPTIONS)),
         }
     }
     let defaults = AgentConfig::new(name);
@@ -100,13 +90,8 @@ pub unsafe extern "C" fn kvferry_agent_create(
 ) -> kvferry_status {
     guard(|| {
         let name = unsafe { str_arg(name, "name") }?;
-        let option_ptrs = unsafe { slice_arg(options, option_count, "options") }?;
+        let options = unsafe { options_arg(options, option_count) }?;
         let out = unsafe { Out::new(out, "out") }?;
-        let options = option_ptrs
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| unsafe { str_arg(p, &format!("options[{i}]")) })
-            .collect::<CResult<Vec<_>>>()?;
         let agent = Agent::new(agent_config(name, &options)?)?;
         let state = AgentState { agent, notifications: Mutex::default(), peers: Mutex::default() };
         out.set(handles::insert_root(Arc::new(state)));

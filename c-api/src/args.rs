@@ -47,6 +47,53 @@ pub(crate) unsafe fn slice_arg<'a, T>(ptr: *const T, len: usize, name: &str) -> 
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
+/// One `"key=value"` creation option.
+pub(crate) struct KeyValue<'a> {
+    pub key: &'a str,
+    pub value: &'a str,
+}
+
+impl<'a> KeyValue<'a> {
+    /// The failure for a value that is not what the key takes.
+    pub fn bad(&self, expected: &str) -> Failure {
+        Failure::invalid_argument(format!("option {}: {:?} is not {expected}", self.key, self.value))
+    }
+
+    pub fn number(&self, expected: &str) -> CResult<u64> {
+        self.value.parse::<u64>().map_err(|_| self.bad(expected))
+    }
+
+    pub fn switch(&self) -> CResult<bool> {
+        match self.value {
+            "on" | "1" | "true" => Ok(true),
+            "off" | "0" | "false" => Ok(false),
+            _ => Err(self.bad("on or off")),
+        }
+    }
+
+    /// The failure for a key the function does not know, listing those it does.
+    pub fn unknown(&self, known: &str) -> Failure {
+        Failure::invalid_argument(format!("unknown option {:?}; known options: {known}", self.key))
+    }
+}
+
+/// An array of `count` `"key=value"` strings (NULL when `count` is 0).
+///
+/// # Safety
+/// As for [`slice_arg`], and every element must be valid for [`str_arg`].
+pub(crate) unsafe fn options_arg<'a>(options: *const *const c_char, count: usize) -> CResult<Vec<KeyValue<'a>>> {
+    let pointers = unsafe { slice_arg(options, count, "options") }?;
+    let mut parsed = Vec::with_capacity(pointers.len());
+    for (i, &pointer) in pointers.iter().enumerate() {
+        let option = unsafe { str_arg(pointer, &format!("options[{i}]")) }?;
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| Failure::invalid_argument(format!("option {option:?} is not of the form key=value")))?;
+        parsed.push(KeyValue { key, value });
+    }
+    Ok(parsed)
+}
+
 /// Where a function stores its result; checked before the function does any work, so a bad
 /// output pointer never leaves a created object behind.
 pub(crate) struct Out<T>(*mut T);
@@ -76,61 +123,91 @@ impl<T> Out<T> {
     }
 }
 
-/// A caller's output buffer (`buf`, `capacity`) and where to store the length of what goes in it.
-pub(crate) struct OutBuf {
-    buf: *mut u8,
+/// A caller's output array (`buf`, `capacity` elements) and where to store the number of elements
+/// that go in it.
+pub(crate) struct OutBuf<T = u8> {
+    buf: *mut T,
     capacity: usize,
     len: Out<usize>,
     name: &'static str,
 }
 
-impl OutBuf {
+impl<T: Copy> OutBuf<T> {
     /// # Safety
-    /// A non-NULL `buf` must be valid for writing `capacity` bytes; `len` as for [`Out::new`].
-    pub unsafe fn new(buf: *mut u8, capacity: usize, len: *mut usize, name: &'static str) -> CResult<Self> {
+    /// A non-NULL `buf` must be valid for writing `capacity` elements; `len` as for [`Out::new`].
+    pub unsafe fn new(buf: *mut T, capacity: usize, len: *mut usize, name: &'static str) -> CResult<Self> {
         if buf.is_null() && capacity > 0 {
             return Err(Failure::null(name));
+        }
+        if capacity > 0 {
+            aligned(buf, name)?;
         }
         // SAFETY: forwarded contract.
         let len = unsafe { Out::new(len, "the length output") }?;
         Ok(OutBuf { buf, capacity, len, name })
     }
 
-    /// Whether `needed` bytes fit; if not, the error tells the size to retry with.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Whether `needed` elements fit; if not, the error tells the size to retry with.
     pub fn check(&self, needed: usize) -> CResult {
         if needed > self.capacity {
+            let unit = if size_of::<T>() == 1 { "bytes" } else { "entries" };
             return Err(Failure::new(
                 KVFERRY_ERR_BUFFER_TOO_SMALL,
-                format!("{} needs {needed} bytes but has room for {}", self.name, self.capacity),
+                format!("{} needs {needed} {unit} but has room for {}", self.name, self.capacity),
             ));
         }
         Ok(())
     }
 
+    /// Store `items`, or, when they do not fit, only their number in the length output.
+    pub fn fill_items(self, items: &[T]) -> CResult {
+        if let Err(too_small) = self.check(items.len()) {
+            self.len.set(items.len());
+            return Err(too_small);
+        }
+        // SAFETY: `items.len() <= capacity`, and `buf` is non-NULL and aligned whenever capacity > 0.
+        unsafe { self.write(items) };
+        self.len.set(items.len());
+        Ok(())
+    }
+
+    /// # Safety
+    /// `items.len()` must not exceed the capacity.
+    unsafe fn write(&self, items: &[T]) {
+        if !items.is_empty() {
+            unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), self.buf, items.len()) };
+        }
+    }
+
+    /// Store the required capacity after a failed [`OutBuf::check`].
+    pub fn report_needed(self, needed: usize) {
+        self.len.set(needed);
+    }
+}
+
+impl OutBuf<u8> {
     /// Store `bytes`, followed by a NUL when `nul` (not counted in the stored length). When they do
     /// not fit, only the required capacity is stored, in the length output.
     pub fn fill(self, bytes: &[u8], nul: bool) -> CResult {
-        let needed = bytes.len() + usize::from(nul);
+        if !nul {
+            return self.fill_items(bytes);
+        }
+        let needed = bytes.len() + 1;
         if let Err(too_small) = self.check(needed) {
             self.len.set(needed);
             return Err(too_small);
         }
         // SAFETY: `needed <= capacity`, and `buf` is non-NULL whenever capacity > 0.
         unsafe {
-            if !bytes.is_empty() {
-                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.buf, bytes.len());
-            }
-            if nul {
-                self.buf.add(bytes.len()).write(0);
-            }
+            self.write(bytes);
+            self.buf.add(bytes.len()).write(0);
         }
         self.len.set(bytes.len());
         Ok(())
-    }
-
-    /// Store the required capacity after a failed [`OutBuf::check`].
-    pub fn report_needed(self, needed: usize) {
-        self.len.set(needed);
     }
 }
 

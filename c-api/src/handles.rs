@@ -2,10 +2,11 @@
 //! pointer: a destroyed or forged handle is then a failed lookup (`KVFERRY_ERR_INVALID_HANDLE`)
 //! rather than a use after free. Ids are never reused, so a double destroy is always detected.
 //!
-//! A handle is either a root (an agent; a tier store will be another) or made from one, whose id it
-//! records. Destroying a root destroys what was made from it too, in an order that keeps memory
-//! safe: transfers (cancelled), descriptor lists, peers, then registrations (whose drop waits for
-//! local transfers still using the memory).
+//! A handle is either a root (an agent or a tier store) or made from one, whose id it records.
+//! Destroying a root destroys what was made from it too, in an order that keeps memory safe: an
+//! agent's transfers (cancelled), descriptor lists, peers, then registrations (whose drop waits for
+//! local transfers still using the memory); a store's operations, then the store (whose drop runs
+//! every submitted operation to the end).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -14,14 +15,16 @@ use std::sync::{Arc, LazyLock, PoisonError, RwLock};
 
 use crate::status::{CResult, Failure, KVFERRY_ERR_INVALID_HANDLE};
 
-/// The kinds of handle, in the order an agent's dependents are destroyed.
+/// The kinds of handle, in the order a root's dependents are destroyed (roots last).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Kind {
     Transfer,
+    StoreOp,
     Descs,
     Peer,
     Registration,
     Agent,
+    Store,
 }
 
 impl Kind {
@@ -32,6 +35,8 @@ impl Kind {
             Kind::Peer => "peer",
             Kind::Registration => "registration",
             Kind::Agent => "agent",
+            Kind::StoreOp => "store operation",
+            Kind::Store => "tier store",
         }
     }
 }
@@ -199,5 +204,29 @@ mod tests {
         assert_eq!(insert::<Registration, _>(root, Arc::new(4)).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
         assert_eq!(*get(unrelated).unwrap(), 3);
         remove_root(other).unwrap();
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    struct Store {
+        id: u64,
+    }
+    handle!(Store, String, Kind::Store);
+
+    #[derive(Debug, Clone, Copy)]
+    struct StoreOp {
+        id: u64,
+    }
+    handle!(StoreOp, u32, Kind::StoreOp);
+
+    #[test]
+    fn a_store_is_a_root_of_its_own() {
+        let store: Store = insert_root(Arc::new("store".to_string()));
+        let op: StoreOp = insert(store, Arc::new(1)).unwrap();
+        // A store is not an agent, nor an operation a transfer.
+        assert_eq!(get(Root { id: store.id }).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        assert_eq!(get(Transfer { id: op.id }).unwrap_err().code, KVFERRY_ERR_INVALID_HANDLE);
+        let kinds: Vec<Kind> = remove_root(store).unwrap().into_iter().map(|(kind, _)| kind).collect();
+        assert_eq!(kinds, [Kind::StoreOp, Kind::Store]);
+        assert!(get(op).is_err());
     }
 }

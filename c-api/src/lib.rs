@@ -17,6 +17,7 @@ mod args;
 mod handles;
 mod memory;
 mod peer;
+mod store;
 mod transfer;
 
 use std::ffi::c_char;

@@ -37,7 +37,7 @@ impl kvferry_region {
     }
 }
 
-fn mem_regions(regions: &[kvferry_region]) -> CResult<Vec<MemRegion>> {
+pub(crate) fn mem_regions(regions: &[kvferry_region]) -> CResult<Vec<MemRegion>> {
     regions.iter().enumerate().map(|(i, r)| r.to_mem_region(i)).collect()
 }
 

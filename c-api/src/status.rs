@@ -9,7 +9,7 @@ use kvferry_core::{Error, ErrorCode};
 
 /// What every fallible function returns: `KVFERRY_OK` (0) or an error code. Codes are stable: they
 /// are kvferry's own error codes (1xx memory, 2xx layout, 3xx metadata, 4xx descriptors, 5xx
-/// transfers) plus 4 to 9 for misuse of the C interface. A code this header does not list may
+/// transfers, 6xx the tier store) plus 4 to 9 for misuse of the C interface. A code this header does not list may
 /// appear from a newer library; `kvferry_status_name` names the ones it knows.
 pub type kvferry_status = i32;
 
@@ -68,6 +68,19 @@ pub const KVFERRY_ERR_REMOTE_ZERO_LENGTH: kvferry_status = 512;
 pub const KVFERRY_ERR_REMOTE_RANGE_OVERFLOW: kvferry_status = 513;
 pub const KVFERRY_ERR_REMOTE_TOO_LARGE: kvferry_status = 514;
 
+pub const KVFERRY_ERR_TIER_BAD_KEY: kvferry_status = 600;
+pub const KVFERRY_ERR_TIER_CONFIG: kvferry_status = 601;
+pub const KVFERRY_ERR_TIER_BAD_BLOCK: kvferry_status = 602;
+pub const KVFERRY_ERR_TIER_DISK_UNAVAILABLE: kvferry_status = 603;
+pub const KVFERRY_ERR_TIER_DISK_FULL: kvferry_status = 604;
+pub const KVFERRY_ERR_TIER_INDEX_CORRUPT: kvferry_status = 605;
+pub const KVFERRY_ERR_TIER_INDEX_MISMATCH: kvferry_status = 606;
+pub const KVFERRY_ERR_TIER_BLOCK_CORRUPT: kvferry_status = 607;
+pub const KVFERRY_ERR_TIER_NOT_CACHED: kvferry_status = 608;
+pub const KVFERRY_ERR_TIER_NO_ROOM: kvferry_status = 609;
+pub const KVFERRY_ERR_TIER_DISK_IO: kvferry_status = 610;
+pub const KVFERRY_ERR_TIER_CLOSED: kvferry_status = 611;
+
 /// Every code the header lists, with its name and, for kvferry's own codes, the `ErrorCode` it
 /// must equal (checked by a test, so the header cannot drift from the library).
 const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
@@ -117,6 +130,18 @@ const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
     (KVFERRY_ERR_REMOTE_ZERO_LENGTH, "KVFERRY_ERR_REMOTE_ZERO_LENGTH\0", Some(ErrorCode::RemoteZeroLength)),
     (KVFERRY_ERR_REMOTE_RANGE_OVERFLOW, "KVFERRY_ERR_REMOTE_RANGE_OVERFLOW\0", Some(ErrorCode::RemoteRangeOverflow)),
     (KVFERRY_ERR_REMOTE_TOO_LARGE, "KVFERRY_ERR_REMOTE_TOO_LARGE\0", Some(ErrorCode::RemoteTooLarge)),
+    (KVFERRY_ERR_TIER_BAD_KEY, "KVFERRY_ERR_TIER_BAD_KEY\0", Some(ErrorCode::TierBadKey)),
+    (KVFERRY_ERR_TIER_CONFIG, "KVFERRY_ERR_TIER_CONFIG\0", Some(ErrorCode::TierConfig)),
+    (KVFERRY_ERR_TIER_BAD_BLOCK, "KVFERRY_ERR_TIER_BAD_BLOCK\0", Some(ErrorCode::TierBadBlock)),
+    (KVFERRY_ERR_TIER_DISK_UNAVAILABLE, "KVFERRY_ERR_TIER_DISK_UNAVAILABLE\0", Some(ErrorCode::TierDiskUnavailable)),
+    (KVFERRY_ERR_TIER_DISK_FULL, "KVFERRY_ERR_TIER_DISK_FULL\0", Some(ErrorCode::TierDiskFull)),
+    (KVFERRY_ERR_TIER_INDEX_CORRUPT, "KVFERRY_ERR_TIER_INDEX_CORRUPT\0", Some(ErrorCode::TierIndexCorrupt)),
+    (KVFERRY_ERR_TIER_INDEX_MISMATCH, "KVFERRY_ERR_TIER_INDEX_MISMATCH\0", Some(ErrorCode::TierIndexMismatch)),
+    (KVFERRY_ERR_TIER_BLOCK_CORRUPT, "KVFERRY_ERR_TIER_BLOCK_CORRUPT\0", Some(ErrorCode::TierBlockCorrupt)),
+    (KVFERRY_ERR_TIER_NOT_CACHED, "KVFERRY_ERR_TIER_NOT_CACHED\0", Some(ErrorCode::TierNotCached)),
+    (KVFERRY_ERR_TIER_NO_ROOM, "KVFERRY_ERR_TIER_NO_ROOM\0", Some(ErrorCode::TierNoRoom)),
+    (KVFERRY_ERR_TIER_DISK_IO, "KVFERRY_ERR_TIER_DISK_IO\0", Some(ErrorCode::TierDiskIo)),
+    (KVFERRY_ERR_TIER_CLOSED, "KVFERRY_ERR_TIER_CLOSED\0", Some(ErrorCode::TierClosed)),
 ];
 
 /// Why a call failed: the code it returns and the message `kvferry_last_error_message` gives.
