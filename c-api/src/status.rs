@@ -33,6 +33,10 @@ pub const KVFERRY_ERR_HUGE_PAGES_UNAVAILABLE: kvferry_status = 101;
 pub const KVFERRY_ERR_PIN_FAILED: kvferry_status = 102;
 pub const KVFERRY_ERR_INVALID_COPY: kvferry_status = 103;
 pub const KVFERRY_ERR_NO_DEVICE: kvferry_status = 104;
+/// No driver for the device kind (the library loads it at run time).
+pub const KVFERRY_ERR_NO_DRIVER: kvferry_status = 105;
+pub const KVFERRY_ERR_DEVICE_CALL_FAILED: kvferry_status = 106;
+pub const KVFERRY_ERR_INVALID_IPC_HANDLE: kvferry_status = 107;
 
 pub const KVFERRY_ERR_LAYOUT_INVALID: kvferry_status = 200;
 pub const KVFERRY_ERR_BLOCK_OUT_OF_RANGE: kvferry_status = 201;
@@ -67,6 +71,15 @@ pub const KVFERRY_ERR_REMOTE_OUT_OF_RANGE: kvferry_status = 511;
 pub const KVFERRY_ERR_REMOTE_ZERO_LENGTH: kvferry_status = 512;
 pub const KVFERRY_ERR_REMOTE_RANGE_OVERFLOW: kvferry_status = 513;
 pub const KVFERRY_ERR_REMOTE_TOO_LARGE: kvferry_status = 514;
+pub const KVFERRY_ERR_FABRIC_REMOTE_ACCESS: kvferry_status = 520;
+pub const KVFERRY_ERR_FABRIC_TRANSFER: kvferry_status = 521;
+pub const KVFERRY_ERR_FABRIC_NO_PROVIDER: kvferry_status = 522;
+pub const KVFERRY_ERR_FABRIC_CALL: kvferry_status = 523;
+pub const KVFERRY_ERR_FABRIC_PROVIDER_MISMATCH: kvferry_status = 524;
+pub const KVFERRY_ERR_SHM_CROSS_MEMORY_REFUSED: kvferry_status = 540;
+pub const KVFERRY_ERR_SHM_MAPPING_FAILED: kvferry_status = 541;
+pub const KVFERRY_ERR_STAGING_FAILED: kvferry_status = 560;
+pub const KVFERRY_ERR_DEVICE_COPY_FAILED: kvferry_status = 561;
 
 pub const KVFERRY_ERR_TIER_BAD_KEY: kvferry_status = 600;
 pub const KVFERRY_ERR_TIER_CONFIG: kvferry_status = 601;
@@ -97,6 +110,9 @@ const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
     (KVFERRY_ERR_PIN_FAILED, "KVFERRY_ERR_PIN_FAILED\0", Some(ErrorCode::PinFailed)),
     (KVFERRY_ERR_INVALID_COPY, "KVFERRY_ERR_INVALID_COPY\0", Some(ErrorCode::InvalidCopy)),
     (KVFERRY_ERR_NO_DEVICE, "KVFERRY_ERR_NO_DEVICE\0", Some(ErrorCode::NoDevice)),
+    (KVFERRY_ERR_NO_DRIVER, "KVFERRY_ERR_NO_DRIVER\0", Some(ErrorCode::NoDriver)),
+    (KVFERRY_ERR_DEVICE_CALL_FAILED, "KVFERRY_ERR_DEVICE_CALL_FAILED\0", Some(ErrorCode::DeviceCallFailed)),
+    (KVFERRY_ERR_INVALID_IPC_HANDLE, "KVFERRY_ERR_INVALID_IPC_HANDLE\0", Some(ErrorCode::InvalidIpcHandle)),
     (KVFERRY_ERR_LAYOUT_INVALID, "KVFERRY_ERR_LAYOUT_INVALID\0", Some(ErrorCode::LayoutInvalid)),
     (KVFERRY_ERR_BLOCK_OUT_OF_RANGE, "KVFERRY_ERR_BLOCK_OUT_OF_RANGE\0", Some(ErrorCode::BlockOutOfRange)),
     (KVFERRY_ERR_LAYOUT_INCOMPATIBLE, "KVFERRY_ERR_LAYOUT_INCOMPATIBLE\0", Some(ErrorCode::LayoutIncompatible)),
@@ -130,6 +146,23 @@ const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
     (KVFERRY_ERR_REMOTE_ZERO_LENGTH, "KVFERRY_ERR_REMOTE_ZERO_LENGTH\0", Some(ErrorCode::RemoteZeroLength)),
     (KVFERRY_ERR_REMOTE_RANGE_OVERFLOW, "KVFERRY_ERR_REMOTE_RANGE_OVERFLOW\0", Some(ErrorCode::RemoteRangeOverflow)),
     (KVFERRY_ERR_REMOTE_TOO_LARGE, "KVFERRY_ERR_REMOTE_TOO_LARGE\0", Some(ErrorCode::RemoteTooLarge)),
+    (KVFERRY_ERR_FABRIC_REMOTE_ACCESS, "KVFERRY_ERR_FABRIC_REMOTE_ACCESS\0", Some(ErrorCode::FabricRemoteAccess)),
+    (KVFERRY_ERR_FABRIC_TRANSFER, "KVFERRY_ERR_FABRIC_TRANSFER\0", Some(ErrorCode::FabricTransfer)),
+    (KVFERRY_ERR_FABRIC_NO_PROVIDER, "KVFERRY_ERR_FABRIC_NO_PROVIDER\0", Some(ErrorCode::FabricNoProvider)),
+    (KVFERRY_ERR_FABRIC_CALL, "KVFERRY_ERR_FABRIC_CALL\0", Some(ErrorCode::FabricCall)),
+    (
+        KVFERRY_ERR_FABRIC_PROVIDER_MISMATCH,
+        "KVFERRY_ERR_FABRIC_PROVIDER_MISMATCH\0",
+        Some(ErrorCode::FabricProviderMismatch),
+    ),
+    (
+        KVFERRY_ERR_SHM_CROSS_MEMORY_REFUSED,
+        "KVFERRY_ERR_SHM_CROSS_MEMORY_REFUSED\0",
+        Some(ErrorCode::ShmCrossMemoryRefused),
+    ),
+    (KVFERRY_ERR_SHM_MAPPING_FAILED, "KVFERRY_ERR_SHM_MAPPING_FAILED\0", Some(ErrorCode::ShmMappingFailed)),
+    (KVFERRY_ERR_STAGING_FAILED, "KVFERRY_ERR_STAGING_FAILED\0", Some(ErrorCode::StagingFailed)),
+    (KVFERRY_ERR_DEVICE_COPY_FAILED, "KVFERRY_ERR_DEVICE_COPY_FAILED\0", Some(ErrorCode::DeviceCopyFailed)),
     (KVFERRY_ERR_TIER_BAD_KEY, "KVFERRY_ERR_TIER_BAD_KEY\0", Some(ErrorCode::TierBadKey)),
     (KVFERRY_ERR_TIER_CONFIG, "KVFERRY_ERR_TIER_CONFIG\0", Some(ErrorCode::TierConfig)),
     (KVFERRY_ERR_TIER_BAD_BLOCK, "KVFERRY_ERR_TIER_BAD_BLOCK\0", Some(ErrorCode::TierBadBlock)),
@@ -258,6 +291,9 @@ mod tests {
             assert!(name.ends_with('\0') && !name[..name.len() - 1].contains('\0'), "{name}");
             let shown = unsafe { CStr::from_ptr(kvferry_status_name(*code)) };
             assert_eq!(shown.to_bytes(), &name.as_bytes()[..name.len() - 1]);
+        }
+        for code in ErrorCode::ALL {
+            assert!(CODES.iter().any(|(_, _, core)| *core == Some(*code)), "{code:?} has no constant in the header");
         }
         let unknown = unsafe { CStr::from_ptr(kvferry_status_name(-17)) };
         assert_eq!(unknown.to_str().unwrap(), "KVFERRY_ERR_UNKNOWN");

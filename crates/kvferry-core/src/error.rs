@@ -60,87 +60,104 @@ impl Error {
     }
 }
 
-/// Stable numeric error codes. Grouped by hundreds: general, memory, layout, metadata, descriptors,
-/// transfers, tier store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-#[non_exhaustive]
-pub enum ErrorCode {
-    InvalidArgument = 1,
-    Unsupported = 2,
-    Io = 3,
+/// Declares [`ErrorCode`] and its list of every code together, so the list cannot miss one.
+macro_rules! error_codes {
+    ($(#[$attr:meta])* pub enum ErrorCode { $($(#[$variant_attr:meta])* $name:ident = $value:literal,)* }) => {
+        $(#[$attr])*
+        pub enum ErrorCode {
+            $($(#[$variant_attr])* $name = $value,)*
+        }
 
-    AllocFailed = 100,
-    HugePagesUnavailable = 101,
-    PinFailed = 102,
-    InvalidCopy = 103,
-    NoDevice = 104,
-    NoDriver = 105,
-    DeviceCallFailed = 106,
-    InvalidIpcHandle = 107,
+        impl ErrorCode {
+            /// Every code, in numeric order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+        }
+    };
+}
 
-    LayoutInvalid = 200,
-    BlockOutOfRange = 201,
-    LayoutIncompatible = 202,
-    LayoutOverflow = 203,
+error_codes! {
+    /// Stable numeric error codes. Grouped by hundreds: general, memory, layout, metadata, descriptors,
+    /// transfers, tier store.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(u32)]
+    #[non_exhaustive]
+    pub enum ErrorCode {
+        InvalidArgument = 1,
+        Unsupported = 2,
+        Io = 3,
 
-    MetadataTruncated = 300,
-    MetadataBadMagic = 301,
-    MetadataVersion = 302,
-    MetadataCorrupt = 303,
-    MetadataMalformed = 304,
+        AllocFailed = 100,
+        HugePagesUnavailable = 101,
+        PinFailed = 102,
+        InvalidCopy = 103,
+        NoDevice = 104,
+        NoDriver = 105,
+        DeviceCallFailed = 106,
+        InvalidIpcHandle = 107,
 
-    NotRegistered = 400,
-    RemoteRegionUnknown = 401,
-    ZeroLength = 402,
-    RangeOverflow = 403,
-    LengthMismatch = 404,
-    UnknownPeer = 405,
-    DescIndexOutOfRange = 406,
-    StaleDescriptors = 407,
-    EmptyTransfer = 408,
-    NoCommonLink = 409,
+        LayoutInvalid = 200,
+        BlockOutOfRange = 201,
+        LayoutIncompatible = 202,
+        LayoutOverflow = 203,
 
-    Timeout = 500,
-    Cancelled = 501,
-    PeerUnreachable = 502,
-    PeerDisconnected = 503,
-    Protocol = 504,
-    RemoteUnknownKey = 510,
-    RemoteOutOfRange = 511,
-    RemoteZeroLength = 512,
-    RemoteRangeOverflow = 513,
-    RemoteTooLarge = 514,
+        MetadataTruncated = 300,
+        MetadataBadMagic = 301,
+        MetadataVersion = 302,
+        MetadataCorrupt = 303,
+        MetadataMalformed = 304,
 
-    /// The target's provider refused a remote access (unknown key or range outside a registration).
-    FabricRemoteAccess = 520,
-    /// A fabric provider failed a transfer for another reason.
-    FabricTransfer = 521,
-    /// No usable libfabric provider (or not the one asked for).
-    FabricNoProvider = 522,
-    /// A libfabric call failed while setting up (domain, endpoint, registration, address vector).
-    FabricCall = 523,
-    /// The peer uses another fabric provider.
-    FabricProviderMismatch = 524,
+        NotRegistered = 400,
+        RemoteRegionUnknown = 401,
+        ZeroLength = 402,
+        RangeOverflow = 403,
+        LengthMismatch = 404,
+        UnknownPeer = 405,
+        DescIndexOutOfRange = 406,
+        StaleDescriptors = 407,
+        EmptyTransfer = 408,
+        NoCommonLink = 409,
 
-    ShmCrossMemoryRefused = 540,
-    ShmMappingFailed = 541,
+        Timeout = 500,
+        Cancelled = 501,
+        PeerUnreachable = 502,
+        PeerDisconnected = 503,
+        Protocol = 504,
+        RemoteUnknownKey = 510,
+        RemoteOutOfRange = 511,
+        RemoteZeroLength = 512,
+        RemoteRangeOverflow = 513,
+        RemoteTooLarge = 514,
 
-    StagingFailed = 560,
-    DeviceCopyFailed = 561,
+        /// The target's provider refused a remote access (unknown key or range outside a registration).
+        FabricRemoteAccess = 520,
+        /// A fabric provider failed a transfer for another reason.
+        FabricTransfer = 521,
+        /// No usable libfabric provider (or not the one asked for).
+        FabricNoProvider = 522,
+        /// A libfabric call failed while setting up (domain, endpoint, registration, address vector).
+        FabricCall = 523,
+        /// The peer uses another fabric provider.
+        FabricProviderMismatch = 524,
 
-    TierBadKey = 600,
-    TierConfig = 601,
-    TierBadBlock = 602,
-    TierDiskUnavailable = 603,
-    TierDiskFull = 604,
-    TierIndexCorrupt = 605,
-    TierIndexMismatch = 606,
-    TierBlockCorrupt = 607,
-    TierNotCached = 608,
-    TierNoRoom = 609,
-    TierDiskIo = 610,
-    TierClosed = 611,
+        ShmCrossMemoryRefused = 540,
+        ShmMappingFailed = 541,
+
+        StagingFailed = 560,
+        DeviceCopyFailed = 561,
+
+        TierBadKey = 600,
+        TierConfig = 601,
+        TierBadBlock = 602,
+        TierDiskUnavailable = 603,
+        TierDiskFull = 604,
+        TierIndexCorrupt = 605,
+        TierIndexMismatch = 606,
+        TierBlockCorrupt = 607,
+        TierNotCached = 608,
+        TierNoRoom = 609,
+        TierDiskIo = 610,
+        TierClosed = 611,
+    }
 }
 
 impl ErrorCode {
