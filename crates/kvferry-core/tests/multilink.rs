@@ -247,10 +247,14 @@ fn gpu_memory_goes_over_tcp_staging_while_host_memory_takes_shm() {
     assert_eq!(block_of(&remote_host, 5), block_of(&local_host, 2));
 }
 
-/// Threads of this process whose (15-byte) name is `name`.
+/// Threads of this process whose (15-byte) name is `name`. Threads of other tests come and go
+/// meanwhile: one that exits before its name is read does not count.
 fn threads_named(name: &str) -> usize {
     let tasks = std::fs::read_dir("/proc/self/task").unwrap();
-    tasks.filter(|t| std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap().trim() == name).count()
+    tasks
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|comm| comm.trim() == name))
+        .count()
 }
 
 #[test]
