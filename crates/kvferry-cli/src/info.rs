@@ -128,9 +128,13 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
             );
         }
     }
-    for p in report["fabric_providers"].as_array().into_iter().flatten() {
+    let providers = report["fabric_providers"].as_array().into_iter().flatten();
+    for (i, p) in providers.enumerate() {
+        if i == 0 {
+            println!("fabric providers:");
+        }
         println!(
-            "  fabric provider {:<14} fabric {:<16} domain {:<10} caps {:<28} mr_mode {}",
+            "  {:<14} fabric {:<16} domain {:<10} caps {:<28} mr_mode {}",
             p["provider"].as_str().unwrap_or_default(),
             p["fabric"].as_str().unwrap_or_default(),
             p["domain"].as_str().unwrap_or_default(),
