@@ -483,6 +483,22 @@ mod fabric {
         AgentConfig { tcp: None, shm: None, fabric: Some(fabric), ..AgentConfig::new(name) }
     }
 
+    #[test]
+    fn info_lists_the_libfabric_providers_and_their_memory_registration_modes() {
+        let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let providers = v["fabric_providers"].as_array().expect("a provider list");
+        let named =
+            |name: &str| providers.iter().find(|p| p["provider"] == name).unwrap_or_else(|| panic!("{name} in {v}"));
+        assert!(named("shm")["mr_mode"].as_array().unwrap().iter().any(|m| m == "virt_addr"), "{v}");
+        for name in ["tcp;ofi_rxm", "shm"] {
+            let caps = named(name)["caps"].as_array().unwrap();
+            assert!(caps.iter().any(|c| c == "rma") && caps.iter().any(|c| c == "msg"), "{name}: {caps:?}");
+        }
+        let fabric = v["transports"].as_array().unwrap().iter().find(|t| t["name"] == "fabric").unwrap();
+        assert_eq!(fabric["available"], true, "{fabric}");
+    }
+
     fn serve(buffer_size: &str, fill_seed: u64, provider: &str) -> Served {
         Served::start_with(buffer_size, fill_seed, &["--transport", "fabric", "--provider", provider])
     }
