@@ -705,7 +705,7 @@ impl Shared {
             })
             .collect();
         let mut verified: Vec<std::result::Result<(), TierError>> = vec![Ok(()); claimed.len()];
-        ring.run(Direction::Read, &ops, &mut |_| {}, &mut |i, read| {
+        ring.run(Direction::Read, &ops, &mut |i, read| {
             let (key, index) = claimed[i];
             verified[i] = read
                 .map_err(|e| TierError::DiskIo { op: format!("reading block {key}"), cause: e.to_string() })
@@ -841,21 +841,20 @@ impl Shared {
                 offset: w.disk_slot as u64 * self.block_size as u64,
             })
             .collect();
-        let mut checksums = vec![0u64; writes.len()];
-        let mut results: Vec<std::io::Result<()>> = (0..writes.len()).map(|_| Ok(())).collect();
-        ring.run(
-            Direction::Write,
-            &ops,
-            &mut |i| {
+        let mut results: Vec<std::io::Result<u64>> = (0..writes.len()).map(|_| Ok(0)).collect();
+        // Each slab is hashed once its write is done, while the writes that replaced it are in
+        // flight: hashing before submitting left the device idle while the ring hashed a whole
+        // batch of completions (they arrive together). Records come after all writes regardless.
+        ring.run(Direction::Write, &ops, &mut |i, written| {
+            results[i] = written.map(|()| {
                 // SAFETY: the slab is pinned by the eviction and holds a published block, which no one
-                // writes while it is pinned.
+                // writes while it is pinned, so these are the bytes just written.
                 let bytes =
                     unsafe { std::slice::from_raw_parts(self.slab(writes[i].host_slot) as *const u8, self.block_size) };
-                checksums[i] = xxh3_64(bytes);
-            },
-            &mut |i, result| results[i] = result,
-        );
-        writes.into_iter().zip(results.into_iter().zip(checksums)).map(|(w, (r, sum))| (w, r.map(|()| sum))).collect()
+                xxh3_64(bytes)
+            });
+        });
+        writes.into_iter().zip(results).collect()
     }
 
     /// Record what was written, then release the victims: each one no one else pinned meanwhile

@@ -96,35 +96,23 @@ impl Ring {
         (Ring { ring: Some(ring), depth, fd, fixed_file, fixed_buffers }, refused)
     }
 
-    /// Run every op, keeping up to `depth` in flight. `prepare(i)` runs once before op `i` is first
-    /// submitted and `complete(i, outcome)` once when it is done; both run while other ops are in
-    /// flight where there are any, so that per-block CPU work (checksums, copies) overlaps the i/o
-    /// instead of adding to it. A short transfer is continued from where it stopped; reading past the
-    /// end of the file is an error.
-    pub(crate) fn run(
-        &mut self,
-        direction: Direction,
-        ops: &[IoOp],
-        prepare: &mut dyn FnMut(usize),
-        complete: &mut dyn FnMut(usize, io::Result<()>),
-    ) {
+    /// Run every op, keeping up to `depth` in flight. `complete(i, outcome)` runs once when op `i`
+    /// is done, right after the ops that take its place are submitted, so that per-block CPU work
+    /// (checksums, copies) overlaps the i/o instead of delaying it. A short transfer is continued
+    /// from where it stopped; reading past the end of the file is an error.
+    pub(crate) fn run(&mut self, direction: Direction, ops: &[IoOp], complete: &mut dyn FnMut(usize, io::Result<()>)) {
         let Some(ring) = &mut self.ring else {
-            return run_blocking(self.fd, direction, ops, prepare, complete);
+            return run_blocking(self.fd, direction, ops, complete);
         };
         let mut remaining: Vec<IoOp> = ops.to_vec();
-        // Ops to (re)submit, as indices into `remaining`; ops below `prepared` have been prepared.
+        // Ops to (re)submit, as indices into `remaining`.
         let mut pending: VecDeque<usize> = (0..ops.len()).collect();
-        let mut prepared = 0;
         let mut done: Vec<(usize, io::Result<()>)> = Vec::new();
         let mut reported = vec![false; ops.len()];
         let mut in_flight = 0;
         loop {
             while in_flight < self.depth {
                 let Some(&index) = pending.front() else { break };
-                if index >= prepared {
-                    prepare(index);
-                    prepared = index + 1;
-                }
                 let entry =
                     entry(self.fd, self.fixed_file, &self.fixed_buffers, direction, &remaining[index], index as u64);
                 // SAFETY: the buffer lies in the arena, which outlives this call; the ring has room
@@ -136,13 +124,6 @@ impl Ring {
                 in_flight += 1;
             }
             let submitted = ring.submit();
-            // While the device works: the next op's preparation and the last completions' work.
-            if let Some(&next) = pending.front()
-                && next >= prepared
-            {
-                prepare(next);
-                prepared = next + 1;
-            }
             for (index, outcome) in done.drain(..) {
                 reported[index] = true;
                 complete(index, outcome);
@@ -220,15 +201,8 @@ fn early_end() -> io::Error {
 }
 
 /// `Ring::run` without io_uring: one op at a time.
-fn run_blocking(
-    fd: RawFd,
-    direction: Direction,
-    ops: &[IoOp],
-    prepare: &mut dyn FnMut(usize),
-    complete: &mut dyn FnMut(usize, io::Result<()>),
-) {
+fn run_blocking(fd: RawFd, direction: Direction, ops: &[IoOp], complete: &mut dyn FnMut(usize, io::Result<()>)) {
     for (index, op) in ops.iter().enumerate() {
-        prepare(index);
         let mut moved = 0;
         let outcome = loop {
             if moved == op.len {
@@ -267,8 +241,8 @@ mod tests {
 
     const BLOCK: usize = 4096;
 
-    /// Write three blocks and read them back through `run`, counting the callbacks; a read past the
-    /// end of the file fails.
+    /// Write three blocks and read them back through `run`, each reported once; a read past the end
+    /// of the file fails.
     fn round_trip(make_ring: impl Fn(RawFd, &HostBuffer) -> Ring) {
         let path = std::env::temp_dir().join(format!(
             "kvferry-uring-{}-{:?}",
@@ -284,9 +258,8 @@ mod tests {
         let base = arena.as_ptr() as usize;
         let writes: Vec<IoOp> =
             (0..3).map(|i| IoOp { addr: base + i * BLOCK, len: BLOCK, offset: ((2 - i) * BLOCK) as u64 }).collect();
-        let (mut prepared, mut completed) = (vec![], vec![]);
-        ring.run(Direction::Write, &writes, &mut |i| prepared.push(i), &mut |i, r| completed.push((i, r.is_ok())));
-        assert_eq!(prepared, [0, 1, 2]);
+        let mut completed = vec![];
+        ring.run(Direction::Write, &writes, &mut |i, r| completed.push((i, r.is_ok())));
         completed.sort();
         assert_eq!(completed, [(0, true), (1, true), (2, true)]);
 
@@ -294,14 +267,14 @@ mod tests {
             .map(|i| IoOp { addr: base + (3 + i.min(2)) * BLOCK, len: BLOCK, offset: (i * BLOCK) as u64 })
             .collect();
         let mut outcomes = [None; 4];
-        ring.run(Direction::Read, &reads[..3], &mut |_| {}, &mut |i, r| outcomes[i] = Some(r.is_ok()));
+        ring.run(Direction::Read, &reads[..3], &mut |i, r| outcomes[i] = Some(r.is_ok()));
         assert_eq!(outcomes[..3], [Some(true); 3]);
         let bytes = arena.to_vec();
         for i in 0..3 {
             assert!(bytes[(3 + i) * BLOCK..(4 + i) * BLOCK].iter().all(|&b| b == 3 - i as u8), "block {i}");
         }
         let mut past_end = None;
-        ring.run(Direction::Read, &reads[3..], &mut |_| {}, &mut |_, r| past_end = Some(r));
+        ring.run(Direction::Read, &reads[3..], &mut |_, r| past_end = Some(r));
         assert_eq!(past_end.unwrap().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         std::fs::remove_file(path).unwrap();
     }
