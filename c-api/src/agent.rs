@@ -199,11 +199,10 @@ pub unsafe extern "C" fn kvferry_notification_take(
             }
             if let Some(next) = pending.front() {
                 let (from_needed, data_needed) = (next.from.len() + 1, next.data.len());
-                if from.check(from_needed).is_err() || data.check(data_needed).is_err() {
-                    let too_small = from.check(from_needed).and(data.check(data_needed));
+                if let Err(too_small) = from.check(from_needed).and(data.check(data_needed)) {
                     from.report_needed(from_needed);
                     data.report_needed(data_needed);
-                    return too_small;
+                    return Err(too_small);
                 }
                 let next = pending.pop_front().expect("checked above");
                 from.fill(next.from.as_bytes(), true)?;
