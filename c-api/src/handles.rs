@@ -76,6 +76,11 @@ fn invalid<H: Handle>(handle: H) -> Failure {
     )
 }
 
+/// The entry of `handle`, if it is live and of its kind.
+fn entry<H: Handle>(table: &HashMap<u64, Entry>, handle: H) -> CResult<&Entry> {
+    table.get(&handle.id()).filter(|e| e.kind == H::KIND).ok_or_else(|| invalid(handle))
+}
+
 /// Register a new root object.
 pub(crate) fn insert_root<H: Handle>(object: Arc<H::Object>) -> H {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -87,9 +92,7 @@ pub(crate) fn insert_root<H: Handle>(object: Arc<H::Object>) -> H {
 /// outlives its root.
 pub(crate) fn insert<H: Handle, R: Handle>(root: R, object: Arc<H::Object>) -> CResult<H> {
     let mut table = write();
-    if table.get(&root.id()).is_none_or(|e| e.kind != R::KIND) {
-        return Err(invalid(root));
-    }
+    entry(&table, root)?;
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     table.insert(id, Entry { kind: H::KIND, root: root.id(), object });
     Ok(H::from_id(id))
@@ -98,7 +101,7 @@ pub(crate) fn insert<H: Handle, R: Handle>(root: R, object: Arc<H::Object>) -> C
 /// The object behind a handle and the id of the root it was made from.
 pub(crate) fn lookup<H: Handle>(handle: H) -> CResult<(Arc<H::Object>, u64)> {
     let table = read();
-    let entry = table.get(&handle.id()).filter(|e| e.kind == H::KIND).ok_or_else(|| invalid(handle))?;
+    let entry = entry(&table, handle)?;
     let object = entry.object.clone().downcast::<H::Object>().map_err(|_| invalid(handle))?;
     Ok((object, entry.root))
 }
@@ -110,10 +113,7 @@ pub(crate) fn get<H: Handle>(handle: H) -> CResult<Arc<H::Object>> {
 /// Take a handle out of the table; the caller drops the object (outside the lock).
 pub(crate) fn remove<H: Handle>(handle: H) -> CResult<Arc<H::Object>> {
     let mut table = write();
-    match table.get(&handle.id()) {
-        Some(e) if e.kind == H::KIND => {}
-        _ => return Err(invalid(handle)),
-    }
+    entry(&table, handle)?;
     let entry = table.remove(&handle.id()).expect("checked above");
     entry.object.downcast::<H::Object>().map_err(|_| invalid(handle))
 }
@@ -122,12 +122,9 @@ pub(crate) fn remove<H: Handle>(handle: H) -> CResult<Arc<H::Object>> {
 /// (the root last).
 pub(crate) fn remove_root<H: Handle>(root: H) -> CResult<Vec<(Kind, Arc<dyn Any + Send + Sync>)>> {
     let mut table = write();
-    if table.get(&root.id()).is_none_or(|e| e.kind != H::KIND) {
-        return Err(invalid(root));
-    }
-    let ids: Vec<u64> = table.iter().filter(|(_, e)| e.root == root.id()).map(|(id, _)| *id).collect();
+    entry(&table, root)?;
     let mut removed: Vec<(Kind, Arc<dyn Any + Send + Sync>)> =
-        ids.iter().filter_map(|id| table.remove(id)).map(|e| (e.kind, e.object)).collect();
+        table.extract_if(|_, e| e.root == root.id()).map(|(_, e)| (e.kind, e.object)).collect();
     removed.sort_by_key(|(kind, _)| *kind);
     Ok(removed)
 }
