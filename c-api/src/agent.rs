@@ -135,7 +135,7 @@ pub unsafe extern "C" fn kvferry_agent_metadata(
     guard(|| {
         let out = unsafe { OutBuf::new(buf, capacity, len, "the metadata buffer") }?;
         let state = handles::get(agent)?;
-        out.fill(&state.agent.metadata(), false)
+        out.fill_items(&state.agent.metadata())
     })
 }
 
@@ -205,8 +205,8 @@ pub unsafe extern "C" fn kvferry_notification_take(
                     return Err(too_small);
                 }
                 let next = pending.pop_front().expect("checked above");
-                from.fill(next.from.as_bytes(), true)?;
-                return data.fill(&next.data, false);
+                from.fill_c_str(&next.from)?;
+                return data.fill_items(&next.data);
             }
             if deadline.expired() {
                 return Err(Failure::new(

@@ -190,12 +190,10 @@ impl<T: Copy> OutBuf<T> {
 }
 
 impl OutBuf<u8> {
-    /// Store `bytes`, followed by a NUL when `nul` (not counted in the stored length). When they do
-    /// not fit, only the required capacity is stored, in the length output.
-    pub fn fill(self, bytes: &[u8], nul: bool) -> CResult {
-        if !nul {
-            return self.fill_items(bytes);
-        }
+    /// Store `text` followed by a NUL (not counted in the stored length). When they do not fit,
+    /// only the required capacity (NUL included) is stored, in the length output.
+    pub fn fill_c_str(self, text: &str) -> CResult {
+        let bytes = text.as_bytes();
         let needed = bytes.len() + 1;
         if let Err(too_small) = self.check(needed) {
             self.len.set(needed);

@@ -115,7 +115,7 @@ pub unsafe extern "C" fn kvferry_peer_name(
 ) -> kvferry_status {
     guard(|| {
         let out = unsafe { OutBuf::new(buf.cast(), capacity, len, "the name buffer") }?;
-        out.fill(handles::get(peer)?.name.as_bytes(), true)
+        out.fill_c_str(&handles::get(peer)?.name)
     })
 }
 
