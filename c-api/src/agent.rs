@@ -44,10 +44,7 @@ fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
     let mut shm_enabled = true;
     for option in options {
         // Sockets refuse a zero timeout, so zero would fail every connection later.
-        let millis = || match option.number("a positive number of milliseconds")? {
-            0 => Err(option.bad("a positive number of milliseconds")),
-            ms => Ok(ms),
-        };
+        let millis = || option.positive("a positive number of milliseconds");
         match option.key {
             "tcp" => tcp_enabled = option.switch()?,
             "shm" => shm_enabled = option.switch()?,

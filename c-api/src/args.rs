@@ -63,6 +63,14 @@ impl<'a> KeyValue<'a> {
         self.value.parse::<u64>().map_err(|_| self.bad(expected))
     }
 
+    /// A number other than 0.
+    pub fn positive(&self, expected: &str) -> CResult<u64> {
+        match self.number(expected)? {
+            0 => Err(self.bad(expected)),
+            n => Ok(n),
+        }
+    }
+
     pub fn switch(&self) -> CResult<bool> {
         match self.value {
             "on" | "1" | "true" => Ok(true),

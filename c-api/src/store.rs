@@ -216,14 +216,10 @@ fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
     let mut disk = DiskConfig::new("", 0);
     let mut events = false;
     for option in options {
-        let positive = |expected: &str| match option.number(expected)? {
-            0 => Err(option.bad(expected)),
-            n => Ok(n),
-        };
-        let count = |expected: &str| usize::try_from(positive(expected)?).map_err(|_| option.bad(expected));
+        let count = |expected: &str| usize::try_from(option.positive(expected)?).map_err(|_| option.bad(expected));
         match option.key {
             "block_size" => block_size = Some(count("a positive byte count")?),
-            "host_capacity" => host_capacity = Some(positive("a positive byte count")?),
+            "host_capacity" => host_capacity = Some(option.positive("a positive byte count")?),
             "policy" => {
                 config.policy = match option.value {
                     "lru" => EvictionPolicy::Lru,
@@ -236,7 +232,7 @@ fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
             "events" => events = option.switch()?,
             "disk.dir" if option.value.is_empty() => return Err(option.bad("a directory")),
             "disk.dir" => disk_dir = Some(PathBuf::from(option.value)),
-            "disk.capacity" => disk_capacity = Some(positive("a positive byte count")?),
+            "disk.capacity" => disk_capacity = Some(option.positive("a positive byte count")?),
             "disk.queue_depth" => disk.queue_depth = count("a positive queue depth")?,
             "disk.admit_after" => {
                 disk.admit_after = u8::try_from(option.number("a count from 0 to 255")?)
