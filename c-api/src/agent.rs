@@ -65,7 +65,7 @@ fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
         }
     }
     let defaults = AgentConfig::new(name);
-    Ok(AgentConfig { tcp: tcp_enabled.then_some(tcp), shm: defaults.shm.clone().filter(|_| shm_enabled), ..defaults })
+    Ok(AgentConfig { tcp: tcp_enabled.then_some(tcp), shm: defaults.shm.filter(|_| shm_enabled), ..defaults })
 }
 
 /// Create an agent named `name` (unique among the agents that talk to each other).
