@@ -14,7 +14,7 @@ source c-api/bench/prepare.sh store
 for round in $(seq "$rounds"); do
     echo "round $round, load average $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "Rust:"
-    target/release/kvferry bench tier --tiers host --block-sizes 64K,1M --bytes "${mib}M" --repeats 5
+    "$kvferry" bench tier --tiers host --block-sizes 64K,1M --bytes "${mib}M" --repeats 5
     echo "C:"
     "$out/store" "$mib" 5
 done

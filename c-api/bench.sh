@@ -13,7 +13,7 @@ rounds=${2:-3}
 source c-api/bench/prepare.sh post
 
 for round in $(seq "$rounds"); do
-    target/release/kvferry bench --streams 2 --block-sizes 4K,16K,1M --batch-sizes 1,64 --min-time "$secs" \
+    "$kvferry" bench --streams 2 --block-sizes 4K,16K,1M --batch-sizes 1,64 --min-time "$secs" \
         --json >"$out/rust.$round.json"
     "$out/post" "$secs" >"$out/c.$round.json"
 done
