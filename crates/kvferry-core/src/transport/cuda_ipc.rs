@@ -23,6 +23,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::cuda::CudaDevice;
 use crate::memory::{CopyFence, CopyOp, Device, IpcHandle, MemKind, MemRegion, Memory};
+use crate::transport::shm::boot_id;
 use crate::transport::staging::ABANDON_AFTER;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{
@@ -55,7 +56,8 @@ impl CudaIpcTransport {
     pub fn start(local_name: &str, config: CudaIpcConfig, notifications: Arc<NotificationQueue>) -> Result<Self> {
         let loopback = TcpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..TcpConfig::default() };
         let notifier = TcpTransport::start(local_name, loopback, notifications)?;
-        let host_id = host_id()?;
+        // This boot of this host: processes that share it can open each other's IPC handles.
+        let host_id = boot_id()?;
         let address = format!("{host_id}@{}", notifier.endpoint().address);
         Ok(CudaIpcTransport {
             device: config.device,
@@ -64,13 +66,6 @@ impl CudaIpcTransport {
             notifier,
         })
     }
-}
-
-/// This boot of this host: processes that share it can open each other's IPC handles.
-pub(crate) fn host_id() -> Result<String> {
-    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map_err(|e| Error::io("reading the boot id from /proc/sys/kernel/random/boot_id", e))?;
-    Ok(id.trim().to_string())
 }
 
 /// Splits a `host-id@notifier` endpoint address.
@@ -253,8 +248,8 @@ mod tests {
 
     #[test]
     fn endpoints_name_this_boot_of_this_host() {
-        let id = host_id().unwrap();
-        assert_eq!(id, host_id().unwrap(), "stable within a boot");
+        let id = boot_id().unwrap();
+        assert_eq!(id, boot_id().unwrap(), "stable within a boot");
         assert!(id.len() >= 32, "{id}");
         assert_eq!(parse_address(&format!("{id}@127.0.0.1:9")).unwrap(), (id.as_str(), "127.0.0.1:9"));
         for bad in ["", "@", "no-separator", "@127.0.0.1:9", "host@"] {
