@@ -147,10 +147,10 @@ struct CudaIpcLink {
 }
 
 impl CudaIpcLink {
-    /// Where `len` bytes at the peer's `addr` in region `index` are mapped in this process.
-    fn mapped(&self, index: u32, addr: u64, len: u64, op: Op) -> Result<u64> {
+    /// Where `len` bytes at the peer's `addr` in region `index` are mapped in this process;
+    /// `regions` is the locked [`regions`](Self::regions).
+    fn mapped(&self, regions: &mut [PeerRegion], index: u32, addr: u64, len: u64, op: Op) -> Result<u64> {
         let rejected = |reason| Error::from(TransferError::Rejected { peer: self.peer.clone(), op, index, reason });
-        let mut regions = self.regions.lock().unwrap();
         let (remote, mapping) = regions.get_mut(index as usize).ok_or_else(|| rejected(RejectReason::UnknownKey))?;
         if remote.key.is_empty() {
             return Err(rejected(RejectReason::UnknownKey));
@@ -174,13 +174,15 @@ impl PeerLink for CudaIpcLink {
     fn post(&self, batch: Batch) -> Result<()> {
         let op = batch.completion.op();
         let mut copies = Vec::with_capacity(batch.ops.len());
+        let mut regions = self.regions.lock().unwrap();
         for x in &batch.ops {
-            let remote = self.mapped(x.remote_region, x.remote_addr, x.len, op)?;
+            let remote = self.mapped(&mut regions, x.remote_region, x.remote_addr, x.len, op)?;
             copies.push(match op {
                 Op::Read => CopyOp { src: remote, dst: x.local_addr, len: x.len },
                 Op::Write | Op::Notify => CopyOp { src: x.local_addr, dst: remote, len: x.len },
             });
         }
+        drop(regions);
         batch.completion.set_parts(1);
         let fence = match copies.is_empty() {
             true => None,
