@@ -21,6 +21,18 @@ pub const IPC_HANDLE_LEN: usize = 64;
 /// Exported handle bytes: vendor handle | offset of the region in its allocation (u64 LE).
 const EXPORTED_LEN: usize = IPC_HANDLE_LEN + 8;
 
+/// `NoDevice` unless `ordinal` names one of the `count` devices of `kind` (`cuda`, `rocm`) present.
+pub(crate) fn check_ordinal(kind: &str, ordinal: u32, count: u32) -> Result<()> {
+    if ordinal >= count {
+        return Err(MemoryError::NoDevice {
+            kind: kind.into(),
+            reason: format!("ordinal {ordinal} asked for, {count} device(s) present"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// The driver calls a GPU [`Device`] needs. Implemented for CUDA and HIP; every call is made with
 /// the device's context bound to the calling thread (`bind` first).
 pub trait GpuRuntime: Send + Sync + 'static {
