@@ -272,16 +272,7 @@ impl KvLayout {
         remote.validate()?;
         local.check_selection(local_sel)?;
         remote.check_selection(remote_sel)?;
-        for (what, l, r) in [
-            ("block_size", local.block_size, remote.block_size),
-            ("head_size", local.head_size, remote.head_size),
-            ("dtype_bytes", local.dtype_bytes, remote.dtype_bytes),
-            ("kv_planes", local.kv_planes, remote.kv_planes),
-        ] {
-            if l != r {
-                return Err(incompatible(what, l, r));
-            }
-        }
+        local.check_same_block_shape(remote)?;
         for (what, l, r) in [
             ("selected block count", local_sel.blocks.len(), remote_sel.blocks.len()),
             ("selected layer count", local_sel.layers.len(), remote_sel.layers.len()),
@@ -298,12 +289,21 @@ impl KvLayout {
     /// Checks that blocks of `self` and `other` hold the same data: same block_size, head_size,
     /// dtype_bytes, kv_planes and num_layers.
     pub fn check_compatible(&self, other: &KvLayout) -> Result<()> {
+        self.check_same_block_shape(other)?;
+        if self.num_layers != other.num_layers {
+            return Err(incompatible("num_layers", self.num_layers, other.num_layers));
+        }
+        Ok(())
+    }
+
+    /// Checks that one layer of a block has the same shape per head on both sides:
+    /// same block_size, head_size, dtype_bytes and kv_planes.
+    fn check_same_block_shape(&self, other: &KvLayout) -> Result<()> {
         for (what, a, b) in [
             ("block_size", self.block_size, other.block_size),
             ("head_size", self.head_size, other.head_size),
             ("dtype_bytes", self.dtype_bytes, other.dtype_bytes),
             ("kv_planes", self.kv_planes, other.kv_planes),
-            ("num_layers", self.num_layers, other.num_layers),
         ] {
             if a != b {
                 return Err(incompatible(what, a, b));

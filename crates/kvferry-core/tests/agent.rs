@@ -7,7 +7,7 @@ use kvferry_core::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{
-    Agent, AgentConfig, Deadline, Error, ErrorCode, MemKind, MemRegion, PreparedDescs, TransferRequest, TransferStatus,
+    Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion, PreparedDescs, TransferRequest, TransferStatus,
 };
 
 const BLOCK: usize = 4096;
@@ -138,10 +138,6 @@ fn notifications_arrive_after_the_data() {
     assert!(p.target.take_notifications().is_empty());
 }
 
-fn code(e: Error) -> ErrorCode {
-    e.code()
-}
-
 #[test]
 fn descriptor_errors_are_distinct_and_local() {
     let p = pair();
@@ -157,7 +153,7 @@ fn descriptor_errors_are_distinct_and_local() {
         (p.initiator.prepare_remote("nobody", &blocks(&p.remote_buf)).unwrap_err(), ErrorCode::UnknownPeer),
     ];
     for (err, expected) in cases {
-        assert_eq!(code(err.clone()), expected, "{err}");
+        assert_eq!(err.code(), expected, "{err}");
     }
     let e = p.initiator.read(&p.local, &[0], &p.remote, &[BLOCKS], soon()).err().unwrap();
     assert_eq!(e.code(), ErrorCode::DescIndexOutOfRange);

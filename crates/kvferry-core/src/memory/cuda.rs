@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use cudarc::driver::sys::{self, CUresult};
 
 use super::dynlib::DynLib;
-use super::gpu::{GpuDevice, GpuRuntime, IPC_HANDLE_LEN};
+use super::gpu::{GpuDevice, GpuRuntime, IPC_HANDLE_LEN, check_ordinal};
 use crate::error::{Error, Result};
 use crate::memory::{CopyOp, MemKind, MemoryError};
 
@@ -86,13 +86,7 @@ impl CudaDevice {
     pub fn open(ordinal: u32) -> Result<CudaDevice> {
         let lib = driver()?;
         let count = device_count()?;
-        if ordinal >= count {
-            return Err(MemoryError::NoDevice {
-                kind: "cuda".into(),
-                reason: format!("ordinal {ordinal} asked for, {count} device(s) present"),
-            }
-            .into());
-        }
+        check_ordinal("cuda", ordinal, count)?;
         let name = format!("cuda:{ordinal}");
         let mut device = 0;
         let mut context = std::ptr::null_mut();

@@ -21,6 +21,18 @@ pub const IPC_HANDLE_LEN: usize = 64;
 /// Exported handle bytes: vendor handle | offset of the region in its allocation (u64 LE).
 const EXPORTED_LEN: usize = IPC_HANDLE_LEN + 8;
 
+/// `NoDevice` unless `ordinal` names one of the `count` devices of `kind` (`cuda`, `rocm`) present.
+pub(crate) fn check_ordinal(kind: &str, ordinal: u32, count: u32) -> Result<()> {
+    if ordinal >= count {
+        return Err(MemoryError::NoDevice {
+            kind: kind.into(),
+            reason: format!("ordinal {ordinal} asked for, {count} device(s) present"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// The driver calls a GPU [`Device`] needs. Implemented for CUDA and HIP; every call is made with
 /// the device's context bound to the calling thread (`bind` first).
 pub trait GpuRuntime: Send + Sync + 'static {
@@ -97,6 +109,11 @@ impl<R: GpuRuntime> GpuDevice<R> {
     /// pointer), checking with the driver that they lie inside one allocation of this device. The
     /// result can be registered with [`Agent::register_raw`](crate::Agent::register_raw).
     pub fn region_of(&self, addr: u64, len: u64) -> Result<MemRegion> {
+        self.allocation_of(addr, len).map(|(region, _)| region)
+    }
+
+    /// As [`region_of`](Self::region_of), with the base address of the allocation holding it.
+    fn allocation_of(&self, addr: u64, len: u64) -> Result<(MemRegion, u64)> {
         self.runtime.bind()?;
         let (base, size) = self.runtime.address_range(addr)?;
         let region = MemRegion { addr, len, kind: self.runtime.kind() };
@@ -107,7 +124,7 @@ impl<R: GpuRuntime> GpuDevice<R> {
                 region.kind
             )));
         }
-        Ok(region)
+        Ok((region, base))
     }
 
     /// Copy a batch and wait for it; a convenience for setup code and tests.
@@ -173,8 +190,7 @@ impl<R: GpuRuntime> Device for GpuDevice<R> {
         if region.kind != self.kind() {
             return Err(Error::InvalidArgument(format!("cannot export {} memory from {}", region.kind, self.kind())));
         }
-        let checked = self.region_of(region.addr, region.len)?;
-        let (base, _) = self.runtime.address_range(checked.addr)?;
+        let (_, base) = self.allocation_of(region.addr, region.len)?;
         let handle = self.runtime.ipc_get(base)?;
         let mut bytes = Vec::with_capacity(EXPORTED_LEN);
         bytes.extend_from_slice(&handle);

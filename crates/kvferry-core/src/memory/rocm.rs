@@ -10,7 +10,7 @@ use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
 use std::sync::OnceLock;
 
 use super::dynlib::DynLib;
-use super::gpu::{GpuDevice, GpuRuntime, IPC_HANDLE_LEN};
+use super::gpu::{GpuDevice, GpuRuntime, IPC_HANDLE_LEN, check_ordinal};
 use crate::error::{Error, Result};
 use crate::memory::{CopyOp, MemKind, MemoryError};
 
@@ -132,13 +132,7 @@ impl RocmDevice {
     /// Open GPU `ordinal` and create the device's copy stream.
     pub fn open(ordinal: u32) -> Result<RocmDevice> {
         let (api, count) = runtime_api()?;
-        if ordinal >= count {
-            return Err(MemoryError::NoDevice {
-                kind: "rocm".into(),
-                reason: format!("ordinal {ordinal} asked for, {count} device(s) present"),
-            }
-            .into());
-        }
+        check_ordinal("rocm", ordinal, count)?;
         let mut runtime = RocmRuntime { api, ordinal, stream: std::ptr::null_mut() };
         runtime.bind()?;
         // SAFETY: valid out-pointer; on failure `runtime` drops with a null stream.

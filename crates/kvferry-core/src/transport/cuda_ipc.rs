@@ -23,6 +23,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::cuda::CudaDevice;
 use crate::memory::{CopyFence, CopyOp, Device, IpcHandle, MemKind, MemRegion, Memory};
+use crate::transport::shm::boot_id;
 use crate::transport::staging::ABANDON_AFTER;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{
@@ -55,7 +56,8 @@ impl CudaIpcTransport {
     pub fn start(local_name: &str, config: CudaIpcConfig, notifications: Arc<NotificationQueue>) -> Result<Self> {
         let loopback = TcpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..TcpConfig::default() };
         let notifier = TcpTransport::start(local_name, loopback, notifications)?;
-        let host_id = host_id()?;
+        // This boot of this host: processes that share it can open each other's IPC handles.
+        let host_id = boot_id()?;
         let address = format!("{host_id}@{}", notifier.endpoint().address);
         Ok(CudaIpcTransport {
             device: config.device,
@@ -64,13 +66,6 @@ impl CudaIpcTransport {
             notifier,
         })
     }
-}
-
-/// This boot of this host: processes that share it can open each other's IPC handles.
-pub(crate) fn host_id() -> Result<String> {
-    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map_err(|e| Error::io("reading the boot id from /proc/sys/kernel/random/boot_id", e))?;
-    Ok(id.trim().to_string())
 }
 
 /// Splits a `host-id@notifier` endpoint address.
@@ -152,10 +147,10 @@ struct CudaIpcLink {
 }
 
 impl CudaIpcLink {
-    /// Where `len` bytes at the peer's `addr` in region `index` are mapped in this process.
-    fn mapped(&self, index: u32, addr: u64, len: u64, op: Op) -> Result<u64> {
+    /// Where `len` bytes at the peer's `addr` in region `index` are mapped in this process;
+    /// `regions` is the locked [`regions`](Self::regions).
+    fn mapped(&self, regions: &mut [PeerRegion], index: u32, addr: u64, len: u64, op: Op) -> Result<u64> {
         let rejected = |reason| Error::from(TransferError::Rejected { peer: self.peer.clone(), op, index, reason });
-        let mut regions = self.regions.lock().unwrap();
         let (remote, mapping) = regions.get_mut(index as usize).ok_or_else(|| rejected(RejectReason::UnknownKey))?;
         if remote.key.is_empty() {
             return Err(rejected(RejectReason::UnknownKey));
@@ -179,13 +174,15 @@ impl PeerLink for CudaIpcLink {
     fn post(&self, batch: Batch) -> Result<()> {
         let op = batch.completion.op();
         let mut copies = Vec::with_capacity(batch.ops.len());
+        let mut regions = self.regions.lock().unwrap();
         for x in &batch.ops {
-            let remote = self.mapped(x.remote_region, x.remote_addr, x.len, op)?;
+            let remote = self.mapped(&mut regions, x.remote_region, x.remote_addr, x.len, op)?;
             copies.push(match op {
                 Op::Read => CopyOp { src: remote, dst: x.local_addr, len: x.len },
                 Op::Write | Op::Notify => CopyOp { src: x.local_addr, dst: remote, len: x.len },
             });
         }
+        drop(regions);
         batch.completion.set_parts(1);
         let fence = match copies.is_empty() {
             true => None,
@@ -253,8 +250,8 @@ mod tests {
 
     #[test]
     fn endpoints_name_this_boot_of_this_host() {
-        let id = host_id().unwrap();
-        assert_eq!(id, host_id().unwrap(), "stable within a boot");
+        let id = boot_id().unwrap();
+        assert_eq!(id, boot_id().unwrap(), "stable within a boot");
         assert!(id.len() >= 32, "{id}");
         assert_eq!(parse_address(&format!("{id}@127.0.0.1:9")).unwrap(), (id.as_str(), "127.0.0.1:9"));
         for bad in ["", "@", "no-separator", "@127.0.0.1:9", "host@"] {
