@@ -176,18 +176,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let plan = plan(args);
     let needed = plan.iter().map(|&(_, block, batch)| block * batch as u64).max().unwrap_or(0);
     if args.role == Role::Target {
-        return serve::run(&ServeArgs {
-            listen: args.listen,
-            advertise: args.advertise.clone(),
-            buffer_size: args.max_transfer.max(needed),
-            fill_seed: None,
-            streams: args.streams,
-            duration: None,
-            name: None,
-            memory: args.memory,
-            transport: args.transport.clone(),
-            fabric: args.fabric.clone(),
-        });
+        return serve::run(&serve_args(args, args.max_transfer.max(needed)));
     }
     if plan.is_empty() {
         bail!("no block × batch combination fits --max-transfer {}", units::format_size(args.max_transfer));
@@ -243,6 +232,22 @@ fn plan(args: &BenchArgs) -> Vec<(Op, u64, usize)> {
     plan
 }
 
+/// The target this bench's flags describe, holding `buffer_size` bytes.
+fn serve_args(args: &BenchArgs, buffer_size: u64) -> ServeArgs {
+    ServeArgs {
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        buffer_size,
+        fill_seed: None,
+        streams: args.streams,
+        duration: None,
+        name: None,
+        memory: args.memory,
+        transport: args.transport.clone(),
+        fabric: args.fabric.clone(),
+    }
+}
+
 fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
     let local = serve::alloc_buffer(needed, false)?;
     let scratch = args.check.then(|| serve::alloc_buffer(needed, false)).transpose()?;
@@ -256,14 +261,8 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
             let target = Target::start(&ServeArgs {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 advertise: None,
-                buffer_size: needed,
-                fill_seed: None,
-                streams: args.streams,
-                duration: None,
                 name: Some("kvferry-bench-target".into()),
-                memory: args.memory,
-                transport: args.transport.clone(),
-                fabric: args.fabric.clone(),
+                ..serve_args(args, needed)
             })?;
             let addr = target.side_channel.to_string();
             (Some(target), addr)

@@ -238,15 +238,14 @@ fn torch_pinned_copy(device: &str, total: usize) -> Option<(f64, f64)> {
     parsed
 }
 
-/// Scattered blocks in `memory`: block i at slot 2i.
-fn block_regions(memory: &dyn Memory, block: u64, n: usize) -> Vec<MemRegion> {
-    let r = memory.region();
+/// Scattered blocks in `r`: block i at slot 2i.
+fn block_regions(r: MemRegion, block: u64, n: usize) -> Vec<MemRegion> {
     (0..n as u64).map(|i| MemRegion { addr: r.addr + 2 * i * block, len: block, kind: r.kind }).collect()
 }
 
-fn write_all_blocks(agent: &Agent, local: &PreparedDescs, remote: &PreparedDescs, n: usize) -> anyhow::Result<()> {
-    let all: Vec<usize> = (0..n).collect();
-    agent.write(local, &all, remote, &all, deadline())?.wait()?;
+/// WRITE blocks `all` of `local` to the same blocks of `remote` and wait.
+fn write_blocks(agent: &Agent, local: &PreparedDescs, remote: &PreparedDescs, all: &[usize]) -> anyhow::Result<()> {
+    agent.write(local, all, remote, all, deadline())?.wait()?;
     Ok(())
 }
 
@@ -263,8 +262,8 @@ fn agent_pair(
     let (a, b) = (memory()?, memory()?);
     let regs = vec![initiator.register(a.clone())?, target.register(b.clone())?];
     let peer = initiator.add_peer(&target.metadata())?;
-    let local = initiator.prepare_local(&block_regions(&*a, block, n))?;
-    let remote = initiator.prepare_remote(&peer, &block_regions(&*b, block, n))?;
+    let local = initiator.prepare_local(&block_regions(a.region(), block, n))?;
+    let remote = initiator.prepare_remote(&peer, &block_regions(b.region(), block, n))?;
     Ok((initiator, target, local, remote, regs))
 }
 
@@ -274,14 +273,15 @@ fn staging_rows(args: &GpuBenchArgs, device: Arc<dyn Device>) -> anyhow::Result<
     let host_device: Arc<dyn Device> = Arc::new(HostDevice::new()?);
     let stage_host = device.kind() == kvferry::MemKind::Host;
     let staging = StagingConfig { stage_host, ..StagingConfig::new(vec![device.clone()]) };
+    let all: Vec<usize> = (0..n).collect();
     for &block in &args.block_sizes {
         let total = block as usize * n;
         let staged = agent_pair("staged", Some(staging.clone()), || Ok(device.alloc(total * 2)?), block, n)?;
         let direct = agent_pair("direct", None, || Ok(host_device.alloc(total * 2)?), block, n)?;
         let staged_gbps =
-            gbps(total, time_per_run(args.min_time, || write_all_blocks(&staged.0, &staged.2, &staged.3, n))?);
+            gbps(total, time_per_run(args.min_time, || write_blocks(&staged.0, &staged.2, &staged.3, &all))?);
         let direct_gbps =
-            gbps(total, time_per_run(args.min_time, || write_all_blocks(&direct.0, &direct.2, &direct.3, n))?);
+            gbps(total, time_per_run(args.min_time, || write_blocks(&direct.0, &direct.2, &direct.3, &all))?);
         let what = format!("{0}→TCP→{0} staged WRITE", device.name());
         rows.push(row("staging", what, block, n, staged_gbps, "host→TCP→host (zero-copy)", direct_gbps));
     }
@@ -337,27 +337,27 @@ fn ipc_rows(args: &GpuBenchArgs, device: &dyn Device) -> anyhow::Result<Vec<GpuR
     let peer = agent.connect_peer(addr, deadline())?;
     let remote_region = agent.peer_metadata(&peer).context("the peer's metadata")?.regions[0].region;
     let n = args.blocks;
+    let all: Vec<usize> = (0..n).collect();
     let mut rows = Vec::new();
     for &block in &args.block_sizes {
         let total = block as usize * n;
         let local_mem = device.alloc(total * 2)?;
         let _reg = agent.register(local_mem.clone())?;
-        let local = agent.prepare_local(&block_regions(&*local_mem, block, n))?;
-        let remote_blocks: Vec<MemRegion> = (0..n as u64)
-            .map(|i| MemRegion { addr: remote_region.addr + 2 * i * block, len: block, kind: remote_region.kind })
-            .collect();
-        let remote = agent.prepare_remote(&peer, &remote_blocks)?;
-        let all: Vec<usize> = (0..n).collect();
+        let local_blocks = block_regions(local_mem.region(), block, n);
+        let local = agent.prepare_local(&local_blocks)?;
+        let remote = agent.prepare_remote(&peer, &block_regions(remote_region, block, n))?;
         let read = gbps(
             total,
             time_per_run(args.min_time, || Ok(agent.read(&local, &all, &remote, &all, deadline())?.wait()?))?,
         );
-        let write = gbps(total, time_per_run(args.min_time, || write_all_blocks(&agent, &local, &remote, n))?);
+        let write = gbps(total, time_per_run(args.min_time, || write_blocks(&agent, &local, &remote, &all))?);
         // The same scattered blocks copied D2D inside this process.
         let scratch = device.alloc(total * 2)?;
-        let (src, dst) = (block_regions(&*local_mem, block, n), block_regions(&*scratch, block, n));
-        let ops: Vec<CopyOp> =
-            src.iter().zip(&dst).map(|(s, d)| CopyOp { src: s.addr, dst: d.addr, len: block }).collect();
+        let ops: Vec<CopyOp> = local_blocks
+            .iter()
+            .zip(block_regions(scratch.region(), block, n))
+            .map(|(s, d)| CopyOp { src: s.addr, dst: d.addr, len: block })
+            .collect();
         let local_d2d = gbps(total, time_per_run(args.min_time, || copy(device, &ops))?);
         rows.push(row("ipc", "cuda-ipc READ".into(), block, n, read, "D2D in one process", local_d2d));
         rows.push(row("ipc", "cuda-ipc WRITE".into(), block, n, write, "D2D in one process", local_d2d));

@@ -62,19 +62,8 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let memlock = host::memlock_limit();
     let huge = host::huge_pages_free();
-    // Each optional back end reports whether this build carries it; one not compiled in says which
-    // cargo feature brings it.
-    let optional = |feature: &str, enabled: bool, what: &str| {
-        json!({
-            "name": feature,
-            "available": false,
-            "detail": if enabled {
-                format!("{what}: compiled in, not yet able to run on this machine")
-            } else {
-                format!("{what}: not in this build (cargo feature `{feature}`)")
-            },
-        })
-    };
+    let cuda = cuda_devices();
+    let (fabric, fabric_providers) = fabric_report();
     let report = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "devices": [
@@ -88,14 +77,14 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
                     memlock.map_or("unlimited".to_string(), |b| format!("{b} B")),
                 ),
             },
-            gpu("cuda", cuda_devices(), "CUDA devices"),
+            gpu("cuda", cuda.clone(), "CUDA devices"),
             gpu("rocm", rocm_devices(), "ROCm devices"),
         ],
         "transports": [
             { "name": "tcp", "available": true, "detail": "TCP streams between any two hosts (zero-copy readv/writev; device memory staged through pinned host buffers)" },
             shm_report(),
-            gpu("cuda-ipc", cuda_devices(), "CUDA IPC between processes on this host"),
-            fabric_entry(&optional),
+            gpu("cuda-ipc", cuda, "CUDA IPC between processes on this host"),
+            fabric,
             optional("verbs", cfg!(feature = "verbs"), "ibverbs RDMA"),
         ],
         "tiers": [
@@ -109,9 +98,8 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
                 },
             },
         ],
+        "fabric_providers": fabric_providers,
     });
-    let mut report = report;
-    report["fabric_providers"] = fabric_providers();
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -150,35 +138,45 @@ fn json_list(v: &serde_json::Value) -> String {
     if items.is_empty() { "-".into() } else { items.join(",") }
 }
 
-/// The fabric transport's line: usable when libfabric lists at least one provider for it.
+/// A back end other than a GPU's: whether this build carries it; one not compiled in says which
+/// cargo feature brings it.
+fn optional(feature: &str, enabled: bool, what: &str) -> serde_json::Value {
+    json!({
+        "name": feature,
+        "available": false,
+        "detail": if enabled {
+            format!("{what}: compiled in, not yet able to run on this machine")
+        } else {
+            format!("{what}: not in this build (cargo feature `{feature}`)")
+        },
+    })
+}
+
+/// The fabric transport's line, usable when libfabric lists at least one provider for it, and every
+/// libfabric provider entry it can use (none without the feature).
 #[cfg(feature = "fabric")]
-fn fabric_entry(_optional: &dyn Fn(&str, bool, &str) -> serde_json::Value) -> serde_json::Value {
-    match kvferry::transport::fabric::providers() {
-        Ok(list) if !list.is_empty() => {
-            let mut names: Vec<&str> = list.iter().map(|p| p.provider.as_str()).collect();
-            names.dedup();
-            json!({ "name": "fabric", "available": true, "detail": format!("libfabric RDMA; providers: {}", names.join(", ")) })
+fn fabric_report() -> (serde_json::Value, serde_json::Value) {
+    let list = match kvferry::transport::fabric::providers() {
+        Ok(list) => list,
+        Err(e) => {
+            return (json!({ "name": "fabric", "available": false, "detail": format!("libfabric: {e}") }), json!([]));
         }
-        Ok(_) => {
-            json!({ "name": "fabric", "available": false, "detail": "libfabric lists no RDM provider with RMA here" })
-        }
-        Err(e) => json!({ "name": "fabric", "available": false, "detail": format!("libfabric: {e}") }),
-    }
+    };
+    let entry = if list.is_empty() {
+        json!({ "name": "fabric", "available": false, "detail": "libfabric lists no RDM provider with RMA here" })
+    } else {
+        let mut names: Vec<&str> = list.iter().map(|p| p.provider.as_str()).collect();
+        names.dedup();
+        json!({ "name": "fabric", "available": true, "detail": format!("libfabric RDMA; providers: {}", names.join(", ")) })
+    };
+    let providers = list
+        .iter()
+        .map(|p| json!({ "provider": p.provider, "fabric": p.fabric, "domain": p.domain, "caps": p.caps, "mr_mode": p.mr_mode }))
+        .collect();
+    (entry, providers)
 }
 
 #[cfg(not(feature = "fabric"))]
-fn fabric_entry(optional: &dyn Fn(&str, bool, &str) -> serde_json::Value) -> serde_json::Value {
-    optional("fabric", false, "libfabric RDMA")
-}
-
-/// Every libfabric provider entry the fabric transport can use (empty without the feature).
-fn fabric_providers() -> serde_json::Value {
-    #[cfg(feature = "fabric")]
-    if let Ok(list) = kvferry::transport::fabric::providers() {
-        return list
-            .iter()
-            .map(|p| json!({ "provider": p.provider, "fabric": p.fabric, "domain": p.domain, "caps": p.caps, "mr_mode": p.mr_mode }))
-            .collect();
-    }
-    json!([])
+fn fabric_report() -> (serde_json::Value, serde_json::Value) {
+    (optional("fabric", false, "libfabric RDMA"), json!([]))
 }
