@@ -19,7 +19,7 @@ if ((${#missing[@]})); then
     $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
 fi
 cargo build --release -q -p kvferry-cli --features fabric
-kvferry=target/release/kvferry
+kvferry=${CARGO_TARGET_DIR:-target}/release/kvferry
 out=$(mktemp -d)
 
 if [ "$what" != tier ]; then
