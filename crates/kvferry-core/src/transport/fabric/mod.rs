@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use kvferry_fabric_sys as sys;
 
-use self::rail::{CONFIRMED, Check, Part, REFUSED, Rail, RailOp, UNCHECKED};
+use self::rail::{CONFIRMED, Check, Part, Rail, RailOp, UNCHECKED};
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{
@@ -588,7 +588,7 @@ impl PeerLink for FabricLink {
                     }
                 }
                 Some(refused) => {
-                    let reason = RejectReason::from_wire(refused - REFUSED).unwrap_or(RejectReason::UnknownKey);
+                    let reason = rail::refusal(refused).unwrap_or(RejectReason::UnknownKey);
                     let e = TransferError::Rejected { peer: self.peer.clone(), op, index: index as u32, reason };
                     batch.completion.set_parts(1);
                     batch.completion.part_done(Err(e));

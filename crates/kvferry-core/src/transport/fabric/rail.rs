@@ -84,6 +84,12 @@ pub(super) const UNCHECKED: u8 = 0;
 pub(super) const CONFIRMED: u8 = 1;
 pub(super) const REFUSED: u8 = 16;
 
+/// The reason a verdict refuses a region; `None` for `UNCHECKED`, `CONFIRMED`, or a byte that is no
+/// reason (only a peer's answer can carry one).
+pub(super) fn refusal(verdict: u8) -> Option<RejectReason> {
+    verdict.checked_sub(REFUSED).and_then(RejectReason::from_wire)
+}
+
 /// The most regions one check message asks about: it must fit a receive buffer with every rail's
 /// key for each region (17 + 8 × rails bytes each).
 pub(super) const MAX_CHECKS: usize = (RECV_SLOT_BYTES - 64) / (17 + 8 * super::MAX_RAILS);
@@ -718,11 +724,11 @@ impl Progress {
             self.part_finished(part, Some(TransferError::Protocol { peer, detail }));
             return Some(());
         }
-        let mut refusal = None;
+        let mut rejected = None;
         for (c, &v) in part.checks.iter().zip(verdicts) {
             part.verdicts[c.region as usize].store(v, Ordering::Release);
-            if let (None, Some(reason)) = (&refusal, v.checked_sub(REFUSED).and_then(RejectReason::from_wire)) {
-                refusal = Some(TransferError::Rejected {
+            if let (None, Some(reason)) = (&rejected, refusal(v)) {
+                rejected = Some(TransferError::Rejected {
                     peer: part.completion.peer().to_string(),
                     op: part.op,
                     index: c.first_op,
@@ -731,7 +737,7 @@ impl Progress {
             }
         }
         part.checks.clear();
-        match refusal {
+        match rejected {
             Some(e) => self.part_finished(part, Some(e)),
             None => self.start(part),
         }
