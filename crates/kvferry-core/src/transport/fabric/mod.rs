@@ -666,7 +666,6 @@ impl PeerLink for FabricLink {
                 ops,
                 checks: std::mem::take(&mut checks),
                 verdicts: self.verdicts.clone(),
-                reply_to: rail_handle.address.clone(),
                 completion: batch.completion.clone(),
                 _keep_alive: batch.keep_alive.clone(),
                 from: self.from.clone(),

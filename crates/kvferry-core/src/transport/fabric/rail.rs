@@ -62,8 +62,6 @@ pub(super) struct Part {
     pub checks: Vec<Check>,
     /// The link's verdict per remote region, updated from the owner's answer.
     pub verdicts: Arc<[AtomicU8]>,
-    /// This rail's own address, where the owner sends its answer.
-    pub reply_to: Arc<[u8]>,
 }
 
 /// A remote region (index `region` in the peer's metadata) whose keys this link has not yet
@@ -692,8 +690,9 @@ impl Progress {
         self.next_query += 1;
         let mut message = vec![MSG_CHECK];
         message.extend_from_slice(&query.to_le_bytes());
-        message.extend_from_slice(&(part.reply_to.len() as u16).to_le_bytes());
-        message.extend_from_slice(&part.reply_to);
+        // The owner answers to this rail's own address.
+        message.extend_from_slice(&(self.objects.address.len() as u16).to_le_bytes());
+        message.extend_from_slice(&self.objects.address);
         message.extend_from_slice(&(part.checks.len() as u16).to_le_bytes());
         for c in &part.checks {
             message.extend_from_slice(&c.addr.to_le_bytes());
