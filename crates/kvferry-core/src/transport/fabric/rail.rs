@@ -5,7 +5,6 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::ffi::CStr;
 use std::ptr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kvferry_fabric_sys as sys;
 
-use super::{FabricError, Info, LocalRegistry, check, fi_error_text, transfer_error};
+use super::{FabricError, Info, LocalRegistry, c_text, check, fi_error_text, transfer_error};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
@@ -865,10 +864,9 @@ impl Progress {
             return;
         }
         let mut text = [0 as libc::c_char; 256];
-        let provider = unsafe {
-            let s = sys::kvferry_fi_cq_strerror(self.objects.cq, err.prov_errno, err.err_data, text.as_mut_ptr(), 256);
-            if s.is_null() { String::new() } else { CStr::from_ptr(s).to_string_lossy().into_owned() }
-        };
+        let provider = c_text(unsafe {
+            sys::kvferry_fi_cq_strerror(self.objects.cq, err.prov_errno, err.err_data, text.as_mut_ptr(), 256)
+        });
         let detail = format!("{} (provider: {provider})", fi_error_text(-err.err));
         self.complete(err.op_context.cast(), Err((err.err, detail)));
     }
