@@ -315,11 +315,11 @@ fn choose_rails(config: &FabricConfig) -> Result<Vec<Info>> {
             .unwrap_or_default(),
     };
     let mut rails: Vec<Info> = Vec::new();
-    for info in infos.into_iter().filter(|i| i.core_provider() == wanted || i.provider() == wanted) {
+    for info in infos.iter().filter(|i| i.core_provider() == wanted || i.provider() == wanted) {
         let domain = info.domain();
         let listed = config.domains.is_empty() || config.domains.contains(&domain);
         if listed && rails.iter().all(|r| r.domain() != domain) {
-            rails.push(info);
+            rails.push(info.clone());
         }
     }
     if !config.domains.is_empty() {
@@ -327,7 +327,7 @@ fn choose_rails(config: &FabricConfig) -> Result<Vec<Info>> {
     }
     rails.truncate(config.rails.clamp(1, MAX_RAILS));
     if rails.is_empty() {
-        let found = get_infos(config.hmem)?.iter().map(Info::provider).collect::<std::collections::BTreeSet<_>>();
+        let found = infos.iter().map(Info::provider).collect::<std::collections::BTreeSet<_>>();
         let found = match found.is_empty() {
             true => String::new(),
             false => format!(" (available: {})", found.into_iter().collect::<Vec<_>>().join(", ")),
