@@ -550,24 +550,18 @@ struct FabricLink {
     next_rail: AtomicUsize,
 }
 
-impl FabricLink {
-    /// The local descriptor of `[addr, addr + len)` on rail `rail` (null unless FI_MR_LOCAL).
-    fn local_desc(&self, addr: u64, len: u64, rail: usize) -> Result<usize> {
-        if !self.mr_local {
-            return Ok(0);
-        }
-        let local = self.local.read().unwrap();
-        local
-            .range(..=(addr, u64::MAX))
-            .rev()
-            .find(|(_, mr)| mr.region.contains(addr, len))
-            .map(|(_, mr)| mr.rails[rail].1)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "local range {addr:#x}+{len} is not registered with the fabric transport"
-                ))
-            })
-    }
+/// The local descriptor of `[addr, addr + len)` on rail `rail`: null without FI_MR_LOCAL (`local`
+/// is then `None`), else that of the registration holding the range.
+fn local_desc(local: Option<&BTreeMap<(u64, u64), Arc<LocalMr>>>, addr: u64, len: u64, rail: usize) -> Result<usize> {
+    let Some(local) = local else { return Ok(0) };
+    local
+        .range(..=(addr, u64::MAX))
+        .rev()
+        .find(|(_, mr)| mr.region.contains(addr, len))
+        .map(|(_, mr)| mr.rails[rail].1)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!("local range {addr:#x}+{len} is not registered with the fabric transport"))
+        })
 }
 
 impl PeerLink for FabricLink {
@@ -616,6 +610,8 @@ impl PeerLink for FabricLink {
             1 => self.next_rail.fetch_add(1, Ordering::Relaxed) % rails,
             _ => 0,
         };
+        // One look at the registrations for the whole batch, not one per op.
+        let registry = self.mr_local.then(|| self.local.read().unwrap());
         let mut parts: Vec<Vec<RailOp>> = (0..stripes).map(|_| Vec::new()).collect();
         let (mut stripe, mut filled) = (0usize, 0u64);
         for (index, o) in batch.ops.iter().enumerate() {
@@ -639,7 +635,7 @@ impl PeerLink for FabricLink {
                 let target_rail = rail % key.keys.len();
                 parts[stripe].push(RailOp {
                     local_addr,
-                    local_desc: self.local_desc(local_addr, chunk, rail)?,
+                    local_desc: local_desc(registry.as_deref(), local_addr, chunk, rail)?,
                     remote_addr: if key.virt_addr { remote_addr } else { remote_addr - region.addr },
                     remote_key: key.keys[target_rail],
                     len: chunk,
@@ -650,6 +646,7 @@ impl PeerLink for FabricLink {
                 left -= chunk;
             }
         }
+        drop(registry);
         // An empty stripe (a batch smaller than the rails) still has to report, so drop it instead.
         let parts: Vec<(usize, Vec<RailOp>)> = parts
             .into_iter()
