@@ -558,7 +558,8 @@ impl Progress {
     /// Post with `post`, progressing the completion queue while the provider's queue is full, until
     /// `deadline` (a peer that went away can leave a provider answering `FI_EAGAIN` for good).
     fn retry(&mut self, deadline: Deadline, mut post: impl FnMut(*mut sys::fid_ep) -> isize) -> isize {
-        let mut entries = empty_entries();
+        // Room for completions only once the queue turns out full: most posts go through first time.
+        let mut entries = None;
         loop {
             let ret = post(self.objects.ep);
             if ret != -(sys::FI_EAGAIN as isize) {
@@ -567,7 +568,7 @@ impl Progress {
             if deadline.expired() {
                 return -(sys::FI_ETIMEDOUT as isize);
             }
-            self.poll(&mut entries);
+            self.poll(entries.get_or_insert_with(empty_entries));
         }
     }
 
