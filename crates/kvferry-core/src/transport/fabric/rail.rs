@@ -787,12 +787,11 @@ impl Progress {
         if self.parked.is_empty() {
             return;
         }
-        let expired: Vec<u64> =
-            self.parked.iter().filter(|(_, p)| p.completion.skip_reason().is_some()).map(|(q, _)| *q).collect();
-        for q in expired {
+        let expired: Vec<(u64, TransferError)> =
+            self.parked.iter().filter_map(|(q, p)| Some((*q, p.completion.skip_reason()?))).collect();
+        for (q, e) in expired {
             let part = self.parked.remove(&q).expect("listed above");
-            let e = part.completion.skip_reason();
-            self.part_finished(part, e);
+            self.part_finished(part, Some(e));
         }
     }
 
