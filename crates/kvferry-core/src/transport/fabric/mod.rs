@@ -400,7 +400,7 @@ type LocalRegistry = Arc<RwLock<BTreeMap<(u64, u64), Arc<LocalMr>>>>;
 pub struct FabricTransport {
     local_name: Arc<str>,
     provider: String,
-    config: FabricConfig,
+    stripe_min_bytes: u64,
     rails: Vec<Arc<Rail>>,
     endpoint: Endpoint,
     local: LocalRegistry,
@@ -418,7 +418,8 @@ impl FabricTransport {
             .collect::<Result<Vec<_>>>()?;
         let addresses: Vec<&[u8]> = rails.iter().map(|r| &r.address[..]).collect();
         let endpoint = Endpoint { kind: TransportKind::Fabric, address: encode_endpoint(&provider, &addresses) };
-        Ok(FabricTransport { local_name: local_name.into(), provider, config, rails, endpoint, local })
+        let stripe_min_bytes = config.stripe_min_bytes;
+        Ok(FabricTransport { local_name: local_name.into(), provider, stripe_min_bytes, rails, endpoint, local })
     }
 
     /// The provider in use, e.g. `tcp;ofi_rxm`.
@@ -526,7 +527,7 @@ impl Transport for FabricTransport {
             remote,
             local: self.local.clone(),
             mr_local: self.rails[0].info.mr_local(),
-            stripe_min_bytes: self.config.stripe_min_bytes,
+            stripe_min_bytes: self.stripe_min_bytes,
             next_rail: AtomicUsize::new(0),
         }))
     }
