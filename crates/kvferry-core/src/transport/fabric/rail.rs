@@ -423,11 +423,9 @@ impl Progress {
                 )
             };
             if n > 0 {
-                self.dispatch(&entries[..n as usize]);
                 self.last_activity = Instant::now();
-            } else if n == -(sys::FI_EAVAIL as isize) {
-                self.read_error();
             }
+            self.handle_read(n, entries);
             return;
         }
         let commands = self.queue.commands.lock().unwrap();
@@ -841,8 +839,16 @@ impl Progress {
     /// Read completions once; returns how many arrived (errors included).
     fn poll(&mut self, entries: &mut [sys::fi_cq_data_entry; CQ_BATCH]) -> usize {
         let n = unsafe { sys::kvferry_fi_cq_read(self.objects.cq, entries.as_mut_ptr().cast(), CQ_BATCH) };
+        self.handle_read(n, entries)
+    }
+
+    /// Complete what a `fi_cq_read` or `fi_cq_sread` returning `n` put in `entries`, or the error
+    /// it reported; returns how many completions that was.
+    fn handle_read(&mut self, n: isize, entries: &[sys::fi_cq_data_entry]) -> usize {
         if n > 0 {
-            self.dispatch(&entries[..n as usize]);
+            for e in &entries[..n as usize] {
+                self.complete(e.op_context.cast(), Ok(e.len));
+            }
             return n as usize;
         }
         if n == -(sys::FI_EAVAIL as isize) {
@@ -850,12 +856,6 @@ impl Progress {
             return 1;
         }
         0
-    }
-
-    fn dispatch(&mut self, entries: &[sys::fi_cq_data_entry]) {
-        for e in entries {
-            self.complete(e.op_context.cast(), Ok(e.len));
-        }
     }
 
     fn read_error(&mut self) {
