@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use kvferry_fabric_sys as sys;
 
-use self::rail::{CONFIRMED, Check, Part, REFUSED, Rail, RailOp, UNCHECKED};
+use self::rail::{CONFIRMED, Check, Part, Rail, RailOp, UNCHECKED};
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{
@@ -315,11 +315,11 @@ fn choose_rails(config: &FabricConfig) -> Result<Vec<Info>> {
             .unwrap_or_default(),
     };
     let mut rails: Vec<Info> = Vec::new();
-    for info in infos.into_iter().filter(|i| i.core_provider() == wanted || i.provider() == wanted) {
+    for info in infos.iter().filter(|i| i.core_provider() == wanted || i.provider() == wanted) {
         let domain = info.domain();
         let listed = config.domains.is_empty() || config.domains.contains(&domain);
         if listed && rails.iter().all(|r| r.domain() != domain) {
-            rails.push(info);
+            rails.push(info.clone());
         }
     }
     if !config.domains.is_empty() {
@@ -327,7 +327,7 @@ fn choose_rails(config: &FabricConfig) -> Result<Vec<Info>> {
     }
     rails.truncate(config.rails.clamp(1, MAX_RAILS));
     if rails.is_empty() {
-        let found = get_infos(config.hmem)?.iter().map(Info::provider).collect::<std::collections::BTreeSet<_>>();
+        let found = infos.iter().map(Info::provider).collect::<std::collections::BTreeSet<_>>();
         let found = match found.is_empty() {
             true => String::new(),
             false => format!(" (available: {})", found.into_iter().collect::<Vec<_>>().join(", ")),
@@ -400,7 +400,7 @@ type LocalRegistry = Arc<RwLock<BTreeMap<(u64, u64), Arc<LocalMr>>>>;
 pub struct FabricTransport {
     local_name: Arc<str>,
     provider: String,
-    config: FabricConfig,
+    stripe_min_bytes: u64,
     rails: Vec<Arc<Rail>>,
     endpoint: Endpoint,
     local: LocalRegistry,
@@ -418,7 +418,8 @@ impl FabricTransport {
             .collect::<Result<Vec<_>>>()?;
         let addresses: Vec<&[u8]> = rails.iter().map(|r| &r.address[..]).collect();
         let endpoint = Endpoint { kind: TransportKind::Fabric, address: encode_endpoint(&provider, &addresses) };
-        Ok(FabricTransport { local_name: local_name.into(), provider, config, rails, endpoint, local })
+        let stripe_min_bytes = config.stripe_min_bytes;
+        Ok(FabricTransport { local_name: local_name.into(), provider, stripe_min_bytes, rails, endpoint, local })
     }
 
     /// The provider in use, e.g. `tcp;ofi_rxm`.
@@ -526,7 +527,7 @@ impl Transport for FabricTransport {
             remote,
             local: self.local.clone(),
             mr_local: self.rails[0].info.mr_local(),
-            stripe_min_bytes: self.config.stripe_min_bytes,
+            stripe_min_bytes: self.stripe_min_bytes,
             next_rail: AtomicUsize::new(0),
         }))
     }
@@ -550,24 +551,18 @@ struct FabricLink {
     next_rail: AtomicUsize,
 }
 
-impl FabricLink {
-    /// The local descriptor of `[addr, addr + len)` on rail `rail` (null unless FI_MR_LOCAL).
-    fn local_desc(&self, addr: u64, len: u64, rail: usize) -> Result<usize> {
-        if !self.mr_local {
-            return Ok(0);
-        }
-        let local = self.local.read().unwrap();
-        local
-            .range(..=(addr, u64::MAX))
-            .rev()
-            .find(|(_, mr)| mr.region.contains(addr, len))
-            .map(|(_, mr)| mr.rails[rail].1)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "local range {addr:#x}+{len} is not registered with the fabric transport"
-                ))
-            })
-    }
+/// The local descriptor of `[addr, addr + len)` on rail `rail`: null without FI_MR_LOCAL (`local`
+/// is then `None`), else that of the registration holding the range.
+fn local_desc(local: Option<&BTreeMap<(u64, u64), Arc<LocalMr>>>, addr: u64, len: u64, rail: usize) -> Result<usize> {
+    let Some(local) = local else { return Ok(0) };
+    local
+        .range(..=(addr, u64::MAX))
+        .rev()
+        .find(|(_, mr)| mr.region.contains(addr, len))
+        .map(|(_, mr)| mr.rails[rail].1)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!("local range {addr:#x}+{len} is not registered with the fabric transport"))
+        })
 }
 
 impl PeerLink for FabricLink {
@@ -588,7 +583,7 @@ impl PeerLink for FabricLink {
                     }
                 }
                 Some(refused) => {
-                    let reason = RejectReason::from_wire(refused - REFUSED).unwrap_or(RejectReason::UnknownKey);
+                    let reason = rail::refusal(refused).unwrap_or(RejectReason::UnknownKey);
                     let e = TransferError::Rejected { peer: self.peer.clone(), op, index: index as u32, reason };
                     batch.completion.set_parts(1);
                     batch.completion.part_done(Err(e));
@@ -616,6 +611,8 @@ impl PeerLink for FabricLink {
             1 => self.next_rail.fetch_add(1, Ordering::Relaxed) % rails,
             _ => 0,
         };
+        // One look at the registrations for the whole batch, not one per op.
+        let registry = self.mr_local.then(|| self.local.read().unwrap());
         let mut parts: Vec<Vec<RailOp>> = (0..stripes).map(|_| Vec::new()).collect();
         let (mut stripe, mut filled) = (0usize, 0u64);
         for (index, o) in batch.ops.iter().enumerate() {
@@ -639,7 +636,7 @@ impl PeerLink for FabricLink {
                 let target_rail = rail % key.keys.len();
                 parts[stripe].push(RailOp {
                     local_addr,
-                    local_desc: self.local_desc(local_addr, chunk, rail)?,
+                    local_desc: local_desc(registry.as_deref(), local_addr, chunk, rail)?,
                     remote_addr: if key.virt_addr { remote_addr } else { remote_addr - region.addr },
                     remote_key: key.keys[target_rail],
                     len: chunk,
@@ -650,6 +647,7 @@ impl PeerLink for FabricLink {
                 left -= chunk;
             }
         }
+        drop(registry);
         // An empty stripe (a batch smaller than the rails) still has to report, so drop it instead.
         let parts: Vec<(usize, Vec<RailOp>)> = parts
             .into_iter()
@@ -666,7 +664,6 @@ impl PeerLink for FabricLink {
                 ops,
                 checks: std::mem::take(&mut checks),
                 verdicts: self.verdicts.clone(),
-                reply_to: rail_handle.address.clone(),
                 completion: batch.completion.clone(),
                 _keep_alive: batch.keep_alive.clone(),
                 from: self.from.clone(),

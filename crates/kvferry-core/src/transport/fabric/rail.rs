@@ -5,7 +5,6 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::ffi::CStr;
 use std::ptr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kvferry_fabric_sys as sys;
 
-use super::{FabricError, Info, LocalRegistry, check, fi_error_text, transfer_error};
+use super::{FabricError, Info, LocalRegistry, c_text, check, fi_error_text, transfer_error};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
@@ -62,8 +61,6 @@ pub(super) struct Part {
     pub checks: Vec<Check>,
     /// The link's verdict per remote region, updated from the owner's answer.
     pub verdicts: Arc<[AtomicU8]>,
-    /// This rail's own address, where the owner sends its answer.
-    pub reply_to: Arc<[u8]>,
 }
 
 /// A remote region (index `region` in the peer's metadata) whose keys this link has not yet
@@ -83,6 +80,12 @@ pub(super) struct Check {
 pub(super) const UNCHECKED: u8 = 0;
 pub(super) const CONFIRMED: u8 = 1;
 pub(super) const REFUSED: u8 = 16;
+
+/// The reason a verdict refuses a region; `None` for `UNCHECKED`, `CONFIRMED`, or a byte that is no
+/// reason (only a peer's answer can carry one).
+pub(super) fn refusal(verdict: u8) -> Option<RejectReason> {
+    verdict.checked_sub(REFUSED).and_then(RejectReason::from_wire)
+}
 
 /// The most regions one check message asks about: it must fit a receive buffer with every rail's
 /// key for each region (17 + 8 × rails bytes each).
@@ -420,11 +423,9 @@ impl Progress {
                 )
             };
             if n > 0 {
-                self.dispatch(&entries[..n as usize]);
                 self.last_activity = Instant::now();
-            } else if n == -(sys::FI_EAVAIL as isize) {
-                self.read_error();
             }
+            self.handle_read(n, entries);
             return;
         }
         let commands = self.queue.commands.lock().unwrap();
@@ -555,7 +556,8 @@ impl Progress {
     /// Post with `post`, progressing the completion queue while the provider's queue is full, until
     /// `deadline` (a peer that went away can leave a provider answering `FI_EAGAIN` for good).
     fn retry(&mut self, deadline: Deadline, mut post: impl FnMut(*mut sys::fid_ep) -> isize) -> isize {
-        let mut entries = empty_entries();
+        // Room for completions only once the queue turns out full: most posts go through first time.
+        let mut entries = None;
         loop {
             let ret = post(self.objects.ep);
             if ret != -(sys::FI_EAGAIN as isize) {
@@ -564,7 +566,7 @@ impl Progress {
             if deadline.expired() {
                 return -(sys::FI_ETIMEDOUT as isize);
             }
-            self.poll(&mut entries);
+            self.poll(entries.get_or_insert_with(empty_entries));
         }
     }
 
@@ -686,8 +688,9 @@ impl Progress {
         self.next_query += 1;
         let mut message = vec![MSG_CHECK];
         message.extend_from_slice(&query.to_le_bytes());
-        message.extend_from_slice(&(part.reply_to.len() as u16).to_le_bytes());
-        message.extend_from_slice(&part.reply_to);
+        // The owner answers to this rail's own address.
+        message.extend_from_slice(&(self.objects.address.len() as u16).to_le_bytes());
+        message.extend_from_slice(&self.objects.address);
         message.extend_from_slice(&(part.checks.len() as u16).to_le_bytes());
         for c in &part.checks {
             message.extend_from_slice(&c.addr.to_le_bytes());
@@ -718,11 +721,11 @@ impl Progress {
             self.part_finished(part, Some(TransferError::Protocol { peer, detail }));
             return Some(());
         }
-        let mut refusal = None;
+        let mut rejected = None;
         for (c, &v) in part.checks.iter().zip(verdicts) {
             part.verdicts[c.region as usize].store(v, Ordering::Release);
-            if let (None, Some(reason)) = (&refusal, v.checked_sub(REFUSED).and_then(RejectReason::from_wire)) {
-                refusal = Some(TransferError::Rejected {
+            if let (None, Some(reason)) = (&rejected, refusal(v)) {
+                rejected = Some(TransferError::Rejected {
                     peer: part.completion.peer().to_string(),
                     op: part.op,
                     index: c.first_op,
@@ -731,7 +734,7 @@ impl Progress {
             }
         }
         part.checks.clear();
-        match refusal {
+        match rejected {
             Some(e) => self.part_finished(part, Some(e)),
             None => self.start(part),
         }
@@ -782,12 +785,11 @@ impl Progress {
         if self.parked.is_empty() {
             return;
         }
-        let expired: Vec<u64> =
-            self.parked.iter().filter(|(_, p)| p.completion.skip_reason().is_some()).map(|(q, _)| *q).collect();
-        for q in expired {
+        let expired: Vec<(u64, TransferError)> =
+            self.parked.iter().filter_map(|(q, p)| Some((*q, p.completion.skip_reason()?))).collect();
+        for (q, e) in expired {
             let part = self.parked.remove(&q).expect("listed above");
-            let e = part.completion.skip_reason();
-            self.part_finished(part, e);
+            self.part_finished(part, Some(e));
         }
     }
 
@@ -837,8 +839,16 @@ impl Progress {
     /// Read completions once; returns how many arrived (errors included).
     fn poll(&mut self, entries: &mut [sys::fi_cq_data_entry; CQ_BATCH]) -> usize {
         let n = unsafe { sys::kvferry_fi_cq_read(self.objects.cq, entries.as_mut_ptr().cast(), CQ_BATCH) };
+        self.handle_read(n, entries)
+    }
+
+    /// Complete what a `fi_cq_read` or `fi_cq_sread` returning `n` put in `entries`, or the error
+    /// it reported; returns how many completions that was.
+    fn handle_read(&mut self, n: isize, entries: &[sys::fi_cq_data_entry]) -> usize {
         if n > 0 {
-            self.dispatch(&entries[..n as usize]);
+            for e in &entries[..n as usize] {
+                self.complete(e.op_context.cast(), Ok(e.len));
+            }
             return n as usize;
         }
         if n == -(sys::FI_EAVAIL as isize) {
@@ -848,22 +858,15 @@ impl Progress {
         0
     }
 
-    fn dispatch(&mut self, entries: &[sys::fi_cq_data_entry]) {
-        for e in entries {
-            self.complete(e.op_context.cast(), Ok(e.len));
-        }
-    }
-
     fn read_error(&mut self) {
         let mut err: sys::fi_cq_err_entry = unsafe { std::mem::zeroed() };
         if unsafe { sys::kvferry_fi_cq_readerr(self.objects.cq, &mut err, 0) } != 1 {
             return;
         }
         let mut text = [0 as libc::c_char; 256];
-        let provider = unsafe {
-            let s = sys::kvferry_fi_cq_strerror(self.objects.cq, err.prov_errno, err.err_data, text.as_mut_ptr(), 256);
-            if s.is_null() { String::new() } else { CStr::from_ptr(s).to_string_lossy().into_owned() }
-        };
+        let provider = c_text(unsafe {
+            sys::kvferry_fi_cq_strerror(self.objects.cq, err.prov_errno, err.err_data, text.as_mut_ptr(), 256)
+        });
         let detail = format!("{} (provider: {provider})", fi_error_text(-err.err));
         self.complete(err.op_context.cast(), Err((err.err, detail)));
     }
