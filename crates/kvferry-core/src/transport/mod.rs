@@ -281,6 +281,25 @@ pub(crate) fn require_host(transport: TransportKind, region: &MemRegion) -> Resu
     Ok(())
 }
 
+/// Decode the key of each of a peer's regions with `decode`; a region the peer did not open to this
+/// transport has no key and maps to `None` (ops on it are refused when posted).
+pub(crate) fn remote_keys<T>(
+    peer: &str,
+    transport: TransportKind,
+    regions: &[RemoteRegion],
+    decode: impl Fn(&RemoteRegion) -> Option<T>,
+) -> Result<Vec<Option<T>>> {
+    regions
+        .iter()
+        .map(|r| match r.key.is_empty() {
+            true => Ok(None),
+            false => decode(r).map(Some).ok_or_else(|| {
+                crate::error::Error::InvalidArgument(format!("peer {peer} sent a malformed {transport} key"))
+            }),
+        })
+        .collect()
+}
+
 /// Random bits for a registration key, from the OS: a peer cannot guess another registration's key.
 pub(crate) fn random_key<const N: usize>() -> Result<[u8; N]> {
     let mut key = [0u8; N];
