@@ -202,7 +202,6 @@ fn exchange(
     request: impl FnOnce(&mut TcpStream) -> Result<(), Failure>,
 ) -> Result<(), TransferError> {
     let deadline = completion.deadline();
-    let op = completion.op();
     if conn.is_none() {
         *conn = Some(connect(info, deadline.remaining().min(info.connect_timeout)).map_err(|cause| {
             // A handshake cut short by the deadline is a timeout, not proof the peer is gone.
@@ -224,29 +223,12 @@ fn exchange(
         .and_then(|()| stream.set_write_timeout(Some(left)))
         .map_err(Failure::Io)
         .and_then(|()| request(stream));
-    match outcome {
-        Ok(()) => Ok(()),
-        Err(Failure::Rejected(index, reason)) => {
-            Err(TransferError::Rejected { peer: info.peer.clone(), op, index, reason })
-        }
-        Err(Failure::Protocol(detail)) => {
+    outcome.map_err(|failure| {
+        if failure.breaks_stream() {
             *conn = None;
-            Err(TransferError::Protocol { peer: info.peer.clone(), detail })
         }
-        Err(Failure::Staging(cause)) => {
-            // The payload stopped mid-way: the stream is out of step.
-            *conn = None;
-            Err(TransferError::Staging { peer: info.peer.clone(), op, cause })
-        }
-        Err(Failure::Io(e)) => {
-            *conn = None;
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
-                Err(completion.timeout_error())
-            } else {
-                Err(TransferError::PeerDisconnected { peer: info.peer.clone(), op, cause: e.to_string() })
-            }
-        }
-    }
+        failure.into_error(&info.peer, completion)
+    })
 }
 
 fn connect(info: &LinkInfo, timeout: Duration) -> Result<TcpStream, String> {

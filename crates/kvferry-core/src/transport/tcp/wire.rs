@@ -14,7 +14,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
-use crate::transport::RejectReason;
+use crate::transport::{Completion, RejectReason, TransferError};
 
 pub const MAGIC: [u8; 4] = *b"KVFT";
 pub const VERSION: u16 = 1;
@@ -115,6 +115,28 @@ pub enum Failure {
 impl From<io::Error> for Failure {
     fn from(e: io::Error) -> Self {
         Failure::Io(e)
+    }
+}
+
+impl Failure {
+    /// Whether the stream may be out of step, so its connection must be dropped: all but a
+    /// rejection, which the target answers in step.
+    pub fn breaks_stream(&self) -> bool {
+        !matches!(self, Failure::Rejected(..))
+    }
+
+    /// Name the failure for the caller of a transfer with `peer`.
+    pub fn into_error(self, peer: &str, c: &Completion) -> TransferError {
+        let peer = peer.to_string();
+        match self {
+            Failure::Rejected(index, reason) => TransferError::Rejected { peer, op: c.op(), index, reason },
+            Failure::Protocol(detail) => TransferError::Protocol { peer, detail },
+            Failure::Staging(cause) => TransferError::Staging { peer, op: c.op(), cause },
+            Failure::Io(e) => match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => c.timeout_error(),
+                _ => TransferError::PeerDisconnected { peer, op: c.op(), cause: e.to_string() },
+            },
+        }
     }
 }
 
