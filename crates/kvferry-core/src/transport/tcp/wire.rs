@@ -168,6 +168,11 @@ pub fn encode_hello_ack(status: u8) -> [u8; HELLO_ACK_LEN] {
     b
 }
 
+/// A malformed message from the peer: the connection cannot go on.
+pub fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
 /// `write_all` for a gather list: loops over short writes.
 pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
