@@ -277,8 +277,9 @@ fn request_header(kind: FrameKind, descs: &[WireDesc], payload_len: u64) -> Vec<
     head
 }
 
-/// The frame's local memory as staged segments, when any of it is memory the stager handles.
-fn staged_segments(stager: Option<&Stager>, frame: &Frame) -> Option<Vec<Segment>> {
+/// The staging path for a frame, when any of its local memory is memory the stager handles: the
+/// stager and the frame's local memory as segments.
+fn staged<'a>(stager: Option<&'a Stager>, frame: &Frame) -> Option<(&'a Stager, Vec<Segment>)> {
     let stager = stager?;
     let kinds: Vec<Option<MemKind>> =
         frame.local.iter().zip(&frame.descs).map(|(&addr, d)| stager.staged_kind(addr, d.len)).collect();
@@ -286,7 +287,8 @@ fn staged_segments(stager: Option<&Stager>, frame: &Frame) -> Option<Vec<Segment
         return None;
     }
     let segments = frame.local.iter().zip(&frame.descs).zip(kinds);
-    Some(segments.map(|((&addr, d), kind)| Segment { addr, len: d.len, kind: kind.unwrap_or(MemKind::Host) }).collect())
+    let segments = segments.map(|((&addr, d), kind)| Segment { addr, len: d.len, kind: kind.unwrap_or(MemKind::Host) });
+    Some((stager, segments.collect()))
 }
 
 fn run_frame(
@@ -297,7 +299,7 @@ fn run_frame(
 ) -> Result<(), Failure> {
     let total: u64 = frame.descs.iter().map(|d| d.len).sum();
     let lens = frame.descs.iter().map(|d| d.len);
-    let staged = staged_segments(stager, frame).and_then(|segments| Some((stager?, segments)));
+    let staged = staged(stager, frame);
     let deadline = frame.completion.deadline();
     match frame.kind {
         FrameKind::Read => {
