@@ -144,9 +144,8 @@ impl Stager {
 
     /// Two pinned bounce buffers, registered with every staging device for DMA.
     pub fn bounce(&self) -> Result<Bounce> {
-        let buffers = [0, 1].map(|_| HostBuffer::alloc(self.chunk_bytes, &HostAllocOptions::new()));
-        let [a, b] = buffers;
-        let buffers = [a?, b?];
+        let alloc = || HostBuffer::alloc(self.chunk_bytes, &HostAllocOptions::new());
+        let buffers = [alloc()?, alloc()?];
         let mut pins = Vec::new();
         for d in self.devices.iter().filter(|d| d.kind() != MemKind::Host) {
             for buffer in &buffers {
