@@ -431,7 +431,7 @@ impl Completion {
     /// another part already failed.
     pub fn skip_reason(&self) -> Option<TransferError> {
         if self.cancelled.load(Ordering::Acquire) {
-            return Some(TransferError::Cancelled { peer: self.peer.clone(), op: self.op });
+            return Some(self.cancelled_error());
         }
         if self.deadline.expired() {
             return Some(self.timeout_error());
@@ -445,6 +445,10 @@ impl Completion {
 
     pub fn timeout_error(&self) -> TransferError {
         TransferError::Timeout { peer: self.peer.clone(), op: self.op }
+    }
+
+    fn cancelled_error(&self) -> TransferError {
+        TransferError::Cancelled { peer: self.peer.clone(), op: self.op }
     }
 
     /// Report one part's outcome.
@@ -461,7 +465,7 @@ impl Completion {
             return PartOutcome::Finished;
         }
         if self.cancelled.load(Ordering::Acquire) {
-            let e = TransferError::Cancelled { peer: self.peer.clone(), op: self.op };
+            let e = self.cancelled_error();
             self.settle(&mut state, TransferStatus::Failed(e));
             return PartOutcome::Finished;
         }
@@ -524,7 +528,7 @@ impl Completion {
             state = self.settled.wait_timeout(state, self.deadline.remaining()).unwrap().0;
         }
         if state.status == TransferStatus::InProgress {
-            let e = TransferError::Cancelled { peer: self.peer.clone(), op: self.op };
+            let e = self.cancelled_error();
             self.settle(&mut state, TransferStatus::Failed(e));
         }
     }
