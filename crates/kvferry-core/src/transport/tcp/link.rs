@@ -54,7 +54,7 @@ impl TcpLink {
         keys: Vec<Option<u128>>,
         config: &TcpConfig,
         stager: Option<Arc<Stager>>,
-    ) -> Result<TcpLink> {
+    ) -> TcpLink {
         let info = Arc::new(LinkInfo {
             local_name: local_name.to_string(),
             peer: peer.to_string(),
@@ -62,14 +62,14 @@ impl TcpLink {
             connect_timeout: config.connect_timeout,
             stager,
         });
-        Ok(TcpLink {
+        TcpLink {
             info,
             keys,
             stream_count: config.streams.max(1),
             streams: OnceLock::new(),
             next_stream: AtomicUsize::new(0),
             min_frame_bytes: config.min_frame_bytes,
-        })
+        }
     }
 
     /// The streams' senders, starting their workers on first use.

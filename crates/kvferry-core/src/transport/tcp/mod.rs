@@ -171,7 +171,7 @@ impl Transport for TcpTransport {
 
     fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>> {
         let keys = remote_keys(peer, TransportKind::Tcp, &regions, |r| decode_key(&r.key))?;
-        let link = TcpLink::new(&self.local_name, peer, &endpoint.address, keys, &self.config, self.stager.clone())?;
+        let link = TcpLink::new(&self.local_name, peer, &endpoint.address, keys, &self.config, self.stager.clone());
         Ok(Arc::new(link))
     }
 }
