@@ -320,8 +320,7 @@ impl Worker {
             if !leases.enter(slot, tag) {
                 slots[..entered].iter().for_each(|&(slot, _, _)| leases.leave(slot));
                 // The registration is gone: forget its grant (and unmap its file).
-                let key = self.grants.iter().find(|(_, g)| g.slot == slot).map(|(k, _)| *k);
-                key.map(|k| self.grants.remove(&k));
+                self.grants.retain(|_, g| g.slot != slot);
                 return Err(self.named(c, Failure::Rejected(index, RejectReason::UnknownKey)));
             }
         }
