@@ -1,6 +1,6 @@
-//! GPU-aware transfers over transports that cannot touch device memory (TCP; libfabric providers
-//! without `FI_HMEM`): the payload passes through two pinned host bounce buffers per stream, and the
-//! device copy of one chunk overlaps the network transfer of the previous one.
+//! GPU-aware transfers over a transport that cannot touch device memory (TCP): the payload passes
+//! through two pinned host bounce buffers per stream, and the device copy of one chunk overlaps the
+//! network transfer of the previous one.
 //!
 //! ```text
 //! send:     D2H chunk 0 | D2H chunk 1   | D2H chunk 2   | ...
