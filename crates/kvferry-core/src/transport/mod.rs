@@ -281,6 +281,25 @@ pub(crate) fn require_host(transport: TransportKind, region: &MemRegion) -> Resu
     Ok(())
 }
 
+/// Decode the key of each of a peer's regions with `decode`; a region the peer did not open to this
+/// transport has no key and maps to `None` (ops on it are refused when posted).
+pub(crate) fn remote_keys<T>(
+    peer: &str,
+    transport: TransportKind,
+    regions: &[RemoteRegion],
+    decode: impl Fn(&RemoteRegion) -> Option<T>,
+) -> Result<Vec<Option<T>>> {
+    regions
+        .iter()
+        .map(|r| match r.key.is_empty() {
+            true => Ok(None),
+            false => decode(r).map(Some).ok_or_else(|| {
+                crate::error::Error::InvalidArgument(format!("peer {peer} sent a malformed {transport} key"))
+            }),
+        })
+        .collect()
+}
+
 /// Random bits for a registration key, from the OS: a peer cannot guess another registration's key.
 pub(crate) fn random_key<const N: usize>() -> Result<[u8; N]> {
     let mut key = [0u8; N];
@@ -412,7 +431,7 @@ impl Completion {
     /// another part already failed.
     pub fn skip_reason(&self) -> Option<TransferError> {
         if self.cancelled.load(Ordering::Acquire) {
-            return Some(TransferError::Cancelled { peer: self.peer.clone(), op: self.op });
+            return Some(self.cancelled_error());
         }
         if self.deadline.expired() {
             return Some(self.timeout_error());
@@ -426,6 +445,10 @@ impl Completion {
 
     pub fn timeout_error(&self) -> TransferError {
         TransferError::Timeout { peer: self.peer.clone(), op: self.op }
+    }
+
+    fn cancelled_error(&self) -> TransferError {
+        TransferError::Cancelled { peer: self.peer.clone(), op: self.op }
     }
 
     /// Report one part's outcome.
@@ -442,7 +465,7 @@ impl Completion {
             return PartOutcome::Finished;
         }
         if self.cancelled.load(Ordering::Acquire) {
-            let e = TransferError::Cancelled { peer: self.peer.clone(), op: self.op };
+            let e = self.cancelled_error();
             self.settle(&mut state, TransferStatus::Failed(e));
             return PartOutcome::Finished;
         }
@@ -505,7 +528,7 @@ impl Completion {
             state = self.settled.wait_timeout(state, self.deadline.remaining()).unwrap().0;
         }
         if state.status == TransferStatus::InProgress {
-            let e = TransferError::Cancelled { peer: self.peer.clone(), op: self.op };
+            let e = self.cancelled_error();
             self.settle(&mut state, TransferStatus::Failed(e));
         }
     }

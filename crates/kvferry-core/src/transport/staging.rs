@@ -1,6 +1,6 @@
-//! GPU-aware transfers over transports that cannot touch device memory (TCP; libfabric providers
-//! without `FI_HMEM`): the payload passes through two pinned host bounce buffers per stream, and the
-//! device copy of one chunk overlaps the network transfer of the previous one.
+//! GPU-aware transfers over a transport that cannot touch device memory (TCP): the payload passes
+//! through two pinned host bounce buffers per stream, and the device copy of one chunk overlaps the
+//! network transfer of the previous one.
 //!
 //! ```text
 //! send:     D2H chunk 0 | D2H chunk 1   | D2H chunk 2   | ...
@@ -144,9 +144,8 @@ impl Stager {
 
     /// Two pinned bounce buffers, registered with every staging device for DMA.
     pub fn bounce(&self) -> Result<Bounce> {
-        let buffers = [0, 1].map(|_| HostBuffer::alloc(self.chunk_bytes, &HostAllocOptions::new()));
-        let [a, b] = buffers;
-        let buffers = [a?, b?];
+        let alloc = || HostBuffer::alloc(self.chunk_bytes, &HostAllocOptions::new());
+        let buffers = [alloc()?, alloc()?];
         let mut pins = Vec::new();
         for d in self.devices.iter().filter(|d| d.kind() != MemKind::Host) {
             for buffer in &buffers {

@@ -262,22 +262,10 @@ impl Worker {
 
     /// Name a failure for the caller; a connection that may be out of step is dropped.
     fn named(&mut self, c: &Completion, failure: Failure) -> TransferError {
-        let peer = self.info.peer.clone();
-        match failure {
-            Failure::Rejected(index, reason) => TransferError::Rejected { peer, op: c.op(), index, reason },
-            Failure::Protocol(detail) => {
-                self.disconnect();
-                TransferError::Protocol { peer, detail }
-            }
-            Failure::Staging(cause) => TransferError::Staging { peer, op: c.op(), cause },
-            Failure::Io(e) => {
-                self.disconnect();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => c.timeout_error(),
-                    _ => TransferError::PeerDisconnected { peer, op: c.op(), cause: e.to_string() },
-                }
-            }
+        if failure.breaks_stream() {
+            self.disconnect();
         }
+        failure.into_error(&self.info.peer, c)
     }
 
     /// Forget the connection and everything granted on it.
@@ -332,8 +320,7 @@ impl Worker {
             if !leases.enter(slot, tag) {
                 slots[..entered].iter().for_each(|&(slot, _, _)| leases.leave(slot));
                 // The registration is gone: forget its grant (and unmap its file).
-                let key = self.grants.iter().find(|(_, g)| g.slot == slot).map(|(k, _)| *k);
-                key.map(|k| self.grants.remove(&k));
+                self.grants.retain(|_, g| g.slot != slot);
                 return Err(self.named(c, Failure::Rejected(index, RejectReason::UnknownKey)));
             }
         }

@@ -36,7 +36,9 @@ use crate::memory::host::HostDevice;
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Acceptor;
 use crate::transport::keys::{self, memory_of};
-use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, require_host};
+use crate::transport::{
+    Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys, require_host,
+};
 
 #[derive(Debug, Clone)]
 pub struct ShmConfig {
@@ -172,15 +174,9 @@ impl Transport for ShmTransport {
         if address.boot_id != self.boot_id {
             return Err(unsupported("it runs on another host (boot ids differ)".into()));
         }
-        let regions = regions
-            .iter()
-            .map(|r| match r.key.is_empty() {
-                true => Ok(None),
-                false => wire::decode_key(&r.key)
-                    .map(|(key, reach)| Some(RemoteShm { key, reach, region: r.region }))
-                    .ok_or_else(|| Error::InvalidArgument(format!("peer {peer} sent a malformed shm key"))),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let regions = remote_keys(peer, TransportKind::Shm, &regions, |r| {
+            wire::decode_key(&r.key).map(|(key, reach)| RemoteShm { key, reach, region: r.region })
+        })?;
         let socket = UnixAddr::from_abstract_name(address.socket)
             .map_err(|e| Error::InvalidArgument(format!("peer {peer} published an invalid socket name: {e}")))?;
         let (conn, pid, probe, leases) = link::connect(&socket, &self.local_name, self.config.connect_timeout)

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::lease::Leases;
-use super::wire::{self, Header};
+use super::wire::{self, Header, invalid};
 use crate::net::Connections;
 use crate::transport::keys::KeyTable;
 use crate::transport::{Notification, NotificationQueue, RejectReason};
@@ -49,10 +49,6 @@ pub(super) fn serve(stream: UnixStream, shared: &OwnerShared) {
             tracing::debug!(error = %e, "shm transport: connection closed");
         }
     });
-}
-
-fn invalid(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 fn respond(stream: &mut UnixStream, status: Result<(), (u32, RejectReason)>) -> io::Result<()> {

@@ -18,7 +18,7 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-pub use crate::transport::tcp::wire::{Failure, HEADER_LEN, Header, MAX_NAME, MAX_NOTIFICATION, status_of};
+pub use crate::transport::tcp::wire::{Failure, HEADER_LEN, Header, MAX_NAME, MAX_NOTIFICATION, invalid, status_of};
 
 pub const VERSION: u32 = 1;
 

@@ -54,7 +54,7 @@ impl TcpLink {
         keys: Vec<Option<u128>>,
         config: &TcpConfig,
         stager: Option<Arc<Stager>>,
-    ) -> Result<TcpLink> {
+    ) -> TcpLink {
         let info = Arc::new(LinkInfo {
             local_name: local_name.to_string(),
             peer: peer.to_string(),
@@ -62,14 +62,14 @@ impl TcpLink {
             connect_timeout: config.connect_timeout,
             stager,
         });
-        Ok(TcpLink {
+        TcpLink {
             info,
             keys,
             stream_count: config.streams.max(1),
             streams: OnceLock::new(),
             next_stream: AtomicUsize::new(0),
             min_frame_bytes: config.min_frame_bytes,
-        })
+        }
     }
 
     /// The streams' senders, starting their workers on first use.
@@ -202,7 +202,6 @@ fn exchange(
     request: impl FnOnce(&mut TcpStream) -> Result<(), Failure>,
 ) -> Result<(), TransferError> {
     let deadline = completion.deadline();
-    let op = completion.op();
     if conn.is_none() {
         *conn = Some(connect(info, deadline.remaining().min(info.connect_timeout)).map_err(|cause| {
             // A handshake cut short by the deadline is a timeout, not proof the peer is gone.
@@ -224,29 +223,12 @@ fn exchange(
         .and_then(|()| stream.set_write_timeout(Some(left)))
         .map_err(Failure::Io)
         .and_then(|()| request(stream));
-    match outcome {
-        Ok(()) => Ok(()),
-        Err(Failure::Rejected(index, reason)) => {
-            Err(TransferError::Rejected { peer: info.peer.clone(), op, index, reason })
-        }
-        Err(Failure::Protocol(detail)) => {
+    outcome.map_err(|failure| {
+        if failure.breaks_stream() {
             *conn = None;
-            Err(TransferError::Protocol { peer: info.peer.clone(), detail })
         }
-        Err(Failure::Staging(cause)) => {
-            // The payload stopped mid-way: the stream is out of step.
-            *conn = None;
-            Err(TransferError::Staging { peer: info.peer.clone(), op, cause })
-        }
-        Err(Failure::Io(e)) => {
-            *conn = None;
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
-                Err(completion.timeout_error())
-            } else {
-                Err(TransferError::PeerDisconnected { peer: info.peer.clone(), op, cause: e.to_string() })
-            }
-        }
-    }
+        failure.into_error(&info.peer, completion)
+    })
 }
 
 fn connect(info: &LinkInfo, timeout: Duration) -> Result<TcpStream, String> {
@@ -295,8 +277,9 @@ fn request_header(kind: FrameKind, descs: &[WireDesc], payload_len: u64) -> Vec<
     head
 }
 
-/// The frame's local memory as staged segments, when any of it is memory the stager handles.
-fn staged_segments(stager: Option<&Stager>, frame: &Frame) -> Option<Vec<Segment>> {
+/// The staging path for a frame, when any of its local memory is memory the stager handles: the
+/// stager and the frame's local memory as segments.
+fn staged<'a>(stager: Option<&'a Stager>, frame: &Frame) -> Option<(&'a Stager, Vec<Segment>)> {
     let stager = stager?;
     let kinds: Vec<Option<MemKind>> =
         frame.local.iter().zip(&frame.descs).map(|(&addr, d)| stager.staged_kind(addr, d.len)).collect();
@@ -304,7 +287,8 @@ fn staged_segments(stager: Option<&Stager>, frame: &Frame) -> Option<Vec<Segment
         return None;
     }
     let segments = frame.local.iter().zip(&frame.descs).zip(kinds);
-    Some(segments.map(|((&addr, d), kind)| Segment { addr, len: d.len, kind: kind.unwrap_or(MemKind::Host) }).collect())
+    let segments = segments.map(|((&addr, d), kind)| Segment { addr, len: d.len, kind: kind.unwrap_or(MemKind::Host) });
+    Some((stager, segments.collect()))
 }
 
 fn run_frame(
@@ -315,7 +299,7 @@ fn run_frame(
 ) -> Result<(), Failure> {
     let total: u64 = frame.descs.iter().map(|d| d.len).sum();
     let lens = frame.descs.iter().map(|d| d.len);
-    let staged = staged_segments(stager, frame).and_then(|segments| Some((stager?, segments)));
+    let staged = staged(stager, frame);
     let deadline = frame.completion.deadline();
     match frame.kind {
         FrameKind::Read => {

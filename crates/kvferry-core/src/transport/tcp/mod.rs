@@ -20,7 +20,7 @@ use crate::memory::{MemKind, MemRegion};
 use crate::net::Acceptor;
 use crate::transport::keys;
 use crate::transport::staging::Stager;
-use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind};
+use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys};
 
 pub use self::wire::MAX_NOTIFICATION;
 
@@ -170,17 +170,8 @@ impl Transport for TcpTransport {
     }
 
     fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>> {
-        // A region the peer did not open to tcp has no key; ops on it are refused when posted.
-        let keys = regions
-            .iter()
-            .map(|r| match r.key.is_empty() {
-                true => Ok(None),
-                false => decode_key(&r.key)
-                    .map(Some)
-                    .ok_or_else(|| Error::InvalidArgument(format!("peer {peer} sent a malformed tcp key"))),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let link = TcpLink::new(&self.local_name, peer, &endpoint.address, keys, &self.config, self.stager.clone())?;
+        let keys = remote_keys(peer, TransportKind::Tcp, &regions, |r| decode_key(&r.key))?;
+        let link = TcpLink::new(&self.local_name, peer, &endpoint.address, keys, &self.config, self.stager.clone());
         Ok(Arc::new(link))
     }
 }

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::wire::{self, FrameKind, Header, WireDesc};
+use super::wire::{self, FrameKind, Header, WireDesc, invalid};
 use crate::deadline::Deadline;
 use crate::memory::MemKind;
 use crate::net::Connections;
@@ -46,10 +46,6 @@ pub(super) fn serve(stream: TcpStream, shared: &TargetShared) {
             tracing::debug!(%peer, error = %e, "tcp transport: connection closed");
         }
     });
-}
-
-fn invalid(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 /// Reads the initiator's hello; returns its agent name.

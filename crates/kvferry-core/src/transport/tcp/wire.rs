@@ -14,7 +14,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
-use crate::transport::RejectReason;
+use crate::transport::{Completion, RejectReason, TransferError};
 
 pub const MAGIC: [u8; 4] = *b"KVFT";
 pub const VERSION: u16 = 1;
@@ -118,6 +118,28 @@ impl From<io::Error> for Failure {
     }
 }
 
+impl Failure {
+    /// Whether the stream may be out of step, so its connection must be dropped: all but a
+    /// rejection, which the target answers in step.
+    pub fn breaks_stream(&self) -> bool {
+        !matches!(self, Failure::Rejected(..))
+    }
+
+    /// Name the failure for the caller of a transfer with `peer`.
+    pub fn into_error(self, peer: &str, c: &Completion) -> TransferError {
+        let peer = peer.to_string();
+        match self {
+            Failure::Rejected(index, reason) => TransferError::Rejected { peer, op: c.op(), index, reason },
+            Failure::Protocol(detail) => TransferError::Protocol { peer, detail },
+            Failure::Staging(cause) => TransferError::Staging { peer, op: c.op(), cause },
+            Failure::Io(e) => match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => c.timeout_error(),
+                _ => TransferError::PeerDisconnected { peer, op: c.op(), cause: e.to_string() },
+            },
+        }
+    }
+}
+
 /// A response header's status: 0 is success, otherwise the rejection it names.
 pub fn status_of(header: Header) -> Result<Header, Failure> {
     match header.tag {
@@ -144,6 +166,11 @@ pub fn encode_hello_ack(status: u8) -> [u8; HELLO_ACK_LEN] {
     b[4..6].copy_from_slice(&VERSION.to_le_bytes());
     b[6] = status;
     b
+}
+
+/// A malformed message from the peer: the connection cannot go on.
+pub fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 /// `write_all` for a gather list: loops over short writes.
