@@ -24,7 +24,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{
     Batch, Endpoint, NotificationQueue, Op, PeerLink, RejectReason, RemoteRegion, TransferError, Transport,
-    TransportKind,
+    TransportKind, remote_keys,
 };
 
 /// The largest notification the fabric transport carries (it lands in a posted receive buffer).
@@ -511,13 +511,7 @@ impl Transport for FabricTransport {
             .enumerate()
             .map(|(i, rail)| Ok((rail.clone(), rail.insert(addresses[i % addresses.len()].clone())?)))
             .collect::<Result<Vec<_>>>()?;
-        let remote = regions
-            .iter()
-            .map(|r| match r.key.is_empty() {
-                true => Ok(None),
-                false => decode_key(&r.key).map(|k| Some((r.region, k))).ok_or_else(|| malformed("key")),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let remote = remote_keys(peer, TransportKind::Fabric, &regions, |r| decode_key(&r.key).map(|k| (r.region, k)))?;
         Ok(Arc::new(FabricLink {
             from: self.local_name.clone(),
             peer: peer.to_string(),
