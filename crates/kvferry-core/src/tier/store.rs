@@ -70,7 +70,6 @@ struct DiskState {
     free: Vec<u32>,
     policy: Box<dyn Policy>,
     slots: u32,
-    admit_after: u8,
     /// Set on the first failed write: the tier keeps serving reads but takes no more blocks.
     failed: Option<TierError>,
 }
@@ -228,7 +227,6 @@ impl TierStore {
                     free: (0..slots).rev().filter(|s| !used.contains(s)).collect(),
                     policy,
                     slots,
-                    admit_after: disk.admit_after,
                     failed: None,
                 })
             }
@@ -258,7 +256,7 @@ impl TierStore {
         }
 
         let total_blocks = host_blocks + disk.as_ref().map_or(0, |d| d.slots as usize);
-        let admit_after = disk.as_ref().map_or(0, |d| d.admit_after);
+        let admit_after = config.disk.as_ref().map_or(0, |d| d.admit_after);
         let state = State {
             host: HashMap::new(),
             slots: (0..host_blocks).map(|_| None).collect(),
@@ -809,13 +807,15 @@ impl Shared {
     /// (or `force`) lets in, while the disk takes writes.
     fn plan_writes(&self, state: &mut State, victims: &[(BlockKey, u32)], force: bool) -> Vec<WriteDown> {
         let mut writes = Vec::new();
+        // No disk, or one that stopped taking blocks.
+        if state.disk.as_ref().is_none_or(|d| d.failed.is_some()) {
+            return writes;
+        }
         for (key, index) in victims {
-            let healthy = state.disk.as_ref().is_some_and(|d| d.failed.is_none());
-            if !healthy || state.slot(*index).on_disk {
+            if state.slot(*index).on_disk {
                 continue;
             }
-            let admit_after = state.disk.as_ref().map_or(0, |d| d.admit_after);
-            if !force && admit_after > 1 && !state.admission.admits(key) {
+            if !force && !state.admission.admits(key) {
                 state.stats.not_admitted += 1;
                 continue;
             }
