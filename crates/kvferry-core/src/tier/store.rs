@@ -16,7 +16,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::HostBuffer;
 use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemRegion};
-use crate::tier::disk::{DiskEntry, DiskFiles, Record};
+use crate::tier::disk::{DiskEntry, DiskFiles, Record, write_failed};
 use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
 use crate::tier::uring::{Direction, IoOp, Ring};
 use crate::tier::{BlockKey, BlockRegions, DISK_ALIGNMENT, Medium, TierConfig, TierError, TierEvent};
@@ -866,24 +866,22 @@ impl Shared {
         written: &[(WriteDown, std::io::Result<u64>)],
         keep_unwritten: bool,
     ) -> Vec<u32> {
-        let mut failure = None;
-        let mut records = Vec::new();
-        for (w, result) in written {
-            match result {
-                Ok(checksum) => {
-                    records.push(Record::Store(w.key, DiskEntry { slot: w.disk_slot, checksum: *checksum }))
-                }
-                Err(e) => {
-                    failure.get_or_insert_with(|| write_failure(state, e));
-                }
-            }
-        }
         let mut stored = Vec::new();
         if let Some(disk) = &mut state.disk {
-            let logged = disk.files.append(&records);
-            for (w, _) in written.iter().filter(|(_, result)| result.is_err()) {
-                disk.free.push(w.disk_slot);
+            let mut failure = None;
+            let mut records = Vec::new();
+            for (w, result) in written {
+                match result {
+                    Ok(checksum) => {
+                        records.push(Record::Store(w.key, DiskEntry { slot: w.disk_slot, checksum: *checksum }))
+                    }
+                    Err(e) => {
+                        disk.free.push(w.disk_slot);
+                        failure.get_or_insert_with(|| write_failed(disk.files.dir(), "writing a block", e));
+                    }
+                }
             }
+            let logged = disk.files.append(&records);
             for record in &records {
                 let Record::Store(key, entry) = *record else { continue };
                 if logged.is_ok() {
@@ -967,9 +965,4 @@ impl Shared {
             None => Ok(()),
         }
     }
-}
-
-fn write_failure(state: &State, err: &std::io::Error) -> TierError {
-    let dir = state.disk.as_ref().map(|d| d.files.dir().to_path_buf()).unwrap_or_default();
-    crate::tier::disk::write_failed(&dir, "writing a block", err)
 }
