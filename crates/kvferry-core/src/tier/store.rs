@@ -97,6 +97,11 @@ impl State {
         }
     }
 
+    /// The slab holding `key`, if it is filled and visible to lookups.
+    fn ready_slab(&self, key: &BlockKey) -> Option<u32> {
+        self.host.get(key).copied().filter(|&i| self.slots[i as usize].as_ref().is_some_and(|s| s.ready))
+    }
+
     fn slot(&mut self, index: u32) -> &mut HostSlot {
         self.slots[index as usize].as_mut().expect("slots named by the map or a claim are occupied")
     }
@@ -308,9 +313,7 @@ impl TierStore {
         let state = self.shared.lock();
         let mut found = Vec::new();
         for key in keys {
-            let in_host =
-                state.host.get(key).is_some_and(|&i| state.slots[i as usize].as_ref().is_some_and(|s| s.ready));
-            if in_host {
+            if state.ready_slab(key).is_some() {
                 found.push(Medium::Cpu);
             } else if state.disk.as_ref().is_some_and(|d| d.blocks.contains_key(key)) {
                 found.push(Medium::Disk);
@@ -558,9 +561,7 @@ impl Shared {
             let state = &mut *state;
             for (key, _) in blocks {
                 state.admission.record(key);
-                let host =
-                    state.host.get(key).copied().filter(|&i| state.slots[i as usize].as_ref().is_some_and(|s| s.ready));
-                if let Some(index) = host {
+                if let Some(index) = state.ready_slab(key) {
                     state.slot(index).pins += 1;
                     state.policy.touched(key);
                     state.stats.host_hits += 1;
