@@ -250,11 +250,12 @@ impl TierStore {
                 let reasons: Vec<String> =
                     refused.into_iter().chain(disk.files.buffered().map(str::to_string)).collect();
                 if !reasons.is_empty() {
-                    let reason = reasons.join("; ");
-                    tracing::warn!("the disk tier runs without some kernel fast paths: {reason}");
-                    stats.io_fallback = Some(reason);
+                    stats.io_fallback = Some(reasons.join("; "));
                 }
                 rings.push(Some(ring));
+            }
+            if let Some(reason) = &stats.io_fallback {
+                tracing::warn!("the disk tier runs without some kernel fast paths: {reason}");
             }
         } else {
             rings.resize_with(config.workers, || None);
