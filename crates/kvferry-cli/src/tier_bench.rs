@@ -165,7 +165,6 @@ fn run_in(args: &TierBenchArgs, dir: &std::path::Path) -> anyhow::Result<Vec<Tie
                     gets.push(get);
                 }
                 check(&dst, block, "disk")?;
-                store.offload(keys.clone())?.wait(Deadline::after(DEADLINE))?;
             }
             if let Some(reason) = store.stats().io_fallback {
                 eprintln!("note: the disk tier ran without registered buffers or files: {reason}");
