@@ -371,13 +371,11 @@ impl TierStore {
         state.emit(TierEvent::Removed { keys: removed, medium: Medium::Cpu });
         let Some(disk) = &mut state.disk else { return Ok(()) };
         let gone: Vec<BlockKey> = disk.blocks.iter().filter(|(_, b)| b.pins == 0).map(|(k, _)| *k).collect();
-        let records: Vec<Record> = gone.iter().map(|k| Record::Remove(*k)).collect();
-        let logged = if gone.len() == disk.blocks.len() {
-            disk.files.rewrite(&HashMap::new())
+        if gone.len() == disk.blocks.len() {
+            disk.files.rewrite(&HashMap::new())?;
         } else {
-            disk.files.append(&records)
-        };
-        logged?;
+            disk.files.append(&gone.iter().map(|k| Record::Remove(*k)).collect::<Vec<_>>())?;
+        }
         for key in &gone {
             if let Some(block) = disk.blocks.remove(key) {
                 disk.policy.forgotten(key);
