@@ -76,6 +76,11 @@ fn put(store: &TierStore, ids: &[u32]) -> Result<()> {
     unsafe { store.put(host(), blocks_of(&buf, ids)) }?.wait(deadline())
 }
 
+/// Move blocks `ids` down to disk and wait for it.
+fn offload(store: &TierStore, ids: &[u32]) {
+    store.offload(ids.iter().map(|&i| key(i)).collect()).unwrap().wait(deadline()).unwrap();
+}
+
 /// Get blocks `ids` and check every byte.
 fn get_exact(store: &TierStore, ids: &[u32]) -> Result<()> {
     let out = HostBuffer::alloc(ids.len() * BLOCK, &UNPINNED).unwrap();
@@ -354,7 +359,7 @@ fn restart_keeps_the_disk_tier_byte_exact() {
         for chunk in ids.chunks(4) {
             put(&store, chunk).unwrap();
         }
-        store.offload(ids.iter().map(|&i| key(i)).collect()).unwrap().wait(deadline()).unwrap();
+        offload(&store, &ids);
         assert_eq!(store.stats().host_blocks, 0);
     }
     for round in 0..2 {
@@ -398,7 +403,7 @@ fn a_corrupt_block_is_dropped_and_never_served() {
     {
         let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
         put(&store, &[0, 1]).unwrap();
-        store.offload(vec![key(0), key(1)]).unwrap().wait(deadline()).unwrap();
+        offload(&store, &[0, 1]);
     }
     corrupt_data_file(&dir);
     let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
@@ -427,7 +432,7 @@ fn a_damaged_index_is_a_typed_error_and_a_torn_tail_is_dropped() {
     let write_blocks = |ids: &[u32]| {
         let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
         put(&store, ids).unwrap();
-        store.offload(ids.iter().map(|&i| key(i)).collect()).unwrap().wait(deadline()).unwrap();
+        offload(&store, ids);
     };
     write_blocks(&[0, 1, 2]);
     let good = std::fs::read(&log).unwrap();
@@ -503,7 +508,7 @@ fn writer_child(dir: &Path) {
     loop {
         let ids: Vec<u32> = (next..next + 4).collect();
         put(&store, &ids).unwrap();
-        store.offload(ids.iter().map(|&i| key(i)).collect()).unwrap().wait(deadline()).unwrap();
+        offload(&store, &ids);
         println!("stored {next}");
         std::io::stdout().flush().unwrap();
         next += 4;
@@ -682,7 +687,7 @@ fn the_index_log_is_compacted_while_running() {
     // Each offload into the full disk logs two records (a removal, a store): 10,000 in all.
     for i in 0..5000 {
         put(&store, &[i]).unwrap();
-        store.offload(vec![key(i)]).unwrap().wait(deadline()).unwrap();
+        offload(&store, &[i]);
         largest = largest.max(log_len());
     }
     // The log never holds more than the compaction threshold (4 × 8 live + 4096) and a batch.

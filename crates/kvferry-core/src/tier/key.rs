@@ -55,10 +55,10 @@ impl BlockKey {
     /// The chained keys of every full block of `tokens`, `block_tokens` tokens per block; a trailing
     /// partial block has no key (it cannot be shared until it fills).
     pub fn prefix_keys(tokens: &[u32], block_tokens: usize, extra: &[u8]) -> Vec<BlockKey> {
-        let mut keys: Vec<BlockKey> = Vec::with_capacity(tokens.len() / block_tokens.max(1));
         if block_tokens == 0 {
-            return keys;
+            return Vec::new();
         }
+        let mut keys: Vec<BlockKey> = Vec::with_capacity(tokens.len() / block_tokens);
         for block in tokens.chunks_exact(block_tokens) {
             let key = BlockKey::chain(keys.last(), block, extra);
             keys.push(key);

@@ -210,7 +210,8 @@ impl Policy for Arc {
 
 /// A count-min sketch of how often each key was put or hit, halved periodically so that old
 /// popularity fades (TinyLFU's aging). Blocks evicted from DRAM reach the disk only when the sketch
-/// has seen them at least `threshold` times, which keeps one-hit blocks from costing a disk write.
+/// has seen them at least `threshold` times, which keeps one-hit blocks from costing a disk write; a
+/// threshold of 0 or 1 admits every block.
 pub(crate) struct AdmissionFilter {
     counters: Vec<u8>,
     mask: usize,
@@ -251,7 +252,7 @@ impl AdmissionFilter {
     }
 
     pub(crate) fn admits(&self, key: &BlockKey) -> bool {
-        self.frequency(key) >= self.threshold
+        self.threshold <= 1 || self.frequency(key) >= self.threshold
     }
 }
 
@@ -367,5 +368,7 @@ mod tests {
             filter.record(&key(2));
         }
         assert!(filter.frequency(&key(1)) < 2);
+        // A threshold of 0 or 1 admits even a block never seen (or aged out).
+        assert!(AdmissionFilter::new(64, 0).admits(&key(3)) && AdmissionFilter::new(64, 1).admits(&key(3)));
     }
 }

@@ -16,7 +16,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::HostBuffer;
 use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemRegion};
-use crate::tier::disk::{DiskEntry, DiskFiles, Record};
+use crate::tier::disk::{DiskEntry, DiskFiles, Record, write_failed};
 use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
 use crate::tier::uring::{Direction, IoOp, Ring};
 use crate::tier::{BlockKey, BlockRegions, DISK_ALIGNMENT, Medium, TierConfig, TierError, TierEvent};
@@ -70,7 +70,6 @@ struct DiskState {
     free: Vec<u32>,
     policy: Box<dyn Policy>,
     slots: u32,
-    admit_after: u8,
     /// Set on the first failed write: the tier keeps serving reads but takes no more blocks.
     failed: Option<TierError>,
 }
@@ -96,6 +95,11 @@ impl State {
         if !keys_empty {
             self.subscribers.retain(|s| s.send(event.clone()).is_ok());
         }
+    }
+
+    /// The slab holding `key`, if it is filled and visible to lookups.
+    fn ready_slab(&self, key: &BlockKey) -> Option<u32> {
+        self.host.get(key).copied().filter(|&i| self.slots[i as usize].as_ref().is_some_and(|s| s.ready))
     }
 
     fn slot(&mut self, index: u32) -> &mut HostSlot {
@@ -228,7 +232,6 @@ impl TierStore {
                     free: (0..slots).rev().filter(|s| !used.contains(s)).collect(),
                     policy,
                     slots,
-                    admit_after: disk.admit_after,
                     failed: None,
                 })
             }
@@ -247,18 +250,19 @@ impl TierStore {
                 let reasons: Vec<String> =
                     refused.into_iter().chain(disk.files.buffered().map(str::to_string)).collect();
                 if !reasons.is_empty() {
-                    let reason = reasons.join("; ");
-                    tracing::warn!("the disk tier runs without some kernel fast paths: {reason}");
-                    stats.io_fallback = Some(reason);
+                    stats.io_fallback = Some(reasons.join("; "));
                 }
                 rings.push(Some(ring));
+            }
+            if let Some(reason) = &stats.io_fallback {
+                tracing::warn!("the disk tier runs without some kernel fast paths: {reason}");
             }
         } else {
             rings.resize_with(config.workers, || None);
         }
 
         let total_blocks = host_blocks + disk.as_ref().map_or(0, |d| d.slots as usize);
-        let admit_after = disk.as_ref().map_or(0, |d| d.admit_after);
+        let admit_after = config.disk.as_ref().map_or(0, |d| d.admit_after);
         let state = State {
             host: HashMap::new(),
             slots: (0..host_blocks).map(|_| None).collect(),
@@ -310,9 +314,7 @@ impl TierStore {
         let state = self.shared.lock();
         let mut found = Vec::new();
         for key in keys {
-            let in_host =
-                state.host.get(key).is_some_and(|&i| state.slots[i as usize].as_ref().is_some_and(|s| s.ready));
-            if in_host {
+            if state.ready_slab(key).is_some() {
                 found.push(Medium::Cpu);
             } else if state.disk.as_ref().is_some_and(|d| d.blocks.contains_key(key)) {
                 found.push(Medium::Disk);
@@ -369,13 +371,11 @@ impl TierStore {
         state.emit(TierEvent::Removed { keys: removed, medium: Medium::Cpu });
         let Some(disk) = &mut state.disk else { return Ok(()) };
         let gone: Vec<BlockKey> = disk.blocks.iter().filter(|(_, b)| b.pins == 0).map(|(k, _)| *k).collect();
-        let records: Vec<Record> = gone.iter().map(|k| Record::Remove(*k)).collect();
-        let logged = if gone.len() == disk.blocks.len() {
-            disk.files.rewrite(&HashMap::new())
+        if gone.len() == disk.blocks.len() {
+            disk.files.rewrite(&HashMap::new())?;
         } else {
-            disk.files.append(&records)
-        };
-        logged?;
+            disk.files.append(&gone.iter().map(|k| Record::Remove(*k)).collect::<Vec<_>>())?;
+        }
         for key in &gone {
             if let Some(block) = disk.blocks.remove(key) {
                 disk.policy.forgotten(key);
@@ -560,9 +560,7 @@ impl Shared {
             let state = &mut *state;
             for (key, _) in blocks {
                 state.admission.record(key);
-                let host =
-                    state.host.get(key).copied().filter(|&i| state.slots[i as usize].as_ref().is_some_and(|s| s.ready));
-                if let Some(index) = host {
+                if let Some(index) = state.ready_slab(key) {
                     state.slot(index).pins += 1;
                     state.policy.touched(key);
                     state.stats.host_hits += 1;
@@ -809,13 +807,15 @@ impl Shared {
     /// (or `force`) lets in, while the disk takes writes.
     fn plan_writes(&self, state: &mut State, victims: &[(BlockKey, u32)], force: bool) -> Vec<WriteDown> {
         let mut writes = Vec::new();
+        // No disk, or one that stopped taking blocks.
+        if state.disk.as_ref().is_none_or(|d| d.failed.is_some()) {
+            return writes;
+        }
         for (key, index) in victims {
-            let healthy = state.disk.as_ref().is_some_and(|d| d.failed.is_none());
-            if !healthy || state.slot(*index).on_disk {
+            if state.slot(*index).on_disk {
                 continue;
             }
-            let admit_after = state.disk.as_ref().map_or(0, |d| d.admit_after);
-            if !force && admit_after > 1 && !state.admission.admits(key) {
+            if !force && !state.admission.admits(key) {
                 state.stats.not_admitted += 1;
                 continue;
             }
@@ -866,24 +866,22 @@ impl Shared {
         written: &[(WriteDown, std::io::Result<u64>)],
         keep_unwritten: bool,
     ) -> Vec<u32> {
-        let mut failure = None;
-        let mut records = Vec::new();
-        for (w, result) in written {
-            match result {
-                Ok(checksum) => {
-                    records.push(Record::Store(w.key, DiskEntry { slot: w.disk_slot, checksum: *checksum }))
-                }
-                Err(e) => {
-                    failure.get_or_insert_with(|| write_failure(state, e));
-                }
-            }
-        }
         let mut stored = Vec::new();
         if let Some(disk) = &mut state.disk {
-            let logged = disk.files.append(&records);
-            for (w, _) in written.iter().filter(|(_, result)| result.is_err()) {
-                disk.free.push(w.disk_slot);
+            let mut failure = None;
+            let mut records = Vec::new();
+            for (w, result) in written {
+                match result {
+                    Ok(checksum) => {
+                        records.push(Record::Store(w.key, DiskEntry { slot: w.disk_slot, checksum: *checksum }))
+                    }
+                    Err(e) => {
+                        disk.free.push(w.disk_slot);
+                        failure.get_or_insert_with(|| write_failed(disk.files.dir(), "writing a block", e));
+                    }
+                }
             }
+            let logged = disk.files.append(&records);
             for record in &records {
                 let Record::Store(key, entry) = *record else { continue };
                 if logged.is_ok() {
@@ -967,9 +965,4 @@ impl Shared {
             None => Ok(()),
         }
     }
-}
-
-fn write_failure(state: &State, err: &std::io::Error) -> TierError {
-    let dir = state.disk.as_ref().map(|d| d.files.dir().to_path_buf()).unwrap_or_default();
-    crate::tier::disk::write_failed(&dir, "writing a block", err)
 }

@@ -146,10 +146,9 @@ impl Ring {
                 }
                 return;
             }
-            let completed: Vec<(u64, i32)> = ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
-            for (tag, result) in completed {
+            for cqe in ring.completion() {
                 in_flight -= 1;
-                let index = tag as usize;
+                let (index, result) = (cqe.user_data() as usize, cqe.result());
                 let op = &mut remaining[index];
                 if result < 0 {
                     done.push((index, Err(io::Error::from_raw_os_error(-result))));
