@@ -36,10 +36,13 @@ for program in errors two_process threads store transfer transfer-static store-e
     "$work/$program"
 done
 # The global handle table shows up as "possibly lost" (hash tables point inside their
-# allocation); only definite leaks fail.
+# allocation); only definite leaks fail. Valgrind runs one thread at a time, and its default lock
+# is unfair: a caller spinning on kvferry_transfer_poll can starve the worker thread that would
+# finish the transfer, so the tests would time out; --fair-sched=yes hands the lock round in turn.
 for program in errors two_process threads store; do
     echo "-- $program under valgrind"
-    valgrind -q --trace-children=yes --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=1 \
+    valgrind -q --fair-sched=yes --trace-children=yes --leak-check=full --errors-for-leak-kinds=definite \
+        --error-exitcode=1 \
         "$work/$program"
 done
 echo "C ABI: the C tests and example pass, under valgrind too"
