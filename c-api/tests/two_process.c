@@ -54,8 +54,9 @@ static int serve(int info_fd, pid_t client) {
     for (size_t b = 0; b < BLOCKS; b++) fill_block(buf + b * BLOCK, BLOCK, 1, b);
 
     kvferry_agent agent;
-    const char *options[] = {"tcp.listen=127.0.0.1:0", "tcp.streams=2"};
-    CHECK_OK(kvferry_agent_create("c-server", options, 2, &agent));
+    /* TCP only: both processes share this host, where an agent would otherwise pick shared memory. */
+    const char *options[] = {"tcp.listen=127.0.0.1:0", "tcp.streams=2", "shm=off"};
+    CHECK_OK(kvferry_agent_create("c-server", options, 3, &agent));
     kvferry_registration reg;
     kvferry_region whole = {.addr = (uintptr_t)buf, .len = (uint64_t)BLOCKS * BLOCK, .mem_kind = KVFERRY_MEM_HOST};
     CHECK_OK(kvferry_register(agent, whole, &reg));
@@ -113,7 +114,8 @@ static int connect_and_move(int info_fd) {
     uint8_t *buf = alloc_blocks();
     memset(buf, 0, (size_t)BLOCKS * BLOCK);
     kvferry_agent agent;
-    CHECK_OK(kvferry_agent_create("c-client", NULL, 0, &agent));
+    const char *options[] = {"shm=off"};
+    CHECK_OK(kvferry_agent_create("c-client", options, 1, &agent));
     kvferry_registration reg;
     kvferry_region whole = {.addr = (uintptr_t)buf, .len = (uint64_t)BLOCKS * BLOCK, .mem_kind = KVFERRY_MEM_HOST};
     CHECK_OK(kvferry_register(agent, whole, &reg));
