@@ -1,0 +1,99 @@
+"""The connector's settings, read from `kv_connector_extra_config`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    dram_bytes: int
+    disk_dir: str | None
+    disk_bytes: int
+    policy: str
+    admit_after: int
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    engine_id: str
+    # P/D disaggregation: serve finished prefills to decode engines, pull blocks given their params.
+    pd: bool
+    offload: OffloadConfig | None
+    # Where this engine's transfer agents and its handshake side channel listen.
+    host: str
+    port: int
+    lease_seconds: float
+    timeout_seconds: float
+    shm: bool
+    fabric_provider: str | None
+
+    @staticmethod
+    def from_extra(engine_id: str, kv_role: str | None, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
+        extra = dict(extra or {})
+        known = {"pd", "offload", "host", "port", "lease_seconds", "timeout_seconds", "shm", "fabric_provider"}
+        unknown = set(extra) - known
+        if unknown:
+            raise ValueError(f"unknown kv_connector_extra_config keys {sorted(unknown)}; known: {sorted(known)}")
+        offload = extra.get("offload")
+        pd = bool(extra.get("pd", kv_role in ("kv_producer", "kv_consumer", "kv_both")))
+        if not pd and offload is None:
+            raise ValueError('kv_connector_extra_config enables neither "pd" nor "offload"')
+        return ConnectorConfig(
+            engine_id=engine_id,
+            pd=pd,
+            offload=None if offload is None else _offload(offload),
+            host=str(extra.get("host", os.environ.get("VLLM_HOST_IP") or "127.0.0.1")),
+            port=_non_negative(extra, "port", 0),
+            lease_seconds=float(_positive(extra, "lease_seconds", 120.0)),
+            timeout_seconds=float(_positive(extra, "timeout_seconds", 30.0)),
+            shm=bool(extra.get("shm", True)),
+            fabric_provider=extra.get("fabric_provider"),
+        )
+
+
+def _offload(d: Any) -> OffloadConfig:
+    if not isinstance(d, Mapping):
+        raise ValueError(f'"offload" must be an object, not {d!r}')
+    known = {"dram_bytes", "dram_gib", "disk_dir", "disk_bytes", "disk_gib", "policy", "admit_after"}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f'unknown "offload" keys {sorted(unknown)}; known: {sorted(known)}')
+    dram = _bytes(d, "dram", 4 * GIB)
+    disk_dir = d.get("disk_dir")
+    disk = _bytes(d, "disk", 0)
+    if disk_dir is not None and disk == 0:
+        raise ValueError('"offload.disk_dir" needs "disk_bytes" or "disk_gib"')
+    return OffloadConfig(
+        dram_bytes=dram,
+        disk_dir=None if disk_dir is None else str(disk_dir),
+        disk_bytes=disk,
+        policy=str(d.get("policy", "lru")),
+        admit_after=int(_positive(d, "admit_after", 1)),
+    )
+
+
+def _bytes(d: Mapping[str, Any], stem: str, default: int) -> int:
+    if f"{stem}_bytes" in d:
+        return int(_non_negative(d, f"{stem}_bytes", 0))
+    if f"{stem}_gib" in d:
+        return int(float(_non_negative(d, f"{stem}_gib", 0)) * GIB)
+    return default
+
+
+def _positive(d: Mapping[str, Any], key: str, default: float) -> float:
+    value = d.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f'"{key}" must be a positive number, not {value!r}')
+    return value
+
+
+def _non_negative(d: Mapping[str, Any], key: str, default: float) -> float:
+    value = d.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f'"{key}" must be a non-negative number, not {value!r}')
+    return value

@@ -1,0 +1,76 @@
+"""What the scheduler-side connector tells its workers each step, and what they tell it back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+
+@dataclass
+class RemoteLoad:
+    """Pull a finished prefill's blocks from a remote engine into `block_ids` (per KV cache group)."""
+
+    req_id: str
+    block_ids: list[list[int]]
+    remote_block_ids: list[list[int]]
+    remote_engine_id: str
+    remote_request_id: str
+    remote_host: str
+    remote_port: int
+
+
+@dataclass
+class TierLoad:
+    """Copy cached blocks back from the tiers: `keys[i]` into block `block_ids[i]`."""
+
+    req_id: str
+    block_ids: list[int]
+    keys: list[bytes]
+
+
+@dataclass
+class TierStore:
+    """Copy computed blocks into the tiers once this step's forward pass wrote them."""
+
+    req_id: str
+    block_ids: list[int]
+    keys: list[bytes]
+
+
+@dataclass
+class StepMetadata(KVConnectorMetadata):
+    remote_loads: list[RemoteLoad] = field(default_factory=list)
+    tier_loads: list[TierLoad] = field(default_factory=list)
+    stores: list[TierStore] = field(default_factory=list)
+    # Finished requests whose blocks this connector holds: request id -> the wall-clock time the
+    # prefill lease ends (None: no remote reader, only stores in flight).
+    held: dict[str, float | None] = field(default_factory=dict)
+    # Requests that ended while their blocks were being loaded.
+    cancelled_loads: set[str] = field(default_factory=set)
+    preempted: set[str] = field(default_factory=set)
+    # Empty the tiers (vLLM's `reset_prefix_cache(reset_connector=True)`).
+    clear_tiers: bool = False
+
+
+@dataclass
+class WorkerReport(KVConnectorWorkerMetadata):
+    """Tier changes seen by workers: `(rank, kind, keys, medium, from_medium)` each."""
+
+    tier_events: list[tuple[int, str, list[bytes], str, str | None]] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, WorkerReport)
+        return WorkerReport(self.tier_events + other.tier_events)
+
+
+@dataclass
+class RankHandshake(KVConnectorHandshakeMetadata):
+    """A worker rank's `RankInfo`, as a dict, on its way to the scheduler."""
+
+    info: dict[str, Any]

@@ -1,0 +1,327 @@
+"""The scheduler side: decides what each step loads, stores and holds, and keeps the index of what
+the workers' tiers hold (from the tier events they report), so prefix lookups never leave the
+scheduler process."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import kvferry
+from kvferry.vllm.config import ConnectorConfig
+from kvferry.vllm.handshake import HandshakeServer, RankInfo
+from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, TierStore, WorkerReport
+
+logger = logging.getLogger("kvferry.vllm")
+
+_REMOTE_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
+# Where a block lives across ranks: the medium farthest from the engine any rank keeps it in.
+_MEDIUM_ORDER = {"CPU": 0, "DISK": 1}
+
+
+@dataclass
+class _Match:
+    kind: str  # "remote" or "tier"
+    num_computed: int
+    num_external: int
+
+
+@dataclass
+class _Pending:
+    """A block scheduled for storing, with what its Stored event will say."""
+
+    engine_hash: Any
+    parent_hash: Any
+    token_ids: list[int]
+
+
+class ConnectorScheduler:
+    def __init__(self, cfg: ConnectorConfig, vllm_config: Any, kv_cache_config: Any):
+        self.cfg = cfg
+        self.block_tokens = vllm_config.cache_config.block_size
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.groups = len(kv_cache_config.kv_cache_groups)
+        self.offload = cfg.offload is not None and self.groups == 1
+        self.kv_cache_manager: Any = None
+        self.server: HandshakeServer | None = None
+        self._step = StepMetadata()
+        self._matches: dict[str, _Match] = {}
+        self._requests: dict[str, Any] = {}
+        self._keys: dict[str, list[bytes]] = {}
+        self._stored_upto: dict[str, int] = {}
+        self._storing: set[str] = set()
+        self._loading: set[str] = set()
+        self._pending: dict[bytes, _Pending] = {}
+        self._index: dict[bytes, dict[int, str]] = {}
+        self._hashes: dict[bytes, Any] = {}
+        self._events: list[Any] = []
+        self.stats = {"remote_tokens": 0, "tier_tokens": 0, "stored_blocks": 0}
+
+    # Lookups.
+
+    def matched_tokens(self, request: Any, num_computed: int) -> tuple[int, bool]:
+        rid = request.request_id
+        params = request.kv_transfer_params or {}
+        if self.cfg.pd and params.get("do_remote_prefill") and all(k in params for k in _REMOTE_KEYS):
+            remote_tokens = int(params.get("remote_num_tokens") or request.num_prompt_tokens)
+            n = min(remote_tokens, request.num_prompt_tokens) - num_computed
+            if n > 0:
+                self._matches[rid] = _Match("remote", num_computed, n)
+                return n, True
+            return 0, False
+        if self.offload:
+            keys = self._request_keys(request)
+            start = num_computed // self.block_tokens
+            hits = 0
+            for key in keys[start:]:
+                if self._medium(key) is None:
+                    break
+                hits += 1
+            n = (start + hits) * self.block_tokens - num_computed
+            if n > 0:
+                self._matches[rid] = _Match("tier", num_computed, n)
+                return n, True
+        return 0, False
+
+    def hit_sources(self, request: Any, num_external: int) -> dict[Any, int]:
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        match = self._matches.get(request.request_id)
+        if num_external == 0 or match is None:
+            return {}
+        if match.kind == "remote":
+            return {CacheHitSource.P2P: num_external}
+        keys = self._request_keys(request)
+        first = match.num_computed // self.block_tokens
+        counts: dict[Any, int] = {}
+        for key in keys[first : first + num_external // self.block_tokens]:
+            source = CacheHitSource.DISK if self._medium(key) == "DISK" else CacheHitSource.HOST
+            counts[source] = counts.get(source, 0) + self.block_tokens
+        return counts
+
+    def after_alloc(self, request: Any, blocks: Any, num_external: int) -> None:
+        rid = request.request_id
+        if self.offload:
+            self._requests[rid] = request
+        match = self._matches.pop(rid, None)
+        params = request.kv_transfer_params
+        if self.cfg.pd and params and params.get("do_remote_prefill"):
+            # Processed once: a second call after the load must not start another.
+            params["do_remote_prefill"] = False
+            if not all(k in params for k in _REMOTE_KEYS):
+                logger.warning("kvferry: %s has incomplete kv_transfer_params %s", rid, params)
+                return
+            local_ids, remote_ids = [[]], [[]]
+            if num_external > 0 and match is not None and match.kind == "remote":
+                first = match.num_computed // self.block_tokens
+                last = -(-(match.num_computed + num_external) // self.block_tokens)
+                remote_all = params["remote_block_ids"]
+                if remote_all and not isinstance(remote_all[0], (list, tuple)):
+                    remote_all = [remote_all]
+                local_ids = [list(g[first:last]) for g in blocks.get_block_ids()]
+                remote_ids = [list(g[first:last]) for g in remote_all]
+                self._loading.add(rid)
+                self.stats["remote_tokens"] += num_external
+            # With nothing to read the load still tells the prefill engine to release the blocks.
+            self._step.remote_loads.append(
+                RemoteLoad(
+                    rid,
+                    local_ids,
+                    remote_ids,
+                    str(params["remote_engine_id"]),
+                    str(params["remote_request_id"]),
+                    str(params["remote_host"]),
+                    int(params["remote_port"]),
+                )
+            )
+            return
+        if num_external > 0 and match is not None and match.kind == "tier":
+            first = match.num_computed // self.block_tokens
+            count = num_external // self.block_tokens
+            ids = blocks.get_block_ids()[0][first : first + count]
+            keys = self._request_keys(request)[first : first + count]
+            self._step.tier_loads.append(TierLoad(rid, list(ids), keys))
+            self._loading.add(rid)
+            self.stats["tier_tokens"] += num_external
+
+    # Each step.
+
+    def build_meta(self, out: Any) -> StepMetadata:
+        meta, self._step = self._step, StepMetadata()
+        meta.preempted = set(out.preempted_req_ids or ())
+        for rid in meta.preempted:
+            self._stored_upto.pop(rid, None)
+        if self.offload:
+            computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
+            cached = out.scheduled_cached_reqs
+            computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+            for rid, num_computed in computed.items():
+                spec = self._stores_for(rid, num_computed + out.num_scheduled_tokens.get(rid, 0))
+                if spec is not None:
+                    meta.stores.append(spec)
+        return meta
+
+    def _stores_for(self, rid: str, tokens_after_step: int) -> TierStore | None:
+        request = self._requests.get(rid)
+        if request is None or self.kv_cache_manager is None:
+            return None
+        keys = self._request_keys(request)
+        upto = min(tokens_after_step // self.block_tokens, len(keys))
+        start = self._stored_upto.get(rid, 0)
+        if upto <= start:
+            return None
+        self._stored_upto[rid] = upto
+        block_ids = self.kv_cache_manager.get_block_ids(rid)[0]
+        ids, chosen = [], []
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        for i in range(start, upto):
+            key = keys[i]
+            if self._medium(key) is not None or key in self._pending:
+                continue
+            self._pending[key] = _Pending(
+                hashes[i],
+                hashes[i - 1] if i else None,
+                list(tokens[i * self.block_tokens : (i + 1) * self.block_tokens]),
+            )
+            ids.append(block_ids[i])
+            chosen.append(key)
+        if not chosen:
+            return None
+        self._storing.add(rid)
+        self.stats["stored_blocks"] += len(chosen)
+        return TierStore(rid, ids, chosen)
+
+    def finished(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        rid = request.request_id
+        self._requests.pop(rid, None)
+        self._keys.pop(rid, None)
+        self._stored_upto.pop(rid, None)
+        self._matches.pop(rid, None)
+        if rid in self._loading:
+            # vLLM frees the blocks only once the worker says the load ended; make that soon.
+            self._step.cancelled_loads.add(rid)
+        hold = rid in self._storing
+        self._storing.discard(rid)
+        expiry, params = None, None
+        kv_params = request.kv_transfer_params or {}
+        if (
+            self.cfg.pd
+            and kv_params.get("do_remote_decode")
+            and request.status in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
+            and any(block_ids)
+        ):
+            if self.server is None:
+                logger.warning("kvferry: %s asks for remote decode but the side channel is not up", rid)
+            else:
+                expiry = time.time() + self.cfg.lease_seconds
+                params = {
+                    "do_remote_prefill": True,
+                    "do_remote_decode": False,
+                    "remote_block_ids": [list(g) for g in block_ids],
+                    "remote_engine_id": self.cfg.engine_id,
+                    "remote_request_id": rid,
+                    "remote_host": self.server.host,
+                    "remote_port": self.server.port,
+                    "remote_num_tokens": request.num_computed_tokens,
+                    "tp_size": self.tp_size,
+                }
+                hold = True
+        if hold:
+            self._step.held[rid] = expiry
+        return hold, params
+
+    def update(self, output: Any) -> None:
+        for rid in output.finished_recving or ():
+            self._loading.discard(rid)
+        report = output.kv_connector_worker_meta
+        if isinstance(report, WorkerReport):
+            self._apply(report.tier_events)
+
+    def take_events(self) -> list[Any]:
+        events, self._events = self._events, []
+        return events
+
+    def reset(self) -> bool:
+        from vllm.distributed.kv_events import AllBlocksCleared
+
+        if not self.offload:
+            return False
+        self._step.clear_tiers = True
+        self._index.clear()
+        self._hashes.clear()
+        self._events.append(AllBlocksCleared())
+        return True
+
+    def serve_handshake(self, ranks: dict[int, Any]) -> None:
+        if not self.cfg.pd:
+            return
+        infos = {r: RankInfo.from_dict(m.info) for r, m in ranks.items() if isinstance(m, RankHandshake)}
+        if len(infos) != self.tp_size:
+            logger.warning("kvferry: %d of %d ranks sent handshake metadata", len(infos), self.tp_size)
+        self.server = HandshakeServer(self.cfg.host, self.cfg.port, infos)
+        logger.info("kvferry: side channel of %s on %s:%d", self.cfg.engine_id, self.server.host, self.server.port)
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    # Index of the tiers.
+
+    def _request_keys(self, request: Any) -> list[bytes]:
+        keys = self._keys.get(request.request_id)
+        hashes = request.block_hashes
+        if keys is None or len(keys) < len(hashes):
+            keys = [kvferry.engine_key(h) for h in hashes]
+            self._keys[request.request_id] = keys
+        return keys
+
+    def _medium(self, key: bytes) -> str | None:
+        ranks = self._index.get(key)
+        if ranks is None or len(ranks) < self.tp_size:
+            return None
+        return max(ranks.values(), key=_MEDIUM_ORDER.__getitem__)
+
+    def _apply(self, events: list[tuple[int, str, list[bytes], str, str | None]]) -> None:
+        from vllm.distributed import kv_events as ev
+
+        names = {"CPU": ev.MEDIUM_CPU, "DISK": getattr(ev, "MEDIUM_STORAGE", "DISK")}
+        for rank, kind, keys, medium, _from in events:
+            for key in keys:
+                before = self._medium(key)
+                ranks = self._index.setdefault(key, {})
+                if kind == "removed":
+                    ranks.pop(rank, None)
+                    if not ranks:
+                        del self._index[key]
+                else:
+                    ranks[rank] = medium
+                after = self._medium(key)
+                if before == after:
+                    continue
+                pending = self._pending.pop(key, None) if after is not None else None
+                if pending is not None:
+                    self._hashes[key] = pending
+                info = self._hashes.get(key)
+                if info is None:
+                    continue
+                if before is not None:
+                    self._events.append(ev.BlockRemoved(block_hashes=[info.engine_hash], medium=names[before]))
+                if after is None:
+                    self._hashes.pop(key, None)
+                else:
+                    self._events.append(
+                        ev.BlockStored(
+                            block_hashes=[info.engine_hash],
+                            parent_block_hash=info.parent_hash,
+                            token_ids=info.token_ids,
+                            block_size=self.block_tokens,
+                            lora_id=None,
+                            medium=names[after],
+                            lora_name=None,
+                        )
+                    )

@@ -1,0 +1,385 @@
+"""The worker side: registers the cache tensors, pulls remote blocks, serves them, copies to and from
+the tiers. Nothing here blocks the engine step: pulls run on a small thread pool, tier copies on the
+store's own threads, and each step only polls what finished."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import kvferry
+from kvferry.vllm.config import ConnectorConfig
+from kvferry.vllm.handshake import HandshakeError, RankInfo, fetch
+from kvferry.vllm.layout import KvLayout, LayoutError, describe_layer, head_range, read_plan
+from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, WorkerReport
+
+logger = logging.getLogger("kvferry.vllm")
+
+# Sent by a decode rank to each prefill rank it read from: "<prefix><readers> <request id>", where
+# `readers` is how many decode ranks read from that prefill rank, so it knows when all are done.
+DONE_PREFIX = b"kvferry-done "
+
+
+def done_message(readers: int, request_id: str) -> bytes:
+    return DONE_PREFIX + f"{readers} {request_id}".encode()
+
+
+def parse_done(data: bytes) -> tuple[int, str] | None:
+    if not data.startswith(DONE_PREFIX):
+        return None
+    readers, _, request_id = data[len(DONE_PREFIX) :].decode(errors="replace").partition(" ")
+    if not readers.isdigit() or not request_id:
+        return None
+    return int(readers), request_id
+
+
+def sources(rank: int, tp_size: int, total_heads: int, remote: dict[int, RankInfo]) -> list[int]:
+    """The remote ranks a local rank reads its heads from: the first holder of each head range."""
+    mine = head_range(rank, tp_size, total_heads)
+    chosen, covered = [], set()
+    for r in sorted(remote):
+        info = remote[r]
+        theirs = head_range(r, info.tp_size, info.total_heads)
+        lo, hi = max(mine[0], theirs[0]), min(mine[1], theirs[1])
+        if lo < hi and (lo, hi) not in covered:
+            covered.add((lo, hi))
+            chosen.append(r)
+    return chosen
+
+
+@dataclass
+class _Pull:
+    load: RemoteLoad
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    done: bool = False
+
+
+class ConnectorWorker:
+    def __init__(self, cfg: ConnectorConfig, vllm_config: Any, kv_cache_config: Any):
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        self.cfg = cfg
+        self.kv_cache_config = kv_cache_config
+        self.block_tokens = vllm_config.cache_config.block_size
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.total_heads = vllm_config.model_config.get_total_num_kv_heads()
+        self.agent: kvferry.Agent | None = None
+        self.store: kvferry.TierStore | None = None
+        self.layouts: list[KvLayout] = []
+        self.device = "cpu"
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvferry-pull")
+        self._remote: dict[str, dict[int, RankInfo]] = {}
+        self._peers: dict[tuple[str, int], str] = {}
+        # Prefill side: held requests and the decode readers that said they are done.
+        self._held: dict[str, float | None] = {}
+        self._done_readers: dict[str, list[int]] = defaultdict(list)
+        # Loads in flight, by request.
+        self._pulls: dict[str, _Pull] = {}
+        self._tier_loads: dict[str, tuple[TierLoad, Any]] = {}
+        self._stores: dict[str, list[Any]] = defaultdict(list)
+        self._error_blocks: set[int] = set()
+        self._failed: set[str] = set()
+
+    # Set up.
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        num_blocks = self.kv_cache_config.num_blocks
+        heads = head_range(self.tp_rank, self.tp_size, self.total_heads)
+        layouts = []
+        for group in self.kv_cache_config.kv_cache_groups:
+            layers, seen = [], set()
+            for name in group.layer_names:
+                tensor = kv_caches.get(name)
+                if tensor is None or tensor.data_ptr() in seen:
+                    continue
+                seen.add(tensor.data_ptr())
+                layers.append(describe_layer(name, tensor, num_blocks, heads[1] - heads[0]))
+            layouts.append(KvLayout(layers, self.block_tokens, num_blocks))
+        self.layouts = layouts
+        first = next(iter(kv_caches.values()))
+        self.device = "cpu" if first.device.type == "cpu" else f"{first.device.type}:{first.device.index or 0}"
+        self.agent = kvferry.Agent(
+            f"{self.cfg.engine_id}/{self.tp_rank}",
+            host=self.cfg.host,
+            shm=self.cfg.shm,
+            fabric_provider=self.cfg.fabric_provider,
+        )
+        storages = {}
+        for tensor in kv_caches.values():
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        self._registrations = [self.agent.register_ptr(ptr, n, self.device) for ptr, n in storages.items()]
+        if self.cfg.offload is not None:
+            self._open_store()
+        logger.info(
+            "kvferry: rank %d/%d registered %d layers in %d groups, %d bytes a block, layout offsets %s",
+            self.tp_rank,
+            self.tp_size,
+            sum(len(g.layers) for g in layouts),
+            len(layouts),
+            layouts[0].block_bytes,
+            layouts[0].layers[0].offsets,
+        )
+
+    def _open_store(self) -> None:
+        off = self.cfg.offload
+        assert off is not None
+        if len(self.layouts) != 1:
+            logger.warning("kvferry: offload supports one KV cache group; this model has %d", len(self.layouts))
+            return
+        disk_dir = None if off.disk_dir is None else f"{off.disk_dir}/{self.cfg.engine_id}-rank{self.tp_rank}"
+        self.store = kvferry.TierStore(
+            self.layouts[0].block_bytes,
+            off.dram_bytes,
+            disk_dir=disk_dir,
+            disk_capacity=off.disk_bytes,
+            policy=off.policy,
+            admit_after=off.admit_after,
+        )
+
+    def handshake(self) -> RankHandshake | None:
+        if not self.cfg.pd or self.agent is None:
+            return None
+        info = RankInfo(
+            self.cfg.engine_id, self.tp_rank, self.tp_size, self.total_heads, self.agent.metadata(), self.layouts[0]
+        )
+        if len(self.layouts) != 1:
+            logger.warning("kvferry: P/D transfers cover the first of %d KV cache groups", len(self.layouts))
+        return RankHandshake(info.to_dict())
+
+    # Each step.
+
+    def handle_preemptions(self, meta: StepMetadata) -> None:
+        # A preempted request's blocks go back to the pool: stores reading them must end first.
+        for req in meta.preempted:
+            self._wait_stores(req)
+
+    def start(self, meta: StepMetadata) -> None:
+        if meta.clear_tiers and self.store is not None:
+            self.store.clear()
+        with self._lock:
+            self._held.update(meta.held)
+            for req in meta.cancelled_loads:
+                pull = self._pulls.get(req)
+                if pull is not None:
+                    pull.cancelled.set()
+        for load in meta.remote_loads:
+            pull = _Pull(load)
+            self._pulls[load.req_id] = pull
+            self._pool.submit(self._pull, pull)
+        for load in meta.tier_loads:
+            self._start_tier_load(load)
+
+    def save(self, meta: StepMetadata) -> None:
+        if self.store is None:
+            return
+        layout = self.layouts[0]
+        for spec in meta.stores:
+            blocks = [(key, layout.block_regions(b)) for key, b in zip(spec.keys, spec.block_ids)]
+            try:
+                self._stores[spec.req_id].append(self.store.put(blocks, device=self.device))
+            except kvferry.KvferryError as e:
+                # A cache that cannot take a block only misses it later.
+                logger.info("kvferry: storing %d blocks of %s skipped: %s", len(blocks), spec.req_id, e)
+
+    def results(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving) since the last call."""
+        now = time.time()
+        if self.agent is not None:
+            for _peer, data in self.agent.take_notifications():
+                parsed = parse_done(data)
+                if parsed is not None:
+                    self._done_readers[parsed[1]].append(parsed[0])
+        for req in list(self._stores):
+            self._stores[req] = [op for op in self._stores[req] if not self._finished_op(op, req)]
+            if not self._stores[req]:
+                del self._stores[req]
+        sending = set()
+        with self._lock:
+            for req, expiry in list(self._held.items()):
+                if req in self._stores:
+                    continue
+                readers = self._done_readers.get(req, [])
+                if expiry is not None and not (readers and len(readers) >= readers[0]):
+                    if now < expiry:
+                        continue
+                    logger.warning("kvferry: lease of %s ended before its decode side read it", req)
+                sending.add(req)
+                del self._held[req]
+                self._done_readers.pop(req, None)
+        recving, failed = set(), set()
+        for req, pull in list(self._pulls.items()):
+            if pull.done:
+                del self._pulls[req]
+                # A load that only released the prefill's blocks had vLLM wait for nothing.
+                if any(pull.load.block_ids):
+                    recving.add(req)
+                if pull.error is not None and not pull.cancelled.is_set():
+                    self._fail(req, pull.load.block_ids, pull.error, failed)
+        for req, (load, op) in list(self._tier_loads.items()):
+            try:
+                if not op.poll():
+                    continue
+            except kvferry.KvferryError as e:
+                self._fail(req, [load.block_ids], str(e), failed)
+            del self._tier_loads[req]
+            recving.add(req)
+        return sending, recving, failed
+
+    def take_error_blocks(self) -> set[int]:
+        blocks, self._error_blocks = self._error_blocks, set()
+        return blocks
+
+    def report(self) -> WorkerReport | None:
+        if self.store is None:
+            return None
+        events = [(self.tp_rank, e.kind, list(e.keys), e.medium, e.from_medium) for e in self.store.take_events()]
+        return WorkerReport(events) if events else None
+
+    def shutdown(self) -> None:
+        for pull in self._pulls.values():
+            pull.cancelled.set()
+        self._pool.shutdown(wait=True)
+        for req in list(self._stores):
+            self._wait_stores(req)
+        if self.store is not None:
+            self.store.close()
+        if self.agent is not None:
+            self.agent.close()
+
+    # Helpers.
+
+    def _fail(self, req: str, block_ids: list[list[int]], error: str, failed: set[str]) -> None:
+        logger.warning("kvferry: loading the KV blocks of %s failed: %s", req, error)
+        # Block-level reports let vLLM keep what loaded; they are unambiguous with one group only.
+        if len(self.layouts) == 1:
+            self._error_blocks.update(block_ids[0])
+        else:
+            failed.add(req)
+
+    def _finished_op(self, op: Any, req: str) -> bool:
+        try:
+            return bool(op.poll())
+        except kvferry.KvferryError as e:
+            logger.info("kvferry: a store for %s failed: %s", req, e)
+            return True
+
+    def _wait_stores(self, req: str) -> None:
+        for op in self._stores.pop(req, []):
+            try:
+                op.wait(self.cfg.timeout_seconds)
+            except (kvferry.KvferryError, TimeoutError) as e:
+                logger.info("kvferry: a store for %s failed: %s", req, e)
+
+    def _start_tier_load(self, load: TierLoad) -> None:
+        assert self.store is not None
+        layout = self.layouts[0]
+        blocks = [(key, layout.block_regions(b)) for key, b in zip(load.keys, load.block_ids)]
+        try:
+            op = self.store.get(blocks, device=self.device)
+        except kvferry.KvferryError as e:
+            self._fail(load.req_id, [load.block_ids], str(e), set())
+            op = _Failed()
+        self._tier_loads[load.req_id] = (load, op)
+
+    def _pull(self, pull: _Pull) -> None:
+        load = pull.load
+        try:
+            self._read(pull)
+        except _Cancelled:
+            pass
+        except (kvferry.KvferryError, HandshakeError, LayoutError, TimeoutError, OSError) as e:
+            pull.error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # a bug must not leave the request waiting forever
+            logger.exception("kvferry: pulling %s", load.req_id)
+            pull.error = f"{type(e).__name__}: {e}"
+        finally:
+            pull.done = True
+
+    def _read(self, pull: _Pull) -> None:
+        load = pull.load
+        assert self.agent is not None
+        remote = self._remote_ranks(load.remote_engine_id, load.remote_host, load.remote_port)
+        chosen = sources(self.tp_rank, self.tp_size, self.total_heads, remote)
+        mine = head_range(self.tp_rank, self.tp_size, self.total_heads)
+        transfers = []
+        for r in chosen:
+            info = remote[r]
+            peer = self._peer(load.remote_engine_id, r, info)
+            readers = sum(r in sources(d, self.tp_size, self.total_heads, remote) for d in range(self.tp_size))
+            message = done_message(readers, load.remote_request_id)
+            pairs = read_plan(
+                self.layouts[0],
+                mine,
+                info.layout,
+                head_range(r, info.tp_size, info.total_heads),
+                load.block_ids[0],
+                load.remote_block_ids[0],
+            )
+            if not pairs:
+                transfers.append(self.agent.notify(peer, message, self.cfg.timeout_seconds))
+                continue
+            local = self.agent.prepare_local([p[0] for p in pairs])
+            far = self.agent.prepare_remote(peer, [p[1] for p in pairs])
+            idx = list(range(len(pairs)))
+            transfers.append(
+                self.agent.read(local, idx, far, idx, notification=message, timeout=self.cfg.timeout_seconds)
+            )
+        try:
+            for t in transfers:
+                while not t.poll():
+                    if pull.cancelled.is_set():
+                        raise _Cancelled()
+                    try:
+                        t.wait(0.05)
+                    except TimeoutError:
+                        pass
+        except BaseException:
+            # Nothing may still write into the blocks once vLLM hears this load ended.
+            for t in transfers:
+                t.cancel()
+                try:
+                    t.wait(self.cfg.timeout_seconds)
+                except (kvferry.KvferryError, TimeoutError):
+                    pass
+            raise
+
+    def _remote_ranks(self, engine: str, host: str, port: int) -> dict[int, RankInfo]:
+        with self._lock:
+            cached = self._remote.get(engine)
+        if cached is not None:
+            return cached
+        ranks = fetch(host, port, self.cfg.timeout_seconds)
+        if any(info.engine_id != engine for info in ranks.values()):
+            raise HandshakeError(f"{host}:{port} serves another engine than {engine}")
+        with self._lock:
+            self._remote[engine] = ranks
+        return ranks
+
+    def _peer(self, engine: str, rank: int, info: RankInfo) -> str:
+        assert self.agent is not None
+        with self._lock:
+            name = self._peers.get((engine, rank))
+            if name is None:
+                name = self.agent.add_peer(info.agent_metadata)
+                self._peers[(engine, rank)] = name
+        return name
+
+
+class _Cancelled(Exception):
+    """The request ended while its blocks were being pulled."""
+
+
+class _Failed:
+    """A tier load that failed before it started: reported at the next poll."""
+
+    def poll(self) -> bool:
+        return True

@@ -1,0 +1,30 @@
+"""Writes a small Llama with random weights (no download): `python make_model.py DIR`."""
+
+import sys
+
+
+def main() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        # Large weights make the greedy choice clear-cut, so tokens do not flip on rounding
+        # differences between computing a prefix and loading it.
+        initializer_range=0.2,
+        torch_dtype="float32",
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(sys.argv[1], safe_serialization=True)
+
+
+if __name__ == "__main__":
+    main()
