@@ -338,6 +338,12 @@ impl Transfer {
         self.completion.wait().map_err(Error::from)
     }
 
+    /// Block until the transfer completes or fails, or `until` passes first: `None` then, and the
+    /// transfer goes on (its own deadline still bounds it).
+    pub fn wait_until(&self, until: Deadline) -> Option<Result<()>> {
+        self.completion.wait_until(until).map(|outcome| outcome.map_err(Error::from))
+    }
+
     /// Stop the transfer; returns once it no longer touches local memory (or at its deadline).
     pub fn cancel(&self) {
         self.completion.cancel()

@@ -111,6 +111,27 @@ mod tests {
         assert_eq!(keys[0].as_bytes().len(), 16);
     }
 
+    /// Keys are persisted on disk and computed by other languages (the Python package's tests pin
+    /// the same vectors): a change of the hash layout must fail here. Checked against an
+    /// independent xxh3-128 over `[0 | len, parent] ++ u64le(count) ++ u32le(tokens) ++ extra`.
+    #[test]
+    fn chained_keys_match_pinned_vectors() {
+        let hex = |key: &BlockKey| key.as_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(hex(&BlockKey::chain(None, &[1, 2, 3], b"salt")), "59abaae1cfec5273ed3e59683822b33d");
+        let tokens: Vec<u32> = (0..64).collect();
+        let keys: Vec<String> = BlockKey::prefix_keys(&tokens, 16, b"").iter().map(hex).collect();
+        assert_eq!(
+            keys,
+            [
+                "dbdc0b6ca540bbccd5c4062439d1f940",
+                "30807fd1c44b81d2932044000baad0e4",
+                "206b1e5036df9b8bd70b969c00b3cf4b",
+                "58bb016c29d97fb652de44b8a2a001f0",
+            ]
+        );
+        assert_eq!(hex(&BlockKey::prefix_keys(&tokens[..32], 16, b"lora-1")[1]), "a1254d268ac26059e165c5c8f05d30e2");
+    }
+
     #[test]
     fn engine_hashes_are_kept_verbatim() {
         let sha = [7u8; 32];

@@ -502,19 +502,27 @@ impl Completion {
 
     /// Block until the batch settles or its deadline passes.
     pub fn wait(&self) -> std::result::Result<(), TransferError> {
+        self.wait_until(self.deadline).unwrap_or_else(|| unreachable!("the batch settles by its own deadline"))
+    }
+
+    /// Block until the batch settles, its deadline passes, or `until` passes first; `None` when the
+    /// batch is still running at `until` (a caller's shorter wait, not a failure).
+    pub fn wait_until(&self, until: Deadline) -> Option<std::result::Result<(), TransferError>> {
         let mut state = self.state.lock().unwrap();
         while state.status == TransferStatus::InProgress {
-            let left = self.deadline.remaining();
-            if left.is_zero() {
+            if self.deadline.expired() {
                 let e = self.timeout_error();
                 self.settle(&mut state, TransferStatus::Failed(e));
                 break;
             }
-            state = self.settled.wait_timeout(state, left).unwrap().0;
+            if until < self.deadline && until.expired() {
+                return None;
+            }
+            state = self.settled.wait_timeout(state, until.min(self.deadline).remaining()).unwrap().0;
         }
         match &state.status {
-            TransferStatus::Done => Ok(()),
-            TransferStatus::Failed(e) => Err(e.clone()),
+            TransferStatus::Done => Some(Ok(())),
+            TransferStatus::Failed(e) => Some(Err(e.clone())),
             TransferStatus::InProgress => unreachable!("loop exits only once settled"),
         }
     }

@@ -1,0 +1,59 @@
+"""kvferry: KV-cache block transfer between engines and tiering to pinned DRAM and disk.
+
+``Agent`` moves registered memory (torch tensors, numpy arrays, raw pointers) to and from peers
+over shared memory, libfabric or TCP; ``TierStore`` keeps blocks in pinned DRAM and on disk, found
+again by prefix keys. Every call that waits releases the GIL. Failures raise ``KvferryError``
+subclasses carrying kvferry's stable error code.
+"""
+
+from ._errors import (
+    DescriptorError,
+    InvalidArgumentError,
+    KvferryError,
+    LayoutError,
+    MetadataError,
+    RegistrationError,
+    TierError,
+    TransferError,
+    TransferTimeoutError,
+    UnsupportedError,
+)
+from ._kvferry import (
+    ERROR_CODES,
+    Agent,
+    Prepared,
+    Registration,
+    StoreOp,
+    TierEvent,
+    TierStore,
+    Transfer,
+    __version__,
+    chain_key,
+    engine_key,
+    prefix_keys,
+)
+
+__all__ = [
+    "ERROR_CODES",
+    "Agent",
+    "DescriptorError",
+    "InvalidArgumentError",
+    "KvferryError",
+    "LayoutError",
+    "MetadataError",
+    "Prepared",
+    "Registration",
+    "RegistrationError",
+    "StoreOp",
+    "TierError",
+    "TierEvent",
+    "TierStore",
+    "Transfer",
+    "TransferError",
+    "TransferTimeoutError",
+    "UnsupportedError",
+    "__version__",
+    "chain_key",
+    "engine_key",
+    "prefix_keys",
+]

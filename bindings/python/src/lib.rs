@@ -1,0 +1,28 @@
+//! `kvferry._kvferry`: the extension module behind the Python package `kvferry`.
+//!
+//! Every call that can wait (network, disk, another thread) releases the GIL; kvferry errors become
+//! the exceptions of `kvferry._errors`, which carry the stable error code.
+
+mod agent;
+mod convert;
+mod errors;
+mod store;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("ERROR_CODES", errors::codes(m.py())?)?;
+    m.add_class::<agent::Agent>()?;
+    m.add_class::<agent::Registration>()?;
+    m.add_class::<agent::Prepared>()?;
+    m.add_class::<agent::Transfer>()?;
+    m.add_class::<store::TierStore>()?;
+    m.add_class::<store::StoreOp>()?;
+    m.add_class::<store::TierEvent>()?;
+    m.add_function(wrap_pyfunction!(store::prefix_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(store::chain_key, m)?)?;
+    m.add_function(wrap_pyfunction!(store::engine_key, m)?)?;
+    Ok(())
+}

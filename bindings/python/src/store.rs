@@ -1,0 +1,385 @@
+//! `TierStore`, `StoreOp`, `TierEvent` and the block key functions.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use kvferry_core::tier::BlockRegions;
+use kvferry_core::{
+    BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, ErrorCode, EvictionPolicy, HostDevice, MemKind,
+    MemRegion, TierConfig, TierEvent as CoreTierEvent, TierStore as CoreTierStore,
+};
+use pyo3::exceptions::{PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::convert::{deadline, parse_device};
+use crate::errors::{OrRaise, exception};
+
+/// A block of a put or get as Python passes it: its key and its `(addr, length)` regions.
+type PyBlock = (PyBackedBytes, Vec<(u64, u64)>);
+
+struct StoreState {
+    store: CoreTierStore,
+    /// Copies between caller memory and the arena, one device per kind of caller memory.
+    devices: Mutex<HashMap<MemKind, Arc<dyn Device>>>,
+    events: Option<Mutex<Receiver<CoreTierEvent>>>,
+}
+
+impl StoreState {
+    fn device(&self, kind: MemKind) -> kvferry_core::Result<Arc<dyn Device>> {
+        let mut devices = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(device) = devices.get(&kind) {
+            return Ok(device.clone());
+        }
+        let device: Arc<dyn Device> = match kind {
+            MemKind::Host => Arc::new(HostDevice::new()?),
+            #[cfg(feature = "cuda")]
+            MemKind::Cuda { device } => Arc::new(kvferry_core::CudaDevice::open(device)?),
+            other => {
+                return Err(Error::Unsupported {
+                    what: format!("a store copy to or from {other} memory"),
+                    why: "this build of kvferry has no driver for it".into(),
+                });
+            }
+        };
+        devices.insert(kind, device.clone());
+        Ok(device)
+    }
+}
+
+/// Pinned DRAM blocks backed by an optional disk directory, found again by prefix keys.
+#[pyclass(frozen, module = "kvferry._kvferry")]
+pub struct TierStore {
+    block_size: usize,
+    /// `None` once closed.
+    state: RwLock<Option<Arc<StoreState>>>,
+}
+
+impl TierStore {
+    fn state(&self) -> PyResult<Arc<StoreState>> {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state.clone().ok_or_else(|| PyValueError::new_err("the tier store is closed"))
+    }
+
+    fn submit(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str, put: bool) -> PyResult<StoreOp> {
+        let kind = parse_device(device)?;
+        let blocks: Vec<BlockRegions> = blocks
+            .into_iter()
+            .map(|(key, regions)| {
+                let regions = regions.into_iter().map(|(addr, len)| MemRegion { addr, len, kind }).collect();
+                Ok((block_key(&key)?, regions))
+            })
+            .collect::<PyResult<_>>()?;
+        let state = self.state()?;
+        let fence = py.detach(|| {
+            let device = state.device(kind)?;
+            // SAFETY: the caller keeps the regions valid (and, for a get, unread and not
+            // overlapping) until the operation completes, as documented on put and get.
+            unsafe {
+                match put {
+                    true => state.store.put(device, blocks),
+                    false => state.store.get(device, blocks),
+                }
+            }
+        });
+        Ok(StoreOp { fence: fence.or_raise()? })
+    }
+}
+
+fn block_key(bytes: &[u8]) -> PyResult<BlockKey> {
+    BlockKey::from_engine_hash(bytes).map_err(Error::from).or_raise()
+}
+
+fn block_keys(keys: &[PyBackedBytes]) -> PyResult<Vec<BlockKey>> {
+    keys.iter().map(|k| block_key(k)).collect()
+}
+
+#[pymethods]
+impl TierStore {
+    #[new]
+    #[pyo3(signature = (block_size, dram_capacity, *, disk_dir = None, disk_capacity = 0, policy = "lru", admit_after = 1, workers = None, pin = true, events = true, disk_queue_depth = None, sync_writes = false))]
+    #[allow(clippy::too_many_arguments, reason = "the constructor's keyword arguments")]
+    fn new(
+        py: Python<'_>,
+        block_size: usize,
+        dram_capacity: u64,
+        disk_dir: Option<PathBuf>,
+        disk_capacity: u64,
+        policy: &str,
+        admit_after: u8,
+        workers: Option<usize>,
+        pin: bool,
+        events: bool,
+        disk_queue_depth: Option<usize>,
+        sync_writes: bool,
+    ) -> PyResult<Self> {
+        let policy = match policy {
+            "lru" => EvictionPolicy::Lru,
+            "arc" => EvictionPolicy::Arc,
+            other => return Err(PyValueError::new_err(format!("policy must be \"lru\" or \"arc\", got {other:?}"))),
+        };
+        let mut config = TierConfig::new(block_size, dram_capacity).with_policy(policy);
+        config.host_alloc = config.host_alloc.with_pin(pin);
+        if let Some(workers) = workers {
+            config = config.with_workers(workers);
+        }
+        match (disk_dir, disk_capacity) {
+            (Some(dir), capacity) => {
+                let mut disk =
+                    DiskConfig::new(dir, capacity).with_admit_after(admit_after).with_sync_writes(sync_writes);
+                if let Some(depth) = disk_queue_depth {
+                    disk = disk.with_queue_depth(depth);
+                }
+                config = config.with_disk(disk);
+            }
+            (None, 0) => {}
+            (None, _) => return Err(PyValueError::new_err("disk_capacity needs a disk_dir")),
+        }
+        let store = py.detach(|| CoreTierStore::open(config)).or_raise()?;
+        let events = events.then(|| Mutex::new(store.subscribe()));
+        let state = StoreState { store, devices: Mutex::default(), events };
+        Ok(TierStore { block_size, state: RwLock::new(Some(Arc::new(state))) })
+    }
+
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Copy blocks into the store; returns at once. The memory must stay valid and unchanged until
+    /// the operation completes.
+    #[pyo3(signature = (blocks, *, device = "cpu"))]
+    fn put(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str) -> PyResult<StoreOp> {
+        self.submit(py, blocks, device, true)
+    }
+
+    /// Copy cached blocks out into caller memory; returns at once. The memory must stay valid and
+    /// must not be read until the operation completes.
+    #[pyo3(signature = (blocks, *, device = "cpu"))]
+    fn get(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str) -> PyResult<StoreOp> {
+        self.submit(py, blocks, device, false)
+    }
+
+    /// Where each block of the longest cached prefix of `keys` is: "CPU" or "DISK".
+    fn lookup(&self, keys: Vec<PyBackedBytes>) -> PyResult<Vec<&'static str>> {
+        let keys = block_keys(&keys)?;
+        Ok(self.state()?.store.lookup(&keys).into_iter().map(|m| m.as_str()).collect())
+    }
+
+    fn offload(&self, py: Python<'_>, keys: Vec<PyBackedBytes>) -> PyResult<StoreOp> {
+        let keys = block_keys(&keys)?;
+        let state = self.state()?;
+        let fence = py.detach(|| state.store.offload(keys)).or_raise()?;
+        Ok(StoreOp { fence })
+    }
+
+    fn clear(&self, py: Python<'_>) -> PyResult<()> {
+        let state = self.state()?;
+        py.detach(|| state.store.clear()).or_raise()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.state()?.store.stats();
+        let dict = PyDict::new(py);
+        dict.set_item("block_size", self.block_size)?;
+        dict.set_item("host_blocks", stats.host_blocks)?;
+        dict.set_item("host_capacity_blocks", stats.host_capacity_blocks)?;
+        dict.set_item("disk_blocks", stats.disk_blocks)?;
+        dict.set_item("disk_capacity_blocks", stats.disk_capacity_blocks)?;
+        dict.set_item("host_hits", stats.host_hits)?;
+        dict.set_item("disk_hits", stats.disk_hits)?;
+        dict.set_item("misses", stats.misses)?;
+        dict.set_item("host_evictions", stats.host_evictions)?;
+        dict.set_item("disk_evictions", stats.disk_evictions)?;
+        dict.set_item("disk_writes", stats.disk_writes)?;
+        dict.set_item("not_admitted", stats.not_admitted)?;
+        dict.set_item("corrupt_blocks", stats.corrupt_blocks)?;
+        dict.set_item("torn_records", stats.torn_records)?;
+        dict.set_item("disk_failed", stats.disk_failure.is_some())?;
+        dict.set_item("io_fallback", stats.io_fallback.is_some())?;
+        Ok(dict)
+    }
+
+    /// Events since the last call, one per change (a change may name many keys); never blocks.
+    fn take_events(&self) -> PyResult<Vec<TierEvent>> {
+        let state = self.state()?;
+        let Some(receiver) = &state.events else {
+            return Err(PyValueError::new_err("the store was opened with events=False"));
+        };
+        let receiver = receiver.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(receiver.try_iter().map(TierEvent::from).collect())
+    }
+
+    /// Finish running operations, stop the workers, close the disk files; idempotent. The disk
+    /// tier's blocks stay for the next store opened on the directory.
+    fn close(&self, py: Python<'_>) {
+        let state = self.state.write().unwrap_or_else(PoisonError::into_inner).take();
+        py.detach(move || drop(state));
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(&self, py: Python<'_>, _kind: Py<PyAny>, _value: Py<PyAny>, _traceback: Py<PyAny>) -> bool {
+        self.close(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        match self.state.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            Some(state) => {
+                let stats = state.store.stats();
+                format!(
+                    "TierStore(block_size={}, host_blocks={}/{}, disk_blocks={}/{})",
+                    self.block_size,
+                    stats.host_blocks,
+                    stats.host_capacity_blocks,
+                    stats.disk_blocks,
+                    stats.disk_capacity_blocks
+                )
+            }
+            None => format!("TierStore(block_size={}, closed)", self.block_size),
+        }
+    }
+}
+
+/// A put, get or offload in progress. It cannot be cancelled; dropping it lets it finish.
+#[pyclass(frozen, module = "kvferry._kvferry")]
+pub struct StoreOp {
+    fence: CopyFence,
+}
+
+#[pymethods]
+impl StoreOp {
+    /// True once done, False while running; raises the error it failed with.
+    fn poll(&self) -> PyResult<bool> {
+        match self.fence.poll() {
+            None => Ok(false),
+            Some(outcome) => outcome.map(|()| true).or_raise(),
+        }
+    }
+
+    /// Wait for completion (without limit when `timeout` is None); raises the operation's error,
+    /// or builtins.TimeoutError when `timeout` passes first (it goes on).
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let until = timeout.map(deadline).transpose()?;
+        let outcome = py.detach(|| match until {
+            Some(until) => self.fence.wait(until),
+            // The store's workers bound each copy by their copy timeout, so this ends.
+            None => loop {
+                let outcome = self.fence.wait(Deadline::after(Duration::from_secs(1)));
+                if self.fence.is_done() {
+                    break outcome;
+                }
+            },
+        });
+        match outcome {
+            Err(_) if !self.fence.is_done() => Err(PyTimeoutError::new_err(format!(
+                "the store operation was still running after {} s",
+                timeout.unwrap_or_default()
+            ))),
+            outcome => outcome.or_raise(),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        match self.fence.poll() {
+            None => "StoreOp(running)".to_string(),
+            Some(Ok(())) => "StoreOp(done)".to_string(),
+            Some(Err(e)) => format!("StoreOp(failed: {e})"),
+        }
+    }
+}
+
+/// A change of place of some blocks.
+#[pyclass(frozen, module = "kvferry._kvferry")]
+pub struct TierEvent {
+    /// "stored", "removed" or "moved".
+    #[pyo3(get)]
+    kind: &'static str,
+    keys: Vec<BlockKey>,
+    /// Where the blocks are now ("CPU", "DISK"), or where they left for "removed".
+    #[pyo3(get)]
+    medium: &'static str,
+    /// Where they came from, for "moved".
+    #[pyo3(get)]
+    from_medium: Option<&'static str>,
+}
+
+impl From<CoreTierEvent> for TierEvent {
+    fn from(event: CoreTierEvent) -> Self {
+        let (kind, keys, medium, from) = match event {
+            CoreTierEvent::Stored { keys, medium } => ("stored", keys, medium, None),
+            CoreTierEvent::Removed { keys, medium } => ("removed", keys, medium, None),
+            CoreTierEvent::Moved { keys, from, to } => ("moved", keys, to, Some(from)),
+        };
+        TierEvent { kind, keys, medium: medium.as_str(), from_medium: from.map(|m| m.as_str()) }
+    }
+}
+
+#[pymethods]
+impl TierEvent {
+    #[getter]
+    fn keys<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+        self.keys.iter().map(|k| PyBytes::new(py, k.as_bytes())).collect()
+    }
+
+    fn __repr__(&self) -> String {
+        let from = self.from_medium.map(|m| format!(", from_medium={m:?}")).unwrap_or_default();
+        format!("TierEvent(kind={:?}, keys=<{}>, medium={:?}{from})", self.kind, self.keys.len(), self.medium)
+    }
+}
+
+/// The chained keys of every full block of `tokens`.
+#[pyfunction]
+#[pyo3(signature = (tokens, block_tokens, extra = None))]
+pub fn prefix_keys<'py>(
+    py: Python<'py>,
+    tokens: Vec<u32>,
+    block_tokens: usize,
+    extra: Option<PyBackedBytes>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    if block_tokens == 0 {
+        return Err(PyValueError::new_err("block_tokens must be positive"));
+    }
+    let keys = BlockKey::prefix_keys(&tokens, block_tokens, extra.as_deref().unwrap_or_default());
+    Ok(keys.iter().map(|k| PyBytes::new(py, k.as_bytes())).collect())
+}
+
+/// The key of the block holding `tokens` after the block keyed `parent` (None for the first).
+#[pyfunction]
+#[pyo3(signature = (parent, tokens, extra = None))]
+pub fn chain_key<'py>(
+    py: Python<'py>,
+    parent: Option<PyBackedBytes>,
+    tokens: Vec<u32>,
+    extra: Option<PyBackedBytes>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let parent = parent.map(|p| block_key(&p)).transpose()?;
+    let key = BlockKey::chain(parent.as_ref(), &tokens, extra.as_deref().unwrap_or_default());
+    Ok(PyBytes::new(py, key.as_bytes()))
+}
+
+/// An engine's own block hash as a key: bytes verbatim (1 to 32), an int as 8 bytes big-endian.
+#[pyfunction]
+pub fn engine_key<'py>(py: Python<'py>, hash: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let bytes: Vec<u8> = match hash.extract::<PyBackedBytes>() {
+        Ok(bytes) => bytes.to_vec(),
+        // Python's builtin hash() is a signed 64-bit value; vLLM's are unsigned: take both.
+        Err(_) => match (hash.extract::<u64>(), hash.extract::<i64>()) {
+            (Ok(unsigned), _) => unsigned.to_be_bytes().to_vec(),
+            (_, Ok(signed)) => signed.to_be_bytes().to_vec(),
+            _ if hash.is_instance_of::<pyo3::types::PyInt>() => {
+                return Err(exception(py, ErrorCode::TierBadKey, "an integer block hash must fit in 64 bits"));
+            }
+            _ => return Err(pyo3::exceptions::PyTypeError::new_err("a block hash is bytes or an int")),
+        },
+    };
+    Ok(PyBytes::new(py, block_key(&bytes)?.as_bytes()))
+}
