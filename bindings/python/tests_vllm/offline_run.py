@@ -1,7 +1,7 @@
 """Runs one offline vLLM engine with the kvferry connector and writes what happened as JSON.
 
 `python offline_run.py CONFIG.json OUT.json`; CONFIG has `model`, `prompts` (token id lists),
-`max_tokens`, `rounds`, `kv_transfer_config` and optionally `events_port`. Between rounds vLLM's own
+`max_tokens`, `rounds`, `kv_transfer_config` and optionally `events_port` and `one_at_a_time`. Between rounds vLLM's own
 prefix cache is reset, so any cached tokens in later rounds came through the connector.
 """
 
@@ -18,7 +18,8 @@ def collect_events(port: int, events: list, stop: threading.Event, ready: thread
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.RCVTIMEO, 200)
-    sub.connect(f"tcp://127.0.0.1:{port}")
+    # The subscriber binds and vLLM's publisher connects, so nothing listens beyond loopback.
+    sub.bind(f"tcp://127.0.0.1:{port}")
     ready.set()
     decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
     while not stop.is_set():
@@ -26,7 +27,12 @@ def collect_events(port: int, events: list, stop: threading.Event, ready: thread
             parts = sub.recv_multipart()
         except zmq.Again:
             continue
-        for event in decoder.decode(parts[-1]).events:
+        try:
+            batch = decoder.decode(parts[-1])
+        except msgspec.DecodeError as e:
+            events.append({"type": "undecodable", "error": str(e)})
+            continue
+        for event in batch.events:
             events.append(
                 {
                     "type": type(event).__name__,
@@ -46,7 +52,11 @@ def main() -> None:
     events: list = []
     stop, ready = threading.Event(), threading.Event()
     extra = {}
+    subscriber = None
     if "events_port" in config:
+        subscriber = threading.Thread(target=collect_events, args=(config["events_port"], events, stop, ready))
+        subscriber.start()
+        ready.wait()
         extra["kv_events_config"] = KVEventsConfig(
             enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://127.0.0.1:{config['events_port']}"
         )
@@ -61,16 +71,14 @@ def main() -> None:
         kv_transfer_config=KVTransferConfig(**config["kv_transfer_config"]),
         **extra,
     )
-    subscriber = None
-    if "events_port" in config:
-        subscriber = threading.Thread(target=collect_events, args=(config["events_port"], events, stop, ready))
-        subscriber.start()
-        ready.wait()
     params = SamplingParams(temperature=0, max_tokens=config["max_tokens"], detokenize=False)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in config["prompts"]]
     rounds = []
     for _ in range(config["rounds"]):
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        if config.get("one_at_a_time"):
+            outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+        else:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
         rounds.append(
             [{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0} for o in outputs]
         )

@@ -12,8 +12,9 @@ LENGTHS = [40, 64, 100, 129]
 PROMPTS = [[(i * 37 + j * 11) % 1000 + 1 for j in range(n)] for i, n in enumerate(LENGTHS)]
 
 
-def offline(tmp_path, model_dir, offload: dict, name: str) -> dict:
+def offline(tmp_path, model_dir, offload: dict, name: str, **options) -> dict:
     config = {
+        **options,
         "model": str(model_dir),
         "prompts": PROMPTS,
         "max_tokens": 8,
@@ -37,11 +38,8 @@ def check_round_trip(result: dict) -> None:
     assert [r["tokens"] for r in second] == [r["tokens"] for r in first]
     assert all(r["cached"] == 0 for r in first)
     for n, r in zip(LENGTHS, second):
-        full_blocks = n // BLOCK
-        # Every full block of the prompt comes back; a prompt of whole blocks recomputes its last
-        # token so that it can sample the next one.
-        expected = full_blocks * BLOCK - (1 if n % BLOCK == 0 else 0)
-        assert r["cached"] == expected, (n, r)
+        # Every full block of the prompt comes back (the partial last block is recomputed).
+        assert r["cached"] == n // BLOCK * BLOCK, (n, r)
 
 
 def test_offload_round_trip_through_dram(tmp_path, model_dir):
@@ -49,15 +47,20 @@ def test_offload_round_trip_through_dram(tmp_path, model_dir):
     check_round_trip(result)
     assert result["cached_by_source"].get("host", 0) > 0, result["cached_by_source"]
     assert result["cached_by_source"].get("disk", 0) == 0, result["cached_by_source"]
-    stored = [e for e in result["events"] if e["type"] == "BlockStored"]
+    stored = [e for e in result["events"] if e["type"] == "BlockStored" and e["medium"] != "GPU"]
     assert stored and all(e["medium"] == "CPU" for e in stored), result["events"]
-    assert len({h for e in stored for h in e["hashes"]}) == sum(n // BLOCK for n in LENGTHS)
+    tiered = {h for e in stored for h in e["hashes"]}
+    assert len(tiered) == sum(n // BLOCK for n in LENGTHS)
+    # The same blocks under the same hashes as vLLM's own events, so a router matches them.
+    in_gpu = {h for e in result["events"] if e["type"] == "BlockStored" and e["medium"] == "GPU" for h in e["hashes"]}
+    assert tiered <= in_gpu
 
 
 def test_offload_round_trip_through_disk(tmp_path, model_dir):
-    # DRAM for the largest prompt's blocks only (64 KiB a block): the rest moves to disk.
-    offload = {"dram_bytes": 4 * (64 << 10), "disk_dir": str(tmp_path / "kv"), "disk_bytes": 64 << 20}
-    result = offline(tmp_path, model_dir, offload, "disk")
+    # DRAM for 6 of the 10 blocks (64 KiB each), so the oldest move to disk; one prompt at a time,
+    # as a put needs DRAM for all its blocks at once.
+    offload = {"dram_bytes": 6 * (64 << 10), "disk_dir": str(tmp_path / "kv"), "disk_bytes": 64 << 20}
+    result = offline(tmp_path, model_dir, offload, "disk", one_at_a_time=True)
     check_round_trip(result)
     assert result["cached_by_source"].get("disk", 0) > 0, result["cached_by_source"]
     media = {e["medium"] for e in result["events"] if e["type"] == "BlockStored"}

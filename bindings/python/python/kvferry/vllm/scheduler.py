@@ -4,17 +4,17 @@ scheduler process."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import kvferry
+from vllm.logger import init_logger
 from kvferry.vllm.config import ConnectorConfig
 from kvferry.vllm.handshake import HandshakeServer, RankInfo
 from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, TierStore, WorkerReport
 
-logger = logging.getLogger("kvferry.vllm")
+logger = init_logger(f"vllm.{__name__}")
 
 _REMOTE_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
 # Where a block lives across ranks: the medium farthest from the engine any rank keeps it in.
@@ -105,7 +105,8 @@ class ConnectorScheduler:
         rid = request.request_id
         if self.offload:
             self._requests[rid] = request
-        match = self._matches.pop(rid, None)
+        # Kept until the request ends: vLLM asks for the hit sources after this.
+        match = self._matches.get(rid)
         params = request.kv_transfer_params
         if self.cfg.pd and params and params.get("do_remote_prefill"):
             # Processed once: a second call after the load must not start another.
@@ -173,6 +174,8 @@ class ConnectorScheduler:
         if upto <= start:
             return None
         self._stored_upto[rid] = upto
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
         block_ids = self.kv_cache_manager.get_block_ids(rid)[0]
         ids, chosen = [], []
         hashes = request.block_hashes
@@ -182,8 +185,8 @@ class ConnectorScheduler:
             if self._medium(key) is not None or key in self._pending:
                 continue
             self._pending[key] = _Pending(
-                hashes[i],
-                hashes[i - 1] if i else None,
+                maybe_convert_block_hash(hashes[i]),
+                maybe_convert_block_hash(hashes[i - 1]) if i else None,
                 list(tokens[i * self.block_tokens : (i + 1) * self.block_tokens]),
             )
             ids.append(block_ids[i])

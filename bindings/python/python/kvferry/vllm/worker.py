@@ -4,7 +4,6 @@ store's own threads, and each step only polls what finished."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import defaultdict
@@ -13,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kvferry
+from vllm.logger import init_logger
 from kvferry.vllm.config import ConnectorConfig
 from kvferry.vllm.handshake import HandshakeError, RankInfo, fetch
 from kvferry.vllm.layout import KvLayout, LayoutError, describe_layer, head_range, read_plan
 from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, WorkerReport
 
-logger = logging.getLogger("kvferry.vllm")
+logger = init_logger(f"vllm.{__name__}")
 
 # Sent by a decode rank to each prefill rank it read from: "<prefix><readers> <request id>", where
 # `readers` is how many decode ranks read from that prefill rank, so it knows when all are done.
