@@ -1,7 +1,7 @@
 //! `Agent`, `Registration`, `Prepared` and `Transfer`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError};
 
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
@@ -12,8 +12,9 @@ use kvferry_core::{
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyTuple};
 
+use crate::closable::Closable;
 use crate::convert::{deadline, describe_memory, device_name, kind_at, parse_device};
 use crate::errors::OrRaise;
 
@@ -21,14 +22,12 @@ use crate::errors::OrRaise;
 #[pyclass(frozen, module = "kvferry._kvferry")]
 pub struct Agent {
     name: String,
-    /// `None` once closed.
-    agent: RwLock<Option<kvferry_core::Agent>>,
+    agent: Closable<kvferry_core::Agent>,
 }
 
 impl Agent {
     fn agent(&self) -> PyResult<kvferry_core::Agent> {
-        let agent = self.agent.read().unwrap_or_else(PoisonError::into_inner);
-        agent.clone().ok_or_else(|| PyValueError::new_err(format!("agent {:?} is closed", self.name)))
+        self.agent.get()
     }
 
     fn prepare(
@@ -122,7 +121,7 @@ impl Agent {
             None => {}
         }
         let agent = py.detach(|| kvferry_core::Agent::new(config)).or_raise()?;
-        Ok(Agent { name, agent: RwLock::new(Some(agent)) })
+        Ok(Agent { name, agent: Closable::new("agent", agent) })
     }
 
     #[getter]
@@ -246,25 +245,24 @@ impl Agent {
     /// Stop serving; registrations and transfers made from the agent stay valid objects, but peers
     /// can no longer reach this agent through it. Closing twice is harmless.
     fn close(&self, py: Python<'_>) {
-        let agent = self.agent.write().unwrap_or_else(PoisonError::into_inner).take();
-        // Dropping the last handle stops the transports' threads: no GIL needed for that.
-        py.detach(move || drop(agent));
+        self.agent.close(py);
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
 
-    fn __exit__(&self, py: Python<'_>, _kind: Py<PyAny>, _value: Py<PyAny>, _traceback: Py<PyAny>) -> bool {
-        self.close(py);
+    #[pyo3(signature = (*_exc_info))]
+    fn __exit__(&self, py: Python<'_>, _exc_info: &Bound<'_, PyTuple>) -> bool {
+        self.agent.close(py);
         false
     }
 
     fn __repr__(&self) -> String {
-        let state = match self.agent.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
+        let state = self.agent.peek(|agent| match agent {
             Some(agent) => format!("peers={:?}", agent.peers()),
             None => "closed".to_string(),
-        };
+        });
         format!("Agent(name={:?}, {state})", self.name)
     }
 }

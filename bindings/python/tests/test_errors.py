@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kvferry
+from conftest import link_whole
 from kvferry._errors import error_for
 
 RANGES = {
@@ -62,11 +63,7 @@ def test_corrupt_metadata_is_a_metadata_error():
 
 def test_descriptor_errors_carry_their_codes(pair):
     a, b = pair(shm=False)
-    mine, theirs = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
-    a_reg, b_reg = a.register(mine), b.register(theirs)
-    a.add_peer(b.metadata())
-    local = a.prepare_local([(a_reg.addr, 4096)])
-    remote = a.prepare_remote("b", [(b_reg.addr, 4096)])
+    a_reg, b_reg, local, remote = link_whole(a, b, np.zeros(4096, np.uint8), np.zeros(4096, np.uint8))
 
     def code_of(call):
         with pytest.raises(kvferry.DescriptorError) as e:
@@ -141,11 +138,7 @@ def test_registered_memory_cannot_move_away():
 
 def test_a_transfer_past_its_deadline_is_a_timeout_error(pair):
     a, b = pair(shm=False)
-    mine, theirs = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
-    a_reg, b_reg = a.register(mine), b.register(theirs)
-    a.add_peer(b.metadata())
-    local = a.prepare_local([(a_reg.addr, 4096)])
-    remote = a.prepare_remote("b", [(b_reg.addr, 4096)])
+    a_reg, b_reg, local, remote = link_whole(a, b, np.zeros(4096, np.uint8), np.zeros(4096, np.uint8))
     with pytest.raises(kvferry.TransferTimeoutError) as e:
         a.read(local, [0], remote, [0], timeout=0).wait()
     assert isinstance(e.value, builtins.TimeoutError) and e.value.code_name == "Timeout"
