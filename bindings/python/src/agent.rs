@@ -89,7 +89,7 @@ impl Agent {
 #[pymethods]
 impl Agent {
     #[new]
-    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None))]
+    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None, cuda_device = None))]
     #[allow(clippy::too_many_arguments, reason = "the constructor's keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -100,28 +100,43 @@ impl Agent {
         shm: bool,
         fabric_provider: Option<String>,
         advertise_host: Option<String>,
+        cuda_device: Option<u32>,
     ) -> PyResult<Self> {
         let ip: IpAddr =
             host.parse().map_err(|_| PyValueError::new_err(format!("host must be an IP address, got {host:?}")))?;
         let defaults = AgentConfig::new(name.clone());
         let tcp_config = TcpConfig { listen: SocketAddr::new(ip, port), advertise_host, ..TcpConfig::default() };
-        #[allow(unused_mut, reason = "only the fabric feature adds to the config")]
+        #[allow(unused_mut, reason = "only the fabric and cuda features add to the config")]
         let mut config = AgentConfig { tcp: tcp.then_some(tcp_config), shm: defaults.shm.filter(|_| shm), ..defaults };
-        match fabric_provider {
-            #[cfg(feature = "fabric")]
-            Some(provider) => {
-                use kvferry_core::transport::fabric::FabricConfig;
-                config.fabric = Some(FabricConfig { provider: Some(provider), ..FabricConfig::default() });
+        let agent = py.detach(|| {
+            match fabric_provider {
+                #[cfg(feature = "fabric")]
+                Some(provider) => {
+                    use kvferry_core::transport::fabric::FabricConfig;
+                    config.fabric = Some(FabricConfig { provider: Some(provider), ..FabricConfig::default() });
+                }
+                #[cfg(not(feature = "fabric"))]
+                Some(_) => return Err(missing_feature("the fabric transport", "fabric")),
+                None => {}
             }
-            #[cfg(not(feature = "fabric"))]
-            Some(_) => {
-                let why = "this build of kvferry has no fabric transport";
-                return Err(crate::errors::exception(py, kvferry_core::ErrorCode::Unsupported, why));
+            match cuda_device {
+                // Device memory then moves over cuda-ipc to peers on this host and is staged
+                // through pinned host buffers over TCP to the others.
+                #[cfg(feature = "cuda")]
+                Some(ordinal) => {
+                    use kvferry_core::StagingConfig;
+                    use kvferry_core::transport::cuda_ipc::CudaIpcConfig;
+                    let device = kvferry_core::CudaDevice::open(ordinal)?;
+                    config.staging = Some(StagingConfig::new(vec![std::sync::Arc::new(device.clone())]));
+                    config.cuda_ipc = Some(CudaIpcConfig { device });
+                }
+                #[cfg(not(feature = "cuda"))]
+                Some(_) => return Err(missing_feature("CUDA memory", "cuda")),
+                None => {}
             }
-            None => {}
-        }
-        let agent = py.detach(|| kvferry_core::Agent::new(config)).or_raise()?;
-        Ok(Agent { name, agent: Closable::new("agent", agent) })
+            kvferry_core::Agent::new(config)
+        });
+        Ok(Agent { name, agent: Closable::new("agent", agent.or_raise()?) })
     }
 
     #[getter]
@@ -264,6 +279,14 @@ impl Agent {
             None => "closed".to_string(),
         });
         format!("Agent(name={:?}, {state})", self.name)
+    }
+}
+
+#[cfg(not(all(feature = "fabric", feature = "cuda")))]
+fn missing_feature(what: &str, feature: &str) -> kvferry_core::Error {
+    kvferry_core::Error::Unsupported {
+        what: what.into(),
+        why: format!("this build of kvferry has no {feature} feature"),
     }
 }
 

@@ -144,3 +144,22 @@ def test_a_transfer_past_its_deadline_is_a_timeout_error(pair):
     assert isinstance(e.value, builtins.TimeoutError) and e.value.code_name == "Timeout"
     # The agent is fine afterwards.
     a.read(local, [0], remote, [0]).wait()
+
+
+def test_gpu_memory_without_a_gpu_path_is_a_typed_error():
+    """CUDA memory needs an agent opened with cuda_device=N; without a GPU that open fails typed."""
+    memory = np.zeros(4096, np.uint8)
+    with kvferry.Agent("a") as agent:
+        with pytest.raises(kvferry.UnsupportedError) as e:
+            agent.register_ptr(memory.ctypes.data, 4096, "cuda:0")
+        assert "no enabled transport" in str(e.value)
+    try:
+        kvferry.Agent("gpu", cuda_device=0).close()
+        return  # a CUDA device is present: nothing more fails here
+    except kvferry.RegistrationError as e:
+        assert e.code_name in ("NoDriver", "NoDevice", "DeviceCallFailed")
+    with kvferry.TierStore(4096, 4096) as store:
+        with pytest.raises(kvferry.RegistrationError):
+            store.put([(b"k", [(memory.ctypes.data, 4096)])], device="cuda:0")
+        with pytest.raises(kvferry.UnsupportedError):
+            store.put([(b"k", [(memory.ctypes.data, 4096)])], device="rocm:0")

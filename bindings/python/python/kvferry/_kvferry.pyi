@@ -33,6 +33,7 @@ class Agent(_Closes):
         shm: bool = True,
         fabric_provider: Optional[str] = None,
         advertise_host: Optional[str] = None,
+        cuda_device: Optional[int] = None,
     ) -> None: ...
     @property
     def name(self) -> str: ...
