@@ -15,7 +15,7 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::closable::Closable;
-use crate::convert::{deadline, describe_memory, device_name, kind_at, parse_device};
+use crate::convert::{Span, deadline, describe_memory, device_name, kind_at, parse_device};
 use crate::errors::OrRaise;
 
 /// One engine rank's endpoint: registered memory, transports, peers, transfers.
@@ -34,7 +34,7 @@ impl Agent {
         &self,
         py: Python<'_>,
         peer: Option<&str>,
-        regions: Vec<(u64, u64)>,
+        regions: Vec<Span>,
         device: Option<&str>,
     ) -> PyResult<Prepared> {
         let agent = self.agent()?;
@@ -54,7 +54,7 @@ impl Agent {
             }
         };
         let regions: Vec<MemRegion> =
-            regions.into_iter().map(|(addr, len)| MemRegion { addr, len, kind: kinds(addr, len) }).collect();
+            regions.into_iter().map(|[addr, len]| MemRegion { addr, len, kind: kinds(addr, len) }).collect();
         let descs = py.detach(|| match peer {
             None => agent.prepare_local(&regions),
             Some(peer) => agent.prepare_remote(peer, &regions),
@@ -194,7 +194,7 @@ impl Agent {
     }
 
     #[pyo3(signature = (regions, *, device = None))]
-    fn prepare_local(&self, py: Python<'_>, regions: Vec<(u64, u64)>, device: Option<&str>) -> PyResult<Prepared> {
+    fn prepare_local(&self, py: Python<'_>, regions: Vec<Span>, device: Option<&str>) -> PyResult<Prepared> {
         self.prepare(py, None, regions, device)
     }
 
@@ -203,7 +203,7 @@ impl Agent {
         &self,
         py: Python<'_>,
         peer: &str,
-        regions: Vec<(u64, u64)>,
+        regions: Vec<Span>,
         device: Option<&str>,
     ) -> PyResult<Prepared> {
         self.prepare(py, Some(peer), regions, device)

@@ -17,11 +17,11 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::closable::Closable;
-use crate::convert::{deadline, parse_device};
+use crate::convert::{Span, deadline, parse_device};
 use crate::errors::{OrRaise, exception};
 
 /// A block of a put or get as Python passes it: its key and its `(addr, length)` regions.
-type PyBlock = (PyBackedBytes, Vec<(u64, u64)>);
+type PyBlock = (PyBackedBytes, Vec<Span>);
 
 struct StoreState {
     store: CoreTierStore,
@@ -69,7 +69,7 @@ impl TierStore {
         let blocks: Vec<BlockRegions> = blocks
             .into_iter()
             .map(|(key, regions)| {
-                let regions = regions.into_iter().map(|(addr, len)| MemRegion { addr, len, kind }).collect();
+                let regions = regions.into_iter().map(|[addr, len]| MemRegion { addr, len, kind }).collect();
                 Ok((block_key(&key)?, regions))
             })
             .collect::<PyResult<_>>()?;

@@ -110,8 +110,9 @@ def test_bad_python_arguments_raise_value_and_type_errors():
             agent.register_ptr(0x1000, 64, "tpu:0")
         with pytest.raises(ValueError, match="host memory"):
             agent.register(bytearray(64), device="cuda:0")
-        with pytest.raises(ValueError, match="timeout"):
-            agent.wait_notifications(-1)
+        for bad in [-1, float("nan"), float("inf"), 1e19, 1e30]:
+            with pytest.raises(ValueError, match="timeout"):
+                agent.wait_notifications(bad)
         with pytest.raises(ValueError, match="IP address"):
             agent.serve_side_channel("not a host")
         with pytest.raises(OverflowError):
