@@ -17,11 +17,14 @@ packages=(build-essential pkg-config valgrind)
 packages+=(libamdhip64-dev)
 # The fabric transport: libfabric >= 1.17 headers and library, and fi_info.
 packages+=(libfabric-dev libfabric-bin)
+# The Python package: libpython for the workspace build of the extension crate, venv for its tests.
+packages+=(python3-dev python3-venv)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
 features=()
 # GPU devices load their drivers at run time: they build anywhere and skip, saying why, without a GPU.
 features+=(kvferry-cli/cuda kvferry-cli/rocm)
 features+=(kvferry-cli/fabric)
+features+=(kvferry-python/cuda kvferry-python/fabric)
 feature_args=()
 ((${#features[@]})) && feature_args=(--features "${features[*]}")
 missing=()
@@ -70,6 +73,50 @@ fi
 log "C ABI tests (c-api/check.sh)"
 bash c-api/check.sh
 
+# The Python package (bindings/python): the abi3 wheel built by maturin and installed with pip into
+# a fresh venv without torch, where the binding's tests run (torch tests skip, saying why); then
+# every test again in target/venv, which has torch, where none may skip.
+python_passed=0
+run_pytest() {
+    local venv=$1 output=$2
+    set +e
+    "$venv/bin/python" -m pytest -p no:cacheprovider -v -rs bindings/python/tests 2>&1 | tee "$output"
+    local status=${PIPESTATUS[0]}
+    set -e
+    if [ "$status" -ne 0 ]; then
+        echo "Python tests failed in $venv (exit $status)" >&2
+        exit "$status"
+    fi
+    python_passed=$((python_passed + $(grep -Eo '[0-9]+ passed' "$output" | tail -1 | grep -Eo '[0-9]+')))
+}
+python_tests() {
+    log "Python package: build the wheel (scripts/python-env.sh)"
+    bash scripts/python-env.sh
+    log "Python package: the wheel in a fresh venv"
+    rm -rf target/wheel-venv
+    python3 -m venv target/wheel-venv
+    target/wheel-venv/bin/python -m pip install -q target/wheels/kvferry-*.whl numpy pytest
+    run_pytest target/wheel-venv target/pytest-wheel.log
+    log "Python package: every test, with torch"
+    KVFERRY_REQUIRE_TORCH=1 run_pytest target/venv target/pytest-torch.log
+    if grep -Eq '[0-9]+ skipped' target/pytest-torch.log; then
+        echo "Python tests were skipped where torch is installed" >&2
+        exit 1
+    fi
+    python_sentinels=(
+        test_torch_tensors_move_both_ways_byte_exact
+        test_blocks_move_both_ways_between_processes_byte_exact
+        test_a_killed_peer_fails_the_transfer_fast
+        test_waiting_for_notifications_releases_the_gil
+        test_a_small_dram_serves_blocks_back_from_disk
+        test_chained_keys_match_the_rust_vectors
+    )
+    for must in "${python_sentinels[@]}"; do
+        grep -q "::$must.* PASSED" target/pytest-torch.log || { echo "sentinel: $must did not run" >&2; exit 1; }
+    done
+}
+python_tests
+
 # A run that executed no tests, or skipped the process tests, must not pass as green.
 passed=$(awk '/^test result: ok\./ { n += $4 } END { print n + 0 }' target/test-output.log)
 sentinels=(
@@ -99,6 +146,7 @@ sentinels=(
     each_transfer_goes_over_the_first_link_that_reaches_its_memory
     a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing
     store::tests::keys_cross_the_boundary_unchanged
+    chained_keys_match_pinned_vectors
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }
@@ -107,4 +155,4 @@ if [ "$passed" -lt 150 ]; then
     echo "sentinel: only $passed tests passed; expected at least 150" >&2
     exit 1
 fi
-echo "$passed passed, 0 failed"
+echo "$((passed + python_passed)) passed, 0 failed"

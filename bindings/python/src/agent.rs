@@ -1,7 +1,7 @@
 //! `Agent`, `Registration`, `Prepared` and `Transfer`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError};
 
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
@@ -12,30 +12,29 @@ use kvferry_core::{
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyTuple};
 
-use crate::convert::{deadline, describe_memory, device_name, kind_at, parse_device};
+use crate::closable::Closable;
+use crate::convert::{Span, deadline, describe_memory, device_name, kind_at, parse_device};
 use crate::errors::OrRaise;
 
 /// One engine rank's endpoint: registered memory, transports, peers, transfers.
 #[pyclass(frozen, module = "kvferry._kvferry")]
 pub struct Agent {
     name: String,
-    /// `None` once closed.
-    agent: RwLock<Option<kvferry_core::Agent>>,
+    agent: Closable<kvferry_core::Agent>,
 }
 
 impl Agent {
     fn agent(&self) -> PyResult<kvferry_core::Agent> {
-        let agent = self.agent.read().unwrap_or_else(PoisonError::into_inner);
-        agent.clone().ok_or_else(|| PyValueError::new_err(format!("agent {:?} is closed", self.name)))
+        self.agent.get()
     }
 
     fn prepare(
         &self,
         py: Python<'_>,
         peer: Option<&str>,
-        regions: Vec<(u64, u64)>,
+        regions: Vec<Span>,
         device: Option<&str>,
     ) -> PyResult<Prepared> {
         let agent = self.agent()?;
@@ -55,7 +54,7 @@ impl Agent {
             }
         };
         let regions: Vec<MemRegion> =
-            regions.into_iter().map(|(addr, len)| MemRegion { addr, len, kind: kinds(addr, len) }).collect();
+            regions.into_iter().map(|[addr, len]| MemRegion { addr, len, kind: kinds(addr, len) }).collect();
         let descs = py.detach(|| match peer {
             None => agent.prepare_local(&regions),
             Some(peer) => agent.prepare_remote(peer, &regions),
@@ -90,7 +89,7 @@ impl Agent {
 #[pymethods]
 impl Agent {
     #[new]
-    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None))]
+    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None, cuda_device = None))]
     #[allow(clippy::too_many_arguments, reason = "the constructor's keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -101,28 +100,43 @@ impl Agent {
         shm: bool,
         fabric_provider: Option<String>,
         advertise_host: Option<String>,
+        cuda_device: Option<u32>,
     ) -> PyResult<Self> {
         let ip: IpAddr =
             host.parse().map_err(|_| PyValueError::new_err(format!("host must be an IP address, got {host:?}")))?;
         let defaults = AgentConfig::new(name.clone());
         let tcp_config = TcpConfig { listen: SocketAddr::new(ip, port), advertise_host, ..TcpConfig::default() };
-        #[allow(unused_mut, reason = "only the fabric feature adds to the config")]
+        #[allow(unused_mut, reason = "only the fabric and cuda features add to the config")]
         let mut config = AgentConfig { tcp: tcp.then_some(tcp_config), shm: defaults.shm.filter(|_| shm), ..defaults };
-        match fabric_provider {
-            #[cfg(feature = "fabric")]
-            Some(provider) => {
-                use kvferry_core::transport::fabric::FabricConfig;
-                config.fabric = Some(FabricConfig { provider: Some(provider), ..FabricConfig::default() });
+        let agent = py.detach(|| {
+            match fabric_provider {
+                #[cfg(feature = "fabric")]
+                Some(provider) => {
+                    use kvferry_core::transport::fabric::FabricConfig;
+                    config.fabric = Some(FabricConfig { provider: Some(provider), ..FabricConfig::default() });
+                }
+                #[cfg(not(feature = "fabric"))]
+                Some(_) => return Err(missing_feature("the fabric transport", "fabric")),
+                None => {}
             }
-            #[cfg(not(feature = "fabric"))]
-            Some(_) => {
-                let why = "this build of kvferry has no fabric transport";
-                return Err(crate::errors::exception(py, kvferry_core::ErrorCode::Unsupported, why));
+            match cuda_device {
+                // Device memory then moves over cuda-ipc to peers on this host and is staged
+                // through pinned host buffers over TCP to the others.
+                #[cfg(feature = "cuda")]
+                Some(ordinal) => {
+                    use kvferry_core::StagingConfig;
+                    use kvferry_core::transport::cuda_ipc::CudaIpcConfig;
+                    let device = kvferry_core::CudaDevice::open(ordinal)?;
+                    config.staging = Some(StagingConfig::new(vec![std::sync::Arc::new(device.clone())]));
+                    config.cuda_ipc = Some(CudaIpcConfig { device });
+                }
+                #[cfg(not(feature = "cuda"))]
+                Some(_) => return Err(missing_feature("CUDA memory", "cuda")),
+                None => {}
             }
-            None => {}
-        }
-        let agent = py.detach(|| kvferry_core::Agent::new(config)).or_raise()?;
-        Ok(Agent { name, agent: RwLock::new(Some(agent)) })
+            kvferry_core::Agent::new(config)
+        });
+        Ok(Agent { name, agent: Closable::new("agent", agent.or_raise()?) })
     }
 
     #[getter]
@@ -180,7 +194,7 @@ impl Agent {
     }
 
     #[pyo3(signature = (regions, *, device = None))]
-    fn prepare_local(&self, py: Python<'_>, regions: Vec<(u64, u64)>, device: Option<&str>) -> PyResult<Prepared> {
+    fn prepare_local(&self, py: Python<'_>, regions: Vec<Span>, device: Option<&str>) -> PyResult<Prepared> {
         self.prepare(py, None, regions, device)
     }
 
@@ -189,7 +203,7 @@ impl Agent {
         &self,
         py: Python<'_>,
         peer: &str,
-        regions: Vec<(u64, u64)>,
+        regions: Vec<Span>,
         device: Option<&str>,
     ) -> PyResult<Prepared> {
         self.prepare(py, Some(peer), regions, device)
@@ -246,26 +260,33 @@ impl Agent {
     /// Stop serving; registrations and transfers made from the agent stay valid objects, but peers
     /// can no longer reach this agent through it. Closing twice is harmless.
     fn close(&self, py: Python<'_>) {
-        let agent = self.agent.write().unwrap_or_else(PoisonError::into_inner).take();
-        // Dropping the last handle stops the transports' threads: no GIL needed for that.
-        py.detach(move || drop(agent));
+        self.agent.close(py);
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
 
-    fn __exit__(&self, py: Python<'_>, _kind: Py<PyAny>, _value: Py<PyAny>, _traceback: Py<PyAny>) -> bool {
-        self.close(py);
+    #[pyo3(signature = (*_exc_info))]
+    fn __exit__(&self, py: Python<'_>, _exc_info: &Bound<'_, PyTuple>) -> bool {
+        self.agent.close(py);
         false
     }
 
     fn __repr__(&self) -> String {
-        let state = match self.agent.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
+        let state = self.agent.peek(|agent| match agent {
             Some(agent) => format!("peers={:?}", agent.peers()),
             None => "closed".to_string(),
-        };
+        });
         format!("Agent(name={:?}, {state})", self.name)
+    }
+}
+
+#[cfg(not(all(feature = "fabric", feature = "cuda")))]
+fn missing_feature(what: &str, feature: &str) -> kvferry_core::Error {
+    kvferry_core::Error::Unsupported {
+        what: what.into(),
+        why: format!("this build of kvferry has no {feature} feature"),
     }
 }
 

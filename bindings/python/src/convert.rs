@@ -1,6 +1,6 @@
 //! Python arguments to kvferry values: timeouts, device names, memory objects.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvferry_core::metadata::RegionInfo;
 use kvferry_core::{Deadline, MemKind, MemRegion};
@@ -8,11 +8,15 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+/// `(addr, length)` as Python passes it: a tuple, a list, any sequence of two ints.
+pub(crate) type Span = [u64; 2];
+
 /// A deadline `timeout` seconds from now.
 pub(crate) fn deadline(timeout: f64) -> PyResult<Deadline> {
-    Duration::try_from_secs_f64(timeout)
-        .map(Deadline::after)
-        .map_err(|_| PyValueError::new_err(format!("timeout must be a finite number of seconds >= 0, got {timeout}")))
+    let bad = || PyValueError::new_err(format!("timeout must be a finite number of seconds >= 0, got {timeout}"));
+    let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| bad())?;
+    // Past the clock's range, `Instant + Duration` would panic.
+    Instant::now().checked_add(timeout).map(Deadline::at).ok_or_else(bad)
 }
 
 /// `"cpu"`, `"cuda"`, `"cuda:N"`, `"rocm"`, `"rocm:N"`.

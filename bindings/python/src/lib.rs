@@ -4,6 +4,7 @@
 //! the exceptions of `kvferry._errors`, which carry the stable error code.
 
 mod agent;
+mod closable;
 mod convert;
 mod errors;
 mod store;

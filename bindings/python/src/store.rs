@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kvferry_core::tier::BlockRegions;
@@ -14,13 +14,14 @@ use kvferry_core::{
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
-use crate::convert::{deadline, parse_device};
+use crate::closable::Closable;
+use crate::convert::{Span, deadline, parse_device};
 use crate::errors::{OrRaise, exception};
 
 /// A block of a put or get as Python passes it: its key and its `(addr, length)` regions.
-type PyBlock = (PyBackedBytes, Vec<(u64, u64)>);
+type PyBlock = (PyBackedBytes, Vec<Span>);
 
 struct StoreState {
     store: CoreTierStore,
@@ -55,14 +56,12 @@ impl StoreState {
 #[pyclass(frozen, module = "kvferry._kvferry")]
 pub struct TierStore {
     block_size: usize,
-    /// `None` once closed.
-    state: RwLock<Option<Arc<StoreState>>>,
+    state: Closable<Arc<StoreState>>,
 }
 
 impl TierStore {
     fn state(&self) -> PyResult<Arc<StoreState>> {
-        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        state.clone().ok_or_else(|| PyValueError::new_err("the tier store is closed"))
+        self.state.get()
     }
 
     fn submit(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str, put: bool) -> PyResult<StoreOp> {
@@ -70,7 +69,7 @@ impl TierStore {
         let blocks: Vec<BlockRegions> = blocks
             .into_iter()
             .map(|(key, regions)| {
-                let regions = regions.into_iter().map(|(addr, len)| MemRegion { addr, len, kind }).collect();
+                let regions = regions.into_iter().map(|[addr, len]| MemRegion { addr, len, kind }).collect();
                 Ok((block_key(&key)?, regions))
             })
             .collect::<PyResult<_>>()?;
@@ -142,7 +141,7 @@ impl TierStore {
         let store = py.detach(|| CoreTierStore::open(config)).or_raise()?;
         let events = events.then(|| Mutex::new(store.subscribe()));
         let state = StoreState { store, devices: Mutex::default(), events };
-        Ok(TierStore { block_size, state: RwLock::new(Some(Arc::new(state))) })
+        Ok(TierStore { block_size, state: Closable::new("tier store", Arc::new(state)) })
     }
 
     #[getter]
@@ -217,21 +216,21 @@ impl TierStore {
     /// Finish running operations, stop the workers, close the disk files; idempotent. The disk
     /// tier's blocks stay for the next store opened on the directory.
     fn close(&self, py: Python<'_>) {
-        let state = self.state.write().unwrap_or_else(PoisonError::into_inner).take();
-        py.detach(move || drop(state));
+        self.state.close(py);
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
 
-    fn __exit__(&self, py: Python<'_>, _kind: Py<PyAny>, _value: Py<PyAny>, _traceback: Py<PyAny>) -> bool {
-        self.close(py);
+    #[pyo3(signature = (*_exc_info))]
+    fn __exit__(&self, py: Python<'_>, _exc_info: &Bound<'_, PyTuple>) -> bool {
+        self.state.close(py);
         false
     }
 
     fn __repr__(&self) -> String {
-        match self.state.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
+        self.state.peek(|state| match state {
             Some(state) => {
                 let stats = state.store.stats();
                 format!(
@@ -244,7 +243,7 @@ impl TierStore {
                 )
             }
             None => format!("TierStore(block_size={}, closed)", self.block_size),
-        }
+        })
     }
 }
 

@@ -39,3 +39,12 @@ def pair():
     yield make
     for agent in made:
         agent.close()
+
+
+def link_whole(a, b, a_mem, b_mem):
+    """Register a_mem on a and b_mem on b; return the registrations and a's lists of each, whole."""
+    a_reg, b_reg = a.register(a_mem), b.register(b_mem)
+    a.add_peer(b.metadata())  # b's metadata now holds its registration
+    local = a.prepare_local([(a_reg.addr, a_reg.length)])
+    remote = a.prepare_remote(b.name, [(b_reg.addr, b_reg.length)])
+    return a_reg, b_reg, local, remote

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kvferry
+from conftest import link_whole
 from kvferry._errors import error_for
 
 RANGES = {
@@ -62,11 +63,7 @@ def test_corrupt_metadata_is_a_metadata_error():
 
 def test_descriptor_errors_carry_their_codes(pair):
     a, b = pair(shm=False)
-    mine, theirs = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
-    a_reg, b_reg = a.register(mine), b.register(theirs)
-    a.add_peer(b.metadata())
-    local = a.prepare_local([(a_reg.addr, 4096)])
-    remote = a.prepare_remote("b", [(b_reg.addr, 4096)])
+    a_reg, b_reg, local, remote = link_whole(a, b, np.zeros(4096, np.uint8), np.zeros(4096, np.uint8))
 
     def code_of(call):
         with pytest.raises(kvferry.DescriptorError) as e:
@@ -113,8 +110,9 @@ def test_bad_python_arguments_raise_value_and_type_errors():
             agent.register_ptr(0x1000, 64, "tpu:0")
         with pytest.raises(ValueError, match="host memory"):
             agent.register(bytearray(64), device="cuda:0")
-        with pytest.raises(ValueError, match="timeout"):
-            agent.wait_notifications(-1)
+        for bad in [-1, float("nan"), float("inf"), 1e19, 1e30]:
+            with pytest.raises(ValueError, match="timeout"):
+                agent.wait_notifications(bad)
         with pytest.raises(ValueError, match="IP address"):
             agent.serve_side_channel("not a host")
         with pytest.raises(OverflowError):
@@ -141,13 +139,28 @@ def test_registered_memory_cannot_move_away():
 
 def test_a_transfer_past_its_deadline_is_a_timeout_error(pair):
     a, b = pair(shm=False)
-    mine, theirs = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
-    a_reg, b_reg = a.register(mine), b.register(theirs)
-    a.add_peer(b.metadata())
-    local = a.prepare_local([(a_reg.addr, 4096)])
-    remote = a.prepare_remote("b", [(b_reg.addr, 4096)])
+    a_reg, b_reg, local, remote = link_whole(a, b, np.zeros(4096, np.uint8), np.zeros(4096, np.uint8))
     with pytest.raises(kvferry.TransferTimeoutError) as e:
         a.read(local, [0], remote, [0], timeout=0).wait()
     assert isinstance(e.value, builtins.TimeoutError) and e.value.code_name == "Timeout"
     # The agent is fine afterwards.
     a.read(local, [0], remote, [0]).wait()
+
+
+def test_gpu_memory_without_a_gpu_path_is_a_typed_error():
+    """CUDA memory needs an agent opened with cuda_device=N; without a GPU that open fails typed."""
+    memory = np.zeros(4096, np.uint8)
+    with kvferry.Agent("a") as agent:
+        with pytest.raises(kvferry.UnsupportedError) as e:
+            agent.register_ptr(memory.ctypes.data, 4096, "cuda:0")
+        assert "no enabled transport" in str(e.value)
+    try:
+        kvferry.Agent("gpu", cuda_device=0).close()
+        return  # a CUDA device is present: nothing more fails here
+    except kvferry.RegistrationError as e:
+        assert e.code_name in ("NoDriver", "NoDevice", "DeviceCallFailed")
+    with kvferry.TierStore(4096, 4096) as store:
+        with pytest.raises(kvferry.RegistrationError):
+            store.put([(b"k", [(memory.ctypes.data, 4096)])], device="cuda:0")
+        with pytest.raises(kvferry.UnsupportedError):
+            store.put([(b"k", [(memory.ctypes.data, 4096)])], device="rocm:0")

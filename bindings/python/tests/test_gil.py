@@ -4,11 +4,13 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import kvferry
+from conftest import pattern
 
-WAIT = 1.0
+WAIT = 1.5
 
 
 def longest_stall_while(blocking_call) -> float:
@@ -55,3 +57,31 @@ def test_connecting_to_a_silent_peer_releases_the_gil():
     finally:
         silent.close()
     assert stall < WAIT / 2, f"this thread stalled {stall:.3f} s while another connected"
+
+
+def test_threads_share_one_agent(pair):
+    """Objects carry no thread affinity: four threads post through one agent at once."""
+    a, b = pair()
+    block, blocks = 4096, 32
+    source, dest = pattern(block * blocks, 30), np.zeros(block * blocks, np.uint8)
+    a_reg, b_reg = a.register(dest), b.register(source)
+    a.add_peer(b.metadata())
+    local = a.prepare_local([(a_reg.addr + i * block, block) for i in range(blocks)])
+    remote = a.prepare_remote("b", [(b_reg.addr + i * block, block) for i in range(blocks)])
+    failures = []
+
+    def worker(first: int):
+        try:
+            mine = list(range(first, blocks, 4))
+            for _ in range(25):
+                a.read(local, mine, remote, mine).wait()
+        except Exception as e:  # reported below, in the test's thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert np.array_equal(source, dest)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import kvferry
-from conftest import pattern
+from conftest import link_whole, pattern
 
 BLOCK = 4096
 BLOCKS = 8
@@ -107,11 +107,7 @@ def test_agents_find_each_other_through_the_side_channel():
 
 def test_a_dropped_pending_transfer_does_not_crash(pair):
     a, b = pair(shm=False)
-    src, dst = pattern(1 << 20, 6), np.zeros(1 << 20, np.uint8)
-    a_reg, b_reg = a.register(dst), b.register(src)
-    a.add_peer(b.metadata())
-    local = a.prepare_local([(a_reg.addr, 1 << 20)])
-    remote = a.prepare_remote("b", [(b_reg.addr, 1 << 20)])
+    a_reg, _, local, remote = link_whole(a, b, np.zeros(1 << 20, np.uint8), pattern(1 << 20, 6))
     for _ in range(8):
         a.read(local, [0], remote, [0])  # dropped at once, maybe still running
     # Deregistering waits for the transfers still using the memory.

@@ -2,7 +2,6 @@
 
 from collections.abc import Sequence
 from os import PathLike
-from types import TracebackType
 from typing import Any, Literal, Optional, Union
 
 from typing_extensions import Buffer, Self
@@ -14,7 +13,14 @@ ERROR_CODES: dict[str, int]
 _Bytes = Union[bytes, bytearray, memoryview]
 _Blocks = Sequence[tuple[_Bytes, Sequence[tuple[int, int]]]]
 
-class Agent:
+class _Closes:
+    """``close()``, also on leaving a ``with`` block; closing twice is harmless."""
+
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc_info: object) -> Literal[False]: ...
+
+class Agent(_Closes):
     """One engine rank's endpoint: registered memory, transports, peers, transfers."""
 
     def __init__(
@@ -27,6 +33,7 @@ class Agent:
         shm: bool = True,
         fabric_provider: Optional[str] = None,
         advertise_host: Optional[str] = None,
+        cuda_device: Optional[int] = None,
     ) -> None: ...
     @property
     def name(self) -> str: ...
@@ -52,27 +59,11 @@ class Agent:
         notification: Optional[_Bytes] = None,
         timeout: float = 30.0,
     ) -> Transfer: ...
-    def write(
-        self,
-        local: Prepared,
-        local_indices: Sequence[int],
-        remote: Prepared,
-        remote_indices: Sequence[int],
-        *,
-        notification: Optional[_Bytes] = None,
-        timeout: float = 30.0,
-    ) -> Transfer: ...
+    # The same arguments; WRITE moves local -> remote.
+    write = read
     def notify(self, peer: str, data: _Bytes, timeout: float = 30.0) -> Transfer: ...
     def take_notifications(self) -> list[tuple[str, bytes]]: ...
     def wait_notifications(self, timeout: float) -> list[tuple[str, bytes]]: ...
-    def close(self) -> None: ...
-    def __enter__(self) -> Self: ...
-    def __exit__(
-        self,
-        kind: Optional[type[BaseException]],
-        value: Optional[BaseException],
-        traceback: Optional[TracebackType],
-    ) -> Literal[False]: ...
 
 class Registration:
     """Memory registered with an agent; ``deregister()`` (or garbage collection) ends it."""
@@ -109,7 +100,7 @@ class Transfer:
     @property
     def elapsed(self) -> Optional[float]: ...
 
-class TierStore:
+class TierStore(_Closes):
     """Pinned DRAM blocks backed by an optional disk directory, found again by prefix keys."""
 
     def __init__(
@@ -136,14 +127,6 @@ class TierStore:
     def clear(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def take_events(self) -> list[TierEvent]: ...
-    def close(self) -> None: ...
-    def __enter__(self) -> Self: ...
-    def __exit__(
-        self,
-        kind: Optional[type[BaseException]],
-        value: Optional[BaseException],
-        traceback: Optional[TracebackType],
-    ) -> Literal[False]: ...
 
 class StoreOp:
     """A put, get or offload in progress."""

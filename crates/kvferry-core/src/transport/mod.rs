@@ -546,3 +546,25 @@ impl Completion {
         self.state.lock().unwrap().finished_at.map(|t| t - self.posted_at)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_shorter_than_the_deadline_leaves_the_batch_running() {
+        let batch = Completion::new("peer", Op::Read, 0, None, Deadline::after(Duration::from_secs(30)));
+        batch.set_parts(1);
+        assert!(batch.wait_until(Deadline::after(Duration::from_millis(20))).is_none());
+        assert_eq!(batch.status(), TransferStatus::InProgress);
+        assert!(matches!(batch.part_done(Ok(())), PartOutcome::LastOk { .. }));
+        batch.finish(Ok(()));
+        assert!(matches!(batch.wait_until(Deadline::after(Duration::ZERO)), Some(Ok(()))));
+
+        // A wait reaching past the deadline settles the batch as timed out, as `wait` does.
+        let late = Completion::new("peer", Op::Write, 0, None, Deadline::after(Duration::from_millis(20)));
+        late.set_parts(1);
+        let outcome = late.wait_until(Deadline::after(Duration::from_secs(30)));
+        assert!(matches!(outcome, Some(Err(TransferError::Timeout { .. }))), "{outcome:?}");
+    }
+}
