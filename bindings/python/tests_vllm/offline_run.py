@@ -67,6 +67,8 @@ def main() -> None:
         max_model_len=1024,
         dtype="float32",
         enforce_eager=True,
+        # On the CPU backend this is a share of host memory; several engines run side by side.
+        gpu_memory_utilization=0.05,
         disable_log_stats=False,
         kv_transfer_config=KVTransferConfig(**config["kv_transfer_config"]),
         **extra,

@@ -56,6 +56,14 @@ def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
 class Handler(BaseHTTPRequestHandler):
     upstreams: Upstreams
 
+    def do_GET(self) -> None:
+        if self.path != "/health":
+            self.send_error(404, "the proxy answers GET /health only")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_POST(self) -> None:
         if self.path not in ROUTES:
             self.send_error(404, f"the proxy serves {', '.join(ROUTES)}")

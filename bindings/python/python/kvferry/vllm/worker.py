@@ -4,6 +4,8 @@ store's own threads, and each step only polls what finished."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections import defaultdict
@@ -52,6 +54,29 @@ def sources(rank: int, tp_size: int, total_heads: int, remote: dict[int, RankInf
     return chosen
 
 
+def _host_cpus() -> set[int]:
+    """The CPUs this engine's processes may run on, before vLLM pinned the worker's threads."""
+    try:
+        return os.sched_getaffinity(os.getppid())
+    except OSError:
+        return set(range(os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def _unpinned():
+    """Threads started inside inherit every host CPU instead of the caller's pinning.
+
+    vLLM's CPU backend pins the worker's thread (and so every thread it starts) to the cores its
+    OpenMP threads spin on; transfer and copy threads pinned there starve while the engine steps.
+    """
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _host_cpus() | pinned)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, pinned)
+
+
 @dataclass
 class _Pull:
     load: RemoteLoad
@@ -75,7 +100,11 @@ class ConnectorWorker:
         self.layouts: list[KvLayout] = []
         self.device = "cpu"
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvferry-pull")
+        self._pool = ThreadPoolExecutor(
+            max_workers=2,
+            thread_name_prefix="kvferry-pull",
+            initializer=lambda: os.sched_setaffinity(0, _host_cpus() | os.sched_getaffinity(0)),
+        )
         self._remote: dict[str, dict[int, RankInfo]] = {}
         self._peers: dict[tuple[str, int], str] = {}
         # Prefill side: held requests and the decode readers that said they are done.
@@ -104,14 +133,16 @@ class ConnectorWorker:
                 layers.append(describe_layer(name, tensor, num_blocks, heads[1] - heads[0]))
             layouts.append(KvLayout(layers, self.block_tokens, num_blocks))
         self.layouts = layouts
-        first = next(iter(kv_caches.values()))
-        self.device = "cpu" if first.device.type == "cpu" else f"{first.device.type}:{first.device.index or 0}"
-        self.agent = kvferry.Agent(
-            f"{self.cfg.engine_id}/{self.tp_rank}",
-            host=self.cfg.host,
-            shm=self.cfg.shm,
-            fabric_provider=self.cfg.fabric_provider,
-        )
+        device = next(iter(kv_caches.values())).device
+        self.device = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+        with _unpinned():
+            self.agent = kvferry.Agent(
+                f"{self.cfg.engine_id}/{self.tp_rank}",
+                host=self.cfg.host,
+                shm=self.cfg.shm,
+                fabric_provider=self.cfg.fabric_provider,
+                cuda_device=device.index or 0 if device.type == "cuda" else None,
+            )
         storages = {}
         for tensor in kv_caches.values():
             storage = tensor.untyped_storage()
@@ -136,14 +167,15 @@ class ConnectorWorker:
             logger.warning("kvferry: offload supports one KV cache group; this model has %d", len(self.layouts))
             return
         disk_dir = None if off.disk_dir is None else f"{off.disk_dir}/{self.cfg.engine_id}-rank{self.tp_rank}"
-        self.store = kvferry.TierStore(
-            self.layouts[0].block_bytes,
-            off.dram_bytes,
-            disk_dir=disk_dir,
-            disk_capacity=off.disk_bytes,
-            policy=off.policy,
-            admit_after=off.admit_after,
-        )
+        with _unpinned():
+            self.store = kvferry.TierStore(
+                self.layouts[0].block_bytes,
+                off.dram_bytes,
+                disk_dir=disk_dir,
+                disk_capacity=off.disk_bytes,
+                policy=off.policy,
+                admit_after=off.admit_after,
+            )
 
     def handshake(self) -> RankHandshake | None:
         if not self.cfg.pd or self.agent is None:
