@@ -110,6 +110,7 @@ python_tests() {
         test_waiting_for_notifications_releases_the_gil
         test_a_small_dram_serves_blocks_back_from_disk
         test_chained_keys_match_the_rust_vectors
+        test_blocks_move_between_tensor_parallel_sizes_by_head
     )
     for must in "${python_sentinels[@]}"; do
         grep -q "::$must.* PASSED" target/pytest-torch.log || { echo "sentinel: $must did not run" >&2; exit 1; }

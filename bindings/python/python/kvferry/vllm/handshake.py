@@ -107,7 +107,10 @@ def fetch(host: str, port: int, timeout: float) -> dict[int, RankInfo]:
         raise HandshakeError(f"handshake with {host}:{port} failed: {e}") from e
     if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("ranks"), dict):
         raise HandshakeError(f"{host}:{port} is not a kvferry side channel of version {VERSION}")
-    return {int(r): RankInfo.from_dict(info) for r, info in doc["ranks"].items()}
+    try:
+        return {int(r): RankInfo.from_dict(info) for r, info in doc["ranks"].items()}
+    except ValueError as e:
+        raise HandshakeError(f"{host}:{port} sent a malformed rank: {e}") from e
 
 
 def _read_exact(conn: socket.socket, n: int) -> bytes:

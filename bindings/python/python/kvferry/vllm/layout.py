@@ -182,6 +182,20 @@ def head_range(rank: int, tp_size: int, total_heads: int) -> tuple[int, int]:
     return lo, lo + 1
 
 
+def sources(rank: int, tp_size: int, total_heads: int, remote: dict[int, tuple[int, int]]) -> list[int]:
+    """The remote ranks (`rank -> (tp_size, total_heads)`) a local rank reads its heads from: the
+    first holder of each head range, so replicated heads are read once."""
+    mine = head_range(rank, tp_size, total_heads)
+    chosen, covered = [], set()
+    for r in sorted(remote):
+        theirs = head_range(r, *remote[r])
+        lo, hi = max(mine[0], theirs[0]), min(mine[1], theirs[1])
+        if lo < hi and (lo, hi) not in covered:
+            covered.add((lo, hi))
+            chosen.append(r)
+    return chosen
+
+
 def read_plan(
     local: KvLayout,
     local_heads: tuple[int, int],

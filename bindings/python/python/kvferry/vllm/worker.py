@@ -17,7 +17,7 @@ import kvferry
 from vllm.logger import init_logger
 from kvferry.vllm.config import ConnectorConfig
 from kvferry.vllm.handshake import HandshakeError, RankInfo, fetch
-from kvferry.vllm.layout import KvLayout, LayoutError, describe_layer, head_range, read_plan
+from kvferry.vllm.layout import KvLayout, LayoutError, describe_layer, head_range, read_plan, sources
 from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, WorkerReport
 
 logger = init_logger(f"vllm.{__name__}")
@@ -38,20 +38,6 @@ def parse_done(data: bytes) -> tuple[int, str] | None:
     if not readers.isdigit() or not request_id:
         return None
     return int(readers), request_id
-
-
-def sources(rank: int, tp_size: int, total_heads: int, remote: dict[int, RankInfo]) -> list[int]:
-    """The remote ranks a local rank reads its heads from: the first holder of each head range."""
-    mine = head_range(rank, tp_size, total_heads)
-    chosen, covered = [], set()
-    for r in sorted(remote):
-        info = remote[r]
-        theirs = head_range(r, info.tp_size, info.total_heads)
-        lo, hi = max(mine[0], theirs[0]), min(mine[1], theirs[1])
-        if lo < hi and (lo, hi) not in covered:
-            covered.add((lo, hi))
-            chosen.append(r)
-    return chosen
 
 
 def _host_cpus() -> set[int]:
@@ -340,13 +326,14 @@ class ConnectorWorker:
         load = pull.load
         assert self.agent is not None
         remote = self._remote_ranks(load.remote_engine_id, load.remote_host, load.remote_port)
-        chosen = sources(self.tp_rank, self.tp_size, self.total_heads, remote)
+        holders = {r: (info.tp_size, info.total_heads) for r, info in remote.items()}
+        chosen = sources(self.tp_rank, self.tp_size, self.total_heads, holders)
         mine = head_range(self.tp_rank, self.tp_size, self.total_heads)
         transfers = []
         for r in chosen:
             info = remote[r]
             peer = self._peer(load.remote_engine_id, r, info)
-            readers = sum(r in sources(d, self.tp_size, self.total_heads, remote) for d in range(self.tp_size))
+            readers = sum(r in sources(d, self.tp_size, self.total_heads, holders) for d in range(self.tp_size))
             message = done_message(readers, load.remote_request_id)
             pairs = read_plan(
                 self.layouts[0],
