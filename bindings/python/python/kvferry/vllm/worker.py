@@ -152,7 +152,7 @@ class ConnectorWorker:
         if len(self.layouts) != 1:
             logger.warning("kvferry: offload supports one KV cache group; this model has %d", len(self.layouts))
             return
-        disk_dir = None if off.disk_dir is None else f"{off.disk_dir}/{self.cfg.engine_id}-rank{self.tp_rank}"
+        disk_dir = None if off.disk_dir is None else f"{off.disk_dir}/rank{self.tp_rank}"
         with _unpinned():
             self.store = kvferry.TierStore(
                 self.layouts[0].block_bytes,
@@ -162,6 +162,9 @@ class ConnectorWorker:
                 policy=off.policy,
                 admit_after=off.admit_after,
             )
+        # The scheduler's index starts empty, so blocks a previous engine left on disk could never
+        # be found: reuse their space instead.
+        self.store.clear()
 
     def handshake(self) -> RankHandshake | None:
         if not self.cfg.pd or self.agent is None:
