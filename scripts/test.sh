@@ -89,6 +89,14 @@ run_pytest() {
     fi
     python_passed=$((python_passed + $(grep -Eo '[0-9]+ passed' "$output" | tail -1 | grep -Eo '[0-9]+')))
 }
+# Fails unless each named pytest test passed in the log.
+require_passed() {
+    local log=$1 must
+    shift
+    for must in "$@"; do
+        grep -q "::$must.* PASSED" "$log" || { echo "sentinel: $must did not run" >&2; exit 1; }
+    done
+}
 python_tests() {
     log "Python package: build the wheel (scripts/python-env.sh)"
     bash scripts/python-env.sh
@@ -103,18 +111,14 @@ python_tests() {
         echo "Python tests were skipped where torch is installed" >&2
         exit 1
     fi
-    python_sentinels=(
-        test_torch_tensors_move_both_ways_byte_exact
-        test_blocks_move_both_ways_between_processes_byte_exact
-        test_a_killed_peer_fails_the_transfer_fast
-        test_waiting_for_notifications_releases_the_gil
-        test_a_small_dram_serves_blocks_back_from_disk
-        test_chained_keys_match_the_rust_vectors
+    require_passed target/pytest-torch.log \
+        test_torch_tensors_move_both_ways_byte_exact \
+        test_blocks_move_both_ways_between_processes_byte_exact \
+        test_a_killed_peer_fails_the_transfer_fast \
+        test_waiting_for_notifications_releases_the_gil \
+        test_a_small_dram_serves_blocks_back_from_disk \
+        test_chained_keys_match_the_rust_vectors \
         test_blocks_move_between_tensor_parallel_sizes_by_head
-    )
-    for must in "${python_sentinels[@]}"; do
-        grep -q "::$must.* PASSED" target/pytest-torch.log || { echo "sentinel: $must did not run" >&2; exit 1; }
-    done
 }
 python_tests
 
@@ -122,16 +126,12 @@ python_tests
 vllm_tests() {
     log "vLLM connector: offload, P/D and failure tests on vLLM's CPU build"
     KVFERRY_REQUIRE_VLLM=1 run_pytest target/venv target/pytest-vllm.log bindings/python/tests_vllm
-    vllm_sentinels=(
-        test_offload_round_trip_through_dram
-        test_offload_round_trip_through_disk
-        test_decode_through_proxy_equals_one_engine
-        test_lease_ends_and_frees_unread_prefill_blocks
+    require_passed target/pytest-vllm.log \
+        test_offload_round_trip_through_dram \
+        test_offload_round_trip_through_disk \
+        test_decode_through_proxy_equals_one_engine \
+        test_lease_ends_and_frees_unread_prefill_blocks \
         test_prefill_killed_before_decode_reads
-    )
-    for must in "${vllm_sentinels[@]}"; do
-        grep -q "::$must.* PASSED" target/pytest-vllm.log || { echo "sentinel: $must did not run" >&2; exit 1; }
-    done
 }
 vllm_tests
 
