@@ -71,6 +71,13 @@ macro_rules! error_codes {
         impl ErrorCode {
             /// Every code, in numeric order.
             pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+
+            /// The variant's name (`PeerDisconnected`), for logs and metric labels.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => stringify!($name),)*
+                }
+            }
         }
     };
 }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod layout;
 pub mod memory;
 pub mod metadata;
+pub mod metrics;
 mod net;
 pub mod side_channel;
 pub mod tier;
