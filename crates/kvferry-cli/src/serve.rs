@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
+use kvferry::metrics::MetricsServer;
 use kvferry::transport::tcp::TcpConfig;
 use kvferry::{Agent, AgentConfig, Deadline, Registration};
 
@@ -45,6 +46,9 @@ pub struct ServeArgs {
     pub transport: String,
     #[command(flatten)]
     pub fabric: FabricArgs,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (e.g. 127.0.0.1:9400; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// libfabric options, for `--transport fabric`.
@@ -134,8 +138,18 @@ pub fn alloc_buffer(len: u64, shareable: bool) -> anyhow::Result<Arc<HostBuffer>
     }
 }
 
+/// Serve `agent`'s metrics on `listen`, if asked; says where on stderr.
+pub fn serve_metrics(agent: &Agent, listen: Option<SocketAddr>) -> anyhow::Result<Option<MetricsServer>> {
+    let Some(listen) = listen else { return Ok(None) };
+    let metrics = agent.metrics();
+    let server = kvferry::metrics::serve(listen, move || metrics.render()).context("starting the metrics endpoint")?;
+    eprintln!("kvferry: metrics at http://{}/metrics", server.local_addr());
+    Ok(Some(server))
+}
+
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let target = Target::start(args)?;
+    let metrics = serve_metrics(&target.agent, args.metrics)?;
     let endpoints: Vec<String> =
         target.agent.endpoints().iter().map(|e| format!("{}://{}", e.kind, e.address)).collect();
     // What a peer dials: a wildcard listen address is reached through the advertised host.
@@ -152,6 +166,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             "endpoints": endpoints,
             "buffer_addr": format!("{:#x}", target.buffer.as_ptr() as u64),
             "buffer_size": target.buffer.len(),
+            "metrics": metrics.as_ref().map(|m| m.local_addr().to_string()),
         })
     );
     eprintln!("kvferry serve: {} bytes registered; peers connect with --peer {dial}", target.buffer.len());

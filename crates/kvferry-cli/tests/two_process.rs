@@ -592,3 +592,66 @@ mod fabric {
         killed_target("shm", true, Duration::from_secs(10), Duration::from_secs(12));
     }
 }
+
+/// The body of `GET /metrics` from a kvferry metrics endpoint.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: kvferry\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    reply.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of one series (`name{labels}`) in an exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_scraped_after_a_bench_count_the_bytes_it_moved() {
+    let served = Served::start("4M", 0);
+    let mut bench = Command::new(KVFERRY)
+        .args(["bench", "--role", "initiator", "--peer", &served.side_channel])
+        .args(["--block-sizes", "4K,64K", "--batch-sizes", "1,16", "--min-time", "0.01", "--json"])
+        .args(["--metrics", "127.0.0.1:0", "--linger", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(bench.stderr.take().unwrap());
+    let addr = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.split_once("metrics at http://").map(|(_, rest)| rest.trim_end_matches("/metrics").to_string()))
+        .expect("the bench says where its metrics are");
+    // The rows are one JSON array; the bench lingers after printing it.
+    let mut json = String::new();
+    let mut stdout = BufReader::new(bench.stdout.take().unwrap());
+    let rows = loop {
+        assert!(stdout.read_line(&mut json).unwrap() > 0, "the bench ended without its rows: {json}");
+        if let Ok(serde_json::Value::Array(rows)) = serde_json::from_str(&json) {
+            break rows;
+        }
+    };
+    let text = scrape(&addr);
+    let _ = bench.kill();
+    let _ = bench.wait();
+    for op in ["read", "write"] {
+        let rows: Vec<_> = rows.iter().filter(|r| r["op"] == op).collect();
+        assert_eq!(rows.len(), 4);
+        // Each row moves one untimed warm-up transfer, then `iterations` timed ones.
+        let transfers: u64 = rows.iter().map(|r| r["iterations"].as_u64().unwrap() + 1).sum();
+        let bytes: u64 = rows
+            .iter()
+            .map(|r| (r["iterations"].as_u64().unwrap() + 1) * r["bytes_per_transfer"].as_u64().unwrap())
+            .sum();
+        let labels = format!("{{transport=\"tcp\",direction=\"{op}\"}}");
+        assert_eq!(sample(&text, &format!("kvferry_transfer_bytes_total{labels}")), Some(bytes as f64), "{text}");
+        assert_eq!(sample(&text, &format!("kvferry_transfers_total{labels}")), Some(transfers as f64), "{text}");
+        assert_eq!(sample(&text, &format!("kvferry_transfer_duration_seconds_count{labels}")), Some(transfers as f64));
+        assert_eq!(sample(&text, &format!("kvferry_transfers_in_flight{labels}")), Some(0.0));
+    }
+    assert!(!text.contains("kvferry_transfer_errors_total{"), "no transfer failed: {text}");
+}
