@@ -260,6 +260,7 @@ fn serve_args(args: &BenchArgs, buffer_size: u64) -> ServeArgs {
         transport: args.transport.clone(),
         fabric: args.fabric.clone(),
         metrics: args.metrics,
+        etcd: Default::default(),
     }
 }
 

@@ -765,6 +765,23 @@ impl Agent {
     fn id(&self) -> usize {
         Arc::as_ptr(&self.inner) as usize
     }
+
+    /// A reference that does not keep the agent alive, for its background threads.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn downgrade(&self) -> Weak<AgentInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    #[cfg(feature = "etcd")]
+    pub(crate) fn upgrade(inner: &Weak<AgentInner>) -> Option<Agent> {
+        inner.upgrade().map(|inner| Agent { inner })
+    }
+
+    /// Increases on every registration change, and with it [`metadata`](Self::metadata).
+    #[cfg(feature = "etcd")]
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
 }
 
 /// For each of the peer's links, the first descriptor of an (already checked) request it has no key for.

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod deadline;
+pub mod discovery;
 pub mod error;
 pub mod layout;
 pub mod memory;
