@@ -17,11 +17,14 @@ packages=(build-essential pkg-config valgrind)
 packages+=(libamdhip64-dev)
 # The fabric transport: libfabric >= 1.17 headers and library, and fi_info.
 packages+=(libfabric-dev libfabric-bin)
+# etcd for the discovery tests (they start their own on loopback); libzmq for KV events.
+packages+=(etcd-server libzmq3-dev)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
 features=()
 # GPU devices load their drivers at run time: they build anywhere and skip, saying why, without a GPU.
 features+=(kvferry-cli/cuda kvferry-cli/rocm)
 features+=(kvferry-cli/fabric)
+features+=(kvferry-cli/etcd kvferry-cli/kv-events)
 feature_args=()
 ((${#features[@]})) && feature_args=(--features "${features[*]}")
 missing=()
@@ -70,6 +73,11 @@ fi
 log "C ABI tests (c-api/check.sh)"
 bash c-api/check.sh
 
+# The etcd tests skip, saying why, where etcd is missing, and a skipped test still reports ok:
+# etcd was installed above, so make sure the binary they start is really there.
+etcd_binary="${KVFERRY_ETCD:-/usr/bin/etcd}"
+[ -x "$etcd_binary" ] || { echo "sentinel: $etcd_binary is missing, so the etcd tests skipped" >&2; exit 1; }
+
 # A run that executed no tests, or skipped the process tests, must not pass as green.
 passed=$(awk '/^test result: ok\./ { n += $4 } END { print n + 0 }' target/test-output.log)
 sentinels=(
@@ -99,6 +107,13 @@ sentinels=(
     each_transfer_goes_over_the_first_link_that_reaches_its_memory
     a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing
     store::tests::keys_cross_the_boundary_unchanged
+    metrics_scraped_after_a_bench_count_the_bytes_it_moved
+    etcd_agents_in_two_processes_find_each_other_and_transfer
+    etcd_a_killed_process_loses_its_key_when_its_lease_expires
+    etcd_a_hung_peer_fails_its_pending_transfer_when_its_key_vanishes
+    etcd_unreachable_is_a_typed_error_and_the_side_channel_still_works
+    etcd_malformed_values_under_the_prefix_are_typed_errors
+    subscribers_decode_stored_moved_and_removed_blocks_with_their_medium
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -43,10 +43,12 @@ struct Series {
 /// and anything rendering it.
 pub struct Metrics {
     series: [[Series; DIRECTIONS.len()]; TransportKind::ALL.len()],
-    /// Keyed by (transport, direction, code) indices, so that the rendering is sorted.
-    errors: Mutex<BTreeMap<(usize, usize, u32), (ErrorCode, u64)>>,
+    errors: Mutex<ErrorCounts>,
     stores: Mutex<Vec<(String, StatsReader)>>,
 }
+
+/// Failures keyed by (transport, direction, code) indices, so that the rendering is sorted.
+type ErrorCounts = BTreeMap<(usize, usize, u32), (ErrorCode, u64)>;
 
 type StatsReader = Box<dyn Fn() -> Option<(TierStats, usize)> + Send + Sync>;
 

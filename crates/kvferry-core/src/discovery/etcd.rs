@@ -16,6 +16,9 @@ use crate::deadline::Deadline;
 /// Responses larger than this are refused: a prefix of agent metadata is kilobytes per agent.
 const MAX_RESPONSE: usize = 256 << 20;
 
+/// Keys with their values.
+pub(crate) type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One change under a watched prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum WatchEvent {
@@ -86,14 +89,14 @@ impl EtcdClient {
     }
 
     /// Every key under `prefix` with its value, and the revision the answer reflects.
-    pub fn list(&self, prefix: &[u8]) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, i64), DiscoveryError> {
+    pub fn list(&self, prefix: &[u8]) -> Result<(KeyValues, i64), DiscoveryError> {
         let body = json!({ "key": BASE64.encode(prefix), "range_end": BASE64.encode(range_end(prefix)) });
         let reply = self.call("/v3/kv/range", &body)?;
         let revision = int(&reply["header"]["revision"]).ok_or_else(|| self.bad("range without a revision", &reply))?;
         Ok((self.kvs(&reply)?, revision))
     }
 
-    fn kvs(&self, reply: &Value) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DiscoveryError> {
+    fn kvs(&self, reply: &Value) -> Result<KeyValues, DiscoveryError> {
         let Some(kvs) = reply.get("kvs") else { return Ok(Vec::new()) };
         let kvs = kvs.as_array().ok_or_else(|| self.bad("kvs is not a list", reply))?;
         kvs.iter().map(|kv| Ok((self.bytes(&kv["key"], reply)?, self.bytes(&kv["value"], reply)?))).collect()

@@ -128,7 +128,7 @@ impl EtcdDiscovery {
         let joined = shared.publish(&client, agent).and_then(|()| {
             // Watch from just after the listing, so no deletion falls between the two.
             let (_, revision) = client.list(&shared.prefix)?;
-            Ok(client.watch(&shared.prefix, revision + 1, WATCH_POLL)?)
+            client.watch(&shared.prefix, revision + 1, WATCH_POLL)
         });
         let watch = match joined {
             Ok(watch) => watch,
