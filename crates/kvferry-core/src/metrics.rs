@@ -389,6 +389,51 @@ mod tests {
     }
 
     #[test]
+    fn tier_stores_are_rendered_while_open_with_occupancy_hits_and_promotions() {
+        use crate::Deadline;
+        use crate::memory::host::{HostAllocOptions, HostBuffer, HostDevice};
+        use crate::memory::{Device, MemRegion};
+        use crate::tier::{BlockKey, DiskConfig, TierConfig};
+
+        const BLOCK: usize = 4096;
+        let unpinned = HostAllocOptions::new().with_pin(false);
+        let dir = std::env::temp_dir().join(format!("kvferry-metrics-tier-{}", std::process::id()));
+        let disk = DiskConfig::new(&dir, 8 * BLOCK as u64).with_admit_after(0);
+        let config = TierConfig::new(BLOCK, 2 * BLOCK as u64).with_host_alloc(unpinned).with_disk(disk);
+        let store = TierStore::open(config).unwrap();
+        let m = Metrics::default();
+        m.add_tier_store("kv\"0", &store);
+        let buf = HostBuffer::alloc(BLOCK, &unpinned).unwrap();
+        let host: std::sync::Arc<dyn Device> = std::sync::Arc::new(HostDevice::with_threads(1).unwrap());
+        let block = |i: u32| vec![(BlockKey::chain(None, &[i], b""), vec![MemRegion::host(buf.as_ptr(), BLOCK)])];
+        let wait = |fence: Result<crate::memory::CopyFence>| {
+            fence.and_then(|f| f.wait(Deadline::after(Duration::from_secs(30))))
+        };
+        for i in 0..3 {
+            // SAFETY: `buf` outlives every wait.
+            wait(unsafe { store.put(host.clone(), block(i)) }).unwrap();
+        }
+        wait(unsafe { store.get(host.clone(), block(0)) }).unwrap(); // on disk: a hit there, promoted
+        wait(unsafe { store.get(host.clone(), block(9)) }).unwrap_err(); // nowhere: a miss
+
+        let text = m.render();
+        let s = "store=\"kv\\\"0\"";
+        let at = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series} in {text}"));
+        assert_eq!(at(&format!("kvferry_tier_capacity_bytes{{{s},tier=\"CPU\"}}")), (2 * BLOCK) as f64);
+        assert_eq!(at(&format!("kvferry_tier_capacity_blocks{{{s},tier=\"DISK\"}}")), 8.0);
+        assert_eq!(at(&format!("kvferry_tier_used_bytes{{{s},tier=\"CPU\"}}")), (2 * BLOCK) as f64);
+        assert_eq!(at(&format!("kvferry_tier_hits_total{{{s},tier=\"DISK\"}}")), 1.0);
+        assert_eq!(at(&format!("kvferry_tier_hits_total{{{s},tier=\"CPU\"}}")), 0.0);
+        assert_eq!(at(&format!("kvferry_tier_misses_total{{{s}}}")), 1.0);
+        assert_eq!(at(&format!("kvferry_tier_promotions_total{{{s}}}")), 1.0);
+        assert!(at(&format!("kvferry_tier_evictions_total{{{s},tier=\"CPU\"}}")) >= 1.0);
+        assert_eq!(at(&format!("kvferry_tier_checksum_failures_total{{{s}}}")), 0.0);
+        drop(store);
+        assert!(!m.render().contains("kvferry_tier_"), "a closed store is no longer rendered");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_endpoint_serves_metrics_and_refuses_other_requests() {
         let m = std::sync::Arc::new(Metrics::default());
         m.started(TransportKind::Tcp, Op::Write);
