@@ -101,6 +101,13 @@ impl Metrics {
         self.series(transport, op).in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// What a successful transfer costs the data path (`started`, then `settled`), for benchmarks.
+    #[doc(hidden)]
+    pub fn record_for_bench(&self, transport: TransportKind, op: Op, elapsed: Duration, bytes: u64) {
+        self.started(transport, op);
+        self.settled(transport, op, elapsed, Ok(bytes));
+    }
+
     /// Include `store` in the rendering under the label `store="name"`, for as long as it is open.
     pub fn add_tier_store(&self, name: impl Into<String>, store: &TierStore) {
         self.stores.lock().unwrap().push((name.into(), Box::new(store.stats_reader())));
