@@ -136,6 +136,27 @@ pub unsafe extern "C" fn kvferry_agent_metadata(
     })
 }
 
+/// Copy the agent's metrics, Prometheus' text exposition format (`kvferry_transfer_bytes_total`,
+/// latency histograms, errors by code; docs/observability.md lists them), into `buf` and store
+/// its length in `*len`; the text is not NUL-terminated. With a `capacity` too small (0 and `buf`
+/// NULL to ask), returns `KVFERRY_ERR_BUFFER_TOO_SMALL` and stores the needed size in `*len`; the
+/// text can grow between the two calls, so ask with some room to spare.
+///
+/// Ownership: `buf` and `len` are the caller's; nothing is retained.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvferry_agent_metrics(
+    agent: kvferry_agent,
+    buf: *mut u8,
+    capacity: usize,
+    len: *mut usize,
+) -> kvferry_status {
+    guard(|| {
+        let out = unsafe { OutBuf::new(buf, capacity, len, "the metrics buffer") }?;
+        let state = handles::get(agent)?;
+        out.fill_items(state.agent.metrics().render().as_bytes())
+    })
+}
+
 /// Serve the agent's metadata on `listen` (`"IP:PORT"`, port 0 picks one) so that peers find it
 /// with `kvferry_peer_connect`; peers that connect become peers of this agent too. The port bound
 /// is stored in `*port` unless `port` is NULL. Serving again replaces the previous listener.
