@@ -183,7 +183,11 @@ const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
     (KVFERRY_ERR_DISCOVERY_UNREACHABLE, "KVFERRY_ERR_DISCOVERY_UNREACHABLE\0", Some(ErrorCode::DiscoveryUnreachable)),
     (KVFERRY_ERR_DISCOVERY_BAD_RESPONSE, "KVFERRY_ERR_DISCOVERY_BAD_RESPONSE\0", Some(ErrorCode::DiscoveryBadResponse)),
     (KVFERRY_ERR_DISCOVERY_LEASE_LOST, "KVFERRY_ERR_DISCOVERY_LEASE_LOST\0", Some(ErrorCode::DiscoveryLeaseLost)),
-    (KVFERRY_ERR_DISCOVERY_PEER_NOT_FOUND, "KVFERRY_ERR_DISCOVERY_PEER_NOT_FOUND\0", Some(ErrorCode::DiscoveryPeerNotFound)),
+    (
+        KVFERRY_ERR_DISCOVERY_PEER_NOT_FOUND,
+        "KVFERRY_ERR_DISCOVERY_PEER_NOT_FOUND\0",
+        Some(ErrorCode::DiscoveryPeerNotFound),
+    ),
     (KVFERRY_ERR_DISCOVERY_CONFIG, "KVFERRY_ERR_DISCOVERY_CONFIG\0", Some(ErrorCode::DiscoveryConfig)),
 ];
 

@@ -3,7 +3,7 @@
 //! Plain `http://` only: deployments that need TLS to etcd put a local proxy in front.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -130,29 +130,16 @@ impl EtcdClient {
     fn connect(&self, deadline: Deadline) -> Result<(TcpStream, String), DiscoveryError> {
         let mut last = String::from("no endpoint");
         for endpoint in &self.endpoints {
-            let addrs: Vec<SocketAddr> = match endpoint.to_socket_addrs() {
-                Ok(addrs) => addrs.collect(),
-                Err(e) => {
-                    last = format!("{endpoint}: {e}");
-                    continue;
+            match crate::net::connect_within(endpoint, deadline) {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    stream
+                        .set_read_timeout(Some(self.timeout))
+                        .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
+                        .map_err(|e| self.unreachable(endpoint, e))?;
+                    return Ok((stream, endpoint.clone()));
                 }
-            };
-            for addr in addrs {
-                let left = deadline.remaining();
-                if left.is_zero() {
-                    break;
-                }
-                match TcpStream::connect_timeout(&addr, left) {
-                    Ok(stream) => {
-                        let _ = stream.set_nodelay(true);
-                        stream
-                            .set_read_timeout(Some(self.timeout))
-                            .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
-                            .map_err(|e| self.unreachable(endpoint, e))?;
-                        return Ok((stream, endpoint.clone()));
-                    }
-                    Err(e) => last = format!("{addr}: {e}"),
-                }
+                Err(cause) => last = cause,
             }
         }
         Err(DiscoveryError::Unreachable { endpoints: self.endpoints(), cause: last })
