@@ -166,21 +166,29 @@ struct Peer {
 /// The transfers posted to one peer, pruned of settled ones as it grows.
 #[derive(Default)]
 struct Pending {
-    transfers: Mutex<Vec<Weak<Completion>>>,
+    transfers: Mutex<PendingList>,
+}
+
+#[derive(Default)]
+struct PendingList {
+    transfers: Vec<Weak<Completion>>,
+    /// The length at which the list is pruned next: twice what the last pruning kept (at least
+    /// 64), so that pruning costs a constant per post however many transfers stay pending.
+    prune_at: usize,
 }
 
 impl Pending {
-    /// Pruning once the list doubles keeps the cost per post constant.
     fn push(&self, completion: &Arc<Completion>) {
-        let mut transfers = self.transfers.lock().unwrap();
-        if transfers.len() >= 64 && transfers.len().is_power_of_two() {
-            transfers.retain(|w| w.upgrade().is_some_and(|c| !c.is_settled()));
+        let mut list = self.transfers.lock().unwrap();
+        if list.transfers.len() >= list.prune_at {
+            list.transfers.retain(|w| w.upgrade().is_some_and(|c| !c.is_settled()));
+            list.prune_at = (2 * list.transfers.len()).max(64);
         }
-        transfers.push(Arc::downgrade(completion));
+        list.transfers.push(Arc::downgrade(completion));
     }
 
     fn take(&self) -> Vec<Arc<Completion>> {
-        self.transfers.lock().unwrap().drain(..).filter_map(|w| w.upgrade()).collect()
+        self.transfers.lock().unwrap().transfers.drain(..).filter_map(|w| w.upgrade()).collect()
     }
 }
 

@@ -188,9 +188,15 @@ impl Metrics {
     }
 
     fn render_stores(&self, out: &mut Exposition) {
-        let stores = self.stores.lock().unwrap();
-        let stats: Vec<(&str, TierStats, usize)> =
-            stores.iter().filter_map(|(name, read)| read().map(|(s, bs)| (name.as_str(), s, bs))).collect();
+        // Stores that were dropped leave the list.
+        let mut stats: Vec<(String, TierStats, usize)> = Vec::new();
+        self.stores.lock().unwrap().retain(|(name, read)| match read() {
+            Some((s, block_size)) => {
+                stats.push((name.clone(), s, block_size));
+                true
+            }
+            None => false,
+        });
         if stats.is_empty() {
             return;
         }

@@ -346,8 +346,14 @@ fn dechunk(raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<bool, String> {
             return Err(format!("a chunk of {size} bytes"));
         }
         if size == 0 {
-            at = raw.len();
-            break true;
+            // The last chunk: its size line, optional trailers, then an empty line.
+            match find(&raw[at..], b"\r\n\r\n") {
+                Some(end) => {
+                    at += end + 4;
+                    break true;
+                }
+                None => break false,
+            }
         }
         let data = line_end + 2;
         if raw.len() < data + size + 2 {
@@ -370,12 +376,13 @@ mod tests {
         let mut out = Vec::new();
         let mut raw = Vec::new();
         let mut ended = false;
-        // Feed it one byte at a time: partial sizes and partial chunks wait for more.
-        for &b in body.iter() {
+        // Feed it one byte at a time: partial sizes, chunks and endings wait for more.
+        for (i, &b) in body.iter().enumerate() {
             raw.push(b);
             ended = dechunk(&mut raw, &mut out).unwrap();
+            assert_eq!(ended, i == body.len() - 1, "ended after byte {i}");
         }
-        assert!(ended);
+        assert!(raw.is_empty());
         assert_eq!(out, b"hello world");
         assert!(dechunk(&mut b"zz\r\n".to_vec(), &mut out).is_err());
     }
