@@ -375,11 +375,10 @@ mod tests {
         let body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
         let mut out = Vec::new();
         let mut raw = Vec::new();
-        let mut ended = false;
         // Feed it one byte at a time: partial sizes, chunks and endings wait for more.
         for (i, &b) in body.iter().enumerate() {
             raw.push(b);
-            ended = dechunk(&mut raw, &mut out).unwrap();
+            let ended = dechunk(&mut raw, &mut out).unwrap();
             assert_eq!(ended, i == body.len() - 1, "ended after byte {i}");
         }
         assert!(raw.is_empty());
