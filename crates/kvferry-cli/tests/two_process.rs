@@ -828,7 +828,19 @@ mod etcd {
         assert!(took < Duration::from_secs(10), "failed {took:?} after the stop; the deadline was {deadline:?}");
         assert!(!etcd.exists(&format!("{PREFIX}etcd-hung")));
         assert!(!agent.peers().contains(&peer), "the gone peer is removed");
+
+        // Woken up, it finds its lease expired, takes a new one and publishes again: it can be
+        // looked up and used once more.
         signal(&served, "-CONT");
+        let resumed = Instant::now();
+        while !etcd.exists(&format!("{PREFIX}etcd-hung")) {
+            assert!(resumed.elapsed() < Duration::from_secs(10), "the woken process did not publish again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let peer = discovery.lookup("etcd-hung").unwrap();
+        let small_remote = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
+        agent.read(&small, &[0], &small_remote, &[0], soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec()[..4096], 7, 0), None);
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub struct EtcdDiscovery {
 struct Shared {
     prefix: Vec<u8>,
     name: String,
+    lease_ttl: Duration,
     lease: AtomicI64,
     /// The agent's metadata generation last published.
     published: AtomicU64,
@@ -119,6 +120,7 @@ impl EtcdDiscovery {
         let shared = Arc::new(Shared {
             prefix,
             name: agent.name().to_string(),
+            lease_ttl: config.lease_ttl,
             lease: AtomicI64::new(lease),
             published: AtomicU64::new(0),
             tracked: Mutex::new(HashSet::new()),
@@ -142,8 +144,7 @@ impl EtcdDiscovery {
         };
         let lease_thread = {
             let (client, shared, agent) = (client.clone(), shared.clone(), agent.downgrade());
-            let renew_every = config.lease_ttl / 3;
-            spawn("kvferry-etcd-lease", Box::new(move || keep_alive(&client, &shared, &agent, renew_every)))?
+            spawn("kvferry-etcd-lease", Box::new(move || keep_alive(&client, &shared, &agent)))?
         };
         let watch_thread = {
             let (client, shared, agent) = (client.clone(), shared.clone(), agent.downgrade());
@@ -219,17 +220,17 @@ impl Drop for EtcdDiscovery {
     }
 }
 
-/// Renew the lease every `every`; take a new one if etcd let it expire (this process was stopped
-/// longer than the TTL, or etcd was unreachable that long), and republish when the agent's
-/// metadata changed.
-fn keep_alive(client: &EtcdClient, shared: &Shared, agent: &Weak<AgentInner>, every: Duration) {
-    while !shared.sleep(every) {
+/// Renew the lease every third of its TTL; take a new one if etcd let it expire (this process was
+/// stopped longer than the TTL, or etcd was unreachable that long), and republish when the
+/// agent's metadata changed.
+fn keep_alive(client: &EtcdClient, shared: &Shared, agent: &Weak<AgentInner>) {
+    while !shared.sleep(shared.lease_ttl / 3) {
         let Some(agent) = Agent::upgrade(agent) else { return };
         let lease = shared.lease.load(Ordering::Acquire);
         let renewed = client.keep_alive(lease).or_else(|e| match e {
             DiscoveryError::LeaseLost { .. } => {
                 tracing::warn!(lease, "the etcd lease expired; publishing again under a new one");
-                let lease = client.grant(every * 3)?;
+                let lease = client.grant(shared.lease_ttl)?;
                 shared.lease.store(lease, Ordering::Release);
                 shared.publish(client, &agent)
             }
