@@ -656,6 +656,20 @@ fn metrics_scraped_after_a_bench_count_the_bytes_it_moved() {
     assert!(!text.contains("kvferry_transfer_errors_total{"), "no transfer failed: {text}");
 }
 
+#[test]
+fn info_reports_metrics_and_the_observability_features_of_this_build() {
+    let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let available = |name: &str| {
+        let items = v["observability"].as_array().unwrap();
+        items.iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("no {name}: {v}"))["available"].clone()
+    };
+    assert_eq!(available("metrics"), true);
+    assert_eq!(available("etcd"), cfg!(feature = "etcd"));
+    assert_eq!(available("kv-events"), cfg!(feature = "kv-events"));
+}
+
 /// Discovery through a real etcd (Debian's `etcd-server`), started by each test on loopback.
 #[cfg(feature = "etcd")]
 mod etcd {
