@@ -256,11 +256,16 @@ fn bench_rejects_bad_flags_with_a_clear_message() {
     }
 }
 
-#[test]
-fn info_lists_host_and_tcp() {
+/// `kvferry info --json`.
+fn info_json() -> serde_json::Value {
     let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
     assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn info_lists_host_and_tcp() {
+    let v = info_json();
     let names = |k: &str| {
         v[k].as_array().unwrap().iter().map(|d| (d["name"].clone(), d["available"].clone())).collect::<Vec<_>>()
     };
@@ -658,9 +663,7 @@ fn metrics_scraped_after_a_bench_count_the_bytes_it_moved() {
 
 #[test]
 fn info_reports_metrics_and_the_observability_features_of_this_build() {
-    let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = info_json();
     let available = |name: &str| {
         let items = v["observability"].as_array().unwrap();
         items.iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("no {name}: {v}"))["available"].clone()
