@@ -19,12 +19,15 @@ packages+=(libamdhip64-dev)
 packages+=(libfabric-dev libfabric-bin)
 # The Python package: libpython for the workspace build of the extension crate, venv for its tests.
 packages+=(python3-dev python3-venv)
+# etcd for the discovery tests (they start their own on loopback); libzmq for KV events.
+packages+=(etcd-server libzmq3-dev)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
 features=()
 # GPU devices load their drivers at run time: they build anywhere and skip, saying why, without a GPU.
 features+=(kvferry-cli/cuda kvferry-cli/rocm)
 features+=(kvferry-cli/fabric)
 features+=(kvferry-python/cuda kvferry-python/fabric)
+features+=(kvferry-cli/etcd kvferry-cli/kv-events)
 feature_args=()
 ((${#features[@]})) && feature_args=(--features "${features[*]}")
 missing=()
@@ -134,6 +137,10 @@ vllm_tests() {
         test_prefill_killed_before_decode_reads
 }
 vllm_tests
+# The etcd tests skip, saying why, where etcd is missing, and a skipped test still reports ok:
+# etcd was installed above, so make sure the binary they start is really there.
+etcd_binary="${KVFERRY_ETCD:-/usr/bin/etcd}"
+[ -x "$etcd_binary" ] || { echo "sentinel: $etcd_binary is missing, so the etcd tests skipped" >&2; exit 1; }
 
 # A run that executed no tests, or skipped the process tests, must not pass as green.
 passed=$(awk '/^test result: ok\./ { n += $4 } END { print n + 0 }' target/test-output.log)
@@ -165,6 +172,13 @@ sentinels=(
     a_request_no_single_link_can_move_is_refused_at_post_and_moves_nothing
     store::tests::keys_cross_the_boundary_unchanged
     chained_keys_match_pinned_vectors
+    metrics_scraped_after_a_bench_count_the_bytes_it_moved
+    etcd_agents_in_two_processes_find_each_other_and_transfer
+    etcd_a_killed_process_loses_its_key_when_its_lease_expires
+    etcd_a_hung_peer_fails_its_pending_transfer_when_its_key_vanishes
+    etcd_unreachable_is_a_typed_error_and_the_side_channel_still_works
+    etcd_malformed_values_under_the_prefix_are_typed_errors
+    subscribers_decode_stored_moved_and_removed_blocks_with_their_medium
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -264,6 +264,16 @@ typedef struct kvferry_transfer {
 
 #define KVFERRY_ERR_TIER_CLOSED 611
 
+#define KVFERRY_ERR_DISCOVERY_UNREACHABLE 700
+
+#define KVFERRY_ERR_DISCOVERY_BAD_RESPONSE 701
+
+#define KVFERRY_ERR_DISCOVERY_LEASE_LOST 702
+
+#define KVFERRY_ERR_DISCOVERY_PEER_NOT_FOUND 703
+
+#define KVFERRY_ERR_DISCOVERY_CONFIG 704
+
 #define KVFERRY_MEM_HOST 0
 
 #define KVFERRY_MEM_CUDA 1
@@ -351,6 +361,15 @@ kvferry_status kvferry_agent_destroy(struct kvferry_agent agent);
 //
 // Ownership: `buf` and `len` are the caller's; nothing is retained.
 kvferry_status kvferry_agent_metadata(struct kvferry_agent agent, uint8_t *buf, size_t capacity, size_t *len);
+
+// Copy the agent's metrics, Prometheus' text exposition format (`kvferry_transfer_bytes_total`,
+// latency histograms, errors by code; docs/observability.md lists them), into `buf` and store
+// its length in `*len`; the text is not NUL-terminated. With a `capacity` too small (0 and `buf`
+// NULL to ask), returns `KVFERRY_ERR_BUFFER_TOO_SMALL` and stores the needed size in `*len`; the
+// text can grow between the two calls, so ask with some room to spare.
+//
+// Ownership: `buf` and `len` are the caller's; nothing is retained.
+kvferry_status kvferry_agent_metrics(struct kvferry_agent agent, uint8_t *buf, size_t capacity, size_t *len);
 
 // Serve the agent's metadata on `listen` (`"IP:PORT"`, port 0 picks one) so that peers find it
 // with `kvferry_peer_connect`; peers that connect become peers of this agent too. The port bound

@@ -129,11 +129,45 @@ pub unsafe extern "C" fn kvferry_agent_metadata(
     capacity: usize,
     len: *mut usize,
 ) -> kvferry_status {
+    unsafe { agent_bytes(agent, buf, capacity, len, "the metadata buffer", |agent| agent.metadata()) }
+}
+
+/// Copy what `bytes` makes of the agent into `buf`, with the size protocol of `OutBuf`.
+///
+/// # Safety
+/// `buf` (of `capacity` bytes) and `len` as `OutBuf::new` requires.
+unsafe fn agent_bytes(
+    agent: kvferry_agent,
+    buf: *mut u8,
+    capacity: usize,
+    len: *mut usize,
+    what: &'static str,
+    bytes: impl FnOnce(&kvferry_core::Agent) -> Vec<u8>,
+) -> kvferry_status {
     guard(|| {
-        let out = unsafe { OutBuf::new(buf, capacity, len, "the metadata buffer") }?;
+        let out = unsafe { OutBuf::new(buf, capacity, len, what) }?;
         let state = handles::get(agent)?;
-        out.fill_items(&state.agent.metadata())
+        out.fill_items(&bytes(&state.agent))
     })
+}
+
+/// Copy the agent's metrics, Prometheus' text exposition format (`kvferry_transfer_bytes_total`,
+/// latency histograms, errors by code; docs/observability.md lists them), into `buf` and store
+/// its length in `*len`; the text is not NUL-terminated. With a `capacity` too small (0 and `buf`
+/// NULL to ask), returns `KVFERRY_ERR_BUFFER_TOO_SMALL` and stores the needed size in `*len`; the
+/// text can grow between the two calls, so ask with some room to spare.
+///
+/// Ownership: `buf` and `len` are the caller's; nothing is retained.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvferry_agent_metrics(
+    agent: kvferry_agent,
+    buf: *mut u8,
+    capacity: usize,
+    len: *mut usize,
+) -> kvferry_status {
+    unsafe {
+        agent_bytes(agent, buf, capacity, len, "the metrics buffer", |agent| agent.metrics().render().into_bytes())
+    }
 }
 
 /// Serve the agent's metadata on `listen` (`"IP:PORT"`, port 0 picks one) so that peers find it

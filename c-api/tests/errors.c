@@ -211,6 +211,17 @@ static void transfer_lifecycle(kvferry_agent agent, kvferry_descs local, kvferry
     CHECK_OK(kvferry_transfer_bytes(xfer, &bytes));
     CHECK(bytes == 2 * BLOCK);
     CHECK(block_matches(remote_buf + 2 * BLOCK, BLOCK, 7, 2) && block_matches(remote_buf + 3 * BLOCK, BLOCK, 7, 3));
+    /* The write shows in the agent's metrics. */
+    size_t metrics_len = 0;
+    CHECK_STATUS(KVFERRY_ERR_BUFFER_TOO_SMALL, kvferry_agent_metrics(agent, NULL, 0, &metrics_len));
+    CHECK(metrics_len > 0);
+    char *metrics = malloc(metrics_len + 1);
+    CHECK(metrics != NULL);
+    CHECK_OK(kvferry_agent_metrics(agent, (uint8_t *)metrics, metrics_len, &metrics_len));
+    metrics[metrics_len] = '\0';
+    CHECK(strstr(metrics, "# TYPE kvferry_transfer_bytes_total counter") != NULL);
+    CHECK(strstr(metrics, ",direction=\"write\"} ") != NULL);
+    free(metrics);
     CHECK_OK(kvferry_transfer_destroy(xfer));
     CHECK_STATUS(KVFERRY_ERR_INVALID_HANDLE, kvferry_transfer_destroy(xfer));
     CHECK_STATUS(KVFERRY_ERR_INVALID_HANDLE, kvferry_transfer_wait(xfer));

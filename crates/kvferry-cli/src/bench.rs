@@ -102,6 +102,12 @@ pub struct BenchArgs {
     pub deadline: f64,
     #[command(flatten)]
     pub fabric: FabricArgs,
+    /// Serve the initiator's Prometheus metrics at `http://ADDR/metrics` while the bench runs.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Keep the metrics endpoint up this many seconds after the last row, for a final scrape.
+    #[arg(long, default_value_t = 0.0, requires = "metrics")]
+    pub linger: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -182,6 +188,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("no block × batch combination fits --max-transfer {}", units::format_size(args.max_transfer));
     }
     let setup = setup(args, needed)?;
+    let metrics = match &setup.mover {
+        Mover::Agent { agent, .. } => serve::serve_metrics(agent, args.metrics)?,
+        Mover::Memcpy { .. } => None,
+    };
     let progress = if args.json || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
     } else {
@@ -208,6 +218,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     progress.finish_and_clear();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    if metrics.is_some() && args.linger > 0.0 {
+        std::io::Write::flush(&mut std::io::stdout())?;
+        std::thread::sleep(Duration::from_secs_f64(args.linger));
     }
     Ok(())
 }
@@ -245,6 +259,8 @@ fn serve_args(args: &BenchArgs, buffer_size: u64) -> ServeArgs {
         memory: args.memory,
         transport: args.transport.clone(),
         fabric: args.fabric.clone(),
+        metrics: args.metrics,
+        etcd: Default::default(),
     }
 }
 

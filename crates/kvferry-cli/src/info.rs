@@ -98,6 +98,11 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
                 },
             },
         ],
+        "observability": [
+            { "name": "metrics", "available": true, "detail": "Prometheus text format (--metrics ADDR on serve and bench)" },
+            built_in("etcd", cfg!(feature = "etcd"), "cluster discovery through etcd (serve --etcd URL)"),
+            built_in("kv-events", cfg!(feature = "kv-events"), "tier store events over ZMQ in vLLM's KV event format"),
+        ],
         "fabric_providers": fabric_providers,
     });
     if as_json {
@@ -105,12 +110,12 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("kvferry {}", report["version"].as_str().unwrap_or_default());
-    for section in ["devices", "transports", "tiers"] {
+    for section in ["devices", "transports", "tiers", "observability"] {
         println!("{section}:");
         for item in report[section].as_array().into_iter().flatten() {
             let mark = if item["available"].as_bool() == Some(true) { "yes" } else { "no " };
             println!(
-                "  {:<8} {mark}  {}",
+                "  {:<9} {mark}  {}",
                 item["name"].as_str().unwrap_or_default(),
                 item["detail"].as_str().unwrap_or_default()
             );
@@ -136,6 +141,14 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
 fn json_list(v: &serde_json::Value) -> String {
     let items: Vec<&str> = v.as_array().into_iter().flatten().filter_map(|x| x.as_str()).collect();
     if items.is_empty() { "-".into() } else { items.join(",") }
+}
+
+/// A feature that works wherever it is compiled in; one that is not says which cargo feature brings it.
+fn built_in(feature: &str, enabled: bool, what: &str) -> serde_json::Value {
+    match enabled {
+        true => json!({ "name": feature, "available": true, "detail": what }),
+        false => optional(feature, false, what),
+    }
 }
 
 /// A back end other than a GPU's: whether this build carries it; one not compiled in says which

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
+use kvferry::metrics::MetricsServer;
 use kvferry::transport::tcp::TcpConfig;
 use kvferry::{Agent, AgentConfig, Deadline, Registration};
 
@@ -45,6 +46,45 @@ pub struct ServeArgs {
     pub transport: String,
     #[command(flatten)]
     pub fabric: FabricArgs,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (e.g. 127.0.0.1:9400; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// Publishing the agent in etcd, in builds with the `etcd` feature.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EtcdArgs {
+    /// etcd client URLs (`http://host:2379`, comma-separated): publish this agent's metadata there
+    /// under a lease, so peers find it by name.
+    #[arg(long, value_delimiter = ',', value_name = "URLS")]
+    pub etcd: Vec<String>,
+    /// Key prefix shared by the agents of one cluster.
+    #[arg(long, default_value = "kvferry/agents/")]
+    pub etcd_prefix: String,
+    /// Seconds after this process stops renewing its lease (dies, hangs) that its key vanishes.
+    #[arg(long, default_value_t = 10.0)]
+    pub etcd_ttl: f64,
+}
+
+/// Publish `agent` in etcd if `--etcd` was given.
+#[cfg(feature = "etcd")]
+pub fn join_etcd(agent: &Agent, args: &EtcdArgs) -> anyhow::Result<Option<kvferry::discovery::EtcdDiscovery>> {
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    let config = kvferry::discovery::EtcdConfig::new(args.etcd.clone(), args.etcd_prefix.clone())
+        .with_lease_ttl(Duration::from_secs_f64(args.etcd_ttl));
+    Ok(Some(kvferry::discovery::EtcdDiscovery::join(agent, config).context("joining etcd")?))
+}
+
+#[cfg(not(feature = "etcd"))]
+pub fn join_etcd(_agent: &Agent, args: &EtcdArgs) -> anyhow::Result<Option<std::convert::Infallible>> {
+    match args.etcd.is_empty() {
+        true => Ok(None),
+        false => anyhow::bail!("--etcd needs a build with the cargo feature `etcd`"),
+    }
 }
 
 /// libfabric options, for `--transport fabric`.
@@ -134,8 +174,29 @@ pub fn alloc_buffer(len: u64, shareable: bool) -> anyhow::Result<Arc<HostBuffer>
     }
 }
 
+/// Serve `agent`'s metrics on `listen`, if asked; says where on stderr.
+pub fn serve_metrics(agent: &Agent, listen: Option<SocketAddr>) -> anyhow::Result<Option<MetricsServer>> {
+    let Some(listen) = listen else { return Ok(None) };
+    let metrics = agent.metrics();
+    let server = kvferry::metrics::serve(listen, move || metrics.render()).context("starting the metrics endpoint")?;
+    eprintln!("kvferry: metrics at http://{}/metrics", server.local_addr());
+    Ok(Some(server))
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_key(etcd: Option<&kvferry::discovery::EtcdDiscovery>) -> Option<String> {
+    etcd.map(|d| d.key())
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_key(_: Option<&std::convert::Infallible>) -> Option<String> {
+    None
+}
+
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let target = Target::start(args)?;
+    let metrics = serve_metrics(&target.agent, args.metrics)?;
+    let etcd = join_etcd(&target.agent, &args.etcd)?;
     let endpoints: Vec<String> =
         target.agent.endpoints().iter().map(|e| format!("{}://{}", e.kind, e.address)).collect();
     // What a peer dials: a wildcard listen address is reached through the advertised host.
@@ -152,6 +213,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             "endpoints": endpoints,
             "buffer_addr": format!("{:#x}", target.buffer.as_ptr() as u64),
             "buffer_size": target.buffer.len(),
+            "metrics": metrics.as_ref().map(|m| m.local_addr().to_string()),
+            "etcd_key": etcd_key(etcd.as_ref()),
         })
     );
     eprintln!("kvferry serve: {} bytes registered; peers connect with --peer {dial}", target.buffer.len());

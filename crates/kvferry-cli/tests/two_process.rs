@@ -256,11 +256,16 @@ fn bench_rejects_bad_flags_with_a_clear_message() {
     }
 }
 
-#[test]
-fn info_lists_host_and_tcp() {
+/// `kvferry info --json`.
+fn info_json() -> serde_json::Value {
     let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
     assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn info_lists_host_and_tcp() {
+    let v = info_json();
     let names = |k: &str| {
         v[k].as_array().unwrap().iter().map(|d| (d["name"].clone(), d["available"].clone())).collect::<Vec<_>>()
     };
@@ -590,5 +595,322 @@ mod fabric {
     fn fabric_shm_killing_the_target_mid_transfer_ends_by_the_deadline_and_the_agent_moves_on() {
         // shm has no connection to lose: work queued to a dead process ends at its deadline.
         killed_target("shm", true, Duration::from_secs(10), Duration::from_secs(12));
+    }
+}
+
+/// The body of `GET /metrics` from a kvferry metrics endpoint.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: kvferry\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    reply.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of one series (`name{labels}`) in an exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_scraped_after_a_bench_count_the_bytes_it_moved() {
+    let served = Served::start("4M", 0);
+    let mut bench = Command::new(KVFERRY)
+        .args(["bench", "--role", "initiator", "--peer", &served.side_channel])
+        .args(["--block-sizes", "4K,64K", "--batch-sizes", "1,16", "--min-time", "0.01", "--json"])
+        .args(["--metrics", "127.0.0.1:0", "--linger", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(bench.stderr.take().unwrap());
+    let addr = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.split_once("metrics at http://").map(|(_, rest)| rest.trim_end_matches("/metrics").to_string()))
+        .expect("the bench says where its metrics are");
+    // The rows are one JSON array; the bench lingers after printing it.
+    let mut json = String::new();
+    let mut stdout = BufReader::new(bench.stdout.take().unwrap());
+    let rows = loop {
+        assert!(stdout.read_line(&mut json).unwrap() > 0, "the bench ended without its rows: {json}");
+        if let Ok(serde_json::Value::Array(rows)) = serde_json::from_str(&json) {
+            break rows;
+        }
+    };
+    let text = scrape(&addr);
+    let _ = bench.kill();
+    let _ = bench.wait();
+    for op in ["read", "write"] {
+        let rows: Vec<_> = rows.iter().filter(|r| r["op"] == op).collect();
+        assert_eq!(rows.len(), 4);
+        // Each row moves one untimed warm-up transfer, then `iterations` timed ones.
+        let transfers: u64 = rows.iter().map(|r| r["iterations"].as_u64().unwrap() + 1).sum();
+        let bytes: u64 = rows
+            .iter()
+            .map(|r| (r["iterations"].as_u64().unwrap() + 1) * r["bytes_per_transfer"].as_u64().unwrap())
+            .sum();
+        let labels = format!("{{transport=\"tcp\",direction=\"{op}\"}}");
+        assert_eq!(sample(&text, &format!("kvferry_transfer_bytes_total{labels}")), Some(bytes as f64), "{text}");
+        assert_eq!(sample(&text, &format!("kvferry_transfers_total{labels}")), Some(transfers as f64), "{text}");
+        assert_eq!(sample(&text, &format!("kvferry_transfer_duration_seconds_count{labels}")), Some(transfers as f64));
+        assert_eq!(sample(&text, &format!("kvferry_transfers_in_flight{labels}")), Some(0.0));
+    }
+    assert!(!text.contains("kvferry_transfer_errors_total{"), "no transfer failed: {text}");
+}
+
+#[test]
+fn info_reports_metrics_and_the_observability_features_of_this_build() {
+    let v = info_json();
+    let available = |name: &str| {
+        let items = v["observability"].as_array().unwrap();
+        items.iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("no {name}: {v}"))["available"].clone()
+    };
+    assert_eq!(available("metrics"), true);
+    assert_eq!(available("etcd"), cfg!(feature = "etcd"));
+    assert_eq!(available("kv-events"), cfg!(feature = "kv-events"));
+}
+
+/// Discovery through a real etcd (Debian's `etcd-server`), started by each test on loopback.
+#[cfg(feature = "etcd")]
+mod etcd {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::PathBuf;
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use kvferry::discovery::{EtcdConfig, EtcdDiscovery};
+
+    use super::*;
+
+    /// An etcd process with its own data directory and free ports, killed and removed when dropped.
+    struct Etcd {
+        child: Child,
+        url: String,
+        dir: PathBuf,
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    impl Etcd {
+        /// `None` (saying why) where etcd is not installed: `scripts/test.sh` installs it and
+        /// checks that it is there, so these tests cannot skip in CI.
+        fn start(test: &str) -> Option<Etcd> {
+            let binary = std::env::var("KVFERRY_ETCD").unwrap_or_else(|_| "/usr/bin/etcd".into());
+            if !std::path::Path::new(&binary).exists() {
+                eprintln!("skipping {test}: no etcd at {binary} (apt-get install etcd-server, or set KVFERRY_ETCD)");
+                return None;
+            }
+            let (client, peer) = (free_port(), free_port());
+            let dir = std::env::temp_dir().join(format!("kvferry-etcd-{}-{client}", std::process::id()));
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = Command::new(&binary)
+                .args(["--name", "kvferry-test", "--data-dir", dir.to_str().unwrap()])
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("kvferry-test={peer_url}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd starts");
+            let etcd = Etcd { child, url, dir };
+            let ready = Instant::now() + Duration::from_secs(30);
+            while etcd.post("/v3/kv/range", r#"{"key":"AA=="}"#).is_none() {
+                assert!(Instant::now() < ready, "etcd did not answer within 30 s");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Some(etcd)
+        }
+
+        /// The body of a successful POST to the v3 JSON gateway.
+        fn post(&self, path: &str, body: &str) -> Option<String> {
+            let mut stream = TcpStream::connect(self.url.trim_start_matches("http://")).ok()?;
+            let request = format!(
+                "POST {path} HTTP/1.1\r\nHost: etcd\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(request.as_bytes()).ok()?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).ok()?;
+            reply.starts_with("HTTP/1.1 200").then(|| reply.split_once("\r\n\r\n").unwrap().1.to_string())
+        }
+
+        fn put(&self, key: &str, value: &[u8]) {
+            let body = format!(r#"{{"key":"{}","value":"{}"}}"#, BASE64.encode(key), BASE64.encode(value));
+            self.post("/v3/kv/put", &body).expect("put");
+        }
+
+        fn exists(&self, key: &str) -> bool {
+            let reply = self.post("/v3/kv/range", &format!(r#"{{"key":"{}"}}"#, BASE64.encode(key))).expect("range");
+            reply.contains("\"kvs\"")
+        }
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const PREFIX: &str = "kvferry-test/agents/";
+
+    /// A `kvferry serve` publishing itself in `etcd` as `name` with a 2 s lease.
+    fn serve_in(etcd: &Etcd, name: &str, buffer_size: &str) -> Served {
+        let args = ["--name", name, "--etcd", &etcd.url, "--etcd-prefix", PREFIX, "--etcd-ttl", "2"];
+        Served::start_with(buffer_size, 7, &args)
+    }
+
+    fn join(agent: &Agent, etcd: &Etcd) -> EtcdDiscovery {
+        let config = EtcdConfig::new(vec![etcd.url.clone()], PREFIX).with_lease_ttl(Duration::from_secs(2));
+        EtcdDiscovery::join(agent, config).unwrap()
+    }
+
+    fn signal(served: &Served, signal: &str) {
+        let status = Command::new("kill").args([signal, &served.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn etcd_agents_in_two_processes_find_each_other_and_transfer() {
+        let Some(etcd) = Etcd::start("etcd_agents_in_two_processes_find_each_other_and_transfer") else { return };
+        let served = serve_in(&etcd, "etcd-target", "8M");
+        let (agent, buf, _reg) = initiator("etcd-initiator", 64 * 1024);
+        let discovery = join(&agent, &etcd);
+        assert!(etcd.exists(&format!("{PREFIX}etcd-initiator")), "the initiator is published too");
+        assert_eq!(discovery.peers().unwrap(), vec!["etcd-target".to_string()]);
+        let peer = discovery.lookup("etcd-target").unwrap();
+        let local = agent.prepare_local(&[buf.region()]).unwrap();
+        let remote = agent.prepare_remote(&peer, &[served.region(64 * 1024, 64 * 1024)]).unwrap();
+        agent.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec(), 7, 64 * 1024), None);
+
+        // Leaving revokes the lease: the key goes at once, not when the lease would expire.
+        drop(discovery);
+        assert!(!etcd.exists(&format!("{PREFIX}etcd-initiator")));
+    }
+
+    #[test]
+    fn etcd_a_killed_process_loses_its_key_when_its_lease_expires() {
+        let Some(etcd) = Etcd::start("etcd_a_killed_process_loses_its_key_when_its_lease_expires") else { return };
+        let mut served = serve_in(&etcd, "etcd-doomed", "1M");
+        let key = format!("{PREFIX}etcd-doomed");
+        assert!(etcd.exists(&key));
+        served.kill();
+        let killed = Instant::now();
+        // SIGKILL leaves no chance to revoke: only the lease's expiry (2 s TTL) removes the key.
+        assert!(etcd.exists(&key), "the key outlives the process until its lease expires");
+        while etcd.exists(&key) {
+            assert!(
+                killed.elapsed() < Duration::from_secs(10),
+                "the key is still there {:?} after the kill",
+                killed.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn etcd_a_hung_peer_fails_its_pending_transfer_when_its_key_vanishes() {
+        let Some(etcd) = Etcd::start("etcd_a_hung_peer_fails_its_pending_transfer_when_its_key_vanishes") else {
+            return;
+        };
+        let len: u64 = 256 << 20;
+        let served = serve_in(&etcd, "etcd-hung", "256M");
+        let (agent, buf, _reg) = initiator("etcd-waiter", len as usize);
+        let discovery = join(&agent, &etcd);
+        let peer = discovery.lookup("etcd-hung").unwrap();
+        let local = agent.prepare_local(&[buf.region()]).unwrap();
+        let remote = agent.prepare_remote(&peer, &[served.region(0, len)]).unwrap();
+        let small = agent.prepare_local(&[MemRegion::host(buf.as_ptr(), 4096)]).unwrap();
+        let small_remote = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
+        agent.read(&small, &[0], &small_remote, &[0], soon()).unwrap().wait().unwrap();
+
+        // A stopped process keeps its sockets open: TCP alone would wait for the deadline.
+        signal(&served, "-STOP");
+        let stopped = Instant::now();
+        let deadline = Duration::from_secs(60);
+        let xfer = agent.read(&local, &[0], &remote, &[0], Deadline::after(deadline)).unwrap();
+        let err = xfer.wait().expect_err("a stopped target cannot serve 256 MiB");
+        let took = stopped.elapsed();
+        assert_eq!(err.code(), ErrorCode::PeerDisconnected, "{err}");
+        assert!(err.to_string().contains("etcd key"), "the error says why: {err}");
+        assert!(took < Duration::from_secs(10), "failed {took:?} after the stop; the deadline was {deadline:?}");
+        assert!(!etcd.exists(&format!("{PREFIX}etcd-hung")));
+        assert!(!agent.peers().contains(&peer), "the gone peer is removed");
+
+        // Woken up, it finds its lease expired, takes a new one and publishes again: it can be
+        // looked up and used once more.
+        signal(&served, "-CONT");
+        let resumed = Instant::now();
+        while !etcd.exists(&format!("{PREFIX}etcd-hung")) {
+            assert!(resumed.elapsed() < Duration::from_secs(10), "the woken process did not publish again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let peer = discovery.lookup("etcd-hung").unwrap();
+        let small_remote = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
+        agent.read(&small, &[0], &small_remote, &[0], soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec()[..4096], 7, 0), None);
+    }
+
+    #[test]
+    fn etcd_unreachable_is_a_typed_error_and_the_side_channel_still_works() {
+        let (agent, buf, _reg) = initiator("etcd-orphan", 4096);
+        let closed = format!("http://127.0.0.1:{}", free_port());
+        let config = EtcdConfig::new(vec![closed], PREFIX);
+        let err = EtcdDiscovery::join(&agent, config).err().expect("nothing listens there");
+        assert_eq!(err.code(), ErrorCode::DiscoveryUnreachable, "{err}");
+        let config = EtcdConfig::new(vec!["https://etcd:2379".into()], PREFIX);
+        assert_eq!(EtcdDiscovery::join(&agent, config).err().unwrap().code(), ErrorCode::DiscoveryConfig);
+
+        let served = Served::start("1M", 4);
+        let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
+        let local = agent.prepare_local(&[buf.region()]).unwrap();
+        let remote = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
+        agent.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec(), 4, 0), None);
+
+        let out = Command::new(KVFERRY).args(["serve", "--etcd", "http://127.0.0.1:1", "--buffer-size", "1M"]).output();
+        let out = out.unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("unreachable"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn etcd_malformed_values_under_the_prefix_are_typed_errors() {
+        let Some(etcd) = Etcd::start("etcd_malformed_values_under_the_prefix_are_typed_errors") else { return };
+        let served = serve_in(&etcd, "etcd-honest", "1M");
+        let (agent, buf, _reg) = initiator("etcd-reader", 4096);
+        let discovery = join(&agent, &etcd);
+        etcd.put(&format!("{PREFIX}etcd-junk"), b"not kvferry metadata");
+        let err = discovery.lookup("etcd-junk").unwrap_err();
+        assert!(matches!(err, kvferry::Error::Metadata(_)), "{err}");
+        let err = discovery.lookup("etcd-nobody").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::DiscoveryPeerNotFound, "{err}");
+        // Another agent's metadata under a name that is not its own.
+        let honest = kvferry::side_channel::exchange(&served.side_channel, None, soon()).unwrap();
+        etcd.put(&format!("{PREFIX}etcd-impostor"), &honest);
+        assert_eq!(discovery.lookup("etcd-impostor").unwrap_err().code(), ErrorCode::DiscoveryBadResponse);
+        assert!(!agent.peers().contains(&"etcd-honest".to_string()));
+
+        // A tracked peer's key overwritten with garbage: the update is ignored, the peer stays.
+        let peer = discovery.lookup("etcd-honest").unwrap();
+        etcd.put(&format!("{PREFIX}etcd-honest"), b"\x00garbage");
+        std::thread::sleep(Duration::from_millis(500));
+        let local = agent.prepare_local(&[buf.region()]).unwrap();
+        let remote = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
+        agent.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec(), 7, 0), None);
     }
 }

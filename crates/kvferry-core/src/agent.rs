@@ -18,12 +18,14 @@ use crate::deadline::Deadline;
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemRegion, Memory};
 use crate::metadata::{AgentMetadata, RegionInfo};
+use crate::metrics::Metrics;
 use crate::side_channel::{self, SideChannelServer};
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::staging::{Stager, StagingConfig};
 use crate::transport::tcp::{self, TcpConfig, TcpTransport};
 use crate::transport::{
-    Batch, Completion, Endpoint, NotificationQueue, Op, PeerLink, RemoteRegion, Transport, TransportKind, XferOp,
+    Batch, Completion, Endpoint, NotificationQueue, Op, PeerLink, RemoteRegion, TransferError, Transport,
+    TransportKind, XferOp,
 };
 
 pub use crate::transport::{Notification, TransferStatus};
@@ -156,6 +158,38 @@ struct Peer {
     /// Every transport that reached the peer, in this agent's order of preference; never empty.
     /// Each transfer takes the first that holds keys for all its descriptors.
     links: Vec<(TransportKind, Arc<dyn PeerLink>)>,
+    /// Transfers posted to the peer that may not have settled, so that [`Agent::peer_gone`] can
+    /// fail them. Kept across metadata updates.
+    pending: Arc<Pending>,
+}
+
+/// The transfers posted to one peer, pruned of settled ones as it grows.
+#[derive(Default)]
+struct Pending {
+    transfers: Mutex<PendingList>,
+}
+
+#[derive(Default)]
+struct PendingList {
+    transfers: Vec<Weak<Completion>>,
+    /// The length at which the list is pruned next: twice what the last pruning kept (at least
+    /// 64), so that pruning costs a constant per post however many transfers stay pending.
+    prune_at: usize,
+}
+
+impl Pending {
+    fn push(&self, completion: &Arc<Completion>) {
+        let mut list = self.transfers.lock().unwrap();
+        if list.transfers.len() >= list.prune_at {
+            list.transfers.retain(|w| w.upgrade().is_some_and(|c| !c.is_settled()));
+            list.prune_at = (2 * list.transfers.len()).max(64);
+        }
+        list.transfers.push(Arc::downgrade(completion));
+    }
+
+    fn take(&self) -> Vec<Arc<Completion>> {
+        self.transfers.lock().unwrap().transfers.drain(..).filter_map(|w| w.upgrade()).collect()
+    }
 }
 
 impl Peer {
@@ -206,6 +240,7 @@ pub(crate) struct AgentInner {
     peers: RwLock<HashMap<String, Arc<Peer>>>,
     notifications: Arc<NotificationQueue>,
     side_channel: Mutex<Option<SideChannelServer>>,
+    metrics: Arc<Metrics>,
 }
 
 /// One engine rank's endpoint: registered memory, transports, peers, transfers. Cheap to clone.
@@ -441,6 +476,7 @@ impl Agent {
                 peers: RwLock::new(HashMap::new()),
                 notifications,
                 side_channel: Mutex::new(None),
+                metrics: Arc::new(Metrics::default()),
             }),
         })
     }
@@ -486,11 +522,22 @@ impl Agent {
         self.inner.add_peer(metadata)
     }
 
+    /// Forget a peer. Transfers already posted to it run on to their end.
     pub fn remove_peer(&self, name: &str) -> Result<()> {
-        match self.inner.peers.write().unwrap().remove(name) {
-            Some(_) => Ok(()),
-            None => Err(DescError::UnknownPeer { peer: name.into() }.into()),
-        }
+        self.inner.remove_peer(name).map(drop)
+    }
+
+    /// The peer is known to be gone (its discovery lease expired, say): forget it and fail its
+    /// pending transfers at once with [`TransferError::PeerDisconnected`](crate::transport::TransferError)
+    /// carrying `cause`, rather than letting them wait for a connection that will not answer
+    /// until their deadlines. Returns how many transfers were failed.
+    pub fn peer_gone(&self, name: &str, cause: &str) -> Result<usize> {
+        self.inner.peer_gone(name, cause)
+    }
+
+    /// The counters of this agent's transfers; render them, or attach tier stores to them.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
     }
 
     pub fn peers(&self) -> Vec<String> {
@@ -599,8 +646,8 @@ impl Agent {
         let peer_entry = self.inner.peer(peer)?;
         let link = peer_entry.preferred();
         check_notification(link.0, data)?;
-        let completion = Arc::new(Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline));
-        self.submit(link, started, Vec::new(), completion, Arc::new(()))
+        let completion = Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline);
+        self.submit(&peer_entry, link, started, Vec::new(), completion, Arc::new(()))
     }
 
     /// Post a transfer. Never blocks on the network: completion comes through the handle.
@@ -679,22 +726,28 @@ impl Agent {
         }
         let held: Vec<Arc<LocalReg>> = held.into_iter().flatten().collect();
         let notification = req.notification.map(<[u8]>::to_vec);
-        let completion = Arc::new(Completion::new(peer, req.op, bytes, notification, req.deadline));
-        self.submit(link, started, ops, completion, Arc::new(held))
+        let completion = Completion::new(peer, req.op, bytes, notification, req.deadline);
+        self.submit(&peer_entry, link, started, ops, completion, Arc::new(held))
     }
 
     /// Hand the batch to one of the peer's links; `started` is when the caller entered `post`.
     fn submit(
         &self,
+        peer: &Peer,
         (transport, link): &(TransportKind, Arc<dyn PeerLink>),
         started: Instant,
         ops: Vec<XferOp>,
-        completion: Arc<Completion>,
+        completion: Completion,
         keep_alive: Arc<dyn Any + Send + Sync>,
     ) -> Result<Transfer> {
         let n_ops = ops.len();
         let mode = link.mode(&ops);
-        link.post(Batch { ops, completion: completion.clone(), keep_alive })?;
+        let completion = Arc::new(completion.observed(self.inner.metrics.clone(), *transport));
+        peer.pending.push(&completion);
+        if let Err(e) = link.post(Batch { ops, completion: completion.clone(), keep_alive }) {
+            completion.abandon();
+            return Err(e);
+        }
         Ok(Transfer { completion, ops: n_ops, post_time: started.elapsed(), transport: *transport, mode })
     }
 
@@ -725,6 +778,23 @@ impl Agent {
 
     fn id(&self) -> usize {
         Arc::as_ptr(&self.inner) as usize
+    }
+
+    /// A reference that does not keep the agent alive, for its background threads.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn downgrade(&self) -> Weak<AgentInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    #[cfg(feature = "etcd")]
+    pub(crate) fn upgrade(inner: &Weak<AgentInner>) -> Option<Agent> {
+        inner.upgrade().map(|inner| Agent { inner })
+    }
+
+    /// Increases on every registration change, and with it [`metadata`](Self::metadata).
+    #[cfg(feature = "etcd")]
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 }
 
@@ -878,7 +948,24 @@ impl AgentInner {
             return Err(refused);
         }
         let name = meta.name.clone();
-        self.peers.write().unwrap().insert(name.clone(), Arc::new(Peer { meta, links }));
+        let mut peers = self.peers.write().unwrap();
+        let pending = peers.get(&name).map(|p| p.pending.clone()).unwrap_or_default();
+        peers.insert(name.clone(), Arc::new(Peer { meta, links, pending }));
         Ok(name)
+    }
+
+    fn remove_peer(&self, name: &str) -> Result<Arc<Peer>> {
+        self.peers.write().unwrap().remove(name).ok_or_else(|| DescError::UnknownPeer { peer: name.into() }.into())
+    }
+
+    pub(crate) fn peer_gone(&self, name: &str, cause: &str) -> Result<usize> {
+        let peer = self.remove_peer(name)?;
+        let pending = peer.pending.take();
+        for completion in &pending {
+            let op = completion.op();
+            completion.fail(TransferError::PeerDisconnected { peer: name.into(), op, cause: cause.into() });
+        }
+        tracing::info!(peer = name, cause, failed = pending.len(), "peer gone");
+        Ok(pending.len())
     }
 }

@@ -4,6 +4,7 @@
 //! once released: the C ABI and the Python package hand them to users.
 
 use crate::agent::DescError;
+use crate::discovery::DiscoveryError;
 use crate::layout::LayoutError;
 use crate::memory::MemoryError;
 use crate::metadata::MetadataError;
@@ -27,6 +28,8 @@ pub enum Error {
     Transfer(#[from] TransferError),
     #[error(transparent)]
     Tier(#[from] TierError),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("{what} is not supported: {why}")]
@@ -47,6 +50,7 @@ impl Error {
             Error::Descriptor(e) => e.code(),
             Error::Transfer(e) => e.code(),
             Error::Tier(e) => e.code(),
+            Error::Discovery(e) => e.code(),
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::Unsupported { .. } => ErrorCode::Unsupported,
             Error::Io { .. } => ErrorCode::Io,
@@ -71,13 +75,20 @@ macro_rules! error_codes {
         impl ErrorCode {
             /// Every code, in numeric order.
             pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+
+            /// The variant's name (`PeerDisconnected`), for logs and metric labels.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => stringify!($name),)*
+                }
+            }
         }
     };
 }
 
 error_codes! {
     /// Stable numeric error codes. Grouped by hundreds: general, memory, layout, metadata, descriptors,
-    /// transfers, tier store.
+    /// transfers, tier store, discovery.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     #[repr(u32)]
     #[non_exhaustive]
@@ -157,6 +168,17 @@ error_codes! {
         TierNoRoom = 609,
         TierDiskIo = 610,
         TierClosed = 611,
+
+        /// No etcd endpoint answered.
+        DiscoveryUnreachable = 700,
+        /// etcd answered with an error or something that is not its v3 JSON API.
+        DiscoveryBadResponse = 701,
+        /// etcd let this agent's lease expire.
+        DiscoveryLeaseLost = 702,
+        /// No agent of that name is registered under the prefix.
+        DiscoveryPeerNotFound = 703,
+        /// An endpoint or prefix that cannot be used.
+        DiscoveryConfig = 704,
     }
 }
 

@@ -3,10 +3,12 @@
 
 pub mod agent;
 pub mod deadline;
+pub mod discovery;
 pub mod error;
 pub mod layout;
 pub mod memory;
 pub mod metadata;
+pub mod metrics;
 mod net;
 pub mod side_channel;
 pub mod tier;

@@ -11,7 +11,26 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crate::deadline::Deadline;
 use crate::error::{Error, Result};
+
+/// Connect to the first address `addr` (`host:port`) resolves to that accepts before the deadline;
+/// the error says why the last attempt failed.
+pub(crate) fn connect_within(addr: &str, deadline: Deadline) -> std::result::Result<TcpStream, String> {
+    let targets = std::net::ToSocketAddrs::to_socket_addrs(addr).map_err(|e| format!("{addr}: {e}"))?;
+    let mut last = format!("{addr} resolves to nothing");
+    for target in targets {
+        let left = deadline.remaining();
+        if left.is_zero() {
+            return Err(format!("{addr}: the deadline passed while connecting ({last})"));
+        }
+        match TcpStream::connect_timeout(&target, left) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = format!("{target}: {e}"),
+        }
+    }
+    Err(last)
+}
 
 /// A listener an [`Acceptor`] can serve.
 pub(crate) trait Listener: Send + 'static {

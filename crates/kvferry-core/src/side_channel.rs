@@ -8,14 +8,14 @@
 //! On an exchange the server also adds the caller as a peer, so either side can start transfers.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Weak;
 use std::time::Duration;
 
 use crate::agent::AgentInner;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
-use crate::net::Acceptor;
+use crate::net::{self, Acceptor};
 use crate::transport::TransferError;
 
 const MAGIC: [u8; 4] = *b"KVFS";
@@ -107,23 +107,7 @@ pub fn exchange(addr: &str, own: Option<&[u8]>, deadline: Deadline) -> Result<Ve
     let unreachable =
         |cause: String| Error::from(TransferError::PeerUnreachable { peer: addr.into(), endpoint: addr.into(), cause });
     let protocol = |detail: String| Error::from(TransferError::Protocol { peer: addr.into(), detail });
-    let targets: Vec<SocketAddr> = addr.to_socket_addrs().map_err(|e| unreachable(e.to_string()))?.collect();
-    let mut last = String::from("address resolves to nothing");
-    let mut stream = None;
-    for target in targets {
-        let left = deadline.remaining();
-        if left.is_zero() {
-            break;
-        }
-        match TcpStream::connect_timeout(&target, left) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(e) => last = e.to_string(),
-        }
-    }
-    let mut stream = stream.ok_or_else(|| unreachable(last))?;
+    let mut stream = net::connect_within(addr, deadline).map_err(unreachable)?;
     let io_err = |e: io::Error| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => unreachable("timed out".into()),
         io::ErrorKind::InvalidData => protocol(e.to_string()),

@@ -14,6 +14,8 @@
 
 mod disk;
 mod key;
+#[cfg(feature = "kv-events")]
+pub mod kv_events;
 mod policy;
 mod store;
 mod uring;

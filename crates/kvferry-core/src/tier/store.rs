@@ -40,6 +40,8 @@ pub struct TierStats {
     pub disk_writes: u64,
     /// Evicted blocks the admission filter kept off the disk.
     pub not_admitted: u64,
+    /// Disk blocks read back into DRAM on a hit.
+    pub promotions: u64,
     /// Blocks that failed their checksum on read and were dropped.
     pub corrupt_blocks: u64,
     /// Torn records dropped from the index log's tail at open.
@@ -171,6 +173,19 @@ struct Shared {
 }
 
 type Job = Box<dyn FnOnce(&Shared, Option<&mut Ring>) + Send>;
+
+impl Shared {
+    fn stats(&self) -> TierStats {
+        let state = self.lock();
+        let mut stats = state.stats.clone();
+        stats.host_blocks = state.slots.iter().flatten().filter(|s| s.ready).count();
+        if let Some(disk) = &state.disk {
+            stats.disk_blocks = disk.blocks.len();
+            stats.disk_failure = disk.failed.as_ref().map(|e| e.to_string());
+        }
+        stats
+    }
+}
 
 /// A two-level (pinned DRAM, NVMe) store of fixed-size KV blocks keyed by chained prefix hashes.
 ///
@@ -392,14 +407,14 @@ impl TierStore {
     }
 
     pub fn stats(&self) -> TierStats {
-        let state = self.shared.lock();
-        let mut stats = state.stats.clone();
-        stats.host_blocks = state.slots.iter().flatten().filter(|s| s.ready).count();
-        if let Some(disk) = &state.disk {
-            stats.disk_blocks = disk.blocks.len();
-            stats.disk_failure = disk.failed.as_ref().map(|e| e.to_string());
-        }
-        stats
+        self.shared.stats()
+    }
+
+    /// Reads the store's stats while it is open; `None` once it has been dropped. Metrics keep
+    /// this rather than the store, so that a scrape never keeps a store (and its arena) alive.
+    pub fn stats_reader(&self) -> impl Fn() -> Option<(TierStats, usize)> + Send + Sync + 'static {
+        let shared = Arc::downgrade(&self.shared);
+        move || shared.upgrade().map(|s| (s.stats(), s.block_size))
     }
 
     fn check_blocks(&self, blocks: &[BlockRegions]) -> Result<()> {
@@ -740,6 +755,7 @@ impl Shared {
                 }
             }
         }
+        state.stats.promotions += promoted.len() as u64;
         state.emit(TierEvent::Stored { keys: promoted.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
         if let Some(e) = first_error {
             self.unpin(&mut state, &promoted, &[]);

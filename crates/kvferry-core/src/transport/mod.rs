@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use crate::deadline::Deadline;
 use crate::error::{ErrorCode, Result};
 use crate::memory::{MemKind, MemRegion};
+use crate::metrics::Metrics;
 
 /// What a transfer does, seen from the initiator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -377,6 +378,8 @@ pub struct Completion {
     cancelled: AtomicBool,
     state: Mutex<CompletionState>,
     settled: Condvar,
+    /// Where the settled outcome is counted, and as which transport's.
+    metrics: Option<(Arc<Metrics>, TransportKind)>,
 }
 
 struct CompletionState {
@@ -403,6 +406,21 @@ impl Completion {
                 finished_at: None,
             }),
             settled: Condvar::new(),
+            metrics: None,
+        }
+    }
+
+    /// Count this batch as in flight on `transport` in `metrics`, and its outcome once settled.
+    pub(crate) fn observed(mut self, metrics: Arc<Metrics>, transport: TransportKind) -> Self {
+        metrics.started(transport, self.op);
+        self.metrics = Some((metrics, transport));
+        self
+    }
+
+    /// The transport refused the batch before queuing it, so it never settles: stop counting it.
+    pub(crate) fn abandon(&self) {
+        if let Some((metrics, transport)) = &self.metrics {
+            metrics.abandoned(*transport, self.op);
         }
     }
 
@@ -485,8 +503,16 @@ impl Completion {
     fn settle(&self, state: &mut CompletionState, status: TransferStatus) {
         // A waiter that gave up at the deadline has already settled the batch as timed out.
         if state.status == TransferStatus::InProgress {
+            let now = Instant::now();
+            if let Some((metrics, transport)) = &self.metrics {
+                let outcome = match &status {
+                    TransferStatus::Failed(e) => Err(e.code()),
+                    _ => Ok(self.bytes),
+                };
+                metrics.settled(*transport, self.op, now - self.posted_at, outcome);
+            }
             state.status = status;
-            state.finished_at = Some(Instant::now());
+            state.finished_at = Some(now);
         }
         self.settled.notify_all();
     }
@@ -539,6 +565,18 @@ impl Completion {
             let e = self.cancelled_error();
             self.settle(&mut state, TransferStatus::Failed(e));
         }
+    }
+
+    /// Settle the batch as failed now, for a peer known to be gone: waiters return at once and
+    /// parts not yet started are skipped. A part already running ends on its own (by its deadline
+    /// at the latest); the batch keeps its local memory registered until then.
+    pub fn fail(&self, error: TransferError) {
+        let mut state = self.state.lock().unwrap();
+        self.settle(&mut state, TransferStatus::Failed(error));
+    }
+
+    pub(crate) fn is_settled(&self) -> bool {
+        self.state.lock().unwrap().status != TransferStatus::InProgress
     }
 
     /// Time from post to settle, once settled.

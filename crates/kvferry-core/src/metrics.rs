@@ -1,0 +1,473 @@
+//! What the data plane does, in Prometheus' text exposition format: transfer bytes, counts,
+//! latency and errors per transport and direction, and the occupancy and counters of tier stores.
+//!
+//! The data path pays a handful of relaxed atomic adds per *transfer* (never per byte or per
+//! op): [`Metrics`] is a fixed table of counters indexed by transport and direction. Errors, which
+//! are rare, take a lock. Tier stores are read when a scrape renders them, so they cost nothing
+//! between scrapes. [`Metrics::render`] is the pull API; [`serve`] answers `GET /metrics` over HTTP.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::{ErrorCode, Result};
+use crate::net::Acceptor;
+use crate::tier::{TierStats, TierStore};
+use crate::transport::{Op, TransportKind};
+
+/// Upper bounds of the transfer latency histogram's buckets, in seconds: 10 µs to 10 s, about
+/// three per decade, which separates shm (µs), TCP loopback (100s of µs) and large batches (ms).
+const LATENCY_BUCKETS: [f64; 19] = [
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+const DIRECTIONS: [Op; 3] = [Op::Read, Op::Write, Op::Notify];
+
+/// The counters of one transport in one direction.
+#[derive(Default)]
+struct Series {
+    transfers: AtomicU64,
+    bytes: AtomicU64,
+    in_flight: AtomicI64,
+    /// Per bucket (not cumulative; the last is `+Inf`), summed up when rendered.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_ns: AtomicU64,
+}
+
+/// Counters of one agent's transfers, and the tier stores attached to it. Shared by the agent
+/// and anything rendering it.
+pub struct Metrics {
+    series: [[Series; DIRECTIONS.len()]; TransportKind::ALL.len()],
+    errors: Mutex<ErrorCounts>,
+    stores: Mutex<Vec<(String, StatsReader)>>,
+}
+
+/// Failures keyed by (transport, direction, code) indices, so that the rendering is sorted.
+type ErrorCounts = BTreeMap<(usize, usize, u32), (ErrorCode, u64)>;
+
+type StatsReader = Box<dyn Fn() -> Option<(TierStats, usize)> + Send + Sync>;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics { series: Default::default(), errors: Mutex::new(BTreeMap::new()), stores: Mutex::new(Vec::new()) }
+    }
+}
+
+fn transport_index(kind: TransportKind) -> usize {
+    TransportKind::ALL.iter().position(|&k| k == kind).expect("ALL lists every transport")
+}
+
+fn direction_index(op: Op) -> usize {
+    DIRECTIONS.iter().position(|&d| d == op).expect("DIRECTIONS lists every op")
+}
+
+impl Metrics {
+    fn series(&self, transport: TransportKind, op: Op) -> &Series {
+        &self.series[transport_index(transport)][direction_index(op)]
+    }
+
+    /// A transfer was handed to `transport`.
+    pub(crate) fn started(&self, transport: TransportKind, op: Op) {
+        self.series(transport, op).in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A transfer [`started`](Self::started) settled: `Ok(bytes)` moved, or failed with `code`.
+    pub(crate) fn settled(&self, transport: TransportKind, op: Op, elapsed: Duration, outcome: Result<u64, ErrorCode>) {
+        let series = self.series(transport, op);
+        series.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let seconds = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS.iter().position(|&le| seconds <= le).unwrap_or(LATENCY_BUCKETS.len());
+        series.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        series.latency_ns.fetch_add(elapsed.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        match outcome {
+            Ok(bytes) => {
+                series.transfers.fetch_add(1, Ordering::Relaxed);
+                series.bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+            Err(code) => {
+                let key = (transport_index(transport), direction_index(op), code.as_u32());
+                self.errors.lock().unwrap().entry(key).or_insert((code, 0)).1 += 1;
+            }
+        }
+    }
+
+    /// A transfer [`started`](Self::started) was refused before it was queued: it never settles.
+    pub(crate) fn abandoned(&self, transport: TransportKind, op: Op) {
+        self.series(transport, op).in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// What a successful transfer costs the data path (`started`, then `settled`), for benchmarks.
+    #[doc(hidden)]
+    pub fn record_for_bench(&self, transport: TransportKind, op: Op, elapsed: Duration, bytes: u64) {
+        self.started(transport, op);
+        self.settled(transport, op, elapsed, Ok(bytes));
+    }
+
+    /// Include `store` in the rendering under the label `store="name"`, for as long as it is open.
+    pub fn add_tier_store(&self, name: impl Into<String>, store: &TierStore) {
+        self.stores.lock().unwrap().push((name.into(), Box::new(store.stats_reader())));
+    }
+
+    /// Bytes moved by completed transfers of `transport` in direction `op`.
+    pub fn bytes(&self, transport: TransportKind, op: Op) -> u64 {
+        self.series(transport, op).bytes.load(Ordering::Relaxed)
+    }
+
+    /// Completed transfers of `transport` in direction `op`.
+    pub fn transfers(&self, transport: TransportKind, op: Op) -> u64 {
+        self.series(transport, op).transfers.load(Ordering::Relaxed)
+    }
+
+    /// Failed transfers with this error code, over every transport and direction.
+    pub fn errors(&self, code: ErrorCode) -> u64 {
+        self.errors.lock().unwrap().values().filter(|(c, _)| *c == code).map(|(_, n)| n).sum()
+    }
+
+    /// Everything, in Prometheus' text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = Exposition::default();
+        self.render_transfers(&mut out);
+        self.render_stores(&mut out);
+        out.text
+    }
+
+    fn render_transfers(&self, out: &mut Exposition) {
+        let all = || {
+            TransportKind::ALL.iter().flat_map(|&t| DIRECTIONS.iter().map(move |&op| (t, op))).map(|(t, op)| {
+                let labels = format!("transport=\"{t}\",direction=\"{op}\"");
+                (labels, self.series(t, op))
+            })
+        };
+        // Series that never moved anything stay out, so a scrape lists what this agent uses.
+        let used = |s: &Series| {
+            s.in_flight.load(Ordering::Relaxed) != 0 || s.buckets.iter().any(|b| b.load(Ordering::Relaxed) != 0)
+        };
+        out.family("kvferry_transfer_bytes_total", "counter", "Bytes moved by completed transfers.");
+        for (labels, s) in all().filter(|(_, s)| used(s)) {
+            out.sample("kvferry_transfer_bytes_total", &labels, s.bytes.load(Ordering::Relaxed));
+        }
+        out.family("kvferry_transfers_total", "counter", "Transfers completed successfully.");
+        for (labels, s) in all().filter(|(_, s)| used(s)) {
+            out.sample("kvferry_transfers_total", &labels, s.transfers.load(Ordering::Relaxed));
+        }
+        out.family("kvferry_transfers_in_flight", "gauge", "Transfers posted and not yet settled.");
+        for (labels, s) in all().filter(|(_, s)| used(s)) {
+            out.sample("kvferry_transfers_in_flight", &labels, s.in_flight.load(Ordering::Relaxed));
+        }
+        out.family(
+            "kvferry_transfer_duration_seconds",
+            "histogram",
+            "Time from post to completion or failure of each transfer.",
+        );
+        for (labels, s) in all().filter(|(_, s)| used(s)) {
+            let mut cumulative = 0;
+            for (i, bucket) in s.buckets.iter().enumerate() {
+                cumulative += bucket.load(Ordering::Relaxed);
+                let le = LATENCY_BUCKETS.get(i).map_or("+Inf".to_string(), f64::to_string);
+                out.sample("kvferry_transfer_duration_seconds_bucket", &format!("{labels},le=\"{le}\""), cumulative);
+            }
+            let sum = s.latency_ns.load(Ordering::Relaxed) as f64 / 1e9;
+            out.sample("kvferry_transfer_duration_seconds_sum", &labels, sum);
+            out.sample("kvferry_transfer_duration_seconds_count", &labels, cumulative);
+        }
+        out.family("kvferry_transfer_errors_total", "counter", "Failed transfers by error code and kind.");
+        for (&(t, op, _), (code, n)) in self.errors.lock().unwrap().iter() {
+            let (t, op) = (TransportKind::ALL[t], DIRECTIONS[op]);
+            let labels = format!(
+                "transport=\"{t}\",direction=\"{op}\",code=\"{}\",kind=\"{}\"",
+                code.as_u32(),
+                snake_case(code.name())
+            );
+            out.sample("kvferry_transfer_errors_total", &labels, n);
+        }
+    }
+
+    fn render_stores(&self, out: &mut Exposition) {
+        // Stores that were dropped leave the list.
+        let mut stats: Vec<(String, TierStats, usize)> = Vec::new();
+        self.stores.lock().unwrap().retain(|(name, read)| match read() {
+            Some((s, block_size)) => {
+                stats.push((name.clone(), s, block_size));
+                true
+            }
+            None => false,
+        });
+        if stats.is_empty() {
+            return;
+        }
+        // (name, type, help, value of one store's tier given its block size)
+        type PerTier = fn(&TierStats, usize, &str) -> u64;
+        let per_tier: [(&str, &str, &str, PerTier); 6] = [
+            ("kvferry_tier_used_bytes", "gauge", "Bytes of blocks a tier holds.", |s, bs, tier| {
+                tier_pick(tier, s.host_blocks, s.disk_blocks) as u64 * bs as u64
+            }),
+            ("kvferry_tier_capacity_bytes", "gauge", "Bytes of blocks a tier can hold.", |s, bs, tier| {
+                tier_pick(tier, s.host_capacity_blocks, s.disk_capacity_blocks) as u64 * bs as u64
+            }),
+            ("kvferry_tier_blocks", "gauge", "Blocks a tier holds.", |s, _, tier| {
+                tier_pick(tier, s.host_blocks, s.disk_blocks) as u64
+            }),
+            ("kvferry_tier_capacity_blocks", "gauge", "Blocks a tier can hold.", |s, _, tier| {
+                tier_pick(tier, s.host_capacity_blocks, s.disk_capacity_blocks) as u64
+            }),
+            ("kvferry_tier_hits_total", "counter", "Blocks a get found in a tier.", |s, _, tier| {
+                tier_pick(tier, s.host_hits, s.disk_hits)
+            }),
+            ("kvferry_tier_evictions_total", "counter", "Blocks evicted from a tier.", |s, _, tier| {
+                tier_pick(tier, s.host_evictions, s.disk_evictions)
+            }),
+        ];
+        for (name, kind, help, value) in per_tier {
+            out.family(name, kind, help);
+            for (store, s, bs) in &stats {
+                for tier in ["CPU", "DISK"] {
+                    // A store without a disk tier has no DISK series.
+                    if tier == "DISK" && s.disk_capacity_blocks == 0 {
+                        continue;
+                    }
+                    out.sample(name, &format!("store=\"{}\",tier=\"{tier}\"", escape(store)), value(s, *bs, tier));
+                }
+            }
+        }
+        type PerStore = fn(&TierStats) -> u64;
+        let per_store: [(&str, &str, PerStore); 5] = [
+            ("kvferry_tier_misses_total", "Blocks a get found in no tier.", |s| s.misses),
+            (
+                "kvferry_tier_admissions_rejected_total",
+                "Blocks evicted from DRAM that the admission filter kept off the disk.",
+                |s| s.not_admitted,
+            ),
+            ("kvferry_tier_promotions_total", "Disk blocks read back into DRAM on a hit.", |s| s.promotions),
+            (
+                "kvferry_tier_checksum_failures_total",
+                "Disk blocks that failed their checksum on read and were dropped.",
+                |s| s.corrupt_blocks,
+            ),
+            ("kvferry_tier_disk_writes_total", "Blocks written to the disk tier.", |s| s.disk_writes),
+        ];
+        for (name, help, value) in per_store {
+            out.family(name, "counter", help);
+            for (store, s, _) in &stats {
+                out.sample(name, &format!("store=\"{}\"", escape(store)), value(s));
+            }
+        }
+    }
+}
+
+/// `PeerDisconnected` → `peer_disconnected`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+fn tier_pick<T>(tier: &str, cpu: T, disk: T) -> T {
+    if tier == "CPU" { cpu } else { disk }
+}
+
+/// A label value with `\`, `"` and newlines escaped, as the exposition format requires.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
+    }
+}
+
+/// Serves `GET /metrics` (any other path is 404) until dropped.
+pub struct MetricsServer {
+    acceptor: Acceptor,
+}
+
+impl MetricsServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.acceptor.local_addr()
+    }
+}
+
+/// A client that stalls is dropped after this.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request heads longer than this are refused.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// Answer Prometheus scrapes on `listen` with `render()`'s text, one request per connection.
+pub fn serve(listen: SocketAddr, render: impl Fn() -> String + Send + Sync + 'static) -> Result<MetricsServer> {
+    let acceptor = Acceptor::spawn(listen, "kvferry-metrics", move |mut stream| {
+        if let Err(e) = answer(&mut stream, &render) {
+            tracing::debug!(error = %e, "metrics: request failed");
+        }
+    })?;
+    Ok(MetricsServer { acceptor })
+}
+
+fn answer(stream: &mut TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 || head.len() + n > MAX_REQUEST_HEAD {
+            return respond(stream, "400 Bad Request", "text/plain", "bad request\n");
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(0)]).into_owned();
+    let mut parts = line.split(' ');
+    match (parts.next(), parts.next().map(|p| p.split('?').next().unwrap_or(p))) {
+        (Some("GET"), Some("/metrics")) => {
+            respond(stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &render())
+        }
+        (Some("GET"), _) => respond(stream, "404 Not Found", "text/plain", "metrics are at /metrics\n"),
+        _ => respond(stream, "405 Method Not Allowed", "text/plain", "only GET is served\n"),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn settled_transfers_land_in_counters_buckets_and_errors() {
+        let m = Metrics::default();
+        for (elapsed, outcome) in [
+            (Duration::from_micros(30), Ok(4096)),
+            (Duration::from_millis(3), Ok(1 << 20)),
+            (Duration::from_secs(20), Err(ErrorCode::Timeout)),
+        ] {
+            m.started(TransportKind::Tcp, Op::Read);
+            m.settled(TransportKind::Tcp, Op::Read, elapsed, outcome);
+        }
+        m.started(TransportKind::Shm, Op::Write);
+        let text = m.render();
+        let l = "transport=\"tcp\",direction=\"read\"";
+        assert_eq!(sample(&text, &format!("kvferry_transfer_bytes_total{{{l}}}")), Some((4096 + (1 << 20)) as f64));
+        assert_eq!(sample(&text, &format!("kvferry_transfers_total{{{l}}}")), Some(2.0));
+        assert_eq!(sample(&text, &format!("kvferry_transfers_in_flight{{{l}}}")), Some(0.0));
+        let shm = "transport=\"shm\",direction=\"write\"";
+        assert_eq!(sample(&text, &format!("kvferry_transfers_in_flight{{{shm}}}")), Some(1.0));
+        // Cumulative buckets: 30 µs falls in le=5e-5, 3 ms in le=0.005, 20 s only in +Inf.
+        let bucket = |le: &str| sample(&text, &format!("kvferry_transfer_duration_seconds_bucket{{{l},le=\"{le}\"}}"));
+        assert_eq!(bucket("0.000025"), Some(0.0));
+        assert_eq!(bucket("0.00005"), Some(1.0));
+        assert_eq!(bucket("0.005"), Some(2.0));
+        assert_eq!(bucket("10"), Some(2.0));
+        assert_eq!(bucket("+Inf"), Some(3.0));
+        assert_eq!(sample(&text, &format!("kvferry_transfer_duration_seconds_count{{{l}}}")), Some(3.0));
+        let errors = format!("kvferry_transfer_errors_total{{{l},code=\"500\",kind=\"timeout\"}}");
+        assert_eq!(sample(&text, &errors), Some(1.0), "{text}");
+        assert_eq!(m.errors(ErrorCode::Timeout), 1);
+        // Unused transports stay out; every family has HELP and TYPE.
+        assert!(!text.contains("transport=\"fabric\""));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+            assert!(text.contains(&format!("# TYPE {family} ")), "no TYPE for {name}");
+        }
+    }
+
+    #[test]
+    fn tier_stores_are_rendered_while_open_with_occupancy_hits_and_promotions() {
+        use crate::Deadline;
+        use crate::memory::host::{HostAllocOptions, HostBuffer, HostDevice};
+        use crate::memory::{Device, MemRegion};
+        use crate::tier::{BlockKey, DiskConfig, TierConfig};
+
+        const BLOCK: usize = 4096;
+        let unpinned = HostAllocOptions::new().with_pin(false);
+        let dir = std::env::temp_dir().join(format!("kvferry-metrics-tier-{}", std::process::id()));
+        let disk = DiskConfig::new(&dir, 8 * BLOCK as u64).with_admit_after(0);
+        let config = TierConfig::new(BLOCK, 2 * BLOCK as u64).with_host_alloc(unpinned).with_disk(disk);
+        let store = TierStore::open(config).unwrap();
+        let m = Metrics::default();
+        m.add_tier_store("kv\"0", &store);
+        let buf = HostBuffer::alloc(BLOCK, &unpinned).unwrap();
+        let host: std::sync::Arc<dyn Device> = std::sync::Arc::new(HostDevice::with_threads(1).unwrap());
+        let block = |i: u32| vec![(BlockKey::chain(None, &[i], b""), vec![MemRegion::host(buf.as_ptr(), BLOCK)])];
+        let wait = |fence: Result<crate::memory::CopyFence>| {
+            fence.and_then(|f| f.wait(Deadline::after(Duration::from_secs(30))))
+        };
+        for i in 0..3 {
+            // SAFETY: `buf` outlives every wait.
+            wait(unsafe { store.put(host.clone(), block(i)) }).unwrap();
+        }
+        wait(unsafe { store.get(host.clone(), block(0)) }).unwrap(); // on disk: a hit there, promoted
+        wait(unsafe { store.get(host.clone(), block(9)) }).unwrap_err(); // nowhere: a miss
+
+        let text = m.render();
+        let s = "store=\"kv\\\"0\"";
+        let at = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series} in {text}"));
+        assert_eq!(at(&format!("kvferry_tier_capacity_bytes{{{s},tier=\"CPU\"}}")), (2 * BLOCK) as f64);
+        assert_eq!(at(&format!("kvferry_tier_capacity_blocks{{{s},tier=\"DISK\"}}")), 8.0);
+        assert_eq!(at(&format!("kvferry_tier_used_bytes{{{s},tier=\"CPU\"}}")), (2 * BLOCK) as f64);
+        assert_eq!(at(&format!("kvferry_tier_hits_total{{{s},tier=\"DISK\"}}")), 1.0);
+        assert_eq!(at(&format!("kvferry_tier_hits_total{{{s},tier=\"CPU\"}}")), 0.0);
+        assert_eq!(at(&format!("kvferry_tier_misses_total{{{s}}}")), 1.0);
+        assert_eq!(at(&format!("kvferry_tier_promotions_total{{{s}}}")), 1.0);
+        assert!(at(&format!("kvferry_tier_evictions_total{{{s},tier=\"CPU\"}}")) >= 1.0);
+        assert_eq!(at(&format!("kvferry_tier_checksum_failures_total{{{s}}}")), 0.0);
+        drop(store);
+        assert!(!m.render().contains("kvferry_tier_"), "a closed store is no longer rendered");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_endpoint_serves_metrics_and_refuses_other_requests() {
+        let m = std::sync::Arc::new(Metrics::default());
+        m.started(TransportKind::Tcp, Op::Write);
+        m.settled(TransportKind::Tcp, Op::Write, Duration::from_millis(1), Ok(123));
+        let metrics = m.clone();
+        let server = serve("127.0.0.1:0".parse().unwrap(), move || metrics.render()).unwrap();
+        let get = |request: &str| {
+            let mut s = TcpStream::connect(server.local_addr()).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            reply
+        };
+        let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("text/plain; version=0.0.4"));
+        let body = ok.split("\r\n\r\n").nth(1).unwrap();
+        assert_eq!(sample(body, "kvferry_transfer_bytes_total{transport=\"tcp\",direction=\"write\"}"), Some(123.0));
+        assert!(get("GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(get("garbage").starts_with("HTTP/1.1 400"));
+    }
+}
