@@ -179,6 +179,7 @@ sentinels=(
     etcd_unreachable_is_a_typed_error_and_the_side_channel_still_works
     etcd_malformed_values_under_the_prefix_are_typed_errors
     subscribers_decode_stored_moved_and_removed_blocks_with_their_medium
+    kv_events::tests::a_move_encodes_as_the_bytes_vllm_sends
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -36,25 +36,27 @@ fn put(store: &TierStore, ids: &[u8]) {
 
 /// (tag, hashes, medium) of one decoded event, after checking its fields' shapes.
 fn event(v: &Value) -> (String, Vec<Vec<u8>>, String) {
-    let fields = v.as_array().expect("an event is an array-like struct");
-    let tag = fields[0].as_str().unwrap().to_string();
-    let hashes = fields[1].as_array().unwrap().iter().map(|h| h.as_slice().expect("hashes are bytes").to_vec());
-    let medium = match tag.as_str() {
+    let fields: std::collections::HashMap<&str, &Value> = v
+        .as_map()
+        .expect("an event is a tagged map")
+        .iter()
+        .map(|(k, v)| (k.as_str().expect("field names are strings"), v))
+        .collect();
+    let tag = fields["type"].as_str().unwrap().to_string();
+    let hashes =
+        fields["block_hashes"].as_array().unwrap().iter().map(|h| h.as_slice().expect("hashes are bytes").to_vec());
+    match tag.as_str() {
         "BlockStored" => {
             assert_eq!(fields.len(), 8, "{v}");
-            assert!(fields[2].is_nil(), "no parent hash: {v}");
-            assert_eq!(fields[3].as_array().map(Vec::len), Some(0), "no token ids: {v}");
-            assert_eq!(fields[4].as_u64(), Some(16), "block_size in tokens: {v}");
-            assert!(fields[5].is_nil() && fields[7].is_nil(), "no LoRA: {v}");
-            &fields[6]
+            assert!(fields["parent_block_hash"].is_nil(), "no parent hash: {v}");
+            assert_eq!(fields["token_ids"].as_array().map(Vec::len), Some(0), "no token ids: {v}");
+            assert_eq!(fields["block_size"].as_u64(), Some(16), "block_size in tokens: {v}");
+            assert!(fields["lora_id"].is_nil() && fields["lora_name"].is_nil(), "no LoRA: {v}");
         }
-        "BlockRemoved" => {
-            assert_eq!(fields.len(), 3, "{v}");
-            &fields[2]
-        }
+        "BlockRemoved" => assert_eq!(fields.len(), 3, "{v}"),
         other => panic!("unexpected event {other}"),
-    };
-    (tag, hashes.collect(), medium.as_str().unwrap().to_string())
+    }
+    (tag, hashes.collect(), fields["medium"].as_str().unwrap().to_string())
 }
 
 #[test]
@@ -122,7 +124,7 @@ fn subscribers_decode_stored_moved_and_removed_blocks_with_their_medium() {
     let mut expected = vec![
         ev("BlockStored", &[0, 1], "CPU"),
         ev("BlockRemoved", &[0], "CPU"),
-        ev("BlockStored", &[0], "DISK"),
+        ev("BlockStored", &[0], "STORAGE"),
         ev("BlockStored", &[2], "CPU"),
     ];
     assert_eq!(events[..4], expected[..], "{events:?}");
@@ -132,7 +134,7 @@ fn subscribers_decode_stored_moved_and_removed_blocks_with_their_medium() {
     let mut cleared: Vec<_> = events[4..].to_vec();
     cleared.iter_mut().for_each(|(_, hashes, _)| hashes.sort());
     cleared.sort();
-    expected = vec![ev("BlockRemoved", &[0], "DISK"), ev("BlockRemoved", &[1, 2], "CPU")];
+    expected = vec![ev("BlockRemoved", &[0], "STORAGE"), ev("BlockRemoved", &[1, 2], "CPU")];
     expected.sort();
     assert_eq!(cleared, expected);
 

@@ -1,19 +1,21 @@
 //! A tier store's events published over ZMQ in the shape vLLM publishes its KV cache events
 //! (`vllm/distributed/kv_events.py`), so that a prefix-cache-aware router (llm-d's KV cache
 //! indexer, Dynamo's) that already follows vLLM learns where kvferry keeps blocks: in DRAM
-//! (`"CPU"`) or on disk (`"DISK"`), next to vLLM's own `"GPU"` events.
+//! (`"CPU"`) or on disk (`"STORAGE"`), next to vLLM's own `"GPU"` events.
 //!
 //! ```text
 //! PUB multipart   [topic, seq: u64 big-endian, msgpack(batch)]
-//! batch           [ts: f64, [event, ...], data_parallel_rank]      (rank left out when unset)
-//! BlockStored     ["BlockStored", [hash, ...], parent_hash: nil, token_ids: [], block_size,
-//!                  lora_id: nil, medium, lora_name: nil]
-//! BlockRemoved    ["BlockRemoved", [hash, ...], medium]
+//! batch           [ts: f64, [event, ...], data_parallel_rank: int | nil]
+//! BlockStored     {"type": "BlockStored", "block_hashes": [hash, ...], "parent_block_hash": nil,
+//!                  "token_ids": [], "block_size": n, "lora_id": nil, "medium": m, "lora_name": nil}
+//! BlockRemoved    {"type": "BlockRemoved", "block_hashes": [hash, ...], "medium": m}
 //! ```
-//! msgspec's tagged, array-like structs; a hash is the engine's block hash bytes the store was
-//! given (`BlockKey::from_engine_hash`), which is how vLLM sends `ExternalBlockHash` bytes. A
-//! move (`TierEvent::Moved`) becomes `BlockRemoved(from)` and `BlockStored(to)` in one batch.
-//! The store knows neither a block's parent nor its tokens, so those are left empty.
+//! As msgspec encodes vLLM's structs (an array-like batch of tagged events); the tests pin the
+//! bytes vLLM's own classes produce. A hash is the engine's block hash bytes the store was given
+//! (`BlockKey::from_engine_hash`), as vLLM sends `ExternalBlockHash` bytes; the medium is vLLM's
+//! spelling: `"CPU"`, and `"STORAGE"` for the disk tier. A move (`TierEvent::Moved`) becomes
+//! `BlockRemoved(from)` and `BlockStored(to)` in one batch. The store knows neither a block's parent
+//! nor its tokens, so those are left empty.
 //!
 //! Like vLLM's publisher, an optional ROUTER socket answers replay requests
 //! (`[identity, "", start seq: u64 big-endian]`) with every buffered batch from that sequence
@@ -216,10 +218,10 @@ fn now() -> f64 {
 
 /// One batch as msgpack; writing into a `Vec` cannot fail.
 fn encode_batch(events: &[TierEvent], block_tokens: u32, rank: Option<i64>, ts: f64) -> Vec<u8> {
-    use rmp::encode::{write_array_len, write_f64, write_sint};
+    use rmp::encode::{write_array_len, write_f64, write_nil, write_sint};
     let mut out = Vec::new();
     let count: usize = events.iter().map(|e| if matches!(e, TierEvent::Moved { .. }) { 2 } else { 1 }).sum();
-    write_array_len(&mut out, 2 + rank.is_some() as u32).unwrap();
+    write_array_len(&mut out, 3).unwrap();
     write_f64(&mut out, ts).unwrap();
     write_array_len(&mut out, count as u32).unwrap();
     for event in events {
@@ -232,13 +234,31 @@ fn encode_batch(events: &[TierEvent], block_tokens: u32, rank: Option<i64>, ts: 
             }
         }
     }
-    if let Some(rank) = rank {
-        write_sint(&mut out, rank).unwrap();
+    match rank {
+        Some(rank) => write_sint(&mut out, rank).map(drop).unwrap(),
+        None => write_nil(&mut out).unwrap(),
     }
     out
 }
 
-fn hashes(out: &mut Vec<u8>, keys: &[BlockKey]) {
+/// vLLM's name for a medium (`MEDIUM_*` in `vllm/distributed/kv_events.py`).
+pub fn vllm_medium(medium: Medium) -> &'static str {
+    match medium {
+        Medium::Disk => "STORAGE",
+        other => other.as_str(),
+    }
+}
+
+fn field(out: &mut Vec<u8>, name: &str) {
+    rmp::encode::write_str(out, name).unwrap();
+}
+
+/// The tag and the block hashes every event starts with.
+fn head(out: &mut Vec<u8>, tag: &str, fields: u32, keys: &[BlockKey]) {
+    rmp::encode::write_map_len(out, fields).unwrap();
+    field(out, "type");
+    field(out, tag);
+    field(out, "block_hashes");
     rmp::encode::write_array_len(out, keys.len() as u32).unwrap();
     for key in keys {
         rmp::encode::write_bin(out, key.as_bytes()).unwrap();
@@ -246,22 +266,42 @@ fn hashes(out: &mut Vec<u8>, keys: &[BlockKey]) {
 }
 
 fn stored(out: &mut Vec<u8>, keys: &[BlockKey], medium: Medium, block_tokens: u32) {
-    use rmp::encode::{write_array_len, write_nil, write_str, write_uint};
-    write_array_len(out, 8).unwrap();
-    write_str(out, "BlockStored").unwrap();
-    hashes(out, keys);
-    write_nil(out).unwrap(); // parent_block_hash
-    write_array_len(out, 0).unwrap(); // token_ids
+    use rmp::encode::{write_array_len, write_nil, write_uint};
+    head(out, "BlockStored", 8, keys);
+    field(out, "parent_block_hash");
+    write_nil(out).unwrap();
+    field(out, "token_ids");
+    write_array_len(out, 0).unwrap();
+    field(out, "block_size");
     write_uint(out, block_tokens.into()).unwrap();
-    write_nil(out).unwrap(); // lora_id
-    write_str(out, medium.as_str()).unwrap();
-    write_nil(out).unwrap(); // lora_name
+    field(out, "lora_id");
+    write_nil(out).unwrap();
+    field(out, "medium");
+    field(out, vllm_medium(medium));
+    field(out, "lora_name");
+    write_nil(out).unwrap();
 }
 
 fn removed(out: &mut Vec<u8>, keys: &[BlockKey], medium: Medium) {
-    use rmp::encode::{write_array_len, write_str};
-    write_array_len(out, 3).unwrap();
-    write_str(out, "BlockRemoved").unwrap();
-    hashes(out, keys);
-    write_str(out, medium.as_str()).unwrap();
+    head(out, "BlockRemoved", 3, keys);
+    field(out, "medium");
+    field(out, vllm_medium(medium));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `msgspec.msgpack.encode(KVEventBatch(ts=1.5, events=[BlockRemoved([h], medium="CPU"),
+    /// BlockStored([h], None, [], 16, None, "STORAGE", None)]))` with vLLM's own classes, where
+    /// `h = bytes(range(32))`.
+    const VLLM_BYTES: &str = "93cb3ff80000000000009283a474797065ac426c6f636b52656d6f766564ac626c6f636b5f68617368657391c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1fa66d656469756da343505588a474797065ab426c6f636b53746f726564ac626c6f636b5f68617368657391c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1fb1706172656e745f626c6f636b5f68617368c0a9746f6b656e5f69647390aa626c6f636b5f73697a6510a76c6f72615f6964c0a66d656469756da753544f52414745a96c6f72615f6e616d65c0c0";
+
+    #[test]
+    fn a_move_encodes_as_the_bytes_vllm_sends() {
+        let key = BlockKey::from_engine_hash(&(0..32).collect::<Vec<u8>>()).unwrap();
+        let moved = TierEvent::Moved { keys: vec![key], from: Medium::Cpu, to: Medium::Disk };
+        let hex: String = encode_batch(&[moved], 16, None, 1.5).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, VLLM_BYTES);
+    }
 }
