@@ -57,7 +57,6 @@ class ConnectorScheduler:
         self._index: dict[bytes, dict[int, str]] = {}
         self._hashes: dict[bytes, Any] = {}
         self._events: list[Any] = []
-        self.stats = {"remote_tokens": 0, "tier_tokens": 0, "stored_blocks": 0}
 
     # Lookups.
 
@@ -124,7 +123,6 @@ class ConnectorScheduler:
                 local_ids = [list(g[first:last]) for g in blocks.get_block_ids()]
                 remote_ids = [list(g[first:last]) for g in remote_all]
                 self._loading.add(rid)
-                self.stats["remote_tokens"] += num_external
             # With nothing to read the load still tells the prefill engine to release the blocks.
             self._step.remote_loads.append(
                 RemoteLoad(
@@ -145,7 +143,6 @@ class ConnectorScheduler:
             keys = self._request_keys(request)[first : first + count]
             self._step.tier_loads.append(TierLoad(rid, list(ids), keys))
             self._loading.add(rid)
-            self.stats["tier_tokens"] += num_external
 
     # Each step.
 
@@ -194,7 +191,6 @@ class ConnectorScheduler:
         if not chosen:
             return None
         self._storing.add(rid)
-        self.stats["stored_blocks"] += len(chosen)
         return TierStore(rid, ids, chosen)
 
     def finished(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:

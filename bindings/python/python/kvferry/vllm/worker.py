@@ -323,6 +323,9 @@ class ConnectorWorker:
             logger.exception("kvferry: pulling %s", load.req_id)
             pull.error = f"{type(e).__name__}: {e}"
         finally:
+            if pull.error is not None:
+                # The engine may have restarted elsewhere under the same id: ask again next time.
+                self._forget(load.remote_engine_id)
             pull.done = True
 
     def _read(self, pull: _Pull) -> None:
@@ -385,6 +388,18 @@ class ConnectorWorker:
         with self._lock:
             self._remote[engine] = ranks
         return ranks
+
+    def _forget(self, engine: str) -> None:
+        assert self.agent is not None
+        with self._lock:
+            self._remote.pop(engine, None)
+            gone = [key for key in self._peers if key[0] == engine]
+            names = [self._peers.pop(key) for key in gone]
+        for name in names:
+            try:
+                self.agent.remove_peer(name)
+            except kvferry.KvferryError:
+                pass
 
     def _peer(self, engine: str, rank: int, info: RankInfo) -> str:
         assert self.agent is not None
