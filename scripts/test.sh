@@ -134,6 +134,7 @@ vllm_tests() {
         test_offload_round_trip_through_disk \
         test_decode_through_proxy_equals_one_engine \
         test_lease_ends_and_frees_unread_prefill_blocks \
+        test_a_decode_request_aborted_mid_pull_frees_its_blocks_at_once \
         test_prefill_killed_before_decode_reads
 }
 vllm_tests

@@ -1,7 +1,11 @@
 """P/D disaggregation on real vLLM: a prefill server, decode servers and the example proxy, each in
 its own process; then the prefill server is killed under a decode request."""
 
+import http.client
+import json
+import os
 import signal
+import socket
 import time
 
 import pytest
@@ -28,7 +32,10 @@ def cluster(tmp_path_factory, model_dir):
     logs = tmp_path_factory.mktemp("pd-logs")
     prefill = vllm_server("prefill", model_dir, logs, connector("kv_producer"))
     recompute = vllm_server("decode-recompute", model_dir, logs, {**connector("kv_consumer"), "kv_load_failure_policy": "recompute"})
-    fail = vllm_server("decode-fail", model_dir, logs, {**connector("kv_consumer"), "kv_load_failure_policy": "fail"})
+    # Over TCP, so that a frozen prefill engine leaves its pulls waiting (shared memory would read it).
+    fail = vllm_server(
+        "decode-fail", model_dir, logs, {**connector("kv_consumer", shm=False), "kv_load_failure_policy": "fail"}
+    )
     servers = [prefill, recompute, fail]
     try:
         deadline = time.monotonic() + 600
@@ -92,6 +99,35 @@ def test_lease_ends_and_frees_unread_prefill_blocks(cluster):
     assert usage(prefill) > 0.0
     assert wait_for(lambda: usage(prefill) == 0.0, LEASE + 10)
     assert time.monotonic() - held_since >= LEASE - 1
+
+
+def test_a_decode_request_aborted_mid_pull_frees_its_blocks_at_once(cluster):
+    prefill, decode = cluster["prefill"], cluster["fail"]
+    prompt, warm = FAILURE_PROMPTS[0][:60], FAILURE_PROMPTS[1][:60]
+    # One pull first, so the decode engine has the prefill engine's side channel and link.
+    status, body = complete(prefill.url, warm, 1, kv_transfer_params={"do_remote_decode": True})
+    tokens(complete(decode.url, warm, 2, kv_transfer_params=body["kv_transfer_params"]))
+    status, body = complete(prefill.url, prompt, 1, kv_transfer_params={"do_remote_decode": True})
+    assert status == 200, body
+    os.killpg(prefill.proc.pid, signal.SIGSTOP)
+    try:
+        # A streaming request whose client goes away: vLLM aborts it while its pull waits on the
+        # frozen prefill engine.
+        request = {"model": "m", "prompt": prompt, "max_tokens": 4, "stream": True,
+                   "kv_transfer_params": body["kv_transfer_params"]}  # fmt: skip
+        conn = http.client.HTTPConnection("127.0.0.1", decode.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(request), {"Content-Type": "application/json"})
+        assert wait_for(lambda: usage(decode) > 0.0, 10), "the pull never took blocks"
+        time.sleep(1.0)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        aborted = time.monotonic()
+        # The blocks come back once the cancelled transfer has ended, long before its 20 s deadline.
+        assert wait_for(lambda: usage(decode) == 0.0, 10)
+        assert time.monotonic() - aborted < 10
+    finally:
+        os.killpg(prefill.proc.pid, signal.SIGCONT)
+    assert tokens(complete(decode.url, warm, 2))
 
 
 def test_prefill_killed_before_decode_reads(cluster):

@@ -316,7 +316,7 @@ class ConnectorWorker:
         try:
             self._read(pull)
         except _Cancelled:
-            pass
+            logger.info("kvferry: %s ended while its blocks were being pulled; pull cancelled", load.req_id)
         except (kvferry.KvferryError, HandshakeError, LayoutError, TimeoutError, OSError) as e:
             pull.error = f"{type(e).__name__}: {e}"
         except Exception as e:  # a bug must not leave the request waiting forever
