@@ -8,6 +8,7 @@ prefix cache is reset, so any cached tokens in later rounds came through the con
 import json
 import sys
 import threading
+import time
 
 
 def collect_events(port: int, events: list, stop: threading.Event, ready: threading.Event) -> None:
@@ -91,8 +92,6 @@ def main() -> None:
             cached_by_source[metric.labels["source"]] = cached_by_source.get(metric.labels["source"], 0) + metric.value
     if subscriber is not None:
         # Events of the last step travel after its outputs.
-        import time
-
         time.sleep(1.0)
         stop.set()
         subscriber.join()

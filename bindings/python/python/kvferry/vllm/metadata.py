@@ -35,7 +35,7 @@ class TierLoad:
 
 
 @dataclass
-class TierStore:
+class TierSave:
     """Copy computed blocks into the tiers once this step's forward pass wrote them."""
 
     req_id: str
@@ -47,7 +47,7 @@ class TierStore:
 class StepMetadata(KVConnectorMetadata):
     remote_loads: list[RemoteLoad] = field(default_factory=list)
     tier_loads: list[TierLoad] = field(default_factory=list)
-    stores: list[TierStore] = field(default_factory=list)
+    stores: list[TierSave] = field(default_factory=list)
     # Finished requests whose blocks this connector holds: request id -> the wall-clock time the
     # prefill lease ends (None: no remote reader, only stores in flight).
     held: dict[str, float | None] = field(default_factory=dict)

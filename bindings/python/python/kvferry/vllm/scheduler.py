@@ -8,17 +8,24 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import kvferry
+from vllm.distributed import kv_events as ev
 from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+from vllm.v1.request import RequestStatus
+
+import kvferry
 from kvferry.vllm.config import ConnectorConfig
 from kvferry.vllm.handshake import HandshakeServer, RankInfo
-from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, TierStore, WorkerReport
+from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, TierSave, WorkerReport
 
 logger = init_logger(f"vllm.{__name__}")
 
 _REMOTE_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
 # Where a block lives across ranks: the medium farthest from the engine any rank keeps it in.
 _MEDIUM_ORDER = {"CPU": 0, "DISK": 1}
+# The store's media as vLLM's KV events name them.
+_VLLM_MEDIUM = {"CPU": ev.MEDIUM_CPU, "DISK": getattr(ev, "MEDIUM_STORAGE", "DISK")}
 
 
 @dataclass
@@ -85,8 +92,6 @@ class ConnectorScheduler:
         return 0, False
 
     def hit_sources(self, request: Any, num_external: int) -> dict[Any, int]:
-        from vllm.v1.metrics.cache_hit_source import CacheHitSource
-
         match = self._matches.get(request.request_id)
         if num_external == 0 or match is None:
             return {}
@@ -161,7 +166,7 @@ class ConnectorScheduler:
                     meta.stores.append(spec)
         return meta
 
-    def _stores_for(self, rid: str, tokens_after_step: int) -> TierStore | None:
+    def _stores_for(self, rid: str, tokens_after_step: int) -> TierSave | None:
         request = self._requests.get(rid)
         if request is None or self.kv_cache_manager is None:
             return None
@@ -171,8 +176,6 @@ class ConnectorScheduler:
         if upto <= start:
             return None
         self._stored_upto[rid] = upto
-        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
-
         block_ids = self.kv_cache_manager.get_block_ids(rid)[0]
         ids, chosen = [], []
         hashes = request.block_hashes
@@ -191,11 +194,9 @@ class ConnectorScheduler:
         if not chosen:
             return None
         self._storing.add(rid)
-        return TierStore(rid, ids, chosen)
+        return TierSave(rid, ids, chosen)
 
     def finished(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
-        from vllm.v1.request import RequestStatus
-
         rid = request.request_id
         self._requests.pop(rid, None)
         self._keys.pop(rid, None)
@@ -246,14 +247,12 @@ class ConnectorScheduler:
         return events
 
     def reset(self) -> bool:
-        from vllm.distributed.kv_events import AllBlocksCleared
-
         if not self.offload:
             return False
         self._step.clear_tiers = True
         self._index.clear()
         self._hashes.clear()
-        self._events.append(AllBlocksCleared())
+        self._events.append(ev.AllBlocksCleared())
         return True
 
     def serve_handshake(self, ranks: dict[int, Any]) -> None:
@@ -272,11 +271,10 @@ class ConnectorScheduler:
     # Index of the tiers.
 
     def _request_keys(self, request: Any) -> list[bytes]:
-        keys = self._keys.get(request.request_id)
+        """The request's store keys; only blocks hashed since the last call are converted."""
+        keys = self._keys.setdefault(request.request_id, [])
         hashes = request.block_hashes
-        if keys is None or len(keys) < len(hashes):
-            keys = [kvferry.engine_key(h) for h in hashes]
-            self._keys[request.request_id] = keys
+        keys.extend(kvferry.engine_key(h) for h in hashes[len(keys) :])
         return keys
 
     def _medium(self, key: bytes) -> str | None:
@@ -286,9 +284,6 @@ class ConnectorScheduler:
         return max(ranks.values(), key=_MEDIUM_ORDER.__getitem__)
 
     def _apply(self, events: list[tuple[int, str, list[bytes], str, str | None]]) -> None:
-        from vllm.distributed import kv_events as ev
-
-        names = {"CPU": ev.MEDIUM_CPU, "DISK": getattr(ev, "MEDIUM_STORAGE", "DISK")}
         for rank, kind, keys, medium, _from in events:
             for key in keys:
                 before = self._medium(key)
@@ -309,7 +304,7 @@ class ConnectorScheduler:
                 if info is None:
                     continue
                 if before is not None:
-                    self._events.append(ev.BlockRemoved(block_hashes=[info.engine_hash], medium=names[before]))
+                    self._events.append(ev.BlockRemoved(block_hashes=[info.engine_hash], medium=_VLLM_MEDIUM[before]))
                 if after is None:
                     self._hashes.pop(key, None)
                 else:
@@ -320,7 +315,7 @@ class ConnectorScheduler:
                             token_ids=info.token_ids,
                             block_size=self.block_tokens,
                             lora_id=None,
-                            medium=names[after],
+                            medium=_VLLM_MEDIUM[after],
                             lora_name=None,
                         )
                     )

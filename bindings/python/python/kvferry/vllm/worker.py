@@ -40,23 +40,27 @@ def parse_done(data: bytes) -> tuple[int, str] | None:
     return int(readers), request_id
 
 
-def _host_cpus() -> set[int]:
-    """The CPUs this engine's processes may run on, before vLLM pinned the worker's threads."""
-    try:
-        return os.sched_getaffinity(os.getppid())
-    except OSError:
-        return set(range(os.cpu_count() or 1))
-
-
-@contextlib.contextmanager
-def _unpinned():
-    """Threads started inside inherit every host CPU instead of the caller's pinning.
+def _unpin() -> set[int]:
+    """Let the calling thread, and the threads it starts, run on every CPU of the host; returns
+    the CPUs it was pinned to.
 
     vLLM's CPU backend pins the worker's thread (and so every thread it starts) to the cores its
     OpenMP threads spin on; transfer and copy threads pinned there starve while the engine steps.
     """
     pinned = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, _host_cpus() | pinned)
+    try:
+        # The engine core process, the worker's parent, keeps the CPUs vLLM was started with.
+        host = os.sched_getaffinity(os.getppid())
+    except OSError:
+        host = set(range(os.cpu_count() or 1))
+    os.sched_setaffinity(0, host | pinned)
+    return pinned
+
+
+@contextlib.contextmanager
+def _unpinned():
+    """Threads started inside run on every host CPU; the caller keeps its own pinning."""
+    pinned = _unpin()
     try:
         yield
     finally:
@@ -85,11 +89,12 @@ class ConnectorWorker:
         self.store: kvferry.TierStore | None = None
         self.layouts: list[KvLayout] = []
         self.device = "cpu"
+        # Guards the remote engines' handshakes and peers, which the pull threads fill.
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
             max_workers=2,
             thread_name_prefix="kvferry-pull",
-            initializer=lambda: os.sched_setaffinity(0, _host_cpus() | os.sched_getaffinity(0)),
+            initializer=_unpin,
         )
         self._remote: dict[str, dict[int, RankInfo]] = {}
         self._peers: dict[tuple[str, int], str] = {}
@@ -101,7 +106,6 @@ class ConnectorWorker:
         self._tier_loads: dict[str, tuple[TierLoad, Any]] = {}
         self._stores: dict[str, list[Any]] = defaultdict(list)
         self._error_blocks: set[int] = set()
-        self._failed: set[str] = set()
 
     # Set up.
 
@@ -186,12 +190,11 @@ class ConnectorWorker:
     def start(self, meta: StepMetadata) -> None:
         if meta.clear_tiers and self.store is not None:
             self.store.clear()
-        with self._lock:
-            self._held.update(meta.held)
-            for req in meta.cancelled_loads:
-                pull = self._pulls.get(req)
-                if pull is not None:
-                    pull.cancelled.set()
+        self._held.update(meta.held)
+        for req in meta.cancelled_loads:
+            pull = self._pulls.get(req)
+            if pull is not None:
+                pull.cancelled.set()
         for load in meta.remote_loads:
             pull = _Pull(load)
             self._pulls[load.req_id] = pull
@@ -224,18 +227,17 @@ class ConnectorWorker:
             if not self._stores[req]:
                 del self._stores[req]
         sending = set()
-        with self._lock:
-            for req, expiry in list(self._held.items()):
-                if req in self._stores:
+        for req, expiry in list(self._held.items()):
+            if req in self._stores:
+                continue
+            readers = self._done_readers.get(req, [])
+            if expiry is not None and not (readers and len(readers) >= readers[0]):
+                if now < expiry:
                     continue
-                readers = self._done_readers.get(req, [])
-                if expiry is not None and not (readers and len(readers) >= readers[0]):
-                    if now < expiry:
-                        continue
-                    logger.warning("kvferry: lease of %s ended before its decode side read it", req)
-                sending.add(req)
-                del self._held[req]
-                self._done_readers.pop(req, None)
+                logger.warning("kvferry: lease of %s ended before its decode side read it", req)
+            sending.add(req)
+            del self._held[req]
+            self._done_readers.pop(req, None)
         recving, failed = set(), set()
         for req, pull in list(self._pulls.items()):
             if pull.done:
@@ -307,8 +309,7 @@ class ConnectorWorker:
         try:
             op = self.store.get(blocks, device=self.device)
         except kvferry.KvferryError as e:
-            self._fail(load.req_id, [load.block_ids], str(e), set())
-            op = _Failed()
+            op = _Failed(e)
         self._tier_loads[load.req_id] = (load, op)
 
     def _pull(self, pull: _Pull) -> None:
@@ -416,7 +417,10 @@ class _Cancelled(Exception):
 
 
 class _Failed:
-    """A tier load that failed before it started: reported at the next poll."""
+    """A tier load that failed before it started: its error comes at the next poll, as any."""
+
+    def __init__(self, error: kvferry.KvferryError):
+        self.error = error
 
     def poll(self) -> bool:
-        return True
+        raise self.error
