@@ -138,6 +138,7 @@ vllm_tests() {
         test_prefill_killed_before_decode_reads
 }
 vllm_tests
+
 # The etcd tests skip, saying why, where etcd is missing, and a skipped test still reports ok:
 # etcd was installed above, so make sure the binary they start is really there.
 etcd_binary="${KVFERRY_ETCD:-/usr/bin/etcd}"
