@@ -212,6 +212,13 @@ typedef struct kvferry_transfer {
 
 #define KVFERRY_ERR_PROTOCOL 504
 
+// The peer did not prove the cluster secret, or refused this agent's proof.
+#define KVFERRY_ERR_UNAUTHENTICATED 505
+
+// The peer refused the request for one of its limits (a full notification queue, too many
+// connections); it may succeed later.
+#define KVFERRY_ERR_PEER_BUSY 506
+
 #define KVFERRY_ERR_REMOTE_UNKNOWN_KEY 510
 
 #define KVFERRY_ERR_REMOTE_OUT_OF_RANGE 511
@@ -338,7 +345,10 @@ const char *kvferry_status_name(kvferry_status status);
 // `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0), `tcp.advertise_host=HOST` (needed
 // with a wildcard listen address), `tcp.streams=N` (default 2), `tcp.connect_timeout_ms=MS`,
 // `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`, `shm=on|off` (shared memory with peers on
-// this host, default on). An unknown key is an error; so is turning every transport off.
+// this host, default on), `secret=S` (the cluster secret peers prove, at least 16 bytes; default:
+// the `KVFERRY_SECRET` or `KVFERRY_SECRET_FILE` environment variable, else a random secret of this
+// process), `auth=none` (no authentication, for closed networks only). An unknown key is an error;
+// so is turning every transport off.
 //
 // Ownership: `name` and `options` are borrowed for the call. On success `*out` is a new agent
 // the caller owns and must release with `kvferry_agent_destroy`; on failure `*out` is untouched.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kvferry_core::transport::tcp::TcpConfig;
-use kvferry_core::{Agent, AgentConfig, Notification};
+use kvferry_core::{Agent, AgentConfig, AuthConfig, Notification};
 
 use crate::args::{KeyValue, Out, OutBuf, deadline_ms, options_arg, str_arg};
 use crate::handles::{self, Kind, handle};
@@ -36,18 +36,25 @@ handle!(kvferry_agent, AgentState, Kind::Agent);
 
 /// The options `kvferry_agent_create` understands, for the error that lists them.
 const OPTIONS: &str = "tcp, tcp.listen, tcp.advertise_host, tcp.streams, tcp.connect_timeout_ms, \
-                       tcp.request_timeout_ms, tcp.min_frame_bytes, shm";
+                       tcp.request_timeout_ms, tcp.min_frame_bytes, shm, secret, auth";
 
 fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
     let mut tcp = TcpConfig::default();
     let mut tcp_enabled = true;
     let mut shm_enabled = true;
+    let mut auth = AuthConfig::default();
     for option in options {
         // Sockets refuse a zero timeout, so zero would fail every connection later.
         let millis = || option.positive("a positive number of milliseconds");
         match option.key {
             "tcp" => tcp_enabled = option.switch()?,
             "shm" => shm_enabled = option.switch()?,
+            "secret" => auth = AuthConfig::Secret(option.value.as_bytes().to_vec()),
+            "auth" => match option.value {
+                "none" => auth = AuthConfig::Disabled,
+                "env" => auth = AuthConfig::FromEnv,
+                _ => return Err(option.bad("`none` or `env`")),
+            },
             "tcp.listen" => {
                 tcp.listen = option.value.parse::<SocketAddr>().map_err(|_| option.bad("an ip:port address"))?
             }
@@ -65,7 +72,7 @@ fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
         }
     }
     let defaults = AgentConfig::new(name);
-    Ok(AgentConfig { tcp: tcp_enabled.then_some(tcp), shm: defaults.shm.filter(|_| shm_enabled), ..defaults })
+    Ok(AgentConfig { tcp: tcp_enabled.then_some(tcp), shm: defaults.shm.filter(|_| shm_enabled), auth, ..defaults })
 }
 
 /// Create an agent named `name` (unique among the agents that talk to each other).
@@ -74,7 +81,10 @@ fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
 /// `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0), `tcp.advertise_host=HOST` (needed
 /// with a wildcard listen address), `tcp.streams=N` (default 2), `tcp.connect_timeout_ms=MS`,
 /// `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`, `shm=on|off` (shared memory with peers on
-/// this host, default on). An unknown key is an error; so is turning every transport off.
+/// this host, default on), `secret=S` (the cluster secret peers prove, at least 16 bytes; default:
+/// the `KVFERRY_SECRET` or `KVFERRY_SECRET_FILE` environment variable, else a random secret of this
+/// process), `auth=none` (no authentication, for closed networks only). An unknown key is an error;
+/// so is turning every transport off.
 ///
 /// Ownership: `name` and `options` are borrowed for the call. On success `*out` is a new agent
 /// the caller owns and must release with `kvferry_agent_destroy`; on failure `*out` is untouched.

@@ -66,6 +66,11 @@ pub const KVFERRY_ERR_CANCELLED: kvferry_status = 501;
 pub const KVFERRY_ERR_PEER_UNREACHABLE: kvferry_status = 502;
 pub const KVFERRY_ERR_PEER_DISCONNECTED: kvferry_status = 503;
 pub const KVFERRY_ERR_PROTOCOL: kvferry_status = 504;
+/// The peer did not prove the cluster secret, or refused this agent's proof.
+pub const KVFERRY_ERR_UNAUTHENTICATED: kvferry_status = 505;
+/// The peer refused the request for one of its limits (a full notification queue, too many
+/// connections); it may succeed later.
+pub const KVFERRY_ERR_PEER_BUSY: kvferry_status = 506;
 pub const KVFERRY_ERR_REMOTE_UNKNOWN_KEY: kvferry_status = 510;
 pub const KVFERRY_ERR_REMOTE_OUT_OF_RANGE: kvferry_status = 511;
 pub const KVFERRY_ERR_REMOTE_ZERO_LENGTH: kvferry_status = 512;
@@ -146,6 +151,8 @@ const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
     (KVFERRY_ERR_PEER_UNREACHABLE, "KVFERRY_ERR_PEER_UNREACHABLE\0", Some(ErrorCode::PeerUnreachable)),
     (KVFERRY_ERR_PEER_DISCONNECTED, "KVFERRY_ERR_PEER_DISCONNECTED\0", Some(ErrorCode::PeerDisconnected)),
     (KVFERRY_ERR_PROTOCOL, "KVFERRY_ERR_PROTOCOL\0", Some(ErrorCode::Protocol)),
+    (KVFERRY_ERR_UNAUTHENTICATED, "KVFERRY_ERR_UNAUTHENTICATED\0", Some(ErrorCode::Unauthenticated)),
+    (KVFERRY_ERR_PEER_BUSY, "KVFERRY_ERR_PEER_BUSY\0", Some(ErrorCode::PeerBusy)),
     (KVFERRY_ERR_REMOTE_UNKNOWN_KEY, "KVFERRY_ERR_REMOTE_UNKNOWN_KEY\0", Some(ErrorCode::RemoteUnknownKey)),
     (KVFERRY_ERR_REMOTE_OUT_OF_RANGE, "KVFERRY_ERR_REMOTE_OUT_OF_RANGE\0", Some(ErrorCode::RemoteOutOfRange)),
     (KVFERRY_ERR_REMOTE_ZERO_LENGTH, "KVFERRY_ERR_REMOTE_ZERO_LENGTH\0", Some(ErrorCode::RemoteZeroLength)),

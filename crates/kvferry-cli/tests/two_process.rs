@@ -9,10 +9,27 @@ use std::time::{Duration, Instant};
 
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry::metadata::AgentMetadata;
-use kvferry::{Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion, PreparedDescs, TransportKind};
+use kvferry::{Agent, AgentConfig, AuthConfig, Deadline, ErrorCode, MemKind, MemRegion, PreparedDescs, TransportKind};
 use kvferry_cli::pattern;
 
 const KVFERRY: &str = env!("CARGO_BIN_EXE_kvferry");
+/// The cluster secret every process of these tests shares.
+const SECRET: &str = "the two-process tests' cluster secret";
+
+/// The `kvferry` binary, given the tests' secret.
+fn kvferry() -> Command {
+    let mut command = Command::new(KVFERRY);
+    command.env(kvferry::auth::SECRET_ENV, SECRET);
+    command
+}
+
+fn test_config(name: impl Into<String>) -> AgentConfig {
+    AgentConfig { auth: AuthConfig::Secret(SECRET.into()), ..AgentConfig::new(name) }
+}
+
+fn test_auth() -> kvferry::Auth {
+    kvferry::Auth::resolve(&AuthConfig::Secret(SECRET.into())).unwrap()
+}
 
 /// A `kvferry serve` child, killed when dropped.
 struct Served {
@@ -29,7 +46,7 @@ impl Served {
 
     /// `extra` adds `kvferry serve` flags (`--transport fabric --provider shm`).
     fn start_with(buffer_size: &str, fill_seed: u64, extra: &[&str]) -> Served {
-        let mut child = Command::new(KVFERRY)
+        let mut child = kvferry()
             .args(["serve", "--buffer-size", buffer_size, "--fill-seed", &fill_seed.to_string()])
             .args(extra)
             .stdout(Stdio::piped())
@@ -65,7 +82,7 @@ impl Drop for Served {
 
 /// A TCP-only agent: the tests of the TCP transport must not be served by shm on this host.
 fn initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
-    initiator_with(AgentConfig { shm: None, ..AgentConfig::new(name) }, len)
+    initiator_with(AgentConfig { shm: None, ..test_config(name) }, len)
 }
 
 fn initiator_with(config: AgentConfig, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
@@ -175,8 +192,10 @@ fn rejects_forged_descriptors(served: &Served, agent: &Agent, buf: &HostBuffer) 
     let local = agent.prepare_local(&[MemRegion::host(buf.as_ptr(), 4096)]).unwrap();
     let honest = agent.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
 
-    let mut md =
-        AgentMetadata::decode(&kvferry::side_channel::exchange(&served.side_channel, None, soon()).unwrap()).unwrap();
+    let mut md = AgentMetadata::decode(
+        &kvferry::side_channel::exchange(&test_auth(), &served.side_channel, None, soon()).unwrap(),
+    )
+    .unwrap();
     md.name = "forged".into();
     md.regions[0].region.len *= 4; // claims memory beyond the registration
     agent.add_peer(&md.encode()).unwrap();
@@ -200,7 +219,7 @@ fn rejects_forged_descriptors(served: &Served, agent: &Agent, buf: &HostBuffer) 
 }
 
 fn bench_json(args: &[&str]) -> Vec<serde_json::Value> {
-    let out = Command::new(KVFERRY).arg("bench").args(args).args(["--json", "--min-time", "0.01"]).output().unwrap();
+    let out = kvferry().arg("bench").args(args).args(["--json", "--min-time", "0.01"]).output().unwrap();
     assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().unwrap().clone()
 }
@@ -249,7 +268,7 @@ fn bench_rejects_bad_flags_with_a_clear_message() {
         (&["--transport", "carrier-pigeon"][..], "not available in this build"),
         (&["--role", "initiator"][..], "--peer"),
     ] {
-        let out = Command::new(KVFERRY).arg("bench").args(args).output().unwrap();
+        let out = kvferry().arg("bench").args(args).output().unwrap();
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
@@ -258,7 +277,7 @@ fn bench_rejects_bad_flags_with_a_clear_message() {
 
 /// `kvferry info --json`.
 fn info_json() -> serde_json::Value {
-    let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
+    let out = kvferry().args(["info", "--json"]).output().unwrap();
     assert!(out.status.success());
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -294,7 +313,7 @@ fn bench_tier_measures_both_tiers_and_checks_the_bytes() {
         "8",
         "--json",
     ];
-    let out = Command::new(KVFERRY).args(args).output().unwrap();
+    let out = kvferry().args(args).output().unwrap();
     assert!(out.status.success(), "bench tier failed: {}", String::from_utf8_lossy(&out.stderr));
     let rows: Vec<serde_json::Value> =
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().unwrap().clone();
@@ -305,8 +324,7 @@ fn bench_tier_measures_both_tiers_and_checks_the_bytes() {
         assert_eq!(row["memcpy_gbps"].is_null(), row["tier"] == "disk", "{row}");
     }
     assert!(!dir.exists(), "the bench left its directory behind");
-    let out =
-        Command::new(KVFERRY).args(["bench", "tier", "--dir", "/proc/no-such-dir", "--bytes", "1M"]).output().unwrap();
+    let out = kvferry().args(["bench", "tier", "--dir", "/proc/no-such-dir", "--bytes", "1M"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("disk tier"), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -315,7 +333,7 @@ fn bench_tier_measures_both_tiers_and_checks_the_bytes() {
 const SHM_MODES: [(&str, &str); 2] = [("shared", "mapped"), ("private", "cross-memory")];
 
 fn shm_initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
-    initiator_with(AgentConfig::new(name), len)
+    initiator_with(test_config(name), len)
 }
 
 fn shm_blocks_move_both_ways(memory: &str, mode: &str) {
@@ -410,9 +428,10 @@ fn shm_target_process_rejects_unregistered_ranges_and_forged_keys() {
         let local = agent.prepare_local(&[buf.region()]).unwrap();
         let honest = agent.prepare_remote(&peer, &[served.region(0, 8192)]).unwrap();
 
-        let mut md =
-            AgentMetadata::decode(&kvferry::side_channel::exchange(&served.side_channel, None, soon()).unwrap())
-                .unwrap();
+        let mut md = AgentMetadata::decode(
+            &kvferry::side_channel::exchange(&test_auth(), &served.side_channel, None, soon()).unwrap(),
+        )
+        .unwrap();
         md.name = "forged".into();
         md.regions[0].region.len *= 4; // claims memory beyond the registration
         agent.add_peer(&md.encode()).unwrap();
@@ -468,7 +487,7 @@ fn bench_over_shm_checks_every_byte_and_reports_the_mode() {
 
 #[test]
 fn info_reports_the_shm_transport() {
-    let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
+    let out = kvferry().args(["info", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let shm = v["transports"].as_array().unwrap().iter().find(|t| t["name"] == "shm").expect("shm listed").clone();
     assert_eq!(shm["available"], true, "{shm}");
@@ -485,12 +504,12 @@ mod fabric {
 
     fn config(name: &str, provider: &str) -> AgentConfig {
         let fabric = FabricConfig { provider: Some(provider.into()), ..FabricConfig::default() };
-        AgentConfig { tcp: None, shm: None, fabric: Some(fabric), ..AgentConfig::new(name) }
+        AgentConfig { tcp: None, shm: None, fabric: Some(fabric), ..test_config(name) }
     }
 
     #[test]
     fn info_lists_the_libfabric_providers_and_their_memory_registration_modes() {
-        let out = Command::new(KVFERRY).args(["info", "--json"]).output().unwrap();
+        let out = kvferry().args(["info", "--json"]).output().unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let providers = v["fabric_providers"].as_array().expect("a provider list");
         let named =
@@ -617,7 +636,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 #[test]
 fn metrics_scraped_after_a_bench_count_the_bytes_it_moved() {
     let served = Served::start("4M", 0);
-    let mut bench = Command::new(KVFERRY)
+    let mut bench = kvferry()
         .args(["bench", "--role", "initiator", "--peer", &served.side_channel])
         .args(["--block-sizes", "4K,64K", "--batch-sizes", "1,16", "--min-time", "0.01", "--json"])
         .args(["--metrics", "127.0.0.1:0", "--linger", "60"])
@@ -877,7 +896,7 @@ mod etcd {
         agent.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
         assert_eq!(pattern::first_mismatch(&buf.to_vec(), 4, 0), None);
 
-        let out = Command::new(KVFERRY).args(["serve", "--etcd", "http://127.0.0.1:1", "--buffer-size", "1M"]).output();
+        let out = kvferry().args(["serve", "--etcd", "http://127.0.0.1:1", "--buffer-size", "1M"]).output();
         let out = out.unwrap();
         assert!(!out.status.success());
         assert!(
@@ -899,7 +918,7 @@ mod etcd {
         let err = discovery.lookup("etcd-nobody").unwrap_err();
         assert_eq!(err.code(), ErrorCode::DiscoveryPeerNotFound, "{err}");
         // Another agent's metadata under a name that is not its own.
-        let honest = kvferry::side_channel::exchange(&served.side_channel, None, soon()).unwrap();
+        let honest = kvferry::side_channel::exchange(&test_auth(), &served.side_channel, None, soon()).unwrap();
         etcd.put(&format!("{PREFIX}etcd-impostor"), &honest);
         assert_eq!(discovery.lookup("etcd-impostor").unwrap_err().code(), ErrorCode::DiscoveryBadResponse);
         assert!(!agent.peers().contains(&"etcd-honest".to_string()));

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::auth::{Auth, AuthConfig};
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemRegion, Memory};
@@ -126,6 +127,8 @@ pub struct AgentConfig {
     /// shm and cuda-ipc, which only reach peers on this host).
     #[cfg(feature = "fabric")]
     pub fabric: Option<crate::transport::fabric::FabricConfig>,
+    /// How peers prove the cluster secret on every channel (see [`AuthConfig`]).
+    pub auth: AuthConfig,
 }
 
 impl AgentConfig {
@@ -140,6 +143,7 @@ impl AgentConfig {
             cuda_ipc: None,
             #[cfg(feature = "fabric")]
             fabric: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -241,6 +245,7 @@ pub(crate) struct AgentInner {
     notifications: Arc<NotificationQueue>,
     side_channel: Mutex<Option<SideChannelServer>>,
     metrics: Arc<Metrics>,
+    pub(crate) auth: Auth,
 }
 
 /// One engine rank's endpoint: registered memory, transports, peers, transfers. Cheap to clone.
@@ -434,13 +439,19 @@ impl Agent {
         if config.name.is_empty() || config.name.len() > u16::MAX as usize {
             return Err(Error::InvalidArgument("an agent name must be 1 to 65535 bytes".into()));
         }
+        let auth = Auth::resolve(&config.auth)?;
         let notifications = Arc::new(NotificationQueue::default());
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         let stager = config.staging.map(Stager::new).transpose()?.map(Arc::new);
         // In order of preference: add_peer links a peer through the first of these that reaches it.
         #[cfg(feature = "cuda")]
         if let Some(ipc) = config.cuda_ipc {
-            let ipc = crate::transport::cuda_ipc::CudaIpcTransport::start(&config.name, ipc, notifications.clone())?;
+            let ipc = crate::transport::cuda_ipc::CudaIpcTransport::start(
+                &config.name,
+                ipc,
+                auth.clone(),
+                notifications.clone(),
+            )?;
             transports.push(Arc::new(ipc));
         }
         if let Some(shm) = config.shm {
@@ -459,6 +470,7 @@ impl Agent {
             transports.push(Arc::new(TcpTransport::start_staged(
                 &config.name,
                 tcp,
+                auth.clone(),
                 notifications.clone(),
                 stager.clone(),
             )?));
@@ -477,12 +489,18 @@ impl Agent {
                 notifications,
                 side_channel: Mutex::new(None),
                 metrics: Arc::new(Metrics::default()),
+                auth,
             }),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// How this agent authenticates its peers.
+    pub fn auth(&self) -> &Auth {
+        &self.inner.auth
     }
 
     pub fn endpoints(&self) -> Vec<Endpoint> {
@@ -772,7 +790,7 @@ impl Agent {
 
     /// Exchange metadata with the agent serving a side channel at `addr` and add it as a peer.
     pub fn connect_peer(&self, addr: &str, deadline: Deadline) -> Result<String> {
-        let theirs = side_channel::exchange(addr, Some(&self.metadata()), deadline)?;
+        let theirs = side_channel::exchange(&self.inner.auth, addr, Some(&self.metadata()), deadline)?;
         self.add_peer(&theirs)
     }
 

@@ -133,6 +133,11 @@ error_codes! {
         PeerUnreachable = 502,
         PeerDisconnected = 503,
         Protocol = 504,
+        /// The peer did not prove the cluster secret, or refused this agent's proof.
+        Unauthenticated = 505,
+        /// The peer refused a request for one of its limits (its notification queue is full, it
+        /// has too many connections): the request may succeed later.
+        PeerBusy = 506,
         RemoteUnknownKey = 510,
         RemoteOutOfRange = 511,
         RemoteZeroLength = 512,

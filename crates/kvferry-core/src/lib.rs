@@ -2,6 +2,7 @@
 //! `Agent` that ties them together for one engine rank, and the tiered block store (`tier`).
 
 pub mod agent;
+pub mod auth;
 pub mod deadline;
 pub mod discovery;
 pub mod error;
@@ -17,6 +18,7 @@ pub use agent::{
     Agent, AgentConfig, DescError, DescSide, LinkGap, Notification, PreparedDescs, Registration, Transfer,
     TransferRequest, TransferStatus,
 };
+pub use auth::{Auth, AuthConfig};
 pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};
 

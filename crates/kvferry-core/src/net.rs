@@ -2,7 +2,7 @@
 //! transport and the side channel, Unix for the shared-memory transport.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
@@ -168,5 +168,61 @@ impl Connections {
             // SAFETY: shutting down a socket we hold a descriptor of; its owner sees end of file.
             unsafe { libc::shutdown(handle.as_raw_fd(), libc::SHUT_RDWR) };
         }
+    }
+}
+
+/// A socket whose blocking calls can be bounded by an absolute deadline: the timeout is set again
+/// from the time left before every system call, so a peer trickling one byte at a time cannot
+/// stretch an exchange past the deadline.
+pub(crate) trait DeadlineStream: Read + Write {
+    fn set_timeouts(&self, left: Duration) -> io::Result<()>;
+
+    fn read_exact_by(&mut self, mut buf: &mut [u8], deadline: Deadline) -> io::Result<()> {
+        while !buf.is_empty() {
+            self.set_timeouts(time_left(deadline)?)?;
+            match self.read(buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => buf = &mut buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all_by(&mut self, mut buf: &[u8], deadline: Deadline) -> io::Result<()> {
+        while !buf.is_empty() {
+            self.set_timeouts(time_left(deadline)?)?;
+            match self.write(buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The time left before `deadline`, or `TimedOut` once it has passed.
+pub(crate) fn time_left(deadline: Deadline) -> io::Result<Duration> {
+    let left = deadline.remaining();
+    if left.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "the deadline passed"));
+    }
+    Ok(left)
+}
+
+impl DeadlineStream for TcpStream {
+    fn set_timeouts(&self, left: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(left))?;
+        self.set_write_timeout(Some(left))
+    }
+}
+
+impl DeadlineStream for UnixStream {
+    fn set_timeouts(&self, left: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(left))?;
+        self.set_write_timeout(Some(left))
     }
 }

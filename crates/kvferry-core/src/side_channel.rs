@@ -1,21 +1,26 @@
 //! The embedded side channel: a small TCP exchange of agent metadata, so two processes find each
 //! other from `host:port` alone.
 //!
+//! Every connection starts with the cluster-secret handshake of [`crate::auth`] (the server proves
+//! itself first), so metadata, which carries registration keys, only ever goes to a peer that holds
+//! the secret, and only such a peer can add itself as one. Then:
+//!
 //! ```text
 //! request  magic "KVFS" | version u16 | op u8 (1 get, 2 exchange) | 0u8 | len u32 | metadata
 //! reply    magic "KVFS" | version u16 | status u8 | 0u8 | len u32 | metadata, or an error text
 //! ```
 //! On an exchange the server also adds the caller as a peer, so either side can start transfers.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Weak;
 use std::time::Duration;
 
 use crate::agent::AgentInner;
+use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
-use crate::net::{self, Acceptor};
+use crate::net::{self, Acceptor, DeadlineStream};
 use crate::transport::TransferError;
 
 const MAGIC: [u8; 4] = *b"KVFS";
@@ -25,9 +30,14 @@ const OP_EXCHANGE: u8 = 2;
 const STATUS_OK: u8 = 0;
 const STATUS_BAD_REQUEST: u8 = 1;
 const STATUS_REJECTED: u8 = 2;
-const MAX_METADATA: usize = 64 << 20;
-/// A client that connects but stalls is dropped after this.
+/// Metadata is a few hundred bytes per registration; this allows tens of thousands.
+const MAX_METADATA: usize = 16 << 20;
+/// A connection is answered, handshake included, within this from its accept, however slowly the
+/// client sends.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A body is read in pieces of this size, so memory grows with the bytes that actually arrived
+/// rather than with the length a client announced.
+const READ_CHUNK: usize = 64 << 10;
 
 pub(crate) struct SideChannelServer {
     acceptor: Acceptor,
@@ -60,10 +70,10 @@ fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Read one frame; returns (tag, body).
-fn read_frame(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+/// Read one frame by `deadline`; returns (tag, body).
+fn read_frame(stream: &mut TcpStream, deadline: Deadline) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 12];
-    stream.read_exact(&mut head)?;
+    stream.read_exact_by(&mut head, deadline)?;
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     if head[..4] != MAGIC {
         return Err(invalid("not a kvferry side channel".into()));
@@ -76,18 +86,25 @@ fn read_frame(stream: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
     if len > MAX_METADATA {
         return Err(invalid(format!("{len} bytes of metadata exceed the limit")));
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body)?;
+    let mut body = Vec::new();
+    while body.len() < len {
+        let start = body.len();
+        body.resize(len.min(start + READ_CHUNK), 0);
+        stream.read_exact_by(&mut body[start..], deadline)?;
+    }
     Ok((head[6], body))
 }
 
 fn serve_one(stream: &mut TcpStream, agent: &AgentInner) -> io::Result<()> {
-    stream.set_read_timeout(Some(SERVE_TIMEOUT))?;
-    stream.set_write_timeout(Some(SERVE_TIMEOUT))?;
-    let (op, body) = match read_frame(stream) {
+    let deadline = Deadline::after(SERVE_TIMEOUT);
+    agent.auth.server(stream, Channel::SideChannel, deadline).map_err(|e| match e {
+        AuthError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
+    })?;
+    let (op, body) = match read_frame(stream, deadline) {
         Ok(request) => request,
         Err(e) => {
-            let _ = stream.write_all(&frame(STATUS_BAD_REQUEST, e.to_string().as_bytes()));
+            let _ = stream.write_all_by(&frame(STATUS_BAD_REQUEST, e.to_string().as_bytes()), deadline);
             return Err(e);
         }
     };
@@ -99,11 +116,12 @@ fn serve_one(stream: &mut TcpStream, agent: &AgentInner) -> io::Result<()> {
         },
         other => frame(STATUS_BAD_REQUEST, format!("unknown side channel op {other}").as_bytes()),
     };
-    stream.write_all(&reply)
+    stream.write_all_by(&reply, deadline)
 }
 
-/// Fetch the metadata of the agent serving at `addr`; with `own`, also hand it ours.
-pub fn exchange(addr: &str, own: Option<&[u8]>, deadline: Deadline) -> Result<Vec<u8>> {
+/// Fetch the metadata of the agent serving at `addr`, proving the cluster secret with `auth`;
+/// with `own`, also hand it ours.
+pub fn exchange(auth: &Auth, addr: &str, own: Option<&[u8]>, deadline: Deadline) -> Result<Vec<u8>> {
     let unreachable =
         |cause: String| Error::from(TransferError::PeerUnreachable { peer: addr.into(), endpoint: addr.into(), cause });
     let protocol = |detail: String| Error::from(TransferError::Protocol { peer: addr.into(), detail });
@@ -113,15 +131,17 @@ pub fn exchange(addr: &str, own: Option<&[u8]>, deadline: Deadline) -> Result<Ve
         io::ErrorKind::InvalidData => protocol(e.to_string()),
         _ => unreachable(e.to_string()),
     };
-    let left = deadline.remaining().max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(left)).map_err(io_err)?;
-    stream.set_write_timeout(Some(left)).map_err(io_err)?;
+    auth.client(&mut stream, Channel::SideChannel, deadline).map_err(|e| match e {
+        AuthError::Io(e) => io_err(e),
+        AuthError::Refused(cause) => Error::from(TransferError::Unauthenticated { peer: addr.into(), cause }),
+        AuthError::Protocol(detail) => protocol(detail),
+    })?;
     let request = match own {
         Some(md) => frame(OP_EXCHANGE, md),
         None => frame(OP_GET, &[]),
     };
-    stream.write_all(&request).map_err(io_err)?;
-    let (status, body) = read_frame(&mut stream).map_err(io_err)?;
+    stream.write_all_by(&request, deadline).map_err(io_err)?;
+    let (status, body) = read_frame(&mut stream, deadline).map_err(io_err)?;
     match status {
         STATUS_OK => Ok(body),
         _ => Err(protocol(format!("the peer refused the exchange: {}", String::from_utf8_lossy(&body)))),

@@ -351,12 +351,17 @@ fn the_side_channel_survives_garbage_and_keeps_answering() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut reply = Vec::new();
     let _ = s.read_to_end(&mut reply);
-    assert!(!reply.is_empty(), "a bad request gets an answer saying so");
-    let md = kvferry_core::side_channel::exchange(&addr.to_string(), None, soon()).unwrap();
+    assert!(reply.starts_with(b"KVFA"), "a bad request gets the handshake's refusal: {reply:?}");
+    let md = kvferry_core::side_channel::exchange(&default_auth(), &addr.to_string(), None, soon()).unwrap();
     assert_eq!(AgentMetadata::decode(&md).unwrap().name, "sc-garbage");
     // An exchange carrying corrupt metadata is refused with the reason.
-    let e = kvferry_core::side_channel::exchange(&addr.to_string(), Some(b"KVFMxx"), soon()).unwrap_err();
+    let e =
+        kvferry_core::side_channel::exchange(&default_auth(), &addr.to_string(), Some(b"KVFMxx"), soon()).unwrap_err();
     assert_eq!(e.code(), ErrorCode::Protocol);
     assert!(e.to_string().contains("truncated"), "{e}");
     assert!(target.peers().is_empty());
+}
+
+fn default_auth() -> kvferry_core::Auth {
+    kvferry_core::Auth::resolve(&kvferry_core::AuthConfig::default()).unwrap()
 }

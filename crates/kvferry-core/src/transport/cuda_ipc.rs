@@ -19,6 +19,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use crate::auth::Auth;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::cuda::CudaDevice;
@@ -53,9 +54,14 @@ pub struct CudaIpcTransport {
 }
 
 impl CudaIpcTransport {
-    pub fn start(local_name: &str, config: CudaIpcConfig, notifications: Arc<NotificationQueue>) -> Result<Self> {
+    pub fn start(
+        local_name: &str,
+        config: CudaIpcConfig,
+        auth: Auth,
+        notifications: Arc<NotificationQueue>,
+    ) -> Result<Self> {
         let loopback = TcpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..TcpConfig::default() };
-        let notifier = TcpTransport::start(local_name, loopback, notifications)?;
+        let notifier = TcpTransport::start(local_name, loopback, auth, notifications)?;
         // This boot of this host: processes that share it can open each other's IPC handles.
         let host_id = boot_id()?;
         let address = format!("{host_id}@{}", notifier.endpoint().address);
@@ -248,6 +254,10 @@ fn send_notification(notify: &dyn PeerLink, completion: &Completion, data: Vec<u
 mod tests {
     use super::*;
 
+    fn test_auth() -> Auth {
+        Auth::resolve(&crate::auth::AuthConfig::default()).unwrap()
+    }
+
     #[test]
     fn endpoints_name_this_boot_of_this_host() {
         let id = boot_id().unwrap();
@@ -264,8 +274,8 @@ mod tests {
         // The notifier path needs no GPU: a completion settled by `send_notification` delivers the
         // bytes to the peer's queue with the sender's name.
         let queue = Arc::new(NotificationQueue::default());
-        let target = TcpTransport::start("ipc-target", TcpConfig::default(), queue.clone()).unwrap();
-        let sender = TcpTransport::start("ipc-sender", TcpConfig::default(), Arc::default()).unwrap();
+        let target = TcpTransport::start("ipc-target", TcpConfig::default(), test_auth(), queue.clone()).unwrap();
+        let sender = TcpTransport::start("ipc-sender", TcpConfig::default(), test_auth(), Arc::default()).unwrap();
         let link = sender.link("ipc-target", &target.endpoint(), Vec::new()).unwrap();
         let deadline = Deadline::after(std::time::Duration::from_secs(10));
         let batch = Completion::new("ipc-target", Op::Write, 0, None, deadline);

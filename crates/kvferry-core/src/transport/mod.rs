@@ -168,6 +168,12 @@ pub enum TransferError {
     Rejected { peer: String, op: Op, index: u32, reason: RejectReason },
     #[error("protocol error with peer {peer}: {detail}")]
     Protocol { peer: String, detail: String },
+    /// The handshake failed: one side did not prove the cluster secret.
+    #[error("peer {peer} is not authenticated: {cause}")]
+    Unauthenticated { peer: String, cause: String },
+    /// The peer refused the request for one of its limits; it may succeed later.
+    #[error("peer {peer} refused {op}: {cause}")]
+    PeerBusy { peer: String, op: Op, cause: String },
     /// The target's NIC or provider refused a remote access: a key it never issued (or revoked),
     /// or a range outside the registration. libfabric does not say which.
     #[error("peer {peer} refused {op} access to its memory: {cause}")]
@@ -195,6 +201,8 @@ impl TransferError {
             TransferError::PeerUnreachable { .. } => ErrorCode::PeerUnreachable,
             TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
             TransferError::Protocol { .. } => ErrorCode::Protocol,
+            TransferError::Unauthenticated { .. } => ErrorCode::Unauthenticated,
+            TransferError::PeerBusy { .. } => ErrorCode::PeerBusy,
             TransferError::RemoteAccess { .. } => ErrorCode::FabricRemoteAccess,
             TransferError::Fabric { .. } => ErrorCode::FabricTransfer,
             TransferError::CrossMemoryRefused { .. } => ErrorCode::ShmCrossMemoryRefused,

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use super::TcpConfig;
 use super::wire::{self, Failure, FrameKind, Header, WireDesc};
+use crate::auth::{Auth, AuthError, Channel};
+use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::MemKind;
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
@@ -34,6 +36,7 @@ struct LinkInfo {
     peer: String,
     address: String,
     connect_timeout: Duration,
+    auth: Auth,
     stager: Option<Arc<Stager>>,
 }
 
@@ -53,6 +56,7 @@ impl TcpLink {
         address: &str,
         keys: Vec<Option<u128>>,
         config: &TcpConfig,
+        auth: Auth,
         stager: Option<Arc<Stager>>,
     ) -> TcpLink {
         let info = Arc::new(LinkInfo {
@@ -60,6 +64,7 @@ impl TcpLink {
             peer: peer.to_string(),
             address: address.to_string(),
             connect_timeout: config.connect_timeout,
+            auth,
             stager,
         });
         TcpLink {
@@ -203,11 +208,14 @@ fn exchange(
 ) -> Result<(), TransferError> {
     let deadline = completion.deadline();
     if conn.is_none() {
-        *conn = Some(connect(info, deadline.remaining().min(info.connect_timeout)).map_err(|cause| {
+        *conn = Some(connect(info, deadline.remaining().min(info.connect_timeout)).map_err(|failure| {
             // A handshake cut short by the deadline is a timeout, not proof the peer is gone.
-            match deadline.expired() {
-                true => completion.timeout_error(),
-                false => {
+            match (deadline.expired(), failure) {
+                (true, _) => completion.timeout_error(),
+                (false, ConnectFailure::Unauthenticated(cause)) => {
+                    TransferError::Unauthenticated { peer: info.peer.clone(), cause }
+                }
+                (false, ConnectFailure::Unreachable(cause)) => {
                     TransferError::PeerUnreachable { peer: info.peer.clone(), endpoint: info.address.clone(), cause }
                 }
             }
@@ -231,19 +239,33 @@ fn exchange(
     })
 }
 
-fn connect(info: &LinkInfo, timeout: Duration) -> Result<TcpStream, String> {
+enum ConnectFailure {
+    Unreachable(String),
+    /// The peer did not prove the cluster secret, or refused our proof.
+    Unauthenticated(String),
+}
+
+fn connect(info: &LinkInfo, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
     if timeout.is_zero() {
-        return Err("deadline passed before connecting".into());
+        return Err(ConnectFailure::Unreachable("deadline passed before connecting".into()));
     }
-    let addrs: Vec<SocketAddr> = info.address.to_socket_addrs().map_err(|e| e.to_string())?.collect();
+    let unreachable = |e: io::Error| ConnectFailure::Unreachable(e.to_string());
+    let addrs: Vec<SocketAddr> = info.address.to_socket_addrs().map_err(unreachable)?.collect();
     let mut last = String::from("address resolves to nothing");
+    let deadline = Deadline::after(timeout);
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(mut stream) => return handshake(info, &mut stream, timeout).map(|()| stream),
+            Ok(mut stream) => {
+                info.auth.client(&mut stream, Channel::Tcp, deadline).map_err(|e| match e {
+                    AuthError::Refused(why) => ConnectFailure::Unauthenticated(why),
+                    other => ConnectFailure::Unreachable(other.to_string()),
+                })?;
+                return handshake(info, &mut stream, timeout).map(|()| stream).map_err(ConnectFailure::Unreachable);
+            }
             Err(e) => last = e.to_string(),
         }
     }
-    Err(last)
+    Err(ConnectFailure::Unreachable(last))
 }
 
 fn handshake(info: &LinkInfo, stream: &mut TcpStream, timeout: Duration) -> Result<(), String> {

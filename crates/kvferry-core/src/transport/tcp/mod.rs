@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use self::link::TcpLink;
 use self::target::TargetShared;
+use crate::auth::Auth;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Acceptor;
@@ -61,21 +62,29 @@ pub struct TcpTransport {
     acceptor: Option<Acceptor>,
     /// Stages device memory (and, if configured, host memory) through bounce buffers.
     stager: Option<Arc<Stager>>,
+    /// Proves the cluster secret on the connections this agent opens.
+    auth: Auth,
 }
 
 impl TcpTransport {
-    pub fn start(local_name: &str, config: TcpConfig, notifications: Arc<NotificationQueue>) -> Result<TcpTransport> {
-        TcpTransport::start_staged(local_name, config, notifications, None)
+    pub fn start(
+        local_name: &str,
+        config: TcpConfig,
+        auth: Auth,
+        notifications: Arc<NotificationQueue>,
+    ) -> Result<TcpTransport> {
+        TcpTransport::start_staged(local_name, config, auth, notifications, None)
     }
 
     /// Start listening. With a `stager`, the transport also moves the memory kinds it stages.
     pub(crate) fn start_staged(
         local_name: &str,
         config: TcpConfig,
+        auth: Auth,
         notifications: Arc<NotificationQueue>,
         stager: Option<Arc<Stager>>,
     ) -> Result<TcpTransport> {
-        let shared = Arc::new(TargetShared::new(notifications, config.request_timeout, stager.clone()));
+        let shared = Arc::new(TargetShared::new(auth.clone(), notifications, config.request_timeout, stager.clone()));
         let serve_shared = shared.clone();
         let acceptor =
             Acceptor::spawn(config.listen, "kvferry-tcp", move |stream| target::serve(stream, &serve_shared))?;
@@ -101,6 +110,7 @@ impl TcpTransport {
             shared,
             acceptor: Some(acceptor),
             stager,
+            auth,
         })
     }
 
@@ -171,7 +181,15 @@ impl Transport for TcpTransport {
 
     fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>> {
         let keys = remote_keys(peer, TransportKind::Tcp, &regions, |r| decode_key(&r.key))?;
-        let link = TcpLink::new(&self.local_name, peer, &endpoint.address, keys, &self.config, self.stager.clone());
+        let link = TcpLink::new(
+            &self.local_name,
+            peer,
+            &endpoint.address,
+            keys,
+            &self.config,
+            self.auth.clone(),
+            self.stager.clone(),
+        );
         Ok(Arc::new(link))
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::wire::{self, FrameKind, Header, WireDesc, invalid};
+use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::memory::MemKind;
 use crate::net::Connections;
@@ -15,8 +16,12 @@ use crate::transport::keys::KeyTable;
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
+/// How long a new connection has to prove the cluster secret.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Shared by the accept loop and the connection threads.
 pub(super) struct TargetShared {
+    auth: Auth,
     pub keys: KeyTable,
     pub notifications: Arc<NotificationQueue>,
     /// Longest a request may stall mid-way before its connection is closed (which releases the
@@ -27,8 +32,14 @@ pub(super) struct TargetShared {
 }
 
 impl TargetShared {
-    pub fn new(notifications: Arc<NotificationQueue>, request_timeout: Duration, stager: Option<Arc<Stager>>) -> Self {
+    pub fn new(
+        auth: Auth,
+        notifications: Arc<NotificationQueue>,
+        request_timeout: Duration,
+        stager: Option<Arc<Stager>>,
+    ) -> Self {
         TargetShared {
+            auth,
             keys: KeyTable::default(),
             notifications,
             request_timeout,
@@ -74,6 +85,12 @@ fn accept_hello(stream: &mut TcpStream) -> io::Result<String> {
 fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<()> {
     stream.set_nodelay(true)?;
     super::set_keepalive(&stream)?;
+    // Nothing but the handshake is read from a connection that has not proven the secret.
+    let hello_deadline = Deadline::after(shared.request_timeout.min(HELLO_TIMEOUT));
+    shared.auth.server(&mut stream, Channel::Tcp, hello_deadline).map_err(|e| match e {
+        AuthError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
+    })?;
     stream.set_read_timeout(Some(shared.request_timeout))?;
     stream.set_write_timeout(Some(shared.request_timeout))?;
     let from = accept_hello(&mut stream)?;

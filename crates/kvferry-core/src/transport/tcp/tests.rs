@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, FrameKind, Header, WireDesc};
 use super::{TcpConfig, TcpTransport};
+use crate::auth::{Auth, AuthConfig, Channel};
 use crate::deadline::Deadline;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
 use crate::transport::{NotificationQueue, RejectReason, Transport};
@@ -25,7 +26,7 @@ fn fixture() -> Fixture {
 
 fn fixture_with(config: TcpConfig) -> Fixture {
     let notifications = Arc::new(NotificationQueue::default());
-    let transport = TcpTransport::start("target", config, notifications.clone()).unwrap();
+    let transport = TcpTransport::start("target", config, test_auth(), notifications.clone()).unwrap();
     let buffer =
         Arc::new(HostBuffer::alloc(64 * 1024, &HostAllocOptions { pin: false, ..Default::default() }).unwrap());
     for i in 0..buffer.len() {
@@ -36,8 +37,19 @@ fn fixture_with(config: TcpConfig) -> Fixture {
     Fixture { transport, buffer, key, notifications }
 }
 
-fn client(f: &Fixture) -> TcpStream {
+fn test_auth() -> Auth {
+    Auth::resolve(&AuthConfig::Secret(b"the tcp tests' cluster secret".to_vec())).unwrap()
+}
+
+/// A raw connection that has proven the secret.
+fn authenticated(f: &Fixture) -> TcpStream {
     let mut s = TcpStream::connect(f.transport.listen_addr()).unwrap();
+    test_auth().client(&mut s, Channel::Tcp, Deadline::after(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn client(f: &Fixture) -> TcpStream {
+    let mut s = authenticated(f);
     s.write_all(&wire::encode_hello("raw-client")).unwrap();
     let mut ack = [0u8; wire::HELLO_ACK_LEN];
     s.read_exact(&mut ack).unwrap();
@@ -147,9 +159,10 @@ fn wrong_magic_and_wrong_version_are_refused() {
     let mut s = TcpStream::connect(f.transport.listen_addr()).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut rest = Vec::new();
-    assert_eq!(s.read_to_end(&mut rest).unwrap_or(0), 0);
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.starts_with(b"KVFA"), "only the handshake's refusal comes back: {rest:?}");
 
-    let mut s = TcpStream::connect(f.transport.listen_addr()).unwrap();
+    let mut s = authenticated(&f);
     let mut hello = wire::encode_hello("old");
     hello[4..6].copy_from_slice(&(wire::VERSION + 1).to_le_bytes());
     s.write_all(&hello).unwrap();
@@ -190,4 +203,25 @@ fn a_request_stalled_midway_is_dropped_and_deregistration_does_not_wait_for_it()
     std::thread::sleep(Duration::from_millis(300));
     let h = request(&mut idle, FrameKind::Notify, &[], b"still here");
     assert_eq!(h.tag, 0);
+}
+
+#[test]
+fn a_client_without_the_secret_reads_nothing() {
+    let f = fixture();
+    for auth in
+        [Auth::disabled(), Auth::resolve(&AuthConfig::Secret(b"a guess at the cluster secret".to_vec())).unwrap()]
+    {
+        let mut s = TcpStream::connect(f.transport.listen_addr()).unwrap();
+        assert!(auth.client(&mut s, Channel::Tcp, Deadline::after(Duration::from_secs(5))).is_err());
+        // Whatever it sends next, a READ with the right key included, gets no byte of memory.
+        let mut frame = wire::encode_hello("intruder");
+        frame.extend_from_slice(&Header { tag: FrameKind::Read as u8, count: 1, payload_len: 0 }.encode());
+        WireDesc { key: f.key, addr: f.buffer.region().addr, len: 64 }.encode_into(&mut frame);
+        let _ = s.write_all(&frame);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(!rest.windows(8).any(|w| w == &f.buffer.to_vec()[..8]), "memory leaked: {rest:?}");
+        assert!(rest.len() < 64, "{} bytes came back", rest.len());
+    }
 }
