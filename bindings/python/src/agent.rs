@@ -6,8 +6,8 @@ use std::sync::{Mutex, PoisonError};
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{
-    AgentConfig, MemKind, MemRegion, Op, PreparedDescs, Registration as CoreRegistration, Transfer as CoreTransfer,
-    TransferRequest, TransferStatus,
+    AgentConfig, AuthConfig, MemKind, MemRegion, Op, PreparedDescs, Registration as CoreRegistration,
+    Transfer as CoreTransfer, TransferRequest, TransferStatus,
 };
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -89,7 +89,7 @@ impl Agent {
 #[pymethods]
 impl Agent {
     #[new]
-    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None, cuda_device = None))]
+    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None, cuda_device = None, secret = None, auth = "env"))]
     #[allow(clippy::too_many_arguments, reason = "the constructor's keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -101,10 +101,27 @@ impl Agent {
         fabric_provider: Option<String>,
         advertise_host: Option<String>,
         cuda_device: Option<u32>,
+        secret: Option<&Bound<'_, PyAny>>,
+        auth: &str,
     ) -> PyResult<Self> {
         let ip: IpAddr =
             host.parse().map_err(|_| PyValueError::new_err(format!("host must be an IP address, got {host:?}")))?;
-        let defaults = AgentConfig::new(name.clone());
+        // A secret may be given as text or bytes.
+        let secret = secret
+            .map(|s| match s.extract::<String>() {
+                Ok(text) => Ok(text.into_bytes()),
+                Err(_) => s.extract::<Vec<u8>>(),
+            })
+            .transpose()?;
+        let auth = match (auth, secret) {
+            (_, Some(secret)) => AuthConfig::Secret(secret),
+            ("env", None) => AuthConfig::FromEnv,
+            ("none", None) => AuthConfig::Disabled,
+            (other, None) => {
+                return Err(PyValueError::new_err(format!("auth must be \"env\" or \"none\", got {other:?}")));
+            }
+        };
+        let defaults = AgentConfig { auth, ..AgentConfig::new(name.clone()) };
         let tcp_config = TcpConfig { listen: SocketAddr::new(ip, port), advertise_host, ..TcpConfig::default() };
         #[allow(unused_mut, reason = "only the fabric and cuda features add to the config")]
         let mut config = AgentConfig { tcp: tcp.then_some(tcp_config), shm: defaults.shm.filter(|_| shm), ..defaults };

@@ -39,12 +39,16 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def vllm_cpu_env(monkeypatch):
-    # 1 GiB of KV cache; vLLM's CPU build reads these at engine start.
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+# What every engine these tests start is given, whatever the order fixtures run in. vLLM's CPU build
+# sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); without it, from a share of the machine's
+# memory, which on a small machine is less than the engine's own footprint. The cluster secret lets
+# the engines' agents prove themselves to each other.
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "KVFERRY_SECRET": "the vLLM end-to-end tests' cluster secret",
+}
 
 
 def free_port() -> int:
@@ -57,7 +61,8 @@ def run(cmd: list[str], log: Path, timeout: float) -> None:
     """Run a child to completion, its output in `log`; fail with the log's tail if it fails."""
     with open(log, "w") as out:
         try:
-            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            env = {**os.environ, **ENGINE_ENV}
+            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     if code != 0:

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port
+from conftest import ENGINE_ENV, free_port
 
 
 class Server:
@@ -58,7 +58,7 @@ def vllm_server(name: str, model: Path, log_dir: Path, kv_transfer_config: dict)
         "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05",
         "--kv-transfer-config", json.dumps(kv_transfer_config),
     ]  # fmt: skip
-    return Server(name, cmd, port, log_dir / f"{name}.log")
+    return Server(name, cmd, port, log_dir / f"{name}.log", env=ENGINE_ENV)
 
 
 def proxy(prefill: Server, decode: Server, log_dir: Path) -> Server:
