@@ -532,8 +532,8 @@ fn a_record_pointed_at_another_block_never_serves_it() {
     get_exact(&store, &[2]).unwrap();
     drop(store);
 
-    // Before block 1's own record (in place of block 0's), the forged record loses the slot at
-    // replay: block 0 is a miss, block 1 comes back byte-exact.
+    // First in the log (in place of block 0's own record), the forged record loses the slot to block
+    // 1's record at replay: block 0 is a miss, block 1 comes back byte-exact.
     std::fs::remove_dir_all(&dir).unwrap();
     three_blocks_on_disk(&dir);
     let good = std::fs::read(&log).unwrap();
