@@ -460,6 +460,127 @@ fn a_damaged_index_is_a_typed_error_and_a_torn_tail_is_dropped() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The index log's layout (docs/tier.md): a 32-byte header, then 64-byte records of kind (u8), key
+/// length (u8), slot (u32 le at 4), key (at 8), checksum (u64 le at 40), CRC32 of bytes 0..60 (at 60).
+const LOG_HEADER: usize = 32;
+const LOG_RECORD: usize = 64;
+
+fn log_records(log: &[u8]) -> Vec<[u8; LOG_RECORD]> {
+    log[LOG_HEADER..].chunks(LOG_RECORD).map(|r| r.try_into().unwrap()).collect()
+}
+
+/// Where block `i`'s record is among `records`.
+fn record_of(records: &[[u8; LOG_RECORD]], i: u32) -> usize {
+    records.iter().position(|r| &r[8..8 + r[1] as usize] == key(i).as_bytes()).expect("a record for the block")
+}
+
+/// Give a crafted record (or header) a valid CRC, as the store writes it.
+fn seal(bytes: &mut [u8]) {
+    let end = bytes.len() - 4;
+    let crc = crc32fast::hash(&bytes[..end]);
+    bytes[end..].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Blocks 0, 1, 2 on disk in `dir`, and the store closed.
+fn three_blocks_on_disk(dir: &Path) {
+    let store = TierStore::open(disk_config(4, dir, 8)).unwrap();
+    put(&store, &[0, 1, 2]).unwrap();
+    offload(&store, &[0, 1, 2]);
+}
+
+/// A CRC-valid record naming block 0's key with block 1's slot and checksum.
+fn block_0_pointed_at_block_1(records: &[[u8; LOG_RECORD]]) -> [u8; LOG_RECORD] {
+    let (a, b) = (records[record_of(records, 0)], records[record_of(records, 1)]);
+    assert_ne!(a[4..8], b[4..8], "the blocks share a slot");
+    let mut forged = a;
+    forged[4..8].copy_from_slice(&b[4..8]);
+    forged[40..48].copy_from_slice(&b[40..48]);
+    seal(&mut forged);
+    forged
+}
+
+#[test]
+fn a_record_pointed_at_another_block_never_serves_it() {
+    let dir = temp_dir("repoint");
+    let log = dir.join("index.kvf");
+    three_blocks_on_disk(&dir);
+    let good = std::fs::read(&log).unwrap();
+    let forged = block_0_pointed_at_block_1(&log_records(&good));
+
+    // Appended last, the forged record owns block 1's slot at replay (a later store into a slot
+    // overwrote what was there), so block 0 is listed there; its read must fail the checksum, which
+    // covers the key, rather than hand out block 1's bytes.
+    std::fs::write(&log, [&good[..], &forged[..]].concat()).unwrap();
+    let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
+    let events = store.subscribe();
+    assert_eq!(lookup(&store, &[0]), [Medium::Disk]);
+    let out = HostBuffer::alloc(BLOCK, &UNPINNED).unwrap();
+    // SAFETY: `out` outlives the wait.
+    let err = unsafe { store.get(host(), blocks_of(&out, &[0])) }.unwrap().wait(deadline()).unwrap_err();
+    assert!(matches!(&err, Error::Tier(TierError::BlockCorrupt { key: k }) if *k == key(0)), "{err}");
+    assert_eq!(err.code(), ErrorCode::TierBlockCorrupt);
+    assert!(out.to_vec() != pattern(1, BLOCK), "block 1's bytes were served as block 0");
+    assert_eq!(store.stats().corrupt_blocks, 1);
+    assert!(lookup(&store, &[0]).is_empty());
+    assert!(drain(&events).contains(&TierEvent::Removed { keys: vec![key(0)], medium: Medium::Disk }));
+    // Block 1 lost its slot to the forged record; the others keep being served.
+    assert!(lookup(&store, &[1]).is_empty());
+    get_exact(&store, &[2]).unwrap();
+    drop(store);
+    let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
+    assert_eq!((store.stats().disk_blocks, lookup(&store, &[0])), (1, vec![]));
+    get_exact(&store, &[2]).unwrap();
+    drop(store);
+
+    // First in the log (in place of block 0's own record), the forged record loses the slot to block
+    // 1's record at replay: block 0 is a miss, block 1 comes back byte-exact.
+    std::fs::remove_dir_all(&dir).unwrap();
+    three_blocks_on_disk(&dir);
+    let good = std::fs::read(&log).unwrap();
+    let records = log_records(&good);
+    let forged = block_0_pointed_at_block_1(&records);
+    let a = record_of(&records, 0);
+    let mut bytes = good[..LOG_HEADER].to_vec();
+    bytes.extend_from_slice(&forged);
+    records.iter().enumerate().filter(|(i, _)| *i != a).for_each(|(_, r)| bytes.extend_from_slice(r));
+    std::fs::write(&log, bytes).unwrap();
+    let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
+    assert!(lookup(&store, &[0]).is_empty());
+    let err = get_exact(&store, &[0]).unwrap_err();
+    assert!(matches!(&err, Error::Tier(TierError::NotCached { key: k }) if *k == key(0)), "{err}");
+    get_exact(&store, &[1, 2]).unwrap();
+    assert_eq!(store.stats().corrupt_blocks, 0);
+    drop(store);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_index_in_the_previous_format_is_discarded() {
+    let dir = temp_dir("format-1");
+    let log = dir.join("index.kvf");
+    three_blocks_on_disk(&dir);
+    // The same log as format 1 wrote it: its checksums covered the bytes only.
+    let mut old = std::fs::read(&log).unwrap();
+    assert_eq!(&old[..8], b"KVFIDX02");
+    old[..8].copy_from_slice(b"KVFIDX01");
+    seal(&mut old[..LOG_HEADER]);
+    std::fs::write(&log, &old).unwrap();
+    let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
+    assert_eq!(store.stats().disk_blocks, 0);
+    assert!(lookup(&store, &[0]).is_empty() && lookup(&store, &[1]).is_empty());
+    // The log was rewritten in the current format, and the disk tier works as before.
+    let rewritten = std::fs::read(&log).unwrap();
+    assert_eq!((rewritten.len(), &rewritten[..8]), (LOG_HEADER, &b"KVFIDX02"[..]));
+    put(&store, &[5]).unwrap();
+    offload(&store, &[5]);
+    drop(store);
+    let store = TierStore::open(disk_config(4, &dir, 8)).unwrap();
+    assert_eq!(store.stats().disk_blocks, 1);
+    get_exact(&store, &[5]).unwrap();
+    drop(store);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn an_unusable_directory_is_a_typed_error() {
     let dir = temp_dir("unusable");

@@ -3,10 +3,14 @@
 //!
 //! Crash safety comes from ordering and checksums, not from fsync on the hot path: a block's data is
 //! written (and its completion reaped) before the log records it, a slot is recorded free before it is
-//! reused, and every record carries the xxh3 checksum of its block, which every read verifies. A kill
-//! at any point therefore leaves at worst a block with no record (lost, never served) or a torn last
+//! reused, and every record carries the checksum of its block, which every read verifies. A kill at
+//! any point therefore leaves at worst a block with no record (lost, never served) or a torn last
 //! record (dropped at open). With `sync_writes` the log is also fsynced after each batch, which extends
 //! the same guarantee to power loss.
+//!
+//! The checksum covers the block's key and slot as well as its bytes ([`block_checksum`]), so a record
+//! that names one key with another block's slot and checksum fails on read instead of serving the
+//! other block's bytes under the wrong key.
 //!
 //! At open, and whenever dead records outnumber live ones four to one, the log is rewritten compacted
 //! (one record per live block) through a temporary file and a rename.
@@ -18,18 +22,35 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use xxhash_rust::xxh3::Xxh3;
+
 use crate::tier::{BlockKey, TierError};
 
 const DATA_FILE: &str = "blocks.kvf";
 const LOG_FILE: &str = "index.kvf";
 const LOG_TMP_FILE: &str = "index.kvf.tmp";
-const LOG_MAGIC: &[u8; 8] = b"KVFIDX01";
+/// Format 2: block checksums cover the key and the slot as well as the bytes.
+const LOG_MAGIC: &[u8; 8] = b"KVFIDX02";
+/// Format 1, whose checksums covered the bytes only: such a log is discarded at open (see `replay`).
+const FORMAT_1_MAGIC: &[u8; 8] = b"KVFIDX01";
 const HEADER_LEN: usize = 32;
 pub(crate) const RECORD_LEN: usize = 64;
 const STORE: u8 = 1;
 const REMOVE: u8 = 2;
 
-/// Where a block lives on disk and what its bytes hash to.
+/// The checksum a record carries for the block `key` stored in `slot`: xxh3-64 over
+/// `key length (u8) ‖ key ‖ slot (u32 le) ‖ data`. Binding the key and the slot means a record naming
+/// `key` can only be satisfied by the bytes written for `key` into that very slot.
+pub(crate) fn block_checksum(key: &BlockKey, slot: u32, data: &[u8]) -> u64 {
+    let mut hasher = Xxh3::new();
+    hasher.update(&[key.as_bytes().len() as u8]);
+    hasher.update(key.as_bytes());
+    hasher.update(&slot.to_le_bytes());
+    hasher.update(data);
+    hasher.digest()
+}
+
+/// Where a block lives on disk and its [`block_checksum`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DiskEntry {
     pub slot: u32,
@@ -235,6 +256,17 @@ fn replay(dir: &Path, block_size: usize, slots: u32) -> Result<Replayed, TierErr
     if bytes.is_empty() {
         return Ok(replayed);
     }
+    if bytes.len() >= 8 && bytes[..8] == FORMAT_1_MAGIC[..] {
+        // Its checksums do not bind keys, so none of its records can be trusted to name the right
+        // block; the tier is a cache, so it starts empty (the log is rewritten in format 2 at open)
+        // rather than refusing to open.
+        tracing::warn!(
+            "discarding the disk tier's index {}: it is in format 1, whose checksums do not cover the \
+             block's key; the disk tier starts empty",
+            dir.join(LOG_FILE).display()
+        );
+        return Ok(replayed);
+    }
     if bytes.len() < HEADER_LEN || bytes[..8] != LOG_MAGIC[..] {
         return Err(corrupt("no kvferry index header".into()));
     }
@@ -340,5 +372,26 @@ mod tests {
             damaged[at] ^= 0x10;
             assert_eq!(Record::decode(&damaged), None, "flip at {at}");
         }
+    }
+
+    #[test]
+    fn block_checksums_bind_key_slot_and_bytes() {
+        let data = vec![0x5au8; 4096];
+        let sum = block_checksum(&key(1), 7, &data);
+        // The documented layout, hashed in one piece.
+        let mut whole = vec![16u8];
+        whole.extend_from_slice(key(1).as_bytes());
+        whole.extend_from_slice(&7u32.to_le_bytes());
+        whole.extend_from_slice(&data);
+        assert_eq!(sum, xxhash_rust::xxh3::xxh3_64(&whole));
+        assert_ne!(sum, block_checksum(&key(2), 7, &data));
+        assert_ne!(sum, block_checksum(&key(1), 8, &data));
+        let mut other = data.clone();
+        other[4095] ^= 1;
+        assert_ne!(sum, block_checksum(&key(1), 7, &other));
+        // A short key is not its zero-padded form.
+        let short = BlockKey::from_engine_hash(&[1]).unwrap();
+        let padded = BlockKey::from_engine_hash(&[1, 0]).unwrap();
+        assert_ne!(block_checksum(&short, 0, &data), block_checksum(&padded, 0, &data));
     }
 }

@@ -10,13 +10,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-use xxhash_rust::xxh3::xxh3_64;
-
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::HostBuffer;
 use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemRegion};
-use crate::tier::disk::{DiskEntry, DiskFiles, Record, write_failed};
+use crate::tier::disk::{DiskEntry, DiskFiles, Record, block_checksum, write_failed};
 use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
 use crate::tier::uring::{Direction, IoOp, Ring};
 use crate::tier::{BlockKey, BlockRegions, DISK_ALIGNMENT, Medium, TierConfig, TierError, TierEvent};
@@ -725,7 +723,10 @@ impl Shared {
                 .and_then(|()| {
                     // SAFETY: the slab is claimed by this worker and the read into it has completed.
                     let bytes = unsafe { std::slice::from_raw_parts(self.slab(index) as *const u8, self.block_size) };
-                    if xxh3_64(bytes) != entry_of[&key].checksum {
+                    // The checksum covers the key and slot too: a record that names this key with
+                    // another block's slot and checksum fails here, and never serves that block.
+                    let entry = entry_of[&key];
+                    if block_checksum(&key, entry.slot, bytes) != entry.checksum {
                         return Err(TierError::BlockCorrupt { key });
                     }
                     on_ready(key, index);
@@ -863,11 +864,11 @@ impl Shared {
         // batch of completions (they arrive together). Records come after all writes regardless.
         ring.run(Direction::Write, &ops, &mut |i, written| {
             results[i] = written.map(|()| {
+                let w = writes[i];
                 // SAFETY: the slab is pinned by the eviction and holds a published block, which no one
                 // writes while it is pinned, so these are the bytes just written.
-                let bytes =
-                    unsafe { std::slice::from_raw_parts(self.slab(writes[i].host_slot) as *const u8, self.block_size) };
-                xxh3_64(bytes)
+                let bytes = unsafe { std::slice::from_raw_parts(self.slab(w.host_slot) as *const u8, self.block_size) };
+                block_checksum(&w.key, w.disk_slot, bytes)
             });
         });
         writes.into_iter().zip(results).collect()
