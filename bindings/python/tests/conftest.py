@@ -5,6 +5,9 @@ import pytest
 
 import kvferry
 
+# Agents prove a cluster secret to each other; the peer processes these tests start inherit it.
+os.environ.setdefault("KVFERRY_SECRET", "the Python tests' cluster secret")
+
 
 @pytest.fixture
 def torch():

@@ -34,6 +34,8 @@ class Agent(_Closes):
         fabric_provider: Optional[str] = None,
         advertise_host: Optional[str] = None,
         cuda_device: Optional[int] = None,
+        secret: Optional[Union[str, bytes]] = None,
+        auth: Literal["env", "none"] = "env",
     ) -> None: ...
     @property
     def name(self) -> str: ...
