@@ -6,7 +6,7 @@ use std::sync::{Mutex, PoisonError};
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{
-    AgentConfig, AuthConfig, MemKind, MemRegion, Op, PreparedDescs, Registration as CoreRegistration,
+    AgentConfig, MemKind, MemRegion, Op, PreparedDescs, Registration as CoreRegistration,
     Transfer as CoreTransfer, TransferRequest, TransferStatus,
 };
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
@@ -106,21 +106,7 @@ impl Agent {
     ) -> PyResult<Self> {
         let ip: IpAddr =
             host.parse().map_err(|_| PyValueError::new_err(format!("host must be an IP address, got {host:?}")))?;
-        // A secret may be given as text or bytes.
-        let secret = secret
-            .map(|s| match s.extract::<String>() {
-                Ok(text) => Ok(text.into_bytes()),
-                Err(_) => s.extract::<Vec<u8>>(),
-            })
-            .transpose()?;
-        let auth = match (auth, secret) {
-            (_, Some(secret)) => AuthConfig::Secret(secret),
-            ("env", None) => AuthConfig::FromEnv,
-            ("none", None) => AuthConfig::Disabled,
-            (other, None) => {
-                return Err(PyValueError::new_err(format!("auth must be \"env\" or \"none\", got {other:?}")));
-            }
-        };
+        let auth = crate::auth::auth_config(secret, auth)?;
         let defaults = AgentConfig { auth, ..AgentConfig::new(name.clone()) };
         let tcp_config = TcpConfig { listen: SocketAddr::new(ip, port), advertise_host, ..TcpConfig::default() };
         #[allow(unused_mut, reason = "only the fabric and cuda features add to the config")]

@@ -4,6 +4,7 @@
 //! the exceptions of `kvferry._errors`, which carry the stable error code.
 
 mod agent;
+mod auth;
 mod closable;
 mod convert;
 mod errors;
@@ -22,6 +23,7 @@ fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::TierStore>()?;
     m.add_class::<store::StoreOp>()?;
     m.add_class::<store::TierEvent>()?;
+    m.add_function(wrap_pyfunction!(auth::authenticate_socket, m)?)?;
     m.add_function(wrap_pyfunction!(store::prefix_keys, m)?)?;
     m.add_function(wrap_pyfunction!(store::chain_key, m)?)?;
     m.add_function(wrap_pyfunction!(store::engine_key, m)?)?;

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 import kvferry
+from kvferry import authenticate_socket
 from kvferry.vllm.config import GIB, ConnectorConfig
 from kvferry.vllm.handshake import HandshakeError, HandshakeServer, RankInfo, fetch
 from kvferry.vllm.layout import (
@@ -144,6 +145,10 @@ def test_layouts_that_cannot_meet_are_refused(torch):
         read_plan(a, (0, 2), other_tokens, (0, 2), [0], [0])
 
 
+# The secret of the environment (conftest.py sets KVFERRY_SECRET).
+ENV_AUTH = {"auth": "env"}
+
+
 def _info(torch) -> RankInfo:
     layout = KvLayout([describe_layer("l0", torch.zeros(2, BLOCKS, HEADS, TOKENS, DIM), BLOCKS, HEADS)], TOKENS, BLOCKS)
     return RankInfo("engine-1", 0, 1, HEADS, b"\x00metadata\xff", layout)
@@ -151,12 +156,36 @@ def _info(torch) -> RankInfo:
 
 def test_side_channel_serves_every_rank(torch):
     info = _info(torch)
-    server = HandshakeServer("127.0.0.1", 0, {0: info})
+    server = HandshakeServer("127.0.0.1", 0, {0: info}, ENV_AUTH)
     try:
-        got = fetch(server.host, server.port, 5)
+        got = fetch(server.host, server.port, 5, ENV_AUTH)
         assert got[0].agent_metadata == info.agent_metadata and got[0].layout.layers == info.layout.layers
     finally:
         server.close()
+
+
+def test_side_channel_serves_only_engines_that_prove_the_secret(torch):
+    info = _info(torch)
+    server = HandshakeServer("127.0.0.1", 0, {0: info}, ENV_AUTH)
+    try:
+        # A raw client gets the handshake's refusal and not a byte of the document.
+        with socket.create_connection((server.host, server.port), timeout=5) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            reply = raw.recv(1 << 16)
+            assert reply.startswith(b"KVFA") and b"metadata" not in reply
+        for other in ({"secret": "another cluster's secret, long"}, {"auth": "none"}):
+            with pytest.raises(HandshakeError, match="505|not authenticated"):
+                fetch(server.host, server.port, 5, other)
+        assert fetch(server.host, server.port, 5, ENV_AUTH)[0].agent_metadata == info.agent_metadata
+    finally:
+        server.close()
+    # And a decode engine does not trust a side channel that cannot prove the secret.
+    impostor = HandshakeServer("127.0.0.1", 0, {0: info}, {"secret": "an impostor's secret, long enough"})
+    try:
+        with pytest.raises(HandshakeError, match="505|not authenticated"):
+            fetch(impostor.host, impostor.port, 5, ENV_AUTH)
+    finally:
+        impostor.close()
 
 
 def _serve_once(payload: bytes) -> int:
@@ -165,6 +194,7 @@ def _serve_once(payload: bytes) -> int:
     def serve():
         conn, _ = listener.accept()
         with conn, listener:
+            authenticate_socket(conn.fileno(), "server", 5)
             conn.sendall(payload)
 
     threading.Thread(target=serve, daemon=True).start()
@@ -184,7 +214,7 @@ def _serve_once(payload: bytes) -> int:
 )
 def test_side_channel_answers_that_are_not_handshakes_are_typed_errors(payload):
     with pytest.raises(HandshakeError):
-        fetch("127.0.0.1", _serve_once(payload), 5)
+        fetch("127.0.0.1", _serve_once(payload), 5, ENV_AUTH)
 
 
 def test_an_unreachable_side_channel_is_a_typed_error():
@@ -192,7 +222,7 @@ def test_an_unreachable_side_channel_is_a_typed_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(HandshakeError):
-        fetch("127.0.0.1", port, 2)
+        fetch("127.0.0.1", port, 2, ENV_AUTH)
 
 
 def test_settings_from_extra_config():

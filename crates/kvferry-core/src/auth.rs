@@ -29,6 +29,7 @@ use sha2::Sha256;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::net::DeadlineStream;
+use crate::transport::TransferError;
 
 const MAGIC: [u8; 4] = *b"KVFA";
 const VERSION: u8 = 1;
@@ -62,6 +63,17 @@ pub(crate) enum Channel {
     SideChannel = 1,
     Tcp = 2,
     Shm = 3,
+    /// A front end's own exchange over a socket it opened (see [`Auth::authenticate`]).
+    Engine = 4,
+}
+
+/// Which end of a connection this side is, for [`Auth::authenticate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Connected: proves itself after the other side has.
+    Client,
+    /// Accepted: proves itself first.
+    Server,
 }
 
 /// How an agent authenticates its peers, as configured.
@@ -177,6 +189,18 @@ impl Auth {
     /// Where the secret came from, for `kvferry info` and logs (never the secret).
     pub fn source(&self) -> &'static str {
         self.source
+    }
+
+    /// Run the handshake on a connected TCP socket of the caller's own protocol (the vLLM
+    /// connector's engine side channel, which hands out agent metadata), by `deadline`. The socket
+    /// must be in blocking mode; its timeouts are changed.
+    pub fn authenticate(&self, stream: &mut std::net::TcpStream, role: Role, deadline: Deadline) -> Result<()> {
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "an unknown peer".into());
+        match role {
+            Role::Client => self.client(stream, Channel::Engine, deadline),
+            Role::Server => self.server(stream, Channel::Engine, deadline),
+        }
+        .map_err(|e| e.into_error(&peer))
     }
 
     fn proof(&self, role: &[u8], channel: Channel, client: &[u8], server: &[u8]) -> Hmac<Sha256> {
@@ -312,6 +336,25 @@ pub(crate) enum AuthError {
     Protocol(String),
     /// The connection failed or the deadline passed.
     Io(io::Error),
+}
+
+impl AuthError {
+    /// The crate error for a handshake with `peer` that failed.
+    pub(crate) fn into_error(self, peer: &str) -> Error {
+        let peer = peer.to_string();
+        match self {
+            AuthError::Refused(cause) => TransferError::Unauthenticated { peer, cause }.into(),
+            AuthError::Protocol(detail) => TransferError::Protocol { peer, detail }.into(),
+            AuthError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                TransferError::PeerUnreachable { endpoint: peer.clone(), peer, cause: "the handshake timed out".into() }
+                    .into()
+            }
+            AuthError::Io(e) => {
+                TransferError::PeerUnreachable { endpoint: peer.clone(), peer, cause: format!("handshake failed: {e}") }
+                    .into()
+            }
+        }
+    }
 }
 
 impl From<io::Error> for AuthError {

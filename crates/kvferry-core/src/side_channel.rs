@@ -131,11 +131,7 @@ pub fn exchange(auth: &Auth, addr: &str, own: Option<&[u8]>, deadline: Deadline)
         io::ErrorKind::InvalidData => protocol(e.to_string()),
         _ => unreachable(e.to_string()),
     };
-    auth.client(&mut stream, Channel::SideChannel, deadline).map_err(|e| match e {
-        AuthError::Io(e) => io_err(e),
-        AuthError::Refused(cause) => Error::from(TransferError::Unauthenticated { peer: addr.into(), cause }),
-        AuthError::Protocol(detail) => protocol(detail),
-    })?;
+    auth.client(&mut stream, Channel::SideChannel, deadline).map_err(|e| e.into_error(addr))?;
     let request = match own {
         Some(md) => frame(OP_EXCHANGE, md),
         None => frame(OP_GET, &[]),

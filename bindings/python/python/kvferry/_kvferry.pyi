@@ -148,6 +148,16 @@ class TierEvent:
     @property
     def from_medium(self) -> Optional[str]: ...
 
+def authenticate_socket(
+    fd: int,
+    role: Literal["client", "server"],
+    timeout: float,
+    *,
+    secret: Optional[Union[str, bytes]] = None,
+    auth: Literal["env", "none"] = "env",
+) -> None:
+    """Prove the cluster secret over a connected, blocking TCP socket and check the other side's."""
+
 def prefix_keys(tokens: Sequence[int], block_tokens: int, extra: Optional[_Bytes] = None) -> list[bytes]: ...
 def chain_key(parent: Optional[_Bytes], tokens: Sequence[int], extra: Optional[_Bytes] = None) -> bytes: ...
 def engine_key(hash: Union[_Bytes, int]) -> bytes: ...

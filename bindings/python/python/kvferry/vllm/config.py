@@ -31,11 +31,24 @@ class ConnectorConfig:
     timeout_seconds: float
     shm: bool
     fabric_provider: str | None
+    # The cluster secret every engine's agents and side channel prove: a file named here (a secret
+    # never sits in the config itself, which vLLM logs), else the environment (KVFERRY_SECRET,
+    # KVFERRY_SECRET_FILE); "auth": "none" turns it off on a closed network.
+    secret_file: str | None
+    auth: str
+
+    def auth_kwargs(self) -> dict[str, Any]:
+        """The `secret`/`auth` arguments of `kvferry.Agent` and `kvferry.authenticate_socket`."""
+        if self.secret_file is None:
+            return {"auth": self.auth}
+        with open(self.secret_file, "rb") as f:
+            return {"secret": f.read().rstrip(), "auth": self.auth}
 
     @staticmethod
     def from_extra(engine_id: str, kv_role: str | None, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
         extra = dict(extra or {})
         known = {"pd", "offload", "host", "port", "lease_seconds", "timeout_seconds", "shm", "fabric_provider"}
+        known |= {"secret_file", "auth"}
         unknown = set(extra) - known
         if unknown:
             raise ValueError(f"unknown kv_connector_extra_config keys {sorted(unknown)}; known: {sorted(known)}")
@@ -53,7 +66,16 @@ class ConnectorConfig:
             timeout_seconds=float(_positive(extra, "timeout_seconds", 30.0)),
             shm=bool(extra.get("shm", True)),
             fabric_provider=extra.get("fabric_provider"),
+            secret_file=None if extra.get("secret_file") is None else str(extra["secret_file"]),
+            auth=_choice(extra, "auth", ("env", "none"), "env"),
         )
+
+
+def _choice(d: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = d.get(key, default)
+    if value not in choices:
+        raise ValueError(f'"{key}" must be one of {list(choices)}, not {value!r}')
+    return value
 
 
 def _offload(d: Any) -> OffloadConfig:

@@ -261,7 +261,7 @@ class ConnectorScheduler:
         infos = {r: RankInfo.from_dict(m.info) for r, m in ranks.items() if isinstance(m, RankHandshake)}
         if len(infos) != self.tp_size:
             logger.warning("kvferry: %d of %d ranks sent handshake metadata", len(infos), self.tp_size)
-        self.server = HandshakeServer(self.cfg.host, self.cfg.port, infos)
+        self.server = HandshakeServer(self.cfg.host, self.cfg.port, infos, self.cfg.auth_kwargs())
         logger.info("kvferry: side channel of %s on %s:%d", self.cfg.engine_id, self.server.host, self.server.port)
 
     def shutdown(self) -> None:

@@ -132,6 +132,7 @@ class ConnectorWorker:
                 shm=self.cfg.shm,
                 fabric_provider=self.cfg.fabric_provider,
                 cuda_device=device.index or 0 if device.type == "cuda" else None,
+                **self.cfg.auth_kwargs(),
             )
         storages = {}
         for tensor in kv_caches.values():
@@ -383,7 +384,7 @@ class ConnectorWorker:
             cached = self._remote.get(engine)
         if cached is not None:
             return cached
-        ranks = fetch(host, port, self.cfg.timeout_seconds)
+        ranks = fetch(host, port, self.cfg.timeout_seconds, self.cfg.auth_kwargs())
         if any(info.engine_id != engine for info in ranks.values()):
             raise HandshakeError(f"{host}:{port} serves another engine than {engine}")
         with self._lock:
