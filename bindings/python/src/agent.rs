@@ -6,8 +6,8 @@ use std::sync::{Mutex, PoisonError};
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{
-    AgentConfig, MemKind, MemRegion, Op, PreparedDescs, Registration as CoreRegistration,
-    Transfer as CoreTransfer, TransferRequest, TransferStatus,
+    AgentConfig, MemKind, MemRegion, Op, PreparedDescs, Registration as CoreRegistration, Transfer as CoreTransfer,
+    TransferRequest, TransferStatus,
 };
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;

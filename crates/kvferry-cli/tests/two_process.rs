@@ -766,8 +766,15 @@ mod etcd {
         }
 
         fn exists(&self, key: &str) -> bool {
+            self.get(key).is_some()
+        }
+
+        /// The raw value under `key`, as etcd holds it.
+        fn get(&self, key: &str) -> Option<Vec<u8>> {
             let reply = self.post("/v3/kv/range", &format!(r#"{{"key":"{}"}}"#, BASE64.encode(key))).expect("range");
-            reply.contains("\"kvs\"")
+            let reply: serde_json::Value = serde_json::from_str(&reply).expect("etcd answers JSON");
+            let value = reply["kvs"].get(0)?["value"].as_str()?.to_string();
+            Some(BASE64.decode(value).expect("etcd values are base64"))
         }
     }
 
@@ -914,13 +921,21 @@ mod etcd {
         let discovery = join(&agent, &etcd);
         etcd.put(&format!("{PREFIX}etcd-junk"), b"not kvferry metadata");
         let err = discovery.lookup("etcd-junk").unwrap_err();
-        assert!(matches!(err, kvferry::Error::Metadata(_)), "{err}");
+        assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
         let err = discovery.lookup("etcd-nobody").unwrap_err();
         assert_eq!(err.code(), ErrorCode::DiscoveryPeerNotFound, "{err}");
-        // Another agent's metadata under a name that is not its own.
+        // What etcd holds is sealed under the secret: no plain metadata, so no keys, for its readers.
         let honest = kvferry::side_channel::exchange(&test_auth(), &served.side_channel, None, soon()).unwrap();
+        let stored = etcd.get(&format!("{PREFIX}etcd-honest")).expect("the served agent is published");
+        assert!(
+            !stored.windows(4).any(|w| w == b"KVFM") && !stored.windows(16).any(|w| honest.windows(16).any(|h| h == w))
+        );
+        // Plain metadata written by someone without the secret, or the honest sealed value moved
+        // under another name, is refused.
         etcd.put(&format!("{PREFIX}etcd-impostor"), &honest);
-        assert_eq!(discovery.lookup("etcd-impostor").unwrap_err().code(), ErrorCode::DiscoveryBadResponse);
+        assert_eq!(discovery.lookup("etcd-impostor").unwrap_err().code(), ErrorCode::Unauthenticated);
+        etcd.put(&format!("{PREFIX}etcd-impostor"), &stored);
+        assert_eq!(discovery.lookup("etcd-impostor").unwrap_err().code(), ErrorCode::Unauthenticated);
         assert!(!agent.peers().contains(&"etcd-honest".to_string()));
 
         // A tracked peer's key overwritten with garbage: the update is ignored, the peer stays.

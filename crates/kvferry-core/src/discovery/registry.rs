@@ -10,6 +10,7 @@ use super::DiscoveryError;
 use super::etcd::{EtcdClient, WatchEvent};
 use crate::agent::{Agent, AgentInner};
 use crate::error::{Error, Result};
+use crate::transport::TransferError;
 
 /// How an agent joins a cluster through etcd.
 #[derive(Debug, Clone)]
@@ -86,7 +87,9 @@ impl Shared {
     /// Publish the agent's metadata under the current lease.
     fn publish(&self, client: &EtcdClient, agent: &Agent) -> std::result::Result<(), DiscoveryError> {
         let generation = agent.generation();
-        client.put(&self.key(), &agent.metadata(), self.lease.load(Ordering::Acquire))?;
+        // Metadata carries registration keys: readers of etcd without the secret must not get them.
+        let key = self.key();
+        client.put(&key, &agent.auth().seal(&key, &agent.metadata()), self.lease.load(Ordering::Acquire))?;
         self.published.store(generation, Ordering::Release);
         Ok(())
     }
@@ -157,9 +160,14 @@ impl EtcdDiscovery {
     /// then on, its key vanishing fails its pending transfers and removes it.
     pub fn lookup(&self, name: &str) -> Result<String> {
         let key = [self.shared.prefix.as_slice(), name.as_bytes()].concat();
-        let Some(metadata) = self.client.get(&key)? else {
+        let Some(sealed) = self.client.get(&key)? else {
             return Err(DiscoveryError::PeerNotFound { name: name.into(), prefix: self.prefix() }.into());
         };
+        let metadata = self
+            .agent
+            .auth()
+            .open(&key, &sealed)
+            .map_err(|cause| TransferError::Unauthenticated { peer: name.into(), cause })?;
         // Track before adding, so that a deletion arriving meanwhile is not missed.
         self.shared.tracked.lock().unwrap().insert(name.to_string());
         let added = self.agent.add_peer(&metadata).and_then(|added| match added == name {
@@ -270,7 +278,10 @@ fn watch_peers(client: &EtcdClient, shared: &Shared, agent: &Weak<AgentInner>, m
                             if !shared.tracked.lock().unwrap().contains(&name) {
                                 continue;
                             }
-                            if let Err(e) = agent.add_peer(&value) {
+                            let update = agent.auth().open(&key, &value).map_err(|cause| {
+                                Error::from(TransferError::Unauthenticated { peer: name.clone(), cause })
+                            });
+                            if let Err(e) = update.and_then(|metadata| agent.add_peer(&metadata)) {
                                 tracing::warn!(peer = %name, error = %e, "etcd: ignoring a malformed update");
                             }
                         }
