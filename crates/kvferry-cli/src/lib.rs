@@ -5,5 +5,6 @@ pub mod gpu_bench;
 pub mod info;
 pub mod pattern;
 pub mod serve;
+pub mod soak;
 pub mod tier_bench;
 pub mod units;

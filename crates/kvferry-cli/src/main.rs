@@ -2,7 +2,7 @@
 //! what this machine and build can use.
 
 use clap::{Parser, Subcommand};
-use kvferry_cli::{bench, gpu_bench, info, serve};
+use kvferry_cli::{bench, gpu_bench, info, serve, soak};
 
 #[derive(Parser)]
 #[command(name = "kvferry", version, about = "KV-cache transfer data plane: benchmarks and tools")]
@@ -19,6 +19,9 @@ enum Command {
     GpuBench(gpu_bench::GpuBenchArgs),
     /// Host a registered buffer that initiators can read and write.
     Serve(serve::ServeArgs),
+    /// Transfers across processes while targets are killed, stopped and restarted, transfers
+    /// cancelled and registrations dropped; every byte checked, resources reported.
+    Soak(soak::SoakArgs),
     /// List devices and transports available here.
     Info {
         #[arg(long)]
@@ -35,6 +38,7 @@ fn main() {
         Command::Bench(args) => bench::run(&args),
         Command::GpuBench(args) => gpu_bench::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Soak(args) => soak::run(&args),
         Command::Info { json } => info::run(json),
     };
     if let Err(e) = result {
