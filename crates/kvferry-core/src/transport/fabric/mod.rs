@@ -34,6 +34,10 @@ pub const MAX_NOTIFICATION: u64 = 64 * 1024;
 /// Rails per transport at most (a key holds one `u64` per rail).
 pub const MAX_RAILS: usize = 16;
 
+/// The environment variable naming the libfabric to open instead of `libfabric.so.1` (a path, or
+/// a name for the dynamic linker); read when the first fabric transport starts.
+pub const LIBRARY_ENV: &str = sys::LIBRARY_ENV;
+
 /// Providers in the order "best available" tries them: hardware first, then TCP. `shm` only
 /// reaches the same host, so it is used only when named.
 const PREFERRED: &[&str] = &["cxi", "efa", "verbs", "psm3", "opx", "tcp"];
@@ -219,14 +223,14 @@ impl Info {
 /// The libfabric this process uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Libfabric {
-    /// What was opened: `libfabric.so.1`, or the value of `KVFERRY_LIBFABRIC`.
+    /// What was opened: `libfabric.so.1`, or the value of [`LIBRARY_ENV`].
     pub library: String,
     pub major: u32,
     pub minor: u32,
 }
 
 /// Opens libfabric, the first time it is called in the process (the fabric transport's start and
-/// [`providers`] call it): `libfabric.so.1`, or the library `KVFERRY_LIBFABRIC` names. Nothing
+/// [`providers`] call it): `libfabric.so.1`, or the library [`LIBRARY_ENV`] names. Nothing
 /// maps libfabric before. A missing library, one that is not libfabric, or one older than 1.17 is
 /// [`FabricError::Unavailable`] (code 522), the same answer each time.
 pub fn libfabric() -> Result<Libfabric> {
