@@ -169,18 +169,24 @@ fn optional(feature: &str, enabled: bool, what: &str) -> serde_json::Value {
 /// libfabric provider entry it can use (none without the feature).
 #[cfg(feature = "fabric")]
 fn fabric_report() -> (serde_json::Value, serde_json::Value) {
-    let list = match kvferry::transport::fabric::providers() {
-        Ok(list) => list,
-        Err(e) => {
-            return (json!({ "name": "fabric", "available": false, "detail": format!("libfabric: {e}") }), json!([]));
-        }
+    use kvferry::transport::fabric;
+    let unavailable = |detail: String| (json!({ "name": "fabric", "available": false, "detail": detail }), json!([]));
+    // Opened here, not at start: a missing libfabric is reported, not a failure to start.
+    let lib = match fabric::libfabric() {
+        Ok(lib) => lib,
+        Err(e) => return unavailable(e.to_string()),
     };
+    let list = match fabric::providers() {
+        Ok(list) => list,
+        Err(e) => return unavailable(format!("libfabric: {e}")),
+    };
+    let version = format!("libfabric {}.{} ({})", lib.major, lib.minor, lib.library);
     let entry = if list.is_empty() {
-        json!({ "name": "fabric", "available": false, "detail": "libfabric lists no RDM provider with RMA here" })
+        json!({ "name": "fabric", "available": false, "detail": format!("{version} lists no RDM provider with RMA here") })
     } else {
         let mut names: Vec<&str> = list.iter().map(|p| p.provider.as_str()).collect();
         names.dedup();
-        json!({ "name": "fabric", "available": true, "detail": format!("libfabric RDMA; providers: {}", names.join(", ")) })
+        json!({ "name": "fabric", "available": true, "detail": format!("{version} RDMA; providers: {}", names.join(", ")) })
     };
     let providers = list
         .iter()

@@ -523,6 +523,65 @@ mod fabric {
         assert_eq!(fabric["available"], true, "{fabric}");
     }
 
+    /// Libraries libfabric brings with it on Debian (psm's libinfinipath replaces SIGTERM's and
+    /// SIGSEGV's handlers with one that calls `exit` inside the handler).
+    const FABRIC_LIBRARIES: [&str; 4] = ["libfabric", "libinfinipath", "libpsm", "libefa"];
+
+    #[test]
+    fn the_binary_does_not_link_libfabric() {
+        // The dynamic linker lists what it would load for the binary, and exits.
+        let out = Command::new(KVFERRY).env("LD_TRACE_LOADED_OBJECTS", "1").output().unwrap();
+        let loaded = String::from_utf8_lossy(&out.stdout);
+        assert!(loaded.contains("libc.so.6"), "{loaded}");
+        for library in FABRIC_LIBRARIES {
+            assert!(!loaded.contains(library), "{library} is a dependency:\n{loaded}");
+        }
+    }
+
+    /// The libraries mapped into a running process, and the signals it catches (`SigCgt`).
+    fn mapped_and_caught(pid: u32) -> (String, String) {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let caught = status.lines().find(|l| l.starts_with("SigCgt:")).unwrap().to_string();
+        (maps, caught)
+    }
+
+    #[test]
+    fn libfabric_is_mapped_only_where_the_fabric_transport_runs_and_keeps_the_signal_handlers() {
+        let tcp = Served::start("1M", 1);
+        let (maps, tcp_caught) = mapped_and_caught(tcp.child.id());
+        for library in FABRIC_LIBRARIES {
+            assert!(!maps.contains(library), "{library} is mapped into a TCP-only serve:\n{maps}");
+        }
+        let fabric = serve("1M", 1, "tcp");
+        let (maps, fabric_caught) = mapped_and_caught(fabric.child.id());
+        assert!(maps.contains("libfabric.so"), "the fabric serve has libfabric:\n{maps}");
+        assert_eq!(fabric_caught, tcp_caught, "loading libfabric changed which signals the process catches");
+    }
+
+    #[test]
+    fn a_missing_libfabric_is_reported_by_info_and_refused_by_serve() {
+        let missing = "/nonexistent/libfabric.so.1";
+        let out = kvferry().args(["info", "--json"]).env(kvferry::transport::fabric::LIBRARY_ENV, missing).output();
+        let out = out.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let fabric = v["transports"].as_array().unwrap().iter().find(|t| t["name"] == "fabric").unwrap();
+        assert_eq!(fabric["available"], false, "{fabric}");
+        let detail = fabric["detail"].as_str().unwrap();
+        assert!(detail.contains("could not be loaded") && detail.contains(missing), "{detail}");
+        assert_eq!(v["fabric_providers"], serde_json::json!([]), "{v}");
+
+        let out = kvferry()
+            .args(["serve", "--buffer-size", "1M", "--transport", "fabric", "--provider", "tcp"])
+            .env(kvferry::transport::fabric::LIBRARY_ENV, missing)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && out.status.code().is_some(), "{:?}: {stderr}", out.status);
+        assert!(stderr.contains("could not be loaded") && stderr.contains(missing), "{stderr}");
+    }
+
     fn serve(buffer_size: &str, fill_seed: u64, provider: &str) -> Served {
         Served::start_with(buffer_size, fill_seed, &["--transport", "fabric", "--provider", provider])
     }

@@ -1,6 +1,5 @@
 #include "shim.h"
 
-struct fi_info *kvferry_fi_allocinfo(void) { return fi_allocinfo(); }
 int kvferry_fi_close(struct fid *fid) { return fi_close(fid); }
 int kvferry_fi_domain(struct fid_fabric *fabric, struct fi_info *info, struct fid_domain **domain, void *context) {
     return fi_domain(fabric, info, domain, context);

@@ -12,7 +12,6 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 
-struct fi_info *kvferry_fi_allocinfo(void);
 int kvferry_fi_close(struct fid *fid);
 int kvferry_fi_domain(struct fid_fabric *fabric, struct fi_info *info, struct fid_domain **domain, void *context);
 int kvferry_fi_endpoint(struct fid_domain *domain, struct fi_info *info, struct fid_ep **ep, void *context);

@@ -265,16 +265,10 @@ pub const FI_EOVERRUN: _bindgen_ty_1 = 268;
 pub const FI_ENORX: _bindgen_ty_1 = 269;
 pub const FI_ERRNO_MAX: _bindgen_ty_1 = 270;
 pub type _bindgen_ty_1 = ::core::ffi::c_uint;
-unsafe extern "C" {
-    pub fn fi_strerror(errnum: ::core::ffi::c_int) -> *const ::core::ffi::c_char;
-}
 pub const FI_PATH_MAX: _bindgen_ty_2 = 256;
 pub const FI_NAME_MAX: _bindgen_ty_2 = 64;
 pub const FI_VERSION_MAX: _bindgen_ty_2 = 64;
 pub type _bindgen_ty_2 = ::core::ffi::c_uint;
-unsafe extern "C" {
-    pub fn fi_version() -> u32;
-}
 pub type fid_t = *mut fid;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -588,22 +582,6 @@ pub struct fid {
     pub context: *mut ::core::ffi::c_void,
     pub ops: *mut fi_ops,
 }
-unsafe extern "C" {
-    pub fn fi_getinfo(
-        version: u32,
-        node: *const ::core::ffi::c_char,
-        service: *const ::core::ffi::c_char,
-        flags: u64,
-        hints: *const fi_info,
-        info: *mut *mut fi_info,
-    ) -> ::core::ffi::c_int;
-}
-unsafe extern "C" {
-    pub fn fi_freeinfo(info: *mut fi_info);
-}
-unsafe extern "C" {
-    pub fn fi_dupinfo(info: *const fi_info) -> *mut fi_info;
-}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct fi_ops_fabric {
@@ -662,13 +640,6 @@ pub struct fid_fabric {
     pub fid: fid,
     pub ops: *mut fi_ops_fabric,
     pub api_version: u32,
-}
-unsafe extern "C" {
-    pub fn fi_fabric(
-        attr: *mut fi_fabric_attr,
-        fabric: *mut *mut fid_fabric,
-        context: *mut ::core::ffi::c_void,
-    ) -> ::core::ffi::c_int;
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -759,9 +730,6 @@ pub const FI_TYPE_CQ_FORMAT: fi_type = 26;
 pub const FI_TYPE_LOG_LEVEL: fi_type = 27;
 pub const FI_TYPE_LOG_SUBSYS: fi_type = 28;
 pub type fi_type = ::core::ffi::c_uint;
-unsafe extern "C" {
-    pub fn fi_tostr(data: *const ::core::ffi::c_void, datatype: fi_type) -> *mut ::core::ffi::c_char;
-}
 pub const FI_PARAM_STRING: fi_param_type = 0;
 pub const FI_PARAM_INT: fi_param_type = 1;
 pub const FI_PARAM_BOOL: fi_param_type = 2;
@@ -1834,9 +1802,6 @@ pub struct fi_ops_rma {
             key: u64,
         ) -> isize,
     >,
-}
-unsafe extern "C" {
-    pub fn kvferry_fi_allocinfo() -> *mut fi_info;
 }
 unsafe extern "C" {
     pub fn kvferry_fi_close(fid: *mut fid) -> ::core::ffi::c_int;

@@ -12,7 +12,8 @@ mod rail;
 
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::ffi::CStr;
+use std::collections::BTreeSet;
+use std::ffi::{CStr, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -32,6 +33,10 @@ pub const MAX_NOTIFICATION: u64 = 64 * 1024;
 
 /// Rails per transport at most (a key holds one `u64` per rail).
 pub const MAX_RAILS: usize = 16;
+
+/// The environment variable naming the libfabric to open instead of `libfabric.so.1` (a path, or
+/// a name for the dynamic linker); read when the first fabric transport starts.
+pub const LIBRARY_ENV: &str = sys::LIBRARY_ENV;
 
 /// Providers in the order "best available" tries them: hardware first, then TCP. `shm` only
 /// reaches the same host, so it is used only when named.
@@ -64,6 +69,9 @@ impl Default for FabricConfig {
 pub enum FabricError {
     #[error("no libfabric provider {wanted} with RDM endpoints, RMA and messages is usable here{found}")]
     NoProvider { wanted: String, found: String },
+    /// libfabric is missing, is not libfabric, or is older than 1.17 (see [`libfabric`]).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{call} failed: {detail}")]
     Call { call: &'static str, code: i32, detail: String },
     #[error("peer {peer} uses fabric provider {theirs}; this agent uses {ours}")]
@@ -73,7 +81,7 @@ pub enum FabricError {
 impl FabricError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            FabricError::NoProvider { .. } => ErrorCode::FabricNoProvider,
+            FabricError::NoProvider { .. } | FabricError::Unavailable(_) => ErrorCode::FabricNoProvider,
             FabricError::Call { .. } => ErrorCode::FabricCall,
             FabricError::ProviderMismatch { .. } => ErrorCode::FabricProviderMismatch,
         }
@@ -212,12 +220,46 @@ impl Info {
     }
 }
 
-/// Every RDM provider entry with RMA and messages, as `fi_getinfo` lists them.
-fn get_infos(hmem: bool) -> Result<Vec<Info>> {
+/// The libfabric this process uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Libfabric {
+    /// What was opened: `libfabric.so.1`, or the value of [`LIBRARY_ENV`].
+    pub library: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// Opens libfabric, the first time it is called in the process (the fabric transport's start and
+/// [`providers`] call it): `libfabric.so.1`, or the library [`LIBRARY_ENV`] names. Nothing
+/// maps libfabric before. A missing library, one that is not libfabric, or one older than 1.17 is
+/// [`FabricError::Unavailable`] (code 522), the same answer each time.
+pub fn libfabric() -> Result<Libfabric> {
+    let lib = sys::load().map_err(|e| FabricError::Unavailable(e.to_string()))?;
+    Ok(Libfabric { library: lib.library().to_string(), major: lib.version() >> 16, minor: lib.version() & 0xffff })
+}
+
+/// Every RDM provider entry with RMA and messages, as `fi_getinfo` lists them: of `provider` only
+/// when named, so no other provider is asked (libfabric 1.17 still runs every built-in provider's
+/// initialisation, which only reads its parameters, except verbs and efa, which list devices).
+fn get_infos(hmem: bool, provider: Option<&str>) -> Result<Vec<Info>> {
+    libfabric()?;
+    let provider = provider
+        .map(CString::new)
+        .transpose()
+        .map_err(|_| Error::InvalidArgument("the fabric provider's name has a NUL byte".into()))?;
+    let out_of_memory = |call| FabricError::Call { call, code: 0, detail: "out of memory".into() };
     unsafe {
         let hints = sys::kvferry_fi_allocinfo();
         if hints.is_null() {
-            return Err(FabricError::Call { call: "fi_allocinfo", code: 0, detail: "out of memory".into() }.into());
+            return Err(out_of_memory("fi_allocinfo").into());
+        }
+        if let Some(name) = &provider {
+            // fi_freeinfo frees it.
+            (*(*hints).fabric_attr).prov_name = libc::strdup(name.as_ptr());
+            if (*(*hints).fabric_attr).prov_name.is_null() {
+                sys::fi_freeinfo(hints);
+                return Err(out_of_memory("strdup").into());
+            }
         }
         (*hints).caps = (sys::FI_MSG | sys::FI_RMA) as u64 | if hmem { sys::FI_HMEM } else { 0 };
         // Contexts are `fi_context2`-sized, so providers that need either may use them.
@@ -252,6 +294,26 @@ fn get_infos(hmem: bool) -> Result<Vec<Info>> {
     }
 }
 
+/// The core providers the loaded libfabric has, usable here or not; asks none of them.
+fn provider_names() -> Vec<String> {
+    let mut names = BTreeSet::new();
+    unsafe {
+        let mut list: *mut sys::fi_info = ptr::null_mut();
+        let flags = sys::FI_PROV_ATTR_ONLY;
+        if sys::fi_getinfo(sys::fi_version_of(1, 17), ptr::null(), ptr::null(), flags, ptr::null(), &mut list) != 0 {
+            return Vec::new();
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            names.insert(c_text((*(*cur).fabric_attr).prov_name));
+            cur = (*cur).next;
+        }
+        sys::fi_freeinfo(list);
+    }
+    // Utility and hook providers (`ofi_rxm`, `ofi_hook_perf`, ...) layer over core ones.
+    names.into_iter().filter(|n| !n.is_empty() && !n.starts_with("ofi_")).collect()
+}
+
 /// A provider entry as `kvferry info` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderInfo {
@@ -268,7 +330,7 @@ pub struct ProviderInfo {
 /// domain).
 pub fn providers() -> Result<Vec<ProviderInfo>> {
     let mut list: Vec<ProviderInfo> = Vec::new();
-    let entries = get_infos(false)?
+    let entries = get_infos(false, None)?
         .iter()
         .map(|i| ProviderInfo {
             provider: i.provider(),
@@ -305,7 +367,7 @@ pub fn providers() -> Result<Vec<ProviderInfo>> {
 
 /// The entries to open as rails: the named (or best) provider, one entry per domain.
 fn choose_rails(config: &FabricConfig) -> Result<Vec<Info>> {
-    let infos = get_infos(config.hmem)?;
+    let infos = get_infos(config.hmem, config.provider.as_deref())?;
     let wanted = match &config.provider {
         Some(p) => p.clone(),
         None => PREFERRED
@@ -327,10 +389,16 @@ fn choose_rails(config: &FabricConfig) -> Result<Vec<Info>> {
     }
     rails.truncate(config.rails.clamp(1, MAX_RAILS));
     if rails.is_empty() {
-        let found = infos.iter().map(Info::provider).collect::<std::collections::BTreeSet<_>>();
-        let found = match found.is_empty() {
-            true => String::new(),
-            false => format!(" (available: {})", found.into_iter().collect::<Vec<_>>().join(", ")),
+        // A named provider was the only one asked, so name the others without asking them.
+        let found = match &config.provider {
+            Some(_) => format!(
+                " (this libfabric has providers {}; `kvferry info` lists those usable here)",
+                provider_names().join(", ")
+            ),
+            None => match infos.iter().map(Info::provider).collect::<BTreeSet<_>>() {
+                found if found.is_empty() => String::new(),
+                found => format!(" (available: {})", found.into_iter().collect::<Vec<_>>().join(", ")),
+            },
         };
         let mut wanted = if wanted.is_empty() { "(any)".to_string() } else { format!("`{wanted}`") };
         if !config.domains.is_empty() {
