@@ -65,7 +65,8 @@ pub const AUTH_ENV: &str = "KVFERRY_AUTH";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub(crate) enum Channel {
-    SideChannel = 1,
+    /// The side channel's metadata exchange.
+    Exchange = 1,
     Tcp = 2,
     Shm = 3,
     /// A front end's own exchange over a socket it opened (see [`Auth::authenticate`]).
@@ -497,7 +498,7 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(5));
         let server = {
             let auth = auth.clone();
-            thread::spawn(move || auth.server(&mut b, Channel::SideChannel, deadline))
+            thread::spawn(move || auth.server(&mut b, Channel::Exchange, deadline))
         };
         assert!(auth.client(&mut a, Channel::Tcp, deadline).is_err());
         assert!(matches!(server.join().unwrap(), Err(AuthError::Protocol(_))));

@@ -97,7 +97,7 @@ fn read_frame(stream: &mut TcpStream, deadline: Deadline) -> io::Result<(u8, Vec
 
 fn serve_one(stream: &mut TcpStream, agent: &AgentInner) -> io::Result<()> {
     let deadline = Deadline::after(SERVE_TIMEOUT);
-    agent.auth.server(stream, Channel::SideChannel, deadline).map_err(|e| match e {
+    agent.auth.server(stream, Channel::Exchange, deadline).map_err(|e| match e {
         AuthError::Io(e) => e,
         other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
     })?;
@@ -131,7 +131,7 @@ pub fn exchange(auth: &Auth, addr: &str, own: Option<&[u8]>, deadline: Deadline)
         io::ErrorKind::InvalidData => protocol(e.to_string()),
         _ => unreachable(e.to_string()),
     };
-    auth.client(&mut stream, Channel::SideChannel, deadline).map_err(|e| e.into_error(addr))?;
+    auth.client(&mut stream, Channel::Exchange, deadline).map_err(|e| e.into_error(addr))?;
     let request = match own {
         Some(md) => frame(OP_EXCHANGE, md),
         None => frame(OP_GET, &[]),
