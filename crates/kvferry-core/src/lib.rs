@@ -7,6 +7,7 @@ pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod layout;
+pub mod limits;
 pub mod memory;
 pub mod metadata;
 pub mod metrics;
@@ -22,6 +23,7 @@ pub use auth::{Auth, AuthConfig};
 pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};
 
+pub use limits::{AgentLimits, ServeLimits};
 pub use layout::{KvLayout, KvPlacement, Region, Selection};
 #[cfg(feature = "cuda")]
 pub use memory::cuda::CudaDevice;

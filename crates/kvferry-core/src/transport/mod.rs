@@ -325,30 +325,64 @@ pub struct Notification {
     pub data: Vec<u8>,
 }
 
-/// Where transports deliver incoming notifications; the agent drains it.
-#[derive(Default)]
+/// Where transports deliver incoming notifications; the agent drains it. Bounded in count and
+/// bytes: a transport that can answer the sender refuses one that does not [`fit`](Self::fits),
+/// and the sender gets `PeerBusy`.
 pub struct NotificationQueue {
-    queue: Mutex<VecDeque<Notification>>,
+    queue: Mutex<Queued>,
     arrived: Condvar,
+    max_count: usize,
+    max_bytes: u64,
+}
+
+#[derive(Default)]
+struct Queued {
+    notifications: VecDeque<Notification>,
+    bytes: u64,
+}
+
+impl Default for NotificationQueue {
+    fn default() -> Self {
+        let limits = crate::limits::AgentLimits::default();
+        NotificationQueue::with_limits(limits.max_notifications, limits.max_notification_bytes)
+    }
 }
 
 impl NotificationQueue {
+    /// A queue holding at most `max_count` notifications and `max_bytes` of their data.
+    pub fn with_limits(max_count: usize, max_bytes: u64) -> Self {
+        NotificationQueue { queue: Mutex::default(), arrived: Condvar::new(), max_count, max_bytes }
+    }
+
+    /// Whether a notification of `bytes` fits now; a transport refuses one that does not to its
+    /// sender (who gets `PeerBusy`) rather than queue it.
+    pub fn fits(&self, bytes: u64) -> bool {
+        let q = self.queue.lock().unwrap();
+        q.notifications.len() < self.max_count && q.bytes.saturating_add(bytes) <= self.max_bytes
+    }
+
+    /// Queue `n`. A transport that can refuse a notification checks [`fits`](Self::fits) first.
     pub fn push(&self, n: Notification) {
-        self.queue.lock().unwrap().push_back(n);
+        let mut q = self.queue.lock().unwrap();
+        q.bytes += n.data.len() as u64;
+        q.notifications.push_back(n);
         self.arrived.notify_all();
     }
 
     pub fn take(&self) -> Vec<Notification> {
-        self.queue.lock().unwrap().drain(..).collect()
+        let mut q = self.queue.lock().unwrap();
+        q.bytes = 0;
+        q.notifications.drain(..).collect()
     }
 
     /// Waits until at least one notification is queued or the deadline passes, then takes all.
     pub fn wait(&self, deadline: Deadline) -> Vec<Notification> {
         let mut q = self.queue.lock().unwrap();
-        while q.is_empty() && !deadline.expired() {
+        while q.notifications.is_empty() && !deadline.expired() {
             q = self.arrived.wait_timeout(q, deadline.remaining()).unwrap().0;
         }
-        q.drain(..).collect()
+        q.bytes = 0;
+        q.notifications.drain(..).collect()
     }
 }
 
