@@ -782,9 +782,11 @@ impl<S: Service> ServerShared<S> {
         while let Some(id) = self.handshakes.pop(&self.stopping) {
             let Some((mut slot, accepted, _)) = self.take(id) else { continue };
             let deadline = Deadline::at(accepted + self.limits.handshake_timeout);
-            let next = self.service.handshake(&mut slot.stream, deadline).map(|conn| {
+            // From here the worker reads with deadlines; the mark only gates the first wake-up.
+            set_rcvlowat(slot.stream.as_raw_fd(), 1);
+            let next = self.service.handshake(&mut slot.stream, deadline);
+            let next = next.map(|conn| {
                 slot.conn = Some(conn);
-                set_rcvlowat(slot.stream.as_raw_fd(), 1);
                 Next::Idle
             });
             self.put_back(id, slot, next);
