@@ -230,10 +230,10 @@ impl DeadlineStream for UnixStream {
     }
 }
 
-/// The handshake's first message (see [`crate::auth`]): a connection is handed to a handshake
-/// worker only once all of it has arrived, so a client that sends nothing, or part of it, costs no
-/// thread time.
-const AUTH_HELLO_LEN: libc::c_int = 40;
+/// The head of the handshake's first message (see [`crate::auth`]): a connection is handed to a
+/// handshake worker only once that much has arrived, so a client that sends nothing costs no
+/// thread time, and one speaking another protocol is refused at once.
+const AUTH_HELLO_HEAD: libc::c_int = 8;
 
 /// A stream an event-driven [`Server`] can serve.
 pub(crate) trait ServeStream: DeadlineStream + AsRawFd + Send + 'static {}
@@ -674,7 +674,7 @@ impl<S: Service> ServerShared<S> {
         let fd = stream.as_raw_fd();
         let id = table.next;
         table.next += 1;
-        set_rcvlowat(fd, AUTH_HELLO_LEN);
+        set_rcvlowat(fd, AUTH_HELLO_HEAD);
         if let Err(e) = epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, id, true) {
             drop(table);
             tracing::warn!(server = %self.name, error = %e, "cannot watch a connection");
