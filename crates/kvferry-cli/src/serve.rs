@@ -221,7 +221,10 @@ impl Target {
         };
         tcp.listen.set_ip(args.listen.ip());
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
-        let config = AgentConfig { limits: args.limits.agent_limits(), ..agent_config(name, &args.transport, tcp, &args.fabric)? };
+        let config = AgentConfig {
+            limits: args.limits.agent_limits(),
+            ..agent_config(name, &args.transport, tcp, &args.fabric)?
+        };
         let agent = Agent::new(config).context("starting the agent")?;
         let buffer = alloc_buffer(args.buffer_size, args.memory == MemoryArg::Shared)?;
         if let Some(seed) = args.fill_seed {

@@ -180,7 +180,8 @@ fn accepting_at_the_descriptor_limit_does_not_spin() {
     let backing_off = |line: &String| line.contains("accept failed");
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let line = rx.recv_timeout(until.saturating_duration_since(Instant::now())).expect("an accept failure is logged");
+        let line =
+            rx.recv_timeout(until.saturating_duration_since(Instant::now())).expect("an accept failure is logged");
         if backing_off(&line) {
             break;
         }

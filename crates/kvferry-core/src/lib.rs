@@ -23,8 +23,8 @@ pub use auth::{Auth, AuthConfig};
 pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};
 
-pub use limits::{AgentLimits, ServeLimits};
 pub use layout::{KvLayout, KvPlacement, Region, Selection};
+pub use limits::{AgentLimits, ServeLimits};
 #[cfg(feature = "cuda")]
 pub use memory::cuda::CudaDevice;
 pub use memory::host::{HostAllocOptions, HostBuffer, HostDevice, HugePages};

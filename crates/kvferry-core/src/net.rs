@@ -449,7 +449,8 @@ impl<S: Service> Server<S> {
             fd => Ok(fd),
         };
         // SAFETY: plain system calls; the descriptors are owned from here on.
-        let epoll = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC), "creating an epoll")?) };
+        let epoll =
+            unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC), "creating an epoll")?) };
         let wake = unsafe {
             OwnedFd::from_raw_fd(cvt(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK), "creating an eventfd")?)
         };

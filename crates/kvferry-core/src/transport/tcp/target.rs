@@ -103,7 +103,13 @@ impl Service for TargetShared {
         Ok(Conn { from, reading: Reading::start() })
     }
 
-    fn readable(&self, stream: &mut TcpStream, conn: &mut Conn, worker: &mut Worker, deadline: Deadline) -> io::Result<Next> {
+    fn readable(
+        &self,
+        stream: &mut TcpStream,
+        conn: &mut Conn,
+        worker: &mut Worker,
+        deadline: Deadline,
+    ) -> io::Result<Next> {
         loop {
             match &mut conn.reading {
                 Reading::Header { buf, got } => {
@@ -200,16 +206,19 @@ impl Service for TargetShared {
                     let data = std::mem::take(buf);
                     conn.reading = Reading::start();
                     // A full queue refuses it, in step, and the sender gets `PeerBusy`.
-                    if !self.notifications.fits(data.len() as u64) {
+                    let len = data.len() as u64;
+                    if !self.notifications.reserve(len) {
                         respond_busy(stream, wire::BUSY_NOTIFICATIONS, deadline)?;
                         return Ok(Next::Idle);
                     }
-                    // Acknowledge first: a receiver that acts on the notification by shutting
-                    // down would otherwise close the connection before the sender learns it
-                    // succeeded. (Workers racing past `fits` overshoot the limits by at most one
-                    // notification each.)
-                    respond(stream, Ok(0), &[], deadline)?;
-                    self.notifications.push(Notification { from: conn.from.clone(), data });
+                    // Acknowledge first, in the room held: a receiver that acts on the
+                    // notification by shutting down would otherwise close the connection before
+                    // the sender learns it succeeded.
+                    if let Err(e) = respond(stream, Ok(0), &[], deadline) {
+                        self.notifications.release(len);
+                        return Err(e);
+                    }
+                    self.notifications.push_reserved(Notification { from: conn.from.clone(), data });
                     return Ok(Next::Idle);
                 }
             }
