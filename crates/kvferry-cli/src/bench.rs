@@ -261,6 +261,7 @@ fn serve_args(args: &BenchArgs, buffer_size: u64) -> ServeArgs {
         fabric: args.fabric.clone(),
         metrics: args.metrics,
         etcd: Default::default(),
+        limits: Default::default(),
     }
 }
 

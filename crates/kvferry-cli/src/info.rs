@@ -104,6 +104,7 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
             built_in("kv-events", cfg!(feature = "kv-events"), "tier store events over ZMQ in vLLM's KV event format"),
         ],
         "fabric_providers": fabric_providers,
+        "limits": limits_report(),
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -121,6 +122,10 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    println!("limits (defaults):");
+    for item in report["limits"].as_array().into_iter().flatten() {
+        println!("  {:<34} {}", item["name"].as_str().unwrap_or_default(), item["value"]);
+    }
     let providers = report["fabric_providers"].as_array().into_iter().flatten();
     for (i, p) in providers.enumerate() {
         if i == 0 {
@@ -136,6 +141,33 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The default limits on what peers can make an agent spend (`kvferry serve` flags set them).
+fn limits_report() -> serde_json::Value {
+    let tcp = kvferry::transport::tcp::TcpConfig::default();
+    let agent = kvferry::AgentLimits::default();
+    let mut rows = vec![json!({ "name": "tcp.request_timeout_s", "value": tcp.request_timeout.as_secs_f64() })];
+    for (prefix, l) in [("tcp", &tcp.limits), ("side_channel", &agent.side_channel)] {
+        let row = |name: &str, value: serde_json::Value| json!({ "name": format!("{prefix}.{name}"), "value": value });
+        rows.extend([
+            row("workers", l.workers.into()),
+            row("handshake_workers", l.handshake_workers.into()),
+            row("max_connections", l.max_connections.into()),
+            row("max_unauthenticated", l.max_unauthenticated.into()),
+            row("max_per_ip", l.max_per_ip.into()),
+            row("handshake_timeout_s", l.handshake_timeout.as_secs_f64().into()),
+            row("idle_timeout_s", l.idle_timeout.as_secs_f64().into()),
+            row("request_bytes", l.request_bytes.into()),
+        ]);
+    }
+    rows.extend([
+        json!({ "name": "notifications.max_count", "value": agent.max_notifications }),
+        json!({ "name": "notifications.max_bytes", "value": agent.max_notification_bytes }),
+        json!({ "name": "peers.max_exchanged", "value": agent.max_peers }),
+        json!({ "name": "peers.idle_timeout_s", "value": agent.peer_idle_timeout.as_secs_f64() }),
+    ]);
+    serde_json::Value::Array(rows)
 }
 
 fn json_list(v: &serde_json::Value) -> String {

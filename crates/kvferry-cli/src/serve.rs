@@ -9,7 +9,7 @@ use anyhow::Context;
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry::metrics::MetricsServer;
 use kvferry::transport::tcp::TcpConfig;
-use kvferry::{Agent, AgentConfig, Deadline, Registration};
+use kvferry::{Agent, AgentConfig, AgentLimits, Deadline, Registration, ServeLimits};
 
 use crate::{pattern, units};
 
@@ -51,6 +51,77 @@ pub struct ServeArgs {
     pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// What peers can make the served agent spend (`kvferry info` lists the defaults). They apply to
+/// the TCP transport and the side channel alike.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Seconds a served request may take from its first byte to its answer's last.
+    #[arg(long, default_value_t = 30.0)]
+    pub request_timeout: f64,
+    /// Threads serving requests, per transport.
+    #[arg(long)]
+    pub serve_workers: Option<usize>,
+    /// Connections open at once, per transport.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Connections that have not proven the cluster secret yet, per transport.
+    #[arg(long)]
+    pub max_unauthenticated: Option<usize>,
+    /// Connections from one IP address, per transport.
+    #[arg(long)]
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds from accept to a proven cluster secret.
+    #[arg(long)]
+    pub handshake_timeout: Option<f64>,
+    /// Notifications queued and not yet taken.
+    #[arg(long)]
+    pub max_notifications: Option<usize>,
+    /// Peers added through the side channel.
+    #[arg(long)]
+    pub max_peers: Option<usize>,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        LimitArgs {
+            request_timeout: TcpConfig::default().request_timeout.as_secs_f64(),
+            serve_workers: None,
+            max_connections: None,
+            max_unauthenticated: None,
+            max_connections_per_ip: None,
+            handshake_timeout: None,
+            max_notifications: None,
+            max_peers: None,
+        }
+    }
+}
+
+impl LimitArgs {
+    fn serve_limits(&self) -> ServeLimits {
+        let d = ServeLimits::default();
+        ServeLimits {
+            workers: self.serve_workers.unwrap_or(d.workers),
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_unauthenticated: self.max_unauthenticated.unwrap_or(d.max_unauthenticated),
+            max_per_ip: self.max_connections_per_ip.unwrap_or(d.max_per_ip),
+            handshake_timeout: self.handshake_timeout.map_or(d.handshake_timeout, Duration::from_secs_f64),
+            ..d
+        }
+    }
+
+    fn agent_limits(&self) -> AgentLimits {
+        let d = AgentLimits::default();
+        AgentLimits {
+            side_channel: self.serve_limits(),
+            max_notifications: self.max_notifications.unwrap_or(d.max_notifications),
+            max_peers: self.max_peers.unwrap_or(d.max_peers),
+            ..d
+        }
+    }
 }
 
 /// Publishing the agent in etcd, in builds with the `etcd` feature.
@@ -141,12 +212,20 @@ pub struct Target {
 
 impl Target {
     pub fn start(args: &ServeArgs) -> anyhow::Result<Target> {
-        let mut tcp =
-            TcpConfig { streams: args.streams, advertise_host: args.advertise.clone(), ..TcpConfig::default() };
+        let mut tcp = TcpConfig {
+            streams: args.streams,
+            advertise_host: args.advertise.clone(),
+            request_timeout: Duration::from_secs_f64(args.limits.request_timeout),
+            limits: args.limits.serve_limits(),
+            ..TcpConfig::default()
+        };
         tcp.listen.set_ip(args.listen.ip());
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
-        let agent =
-            Agent::new(agent_config(name, &args.transport, tcp, &args.fabric)?).context("starting the agent")?;
+        let config = AgentConfig {
+            limits: args.limits.agent_limits(),
+            ..agent_config(name, &args.transport, tcp, &args.fabric)?
+        };
+        let agent = Agent::new(config).context("starting the agent")?;
         let buffer = alloc_buffer(args.buffer_size, args.memory == MemoryArg::Shared)?;
         if let Some(seed) = args.fill_seed {
             // Nothing is registered yet, so nobody else touches the buffer.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{Auth, AuthConfig};
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorCode, Result};
+use crate::limits::AgentLimits;
 use crate::memory::{MemRegion, Memory};
 use crate::metadata::{AgentMetadata, RegionInfo};
 use crate::metrics::Metrics;
@@ -129,6 +130,9 @@ pub struct AgentConfig {
     pub fabric: Option<crate::transport::fabric::FabricConfig>,
     /// How peers prove the cluster secret on every channel (see [`AuthConfig`]).
     pub auth: AuthConfig,
+    /// What peers can make the agent spend: the side channel's connections, queued notifications,
+    /// peers added through the side channel.
+    pub limits: AgentLimits,
 }
 
 impl AgentConfig {
@@ -144,6 +148,7 @@ impl AgentConfig {
             #[cfg(feature = "fabric")]
             fabric: None,
             auth: AuthConfig::default(),
+            limits: AgentLimits::default(),
         }
     }
 }
@@ -165,6 +170,12 @@ struct Peer {
     /// Transfers posted to the peer that may not have settled, so that [`Agent::peer_gone`] can
     /// fail them. Kept across metadata updates.
     pending: Arc<Pending>,
+    /// Added by its own EXCHANGE on the side channel (not by this agent's caller): such a peer
+    /// counts against [`AgentLimits::max_peers`] and is forgotten once idle.
+    exchanged: bool,
+    /// When a transfer to the peer was last posted or its metadata last arrived, in milliseconds
+    /// since the agent started.
+    last_used: AtomicU64,
 }
 
 /// The transfers posted to one peer, pruned of settled ones as it grows.
@@ -246,6 +257,8 @@ pub(crate) struct AgentInner {
     side_channel: Mutex<Option<SideChannelServer>>,
     metrics: Arc<Metrics>,
     pub(crate) auth: Auth,
+    limits: AgentLimits,
+    started: Instant,
 }
 
 /// One engine rank's endpoint: registered memory, transports, peers, transfers. Cheap to clone.
@@ -440,7 +453,9 @@ impl Agent {
             return Err(Error::InvalidArgument("an agent name must be 1 to 65535 bytes".into()));
         }
         let auth = Auth::resolve(&config.auth)?;
-        let notifications = Arc::new(NotificationQueue::default());
+        let limits = config.limits.clone();
+        let notifications =
+            Arc::new(NotificationQueue::with_limits(limits.max_notifications, limits.max_notification_bytes));
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         let stager = config.staging.map(Stager::new).transpose()?.map(Arc::new);
         // In order of preference: add_peer links a peer through the first of these that reaches it.
@@ -490,6 +505,8 @@ impl Agent {
                 side_channel: Mutex::new(None),
                 metrics: Arc::new(Metrics::default()),
                 auth,
+                limits,
+                started: Instant::now(),
             }),
         })
     }
@@ -761,6 +778,7 @@ impl Agent {
         let n_ops = ops.len();
         let mode = link.mode(&ops);
         let completion = Arc::new(completion.observed(self.inner.metrics.clone(), *transport));
+        peer.last_used.store(self.inner.now_ms(), Ordering::Relaxed);
         peer.pending.push(&completion);
         if let Err(e) = link.post(Batch { ops, completion: completion.clone(), keep_alive }) {
             completion.abandon();
@@ -782,7 +800,7 @@ impl Agent {
     /// Serve this agent's metadata on `listen` so peers can find it from `host:port` alone.
     /// Returns the bound address. Peers that send their own metadata are added as peers.
     pub fn serve_side_channel(&self, listen: SocketAddr) -> Result<SocketAddr> {
-        let server = side_channel::serve(Arc::downgrade(&self.inner), listen)?;
+        let server = side_channel::serve(Arc::downgrade(&self.inner), listen, self.inner.limits.side_channel.clone())?;
         let addr = server.local_addr();
         *self.inner.side_channel.lock().unwrap() = Some(server);
         Ok(addr)
@@ -928,7 +946,45 @@ impl AgentInner {
     }
 
     pub(crate) fn add_peer(&self, bytes: &[u8]) -> Result<String> {
+        self.link_peer(AgentMetadata::decode(bytes)?, false)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Add the peer whose EXCHANGE arrived on the side channel. Such peers are bounded in number:
+    /// idle ones are forgotten first, and when none is, a new one is refused as busy.
+    pub(crate) fn add_exchanged_peer(&self, bytes: &[u8]) -> Result<String> {
         let meta = AgentMetadata::decode(bytes)?;
+        let idle_ms = self.limits.peer_idle_timeout.as_millis() as u64;
+        let now = self.now_ms();
+        let mut peers = self.peers.write().unwrap();
+        if !peers.contains_key(&meta.name) {
+            let exchanged = peers.values().filter(|p| p.exchanged).count();
+            if exchanged >= self.limits.max_peers {
+                peers.retain(|name, p| {
+                    let keep = !p.exchanged || now.saturating_sub(p.last_used.load(Ordering::Relaxed)) < idle_ms;
+                    if !keep {
+                        tracing::info!(peer = %name, "forgetting a peer idle since it exchanged metadata");
+                    }
+                    keep
+                });
+                if peers.values().filter(|p| p.exchanged).count() >= self.limits.max_peers {
+                    return Err(TransferError::PeerBusy {
+                        peer: meta.name,
+                        op: Op::Notify,
+                        cause: format!("this agent holds {} peers added by exchange", self.limits.max_peers),
+                    }
+                    .into());
+                }
+            }
+        }
+        drop(peers);
+        self.link_peer(meta, true)
+    }
+
+    fn link_peer(&self, meta: AgentMetadata, exchanged: bool) -> Result<String> {
         if meta.name == self.name {
             return Err(Error::InvalidArgument(format!("metadata of {} is this agent's own", meta.name)));
         }
@@ -936,6 +992,7 @@ impl AgentInner {
             let unchanged = known.meta.endpoints == meta.endpoints && known.meta.regions == meta.regions;
             if unchanged || known.meta.generation > meta.generation {
                 // Nothing new, or older news: keep the link, its connections and prepared lists valid.
+                known.last_used.store(self.now_ms(), Ordering::Relaxed);
                 return Ok(meta.name);
             }
         }
@@ -967,8 +1024,12 @@ impl AgentInner {
         }
         let name = meta.name.clone();
         let mut peers = self.peers.write().unwrap();
-        let pending = peers.get(&name).map(|p| p.pending.clone()).unwrap_or_default();
-        peers.insert(name.clone(), Arc::new(Peer { meta, links, pending }));
+        let known = peers.get(&name);
+        let pending = known.map(|p| p.pending.clone()).unwrap_or_default();
+        // A peer the caller added stays one the caller added.
+        let exchanged = exchanged && known.is_none_or(|p| p.exchanged);
+        let last_used = AtomicU64::new(self.now_ms());
+        peers.insert(name.clone(), Arc::new(Peer { meta, links, pending, exchanged, last_used }));
         Ok(name)
     }
 

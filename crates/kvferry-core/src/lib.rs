@@ -7,6 +7,7 @@ pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod layout;
+pub mod limits;
 pub mod memory;
 pub mod metadata;
 pub mod metrics;
@@ -23,6 +24,7 @@ pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};
 
 pub use layout::{KvLayout, KvPlacement, Region, Selection};
+pub use limits::{AgentLimits, ServeLimits};
 #[cfg(feature = "cuda")]
 pub use memory::cuda::CudaDevice;
 pub use memory::host::{HostAllocOptions, HostBuffer, HostDevice, HugePages};

@@ -1,18 +1,21 @@
-//! A listening socket served by a thread that stops when its [`Acceptor`] is dropped: TCP for the
-//! transport and the side channel, Unix for the shared-memory transport.
+//! Serving listening sockets: an event-driven [`Server`] (a fixed set of threads whatever the
+//! number of connections, with the limits of [`ServeLimits`]) for the TCP transport and the side
+//! channel, and an [`Acceptor`] (a thread per connection) for the shared-memory transport and the
+//! metrics endpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
+use crate::limits::{LogLimiter, ServeLimits};
 
 /// Connect to the first address `addr` (`host:port`) resolves to that accepts before the deadline;
 /// the error says why the last attempt failed.
@@ -224,5 +227,583 @@ impl DeadlineStream for UnixStream {
     fn set_timeouts(&self, left: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(left))?;
         self.set_write_timeout(Some(left))
+    }
+}
+
+/// The head of the handshake's first message (see [`crate::auth`]): a connection is handed to a
+/// handshake worker only once that much has arrived, so a client that sends nothing costs no
+/// thread time, and one speaking another protocol is refused at once.
+const AUTH_HELLO_HEAD: libc::c_int = 8;
+
+/// A stream an event-driven [`Server`] can serve.
+pub(crate) trait ServeStream: DeadlineStream + AsRawFd + Send + 'static {}
+
+impl ServeStream for TcpStream {}
+
+impl ServeStream for UnixStream {}
+
+/// A listener an event-driven [`Server`] accepts on.
+pub(crate) trait EventListener: AsRawFd + Send + 'static {
+    type Stream: ServeStream;
+    /// Accept one connection, with the peer's IP address where it has one.
+    fn accept_ready(&self) -> io::Result<(Self::Stream, Option<IpAddr>)>;
+}
+
+impl EventListener for TcpListener {
+    type Stream = TcpStream;
+
+    fn accept_ready(&self) -> io::Result<(TcpStream, Option<IpAddr>)> {
+        self.accept().map(|(s, a)| (s, Some(a.ip())))
+    }
+}
+
+impl EventListener for UnixListener {
+    type Stream = UnixStream;
+
+    fn accept_ready(&self) -> io::Result<(UnixStream, Option<IpAddr>)> {
+        self.accept().map(|(s, _)| (s, None))
+    }
+}
+
+/// What a request left its connection in.
+pub(crate) enum Next {
+    /// Part of a request has arrived: wait for more (the request's deadline still runs).
+    Park,
+    /// The request is answered (or none had started): wait for the next one.
+    Idle,
+    /// Close the connection.
+    Close,
+}
+
+/// The protocol an event-driven [`Server`] speaks.
+pub(crate) trait Service: Send + Sync + 'static {
+    type Stream: ServeStream;
+    /// What a connection keeps once authenticated (a partly read request, say).
+    type Conn: Send + 'static;
+    /// What a worker thread keeps between requests (scratch buffers).
+    type Worker: Default;
+    /// The longest a request may take, from its first byte to its answer's last.
+    fn request_timeout(&self) -> Duration;
+    /// Prove the cluster secret (and any hello) by `deadline`.
+    fn handshake(&self, stream: &mut Self::Stream, deadline: Deadline) -> io::Result<Self::Conn>;
+    /// The connection is readable: read what has arrived without blocking, and serve the request
+    /// once it is whole, by `deadline`.
+    fn readable(
+        &self,
+        stream: &mut Self::Stream,
+        conn: &mut Self::Conn,
+        worker: &mut Self::Worker,
+        deadline: Deadline,
+    ) -> io::Result<Next>;
+}
+
+/// Read what has arrived, without blocking: `Ok(0)` is end of file, `WouldBlock` nothing yet.
+pub(crate) fn recv_ready(stream: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) {
+    // SAFETY: a plain socket option on a descriptor we hold. Best effort: where it is not
+    // supported, a partial hello reaches a handshake worker, whose deadline still bounds it.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+const LISTENER: u64 = 0;
+const WAKE: u64 = 1;
+/// How often connections past their deadlines are looked for.
+const SWEEP: Duration = Duration::from_millis(100);
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A connection of an event-driven server.
+struct Entry<S: Service> {
+    fd: RawFd,
+    ip: Option<IpAddr>,
+    accepted: Instant,
+    /// When the handshake finished; `None` before.
+    authenticated: Option<Instant>,
+    /// The first byte of the request being read arrived by then; `None` between requests.
+    request_since: Option<Instant>,
+    served_any: bool,
+    /// `None` while a worker holds the connection.
+    slot: Option<Slot<S>>,
+}
+
+struct Slot<S: Service> {
+    stream: S::Stream,
+    conn: Option<S::Conn>,
+}
+
+struct Table<S: Service> {
+    entries: HashMap<u64, Entry<S>>,
+    next: u64,
+    unauthenticated: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl<S: Service> Table<S> {
+    fn remove(&mut self, id: u64) -> Option<Entry<S>> {
+        let entry = self.entries.remove(&id)?;
+        if entry.authenticated.is_none() {
+            self.unauthenticated -= 1;
+        }
+        if let Some(ip) = entry.ip
+            && let Some(n) = self.per_ip.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+        Some(entry)
+    }
+}
+
+/// Connection ids handed to a pool of workers.
+struct Queue {
+    ids: Mutex<VecDeque<u64>>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn new() -> Queue {
+        Queue { ids: Mutex::new(VecDeque::new()), ready: Condvar::new() }
+    }
+
+    fn push(&self, id: u64) {
+        self.ids.lock().unwrap().push_back(id);
+        self.ready.notify_one();
+    }
+
+    /// The next id, or `None` once `stopping` is set.
+    fn pop(&self, stopping: &AtomicBool) -> Option<u64> {
+        let mut ids = self.ids.lock().unwrap();
+        loop {
+            if stopping.load(Ordering::Acquire) {
+                return None;
+            }
+            if let Some(id) = ids.pop_front() {
+                return Some(id);
+            }
+            ids = self.ready.wait(ids).unwrap();
+        }
+    }
+
+    fn stop(&self) {
+        let _guard = self.ids.lock().unwrap();
+        self.ready.notify_all();
+    }
+}
+
+struct ServerShared<S: Service> {
+    service: Arc<S>,
+    limits: ServeLimits,
+    name: String,
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    table: Mutex<Table<S>>,
+    handshakes: Queue,
+    requests: Queue,
+    stopping: AtomicBool,
+    refused_log: LogLimiter,
+    accept_log: LogLimiter,
+}
+
+/// An event-driven server: one thread accepts and watches every idle connection (epoll, one-shot),
+/// a fixed pool of workers runs handshakes and another serves requests, each request on the
+/// connection it arrived on and within its deadline. An idle connection costs a descriptor and an
+/// entry, never a thread; the limits decide how many there may be.
+pub(crate) struct Server<S: Service> {
+    shared: Arc<ServerShared<S>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl<S: Service> Server<S> {
+    /// Serve connections accepted on `listener` with `service`.
+    pub fn start<L: EventListener<Stream = S::Stream>>(
+        listener: L,
+        name: &str,
+        service: Arc<S>,
+        limits: ServeLimits,
+    ) -> Result<Self> {
+        let cvt = |r: libc::c_int, what: &str| match r {
+            -1 => Err(Error::io(what.to_string(), io::Error::last_os_error())),
+            fd => Ok(fd),
+        };
+        // SAFETY: plain system calls; the descriptors are owned from here on.
+        let epoll =
+            unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC), "creating an epoll")?) };
+        let wake = unsafe {
+            OwnedFd::from_raw_fd(cvt(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK), "creating an eventfd")?)
+        };
+        set_nonblocking(listener.as_raw_fd()).map_err(|e| Error::io("making the listener non-blocking", e))?;
+        epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, listener.as_raw_fd(), LISTENER, true)
+            .map_err(|e| Error::io("watching the listener", e))?;
+        epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, wake.as_raw_fd(), WAKE, false)
+            .map_err(|e| Error::io("watching the wake eventfd", e))?;
+        let limits = ServeLimits {
+            workers: limits.workers.max(1),
+            handshake_workers: limits.handshake_workers.max(1),
+            ..limits
+        };
+        let shared = Arc::new(ServerShared {
+            service,
+            limits,
+            name: name.to_string(),
+            epoll,
+            wake,
+            table: Mutex::new(Table { entries: HashMap::new(), next: 2, unauthenticated: 0, per_ip: HashMap::new() }),
+            handshakes: Queue::new(),
+            requests: Queue::new(),
+            stopping: AtomicBool::new(false),
+            refused_log: LogLimiter::per_second(),
+            accept_log: LogLimiter::per_second(),
+        });
+        let mut server = Server { shared: shared.clone(), threads: Vec::new() };
+        let spawn = |name: String, run: Box<dyn FnOnce() + Send>| {
+            thread::Builder::new().name(name).spawn(run).map_err(|e| Error::io("spawning a serving thread", e))
+        };
+        let s = shared.clone();
+        server.threads.push(spawn(name.to_string(), Box::new(move || s.poll(listener)))?);
+        for i in 0..shared.limits.handshake_workers {
+            let s = shared.clone();
+            server.threads.push(spawn(format!("{name}-hs{i}"), Box::new(move || s.run_handshakes()))?);
+        }
+        for i in 0..shared.limits.workers {
+            let s = shared.clone();
+            server.threads.push(spawn(format!("{name}-w{i}"), Box::new(move || s.run_requests()))?);
+        }
+        Ok(server)
+    }
+
+    /// Connections open now.
+    #[cfg(test)]
+    pub fn connections(&self) -> usize {
+        self.shared.table.lock().unwrap().entries.len()
+    }
+}
+
+impl<S: Service> Drop for Server<S> {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        shared.stopping.store(true, Ordering::Release);
+        let one = 1u64;
+        // SAFETY: an eventfd takes an 8-byte counter increment.
+        unsafe { libc::write(shared.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        shared.handshakes.stop();
+        shared.requests.stop();
+        {
+            // Wake workers blocked mid-request; a worker removes its connection from the table
+            // before closing it, so every descriptor here is still open.
+            let table = shared.table.lock().unwrap();
+            for entry in table.entries.values() {
+                // SAFETY: shutting down a socket the table keeps open.
+                unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
+            }
+        }
+        let me = thread::current().id();
+        for t in self.threads.drain(..) {
+            // The last reference to what owns the server may be dropped on one of its workers.
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        shared.table.lock().unwrap().entries.clear();
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we hold.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags == -1 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn epoll_ctl(epoll: &OwnedFd, op: libc::c_int, fd: RawFd, token: u64, oneshot: bool) -> io::Result<()> {
+    let mut events = libc::EPOLLIN | libc::EPOLLRDHUP;
+    if oneshot {
+        events |= libc::EPOLLONESHOT;
+    }
+    let mut event = libc::epoll_event { events: events as u32, u64: token };
+    // SAFETY: `event` is a valid epoll_event for the call's duration.
+    match unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut event) } {
+        -1 => Err(io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
+impl<S: Service> ServerShared<S> {
+    fn refused(&self, why: &str, ip: Option<IpAddr>) {
+        if let Some(suppressed) = self.refused_log.allow() {
+            tracing::warn!(server = %self.name, ?ip, suppressed, "connection refused: {why}");
+        }
+    }
+
+    /// The accept and readiness loop.
+    fn poll<L: EventListener<Stream = S::Stream>>(&self, listener: L) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut backoff = BACKOFF_MIN;
+        let mut accept_paused_until: Option<Instant> = None;
+        let mut last_sweep = Instant::now();
+        while !self.stopping.load(Ordering::Acquire) {
+            let mut timeout = SWEEP;
+            if let Some(until) = accept_paused_until {
+                timeout = timeout.min(until.saturating_duration_since(Instant::now()));
+            }
+            // SAFETY: `events` has room for its length.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as libc::c_int,
+                    timeout.as_millis().max(1) as libc::c_int,
+                )
+            };
+            if self.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            let now = Instant::now();
+            for event in events.iter().take(n.max(0) as usize) {
+                match event.u64 {
+                    LISTENER => match self.accept_all(&listener) {
+                        Ok(()) => {
+                            backoff = BACKOFF_MIN;
+                            self.rearm_listener(&listener);
+                        }
+                        Err(e) => {
+                            // Out of descriptors or memory: pending connections stay in the
+                            // backlog, and accepting again at once would only fail again.
+                            if let Some(suppressed) = self.accept_log.allow() {
+                                tracing::warn!(server = %self.name, error = %e, suppressed, retry_in = ?backoff,
+                                    "accept failed; backing off");
+                            }
+                            accept_paused_until = Some(now + backoff);
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                        }
+                    },
+                    WAKE => {}
+                    id => self.ready(id, now),
+                }
+            }
+            if accept_paused_until.is_some_and(|t| t <= Instant::now()) {
+                accept_paused_until = None;
+                self.rearm_listener(&listener);
+            }
+            if now.duration_since(last_sweep) >= SWEEP {
+                last_sweep = now;
+                self.sweep(now);
+            }
+        }
+    }
+
+    fn rearm_listener<L: EventListener>(&self, listener: &L) {
+        if let Err(e) = epoll_ctl(&self.epoll, libc::EPOLL_CTL_MOD, listener.as_raw_fd(), LISTENER, true) {
+            tracing::error!(server = %self.name, error = %e, "cannot watch the listener");
+        }
+    }
+
+    /// Accept until the backlog is empty; `Err` for a failure that retrying at once cannot fix.
+    fn accept_all<L: EventListener<Stream = S::Stream>>(&self, listener: &L) -> io::Result<()> {
+        loop {
+            match listener.accept_ready() {
+                Ok((stream, ip)) => self.admit(stream, ip),
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EAGAIN) => return Ok(()),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => return Err(e),
+                    // The client gave up before we took it (ECONNABORTED), a signal, ...
+                    _ => {}
+                },
+            }
+        }
+    }
+
+    /// Take a new connection in, or close it at once if it is over a limit.
+    fn admit(&self, stream: S::Stream, ip: Option<IpAddr>) {
+        let limits = &self.limits;
+        let mut table = self.table.lock().unwrap();
+        if table.entries.len() >= limits.max_connections {
+            drop(table);
+            return self.refused("too many connections", ip);
+        }
+        if let Some(ip) = ip
+            && table.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_per_ip
+        {
+            drop(table);
+            return self.refused("too many connections from this address", ip.into());
+        }
+        if table.unauthenticated >= limits.max_unauthenticated {
+            // The oldest connection that has sent no whole hello gives way: a flood of silent
+            // connections cannot keep an honest client from authenticating.
+            let oldest = table
+                .entries
+                .iter()
+                .filter(|(_, e)| e.authenticated.is_none() && e.slot.is_some())
+                .min_by_key(|(_, e)| e.accepted)
+                .map(|(&id, _)| id);
+            match oldest {
+                Some(id) => {
+                    let old = table.remove(id).expect("listed above");
+                    self.refused("too many unauthenticated connections; closed the oldest", old.ip);
+                    let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, old.fd, 0, false);
+                }
+                None => {
+                    drop(table);
+                    return self.refused("too many unauthenticated connections", ip);
+                }
+            }
+        }
+        let fd = stream.as_raw_fd();
+        let id = table.next;
+        table.next += 1;
+        set_rcvlowat(fd, AUTH_HELLO_HEAD);
+        if let Err(e) = epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, id, true) {
+            drop(table);
+            tracing::warn!(server = %self.name, error = %e, "cannot watch a connection");
+            return;
+        }
+        table.unauthenticated += 1;
+        if let Some(ip) = ip {
+            *table.per_ip.entry(ip).or_default() += 1;
+        }
+        let entry = Entry {
+            fd,
+            ip,
+            accepted: Instant::now(),
+            authenticated: None,
+            request_since: None,
+            served_any: false,
+            slot: Some(Slot { stream, conn: None }),
+        };
+        table.entries.insert(id, entry);
+    }
+
+    /// A watched connection became readable: hand it to a worker.
+    fn ready(&self, id: u64, now: Instant) {
+        let mut table = self.table.lock().unwrap();
+        let Some(entry) = table.entries.get_mut(&id) else { return };
+        if entry.slot.is_none() {
+            return;
+        }
+        match entry.authenticated {
+            None => {
+                drop(table);
+                self.handshakes.push(id);
+            }
+            Some(_) => {
+                entry.request_since.get_or_insert(now);
+                drop(table);
+                self.requests.push(id);
+            }
+        }
+    }
+
+    /// Close the connections not held by a worker that are past a deadline.
+    fn sweep(&self, now: Instant) {
+        let limits = &self.limits;
+        let request_timeout = self.service.request_timeout();
+        let mut table = self.table.lock().unwrap();
+        let expired: Vec<u64> = table
+            .entries
+            .iter()
+            .filter(|(_, e)| e.slot.is_some())
+            .filter(|(_, e)| match (e.authenticated, e.request_since) {
+                (None, _) => now >= e.accepted + limits.handshake_timeout,
+                (Some(_), Some(since)) => now >= since + request_timeout,
+                (Some(at), None) => !e.served_any && now >= at + limits.idle_timeout,
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            if let Some(entry) = table.remove(id) {
+                tracing::debug!(server = %self.name, ip = ?entry.ip, "closing a connection past its deadline");
+                let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, entry.fd, 0, false);
+            }
+        }
+    }
+
+    /// Take a connection out of the table for a worker.
+    fn take(&self, id: u64) -> Option<(Slot<S>, Instant, Option<Instant>)> {
+        let mut table = self.table.lock().unwrap();
+        let entry = table.entries.get_mut(&id)?;
+        let slot = entry.slot.take()?;
+        Some((slot, entry.accepted, entry.request_since))
+    }
+
+    /// Give a connection back and watch it again, or close it.
+    fn put_back(&self, id: u64, slot: Slot<S>, next: io::Result<Next>) {
+        let mut table = self.table.lock().unwrap();
+        let keep = matches!(next, Ok(Next::Park | Next::Idle)) && !self.stopping.load(Ordering::Acquire);
+        if keep && table.entries.contains_key(&id) {
+            let entry = table.entries.get_mut(&id).expect("present above");
+            let newly_authenticated = entry.authenticated.is_none();
+            entry.authenticated.get_or_insert_with(Instant::now);
+            if matches!(next, Ok(Next::Idle)) && entry.request_since.take().is_some() {
+                entry.served_any = true;
+            }
+            let fd = entry.fd;
+            entry.slot = Some(slot);
+            if newly_authenticated {
+                table.unauthenticated -= 1;
+            }
+            if epoll_ctl(&self.epoll, libc::EPOLL_CTL_MOD, fd, id, true).is_ok() {
+                return;
+            }
+        } else if let Err(e) = &next {
+            tracing::debug!(server = %self.name, error = %e, "connection closed");
+        }
+        if let Some(entry) = table.remove(id) {
+            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, entry.fd, 0, false);
+            // Closed only once out of the table (see `Drop`).
+            drop(table);
+            drop(entry);
+        }
+    }
+
+    fn run_handshakes(&self) {
+        while let Some(id) = self.handshakes.pop(&self.stopping) {
+            let Some((mut slot, accepted, _)) = self.take(id) else { continue };
+            let deadline = Deadline::at(accepted + self.limits.handshake_timeout);
+            // From here the worker reads with deadlines; the mark only gates the first wake-up.
+            set_rcvlowat(slot.stream.as_raw_fd(), 1);
+            let next = self.service.handshake(&mut slot.stream, deadline);
+            let next = next.map(|conn| {
+                slot.conn = Some(conn);
+                Next::Idle
+            });
+            self.put_back(id, slot, next);
+        }
+    }
+
+    fn run_requests(&self) {
+        let mut worker = S::Worker::default();
+        while let Some(id) = self.requests.pop(&self.stopping) {
+            let Some((mut slot, _, since)) = self.take(id) else { continue };
+            let deadline = Deadline::at(since.unwrap_or_else(Instant::now) + self.service.request_timeout());
+            let next = match slot.conn.as_mut() {
+                Some(conn) => self.service.readable(&mut slot.stream, conn, &mut worker, deadline),
+                None => Ok(Next::Close),
+            };
+            self.put_back(id, slot, next);
+        }
     }
 }

@@ -12,16 +12,17 @@
 //! On an exchange the server also adds the caller as a peer, so either side can start transfers.
 
 use std::io;
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Weak;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::agent::AgentInner;
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
-use crate::net::{self, Acceptor, DeadlineStream};
-use crate::transport::TransferError;
+use crate::limits::{Budget, Reservation, ServeLimits};
+use crate::net::{self, DeadlineStream, Next, Server, Service, recv_ready};
+use crate::transport::{Op, TransferError};
 
 const MAGIC: [u8; 4] = *b"KVFS";
 const VERSION: u16 = 1;
@@ -30,34 +31,121 @@ const OP_EXCHANGE: u8 = 2;
 const STATUS_OK: u8 = 0;
 const STATUS_BAD_REQUEST: u8 = 1;
 const STATUS_REJECTED: u8 = 2;
+/// The server refused for one of its limits (its table of peers is full); it may succeed later.
+const STATUS_BUSY: u8 = 3;
 /// Metadata is a few hundred bytes per registration; this allows tens of thousands.
 const MAX_METADATA: usize = 16 << 20;
-/// A connection is answered, handshake included, within this from its accept, however slowly the
-/// client sends.
+/// A request is answered within this from its first byte, however slowly the client sends.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A body is read in pieces of this size, so memory grows with the bytes that actually arrived
 /// rather than with the length a client announced.
 const READ_CHUNK: usize = 64 << 10;
 
 pub(crate) struct SideChannelServer {
-    acceptor: Acceptor,
+    addr: SocketAddr,
+    _server: Server<SideChannel>,
 }
 
 impl SideChannelServer {
     pub fn local_addr(&self) -> SocketAddr {
-        self.acceptor.local_addr()
+        self.addr
     }
 }
 
 /// Serve `agent`'s metadata; stops when the server is dropped (held by the agent, hence weak).
-pub(crate) fn serve(agent: Weak<AgentInner>, listen: SocketAddr) -> Result<SideChannelServer> {
-    let acceptor = Acceptor::spawn(listen, "kvferry-side-channel", move |mut stream| {
-        let Some(agent) = agent.upgrade() else { return };
-        if let Err(e) = serve_one(&mut stream, &agent) {
-            tracing::debug!(error = %e, "side channel: request failed");
+pub(crate) fn serve(agent: Weak<AgentInner>, listen: SocketAddr, limits: ServeLimits) -> Result<SideChannelServer> {
+    let listener = TcpListener::bind(listen).map_err(|e| Error::io(format!("binding {listen}"), e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
+    let auth = match agent.upgrade() {
+        Some(agent) => agent.auth.clone(),
+        None => return Err(Error::InvalidArgument("the agent is gone".into())),
+    };
+    let service = Arc::new(SideChannel { agent, auth, budget: Budget::new(limits.request_bytes) });
+    let server = Server::start(listener, "kvferry-side-channel", service, limits)?;
+    Ok(SideChannelServer { addr, _server: server })
+}
+
+struct SideChannel {
+    agent: Weak<AgentInner>,
+    auth: Auth,
+    /// Bytes of requests still being read, over all connections.
+    budget: Arc<Budget>,
+}
+
+/// The request being read on a connection: its head, then its body as it arrives.
+struct Request {
+    head: [u8; 12],
+    got: usize,
+    body: Vec<u8>,
+    held: Reservation,
+}
+
+impl Service for SideChannel {
+    type Stream = TcpStream;
+    type Conn = Request;
+    type Worker = ();
+
+    fn request_timeout(&self) -> Duration {
+        SERVE_TIMEOUT
+    }
+
+    fn handshake(&self, stream: &mut TcpStream, deadline: Deadline) -> io::Result<Request> {
+        self.auth.server(stream, Channel::Exchange, deadline).map_err(|e| match e {
+            AuthError::Io(e) => e,
+            other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
+        })?;
+        Ok(Request { head: [0; 12], got: 0, body: Vec::new(), held: self.budget.reservation() })
+    }
+
+    fn readable(&self, stream: &mut TcpStream, req: &mut Request, _: &mut (), deadline: Deadline) -> io::Result<Next> {
+        let parked = |req: &Request| if req.got == 0 { Next::Idle } else { Next::Park };
+        while req.got < req.head.len() {
+            match recv_ready(stream, &mut req.head[req.got..]) {
+                Ok(0) => return Ok(Next::Close),
+                Ok(n) => req.got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(parked(req)),
+                Err(e) => return Err(e),
+            }
         }
-    })?;
-    Ok(SideChannelServer { acceptor })
+        let len = match check_head(&req.head) {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = stream.write_all_by(&frame(STATUS_BAD_REQUEST, e.to_string().as_bytes()), deadline);
+                return Err(e);
+            }
+        };
+        while req.body.len() < len {
+            let start = req.body.len();
+            let end = len.min(start + READ_CHUNK);
+            if !req.held.grow((end - start) as u64) {
+                let _ = stream.write_all_by(&frame(STATUS_BUSY, b"too many requests being read"), deadline);
+                return Ok(Next::Close);
+            }
+            req.body.resize(end, 0);
+            match recv_ready(stream, &mut req.body[start..]) {
+                Ok(0) => return Ok(Next::Close),
+                Ok(n) => req.body.truncate(start + n),
+                Err(e) => {
+                    req.body.truncate(start);
+                    return if e.kind() == io::ErrorKind::WouldBlock { Ok(Next::Park) } else { Err(e) };
+                }
+            }
+        }
+        let Some(agent) = self.agent.upgrade() else { return Ok(Next::Close) };
+        let reply = match req.head[6] {
+            OP_GET => frame(STATUS_OK, &agent.metadata().encode()),
+            OP_EXCHANGE => match agent.add_exchanged_peer(&req.body) {
+                Ok(_) => frame(STATUS_OK, &agent.metadata().encode()),
+                Err(e) if e.code() == crate::ErrorCode::PeerBusy => frame(STATUS_BUSY, e.to_string().as_bytes()),
+                Err(e) => frame(STATUS_REJECTED, e.to_string().as_bytes()),
+            },
+            other => frame(STATUS_BAD_REQUEST, format!("unknown side channel op {other}").as_bytes()),
+        };
+        drop(agent);
+        stream.write_all_by(&reply, deadline)?;
+        // One request per connection.
+        Ok(Next::Close)
+    }
 }
 
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -70,10 +158,8 @@ fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Read one frame by `deadline`; returns (tag, body).
-fn read_frame(stream: &mut TcpStream, deadline: Deadline) -> io::Result<(u8, Vec<u8>)> {
-    let mut head = [0u8; 12];
-    stream.read_exact_by(&mut head, deadline)?;
+/// The body length a frame's head announces, once checked.
+fn check_head(head: &[u8; 12]) -> io::Result<usize> {
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     if head[..4] != MAGIC {
         return Err(invalid("not a kvferry side channel".into()));
@@ -86,6 +172,14 @@ fn read_frame(stream: &mut TcpStream, deadline: Deadline) -> io::Result<(u8, Vec
     if len > MAX_METADATA {
         return Err(invalid(format!("{len} bytes of metadata exceed the limit")));
     }
+    Ok(len)
+}
+
+/// Read one frame by `deadline`; returns (tag, body).
+fn read_frame(stream: &mut TcpStream, deadline: Deadline) -> io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 12];
+    stream.read_exact_by(&mut head, deadline)?;
+    let len = check_head(&head)?;
     let mut body = Vec::new();
     while body.len() < len {
         let start = body.len();
@@ -93,30 +187,6 @@ fn read_frame(stream: &mut TcpStream, deadline: Deadline) -> io::Result<(u8, Vec
         stream.read_exact_by(&mut body[start..], deadline)?;
     }
     Ok((head[6], body))
-}
-
-fn serve_one(stream: &mut TcpStream, agent: &AgentInner) -> io::Result<()> {
-    let deadline = Deadline::after(SERVE_TIMEOUT);
-    agent.auth.server(stream, Channel::Exchange, deadline).map_err(|e| match e {
-        AuthError::Io(e) => e,
-        other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
-    })?;
-    let (op, body) = match read_frame(stream, deadline) {
-        Ok(request) => request,
-        Err(e) => {
-            let _ = stream.write_all_by(&frame(STATUS_BAD_REQUEST, e.to_string().as_bytes()), deadline);
-            return Err(e);
-        }
-    };
-    let reply = match op {
-        OP_GET => frame(STATUS_OK, &agent.metadata().encode()),
-        OP_EXCHANGE => match agent.add_peer(&body) {
-            Ok(_) => frame(STATUS_OK, &agent.metadata().encode()),
-            Err(e) => frame(STATUS_REJECTED, e.to_string().as_bytes()),
-        },
-        other => frame(STATUS_BAD_REQUEST, format!("unknown side channel op {other}").as_bytes()),
-    };
-    stream.write_all_by(&reply, deadline)
 }
 
 /// Fetch the metadata of the agent serving at `addr`, proving the cluster secret with `auth`;
@@ -140,6 +210,11 @@ pub fn exchange(auth: &Auth, addr: &str, own: Option<&[u8]>, deadline: Deadline)
     let (status, body) = read_frame(&mut stream, deadline).map_err(io_err)?;
     match status {
         STATUS_OK => Ok(body),
+        STATUS_BUSY => Err(Error::from(TransferError::PeerBusy {
+            peer: addr.into(),
+            op: Op::Notify,
+            cause: String::from_utf8_lossy(&body).into_owned(),
+        })),
         _ => Err(protocol(format!("the peer refused the exchange: {}", String::from_utf8_lossy(&body)))),
     }
 }

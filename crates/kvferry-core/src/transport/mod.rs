@@ -325,30 +325,93 @@ pub struct Notification {
     pub data: Vec<u8>,
 }
 
-/// Where transports deliver incoming notifications; the agent drains it.
-#[derive(Default)]
+/// Where transports deliver incoming notifications; the agent drains it. Bounded in count and
+/// bytes: a transport that can answer the sender refuses one it cannot
+/// [`reserve`](Self::reserve) room for, and the sender gets `PeerBusy`.
 pub struct NotificationQueue {
-    queue: Mutex<VecDeque<Notification>>,
+    queue: Mutex<Queued>,
     arrived: Condvar,
+    max_count: usize,
+    max_bytes: u64,
+}
+
+#[derive(Default)]
+struct Queued {
+    notifications: VecDeque<Notification>,
+    /// Bytes of the queued notifications and of those with room held.
+    bytes: u64,
+    /// Notifications with room held, not yet queued.
+    reserved: usize,
+}
+
+impl Default for NotificationQueue {
+    fn default() -> Self {
+        let limits = crate::limits::AgentLimits::default();
+        NotificationQueue::with_limits(limits.max_notifications, limits.max_notification_bytes)
+    }
 }
 
 impl NotificationQueue {
+    /// A queue holding at most `max_count` notifications and `max_bytes` of their data.
+    pub fn with_limits(max_count: usize, max_bytes: u64) -> Self {
+        NotificationQueue { queue: Mutex::default(), arrived: Condvar::new(), max_count, max_bytes }
+    }
+
+    /// Hold room for a notification of `bytes`, if it fits: a transport refuses one that does not
+    /// to its sender (who gets `PeerBusy`) rather than queue it. The room is filled by
+    /// [`push_reserved`](Self::push_reserved) or given back by [`release`](Self::release).
+    pub fn reserve(&self, bytes: u64) -> bool {
+        let mut q = self.queue.lock().unwrap();
+        let fits =
+            q.notifications.len() + q.reserved < self.max_count && q.bytes.saturating_add(bytes) <= self.max_bytes;
+        if fits {
+            q.bytes += bytes;
+            q.reserved += 1;
+        }
+        fits
+    }
+
+    /// Queue a notification whose room [`reserve`](Self::reserve) held.
+    pub fn push_reserved(&self, n: Notification) {
+        let mut q = self.queue.lock().unwrap();
+        q.reserved -= 1;
+        q.notifications.push_back(n);
+        self.arrived.notify_all();
+    }
+
+    /// Give back room [`reserve`](Self::reserve) held for a notification that did not arrive.
+    pub fn release(&self, bytes: u64) {
+        let mut q = self.queue.lock().unwrap();
+        q.reserved -= 1;
+        q.bytes -= bytes;
+    }
+
+    /// Queue `n`, whatever the limits (it counts against them): for a transport that cannot
+    /// refuse a notification to its sender; others [`reserve`](Self::reserve) first.
     pub fn push(&self, n: Notification) {
-        self.queue.lock().unwrap().push_back(n);
+        let mut q = self.queue.lock().unwrap();
+        q.bytes += n.data.len() as u64;
+        q.notifications.push_back(n);
         self.arrived.notify_all();
     }
 
     pub fn take(&self) -> Vec<Notification> {
-        self.queue.lock().unwrap().drain(..).collect()
+        Self::drain(&mut self.queue.lock().unwrap())
+    }
+
+    fn drain(q: &mut Queued) -> Vec<Notification> {
+        let taken: Vec<Notification> = q.notifications.drain(..).collect();
+        q.bytes -= taken.iter().map(|n| n.data.len() as u64).sum::<u64>();
+        taken
     }
 
     /// Waits until at least one notification is queued or the deadline passes, then takes all.
     pub fn wait(&self, deadline: Deadline) -> Vec<Notification> {
         let mut q = self.queue.lock().unwrap();
-        while q.is_empty() && !deadline.expired() {
+        while q.notifications.is_empty() && !deadline.expired() {
             q = self.arrived.wait_timeout(q, deadline.remaining()).unwrap().0;
         }
-        q.drain(..).collect()
+        Self::drain(&mut q)
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Data moves with `writev`/`readv` straight between registered memory and the socket: no
 //! intermediate buffer in user space (the kernel's own socket copies remain). Several streams per
-//! peer, each with its own worker thread, carry the frames of a batch in parallel.
+//! peer, each with its own worker thread, carry the frames of a batch in parallel. The target
+//! serves every connection with a fixed set of threads ([`crate::net::Server`]).
 
 mod link;
 mod target;
@@ -17,8 +18,9 @@ use self::link::TcpLink;
 use self::target::TargetShared;
 use crate::auth::Auth;
 use crate::error::{Error, Result};
+use crate::limits::ServeLimits;
 use crate::memory::{MemKind, MemRegion};
-use crate::net::Acceptor;
+use crate::net::Server;
 use crate::transport::keys;
 use crate::transport::staging::Stager;
 use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys};
@@ -36,8 +38,11 @@ pub struct TcpConfig {
     pub connect_timeout: Duration,
     /// Batches are cut into frames of at least this many bytes; smaller batches use one stream.
     pub min_frame_bytes: u64,
-    /// How long a request this agent serves may stall part-way before its connection is dropped.
+    /// The longest a request this agent serves may take, from its first byte to its answer's
+    /// last, however the peer paces it; past it the connection is dropped.
     pub request_timeout: Duration,
+    /// Serving threads, connections and memory the peers of this transport can make it spend.
+    pub limits: ServeLimits,
 }
 
 impl Default for TcpConfig {
@@ -49,6 +54,7 @@ impl Default for TcpConfig {
             connect_timeout: Duration::from_secs(5),
             min_frame_bytes: 512 * 1024,
             request_timeout: Duration::from_secs(30),
+            limits: ServeLimits::default(),
         }
     }
 }
@@ -59,7 +65,7 @@ pub struct TcpTransport {
     endpoint: Endpoint,
     listen_addr: SocketAddr,
     shared: Arc<TargetShared>,
-    acceptor: Option<Acceptor>,
+    server: Option<Server<TargetShared>>,
     /// Stages device memory (and, if configured, host memory) through bounce buffers.
     stager: Option<Arc<Stager>>,
     /// Proves the cluster secret on the connections this agent opens.
@@ -84,11 +90,17 @@ impl TcpTransport {
         notifications: Arc<NotificationQueue>,
         stager: Option<Arc<Stager>>,
     ) -> Result<TcpTransport> {
-        let shared = Arc::new(TargetShared::new(auth.clone(), notifications, config.request_timeout, stager.clone()));
-        let serve_shared = shared.clone();
-        let acceptor =
-            Acceptor::spawn(config.listen, "kvferry-tcp", move |stream| target::serve(stream, &serve_shared))?;
-        let listen_addr = acceptor.local_addr();
+        let shared = Arc::new(TargetShared::new(
+            auth.clone(),
+            notifications,
+            config.request_timeout,
+            stager.clone(),
+            config.limits.request_bytes,
+        ));
+        let listener = std::net::TcpListener::bind(config.listen)
+            .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+        let listen_addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
+        let server = Server::start(listener, "kvferry-tcp", shared.clone(), config.limits.clone())?;
         let host = match &config.advertise_host {
             Some(h) => h.clone(),
             None if listen_addr.ip().is_unspecified() => {
@@ -108,7 +120,7 @@ impl TcpTransport {
             endpoint: Endpoint { kind: TransportKind::Tcp, address },
             listen_addr,
             shared,
-            acceptor: Some(acceptor),
+            server: Some(server),
             stager,
             auth,
         })
@@ -121,10 +133,8 @@ impl TcpTransport {
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
-        // Stop accepting first, then close what was accepted: served connections would otherwise
-        // outlive the transport, blocked in `read`.
-        drop(self.acceptor.take());
-        self.shared.connections.shutdown_all();
+        // Stops accepting and closes every connection, those mid-request included.
+        drop(self.server.take());
     }
 }
 

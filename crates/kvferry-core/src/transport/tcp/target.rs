@@ -2,7 +2,7 @@
 //! NOTIFY requests against the registered regions. Every descriptor is checked against the key
 //! table (key, range) before a byte moves; nothing from the wire is trusted.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,25 +10,29 @@ use std::time::Duration;
 use super::wire::{self, FrameKind, Header, WireDesc, invalid};
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
+use crate::limits::{Budget, Reservation};
 use crate::memory::MemKind;
-use crate::net::Connections;
+use crate::net::{DeadlineStream, Next, Service, recv_ready};
 use crate::transport::keys::KeyTable;
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
-/// How long a new connection has to prove the cluster secret.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Descriptors are read in pieces of this many bytes, so that memory follows the bytes that have
+/// arrived rather than the count a header announced.
+const DESC_CHUNK: usize = 1024 * wire::DESC_LEN;
 
-/// Shared by the accept loop and the connection threads.
+/// What the serving threads share.
 pub(super) struct TargetShared {
     auth: Auth,
     pub keys: KeyTable,
     pub notifications: Arc<NotificationQueue>,
-    /// Longest a request may stall mid-way before its connection is closed (which releases the
-    /// regions it holds, so deregistration never waits on a stopped initiator for longer).
+    /// The longest a request may take from its first byte to its answer's last; past it the
+    /// connection is closed (which releases the regions it holds, so deregistration never waits on
+    /// a stopped initiator for longer).
     request_timeout: Duration,
     stager: Option<Arc<Stager>>,
-    pub connections: Connections,
+    /// Bytes held by requests still being read, over all connections.
+    budget: Arc<Budget>,
 }
 
 impl TargetShared {
@@ -37,6 +41,7 @@ impl TargetShared {
         notifications: Arc<NotificationQueue>,
         request_timeout: Duration,
         stager: Option<Arc<Stager>>,
+        request_bytes: u64,
     ) -> Self {
         TargetShared {
             auth,
@@ -44,31 +49,205 @@ impl TargetShared {
             notifications,
             request_timeout,
             stager,
-            connections: Connections::default(),
+            budget: Budget::new(request_bytes),
         }
     }
 }
 
-/// Serve one accepted connection until the initiator closes it.
-pub(super) fn serve(stream: TcpStream, shared: &TargetShared) {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    shared.connections.serve(stream, |stream| {
-        if let Err(e) = serve_connection(stream, shared) {
-            tracing::debug!(%peer, error = %e, "tcp transport: connection closed");
+/// An authenticated connection: the initiator's name and the request being read.
+pub(super) struct Conn {
+    from: String,
+    reading: Reading,
+}
+
+/// How far the request being read has arrived. Everything before the payload is read as it
+/// arrives, without holding a thread; its bytes count against the transport's budget.
+enum Reading {
+    Header { buf: [u8; wire::HEADER_LEN], got: usize },
+    Descs { header: Header, kind: FrameKind, buf: Vec<u8>, held: Reservation },
+    Notification { buf: Vec<u8>, got: usize, _held: Reservation },
+}
+
+impl Reading {
+    fn start() -> Reading {
+        Reading::Header { buf: [0; wire::HEADER_LEN], got: 0 }
+    }
+}
+
+/// A serving thread's scratch: the descriptors of the request it serves, and bounce buffers for
+/// staged requests (allocated on the first one).
+#[derive(Default)]
+pub(super) struct Worker {
+    descs: Vec<WireDesc>,
+    bounce: Option<Bounce>,
+}
+
+impl Service for TargetShared {
+    type Stream = TcpStream;
+    type Conn = Conn;
+    type Worker = Worker;
+
+    fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    fn handshake(&self, stream: &mut TcpStream, deadline: Deadline) -> io::Result<Conn> {
+        stream.set_nodelay(true)?;
+        super::set_keepalive(stream)?;
+        // Nothing but the handshake is read from a connection that has not proven the secret.
+        self.auth.server(stream, Channel::Tcp, deadline).map_err(|e| match e {
+            AuthError::Io(e) => e,
+            other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
+        })?;
+        let from = accept_hello(stream, deadline)?;
+        Ok(Conn { from, reading: Reading::start() })
+    }
+
+    fn readable(
+        &self,
+        stream: &mut TcpStream,
+        conn: &mut Conn,
+        worker: &mut Worker,
+        deadline: Deadline,
+    ) -> io::Result<Next> {
+        loop {
+            match &mut conn.reading {
+                Reading::Header { buf, got } => {
+                    match recv_ready(stream, &mut buf[*got..]) {
+                        Ok(0) => return Ok(Next::Close),
+                        Ok(n) => *got += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Ok(if *got == 0 { Next::Idle } else { Next::Park });
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    if *got < wire::HEADER_LEN {
+                        continue;
+                    }
+                    let header = Header::decode(buf);
+                    let Some(kind) = FrameKind::from_wire(header.tag) else {
+                        return Err(invalid(format!("unknown request kind {}", header.tag)));
+                    };
+                    let count = header.count as usize;
+                    if count > wire::MAX_DESCS {
+                        // The stream cannot be resynchronised cheaply; answer and close.
+                        respond(stream, Err((0, RejectReason::TooLarge)), &[], deadline)?;
+                        return Err(invalid(format!("{count} descriptors in one request")));
+                    }
+                    conn.reading = match kind {
+                        FrameKind::Notify => {
+                            if count != 0 || header.payload_len > wire::MAX_NOTIFICATION {
+                                respond(stream, Err((0, RejectReason::TooLarge)), &[], deadline)?;
+                                return Err(invalid("oversized notification"));
+                            }
+                            let len = header.payload_len as usize;
+                            let mut held = self.budget.reservation();
+                            if !held.grow(len as u64) {
+                                return busy_close(stream, wire::BUSY_REQUEST_BYTES, deadline);
+                            }
+                            Reading::Notification { buf: vec![0; len], got: 0, _held: held }
+                        }
+                        _ => Reading::Descs { header, kind, buf: Vec::new(), held: self.budget.reservation() },
+                    };
+                }
+                Reading::Descs { header, kind, buf, held } => {
+                    let want = header.count as usize * wire::DESC_LEN;
+                    if buf.len() < want {
+                        let start = buf.len();
+                        let chunk = (want - start).min(DESC_CHUNK);
+                        if buf.capacity() < start + chunk {
+                            let more = (start + chunk).max(2 * buf.capacity()).min(want);
+                            if !held.grow((more - buf.capacity()) as u64) {
+                                return busy_close(stream, wire::BUSY_REQUEST_BYTES, deadline);
+                            }
+                            buf.reserve_exact(more - start);
+                        }
+                        buf.resize(start + chunk, 0);
+                        match recv_ready(stream, &mut buf[start..]) {
+                            Ok(0) => return Ok(Next::Close),
+                            Ok(n) => buf.truncate(start + n),
+                            Err(e) => {
+                                buf.truncate(start);
+                                if e.kind() == io::ErrorKind::WouldBlock {
+                                    return Ok(Next::Park);
+                                }
+                                return Err(e);
+                            }
+                        }
+                        continue;
+                    }
+                    let (header, kind) = (*header, *kind);
+                    worker.descs.clear();
+                    worker.descs.extend(buf.chunks_exact(wire::DESC_LEN).map(WireDesc::decode));
+                    conn.reading = Reading::start();
+                    let descs = std::mem::take(&mut worker.descs);
+                    let served = match kind {
+                        FrameKind::Read => serve_read(stream, self, &descs, &mut worker.bounce, deadline),
+                        _ => serve_write(stream, self, &descs, header.payload_len, &mut worker.bounce, deadline),
+                    };
+                    worker.descs = descs;
+                    // A request of many descriptors leaves no large buffer behind on the worker.
+                    if worker.descs.capacity() > DESC_CHUNK {
+                        worker.descs = Vec::new();
+                    }
+                    served?;
+                    return Ok(Next::Idle);
+                }
+                Reading::Notification { buf, got, .. } => {
+                    if *got < buf.len() {
+                        match recv_ready(stream, &mut buf[*got..]) {
+                            Ok(0) => return Ok(Next::Close),
+                            Ok(n) => *got += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Next::Park),
+                            Err(e) => return Err(e),
+                        }
+                        continue;
+                    }
+                    let data = std::mem::take(buf);
+                    conn.reading = Reading::start();
+                    // A full queue refuses it, in step, and the sender gets `PeerBusy`.
+                    let len = data.len() as u64;
+                    if !self.notifications.reserve(len) {
+                        respond_busy(stream, wire::BUSY_NOTIFICATIONS, deadline)?;
+                        return Ok(Next::Idle);
+                    }
+                    // Acknowledge first, in the room held: a receiver that acts on the
+                    // notification by shutting down would otherwise close the connection before
+                    // the sender learns it succeeded.
+                    if let Err(e) = respond(stream, Ok(0), &[], deadline) {
+                        self.notifications.release(len);
+                        return Err(e);
+                    }
+                    self.notifications.push_reserved(Notification { from: conn.from.clone(), data });
+                    return Ok(Next::Idle);
+                }
+            }
         }
-    });
+    }
+}
+
+/// Refuse a request for a limit and close: its remaining bytes were not read, so the stream is out
+/// of step.
+fn busy_close(stream: &mut TcpStream, what: u32, deadline: Deadline) -> io::Result<Next> {
+    let _ = respond_busy(stream, what, deadline);
+    Ok(Next::Close)
+}
+
+fn respond_busy(stream: &mut TcpStream, what: u32, deadline: Deadline) -> io::Result<()> {
+    let header = Header { tag: wire::STATUS_BUSY, count: what, payload_len: 0 };
+    stream.write_all_by(&header.encode(), deadline)
 }
 
 /// Reads the initiator's hello; returns its agent name.
-fn accept_hello(stream: &mut TcpStream) -> io::Result<String> {
+fn accept_hello(stream: &mut TcpStream, deadline: Deadline) -> io::Result<String> {
     let mut head = [0u8; 8];
-    stream.read_exact(&mut head)?;
+    stream.read_exact_by(&mut head, deadline)?;
     if head[..4] != wire::MAGIC {
         return Err(invalid("not a kvferry tcp connection"));
     }
     let version = u16::from_le_bytes([head[4], head[5]]);
     if version != wire::VERSION {
-        stream.write_all(&wire::encode_hello_ack(wire::HELLO_BAD_VERSION))?;
+        stream.write_all_by(&wire::encode_hello_ack(wire::HELLO_BAD_VERSION), deadline)?;
         return Err(invalid(format!("peer speaks wire version {version}, this agent {}", wire::VERSION)));
     }
     let name_len = u16::from_le_bytes([head[6], head[7]]) as usize;
@@ -76,85 +255,17 @@ fn accept_hello(stream: &mut TcpStream) -> io::Result<String> {
         return Err(invalid("agent name too long"));
     }
     let mut name = vec![0u8; name_len];
-    stream.read_exact(&mut name)?;
+    stream.read_exact_by(&mut name, deadline)?;
     let name = String::from_utf8(name).map_err(|_| invalid("agent name is not UTF-8"))?;
-    stream.write_all(&wire::encode_hello_ack(wire::HELLO_OK))?;
+    stream.write_all_by(&wire::encode_hello_ack(wire::HELLO_OK), deadline)?;
     Ok(name)
-}
-
-fn serve_connection(mut stream: TcpStream, shared: &TargetShared) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    super::set_keepalive(&stream)?;
-    // Nothing but the handshake is read from a connection that has not proven the secret.
-    let hello_deadline = Deadline::after(shared.request_timeout.min(HELLO_TIMEOUT));
-    shared.auth.server(&mut stream, Channel::Tcp, hello_deadline).map_err(|e| match e {
-        AuthError::Io(e) => e,
-        other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
-    })?;
-    stream.set_read_timeout(Some(shared.request_timeout))?;
-    stream.set_write_timeout(Some(shared.request_timeout))?;
-    let from = accept_hello(&mut stream)?;
-    let mut desc_buf: Vec<u8> = Vec::new();
-    let mut descs: Vec<WireDesc> = Vec::new();
-    // Bounce buffers for staged requests, allocated on the first one.
-    let mut bounce: Option<Bounce> = None;
-    loop {
-        let Some(header) = next_header(&mut stream)? else { return Ok(()) };
-        let kind =
-            FrameKind::from_wire(header.tag).ok_or_else(|| invalid(format!("unknown request kind {}", header.tag)))?;
-        let count = header.count as usize;
-        if count > wire::MAX_DESCS {
-            // The stream cannot be resynchronised cheaply; answer and close.
-            respond(&mut stream, Err((0, RejectReason::TooLarge)), &[])?;
-            return Err(invalid(format!("{count} descriptors in one request")));
-        }
-        desc_buf.resize(count * wire::DESC_LEN, 0);
-        stream.read_exact(&mut desc_buf)?;
-        descs.clear();
-        descs.extend(desc_buf.chunks_exact(wire::DESC_LEN).map(WireDesc::decode));
-        match kind {
-            FrameKind::Read => serve_read(&mut stream, shared, &descs, &mut bounce)?,
-            FrameKind::Write => serve_write(&mut stream, shared, &descs, header.payload_len, &mut bounce)?,
-            FrameKind::Notify => {
-                if count != 0 || header.payload_len > wire::MAX_NOTIFICATION {
-                    respond(&mut stream, Err((0, RejectReason::TooLarge)), &[])?;
-                    return Err(invalid("oversized notification"));
-                }
-                let mut data = vec![0u8; header.payload_len as usize];
-                stream.read_exact(&mut data)?;
-                // Acknowledge first: a receiver that acts on the notification by shutting down
-                // would otherwise close the connection before the sender learns it succeeded.
-                respond(&mut stream, Ok(0), &[])?;
-                shared.notifications.push(Notification { from: from.clone(), data });
-            }
-        }
-    }
-}
-
-/// Wait for the next request: idle time between requests is unlimited (the socket timeout only
-/// bounds a request once its first byte has arrived). `None` when the initiator closed.
-fn next_header(stream: &mut TcpStream) -> io::Result<Option<Header>> {
-    let mut b = [0u8; wire::HEADER_LEN];
-    loop {
-        match stream.read(&mut b[..1]) {
-            Ok(0) => return Ok(None),
-            Ok(_) => break,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    stream.read_exact(&mut b[1..])?;
-    Ok(Some(Header::decode(&b)))
 }
 
 fn respond(
     stream: &mut TcpStream,
     status: Result<u64, (u32, RejectReason)>,
     payload: &[IoSlice<'_>],
+    deadline: Deadline,
 ) -> io::Result<()> {
     let header = match status {
         Ok(payload_len) => Header { tag: 0, count: 0, payload_len },
@@ -164,7 +275,7 @@ fn respond(
     let mut bufs = Vec::with_capacity(1 + payload.len());
     bufs.push(IoSlice::new(&encoded));
     bufs.extend_from_slice(payload);
-    wire::write_all_vectored(stream, &mut bufs)
+    wire::write_all_vectored_by(stream, &mut bufs, deadline)
 }
 
 /// The staging path for a request, when it names memory the transport stages: the stager and the
@@ -195,22 +306,22 @@ fn serve_read(
     shared: &TargetShared,
     descs: &[WireDesc],
     bounce: &mut Option<Bounce>,
+    deadline: Deadline,
 ) -> io::Result<()> {
     match shared.keys.resolve(descs) {
-        Err(rejection) => respond(stream, Err(rejection), &[]),
+        Err(rejection) => respond(stream, Err(rejection), &[], deadline),
         Ok((_held, kinds)) => {
             let total = descs.iter().map(|d| d.len).sum();
             if let Some((stager, segments)) = staged(shared, descs, &kinds) {
-                respond(stream, Ok(total), &[])?;
-                let deadline = Deadline::after(shared.request_timeout);
+                respond(stream, Ok(total), &[], deadline)?;
                 return stager
-                    .send(bounce, &segments, deadline, |chunk| stream.write_all(chunk))
+                    .send(bounce, &segments, deadline, |chunk| stream.write_all_by(chunk, deadline))
                     .map_err(staging_failed);
             }
             // Zero-copy: the kernel reads straight from the registered memory, which `_held` keeps
             // registered until the send is done.
             let payload = unsafe { wire::slices(descs.iter().map(|d| (d.addr, d.len))) };
-            respond(stream, Ok(total), &payload)
+            respond(stream, Ok(total), &payload, deadline)
         }
     }
 }
@@ -221,6 +332,7 @@ fn serve_write(
     descs: &[WireDesc],
     payload_len: u64,
     bounce: &mut Option<Bounce>,
+    deadline: Deadline,
 ) -> io::Result<()> {
     let described: u64 = descs.iter().fold(0u64, |acc, d| acc.saturating_add(d.len));
     if described != payload_len {
@@ -228,31 +340,30 @@ fn serve_write(
     }
     match shared.keys.resolve(descs) {
         Err(rejection) => {
-            drain(stream, payload_len)?;
-            respond(stream, Err(rejection), &[])
+            drain(stream, payload_len, deadline)?;
+            respond(stream, Err(rejection), &[], deadline)
         }
         Ok((_held, kinds)) => {
             if let Some((stager, segments)) = staged(shared, descs, &kinds) {
-                let deadline = Deadline::after(shared.request_timeout);
                 stager
-                    .receive(bounce, &segments, deadline, |chunk| stream.read_exact(chunk))
+                    .receive(bounce, &segments, deadline, |chunk| stream.read_exact_by(chunk, deadline))
                     .map_err(staging_failed)?;
-                return respond(stream, Ok(0), &[]);
+                return respond(stream, Ok(0), &[], deadline);
             }
             // Zero-copy: the kernel writes straight into the registered memory.
             let mut dst = unsafe { wire::slices_mut(descs.iter().map(|d| (d.addr, d.len))) };
-            wire::read_exact_vectored(stream, &mut dst)?;
-            respond(stream, Ok(0), &[])
+            wire::read_exact_vectored_by(stream, &mut dst, deadline)?;
+            respond(stream, Ok(0), &[], deadline)
         }
     }
 }
 
 /// Discard a rejected request's payload so the stream stays in step. Only the error path copies.
-fn drain(stream: &mut TcpStream, mut len: u64) -> io::Result<()> {
+fn drain(stream: &mut TcpStream, mut len: u64, deadline: Deadline) -> io::Result<()> {
     let mut sink = [0u8; 64 * 1024];
     while len > 0 {
         let n = len.min(sink.len() as u64) as usize;
-        stream.read_exact(&mut sink[..n])?;
+        stream.read_exact_by(&mut sink[..n], deadline)?;
         len -= n as u64;
     }
     Ok(())

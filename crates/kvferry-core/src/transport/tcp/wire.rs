@@ -9,11 +9,15 @@
 //! response   status u8 | 0u8 ×3 | index u32 | payload_len u64 | payload
 //! ```
 //! A request's payload is the WRITE data (the descriptors' bytes, in order) or the notification; a
-//! response's payload is the READ data. Response status 0 is success, otherwise a
+//! response's payload is the READ data. Response status 0 is success, [`STATUS_BUSY`] a refusal
+//! for one of the target's limits (`index` says which: [`BUSY_REQUEST_BYTES`],
+//! [`BUSY_NOTIFICATIONS`]; it may succeed later), otherwise a
 //! [`RejectReason`](crate::transport::RejectReason) naming descriptor `index`.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
+use crate::deadline::Deadline;
+use crate::net::{DeadlineStream, time_left};
 use crate::transport::{Completion, RejectReason, TransferError};
 
 pub const MAGIC: [u8; 4] = *b"KVFT";
@@ -25,6 +29,13 @@ pub const DESC_LEN: usize = 32;
 pub const MAX_DESCS: usize = 1 << 16;
 pub const MAX_NOTIFICATION: u64 = 1 << 20;
 pub const MAX_NAME: usize = 1024;
+
+/// Response status: the target refused the request for one of its limits.
+pub const STATUS_BUSY: u8 = 0x80;
+/// Busy: the bytes held by requests being read reached the target's budget.
+pub const BUSY_REQUEST_BYTES: u32 = 1;
+/// Busy: the target's queue of notifications is full.
+pub const BUSY_NOTIFICATIONS: u32 = 2;
 
 pub const HELLO_OK: u8 = 0;
 pub const HELLO_BAD_VERSION: u8 = 1;
@@ -110,6 +121,8 @@ pub enum Failure {
     Protocol(String),
     /// A device copy to or from the staging bounce buffers failed.
     Staging(String),
+    /// The target refused the request for one of its limits ([`STATUS_BUSY`]).
+    Busy(u32),
 }
 
 impl From<io::Error> for Failure {
@@ -122,7 +135,7 @@ impl Failure {
     /// Whether the stream may be out of step, so its connection must be dropped: all but a
     /// rejection, which the target answers in step.
     pub fn breaks_stream(&self) -> bool {
-        !matches!(self, Failure::Rejected(..))
+        !matches!(self, Failure::Rejected(..) | Failure::Busy(_))
     }
 
     /// Name the failure for the caller of a transfer with `peer`.
@@ -132,6 +145,14 @@ impl Failure {
             Failure::Rejected(index, reason) => TransferError::Rejected { peer, op: c.op(), index, reason },
             Failure::Protocol(detail) => TransferError::Protocol { peer, detail },
             Failure::Staging(cause) => TransferError::Staging { peer, op: c.op(), cause },
+            Failure::Busy(what) => {
+                let cause = match what {
+                    BUSY_REQUEST_BYTES => "it holds as many bytes of requests being read as it allows".into(),
+                    BUSY_NOTIFICATIONS => "its queue of notifications is full".into(),
+                    other => format!("busy ({other})"),
+                };
+                TransferError::PeerBusy { peer, op: c.op(), cause }
+            }
             Failure::Io(e) => match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => c.timeout_error(),
                 _ => TransferError::PeerDisconnected { peer, op: c.op(), cause: e.to_string() },
@@ -144,6 +165,7 @@ impl Failure {
 pub fn status_of(header: Header) -> Result<Header, Failure> {
     match header.tag {
         0 => Ok(header),
+        STATUS_BUSY => Err(Failure::Busy(header.count)),
         tag => Err(match RejectReason::from_wire(tag) {
             Some(reason) => Failure::Rejected(header.count, reason),
             None => Failure::Protocol(format!("unknown response status {tag}")),
@@ -191,6 +213,45 @@ pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> i
 pub fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
     IoSliceMut::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
+        match r.read_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// [`write_all_vectored`] by an absolute deadline: the socket's timeout is set again from the time
+/// left before every system call, so a peer taking one byte at a time cannot stretch it.
+pub fn write_all_vectored_by<S: DeadlineStream>(
+    w: &mut S,
+    mut bufs: &mut [IoSlice<'_>],
+    deadline: Deadline,
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        w.set_timeouts(time_left(deadline)?)?;
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// [`read_exact_vectored`] by an absolute deadline, as [`write_all_vectored_by`].
+pub fn read_exact_vectored_by<S: DeadlineStream>(
+    r: &mut S,
+    mut bufs: &mut [IoSliceMut<'_>],
+    deadline: Deadline,
+) -> io::Result<()> {
+    IoSliceMut::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        r.set_timeouts(time_left(deadline)?)?;
         match r.read_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),

@@ -1,0 +1,203 @@
+//! What a hostile client can make a `kvferry serve` process spend: threads stay fixed whatever the
+//! number of connections, silent connections beyond the unauthenticated limit are closed while
+//! authenticated peers are still served, and accepting at the descriptor limit does not spin.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvferry::memory::host::{HostAllocOptions, HostBuffer};
+use kvferry::{Agent, AgentConfig, AuthConfig, Deadline, MemKind, MemRegion};
+
+const KVFERRY: &str = env!("CARGO_BIN_EXE_kvferry");
+const SECRET: &str = "the bounded-resource tests' cluster secret";
+
+/// A `kvferry serve` child with `extra` flags, killed when dropped; its side channel and TCP port.
+struct Served {
+    child: Child,
+    side_channel: String,
+    tcp: String,
+    buffer_addr: u64,
+}
+
+impl Served {
+    fn start(extra: &[&str], nofile: Option<u64>) -> Served {
+        let mut command = Command::new(KVFERRY);
+        command
+            .env(kvferry::auth::SECRET_ENV, SECRET)
+            .env("KVFERRY_LOG", "warn")
+            .args(["serve", "--buffer-size", "1M", "--fill-seed", "3"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            // SAFETY: only setrlimit between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error()),
+                    }
+                })
+            };
+        }
+        let mut child = command.spawn().expect("kvferry serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        let tcp = info["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.as_str()?.strip_prefix("tcp://"))
+            .next()
+            .expect("a tcp endpoint")
+            .to_string();
+        let addr = info["buffer_addr"].as_str().unwrap().trim_start_matches("0x");
+        Served {
+            child,
+            side_channel: info["side_channel"].as_str().unwrap().to_string(),
+            tcp,
+            buffer_addr: u64::from_str_radix(addr, 16).unwrap(),
+        }
+    }
+
+    fn status(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+        line[field.len()..].split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).unwrap().count()
+    }
+
+    /// User plus system CPU time, in clock ticks.
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // Fields 14 and 15 of stat(5), counted from the state (field 3).
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait for `cond`, at most 30 s.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn raise_nofile() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// An honest peer reads 4 KiB of the served buffer.
+fn honest_read(served: &Served, name: &str) {
+    let config = AgentConfig { shm: None, auth: AuthConfig::Secret(SECRET.into()), ..AgentConfig::new(name) };
+    let agent = Agent::new(config).unwrap();
+    let buf = Arc::new(HostBuffer::alloc(4096, &HostAllocOptions { pin: false, ..Default::default() }).unwrap());
+    let _reg = agent.register(buf.clone()).unwrap();
+    let deadline = Deadline::after(Duration::from_secs(30));
+    let peer = agent.connect_peer(&served.side_channel, deadline).unwrap();
+    let local = agent.prepare_local(&[buf.region()]).unwrap();
+    let remote = MemRegion { addr: served.buffer_addr, len: 4096, kind: MemKind::Host };
+    let remote = agent.prepare_remote(&peer, &[remote]).unwrap();
+    agent.read(&local, &[0], &remote, &[0], deadline).unwrap().wait().unwrap();
+    let mut expected = vec![0u8; 4096];
+    kvferry_cli::pattern::fill(&mut expected, 3, 0);
+    assert_eq!(buf.to_vec(), expected, "the honest peer reads the served bytes");
+}
+
+#[test]
+fn idle_connections_leave_the_thread_count_fixed() {
+    raise_nofile();
+    let served = Served::start(
+        &["--max-unauthenticated", "1000", "--max-connections-per-ip", "1000", "--handshake-timeout", "120"],
+        None,
+    );
+    honest_read(&served, "bounded-threads-warmup");
+    let threads = served.status("Threads:");
+    let fds = served.fds();
+    let idle: Vec<TcpStream> = (0..300).map(|_| TcpStream::connect(&served.tcp).unwrap()).collect();
+    // (Less a few: the warm-up peer's connections may still be closing.)
+    wait_for("the 300 connections to be accepted", || served.fds() >= fds + 290);
+    assert_eq!(served.status("Threads:"), threads, "300 idle connections add no thread");
+    honest_read(&served, "bounded-threads-after");
+    drop(idle);
+}
+
+#[test]
+fn silent_connections_beyond_the_limit_are_closed_and_peers_still_served() {
+    // A long handshake deadline: any connection closed early was closed for the limit.
+    let served = Served::start(&["--max-unauthenticated", "16", "--handshake-timeout", "120"], None);
+    let silent: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(&served.tcp).unwrap()).collect();
+    let closed = |mut s: &TcpStream| {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        !matches!(s.read(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    };
+    wait_for("48 silent connections to be closed", || silent.iter().filter(|s| closed(s)).count() >= 48);
+    // An honest peer authenticates (taking the place of a silent one) and is served.
+    honest_read(&served, "bounded-honest");
+    let open = silent.iter().filter(|s| !closed(s)).count();
+    assert!(open <= 16, "{open} unauthenticated connections stayed open, over the limit of 16");
+}
+
+#[test]
+fn accepting_at_the_descriptor_limit_does_not_spin() {
+    let mut served = Served::start(&[], Some(64));
+    let stderr = served.child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let _flood: Vec<TcpStream> = (0..200).filter_map(|_| TcpStream::connect(&served.tcp).ok()).collect();
+    let backing_off = |line: &String| line.contains("accept failed");
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line =
+            rx.recv_timeout(until.saturating_duration_since(Instant::now())).expect("an accept failure is logged");
+        if backing_off(&line) {
+            break;
+        }
+    }
+    // Lines logged while the flood was connecting are not part of the window.
+    while rx.try_recv().is_ok() {}
+    // Over two seconds at the limit: a loop retrying accept at once would burn both of them.
+    let before = served.cpu_ticks();
+    let window = Instant::now() + Duration::from_secs(2);
+    let mut lines = 0;
+    while let Ok(line) = rx.recv_timeout(window.saturating_duration_since(Instant::now())) {
+        lines += backing_off(&line) as usize;
+    }
+    let ticks = served.cpu_ticks() - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(ticks * 4 < hz, "{ticks} ticks of CPU in 2 s at the fd limit (clock {hz} Hz)");
+    assert!(lines <= 4, "{lines} accept-failure lines in 2 s");
+}

@@ -1,0 +1,50 @@
+//! A receiver's queue of notifications is bounded: once full, the sender's notification fails with
+//! `PeerBusy` (506) and nothing is queued beyond the limits; once taken, notifications flow again.
+
+use std::time::Duration;
+
+use kvferry_core::{Agent, AgentConfig, AgentLimits, AuthConfig, Deadline, ErrorCode};
+
+/// Take notifications until `count` have arrived (each is queued just after its acknowledgement).
+fn take(receiver: &Agent, count: usize) -> Vec<Vec<u8>> {
+    let deadline = Deadline::after(Duration::from_secs(30));
+    let mut got = Vec::new();
+    while got.len() < count && !deadline.expired() {
+        got.extend(receiver.wait_notifications(deadline).into_iter().map(|n| n.data));
+    }
+    got
+}
+
+fn config(name: &str, limits: AgentLimits) -> AgentConfig {
+    let auth = AuthConfig::Secret(b"the limits tests' cluster secret".to_vec());
+    AgentConfig { shm: None, auth, limits, ..AgentConfig::new(name) }
+}
+
+#[test]
+fn a_full_notification_queue_answers_the_sender_busy() {
+    let limits = AgentLimits { max_notifications: 4, max_notification_bytes: 2 << 20, ..AgentLimits::default() };
+    let receiver = Agent::new(config("nq-receiver", limits)).unwrap();
+    let sender = Agent::new(config("nq-sender", AgentLimits::default())).unwrap();
+    let addr = receiver.serve_side_channel("127.0.0.1:0".parse().unwrap()).unwrap();
+    let soon = || Deadline::after(Duration::from_secs(30));
+    let peer = sender.connect_peer(&addr.to_string(), soon()).unwrap();
+    // The count limit: four fit, the fifth is refused.
+    for i in 0..4 {
+        sender.notify(&peer, format!("n{i}").as_bytes(), soon()).unwrap().wait().unwrap();
+    }
+    let e = sender.notify(&peer, b"n4", soon()).unwrap().wait().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PeerBusy, "{e}");
+    assert_eq!(ErrorCode::PeerBusy as i32, 506);
+    assert_eq!(take(&receiver, 4), [b"n0", b"n1", b"n2", b"n3"]);
+    // The byte limit: two notifications of 1 MiB fit in 2 MiB, a third does not.
+    let mib = vec![7u8; 1 << 20];
+    for _ in 0..2 {
+        sender.notify(&peer, &mib, soon()).unwrap().wait().unwrap();
+    }
+    let e = sender.notify(&peer, &mib, soon()).unwrap().wait().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PeerBusy, "{e}");
+    let held: usize = take(&receiver, 2).iter().map(Vec::len).sum();
+    assert_eq!(held, 2 << 20, "nothing beyond the byte limit was queued");
+    assert!(receiver.take_notifications().is_empty());
+    sender.notify(&peer, b"again", soon()).unwrap().wait().unwrap();
+}
