@@ -471,5 +471,6 @@ fn initiators_that_exit_leave_no_thread_or_descriptor_in_the_owner() {
     let mut owner = spawn_child("owner", "");
     let said: Vec<String> = lines(&mut owner).collect();
     assert!(owner.wait().unwrap().success(), "{said:?}");
+    println!("owner: {said:?}");
     assert!(said.iter().any(|l| l == "clean"), "{said:?}");
 }
