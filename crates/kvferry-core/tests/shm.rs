@@ -296,7 +296,11 @@ fn child_process_entry() {
             assert_eq!(agent.peer_transport(&peer), Some(TransportKind::Shm));
             let md = AgentMetadata::decode(&std::fs::read(arg).unwrap()).unwrap();
             let region = md.regions[0].region;
-            let at = |i: usize| MemRegion { addr: region.addr + (i * WRITE_BLOCK) as u64, len: WRITE_BLOCK as u64, ..region };
+            let at = |i: usize| MemRegion {
+                addr: region.addr + (i * WRITE_BLOCK) as u64,
+                len: WRITE_BLOCK as u64,
+                ..region
+            };
             let remote = agent.prepare_remote(&peer, &(0..WRITE_BLOCKS).map(at).collect::<Vec<_>>()).unwrap();
             let mine: Vec<MemRegion> = (0..WRITE_BLOCKS)
                 .map(|i| MemRegion::host(unsafe { local.as_ptr().add(i * WRITE_BLOCK) }, WRITE_BLOCK))
@@ -334,7 +338,8 @@ fn child_process_entry() {
             let _reg = agent.register(local.clone()).unwrap();
             let peer = agent.add_peer(&std::fs::read(arg).unwrap()).unwrap();
             let md = AgentMetadata::decode(&std::fs::read(arg).unwrap()).unwrap();
-            let remote = agent.prepare_remote(&peer, &[MemRegion { len: BLOCK as u64, ..md.regions[0].region }]).unwrap();
+            let remote =
+                agent.prepare_remote(&peer, &[MemRegion { len: BLOCK as u64, ..md.regions[0].region }]).unwrap();
             let l = agent.prepare_local(&blocks(&local)).unwrap();
             agent.read(&l, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
             agent.write(&l, &[1], &remote, &[0], soon()).unwrap().wait().unwrap();

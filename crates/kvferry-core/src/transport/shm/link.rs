@@ -294,9 +294,12 @@ struct Worker {
     device: Arc<HostDevice>,
 }
 
-/// Called between a READ's copy and its lease check, so a test can deregister at that moment.
+/// Called between a READ's copy and its lease check on the link to the peer it names, so a test
+/// can deregister at that moment.
 #[cfg(test)]
-pub(super) static AFTER_READ_COPY: Mutex<Option<(String, Box<dyn FnMut() + Send>)>> = Mutex::new(None);
+pub(super) type ReadHook = (String, Box<dyn FnMut() + Send>);
+#[cfg(test)]
+pub(super) static AFTER_READ_COPY: Mutex<Option<ReadHook>> = Mutex::new(None);
 
 impl Worker {
     /// Run batches until the link is dropped or none came for `idle_timeout`; the connection (and

@@ -250,11 +250,11 @@ fn serve_write(
     }
 }
 
-type Copies = Vec<(u64, u64, u64)>;
+/// The entries a WRITE's ops use (held for the copy) and its copies `(ours, theirs, len)`.
+type Checked = (Vec<Arc<KeyEntry>>, Vec<(u64, u64, u64)>);
 
-/// The entries the ops use (held for the copy) and the copies `(ours, theirs, len)`; or the first
-/// op refused and why.
-fn check_write(shared: &OwnerShared, ops: &[WriteOp]) -> Result<(Vec<Arc<KeyEntry>>, Copies), (u32, RejectReason)> {
+/// Check a WRITE's ops; the first refused and why.
+fn check_write(shared: &OwnerShared, ops: &[WriteOp]) -> Result<Checked, (u32, RejectReason)> {
     let mut held: Vec<(u128, Arc<KeyEntry>)> = Vec::new();
     let mut copies = Vec::with_capacity(ops.len());
     for (index, op) in ops.iter().enumerate() {

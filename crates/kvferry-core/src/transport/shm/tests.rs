@@ -142,7 +142,7 @@ fn a_hostile_lease_holder_fails_only_itself() {
     let target = agent_with_secret("lease-target");
     let initiator = agent_with_secret("lease-honest");
     let options = HostAllocOptions::new().with_pin(false);
-    let remote = Arc::new(HostBuffer::alloc(2 * 4096, &options.clone().with_shareable(true)).unwrap());
+    let remote = Arc::new(HostBuffer::alloc(2 * 4096, &options.with_shareable(true)).unwrap());
     let plain = Arc::new(HostBuffer::alloc(4096, &options).unwrap());
     remote.write_at(0, &[0x11; 4096]).unwrap();
     plain.write_at(0, &[0x22; 4096]).unwrap();
@@ -218,7 +218,7 @@ fn a_read_that_raced_a_deregistration_fails_instead_of_succeeding() {
     let initiator = agent_with_secret("race-initiator");
     let options = HostAllocOptions::new().with_pin(false);
     for shareable in [true, false] {
-        let remote = Arc::new(HostBuffer::alloc(4096, &options.clone().with_shareable(shareable)).unwrap());
+        let remote = Arc::new(HostBuffer::alloc(4096, &options.with_shareable(shareable)).unwrap());
         let local = Arc::new(HostBuffer::alloc(4096, &options).unwrap());
         let reg = Arc::new(Mutex::new(Some(target.register(remote.clone()).unwrap())));
         let _local_reg = initiator.register(local.clone()).unwrap();
