@@ -471,7 +471,7 @@ impl Agent {
         }
         if let Some(shm) = config.shm {
             // Shared memory only speeds up same-host peers: a system without it still has an agent.
-            match ShmTransport::start(&config.name, shm, notifications.clone()) {
+            match ShmTransport::start(&config.name, shm, auth.clone(), notifications.clone()) {
                 Ok(t) => transports.push(Arc::new(t)),
                 Err(e) => tracing::warn!(error = %e, "the shm transport is unavailable; peers use the others"),
             }

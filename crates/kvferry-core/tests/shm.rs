@@ -212,3 +212,270 @@ fn a_malformed_shm_endpoint_or_key_is_an_error_when_nothing_else_is_shared() {
     md.regions[0].keys.iter_mut().find(|(k, _)| *k == TransportKind::Shm).unwrap().1.push(0);
     assert_eq!(initiator.add_peer(&md.encode()).unwrap_err().code(), ErrorCode::InvalidArgument);
 }
+
+// Hostile and vanishing peers in other processes: this test binary re-executed as a child.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use kvferry_core::AuthConfig;
+use kvferry_core::transport::shm::ShmConfig;
+
+const SECRET: &str = "the shm process tests' secret...";
+
+fn with_secret(name: &str, shm: ShmConfig) -> AgentConfig {
+    AgentConfig {
+        auth: AuthConfig::Secret(SECRET.as_bytes().to_vec()),
+        tcp: None,
+        shm: Some(shm),
+        ..AgentConfig::new(name)
+    }
+}
+
+fn spawn_child(role: &str, arg: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_process_entry", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env("KVFERRY_SHM_CHILD", format!("{role}:{arg}"))
+        .env("KVFERRY_SECRET", SECRET)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// The lines a child prints, as they come, without libtest's (which puts the test's name before
+/// the first output).
+fn lines(child: &mut Child) -> impl Iterator<Item = String> + use<> {
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines().map(|l| l.unwrap());
+    lines
+        .map(|l| match l.rfind(" ... ") {
+            Some(at) => l[at + 5..].to_string(),
+            None => l,
+        })
+        .filter(|l| !l.is_empty() && !l.starts_with("running "))
+}
+
+fn metadata_file(agent: &Agent, tag: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("kvferry-shm-{tag}-{}.md", std::process::id()));
+    std::fs::write(&path, agent.metadata()).unwrap();
+    path
+}
+
+/// Poll `check` every 10 ms until it holds or `limit` passes; whether it held.
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const WRITE_BLOCK: usize = 1 << 20;
+const WRITE_BLOCKS: usize = 64;
+
+#[test]
+#[ignore = "run by the process tests as a child"]
+fn child_process_entry() {
+    let Ok(role) = std::env::var("KVFERRY_SHM_CHILD") else { return };
+    let (role, arg) = role.split_once(':').unwrap();
+    match role {
+        // WRITEs the whole of the parent's registration until refused, then says how.
+        "writer" => {
+            let agent = Agent::new(AgentConfig { tcp: None, ..AgentConfig::new("shm-writer") }).unwrap();
+            let local = buffer(WRITE_BLOCK * WRITE_BLOCKS, false, 0);
+            local.write_at(0, &vec![0xee; local.len()]).unwrap();
+            let _reg = agent.register(local.clone()).unwrap();
+            let peer = agent.add_peer(&std::fs::read(arg).unwrap()).unwrap();
+            assert_eq!(agent.peer_transport(&peer), Some(TransportKind::Shm));
+            let md = AgentMetadata::decode(&std::fs::read(arg).unwrap()).unwrap();
+            let region = md.regions[0].region;
+            let at = |i: usize| MemRegion {
+                addr: region.addr + (i * WRITE_BLOCK) as u64,
+                len: WRITE_BLOCK as u64,
+                ..region
+            };
+            let remote = agent.prepare_remote(&peer, &(0..WRITE_BLOCKS).map(at).collect::<Vec<_>>()).unwrap();
+            let mine: Vec<MemRegion> = (0..WRITE_BLOCKS)
+                .map(|i| MemRegion::host(unsafe { local.as_ptr().add(i * WRITE_BLOCK) }, WRITE_BLOCK))
+                .collect();
+            let local_descs = agent.prepare_local(&mine).unwrap();
+            let all: Vec<usize> = (0..WRITE_BLOCKS).collect();
+            for n in 0.. {
+                let deadline = Deadline::after(Duration::from_secs(60));
+                match agent.write(&local_descs, &all, &remote, &all, deadline).unwrap().wait() {
+                    Ok(()) if n == 0 => println!("wrote"),
+                    Ok(()) => {}
+                    Err(e) => {
+                        println!("refused {:?}", e.code());
+                        return;
+                    }
+                }
+            }
+        }
+        // Listens with a backlog of 0 and never accepts.
+        "backlog" => {
+            let name = format!("kvferry-test-backlog-{}", std::process::id());
+            let fd = abstract_socket();
+            let (addr, len) = abstract_addr(&name);
+            unsafe {
+                assert_eq!(libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len), 0);
+                assert_eq!(libc::listen(fd, 0), 0);
+            }
+            println!("listening {name}");
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+        }
+        // Reads and writes over shm, then exits without dropping anything.
+        "initiator" => {
+            let agent = Agent::new(AgentConfig { tcp: None, ..AgentConfig::new("shm-leaver") }).unwrap();
+            let local = buffer(2 * BLOCK, false, 3);
+            let _reg = agent.register(local.clone()).unwrap();
+            let peer = agent.add_peer(&std::fs::read(arg).unwrap()).unwrap();
+            let md = AgentMetadata::decode(&std::fs::read(arg).unwrap()).unwrap();
+            let remote =
+                agent.prepare_remote(&peer, &[MemRegion { len: BLOCK as u64, ..md.regions[0].region }]).unwrap();
+            let l = agent.prepare_local(&blocks(&local)).unwrap();
+            agent.read(&l, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
+            agent.write(&l, &[1], &remote, &[0], soon()).unwrap().wait().unwrap();
+            println!("done");
+            std::process::exit(0);
+        }
+        // An owner that counts its threads and descriptors before and after initiators come and go.
+        "owner" => {
+            let agent = Agent::new(with_secret("shm-counter", ShmConfig::default())).unwrap();
+            let memory = buffer(4 * BLOCK, false, 4);
+            let _reg = agent.register(memory).unwrap();
+            let md = metadata_file(&agent, "counter");
+            let count = |dir: &str| std::fs::read_dir(dir).unwrap().count();
+            let before = (count("/proc/self/task"), count("/proc/self/fd"));
+            for _ in 0..3 {
+                let mut child = spawn_child("initiator", md.to_str().unwrap());
+                assert!(lines(&mut child).any(|l| l == "done"), "an initiator failed");
+                assert!(child.wait().unwrap().success());
+            }
+            let now = || (count("/proc/self/task"), count("/proc/self/fd"));
+            let clean = eventually(Duration::from_secs(20), || {
+                let (threads, fds) = now();
+                threads <= before.0 && fds <= before.1
+            });
+            std::fs::remove_file(md).unwrap();
+            println!("counts {before:?} -> {:?}", now());
+            assert!(clean, "initiators that exited left threads or descriptors: {before:?} -> {:?}", now());
+            println!("clean");
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+fn abstract_socket() -> libc::c_int {
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    fd
+}
+
+fn abstract_addr(name: &str) -> (libc::sockaddr_un, libc::socklen_t) {
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &b) in addr.sun_path[1..].iter_mut().zip(name.as_bytes()) {
+        *dst = b as libc::c_char;
+    }
+    (addr, (std::mem::offset_of!(libc::sockaddr_un, sun_path) + 1 + name.len()) as libc::socklen_t)
+}
+
+fn stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+}
+
+/// Finding: a peer stopped inside a multi-syscall batch wrote into memory after its
+/// deregistration returned. Now the owner copies every WRITE itself: the drop returns without
+/// waiting on the stopped peer, and nothing the peer does afterwards changes a byte.
+#[test]
+fn a_stopped_writer_cannot_touch_a_dropped_registration() {
+    // request_timeout is far above the bound asserted for the drop: the drop must not wait it out.
+    let shm = ShmConfig { request_timeout: Duration::from_secs(120), ..ShmConfig::default() };
+    let target = Agent::new(with_secret("shm-victim", shm)).unwrap();
+    let memory = buffer(WRITE_BLOCK * WRITE_BLOCKS, false, 0);
+    memory.write_at(0, &vec![0; memory.len()]).unwrap();
+    let reg = target.register(memory.clone()).unwrap();
+    let md = metadata_file(&target, "victim");
+    let mut child = spawn_child("writer", md.to_str().unwrap());
+    let mut said = lines(&mut child);
+    assert_eq!(said.next().as_deref(), Some("wrote"), "the writer's first WRITE failed");
+    assert!(memory.to_vec().iter().all(|&b| b == 0xee), "the first WRITE did not land");
+    // Stop it while it keeps writing, most likely mid-request.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGSTOP) };
+    assert!(eventually(Duration::from_secs(10), || stopped(child.id())), "the writer did not stop");
+    let started = Instant::now();
+    drop(reg);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "deregistration waited {took:?} for a stopped peer");
+    memory.write_at(0, &vec![0x5a; memory.len()]).unwrap();
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGCONT) };
+    let rest: Vec<String> = said.collect();
+    assert!(child.wait().unwrap().success(), "the writer failed: {rest:?}");
+    std::fs::remove_file(md).unwrap();
+    assert!(rest.iter().any(|l| l == "refused RemoteUnknownKey"), "{rest:?}");
+    let after = memory.to_vec();
+    let changed = after.iter().filter(|&&b| b != 0x5a).count();
+    assert_eq!(changed, 0, "{changed} bytes changed after the registration was dropped");
+}
+
+/// Finding: add_peer hung on an shm endpoint whose socket backlog was full.
+#[test]
+fn an_endpoint_with_a_full_backlog_fails_add_peer_by_the_deadline() {
+    let mut child = spawn_child("backlog", "");
+    let mut said = lines(&mut child);
+    let name = said.next().and_then(|l| l.strip_prefix("listening ").map(str::to_string)).expect("the child listens");
+    // Fill the backlog: non-blocking connects until the kernel says it is full.
+    let (addr, len) = abstract_addr(&name);
+    let mut queued = Vec::new();
+    loop {
+        let fd = abstract_socket();
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let r = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+        queued.push(fd);
+        if r != 0 {
+            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN));
+            break;
+        }
+        assert!(queued.len() < 1000, "the backlog never filled");
+    }
+    let shm = ShmConfig { connect_timeout: Duration::from_millis(500), ..ShmConfig::default() };
+    let initiator = Agent::new(with_secret("shm-patient", shm)).unwrap();
+    let p = pair(false, 1);
+    let mut md = AgentMetadata::decode(&p.target.metadata()).unwrap();
+    md.name = "full-backlog".into();
+    let endpoint = md.endpoints.iter_mut().find(|e| e.kind == TransportKind::Shm).unwrap();
+    let boot = endpoint.address.split('/').next().unwrap().to_string();
+    endpoint.address = format!("{boot}/{}/{name}", child.id());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(initiator.add_peer(&md.encode()).map(|_| ())));
+    let got = rx.recv_timeout(Duration::from_secs(60)).expect("add_peer still hangs on a full backlog");
+    let e = got.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unsupported, "{e}");
+    assert!(e.to_string().contains("unreachable"), "{e}");
+    for fd in queued {
+        unsafe { libc::close(fd) };
+    }
+    drop(child.stdin.take());
+    said.for_each(drop);
+    assert!(child.wait().unwrap().success());
+}
+
+/// Finding: each initiator that exited left a thread and a descriptor in the owner.
+#[test]
+fn initiators_that_exit_leave_no_thread_or_descriptor_in_the_owner() {
+    // The owner runs in a child of its own, so other tests' threads do not blur its counts.
+    let mut owner = spawn_child("owner", "");
+    let said: Vec<String> = lines(&mut owner).collect();
+    assert!(owner.wait().unwrap().success(), "{said:?}");
+    println!("owner: {said:?}");
+    assert!(said.iter().any(|l| l == "clean"), "{said:?}");
+}

@@ -1,22 +1,25 @@
-//! Leases: how an owner revokes a registration that initiators reach without asking it per batch.
+//! Leases: how an owner tells an initiator that a registration it READs from is gone, without
+//! being asked per batch.
 //!
-//! The owner keeps one shareable file of slots, one slot per registration, and passes it to every
-//! initiator at hello. Around each batch an initiator enters the slots of the regions it touches
-//! (`active += 1`, then checks the slot still carries the registration's tag and is not revoked) and
-//! leaves them afterwards. Deregistration sets `revoked`, then waits for `active` to drain. Both
-//! sides use sequentially consistent atomics (a store then a load of the other's word), so either
-//! the initiator sees the revocation or the owner sees the initiator and waits: no byte moves
-//! after deregistration returns.
+//! Every connection gets a lease file of its own (a memfd shared by the owner and that one peer
+//! only): a peer can mark only its own slots, so a hostile one that sets `revoked` everywhere
+//! only fails its own transfers. The owner opens a slot when it grants a registration on that
+//! connection (`MAP`) and, at deregistration, sets `revoked` in the slot of every connection that
+//! holds one, then returns: it waits for no peer. An initiator checks its slot before a READ and
+//! again after the copy (after a full fence), and discards a copy that raced the revocation: the
+//! bytes landed in its own memory, but the transfer fails. The owner's store of `revoked` is
+//! followed by a full fence before deregistration returns, so a copy that saw memory the owner
+//! reused afterwards also sees the revocation.
 
+use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
 
-/// Registrations one agent can have open to shm peers at once.
+/// Registrations one connection can hold grants for at once.
 const SLOTS: usize = 1 << 16;
 
 #[repr(C)]
@@ -24,8 +27,8 @@ pub(super) struct Slot {
     /// The low 64 bits of the registration's key: a slot reused by a later registration is not
     /// mistaken for the old one.
     tag: AtomicU64,
-    active: AtomicU32,
     revoked: AtomicU32,
+    _pad: AtomicU32,
 }
 
 /// The slots as laid out in a lease file, owned or mapped.
@@ -35,6 +38,7 @@ pub(super) struct LeaseFile {
 
 impl LeaseFile {
     /// The owner's file: untouched slots read as tag 0, revoked 0, so they are opened explicitly.
+    /// Pages are only allocated where slots are used.
     fn create() -> Result<LeaseFile> {
         let options = HostAllocOptions::new().with_pin(false).with_shareable(true);
         Ok(LeaseFile { file: HostBuffer::alloc(SLOTS * size_of::<Slot>(), &options)? })
@@ -55,74 +59,71 @@ impl LeaseFile {
         Some(unsafe { &*self.file.as_ptr().add(at).cast::<Slot>() })
     }
 
-    /// Enter a slot for a batch; `false` (and nothing held) when its registration is gone.
-    pub fn enter(&self, index: u32, tag: u64) -> bool {
+    /// Whether the slot still carries the registration `tag`, unrevoked. Called before a copy and
+    /// after it: the fence orders the copy's loads before the check.
+    pub fn held(&self, index: u32, tag: u64) -> bool {
+        fence(Ordering::SeqCst);
         let Some(slot) = self.slot(index) else { return false };
-        slot.active.fetch_add(1, Ordering::SeqCst);
-        if slot.tag.load(Ordering::SeqCst) == tag && slot.revoked.load(Ordering::SeqCst) == 0 {
-            return true;
-        }
-        slot.active.fetch_sub(1, Ordering::SeqCst);
-        false
+        slot.tag.load(Ordering::SeqCst) == tag && slot.revoked.load(Ordering::SeqCst) == 0
     }
 
-    pub fn leave(&self, index: u32) {
-        if let Some(slot) = self.slot(index) {
-            slot.active.fetch_sub(1, Ordering::SeqCst);
+    /// What a hostile holder of the file can do: revoke every slot (it hurts only itself).
+    #[cfg(test)]
+    pub fn revoke_all(&self) {
+        for index in 0..SLOTS as u32 {
+            self.slot(index).expect("slots below SLOTS exist").revoked.store(1, Ordering::SeqCst);
         }
     }
 }
 
-/// The owner's lease file and which of its slots are free.
+/// One connection's lease file and the slots it has open, by key.
 pub(super) struct Leases {
     file: LeaseFile,
-    /// Freed slots, and the first never used.
-    free: Mutex<(Vec<u32>, u32)>,
+    /// Open slots by key, freed slots, and the first never used.
+    state: Mutex<(HashMap<u128, u32>, Vec<u32>, u32)>,
 }
 
 impl Leases {
     pub fn new() -> Result<Leases> {
-        Ok(Leases { file: LeaseFile::create()?, free: Mutex::new((Vec::new(), 0)) })
+        Ok(Leases { file: LeaseFile::create()?, state: Mutex::new((HashMap::new(), Vec::new(), 0)) })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.file.share_fd().expect("the lease file is shareable")
     }
 
-    /// A slot for a new registration with this tag.
-    pub fn open(&self, tag: u64) -> Result<u32> {
-        let mut free = self.free.lock().unwrap();
-        let index = match free.0.pop() {
+    /// The slot of a registration granted on this connection (opened on first grant); `None`
+    /// when the connection holds [`SLOTS`] grants already.
+    pub fn open(&self, key: u128) -> Option<u32> {
+        let mut state = self.state.lock().unwrap();
+        let (open, free, next) = &mut *state;
+        if let Some(&index) = open.get(&key) {
+            return Some(index);
+        }
+        let index = match free.pop() {
             Some(index) => index,
-            None if (free.1 as usize) < SLOTS => {
-                free.1 += 1;
-                free.1 - 1
+            None if (*next as usize) < SLOTS => {
+                *next += 1;
+                *next - 1
             }
-            None => {
-                return Err(Error::InvalidArgument(format!(
-                    "the shm transport holds at most {SLOTS} registrations; deregister some first"
-                )));
-            }
+            None => return None,
         };
         let slot = self.file.slot(index).expect("slots below SLOTS exist");
-        slot.tag.store(tag, Ordering::SeqCst);
+        slot.tag.store(key as u64, Ordering::SeqCst);
         slot.revoked.store(0, Ordering::SeqCst);
-        Ok(index)
+        open.insert(key, index);
+        Some(index)
     }
 
-    /// Revoke a slot and wait until no initiator is inside it, for at most `timeout` (an initiator
-    /// that died inside never leaves; its slot is then not reused).
-    pub fn revoke(&self, index: u32, timeout: Duration) {
-        let slot = self.file.slot(index).expect("open slots exist");
-        slot.revoked.store(1, Ordering::SeqCst);
-        let give_up = Instant::now() + timeout;
-        while slot.active.load(Ordering::SeqCst) != 0 {
-            if Instant::now() >= give_up {
-                tracing::warn!(slot = index, "an shm peer did not leave a revoked registration; slot retired");
-                return;
-            }
-            std::thread::sleep(Duration::from_micros(200));
+    /// Revoke the registration's slot, if this connection holds one, and free it. Never waits:
+    /// a peer that copied meanwhile discards what it read (see the module documentation).
+    pub fn revoke(&self, key: u128) {
+        let mut state = self.state.lock().unwrap();
+        let (open, free, _) = &mut *state;
+        if let Some(index) = open.remove(&key) {
+            self.file.slot(index).expect("open slots exist").revoked.store(1, Ordering::SeqCst);
+            free.push(index);
         }
-        self.free.lock().unwrap().0.push(index);
+        fence(Ordering::SeqCst);
     }
 }

@@ -1,25 +1,32 @@
-//! The initiator's side of the shm transport: one worker thread per peer. For each batch it enters
-//! the lease slots of the regions it touches (refused once a registration is revoked), checks every
-//! op against the range the owner granted, copies the bytes itself, leaves the slots, and checks
-//! that the owner is still alive before the batch completes; a notification then follows on the
-//! socket. Mapped regions are copied with `memcpy` by the host device's copy pool (this thread
-//! taking a share), cross-memory regions with `process_vm_readv`/`process_vm_writev` on this
-//! thread while the pool works.
+//! The initiator's side of the shm transport: a worker thread per peer, started on the first
+//! batch and ended after `idle_timeout` without one, with a connection made on first use.
+//!
+//! - a **WRITE** is a request on the socket naming our own source addresses; the owner checks key
+//!   and range and copies the bytes into its memory itself, and the batch settles on its answer.
+//!   No byte of ours is ever written into the owner's address space by us.
+//! - a **READ** lands in our memory, so we copy it: after a grant (`MAP`), through the owner's
+//!   shareable file (`memcpy` on the host device's copy pool, this thread taking a share) or with
+//!   `process_vm_readv`. The connection's lease slot of every registration touched is checked
+//!   before the copy and again after it: a READ that raced a deregistration is discarded (the
+//!   transfer fails), and a hang-up of the socket after the copy means the owner died.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
-use std::sync::{Arc, mpsc};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::thread;
 use std::time::Duration;
 
 use super::lease::LeaseFile;
-use super::wire::{self, Failure, Header, Reach};
+use super::owner::{PROBE, pull};
+use super::wire::{self, Failure, Header, Reach, WriteOp};
+use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::{HostBuffer, HostDevice};
 use crate::memory::{CopyOp, MemRegion};
+use crate::net::DeadlineStream;
 use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp};
 
 /// A peer's region as this transport reaches it.
@@ -35,122 +42,183 @@ pub(super) struct LinkInfo {
     pub peer: String,
     /// The endpoint as published, for error messages.
     pub endpoint: String,
-    pub socket: UnixAddr,
+    /// The owner's abstract socket name.
+    pub socket: String,
     /// The owner's process id as seen from here (checked by the probe when cross-memory is used).
     pub pid: u32,
+    pub auth: Auth,
     pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
-/// A connection to an owner and its lease file.
-pub(super) type Connection = (UnixStream, LeaseFile);
+/// An authenticated connection to an owner.
+pub(super) struct Connected {
+    pub stream: UnixStream,
+    /// The owner's pid, as the kernel saw it accept.
+    pub pid: u32,
+    pub probe: u64,
+    /// Whether the owner could read our probe word, so can pull our WRITEs.
+    pub can_pull: bool,
+    pub leases: LeaseFile,
+}
 
-/// Connect to an owner and say hello; returns the stream, the owner's pid, its probe address and
-/// its lease file.
-pub(super) fn connect(
-    socket: &UnixAddr,
-    local_name: &str,
-    timeout: Duration,
-) -> Result<(UnixStream, u32, u64, LeaseFile), String> {
-    if timeout.is_zero() {
-        return Err("deadline passed before connecting".into());
-    }
-    let io = |e: io::Error| e.to_string();
-    let mut stream = UnixStream::connect_addr(socket).map_err(io)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    stream.write_all(&wire::encode_hello(local_name)).map_err(io)?;
-    let mut ack = [0u8; wire::HEADER_LEN];
-    let leases = wire::recv_with_fd(&stream, &mut ack).map_err(|e| format!("handshake failed: {e}"))?;
-    let ack = Header::decode(&ack);
-    match ack.tag {
-        0 => {
-            let leases = leases.ok_or("the owner sent no lease file")?;
-            let leases = LeaseFile::map(leases.as_fd()).map_err(|e| e.to_string())?;
-            Ok((stream, ack.count, ack.payload_len, leases))
+/// Why a connection could not be made.
+#[derive(Debug)]
+pub(super) enum ConnectError {
+    Unreachable(String),
+    Unauthenticated(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Unreachable(why) | ConnectError::Unauthenticated(why) => f.write_str(why),
         }
-        wire::STATUS_BAD_VERSION => Err(format!("peer speaks shm version {}, this agent {}", ack.count, wire::VERSION)),
-        other => Err(format!("handshake refused with status {other}")),
     }
+}
+
+/// Connect to an abstract Unix socket by `deadline`. A blocking connect to a listener whose
+/// backlog is full waits for room without end; `SO_SNDTIMEO`, which Linux honours for `AF_UNIX`
+/// connect, bounds that wait (it then fails with `EAGAIN`).
+pub(super) fn connect_by(socket: &str, deadline: Deadline) -> io::Result<UnixStream> {
+    let name = socket.as_bytes();
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if name.len() + 1 > addr.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket name too long"));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // An abstract name: a leading NUL, then the name (not NUL-terminated).
+    for (dst, &b) in addr.sun_path[1..].iter_mut().zip(name) {
+        *dst = b as libc::c_char;
+    }
+    let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + 1 + name.len()) as libc::socklen_t;
+    // SAFETY: plain socket creation; the descriptor is owned by the stream at once.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    loop {
+        stream.set_write_timeout(Some(crate::net::time_left(deadline)?))?;
+        // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+        let r = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+        if r == 0 {
+            return Ok(stream);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the listener's backlog stayed full"));
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Connect to an owner by `deadline`, prove the cluster secret both ways and say hello.
+pub(super) fn connect(
+    socket: &str,
+    local_name: &str,
+    auth: &Auth,
+    deadline: Deadline,
+) -> std::result::Result<Connected, ConnectError> {
+    let unreachable = |e: io::Error| ConnectError::Unreachable(e.to_string());
+    let mut stream = connect_by(socket, deadline).map_err(unreachable)?;
+    auth.client(&mut stream, Channel::Shm, deadline).map_err(|e| match e {
+        AuthError::Io(e) => ConnectError::Unreachable(format!("handshake failed: {e}")),
+        other => ConnectError::Unauthenticated(other.to_string()),
+    })?;
+    stream.write_all_by(&wire::encode_hello(local_name, PROBE.as_ptr() as u64), deadline).map_err(unreachable)?;
+    let mut ack = [0u8; wire::HEADER_LEN + 8];
+    stream.set_timeouts(crate::net::time_left(deadline).map_err(unreachable)?).map_err(unreachable)?;
+    let leases = wire::recv_with_fd(&stream, &mut ack)
+        .map_err(|e| ConnectError::Unreachable(format!("handshake failed: {e}")))?;
+    let header = Header::decode(ack[..wire::HEADER_LEN].try_into().expect("header"));
+    match header.tag {
+        0 => {
+            let leases = leases.ok_or(ConnectError::Unreachable("the owner sent no lease file".into()))?;
+            let leases = LeaseFile::map(leases.as_fd()).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+            let flags = u64::from_le_bytes(ack[wire::HEADER_LEN..].try_into().expect("8 bytes"));
+            let pid = peer_pid(&stream).map_err(unreachable)?;
+            Ok(Connected { stream, pid, probe: header.payload_len, can_pull: flags & wire::FLAG_CAN_PULL != 0, leases })
+        }
+        wire::STATUS_BAD_VERSION => Err(ConnectError::Unreachable(format!(
+            "peer speaks shm version {}, this agent {}",
+            header.count,
+            wire::VERSION
+        ))),
+        other => Err(ConnectError::Unreachable(format!("handshake refused with status {other}"))),
+    }
+}
+
+/// The process at the other end of the socket, as the kernel saw it.
+fn peer_pid(stream: &UnixStream) -> io::Result<u32> {
+    // SAFETY: ucred is plain data.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.pid as u32)
 }
 
 /// Read one word at the owner's probe address with `process_vm_readv`: proves that cross-memory
 /// attach is allowed and that `pid` is the owner (not a namesake in another pid namespace).
 pub(super) fn probe_cross_memory(pid: u32, probe_addr: u64) -> Result<(), String> {
     let mut word = 0u64;
-    let op = XferOp { local_addr: &mut word as *mut u64 as u64, remote_region: 0, remote_addr: probe_addr, len: 8 };
-    cross_memory_copy(pid, Op::Read, &[op]).map_err(|e| e.to_string())?;
+    pull(pid, &[(&mut word as *mut u64 as u64, probe_addr, 8)]).map_err(|(_, e)| e.to_string())?;
     match word == wire::PROBE_MAGIC {
         true => Ok(()),
         false => Err(format!("pid {pid} is not the peer's process as seen from here")),
     }
 }
 
-/// Copy the ops between this process and process `pid`, looping over partial transfers.
-fn cross_memory_copy(pid: u32, op: Op, ops: &[XferOp]) -> io::Result<()> {
-    // IOV_MAX on Linux: the most iovecs one call takes.
-    const IOV_MAX: usize = 1024;
-    let iov = |addr: u64, len: u64| libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len as usize };
-    let (mut next, mut done_in_next) = (0usize, 0u64);
-    while next < ops.len() {
-        let window = &ops[next..ops.len().min(next + IOV_MAX)];
-        let skip = |k: usize| if k == 0 { done_in_next } else { 0 };
-        let local: Vec<libc::iovec> =
-            window.iter().enumerate().map(|(k, o)| iov(o.local_addr + skip(k), o.len - skip(k))).collect();
-        let remote: Vec<libc::iovec> =
-            window.iter().enumerate().map(|(k, o)| iov(o.remote_addr + skip(k), o.len - skip(k))).collect();
-        let call = if op == Op::Read { libc::process_vm_readv } else { libc::process_vm_writev };
-        // SAFETY: the local iovecs name registered memory held by the batch; the kernel checks the
-        // remote ones against the peer's address space.
-        let n = unsafe {
-            call(pid as libc::pid_t, local.as_ptr(), local.len() as _, remote.as_ptr(), remote.len() as _, 0)
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EFAULT));
-        }
-        let mut left = n as u64;
-        while left > 0 {
-            let rest = ops[next].len - done_in_next;
-            if left < rest {
-                done_in_next += left;
-                break;
-            }
-            left -= rest;
-            next += 1;
-            done_in_next = 0;
-        }
-    }
-    Ok(())
-}
-
 pub(super) struct ShmLink {
     peer: String,
     regions: Arc<Vec<Option<RemoteShm>>>,
-    jobs: mpsc::Sender<Batch>,
+    info: Arc<LinkInfo>,
+    device: Arc<HostDevice>,
+    /// The running worker's queue; `None` until the first batch and after the worker idled out.
+    jobs: Arc<Mutex<Option<mpsc::Sender<Batch>>>>,
 }
 
 impl ShmLink {
-    pub fn new(
-        info: LinkInfo,
-        regions: Vec<Option<RemoteShm>>,
-        conn: Connection,
-        device: Arc<HostDevice>,
-    ) -> Result<ShmLink> {
-        let regions = Arc::new(regions);
-        let peer = info.peer.clone();
+    pub fn new(info: LinkInfo, regions: Vec<Option<RemoteShm>>, device: Arc<HostDevice>) -> ShmLink {
+        ShmLink {
+            peer: info.peer.clone(),
+            regions: Arc::new(regions),
+            info: Arc::new(info),
+            device,
+            jobs: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Start a worker and return its queue.
+    fn spawn(&self) -> io::Result<mpsc::Sender<Batch>> {
         let (jobs, batches) = mpsc::channel::<Batch>();
-        let worker = Worker { info, regions: regions.clone(), conn: Some(conn), grants: HashMap::new(), device };
-        thread::Builder::new()
-            .name(format!("kvferry-shm-{peer}"))
-            .spawn(move || worker.run(batches))
-            .map_err(|e| Error::io("spawning an shm link worker", e))?;
-        Ok(ShmLink { peer, regions, jobs })
+        let worker = Worker {
+            info: self.info.clone(),
+            regions: self.regions.clone(),
+            conn: None,
+            grants: HashMap::new(),
+            device: self.device.clone(),
+        };
+        let queue = Arc::downgrade(&self.jobs);
+        thread::Builder::new().name(format!("kvferry-shm-{}", self.peer)).spawn(move || worker.run(batches, queue))?;
+        Ok(jobs)
     }
 }
 
@@ -165,11 +233,26 @@ impl PeerLink for ShmLink {
             )));
         }
         batch.completion.set_parts(1);
-        if let Err(mpsc::SendError(batch)) = self.jobs.send(batch) {
-            let cause = "the link's worker thread has exited".to_string();
-            let e = TransferError::PeerDisconnected { peer: self.peer.clone(), op: batch.completion.op(), cause };
-            // A failed part settles the batch as failed; nothing else to do.
-            let _ = batch.completion.part_done(Err(e));
+        let mut jobs = self.jobs.lock().unwrap();
+        let batch = match jobs.as_ref() {
+            Some(queue) => match queue.send(batch) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::SendError(batch)) => batch,
+            },
+            None => batch,
+        };
+        match self.spawn() {
+            Ok(sender) => {
+                let sent = sender.send(batch);
+                *jobs = Some(sender);
+                debug_assert!(sent.is_ok(), "a fresh worker holds its receiver");
+            }
+            Err(e) => {
+                let cause = format!("cannot start the link's worker thread: {e}");
+                let e = TransferError::PeerDisconnected { peer: self.peer.clone(), op: batch.completion.op(), cause };
+                // A failed part settles the batch as failed; nothing else to do.
+                let _ = batch.completion.part_done(Err(e));
+            }
         }
         Ok(())
     }
@@ -187,11 +270,13 @@ impl PeerLink for ShmLink {
     }
 }
 
-fn read_status(stream: &mut UnixStream) -> Result<Header, Failure> {
-    wire::status_of(Header::read_from(stream)?)
+fn read_status(stream: &mut UnixStream, deadline: Deadline) -> Result<Header, Failure> {
+    let mut head = [0u8; wire::HEADER_LEN];
+    stream.read_exact_by(&mut head, deadline)?;
+    wire::status_of(Header::decode(&head))
 }
 
-/// What the owner granted for one registration.
+/// What the owner granted for one registration, for READs.
 struct Grant {
     /// The registered range, as the owner has it.
     region: MemRegion,
@@ -201,18 +286,46 @@ struct Grant {
 }
 
 struct Worker {
-    info: LinkInfo,
+    info: Arc<LinkInfo>,
     regions: Arc<Vec<Option<RemoteShm>>>,
-    conn: Option<Connection>,
+    conn: Option<Connected>,
     /// Grants received on this connection, by key.
     grants: HashMap<u128, Grant>,
     device: Arc<HostDevice>,
 }
 
+/// Called between a READ's copy and its lease check on the link to the peer it names, so a test
+/// can deregister at that moment.
+#[cfg(test)]
+pub(super) type ReadHook = (String, Box<dyn FnMut() + Send>);
+#[cfg(test)]
+pub(super) static AFTER_READ_COPY: Mutex<Option<ReadHook>> = Mutex::new(None);
+
 impl Worker {
-    fn run(mut self, batches: mpsc::Receiver<Batch>) {
-        for batch in batches {
-            self.run_batch(&batch);
+    /// Run batches until the link is dropped or none came for `idle_timeout`; the connection (and
+    /// the owner's thread serving it) goes with the worker.
+    fn run(mut self, batches: mpsc::Receiver<Batch>, queue: Weak<Mutex<Option<mpsc::Sender<Batch>>>>) {
+        loop {
+            match batches.recv_timeout(self.info.idle_timeout) {
+                Ok(batch) => self.run_batch(&batch),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let Some(queue) = queue.upgrade() else { return };
+                    // Under the queue's lock no batch can be sent to us: take one that came, or
+                    // retire, so the next post starts a fresh worker.
+                    let mut jobs = queue.lock().unwrap();
+                    match batches.try_recv() {
+                        Ok(batch) => {
+                            drop(jobs);
+                            self.run_batch(&batch);
+                        }
+                        Err(_) => {
+                            *jobs = None;
+                            return;
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -220,7 +333,9 @@ impl Worker {
         let completion = &*batch.completion;
         let result = match completion.skip_reason() {
             Some(e) => Err(e),
-            None => self.copy(completion, &batch.ops),
+            None if batch.ops.is_empty() => Ok(()),
+            None if completion.op() == Op::Write => self.write(completion, &batch.ops),
+            None => self.read(completion, &batch.ops),
         };
         if let PartOutcome::LastOk { notification } = completion.part_done(result) {
             let sent = match notification {
@@ -231,33 +346,38 @@ impl Worker {
         }
     }
 
-    /// The connection, ready for an exchange within the batch's deadline.
-    fn connection(&mut self, c: &Completion) -> Result<&mut Connection, TransferError> {
+    /// The connection, made (or made again, when the owner closed it) within the batch's deadline.
+    fn connection(&mut self, c: &Completion) -> Result<&mut Connected, TransferError> {
+        if self.conn.as_ref().is_some_and(|conn| peer_hung_up(&conn.stream)) {
+            self.disconnect();
+        }
         if self.conn.is_none() {
-            let timeout = c.deadline().remaining().min(self.info.connect_timeout);
+            let deadline = c.deadline().min(Deadline::after(self.info.connect_timeout));
+            let peer = self.info.peer.clone();
             let unreachable = |cause| TransferError::PeerUnreachable {
-                peer: self.info.peer.clone(),
+                peer: peer.clone(),
                 endpoint: self.info.endpoint.clone(),
                 cause,
             };
-            let (stream, pid, _, leases) = connect(&self.info.socket, &self.info.local_name, timeout)
-                .map_err(|cause| if c.deadline().expired() { c.timeout_error() } else { unreachable(cause) })?;
-            if pid != self.info.pid {
-                return Err(unreachable(format!("another process (pid {pid}) now serves the endpoint")));
+            let conn =
+                connect(&self.info.socket, &self.info.local_name, &self.info.auth, deadline).map_err(|e| match e {
+                    ConnectError::Unauthenticated(cause) => {
+                        TransferError::Unauthenticated { peer: peer.clone(), cause }
+                    }
+                    ConnectError::Unreachable(_) if c.deadline().expired() => c.timeout_error(),
+                    ConnectError::Unreachable(cause) => unreachable(cause),
+                })?;
+            if conn.pid != self.info.pid {
+                return Err(unreachable(format!("another process (pid {}) now serves the endpoint", conn.pid)));
             }
             // Grants name slots of the previous connection's lease file; ask afresh.
             self.grants.clear();
-            self.conn = Some((stream, leases));
+            self.conn = Some(conn);
         }
-        let left = c.deadline().remaining();
-        if left.is_zero() {
+        if c.deadline().expired() {
             return Err(c.timeout_error());
         }
-        let (stream, _) = self.conn.as_mut().expect("connected above");
-        match stream.set_read_timeout(Some(left)).and_then(|()| stream.set_write_timeout(Some(left))) {
-            Ok(()) => Ok(self.conn.as_mut().expect("connected above")),
-            Err(e) => Err(self.named(c, Failure::Io(e))),
-        }
+        Ok(self.conn.as_mut().expect("connected above"))
     }
 
     /// Name a failure for the caller; a connection that may be out of step is dropped.
@@ -278,12 +398,64 @@ impl Worker {
         self.regions[op.remote_region as usize].expect("post checked every op's region")
     }
 
-    /// Check every op against its grant, enter the lease slots, copy, leave, and check the owner
-    /// is still there (a mapping stays valid after its death, so the copy alone cannot tell).
-    fn copy(&mut self, c: &Completion, ops: &[XferOp]) -> Result<(), TransferError> {
-        if ops.is_empty() {
-            return Ok(());
+    /// Ask the owner to pull the ops from our memory, in requests of at most `MAX_WRITE_OPS`.
+    fn write(&mut self, c: &Completion, ops: &[XferOp]) -> Result<(), TransferError> {
+        let deadline = c.deadline();
+        let (peer, op) = (self.info.peer.clone(), c.op());
+        for (chunk_index, chunk) in ops.chunks(wire::MAX_WRITE_OPS).enumerate() {
+            let base = (chunk_index * wire::MAX_WRITE_OPS) as u32;
+            let mut request = Header {
+                tag: wire::WRITE,
+                count: chunk.len() as u32,
+                payload_len: (chunk.len() * wire::WRITE_OP_LEN) as u64,
+            }
+            .encode()
+            .to_vec();
+            for o in chunk {
+                let key = self.region(o).key;
+                WriteOp { key, addr: o.remote_addr, source: o.local_addr, len: o.len }.encode_into(&mut request);
+            }
+            let conn = self.connection(c)?;
+            if !conn.can_pull {
+                let cause = "the owner cannot read this process's memory (ptrace policy)".to_string();
+                return Err(TransferError::CrossMemoryRefused { peer, op, cause });
+            }
+            let mut head = [0u8; wire::HEADER_LEN];
+            let answered = conn
+                .stream
+                .write_all_by(&request, deadline)
+                .and_then(|()| conn.stream.read_exact_by(&mut head, deadline));
+            if let Err(e) = answered {
+                return Err(self.named(c, Failure::Io(e)));
+            }
+            let header = Header::decode(&head);
+            if header.tag == wire::STATUS_PULL_FAILED {
+                let e = io::Error::from_raw_os_error(header.payload_len as i32);
+                return Err(match e.raw_os_error() {
+                    Some(libc::EPERM | libc::EACCES) => {
+                        TransferError::CrossMemoryRefused { peer, op, cause: e.to_string() }
+                    }
+                    _ => TransferError::Protocol {
+                        peer,
+                        detail: format!("the owner could not copy descriptor {}: {e}", base + header.count),
+                    },
+                });
+            }
+            if let Err(f) = wire::status_of(header) {
+                let f = match f {
+                    Failure::Rejected(index, reason) => Failure::Rejected(base + index, reason),
+                    other => other,
+                };
+                return Err(self.named(c, f));
+            }
         }
+        Ok(())
+    }
+
+    /// Check every op against its grant and its lease, copy, then check that the owner is still
+    /// there (a mapping stays valid after its death, so the copy alone cannot tell) and that no
+    /// registration was revoked meanwhile.
+    fn read(&mut self, c: &Completion, ops: &[XferOp]) -> Result<(), TransferError> {
         let mut copies = Vec::new();
         let mut cross = Vec::new();
         let mut slots: Vec<(u32, u64, u32)> = Vec::new();
@@ -297,38 +469,27 @@ impl Worker {
                 }
                 Err(e) => return Err(e),
             };
-            let rejected = |reason| Failure::Rejected(index as u32, reason);
             let offset = op.remote_addr.checked_sub(grant.region.addr);
             let inside = offset.and_then(|o| o.checked_add(op.len)).is_some_and(|end| end <= grant.region.len);
             if !inside {
-                return Err(self.named(c, rejected(RejectReason::OutOfRange)));
+                return Err(self.named(c, Failure::Rejected(index as u32, RejectReason::OutOfRange)));
             }
             if !slots.iter().any(|&(slot, _, _)| slot == grant.slot) {
                 slots.push((grant.slot, remote.key as u64, index as u32));
             }
             match &grant.map {
-                None => cross.push(*op),
+                None => cross.push((op.local_addr, op.remote_addr, op.len)),
                 Some(map) => {
-                    let (local, remote) = (op.local_addr, map.as_ptr() as u64 + offset.expect("checked inside"));
-                    let (src, dst) = if c.op() == Op::Read { (remote, local) } else { (local, remote) };
-                    copies.push(CopyOp { src, dst, len: op.len });
+                    let src = map.as_ptr() as u64 + offset.expect("checked inside");
+                    copies.push(CopyOp { src, dst: op.local_addr, len: op.len });
                 }
             }
         }
-        let (stream, leases) = self.conn.as_ref().expect("grants come with a connection");
-        for (entered, &(slot, tag, index)) in slots.iter().enumerate() {
-            if !leases.enter(slot, tag) {
-                slots[..entered].iter().for_each(|&(slot, _, _)| leases.leave(slot));
-                // The registration is gone: forget its grant (and unmap its file).
-                self.grants.retain(|_, g| g.slot != slot);
-                return Err(self.named(c, Failure::Rejected(index, RejectReason::UnknownKey)));
-            }
-        }
+        self.check_leases(c, &slots)?;
         // SAFETY: local addresses are registered memory held by the batch; remote ones lie inside
-        // mappings kept in `grants` until the fence is done; the leases keep the owner from
-        // deregistering meanwhile.
+        // mappings kept in `grants` until the fence is done.
         let fence = unsafe { self.device.copy_batch_sharing(&copies) };
-        let crossed = cross_memory_copy(self.info.pid, c.op(), &cross);
+        let crossed = pull(self.info.pid, &cross);
         let timed_out = match &fence {
             Ok(fence) if fence.wait(c.deadline()).is_err() => {
                 // Host copies cannot hang; finish them before the caller may reuse the memory.
@@ -337,26 +498,47 @@ impl Worker {
             }
             _ => false,
         };
-        slots.iter().for_each(|&(slot, _, _)| leases.leave(slot));
-        let hung_up = peer_hung_up(stream);
+        #[cfg(test)]
+        if let Some((peer, hook)) = AFTER_READ_COPY.lock().unwrap().as_mut()
+            && *peer == self.info.peer
+        {
+            hook();
+        }
+        let hung_up = self.conn.as_ref().is_none_or(|conn| peer_hung_up(&conn.stream));
         let (peer, op) = (self.info.peer.clone(), c.op());
         if hung_up {
             self.disconnect();
             return Err(TransferError::PeerDisconnected { peer, op, cause: "its process exited".into() });
         }
+        // What we copied is discarded (the transfer fails) if the registration went meanwhile.
+        self.check_leases(c, &slots)?;
         if timed_out {
             return Err(c.timeout_error());
         }
         fence.map_err(|e| TransferError::Protocol { peer: peer.clone(), detail: format!("invalid copy: {e}") })?;
-        crossed.map_err(|e| match e.raw_os_error() {
+        crossed.map_err(|(_, e)| match e.raw_os_error() {
             Some(libc::EPERM | libc::EACCES) => TransferError::CrossMemoryRefused { peer, op, cause: e.to_string() },
             Some(libc::ESRCH) => TransferError::PeerDisconnected { peer, op, cause: "its process exited".into() },
             _ => TransferError::Protocol { peer, detail: format!("cross-memory copy failed: {e}") },
         })
     }
 
+    /// Fail with `UnknownKey`, naming the first op that used it, when a slot was revoked.
+    fn check_leases(&mut self, c: &Completion, slots: &[(u32, u64, u32)]) -> Result<(), TransferError> {
+        let conn = self.conn.as_ref().expect("grants come with a connection");
+        let Some(&(slot, _, index)) = slots.iter().find(|&&(slot, tag, _)| !conn.leases.held(slot, tag)) else {
+            return Ok(());
+        };
+        // The registration is gone: forget its grant (and unmap its file).
+        self.grants.retain(|_, g| g.slot != slot);
+        Err(self.named(c, Failure::Rejected(index, RejectReason::UnknownKey)))
+    }
+
     /// The owner's grant for a region, asked for on first use and kept for the connection.
     fn grant(&mut self, c: &Completion, remote: &RemoteShm) -> Result<&Grant, TransferError> {
+        if self.conn.as_ref().is_some_and(|conn| peer_hung_up(&conn.stream)) {
+            self.disconnect();
+        }
         if !self.grants.contains_key(&remote.key) {
             let grant = self.ask_grant(c, remote)?;
             self.grants.insert(remote.key, grant);
@@ -369,9 +551,14 @@ impl Worker {
         let failed = |cause: String| TransferError::MappingFailed { peer: peer.clone(), cause };
         let mut request = Header { tag: wire::MAP, count: 0, payload_len: 0 }.encode().to_vec();
         request.extend_from_slice(&remote.key.to_le_bytes());
-        let (stream, _) = self.connection(c)?;
+        let deadline = c.deadline();
+        let conn = self.connection(c)?;
         let mut ack = [0u8; wire::MAP_ACK_LEN];
-        let fd = match stream.write_all(&request).and_then(|()| wire::recv_with_fd(stream, &mut ack)) {
+        let stream = &mut conn.stream;
+        let fd = match stream.write_all_by(&request, deadline).and_then(|()| {
+            stream.set_timeouts(crate::net::time_left(deadline)?)?;
+            wire::recv_with_fd(stream, &mut ack)
+        }) {
             Ok(fd) => fd,
             Err(e) => return Err(self.named(c, Failure::Io(e))),
         };
@@ -399,13 +586,17 @@ impl Worker {
     fn notify(&mut self, c: &Completion, data: &[u8]) -> Result<(), TransferError> {
         let mut request = Header { tag: wire::NOTIFY, count: 0, payload_len: data.len() as u64 }.encode().to_vec();
         request.extend_from_slice(data);
-        let (stream, _) = self.connection(c)?;
-        let sent = stream.write_all(&request).map_err(Failure::Io).and_then(|()| read_status(stream));
+        let deadline = c.deadline();
+        let conn = self.connection(c)?;
+        let stream = &mut conn.stream;
+        let sent =
+            stream.write_all_by(&request, deadline).map_err(Failure::Io).and_then(|()| read_status(stream, deadline));
         sent.map(|_| ()).map_err(|f| self.named(c, f))
     }
 }
 
-/// Whether the owner's end of the socket is closed (its process exited), without blocking.
+/// Whether the owner's end of the socket is closed (its process exited, or it closed an idle
+/// connection), without blocking.
 fn peer_hung_up(stream: &UnixStream) -> bool {
     let mut poll = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
     // SAFETY: one valid pollfd, no timeout.

@@ -1,21 +1,22 @@
 //! The shared-memory transport, for peers on the same host.
 //!
-//! The endpoint names the host (its boot id), the process and an abstract Unix socket. Over that
-//! socket the memory owner grants access to a registration once (after checking its key) and
-//! receives notifications; revocation goes through a shared lease file of slots. The bytes never
-//! cross the socket:
+//! The endpoint names the host (its boot id), the process and an abstract Unix socket. Every
+//! connection to that socket first proves the cluster secret ([`crate::auth`]); then the memory
+//! owner answers with a lease file of that connection's own. The bytes never cross the socket, and
+//! each side copies only into memory it owns:
 //!
-//! - **mapped**: a region backed by a shareable file (a memfd
-//!   [`HostBuffer`](crate::memory::host::HostBuffer), see
-//!   [`HostAllocOptions::shareable`](crate::memory::host::HostAllocOptions)) is passed to the
-//!   initiator once with `SCM_RIGHTS`, mapped and cached; an op is one `memcpy`, large batches split
-//!   over the host device's copy pool;
-//! - **cross-memory**: any other host region is copied with `process_vm_readv`/`process_vm_writev`,
-//!   one system call for up to 1024 ranges.
+//! - **WRITE**: the initiator names its own source addresses; the owner checks key and range and
+//!   pulls them into its memory with `process_vm_readv`, then answers;
+//! - **READ**: after a grant (`MAP`, key checked), the initiator copies, either **mapped** — a region
+//!   backed by a shareable file (a memfd [`HostBuffer`](crate::memory::host::HostBuffer), see
+//!   [`HostAllocOptions::shareable`](crate::memory::host::HostAllocOptions)) is passed once with
+//!   `SCM_RIGHTS`, mapped and cached, large batches split over the host device's copy pool — or
+//!   **cross-memory**, with `process_vm_readv`, one system call for up to 1024 ranges. A READ that
+//!   raced a deregistration is discarded (see `lease.rs`).
 //!
-//! A peer on another host, an unreachable socket, or cross-memory attach refused by the kernel
-//! (ptrace policy, pid namespaces) makes [`Transport::link`] fail, and the agent falls back to the
-//! next transport (TCP).
+//! A peer on another host, an unreachable socket, a failed handshake, or cross-memory attach
+//! refused by the kernel in either direction (ptrace policy, pid namespaces) makes
+//! [`Transport::link`] fail, and the agent falls back to the next transport (TCP).
 
 mod lease;
 mod link;
@@ -28,9 +29,11 @@ use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use self::link::{LinkInfo, RemoteShm, ShmLink};
+use self::link::{ConnectError, LinkInfo, RemoteShm, ShmLink};
 use self::owner::OwnerShared;
 use self::wire::Reach;
+use crate::auth::Auth;
+use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::HostDevice;
 use crate::memory::{MemKind, MemRegion};
@@ -45,10 +48,14 @@ pub struct ShmConfig {
     /// Pool threads copying large batches through mappings, next to the link's worker, which
     /// copies a share too; `None`: one per core but one, at least 1 and at most 7.
     pub copy_threads: Option<usize>,
+    /// The connect, the handshake and the hello together, at link time and on first use.
     pub connect_timeout: Duration,
-    /// How long a peer may hold a window on this agent's memory (or stall mid-message) before its
-    /// connection is closed.
+    /// How long a request (the handshake included) may take once started before its connection
+    /// is closed.
     pub request_timeout: Duration,
+    /// How long a connection may stay idle before it is closed, on both sides (an initiator's
+    /// worker thread retires too, and comes back on the next batch).
+    pub idle_timeout: Duration,
 }
 
 impl Default for ShmConfig {
@@ -57,6 +64,7 @@ impl Default for ShmConfig {
             copy_threads: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -92,12 +100,18 @@ pub struct ShmTransport {
     boot_id: String,
     endpoint: Endpoint,
     shared: Arc<OwnerShared>,
+    auth: Auth,
     device: Arc<HostDevice>,
     acceptor: Option<Acceptor<UnixListener>>,
 }
 
 impl ShmTransport {
-    pub fn start(local_name: &str, config: ShmConfig, notifications: Arc<NotificationQueue>) -> Result<ShmTransport> {
+    pub fn start(
+        local_name: &str,
+        config: ShmConfig,
+        auth: Auth,
+        notifications: Arc<NotificationQueue>,
+    ) -> Result<ShmTransport> {
         let boot_id = boot_id()?;
         // The worker copies a share itself: with one pool thread per core but one, a batch keeps
         // every core busy without more copying threads than cores.
@@ -107,7 +121,7 @@ impl ShmTransport {
         let socket = format!("kvferry-shm-{pid}-{:016x}", keys::new_key()? as u64);
         let addr = UnixAddr::from_abstract_name(&socket).map_err(|e| Error::io("naming the shm socket", e))?;
         let listener = UnixListener::bind_addr(&addr).map_err(|e| Error::io(format!("binding @{socket}"), e))?;
-        let shared = Arc::new(OwnerShared::new(notifications, config.request_timeout)?);
+        let shared = Arc::new(OwnerShared::new(auth, notifications, config.request_timeout, config.idle_timeout));
         let serve_shared = shared.clone();
         let acceptor = Acceptor::serve(listener, "kvferry-shm", move |stream| owner::serve(stream, &serve_shared))?;
         Ok(ShmTransport {
@@ -115,6 +129,7 @@ impl ShmTransport {
             config,
             endpoint: Endpoint { kind: TransportKind::Shm, address: format!("{boot_id}/{pid}/{socket}") },
             boot_id,
+            auth: shared.auth.clone(),
             shared,
             device,
             acceptor: Some(acceptor),
@@ -150,20 +165,13 @@ impl Transport for ShmTransport {
             memory_of(&keep_alive).is_some_and(|m| m.share_fd().is_some() && m.region().addr == region.addr);
         let reach = if shareable { Reach::Mapped } else { Reach::CrossMemory };
         let key = keys::new_key()?;
-        let slot = self.shared.leases.open(key as u64)?;
-        self.shared.slots.lock().unwrap().insert(key, slot);
         self.shared.keys.insert(key, region, keep_alive);
         Ok(wire::encode_key(key, reach))
     }
 
     fn deregister(&self, key: &[u8]) {
         if let Some((key, _)) = wire::decode_key(key) {
-            // No new grants first, then wait for initiators inside the registration to leave.
-            let slot = self.shared.slots.lock().unwrap().remove(&key);
-            if let Some(slot) = slot {
-                self.shared.leases.revoke(slot, self.config.request_timeout);
-            }
-            self.shared.keys.remove(key);
+            self.shared.deregister(key);
         }
     }
 
@@ -177,26 +185,39 @@ impl Transport for ShmTransport {
         let regions = remote_keys(peer, TransportKind::Shm, &regions, |r| {
             wire::decode_key(&r.key).map(|(key, reach)| RemoteShm { key, reach, region: r.region })
         })?;
-        let socket = UnixAddr::from_abstract_name(address.socket)
-            .map_err(|e| Error::InvalidArgument(format!("peer {peer} published an invalid socket name: {e}")))?;
-        let (conn, pid, probe, leases) = link::connect(&socket, &self.local_name, self.config.connect_timeout)
-            .map_err(|cause| unsupported(format!("its socket @{} is unreachable: {cause}", address.socket)))?;
-        if pid != address.pid {
-            return Err(unsupported(format!("pid {pid} answers for the endpoint of pid {}", address.pid)));
+        // Only what decides whether the link is usable, by one deadline: connect, prove the
+        // secret, and check cross-memory attach both ways. The connection is closed again; the
+        // link's worker connects on first use.
+        let deadline = Deadline::after(self.config.connect_timeout);
+        let conn = link::connect(address.socket, &self.local_name, &self.auth, deadline).map_err(|e| match e {
+            ConnectError::Unauthenticated(cause) => {
+                Error::Transfer(crate::transport::TransferError::Unauthenticated { peer: peer.to_string(), cause })
+            }
+            ConnectError::Unreachable(cause) => {
+                unsupported(format!("its socket @{} is unreachable: {cause}", address.socket))
+            }
+        })?;
+        if conn.pid != address.pid {
+            return Err(unsupported(format!("pid {} answers for the endpoint of pid {}", conn.pid, address.pid)));
+        }
+        if !conn.can_pull {
+            return Err(unsupported("it cannot read this process's memory to pull WRITEs (ptrace policy)".into()));
         }
         if regions.iter().flatten().any(|r| r.reach == Reach::CrossMemory) {
-            link::probe_cross_memory(pid, probe)
+            link::probe_cross_memory(conn.pid, conn.probe)
                 .map_err(|cause| unsupported(format!("cross-memory attach is refused: {cause}")))?;
         }
         let info = LinkInfo {
             local_name: self.local_name.clone(),
             peer: peer.to_string(),
             endpoint: endpoint.address.clone(),
-            socket,
-            pid,
+            socket: address.socket.to_string(),
+            pid: conn.pid,
+            auth: self.auth.clone(),
             connect_timeout: self.config.connect_timeout,
+            idle_timeout: self.config.idle_timeout,
         };
-        Ok(Arc::new(ShmLink::new(info, regions, (conn, leases), self.device.clone())?))
+        Ok(Arc::new(ShmLink::new(info, regions, self.device.clone())))
     }
 }
 

@@ -1,17 +1,22 @@
-//! The shm transport's control messages, on a Unix stream socket. They reuse the TCP transport's
-//! 16-byte header; the data itself never crosses the socket.
+//! The shm transport's control messages, on a Unix stream socket, after the cluster-secret
+//! handshake ([`crate::auth`], channel `Shm`). They reuse the TCP transport's 16-byte header; the
+//! data itself never crosses the socket.
 //!
 //! ```text
-//! hello        header{HELLO, count: version, payload_len: name_len} | name
-//! hello ack    header{status, count: pid, payload_len: probe address}, the lease file attached
+//! hello        header{HELLO, count: version, payload_len: name_len} | probe address u64 | name
+//! hello ack    header{status, count: pid, payload_len: probe address} | flags u64,
+//!              this connection's own lease file attached
 //! map          header{MAP, 0, 0} | key [16]
 //! map ack      header{status, count: lease slot, 16} | addr u64 | len u64,
 //!              the memfd attached (SCM_RIGHTS) when the region has one
+//! write        header{WRITE, count: ops, payload_len: ops × 40} | (key [16] | addr u64 | source u64 | len u64)*
+//! write ack    header{status, count: op index, payload_len: errno when STATUS_PULL_FAILED}
 //! notify       header{NOTIFY, 0, len} | notification
 //! notify ack   header{status, 0, 0}
 //! ```
-//! Status 0 is success; otherwise a [`RejectReason`](crate::transport::RejectReason) or
-//! [`STATUS_BAD_VERSION`].
+//! Status 0 is success; otherwise a [`RejectReason`](crate::transport::RejectReason),
+//! [`STATUS_BAD_VERSION`] or [`STATUS_PULL_FAILED`]. A WRITE names the initiator's own source
+//! addresses: the owner checks key and range and copies them into its memory itself.
 
 use std::io::{self, Read, Write};
 use std::mem::size_of;
@@ -20,14 +25,25 @@ use std::os::unix::net::UnixStream;
 
 pub use crate::transport::tcp::wire::{Failure, HEADER_LEN, Header, MAX_NAME, MAX_NOTIFICATION, invalid, status_of};
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 pub const HELLO: u8 = 1;
 pub const MAP: u8 = 2;
 pub const NOTIFY: u8 = 3;
+pub const WRITE: u8 = 4;
 
 /// The peer speaks another version of this protocol.
 pub const STATUS_BAD_VERSION: u8 = 100;
+/// The owner could not copy the initiator's source bytes (`payload_len` carries the errno).
+pub const STATUS_PULL_FAILED: u8 = 101;
+
+/// Hello-ack flag: the owner read the initiator's probe word, so it can pull WRITEs.
+pub const FLAG_CAN_PULL: u64 = 1;
+
+/// Ops in one WRITE request: the most one `process_vm_readv` takes (`IOV_MAX`), which bounds what
+/// the owner reads before it has checked anything.
+pub const MAX_WRITE_OPS: usize = 1024;
+pub const WRITE_OP_LEN: usize = 40;
 
 pub const MAP_ACK_LEN: usize = HEADER_LEN + 16;
 
@@ -108,10 +124,40 @@ pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Ow
     Ok(fds.into_iter().next())
 }
 
-pub fn encode_hello(name: &str) -> Vec<u8> {
+pub fn encode_hello(name: &str, probe: u64) -> Vec<u8> {
     let mut out = Header { tag: HELLO, count: VERSION, payload_len: name.len() as u64 }.encode().to_vec();
+    out.extend_from_slice(&probe.to_le_bytes());
     out.extend_from_slice(name.as_bytes());
     out
+}
+
+/// One op of a WRITE request: `len` bytes from the initiator's `source` to the owner's `addr`,
+/// inside the registration `key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOp {
+    pub key: u128,
+    pub addr: u64,
+    pub source: u64,
+    pub len: u64,
+}
+
+impl WriteOp {
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.key.to_le_bytes());
+        out.extend_from_slice(&self.addr.to_le_bytes());
+        out.extend_from_slice(&self.source.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+    }
+
+    pub fn decode(bytes: &[u8; WRITE_OP_LEN]) -> WriteOp {
+        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        WriteOp {
+            key: u128::from_le_bytes(bytes[..16].try_into().expect("16 bytes")),
+            addr: word(16),
+            source: word(24),
+            len: word(32),
+        }
+    }
 }
 
 /// How a peer's region is reached; the last byte of its shm key (after the 16-byte registration key).
