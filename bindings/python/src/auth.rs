@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::os::fd::FromRawFd;
 
 use kvferry_core::AuthConfig;
-use kvferry_core::auth::{Auth, Role};
+use kvferry_core::auth::{Auth, Channel, Role};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -55,5 +55,5 @@ pub(crate) fn authenticate_socket(
     let auth = Auth::resolve(&auth_config(secret, auth)?).or_raise()?;
     // SAFETY: the caller's socket object keeps owning the descriptor: ManuallyDrop never closes it.
     let mut stream = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
-    py.detach(|| auth.authenticate(&mut stream, role, deadline)).or_raise()
+    py.detach(|| auth.authenticate(&mut stream, Channel::Engine, role, deadline)).or_raise()
 }

@@ -104,6 +104,7 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
             built_in("kv-events", cfg!(feature = "kv-events"), "tier store events over ZMQ in vLLM's KV event format"),
         ],
         "fabric_providers": fabric_providers,
+        "security": security_report(),
         "limits": limits_report(),
     });
     if as_json {
@@ -121,6 +122,10 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
                 item["detail"].as_str().unwrap_or_default()
             );
         }
+    }
+    println!("security:");
+    for item in report["security"].as_array().into_iter().flatten() {
+        println!("  {:<34} {}", item["name"].as_str().unwrap_or_default(), item["value"]);
     }
     println!("limits (defaults):");
     for item in report["limits"].as_array().into_iter().flatten() {
@@ -141,6 +146,20 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// How agents started here would authenticate their peers (from the environment, as `serve` and
+/// `bench` read it).
+fn security_report() -> serde_json::Value {
+    let auth = match kvferry::Auth::resolve(&kvferry::AuthConfig::FromEnv) {
+        Ok(auth) if auth.enabled() => format!("cluster secret ({})", auth.source()),
+        Ok(_) => "disabled (KVFERRY_AUTH=none): anyone who reaches a port is a peer".to_string(),
+        Err(e) => format!("misconfigured: {e}"),
+    };
+    json!([
+        { "name": "authentication", "value": auth },
+        { "name": "tls", "value": "not available: the bytes after the handshake travel in the clear" },
+    ])
 }
 
 /// The default limits on what peers can make an agent spend (`kvferry serve` flags set them).

@@ -126,7 +126,7 @@ fn honest_read(served: &Served, name: &str) {
     agent.read(&local, &[0], &remote, &[0], deadline).unwrap().wait().unwrap();
     let mut expected = vec![0u8; 4096];
     kvferry_cli::pattern::fill(&mut expected, 3, 0);
-    assert_eq!(buf.to_vec(), expected, "the honest peer reads the served bytes");
+    assert!(buf.to_vec() == expected, "the honest peer reads the served bytes");
 }
 
 #[test]
@@ -200,4 +200,96 @@ fn accepting_at_the_descriptor_limit_does_not_spin() {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     assert!(ticks * 4 < hz, "{ticks} ticks of CPU in 2 s at the fd limit (clock {hz} Hz)");
     assert!(lines <= 4, "{lines} accept-failure lines in 2 s");
+}
+
+/// A raw TCP connection to the served transport that has proven the secret and said hello, and
+/// the served buffer's key: what a hostile member holds.
+fn hostile_member(served: &Served) -> (TcpStream, [u8; 16]) {
+    use kvferry::auth::{Auth, Channel, Role};
+    use std::io::Write;
+    let auth = Auth::resolve(&AuthConfig::Secret(SECRET.into())).unwrap();
+    let deadline = Deadline::after(Duration::from_secs(30));
+    let metadata = kvferry::side_channel::exchange(&auth, &served.side_channel, None, deadline).unwrap();
+    let metadata = kvferry::metadata::AgentMetadata::decode(&metadata).unwrap();
+    let key: [u8; 16] = metadata.regions[0].key(kvferry::TransportKind::Tcp).unwrap().try_into().unwrap();
+    let mut stream = TcpStream::connect(&served.tcp).unwrap();
+    auth.authenticate(&mut stream, Channel::Tcp, Role::Client, deadline).unwrap();
+    // hello: "KVFT" | version 1 | name length | name (the wire format of tcp/wire.rs)
+    let name = b"hostile";
+    let mut hello = b"KVFT".to_vec();
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    hello.extend_from_slice(name);
+    stream.write_all(&hello).unwrap();
+    let mut ack = [0u8; 8];
+    stream.read_exact(&mut ack).unwrap();
+    assert_eq!(&ack[..4], b"KVFT");
+    assert_eq!(ack[6], 0, "hello accepted");
+    (stream, key)
+}
+
+/// A request header and its descriptors: kind (1 read, 2 write) | 0 ×3 | count | payload length.
+fn request(kind: u8, count: u32, payload_len: u64, descs: &[([u8; 16], u64, u64)]) -> Vec<u8> {
+    let mut frame = vec![kind, 0, 0, 0];
+    frame.extend_from_slice(&count.to_le_bytes());
+    frame.extend_from_slice(&payload_len.to_le_bytes());
+    for (key, addr, len) in descs {
+        frame.extend_from_slice(key);
+        frame.extend_from_slice(&addr.to_le_bytes());
+        frame.extend_from_slice(&len.to_le_bytes());
+    }
+    frame
+}
+
+#[test]
+fn a_trickled_write_is_cut_off_at_the_request_timeout_from_its_first_byte() {
+    use std::io::Write;
+    let served = Served::start(&["--request-timeout", "1"], None);
+    let (mut stream, key) = hostile_member(&served);
+    // WRITE of 4 KiB (past what the honest read below looks at) whose payload then arrives one
+    // byte every 100 ms: 400 s at that rate.
+    let write_kind = 2;
+    stream.write_all(&request(write_kind, 1, 4096, &[(key, served.buffer_addr + 65536, 4096)])).unwrap();
+    let started = Instant::now();
+    let cut = loop {
+        if stream.write_all(&[0xAB]).is_err() {
+            break started.elapsed();
+        }
+        // The target closing shows as a hang-up long before a write fails: poll for it.
+        let mut probe = [0u8; 64];
+        stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        match stream.read(&mut probe) {
+            Ok(0) => break started.elapsed(),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break started.elapsed(),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the trickling WRITE is still open after 20 s");
+    };
+    // Absolute from the request's first byte: about the 1 s timeout, however steadily bytes came.
+    assert!(cut < Duration::from_secs(10), "cut off after {cut:?}");
+    honest_read(&served, "after-trickle");
+}
+
+#[test]
+fn headers_announcing_many_descriptors_commit_no_memory_before_the_bytes_arrive() {
+    use std::io::Write;
+    raise_nofile();
+    let served = Served::start(&[], None);
+    let rss_before = served.status("VmRSS:");
+    // 200 members each announce 65,536 descriptors (2 MiB of them) and send none.
+    let streams: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let (mut stream, _) = hostile_member(&served);
+            stream.write_all(&request(1, 1 << 16, 0, &[])).unwrap();
+            stream
+        })
+        .collect();
+    // Once every header has been read (the connections are served), memory must not have grown
+    // by what they announced (400 MiB) but stay within the transport's request budget (64 MiB).
+    std::thread::sleep(Duration::from_millis(500));
+    let grown_kib = served.status("VmRSS:").saturating_sub(rss_before);
+    assert!(grown_kib < 96 * 1024, "RSS grew by {grown_kib} KiB for 200 empty headers");
+    honest_read(&served, "after-headers");
+    drop(streams);
 }

@@ -294,6 +294,23 @@ fn info_lists_host_and_tcp() {
 }
 
 #[test]
+fn info_says_where_the_cluster_secret_comes_from() {
+    let auth = |env: &[(&str, &str)]| {
+        let mut command = Command::new(KVFERRY);
+        command.args(["info", "--json"]).env_remove(kvferry::auth::SECRET_ENV);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&command.output().unwrap().stdout).unwrap();
+        v["security"][0]["value"].as_str().unwrap().to_string()
+    };
+    assert!(auth(&[(kvferry::auth::SECRET_ENV, SECRET)]).contains("KVFERRY_SECRET"));
+    assert!(auth(&[]).contains("random secret of this process"));
+    assert!(auth(&[(kvferry::auth::AUTH_ENV, "none")]).starts_with("disabled"));
+    assert!(auth(&[(kvferry::auth::SECRET_ENV, "short")]).starts_with("misconfigured"));
+}
+
+#[test]
 fn bench_tier_measures_both_tiers_and_checks_the_bytes() {
     let dir = std::env::temp_dir().join(format!("kvferry-bench-tier-{}", std::process::id()));
     let args = [
