@@ -216,6 +216,46 @@ impl Auth {
         .map_err(|e| e.into_error(&peer))
     }
 
+    /// Seal `data` for storage others can read (etcd): encrypted and authenticated under a key
+    /// derived from the secret, bound to `label` (the storage key, so a value cannot be moved under
+    /// another name). Without authentication the data is stored as it is.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn seal(&self, label: &[u8], data: &[u8]) -> Vec<u8> {
+        use chacha20poly1305::aead::{Aead, Payload};
+        let Some(cipher) = self.cipher() else { return data.to_vec() };
+        let mut nonce = [0u8; SEAL_NONCE_LEN];
+        getrandom::fill(&mut nonce).expect("the OS random source failed");
+        let sealed = cipher
+            .encrypt(&nonce.into(), Payload { msg: data, aad: label })
+            .expect("ChaCha20-Poly1305 seals any message that fits in memory");
+        [&SEAL_MAGIC[..], &nonce, &sealed].concat()
+    }
+
+    /// The data [`seal`](Self::seal) sealed under `label`; an error says why it is not ours.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn open(&self, label: &[u8], sealed: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        use chacha20poly1305::aead::{Aead, Payload};
+        let Some(cipher) = self.cipher() else { return Ok(sealed.to_vec()) };
+        let body = sealed
+            .strip_prefix(&SEAL_MAGIC[..])
+            .filter(|body| body.len() >= SEAL_NONCE_LEN)
+            .ok_or("the value is not sealed with a cluster secret")?;
+        let (nonce, ciphertext) = body.split_at(SEAL_NONCE_LEN);
+        let nonce: [u8; SEAL_NONCE_LEN] = nonce.try_into().expect("split at the nonce length");
+        cipher
+            .decrypt(&nonce.into(), Payload { msg: ciphertext, aad: label })
+            .map_err(|_| "the value was not sealed with this cluster's secret (or was altered)".to_string())
+    }
+
+    #[cfg(feature = "etcd")]
+    fn cipher(&self) -> Option<chacha20poly1305::ChaCha20Poly1305> {
+        let key = self.key.as_ref()?;
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key[..]).expect("HMAC takes any key");
+        mac.update(b"kvferry sealed values v1");
+        let sealing_key: [u8; 32] = mac.finalize().into_bytes().into();
+        Some(<chacha20poly1305::ChaCha20Poly1305 as chacha20poly1305::KeyInit>::new(&sealing_key.into()))
+    }
+
     fn proof(&self, role: &[u8], channel: Channel, client: &[u8], server: &[u8]) -> Hmac<Sha256> {
         let key = self.key.as_ref().expect("proofs are computed with a key");
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key[..]).expect("HMAC takes any key");
