@@ -174,9 +174,20 @@ pub fn invalid(msg: impl Into<String>) -> io::Error {
 }
 
 /// `write_all` for a gather list: loops over short writes.
-pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+pub fn write_all_vectored(w: &mut impl Write, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    write_all_vectored_with(w, bufs, |_| Ok(()))
+}
+
+/// `write_all_vectored`, calling `before` ahead of every write: where a caller sets the socket's
+/// timeout from an absolute deadline (so no single call outlasts it), or stops with an error.
+pub fn write_all_vectored_with<W: Write>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+    mut before: impl FnMut(&mut W) -> io::Result<()>,
+) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
+        before(w)?;
         match w.write_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut bufs, n),
@@ -188,9 +199,19 @@ pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> i
 }
 
 /// `read_exact` for a scatter list: loops over short reads; EOF before the end is an error.
-pub fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+pub fn read_exact_vectored(r: &mut impl Read, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+    read_exact_vectored_with(r, bufs, |_| Ok(()))
+}
+
+/// `read_exact_vectored`, calling `before` ahead of every read (see [`write_all_vectored_with`]).
+pub fn read_exact_vectored_with<R: Read>(
+    r: &mut R,
+    mut bufs: &mut [IoSliceMut<'_>],
+    mut before: impl FnMut(&mut R) -> io::Result<()>,
+) -> io::Result<()> {
     IoSliceMut::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
+        before(r)?;
         match r.read_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
