@@ -149,7 +149,7 @@ struct LocalReg {
     region: MemRegion,
     keys: Vec<(TransportKind, Vec<u8>)>,
     /// Keeps owned memory alive; `None` for raw registrations, whose owner promised to keep it.
-    _owner: Option<Arc<dyn Memory>>,
+    owner: Option<Arc<dyn Memory>>,
     /// The local transfers posted on this memory that may not have settled, so that dropping the
     /// registration can stop them. Closed by the drop: later posts fail with `NotRegistered`.
     transfers: Pending,
@@ -268,8 +268,9 @@ pub struct Agent {
 ///
 /// The drop first stops every local transfer posted on the region (as [`Transfer::cancel`] does:
 /// running parts are cut off, so over TCP it waits only for the sockets' calls to return, not for
-/// the peer), then revokes the region's keys with each transport, which waits for the remote
-/// requests using it. Once it returns no transport reads or writes the memory.
+/// the peer; for raw memory over a transport that cannot cut a part off, until its parts have
+/// reported), then revokes the region's keys with each transport, which waits for the remote
+/// requests using it. Once it returns no local transfer touches the memory any more.
 pub struct Registration {
     agent: Weak<AgentInner>,
     reg: Arc<LocalReg>,
@@ -287,11 +288,17 @@ impl Drop for Registration {
         if let Some(agent) = &agent {
             agent.unlist(&self.reg);
         }
-        // The memory belongs to the caller once we return (raw memory may be freed at once): stop
-        // the local transfers using it instead of waiting for them. Batches that hold the
-        // registration but were stopped are skipped by their transport, so they need no waiting.
+        // The memory belongs to the caller once we return: stop the local transfers using it
+        // instead of waiting for them to end. Batches that hold the registration but were stopped
+        // are skipped by their transport, so they need no waiting. Raw memory may be freed at once,
+        // so a transport that cannot cut a running part off is waited for however long it takes;
+        // owned memory stays alive with such a part (its keep-alive), so its cancel suffices.
+        let raw = self.reg.owner.is_none();
         for completion in self.reg.transfers.close() {
-            completion.stop();
+            match raw {
+                true => completion.stop(),
+                false => completion.cancel(),
+            }
         }
         if let Some(agent) = &agent {
             agent.revoke(&self.reg.keys);
@@ -907,7 +914,7 @@ impl AgentInner {
             });
         }
         let id = self.next_reg_id.fetch_add(1, Ordering::Relaxed);
-        let reg = Arc::new(LocalReg { id, region, keys, _owner: owner, transfers: Pending::default() });
+        let reg = Arc::new(LocalReg { id, region, keys, owner, transfers: Pending::default() });
         self.registry.lock().unwrap().insert((region.addr, id), reg.clone());
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(Registration { agent: Arc::downgrade(&agent.inner), reg })
