@@ -141,7 +141,7 @@ impl Target {
     fn spawn(index: usize, generation: u64, args: &SoakArgs, secret: &str) -> anyhow::Result<Target> {
         let name = format!("soak-{index}-{generation}");
         let seed = 1000 + index as u64;
-        let memory = if index % 2 == 0 { "shared" } else { "private" };
+        let memory = if index.is_multiple_of(2) { "shared" } else { "private" };
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--buffer-size", &args.buffer_size.to_string(), "--fill-seed", &seed.to_string()])
             .args(["--memory", memory, "--name", &name])

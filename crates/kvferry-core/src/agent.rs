@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::auth::{Auth, AuthConfig};
@@ -160,6 +159,9 @@ struct LocalReg {
     keys: Vec<(TransportKind, Vec<u8>)>,
     /// Keeps owned memory alive; `None` for raw registrations, whose owner promised to keep it.
     owner: Option<Arc<dyn Memory>>,
+    /// The local transfers posted on this memory that may not have settled, so that dropping the
+    /// registration can stop them. Closed by the drop: later posts fail with `NotRegistered`.
+    transfers: Pending,
 }
 
 struct Peer {
@@ -178,7 +180,7 @@ struct Peer {
     last_used: AtomicU64,
 }
 
-/// The transfers posted to one peer, pruned of settled ones as it grows.
+/// The transfers posted to one peer (or on one registration), pruned of settled ones as it grows.
 #[derive(Default)]
 struct Pending {
     transfers: Mutex<PendingList>,
@@ -190,20 +192,33 @@ struct PendingList {
     /// The length at which the list is pruned next: twice what the last pruning kept (at least
     /// 64), so that pruning costs a constant per post however many transfers stay pending.
     prune_at: usize,
+    closed: bool,
 }
 
 impl Pending {
-    fn push(&self, completion: &Arc<Completion>) {
+    /// Adds a transfer; false once the list is closed.
+    fn push(&self, completion: &Arc<Completion>) -> bool {
         let mut list = self.transfers.lock().unwrap();
+        if list.closed {
+            return false;
+        }
         if list.transfers.len() >= list.prune_at {
             list.transfers.retain(|w| w.upgrade().is_some_and(|c| !c.is_settled()));
             list.prune_at = (2 * list.transfers.len()).max(64);
         }
         list.transfers.push(Arc::downgrade(completion));
+        true
     }
 
     fn take(&self) -> Vec<Arc<Completion>> {
         self.transfers.lock().unwrap().transfers.drain(..).filter_map(|w| w.upgrade()).collect()
+    }
+
+    /// Takes the transfers and refuses any more.
+    fn close(&self) -> Vec<Arc<Completion>> {
+        let mut list = self.transfers.lock().unwrap();
+        list.closed = true;
+        list.transfers.drain(..).filter_map(|w| w.upgrade()).collect()
     }
 }
 
@@ -268,6 +283,12 @@ pub struct Agent {
 }
 
 /// Keeps a region registered; deregisters it when dropped.
+///
+/// The drop first stops every local transfer posted on the region (as [`Transfer::cancel`] does:
+/// running parts are cut off, so over TCP it waits only for the sockets' calls to return, not for
+/// the peer; for raw memory over a transport that cannot cut a part off, until its parts have
+/// reported), then revokes the region's keys with each transport, which waits for the remote
+/// requests using it. Once it returns no local transfer touches the memory any more.
 pub struct Registration {
     agent: Weak<AgentInner>,
     reg: Arc<LocalReg>,
@@ -281,14 +302,24 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(agent) = self.agent.upgrade() {
-            agent.deregister(&self.reg);
+        let agent = self.agent.upgrade();
+        if let Some(agent) = &agent {
+            agent.unlist(&self.reg);
         }
-        // Raw memory belongs to the caller once we return: wait for local transfers still using it.
-        if self.reg.owner.is_none() {
-            while Arc::strong_count(&self.reg) > 1 {
-                thread::sleep(Duration::from_micros(200));
+        // The memory belongs to the caller once we return: stop the local transfers using it
+        // instead of waiting for them to end. Batches that hold the registration but were stopped
+        // are skipped by their transport, so they need no waiting. Raw memory may be freed at once,
+        // so a transport that cannot cut a running part off is waited for however long it takes;
+        // owned memory stays alive with such a part (its keep-alive), so its cancel suffices.
+        let raw = self.reg.owner.is_none();
+        for completion in self.reg.transfers.close() {
+            match raw {
+                true => completion.stop(),
+                false => completion.cancel(),
             }
+        }
+        if let Some(agent) = &agent {
+            agent.revoke(&self.reg.keys);
         }
     }
 }
@@ -397,7 +428,9 @@ impl Transfer {
         self.completion.wait_until(until).map(|outcome| outcome.map_err(Error::from))
     }
 
-    /// Stop the transfer; returns once it no longer touches local memory (or at its deadline).
+    /// Stop the transfer. Returns once it no longer touches local memory: over TCP at once (a part
+    /// on a socket is cut off by shutting the socket down, and waited for); over transports that
+    /// cannot interrupt a running part, once its parts have reported or at its deadline.
     pub fn cancel(&self) {
         self.completion.cancel()
     }
@@ -682,7 +715,7 @@ impl Agent {
         let link = peer_entry.preferred();
         check_notification(link.0, data)?;
         let completion = Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline);
-        self.submit(&peer_entry, link, started, Vec::new(), completion, Arc::new(()))
+        self.submit(&peer_entry, link, started, Vec::new(), completion, Vec::new())
     }
 
     /// Post a transfer. Never blocks on the network: completion comes through the handle.
@@ -717,8 +750,9 @@ impl Agent {
         let pick = |list: &PreparedDescs, index: usize| {
             list.descs.get(index).copied().ok_or(DescError::IndexOutOfRange { index, len: list.descs.len() })
         };
-        // Upgrade each registration once: the batch holds them until its last part is done.
-        let mut held: Vec<Option<Arc<LocalReg>>> = vec![None; regs.len()];
+        // Upgrade each registration once (with the first index using it): the batch holds them
+        // until its last part is done.
+        let mut held: Vec<Option<(Arc<LocalReg>, DescError)>> = vec![None; regs.len()];
         let mut ops: Vec<XferOp> = Vec::with_capacity(req.local_indices.len());
         let mut last_local_slot = u32::MAX;
         let mut bytes = 0u64;
@@ -730,11 +764,8 @@ impl Agent {
             }
             let reg = &mut held[l.slot as usize];
             if reg.is_none() {
-                *reg = Some(regs[l.slot as usize].upgrade().ok_or(DescError::NotRegistered {
-                    index: li,
-                    addr: l.addr,
-                    len: l.len,
-                })?);
+                let not_registered = DescError::NotRegistered { index: li, addr: l.addr, len: l.len };
+                *reg = Some((regs[l.slot as usize].upgrade().ok_or(not_registered.clone())?, not_registered));
             }
             bytes += l.len;
             shared = shared.and(l.kinds).and(r.kinds);
@@ -759,13 +790,15 @@ impl Agent {
         if let Some(n) = req.notification {
             check_notification(link.0, n)?;
         }
-        let held: Vec<Arc<LocalReg>> = held.into_iter().flatten().collect();
+        let held: Vec<(Arc<LocalReg>, DescError)> = held.into_iter().flatten().collect();
         let notification = req.notification.map(<[u8]>::to_vec);
         let completion = Completion::new(peer, req.op, bytes, notification, req.deadline);
-        self.submit(&peer_entry, link, started, ops, completion, Arc::new(held))
+        self.submit(&peer_entry, link, started, ops, completion, held)
     }
 
-    /// Hand the batch to one of the peer's links; `started` is when the caller entered `post`.
+    /// Hand the batch on the local registrations `regs` (each with the error naming the first
+    /// descriptor in it, should it be going away) to one of the peer's links; `started` is when the
+    /// caller entered `post`.
     fn submit(
         &self,
         peer: &Peer,
@@ -773,13 +806,19 @@ impl Agent {
         started: Instant,
         ops: Vec<XferOp>,
         completion: Completion,
-        keep_alive: Arc<dyn Any + Send + Sync>,
+        regs: Vec<(Arc<LocalReg>, DescError)>,
     ) -> Result<Transfer> {
         let n_ops = ops.len();
         let mode = link.mode(&ops);
         let completion = Arc::new(completion.observed(self.inner.metrics.clone(), *transport));
+        // A registration being dropped has stopped taking transfers: its memory is going away.
+        if let Some((_, not_registered)) = regs.iter().find(|(r, _)| !r.transfers.push(&completion)) {
+            completion.abandon();
+            return Err(not_registered.clone().into());
+        }
         peer.last_used.store(self.inner.now_ms(), Ordering::Relaxed);
         peer.pending.push(&completion);
+        let keep_alive: Arc<dyn Any + Send + Sync> = Arc::new(regs);
         if let Err(e) = link.post(Batch { ops, completion: completion.clone(), keep_alive }) {
             completion.abandon();
             return Err(e);
@@ -911,16 +950,17 @@ impl AgentInner {
             });
         }
         let id = self.next_reg_id.fetch_add(1, Ordering::Relaxed);
-        let reg = Arc::new(LocalReg { id, region, keys, owner });
+        let reg = Arc::new(LocalReg { id, region, keys, owner, transfers: Pending::default() });
         self.registry.lock().unwrap().insert((region.addr, id), reg.clone());
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(Registration { agent: Arc::downgrade(&agent.inner), reg })
     }
 
-    fn deregister(&self, reg: &LocalReg) {
+    /// Take a registration out of the registry: no new prepared list finds it, and metadata from
+    /// now on omits it.
+    fn unlist(&self, reg: &LocalReg) {
         self.registry.lock().unwrap().remove(&(reg.region.addr, reg.id));
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.revoke(&reg.keys);
     }
 
     fn revoke(&self, keys: &[(TransportKind, Vec<u8>)]) {

@@ -493,12 +493,6 @@ impl<S: Service> Server<S> {
         }
         Ok(server)
     }
-
-    /// Connections open now.
-    #[cfg(test)]
-    pub fn connections(&self) -> usize {
-        self.shared.table.lock().unwrap().entries.len()
-    }
 }
 
 impl<S: Service> Drop for Server<S> {

@@ -16,7 +16,7 @@ pub mod tcp;
 use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
@@ -434,11 +434,27 @@ pub enum PartOutcome {
     Finished,
 }
 
+/// What stops a running part when its batch is cancelled, fails or passes its deadline: it makes
+/// the part's blocking calls return at once (for a socket, it shuts the socket down). It runs with
+/// the batch's lock held, so it must not block.
+pub type AbortHook = Arc<dyn Fn() + Send + Sync>;
+
+/// How long a stopped batch waits for a running part before it says so in the log (it goes on
+/// waiting: the part may still touch the local memory).
+const STOP_WARN_AFTER: Duration = Duration::from_secs(5);
+
 /// Completion state of one batch, shared by the transport's workers and the caller's handle.
 ///
 /// A batch is split into parts (frames, work requests). Each part reports once through
 /// [`Completion::part_done`]; the part that finishes last sends the notification and settles the
 /// status, so a notification never overtakes the data it announces.
+///
+/// A transport that brackets every touch of local memory with [`Completion::start_part`] (and
+/// says so with [`Completion::set_guarded_parts`]) gets the cut-off: when the batch is cancelled,
+/// fails or passes its deadline, the abort hook of every running part is called, and `cancel`,
+/// `wait` (with an error) and `status` (as failed) wait until every running part has ended, so
+/// that no byte of the batch's local memory moves after they return. Parts not yet started are
+/// refused by `start_part`.
 pub struct Completion {
     peer: String,
     op: Op,
@@ -447,7 +463,12 @@ pub struct Completion {
     bytes: u64,
     remaining: AtomicUsize,
     cancelled: AtomicBool,
+    /// Set once running parts must stop: cancelled, failed, or settled as failed.
+    stopping: AtomicBool,
+    /// The transport guards its parts with `start_part`.
+    guarded: AtomicBool,
     state: Mutex<CompletionState>,
+    /// Signalled when the batch settles, a part reports, or a running part ends.
     settled: Condvar,
     /// Where the settled outcome is counted, and as which transport's.
     metrics: Option<(Arc<Metrics>, TransportKind)>,
@@ -458,6 +479,39 @@ struct CompletionState {
     first_error: Option<TransferError>,
     notification: Option<Vec<u8>>,
     finished_at: Option<Instant>,
+    /// Parts inside a [`RunningPart`] guard.
+    running: Vec<Running>,
+    next_part: u64,
+}
+
+struct Running {
+    id: u64,
+    abort: Option<AbortHook>,
+    /// The abort hook has run.
+    cut: bool,
+}
+
+/// A part touching the batch's local memory (or the connection that moves it); ends when dropped.
+#[must_use = "the part counts as running until the guard is dropped"]
+pub struct RunningPart<'a> {
+    completion: &'a Completion,
+    id: u64,
+}
+
+impl RunningPart<'_> {
+    /// End the part. Returns whether its abort hook ran: then what the hook cut (a connection) is
+    /// unusable, even if the part's own calls happened to succeed.
+    pub fn end(self) -> bool {
+        let cut = self.completion.end_part(self.id);
+        std::mem::forget(self);
+        cut
+    }
+}
+
+impl Drop for RunningPart<'_> {
+    fn drop(&mut self) {
+        self.completion.end_part(self.id);
+    }
 }
 
 impl Completion {
@@ -470,11 +524,15 @@ impl Completion {
             bytes,
             remaining: AtomicUsize::new(0),
             cancelled: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            guarded: AtomicBool::new(false),
             state: Mutex::new(CompletionState {
                 status: TransferStatus::InProgress,
                 first_error: None,
                 notification,
                 finished_at: None,
+                running: Vec::new(),
+                next_part: 0,
             }),
             settled: Condvar::new(),
             metrics: None,
@@ -516,20 +574,86 @@ impl Completion {
         self.remaining.store(parts, Ordering::Release);
     }
 
+    /// [`set_parts`](Self::set_parts) for a transport that touches local memory only inside
+    /// [`start_part`](Self::start_part) guards: stopping the batch then waits for running parts only.
+    pub fn set_guarded_parts(&self, parts: usize) {
+        self.guarded.store(true, Ordering::Release);
+        self.set_parts(parts);
+    }
+
     /// Why a part that has not started yet should not start: cancelled, past its deadline, or
     /// another part already failed.
     pub fn skip_reason(&self) -> Option<TransferError> {
+        self.skip_reason_locked(&self.state.lock().unwrap())
+    }
+
+    fn skip_reason_locked(&self, state: &CompletionState) -> Option<TransferError> {
         if self.cancelled.load(Ordering::Acquire) {
             return Some(self.cancelled_error());
         }
         if self.deadline.expired() {
             return Some(self.timeout_error());
         }
-        let state = self.state.lock().unwrap();
         if let TransferStatus::Failed(e) = &state.status {
             return Some(e.clone());
         }
         state.first_error.clone()
+    }
+
+    /// Begin a part that touches local memory, or refuse it (as [`skip_reason`](Self::skip_reason)
+    /// would). `abort` is called, at most once, if the batch stops while the part runs; it must
+    /// make the part's blocking calls return at once. Whoever stops the batch waits for the guard.
+    pub fn start_part(&self, abort: Option<AbortHook>) -> std::result::Result<RunningPart<'_>, TransferError> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(e) = self.skip_reason_locked(&state) {
+            return Err(e);
+        }
+        let id = state.next_part;
+        state.next_part += 1;
+        state.running.push(Running { id, abort, cut: false });
+        Ok(RunningPart { completion: self, id })
+    }
+
+    /// Whether running parts should stop now: checked by a part between its blocking calls.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire) || self.deadline.expired()
+    }
+
+    fn end_part(&self, id: u64) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let at = state.running.iter().position(|r| r.id == id).expect("a running part ends once");
+        let part = state.running.swap_remove(at);
+        self.settled.notify_all();
+        part.cut
+    }
+
+    /// Cut every running part off (once each).
+    fn abort_running(&self, state: &mut CompletionState) {
+        self.stopping.store(true, Ordering::Release);
+        for part in state.running.iter_mut().filter(|p| !p.cut) {
+            part.cut = true;
+            if let Some(abort) = &part.abort {
+                abort();
+            }
+        }
+    }
+
+    /// Wait until no part runs. Not bounded by a deadline: a running part may still move bytes of
+    /// the local memory, and its abort hook makes it end at once (by contract of the transport).
+    fn wait_stopped<'a>(&self, mut state: MutexGuard<'a, CompletionState>) -> MutexGuard<'a, CompletionState> {
+        let since = Instant::now();
+        let mut warned = false;
+        while !state.running.is_empty() {
+            state = self.settled.wait_timeout(state, STOP_WARN_AFTER).unwrap().0;
+            if !warned && !state.running.is_empty() && since.elapsed() >= STOP_WARN_AFTER {
+                tracing::warn!(
+                    peer = %self.peer, op = %self.op, parts = state.running.len(),
+                    "parts of a stopped transfer are still running; waiting for them to leave its memory"
+                );
+                warned = true;
+            }
+        }
+        state
     }
 
     pub fn timeout_error(&self) -> TransferError {
@@ -540,12 +664,14 @@ impl Completion {
         TransferError::Cancelled { peer: self.peer.clone(), op: self.op }
     }
 
-    /// Report one part's outcome.
+    /// Report one part's outcome. A failed part cuts off the parts still running.
     pub fn part_done(&self, result: std::result::Result<(), TransferError>) -> PartOutcome {
         let mut state = self.state.lock().unwrap();
         if let Err(e) = result {
             state.first_error.get_or_insert(e);
+            self.abort_running(&mut state);
         }
+        self.settled.notify_all();
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return PartOutcome::Pending;
         }
@@ -582,17 +708,25 @@ impl Completion {
                 };
                 metrics.settled(*transport, self.op, now - self.posted_at, outcome);
             }
+            if matches!(status, TransferStatus::Failed(_)) {
+                self.abort_running(state);
+            }
             state.status = status;
             state.finished_at = Some(now);
         }
         self.settled.notify_all();
     }
 
+    /// The batch's state. A batch that failed reads as in progress until its running parts have
+    /// ended (they are being cut off), so a failure seen here means its memory is free.
     pub fn status(&self) -> TransferStatus {
         let mut state = self.state.lock().unwrap();
         if state.status == TransferStatus::InProgress && self.deadline.expired() {
             let e = self.timeout_error();
             self.settle(&mut state, TransferStatus::Failed(e));
+        }
+        if !state.running.is_empty() && matches!(state.status, TransferStatus::Failed(_)) {
+            return TransferStatus::InProgress;
         }
         state.status.clone()
     }
@@ -603,7 +737,8 @@ impl Completion {
     }
 
     /// Block until the batch settles, its deadline passes, or `until` passes first; `None` when the
-    /// batch is still running at `until` (a caller's shorter wait, not a failure).
+    /// batch is still running at `until` (a caller's shorter wait, not a failure). A failure is
+    /// returned once the running parts it cut off have ended.
     pub fn wait_until(&self, until: Deadline) -> Option<std::result::Result<(), TransferError>> {
         let mut state = self.state.lock().unwrap();
         while state.status == TransferStatus::InProgress {
@@ -617,18 +752,32 @@ impl Completion {
             }
             state = self.settled.wait_timeout(state, until.min(self.deadline).remaining()).unwrap().0;
         }
-        match &state.status {
+        match state.status.clone() {
             TransferStatus::Done => Some(Ok(())),
-            TransferStatus::Failed(e) => Some(Err(e.clone())),
+            TransferStatus::Failed(e) => {
+                drop(self.wait_stopped(state));
+                Some(Err(e))
+            }
             TransferStatus::InProgress => unreachable!("loop exits only once settled"),
         }
     }
 
-    /// Ask the transport to stop: parts not yet started are skipped. Returns once no part is
-    /// running any more (or the deadline passed), so the local memory is no longer touched.
+    /// Ask the transport to stop: parts not yet started are skipped, running guarded parts are cut
+    /// off. Returns once no guarded part runs any more, so the local memory is no longer touched.
+    /// For a transport that does not guard its parts, returns once every part has reported or the
+    /// deadline passed.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
         let mut state = self.state.lock().unwrap();
+        if self.guarded.load(Ordering::Acquire) {
+            let e = self.cancelled_error();
+            self.settle(&mut state, TransferStatus::Failed(e));
+            // Already settled (failed, or done with nothing running): cut whatever still runs.
+            self.abort_running(&mut state);
+            drop(self.wait_stopped(state));
+            return;
+        }
+        self.stopping.store(true, Ordering::Release);
         while self.remaining.load(Ordering::Acquire) > 0 && !self.deadline.expired() {
             state = self.settled.wait_timeout(state, self.deadline.remaining()).unwrap().0;
         }
@@ -638,9 +787,27 @@ impl Completion {
         }
     }
 
-    /// Settle the batch as failed now, for a peer known to be gone: waiters return at once and
-    /// parts not yet started are skipped. A part already running ends on its own (by its deadline
-    /// at the latest); the batch keeps its local memory registered until then.
+    /// Cancel, then wait until no part touches the local memory however long that takes: for a
+    /// transport that guards its parts that is `cancel` itself (bounded by the cut-off); for one
+    /// that does not, until every part has reported (bounded only by the transport).
+    pub(crate) fn stop(&self) {
+        self.cancel();
+        let mut state = self.state.lock().unwrap();
+        let since = Instant::now();
+        let mut warned = false;
+        while !self.guarded.load(Ordering::Acquire) && self.remaining.load(Ordering::Acquire) > 0 {
+            state = self.settled.wait_timeout(state, STOP_WARN_AFTER).unwrap().0;
+            if !warned && since.elapsed() >= STOP_WARN_AFTER {
+                tracing::warn!(peer = %self.peer, op = %self.op, "a cancelled transfer has parts still in the transport; waiting");
+                warned = true;
+            }
+        }
+    }
+
+    /// Settle the batch as failed now, for a peer known to be gone: parts not yet started are
+    /// skipped and running guarded parts are cut off (waiters return once those have ended). A
+    /// part a transport does not guard ends on its own (by its deadline at the latest); the batch
+    /// keeps its local memory registered until then.
     pub fn fail(&self, error: TransferError) {
         let mut state = self.state.lock().unwrap();
         self.settle(&mut state, TransferStatus::Failed(error));
@@ -675,5 +842,47 @@ mod tests {
         late.set_parts(1);
         let outcome = late.wait_until(Deadline::after(Duration::from_secs(30)));
         assert!(matches!(outcome, Some(Err(TransferError::Timeout { .. }))), "{outcome:?}");
+    }
+
+    #[test]
+    fn stopping_a_batch_cuts_its_running_parts_and_waits_for_them() {
+        let batch = Arc::new(Completion::new("peer", Op::Read, 0, None, Deadline::after(Duration::from_secs(30))));
+        batch.set_guarded_parts(2);
+        let (cut_tx, cut_rx) = std::sync::mpsc::channel();
+        let hook: AbortHook = Arc::new(move || cut_tx.send(()).unwrap());
+        let running = batch.clone();
+        let left = Arc::new(AtomicBool::new(false));
+        let leaving = left.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let part = std::thread::spawn(move || {
+            let guard = running.start_part(Some(hook)).unwrap();
+            started_tx.send(()).unwrap();
+            // The part "blocks" until its abort hook has run, as a socket call does until shutdown.
+            while !running.stopping() {
+                std::thread::yield_now();
+            }
+            leaving.store(true, Ordering::Release);
+            assert!(guard.end(), "the hook ran");
+        });
+        started_rx.recv().unwrap();
+        batch.cancel();
+        // `cancel` returned: the hook ran and the part had left before.
+        cut_rx.try_recv().unwrap();
+        assert!(left.load(Ordering::Acquire));
+        part.join().unwrap();
+        assert!(matches!(batch.start_part(None), Err(TransferError::Cancelled { .. })));
+        assert!(matches!(batch.status(), TransferStatus::Failed(TransferError::Cancelled { .. })));
+    }
+
+    #[test]
+    fn a_failed_batch_reads_as_running_until_its_parts_have_ended() {
+        let batch = Completion::new("peer", Op::Write, 0, None, Deadline::after(Duration::from_secs(30)));
+        batch.set_guarded_parts(2);
+        let guard = batch.start_part(None).unwrap();
+        batch.fail(TransferError::Protocol { peer: "peer".into(), detail: "gone".into() });
+        assert!(batch.stopping());
+        assert_eq!(batch.status(), TransferStatus::InProgress);
+        drop(guard);
+        assert!(matches!(batch.status(), TransferStatus::Failed(TransferError::Protocol { .. })));
     }
 }

@@ -4,8 +4,8 @@
 //! that is never used (a same-host peer reached over shm, say) costs no threads.
 
 use std::any::Any;
-use std::io::{self, IoSlice, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
@@ -19,7 +19,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::MemKind;
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
-use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, TransferError};
+use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, TransferError};
 
 /// One request on one stream.
 struct Frame {
@@ -142,7 +142,7 @@ impl PeerLink for TcpLink {
         };
         let frames = self.frames(&batch)?;
         let streams = self.streams()?;
-        batch.completion.set_parts(frames.len());
+        batch.completion.set_guarded_parts(frames.len());
         let first = self.next_stream.fetch_add(1, Ordering::Relaxed);
         for (i, (descs, local)) in frames.into_iter().enumerate() {
             let frame = Frame {
@@ -166,22 +166,39 @@ impl PeerLink for TcpLink {
     }
 }
 
+/// A stream's connection, and the hook that cuts it off from another thread.
+struct Conn {
+    stream: TcpStream,
+    cut: AbortHook,
+}
+
+impl Conn {
+    fn new(stream: TcpStream) -> io::Result<Conn> {
+        // A second handle on the same socket: shutting the socket down through it makes a call
+        // blocked on the first return at once. Owning it (not a raw fd) rules out closing a reused fd.
+        let handle = stream.try_clone()?;
+        let cut: AbortHook = Arc::new(move || {
+            let _ = handle.shutdown(Shutdown::Both);
+        });
+        Ok(Conn { stream, cut })
+    }
+}
+
 fn run_stream(info: &LinkInfo, frames: mpsc::Receiver<Frame>) {
-    let mut conn: Option<TcpStream> = None;
+    let mut conn: Option<Conn> = None;
     // Bounce buffers for frames that stage local memory, allocated on the first one.
     let mut bounce: Option<Bounce> = None;
     for frame in frames {
         let completion = &frame.completion;
-        let result = match completion.skip_reason() {
-            Some(e) => Err(e),
-            None if frame.descs.is_empty() => Ok(()),
-            None => {
-                exchange(info, &mut conn, completion, |c| run_frame(c, &frame, info.stager.as_deref(), &mut bounce))
+        let result = match frame.descs.is_empty() {
+            true => completion.skip_reason().map_or(Ok(()), Err),
+            false => {
+                exchange(info, &mut conn, completion, |io| run_frame(io, &frame, info.stager.as_deref(), &mut bounce))
             }
         };
         if let PartOutcome::LastOk { notification } = completion.part_done(result) {
             let sent = match notification {
-                Some(data) => exchange(info, &mut conn, completion, |c| send_notification(c, &data)),
+                Some(data) => exchange(info, &mut conn, completion, |io| send_notification(io, &data)),
                 None => Ok(()),
             };
             completion.finish(sent);
@@ -199,16 +216,21 @@ impl From<StageError> for Failure {
 }
 
 /// Run one request on this stream's connection (connecting first if needed), within the batch's
-/// deadline. A connection that failed mid-request is dropped; the next request reconnects.
+/// deadline, as a running part of the batch: stopping the batch shuts the connection down, and a
+/// connection that was cut or failed mid-request is dropped; the next request reconnects.
 fn exchange(
     info: &LinkInfo,
-    conn: &mut Option<TcpStream>,
+    conn: &mut Option<Conn>,
     completion: &Completion,
-    request: impl FnOnce(&mut TcpStream) -> Result<(), Failure>,
+    request: impl FnOnce(&mut Io<'_>) -> Result<(), Failure>,
 ) -> Result<(), TransferError> {
+    if let Some(e) = completion.skip_reason() {
+        return Err(e);
+    }
     let deadline = completion.deadline();
     if conn.is_none() {
-        *conn = Some(connect(info, deadline.remaining().min(info.connect_timeout)).map_err(|failure| {
+        let until = deadline.min(Deadline::after(info.connect_timeout));
+        *conn = Some(connect(info, until).map_err(|failure| {
             // A handshake cut short by the deadline is a timeout, not proof the peer is gone.
             match (deadline.expired(), failure) {
                 (true, _) => completion.timeout_error(),
@@ -221,22 +243,63 @@ fn exchange(
             }
         })?);
     }
-    let stream = conn.as_mut().unwrap();
-    let left = deadline.remaining();
-    if left.is_zero() {
-        return Err(completion.timeout_error());
+    let c = conn.as_mut().unwrap();
+    let part = completion.start_part(Some(c.cut.clone()))?;
+    let outcome = request(&mut Io { stream: &mut c.stream, completion });
+    let cut = part.end();
+    if cut || outcome.as_ref().is_err_and(Failure::breaks_stream) {
+        *conn = None;
     }
-    let outcome = stream
-        .set_read_timeout(Some(left))
-        .and_then(|()| stream.set_write_timeout(Some(left)))
-        .map_err(Failure::Io)
-        .and_then(|()| request(stream));
-    outcome.map_err(|failure| {
-        if failure.breaks_stream() {
-            *conn = None;
-        }
-        failure.into_error(&info.peer, completion)
+    outcome.map_err(|failure| match cut {
+        // The batch was stopped: its reason, not the broken socket's.
+        true => completion.skip_reason().unwrap_or_else(|| failure.into_error(&info.peer, completion)),
+        false => failure.into_error(&info.peer, completion),
     })
+}
+
+/// Bound the next blocking call on `stream` by `until`: the socket's timeout is what is left of it,
+/// so however the peer trickles, the calls of one request together end by `until`.
+fn bound_by(stream: &TcpStream, until: Deadline, read: bool) -> io::Result<()> {
+    let left = until.remaining();
+    if left.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+    }
+    match read {
+        true => stream.set_read_timeout(Some(left)),
+        false => stream.set_write_timeout(Some(left)),
+    }
+}
+
+/// A request's use of its connection: every call is bounded by the batch's absolute deadline and
+/// refused once the batch is stopping.
+struct Io<'a> {
+    stream: &'a mut TcpStream,
+    completion: &'a Completion,
+}
+
+impl Io<'_> {
+    fn ready(completion: &Completion, stream: &TcpStream, read: bool) -> io::Result<()> {
+        if completion.stopping() && !completion.deadline().expired() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the transfer was stopped"));
+        }
+        bound_by(stream, completion.deadline(), read)
+    }
+
+    fn write_all(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        let c = self.completion;
+        wire::write_all_vectored_with(self.stream, bufs, |s| Io::ready(c, s, false))
+    }
+
+    fn read_exact(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let c = self.completion;
+        wire::read_exact_vectored_with(self.stream, bufs, |s| Io::ready(c, s, true))
+    }
+
+    fn read_response(&mut self) -> Result<Header, Failure> {
+        let mut b = [0u8; wire::HEADER_LEN];
+        self.read_exact(&mut [IoSliceMut::new(&mut b)])?;
+        wire::status_of(Header::decode(&b))
+    }
 }
 
 enum ConnectFailure {
@@ -245,22 +308,27 @@ enum ConnectFailure {
     Unauthenticated(String),
 }
 
-fn connect(info: &LinkInfo, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
-    if timeout.is_zero() {
+/// Connect, prove the cluster secret and say hello, all by `until`.
+fn connect(info: &LinkInfo, until: Deadline) -> Result<Conn, ConnectFailure> {
+    if until.expired() {
         return Err(ConnectFailure::Unreachable("deadline passed before connecting".into()));
     }
     let unreachable = |e: io::Error| ConnectFailure::Unreachable(e.to_string());
     let addrs: Vec<SocketAddr> = info.address.to_socket_addrs().map_err(unreachable)?.collect();
     let mut last = String::from("address resolves to nothing");
-    let deadline = Deadline::after(timeout);
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        let left = until.remaining();
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(&addr, left) {
             Ok(mut stream) => {
-                info.auth.client(&mut stream, Channel::Tcp, deadline).map_err(|e| match e {
+                info.auth.client(&mut stream, Channel::Tcp, until).map_err(|e| match e {
                     AuthError::Refused(why) => ConnectFailure::Unauthenticated(why),
                     other => ConnectFailure::Unreachable(other.to_string()),
                 })?;
-                return handshake(info, &mut stream, timeout).map(|()| stream).map_err(ConnectFailure::Unreachable);
+                handshake(info, &mut stream, until).map_err(ConnectFailure::Unreachable)?;
+                return Conn::new(stream).map_err(|e| ConnectFailure::Unreachable(format!("handshake failed: {e}")));
             }
             Err(e) => last = e.to_string(),
         }
@@ -268,14 +336,15 @@ fn connect(info: &LinkInfo, timeout: Duration) -> Result<TcpStream, ConnectFailu
     Err(ConnectFailure::Unreachable(last))
 }
 
-fn handshake(info: &LinkInfo, stream: &mut TcpStream, timeout: Duration) -> Result<(), String> {
+fn handshake(info: &LinkInfo, stream: &mut TcpStream, until: Deadline) -> Result<(), String> {
     let io = |e: io::Error| format!("handshake failed: {e}");
     stream.set_nodelay(true).map_err(io)?;
     super::set_keepalive(stream).map_err(io)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.write_all(&wire::encode_hello(&info.local_name)).map_err(io)?;
+    let hello = wire::encode_hello(&info.local_name);
+    wire::write_all_vectored_with(stream, &mut [IoSlice::new(&hello)], |s| bound_by(s, until, false)).map_err(io)?;
     let mut ack = [0u8; wire::HELLO_ACK_LEN];
-    stream.read_exact(&mut ack).map_err(io)?;
+    wire::read_exact_vectored_with(stream, &mut [IoSliceMut::new(&mut ack)], |s| bound_by(s, until, true))
+        .map_err(io)?;
     let version = u16::from_le_bytes([ack[4], ack[5]]);
     if ack[..4] != wire::MAGIC {
         return Err("the endpoint is not a kvferry tcp transport".into());
@@ -284,10 +353,6 @@ fn handshake(info: &LinkInfo, stream: &mut TcpStream, timeout: Duration) -> Resu
         return Err(format!("peer speaks wire version {version}, this agent {}", wire::VERSION));
     }
     Ok(())
-}
-
-fn read_response(stream: &mut TcpStream) -> Result<Header, Failure> {
-    wire::status_of(Header::read_from(stream)?)
 }
 
 fn request_header(kind: FrameKind, descs: &[WireDesc], payload_len: u64) -> Vec<u8> {
@@ -314,7 +379,7 @@ fn staged<'a>(stager: Option<&'a Stager>, frame: &Frame) -> Option<(&'a Stager, 
 }
 
 fn run_frame(
-    stream: &mut TcpStream,
+    io: &mut Io<'_>,
     frame: &Frame,
     stager: Option<&Stager>,
     bounce: &mut Option<Bounce>,
@@ -325,41 +390,41 @@ fn run_frame(
     let deadline = frame.completion.deadline();
     match frame.kind {
         FrameKind::Read => {
-            stream.write_all(&request_header(FrameKind::Read, &frame.descs, 0))?;
-            let header = read_response(stream)?;
+            io.write_all(&mut [IoSlice::new(&request_header(FrameKind::Read, &frame.descs, 0))])?;
+            let header = io.read_response()?;
             if header.payload_len != total {
                 return Err(Failure::Protocol(format!("read returned {} bytes, expected {total}", header.payload_len)));
             }
             if let Some((stager, segments)) = staged {
-                stager.receive(bounce, &segments, deadline, |chunk| stream.read_exact(chunk))?;
+                stager.receive(bounce, &segments, deadline, |chunk| io.read_exact(&mut [IoSliceMut::new(chunk)]))?;
                 return Ok(());
             }
             // Zero-copy: the kernel writes the payload straight into the registered local memory.
             let mut dst = unsafe { wire::slices_mut(frame.local.iter().copied().zip(lens)) };
-            wire::read_exact_vectored(stream, &mut dst)?;
+            io.read_exact(&mut dst)?;
         }
         _ => {
             let head = request_header(FrameKind::Write, &frame.descs, total);
             if let Some((stager, segments)) = staged {
-                stream.write_all(&head)?;
-                stager.send(bounce, &segments, deadline, |chunk| stream.write_all(chunk))?;
-                read_response(stream)?;
+                io.write_all(&mut [IoSlice::new(&head)])?;
+                stager.send(bounce, &segments, deadline, |chunk| io.write_all(&mut [IoSlice::new(chunk)]))?;
+                io.read_response()?;
                 return Ok(());
             }
             let mut bufs = Vec::with_capacity(1 + frame.descs.len());
             bufs.push(IoSlice::new(&head));
             // Zero-copy: the kernel reads straight from the registered local memory.
             bufs.extend(unsafe { wire::slices(frame.local.iter().copied().zip(lens)) });
-            wire::write_all_vectored(stream, &mut bufs)?;
-            read_response(stream)?;
+            io.write_all(&mut bufs)?;
+            io.read_response()?;
         }
     }
     Ok(())
 }
 
-fn send_notification(stream: &mut TcpStream, data: &[u8]) -> Result<(), Failure> {
+fn send_notification(io: &mut Io<'_>, data: &[u8]) -> Result<(), Failure> {
     let head = Header { tag: FrameKind::Notify as u8, count: 0, payload_len: data.len() as u64 }.encode();
-    wire::write_all_vectored(stream, &mut [IoSlice::new(&head), IoSlice::new(data)])?;
-    read_response(stream)?;
+    io.write_all(&mut [IoSlice::new(&head), IoSlice::new(data)])?;
+    io.read_response()?;
     Ok(())
 }

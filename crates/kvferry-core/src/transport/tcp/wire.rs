@@ -107,6 +107,7 @@ impl Header {
         }
     }
 
+    #[cfg(test)]
     pub fn read_from(r: &mut impl Read) -> io::Result<Header> {
         let mut b = [0u8; HEADER_LEN];
         r.read_exact(&mut b)?;
@@ -195,10 +196,17 @@ pub fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// `write_all` for a gather list: loops over short writes.
-pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// `write_all` for a gather list: loops over short writes, calling `before` ahead of every write:
+/// where a caller sets the socket's timeout from an absolute deadline (so no single call outlasts
+/// it), or stops with an error.
+pub fn write_all_vectored_with<W: Write>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+    mut before: impl FnMut(&mut W) -> io::Result<()>,
+) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
+        before(w)?;
         match w.write_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut bufs, n),
@@ -209,10 +217,16 @@ pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> i
     Ok(())
 }
 
-/// `read_exact` for a scatter list: loops over short reads; EOF before the end is an error.
-pub fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+/// `read_exact` for a scatter list: loops over short reads (EOF before the end is an error),
+/// calling `before` ahead of every read (see [`write_all_vectored_with`]).
+pub fn read_exact_vectored_with<R: Read>(
+    r: &mut R,
+    mut bufs: &mut [IoSliceMut<'_>],
+    mut before: impl FnMut(&mut R) -> io::Result<()>,
+) -> io::Result<()> {
     IoSliceMut::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
+        before(r)?;
         match r.read_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
@@ -223,43 +237,23 @@ pub fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [IoSliceMut<'_>]) -
     Ok(())
 }
 
-/// [`write_all_vectored`] by an absolute deadline: the socket's timeout is set again from the time
-/// left before every system call, so a peer taking one byte at a time cannot stretch it.
+/// [`write_all_vectored_with`] by an absolute deadline: the socket's timeout is set again from the
+/// time left before every system call, so a peer taking one byte at a time cannot stretch it.
 pub fn write_all_vectored_by<S: DeadlineStream>(
     w: &mut S,
-    mut bufs: &mut [IoSlice<'_>],
+    bufs: &mut [IoSlice<'_>],
     deadline: Deadline,
 ) -> io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        w.set_timeouts(time_left(deadline)?)?;
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    write_all_vectored_with(w, bufs, |w| w.set_timeouts(time_left(deadline)?))
 }
 
-/// [`read_exact_vectored`] by an absolute deadline, as [`write_all_vectored_by`].
+/// [`read_exact_vectored_with`] by an absolute deadline, as [`write_all_vectored_by`].
 pub fn read_exact_vectored_by<S: DeadlineStream>(
     r: &mut S,
-    mut bufs: &mut [IoSliceMut<'_>],
+    bufs: &mut [IoSliceMut<'_>],
     deadline: Deadline,
 ) -> io::Result<()> {
-    IoSliceMut::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        r.set_timeouts(time_left(deadline)?)?;
-        match r.read_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    read_exact_vectored_with(r, bufs, |r| r.set_timeouts(time_left(deadline)?))
 }
 
 /// Gather slices over raw memory ranges.
