@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kvferry_core::auth::{Auth, Channel, Role};
 use kvferry_core::memory::host::HostBuffer;
 use kvferry_core::metadata::{AgentMetadata, RegionInfo};
 use kvferry_core::transport::Endpoint;
 use kvferry_core::transport::tcp::TcpConfig;
-use kvferry_core::{Agent, AgentConfig, Deadline, ErrorCode, HostAllocOptions, MemKind, MemRegion, TransportKind};
+use kvferry_core::{Agent, AgentConfig, AuthConfig, Deadline, ErrorCode, HostAllocOptions, MemKind, MemRegion, TransportKind};
 
 const PEER_ENV: &str = "KVFERRY_STALLED_PEER";
+const SECRET: &str = "the stalled-peer tests' cluster secret";
 /// The READ's size: the peer never gets near its end.
 const LEN: usize = 1 << 20;
 /// What the local buffer holds before the READ; the peer sends the complement.
@@ -44,6 +46,11 @@ fn stalled_peer_entry() {
     // On a line of its own: the harness has just printed the test's name without ending its line.
     report(&mut out, format!("\nlistening {}", listener.local_addr().unwrap().port()));
     let (mut s, _) = listener.accept().unwrap();
+    // A member: it holds the secret, and then misbehaves.
+    let auth = Auth::resolve(&AuthConfig::Secret(SECRET.into())).unwrap();
+    auth.authenticate(&mut s, Channel::Tcp, Role::Server, Deadline::after(PATIENCE)).unwrap();
+    s.set_read_timeout(None).unwrap();
+    s.set_write_timeout(None).unwrap();
     let mut hello = [0u8; 8];
     s.read_exact(&mut hello).unwrap();
     assert_eq!(&hello[..4], b"KVFT");
@@ -174,7 +181,8 @@ impl Drop for Peer {
 
 fn initiator() -> Agent {
     let tcp = TcpConfig { streams: 1, ..TcpConfig::default() };
-    Agent::new(AgentConfig { shm: None, tcp: Some(tcp), ..AgentConfig::new("reader") }).unwrap()
+    let auth = AuthConfig::Secret(SECRET.into());
+    Agent::new(AgentConfig { shm: None, tcp: Some(tcp), auth, ..AgentConfig::new("reader") }).unwrap()
 }
 
 fn local_buffer() -> Arc<HostBuffer> {
