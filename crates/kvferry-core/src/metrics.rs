@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::deadline::Deadline;
@@ -351,7 +351,13 @@ impl Service for Scrapes {
         Ok(Vec::new())
     }
 
-    fn readable(&self, stream: &mut TcpStream, head: &mut Vec<u8>, _: &mut (), deadline: Deadline) -> std::io::Result<Next> {
+    fn readable(
+        &self,
+        stream: &mut TcpStream,
+        head: &mut Vec<u8>,
+        _: &mut (),
+        deadline: Deadline,
+    ) -> std::io::Result<Next> {
         let mut chunk = [0u8; 1024];
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
             match recv_ready(stream, &mut chunk) {

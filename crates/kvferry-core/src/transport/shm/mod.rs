@@ -35,9 +35,9 @@ use self::wire::Reach;
 use crate::auth::Auth;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
+use crate::limits::ServeLimits;
 use crate::memory::host::HostDevice;
 use crate::memory::{MemKind, MemRegion};
-use crate::limits::ServeLimits;
 use crate::net::Server;
 use crate::transport::keys::{self, memory_of};
 use crate::transport::{

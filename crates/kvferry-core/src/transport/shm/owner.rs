@@ -330,7 +330,13 @@ fn serve_map(
 /// Check every op of a WRITE against the registrations, then copy the initiator's source bytes
 /// into our memory ourselves. The entries are held during the copy, so deregistration waits for
 /// it (our own copy, which does not depend on the initiator running) and no later copy starts.
-fn serve_write(stream: &mut UnixStream, shared: &OwnerShared, body: &[u8], pid: u32, deadline: Deadline) -> io::Result<()> {
+fn serve_write(
+    stream: &mut UnixStream,
+    shared: &OwnerShared,
+    body: &[u8],
+    pid: u32,
+    deadline: Deadline,
+) -> io::Result<()> {
     let ops: Vec<WriteOp> =
         body.chunks_exact(wire::WRITE_OP_LEN).map(|c| WriteOp::decode(c.try_into().expect("op length"))).collect();
     let (held, copies) = match check_write(shared, &ops) {
@@ -358,8 +364,9 @@ fn pull_sharing(device: &HostDevice, pid: u32, copies: Vec<(u64, u64, u64)>) -> 
         return pull(pid, &copies);
     }
     // Each share: its copies and, for each, the index of the op it came from.
+    type Share = (Vec<(u64, u64, u64)>, Vec<usize>);
     let share_len = total.div_ceil(shares);
-    let mut split: Vec<(Vec<(u64, u64, u64)>, Vec<usize>)> = Vec::new();
+    let mut split: Vec<Share> = Vec::new();
     let (mut current, mut from, mut current_len) = (Vec::new(), Vec::new(), 0u64);
     for (index, (mut local, mut remote, mut len)) in copies.into_iter().enumerate() {
         while len > 0 {
