@@ -165,9 +165,14 @@ fn security_report() -> serde_json::Value {
 /// The default limits on what peers can make an agent spend (`kvferry serve` flags set them).
 fn limits_report() -> serde_json::Value {
     let tcp = kvferry::transport::tcp::TcpConfig::default();
+    let shm = kvferry::transport::shm::ShmConfig::default();
     let agent = kvferry::AgentLimits::default();
-    let mut rows = vec![json!({ "name": "tcp.request_timeout_s", "value": tcp.request_timeout.as_secs_f64() })];
-    for (prefix, l) in [("tcp", &tcp.limits), ("side_channel", &agent.side_channel)] {
+    let mut rows = vec![
+        json!({ "name": "tcp.request_timeout_s", "value": tcp.request_timeout.as_secs_f64() }),
+        json!({ "name": "shm.request_timeout_s", "value": shm.request_timeout.as_secs_f64() }),
+        json!({ "name": "shm.idle_between_requests_s", "value": shm.idle_timeout.as_secs_f64() }),
+    ];
+    for (prefix, l) in [("tcp", &tcp.limits), ("shm", &shm.limits), ("side_channel", &agent.side_channel)] {
         let row = |name: &str, value: serde_json::Value| json!({ "name": format!("{prefix}.{name}"), "value": value });
         rows.extend([
             row("workers", l.workers.into()),

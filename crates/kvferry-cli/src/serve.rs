@@ -56,7 +56,7 @@ pub struct ServeArgs {
 }
 
 /// What peers can make the served agent spend (`kvferry info` lists the defaults). They apply to
-/// the TCP transport and the side channel alike.
+/// the TCP transport, the shm transport and the side channel alike.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LimitArgs {
     /// Seconds a served request may take from its first byte to its answer's last.
@@ -71,7 +71,7 @@ pub struct LimitArgs {
     /// Connections that have not proven the cluster secret yet, per transport.
     #[arg(long)]
     pub max_unauthenticated: Option<usize>,
-    /// Connections from one IP address, per transport.
+    /// Connections from one IP address (shm: from one user id), per transport.
     #[arg(long)]
     pub max_connections_per_ip: Option<usize>,
     /// Seconds from accept to a proven cluster secret.
@@ -221,10 +221,14 @@ impl Target {
         };
         tcp.listen.set_ip(args.listen.ip());
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
-        let config = AgentConfig {
+        let mut config = AgentConfig {
             limits: args.limits.agent_limits(),
             ..agent_config(name, &args.transport, tcp, &args.fabric)?
         };
+        if let Some(shm) = config.shm.as_mut() {
+            shm.request_timeout = Duration::from_secs_f64(args.limits.request_timeout);
+            shm.limits = args.limits.serve_limits();
+        }
         let agent = Agent::new(config).context("starting the agent")?;
         let buffer = alloc_buffer(args.buffer_size, args.memory == MemoryArg::Shared)?;
         if let Some(seed) = args.fill_seed {

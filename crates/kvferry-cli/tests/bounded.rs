@@ -1,16 +1,19 @@
 //! What a hostile client can make a `kvferry serve` process spend: threads stay fixed whatever the
 //! number of connections, silent connections beyond the unauthenticated limit are closed while
-//! authenticated peers are still served, and accepting at the descriptor limit does not spin.
+//! authenticated peers are still served, and accepting at the descriptor limit does not spin. The
+//! TCP transport and the shm transport (its abstract Unix socket) alike.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
-use kvferry::{Agent, AgentConfig, AuthConfig, Deadline, MemKind, MemRegion};
+use kvferry::{Agent, AgentConfig, AuthConfig, Deadline, MemKind, MemRegion, TransportKind};
 
 const KVFERRY: &str = env!("CARGO_BIN_EXE_kvferry");
 const SECRET: &str = "the bounded-resource tests' cluster secret";
@@ -20,6 +23,8 @@ struct Served {
     child: Child,
     side_channel: String,
     tcp: String,
+    /// The shm transport's abstract socket name.
+    shm: String,
     buffer_addr: u64,
 }
 
@@ -57,11 +62,21 @@ impl Served {
             .next()
             .expect("a tcp endpoint")
             .to_string();
+        let shm = info["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.as_str()?.strip_prefix("shm://"))
+            .next()
+            .expect("an shm endpoint");
+        // boot-id/pid/socket
+        let shm = shm.splitn(3, '/').nth(2).expect("an shm socket name").to_string();
         let addr = info["buffer_addr"].as_str().unwrap().trim_start_matches("0x");
         Served {
             child,
             side_channel: info["side_channel"].as_str().unwrap().to_string(),
             tcp,
+            shm,
             buffer_addr: u64::from_str_radix(addr, 16).unwrap(),
         }
     }
@@ -112,9 +127,20 @@ fn raise_nofile() {
     }
 }
 
-/// An honest peer reads 4 KiB of the served buffer.
+/// An honest peer reads 4 KiB of the served buffer over TCP.
 fn honest_read(served: &Served, name: &str) {
     let config = AgentConfig { shm: None, auth: AuthConfig::Secret(SECRET.into()), ..AgentConfig::new(name) };
+    honest_read_with(served, config, TransportKind::Tcp);
+}
+
+/// An honest peer reads 4 KiB of the served buffer over shm; the agent is returned, so its shm
+/// connection stays open (idle) until it is dropped.
+fn honest_shm_read(served: &Served, name: &str) -> Agent {
+    let config = AgentConfig { auth: AuthConfig::Secret(SECRET.into()), ..AgentConfig::new(name) };
+    honest_read_with(served, config, TransportKind::Shm)
+}
+
+fn honest_read_with(served: &Served, config: AgentConfig, over: TransportKind) -> Agent {
     let agent = Agent::new(config).unwrap();
     let buf = Arc::new(HostBuffer::alloc(4096, &HostAllocOptions { pin: false, ..Default::default() }).unwrap());
     let _reg = agent.register(buf.clone()).unwrap();
@@ -123,10 +149,18 @@ fn honest_read(served: &Served, name: &str) {
     let local = agent.prepare_local(&[buf.region()]).unwrap();
     let remote = MemRegion { addr: served.buffer_addr, len: 4096, kind: MemKind::Host };
     let remote = agent.prepare_remote(&peer, &[remote]).unwrap();
-    agent.read(&local, &[0], &remote, &[0], deadline).unwrap().wait().unwrap();
+    let read = agent.read(&local, &[0], &remote, &[0], deadline).unwrap();
+    read.wait().unwrap();
+    assert_eq!(read.transport(), over);
     let mut expected = vec![0u8; 4096];
     kvferry_cli::pattern::fill(&mut expected, 3, 0);
     assert!(buf.to_vec() == expected, "the honest peer reads the served bytes");
+    agent
+}
+
+/// Connect to the served shm transport's abstract socket.
+fn shm_connect(served: &Served) -> UnixStream {
+    UnixStream::connect_addr(&UnixAddr::from_abstract_name(&served.shm).unwrap()).unwrap()
 }
 
 #[test]
@@ -162,6 +196,42 @@ fn silent_connections_beyond_the_limit_are_closed_and_peers_still_served() {
     honest_read(&served, "bounded-honest");
     let open = silent.iter().filter(|s| !closed(s)).count();
     assert!(open <= 16, "{open} unauthenticated connections stayed open, over the limit of 16");
+}
+
+#[test]
+fn idle_shm_connections_leave_the_thread_count_fixed() {
+    raise_nofile();
+    let served = Served::start(
+        &["--max-unauthenticated", "1000", "--max-connections-per-ip", "1000", "--handshake-timeout", "120"],
+        None,
+    );
+    // Authenticated idle connections: each honest peer keeps its shm connection after its read.
+    let honest: Vec<Agent> = (0..4).map(|i| honest_shm_read(&served, &format!("bounded-shm-{i}"))).collect();
+    let threads = served.status("Threads:");
+    let fds = served.fds();
+    // Unauthenticated ones, silent.
+    let idle: Vec<UnixStream> = (0..300).map(|_| shm_connect(&served)).collect();
+    wait_for("the 300 shm connections to be accepted", || served.fds() >= fds + 300);
+    assert_eq!(served.status("Threads:"), threads, "300 idle shm connections add no thread");
+    let after = honest_shm_read(&served, "bounded-shm-after");
+    assert_eq!(served.status("Threads:"), threads, "serving one more peer adds no thread");
+    drop((idle, honest, after));
+}
+
+#[test]
+fn silent_shm_connections_beyond_the_limit_are_closed_and_peers_still_served() {
+    let served = Served::start(&["--max-unauthenticated", "16", "--handshake-timeout", "120"], None);
+    let silent: Vec<UnixStream> = (0..64).map(|_| shm_connect(&served)).collect();
+    let closed = |mut s: &UnixStream| {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        !matches!(s.read(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    };
+    wait_for("48 silent shm connections to be closed", || silent.iter().filter(|s| closed(s)).count() >= 48);
+    // An honest peer authenticates over shm (taking the place of a silent one) and is served.
+    drop(honest_shm_read(&served, "bounded-shm-honest"));
+    let open = silent.iter().filter(|s| !closed(s)).count();
+    assert!(open <= 16, "{open} unauthenticated shm connections stayed open, over the limit of 16");
 }
 
 #[test]

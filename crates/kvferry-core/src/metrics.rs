@@ -8,14 +8,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Mutex;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::error::{ErrorCode, Result};
-use crate::net::Acceptor;
+use crate::deadline::Deadline;
+use crate::error::{Error, ErrorCode, Result};
+use crate::limits::ServeLimits;
+use crate::net::{DeadlineStream, Next, Server, Service, recv_ready};
 use crate::tier::{TierStats, TierStore};
 use crate::transport::{Op, TransportKind};
 
@@ -297,12 +298,13 @@ impl Exposition {
 
 /// Serves `GET /metrics` (any other path is 404) until dropped.
 pub struct MetricsServer {
-    acceptor: Acceptor,
+    addr: SocketAddr,
+    _server: Server<Scrapes>,
 }
 
 impl MetricsServer {
     pub fn local_addr(&self) -> SocketAddr {
-        self.acceptor.local_addr()
+        self.addr
     }
 }
 
@@ -311,52 +313,96 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request heads longer than this are refused.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
-/// Answer Prometheus scrapes on `listen` with `render()`'s text, one request per connection.
+/// Answer Prometheus scrapes on `listen` with `render()`'s text, one request per connection, on
+/// a fixed set of threads (one serves, one accepts) whatever the number of clients.
 pub fn serve(listen: SocketAddr, render: impl Fn() -> String + Send + Sync + 'static) -> Result<MetricsServer> {
-    let acceptor = Acceptor::spawn(listen, "kvferry-metrics", move |mut stream| {
-        if let Err(e) = answer(&mut stream, &render) {
-            tracing::debug!(error = %e, "metrics: request failed");
-        }
-    })?;
-    Ok(MetricsServer { acceptor })
+    let listener = TcpListener::bind(listen).map_err(|e| Error::io(format!("binding {listen}"), e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
+    let limits = ServeLimits {
+        workers: 1,
+        handshake_workers: 1,
+        max_connections: 64,
+        max_unauthenticated: 64,
+        max_per_ip: 64,
+        handshake_timeout: HTTP_TIMEOUT,
+        idle_timeout: HTTP_TIMEOUT,
+        request_bytes: 64 * MAX_REQUEST_HEAD as u64,
+    };
+    let server = Server::start(listener, "kvferry-metrics", Arc::new(Scrapes { render: Box::new(render) }), limits)?;
+    Ok(MetricsServer { addr, _server: server })
 }
 
-fn answer(stream: &mut TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    let mut head = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 || head.len() + n > MAX_REQUEST_HEAD {
-            return respond(stream, "400 Bad Request", "text/plain", "bad request\n");
-        }
-        head.extend_from_slice(&chunk[..n]);
+struct Scrapes {
+    render: Box<dyn Fn() -> String + Send + Sync>,
+}
+
+impl Service for Scrapes {
+    type Stream = TcpStream;
+    /// The request head as it arrives.
+    type Conn = Vec<u8>;
+    type Worker = ();
+
+    fn request_timeout(&self) -> Duration {
+        HTTP_TIMEOUT
     }
-    let line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(0)]).into_owned();
-    let mut parts = line.split(' ');
-    match (parts.next(), parts.next().map(|p| p.split('?').next().unwrap_or(p))) {
-        (Some("GET"), Some("/metrics")) => {
-            respond(stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &render())
+
+    /// Metrics are public: there is no secret to prove.
+    fn handshake(&self, _: &mut TcpStream, _: Deadline) -> std::io::Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+
+    fn readable(
+        &self,
+        stream: &mut TcpStream,
+        head: &mut Vec<u8>,
+        _: &mut (),
+        deadline: Deadline,
+    ) -> std::io::Result<Next> {
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match recv_ready(stream, &mut chunk) {
+                Ok(n) if n == 0 || head.len() + n > MAX_REQUEST_HEAD => {
+                    respond(stream, "400 Bad Request", "text/plain", "bad request\n", deadline)?;
+                    return Ok(Next::Close);
+                }
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Next::Park),
+                Err(e) => return Err(e),
+            }
         }
-        (Some("GET"), _) => respond(stream, "404 Not Found", "text/plain", "metrics are at /metrics\n"),
-        _ => respond(stream, "405 Method Not Allowed", "text/plain", "only GET is served\n"),
+        let line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(0)]).into_owned();
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next().map(|p| p.split('?').next().unwrap_or(p))) {
+            (Some("GET"), Some("/metrics")) => {
+                let text = (self.render)();
+                respond(stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &text, deadline)
+            }
+            (Some("GET"), _) => respond(stream, "404 Not Found", "text/plain", "metrics are at /metrics\n", deadline),
+            _ => respond(stream, "405 Method Not Allowed", "text/plain", "only GET is served\n", deadline),
+        }?;
+        Ok(Next::Close)
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+    deadline: Deadline,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()
+    stream.write_all_by(head.as_bytes(), deadline)?;
+    stream.write_all_by(body.as_bytes(), deadline)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
     fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
         text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())

@@ -1,14 +1,13 @@
 //! Serving listening sockets: an event-driven [`Server`] (a fixed set of threads whatever the
-//! number of connections, with the limits of [`ServeLimits`]) for the TCP transport and the side
-//! channel, and an [`Acceptor`] (a thread per connection) for the shared-memory transport and the
-//! metrics endpoint.
+//! number of connections, with the limits of [`ServeLimits`]) for the TCP transport, the side
+//! channel, the shared-memory transport and the metrics endpoint.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -33,145 +32,6 @@ pub(crate) fn connect_within(addr: &str, deadline: Deadline) -> std::result::Res
         }
     }
     Err(last)
-}
-
-/// A listener an [`Acceptor`] can serve.
-pub(crate) trait Listener: Send + 'static {
-    type Stream: Send + 'static;
-    type Addr: Clone + Send + 'static;
-    fn accept_one(&self) -> io::Result<Self::Stream>;
-    fn addr(&self) -> io::Result<Self::Addr>;
-    /// Connect to the listener at `addr`, so that an `accept` blocked on it returns.
-    fn wake(addr: &Self::Addr) -> bool;
-}
-
-impl Listener for TcpListener {
-    type Stream = TcpStream;
-    type Addr = SocketAddr;
-
-    fn accept_one(&self) -> io::Result<TcpStream> {
-        self.accept().map(|(s, _)| s)
-    }
-
-    fn addr(&self) -> io::Result<SocketAddr> {
-        self.local_addr()
-    }
-
-    fn wake(addr: &SocketAddr) -> bool {
-        let mut wake = *addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(if wake.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
-        }
-        TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok()
-    }
-}
-
-impl Listener for UnixListener {
-    type Stream = UnixStream;
-    type Addr = UnixAddr;
-
-    fn accept_one(&self) -> io::Result<UnixStream> {
-        self.accept().map(|(s, _)| s)
-    }
-
-    fn addr(&self) -> io::Result<UnixAddr> {
-        self.local_addr()
-    }
-
-    fn wake(addr: &UnixAddr) -> bool {
-        UnixStream::connect_addr(addr).is_ok()
-    }
-}
-
-pub(crate) struct Acceptor<L: Listener = TcpListener> {
-    addr: L::Addr,
-    stopping: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Acceptor<TcpListener> {
-    /// Bind `listen` and serve it (see [`Acceptor::serve`]).
-    pub fn spawn(listen: SocketAddr, name: &str, serve: impl Fn(TcpStream) + Send + Sync + 'static) -> Result<Self> {
-        let listener = TcpListener::bind(listen).map_err(|e| Error::io(format!("binding {listen}"), e))?;
-        Acceptor::serve(listener, name, serve)
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl<L: Listener> Acceptor<L> {
-    /// Hand every connection accepted on `listener` to `serve` on a thread of its own, so a slow or
-    /// stuck peer never holds up the others.
-    pub fn serve(listener: L, name: &str, serve: impl Fn(L::Stream) + Send + Sync + 'static) -> Result<Self> {
-        let addr = listener.addr().map_err(|e| Error::io("reading the listen address", e))?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let stop = stopping.clone();
-        let serve = Arc::new(serve);
-        let conn_name = format!("{name}-conn");
-        let thread = thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                loop {
-                    let stream = listener.accept_one();
-                    if stop.load(Ordering::Acquire) {
-                        break;
-                    }
-                    match stream {
-                        Ok(stream) => {
-                            let serve = serve.clone();
-                            if let Err(e) = thread::Builder::new().name(conn_name.clone()).spawn(move || serve(stream))
-                            {
-                                tracing::error!(error = %e, "cannot spawn a connection thread");
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "accept failed"),
-                    }
-                }
-            })
-            .map_err(|e| Error::io("spawning an accept thread", e))?;
-        Ok(Acceptor { addr, stopping, thread: Some(thread) })
-    }
-}
-
-impl<L: Listener> Drop for Acceptor<L> {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        // `accept` has no timeout: a connection of our own wakes it to see the flag.
-        if L::wake(&self.addr)
-            && let Some(t) = self.thread.take()
-        {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The connections a server is serving, so that all of them can be closed when it goes away
-/// (otherwise they would outlive it, blocked in `read`).
-#[derive(Default)]
-pub(crate) struct Connections {
-    open: Mutex<HashMap<u64, OwnedFd>>,
-    next: AtomicU64,
-}
-
-impl Connections {
-    /// Run `serve` on `stream`; [`shutdown_all`](Self::shutdown_all) can close it meanwhile.
-    pub fn serve<S: AsFd>(&self, stream: S, serve: impl FnOnce(S)) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if let Ok(handle) = stream.as_fd().try_clone_to_owned() {
-            self.open.lock().unwrap().insert(id, handle);
-        }
-        serve(stream);
-        self.open.lock().unwrap().remove(&id);
-    }
-
-    pub fn shutdown_all(&self) {
-        for (_, handle) in self.open.lock().unwrap().drain() {
-            // SAFETY: shutting down a socket we hold a descriptor of; its owner sees end of file.
-            unsafe { libc::shutdown(handle.as_raw_fd(), libc::SHUT_RDWR) };
-        }
-    }
 }
 
 /// A socket whose blocking calls can be bounded by an absolute deadline: the timeout is set again
@@ -242,27 +102,60 @@ impl ServeStream for TcpStream {}
 
 impl ServeStream for UnixStream {}
 
+/// Who is at the other end of a connection, as far as the per-peer limit
+/// ([`ServeLimits::max_per_ip`]) is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Peer {
+    /// A TCP peer's IP address.
+    Ip(IpAddr),
+    /// A Unix socket peer's user id, as the kernel saw it connect (`SO_PEERCRED`).
+    Uid(u32),
+}
+
 /// A listener an event-driven [`Server`] accepts on.
 pub(crate) trait EventListener: AsRawFd + Send + 'static {
     type Stream: ServeStream;
-    /// Accept one connection, with the peer's IP address where it has one.
-    fn accept_ready(&self) -> io::Result<(Self::Stream, Option<IpAddr>)>;
+    /// Accept one connection, with who the peer is where that can be told.
+    fn accept_ready(&self) -> io::Result<(Self::Stream, Option<Peer>)>;
 }
 
 impl EventListener for TcpListener {
     type Stream = TcpStream;
 
-    fn accept_ready(&self) -> io::Result<(TcpStream, Option<IpAddr>)> {
-        self.accept().map(|(s, a)| (s, Some(a.ip())))
+    fn accept_ready(&self) -> io::Result<(TcpStream, Option<Peer>)> {
+        self.accept().map(|(s, a)| (s, Some(Peer::Ip(a.ip()))))
     }
 }
 
 impl EventListener for UnixListener {
     type Stream = UnixStream;
 
-    fn accept_ready(&self) -> io::Result<(UnixStream, Option<IpAddr>)> {
-        self.accept().map(|(s, _)| (s, None))
+    fn accept_ready(&self) -> io::Result<(UnixStream, Option<Peer>)> {
+        let (stream, _) = self.accept()?;
+        let uid = peer_cred(&stream).ok().map(|cred| Peer::Uid(cred.uid));
+        Ok((stream, uid))
     }
+}
+
+/// The process at the other end of a Unix socket as the kernel saw it connect (not as it claims).
+pub(crate) fn peer_cred(stream: &UnixStream) -> io::Result<libc::ucred> {
+    // SAFETY: ucred is plain data.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
 }
 
 /// What a request left its connection in.
@@ -284,6 +177,12 @@ pub(crate) trait Service: Send + Sync + 'static {
     type Worker: Default;
     /// The longest a request may take, from its first byte to its answer's last.
     fn request_timeout(&self) -> Duration;
+    /// A connection that has served requests and then sends none for this long is closed; `None`:
+    /// idle time between requests is unlimited (only a connection that never sent one expires,
+    /// after [`ServeLimits::idle_timeout`]).
+    fn idle_between_requests(&self) -> Option<Duration> {
+        None
+    }
     /// Prove the cluster secret (and any hello) by `deadline`.
     fn handshake(&self, stream: &mut Self::Stream, deadline: Deadline) -> io::Result<Self::Conn>;
     /// The connection is readable: read what has arrived without blocking, and serve the request
@@ -336,13 +235,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A connection of an event-driven server.
 struct Entry<S: Service> {
     fd: RawFd,
-    ip: Option<IpAddr>,
+    peer: Option<Peer>,
     accepted: Instant,
     /// When the handshake finished; `None` before.
     authenticated: Option<Instant>,
     /// The first byte of the request being read arrived by then; `None` between requests.
     request_since: Option<Instant>,
     served_any: bool,
+    /// When the connection last went idle (its handshake or last request done).
+    idle_since: Instant,
     /// `None` while a worker holds the connection.
     slot: Option<Slot<S>>,
 }
@@ -356,7 +257,7 @@ struct Table<S: Service> {
     entries: HashMap<u64, Entry<S>>,
     next: u64,
     unauthenticated: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    per_peer: HashMap<Peer, usize>,
 }
 
 impl<S: Service> Table<S> {
@@ -365,12 +266,12 @@ impl<S: Service> Table<S> {
         if entry.authenticated.is_none() {
             self.unauthenticated -= 1;
         }
-        if let Some(ip) = entry.ip
-            && let Some(n) = self.per_ip.get_mut(&ip)
+        if let Some(peer) = entry.peer
+            && let Some(n) = self.per_peer.get_mut(&peer)
         {
             *n -= 1;
             if *n == 0 {
-                self.per_ip.remove(&ip);
+                self.per_peer.remove(&peer);
             }
         }
         Some(entry)
@@ -470,7 +371,7 @@ impl<S: Service> Server<S> {
             name: name.to_string(),
             epoll,
             wake,
-            table: Mutex::new(Table { entries: HashMap::new(), next: 2, unauthenticated: 0, per_ip: HashMap::new() }),
+            table: Mutex::new(Table { entries: HashMap::new(), next: 2, unauthenticated: 0, per_peer: HashMap::new() }),
             handshakes: Queue::new(),
             requests: Queue::new(),
             stopping: AtomicBool::new(false),
@@ -547,9 +448,9 @@ fn epoll_ctl(epoll: &OwnedFd, op: libc::c_int, fd: RawFd, token: u64, oneshot: b
 }
 
 impl<S: Service> ServerShared<S> {
-    fn refused(&self, why: &str, ip: Option<IpAddr>) {
+    fn refused(&self, why: &str, peer: Option<Peer>) {
         if let Some(suppressed) = self.refused_log.allow() {
-            tracing::warn!(server = %self.name, ?ip, suppressed, "connection refused: {why}");
+            tracing::warn!(server = %self.name, ?peer, suppressed, "connection refused: {why}");
         }
     }
 
@@ -620,7 +521,7 @@ impl<S: Service> ServerShared<S> {
     fn accept_all<L: EventListener<Stream = S::Stream>>(&self, listener: &L) -> io::Result<()> {
         loop {
             match listener.accept_ready() {
-                Ok((stream, ip)) => self.admit(stream, ip),
+                Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EAGAIN) => return Ok(()),
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => return Err(e),
@@ -632,18 +533,18 @@ impl<S: Service> ServerShared<S> {
     }
 
     /// Take a new connection in, or close it at once if it is over a limit.
-    fn admit(&self, stream: S::Stream, ip: Option<IpAddr>) {
+    fn admit(&self, stream: S::Stream, peer: Option<Peer>) {
         let limits = &self.limits;
         let mut table = self.table.lock().unwrap();
         if table.entries.len() >= limits.max_connections {
             drop(table);
-            return self.refused("too many connections", ip);
+            return self.refused("too many connections", peer);
         }
-        if let Some(ip) = ip
-            && table.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_per_ip
+        if let Some(p) = peer
+            && table.per_peer.get(&p).copied().unwrap_or(0) >= limits.max_per_ip
         {
             drop(table);
-            return self.refused("too many connections from this address", ip.into());
+            return self.refused("too many connections from this peer", peer);
         }
         if table.unauthenticated >= limits.max_unauthenticated {
             // The oldest connection that has sent no whole hello gives way: a flood of silent
@@ -657,12 +558,12 @@ impl<S: Service> ServerShared<S> {
             match oldest {
                 Some(id) => {
                     let old = table.remove(id).expect("listed above");
-                    self.refused("too many unauthenticated connections; closed the oldest", old.ip);
+                    self.refused("too many unauthenticated connections; closed the oldest", old.peer);
                     let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, old.fd, 0, false);
                 }
                 None => {
                     drop(table);
-                    return self.refused("too many unauthenticated connections", ip);
+                    return self.refused("too many unauthenticated connections", peer);
                 }
             }
         }
@@ -676,16 +577,18 @@ impl<S: Service> ServerShared<S> {
             return;
         }
         table.unauthenticated += 1;
-        if let Some(ip) = ip {
-            *table.per_ip.entry(ip).or_default() += 1;
+        if let Some(p) = peer {
+            *table.per_peer.entry(p).or_default() += 1;
         }
+        let now = Instant::now();
         let entry = Entry {
             fd,
-            ip,
-            accepted: Instant::now(),
+            peer,
+            accepted: now,
             authenticated: None,
             request_since: None,
             served_any: false,
+            idle_since: now,
             slot: Some(Slot { stream, conn: None }),
         };
         table.entries.insert(id, entry);
@@ -715,6 +618,7 @@ impl<S: Service> ServerShared<S> {
     fn sweep(&self, now: Instant) {
         let limits = &self.limits;
         let request_timeout = self.service.request_timeout();
+        let between = self.service.idle_between_requests();
         let mut table = self.table.lock().unwrap();
         let expired: Vec<u64> = table
             .entries
@@ -723,13 +627,14 @@ impl<S: Service> ServerShared<S> {
             .filter(|(_, e)| match (e.authenticated, e.request_since) {
                 (None, _) => now >= e.accepted + limits.handshake_timeout,
                 (Some(_), Some(since)) => now >= since + request_timeout,
-                (Some(at), None) => !e.served_any && now >= at + limits.idle_timeout,
+                (Some(at), None) if !e.served_any => now >= at + limits.idle_timeout,
+                (Some(_), None) => between.is_some_and(|idle| now >= e.idle_since + idle),
             })
             .map(|(&id, _)| id)
             .collect();
         for id in expired {
             if let Some(entry) = table.remove(id) {
-                tracing::debug!(server = %self.name, ip = ?entry.ip, "closing a connection past its deadline");
+                tracing::debug!(server = %self.name, peer = ?entry.peer, "closing a connection past its deadline");
                 let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, entry.fd, 0, false);
             }
         }
@@ -751,8 +656,11 @@ impl<S: Service> ServerShared<S> {
             let entry = table.entries.get_mut(&id).expect("present above");
             let newly_authenticated = entry.authenticated.is_none();
             entry.authenticated.get_or_insert_with(Instant::now);
-            if matches!(next, Ok(Next::Idle)) && entry.request_since.take().is_some() {
-                entry.served_any = true;
+            if matches!(next, Ok(Next::Idle)) {
+                entry.idle_since = Instant::now();
+                if entry.request_since.take().is_some() {
+                    entry.served_any = true;
+                }
             }
             let fd = entry.fd;
             entry.slot = Some(slot);

@@ -1,9 +1,11 @@
 //! A receiver's queue of notifications is bounded: once full, the sender's notification fails with
 //! `PeerBusy` (506) and nothing is queued beyond the limits; once taken, notifications flow again.
+//! Over TCP and over shm alike.
 
 use std::time::Duration;
 
-use kvferry_core::{Agent, AgentConfig, AgentLimits, AuthConfig, Deadline, ErrorCode};
+use kvferry_core::transport::shm::ShmConfig;
+use kvferry_core::{Agent, AgentConfig, AgentLimits, AuthConfig, Deadline, ErrorCode, TransportKind};
 
 /// Take notifications until `count` have arrived (each is queued just after its acknowledgement).
 fn take(receiver: &Agent, count: usize) -> Vec<Vec<u8>> {
@@ -15,22 +17,35 @@ fn take(receiver: &Agent, count: usize) -> Vec<Vec<u8>> {
     got
 }
 
-fn config(name: &str, limits: AgentLimits) -> AgentConfig {
+fn config(name: &str, limits: AgentLimits, over: TransportKind) -> AgentConfig {
     let auth = AuthConfig::Secret(b"the limits tests' cluster secret".to_vec());
-    AgentConfig { shm: None, auth, limits, ..AgentConfig::new(name) }
+    let shm = (over == TransportKind::Shm).then(ShmConfig::default);
+    AgentConfig { shm, auth, limits, ..AgentConfig::new(name) }
 }
 
 #[test]
 fn a_full_notification_queue_answers_the_sender_busy() {
+    full_queue_answers_busy(TransportKind::Tcp);
+}
+
+#[test]
+fn a_full_notification_queue_answers_an_shm_sender_busy() {
+    full_queue_answers_busy(TransportKind::Shm);
+}
+
+fn full_queue_answers_busy(over: TransportKind) {
     let limits = AgentLimits { max_notifications: 4, max_notification_bytes: 2 << 20, ..AgentLimits::default() };
-    let receiver = Agent::new(config("nq-receiver", limits)).unwrap();
-    let sender = Agent::new(config("nq-sender", AgentLimits::default())).unwrap();
+    let receiver = Agent::new(config("nq-receiver", limits, over)).unwrap();
+    let sender = Agent::new(config("nq-sender", AgentLimits::default(), over)).unwrap();
     let addr = receiver.serve_side_channel("127.0.0.1:0".parse().unwrap()).unwrap();
     let soon = || Deadline::after(Duration::from_secs(30));
     let peer = sender.connect_peer(&addr.to_string(), soon()).unwrap();
+    assert_eq!(sender.peer_transport("nq-receiver"), Some(over));
     // The count limit: four fit, the fifth is refused.
     for i in 0..4 {
-        sender.notify(&peer, format!("n{i}").as_bytes(), soon()).unwrap().wait().unwrap();
+        let sent = sender.notify(&peer, format!("n{i}").as_bytes(), soon()).unwrap();
+        sent.wait().unwrap();
+        assert_eq!(sent.transport(), over);
     }
     let e = sender.notify(&peer, b"n4", soon()).unwrap().wait().unwrap_err();
     assert_eq!(e.code(), ErrorCode::PeerBusy, "{e}");

@@ -25,7 +25,7 @@ use crate::memory::{
 const INLINE_COPY_MAX: usize = 1 << 20;
 
 /// The smallest share of a batch given to one worker; below it the hand-off dominates.
-const MIN_WORKER_SHARE: usize = 256 << 10;
+pub(crate) const MIN_WORKER_SHARE: usize = 256 << 10;
 
 /// The most copy threads [`HostDevice::new`] starts: a few cores saturate memory bandwidth.
 const MAX_DEFAULT_THREADS: usize = 8;
@@ -382,11 +382,34 @@ impl HostDevice {
         let fence = Arc::new(HostFence::new(jobs.len()));
         let sender = self.jobs.as_ref().expect("the job queue lives as long as the device");
         for pieces in jobs {
-            sender.send(Job { pieces, fence: Arc::clone(&fence) }).expect("copy workers run until the device drops");
+            let job = Job { work: Work::Copy(pieces), fence: Arc::clone(&fence) };
+            sender.send(job).expect("copy workers run until the device drops");
         }
         // SAFETY: as above.
         own.iter().flatten().for_each(|piece| unsafe { piece.copy() });
         Ok(CopyFence::new(fence))
+    }
+}
+
+impl HostDevice {
+    /// Run `tasks` on the copy pool, the calling thread running the last one itself, and return
+    /// once every one has finished: for copies other than `memcpy` (a transport's
+    /// `process_vm_readv`) split into shares the way [`copy_batch_sharing`](Self::copy_batch_sharing)
+    /// splits a batch. A task must not panic.
+    pub(crate) fn run_sharing(&self, mut tasks: Vec<Box<dyn FnOnce() + Send>>) {
+        let own = tasks.pop();
+        let fence = HostFence::new(tasks.len());
+        let fence = Arc::new(fence);
+        let sender = self.jobs.as_ref().expect("the job queue lives as long as the device");
+        for task in tasks {
+            let job = Job { work: Work::Run(task), fence: Arc::clone(&fence) };
+            sender.send(job).expect("copy workers run until the device drops");
+        }
+        if let Some(own) = own {
+            own();
+        }
+        // The tasks are the caller's own copies, which finish whatever peers do.
+        while fence.wait(Deadline::after(std::time::Duration::from_secs(60))).is_err() {}
     }
 }
 
@@ -486,8 +509,13 @@ fn split_into_shares(pieces: Vec<Piece>, total: usize, workers: usize) -> Vec<Ve
 
 /// A worker's share of one batch.
 struct Job {
-    pieces: Vec<Piece>,
+    work: Work,
     fence: Arc<HostFence>,
+}
+
+enum Work {
+    Copy(Vec<Piece>),
+    Run(Box<dyn FnOnce() + Send>),
 }
 
 fn copy_worker(jobs: &Mutex<mpsc::Receiver<Job>>) {
@@ -495,10 +523,15 @@ fn copy_worker(jobs: &Mutex<mpsc::Receiver<Job>>) {
         // The lock is released as soon as a job is taken, so the others can take the next one.
         let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
         let Ok(job) = job else { return };
-        for piece in &job.pieces {
-            // SAFETY: `copy_batch`'s caller keeps the ranges valid until the fence completes, which
-            // is not before this job signals it.
-            unsafe { piece.copy() };
+        match job.work {
+            Work::Copy(pieces) => {
+                for piece in &pieces {
+                    // SAFETY: `copy_batch`'s caller keeps the ranges valid until the fence
+                    // completes, which is not before this job signals it.
+                    unsafe { piece.copy() };
+                }
+            }
+            Work::Run(task) => task(),
         }
         job.fence.signal();
     }

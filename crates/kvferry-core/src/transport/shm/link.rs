@@ -142,7 +142,7 @@ pub(super) fn connect(
             let leases = leases.ok_or(ConnectError::Unreachable("the owner sent no lease file".into()))?;
             let leases = LeaseFile::map(leases.as_fd()).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
             let flags = u64::from_le_bytes(ack[wire::HEADER_LEN..].try_into().expect("8 bytes"));
-            let pid = peer_pid(&stream).map_err(unreachable)?;
+            let pid = crate::net::peer_cred(&stream).map_err(unreachable)?.pid as u32;
             Ok(Connected { stream, pid, probe: header.payload_len, can_pull: flags & wire::FLAG_CAN_PULL != 0, leases })
         }
         wire::STATUS_BAD_VERSION => Err(ConnectError::Unreachable(format!(
@@ -152,27 +152,6 @@ pub(super) fn connect(
         ))),
         other => Err(ConnectError::Unreachable(format!("handshake refused with status {other}"))),
     }
-}
-
-/// The process at the other end of the socket, as the kernel saw it.
-fn peer_pid(stream: &UnixStream) -> io::Result<u32> {
-    // SAFETY: ucred is plain data.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.pid as u32)
 }
 
 /// Read one word at the owner's probe address with `process_vm_readv`: proves that cross-memory

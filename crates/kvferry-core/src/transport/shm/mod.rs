@@ -35,9 +35,10 @@ use self::wire::Reach;
 use crate::auth::Auth;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
+use crate::limits::ServeLimits;
 use crate::memory::host::HostDevice;
 use crate::memory::{MemKind, MemRegion};
-use crate::net::Acceptor;
+use crate::net::Server;
 use crate::transport::keys::{self, memory_of};
 use crate::transport::{
     Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys, require_host,
@@ -50,12 +51,16 @@ pub struct ShmConfig {
     pub copy_threads: Option<usize>,
     /// The connect, the handshake and the hello together, at link time and on first use.
     pub connect_timeout: Duration,
-    /// How long a request (the handshake included) may take once started before its connection
-    /// is closed.
+    /// How long a request this agent serves may take, from its first byte to its answer's last,
+    /// before its connection is closed.
     pub request_timeout: Duration,
-    /// How long a connection may stay idle before it is closed, on both sides (an initiator's
-    /// worker thread retires too, and comes back on the next batch).
+    /// How long a connection may stay idle between requests before it is closed, on both sides
+    /// (an initiator's worker thread retires too, and comes back on the next batch).
     pub idle_timeout: Duration,
+    /// Serving threads and connections the peers of this transport can make it spend. The
+    /// per-peer limit (`max_per_ip`) counts connections per user id (`SO_PEERCRED`);
+    /// `idle_timeout` there is for a connection that has sent no request since its handshake.
+    pub limits: ServeLimits,
 }
 
 impl Default for ShmConfig {
@@ -65,6 +70,7 @@ impl Default for ShmConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            limits: ServeLimits::default(),
         }
     }
 }
@@ -102,7 +108,7 @@ pub struct ShmTransport {
     shared: Arc<OwnerShared>,
     auth: Auth,
     device: Arc<HostDevice>,
-    acceptor: Option<Acceptor<UnixListener>>,
+    server: Option<Server<OwnerShared>>,
 }
 
 impl ShmTransport {
@@ -121,9 +127,15 @@ impl ShmTransport {
         let socket = format!("kvferry-shm-{pid}-{:016x}", keys::new_key()? as u64);
         let addr = UnixAddr::from_abstract_name(&socket).map_err(|e| Error::io("naming the shm socket", e))?;
         let listener = UnixListener::bind_addr(&addr).map_err(|e| Error::io(format!("binding @{socket}"), e))?;
-        let shared = Arc::new(OwnerShared::new(auth, notifications, config.request_timeout, config.idle_timeout));
-        let serve_shared = shared.clone();
-        let acceptor = Acceptor::serve(listener, "kvferry-shm", move |stream| owner::serve(stream, &serve_shared))?;
+        let shared = Arc::new(OwnerShared::new(
+            auth,
+            notifications,
+            config.request_timeout,
+            config.idle_timeout,
+            config.limits.request_bytes,
+            device.clone(),
+        ));
+        let server = Server::start(listener, "kvferry-shm", shared.clone(), config.limits.clone())?;
         Ok(ShmTransport {
             local_name: local_name.to_string(),
             config,
@@ -132,16 +144,15 @@ impl ShmTransport {
             auth: shared.auth.clone(),
             shared,
             device,
-            acceptor: Some(acceptor),
+            server: Some(server),
         })
     }
 }
 
 impl Drop for ShmTransport {
     fn drop(&mut self) {
-        // Stop accepting first, then close what was accepted (as the TCP transport does).
-        drop(self.acceptor.take());
-        self.shared.connections.shutdown_all();
+        // Stops accepting and closes every connection, those mid-request included.
+        drop(self.server.take());
     }
 }
 

@@ -1,10 +1,15 @@
 //! The memory owner's side of the shm transport. Every connection first proves the cluster
 //! secret; only then does it get a hello answer (pid, probe, a lease file of its own). The owner
 //! copies every byte that lands in its memory itself: a WRITE names the initiator's source
-//! addresses, and the owner checks key and range and pulls them with `process_vm_readv`. READs are
-//! copied by the initiator (through a mapping or cross-memory attach) after a grant (`MAP`: checks
-//! the key, answers with the registered range, the connection's lease slot and, for shareable
-//! memory, the file); deregistration revokes that slot in every connection's lease file.
+//! addresses, and the owner checks key and range and pulls them with `process_vm_readv` (large
+//! pulls split over the host device's copy pool). READs are copied by the initiator (through a
+//! mapping or cross-memory attach) after a grant (`MAP`: checks the key, answers with the
+//! registered range, the connection's lease slot and, for shareable memory, the file);
+//! deregistration revokes that slot in every connection's lease file.
+//!
+//! Connections are served by [`crate::net::Server`]: a fixed set of threads whatever their number.
+//! A request is read as it arrives without holding a thread, its bytes counted against the
+//! transport's budget; a thread serves it once it is whole.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,28 +21,43 @@ use std::time::Duration;
 
 use super::lease::Leases;
 use super::wire::{self, Header, WriteOp, invalid};
-use crate::auth::{Auth, Channel};
+use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
-use crate::net::{Connections, DeadlineStream};
+use crate::limits::{Budget, Reservation};
+use crate::memory::host::{HostDevice, MIN_WORKER_SHARE};
+use crate::net::{DeadlineStream, Next, Service, peer_cred, recv_ready};
 use crate::transport::keys::{KeyEntry, KeyTable};
+use crate::transport::tcp::wire::{BUSY_NOTIFICATIONS, BUSY_REQUEST_BYTES, STATUS_BUSY};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
 /// Read with `process_vm_readv`, by initiators to check that cross-memory attach reaches the
 /// owner, and by owners to check that they can pull an initiator's WRITEs.
 pub(super) static PROBE: AtomicU64 = AtomicU64::new(wire::PROBE_MAGIC);
 
+/// A request's body is read in pieces of this size, so memory follows the bytes that arrived
+/// rather than the length a header announced.
+const READ_CHUNK: usize = 64 << 10;
+
+/// The lease file of every open connection, by connection id: deregistration revokes in each.
+#[derive(Default)]
+pub(super) struct LeaseTable {
+    open: Mutex<HashMap<u64, Arc<Leases>>>,
+    next: AtomicU64,
+}
+
 pub(super) struct OwnerShared {
     pub auth: Auth,
     pub keys: KeyTable,
-    /// The lease file of every open connection, by connection id.
-    pub leases: Mutex<HashMap<u64, Arc<Leases>>>,
-    next_connection: AtomicU64,
-    pub notifications: Arc<NotificationQueue>,
-    /// Longest a request (the handshake included) may take once started.
-    pub request_timeout: Duration,
+    leases: Arc<LeaseTable>,
+    notifications: Arc<NotificationQueue>,
+    /// Longest a request may take from its first byte to its answer's last.
+    request_timeout: Duration,
     /// Longest a connection may stay idle between requests before it is closed.
-    pub idle_timeout: Duration,
-    pub connections: Connections,
+    idle_timeout: Duration,
+    /// Bytes held by requests still being read, over all connections.
+    budget: Arc<Budget>,
+    /// Its pool pulls shares of large WRITEs next to the serving thread.
+    device: Arc<HostDevice>,
 }
 
 impl OwnerShared {
@@ -46,16 +66,18 @@ impl OwnerShared {
         notifications: Arc<NotificationQueue>,
         request_timeout: Duration,
         idle_timeout: Duration,
+        request_bytes: u64,
+        device: Arc<HostDevice>,
     ) -> Self {
         OwnerShared {
             auth,
             keys: KeyTable::default(),
-            leases: Mutex::new(HashMap::new()),
-            next_connection: AtomicU64::new(0),
+            leases: Arc::default(),
             notifications,
             request_timeout,
             idle_timeout,
-            connections: Connections::default(),
+            budget: Budget::new(request_bytes),
+            device,
         }
     }
 
@@ -63,49 +85,168 @@ impl OwnerShared {
     /// do not depend on the peer running), then revoke the key in every connection's lease file.
     pub fn deregister(&self, key: u128) {
         self.keys.remove(key);
-        let leases: Vec<Arc<Leases>> = self.leases.lock().unwrap().values().cloned().collect();
+        let leases: Vec<Arc<Leases>> = self.leases.open.lock().unwrap().values().cloned().collect();
         for l in leases {
             l.revoke(key);
         }
     }
 }
 
-pub(super) fn serve(stream: UnixStream, shared: &OwnerShared) {
-    shared.connections.serve(stream, |stream| {
-        if let Err(e) = serve_connection(stream, shared) {
-            tracing::debug!(error = %e, "shm transport: connection closed");
-        }
-    });
+/// An authenticated connection: who it is, its lease file (listed for revocation while the
+/// connection lives) and the request being read.
+pub(super) struct Conn {
+    from: String,
+    /// The initiator's pid as the kernel reported it at connect.
+    pid: u32,
+    leases: Arc<Leases>,
+    id: u64,
+    table: Arc<LeaseTable>,
+    reading: Reading,
 }
 
-fn respond(stream: &mut UnixStream, deadline: Deadline, tag: u8, count: u32, payload_len: u64) -> io::Result<()> {
-    stream.write_all_by(&Header { tag, count, payload_len }.encode(), deadline)
-}
-
-/// The process at the other end of the socket, as the kernel saw it connect (not as it claims).
-fn peer_pid(stream: &UnixStream) -> io::Result<libc::pid_t> {
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.table.open.lock().unwrap().remove(&self.id);
     }
-    Ok(cred.pid)
+}
+
+/// How far the request being read has arrived.
+enum Reading {
+    Header { buf: [u8; wire::HEADER_LEN], got: usize },
+    Body { header: Header, want: usize, buf: Vec<u8>, held: Reservation },
+}
+
+impl Reading {
+    fn start() -> Reading {
+        Reading::Header { buf: [0; wire::HEADER_LEN], got: 0 }
+    }
+}
+
+impl Service for OwnerShared {
+    type Stream = UnixStream;
+    type Conn = Conn;
+    type Worker = ();
+
+    fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    fn idle_between_requests(&self) -> Option<Duration> {
+        // A peer that went away without closing, or stays silent, costs a descriptor and a lease
+        // file for at most this long.
+        Some(self.idle_timeout)
+    }
+
+    fn handshake(&self, stream: &mut UnixStream, deadline: Deadline) -> io::Result<Conn> {
+        // Nothing but the handshake is read from a connection that has not proven the secret.
+        self.auth.server(stream, Channel::Shm, deadline).map_err(|e| match e {
+            AuthError::Io(e) => e,
+            other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
+        })?;
+        let leases = Arc::new(Leases::new().map_err(io::Error::other)?);
+        let (from, pid) = accept_hello(stream, &leases, deadline)?;
+        let id = self.leases.next.fetch_add(1, Ordering::Relaxed);
+        self.leases.open.lock().unwrap().insert(id, leases.clone());
+        Ok(Conn { from, pid, leases, id, table: self.leases.clone(), reading: Reading::start() })
+    }
+
+    fn readable(&self, stream: &mut UnixStream, conn: &mut Conn, _: &mut (), deadline: Deadline) -> io::Result<Next> {
+        loop {
+            match &mut conn.reading {
+                Reading::Header { buf, got } => {
+                    match recv_ready(stream, &mut buf[*got..]) {
+                        Ok(0) => return Ok(Next::Close),
+                        Ok(n) => *got += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Ok(if *got == 0 { Next::Idle } else { Next::Park });
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    if *got < wire::HEADER_LEN {
+                        continue;
+                    }
+                    let header = Header::decode(buf);
+                    let want = match header.tag {
+                        wire::MAP => 16,
+                        wire::WRITE => {
+                            let count = header.count as usize;
+                            let ops = count * wire::WRITE_OP_LEN;
+                            if count == 0 || count > wire::MAX_WRITE_OPS || header.payload_len != ops as u64 {
+                                return Err(invalid("malformed write request"));
+                            }
+                            ops
+                        }
+                        wire::NOTIFY => {
+                            if header.payload_len > wire::MAX_NOTIFICATION {
+                                respond(stream, RejectReason::TooLarge.to_wire(), 0, 0, deadline)?;
+                                return Err(invalid("oversized notification"));
+                            }
+                            header.payload_len as usize
+                        }
+                        other => return Err(invalid(format!("unknown request kind {other}"))),
+                    };
+                    let (buf, held) = (Vec::new(), self.budget.reservation());
+                    conn.reading = Reading::Body { header, want, buf, held };
+                }
+                Reading::Body { want, buf, held, .. } if buf.len() < *want => {
+                    let start = buf.len();
+                    let end = (*want).min(start + READ_CHUNK);
+                    if buf.capacity() < end {
+                        if !held.grow((end - buf.capacity()) as u64) {
+                            // The rest of the request was not read: the stream is out of step.
+                            let _ = respond(stream, STATUS_BUSY, BUSY_REQUEST_BYTES, 0, deadline);
+                            return Ok(Next::Close);
+                        }
+                        buf.reserve_exact(end - start);
+                    }
+                    buf.resize(end, 0);
+                    match recv_ready(stream, &mut buf[start..]) {
+                        Ok(0) => return Ok(Next::Close),
+                        Ok(n) => buf.truncate(start + n),
+                        Err(e) => {
+                            buf.truncate(start);
+                            return if e.kind() == io::ErrorKind::WouldBlock { Ok(Next::Park) } else { Err(e) };
+                        }
+                    }
+                }
+                Reading::Body { .. } => {
+                    let Reading::Body { header, buf, .. } = std::mem::replace(&mut conn.reading, Reading::start())
+                    else {
+                        unreachable!("matched above")
+                    };
+                    match header.tag {
+                        wire::MAP => {
+                            let key = u128::from_le_bytes(buf[..16].try_into().expect("16 bytes"));
+                            serve_map(stream, self, &conn.leases, key, deadline)?;
+                        }
+                        wire::WRITE => serve_write(stream, self, &buf, conn.pid, deadline)?,
+                        _ => serve_notify(stream, self, &conn.from, buf, deadline)?,
+                    }
+                    // The next request, if one has come already, wakes the connection again.
+                    return Ok(Next::Idle);
+                }
+            }
+        }
+    }
+}
+
+/// Answer with a header: one non-blocking send, which a Unix socket with room takes whole;
+/// by the deadline otherwise.
+fn respond(stream: &mut UnixStream, tag: u8, count: u32, payload_len: u64, deadline: Deadline) -> io::Result<()> {
+    let head = Header { tag, count, payload_len }.encode();
+    // SAFETY: `head` is valid for reads of its length.
+    let sent = unsafe {
+        libc::send(stream.as_raw_fd(), head.as_ptr().cast(), head.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    let sent = if sent < 0 { 0 } else { sent as usize };
+    if sent == head.len() {
+        return Ok(());
+    }
+    stream.write_all_by(&head[sent..], deadline)
 }
 
 /// Authenticate, then answer the hello; returns the peer's name and pid.
-fn accept_hello(stream: &mut UnixStream, shared: &OwnerShared, leases: &Leases) -> io::Result<(String, u32)> {
-    let deadline = Deadline::after(shared.request_timeout);
-    shared.auth.server(stream, Channel::Shm, deadline).map_err(|e| invalid(format!("handshake: {e}")))?;
+fn accept_hello(stream: &mut UnixStream, leases: &Leases, deadline: Deadline) -> io::Result<(String, u32)> {
     let mut head = [0u8; wire::HEADER_LEN];
     stream.read_exact_by(&mut head, deadline)?;
     let hello = Header::decode(&head);
@@ -113,7 +254,7 @@ fn accept_hello(stream: &mut UnixStream, shared: &OwnerShared, leases: &Leases) 
         return Err(invalid("not a kvferry shm connection"));
     }
     if hello.count != wire::VERSION {
-        respond(stream, deadline, wire::STATUS_BAD_VERSION, wire::VERSION, 0)?;
+        respond(stream, wire::STATUS_BAD_VERSION, wire::VERSION, 0, deadline)?;
         return Err(invalid(format!("peer speaks shm version {}, this agent {}", hello.count, wire::VERSION)));
     }
     if hello.payload_len > wire::MAX_NAME as u64 {
@@ -124,7 +265,7 @@ fn accept_hello(stream: &mut UnixStream, shared: &OwnerShared, leases: &Leases) 
     let mut name = vec![0u8; hello.payload_len as usize];
     stream.read_exact_by(&mut name, deadline)?;
     let name = String::from_utf8(name).map_err(|_| invalid("agent name is not UTF-8"))?;
-    let pid = peer_pid(stream)? as u32;
+    let pid = peer_cred(stream)?.pid as u32;
     // Whether we can pull this peer's WRITEs: read the word it names in its own memory.
     let mut word = 0u64;
     let pulled = pull(pid, &[(&mut word as *mut u64 as u64, u64::from_le_bytes(probe), 8)]);
@@ -136,57 +277,26 @@ fn accept_hello(stream: &mut UnixStream, shared: &OwnerShared, leases: &Leases) 
     Ok((name, pid))
 }
 
-fn serve_connection(mut stream: UnixStream, shared: &OwnerShared) -> io::Result<()> {
-    let leases = Arc::new(Leases::new().map_err(io::Error::other)?);
-    let (from, pid) = accept_hello(&mut stream, shared, &leases)?;
-    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-    shared.leases.lock().unwrap().insert(id, leases.clone());
-    let served = serve_requests(&mut stream, shared, &leases, &from, pid);
-    shared.leases.lock().unwrap().remove(&id);
-    served
-}
-
-fn serve_requests(
+/// Queue a notification if the queue has room, acknowledging it first (as the TCP target does: a
+/// receiver that acts on it by shutting down would otherwise fail a sender that succeeded); a
+/// full queue answers busy, and the sender gets `PeerBusy`.
+fn serve_notify(
     stream: &mut UnixStream,
     shared: &OwnerShared,
-    leases: &Leases,
     from: &str,
-    pid: u32,
+    data: Vec<u8>,
+    deadline: Deadline,
 ) -> io::Result<()> {
-    loop {
-        // Idle time between requests is bounded too: a peer that went away without closing (or
-        // stays silent) costs this thread and descriptor for at most `idle_timeout`.
-        let mut head = [0u8; wire::HEADER_LEN];
-        match stream.read_exact_by(&mut head[..1], Deadline::after(shared.idle_timeout)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let deadline = Deadline::after(shared.request_timeout);
-        stream.read_exact_by(&mut head[1..], deadline)?;
-        let header = Header::decode(&head);
-        match header.tag {
-            wire::MAP => {
-                let mut key = [0u8; 16];
-                stream.read_exact_by(&mut key, deadline)?;
-                serve_map(stream, shared, leases, u128::from_le_bytes(key), deadline)?;
-            }
-            wire::WRITE => serve_write(stream, shared, header, pid, deadline)?,
-            wire::NOTIFY => {
-                if header.payload_len > wire::MAX_NOTIFICATION {
-                    respond(stream, deadline, RejectReason::TooLarge.to_wire(), 0, 0)?;
-                    return Err(invalid("oversized notification"));
-                }
-                let mut data = vec![0u8; header.payload_len as usize];
-                stream.read_exact_by(&mut data, deadline)?;
-                // Acknowledge first, as the TCP target does: a receiver that acts on the
-                // notification by shutting down would otherwise fail a sender that succeeded.
-                respond(stream, deadline, 0, 0, 0)?;
-                shared.notifications.push(Notification { from: from.to_string(), data });
-            }
-            other => return Err(invalid(format!("unknown request kind {other}"))),
-        }
+    let len = data.len() as u64;
+    if !shared.notifications.reserve(len) {
+        return respond(stream, STATUS_BUSY, BUSY_NOTIFICATIONS, 0, deadline);
     }
+    if let Err(e) = respond(stream, 0, 0, 0, deadline) {
+        shared.notifications.release(len);
+        return Err(e);
+    }
+    shared.notifications.push_reserved(Notification { from: from.to_string(), data });
+    Ok(())
 }
 
 /// Grant a READ access to a registration, after checking its key: its range, this connection's
@@ -223,30 +333,75 @@ fn serve_map(
 fn serve_write(
     stream: &mut UnixStream,
     shared: &OwnerShared,
-    header: Header,
+    body: &[u8],
     pid: u32,
     deadline: Deadline,
 ) -> io::Result<()> {
-    let count = header.count as usize;
-    if count == 0 || count > wire::MAX_WRITE_OPS || header.payload_len != (count * wire::WRITE_OP_LEN) as u64 {
-        return Err(invalid("malformed write request"));
-    }
-    let mut body = vec![0u8; count * wire::WRITE_OP_LEN];
-    stream.read_exact_by(&mut body, deadline)?;
     let ops: Vec<WriteOp> =
         body.chunks_exact(wire::WRITE_OP_LEN).map(|c| WriteOp::decode(c.try_into().expect("op length"))).collect();
     let (held, copies) = match check_write(shared, &ops) {
         Ok(checked) => checked,
-        Err((index, reason)) => return respond(stream, deadline, reason.to_wire(), index, 0),
+        Err((index, reason)) => return respond(stream, reason.to_wire(), index, 0, deadline),
     };
-    let pulled = pull(pid, &copies);
+    let pulled = pull_sharing(&shared.device, pid, copies);
     drop(held);
     match pulled {
-        Ok(()) => respond(stream, deadline, 0, 0, 0),
+        Ok(()) => respond(stream, 0, 0, 0, deadline),
         Err((index, e)) => {
             let errno = e.raw_os_error().unwrap_or(libc::EIO) as u64;
-            respond(stream, deadline, wire::STATUS_PULL_FAILED, index as u32, errno)
+            respond(stream, wire::STATUS_PULL_FAILED, index as u32, errno, deadline)
         }
+    }
+}
+
+/// [`pull`], split into equal byte shares of at least [`MIN_WORKER_SHARE`] over the copy pool
+/// and this thread, so that one large WRITE uses several cores. Returns once every share is done;
+/// an error names the first op (in the request's order) that failed.
+fn pull_sharing(device: &HostDevice, pid: u32, copies: Vec<(u64, u64, u64)>) -> Result<(), (usize, io::Error)> {
+    let total = copies.iter().fold(0u64, |acc, c| acc.saturating_add(c.2));
+    let shares = (device.threads() as u64 + 1).min(total / MIN_WORKER_SHARE as u64);
+    if shares < 2 {
+        return pull(pid, &copies);
+    }
+    // Each share: its copies and, for each, the index of the op it came from.
+    type Share = (Vec<(u64, u64, u64)>, Vec<usize>);
+    let share_len = total.div_ceil(shares);
+    let mut split: Vec<Share> = Vec::new();
+    let (mut current, mut from, mut current_len) = (Vec::new(), Vec::new(), 0u64);
+    for (index, (mut local, mut remote, mut len)) in copies.into_iter().enumerate() {
+        while len > 0 {
+            let take = len.min(share_len - current_len);
+            current.push((local, remote, take));
+            from.push(index);
+            (local, remote, len, current_len) = (local + take, remote + take, len - take, current_len + take);
+            if current_len == share_len {
+                split.push((std::mem::take(&mut current), std::mem::take(&mut from)));
+                current_len = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        split.push((current, from));
+    }
+    let failed: Arc<Mutex<Option<(usize, io::Error)>>> = Arc::default();
+    let tasks = split
+        .into_iter()
+        .map(|(share, from)| {
+            let failed = failed.clone();
+            Box::new(move || {
+                if let Err((at, e)) = pull(pid, &share) {
+                    let mut first = failed.lock().unwrap();
+                    if first.as_ref().is_none_or(|(index, _)| from[at] < *index) {
+                        *first = Some((from[at], e));
+                    }
+                }
+            }) as Box<dyn FnOnce() + Send>
+        })
+        .collect();
+    device.run_sharing(tasks);
+    match failed.lock().unwrap().take() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

@@ -15,7 +15,9 @@
 //! notify ack   header{status, 0, 0}
 //! ```
 //! Status 0 is success; otherwise a [`RejectReason`](crate::transport::RejectReason),
-//! [`STATUS_BAD_VERSION`] or [`STATUS_PULL_FAILED`]. A WRITE names the initiator's own source
+//! [`STATUS_BAD_VERSION`], [`STATUS_PULL_FAILED`], or the TCP transport's busy status (`0x80`,
+//! `count` naming the limit: 1 request bytes, then the connection is closed; 2 the notification
+//! queue, and the connection keeps serving), which the initiator reports as `PeerBusy`. A WRITE names the initiator's own source
 //! addresses: the owner checks key and range and copies them into its memory itself.
 
 use std::io::{self, Read, Write};
