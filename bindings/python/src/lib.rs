@@ -7,6 +7,7 @@ mod agent;
 mod closable;
 mod convert;
 mod errors;
+mod registration;
 mod store;
 
 use pyo3::prelude::*;
@@ -16,7 +17,7 @@ fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ERROR_CODES", errors::codes(m.py())?)?;
     m.add_class::<agent::Agent>()?;
-    m.add_class::<agent::Registration>()?;
+    m.add_class::<registration::Registration>()?;
     m.add_class::<agent::Prepared>()?;
     m.add_class::<agent::Transfer>()?;
     m.add_class::<store::TierStore>()?;
