@@ -90,18 +90,30 @@ class _Watcher:
         self.interval = float(os.environ.get("KVFERRY_REGISTRATION_CHECK_INTERVAL", "0.1"))
         self._registrations: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._stopped = False
         self._thread: Optional[threading.Thread] = None
 
     def add(self, registration: Any) -> None:
         with self._lock:
             self._registrations.add(registration)
-            if self._thread is None and self.interval > 0 and not self._stop.is_set():
+            if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._run, name="kvferry-registration-check", daemon=True)
                 self._thread.start()
 
+    def set_interval(self, seconds: float) -> None:
+        """Check every `seconds` (0: never); takes effect at once."""
+        self.interval = seconds
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
+            self._wake.wait(self.interval if self.interval > 0 else None)
+            self._wake.clear()
+            if self._stopped:
+                return
+            if self.interval <= 0:
+                continue
             with self._lock:
                 live = list(self._registrations)
             for registration in live:
@@ -113,7 +125,8 @@ class _Watcher:
 
     def stop(self) -> None:
         """Before the interpreter shuts down: no check may be running while it does."""
-        self._stop.set()
+        self._stopped = True
+        self._wake.set()
         thread = self._thread
         if thread is not None:
             thread.join()
@@ -121,6 +134,7 @@ class _Watcher:
     def _forked(self) -> None:
         # The thread did not survive fork: the child starts its own on its next registration.
         self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._thread = None
 
 
