@@ -121,6 +121,8 @@ class _Watcher:
                     registration.check()
                 except Exception as e:  # revoked by check(); the owner's next call raises it too
                     log.warning("kvferry: %s", e)
+                    with self._lock:
+                        self._registrations.discard(registration)
             del live
 
     def stop(self) -> None:
