@@ -1,13 +1,12 @@
 //! `Agent`, `Registration`, `Prepared` and `Transfer`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{
-    AgentConfig, MemKind, MemRegion, Op, PreparedDescs, Registration as CoreRegistration, Transfer as CoreTransfer,
-    TransferRequest, TransferStatus,
+    AgentConfig, MemKind, MemRegion, Op, PreparedDescs, Transfer as CoreTransfer, TransferRequest, TransferStatus,
 };
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -15,14 +14,17 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyTuple};
 
 use crate::closable::Closable;
-use crate::convert::{Span, deadline, describe_memory, device_name, kind_at, parse_device};
+use crate::convert::{Span, deadline, describe_memory, kind_at, parse_device};
 use crate::errors::OrRaise;
+use crate::registration::{Held, Keep, Registration};
 
 /// One engine rank's endpoint: registered memory, transports, peers, transfers.
 #[pyclass(frozen, module = "kvferry._kvferry")]
 pub struct Agent {
     name: String,
     agent: Closable<kvferry_core::Agent>,
+    /// The registrations made here, checked before the agent publishes or uses them.
+    registrations: Mutex<Vec<Weak<Held>>>,
 }
 
 impl Agent {
@@ -55,11 +57,35 @@ impl Agent {
         };
         let regions: Vec<MemRegion> =
             regions.into_iter().map(|[addr, len]| MemRegion { addr, len, kind: kinds(addr, len) }).collect();
+        // The registrations a local list uses, checked now and on every post through it.
+        let held = match peer {
+            None => self.holding(&regions),
+            Some(_) => Vec::new(),
+        };
+        check_all(py, &held, true)?;
         let descs = py.detach(|| match peer {
             None => agent.prepare_local(&regions),
             Some(peer) => agent.prepare_remote(peer, &regions),
         });
-        Ok(Prepared { descs: descs.or_raise()? })
+        let held = held.iter().map(Arc::downgrade).collect();
+        Ok(Prepared { descs: descs.or_raise()?, held })
+    }
+
+    /// The live registrations holding any of `regions`.
+    fn holding(&self, regions: &[MemRegion]) -> Vec<Arc<Held>> {
+        let mut holding: Vec<Arc<Held>> = Vec::new();
+        for held in self.live() {
+            let holds = |d: &MemRegion| held.region.kind == d.kind && held.region.contains(d.addr, d.len);
+            if regions.iter().any(holds) {
+                holding.push(held);
+            }
+        }
+        holding
+    }
+
+    fn live(&self) -> Vec<Arc<Held>> {
+        let registrations = self.registrations.lock().unwrap_or_else(PoisonError::into_inner);
+        registrations.iter().filter_map(Weak::upgrade).filter(|held| held.is_live()).collect()
     }
 
     #[allow(clippy::too_many_arguments, reason = "read's and write's Python arguments, passed through")]
@@ -76,6 +102,8 @@ impl Agent {
     ) -> PyResult<Transfer> {
         let agent = self.agent()?;
         let deadline = deadline(timeout)?;
+        let held: Vec<Arc<Held>> = local.held.iter().filter_map(Weak::upgrade).collect();
+        check_all(py, &held, true)?;
         let transfer = py.detach(|| {
             let mut request =
                 TransferRequest::new(op, (&local.descs, &local_indices), (&remote.descs, &remote_indices), deadline);
@@ -139,7 +167,7 @@ impl Agent {
             }
             kvferry_core::Agent::new(config)
         });
-        Ok(Agent { name, agent: Closable::new("agent", agent.or_raise()?) })
+        Ok(Agent { name, agent: Closable::new("agent", agent.or_raise()?), registrations: Mutex::default() })
     }
 
     #[getter]
@@ -147,9 +175,18 @@ impl Agent {
         &self.name
     }
 
-    /// What a peer needs to reach this agent, for its `add_peer`.
+    /// What a peer needs to reach this agent, for its `add_peer`. Raises NotRegistered (having
+    /// revoked it) for a registered tensor whose memory moved.
     fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        Ok(PyBytes::new(py, &self.agent()?.metadata()))
+        let agent = self.agent()?;
+        check_all(py, &self.live(), false)?;
+        Ok(PyBytes::new(py, &agent.metadata()))
+    }
+
+    /// Check every registration: one of a tensor whose memory moved is revoked, and NotRegistered
+    /// raised. kvferry checks on every use and periodically too.
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        check_all(py, &self.live(), false)
     }
 
     fn add_peer(&self, py: Python<'_>, metadata: PyBackedBytes) -> PyResult<String> {
@@ -180,18 +217,35 @@ impl Agent {
         py.detach(|| agent.connect_peer(addr, deadline)).or_raise()
     }
 
-    /// Register a torch tensor or a writable, C-contiguous buffer; the registration keeps it alive.
+    /// Register a torch tensor (its storage is kept, and pinned where torch allows) or a writable,
+    /// C-contiguous buffer (kept, and exported so that it cannot be resized).
     #[pyo3(signature = (obj, *, device = None))]
-    fn register(&self, py: Python<'_>, obj: &Bound<'_, PyAny>, device: Option<&str>) -> PyResult<Registration> {
-        let (region, owner) = describe_memory(obj, device)?;
-        // SAFETY: the registration holds `owner`, which keeps the memory where it is, until the
+    fn register<'py>(
+        &self,
+        py: Python<'py>,
+        obj: &Bound<'py, PyAny>,
+        device: Option<&str>,
+    ) -> PyResult<Bound<'py, Registration>> {
+        let (region, keep) = describe_memory(obj, device)?;
+        let tensor = matches!(keep, Keep::Tensor(_));
+        // SAFETY: the registration holds `keep`, which keeps the memory where it is, until the
         // core registration is dropped (it is dropped first, and waits for transfers using it).
-        self.register_region(py, region, Some(owner.unbind()))
+        let registration = self.register_region(py, region, Some(keep))?;
+        if tensor {
+            py.import("kvferry._memory")?.getattr("WATCHER")?.call_method1("add", (&registration,))?;
+        }
+        Ok(registration)
     }
 
     /// Register raw memory the caller keeps valid until the registration is deregistered.
     #[pyo3(signature = (addr, length, device = "cpu"))]
-    fn register_ptr(&self, py: Python<'_>, addr: u64, length: u64, device: &str) -> PyResult<Registration> {
+    fn register_ptr<'py>(
+        &self,
+        py: Python<'py>,
+        addr: u64,
+        length: u64,
+        device: &str,
+    ) -> PyResult<Bound<'py, Registration>> {
         let region = MemRegion { addr, len: length, kind: parse_device(device)? };
         self.register_region(py, region, None)
     }
@@ -294,59 +348,46 @@ fn missing_feature(what: &str, feature: &str) -> kvferry_core::Error {
 }
 
 impl Agent {
-    fn register_region(&self, py: Python<'_>, region: MemRegion, owner: Option<Py<PyAny>>) -> PyResult<Registration> {
+    fn register_region<'py>(
+        &self,
+        py: Python<'py>,
+        region: MemRegion,
+        keep: Option<Keep>,
+    ) -> PyResult<Bound<'py, Registration>> {
         let agent = self.agent()?;
-        // SAFETY: `register` keeps the memory alive through `owner`; for `register_ptr` the caller
+        // SAFETY: `register` keeps the memory alive through `keep`; for `register_ptr` the caller
         // promised to keep it valid until deregistering, as documented.
-        let registration = py.detach(|| unsafe { agent.register_raw(region) }).or_raise()?;
-        Ok(Registration { region, registration: Mutex::new(Some(registration)), owner: Mutex::new(owner) })
+        let registration = match py.detach(|| unsafe { agent.register_raw(region) }).or_raise() {
+            Ok(registration) => registration,
+            Err(e) => {
+                if let Some(keep) = keep {
+                    keep.release(py);
+                }
+                return Err(e);
+            }
+        };
+        let held = Held::new(region, registration, keep);
+        let mut registrations = self.registrations.lock().unwrap_or_else(PoisonError::into_inner);
+        registrations.retain(|r| r.strong_count() > 0);
+        registrations.push(Arc::downgrade(&held));
+        drop(registrations);
+        Bound::new(py, Registration { held })
     }
 }
 
-/// Memory registered with an agent; `deregister()` (or garbage collection) ends it.
-#[pyclass(frozen, module = "kvferry._kvferry")]
-pub struct Registration {
-    region: MemRegion,
-    /// Declared before `owner`: it is dropped first, and its drop waits for local transfers that
-    /// still use the memory, which `owner` keeps alive until then.
-    registration: Mutex<Option<CoreRegistration>>,
-    owner: Mutex<Option<Py<PyAny>>>,
-}
-
-#[pymethods]
-impl Registration {
-    #[getter]
-    fn addr(&self) -> u64 {
-        self.region.addr
+/// Check each registration; all are checked, the first failure raised. `revoked_too` raises for
+/// registrations revoked before as well (those a call is about to use).
+fn check_all(py: Python<'_>, held: &[Arc<Held>], revoked_too: bool) -> PyResult<()> {
+    let mut first = None;
+    for held in held {
+        if !revoked_too && !held.is_live() {
+            continue;
+        }
+        if let Err(e) = held.check(py) {
+            first.get_or_insert(e);
+        }
     }
-
-    #[getter]
-    fn length(&self) -> u64 {
-        self.region.len
-    }
-
-    #[getter]
-    fn device(&self) -> String {
-        device_name(self.region.kind)
-    }
-
-    /// Peers lose access; returns once no local transfer touches the memory. Idempotent.
-    fn deregister(&self, py: Python<'_>) {
-        let registration = self.registration.lock().unwrap_or_else(PoisonError::into_inner).take();
-        py.detach(move || drop(registration));
-        self.owner.lock().unwrap_or_else(PoisonError::into_inner).take();
-    }
-
-    fn __repr__(&self) -> String {
-        let live = self.registration.lock().unwrap_or_else(PoisonError::into_inner).is_some();
-        format!(
-            "Registration(addr={:#x}, length={}, device={:?}{})",
-            self.region.addr,
-            self.region.len,
-            self.device(),
-            if live { "" } else { ", deregistered" }
-        )
-    }
+    first.map_or(Ok(()), Err)
 }
 
 /// Regions checked once (against this agent's registrations, or a peer's published regions);
@@ -354,6 +395,8 @@ impl Registration {
 #[pyclass(frozen, module = "kvferry._kvferry")]
 pub struct Prepared {
     descs: PreparedDescs,
+    /// For a local list, the registrations it uses (weak: a list keeps nothing registered).
+    held: Vec<Weak<Held>>,
 }
 
 #[pymethods]

@@ -6,7 +6,7 @@ use std::sync::{PoisonError, RwLock};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-pub(crate) struct Closable<T> {
+pub(crate) struct Closable<T: Send> {
     what: &'static str,
     /// `None` once closed.
     inner: RwLock<Option<T>>,
@@ -31,5 +31,20 @@ impl<T: Clone + Send> Closable<T> {
     pub(crate) fn close(&self, py: Python<'_>) {
         let inner = self.inner.write().unwrap_or_else(PoisonError::into_inner).take();
         py.detach(move || drop(inner));
+    }
+}
+
+impl<T: Send> Drop for Closable<T> {
+    /// Garbage collection runs this with the GIL held: like `close()`, drop without it.
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner).take();
+        if inner.is_some() {
+            let mut inner = Some(inner);
+            // Shutting down (no attach possible): no other Python thread is left to stall.
+            Python::try_attach(|py| {
+                let inner = inner.take();
+                py.detach(move || drop(inner));
+            });
+        }
     }
 }

@@ -8,6 +8,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use crate::registration::Keep;
+
 /// `(addr, length)` as Python passes it: a tuple, a list, any sequence of two ints.
 pub(crate) type Span = [u64; 2];
 
@@ -52,12 +54,8 @@ pub(crate) fn kind_at(regions: &[RegionInfo], addr: u64, len: u64) -> MemKind {
     regions.iter().find(|r| r.region.contains(addr, len)).map_or(MemKind::Host, |r| r.region.kind)
 }
 
-/// The memory behind a torch tensor or a buffer-protocol object, and what must stay referenced to
-/// keep it there.
-pub(crate) fn describe_memory<'py>(
-    obj: &Bound<'py, PyAny>,
-    device: Option<&str>,
-) -> PyResult<(MemRegion, Bound<'py, PyAny>)> {
+/// The memory behind a torch tensor or a buffer-protocol object, and what keeps it there.
+pub(crate) fn describe_memory(obj: &Bound<'_, PyAny>, device: Option<&str>) -> PyResult<(MemRegion, Keep)> {
     if obj.hasattr("data_ptr")? && obj.hasattr("element_size")? {
         return describe_tensor(obj, device);
     }
@@ -91,10 +89,10 @@ pub(crate) fn describe_memory<'py>(
     let first = ctypes.getattr("c_char")?.call_method1("from_buffer", (&view,))?;
     let addr: u64 = ctypes.call_method1("addressof", (first,))?.extract()?;
     let owner = PyTuple::new(py, [obj.clone(), view])?.into_any();
-    Ok((MemRegion { addr, len, kind: MemKind::Host }, owner))
+    Ok((MemRegion { addr, len, kind: MemKind::Host }, Keep::Buffer(owner.unbind())))
 }
 
-fn describe_tensor<'py>(tensor: &Bound<'py, PyAny>, device: Option<&str>) -> PyResult<(MemRegion, Bound<'py, PyAny>)> {
+fn describe_tensor(tensor: &Bound<'_, PyAny>, device: Option<&str>) -> PyResult<(MemRegion, Keep)> {
     if !tensor.call_method0("is_contiguous")?.extract::<bool>()? {
         return Err(PyValueError::new_err("cannot register a tensor that is not contiguous (call .contiguous())"));
     }
@@ -117,5 +115,7 @@ fn describe_tensor<'py>(tensor: &Bound<'py, PyAny>, device: Option<&str>) -> PyR
             }
         }
     };
-    Ok((MemRegion { addr, len, kind }, tensor.clone()))
+    // Holds (and where it can, pins) the tensor's storage; see kvferry/_memory.py.
+    let keep = tensor.py().import("kvferry._memory")?.getattr("TensorKeep")?.call1((tensor, addr, len))?;
+    Ok((MemRegion { addr, len, kind }, Keep::Tensor(keep.unbind())))
 }

@@ -8,6 +8,7 @@ mod auth;
 mod closable;
 mod convert;
 mod errors;
+mod registration;
 mod store;
 
 use pyo3::prelude::*;
@@ -17,7 +18,7 @@ fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ERROR_CODES", errors::codes(m.py())?)?;
     m.add_class::<agent::Agent>()?;
-    m.add_class::<agent::Registration>()?;
+    m.add_class::<registration::Registration>()?;
     m.add_class::<agent::Prepared>()?;
     m.add_class::<agent::Transfer>()?;
     m.add_class::<store::TierStore>()?;

@@ -1,14 +1,24 @@
 """Blocking calls release the GIL: another Python thread keeps running while one waits."""
 
+import gc
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kvferry
 from conftest import pattern
+from peer_main import BLOCK, BLOCKS
+
+HERE = Path(__file__).parent
 
 WAIT = 1.5
 
@@ -85,3 +95,57 @@ def test_threads_share_one_agent(pair):
         thread.join()
     assert failures == []
     assert np.array_equal(source, dest)
+
+
+@pytest.mark.parametrize("how", ["deregister", "refcount", "collector"])
+def test_a_deregistration_that_waits_lets_other_threads_run(how):
+    """The drop waits for a READ from a stopped peer; only another Python thread resumes the peer.
+
+    Were the GIL held through the drop, that thread could not run: the drop would last until the
+    transfer's deadline and return with the peer still stopped.
+    """
+    peer = subprocess.Popen([sys.executable, str(HERE / "peer_main.py"), "tcp"], stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(peer.stdout.readline())
+        memory = np.zeros(BLOCK * BLOCKS, np.uint8)
+        with kvferry.Agent("main", shm=False) as agent:
+            reg = agent.register(memory)
+            assert agent.connect_peer(info["side"], timeout=10) == "peer"
+            remote = agent.prepare_remote("peer", [(info["addr"], BLOCK * BLOCKS)])
+            local = agent.prepare_local([(reg.addr, reg.length)])
+            os.kill(peer.pid, signal.SIGSTOP)
+            transfer = agent.read(local, [0], remote, [0], timeout=20)
+            dropping, resumed = threading.Event(), threading.Event()
+
+            def count_then_resume():
+                dropping.wait(30)
+                counter = 0
+                while counter < 10_000:  # Python code: it runs only while it has the GIL
+                    counter += 1
+                os.kill(peer.pid, signal.SIGCONT)
+                resumed.set()
+
+            thread = threading.Thread(target=count_then_resume)
+            thread.start()
+            dropping.set()
+            if how == "deregister":
+                reg.deregister()
+            elif how == "refcount":
+                del reg
+            else:
+                cycle = [reg]
+                cycle.append(cycle)
+                del reg, cycle
+                gc.collect()
+            resumed_during_the_drop = resumed.is_set()
+            thread.join()
+            assert resumed_during_the_drop, "the deregistration kept the GIL while it waited"
+            transfer.wait()  # the peer answered: the drop waited for the READ to end
+            assert np.array_equal(memory, pattern(BLOCK * BLOCKS, 10))
+            agent.notify("peer", b"quit").wait(10)
+        assert peer.wait(10) == 0
+    finally:
+        if peer.poll() is None:
+            os.kill(peer.pid, signal.SIGCONT)
+            peer.kill()
+            peer.wait()

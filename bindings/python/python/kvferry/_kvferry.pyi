@@ -66,6 +66,8 @@ class Agent(_Closes):
     def notify(self, peer: str, data: _Bytes, timeout: float = 30.0) -> Transfer: ...
     def take_notifications(self) -> list[tuple[str, bytes]]: ...
     def wait_notifications(self, timeout: float) -> list[tuple[str, bytes]]: ...
+    def check(self) -> None:
+        """Raise DescriptorError (NotRegistered) for a registered tensor whose memory moved, revoking it."""
 
 class Registration:
     """Memory registered with an agent; ``deregister()`` (or garbage collection) ends it."""
@@ -77,6 +79,8 @@ class Registration:
     @property
     def device(self) -> str: ...
     def deregister(self) -> None: ...
+    def check(self) -> None:
+        """Raise DescriptorError (NotRegistered), revoking the registration, if a tensor's memory moved."""
 
 class Prepared:
     """Regions checked once; transfers pick entries by index."""
