@@ -15,9 +15,13 @@ use kvferry_core::memory::host::HostBuffer;
 use kvferry_core::metadata::{AgentMetadata, RegionInfo};
 use kvferry_core::transport::Endpoint;
 use kvferry_core::transport::tcp::TcpConfig;
-use kvferry_core::{Agent, AgentConfig, AuthConfig, Deadline, ErrorCode, HostAllocOptions, MemKind, MemRegion, TransportKind};
+use kvferry_core::{
+    Agent, AgentConfig, AuthConfig, Deadline, ErrorCode, HostAllocOptions, MemKind, MemRegion, TransportKind,
+};
 
 const PEER_ENV: &str = "KVFERRY_STALLED_PEER";
+/// Set (to the owner's side channel) for the member that trickles a WRITE into the owner.
+const WRITER_ENV: &str = "KVFERRY_TRICKLING_WRITER";
 const SECRET: &str = "the stalled-peer tests' cluster secret";
 /// The READ's size: the peer never gets near its end.
 const LEN: usize = 1 << 20;
@@ -98,9 +102,14 @@ struct Peer {
 
 impl Peer {
     fn start() -> Peer {
+        Peer::start_entry("stalled_peer_entry", PEER_ENV, "1", true)
+    }
+
+    /// This test binary again, running the ignored test `entry` with `env` set to `value`.
+    fn start_entry(entry: &str, env: &str, value: &str, listens: bool) -> Peer {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "stalled_peer_entry", "--ignored", "--nocapture", "--test-threads", "1"])
-            .env(PEER_ENV, "1")
+            .args(["--exact", entry, "--ignored", "--nocapture", "--test-threads", "1"])
+            .env(env, value)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -131,7 +140,9 @@ impl Peer {
         });
         // Built first, so that the child is killed should it never listen.
         let mut peer = Peer { child, reports, port: 0 };
-        peer.port = port.recv_timeout(PATIENCE).expect("the peer did not start listening");
+        if listens {
+            peer.port = port.recv_timeout(PATIENCE).expect("the peer did not start listening");
+        }
         peer
     }
 
@@ -282,4 +293,83 @@ fn dropping_a_raw_registration_cuts_its_transfers_off_at_once() {
     assert_eq!(xfer.wait().unwrap_err().code(), ErrorCode::Cancelled);
     let local = agent.prepare_local(&[buf.region()]);
     assert_eq!(local.unwrap_err().code(), ErrorCode::NotRegistered);
+}
+
+/// The hostile member on the other side: it fetches the owner's metadata through the side channel
+/// (it holds the secret), then WRITEs the whole region one byte every few milliseconds, reporting
+/// `sent <total>` per byte and `cut <total>` when a write fails.
+#[test]
+#[ignore = "the entry point of the trickling writer that the owner-side test starts"]
+fn trickling_writer_entry() {
+    let side_channel = std::env::var(WRITER_ENV).expect("run only as a child, with KVFERRY_TRICKLING_WRITER set");
+    let auth = Auth::resolve(&AuthConfig::Secret(SECRET.into())).unwrap();
+    let md = kvferry_core::side_channel::exchange(&auth, &side_channel, None, Deadline::after(PATIENCE)).unwrap();
+    let md = AgentMetadata::decode(&md).unwrap();
+    let tcp = md.endpoints.iter().find(|e| e.kind == TransportKind::Tcp).unwrap();
+    let region = &md.regions[0];
+    let mut s = std::net::TcpStream::connect(&tcp.address).unwrap();
+    auth.authenticate(&mut s, Channel::Tcp, Role::Client, Deadline::after(PATIENCE)).unwrap();
+    s.set_read_timeout(None).unwrap();
+    s.set_write_timeout(None).unwrap();
+    let mut hello = b"KVFT".to_vec();
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.extend_from_slice(&6u16.to_le_bytes());
+    hello.extend_from_slice(b"writer");
+    s.write_all(&hello).unwrap();
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack[6], 0, "hello accepted");
+    // WRITE | count 1 | payload LEN | key | addr | len
+    let mut head = vec![2u8, 0, 0, 0];
+    head.extend_from_slice(&1u32.to_le_bytes());
+    head.extend_from_slice(&(LEN as u64).to_le_bytes());
+    head.extend_from_slice(region.key(TransportKind::Tcp).unwrap());
+    head.extend_from_slice(&region.region.addr.to_le_bytes());
+    head.extend_from_slice(&(LEN as u64).to_le_bytes());
+    s.write_all(&head).unwrap();
+    let mut out = std::io::stdout();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < LEN as u64 && started.elapsed() < 2 * PATIENCE {
+        let line = match s.write(&[!FILL]) {
+            Ok(1) => {
+                sent += 1;
+                format!("\nsent {sent}")
+            }
+            _ => format!("\ncut {sent}"),
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() || line.starts_with("\ncut") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = writeln!(out, "\ndone {sent}");
+}
+
+#[test]
+fn an_owner_dropping_a_registration_cuts_off_a_member_trickling_a_write_into_it() {
+    let tcp = TcpConfig::default();
+    let request_timeout = tcp.request_timeout;
+    let auth = AuthConfig::Secret(SECRET.into());
+    let owner = Agent::new(AgentConfig { shm: None, tcp: Some(tcp), auth, ..AgentConfig::new("owner") }).unwrap();
+    let buf = local_buffer();
+    // The test keeps the memory itself, so that a byte landing after the drop can be seen.
+    let reg = unsafe { owner.register_raw(buf.region()) }.unwrap();
+    let side_channel = owner.serve_side_channel("127.0.0.1:0".parse().unwrap()).unwrap();
+    let peer = Peer::start_entry("trickling_writer_entry", WRITER_ENV, &side_channel.to_string(), false);
+    peer.wait_sent(8);
+    let since = Instant::now();
+    while landed(&buf) == 0 {
+        assert!(since.elapsed() < PATIENCE, "no byte of the WRITE landed");
+        peer.wait_sent(0);
+    }
+    // The served request holds the region; the drop must cut it off rather than wait out the
+    // request's timeout (30 s), which the member's trickle would take to the end.
+    let (dropped, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        drop(reg);
+        let _ = dropped.send(());
+    });
+    done.recv_timeout(request_timeout / 3).expect("the registration's drop waited for the member");
+    stays_untouched(&buf, &peer);
 }

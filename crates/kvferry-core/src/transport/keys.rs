@@ -3,7 +3,8 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
 
@@ -12,14 +13,36 @@ use crate::memory::{MemKind, MemRegion, Memory};
 use crate::transport::RejectReason;
 use crate::transport::tcp::wire::WireDesc;
 
+/// Cuts off the connection of a request that uses a region (shuts its socket down), so that
+/// deregistration ends the request instead of waiting for its peer.
+pub(crate) type Cut = Arc<dyn Fn() + Send + Sync>;
+
 /// A registered region as the target sees it.
 pub(crate) struct KeyEntry {
     pub region: MemRegion,
     keep_alive: Arc<dyn Any + Send + Sync>,
+    /// The requests using the region now, each with its cut-off.
+    users: Mutex<HashMap<u64, Cut>>,
+}
+
+/// The entries a request uses, held (and its cut-off registered with them) until it is dropped.
+pub(crate) struct Held {
+    entries: Vec<Arc<KeyEntry>>,
+    id: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for entry in &self.entries {
+            entry.users.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        }
+    }
 }
 
 /// The entries a request holds, and the kind of memory each of its descriptors names.
-pub(crate) type Resolved = (Vec<Arc<KeyEntry>>, Vec<MemKind>);
+pub(crate) type Resolved = (Held, Vec<MemKind>);
+
+static NEXT_USE: AtomicU64 = AtomicU64::new(0);
 
 /// Key → region. A request holds the entries it uses, so deregistration can wait for it.
 #[derive(Default)]
@@ -29,24 +52,30 @@ pub(crate) struct KeyTable {
 
 impl KeyTable {
     pub fn insert(&self, key: u128, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) {
-        self.entries.write().unwrap().insert(key, Arc::new(KeyEntry { region, keep_alive }));
+        let entry = KeyEntry { region, keep_alive, users: Mutex::new(HashMap::new()) };
+        self.entries.write().unwrap().insert(key, Arc::new(entry));
     }
 
     pub fn get(&self, key: u128) -> Option<Arc<KeyEntry>> {
         self.entries.read().unwrap().get(&key).cloned()
     }
 
-    /// Remove a key and wait until no request uses its region.
+    /// Remove a key, cut off the requests using its region, and wait until they have let go (the
+    /// cut makes their socket calls return, so this does not wait on any peer).
     pub fn remove(&self, key: u128) {
         let Some(entry) = self.entries.write().unwrap().remove(&key) else { return };
+        let cuts: Vec<Cut> = entry.users.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for cut in cuts {
+            cut();
+        }
         while Arc::strong_count(&entry) > 1 {
             thread::sleep(Duration::from_micros(200));
         }
     }
 
-    /// Check every descriptor; on success returns the entries they use (held for the request) and
-    /// the kind of memory each descriptor names.
-    pub fn resolve(&self, descs: &[WireDesc]) -> Result<Resolved, (u32, RejectReason)> {
+    /// Check every descriptor; on success returns the entries they use (held for the request, with
+    /// `cut` registered: deregistration calls it) and the kind of memory each descriptor names.
+    pub fn resolve(&self, descs: &[WireDesc], cut: &Cut) -> Result<Resolved, (u32, RejectReason)> {
         let entries = self.entries.read().unwrap();
         let mut held: Vec<Arc<KeyEntry>> = Vec::new();
         let mut kinds = Vec::with_capacity(descs.len());
@@ -75,7 +104,13 @@ impl KeyTable {
             }
             kinds.push(entry.region.kind);
         }
-        Ok((held, kinds))
+        // Registered under the table's read lock: a `remove` either sees this request or is
+        // seen by it (the key is gone and the descriptor refused).
+        let id = NEXT_USE.fetch_add(1, Ordering::Relaxed);
+        for entry in &held {
+            entry.users.lock().unwrap_or_else(|e| e.into_inner()).insert(id, cut.clone());
+        }
+        Ok((Held { entries: held, id }, kinds))
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
 use crate::memory::MemKind;
 use crate::net::{DeadlineStream, Next, Service, recv_ready};
-use crate::transport::keys::KeyTable;
+use crate::transport::keys::{Cut, KeyTable};
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
@@ -301,6 +302,16 @@ fn staging_failed(e: StageError) -> io::Error {
     }
 }
 
+/// Shuts the request's connection down when its region is deregistered. The raw descriptor stays
+/// valid for as long as the cut is registered: the request ends before its connection is closed.
+fn cut_of(stream: &TcpStream) -> Cut {
+    let fd = stream.as_raw_fd();
+    // SAFETY: shutdown(2) on a socket this connection still owns (see above).
+    Arc::new(move || unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    })
+}
+
 fn serve_read(
     stream: &mut TcpStream,
     shared: &TargetShared,
@@ -308,7 +319,7 @@ fn serve_read(
     bounce: &mut Option<Bounce>,
     deadline: Deadline,
 ) -> io::Result<()> {
-    match shared.keys.resolve(descs) {
+    match shared.keys.resolve(descs, &cut_of(stream)) {
         Err(rejection) => respond(stream, Err(rejection), &[], deadline),
         Ok((_held, kinds)) => {
             let total = descs.iter().map(|d| d.len).sum();
@@ -338,7 +349,7 @@ fn serve_write(
     if described != payload_len {
         return Err(invalid(format!("write carries {payload_len} bytes but describes {described}")));
     }
-    match shared.keys.resolve(descs) {
+    match shared.keys.resolve(descs, &cut_of(stream)) {
         Err(rejection) => {
             drain(stream, payload_len, deadline)?;
             respond(stream, Err(rejection), &[], deadline)
