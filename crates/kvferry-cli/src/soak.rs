@@ -258,7 +258,7 @@ impl Soak<'_> {
 
     /// A random range of `len` bytes at most within `[start, end)`, 8-byte aligned.
     fn range(&mut self, start: u64, end: u64) -> (u64, u64) {
-        let len = (4096 + self.rng.below(self.args.max_transfer)).min(end - start) & !7;
+        let len = (4096 + self.rng.below(self.args.max_transfer)).min(self.args.max_transfer).min(end - start) & !7;
         let offset = start + self.rng.below((end - start - len) / 8 + 1) * 8;
         (offset, len.max(8))
     }
