@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{FabricConfig, FabricTransport};
+use crate::auth::Auth;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
 use crate::metadata::AgentMetadata;
 use crate::transport::{Batch, Completion, NotificationQueue, Op, RemoteRegion, Transport, TransportKind, XferOp};
@@ -134,12 +135,12 @@ fn shm_provider_refuses_a_forged_key() {
 fn large_batches_stripe_across_two_rails_byte_exact() {
     let two_rails = FabricConfig { rails: 2, stripe_min_bytes: 64 * 1024, ..config("tcp") };
     let (qa, qb) = (Arc::new(NotificationQueue::default()), Arc::new(NotificationQueue::default()));
-    let a = FabricTransport::start("striper", two_rails.clone(), qa).unwrap();
+    let a = FabricTransport::start("striper", two_rails.clone(), Auth::disabled(), qa).unwrap();
     if a.domains().len() < 2 {
         eprintln!("skipped: the tcp provider lists one domain here ({:?}); striping needs two", a.domains());
         return;
     }
-    let b = FabricTransport::start("striped", two_rails, qb).unwrap();
+    let b = FabricTransport::start("striped", two_rails, Auth::disabled(), qb).unwrap();
     const LEN: usize = 8 << 20;
     let (abuf, bbuf) = (buffer(LEN), buffer(LEN));
     abuf.write_at(0, &pattern(LEN, 9)).unwrap();
@@ -175,7 +176,7 @@ fn large_batches_stripe_across_two_rails_byte_exact() {
 
 #[test]
 fn unknown_provider_is_a_typed_error_listing_what_is_here() {
-    let e = FabricTransport::start("x", config("no-such-provider"), Arc::default()).err().unwrap();
+    let e = FabricTransport::start("x", config("no-such-provider"), Auth::disabled(), Arc::default()).err().unwrap();
     assert_eq!(e.code(), ErrorCode::FabricNoProvider);
     assert!(e.to_string().contains("no-such-provider") && e.to_string().contains("tcp"), "{e}");
 }
