@@ -111,13 +111,26 @@ pub(super) struct RegisteredMr {
 }
 
 enum Command {
-    Register { region: MemRegion, requested_key: u64, reply: mpsc::Sender<Result<RegisteredMr>> },
-    Deregister { id: u64, reply: mpsc::Sender<()> },
-    Insert { address: Vec<u8>, reply: mpsc::Sender<Result<sys::fi_addr_t>> },
+    Register {
+        region: MemRegion,
+        requested_key: u64,
+        reply: mpsc::Sender<Result<RegisteredMr>>,
+    },
+    Deregister {
+        id: u64,
+        reply: mpsc::Sender<()>,
+    },
+    Insert {
+        address: Vec<u8>,
+        reply: mpsc::Sender<Result<sys::fi_addr_t>>,
+    },
     Post(Part),
     /// Send these bytes as they are, as a peer that does not follow the protocol would.
     #[cfg(test)]
-    Raw { to: Vec<u8>, message: Vec<u8> },
+    Raw {
+        to: Vec<u8>,
+        message: Vec<u8>,
+    },
 }
 
 /// The handle other threads hold: a command queue and what they need to know about the rail.
@@ -749,7 +762,8 @@ impl Progress {
         payload.extend_from_slice(&(part.from.len() as u16).to_le_bytes());
         payload.extend_from_slice(part.from.as_bytes());
         payload.extend_from_slice(&data);
-        let w = Waiting { kind: MSG_NOTIFY, payload, dest: part.dest, completion: part.completion.clone(), query: None };
+        let w =
+            Waiting { kind: MSG_NOTIFY, payload, dest: part.dest, completion: part.completion.clone(), query: None };
         if let Err((code, detail)) = self.send_message(&part.peer_address, w) {
             part.completion.finish(Err(transfer_error(part, code, detail)));
         }

@@ -470,7 +470,8 @@ mod tests {
         else {
             panic!()
         };
-        let (Incoming::Accepted { welcome: wb, .. }, Incoming::Accepted { welcome: wa, .. }) = (b.open(&pa), a.open(&pb))
+        let (Incoming::Accepted { welcome: wb, .. }, Incoming::Accepted { welcome: wa, .. }) =
+            (b.open(&pa), a.open(&pb))
         else {
             panic!()
         };
