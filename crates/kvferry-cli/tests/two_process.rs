@@ -620,6 +620,44 @@ mod fabric {
         blocks_move_both_ways("shm");
     }
 
+    /// An agent of another cluster that holds a served process's metadata (handed over by a member)
+    /// gets nothing over the fabric: its first transfer fails as unauthenticated, and the target's
+    /// memory is as it was.
+    fn another_secret(provider: &str) {
+        let served = serve("1M", 13, provider);
+        let (member, buf, _reg) = initiator_with(config(&format!("member-{provider}"), provider), 4096);
+        let peer = member.connect_peer(&served.side_channel, soon()).unwrap();
+        let metadata = member.peer_metadata(&peer).unwrap().encode();
+        let foreign = AgentConfig {
+            auth: AuthConfig::Secret(b"another secret of 32 bytes......".to_vec()),
+            ..config(&format!("foreign-{provider}"), provider)
+        };
+        let (stranger, sbuf, _sreg) = initiator_with(foreign, 4096);
+        sbuf.write_at(0, &[0xee; 4096]).unwrap();
+        let speer = stranger.add_peer(&metadata).unwrap();
+        let local = stranger.prepare_local(&[sbuf.region()]).unwrap();
+        let remote = stranger.prepare_remote(&speer, &[served.region(0, 4096)]).unwrap();
+        let e = stranger.write(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Unauthenticated, "{provider}: {e}");
+        let e = stranger.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Unauthenticated, "{provider}: {e}");
+        assert_eq!(sbuf.to_vec(), vec![0xee; 4096], "{provider}: the refused read wrote here");
+        let local = member.prepare_local(&[buf.region()]).unwrap();
+        let remote = member.prepare_remote(&peer, &[served.region(0, 4096)]).unwrap();
+        member.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
+        assert_eq!(pattern::first_mismatch(&buf.to_vec(), 13, 0), None, "{provider}: the target's memory changed");
+    }
+
+    #[test]
+    fn fabric_tcp_target_process_refuses_an_agent_with_another_secret() {
+        another_secret("tcp");
+    }
+
+    #[test]
+    fn fabric_shm_target_process_refuses_an_agent_with_another_secret() {
+        another_secret("shm");
+    }
+
     /// kill -9 of the target during a 1 GiB read ends the read by its deadline: with a typed error
     /// naming the peer, or, where `may_finish` (shm: the kernel copies between the processes and
     /// keeps a dying process's memory until the copy ends), with every byte in place. A transfer

@@ -511,7 +511,12 @@ impl Agent {
         }
         #[cfg(feature = "fabric")]
         if let Some(fabric) = config.fabric {
-            let fabric = crate::transport::fabric::FabricTransport::start(&config.name, fabric, notifications.clone())?;
+            let fabric = crate::transport::fabric::FabricTransport::start(
+                &config.name,
+                fabric,
+                auth.clone(),
+                notifications.clone(),
+            )?;
             transports.push(Arc::new(fabric));
         }
         if let Some(tcp) = config.tcp {

@@ -256,6 +256,19 @@ impl Auth {
         Some(<chacha20poly1305::ChaCha20Poly1305 as chacha20poly1305::KeyInit>::new(&sealing_key.into()))
     }
 
+    /// A value derived from the cluster key for `label` over `parts`, each length-prefixed so that
+    /// no two lists of parts give the same input; `None` without authentication.
+    pub(crate) fn derive(&self, label: &[u8], parts: &[&[u8]]) -> Option<[u8; 32]> {
+        let key = self.key.as_ref()?;
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key[..]).expect("HMAC takes any key");
+        mac.update(label);
+        for part in parts {
+            mac.update(&(part.len() as u32).to_le_bytes());
+            mac.update(part);
+        }
+        Some(mac.finalize().into_bytes().into())
+    }
+
     fn proof(&self, role: &[u8], channel: Channel, client: &[u8], server: &[u8]) -> Hmac<Sha256> {
         let key = self.key.as_ref().expect("proofs are computed with a key");
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key[..]).expect("HMAC takes any key");

@@ -9,6 +9,7 @@
 //! batch's data as a message.
 
 mod rail;
+mod session;
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use kvferry_fabric_sys as sys;
 
 use self::rail::{CONFIRMED, Check, Part, Rail, RailOp, UNCHECKED};
+use crate::auth::Auth;
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{
@@ -475,14 +477,20 @@ pub struct FabricTransport {
 }
 
 impl FabricTransport {
-    pub fn start(local_name: &str, config: FabricConfig, notifications: Arc<NotificationQueue>) -> Result<Self> {
+    /// Messages between rails are authenticated with `auth` (see `session`).
+    pub fn start(
+        local_name: &str,
+        config: FabricConfig,
+        auth: Auth,
+        notifications: Arc<NotificationQueue>,
+    ) -> Result<Self> {
         let infos = choose_rails(&config)?;
         let provider = infos[0].provider();
         let local = LocalRegistry::default();
         let rails = infos
             .into_iter()
             .enumerate()
-            .map(|(i, info)| Rail::open(info, i, notifications.clone(), local.clone()).map(Arc::new))
+            .map(|(i, info)| Rail::open(info, i, notifications.clone(), local.clone(), auth.clone()).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let addresses: Vec<&[u8]> = rails.iter().map(|r| &r.address[..]).collect();
         let endpoint = Endpoint { kind: TransportKind::Fabric, address: encode_endpoint(&provider, &addresses) };
@@ -577,7 +585,10 @@ impl Transport for FabricTransport {
             .rails
             .iter()
             .enumerate()
-            .map(|(i, rail)| Ok((rail.clone(), rail.insert(addresses[i % addresses.len()].clone())?)))
+            .map(|(i, rail)| {
+                let address = &addresses[i % addresses.len()];
+                Ok((rail.clone(), rail.insert(address.clone())?, Arc::from(&address[..])))
+            })
             .collect::<Result<Vec<_>>>()?;
         let remote = remote_keys(peer, TransportKind::Fabric, &regions, |r| decode_key(&r.key).map(|k| (r.region, k)))?;
         Ok(Arc::new(FabricLink {
@@ -600,8 +611,8 @@ struct FabricLink {
     from: Arc<str>,
     peer: String,
     endpoint: Arc<str>,
-    /// Per local rail: the rail and the peer's address in its address vector.
-    routes: Vec<(Arc<Rail>, sys::fi_addr_t)>,
+    /// Per local rail: the rail, the peer's address in its address vector, and the address itself.
+    routes: Vec<(Arc<Rail>, sys::fi_addr_t, Arc<[u8]>)>,
     /// The peer's regions (by index in its metadata) and their keys; `None` where not open to us.
     remote: Vec<Option<(MemRegion, RemoteKey)>>,
     /// Per remote region: whether its owner confirmed the keys and range (see `rail::Check`).
@@ -719,10 +730,11 @@ impl PeerLink for FabricLink {
             .collect();
         batch.completion.set_parts(parts.len());
         for (rail, ops) in parts {
-            let (rail_handle, dest) = &self.routes[rail];
+            let (rail_handle, dest, peer_address) = &self.routes[rail];
             rail_handle.post(Part {
                 op,
                 dest: *dest,
+                peer_address: peer_address.clone(),
                 ops,
                 checks: std::mem::take(&mut checks),
                 verdicts: self.verdicts.clone(),

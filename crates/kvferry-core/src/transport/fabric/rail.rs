@@ -14,16 +14,22 @@ use std::time::{Duration, Instant};
 
 use kvferry_fabric_sys as sys;
 
+use super::session::{self, Incoming, Sessions};
 use super::{FabricError, Info, LocalRegistry, c_text, check, fi_error_text, transfer_error};
+use crate::auth::Auth;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{Completion, NotificationQueue, Op, PartOutcome, RejectReason, TransferError};
 
 /// Posted receive buffers per rail for notifications, and the size of each: the sender's name
-/// (`u16` length) and the largest notification.
+/// (`u16` length), the largest notification, and room for a sealed message's envelope.
 const RECV_SLOTS: usize = 16;
-const RECV_SLOT_BYTES: usize = 2 + u16::MAX as usize + super::MAX_NOTIFICATION as usize;
+const MESSAGE_BYTES: usize = 2 + u16::MAX as usize + super::MAX_NOTIFICATION as usize;
+const RECV_SLOT_BYTES: usize = MESSAGE_BYTES + ENVELOPE_BYTES;
+/// A sealed message's envelope at most: kind, initiator, counter, the sender's address (a rail's
+/// own address; libfabric's are far shorter) and the tag.
+const ENVELOPE_BYTES: usize = 1024;
 /// Completion entries read per `fi_cq_read`.
 const CQ_BATCH: usize = 64;
 /// How long an idle rail waits in `fi_cq_sread` (or sleeps, where the provider has no wait object)
@@ -50,6 +56,8 @@ pub(super) struct RailOp {
 pub(super) struct Part {
     pub op: Op,
     pub dest: sys::fi_addr_t,
+    /// The peer rail's address, which its session is known by.
+    pub peer_address: Arc<[u8]>,
     pub ops: Vec<RailOp>,
     pub completion: Arc<Completion>,
     /// Held, never read: keeps the batch's local memory alive while the part runs.
@@ -89,7 +97,7 @@ pub(super) fn refusal(verdict: u8) -> Option<RejectReason> {
 
 /// The most regions one check message asks about: it must fit a receive buffer with every rail's
 /// key for each region (17 + 8 × rails bytes each).
-pub(super) const MAX_CHECKS: usize = (RECV_SLOT_BYTES - 64) / (17 + 8 * super::MAX_RAILS);
+pub(super) const MAX_CHECKS: usize = (MESSAGE_BYTES - 64) / (17 + 8 * super::MAX_RAILS);
 
 /// Message kinds, the first byte of every message between rails.
 const MSG_NOTIFY: u8 = 1;
@@ -103,10 +111,26 @@ pub(super) struct RegisteredMr {
 }
 
 enum Command {
-    Register { region: MemRegion, requested_key: u64, reply: mpsc::Sender<Result<RegisteredMr>> },
-    Deregister { id: u64, reply: mpsc::Sender<()> },
-    Insert { address: Vec<u8>, reply: mpsc::Sender<Result<sys::fi_addr_t>> },
+    Register {
+        region: MemRegion,
+        requested_key: u64,
+        reply: mpsc::Sender<Result<RegisteredMr>>,
+    },
+    Deregister {
+        id: u64,
+        reply: mpsc::Sender<()>,
+    },
+    Insert {
+        address: Vec<u8>,
+        reply: mpsc::Sender<Result<sys::fi_addr_t>>,
+    },
     Post(Part),
+    /// Send these bytes as they are, as a peer that does not follow the protocol would.
+    #[cfg(test)]
+    Raw {
+        to: Vec<u8>,
+        message: Vec<u8>,
+    },
 }
 
 /// The handle other threads hold: a command queue and what they need to know about the rail.
@@ -118,6 +142,9 @@ pub(super) struct Rail {
     pub bytes: Arc<AtomicU64>,
     queue: Arc<CommandQueue>,
     thread: Option<thread::JoinHandle<()>>,
+    /// Every message received, as it arrived, once handled.
+    #[cfg(test)]
+    pub received: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 struct CommandQueue {
@@ -149,11 +176,16 @@ impl Rail {
         index: usize,
         notifications: Arc<NotificationQueue>,
         registry: LocalRegistry,
+        auth: Auth,
     ) -> Result<Rail> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_info = info.clone();
         let bytes = Arc::new(AtomicU64::new(0));
         let thread_bytes = bytes.clone();
+        #[cfg(test)]
+        let received = Arc::new(Mutex::new(Vec::new()));
+        #[cfg(test)]
+        let thread_received = received.clone();
         let thread = thread::Builder::new()
             .name(format!("kvferry-fabric-{index}"))
             .spawn(move || match Objects::open(&thread_info) {
@@ -167,15 +199,27 @@ impl Rail {
                         stop: AtomicBool::new(false),
                         wakeable_cq: if objects.cq_waits { objects.cq as usize } else { 0 },
                     });
-                    let mut progress =
-                        match Progress::new(objects, thread_info, queue.clone(), notifications, thread_bytes, registry)
-                        {
-                            Ok(p) => p,
-                            Err(e) => {
-                                let _ = ready_tx.send(Err(e));
-                                return;
-                            }
-                        };
+                    let sessions = Sessions::new(auth, objects.address.clone());
+                    let progress = Progress::new(
+                        objects,
+                        thread_info,
+                        queue.clone(),
+                        notifications,
+                        thread_bytes,
+                        registry,
+                        sessions,
+                    );
+                    let mut progress = match progress {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    #[cfg(test)]
+                    {
+                        progress.received = thread_received;
+                    }
                     let _ = ready_tx.send(Ok((progress.objects.address.clone(), queue)));
                     progress.run();
                 }
@@ -184,7 +228,15 @@ impl Rail {
         let (address, queue) = ready_rx
             .recv()
             .map_err(|_| Error::Io { context: "starting a fabric rail".into(), cause: "thread exited".into() })??;
-        Ok(Rail { info, address: address.into(), bytes, queue, thread: Some(thread) })
+        Ok(Rail {
+            info,
+            address: address.into(),
+            bytes,
+            queue,
+            thread: Some(thread),
+            #[cfg(test)]
+            received,
+        })
     }
 
     fn call<T>(&self, make: impl FnOnce(mpsc::Sender<T>) -> Command) -> Option<T> {
@@ -207,6 +259,11 @@ impl Rail {
 
     pub fn post(&self, part: Part) {
         self.queue.push(Command::Post(part));
+    }
+
+    #[cfg(test)]
+    pub fn send_raw(&self, to: &[u8], message: Vec<u8>) {
+        self.queue.push(Command::Raw { to: to.to_vec(), message });
     }
 }
 
@@ -326,6 +383,17 @@ struct PartRun {
     error: Option<TransferError>,
 }
 
+/// A message for a peer, waiting for its session to open.
+struct Waiting {
+    kind: u8,
+    payload: Vec<u8>,
+    dest: sys::fi_addr_t,
+    /// The batch it belongs to: its deadline bounds the wait.
+    completion: Arc<Completion>,
+    /// A check's query id (its part is parked under it); `None` for a notification.
+    query: Option<u64>,
+}
+
 /// State owned by the progress thread.
 struct Progress {
     objects: Objects,
@@ -346,6 +414,12 @@ struct Progress {
     known: HashMap<Vec<u8>, sys::fi_addr_t>,
     /// Parts waiting for the answer to their check, by query id.
     parked: HashMap<u64, Part>,
+    /// Each peer's session (see `session`), when messages are authenticated.
+    sessions: Sessions,
+    /// Messages waiting for a session with the peer (by its address) to open.
+    waiting: HashMap<Arc<[u8]>, Vec<Waiting>>,
+    #[cfg(test)]
+    received: Arc<Mutex<Vec<Vec<u8>>>>,
     next_query: u64,
     /// The latest deadline of the parts posted so far: past it, operations still in flight are
     /// stuck with a dead peer and no longer worth a spinning core.
@@ -360,6 +434,7 @@ impl Progress {
         notifications: Arc<NotificationQueue>,
         bytes: Arc<AtomicU64>,
         registry: LocalRegistry,
+        sessions: Sessions,
     ) -> Result<Progress> {
         let mut p = Progress {
             objects,
@@ -376,6 +451,10 @@ impl Progress {
             registry,
             known: HashMap::new(),
             parked: HashMap::new(),
+            sessions,
+            waiting: HashMap::new(),
+            #[cfg(test)]
+            received: Arc::default(),
             next_query: 1,
             spin_until: None,
         };
@@ -394,11 +473,13 @@ impl Progress {
         while !self.queue.stop.load(Ordering::Acquire) {
             let mut busy = self.drain_commands();
             busy |= self.poll(&mut entries) > 0;
+            self.expire_waiting();
             self.expire_parked();
             if busy {
                 self.last_activity = Instant::now();
             } else if (self.live.len() > RECV_SLOTS && self.spin_until.is_some_and(|d| !d.expired()))
                 || !self.parked.is_empty()
+                || !self.waiting.is_empty()
                 || self.last_activity.elapsed() < SPIN_AFTER_ACTIVITY
             {
                 // Operations in flight, or recent traffic: keep polling, but let the other side
@@ -464,6 +545,12 @@ impl Progress {
                     let _ = reply.send(self.av_insert(&address));
                 }
                 Command::Post(part) => self.start(part),
+                #[cfg(test)]
+                Command::Raw { to, message } => {
+                    if let Some(dest) = self.address_of(&to) {
+                        let _ = self.send(dest, message, None, Deadline::after(HOUSEKEEPING));
+                    }
+                }
             }
         }
     }
@@ -671,14 +758,117 @@ impl Progress {
     }
 
     fn send_notification(&mut self, part: &Part, data: Vec<u8>) {
-        let mut message = Vec::with_capacity(3 + part.from.len() + data.len());
-        message.push(MSG_NOTIFY);
-        message.extend_from_slice(&(part.from.len() as u16).to_le_bytes());
-        message.extend_from_slice(part.from.as_bytes());
-        message.extend_from_slice(&data);
-        let deadline = part.completion.deadline();
-        if let Err((code, detail)) = self.send(part.dest, message, Some(part.completion.clone()), deadline) {
+        let mut payload = Vec::with_capacity(2 + part.from.len() + data.len());
+        payload.extend_from_slice(&(part.from.len() as u16).to_le_bytes());
+        payload.extend_from_slice(part.from.as_bytes());
+        payload.extend_from_slice(&data);
+        let w =
+            Waiting { kind: MSG_NOTIFY, payload, dest: part.dest, completion: part.completion.clone(), query: None };
+        if let Err((code, detail)) = self.send_message(&part.peer_address, w) {
             part.completion.finish(Err(transfer_error(part, code, detail)));
+        }
+    }
+
+    /// Send `w` to the peer rail at `peer`: as it is without authentication, sealed in the session
+    /// with the peer where one is open, or once one opens (beginning it if need be).
+    fn send_message(&mut self, peer: &Arc<[u8]>, w: Waiting) -> std::result::Result<(), (i32, String)> {
+        let deadline = w.completion.deadline();
+        let completion = (w.kind == MSG_NOTIFY).then(|| w.completion.clone());
+        if !self.sessions.enabled() {
+            let message = [&[w.kind][..], &w.payload].concat();
+            return self.send(w.dest, message, completion, deadline);
+        }
+        if let Some(message) = self.sessions.seal(peer, w.kind, &w.payload) {
+            return self.send(w.dest, message, completion, deadline);
+        }
+        let dest = w.dest;
+        self.waiting.entry(peer.clone()).or_default().push(w);
+        if !self.sessions.initiating(peer) {
+            let hello = self.sessions.hello(peer);
+            if let Err((code, detail)) = self.send(dest, hello, None, deadline) {
+                self.sessions.forget(peer, false);
+                let waiting = self.waiting.remove(peer).unwrap_or_default();
+                // The message just queued reports through the caller; the others here.
+                let mut waiting = waiting.into_iter().rev();
+                waiting.next();
+                for w in waiting {
+                    let e = super::classify(w.completion.peer(), w.completion.op(), "", code, detail.clone());
+                    self.fail_waiting(w, e);
+                }
+                return Err((code, detail));
+            }
+        }
+        Ok(())
+    }
+
+    /// A session with `peer` opened: send what waits for it.
+    fn flush(&mut self, peer: &[u8]) {
+        for w in self.waiting.remove(peer).unwrap_or_default() {
+            if let Some(e) = w.completion.skip_reason() {
+                self.fail_waiting(w, e);
+                continue;
+            }
+            let Some(message) = self.sessions.seal(peer, w.kind, &w.payload) else {
+                let cause = "the fabric session closed before the message was sent".to_string();
+                let e = TransferError::Unauthenticated { peer: w.completion.peer().to_string(), cause };
+                self.fail_waiting(w, e);
+                continue;
+            };
+            let completion = (w.kind == MSG_NOTIFY).then(|| w.completion.clone());
+            if let Err((code, detail)) = self.send(w.dest, message, completion, w.completion.deadline()) {
+                let e = super::classify(w.completion.peer(), w.completion.op(), "", code, detail);
+                self.fail_waiting(w, e);
+            }
+        }
+    }
+
+    /// Fail the batch a waiting message belongs to: its parked part, or its notification.
+    fn fail_waiting(&mut self, w: Waiting, e: TransferError) {
+        match w.query {
+            Some(query) => {
+                if let Some(part) = self.parked.remove(&query) {
+                    self.part_finished(part, Some(e));
+                }
+            }
+            None => w.completion.finish(Err(e)),
+        }
+    }
+
+    /// Fail, as unauthenticated, what waits for a session that has not opened by its deadline.
+    fn expire_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let peers: Vec<Arc<[u8]>> = self.waiting.keys().cloned().collect();
+        for peer in peers {
+            let waiting = self.waiting.remove(&peer).unwrap_or_default();
+            let (expired, kept): (Vec<Waiting>, Vec<Waiting>) =
+                waiting.into_iter().partition(|w| w.completion.skip_reason().is_some());
+            for w in expired {
+                let e = match w.completion.deadline().expired() {
+                    true => TransferError::Unauthenticated {
+                        peer: w.completion.peer().to_string(),
+                        cause: "the peer did not complete the fabric handshake by the deadline".into(),
+                    },
+                    false => w.completion.skip_reason().expect("partitioned on it"),
+                };
+                self.fail_waiting(w, e);
+            }
+            match kept.is_empty() {
+                // The next message begins afresh (the hello may have been lost or evicted).
+                true => self.sessions.forget(&peer, false),
+                false => {
+                    self.waiting.insert(peer, kept);
+                }
+            }
+        }
+    }
+
+    /// The peer refused our hello: fail what waits for it.
+    fn refused(&mut self, peer: &[u8], cause: String) {
+        for w in self.waiting.remove(peer).unwrap_or_default() {
+            let e = TransferError::Unauthenticated { peer: w.completion.peer().to_string(), cause: cause.clone() };
+            self.fail_waiting(w, e);
         }
     }
 
@@ -686,7 +876,7 @@ impl Progress {
     fn send_check(&mut self, part: Part) {
         let query = self.next_query;
         self.next_query += 1;
-        let mut message = vec![MSG_CHECK];
+        let mut message = Vec::new();
         message.extend_from_slice(&query.to_le_bytes());
         // The owner answers to this rail's own address.
         message.extend_from_slice(&(self.objects.address.len() as u16).to_le_bytes());
@@ -698,22 +888,34 @@ impl Progress {
             message.push(c.keys.len() as u8);
             c.keys.iter().for_each(|k| message.extend_from_slice(&k.to_le_bytes()));
         }
-        match self.send(part.dest, message, None, part.completion.deadline()) {
-            Ok(()) => {
-                self.parked.insert(query, part);
-            }
-            Err((code, detail)) => {
-                let e = transfer_error(&part, code, detail);
-                self.part_finished(part, Some(e));
-            }
+        let w = Waiting {
+            kind: MSG_CHECK,
+            payload: message,
+            dest: part.dest,
+            completion: part.completion.clone(),
+            query: Some(query),
+        };
+        let peer = part.peer_address.clone();
+        self.parked.insert(query, part);
+        if let Err((code, detail)) = self.send_message(&peer, w) {
+            let part = self.parked.remove(&query).expect("parked above");
+            let e = transfer_error(&part, code, detail);
+            self.part_finished(part, Some(e));
         }
     }
 
-    /// The peer's answer to a check: record the verdicts, then run the part or refuse it.
-    fn checked(&mut self, message: &[u8]) -> Option<()> {
-        let query = u64::from_le_bytes(message.get(1..9)?.try_into().ok()?);
-        let count = u16::from_le_bytes(message.get(9..11)?.try_into().ok()?) as usize;
-        let verdicts = message.get(11..11 + count)?;
+    /// The peer's answer to a check (`from` it, when authenticated): record the verdicts, then run
+    /// the part or refuse it.
+    fn checked(&mut self, message: &[u8], from: Option<&[u8]>) -> Option<()> {
+        let query = u64::from_le_bytes(message.get(0..8)?.try_into().ok()?);
+        let count = u16::from_le_bytes(message.get(8..10)?.try_into().ok()?) as usize;
+        let verdicts = message.get(10..10 + count)?;
+        // Only the peer that was asked answers.
+        if let (Some(from), Some(part)) = (from, self.parked.get(&query))
+            && *part.peer_address != *from
+        {
+            return None;
+        }
         let mut part = self.parked.remove(&query)?;
         if verdicts.len() != part.checks.len() {
             let peer = part.completion.peer().to_string();
@@ -741,14 +943,18 @@ impl Progress {
         Some(())
     }
 
-    /// Answer a peer's check against this transport's registrations.
-    fn answer_check(&mut self, message: &[u8]) -> Option<()> {
-        let mut r = Reader(message.get(1..)?);
+    /// Answer a peer's check against this transport's registrations; when authenticated, to the
+    /// peer that proved itself (`from`), over its session.
+    fn answer_check(&mut self, message: &[u8], from: Option<&[u8]>) -> Option<()> {
+        let mut r = Reader(message);
         let query = r.u64()?;
         let reply_len = r.u16()? as usize;
         let reply_to = r.take(reply_len)?.to_vec();
+        if from.is_some_and(|from| from != reply_to.as_slice()) {
+            return None;
+        }
         let count = r.u16()? as usize;
-        let mut answer = vec![MSG_CHECKED];
+        let mut answer = Vec::new();
         answer.extend_from_slice(&query.to_le_bytes());
         answer.extend_from_slice(&(count as u16).to_le_bytes());
         {
@@ -764,20 +970,85 @@ impl Progress {
                 answer.push(verdict);
             }
         }
-        let dest = match self.known.get(&reply_to) {
-            Some(&a) => a,
-            None => match self.av_insert(&reply_to) {
-                Ok(a) => *self.known.entry(reply_to).or_insert(a),
-                Err(e) => {
-                    tracing::warn!("fabric: cannot answer a check: {e}");
-                    return Some(());
-                }
-            },
+        let Some(dest) = self.address_of(&reply_to) else { return Some(()) };
+        let message = match from {
+            Some(from) => self.sessions.seal(from, MSG_CHECKED, &answer)?,
+            None => [&[MSG_CHECKED][..], &answer].concat(),
         };
-        if let Err((_, detail)) = self.send(dest, answer, None, Deadline::after(HOUSEKEEPING)) {
+        if let Err((_, detail)) = self.send(dest, message, None, Deadline::after(HOUSEKEEPING)) {
             tracing::warn!("fabric: cannot answer a check: {detail}");
         }
         Some(())
+    }
+
+    /// The address-vector entry of the peer rail at `address`, inserted if new. Entries no session
+    /// needs any more are removed once there are many, so strangers' hellos cannot fill the vector.
+    fn address_of(&mut self, address: &[u8]) -> Option<sys::fi_addr_t> {
+        if let Some(&a) = self.known.get(address) {
+            return Some(a);
+        }
+        if self.sessions.enabled() && self.known.len() >= 2 * session::MAX_HALF_OPEN {
+            let unused: Vec<Vec<u8>> = self.known.keys().filter(|a| !self.sessions.holds(a)).cloned().collect();
+            for a in unused {
+                let mut fi_addr = self.known.remove(&a).expect("listed above");
+                unsafe { sys::kvferry_fi_av_remove(self.objects.av, &mut fi_addr, 1, 0) };
+            }
+        }
+        match self.av_insert(address) {
+            Ok(a) => Some(*self.known.entry(address.to_vec()).or_insert(a)),
+            Err(e) => {
+                tracing::warn!("fabric: cannot reach a peer's rail: {e}");
+                None
+            }
+        }
+    }
+
+    /// Act on a message received, once it proves to come from a peer with the secret (or at once
+    /// without authentication).
+    fn handle(&mut self, message: &[u8]) {
+        if !self.sessions.enabled() {
+            let handled = match message.split_first() {
+                Some((&MSG_NOTIFY, payload)) => self.deliver(payload),
+                Some((&MSG_CHECK, payload)) => self.answer_check(payload, None),
+                Some((&MSG_CHECKED, payload)) => self.checked(payload, None),
+                _ => None,
+            };
+            if handled.is_none() {
+                tracing::warn!("fabric: dropped a malformed message of {} bytes", message.len());
+            }
+            return;
+        }
+        match self.sessions.open(message) {
+            Incoming::Message { kind, from, payload } => {
+                let handled = match kind {
+                    MSG_NOTIFY => self.deliver(&payload),
+                    MSG_CHECK => self.answer_check(&payload, Some(&from)),
+                    MSG_CHECKED => self.checked(&payload, Some(&from)),
+                    _ => None,
+                };
+                if handled.is_none() {
+                    tracing::warn!("fabric: dropped a malformed message of {} bytes", message.len());
+                }
+            }
+            Incoming::Reply { to, message } => {
+                if let Some(dest) = self.address_of(&to)
+                    && let Err((_, detail)) = self.send(dest, message, None, Deadline::after(HOUSEKEEPING))
+                {
+                    tracing::debug!("fabric: cannot answer a handshake: {detail}");
+                }
+            }
+            Incoming::Accepted { peer, welcome } => {
+                if let Some(dest) = self.address_of(&peer)
+                    && let Err((_, detail)) = self.send(dest, welcome, None, Deadline::after(HOUSEKEEPING))
+                {
+                    tracing::debug!("fabric: cannot answer a handshake: {detail}");
+                }
+                self.flush(&peer);
+            }
+            Incoming::Established { peer } => self.flush(&peer),
+            Incoming::Refused { peer, cause } => self.refused(&peer, cause),
+            Incoming::Dropped(why) => tracing::debug!("fabric: dropped {why} ({} bytes)", message.len()),
+        }
     }
 
     /// Parts whose check has not been answered by their deadline (or that were cancelled) fail.
@@ -789,6 +1060,11 @@ impl Progress {
             self.parked.iter().filter_map(|(q, p)| Some((*q, p.completion.skip_reason()?))).collect();
         for (q, e) in expired {
             let part = self.parked.remove(&q).expect("listed above");
+            // An unanswered check may mean the peer restarted and lost its session: the next
+            // message begins a new one.
+            if matches!(e, TransferError::Timeout { .. }) {
+                self.sessions.forget(&part.peer_address, true);
+            }
             self.part_finished(part, Some(e));
         }
     }
@@ -900,15 +1176,9 @@ impl Progress {
                 if let Ok(len) = result {
                     let start = slot * RECV_SLOT_BYTES;
                     let message = self.recv_buffer[start..start + len.min(RECV_SLOT_BYTES)].to_vec();
-                    let handled = match message.first() {
-                        Some(&MSG_NOTIFY) => self.deliver(&message[1..]),
-                        Some(&MSG_CHECK) => self.answer_check(&message),
-                        Some(&MSG_CHECKED) => self.checked(&message),
-                        _ => None,
-                    };
-                    if handled.is_none() {
-                        tracing::warn!("fabric: dropped a malformed message of {} bytes", message.len());
-                    }
+                    self.handle(&message);
+                    #[cfg(test)]
+                    self.received.lock().unwrap().push(message);
                 }
                 if !self.queue.stop.load(Ordering::Acquire)
                     && let Err(e) = self.post_recv(slot)
@@ -940,6 +1210,11 @@ impl Drop for Progress {
         let closed = || (sys::FI_ECANCELED as i32, "the fabric transport was closed".to_string());
         for ctx in self.live.iter().copied().collect::<Vec<_>>() {
             self.complete(ctx as *mut OpContext, Err(closed()));
+        }
+        for w in std::mem::take(&mut self.waiting).into_values().flatten() {
+            if w.query.is_none() {
+                w.completion.finish(Err(super::classify(w.completion.peer(), Op::Notify, "", closed().0, closed().1)));
+            }
         }
         for (_, part) in std::mem::take(&mut self.parked) {
             let e = transfer_error(&part, closed().0, closed().1);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{FabricConfig, FabricTransport};
+use crate::auth::Auth;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
 use crate::metadata::AgentMetadata;
 use crate::transport::{Batch, Completion, NotificationQueue, Op, RemoteRegion, Transport, TransportKind, XferOp};
@@ -134,12 +135,12 @@ fn shm_provider_refuses_a_forged_key() {
 fn large_batches_stripe_across_two_rails_byte_exact() {
     let two_rails = FabricConfig { rails: 2, stripe_min_bytes: 64 * 1024, ..config("tcp") };
     let (qa, qb) = (Arc::new(NotificationQueue::default()), Arc::new(NotificationQueue::default()));
-    let a = FabricTransport::start("striper", two_rails.clone(), qa).unwrap();
+    let a = FabricTransport::start("striper", two_rails.clone(), Auth::disabled(), qa).unwrap();
     if a.domains().len() < 2 {
         eprintln!("skipped: the tcp provider lists one domain here ({:?}); striping needs two", a.domains());
         return;
     }
-    let b = FabricTransport::start("striped", two_rails, qb).unwrap();
+    let b = FabricTransport::start("striped", two_rails, Auth::disabled(), qb).unwrap();
     const LEN: usize = 8 << 20;
     let (abuf, bbuf) = (buffer(LEN), buffer(LEN));
     abuf.write_at(0, &pattern(LEN, 9)).unwrap();
@@ -175,7 +176,7 @@ fn large_batches_stripe_across_two_rails_byte_exact() {
 
 #[test]
 fn unknown_provider_is_a_typed_error_listing_what_is_here() {
-    let e = FabricTransport::start("x", config("no-such-provider"), Arc::default()).err().unwrap();
+    let e = FabricTransport::start("x", config("no-such-provider"), Auth::disabled(), Arc::default()).err().unwrap();
     assert_eq!(e.code(), ErrorCode::FabricNoProvider);
     assert!(e.to_string().contains("no-such-provider") && e.to_string().contains("tcp"), "{e}");
 }
@@ -185,4 +186,139 @@ fn peers_on_another_provider_are_refused_clearly() {
     let (a, b) = (agent("on-tcp", "tcp"), agent("on-shm", "shm"));
     let e = a.add_peer(&b.metadata()).unwrap_err();
     assert_eq!(e.code(), ErrorCode::FabricProviderMismatch, "{e}");
+}
+
+fn secret(s: &str) -> crate::AuthConfig {
+    crate::AuthConfig::Secret(s.as_bytes().to_vec())
+}
+
+const SECRET: &str = "a cluster secret of 32 bytes....";
+
+/// Agents of another cluster: the first batch fails as unauthenticated when the peer's challenge
+/// does not prove our secret, and the target's memory is untouched.
+fn another_secret(provider: &str) {
+    let with = |name: &str, s: &str| {
+        let fabric = Some(config(provider));
+        Agent::new(AgentConfig { tcp: None, shm: None, fabric, auth: secret(s), ..AgentConfig::new(name) }).unwrap()
+    };
+    let a = with(&format!("{provider}-ours"), SECRET);
+    let b = with(&format!("{provider}-theirs"), "another secret of 32 bytes......");
+    let (abuf, bbuf) = (buffer(4096), buffer(4096));
+    abuf.write_at(0, &pattern(4096, 1)).unwrap();
+    bbuf.write_at(0, &pattern(4096, 2)).unwrap();
+    let (_ra, _rb) = (a.register(abuf.clone()).unwrap(), b.register(bbuf.clone()).unwrap());
+    let peer = a.add_peer(&b.metadata()).unwrap();
+    let local = a.prepare_local(&[abuf.region()]).unwrap();
+    let remote = a.prepare_remote(&peer, &[bbuf.region()]).unwrap();
+    let e = a.write(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unauthenticated, "{provider}: {e}");
+    let e = a.read(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unauthenticated, "{provider}: {e}");
+    assert_eq!(bbuf.to_vec(), pattern(4096, 2), "{provider}: the target's memory changed");
+    assert_eq!(abuf.to_vec(), pattern(4096, 1), "{provider}: the initiator's memory changed");
+}
+
+#[test]
+fn tcp_provider_refuses_agents_with_another_secret() {
+    another_secret("tcp");
+}
+
+#[test]
+fn shm_provider_refuses_agents_with_another_secret() {
+    another_secret("shm");
+}
+
+#[test]
+fn a_peer_that_never_answers_the_handshake_fails_the_batch_at_its_deadline() {
+    // A rail without authentication drops hellos as malformed: no challenge ever comes.
+    let a = FabricTransport::start("asker", config("tcp"), Auth::resolve(&secret(SECRET)).unwrap(), Arc::default());
+    let b = FabricTransport::start("silent", config("tcp"), Auth::disabled(), Arc::default()).unwrap();
+    let (abuf, bbuf) = (buffer(4096), buffer(4096));
+    bbuf.write_at(0, &pattern(4096, 5)).unwrap();
+    let a = a.unwrap();
+    a.register(abuf.region(), Arc::new(())).unwrap();
+    let key = b.register(bbuf.region(), Arc::new(())).unwrap();
+    let link = a.link("silent", &b.endpoint(), vec![RemoteRegion { region: bbuf.region(), key }]).unwrap();
+    let op =
+        XferOp { local_addr: abuf.as_ptr() as u64, remote_region: 0, remote_addr: bbuf.as_ptr() as u64, len: 4096 };
+    let deadline = Deadline::after(Duration::from_millis(500));
+    let completion = Arc::new(Completion::new("silent", Op::Read, 4096, None, deadline));
+    link.post(Batch { ops: vec![op], completion: completion.clone(), keep_alive: Arc::new(()) }).unwrap();
+    let e = completion.wait().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unauthenticated, "{e}");
+    assert_eq!(abuf.to_vec(), vec![0u8; 4096], "nothing was read");
+}
+
+/// Waits (bounded) until `rail` has handled every message of `sent`.
+fn handled(transport: &FabricTransport, sent: &[&[u8]]) {
+    let deadline = soon();
+    while !sent.iter().all(|m| transport.rails[0].received.lock().unwrap().iter().any(|r| r == m)) {
+        assert!(!deadline.expired(), "the messages did not arrive");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn forged_and_replayed_messages_are_not_acted_upon() {
+    let member = || Auth::resolve(&secret(SECRET)).unwrap();
+    let queue = Arc::new(NotificationQueue::default());
+    let a = FabricTransport::start("sender", config("tcp"), member(), Arc::default()).unwrap();
+    let b = FabricTransport::start("target", config("tcp"), member(), queue.clone()).unwrap();
+    // The stranger sends raw bytes from its own endpoint.
+    let stranger = FabricTransport::start("stranger", config("tcp"), Auth::disabled(), Arc::default()).unwrap();
+    let bbuf = buffer(4096);
+    let key = b.register(bbuf.region(), Arc::new(())).unwrap();
+    let link = a.link("target", &b.endpoint(), vec![RemoteRegion { region: bbuf.region(), key: key.clone() }]).unwrap();
+    let notify = |data: &[u8]| {
+        let completion = Arc::new(Completion::new("target", Op::Notify, 0, Some(data.to_vec()), soon()));
+        link.post(Batch { ops: Vec::new(), completion: completion.clone(), keep_alive: Arc::new(()) }).unwrap();
+        completion.wait().unwrap();
+        let notes = queue.wait(soon());
+        assert_eq!(notes.len(), 1);
+        assert_eq!((notes[0].from.as_str(), notes[0].data.as_slice()), ("sender", data));
+    };
+    notify(b"genuine 1");
+    let genuine = b.rails[0].received.lock().unwrap().iter().rev().find(|m| m[0] == 1).unwrap().clone();
+
+    let target = &b.rails[0].address;
+    let mut plain = vec![1u8];
+    plain.extend_from_slice(&6u16.to_le_bytes());
+    plain.extend_from_slice(b"sender");
+    plain.extend_from_slice(b"forged");
+    // A check of the target's real key, answered to the stranger.
+    let key = super::decode_key(&key).unwrap();
+    let mut check = vec![2u8];
+    check.extend_from_slice(&0xfeedu64.to_le_bytes());
+    check.extend_from_slice(&(stranger.rails[0].address.len() as u16).to_le_bytes());
+    check.extend_from_slice(&stranger.rails[0].address);
+    check.extend_from_slice(&1u16.to_le_bytes());
+    check.extend_from_slice(&(bbuf.as_ptr() as u64).to_le_bytes());
+    check.extend_from_slice(&4096u64.to_le_bytes());
+    check.push(key.keys.len() as u8);
+    key.keys.iter().for_each(|k| check.extend_from_slice(&k.to_le_bytes()));
+    // The genuine message again, with the counter moved on (its tag no longer matches).
+    let mut altered = genuine.clone();
+    altered[2] = altered[2].wrapping_add(1);
+    for m in [&plain, &genuine, &altered, &check] {
+        stranger.rails[0].send_raw(target, m.clone());
+    }
+    handled(&b, &[&plain, &genuine, &altered, &check]);
+    assert!(queue.take().is_empty(), "a forged or replayed notification was delivered");
+
+    // A hello from the stranger is answered with a challenge (which it cannot meet); the check
+    // sent before it was answered with nothing.
+    let mut hello = vec![4u8];
+    hello.extend_from_slice(&(stranger.rails[0].address.len() as u16).to_le_bytes());
+    hello.extend_from_slice(&stranger.rails[0].address);
+    hello.extend_from_slice(&[9u8; 32]);
+    stranger.rails[0].send_raw(target, hello);
+    let deadline = soon();
+    while stranger.rails[0].received.lock().unwrap().is_empty() {
+        assert!(!deadline.expired(), "the target did not answer the stranger's hello");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let answers: Vec<u8> = stranger.rails[0].received.lock().unwrap().iter().map(|m| m[0]).collect();
+    assert_eq!(answers, vec![5], "the target answered the stranger with more than a challenge");
+
+    notify(b"genuine 2");
 }
