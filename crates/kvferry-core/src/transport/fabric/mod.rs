@@ -670,3 +670,6 @@ impl PeerLink for FabricLink {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use rail::{Message, decode_message, refusal};

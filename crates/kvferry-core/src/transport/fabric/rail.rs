@@ -83,7 +83,7 @@ pub(super) const REFUSED: u8 = 16;
 
 /// The reason a verdict refuses a region; `None` for `UNCHECKED`, `CONFIRMED`, or a byte that is no
 /// reason (only a peer's answer can carry one).
-pub(super) fn refusal(verdict: u8) -> Option<RejectReason> {
+pub(crate) fn refusal(verdict: u8) -> Option<RejectReason> {
     verdict.checked_sub(REFUSED).and_then(RejectReason::from_wire)
 }
 
@@ -710,10 +710,7 @@ impl Progress {
     }
 
     /// The peer's answer to a check: record the verdicts, then run the part or refuse it.
-    fn checked(&mut self, message: &[u8]) -> Option<()> {
-        let query = u64::from_le_bytes(message.get(1..9)?.try_into().ok()?);
-        let count = u16::from_le_bytes(message.get(9..11)?.try_into().ok()?) as usize;
-        let verdicts = message.get(11..11 + count)?;
+    fn checked(&mut self, query: u64, verdicts: &[u8]) -> Option<()> {
         let mut part = self.parked.remove(&query)?;
         if verdicts.len() != part.checks.len() {
             let peer = part.completion.peer().to_string();
@@ -742,42 +739,35 @@ impl Progress {
     }
 
     /// Answer a peer's check against this transport's registrations.
-    fn answer_check(&mut self, message: &[u8]) -> Option<()> {
-        let mut r = Reader(message.get(1..)?);
-        let query = r.u64()?;
-        let reply_len = r.u16()? as usize;
-        let reply_to = r.take(reply_len)?.to_vec();
-        let count = r.u16()? as usize;
+    fn answer_check(&mut self, check: CheckQuery) {
         let mut answer = vec![MSG_CHECKED];
-        answer.extend_from_slice(&query.to_le_bytes());
-        answer.extend_from_slice(&(count as u16).to_le_bytes());
+        answer.extend_from_slice(&check.query.to_le_bytes());
+        answer.extend_from_slice(&(check.regions.len() as u16).to_le_bytes());
         {
             let registry = self.registry.read().unwrap();
-            for _ in 0..count {
-                let (addr, len) = (r.u64()?, r.u64()?);
-                let keys: Vec<u64> = (0..r.take(1)?[0]).map(|_| r.u64()).collect::<Option<_>>()?;
-                let verdict = match registry.values().find(|mr| mr.keys == keys) {
+            for (addr, len, keys) in &check.regions {
+                let verdict = match registry.values().find(|mr| mr.keys == *keys) {
                     None => REFUSED + RejectReason::UnknownKey.to_wire(),
-                    Some(mr) if !mr.region.contains(addr, len) => REFUSED + RejectReason::OutOfRange.to_wire(),
+                    Some(mr) if !mr.region.contains(*addr, *len) => REFUSED + RejectReason::OutOfRange.to_wire(),
                     Some(_) => CONFIRMED,
                 };
                 answer.push(verdict);
             }
         }
+        let reply_to = check.reply_to;
         let dest = match self.known.get(&reply_to) {
             Some(&a) => a,
             None => match self.av_insert(&reply_to) {
                 Ok(a) => *self.known.entry(reply_to).or_insert(a),
                 Err(e) => {
                     tracing::warn!("fabric: cannot answer a check: {e}");
-                    return Some(());
+                    return;
                 }
             },
         };
         if let Err((_, detail)) = self.send(dest, answer, None, Deadline::after(HOUSEKEEPING)) {
             tracing::warn!("fabric: cannot answer a check: {detail}");
         }
-        Some(())
     }
 
     /// Parts whose check has not been answered by their deadline (or that were cancelled) fail.
@@ -900,11 +890,17 @@ impl Progress {
                 if let Ok(len) = result {
                     let start = slot * RECV_SLOT_BYTES;
                     let message = self.recv_buffer[start..start + len.min(RECV_SLOT_BYTES)].to_vec();
-                    let handled = match message.first() {
-                        Some(&MSG_NOTIFY) => self.deliver(&message[1..]),
-                        Some(&MSG_CHECK) => self.answer_check(&message),
-                        Some(&MSG_CHECKED) => self.checked(&message),
-                        _ => None,
+                    let handled = match decode_message(&message) {
+                        Some(Message::Notify(n)) => {
+                            self.notifications.push(n);
+                            Some(())
+                        }
+                        Some(Message::Check(check)) => {
+                            self.answer_check(check);
+                            Some(())
+                        }
+                        Some(Message::Checked { query, verdicts }) => self.checked(query, verdicts),
+                        None => None,
                     };
                     if handled.is_none() {
                         tracing::warn!("fabric: dropped a malformed message of {} bytes", message.len());
@@ -917,15 +913,6 @@ impl Progress {
                 }
             }
         }
-    }
-
-    /// Hand an incoming notification (`name_len u16 | name | data`) to the agent.
-    fn deliver(&self, message: &[u8]) -> Option<()> {
-        let mut r = Reader(message);
-        let len = r.u16()? as usize;
-        let from = std::str::from_utf8(r.take(len)?).ok()?.to_string();
-        self.notifications.push(crate::transport::Notification { from, data: r.0.to_vec() });
-        Some(())
     }
 }
 
@@ -956,6 +943,59 @@ impl Drop for Progress {
 
 fn empty_entries() -> [sys::fi_cq_data_entry; CQ_BATCH] {
     [sys::fi_cq_data_entry { op_context: ptr::null_mut(), flags: 0, len: 0, buf: ptr::null_mut(), data: 0 }; CQ_BATCH]
+}
+
+/// A message from another rail, as [`decode_message`] reads it.
+pub(crate) enum Message<'a> {
+    /// `1 | name_len u16 | name | data`: a notification and its sender's name.
+    Notify(crate::transport::Notification),
+    /// `2 | query u64 | reply_len u16 | reply address | count u16 | count × (addr u64 | len u64 |
+    /// key count u8 | keys u64…)`: a peer asks whether its keys and ranges are ours.
+    Check(CheckQuery),
+    /// `3 | query u64 | count u16 | count × verdict u8`: the answer to one of our checks.
+    Checked { query: u64, verdicts: &'a [u8] },
+}
+
+pub(crate) struct CheckQuery {
+    pub query: u64,
+    /// The asking rail's address, to answer to.
+    pub reply_to: Vec<u8>,
+    /// (addr, len, one key per rail) for each region asked about.
+    pub regions: Vec<(u64, u64, Vec<u64>)>,
+}
+
+/// Read a message another rail sent; `None` when it is malformed. Nothing in it is trusted: every
+/// length is checked against the bytes that arrived before it is used.
+pub(crate) fn decode_message(message: &[u8]) -> Option<Message<'_>> {
+    let (&kind, body) = message.split_first()?;
+    let mut r = Reader(body);
+    match kind {
+        MSG_NOTIFY => {
+            let len = r.u16()? as usize;
+            let from = std::str::from_utf8(r.take(len)?).ok()?.to_string();
+            Some(Message::Notify(crate::transport::Notification { from, data: r.0.to_vec() }))
+        }
+        MSG_CHECK => {
+            let query = r.u64()?;
+            let reply_len = r.u16()? as usize;
+            let reply_to = r.take(reply_len)?.to_vec();
+            let count = r.u16()? as usize;
+            // Grown as regions are read, never sized by the announced count.
+            let mut regions = Vec::new();
+            for _ in 0..count {
+                let (addr, len) = (r.u64()?, r.u64()?);
+                let keys: Vec<u64> = (0..r.take(1)?[0]).map(|_| r.u64()).collect::<Option<_>>()?;
+                regions.push((addr, len, keys));
+            }
+            Some(Message::Check(CheckQuery { query, reply_to, regions }))
+        }
+        MSG_CHECKED => {
+            let query = r.u64()?;
+            let count = r.u16()? as usize;
+            Some(Message::Checked { query, verdicts: r.take(count)? })
+        }
+        _ => None,
+    }
 }
 
 /// Little-endian fields off the front of a message; `None` when it is too short.

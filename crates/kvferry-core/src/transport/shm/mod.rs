@@ -202,3 +202,6 @@ impl Transport for ShmTransport {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use wire::decode_key;
