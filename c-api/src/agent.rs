@@ -38,7 +38,7 @@ handle!(kvferry_agent, AgentState, Kind::Agent);
 const OPTIONS: &str = "tcp, tcp.listen, tcp.advertise_host, tcp.streams, tcp.connect_timeout_ms, \
                        tcp.request_timeout_ms, tcp.min_frame_bytes, shm, secret, auth";
 
-fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
+pub(crate) fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
     let mut tcp = TcpConfig::default();
     let mut tcp_enabled = true;
     let mut shm_enabled = true;

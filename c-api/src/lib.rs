@@ -14,6 +14,9 @@ mod status;
 
 mod agent;
 mod args;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handles;
 mod memory;
 mod peer;

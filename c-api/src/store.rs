@@ -205,12 +205,12 @@ handle!(kvferry_store_op, CopyFence, Kind::StoreOp);
 const OPTIONS: &str = "block_size, host_capacity, policy, workers, pin, events, disk.dir, disk.capacity, \
                        disk.queue_depth, disk.admit_after, disk.sync_writes";
 
-struct StoreOptions {
+pub(crate) struct StoreOptions {
     config: TierConfig,
     events: bool,
 }
 
-fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
+pub(crate) fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
     let mut config = TierConfig::new(0, 0);
     let (mut block_size, mut host_capacity, mut disk_dir, mut disk_capacity) = (None, None, None, None);
     let mut disk = DiskConfig::new("", 0);

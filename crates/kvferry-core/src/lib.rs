@@ -6,6 +6,9 @@ pub mod auth;
 pub mod deadline;
 pub mod discovery;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod limits;
 pub mod memory;

@@ -174,7 +174,7 @@ impl AgentMetadata {
 }
 
 /// Header (magic, version, flags, length, checksum) + body.
-fn seal(body: &[u8]) -> Vec<u8> {
+pub(crate) fn seal(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());

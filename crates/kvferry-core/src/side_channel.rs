@@ -148,7 +148,7 @@ impl Service for SideChannel {
     }
 }
 
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(12 + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -176,7 +176,7 @@ fn check_head(head: &[u8; 12]) -> io::Result<usize> {
 }
 
 /// Read one frame by `deadline`; returns (tag, body).
-fn read_frame(stream: &mut TcpStream, deadline: Deadline) -> io::Result<(u8, Vec<u8>)> {
+pub(crate) fn read_frame<S: DeadlineStream>(stream: &mut S, deadline: Deadline) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 12];
     stream.read_exact_by(&mut head, deadline)?;
     let len = check_head(&head)?;

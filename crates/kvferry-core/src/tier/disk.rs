@@ -64,7 +64,7 @@ pub(crate) enum Record {
 }
 
 impl Record {
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         let mut rec = [0u8; RECORD_LEN];
         let (kind, key, entry) = match self {
             Record::Store(key, entry) => (STORE, key, *entry),
@@ -81,7 +81,7 @@ impl Record {
     }
 
     /// `None` when the record is torn or corrupt.
-    fn decode(rec: &[u8]) -> Option<Record> {
+    pub(crate) fn decode(rec: &[u8]) -> Option<Record> {
         let crc = u32::from_le_bytes(rec[RECORD_LEN - 4..].try_into().ok()?);
         if crc32fast::hash(&rec[..RECORD_LEN - 4]) != crc {
             return None;
@@ -140,7 +140,7 @@ fn is_full(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT))
 }
 
-fn header(block_size: usize, slots: u32) -> [u8; HEADER_LEN] {
+pub(crate) fn header(block_size: usize, slots: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(LOG_MAGIC);
     h[8..16].copy_from_slice(&(block_size as u64).to_le_bytes());
@@ -243,7 +243,6 @@ impl DiskFiles {
 }
 
 fn replay(dir: &Path, block_size: usize, slots: u32) -> Result<Replayed, TierError> {
-    let corrupt = |why: String| TierError::IndexCorrupt { path: dir.join(LOG_FILE).display().to_string(), why };
     let mut bytes = Vec::new();
     match File::open(dir.join(LOG_FILE)) {
         Ok(mut file) => {
@@ -252,6 +251,12 @@ fn replay(dir: &Path, block_size: usize, slots: u32) -> Result<Replayed, TierErr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(unavailable(dir, "opening the index log", e)),
     }
+    replay_log(dir, &bytes, block_size, slots)
+}
+
+/// What the index log `bytes` (of the tier in `dir`) holds; the log's contents are not trusted.
+pub(crate) fn replay_log(dir: &Path, bytes: &[u8], block_size: usize, slots: u32) -> Result<Replayed, TierError> {
+    let corrupt = |why: String| TierError::IndexCorrupt { path: dir.join(LOG_FILE).display().to_string(), why };
     let mut replayed = Replayed { blocks: HashMap::new(), torn_records: 0 };
     if bytes.is_empty() {
         return Ok(replayed);

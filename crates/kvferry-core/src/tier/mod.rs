@@ -12,7 +12,7 @@
 //! there. Blocks being read are pinned and never evicted. Every change is announced as a
 //! [`TierEvent`] naming the medium, as vLLM's KV events do.
 
-mod disk;
+pub(crate) mod disk;
 mod key;
 #[cfg(feature = "kv-events")]
 pub mod kv_events;

@@ -750,3 +750,6 @@ impl PeerLink for FabricLink {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use session::Sessions;

@@ -65,7 +65,7 @@ struct Initiating {
 
 /// What an incoming message means.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Incoming {
+pub(crate) enum Incoming {
     /// A message that verified: act on it.
     Message { kind: u8, from: Vec<u8>, payload: Vec<u8> },
     /// Send `message` (a handshake step) to `to`.
@@ -82,7 +82,7 @@ pub(super) enum Incoming {
 }
 
 /// The sessions of one rail, by peer rail address.
-pub(super) struct Sessions {
+pub(crate) struct Sessions {
     auth: Auth,
     local: Vec<u8>,
     half_open: VecDeque<HalfOpen>,

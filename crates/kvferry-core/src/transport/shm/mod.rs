@@ -234,3 +234,6 @@ impl Transport for ShmTransport {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use wire::decode_key;

@@ -107,7 +107,7 @@ impl Header {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn read_from(r: &mut impl Read) -> io::Result<Header> {
         let mut b = [0u8; HEADER_LEN];
         r.read_exact(&mut b)?;
