@@ -28,6 +28,8 @@ features+=(kvferry-cli/cuda kvferry-cli/rocm)
 features+=(kvferry-cli/fabric)
 features+=(kvferry-python/cuda kvferry-python/fabric)
 features+=(kvferry-cli/etcd kvferry-cli/kv-events)
+# The decoders' fuzzing entry points, so that the committed corpora (fuzz/corpus) replay as tests.
+features+=(kvferry-core/fuzzing kvferry-c/fuzzing)
 feature_args=()
 ((${#features[@]})) && feature_args=(--features "${features[*]}")
 missing=()
@@ -121,7 +123,11 @@ python_tests() {
         test_waiting_for_notifications_releases_the_gil \
         test_a_small_dram_serves_blocks_back_from_disk \
         test_chained_keys_match_the_rust_vectors \
-        test_blocks_move_between_tensor_parallel_sizes_by_head
+        test_blocks_move_between_tensor_parallel_sizes_by_head \
+        test_a_peer_without_our_secret_is_refused \
+        test_side_channel_serves_only_engines_that_prove_the_secret \
+        test_a_tensor_given_other_storage_is_revoked_and_new_tensors_stay_untouched \
+        test_a_deregistration_cuts_off_a_read_from_a_stopped_peer_and_lands_nothing
 }
 python_tests
 
@@ -182,6 +188,28 @@ sentinels=(
     etcd_malformed_values_under_the_prefix_are_typed_errors
     subscribers_decode_stored_moved_and_removed_blocks_with_their_medium
     kv_events::tests::a_move_encodes_as_the_bytes_vllm_sends
+    auth::tests::a_replayed_client_proof_is_refused
+    a_client_without_the_secret_reads_nothing
+    after_cancel_returns_no_byte_lands_and_the_peer_is_cut_off
+    after_wait_times_out_no_byte_lands_and_the_peer_is_cut_off
+    dropping_a_raw_registration_cuts_its_transfers_off_at_once
+    an_owner_dropping_a_registration_cuts_off_a_member_trickling_a_write_into_it
+    a_stopped_writer_cannot_touch_a_dropped_registration
+    a_hostile_lease_holder_fails_only_itself
+    an_endpoint_with_a_full_backlog_fails_add_peer_by_the_deadline
+    idle_connections_leave_the_thread_count_fixed
+    idle_shm_connections_leave_the_thread_count_fixed
+    a_trickled_write_is_cut_off_at_the_request_timeout_from_its_first_byte
+    headers_announcing_many_descriptors_commit_no_memory_before_the_bytes_arrive
+    accepting_at_the_descriptor_limit_does_not_spin
+    a_full_notification_queue_answers_the_sender_busy
+    a_record_pointed_at_another_block_never_serves_it
+    forged_and_replayed_messages_are_not_acted_upon
+    fabric_tcp_target_process_refuses_an_agent_with_another_secret
+    libfabric_is_mapped_only_where_the_fabric_transport_runs_and_keeps_the_signal_handlers
+    every_corpus_replays_without_a_panic
+    the_c_options_corpus_replays_without_a_panic
+    soak_for_a_minute_checks_every_byte_and_leaks_nothing
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }
