@@ -15,6 +15,8 @@
 #define BLOCK (64 * 1024)
 #define BLOCKS 16
 #define TIMEOUT_MS 30000
+/* Server and client are forked processes: they prove one cluster secret to each other. */
+#define SECRET "secret=the C two-process test's cluster secret"
 
 static uint8_t *alloc_blocks(void) {
     uint8_t *buf = aligned_alloc(4096, (size_t)BLOCKS * BLOCK);
@@ -55,8 +57,8 @@ static int serve(int info_fd, pid_t client) {
 
     kvferry_agent agent;
     /* TCP only: both processes share this host, where an agent would otherwise pick shared memory. */
-    const char *options[] = {"tcp.listen=127.0.0.1:0", "tcp.streams=2", "shm=off"};
-    CHECK_OK(kvferry_agent_create("c-server", options, 3, &agent));
+    const char *options[] = {"tcp.listen=127.0.0.1:0", "tcp.streams=2", "shm=off", SECRET};
+    CHECK_OK(kvferry_agent_create("c-server", options, 4, &agent));
     kvferry_registration reg;
     kvferry_region whole = {.addr = (uintptr_t)buf, .len = (uint64_t)BLOCKS * BLOCK, .mem_kind = KVFERRY_MEM_HOST};
     CHECK_OK(kvferry_register(agent, whole, &reg));
@@ -114,8 +116,8 @@ static int connect_and_move(int info_fd) {
     uint8_t *buf = alloc_blocks();
     memset(buf, 0, (size_t)BLOCKS * BLOCK);
     kvferry_agent agent;
-    const char *options[] = {"shm=off"};
-    CHECK_OK(kvferry_agent_create("c-client", options, 1, &agent));
+    const char *options[] = {"shm=off", SECRET};
+    CHECK_OK(kvferry_agent_create("c-client", options, 2, &agent));
     kvferry_registration reg;
     kvferry_region whole = {.addr = (uintptr_t)buf, .len = (uint64_t)BLOCKS * BLOCK, .mem_kind = KVFERRY_MEM_HOST};
     CHECK_OK(kvferry_register(agent, whole, &reg));

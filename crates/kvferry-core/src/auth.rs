@@ -258,6 +258,7 @@ impl Auth {
 
     /// A value derived from the cluster key for `label` over `parts`, each length-prefixed so that
     /// no two lists of parts give the same input; `None` without authentication.
+    #[cfg(feature = "fabric")]
     pub(crate) fn derive(&self, label: &[u8], parts: &[&[u8]]) -> Option<[u8; 32]> {
         let key = self.key.as_ref()?;
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key[..]).expect("HMAC takes any key");
