@@ -347,8 +347,11 @@ const char *kvferry_status_name(kvferry_status status);
 // `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`, `shm=on|off` (shared memory with peers on
 // this host, default on), `secret=S` (the cluster secret peers prove, at least 16 bytes; default:
 // the `KVFERRY_SECRET` or `KVFERRY_SECRET_FILE` environment variable, else a random secret of this
-// process), `auth=none` (no authentication, for closed networks only). An unknown key is an error;
-// so is turning every transport off.
+// process), `auth=none` (no authentication, for closed networks only), `tls.cert=PEM`,
+// `tls.key=PEM`, `tls.ca=PEM` (paths; all three turn TLS on for the side channel and TCP, off by
+// default; the cluster secret is still proven inside it), `tls.require_client_cert=on|off`
+// (mutual TLS, default off), `tls.server_name=NAME` (the name servers' certificates must carry;
+// default: the host dialled). An unknown key is an error; so is turning every transport off.
 //
 // Ownership: `name` and `options` are borrowed for the call. On success `*out` is a new agent
 // the caller owns and must release with `kvferry_agent_destroy`; on failure `*out` is untouched.

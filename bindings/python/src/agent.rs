@@ -117,7 +117,7 @@ impl Agent {
 #[pymethods]
 impl Agent {
     #[new]
-    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None, cuda_device = None, secret = None, auth = "env"))]
+    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None, cuda_device = None, secret = None, auth = "env", tls_cert = None, tls_key = None, tls_ca = None, tls_require_client_cert = false, tls_server_name = None))]
     #[allow(clippy::too_many_arguments, reason = "the constructor's keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -131,11 +131,25 @@ impl Agent {
         cuda_device: Option<u32>,
         secret: Option<&Bound<'_, PyAny>>,
         auth: &str,
+        tls_cert: Option<std::path::PathBuf>,
+        tls_key: Option<std::path::PathBuf>,
+        tls_ca: Option<std::path::PathBuf>,
+        tls_require_client_cert: bool,
+        tls_server_name: Option<String>,
     ) -> PyResult<Self> {
         let ip: IpAddr =
             host.parse().map_err(|_| PyValueError::new_err(format!("host must be an IP address, got {host:?}")))?;
         let auth = crate::auth::auth_config(secret, auth)?;
-        let defaults = AgentConfig { auth, ..AgentConfig::new(name.clone()) };
+        let tls = match (tls_cert, tls_key, tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(kvferry_core::TlsConfig {
+                require_client_cert: tls_require_client_cert,
+                server_name: tls_server_name,
+                ..kvferry_core::TlsConfig::new(cert, key, ca)
+            }),
+            (None, None, None) if !tls_require_client_cert && tls_server_name.is_none() => None,
+            _ => return Err(PyValueError::new_err("TLS needs all three of tls_cert, tls_key and tls_ca")),
+        };
+        let defaults = AgentConfig { auth, tls, ..AgentConfig::new(name.clone()) };
         let tcp_config = TcpConfig { listen: SocketAddr::new(ip, port), advertise_host, ..TcpConfig::default() };
         #[allow(unused_mut, reason = "only the fabric and cuda features add to the config")]
         let mut config = AgentConfig { tcp: tcp.then_some(tcp_config), shm: defaults.shm.filter(|_| shm), ..defaults };

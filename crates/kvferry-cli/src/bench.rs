@@ -14,7 +14,7 @@ use kvferry::transport::tcp::TcpConfig;
 use kvferry::{Agent, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
 use serde::Serialize;
 
-use crate::serve::{self, FabricArgs, MemoryArg, ServeArgs, Target};
+use crate::serve::{self, FabricArgs, MemoryArg, ServeArgs, Target, TlsArgs};
 use crate::tier_bench::{self, TierBenchArgs};
 use crate::{pattern, units};
 
@@ -105,6 +105,8 @@ pub struct BenchArgs {
     /// Serve the initiator's Prometheus metrics at `http://ADDR/metrics` while the bench runs.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Keep the metrics endpoint up this many seconds after the last row, for a final scrape.
     #[arg(long, default_value_t = 0.0, requires = "metrics")]
     pub linger: f64,
@@ -262,6 +264,7 @@ fn serve_args(args: &BenchArgs, buffer_size: u64) -> ServeArgs {
         metrics: args.metrics,
         etcd: Default::default(),
         limits: Default::default(),
+        tls: args.tls.clone(),
     }
 }
 
@@ -289,6 +292,7 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
     let tcp = TcpConfig { streams: args.streams, ..TcpConfig::default() };
     let name = format!("kvferry-bench-{}", std::process::id());
     let mut config = serve::agent_config(name, &args.transport, tcp, &args.fabric)?;
+    config.tls = args.tls.config();
     // Only `--transport shm` measures shared memory; otherwise a peer on this host would take it.
     config.shm =
         (args.transport == "shm").then(|| ShmConfig { copy_threads: args.copy_threads, ..ShmConfig::default() });

@@ -53,6 +53,40 @@ pub struct ServeArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS on the side channel and the TCP transport (off unless `--tls-cert` is given). The cluster
+/// secret is still proven inside it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This agent's certificate chain (PEM), presented when serving and as the client certificate.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The CA bundle (PEM) that peers' certificates must chain to.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Refuse clients without a certificate the CA signed (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_require_client_cert: bool,
+    /// The name servers' certificates must carry (default: the host of the endpoint dialled).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    pub fn config(&self) -> Option<kvferry::TlsConfig> {
+        let (cert, key, ca) = (self.tls_cert.clone()?, self.tls_key.clone()?, self.tls_ca.clone()?);
+        Some(kvferry::TlsConfig {
+            require_client_cert: self.tls_require_client_cert,
+            server_name: self.tls_server_name.clone(),
+            ..kvferry::TlsConfig::new(cert, key, ca)
+        })
+    }
 }
 
 /// What peers can make the served agent spend (`kvferry info` lists the defaults). They apply to
@@ -223,6 +257,7 @@ impl Target {
         let name = args.name.clone().unwrap_or_else(|| format!("kvferry-serve-{}", std::process::id()));
         let mut config = AgentConfig {
             limits: args.limits.agent_limits(),
+            tls: args.tls.config(),
             ..agent_config(name, &args.transport, tcp, &args.fabric)?
         };
         if let Some(shm) = config.shm.as_mut() {

@@ -21,6 +21,7 @@ use crate::memory::{MemRegion, Memory};
 use crate::metadata::{AgentMetadata, RegionInfo};
 use crate::metrics::Metrics;
 use crate::side_channel::{self, SideChannelServer};
+use crate::tls::TlsConfig;
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::staging::{Stager, StagingConfig};
 use crate::transport::tcp::{self, TcpConfig, TcpTransport};
@@ -129,6 +130,9 @@ pub struct AgentConfig {
     pub fabric: Option<crate::transport::fabric::FabricConfig>,
     /// How peers prove the cluster secret on every channel (see [`AuthConfig`]).
     pub auth: AuthConfig,
+    /// TLS on the side channel and the TCP transport (both directions); `None` (the default):
+    /// plain TCP after the cluster-secret handshake. An agent with TLS refuses peers without it.
+    pub tls: Option<TlsConfig>,
     /// What peers can make the agent spend: the side channel's connections, queued notifications,
     /// peers added through the side channel.
     pub limits: AgentLimits,
@@ -147,6 +151,7 @@ impl AgentConfig {
             #[cfg(feature = "fabric")]
             fabric: None,
             auth: AuthConfig::default(),
+            tls: None,
             limits: AgentLimits::default(),
         }
     }
@@ -485,7 +490,10 @@ impl Agent {
         if config.name.is_empty() || config.name.len() > u16::MAX as usize {
             return Err(Error::InvalidArgument("an agent name must be 1 to 65535 bytes".into()));
         }
-        let auth = Auth::resolve(&config.auth)?;
+        let mut auth = Auth::resolve(&config.auth)?;
+        if let Some(tls) = &config.tls {
+            auth = auth.with_tls(tls)?;
+        }
         let limits = config.limits.clone();
         let notifications =
             Arc::new(NotificationQueue::with_limits(limits.max_notifications, limits.max_notification_bytes));

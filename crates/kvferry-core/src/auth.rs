@@ -17,7 +17,8 @@
 //! metadata (which carries keys) to an endpoint that does not hold the secret. Authentication
 //! proves membership of the cluster, not a name: any holder of the secret may claim any agent name.
 //! Without TLS the bytes after the handshake are neither encrypted nor integrity-protected, so an
-//! attacker on the path (not merely one who can connect) can still read or alter them.
+//! attacker on the path (not merely one who can connect) can still read or alter them; with TLS
+//! ([`crate::tls`]) the side channel and the TCP transport run this handshake inside it.
 
 use std::fmt;
 use std::io;
@@ -29,9 +30,10 @@ use sha2::Sha256;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::net::DeadlineStream;
+use crate::tls::{PeerStream, Tls, TlsConfig};
 use crate::transport::TransferError;
 
-const MAGIC: [u8; 4] = *b"KVFA";
+pub(crate) const MAGIC: [u8; 4] = *b"KVFA";
 const VERSION: u8 = 1;
 const SCHEME_NONE: u8 = 0;
 const SCHEME_HMAC: u8 = 1;
@@ -40,8 +42,10 @@ const VERDICT_OK: u8 = 0;
 const VERDICT_REQUIRED: u8 = 1;
 /// The client's proof did not verify.
 const VERDICT_REFUSED: u8 = 2;
-/// The server does not authenticate, but the client requires it.
+/// The server does not speak the client's handshake version (or protocol).
 const VERDICT_VERSION: u8 = 3;
+/// The server uses TLS, and the client came without it.
+const VERDICT_TLS_REQUIRED: u8 = 4;
 const NONCE_LEN: usize = 32;
 const PROOF_LEN: usize = 32;
 const HELLO_LEN: usize = 8 + NONCE_LEN;
@@ -111,6 +115,8 @@ impl fmt::Debug for AuthConfig {
 pub struct Auth {
     key: Option<Arc<[u8; 32]>>,
     source: &'static str,
+    /// TLS for the side channel and the TCP transport, when configured.
+    tls: Option<Arc<Tls>>,
 }
 
 impl fmt::Debug for Auth {
@@ -141,7 +147,7 @@ impl Auth {
         match config {
             AuthConfig::Secret(secret) => {
                 check_len(secret, "the configuration")?;
-                Ok(Auth { key: Some(derive(secret)), source: "configured secret" })
+                Ok(Auth { key: Some(derive(secret)), source: "configured secret", tls: None })
             }
             AuthConfig::Disabled => Ok(Auth::disabled()),
             AuthConfig::FromEnv => Auth::from_env(),
@@ -161,14 +167,14 @@ impl Auth {
         if let Some(secret) = std::env::var_os(SECRET_ENV) {
             let secret = secret.as_encoded_bytes();
             check_len(secret, SECRET_ENV)?;
-            return Ok(Auth { key: Some(derive(secret)), source: "KVFERRY_SECRET" });
+            return Ok(Auth { key: Some(derive(secret)), source: "KVFERRY_SECRET", tls: None });
         }
         if let Some(path) = std::env::var_os(SECRET_FILE_ENV) {
             let secret = std::fs::read(&path)
                 .map_err(|e| Error::io(format!("reading the cluster secret from {}", path.to_string_lossy()), e))?;
             let secret = secret.trim_ascii_end();
             check_len(secret, SECRET_FILE_ENV)?;
-            return Ok(Auth { key: Some(derive(secret)), source: "KVFERRY_SECRET_FILE" });
+            return Ok(Auth { key: Some(derive(secret)), source: "KVFERRY_SECRET_FILE", tls: None });
         }
         Ok(Auth::process())
     }
@@ -181,11 +187,69 @@ impl Auth {
             getrandom::fill(&mut secret).expect("the OS random source failed");
             derive(&secret)
         });
-        Auth { key: Some(key.clone()), source: "a random secret of this process: only its own agents can be its peers" }
+        Auth {
+            key: Some(key.clone()),
+            source: "a random secret of this process: only its own agents can be its peers",
+            tls: None,
+        }
     }
 
     pub fn disabled() -> Auth {
-        Auth { key: None, source: "disabled" }
+        Auth { key: None, source: "disabled", tls: None }
+    }
+
+    /// The same, with TLS on the side channel and the TCP transport.
+    pub fn with_tls(self, config: &TlsConfig) -> Result<Auth> {
+        Ok(Auth { tls: Some(Arc::new(Tls::load(config)?)), ..self })
+    }
+
+    /// What TLS this agent uses, for `kvferry info`: `None` when off.
+    pub fn tls(&self) -> Option<String> {
+        self.tls.as_ref().map(|t| t.describe())
+    }
+
+    /// Open a channel to the server at `addr` (`host:port`) over `sock`, just connected: TLS when
+    /// configured, then the cluster-secret handshake inside it, all by `deadline`.
+    pub(crate) fn connect_stream(
+        &self,
+        sock: std::net::TcpStream,
+        addr: &str,
+        channel: Channel,
+        deadline: Deadline,
+    ) -> std::result::Result<PeerStream, AuthError> {
+        let mut stream = match &self.tls {
+            Some(tls) => PeerStream::connect_tls(sock, tls, addr, deadline).map_err(AuthError::from_tls)?,
+            None => PeerStream::plain(sock),
+        };
+        self.client(&mut stream, channel, deadline)?;
+        Ok(stream)
+    }
+
+    /// Serve the opening of a channel on `stream`, just accepted: TLS when configured (a client
+    /// without it is told it is required), then the cluster-secret handshake, by `deadline`.
+    pub(crate) fn accept_stream(
+        &self,
+        stream: &mut PeerStream,
+        channel: Channel,
+        deadline: Deadline,
+    ) -> std::result::Result<(), AuthError> {
+        if let Some(tls) = &self.tls
+            && !stream.accept_tls(tls, deadline).map_err(AuthError::from_tls)?
+        {
+            // Its plain hello first, so that closing leaves nothing unread (which would reset the
+            // connection before the client reads why).
+            let mut hello = [0u8; HELLO_LEN];
+            if stream.read_exact_by(&mut hello, deadline).is_ok() {
+                let mut answer = [0u8; ANSWER_LEN];
+                answer[..4].copy_from_slice(&MAGIC);
+                answer[4] = VERSION;
+                answer[5] = self.scheme();
+                answer[6] = VERDICT_TLS_REQUIRED;
+                let _ = stream.write_all_by(&answer, deadline);
+            }
+            return Err(AuthError::Refused("the client does not use TLS, and this agent requires it".into()));
+        }
+        self.server(stream, channel, deadline)
     }
 
     pub fn enabled(&self) -> bool {
@@ -307,6 +371,9 @@ impl Auth {
         match answer[6] {
             VERDICT_OK => {}
             VERDICT_REQUIRED => return Err(AuthError::Refused("the peer requires the cluster secret".into())),
+            VERDICT_TLS_REQUIRED => {
+                return Err(AuthError::Refused("the peer requires TLS, and this agent does not use it".into()));
+            }
             VERDICT_VERSION => {
                 return Err(AuthError::Protocol(format!("the peer speaks handshake version {}", answer[4])));
             }
@@ -424,9 +491,26 @@ impl AuthError {
     }
 }
 
+impl AuthError {
+    /// A failed TLS handshake: a question of trust (a certificate refused, a peer without TLS)
+    /// is a refusal, anything else the connection's failure.
+    fn from_tls(e: io::Error) -> AuthError {
+        match e.kind() {
+            io::ErrorKind::PermissionDenied => AuthError::Refused(e.to_string()),
+            io::ErrorKind::InvalidData => AuthError::Protocol(e.to_string()),
+            _ => AuthError::Io(e),
+        }
+    }
+}
+
 impl From<io::Error> for AuthError {
     fn from(e: io::Error) -> Self {
-        AuthError::Io(e)
+        match e.kind() {
+            // TLS refusing trust after its handshake (TLS 1.3 checks a client's certificate once
+            // the client has finished, so the client learns of it on its next read).
+            io::ErrorKind::PermissionDenied => AuthError::Refused(e.to_string()),
+            _ => AuthError::Io(e),
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod metrics;
 mod net;
 pub mod side_channel;
 pub mod tier;
+pub mod tls;
 pub mod transport;
 pub use agent::{
     Agent, AgentConfig, DescError, DescSide, LinkGap, Notification, PreparedDescs, Registration, Transfer,
@@ -25,6 +26,7 @@ pub use agent::{
 pub use auth::{Auth, AuthConfig};
 pub use deadline::Deadline;
 pub use error::{Error, ErrorCode, Result};
+pub use tls::TlsConfig;
 
 pub use layout::{KvLayout, KvPlacement, Region, Selection};
 pub use limits::{AgentLimits, ServeLimits};

@@ -12,7 +12,7 @@
 //! On an exchange the server also adds the caller as a peer, so either side can start transfers.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -21,7 +21,8 @@ use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::limits::{Budget, Reservation, ServeLimits};
-use crate::net::{self, DeadlineStream, Next, Server, Service, recv_ready};
+use crate::net::{self, DeadlineStream, Next, Server, Service};
+use crate::tls::{PeerListener, PeerStream};
 use crate::transport::{Op, TransferError};
 
 const MAGIC: [u8; 4] = *b"KVFS";
@@ -61,7 +62,7 @@ pub(crate) fn serve(agent: Weak<AgentInner>, listen: SocketAddr, limits: ServeLi
         None => return Err(Error::InvalidArgument("the agent is gone".into())),
     };
     let service = Arc::new(SideChannel { agent, auth, budget: Budget::new(limits.request_bytes) });
-    let server = Server::start(listener, "kvferry-side-channel", service, limits)?;
+    let server = Server::start(PeerListener(listener), "kvferry-side-channel", service, limits)?;
     Ok(SideChannelServer { addr, _server: server })
 }
 
@@ -81,7 +82,7 @@ struct Request {
 }
 
 impl Service for SideChannel {
-    type Stream = TcpStream;
+    type Stream = PeerStream;
     type Conn = Request;
     type Worker = ();
 
@@ -89,18 +90,18 @@ impl Service for SideChannel {
         SERVE_TIMEOUT
     }
 
-    fn handshake(&self, stream: &mut TcpStream, deadline: Deadline) -> io::Result<Request> {
-        self.auth.server(stream, Channel::Exchange, deadline).map_err(|e| match e {
+    fn handshake(&self, stream: &mut PeerStream, deadline: Deadline) -> io::Result<Request> {
+        self.auth.accept_stream(stream, Channel::Exchange, deadline).map_err(|e| match e {
             AuthError::Io(e) => e,
             other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
         })?;
         Ok(Request { head: [0; 12], got: 0, body: Vec::new(), held: self.budget.reservation() })
     }
 
-    fn readable(&self, stream: &mut TcpStream, req: &mut Request, _: &mut (), deadline: Deadline) -> io::Result<Next> {
+    fn readable(&self, stream: &mut PeerStream, req: &mut Request, _: &mut (), deadline: Deadline) -> io::Result<Next> {
         let parked = |req: &Request| if req.got == 0 { Next::Idle } else { Next::Park };
         while req.got < req.head.len() {
-            match recv_ready(stream, &mut req.head[req.got..]) {
+            match stream.recv_ready(&mut req.head[req.got..], deadline) {
                 Ok(0) => return Ok(Next::Close),
                 Ok(n) => req.got += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(parked(req)),
@@ -122,7 +123,7 @@ impl Service for SideChannel {
                 return Ok(Next::Close);
             }
             req.body.resize(end, 0);
-            match recv_ready(stream, &mut req.body[start..]) {
+            match stream.recv_ready(&mut req.body[start..], deadline) {
                 Ok(0) => return Ok(Next::Close),
                 Ok(n) => req.body.truncate(start + n),
                 Err(e) => {
@@ -195,13 +196,13 @@ pub fn exchange(auth: &Auth, addr: &str, own: Option<&[u8]>, deadline: Deadline)
     let unreachable =
         |cause: String| Error::from(TransferError::PeerUnreachable { peer: addr.into(), endpoint: addr.into(), cause });
     let protocol = |detail: String| Error::from(TransferError::Protocol { peer: addr.into(), detail });
-    let mut stream = net::connect_within(addr, deadline).map_err(unreachable)?;
+    let stream = net::connect_within(addr, deadline).map_err(unreachable)?;
     let io_err = |e: io::Error| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => unreachable("timed out".into()),
         io::ErrorKind::InvalidData => protocol(e.to_string()),
         _ => unreachable(e.to_string()),
     };
-    auth.client(&mut stream, Channel::Exchange, deadline).map_err(|e| e.into_error(addr))?;
+    let mut stream = auth.connect_stream(stream, addr, Channel::Exchange, deadline).map_err(|e| e.into_error(addr))?;
     let request = match own {
         Some(md) => frame(OP_EXCHANGE, md),
         None => frame(OP_GET, &[]),

@@ -36,6 +36,11 @@ class Agent(_Closes):
         cuda_device: Optional[int] = None,
         secret: Optional[Union[str, bytes]] = None,
         auth: Literal["env", "none"] = "env",
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_ca: Optional[str] = None,
+        tls_require_client_cert: bool = False,
+        tls_server_name: Optional[str] = None,
     ) -> None: ...
     @property
     def name(self) -> str: ...

@@ -18,6 +18,8 @@ use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::MemKind;
+use crate::net::DeadlineStream;
+use crate::tls::PeerStream;
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, TransferError};
 
@@ -168,15 +170,16 @@ impl PeerLink for TcpLink {
 
 /// A stream's connection, and the hook that cuts it off from another thread.
 struct Conn {
-    stream: TcpStream,
+    stream: PeerStream,
     cut: AbortHook,
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> io::Result<Conn> {
+    fn new(stream: PeerStream) -> io::Result<Conn> {
         // A second handle on the same socket: shutting the socket down through it makes a call
-        // blocked on the first return at once. Owning it (not a raw fd) rules out closing a reused fd.
-        let handle = stream.try_clone()?;
+        // blocked on the first return at once (TLS or not). Owning it (not a raw fd) rules out
+        // closing a reused fd.
+        let handle = stream.socket().try_clone()?;
         let cut: AbortHook = Arc::new(move || {
             let _ = handle.shutdown(Shutdown::Both);
         });
@@ -259,40 +262,38 @@ fn exchange(
 
 /// Bound the next blocking call on `stream` by `until`: the socket's timeout is what is left of it,
 /// so however the peer trickles, the calls of one request together end by `until`.
-fn bound_by(stream: &TcpStream, until: Deadline, read: bool) -> io::Result<()> {
+/// Under TLS one call may take several system calls; each is bounded the same way.
+fn bound_by(stream: &PeerStream, until: Deadline) -> io::Result<()> {
     let left = until.remaining();
     if left.is_zero() {
         return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
     }
-    match read {
-        true => stream.set_read_timeout(Some(left)),
-        false => stream.set_write_timeout(Some(left)),
-    }
+    stream.set_timeouts(left)
 }
 
 /// A request's use of its connection: every call is bounded by the batch's absolute deadline and
 /// refused once the batch is stopping.
 struct Io<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut PeerStream,
     completion: &'a Completion,
 }
 
 impl Io<'_> {
-    fn ready(completion: &Completion, stream: &TcpStream, read: bool) -> io::Result<()> {
+    fn ready(completion: &Completion, stream: &PeerStream) -> io::Result<()> {
         if completion.stopping() && !completion.deadline().expired() {
             return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the transfer was stopped"));
         }
-        bound_by(stream, completion.deadline(), read)
+        bound_by(stream, completion.deadline())
     }
 
     fn write_all(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         let c = self.completion;
-        wire::write_all_vectored_with(self.stream, bufs, |s| Io::ready(c, s, false))
+        wire::write_all_vectored_with(self.stream, bufs, |s| Io::ready(c, s))
     }
 
     fn read_exact(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         let c = self.completion;
-        wire::read_exact_vectored_with(self.stream, bufs, |s| Io::ready(c, s, true))
+        wire::read_exact_vectored_with(self.stream, bufs, |s| Io::ready(c, s))
     }
 
     fn read_response(&mut self) -> Result<Header, Failure> {
@@ -322,11 +323,12 @@ fn connect(info: &LinkInfo, until: Deadline) -> Result<Conn, ConnectFailure> {
             break;
         }
         match TcpStream::connect_timeout(&addr, left) {
-            Ok(mut stream) => {
-                info.auth.client(&mut stream, Channel::Tcp, until).map_err(|e| match e {
-                    AuthError::Refused(why) => ConnectFailure::Unauthenticated(why),
-                    other => ConnectFailure::Unreachable(other.to_string()),
-                })?;
+            Ok(stream) => {
+                let mut stream =
+                    info.auth.connect_stream(stream, &info.address, Channel::Tcp, until).map_err(|e| match e {
+                        AuthError::Refused(why) => ConnectFailure::Unauthenticated(why),
+                        other => ConnectFailure::Unreachable(other.to_string()),
+                    })?;
                 handshake(info, &mut stream, until).map_err(ConnectFailure::Unreachable)?;
                 return Conn::new(stream).map_err(|e| ConnectFailure::Unreachable(format!("handshake failed: {e}")));
             }
@@ -336,15 +338,14 @@ fn connect(info: &LinkInfo, until: Deadline) -> Result<Conn, ConnectFailure> {
     Err(ConnectFailure::Unreachable(last))
 }
 
-fn handshake(info: &LinkInfo, stream: &mut TcpStream, until: Deadline) -> Result<(), String> {
+fn handshake(info: &LinkInfo, stream: &mut PeerStream, until: Deadline) -> Result<(), String> {
     let io = |e: io::Error| format!("handshake failed: {e}");
-    stream.set_nodelay(true).map_err(io)?;
-    super::set_keepalive(stream).map_err(io)?;
+    stream.socket().set_nodelay(true).map_err(io)?;
+    super::set_keepalive(stream.socket()).map_err(io)?;
     let hello = wire::encode_hello(&info.local_name);
-    wire::write_all_vectored_with(stream, &mut [IoSlice::new(&hello)], |s| bound_by(s, until, false)).map_err(io)?;
+    wire::write_all_vectored_with(stream, &mut [IoSlice::new(&hello)], |s| bound_by(s, until)).map_err(io)?;
     let mut ack = [0u8; wire::HELLO_ACK_LEN];
-    wire::read_exact_vectored_with(stream, &mut [IoSliceMut::new(&mut ack)], |s| bound_by(s, until, true))
-        .map_err(io)?;
+    wire::read_exact_vectored_with(stream, &mut [IoSliceMut::new(&mut ack)], |s| bound_by(s, until)).map_err(io)?;
     let version = u16::from_le_bytes([ack[4], ack[5]]);
     if ack[..4] != wire::MAGIC {
         return Err("the endpoint is not a kvferry tcp transport".into());
@@ -400,6 +401,7 @@ fn run_frame(
                 return Ok(());
             }
             // Zero-copy: the kernel writes the payload straight into the registered local memory.
+            // Under TLS, one copy: rustls decrypts into its buffer, then copies into this memory.
             let mut dst = unsafe { wire::slices_mut(frame.local.iter().copied().zip(lens)) };
             io.read_exact(&mut dst)?;
         }
@@ -413,7 +415,8 @@ fn run_frame(
             }
             let mut bufs = Vec::with_capacity(1 + frame.descs.len());
             bufs.push(IoSlice::new(&head));
-            // Zero-copy: the kernel reads straight from the registered local memory.
+            // Zero-copy: the kernel reads straight from the registered local memory. Under TLS,
+            // rustls encrypts from it into its record buffer: one copy.
             bufs.extend(unsafe { wire::slices(frame.local.iter().copied().zip(lens)) });
             io.write_all(&mut bufs)?;
             io.read_response()?;

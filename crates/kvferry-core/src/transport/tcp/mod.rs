@@ -1,7 +1,9 @@
 //! The TCP transport: the fallback that works between any two hosts.
 //!
 //! Data moves with `writev`/`readv` straight between registered memory and the socket: no
-//! intermediate buffer in user space (the kernel's own socket copies remain). Several streams per
+//! intermediate buffer in user space (the kernel's own socket copies remain). With TLS
+//! ([`crate::tls`]) that becomes one copy: rustls encrypts from, and decrypts into its buffer and
+//! then into, registered memory. Several streams per
 //! peer, each with its own worker thread, carry the frames of a batch in parallel. The target
 //! serves every connection with a fixed set of threads ([`crate::net::Server`]).
 
@@ -21,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::limits::ServeLimits;
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Server;
+use crate::tls::PeerListener;
 use crate::transport::keys;
 use crate::transport::staging::Stager;
 use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys};
@@ -100,7 +103,7 @@ impl TcpTransport {
         let listener = std::net::TcpListener::bind(config.listen)
             .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
         let listen_addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
-        let server = Server::start(listener, "kvferry-tcp", shared.clone(), config.limits.clone())?;
+        let server = Server::start(PeerListener(listener), "kvferry-tcp", shared.clone(), config.limits.clone())?;
         let host = match &config.advertise_host {
             Some(h) => h.clone(),
             None if listen_addr.ip().is_unspecified() => {

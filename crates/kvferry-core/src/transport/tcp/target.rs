@@ -3,7 +3,6 @@
 //! table (key, range) before a byte moves; nothing from the wire is trusted.
 
 use std::io::{self, IoSlice};
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +12,8 @@ use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
 use crate::memory::MemKind;
-use crate::net::{DeadlineStream, Next, Service, recv_ready};
+use crate::net::{DeadlineStream, Next, Service};
+use crate::tls::PeerStream;
 use crate::transport::keys::{Cut, KeyTable};
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
@@ -84,7 +84,7 @@ pub(super) struct Worker {
 }
 
 impl Service for TargetShared {
-    type Stream = TcpStream;
+    type Stream = PeerStream;
     type Conn = Conn;
     type Worker = Worker;
 
@@ -92,11 +92,11 @@ impl Service for TargetShared {
         self.request_timeout
     }
 
-    fn handshake(&self, stream: &mut TcpStream, deadline: Deadline) -> io::Result<Conn> {
-        stream.set_nodelay(true)?;
-        super::set_keepalive(stream)?;
+    fn handshake(&self, stream: &mut PeerStream, deadline: Deadline) -> io::Result<Conn> {
+        stream.socket().set_nodelay(true)?;
+        super::set_keepalive(stream.socket())?;
         // Nothing but the handshake is read from a connection that has not proven the secret.
-        self.auth.server(stream, Channel::Tcp, deadline).map_err(|e| match e {
+        self.auth.accept_stream(stream, Channel::Tcp, deadline).map_err(|e| match e {
             AuthError::Io(e) => e,
             other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
         })?;
@@ -106,7 +106,7 @@ impl Service for TargetShared {
 
     fn readable(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut PeerStream,
         conn: &mut Conn,
         worker: &mut Worker,
         deadline: Deadline,
@@ -114,7 +114,7 @@ impl Service for TargetShared {
         loop {
             match &mut conn.reading {
                 Reading::Header { buf, got } => {
-                    match recv_ready(stream, &mut buf[*got..]) {
+                    match stream.recv_ready(&mut buf[*got..], deadline) {
                         Ok(0) => return Ok(Next::Close),
                         Ok(n) => *got += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -164,7 +164,7 @@ impl Service for TargetShared {
                             buf.reserve_exact(more - start);
                         }
                         buf.resize(start + chunk, 0);
-                        match recv_ready(stream, &mut buf[start..]) {
+                        match stream.recv_ready(&mut buf[start..], deadline) {
                             Ok(0) => return Ok(Next::Close),
                             Ok(n) => buf.truncate(start + n),
                             Err(e) => {
@@ -196,7 +196,7 @@ impl Service for TargetShared {
                 }
                 Reading::Notification { buf, got, .. } => {
                     if *got < buf.len() {
-                        match recv_ready(stream, &mut buf[*got..]) {
+                        match stream.recv_ready(&mut buf[*got..], deadline) {
                             Ok(0) => return Ok(Next::Close),
                             Ok(n) => *got += n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Next::Park),
@@ -229,18 +229,18 @@ impl Service for TargetShared {
 
 /// Refuse a request for a limit and close: its remaining bytes were not read, so the stream is out
 /// of step.
-fn busy_close(stream: &mut TcpStream, what: u32, deadline: Deadline) -> io::Result<Next> {
+fn busy_close(stream: &mut PeerStream, what: u32, deadline: Deadline) -> io::Result<Next> {
     let _ = respond_busy(stream, what, deadline);
     Ok(Next::Close)
 }
 
-fn respond_busy(stream: &mut TcpStream, what: u32, deadline: Deadline) -> io::Result<()> {
+fn respond_busy(stream: &mut PeerStream, what: u32, deadline: Deadline) -> io::Result<()> {
     let header = Header { tag: wire::STATUS_BUSY, count: what, payload_len: 0 };
     stream.write_all_by(&header.encode(), deadline)
 }
 
 /// Reads the initiator's hello; returns its agent name.
-fn accept_hello(stream: &mut TcpStream, deadline: Deadline) -> io::Result<String> {
+fn accept_hello(stream: &mut PeerStream, deadline: Deadline) -> io::Result<String> {
     let mut head = [0u8; 8];
     stream.read_exact_by(&mut head, deadline)?;
     if head[..4] != wire::MAGIC {
@@ -263,7 +263,7 @@ fn accept_hello(stream: &mut TcpStream, deadline: Deadline) -> io::Result<String
 }
 
 fn respond(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     status: Result<u64, (u32, RejectReason)>,
     payload: &[IoSlice<'_>],
     deadline: Deadline,
@@ -304,7 +304,7 @@ fn staging_failed(e: StageError) -> io::Error {
 
 /// Shuts the request's connection down when its region is deregistered. The raw descriptor stays
 /// valid for as long as the cut is registered: the request ends before its connection is closed.
-fn cut_of(stream: &TcpStream) -> Cut {
+fn cut_of(stream: &PeerStream) -> Cut {
     let fd = stream.as_raw_fd();
     // SAFETY: shutdown(2) on a socket this connection still owns (see above).
     Arc::new(move || unsafe {
@@ -313,7 +313,7 @@ fn cut_of(stream: &TcpStream) -> Cut {
 }
 
 fn serve_read(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     shared: &TargetShared,
     descs: &[WireDesc],
     bounce: &mut Option<Bounce>,
@@ -330,7 +330,7 @@ fn serve_read(
                     .map_err(staging_failed);
             }
             // Zero-copy: the kernel reads straight from the registered memory, which `_held` keeps
-            // registered until the send is done.
+            // registered until the send is done (under TLS, rustls encrypts from it: one copy).
             let payload = unsafe { wire::slices(descs.iter().map(|d| (d.addr, d.len))) };
             respond(stream, Ok(total), &payload, deadline)
         }
@@ -338,7 +338,7 @@ fn serve_read(
 }
 
 fn serve_write(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     shared: &TargetShared,
     descs: &[WireDesc],
     payload_len: u64,
@@ -361,7 +361,8 @@ fn serve_write(
                     .map_err(staging_failed)?;
                 return respond(stream, Ok(0), &[], deadline);
             }
-            // Zero-copy: the kernel writes straight into the registered memory.
+            // Zero-copy: the kernel writes straight into the registered memory (under TLS, rustls
+            // decrypts into its buffer and copies from there into it: one copy).
             let mut dst = unsafe { wire::slices_mut(descs.iter().map(|d| (d.addr, d.len))) };
             wire::read_exact_vectored_by(stream, &mut dst, deadline)?;
             respond(stream, Ok(0), &[], deadline)
@@ -370,7 +371,7 @@ fn serve_write(
 }
 
 /// Discard a rejected request's payload so the stream stays in step. Only the error path copies.
-fn drain(stream: &mut TcpStream, mut len: u64, deadline: Deadline) -> io::Result<()> {
+fn drain(stream: &mut PeerStream, mut len: u64, deadline: Deadline) -> io::Result<()> {
     let mut sink = [0u8; 64 * 1024];
     while len > 0 {
         let n = len.min(sink.len() as u64) as usize;
