@@ -245,7 +245,9 @@ fn a_peer_that_never_answers_the_handshake_fails_the_batch_at_its_deadline() {
     let completion = Arc::new(Completion::new("silent", Op::Read, 4096, None, deadline));
     link.post(Batch { ops: vec![op], completion: completion.clone(), keep_alive: Arc::new(()) }).unwrap();
     let e = completion.wait().unwrap_err();
-    assert_eq!(e.code(), ErrorCode::Unauthenticated, "{e}");
+    // At the deadline: the waiter's Timeout, or the rail's Unauthenticated when it settles first.
+    assert!(matches!(e.code(), ErrorCode::Timeout | ErrorCode::Unauthenticated), "{e}");
+    assert!(deadline.expired(), "it waited for the deadline: the peer was given its chance");
     assert_eq!(abuf.to_vec(), vec![0u8; 4096], "nothing was read");
 }
 
