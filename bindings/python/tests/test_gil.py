@@ -97,6 +97,12 @@ def test_threads_share_one_agent(pair):
     assert np.array_equal(source, dest)
 
 
+def _state(pid: int) -> str:
+    """The process's state letter (`T` once stopped)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
 @pytest.mark.parametrize("how", ["deregister", "refcount", "collector"])
 def test_a_deregistration_cuts_off_a_read_from_a_stopped_peer_and_lands_nothing(how):
     """The drop of a registration with a READ in flight from a stopped peer does not wait for the
@@ -112,6 +118,10 @@ def test_a_deregistration_cuts_off_a_read_from_a_stopped_peer_and_lands_nothing(
             remote = agent.prepare_remote("peer", [(info["addr"], BLOCK * BLOCKS)])
             local = agent.prepare_local([(reg.addr, reg.length)])
             os.kill(peer.pid, signal.SIGSTOP)
+            until = time.monotonic() + 30
+            while _state(peer.pid) != "T":  # the stop is delivered asynchronously
+                assert time.monotonic() < until, "the peer did not stop"
+                time.sleep(0.01)
             transfer = agent.read(local, [0], remote, [0], timeout=60)
             started = time.monotonic()
             if how == "deregister":
@@ -125,8 +135,7 @@ def test_a_deregistration_cuts_off_a_read_from_a_stopped_peer_and_lands_nothing(
                 gc.collect()
             took = time.monotonic() - started
             assert took < 20, f"the drop waited {took:.1f} s for a stopped peer"
-            with open(f"/proc/{peer.pid}/stat") as stat:
-                assert stat.read().rsplit(")", 1)[1].split()[0] == "T", "the peer is still stopped"
+            assert _state(peer.pid) == "T", "the peer is still stopped"
             with pytest.raises(kvferry.KvferryError) as stopped:
                 transfer.wait()
             assert stopped.value.code in (kvferry.ERROR_CODES["Cancelled"], kvferry.ERROR_CODES["NotRegistered"])
