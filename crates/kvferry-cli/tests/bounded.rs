@@ -363,3 +363,39 @@ fn headers_announcing_many_descriptors_commit_no_memory_before_the_bytes_arrive(
     honest_read(&served, "after-headers");
     drop(streams);
 }
+
+#[test]
+fn three_thousand_idle_connections_and_five_hundred_exchanges_cost_no_thread() {
+    raise_nofile();
+    let served = Served::start(
+        &["--max-unauthenticated", "4000", "--max-connections-per-ip", "4000", "--handshake-timeout", "120"],
+        None,
+    );
+    honest_read(&served, "bounded-many-warmup");
+    let (threads, fds, rss_kib) = (served.status("Threads:"), served.fds(), served.status("VmRSS:"));
+    let idle: Vec<TcpStream> = (0..3000).map(|_| TcpStream::connect(&served.tcp).unwrap()).collect();
+    wait_for("the 3000 connections to be accepted", || served.fds() >= fds + 2990);
+    // 500 members exchange metadata under fresh names: each becomes a peer of the served agent.
+    let auth = kvferry::Auth::resolve(&AuthConfig::Secret(SECRET.into())).unwrap();
+    for i in 0..500 {
+        let md = kvferry::metadata::AgentMetadata {
+            name: format!("exchanged-{i}"),
+            generation: 1,
+            endpoints: vec![kvferry::transport::Endpoint { kind: TransportKind::Tcp, address: "127.0.0.1:9".into() }],
+            regions: vec![],
+        };
+        let deadline = Deadline::after(Duration::from_secs(30));
+        kvferry::side_channel::exchange(&auth, &served.side_channel, Some(&md.encode()), deadline).unwrap();
+    }
+    let (threads_after, fds_after, rss_after) = (served.status("Threads:"), served.fds(), served.status("VmRSS:"));
+    eprintln!(
+        "kvferry serve: {threads} → {threads_after} threads, {fds} → {fds_after} fds, {rss_kib} → {rss_after} KiB \
+         after 3000 idle connections and 500 exchanges"
+    );
+    assert_eq!(threads_after, threads, "connections and exchanged peers add no thread");
+    // One descriptor per open connection; the exchanges' own connections are closed.
+    assert!(fds_after <= fds + 3000 + 16, "{fds} → {fds_after} descriptors");
+    assert!(rss_after.saturating_sub(rss_kib) < 64 * 1024, "RSS grew from {rss_kib} to {rss_after} KiB");
+    honest_read(&served, "bounded-many-after");
+    drop(idle);
+}
