@@ -359,11 +359,19 @@ impl Soak<'_> {
                     self.check(i, t, offset, len, max);
                 }
                 let after = self.initiators[i].buffer.to_vec();
+                let outcome = transfer.wait();
                 if after[..max as usize] != snapshot[..max as usize] {
-                    eprintln!("kvferry soak: bytes landed after cancel returned");
+                    let changed = (0..max as usize).filter(|&b| after[b] != snapshot[b]).count();
+                    eprintln!(
+                        "kvferry soak: {changed} bytes landed after cancel returned ({} to {} over {}, {:?}, {outcome:?})",
+                        self.initiators[i].agent.name(),
+                        self.targets[t].name,
+                        transfer.transport(),
+                        transfer.mode(),
+                    );
                     self.report.failures.bytes_after_cancel += 1;
                 }
-                if let Err(e) = transfer.wait() {
+                if let Err(e) = outcome {
                     *self.report.errors.entry(e.code().name().to_string()).or_default() += 1;
                 }
             }

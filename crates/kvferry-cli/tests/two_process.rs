@@ -436,6 +436,34 @@ fn shm_killing_the_target_mid_transfer_fails_within_the_deadline() {
 }
 
 #[test]
+fn shm_a_read_that_failed_at_its_deadline_lands_nothing_when_the_stopped_owner_resumes() {
+    let len: u64 = 1 << 20;
+    for (memory, _) in SHM_MODES {
+        let (agent, buf, _reg) = shm_initiator("shm-stopped-owner", 2 * len as usize);
+        buf.write_at(0, &vec![0x5A; 2 * len as usize]).unwrap();
+        let served = Served::start_with("1M", 9, &["--memory", memory]);
+        let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
+        let remote = agent.prepare_remote(&peer, &[served.region(0, len)]).unwrap();
+        let first = agent.prepare_local(&[MemRegion { len, ..buf.region() }]).unwrap();
+        // Stopped before the read asks for its grant: the read waits on the owner's answer.
+        let stop = Command::new("kill").args(["-STOP", &served.child.id().to_string()]).status().unwrap();
+        assert!(stop.success());
+        let stopped = agent.read(&first, &[0], &remote, &[0], Deadline::after(Duration::from_millis(500))).unwrap();
+        let e = stopped.wait().unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Timeout, "{memory}: {e}");
+        let resume = Command::new("kill").args(["-CONT", &served.child.id().to_string()]).status().unwrap();
+        assert!(resume.success());
+        // A second read on the same link runs after whatever the first one still had to do.
+        let second_region = MemRegion { addr: buf.region().addr + len, len, kind: MemKind::Host };
+        let second = agent.prepare_local(&[second_region]).unwrap();
+        agent.read(&second, &[0], &remote, &[0], soon()).unwrap().wait().unwrap();
+        let bytes = buf.to_vec();
+        assert_eq!(pattern::first_mismatch(&bytes[len as usize..], 9, 0), None, "{memory}: the second read");
+        assert!(bytes[..len as usize].iter().all(|&b| b == 0x5A), "{memory}: bytes landed after the read failed");
+    }
+}
+
+#[test]
 fn shm_target_process_rejects_unregistered_ranges_and_forged_keys() {
     for (memory, mode) in SHM_MODES {
         let served = Served::start_with("1M", 3, &["--memory", memory]);

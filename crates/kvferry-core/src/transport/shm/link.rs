@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::memory::host::{HostBuffer, HostDevice};
 use crate::memory::{CopyOp, MemRegion};
 use crate::net::DeadlineStream;
-use crate::transport::{Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp};
+use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp};
 
 /// A peer's region as this transport reaches it.
 #[derive(Debug, Clone, Copy)]
@@ -188,10 +188,19 @@ impl ShmLink {
     /// Start a worker and return its queue.
     fn spawn(&self) -> io::Result<mpsc::Sender<Batch>> {
         let (jobs, batches) = mpsc::channel::<Batch>();
+        let cut_handle: Arc<Mutex<Option<UnixStream>>> = Arc::default();
+        let handle = cut_handle.clone();
+        let cut: AbortHook = Arc::new(move || {
+            if let Some(stream) = handle.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        });
         let worker = Worker {
             info: self.info.clone(),
             regions: self.regions.clone(),
             conn: None,
+            cut_handle,
+            cut,
             grants: HashMap::new(),
             device: self.device.clone(),
         };
@@ -211,7 +220,7 @@ impl PeerLink for ShmLink {
                 self.peer, op.remote_region
             )));
         }
-        batch.completion.set_parts(1);
+        batch.completion.set_guarded_parts(1);
         let mut jobs = self.jobs.lock().unwrap();
         let batch = match jobs.as_ref() {
             Some(queue) => match queue.send(batch) {
@@ -268,6 +277,10 @@ struct Worker {
     info: Arc<LinkInfo>,
     regions: Arc<Vec<Option<RemoteShm>>>,
     conn: Option<Connected>,
+    /// A second handle on `conn`'s socket, for the abort hook of a running part: shutting it down
+    /// makes a call blocked on the owner (a grant, a WRITE's answer) return at once.
+    cut_handle: Arc<Mutex<Option<UnixStream>>>,
+    cut: AbortHook,
     /// Grants received on this connection, by key.
     grants: HashMap<u128, Grant>,
     device: Arc<HostDevice>,
@@ -310,11 +323,25 @@ impl Worker {
 
     fn run_batch(&mut self, batch: &Batch) {
         let completion = &*batch.completion;
-        let result = match completion.skip_reason() {
-            Some(e) => Err(e),
-            None if batch.ops.is_empty() => Ok(()),
-            None if completion.op() == Op::Write => self.write(completion, &batch.ops),
-            None => self.read(completion, &batch.ops),
+        // A guarded part: a stop (cancel, failure, the deadline) cuts the connection and waits for
+        // the part to end, so no byte lands in local memory after it; the copies themselves are
+        // local and end by themselves.
+        let result = match completion.start_part(Some(self.cut.clone())) {
+            Err(e) => Err(e),
+            Ok(part) => {
+                let result = match batch.ops.is_empty() {
+                    true => Ok(()),
+                    false if completion.op() == Op::Write => self.write(completion, &batch.ops),
+                    false => self.read(completion, &batch.ops),
+                };
+                if part.end() {
+                    // What the hook cut is unusable; the stop's reason is the batch's.
+                    self.disconnect();
+                    Err(completion.skip_reason().unwrap_or_else(|| completion.timeout_error()))
+                } else {
+                    result
+                }
+            }
         };
         if let PartOutcome::LastOk { notification } = completion.part_done(result) {
             let sent = match notification {
@@ -351,6 +378,7 @@ impl Worker {
             }
             // Grants name slots of the previous connection's lease file; ask afresh.
             self.grants.clear();
+            *self.cut_handle.lock().unwrap_or_else(|e| e.into_inner()) = conn.stream.try_clone().ok();
             self.conn = Some(conn);
         }
         if c.deadline().expired() {
@@ -370,6 +398,7 @@ impl Worker {
     /// Forget the connection and everything granted on it.
     fn disconnect(&mut self) {
         self.conn = None;
+        *self.cut_handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.grants.clear();
     }
 
