@@ -3,7 +3,7 @@
 //! given input and never panics on any input (a panic is the bug a fuzzer finds). Some also check
 //! an invariant of what the decoder accepted. Built only with the `fuzzing` feature; not an API.
 //!
-//! Inputs that travel over a stream are fed through [`Wire`], an in-memory stream that hands out
+//! Inputs that travel over a stream are fed through `Wire`, an in-memory stream that hands out
 //! the input a few bytes per read (so the decoders' loops over short reads run) and then reports
 //! end of file.
 

@@ -5,7 +5,7 @@
 //! gives confidentiality and integrity on the path, the secret still decides who is a member. An
 //! agent with TLS refuses a peer without it, and says so (see [`crate::auth`]'s `TLS_REQUIRED`).
 //!
-//! [`PeerStream`] is the socket both channels speak through: plain, or TLS over it. Every blocking
+//! `PeerStream` is the socket both channels speak through: plain, or TLS over it. Every blocking
 //! call stays bounded by an absolute deadline (the socket's timeout is set again from the time left
 //! before every system call, TLS records included), and shutting the socket down from another
 //! thread still cuts a call off.

@@ -1,6 +1,6 @@
 //! FFI to the system libfabric (>= 1.17), for kvferry's `fabric` transport.
 //!
-//! Nothing here links libfabric: [`load`] opens it with `dlopen` when the fabric transport starts,
+//! Nothing here links libfabric: [`load()`] opens it with `dlopen` when the fabric transport starts,
 //! so a process that never uses the transport never maps libfabric nor the provider libraries it
 //! depends on (Debian's carries psm, psm2, verbs and efa, and libinfinipath's constructor replaces
 //! the process's SIGSEGV, SIGTERM, SIGINT, ... handlers with one that calls `exit` from inside the

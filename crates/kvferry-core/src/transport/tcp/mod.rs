@@ -5,7 +5,7 @@
 //! ([`crate::tls`]) that becomes one copy: rustls encrypts from, and decrypts into its buffer and
 //! then into, registered memory. Several streams per
 //! peer, each with its own worker thread, carry the frames of a batch in parallel. The target
-//! serves every connection with a fixed set of threads ([`crate::net::Server`]).
+//! serves every connection with a fixed set of threads (`net::Server`).
 
 mod link;
 mod target;
