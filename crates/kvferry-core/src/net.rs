@@ -211,6 +211,21 @@ pub(crate) fn recv_ready(stream: &impl AsRawFd, buf: &mut [u8]) -> io::Result<us
     }
 }
 
+/// What one non-blocking read of a request's bytes leaves its connection in, for a service's
+/// `readable`: `None` when bytes arrived (`*got` grew by them); otherwise end of file closes the
+/// connection, and no data yet waits for more: parked mid-request (`started`), idle before it.
+pub(crate) fn received(read: io::Result<usize>, got: &mut usize, started: bool) -> io::Result<Option<Next>> {
+    match read {
+        Ok(0) => Ok(Some(Next::Close)),
+        Ok(n) => {
+            *got += n;
+            Ok(None)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(if started { Next::Park } else { Next::Idle })),
+        Err(e) => Err(e),
+    }
+}
+
 fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) {
     // SAFETY: a plain socket option on a descriptor we hold. Best effort: where it is not
     // supported, a partial hello reaches a handshake worker, whose deadline still bounds it.

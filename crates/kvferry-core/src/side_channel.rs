@@ -21,7 +21,7 @@ use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::limits::{Budget, Reservation, ServeLimits};
-use crate::net::{self, DeadlineStream, Next, Server, Service};
+use crate::net::{self, DeadlineStream, Next, Server, Service, received};
 use crate::tls::{PeerListener, PeerStream};
 use crate::transport::{Op, TransferError};
 
@@ -99,13 +99,11 @@ impl Service for SideChannel {
     }
 
     fn readable(&self, stream: &mut PeerStream, req: &mut Request, _: &mut (), deadline: Deadline) -> io::Result<Next> {
-        let parked = |req: &Request| if req.got == 0 { Next::Idle } else { Next::Park };
         while req.got < req.head.len() {
-            match stream.recv_ready(&mut req.head[req.got..], deadline) {
-                Ok(0) => return Ok(Next::Close),
-                Ok(n) => req.got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(parked(req)),
-                Err(e) => return Err(e),
+            let started = req.got > 0;
+            if let Some(next) = received(stream.recv_ready(&mut req.head[req.got..], deadline), &mut req.got, started)?
+            {
+                return Ok(next);
             }
         }
         let len = match check_head(&req.head) {
@@ -123,13 +121,11 @@ impl Service for SideChannel {
                 return Ok(Next::Close);
             }
             req.body.resize(end, 0);
-            match stream.recv_ready(&mut req.body[start..], deadline) {
-                Ok(0) => return Ok(Next::Close),
-                Ok(n) => req.body.truncate(start + n),
-                Err(e) => {
-                    req.body.truncate(start);
-                    return if e.kind() == io::ErrorKind::WouldBlock { Ok(Next::Park) } else { Err(e) };
-                }
+            let mut got = start;
+            let next = received(stream.recv_ready(&mut req.body[start..], deadline), &mut got, true);
+            req.body.truncate(got);
+            if let Some(next) = next? {
+                return Ok(next);
             }
         }
         let Some(agent) = self.agent.upgrade() else { return Ok(Next::Close) };

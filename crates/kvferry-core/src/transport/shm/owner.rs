@@ -25,7 +25,7 @@ use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
 use crate::memory::host::{HostDevice, MIN_WORKER_SHARE};
-use crate::net::{DeadlineStream, Next, Service, peer_cred, recv_ready};
+use crate::net::{DeadlineStream, Next, Service, peer_cred, received, recv_ready};
 use crate::transport::keys::{KeyEntry, KeyTable};
 use crate::transport::tcp::wire::{BUSY_NOTIFICATIONS, BUSY_REQUEST_BYTES, STATUS_BUSY};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
@@ -154,13 +154,9 @@ impl Service for OwnerShared {
         loop {
             match &mut conn.reading {
                 Reading::Header { buf, got } => {
-                    match recv_ready(stream, &mut buf[*got..]) {
-                        Ok(0) => return Ok(Next::Close),
-                        Ok(n) => *got += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            return Ok(if *got == 0 { Next::Idle } else { Next::Park });
-                        }
-                        Err(e) => return Err(e),
+                    let started = *got > 0;
+                    if let Some(next) = received(recv_ready(stream, &mut buf[*got..]), got, started)? {
+                        return Ok(next);
                     }
                     if *got < wire::HEADER_LEN {
                         continue;
@@ -200,13 +196,11 @@ impl Service for OwnerShared {
                         buf.reserve_exact(end - start);
                     }
                     buf.resize(end, 0);
-                    match recv_ready(stream, &mut buf[start..]) {
-                        Ok(0) => return Ok(Next::Close),
-                        Ok(n) => buf.truncate(start + n),
-                        Err(e) => {
-                            buf.truncate(start);
-                            return if e.kind() == io::ErrorKind::WouldBlock { Ok(Next::Park) } else { Err(e) };
-                        }
+                    let mut got = start;
+                    let next = received(recv_ready(stream, &mut buf[start..]), &mut got, true);
+                    buf.truncate(got);
+                    if let Some(next) = next? {
+                        return Ok(next);
                     }
                 }
                 Reading::Body { .. } => {

@@ -12,7 +12,7 @@ use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
 use crate::memory::MemKind;
-use crate::net::{DeadlineStream, Next, Service};
+use crate::net::{DeadlineStream, Next, Service, received};
 use crate::tls::PeerStream;
 use crate::transport::keys::{Cut, KeyTable};
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
@@ -114,13 +114,9 @@ impl Service for TargetShared {
         loop {
             match &mut conn.reading {
                 Reading::Header { buf, got } => {
-                    match stream.recv_ready(&mut buf[*got..], deadline) {
-                        Ok(0) => return Ok(Next::Close),
-                        Ok(n) => *got += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            return Ok(if *got == 0 { Next::Idle } else { Next::Park });
-                        }
-                        Err(e) => return Err(e),
+                    let started = *got > 0;
+                    if let Some(next) = received(stream.recv_ready(&mut buf[*got..], deadline), got, started)? {
+                        return Ok(next);
                     }
                     if *got < wire::HEADER_LEN {
                         continue;
@@ -164,16 +160,11 @@ impl Service for TargetShared {
                             buf.reserve_exact(more - start);
                         }
                         buf.resize(start + chunk, 0);
-                        match stream.recv_ready(&mut buf[start..], deadline) {
-                            Ok(0) => return Ok(Next::Close),
-                            Ok(n) => buf.truncate(start + n),
-                            Err(e) => {
-                                buf.truncate(start);
-                                if e.kind() == io::ErrorKind::WouldBlock {
-                                    return Ok(Next::Park);
-                                }
-                                return Err(e);
-                            }
+                        let mut got = start;
+                        let next = received(stream.recv_ready(&mut buf[start..], deadline), &mut got, true);
+                        buf.truncate(got);
+                        if let Some(next) = next? {
+                            return Ok(next);
                         }
                         continue;
                     }
@@ -196,11 +187,8 @@ impl Service for TargetShared {
                 }
                 Reading::Notification { buf, got, .. } => {
                     if *got < buf.len() {
-                        match stream.recv_ready(&mut buf[*got..], deadline) {
-                            Ok(0) => return Ok(Next::Close),
-                            Ok(n) => *got += n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Next::Park),
-                            Err(e) => return Err(e),
+                        if let Some(next) = received(stream.recv_ready(&mut buf[*got..], deadline), got, true)? {
+                            return Ok(next);
                         }
                         continue;
                     }
