@@ -280,7 +280,15 @@ fn forged_and_replayed_messages_are_not_acted_upon() {
         assert_eq!((notes[0].from.as_str(), notes[0].data.as_slice()), ("sender", data));
     };
     notify(b"genuine 1");
-    let genuine = b.rails[0].received.lock().unwrap().iter().rev().find(|m| m[0] == 1).unwrap().clone();
+    // The rail logs a message after handling it, so the log may trail the queue a moment.
+    let deadline = soon();
+    let genuine = loop {
+        if let Some(m) = b.rails[0].received.lock().unwrap().iter().rev().find(|m| m[0] == 1) {
+            break m.clone();
+        }
+        assert!(!deadline.expired(), "the genuine notification was never logged");
+        std::thread::sleep(Duration::from_millis(5));
+    };
 
     let target = &b.rails[0].address;
     let mut plain = vec![1u8];
