@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -246,6 +246,11 @@ const WAKE: u64 = 1;
 const SWEEP: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long a worker that has just answered a request (or read part of one) waits on the same
+/// connection for more before handing it back to the poll thread. A client's next request often
+/// follows within microseconds; taking it on the spot saves the hand-off (the poll thread's
+/// wake-up, the queue, a worker's wake-up and a re-arm), the largest cost of a small request.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// A connection of an event-driven server.
 struct Entry<S: Service> {
@@ -323,10 +328,24 @@ impl Queue {
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.ids.lock().unwrap().is_empty()
+    }
+
     fn stop(&self) {
         let _guard = self.ids.lock().unwrap();
         self.ready.notify_all();
     }
+}
+
+/// Whether `fd` becomes readable (or hung up) within `wait`.
+fn readable_within(fd: RawFd, wait: Duration) -> bool {
+    let mut pollfd = libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+    let timeout =
+        libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
+    // SAFETY: one valid pollfd and a valid timespec for the call's duration; no signal mask.
+    let n = unsafe { libc::ppoll(&mut pollfd, 1, &timeout, std::ptr::null()) };
+    n > 0 && pollfd.revents != 0
 }
 
 struct ServerShared<S: Service> {
@@ -338,6 +357,8 @@ struct ServerShared<S: Service> {
     table: Mutex<Table<S>>,
     handshakes: Queue,
     requests: Queue,
+    /// Request workers waiting on their connection (see [`LINGER`]).
+    lingering: AtomicUsize,
     stopping: AtomicBool,
     refused_log: LogLimiter,
     accept_log: LogLimiter,
@@ -389,6 +410,7 @@ impl<S: Service> Server<S> {
             table: Mutex::new(Table { entries: HashMap::new(), next: 2, unauthenticated: 0, per_peer: HashMap::new() }),
             handshakes: Queue::new(),
             requests: Queue::new(),
+            lingering: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             refused_log: LogLimiter::per_second(),
             accept_log: LogLimiter::per_second(),
@@ -663,18 +685,27 @@ impl<S: Service> ServerShared<S> {
         Some((slot, entry.accepted, entry.request_since))
     }
 
-    /// Give a connection back and watch it again, or close it.
-    fn put_back(&self, id: u64, slot: Slot<S>, next: io::Result<Next>) {
+    /// Give a connection back and watch it again, or close it. `request_since`: when the request
+    /// a worker parked began (it may have begun while the worker lingered).
+    fn put_back(&self, id: u64, slot: Slot<S>, next: io::Result<Next>, request_since: Option<Instant>) {
         let mut table = self.table.lock().unwrap();
         let keep = matches!(next, Ok(Next::Park | Next::Idle)) && !self.stopping.load(Ordering::Acquire);
         if keep && table.entries.contains_key(&id) {
             let entry = table.entries.get_mut(&id).expect("present above");
             let newly_authenticated = entry.authenticated.is_none();
             entry.authenticated.get_or_insert_with(Instant::now);
-            if matches!(next, Ok(Next::Idle)) {
-                entry.idle_since = Instant::now();
-                if entry.request_since.take().is_some() {
-                    entry.served_any = true;
+            match next {
+                Ok(Next::Idle) => {
+                    entry.idle_since = Instant::now();
+                    if entry.request_since.take().is_some() {
+                        entry.served_any = true;
+                    }
+                }
+                _ => {
+                    if let Some(since) = request_since {
+                        entry.request_since = Some(since);
+                        entry.served_any = true;
+                    }
                 }
             }
             let fd = entry.fd;
@@ -707,7 +738,7 @@ impl<S: Service> ServerShared<S> {
                 slot.conn = Some(conn);
                 Next::Idle
             });
-            self.put_back(id, slot, next);
+            self.put_back(id, slot, next, None);
         }
     }
 
@@ -715,12 +746,50 @@ impl<S: Service> ServerShared<S> {
         let mut worker = S::Worker::default();
         while let Some(id) = self.requests.pop(&self.stopping) {
             let Some((mut slot, _, since)) = self.take(id) else { continue };
-            let deadline = Deadline::at(since.unwrap_or_else(Instant::now) + self.service.request_timeout());
-            let next = match slot.conn.as_mut() {
-                Some(conn) => self.service.readable(&mut slot.stream, conn, &mut worker, deadline),
-                None => Ok(Next::Close),
+            let mut since = since.unwrap_or_else(Instant::now);
+            let mut lingered_into_request = false;
+            let next = loop {
+                let deadline = Deadline::at(since + self.service.request_timeout());
+                let next = match slot.conn.as_mut() {
+                    Some(conn) => self.service.readable(&mut slot.stream, conn, &mut worker, deadline),
+                    None => Ok(Next::Close),
+                };
+                let wait_until = match next {
+                    Ok(Next::Idle) => None,
+                    Ok(Next::Park) => Some(deadline),
+                    _ => break next,
+                };
+                if !self.linger(slot.stream.as_raw_fd(), wait_until) {
+                    break next;
+                }
+                if wait_until.is_none() {
+                    // The next request has begun on this worker.
+                    since = Instant::now();
+                    lingered_into_request = true;
+                }
             };
-            self.put_back(id, slot, next);
+            let parked_since = (matches!(next, Ok(Next::Park)) && lingered_into_request).then_some(since);
+            self.put_back(id, slot, next, parked_since);
         }
+    }
+
+    /// Wait up to [`LINGER`] (and not past `until`) for more bytes on a connection this worker
+    /// holds: only while no other connection is queued, and never with every worker waiting, so
+    /// a connection that becomes ready meanwhile always finds a worker.
+    fn linger(&self, fd: RawFd, until: Option<Deadline>) -> bool {
+        if self.stopping.load(Ordering::Acquire) || !self.requests.is_empty() {
+            return false;
+        }
+        let wait = until.map_or(LINGER, |d| d.remaining().min(LINGER));
+        if wait.is_zero() {
+            return false;
+        }
+        if self.lingering.fetch_add(1, Ordering::AcqRel) + 1 >= self.limits.workers {
+            self.lingering.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let ready = readable_within(fd, wait);
+        self.lingering.fetch_sub(1, Ordering::AcqRel);
+        ready
     }
 }
