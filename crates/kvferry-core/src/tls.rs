@@ -156,7 +156,15 @@ pub(crate) struct PeerStream {
     /// The deadline the last [`DeadlineStream::set_timeouts`] stood for: TLS reads and writes
     /// several records per call, and each system call's timeout is set again from it.
     until: Cell<Option<Deadline>>,
+    /// What a plain stream's socket timeouts were last set to: see [`ARM_SLACK`].
+    armed: Cell<Option<Duration>>,
 }
+
+/// How far past its deadline one blocking call on a plain stream may run. Setting both socket
+/// timeouts costs two system calls, and a request makes several calls within microseconds: the
+/// timeouts are set again only when the armed ones would overshoot the deadline by more than this
+/// or end before it.
+const ARM_SLACK: Duration = Duration::from_millis(1);
 
 /// Raised by a TLS failure that is about trust (a certificate, a peer without TLS), rather than
 /// the connection: callers map it to `Unauthenticated`.
@@ -176,7 +184,7 @@ fn tls_error(e: rustls::Error) -> io::Error {
 
 impl PeerStream {
     pub fn plain(sock: TcpStream) -> PeerStream {
-        PeerStream { sock, tls: None, until: Cell::new(None) }
+        PeerStream { sock, tls: None, until: Cell::new(None), armed: Cell::new(None) }
     }
 
     pub fn socket(&self) -> &TcpStream {
@@ -187,7 +195,12 @@ impl PeerStream {
     pub fn connect_tls(sock: TcpStream, tls: &Tls, addr: &str, deadline: Deadline) -> io::Result<PeerStream> {
         let name = tls.name_for(addr)?;
         let conn = ClientConnection::new(tls.client.clone(), name).map_err(tls_error)?;
-        let mut stream = PeerStream { sock, tls: Some(Box::new(conn.into())), until: Cell::new(Some(deadline)) };
+        let mut stream = PeerStream {
+            sock,
+            tls: Some(Box::new(conn.into())),
+            until: Cell::new(Some(deadline)),
+            armed: Cell::new(None),
+        };
         stream.handshake(deadline)?;
         Ok(stream)
     }
@@ -210,6 +223,7 @@ impl PeerStream {
     /// TLS record starts with.
     fn peer_speaks_plain(&self, deadline: Deadline) -> io::Result<bool> {
         let mut first = [0u8; 1];
+        self.armed.set(None);
         loop {
             self.sock.set_read_timeout(Some(time_left(deadline)?))?;
             match self.sock.peek(&mut first) {
@@ -429,8 +443,19 @@ impl Write for PeerStream {
 impl DeadlineStream for PeerStream {
     fn set_timeouts(&self, left: Duration) -> io::Result<()> {
         self.until.set(Some(Deadline::after(left)));
+        // A call started now blocks at most the armed timeout: keeping it ends the call by the
+        // deadline plus the slack, and never times out before the deadline.
+        if self.tls.is_none()
+            && let Some(armed) = self.armed.get()
+            && armed >= left
+            && armed - left <= ARM_SLACK
+        {
+            return Ok(());
+        }
         self.sock.set_read_timeout(Some(left))?;
-        self.sock.set_write_timeout(Some(left))
+        self.sock.set_write_timeout(Some(left))?;
+        self.armed.set(self.tls.is_none().then_some(left));
+        Ok(())
     }
 }
 
