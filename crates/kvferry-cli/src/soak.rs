@@ -330,6 +330,13 @@ impl Soak<'_> {
                     .and_then(|x| x.wait())
                 {
                     Ok(()) => {
+                        // The source is where cancelled reads land: a late byte from one of them
+                        // would change what was written, and is told apart from a wrong write.
+                        if self.initiators[i].buffer.to_vec()[..len as usize] != fresh[..] {
+                            eprintln!("kvferry soak: bytes landed in a write's source after an earlier cancel");
+                            self.report.failures.bytes_after_cancel += 1;
+                            return self.restart(t);
+                        }
                         let at = (offset - half) as usize;
                         self.targets[t].upper[at..at + len as usize].copy_from_slice(&fresh);
                         match self.read(i, t, (offset, len), max, Deadline::after(DEADLINE)).and_then(|x| x.wait()) {
