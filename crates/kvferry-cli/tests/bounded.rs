@@ -322,23 +322,63 @@ fn a_trickled_write_is_cut_off_at_the_request_timeout_from_its_first_byte() {
     stream.write_all(&request(write_kind, 1, 4096, &[(key, served.buffer_addr + 65536, 4096)])).unwrap();
     let started = Instant::now();
     let cut = loop {
-        if stream.write_all(&[0xAB]).is_err() {
-            break started.elapsed();
-        }
         // The target closing shows as a hang-up long before a write fails: poll for it.
-        let mut probe = [0u8; 64];
-        stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        match stream.read(&mut probe) {
-            Ok(0) => break started.elapsed(),
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(_) => break started.elapsed(),
+        if stream.write_all(&[0xAB]).is_err() || closed_within(&mut stream, Duration::from_millis(100)) {
+            break started.elapsed();
         }
         assert!(started.elapsed() < Duration::from_secs(20), "the trickling WRITE is still open after 20 s");
     };
     // Absolute from the request's first byte: about the 1 s timeout, however steadily bytes came.
     assert!(cut < Duration::from_secs(10), "cut off after {cut:?}");
     honest_read(&served, "after-trickle");
+}
+
+/// Whether the server at the other end closed `stream`, waiting up to `wait` for it.
+fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    let mut probe = [0u8; 64];
+    stream.set_read_timeout(Some(wait)).unwrap();
+    match stream.read(&mut probe) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn a_trickled_side_channel_request_is_cut_off_at_its_deadline_from_its_first_byte() {
+    use kvferry::auth::{Auth, Channel, Role};
+    use std::io::Write;
+    let served = Served::start(&[], None);
+    let auth = Auth::resolve(&AuthConfig::Secret(SECRET.into())).unwrap();
+    let mut stream = TcpStream::connect(&served.side_channel).unwrap();
+    auth.authenticate(&mut stream, Channel::Exchange, Role::Client, Deadline::after(Duration::from_secs(30))).unwrap();
+    // An EXCHANGE announcing 4 KiB of metadata, which then arrives one byte every 100 ms: 400 s
+    // at that rate. The head: "KVFS" | version 1 | op 2 | 0 | length u32.
+    let mut head = b"KVFS".to_vec();
+    head.extend_from_slice(&1u16.to_le_bytes());
+    head.extend_from_slice(&[2, 0]);
+    head.extend_from_slice(&4096u32.to_le_bytes());
+    stream.write_all(&head).unwrap();
+    let started = Instant::now();
+    let mut others_served = false;
+    let cut = loop {
+        if stream.write_all(&[0xAB]).is_err() || closed_within(&mut stream, Duration::from_millis(100)) {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(40), "the trickling request is still open after 40 s");
+        // Meanwhile the side channel answers others.
+        if !others_served && started.elapsed() > Duration::from_secs(2) {
+            let deadline = Deadline::after(Duration::from_secs(5));
+            kvferry::side_channel::exchange(&auth, &served.side_channel, None, deadline).unwrap();
+            others_served = true;
+        }
+    };
+    assert!(others_served, "the trickling request was cut off before another client was served");
+    // The side channel answers a request within 10 s of its first byte, however steadily the
+    // bytes come.
+    assert!(cut >= Duration::from_secs(9), "cut off after {cut:?}, before the deadline");
+    assert!(cut < Duration::from_secs(14), "cut off after {cut:?}, well past the 10 s deadline");
+    honest_read(&served, "after-side-channel-trickle");
 }
 
 #[test]
