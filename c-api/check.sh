@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds kvferry's C tests and example with `cc` against an installed copy of the library (a
-# temporary prefix, found through pkg-config, shared and static), runs them, then runs the tests
+# temporary prefix, found through pkg-config, shared and static) and a C++ example with CMake
+# (find_package), runs them, then runs the tests
 # again under valgrind: any invalid access or definite leak fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,26 @@ fi
 # shellcheck disable=SC2046
 echo '#include <kvferry.h>' | c++ -x c++ -std=c++17 -Wall -Wextra -Werror -fsyntax-only $(pkg-config --cflags kvferry) -
 
-for program in errors two_process threads store transfer transfer-static store-example; do
+# C++ engines that build with CMake find it with find_package(kvferry).
+cmake -S c-api/examples/cmake -B "$work/cmake" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Debug >/dev/null
+cmake --build "$work/cmake" >/dev/null
+cp "$work/cmake/kv_transfer" "$work/cmake-transfer"
+cp "$work/cmake/kv_transfer_static" "$work/cmake-transfer-static"
+if readelf -d "$work/cmake-transfer-static" | grep -q 'libkvferry'; then
+    echo "the CMake static build still needs libkvferry.so" >&2
+    exit 1
+fi
+# A version this kvferry does not satisfy is refused at configure time.
+mkdir -p "$work/cmake-newer"
+printf 'cmake_minimum_required(VERSION 3.16)\nproject(newer LANGUAGES NONE)\nfind_package(kvferry 9.0 REQUIRED)\n' \
+    >"$work/cmake-newer/CMakeLists.txt"
+if cmake -S "$work/cmake-newer" -B "$work/cmake-newer/build" -DCMAKE_PREFIX_PATH="$prefix" >/dev/null 2>&1; then
+    echo "find_package(kvferry 9.0) accepted this kvferry" >&2
+    exit 1
+fi
+
+for program in errors two_process threads store transfer transfer-static store-example cmake-transfer \
+    cmake-transfer-static; do
     echo "-- $program"
     "$work/$program"
 done

@@ -13,6 +13,8 @@ fi
 
 # System packages the build and tests use.
 packages=(build-essential pkg-config valgrind)
+# The C++ example the C tests build with CMake (find_package(kvferry)).
+packages+=(cmake)
 # The HIP runtime the rocm tests load (no AMD GPU needed: they check the no-device path).
 packages+=(libamdhip64-dev)
 # The fabric transport: libfabric >= 1.17 headers and library, and fi_info.
