@@ -84,10 +84,13 @@ bash c-api/check.sh
 # a fresh venv without torch, where the binding's tests run (torch tests skip, saying why); then
 # every test again in target/venv, which has torch, where none may skip.
 python_passed=0
+# A command the next run_pytest runs pytest under (one run's choice; empty otherwise).
+pytest_prefix=()
 run_pytest() {
     local venv=$1 output=$2 tests=${3:-bindings/python/tests}
     set +e
-    "$venv/bin/python" -m pytest -p no:cacheprovider -v -rs "$tests" 2>&1 | tee "$output"
+    ${pytest_prefix:+"${pytest_prefix[@]}"} "$venv/bin/python" -m pytest -p no:cacheprovider -v -rs "$tests" 2>&1 |
+        tee "$output"
     local status=${PIPESTATUS[0]}
     set -e
     if [ "$status" -ne 0 ]; then
@@ -104,14 +107,57 @@ require_passed() {
         grep -q "::$must.* PASSED" "$log" || { echo "sentinel: $must did not run" >&2; exit 1; }
     done
 }
+# A command prefix under which the dynamic loader cannot load libfabric, as on a machine without
+# it: a private mount namespace where the library's file is covered by an empty one. Where
+# namespaces are not permitted, KVFERRY_LIBFABRIC names a library that does not exist instead.
+without_libfabric=()
+set_without_libfabric() {
+    local lib
+    lib=$(realpath "$(ldconfig -p | awk '/libfabric\.so\.1 / { print $NF; exit }')")
+    if unshare -m true 2>/dev/null; then
+        # shellcheck disable=SC2016 # expanded by the inner shell
+        without_libfabric=(unshare -m bash -c 'mount --bind /dev/null "$0" && exec "$@"' "$lib")
+    else
+        echo "mount namespaces are not permitted here: hiding libfabric with KVFERRY_LIBFABRIC" >&2
+        without_libfabric=(env KVFERRY_LIBFABRIC=/nonexistent/libfabric.so.1)
+    fi
+}
 python_tests() {
     log "Python package: build the wheel (scripts/python-env.sh)"
     bash scripts/python-env.sh
-    log "Python package: the wheel in a fresh venv"
+    log "Python package: auditwheel names the wheel's manylinux policy"
+    "target/venv/bin/python" -m pip install -q auditwheel
+    target/venv/bin/auditwheel show target/wheels/kvferry-*.whl | tee target/auditwheel.log
+    grep -q '"manylinux_2_34_x86_64"' target/auditwheel.log ||
+        { echo "the wheel is not manylinux_2_34" >&2; exit 1; }
+    log "Python package: the wheel in a fresh venv, on a machine where libfabric cannot be loaded"
     rm -rf target/wheel-venv
     python3 -m venv target/wheel-venv
     target/wheel-venv/bin/python -m pip install -q target/wheels/kvferry-*.whl numpy pytest
+    set_without_libfabric
+    "${without_libfabric[@]}" target/wheel-venv/bin/python -c 'import kvferry'
+    pytest_prefix=("${without_libfabric[@]}")
     run_pytest target/wheel-venv target/pytest-wheel.log
+    pytest_prefix=()
+    grep -Eq 'SKIPPED .*no libfabric here' target/pytest-wheel.log ||
+        { echo "sentinel: the fabric test did not skip with the typed reason" >&2; exit 1; }
+    require_passed target/pytest-wheel.log \
+        test_a_missing_libfabric_is_reported_unavailable_not_a_load_failure \
+        test_bench_moves_bytes_over_the_embedded_loopback \
+        test_the_console_script_is_installed_with_the_package
+    log "Python package: the source distribution builds a wheel that installs"
+    rm -rf target/sdist target/sdist-wheel target/sdist-venv
+    target/venv/bin/maturin sdist -m bindings/python/Cargo.toml -o target/sdist
+    # A target directory of its own (cargo would take target/'s artifacts as fresh), and the dev
+    # profile, which builds faster: this proves the sdist holds what the build needs.
+    rm -rf target/sdist-build
+    CARGO_TARGET_DIR="$PWD/target/sdist-build" MATURIN_PEP517_ARGS="--profile dev" \
+        target/venv/bin/python -m pip wheel -q --no-cache-dir --no-deps -w target/sdist-wheel \
+        target/sdist/kvferry-*.tar.gz
+    rm -rf target/sdist-build
+    python3 -m venv target/sdist-venv
+    target/sdist-venv/bin/python -m pip install -q target/sdist-wheel/kvferry-*.whl
+    target/sdist-venv/bin/kvferry info --json >/dev/null
     log "Python package: every test, with torch"
     KVFERRY_REQUIRE_TORCH=1 run_pytest target/venv target/pytest-torch.log
     if grep -Eq '[0-9]+ skipped' target/pytest-torch.log; then

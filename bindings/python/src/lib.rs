@@ -5,6 +5,7 @@
 
 mod agent;
 mod auth;
+mod cli;
 mod closable;
 mod convert;
 mod errors;
@@ -17,6 +18,7 @@ use pyo3::prelude::*;
 fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ERROR_CODES", errors::codes(m.py())?)?;
+    m.add("CLI_PYTHON_ENV", kvferry_cli::cli::PYTHON_LAUNCHER_ENV)?;
     m.add_class::<agent::Agent>()?;
     m.add_class::<registration::Registration>()?;
     m.add_class::<agent::Prepared>()?;
@@ -25,6 +27,7 @@ fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::StoreOp>()?;
     m.add_class::<store::TierEvent>()?;
     m.add_function(wrap_pyfunction!(auth::authenticate_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(cli::cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(store::prefix_keys, m)?)?;
     m.add_function(wrap_pyfunction!(store::chain_key, m)?)?;
     m.add_function(wrap_pyfunction!(store::engine_key, m)?)?;

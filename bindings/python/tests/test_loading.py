@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 FABRIC_LIBRARIES = ["libfabric", "libinfinipath", "libpsm", "libefa"]
 
 CHILD = """
@@ -45,6 +47,9 @@ def run_child(**env) -> dict:
 
 def test_libfabric_is_mapped_only_once_the_fabric_transport_starts_and_keeps_the_signal_handlers():
     out = run_child()
+    if "error" in out and out["error"][0] == 522:
+        # The fabric transport's typed "unavailable": this machine has no loadable libfabric.
+        pytest.skip(f"no libfabric here: {out['error'][1]}")
     assert "error" not in out, out
     tcp_mapped, tcp_caught = out["tcp"]
     assert tcp_mapped == [], f"mapped by an agent without the fabric transport: {tcp_mapped}"

@@ -322,7 +322,7 @@ fn ipc_rows(args: &GpuBenchArgs, device: &dyn Device) -> anyhow::Result<Vec<GpuR
         return Ok(Vec::new());
     }
     let agent = ipc_agent(&args.device, "gpu-bench")?;
-    let mut owner = Command::new(std::env::current_exe()?)
+    let mut owner = crate::cli::self_command()?
         .args(["gpu-bench", "--device", &args.device, "--blocks", &args.blocks.to_string(), "--ipc-owner"])
         .arg(format!("--block-sizes={}", args.block_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")))
         .stdin(Stdio::piped())

@@ -1,6 +1,7 @@
 //! The pieces of the `kvferry` command, also used by its tests.
 
 pub mod bench;
+pub mod cli;
 pub mod gpu_bench;
 pub mod info;
 pub mod pattern;

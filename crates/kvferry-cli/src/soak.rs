@@ -5,7 +5,7 @@
 //! reported at the start and the end. It is a benchmark of robustness, bounded in time.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -142,7 +142,7 @@ impl Target {
         let name = format!("soak-{index}-{generation}");
         let seed = 1000 + index as u64;
         let memory = if index.is_multiple_of(2) { "shared" } else { "private" };
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut child = crate::cli::self_command()?
             .args(["serve", "--buffer-size", &args.buffer_size.to_string(), "--fill-seed", &seed.to_string()])
             .args(["--memory", memory, "--name", &name])
             .env(kvferry::auth::SECRET_ENV, secret)

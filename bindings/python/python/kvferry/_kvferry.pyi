@@ -9,6 +9,8 @@ from typing_extensions import Buffer, Self
 __version__: str
 #: Every kvferry error code by name (``ErrorCode`` in Rust).
 ERROR_CODES: dict[str, int]
+#: The variable the console script sets to its interpreter (see ``kvferry._cli``).
+CLI_PYTHON_ENV: str
 
 _Bytes = Union[bytes, bytearray, memoryview]
 _Blocks = Sequence[tuple[_Bytes, Sequence[tuple[int, int]]]]
@@ -166,6 +168,9 @@ def authenticate_socket(
     auth: Literal["env", "none"] = "env",
 ) -> None:
     """Prove the cluster secret over a connected, blocking TCP socket and check the other side's."""
+
+def cli_main(argv: Sequence[str]) -> int:
+    """Run the ``kvferry`` command line ``argv`` (the program's name first); its exit status."""
 
 def prefix_keys(tokens: Sequence[int], block_tokens: int, extra: Optional[_Bytes] = None) -> list[bytes]: ...
 def chain_key(parent: Optional[_Bytes], tokens: Sequence[int], extra: Optional[_Bytes] = None) -> bytes: ...
