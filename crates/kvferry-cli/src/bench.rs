@@ -51,8 +51,9 @@ pub struct BenchArgs {
     /// it cannot reach; the `path` column shows what moved the bytes.
     #[arg(long, default_value = "tcp")]
     pub transport: String,
-    /// What backs the buffers: `shared` (memfd, which shm maps) or `private` (anonymous memory,
-    /// which shm reaches by cross-memory attach). The target's, in loopback mode.
+    /// What backs the buffers: `shared` (memfd, which shm maps: the target's for READs, the
+    /// initiator's for the owner's pull of WRITEs) or `private` (anonymous memory, which shm
+    /// reaches by cross-memory attach). The initiator's, and the target's in loopback mode.
     #[arg(long, value_enum, default_value = "shared")]
     pub memory: MemoryArg,
     #[arg(long, value_enum, default_value = "both")]
@@ -269,8 +270,9 @@ fn serve_args(args: &BenchArgs, buffer_size: u64) -> ServeArgs {
 }
 
 fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
-    let local = serve::alloc_buffer(needed, false)?;
-    let scratch = args.check.then(|| serve::alloc_buffer(needed, false)).transpose()?;
+    let shared = args.memory == MemoryArg::Shared;
+    let local = serve::alloc_buffer(needed, shared)?;
+    let scratch = args.check.then(|| serve::alloc_buffer(needed, shared)).transpose()?;
     if args.transport == "memcpy" {
         let remote = serve::alloc_buffer(needed, false)?;
         let mover = Mover::Memcpy { _remote: remote.clone() };

@@ -353,11 +353,22 @@ fn shm_initiator(name: &str, len: usize) -> (Agent, Arc<HostBuffer>, kvferry::Re
     initiator_with(test_config(name), len)
 }
 
+/// An initiator whose buffer is a memfd when the server's is (`memory` "shared"): the server
+/// then copies its WRITEs through a mapping of that file.
+fn shm_initiator_like(name: &str, len: usize, memory: &str) -> (Agent, Arc<HostBuffer>, kvferry::Registration) {
+    let agent = Agent::new(test_config(name)).unwrap();
+    let options = HostAllocOptions { pin: false, shareable: memory == "shared", ..Default::default() };
+    let buf = Arc::new(HostBuffer::alloc(len, &options).unwrap());
+    assert_eq!(buf.share_fd().is_some(), memory == "shared");
+    let reg = agent.register(buf.clone()).unwrap();
+    (agent, buf, reg)
+}
+
 fn shm_blocks_move_both_ways(memory: &str, mode: &str) {
     const BLOCK: u64 = 16 * 1024;
     const N: usize = 64;
     let served = Served::start_with("4M", 21, &["--memory", memory]);
-    let (agent, buf, _reg) = shm_initiator("shm-two-process", BLOCK as usize * N);
+    let (agent, buf, _reg) = shm_initiator_like("shm-two-process", BLOCK as usize * N, memory);
     let peer = agent.connect_peer(&served.side_channel, soon()).unwrap();
     assert_eq!(agent.peer_transport(&peer), Some(TransportKind::Shm));
     let (local, remote) = block_lists(&agent, &peer, &buf, &served, BLOCK);

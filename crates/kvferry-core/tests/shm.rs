@@ -287,9 +287,10 @@ fn child_process_entry() {
     let (role, arg) = role.split_once(':').unwrap();
     match role {
         // WRITEs the whole of the parent's registration until refused, then says how.
-        "writer" => {
+        // `writer-shared`: from a shareable buffer, which the owner copies through a mapping.
+        "writer" | "writer-shared" => {
             let agent = Agent::new(AgentConfig { tcp: None, ..AgentConfig::new("shm-writer") }).unwrap();
-            let local = buffer(WRITE_BLOCK * WRITE_BLOCKS, false, 0);
+            let local = buffer(WRITE_BLOCK * WRITE_BLOCKS, role == "writer-shared", 0);
             local.write_at(0, &vec![0xee; local.len()]).unwrap();
             let _reg = agent.register(local.clone()).unwrap();
             let peer = agent.add_peer(&std::fs::read(arg).unwrap()).unwrap();
@@ -398,14 +399,24 @@ fn stopped(pid: u32) -> bool {
 /// waiting on the stopped peer, and nothing the peer does afterwards changes a byte.
 #[test]
 fn a_stopped_writer_cannot_touch_a_dropped_registration() {
+    stopped_writer_cannot_touch_a_dropped_registration("writer");
+}
+
+/// The same when the owner copies through its mapping of the writer's shared file.
+#[test]
+fn a_stopped_writer_from_a_shared_file_cannot_touch_a_dropped_registration() {
+    stopped_writer_cannot_touch_a_dropped_registration("writer-shared");
+}
+
+fn stopped_writer_cannot_touch_a_dropped_registration(role: &str) {
     // request_timeout is far above the bound asserted for the drop: the drop must not wait it out.
     let shm = ShmConfig { request_timeout: Duration::from_secs(120), ..ShmConfig::default() };
     let target = Agent::new(with_secret("shm-victim", shm)).unwrap();
     let memory = buffer(WRITE_BLOCK * WRITE_BLOCKS, false, 0);
     memory.write_at(0, &vec![0; memory.len()]).unwrap();
     let reg = target.register(memory.clone()).unwrap();
-    let md = metadata_file(&target, "victim");
-    let mut child = spawn_child("writer", md.to_str().unwrap());
+    let md = metadata_file(&target, &format!("victim-{role}"));
+    let mut child = spawn_child(role, md.to_str().unwrap());
     let mut said = lines(&mut child);
     assert_eq!(said.next().as_deref(), Some("wrote"), "the writer's first WRITE failed");
     assert!(memory.to_vec().iter().all(|&b| b == 0xee), "the first WRITE did not land");

@@ -168,18 +168,7 @@ impl HostBuffer {
     /// accesses into `SIGBUS`.
     pub fn map_shared(fd: BorrowedFd<'_>) -> Result<HostBuffer> {
         let refuse = |why: String| Error::InvalidArgument(format!("cannot map a shared host buffer: {why}"));
-        // SAFETY: F_GET_SEALS reads the file's seals and has no other effect.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(refuse("the file is not sealed against shrinking".into()));
-        }
-        // SAFETY: `stat` is plain data that fstat fills in.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is a valid descriptor and `stat` a valid out-pointer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
-            return Err(refuse(std::io::Error::last_os_error().to_string()));
-        }
-        let len = usize::try_from(stat.st_size).ok().filter(|&l| l > 0).ok_or_else(|| refuse("empty file".into()))?;
+        let len = sealed_size(fd).map_err(refuse)?;
         let ptr = map(len, libc::MAP_SHARED, Some(fd)).map_err(|e| refuse(e.to_string()))?;
         Ok(HostBuffer::new(ptr, len, len, false, None))
     }
@@ -283,6 +272,90 @@ impl HostBuffer {
                 self.len
             ))),
         }
+    }
+}
+
+/// The size of a file that cannot shrink (sealed with `F_SEAL_SHRINK`), or why it is refused.
+fn sealed_size(fd: BorrowedFd<'_>) -> std::result::Result<usize, String> {
+    // SAFETY: F_GET_SEALS reads the file's seals and has no other effect.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        return Err("the file is not sealed against shrinking".into());
+    }
+    // SAFETY: `stat` is plain data that fstat fills in.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a valid descriptor and `stat` a valid out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    usize::try_from(stat.st_size).ok().filter(|&l| l > 0).ok_or_else(|| "empty file".into())
+}
+
+/// A read-only mapping of the first bytes of another process's sealed memfd: how the shm
+/// transport's owner pulls a WRITE from an initiator's shareable buffer. Nothing here writes
+/// through it; dropped, it is unmapped.
+#[derive(Debug)]
+pub struct HostView {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the view owns its mapping, which is only read.
+unsafe impl Send for HostView {}
+unsafe impl Sync for HostView {}
+
+impl HostView {
+    /// Map the first `len` bytes of `fd` read-only. Refused (`InvalidArgument`) unless the file
+    /// is sealed against shrinking and holds `len` bytes (a holder that could truncate it would
+    /// turn our reads into `SIGBUS`), and lives outside hugetlbfs (a holder may punch a hole in a
+    /// hugetlb file, and faulting the hole in again raises `SIGBUS` when the pool is empty; a
+    /// hole in any other memfd reads as zeros).
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<HostView> {
+        let refuse = |why: String| Error::InvalidArgument(format!("cannot map a peer's file: {why}"));
+        if len == 0 {
+            return Err(refuse("empty range".into()));
+        }
+        let size = sealed_size(fd).map_err(refuse)?;
+        if size < len {
+            return Err(refuse(format!("the file holds {size} bytes, not {len}")));
+        }
+        // SAFETY: `statfs` is plain data that fstatfs fills in.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is a valid descriptor and `fs` a valid out-pointer.
+        if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 {
+            return Err(refuse(std::io::Error::last_os_error().to_string()));
+        }
+        if fs.f_type == libc::HUGETLBFS_MAGIC {
+            return Err(refuse("a hugetlb file can lose pages under a mapping".into()));
+        }
+        // SAFETY: a mapping at an address of the kernel's choosing touches no existing memory.
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(refuse(std::io::Error::last_os_error().to_string()));
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| refuse("mmap returned a null mapping".into()))?;
+        Ok(HostView { ptr, len })
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: empty views cannot be mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for HostView {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping created in `map`, unmapped only here.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
@@ -1067,6 +1140,38 @@ mod tests {
         let unsealed = unsafe { OwnedFd::from_raw_fd(raw) };
         assert_eq!(unsafe { libc::ftruncate(unsealed.as_raw_fd(), 4096) }, 0);
         assert_eq!(HostBuffer::map_shared(unsealed.as_fd()).unwrap_err().code(), ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn a_view_maps_a_sealed_file_read_only_and_refuses_files_that_could_fault() {
+        let buf = HostBuffer::alloc(3 * page_size(), &UNPINNED.with_shareable(true)).unwrap();
+        buf.write_at(5000, b"view").unwrap();
+        let fd = buf.share_fd().unwrap();
+        let view = HostView::map(fd, 5004).unwrap();
+        assert_eq!(view.len(), 5004);
+        // SAFETY: the bytes lie inside the view.
+        assert_eq!(unsafe { std::slice::from_raw_parts(view.as_ptr().add(5000), 4) }, b"view");
+        buf.write_at(5000, b"live").unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { std::slice::from_raw_parts(view.as_ptr().add(5000), 4) }, b"live");
+        let refused = |r: Result<HostView>| r.map(drop).unwrap_err().to_string();
+        assert!(refused(HostView::map(fd, 3 * page_size() + 1)).contains("holds"));
+        assert!(refused(HostView::map(fd, 0)).contains("empty"));
+
+        let memfd = |flags: libc::c_uint| {
+            let raw = unsafe { libc::memfd_create(c"view-test".as_ptr(), libc::MFD_CLOEXEC | flags) };
+            (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
+        };
+        let unsealed = memfd(0).unwrap();
+        assert_eq!(unsafe { libc::ftruncate(unsealed.as_raw_fd(), 4096) }, 0);
+        assert!(refused(HostView::map(unsealed.as_fd(), 4096)).contains("not sealed"));
+        // A sealed hugetlb file, where the kernel has them (creating one needs no free page).
+        if let Some(huge) = memfd(libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING) {
+            let len = huge_page_size();
+            assert_eq!(unsafe { libc::ftruncate(huge.as_raw_fd(), len as libc::off_t) }, 0);
+            assert_eq!(unsafe { libc::fcntl(huge.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }, 0);
+            assert!(refused(HostView::map(huge.as_fd(), len)).contains("hugetlb"));
+        }
     }
 
     #[test]

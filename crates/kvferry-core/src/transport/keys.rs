@@ -60,6 +60,13 @@ impl KeyTable {
         self.entries.read().unwrap().get(&key).cloned()
     }
 
+    /// A registration whose region holds the `len` bytes at `addr`, and its key: how the shm
+    /// initiator finds the file behind a WRITE's source (a scan, once per region and connection).
+    pub fn find(&self, addr: u64, len: u64) -> Option<(u128, Arc<KeyEntry>)> {
+        let entries = self.entries.read().unwrap();
+        entries.iter().find(|(_, e)| e.region.contains(addr, len)).map(|(k, e)| (*k, e.clone()))
+    }
+
     /// Remove a key, cut off the requests using its region, and wait until they have let go (the
     /// cut makes their socket calls return, so this does not wait on any peer).
     pub fn remove(&self, key: u128) {

@@ -1,9 +1,13 @@
 //! The initiator's side of the shm transport: a worker thread per peer, started on the first
 //! batch and ended after `idle_timeout` without one, with a connection made on first use.
 //!
-//! - a **WRITE** is a request on the socket naming our own source addresses; the owner checks key
-//!   and range and copies the bytes into its memory itself, and the batch settles on its answer.
-//!   No byte of ours is ever written into the owner's address space by us.
+//! - a **WRITE** is a request on the socket naming our own sources; the owner checks key and range
+//!   and copies the bytes into its memory itself, and the batch settles on its answer. A source in
+//!   a shareable registration of ours (a sealed memfd) is passed once per connection (`SHARE`), so
+//!   the owner copies it with `memcpy` from a mapping; any other is named by address and pulled
+//!   with `process_vm_readv`. The worker is told when a local registration goes (`Job::Forget`)
+//!   and withdraws its file (`UNSHARE`). No byte of ours is ever written into the owner's address
+//!   space by us.
 //! - a **READ** lands in our memory, so we copy it: after a grant (`MAP`), through the owner's
 //!   shareable file (`memcpy` on the host device's copy pool, this thread taking a share) or with
 //!   `process_vm_readv`. The connection's lease slot of every registration touched is checked
@@ -12,14 +16,14 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::thread;
 use std::time::Duration;
 
 use super::lease::LeaseFile;
-use super::owner::{PROBE, pull};
+use super::owner::{OwnerShared, PROBE, pull};
 use super::wire::{self, Failure, Header, Reach, WriteOp};
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
@@ -49,7 +53,21 @@ pub(super) struct LinkInfo {
     pub auth: Auth,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// This agent's own registrations, where a WRITE's sources are looked up.
+    pub local: Arc<OwnerShared>,
 }
+
+/// What a link's worker is handed, in order.
+pub(super) enum Job {
+    Batch(Batch),
+    /// A local registration is gone: stop sharing its file. Queued before the deregistration
+    /// returns, so it is handled before any batch posted afterwards (which may use the same
+    /// addresses for other memory).
+    Forget(u128),
+}
+
+/// A link's queue: `None` until the first batch and after the worker idled out.
+pub(super) type Jobs = Mutex<Option<mpsc::Sender<Job>>>;
 
 /// An authenticated connection to an owner.
 pub(super) struct Connected {
@@ -170,8 +188,7 @@ pub(super) struct ShmLink {
     regions: Arc<Vec<Option<RemoteShm>>>,
     info: Arc<LinkInfo>,
     device: Arc<HostDevice>,
-    /// The running worker's queue; `None` until the first batch and after the worker idled out.
-    jobs: Arc<Mutex<Option<mpsc::Sender<Batch>>>>,
+    jobs: Arc<Jobs>,
 }
 
 impl ShmLink {
@@ -185,9 +202,14 @@ impl ShmLink {
         }
     }
 
+    /// The queue deregistrations tell of local registrations gone.
+    pub fn queue(&self) -> Weak<Jobs> {
+        Arc::downgrade(&self.jobs)
+    }
+
     /// Start a worker and return its queue.
-    fn spawn(&self) -> io::Result<mpsc::Sender<Batch>> {
-        let (jobs, batches) = mpsc::channel::<Batch>();
+    fn spawn(&self) -> io::Result<mpsc::Sender<Job>> {
+        let (jobs, batches) = mpsc::channel::<Job>();
         let cut_handle: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let handle = cut_handle.clone();
         let cut: AbortHook = Arc::new(move || {
@@ -202,6 +224,8 @@ impl ShmLink {
             cut_handle,
             cut,
             grants: HashMap::new(),
+            sources: Vec::new(),
+            next_source: 1,
             device: self.device.clone(),
         };
         let queue = Arc::downgrade(&self.jobs);
@@ -223,15 +247,16 @@ impl PeerLink for ShmLink {
         batch.completion.set_guarded_parts(1);
         let mut jobs = self.jobs.lock().unwrap();
         let batch = match jobs.as_ref() {
-            Some(queue) => match queue.send(batch) {
+            Some(queue) => match queue.send(Job::Batch(batch)) {
                 Ok(()) => return Ok(()),
-                Err(mpsc::SendError(batch)) => batch,
+                Err(mpsc::SendError(Job::Batch(batch))) => batch,
+                Err(mpsc::SendError(Job::Forget(_))) => unreachable!("a batch was sent"),
             },
             None => batch,
         };
         match self.spawn() {
             Ok(sender) => {
-                let sent = sender.send(batch);
+                let sent = sender.send(Job::Batch(batch));
                 *jobs = Some(sender);
                 debug_assert!(sent.is_ok(), "a fresh worker holds its receiver");
             }
@@ -273,6 +298,28 @@ struct Grant {
     map: Option<HostBuffer>,
 }
 
+/// A local registration a WRITE came from, as this connection knows it.
+struct LocalSource {
+    key: u128,
+    /// The registered range: a shared file's offset 0 is at `base`.
+    base: u64,
+    len: u64,
+    state: SourceState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SourceState {
+    /// No shareable file behind it: pulled cross-memory.
+    Plain,
+    /// Shareable, not offered on this connection yet.
+    Unshared,
+    /// Shared under this id.
+    Shared(u64),
+    /// The owner refused the file (pulled cross-memory); offered again after an `UNSHARE` made
+    /// room when `room` (the refusal was for the owner's limits).
+    Refused { room: bool },
+}
+
 struct Worker {
     info: Arc<LinkInfo>,
     regions: Arc<Vec<Option<RemoteShm>>>,
@@ -283,6 +330,10 @@ struct Worker {
     cut: AbortHook,
     /// Grants received on this connection, by key.
     grants: HashMap<u128, Grant>,
+    /// Local registrations WRITEs came from on this connection.
+    sources: Vec<LocalSource>,
+    /// The id the next shared source gets on this connection (never 0: that is "by address").
+    next_source: u64,
     device: Arc<HostDevice>,
 }
 
@@ -296,10 +347,10 @@ pub(super) static AFTER_READ_COPY: Mutex<Option<ReadHook>> = Mutex::new(None);
 impl Worker {
     /// Run batches until the link is dropped or none came for `idle_timeout`; the connection (and
     /// the owner's thread serving it) goes with the worker.
-    fn run(mut self, batches: mpsc::Receiver<Batch>, queue: Weak<Mutex<Option<mpsc::Sender<Batch>>>>) {
+    fn run(mut self, batches: mpsc::Receiver<Job>, queue: Weak<Jobs>) {
         loop {
             match batches.recv_timeout(self.info.idle_timeout) {
-                Ok(batch) => self.run_batch(&batch),
+                Ok(job) => self.run_job(job),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let Some(queue) = queue.upgrade() else { return };
@@ -307,9 +358,9 @@ impl Worker {
                     // retire, so the next post starts a fresh worker.
                     let mut jobs = queue.lock().unwrap();
                     match batches.try_recv() {
-                        Ok(batch) => {
+                        Ok(job) => {
                             drop(jobs);
-                            self.run_batch(&batch);
+                            self.run_job(job);
                         }
                         Err(_) => {
                             *jobs = None;
@@ -318,6 +369,13 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    fn run_job(&mut self, job: Job) {
+        match job {
+            Job::Batch(batch) => self.run_batch(&batch),
+            Job::Forget(key) => self.forget(key),
         }
     }
 
@@ -376,8 +434,10 @@ impl Worker {
             if conn.pid != self.info.pid {
                 return Err(unreachable(format!("another process (pid {}) now serves the endpoint", conn.pid)));
             }
-            // Grants name slots of the previous connection's lease file; ask afresh.
+            // Grants name slots of the previous connection's lease file, and sources were shared
+            // on it; ask afresh.
             self.grants.clear();
+            self.sources.clear();
             *self.cut_handle.lock().unwrap_or_else(|e| e.into_inner()) = conn.stream.try_clone().ok();
             self.conn = Some(conn);
         }
@@ -400,6 +460,7 @@ impl Worker {
         self.conn = None;
         *self.cut_handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.grants.clear();
+        self.sources.clear();
     }
 
     fn region(&self, op: &XferOp) -> RemoteShm {
@@ -419,11 +480,14 @@ impl Worker {
             }
             .encode()
             .to_vec();
+            // Sources are shared per connection: name them on the one the request goes on.
+            self.connection(c)?;
             for o in chunk {
+                let (from, source) = self.source_of(c, o)?;
                 let key = self.region(o).key;
-                WriteOp { key, addr: o.remote_addr, source: o.local_addr, len: o.len }.encode_into(&mut request);
+                WriteOp { key, addr: o.remote_addr, source, len: o.len, from }.encode_into(&mut request);
             }
-            let conn = self.connection(c)?;
+            let conn = self.conn.as_mut().expect("connected above");
             if !conn.can_pull {
                 let cause = "the owner cannot read this process's memory (ptrace policy)".to_string();
                 return Err(TransferError::CrossMemoryRefused { peer, op, cause });
@@ -458,6 +522,103 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Where the owner reads an op's bytes: `(from, source)` of its WRITE op. A source in a
+    /// shareable registration is shared on first use; one the owner refuses is named by address.
+    fn source_of(&mut self, c: &Completion, o: &XferOp) -> Result<(u64, u64), TransferError> {
+        let found = self.sources.iter().position(|s| o.local_addr >= s.base && o.local_addr - s.base + o.len <= s.len);
+        let index = match found {
+            Some(index) => index,
+            None => {
+                let Some((key, entry)) = self.info.local.keys.find(o.local_addr, o.len) else {
+                    return Ok((wire::FROM_ADDRESS, o.local_addr));
+                };
+                let shareable =
+                    entry.memory().is_some_and(|m| m.share_fd().is_some() && m.region().addr == entry.region.addr);
+                let state = if shareable { SourceState::Unshared } else { SourceState::Plain };
+                self.sources.push(LocalSource { key, base: entry.region.addr, len: entry.region.len, state });
+                self.sources.len() - 1
+            }
+        };
+        if self.sources[index].state == SourceState::Unshared {
+            self.sources[index].state = self.share(c, index)?;
+        }
+        let s = &self.sources[index];
+        Ok(match s.state {
+            SourceState::Shared(id) => (id, o.local_addr - s.base),
+            _ => (wire::FROM_ADDRESS, o.local_addr),
+        })
+    }
+
+    /// Pass a shareable registration's file to the owner; what it became.
+    fn share(&mut self, c: &Completion, index: usize) -> Result<SourceState, TransferError> {
+        let LocalSource { key, len, .. } = self.sources[index];
+        // A copy of the descriptor, so the registration is not held during the exchange.
+        let fd: Option<OwnedFd> =
+            self.info.local.keys.get(key).and_then(|entry| {
+                entry.memory().and_then(|m| m.share_fd()).and_then(|fd| fd.try_clone_to_owned().ok())
+            });
+        let Some(fd) = fd else {
+            // Going away (its `Forget` is queued), or out of descriptors: by address this time.
+            return Ok(SourceState::Refused { room: false });
+        };
+        let id = self.next_source;
+        self.next_source += 1;
+        let deadline = c.deadline();
+        let stream = &mut self.conn.as_mut().expect("sources are named on a connection").stream;
+        let mut head = [0u8; wire::HEADER_LEN];
+        let answered = crate::net::time_left(deadline)
+            .and_then(|left| stream.set_timeouts(left))
+            .and_then(|()| wire::send_with_fd(stream, &wire::encode_share(id, len), fd.as_fd()))
+            .and_then(|()| stream.read_exact_by(&mut head, deadline));
+        if let Err(e) = answered {
+            return Err(self.named(c, Failure::Io(e)));
+        }
+        let header = Header::decode(&head);
+        Ok(match header.tag {
+            0 => SourceState::Shared(id),
+            wire::STATUS_BAD_SOURCE => SourceState::Refused { room: false },
+            tag if tag == RejectReason::TooLarge.to_wire() => SourceState::Refused { room: true },
+            _ => {
+                let failure = wire::status_of(header).err().unwrap_or(Failure::Protocol("a refused share".into()));
+                return Err(self.named(c, failure));
+            }
+        })
+    }
+
+    /// A local registration is gone: withdraw its file from the owner, whose mapping would
+    /// otherwise keep the pages alive until the connection ends.
+    fn forget(&mut self, key: u128) {
+        let ids: Vec<u64> = self
+            .sources
+            .iter()
+            .filter_map(|s| match s.state {
+                SourceState::Shared(id) if s.key == key => Some(id),
+                _ => None,
+            })
+            .collect();
+        self.sources.retain(|s| s.key != key);
+        let Some(conn) = self.conn.as_mut().filter(|_| !ids.is_empty()) else { return };
+        let deadline = Deadline::after(self.info.connect_timeout);
+        for id in ids {
+            let mut head = [0u8; wire::HEADER_LEN];
+            let answered = conn
+                .stream
+                .write_all_by(&wire::encode_unshare(id), deadline)
+                .and_then(|()| conn.stream.read_exact_by(&mut head, deadline));
+            if answered.is_err() {
+                // Closing the connection drops every mapping it held.
+                self.disconnect();
+                return;
+            }
+        }
+        // Room was made: files refused for the owner's limits are offered again.
+        for s in &mut self.sources {
+            if s.state == (SourceState::Refused { room: true }) {
+                s.state = SourceState::Unshared;
+            }
+        }
     }
 
     /// Check every op against its grant and its lease, copy, then check that the owner is still

@@ -5,8 +5,12 @@
 //! owner answers with a lease file of that connection's own. The bytes never cross the socket, and
 //! each side copies only into memory it owns:
 //!
-//! - **WRITE**: the initiator names its own source addresses; the owner checks key and range and
-//!   pulls them into its memory with `process_vm_readv`, then answers;
+//! - **WRITE**: the initiator names its own sources; the owner checks key and range and copies
+//!   them into its memory, then answers: a source in a shareable region of the initiator's is
+//!   passed once per connection with `SCM_RIGHTS` (`SHARE`), and the owner, after checking that
+//!   the file cannot shrink, maps it read-only, caches the mapping (within
+//!   [`ShmConfig::max_shared_sources`] and [`ShmConfig::max_shared_bytes`]) and copies with
+//!   `memcpy` split over its copy pool; any other source is pulled with `process_vm_readv`;
 //! - **READ**: after a grant (`MAP`, key checked), the initiator copies, either **mapped** — a region
 //!   backed by a shareable file (a memfd [`HostBuffer`](crate::memory::host::HostBuffer), see
 //!   [`HostAllocOptions::shareable`](crate::memory::host::HostAllocOptions)) is passed once with
@@ -26,10 +30,10 @@ mod wire;
 use std::any::Any;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use self::link::{ConnectError, LinkInfo, RemoteShm, ShmLink};
+use self::link::{ConnectError, Job, Jobs, LinkInfo, RemoteShm, ShmLink};
 use self::owner::OwnerShared;
 use self::wire::Reach;
 use crate::auth::Auth;
@@ -61,6 +65,11 @@ pub struct ShmConfig {
     /// per-peer limit (`max_per_ip`) counts connections per user id (`SO_PEERCRED`);
     /// `idle_timeout` there is for a connection that has sent no request since its handshake.
     pub limits: ServeLimits,
+    /// Files one connection's initiator may have shared at once (beyond, a `SHARE` is refused and
+    /// that source pulled cross-memory).
+    pub max_shared_sources: usize,
+    /// Bytes of the initiators' shared files mapped at once, over all connections.
+    pub max_shared_bytes: u64,
 }
 
 impl Default for ShmConfig {
@@ -71,6 +80,8 @@ impl Default for ShmConfig {
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             limits: ServeLimits::default(),
+            max_shared_sources: 1024,
+            max_shared_bytes: 16 << 40,
         }
     }
 }
@@ -109,6 +120,8 @@ pub struct ShmTransport {
     auth: Auth,
     device: Arc<HostDevice>,
     server: Option<Server<OwnerShared>>,
+    /// The queues of this transport's links, told when a local registration goes.
+    links: Mutex<Vec<Weak<Jobs>>>,
 }
 
 impl ShmTransport {
@@ -127,14 +140,7 @@ impl ShmTransport {
         let socket = format!("kvferry-shm-{pid}-{:016x}", keys::new_key()? as u64);
         let addr = UnixAddr::from_abstract_name(&socket).map_err(|e| Error::io("naming the shm socket", e))?;
         let listener = UnixListener::bind_addr(&addr).map_err(|e| Error::io(format!("binding @{socket}"), e))?;
-        let shared = Arc::new(OwnerShared::new(
-            auth,
-            notifications,
-            config.request_timeout,
-            config.idle_timeout,
-            config.limits.request_bytes,
-            device.clone(),
-        ));
+        let shared = Arc::new(OwnerShared::new(auth, notifications, &config, device.clone()));
         let server = Server::start(listener, "kvferry-shm", shared.clone(), config.limits.clone())?;
         Ok(ShmTransport {
             local_name: local_name.to_string(),
@@ -145,6 +151,7 @@ impl ShmTransport {
             shared,
             device,
             server: Some(server),
+            links: Mutex::default(),
         })
     }
 }
@@ -181,9 +188,16 @@ impl Transport for ShmTransport {
     }
 
     fn deregister(&self, key: &[u8]) {
-        if let Some((key, _)) = wire::decode_key(key) {
-            self.shared.deregister(key);
-        }
+        let Some((key, _)) = wire::decode_key(key) else { return };
+        self.shared.deregister(key);
+        // The links that shared its file withdraw it; a worker that is not running shares nothing.
+        self.links.lock().unwrap().retain(|queue| {
+            let Some(queue) = queue.upgrade() else { return false };
+            if let Some(jobs) = queue.lock().unwrap().as_ref() {
+                let _ = jobs.send(Job::Forget(key));
+            }
+            true
+        });
     }
 
     fn link(&self, peer: &str, endpoint: &Endpoint, regions: Vec<RemoteRegion>) -> Result<Arc<dyn PeerLink>> {
@@ -227,8 +241,13 @@ impl Transport for ShmTransport {
             auth: self.auth.clone(),
             connect_timeout: self.config.connect_timeout,
             idle_timeout: self.config.idle_timeout,
+            local: self.shared.clone(),
         };
-        Ok(Arc::new(ShmLink::new(info, regions, self.device.clone())))
+        let link = ShmLink::new(info, regions, self.device.clone());
+        let mut links = self.links.lock().unwrap();
+        links.retain(|queue| queue.strong_count() > 0);
+        links.push(link.queue());
+        Ok(Arc::new(link))
     }
 }
 

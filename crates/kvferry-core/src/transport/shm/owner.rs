@@ -1,8 +1,10 @@
 //! The memory owner's side of the shm transport. Every connection first proves the cluster
 //! secret; only then does it get a hello answer (pid, probe, a lease file of its own). The owner
-//! copies every byte that lands in its memory itself: a WRITE names the initiator's source
-//! addresses, and the owner checks key and range and pulls them with `process_vm_readv` (large
-//! pulls split over the host device's copy pool). READs are copied by the initiator (through a
+//! copies every byte that lands in its memory itself: a WRITE names the initiator's sources, and
+//! the owner checks key and range and copies them, with `memcpy` from its read-only mapping of a
+//! memfd the initiator shared on the connection (`SHARE`, seals checked, cached until `UNSHARE`
+//! or the connection's end), or with `process_vm_readv` from the initiator's address space; large
+//! copies are split over the host device's copy pool. READs are copied by the initiator (through a
 //! mapping or cross-memory attach) after a grant (`MAP`: checks the key, answers with the
 //! registered range, the connection's lease slot and, for shareable memory, the file);
 //! deregistration revokes that slot in every connection's lease file.
@@ -13,18 +15,20 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::ShmConfig;
 use super::lease::Leases;
 use super::wire::{self, Header, WriteOp, invalid};
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
-use crate::memory::host::{HostDevice, MIN_WORKER_SHARE};
+use crate::memory::CopyOp;
+use crate::memory::host::{HostDevice, HostView, MIN_WORKER_SHARE};
 use crate::net::{DeadlineStream, Next, Service, peer_cred, received, recv_ready};
 use crate::transport::keys::{KeyEntry, KeyTable};
 use crate::transport::tcp::wire::{BUSY_NOTIFICATIONS, BUSY_REQUEST_BYTES, STATUS_BUSY};
@@ -45,6 +49,22 @@ pub(super) struct LeaseTable {
     next: AtomicU64,
 }
 
+/// Bytes the owner copied for WRITEs, by how it reached the source.
+#[derive(Default)]
+pub(super) struct Pulled {
+    /// From mappings of the initiators' shared files.
+    pub mapped: AtomicU64,
+    /// With `process_vm_readv`.
+    pub cross_memory: AtomicU64,
+}
+
+/// A source an initiator shared on its connection: the read-only mapping of its memfd, and the
+/// bytes it takes of the transport's budget for such mappings.
+struct Source {
+    view: HostView,
+    _held: Reservation,
+}
+
 pub(super) struct OwnerShared {
     pub auth: Auth,
     pub keys: KeyTable,
@@ -58,26 +78,27 @@ pub(super) struct OwnerShared {
     budget: Arc<Budget>,
     /// Its pool pulls shares of large WRITEs next to the serving thread.
     device: Arc<HostDevice>,
+    /// Sources one connection may share at once.
+    max_sources: usize,
+    /// Bytes of shared sources mapped, over all connections.
+    pub source_bytes: Arc<Budget>,
+    pub pulled: Pulled,
 }
 
 impl OwnerShared {
-    pub fn new(
-        auth: Auth,
-        notifications: Arc<NotificationQueue>,
-        request_timeout: Duration,
-        idle_timeout: Duration,
-        request_bytes: u64,
-        device: Arc<HostDevice>,
-    ) -> Self {
+    pub fn new(auth: Auth, notifications: Arc<NotificationQueue>, config: &ShmConfig, device: Arc<HostDevice>) -> Self {
         OwnerShared {
             auth,
             keys: KeyTable::default(),
             leases: Arc::default(),
             notifications,
-            request_timeout,
-            idle_timeout,
-            budget: Budget::new(request_bytes),
+            request_timeout: config.request_timeout,
+            idle_timeout: config.idle_timeout,
+            budget: Budget::new(config.limits.request_bytes),
             device,
+            max_sources: config.max_shared_sources,
+            source_bytes: Budget::new(config.max_shared_bytes),
+            pulled: Pulled::default(),
         }
     }
 
@@ -93,7 +114,7 @@ impl OwnerShared {
 }
 
 /// An authenticated connection: who it is, its lease file (listed for revocation while the
-/// connection lives) and the request being read.
+/// connection lives), the sources its initiator shared, and the request being read.
 pub(super) struct Conn {
     from: String,
     /// The initiator's pid as the kernel reported it at connect.
@@ -101,6 +122,10 @@ pub(super) struct Conn {
     leases: Arc<Leases>,
     id: u64,
     table: Arc<LeaseTable>,
+    /// Mapped until `UNSHARE` or the connection's end, by the initiator's source id.
+    sources: HashMap<u64, Source>,
+    /// The descriptor that came with the request being read (a `SHARE`'s file).
+    passed: Option<OwnedFd>,
     reading: Reading,
 }
 
@@ -147,7 +172,8 @@ impl Service for OwnerShared {
         let (from, pid) = accept_hello(stream, &leases, deadline)?;
         let id = self.leases.next.fetch_add(1, Ordering::Relaxed);
         self.leases.open.lock().unwrap().insert(id, leases.clone());
-        Ok(Conn { from, pid, leases, id, table: self.leases.clone(), reading: Reading::start() })
+        let table = self.leases.clone();
+        Ok(Conn { from, pid, leases, id, table, sources: HashMap::new(), passed: None, reading: Reading::start() })
     }
 
     fn readable(&self, stream: &mut UnixStream, conn: &mut Conn, _: &mut (), deadline: Deadline) -> io::Result<Next> {
@@ -155,15 +181,35 @@ impl Service for OwnerShared {
             match &mut conn.reading {
                 Reading::Header { buf, got } => {
                     let started = *got > 0;
-                    if let Some(next) = received(recv_ready(stream, &mut buf[*got..]), got, started)? {
+                    // Read with room for a descriptor: one that came with a SHARE must not be lost.
+                    let read = match wire::recv_ready_with_fd(stream, &mut buf[*got..]) {
+                        Ok((n, fd)) => {
+                            if fd.is_some() && (started || conn.passed.is_some()) {
+                                return Err(invalid("a descriptor came inside a request"));
+                            }
+                            conn.passed = conn.passed.take().or(fd);
+                            Ok(n)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Some(next) = received(read, got, started)? {
                         return Ok(next);
                     }
                     if *got < wire::HEADER_LEN {
                         continue;
                     }
                     let header = Header::decode(buf);
+                    if conn.passed.is_some() && header.tag != wire::SHARE {
+                        return Err(invalid("a descriptor came with a request that takes none"));
+                    }
+                    let fixed = |len: usize| match header.payload_len == len as u64 {
+                        true => Ok(len),
+                        false => Err(invalid("malformed share request")),
+                    };
                     let want = match header.tag {
                         wire::MAP => 16,
+                        wire::SHARE => fixed(wire::SHARE_LEN)?,
+                        wire::UNSHARE => fixed(wire::UNSHARE_LEN)?,
                         wire::WRITE => {
                             let count = header.count as usize;
                             let ops = count * wire::WRITE_OP_LEN;
@@ -213,7 +259,19 @@ impl Service for OwnerShared {
                             let key = u128::from_le_bytes(buf[..16].try_into().expect("16 bytes"));
                             serve_map(stream, self, &conn.leases, key, deadline)?;
                         }
-                        wire::WRITE => serve_write(stream, self, &buf, conn.pid, deadline)?,
+                        wire::WRITE => serve_write(stream, self, &buf, conn, deadline)?,
+                        wire::SHARE => {
+                            let status = share(self, &mut conn.sources, &buf, conn.passed.take());
+                            respond(stream, status, 0, 0, deadline)?;
+                        }
+                        wire::UNSHARE => {
+                            let id = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+                            let status = match conn.sources.remove(&id) {
+                                Some(_) => 0,
+                                None => RejectReason::UnknownKey.to_wire(),
+                            };
+                            respond(stream, status, 0, 0, deadline)?;
+                        }
                         _ => serve_notify(stream, self, &conn.from, buf, deadline)?,
                     }
                     // The next request, if one has come already, wakes the connection again.
@@ -321,30 +379,83 @@ fn serve_map(
     }
 }
 
-/// Check every op of a WRITE against the registrations, then copy the initiator's source bytes
-/// into our memory ourselves. The entries are held during the copy, so deregistration waits for
-/// it (our own copy, which does not depend on the initiator running) and no later copy starts.
+/// Map a source the initiator shares (`SHARE`): within the connection's count and the
+/// transport's bytes, and only a file that cannot shrink under the mapping (see [`HostView::map`]).
+/// Returns the answer's status.
+fn share(shared: &OwnerShared, sources: &mut HashMap<u64, Source>, body: &[u8], fd: Option<OwnedFd>) -> u8 {
+    let word = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+    let (id, len) = (word(0), word(8));
+    let Some(fd) = fd else { return wire::STATUS_BAD_SOURCE };
+    if id == wire::FROM_ADDRESS || sources.contains_key(&id) {
+        return wire::STATUS_BAD_SOURCE;
+    }
+    let mut held = shared.source_bytes.reservation();
+    if sources.len() >= shared.max_sources || !held.grow(len) {
+        return RejectReason::TooLarge.to_wire();
+    }
+    let Some(view) = usize::try_from(len).ok().and_then(|len| HostView::map(fd.as_fd(), len).ok()) else {
+        return wire::STATUS_BAD_SOURCE;
+    };
+    // The mapping keeps the file; the descriptor closes here.
+    sources.insert(id, Source { view, _held: held });
+    0
+}
+
+/// Check every op of a WRITE against the registrations and the connection's shared sources, then
+/// copy the initiator's source bytes into our memory ourselves. The entries are held during the
+/// copy, so deregistration waits for it (our own copy, which does not depend on the initiator
+/// running) and no later copy starts.
 fn serve_write(
     stream: &mut UnixStream,
     shared: &OwnerShared,
     body: &[u8],
-    pid: u32,
+    conn: &Conn,
     deadline: Deadline,
 ) -> io::Result<()> {
     let ops: Vec<WriteOp> =
         body.chunks_exact(wire::WRITE_OP_LEN).map(|c| WriteOp::decode(c.try_into().expect("op length"))).collect();
-    let (held, copies) = match check_write(shared, &ops) {
+    let checked = match check_write(shared, &conn.sources, &ops) {
         Ok(checked) => checked,
         Err((index, reason)) => return respond(stream, reason.to_wire(), index, 0, deadline),
     };
-    let pulled = pull_sharing(&shared.device, pid, copies);
-    drop(held);
-    match pulled {
-        Ok(()) => respond(stream, 0, 0, 0, deadline),
-        Err((index, e)) => {
+    let (mapped_bytes, cross_bytes) =
+        (bytes_of(checked.mapped.iter().map(|c| c.len)), bytes_of(checked.cross.iter().map(|c| c.2)));
+    // SAFETY: every destination lies in a registration held until the copies are done; every
+    // source lies in a mapping of `conn.sources`, which this call does not let go of.
+    let fence = unsafe { shared.device.copy_batch_sharing(&checked.mapped) };
+    let pulled = pull_sharing(&shared.device, conn.pid, checked.cross);
+    if let Ok(fence) = &fence {
+        // Our own copies, from our own mappings: they end whatever the initiator does.
+        while fence.wait(Deadline::after(Duration::from_secs(1))).is_err() {}
+    }
+    drop(checked.held);
+    let failed = match (fence, pulled) {
+        (Err(e), _) => Some((checked.mapped_index[memory_error_index(&e)], io::Error::from_raw_os_error(libc::EINVAL))),
+        (Ok(_), Err((index, e))) => Some((checked.cross_index[index], e)),
+        (Ok(_), Ok(())) => None,
+    };
+    match failed {
+        None => {
+            shared.pulled.mapped.fetch_add(mapped_bytes, Ordering::Relaxed);
+            shared.pulled.cross_memory.fetch_add(cross_bytes, Ordering::Relaxed);
+            respond(stream, 0, 0, 0, deadline)
+        }
+        Some((index, e)) => {
             let errno = e.raw_os_error().unwrap_or(libc::EIO) as u64;
             respond(stream, wire::STATUS_PULL_FAILED, index as u32, errno, deadline)
         }
+    }
+}
+
+fn bytes_of(lens: impl Iterator<Item = u64>) -> u64 {
+    lens.fold(0u64, u64::saturating_add)
+}
+
+/// The copy a refused batch names (`InvalidCopy`), or its first.
+fn memory_error_index(e: &crate::error::Error) -> usize {
+    match e {
+        crate::error::Error::Memory(crate::memory::MemoryError::InvalidCopy { index, .. }) => *index,
+        _ => 0,
     }
 }
 
@@ -399,19 +510,38 @@ fn pull_sharing(device: &HostDevice, pid: u32, copies: Vec<(u64, u64, u64)>) -> 
     }
 }
 
-/// The entries a WRITE's ops use (held for the copy) and its copies `(ours, theirs, len)`.
-type Checked = (Vec<Arc<KeyEntry>>, Vec<(u64, u64, u64)>);
+/// A WRITE's ops, checked: the entries they use (held for the copy), the copies from shared
+/// sources and those cross-memory `(ours, theirs, len)`, each with the index of its op.
+struct Checked {
+    held: Vec<Arc<KeyEntry>>,
+    mapped: Vec<CopyOp>,
+    mapped_index: Vec<usize>,
+    cross: Vec<(u64, u64, u64)>,
+    cross_index: Vec<usize>,
+}
 
-/// Check a WRITE's ops; the first refused and why.
-fn check_write(shared: &OwnerShared, ops: &[WriteOp]) -> Result<Checked, (u32, RejectReason)> {
+/// Check a WRITE's ops: the destination against the registrations, the source, when shared,
+/// against its mapping; the first refused and why.
+fn check_write(
+    shared: &OwnerShared,
+    sources: &HashMap<u64, Source>,
+    ops: &[WriteOp],
+) -> Result<Checked, (u32, RejectReason)> {
     let mut held: Vec<(u128, Arc<KeyEntry>)> = Vec::new();
-    let mut copies = Vec::with_capacity(ops.len());
+    let mut checked = Checked {
+        held: Vec::new(),
+        mapped: Vec::new(),
+        mapped_index: Vec::new(),
+        cross: Vec::new(),
+        cross_index: Vec::new(),
+    };
     for (index, op) in ops.iter().enumerate() {
         let reject = |reason| (index as u32, reason);
         if op.len == 0 {
             return Err(reject(RejectReason::ZeroLength));
         }
-        if op.addr.checked_add(op.len).is_none() || op.source.checked_add(op.len).is_none() {
+        let Some(source_end) = op.source.checked_add(op.len) else { return Err(reject(RejectReason::RangeOverflow)) };
+        if op.addr.checked_add(op.len).is_none() {
             return Err(reject(RejectReason::RangeOverflow));
         }
         let entry = match held.iter().find(|(k, _)| *k == op.key) {
@@ -425,9 +555,20 @@ fn check_write(shared: &OwnerShared, ops: &[WriteOp]) -> Result<Checked, (u32, R
         if !entry.region.contains(op.addr, op.len) {
             return Err(reject(RejectReason::OutOfRange));
         }
-        copies.push((op.addr, op.source, op.len));
+        if op.from == wire::FROM_ADDRESS {
+            checked.cross.push((op.addr, op.source, op.len));
+            checked.cross_index.push(index);
+            continue;
+        }
+        let source = sources.get(&op.from).ok_or(reject(RejectReason::UnknownKey))?;
+        if source_end > source.view.len() as u64 {
+            return Err(reject(RejectReason::OutOfRange));
+        }
+        checked.mapped.push(CopyOp { src: source.view.as_ptr() as u64 + op.source, dst: op.addr, len: op.len });
+        checked.mapped_index.push(index);
     }
-    Ok((held.into_iter().map(|(_, e)| e).collect(), copies))
+    checked.held = held.into_iter().map(|(_, e)| e).collect();
+    Ok(checked)
 }
 
 /// Copy `(local, remote, len)` ranges from process `pid` into ours with `process_vm_readv`, up to

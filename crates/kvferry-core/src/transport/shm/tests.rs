@@ -8,6 +8,7 @@ use super::owner::PROBE;
 use super::wire::{self, Reach};
 use super::*;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
+use crate::transport::RejectReason;
 
 #[test]
 fn endpoint_addresses_parse_or_are_refused() {
@@ -235,4 +236,263 @@ fn a_read_that_raced_a_deregistration_fails_instead_of_succeeding() {
         assert_eq!(e.code(), crate::ErrorCode::RemoteUnknownKey, "{e}");
         assert!(reg.lock().unwrap().is_none(), "the registration was dropped during the READ");
     }
+}
+
+/// An owner and an initiator transport with the shm tests' secret, and the initiator's link.
+struct Transports {
+    owner: ShmTransport,
+    initiator: ShmTransport,
+}
+
+fn transports(config: ShmConfig) -> Transports {
+    let start = |name: &str| {
+        let queue = Arc::new(crate::transport::NotificationQueue::with_limits(16, 1 << 20));
+        ShmTransport::start(name, config.clone(), secret_auth(SECRET), queue).unwrap()
+    };
+    Transports { owner: start("pull-owner"), initiator: start("pull-initiator") }
+}
+
+/// Register `buf` with `transport` as the agent does (the keep-alive carries the memory).
+fn register(transport: &ShmTransport, buf: &Arc<HostBuffer>) -> Vec<u8> {
+    let memory: Arc<dyn crate::memory::Memory> = buf.clone();
+    transport.register(buf.region(), Arc::new(Some(memory))).unwrap()
+}
+
+fn patterned(len: usize, shareable: bool, seed: u8) -> Arc<HostBuffer> {
+    let options = HostAllocOptions::new().with_pin(false).with_shareable(shareable);
+    let buf = Arc::new(HostBuffer::alloc(len, &options).unwrap());
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
+    buf.write_at(0, &data).unwrap();
+    buf
+}
+
+/// Post a WRITE of `ops` on `link` and wait for it.
+fn write_ops(
+    link: &Arc<dyn PeerLink>,
+    ops: Vec<crate::transport::XferOp>,
+) -> std::result::Result<(), crate::transport::TransferError> {
+    let bytes = ops.iter().map(|o| o.len).sum();
+    let deadline = crate::Deadline::after(std::time::Duration::from_secs(20));
+    let completion =
+        Arc::new(crate::transport::Completion::new("pull-owner", crate::transport::Op::Write, bytes, None, deadline));
+    link.post(crate::transport::Batch { ops, completion: completion.clone(), keep_alive: Arc::new(()) }).unwrap();
+    completion.wait()
+}
+
+fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = crate::Deadline::after(std::time::Duration::from_secs(10));
+    while !deadline.expired() {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    check()
+}
+
+#[test]
+fn a_write_from_a_shareable_source_is_copied_through_a_mapping_byte_exact() {
+    use crate::transport::XferOp;
+    use std::sync::atomic::Ordering;
+
+    let t = transports(ShmConfig { copy_threads: Some(2), ..ShmConfig::default() });
+    let target = patterned(8 << 20, false, 0);
+    let key = register(&t.owner, &target);
+    let shared_src = patterned(4 << 20, true, 0x5a);
+    let plain_src = patterned(1 << 20, false, 0xa5);
+    let src_key = register(&t.initiator, &shared_src);
+    register(&t.initiator, &plain_src);
+    let remote = crate::transport::RemoteRegion { region: target.region(), key };
+    let link = t.initiator.link("pull-owner", &t.owner.endpoint(), vec![remote]).unwrap();
+
+    // 64 blocks of 64 KiB from the shared file, reversed so that the owner's copy is split into
+    // many pieces over its pool, and two from plain memory in the same request.
+    let block = 64u64 << 10;
+    let mut ops: Vec<XferOp> = (0..64)
+        .map(|i| XferOp {
+            local_addr: shared_src.as_ptr() as u64 + i * block,
+            remote_region: 0,
+            remote_addr: target.as_ptr() as u64 + (63 - i) * block,
+            len: block,
+        })
+        .collect();
+    for i in 0..2 {
+        ops.push(XferOp {
+            local_addr: plain_src.as_ptr() as u64 + i * block,
+            remote_region: 0,
+            remote_addr: target.as_ptr() as u64 + (4 << 20) + i * block,
+            len: block,
+        });
+    }
+    write_ops(&link, ops).unwrap();
+    let (got, shared, plain) = (target.to_vec(), shared_src.to_vec(), plain_src.to_vec());
+    let b = block as usize;
+    for i in 0..64 {
+        assert!(got[(63 - i) * b..(64 - i) * b] == shared[i * b..(i + 1) * b], "shared block {i}");
+    }
+    assert!(got[4 << 20..(4 << 20) + 2 * b] == plain[..2 * b], "plain blocks");
+    let pulled = &t.owner.shared.pulled;
+    assert_eq!(
+        pulled.mapped.load(Ordering::Relaxed),
+        64 * block,
+        "the shared source was not copied through its mapping"
+    );
+    assert_eq!(pulled.cross_memory.load(Ordering::Relaxed), 2 * block);
+    assert_eq!(t.owner.shared.source_bytes.used(), (4 << 20) as u64, "one mapping, of the registered range");
+
+    // Deregistered, the file is withdrawn from the owner at once, not when the connection ends.
+    t.initiator.deregister(&src_key);
+    assert!(eventually(|| t.owner.shared.source_bytes.used() == 0), "the owner still maps a deregistered source");
+    // A new registration of the same memory is shared afresh.
+    register(&t.initiator, &shared_src);
+    shared_src.write_at(0, &[0x77; 4096]).unwrap();
+    let op = XferOp {
+        local_addr: shared_src.as_ptr() as u64,
+        remote_region: 0,
+        remote_addr: target.as_ptr() as u64,
+        len: 4096,
+    };
+    write_ops(&link, vec![op]).unwrap();
+    assert!(target.to_vec()[..4096].iter().all(|&b| b == 0x77));
+    assert_eq!(pulled.mapped.load(Ordering::Relaxed), 64 * block + 4096);
+}
+
+/// The hostile process of `a_hostile_sharer_is_refused_and_the_owner_keeps_serving`: it shares
+/// files the owner must not map and names ranges past them, then holds its connection.
+#[test]
+#[ignore = "run by a_hostile_sharer_is_refused_and_the_owner_keeps_serving in a child process"]
+fn hostile_sharer_child() {
+    use std::io::Read;
+    use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+    use wire::{Header, WriteOp};
+
+    let Ok(spec) = std::env::var("KVFERRY_SHM_SHARER") else { return };
+    let mut parts = spec.split(',');
+    let mut next = || parts.next().unwrap().to_string();
+    let (socket, key, addr) = (next(), u128::from_str_radix(&next(), 16).unwrap(), next().parse::<u64>().unwrap());
+    let deadline = crate::Deadline::after(std::time::Duration::from_secs(10));
+    let mut conn = link::connect(&socket, "sharer", &secret_auth(SECRET), deadline).map_err(|e| e.to_string()).unwrap();
+    let stream = &mut conn.stream;
+    let mut ask = |request: &[u8], fd: Option<BorrowedFd<'_>>| {
+        match fd {
+            Some(fd) => wire::send_with_fd(stream, request, fd).unwrap(),
+            None => stream.write_all(request).unwrap(),
+        }
+        let mut head = [0u8; wire::HEADER_LEN];
+        stream.read_exact(&mut head).unwrap();
+        let h = Header::decode(&head);
+        (h.tag, h.count)
+    };
+    let memfd = |flags: libc::c_uint, len: i64, seals: libc::c_int| {
+        let raw = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC | flags) };
+        assert!(raw >= 0);
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        assert_eq!(unsafe { libc::ftruncate(raw, len) }, 0);
+        if seals != 0 {
+            assert_eq!(unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, seals) }, 0);
+        }
+        fd
+    };
+    let sealed = memfd(libc::MFD_ALLOW_SEALING, 4096, libc::F_SEAL_SHRINK);
+    let unsealed = memfd(libc::MFD_ALLOW_SEALING, 4096, 0);
+    let bad = wire::STATUS_BAD_SOURCE;
+    let too_large = RejectReason::TooLarge.to_wire();
+    // Files the owner must not map: shrinkable, shorter than announced, none at all; an id in use.
+    assert_eq!(ask(&wire::encode_share(1, 4096), Some(unsealed.as_fd())).0, bad, "an unsealed file");
+    assert_eq!(ask(&wire::encode_share(1, 8192), Some(sealed.as_fd())).0, bad, "a file shorter than announced");
+    assert_eq!(ask(&wire::encode_share(1, 4096), None).0, bad, "no file");
+    assert_eq!(ask(&wire::encode_share(wire::FROM_ADDRESS, 4096), Some(sealed.as_fd())).0, bad, "source id 0");
+    assert_eq!(ask(&wire::encode_share(1, 4096), Some(sealed.as_fd())).0, 0, "a sealed file");
+    assert_eq!(ask(&wire::encode_share(1, 4096), Some(sealed.as_fd())).0, bad, "an id in use");
+    // Beyond the owner's limits (2 sources per connection here): refused as too large.
+    assert_eq!(ask(&wire::encode_share(2, 4096), Some(sealed.as_fd())).0, 0);
+    assert_eq!(ask(&wire::encode_share(3, 4096), Some(sealed.as_fd())).0, too_large, "a third source");
+    println!("shares refused");
+
+    let write = |ops: &[WriteOp]| {
+        let mut request =
+            Header { tag: wire::WRITE, count: ops.len() as u32, payload_len: (ops.len() * wire::WRITE_OP_LEN) as u64 }
+                .encode()
+                .to_vec();
+        ops.iter().for_each(|op| op.encode_into(&mut request));
+        request
+    };
+    let good = WriteOp { key, addr, source: 0, len: 4096, from: 1 };
+    let past_end = WriteOp { source: 4000, len: 200, ..good };
+    let unknown = WriteOp { from: 7, ..good };
+    let wrapping = WriteOp { source: u64::MAX - 10, len: 100, ..good };
+    let reason = |r: RejectReason| r.to_wire();
+    assert_eq!(ask(&write(&[good, past_end]), None), (reason(RejectReason::OutOfRange), 1), "a range past the file");
+    assert_eq!(ask(&write(&[unknown]), None), (reason(RejectReason::UnknownKey), 0), "an unknown source");
+    assert_eq!(ask(&write(&[wrapping]), None), (reason(RejectReason::RangeOverflow), 0), "a wrapping range");
+    // Withdrawn, a source is unknown; withdrawing it again too.
+    assert_eq!(ask(&wire::encode_unshare(2), None).0, 0);
+    assert_eq!(ask(&wire::encode_unshare(2), None).0, reason(RejectReason::UnknownKey));
+    assert_eq!(ask(&write(&[WriteOp { from: 2, ..good }]), None).0, reason(RejectReason::UnknownKey));
+    // A descriptor on a request that takes none closes the connection.
+    let mut fresh =
+        link::connect(&socket, "sharer", &secret_auth(SECRET), deadline).map_err(|e| e.to_string()).unwrap();
+    wire::send_with_fd(&fresh.stream, &write(&[good]), sealed.as_fd()).unwrap();
+    let mut head = [0u8; wire::HEADER_LEN];
+    assert!(fresh.stream.read_exact(&mut head).is_err(), "a WRITE carrying a descriptor was answered");
+    println!("writes refused");
+    // Hold the first connection (and its mapping) until the parent is done.
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+#[test]
+fn a_hostile_sharer_is_refused_and_the_owner_keeps_serving() {
+    use crate::transport::XferOp;
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::Ordering;
+
+    let t = transports(ShmConfig { max_shared_sources: 2, ..ShmConfig::default() });
+    let target = patterned(2 * 4096, false, 0);
+    let key = register(&t.owner, &target);
+    let before = target.to_vec();
+    let (raw_key, _) = wire::decode_key(&key).unwrap();
+    let socket = t.owner.endpoint().address.splitn(3, '/').nth(2).unwrap().to_string();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "transport::shm::tests::hostile_sharer_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("KVFERRY_SHM_SHARER", format!("{socket},{raw_key:x},{}", target.as_ptr() as u64 + 4096))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(step) = ["shares refused", "writes refused"].into_iter().find(|s| line.ends_with(s)) {
+            said.push(step);
+            if step == "writes refused" {
+                break;
+            }
+        }
+    }
+    assert_eq!(said, ["shares refused", "writes refused"], "the hostile child did not get through its steps");
+    assert!(target.to_vec() == before, "a refused WRITE changed the owner's memory");
+    assert_eq!(t.owner.shared.pulled.mapped.load(Ordering::Relaxed), 0);
+
+    // The owner serves an honest initiator as before, through a mapping.
+    let src = patterned(4096, true, 0x3c);
+    register(&t.initiator, &src);
+    let remote = crate::transport::RemoteRegion { region: target.region(), key };
+    let link = t.initiator.link("pull-owner", &t.owner.endpoint(), vec![remote]).unwrap();
+    let op =
+        XferOp { local_addr: src.as_ptr() as u64, remote_region: 0, remote_addr: target.as_ptr() as u64, len: 4096 };
+    write_ops(&link, vec![op]).unwrap();
+    assert!(target.to_vec()[..4096] == src.to_vec()[..]);
+    assert_eq!(t.owner.shared.pulled.mapped.load(Ordering::Relaxed), 4096);
+    drop(child.stdin.take());
+    lines.for_each(drop);
+    assert!(child.wait().unwrap().success(), "the hostile child failed");
 }

@@ -9,16 +9,27 @@
 //! map          header{MAP, 0, 0} | key [16]
 //! map ack      header{status, count: lease slot, 16} | addr u64 | len u64,
 //!              the memfd attached (SCM_RIGHTS) when the region has one
-//! write        header{WRITE, count: ops, payload_len: ops × 40} | (key [16] | addr u64 | source u64 | len u64)*
+//! share        header{SHARE, 0, 16} | source u64 | len u64, the initiator's memfd attached
+//! share ack    header{status, 0, 0}
+//! unshare      header{UNSHARE, 0, 8} | source u64
+//! unshare ack  header{status, 0, 0}
+//! write        header{WRITE, count: ops, payload_len: ops × 48}
+//!              | (key [16] | addr u64 | source u64 | len u64 | from u64)*
 //! write ack    header{status, count: op index, payload_len: errno when STATUS_PULL_FAILED}
 //! notify       header{NOTIFY, 0, len} | notification
 //! notify ack   header{status, 0, 0}
 //! ```
 //! Status 0 is success; otherwise a [`RejectReason`](crate::transport::RejectReason),
-//! [`STATUS_BAD_VERSION`], [`STATUS_PULL_FAILED`], or the TCP transport's busy status (`0x80`,
-//! `count` naming the limit: 1 request bytes, then the connection is closed; 2 the notification
-//! queue, and the connection keeps serving), which the initiator reports as `PeerBusy`. A WRITE names the initiator's own source
-//! addresses: the owner checks key and range and copies them into its memory itself.
+//! [`STATUS_BAD_VERSION`], [`STATUS_PULL_FAILED`], [`STATUS_BAD_SOURCE`], or the TCP transport's
+//! busy status (`0x80`, `count` naming the limit: 1 request bytes, then the connection is closed;
+//! 2 the notification queue, and the connection keeps serving), which the initiator reports as
+//! `PeerBusy`. A WRITE op names where its bytes come from: with `from` 0, `source` is an address
+//! of the initiator's, which the owner reads with `process_vm_readv`; otherwise `from` names a
+//! source the initiator shared on this connection (`SHARE`: the first `len` bytes of a sealed
+//! memfd, which the owner maps read-only until `UNSHARE` or the connection's end) and `source` is
+//! an offset into it. Either way the owner checks key and range and copies into its memory itself.
+//! A refused `SHARE` (limits: `TooLarge`; a file it will not map: [`STATUS_BAD_SOURCE`]) leaves the
+//! connection serving; the initiator pulls that source cross-memory.
 
 use std::io::{self, Read, Write};
 use std::mem::size_of;
@@ -27,17 +38,23 @@ use std::os::unix::net::UnixStream;
 
 pub use crate::transport::tcp::wire::{Failure, HEADER_LEN, Header, MAX_NAME, MAX_NOTIFICATION, invalid, status_of};
 
-pub const VERSION: u32 = 2;
+/// 3: WRITE ops name their source (`from`), and `SHARE`/`UNSHARE` pass the initiator's memfds.
+pub const VERSION: u32 = 3;
 
 pub const HELLO: u8 = 1;
 pub const MAP: u8 = 2;
 pub const NOTIFY: u8 = 3;
 pub const WRITE: u8 = 4;
+pub const SHARE: u8 = 5;
+pub const UNSHARE: u8 = 6;
 
 /// The peer speaks another version of this protocol.
 pub const STATUS_BAD_VERSION: u8 = 100;
 /// The owner could not copy the initiator's source bytes (`payload_len` carries the errno).
 pub const STATUS_PULL_FAILED: u8 = 101;
+/// The owner will not map the file a `SHARE` passed (none attached, not sealed against shrinking,
+/// shorter than announced, hugetlb, or a source id in use).
+pub const STATUS_BAD_SOURCE: u8 = 102;
 
 /// Hello-ack flag: the owner read the initiator's probe word, so it can pull WRITEs.
 pub const FLAG_CAN_PULL: u64 = 1;
@@ -45,7 +62,12 @@ pub const FLAG_CAN_PULL: u64 = 1;
 /// Ops in one WRITE request: the most one `process_vm_readv` takes (`IOV_MAX`), which bounds what
 /// the owner reads before it has checked anything.
 pub const MAX_WRITE_OPS: usize = 1024;
-pub const WRITE_OP_LEN: usize = 40;
+pub const WRITE_OP_LEN: usize = 48;
+pub const SHARE_LEN: usize = 16;
+pub const UNSHARE_LEN: usize = 8;
+
+/// A WRITE op's `from` when its source is an address of the initiator's, not a shared file.
+pub const FROM_ADDRESS: u64 = 0;
 
 pub const MAP_ACK_LEN: usize = HEADER_LEN + 16;
 
@@ -84,6 +106,34 @@ pub fn send_with_fd(stream: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io:
 
 /// Fill `buf` from the stream, returning the descriptor attached to its first bytes, if any.
 pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
+    let (got, fd) = loop {
+        match recv_fd_once(stream, buf, 0) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => break other?,
+        }
+    };
+    if got == 0 && !buf.is_empty() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    (&mut &*stream).read_exact(&mut buf[got..])?;
+    Ok(fd)
+}
+
+/// What has arrived, without blocking (as [`crate::net::recv_ready`]), and the descriptor
+/// attached to it, if any: an owner reads every request header this way, so a `SHARE`'s file is
+/// not lost.
+pub fn recv_ready_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    loop {
+        match recv_fd_once(stream, buf, libc::MSG_DONTWAIT) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// One `recvmsg` into `buf`: the bytes read, and the first descriptor that came with them. Every
+/// other descriptor that arrived is closed, so none leaks.
+fn recv_fd_once(stream: &UnixStream, buf: &mut [u8], flags: libc::c_int) -> io::Result<(usize, Option<OwnedFd>)> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut control = [0u64; 8];
     // SAFETY: as in `send_with_fd`.
@@ -92,18 +142,11 @@ pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Ow
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&control) as _;
-    let got = loop {
-        // SAFETY: `msg` describes `buf` and `control`, both valid for writes.
-        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    // Take ownership of every descriptor that arrived, so none leaks; keep the first.
+    // SAFETY: `msg` describes `buf` and `control`, both valid for writes.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
     let mut fds = Vec::new();
     // SAFETY: the kernel filled `control` with well-formed control messages of `msg_controllen`.
     unsafe {
@@ -119,11 +162,7 @@ pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Ow
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if got == 0 && !buf.is_empty() {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    (&mut &*stream).read_exact(&mut buf[got..])?;
-    Ok(fds.into_iter().next())
+    Ok((n as usize, fds.into_iter().next()))
 }
 
 pub fn encode_hello(name: &str, probe: u64) -> Vec<u8> {
@@ -134,13 +173,15 @@ pub fn encode_hello(name: &str, probe: u64) -> Vec<u8> {
 }
 
 /// One op of a WRITE request: `len` bytes from the initiator's `source` to the owner's `addr`,
-/// inside the registration `key`.
+/// inside the registration `key`. `source` is an address of the initiator's when `from` is
+/// [`FROM_ADDRESS`], an offset into the shared source `from` otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteOp {
     pub key: u128,
     pub addr: u64,
     pub source: u64,
     pub len: u64,
+    pub from: u64,
 }
 
 impl WriteOp {
@@ -149,6 +190,7 @@ impl WriteOp {
         out.extend_from_slice(&self.addr.to_le_bytes());
         out.extend_from_slice(&self.source.to_le_bytes());
         out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.from.to_le_bytes());
     }
 
     pub fn decode(bytes: &[u8; WRITE_OP_LEN]) -> WriteOp {
@@ -158,8 +200,23 @@ impl WriteOp {
             addr: word(16),
             source: word(24),
             len: word(32),
+            from: word(40),
         }
     }
+}
+
+/// A `SHARE` request: the memfd goes with its first byte.
+pub fn encode_share(source: u64, len: u64) -> Vec<u8> {
+    let mut out = Header { tag: SHARE, count: 0, payload_len: SHARE_LEN as u64 }.encode().to_vec();
+    out.extend_from_slice(&source.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+pub fn encode_unshare(source: u64) -> Vec<u8> {
+    let mut out = Header { tag: UNSHARE, count: 0, payload_len: UNSHARE_LEN as u64 }.encode().to_vec();
+    out.extend_from_slice(&source.to_le_bytes());
+    out
 }
 
 /// How a peer's region is reached; the last byte of its shm key (after the 16-byte registration key).
