@@ -512,6 +512,7 @@ fn pull_sharing(device: &HostDevice, pid: u32, copies: Vec<(u64, u64, u64)>) -> 
 
 /// A WRITE's ops, checked: the entries they use (held for the copy), the copies from shared
 /// sources and those cross-memory `(ours, theirs, len)`, each with the index of its op.
+#[derive(Default)]
 struct Checked {
     held: Vec<Arc<KeyEntry>>,
     mapped: Vec<CopyOp>,
@@ -528,13 +529,7 @@ fn check_write(
     ops: &[WriteOp],
 ) -> Result<Checked, (u32, RejectReason)> {
     let mut held: Vec<(u128, Arc<KeyEntry>)> = Vec::new();
-    let mut checked = Checked {
-        held: Vec::new(),
-        mapped: Vec::new(),
-        mapped_index: Vec::new(),
-        cross: Vec::new(),
-        cross_index: Vec::new(),
-    };
+    let mut checked = Checked::default();
     for (index, op) in ops.iter().enumerate() {
         let reject = |reason| (index as u32, reason);
         if op.len == 0 {

@@ -1,6 +1,7 @@
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use super::link::probe_cross_memory;
@@ -106,7 +107,24 @@ fn agent_with_secret(name: &str) -> crate::Agent {
 fn shm_socket(agent: &crate::Agent) -> String {
     let md = crate::metadata::AgentMetadata::decode(&agent.metadata()).unwrap();
     let shm = md.endpoints.iter().find(|e| e.kind == TransportKind::Shm).unwrap();
-    shm.address.splitn(3, '/').nth(2).unwrap().to_string()
+    socket_of(&shm.address)
+}
+
+/// The abstract socket name of an shm endpoint address (`boot-id/pid/socket`).
+fn socket_of(address: &str) -> String {
+    address.splitn(3, '/').nth(2).unwrap().to_string()
+}
+
+/// This test binary again, running only the ignored test `entry` (a hostile peer's body) with
+/// `env` set, its stdin and stdout piped.
+fn spawn_entry(entry: &str, env: (&str, String)) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", entry, "--ignored", "--nocapture", "--test-threads", "1"])
+        .env(env.0, env.1)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// The hostile local process of `a_hostile_lease_holder_fails_only_itself`: without the secret it
@@ -138,7 +156,6 @@ fn hostile_lease_child() {
 #[test]
 fn a_hostile_lease_holder_fails_only_itself() {
     use std::io::BufRead;
-    use std::process::{Command, Stdio};
 
     let target = agent_with_secret("lease-target");
     let initiator = agent_with_secret("lease-honest");
@@ -172,20 +189,8 @@ fn a_hostile_lease_holder_fails_only_itself() {
     // Granted before the hostile process acts: the honest peer's slots exist already.
     initiator.read(&local_blocks, &[0, 1], &remote_blocks, &[0, 2], soon()).unwrap().wait().unwrap();
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "transport::shm::tests::hostile_lease_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("KVFERRY_SHM_HOSTILE", shm_socket(&target))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        spawn_entry("transport::shm::tests::hostile_lease_child", ("KVFERRY_SHM_HOSTILE", shm_socket(&target)));
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut said = Vec::new();
     for line in lines.by_ref() {
@@ -444,7 +449,6 @@ fn hostile_sharer_child() {
 fn a_hostile_sharer_is_refused_and_the_owner_keeps_serving() {
     use crate::transport::XferOp;
     use std::io::BufRead;
-    use std::process::{Command, Stdio};
     use std::sync::atomic::Ordering;
 
     let t = transports(ShmConfig { max_shared_sources: 2, ..ShmConfig::default() });
@@ -452,21 +456,12 @@ fn a_hostile_sharer_is_refused_and_the_owner_keeps_serving() {
     let key = register(&t.owner, &target);
     let before = target.to_vec();
     let (raw_key, _) = wire::decode_key(&key).unwrap();
-    let socket = t.owner.endpoint().address.splitn(3, '/').nth(2).unwrap().to_string();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "transport::shm::tests::hostile_sharer_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("KVFERRY_SHM_SHARER", format!("{socket},{raw_key:x},{}", target.as_ptr() as u64 + 4096))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let socket = socket_of(&t.owner.endpoint().address);
+    let target_addr = target.as_ptr() as u64 + 4096;
+    let mut child = spawn_entry(
+        "transport::shm::tests::hostile_sharer_child",
+        ("KVFERRY_SHM_SHARER", format!("{socket},{raw_key:x},{target_addr}")),
+    );
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut said = Vec::new();
     for line in lines.by_ref() {
