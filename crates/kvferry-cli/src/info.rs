@@ -174,7 +174,6 @@ fn limits_report() -> serde_json::Value {
         json!({ "name": "shm.request_timeout_s", "value": shm.request_timeout.as_secs_f64() }),
         json!({ "name": "shm.idle_between_requests_s", "value": shm.idle_timeout.as_secs_f64() }),
         json!({ "name": "shm.max_shared_sources", "value": shm.max_shared_sources }),
-        json!({ "name": "shm.max_shared_bytes", "value": shm.max_shared_bytes }),
     ];
     for (prefix, l) in [("tcp", &tcp.limits), ("shm", &shm.limits), ("side_channel", &agent.side_channel)] {
         let row = |name: &str, value: serde_json::Value| json!({ "name": format!("{prefix}.{name}"), "value": value });

@@ -164,11 +164,22 @@ impl HostBuffer {
     }
 
     /// Map the whole of a shareable buffer another process exported with [`share_fd`](Self::share_fd).
-    /// The file must be sealed against shrinking: a peer that could truncate it would turn our
-    /// accesses into `SIGBUS`.
+    /// The file must be sealed against shrinking (a peer that could truncate it would turn our
+    /// accesses into `SIGBUS`) and live outside hugetlbfs (a holder may punch a hole in a hugetlb
+    /// file, and faulting the hole in again raises `SIGBUS` when the pool is empty). Reading a
+    /// hole allocates the page: bulk copies from a peer's file go through [`PeerFile`] instead.
     pub fn map_shared(fd: BorrowedFd<'_>) -> Result<HostBuffer> {
         let refuse = |why: String| Error::InvalidArgument(format!("cannot map a shared host buffer: {why}"));
         let len = sealed_size(fd).map_err(refuse)?;
+        // SAFETY: `statfs` is plain data that fstatfs fills in.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is a valid descriptor and `fs` a valid out-pointer.
+        if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 {
+            return Err(refuse(std::io::Error::last_os_error().to_string()));
+        }
+        if fs.f_type == libc::HUGETLBFS_MAGIC {
+            return Err(refuse("a hugetlb file can lose pages under a mapping".into()));
+        }
         let ptr = map(len, libc::MAP_SHARED, Some(fd)).map_err(|e| refuse(e.to_string()))?;
         Ok(HostBuffer::new(ptr, len, len, false, None))
     }
@@ -291,72 +302,70 @@ fn sealed_size(fd: BorrowedFd<'_>) -> std::result::Result<usize, String> {
     usize::try_from(stat.st_size).ok().filter(|&l| l > 0).ok_or_else(|| "empty file".into())
 }
 
-/// A read-only mapping of the first bytes of another process's sealed memfd: how the shm
-/// transport's owner pulls a WRITE from an initiator's shareable buffer. Nothing here writes
-/// through it; dropped, it is unmapped.
+/// Another process's sealed memfd, read with `pread` and never mapped: how the shm transport
+/// copies from a peer's shareable buffer (an owner pulling a WRITE, an initiator a READ). A read
+/// fault on a hole of a shared mapping would allocate the page (charged to us, up to the file's
+/// size), and on a hugetlb hole with an empty pool raise `SIGBUS`; `pread` returns zeros for a
+/// hole and allocates nothing. Nothing here writes to the file.
 #[derive(Debug)]
-pub struct HostView {
-    ptr: NonNull<u8>,
-    len: usize,
+pub struct PeerFile {
+    file: OwnedFd,
+    len: u64,
 }
 
-// SAFETY: the view owns its mapping, which is only read.
-unsafe impl Send for HostView {}
-unsafe impl Sync for HostView {}
-
-impl HostView {
-    /// Map the first `len` bytes of `fd` read-only. Refused (`InvalidArgument`) unless the file
-    /// is sealed against shrinking and holds `len` bytes (a holder that could truncate it would
-    /// turn our reads into `SIGBUS`), and lives outside hugetlbfs (a holder may punch a hole in a
-    /// hugetlb file, and faulting the hole in again raises `SIGBUS` when the pool is empty; a
-    /// hole in any other memfd reads as zeros).
-    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<HostView> {
-        let refuse = |why: String| Error::InvalidArgument(format!("cannot map a peer's file: {why}"));
+impl PeerFile {
+    /// The first `len` bytes of `file`, refused (`InvalidArgument`) unless the file is sealed
+    /// against shrinking and holds `len` bytes, so that a read inside them never comes up short.
+    pub fn open(file: OwnedFd, len: u64) -> Result<PeerFile> {
+        let refuse = |why: String| Error::InvalidArgument(format!("cannot read a peer's file: {why}"));
         if len == 0 {
             return Err(refuse("empty range".into()));
         }
-        let size = sealed_size(fd).map_err(refuse)?;
-        if size < len {
+        let size = sealed_size(file.as_fd()).map_err(refuse)?;
+        if (size as u64) < len {
             return Err(refuse(format!("the file holds {size} bytes, not {len}")));
         }
-        // SAFETY: `statfs` is plain data that fstatfs fills in.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is a valid descriptor and `fs` a valid out-pointer.
-        if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 {
-            return Err(refuse(std::io::Error::last_os_error().to_string()));
-        }
-        if fs.f_type == libc::HUGETLBFS_MAGIC {
-            return Err(refuse("a hugetlb file can lose pages under a mapping".into()));
-        }
-        // SAFETY: a mapping at an address of the kernel's choosing touches no existing memory.
-        let ptr =
-            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(refuse(std::io::Error::last_os_error().to_string()));
-        }
-        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| refuse("mmap returned a null mapping".into()))?;
-        Ok(HostView { ptr, len })
+        Ok(PeerFile { file, len })
     }
 
-    pub fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-
-    pub fn len(&self) -> usize {
+    pub fn len(&self) -> u64 {
         self.len
     }
 
-    /// Always `false`: empty views cannot be mapped.
+    /// Always `false`: empty files are refused.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The raw descriptor, for reads on the copy pool while `self` is kept alive.
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
 }
 
-impl Drop for HostView {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping created in `map`, unmapped only here.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+/// Copy `len` bytes at `offset` of the file `fd` to `dst` with `pread`, looping over short reads.
+///
+/// # Safety
+/// `dst..dst + len` must be writable memory of ours that nothing else accesses meanwhile, and
+/// `fd` an open descriptor for the duration of the call.
+pub(crate) unsafe fn read_file_at(fd: std::os::fd::RawFd, dst: u64, len: u64, offset: u64) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let (at, want) = (offset + done, (len - done).min(isize::MAX as u64) as usize);
+        // SAFETY: the caller's guarantees; the kernel checks the descriptor.
+        let n = unsafe { libc::pread(fd, (dst + done) as *mut libc::c_void, want, at as libc::off_t) };
+        match n {
+            n if n > 0 => done += n as u64,
+            0 => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
+    Ok(())
 }
 
 impl Drop for HostBuffer {
@@ -427,47 +436,12 @@ impl HostDevice {
     pub fn threads(&self) -> usize {
         self.workers.len()
     }
-
-    /// Like [`Device::copy_batch`], but the calling thread copies a share of a large batch itself
-    /// instead of sleeping while the pool works: for callers that wait for the copies anyway (a
-    /// transport's worker), it saves a hand-off and uses the caller's core. Returns once the
-    /// caller's share is done; the fence covers the rest.
-    ///
-    /// # Safety
-    /// As for [`Device::copy_batch`].
-    pub unsafe fn copy_batch_sharing(&self, ops: &[CopyOp]) -> Result<CopyFence> {
-        // SAFETY: the caller's guarantees.
-        unsafe { self.copy(ops, true) }
-    }
-
-    /// # Safety
-    /// As for [`Device::copy_batch`].
-    unsafe fn copy(&self, ops: &[CopyOp], caller_shares: bool) -> Result<CopyFence> {
-        let pieces = coalesce_copies(ops)?;
-        let total = pieces.iter().fold(0usize, |acc, p| acc.saturating_add(p.len));
-        if total < INLINE_COPY_MAX {
-            // SAFETY: the caller guarantees the ranges are valid and non-overlapping.
-            pieces.iter().for_each(|piece| unsafe { piece.copy() });
-            return Ok(CopyFence::new(Arc::new(HostFence::new(0))));
-        }
-        let mut jobs = split_into_shares(pieces, total, self.workers.len() + caller_shares as usize);
-        let own = if caller_shares { jobs.pop() } else { None };
-        let fence = Arc::new(HostFence::new(jobs.len()));
-        let sender = self.jobs.as_ref().expect("the job queue lives as long as the device");
-        for pieces in jobs {
-            let job = Job { work: Work::Copy(pieces), fence: Arc::clone(&fence) };
-            sender.send(job).expect("copy workers run until the device drops");
-        }
-        // SAFETY: as above.
-        own.iter().flatten().for_each(|piece| unsafe { piece.copy() });
-        Ok(CopyFence::new(fence))
-    }
 }
 
 impl HostDevice {
     /// Run `tasks` on the copy pool, the calling thread running the last one itself, and return
     /// once every one has finished: for copies other than `memcpy` (a transport's
-    /// `process_vm_readv`) split into shares the way [`copy_batch_sharing`](Self::copy_batch_sharing)
+    /// `process_vm_readv`, `pread`) split into shares the way [`Device::copy_batch`]
     /// splits a batch. A task must not panic.
     pub(crate) fn run_sharing(&self, mut tasks: Vec<Box<dyn FnOnce() + Send>>) {
         let own = tasks.pop();
@@ -533,8 +507,21 @@ impl Device for HostDevice {
     }
 
     unsafe fn copy_batch(&self, ops: &[CopyOp]) -> Result<CopyFence> {
-        // SAFETY: the caller's guarantees.
-        unsafe { self.copy(ops, false) }
+        let pieces = coalesce_copies(ops)?;
+        let total = pieces.iter().fold(0usize, |acc, p| acc.saturating_add(p.len));
+        if total < INLINE_COPY_MAX {
+            // SAFETY: the caller guarantees the ranges are valid and non-overlapping.
+            pieces.iter().for_each(|piece| unsafe { piece.copy() });
+            return Ok(CopyFence::new(Arc::new(HostFence::new(0))));
+        }
+        let jobs = split_into_shares(pieces, total, self.workers.len());
+        let fence = Arc::new(HostFence::new(jobs.len()));
+        let sender = self.jobs.as_ref().expect("the job queue lives as long as the device");
+        for pieces in jobs {
+            let job = Job { work: Work::Copy(pieces), fence: Arc::clone(&fence) };
+            sender.send(job).expect("copy workers run until the device drops");
+        }
+        Ok(CopyFence::new(fence))
     }
 
     fn export_ipc(&self, _region: MemRegion) -> Result<IpcHandle> {
@@ -979,21 +966,6 @@ mod tests {
     }
 
     #[test]
-    fn the_caller_copies_a_share_and_the_pool_the_rest() {
-        let device = HostDevice::with_threads(2).unwrap();
-        let len = 6 << 20;
-        let src = patterned(len, 0x31);
-        let dst = patterned(len, 0x42);
-        let fence = unsafe { device.copy_batch_sharing(&[op(&src, 0, &dst, 0, len)]) }.unwrap();
-        // The caller's share (the last third) is done when the call returns.
-        assert!(dst.to_vec()[4 << 20..] == src.to_vec()[4 << 20..]);
-        fence.wait(deadline()).unwrap();
-        assert!(dst.to_vec() == src.to_vec());
-        let bad = CopyOp { src: 0, dst: dst.as_ptr() as u64, len: 1 };
-        assert_eq!(error_code(unsafe { device.copy_batch_sharing(&[bad]) }), ErrorCode::InvalidCopy);
-    }
-
-    #[test]
     fn uneven_ops_are_copied_exactly() {
         let device = HostDevice::with_threads(3).unwrap();
         let len = 5 << 20;
@@ -1142,35 +1114,65 @@ mod tests {
         assert_eq!(HostBuffer::map_shared(unsealed.as_fd()).unwrap_err().code(), ErrorCode::InvalidArgument);
     }
 
+    fn sealed_memfd(flags: libc::c_uint, len: usize) -> Option<OwnedFd> {
+        let raw = unsafe {
+            libc::memfd_create(c"peer-file-test".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | flags)
+        };
+        let fd = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })?;
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }, 0);
+        assert_eq!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }, 0);
+        Some(fd)
+    }
+
+    fn blocks_of(fd: BorrowedFd<'_>) -> i64 {
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) }, 0);
+        stat.st_blocks
+    }
+
+    fn read_all(file: &PeerFile, offset: u64, len: usize) -> Vec<u8> {
+        let mut got = vec![0xeeu8; len];
+        // SAFETY: `got` is ours, `file` open.
+        unsafe { read_file_at(file.raw_fd(), got.as_mut_ptr() as u64, len as u64, offset) }.unwrap();
+        got
+    }
+
     #[test]
-    fn a_view_maps_a_sealed_file_read_only_and_refuses_files_that_could_fault() {
+    fn a_peer_file_is_read_live_and_files_that_could_shrink_are_refused() {
         let buf = HostBuffer::alloc(3 * page_size(), &UNPINNED.with_shareable(true)).unwrap();
         buf.write_at(5000, b"view").unwrap();
-        let fd = buf.share_fd().unwrap();
-        let view = HostView::map(fd, 5004).unwrap();
-        assert_eq!(view.len(), 5004);
-        // SAFETY: the bytes lie inside the view.
-        assert_eq!(unsafe { std::slice::from_raw_parts(view.as_ptr().add(5000), 4) }, b"view");
+        let file = PeerFile::open(buf.share_fd().unwrap().try_clone_to_owned().unwrap(), 5004).unwrap();
+        assert_eq!(file.len(), 5004);
+        assert_eq!(read_all(&file, 5000, 4), b"view");
         buf.write_at(5000, b"live").unwrap();
-        // SAFETY: as above.
-        assert_eq!(unsafe { std::slice::from_raw_parts(view.as_ptr().add(5000), 4) }, b"live");
-        let refused = |r: Result<HostView>| r.map(drop).unwrap_err().to_string();
-        assert!(refused(HostView::map(fd, 3 * page_size() + 1)).contains("holds"));
-        assert!(refused(HostView::map(fd, 0)).contains("empty"));
-
-        let memfd = |flags: libc::c_uint| {
-            let raw = unsafe { libc::memfd_create(c"view-test".as_ptr(), libc::MFD_CLOEXEC | flags) };
-            (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
-        };
-        let unsealed = memfd(0).unwrap();
+        assert_eq!(read_all(&file, 5000, 4), b"live");
+        let dup = || buf.share_fd().unwrap().try_clone_to_owned().unwrap();
+        let refused = |r: Result<PeerFile>| r.map(drop).unwrap_err().to_string();
+        assert!(refused(PeerFile::open(dup(), 3 * page_size() as u64 + 1)).contains("holds"));
+        assert!(refused(PeerFile::open(dup(), 0)).contains("empty"));
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        let unsealed = unsafe { OwnedFd::from_raw_fd(raw) };
         assert_eq!(unsafe { libc::ftruncate(unsealed.as_raw_fd(), 4096) }, 0);
-        assert!(refused(HostView::map(unsealed.as_fd(), 4096)).contains("not sealed"));
-        // A sealed hugetlb file, where the kernel has them (creating one needs no free page).
-        if let Some(huge) = memfd(libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING) {
-            let len = huge_page_size();
-            assert_eq!(unsafe { libc::ftruncate(huge.as_raw_fd(), len as libc::off_t) }, 0);
-            assert_eq!(unsafe { libc::fcntl(huge.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }, 0);
-            assert!(refused(HostView::map(huge.as_fd(), len)).contains("hugetlb"));
+        assert!(refused(PeerFile::open(unsealed, 4096)).contains("not sealed"));
+    }
+
+    #[test]
+    fn reading_a_peer_files_holes_gives_zeros_and_allocates_nothing() {
+        let len = 16 << 20;
+        let sparse = sealed_memfd(0, len).unwrap();
+        let file = PeerFile::open(sparse.try_clone().unwrap(), len as u64).unwrap();
+        assert!(read_all(&file, 0, len).iter().all(|&b| b == 0));
+        assert_eq!(blocks_of(sparse.as_fd()), 0, "reading the holes allocated pages of the peer's file");
+        // What a mapping would have done: one read fault allocates a page, charged to the reader.
+        let mapped = HostBuffer::map_shared(sparse.as_fd()).unwrap();
+        assert_eq!(unsafe { std::ptr::read_volatile(mapped.as_ptr()) }, 0);
+        assert!(blocks_of(sparse.as_fd()) > 0, "a read fault on a hole allocated nothing");
+
+        // A hugetlb hole reads as zeros too (a mapping is refused: faulting it could raise SIGBUS).
+        if let Some(huge) = sealed_memfd(libc::MFD_HUGETLB, huge_page_size()) {
+            assert!(HostBuffer::map_shared(huge.as_fd()).unwrap_err().to_string().contains("hugetlb"));
+            let file = PeerFile::open(huge, huge_page_size() as u64).unwrap();
+            assert!(read_all(&file, 0, huge_page_size()).iter().all(|&b| b == 0));
         }
     }
 

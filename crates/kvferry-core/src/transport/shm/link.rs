@@ -4,13 +4,13 @@
 //! - a **WRITE** is a request on the socket naming our own sources; the owner checks key and range
 //!   and copies the bytes into its memory itself, and the batch settles on its answer. A source in
 //!   a shareable registration of ours (a sealed memfd) is passed once per connection (`SHARE`), so
-//!   the owner copies it with `memcpy` from a mapping; any other is named by address and pulled
+//!   the owner copies it with `pread` from the file; any other is named by address and pulled
 //!   with `process_vm_readv`. The worker is told when a local registration goes (`Job::Forget`)
 //!   and withdraws its file (`UNSHARE`). No byte of ours is ever written into the owner's address
 //!   space by us.
 //! - a **READ** lands in our memory, so we copy it: after a grant (`MAP`), through the owner's
-//!   shareable file (`memcpy` on the host device's copy pool, this thread taking a share) or with
-//!   `process_vm_readv`. The connection's lease slot of every registration touched is checked
+//!   shareable file (`pread`, never a mapping: see [`super::pull`]) or with `process_vm_readv`,
+//!   split over the host device's copy pool, this thread taking a share. The connection's lease slot of every registration touched is checked
 //!   before the copy and again after it: a READ that raced a deregistration is discarded (the
 //!   transfer fails), and a hang-up of the socket after the copy means the owner died.
 
@@ -23,13 +23,14 @@ use std::thread;
 use std::time::Duration;
 
 use super::lease::LeaseFile;
-use super::owner::{OwnerShared, PROBE, pull};
+use super::owner::{OwnerShared, PROBE};
+use super::pull::{Pull, Source, pull_sharing};
 use super::wire::{self, Failure, Header, Reach, WriteOp};
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
-use crate::memory::host::{HostBuffer, HostDevice};
-use crate::memory::{CopyOp, MemRegion};
+use crate::memory::MemRegion;
+use crate::memory::host::{HostDevice, PeerFile};
 use crate::net::DeadlineStream;
 use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp};
 
@@ -172,17 +173,6 @@ pub(super) fn connect(
     }
 }
 
-/// Read one word at the owner's probe address with `process_vm_readv`: proves that cross-memory
-/// attach is allowed and that `pid` is the owner (not a namesake in another pid namespace).
-pub(super) fn probe_cross_memory(pid: u32, probe_addr: u64) -> Result<(), String> {
-    let mut word = 0u64;
-    pull(pid, &[(&mut word as *mut u64 as u64, probe_addr, 8)]).map_err(|(_, e)| e.to_string())?;
-    match word == wire::PROBE_MAGIC {
-        true => Ok(()),
-        false => Err(format!("pid {pid} is not the peer's process as seen from here")),
-    }
-}
-
 pub(super) struct ShmLink {
     peer: String,
     regions: Arc<Vec<Option<RemoteShm>>>,
@@ -294,8 +284,8 @@ struct Grant {
     /// The registered range, as the owner has it.
     region: MemRegion,
     slot: u32,
-    /// The mapping of a shareable region.
-    map: Option<HostBuffer>,
+    /// The owner's file behind a shareable region, read with `pread`.
+    file: Option<PeerFile>,
 }
 
 /// A local registration a WRITE came from, as this connection knows it.
@@ -625,8 +615,7 @@ impl Worker {
     /// there (a mapping stays valid after its death, so the copy alone cannot tell) and that no
     /// registration was revoked meanwhile.
     fn read(&mut self, c: &Completion, ops: &[XferOp]) -> Result<(), TransferError> {
-        let mut copies = Vec::new();
-        let mut cross = Vec::new();
+        let mut pulls = Vec::with_capacity(ops.len());
         let mut slots: Vec<(u32, u64, u32)> = Vec::new();
         for (index, op) in ops.iter().enumerate() {
             let remote = self.region(op);
@@ -646,27 +635,16 @@ impl Worker {
             if !slots.iter().any(|&(slot, _, _)| slot == grant.slot) {
                 slots.push((grant.slot, remote.key as u64, index as u32));
             }
-            match &grant.map {
-                None => cross.push((op.local_addr, op.remote_addr, op.len)),
-                Some(map) => {
-                    let src = map.as_ptr() as u64 + offset.expect("checked inside");
-                    copies.push(CopyOp { src, dst: op.local_addr, len: op.len });
-                }
-            }
+            let (source, remote) = match &grant.file {
+                None => (Source::Process(self.info.pid), op.remote_addr),
+                Some(file) => (Source::File(file.raw_fd()), offset.expect("checked inside")),
+            };
+            pulls.push(Pull { source, local: op.local_addr, remote, len: op.len });
         }
         self.check_leases(c, &slots)?;
-        // SAFETY: local addresses are registered memory held by the batch; remote ones lie inside
-        // mappings kept in `grants` until the fence is done.
-        let fence = unsafe { self.device.copy_batch_sharing(&copies) };
-        let crossed = pull(self.info.pid, &cross);
-        let timed_out = match &fence {
-            Ok(fence) if fence.wait(c.deadline()).is_err() => {
-                // Host copies cannot hang; finish them before the caller may reuse the memory.
-                while fence.wait(Deadline::after(Duration::from_secs(1))).is_err() {}
-                true
-            }
-            _ => false,
-        };
+        // SAFETY: local addresses are registered memory held by the batch; files are kept in
+        // `grants`, which nothing changes until the pull returns.
+        let pulled = unsafe { pull_sharing(&self.device, pulls) };
         #[cfg(test)]
         if let Some((peer, hook)) = AFTER_READ_COPY.lock().unwrap().as_mut()
             && *peer == self.info.peer
@@ -681,15 +659,16 @@ impl Worker {
         }
         // What we copied is discarded (the transfer fails) if the registration went meanwhile.
         self.check_leases(c, &slots)?;
-        if timed_out {
-            return Err(c.timeout_error());
-        }
-        fence.map_err(|e| TransferError::Protocol { peer: peer.clone(), detail: format!("invalid copy: {e}") })?;
-        crossed.map_err(|(_, e)| match e.raw_os_error() {
+        pulled.map_err(|(_, e)| match e.raw_os_error() {
             Some(libc::EPERM | libc::EACCES) => TransferError::CrossMemoryRefused { peer, op, cause: e.to_string() },
             Some(libc::ESRCH) => TransferError::PeerDisconnected { peer, op, cause: "its process exited".into() },
-            _ => TransferError::Protocol { peer, detail: format!("cross-memory copy failed: {e}") },
-        })
+            _ => TransferError::Protocol { peer, detail: format!("copying from the owner failed: {e}") },
+        })?;
+        // A copy cannot hang, but one that ended past the deadline is late like any other part.
+        match c.deadline().expired() {
+            true => Err(c.timeout_error()),
+            false => Ok(()),
+        }
     }
 
     /// Fail with `UnknownKey`, naming the first op that used it, when a slot was revoked.
@@ -738,18 +717,12 @@ impl Worker {
         let addr = u64::from_le_bytes(ack[16..24].try_into().expect("8 bytes"));
         let len = u64::from_le_bytes(ack[24..32].try_into().expect("8 bytes"));
         let region = MemRegion { addr, len, ..remote.region };
-        let map = match (remote.reach, fd) {
+        let file = match (remote.reach, fd) {
             (Reach::CrossMemory, _) => None,
             (Reach::Mapped, None) => return Err(failed("no file descriptor came with the grant".into())),
-            (Reach::Mapped, Some(fd)) => {
-                let map = HostBuffer::map_shared(fd.as_fd()).map_err(|e| failed(e.to_string()))?;
-                if (map.len() as u64) < len {
-                    return Err(failed(format!("the file holds {} bytes, the region {len}", map.len())));
-                }
-                Some(map)
-            }
+            (Reach::Mapped, Some(fd)) => Some(PeerFile::open(fd, len).map_err(|e| failed(e.to_string()))?),
         };
-        Ok(Grant { region, slot: header.count, map })
+        Ok(Grant { region, slot: header.count, file })
     }
 
     fn notify(&mut self, c: &Completion, data: &[u8]) -> Result<(), TransferError> {

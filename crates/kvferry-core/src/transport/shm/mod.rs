@@ -8,15 +8,15 @@
 //! - **WRITE**: the initiator names its own sources; the owner checks key and range and copies
 //!   them into its memory, then answers: a source in a shareable region of the initiator's is
 //!   passed once per connection with `SCM_RIGHTS` (`SHARE`), and the owner, after checking that
-//!   the file cannot shrink, maps it read-only, caches the mapping (within
-//!   [`ShmConfig::max_shared_sources`] and [`ShmConfig::max_shared_bytes`]) and copies with
-//!   `memcpy` split over its copy pool; any other source is pulled with `process_vm_readv`;
+//!   the file cannot shrink, keeps it (within [`ShmConfig::max_shared_sources`]) and copies with
+//!   `pread`; any other source is pulled with `process_vm_readv`;
 //! - **READ**: after a grant (`MAP`, key checked), the initiator copies, either **mapped** — a region
 //!   backed by a shareable file (a memfd [`HostBuffer`](crate::memory::host::HostBuffer), see
 //!   [`HostAllocOptions::shareable`](crate::memory::host::HostAllocOptions)) is passed once with
-//!   `SCM_RIGHTS`, mapped and cached, large batches split over the host device's copy pool — or
-//!   **cross-memory**, with `process_vm_readv`, one system call for up to 1024 ranges. A READ that
-//!   raced a deregistration is discarded (see `lease.rs`).
+//!   `SCM_RIGHTS`, kept and read with `pread` — or **cross-memory**, with `process_vm_readv`, one
+//!   system call for up to 1024 ranges. Neither side maps the other's file (a hole would cost the
+//!   reader a page, a hugetlb hole a `SIGBUS`; see `pull.rs`); large batches are split over the
+//!   host device's copy pool. A READ that raced a deregistration is discarded (see `lease.rs`).
 //!
 //! A peer on another host, an unreachable socket, a failed handshake, or cross-memory attach
 //! refused by the kernel in either direction (ptrace policy, pid namespaces) makes
@@ -25,6 +25,7 @@
 mod lease;
 mod link;
 mod owner;
+mod pull;
 mod wire;
 
 use std::any::Any;
@@ -65,11 +66,9 @@ pub struct ShmConfig {
     /// per-peer limit (`max_per_ip`) counts connections per user id (`SO_PEERCRED`);
     /// `idle_timeout` there is for a connection that has sent no request since its handshake.
     pub limits: ServeLimits,
-    /// Files one connection's initiator may have shared at once (beyond, a `SHARE` is refused and
-    /// that source pulled cross-memory).
+    /// Files one connection's initiator may have shared at once, each holding a descriptor
+    /// (beyond, a `SHARE` is refused and that source pulled cross-memory).
     pub max_shared_sources: usize,
-    /// Bytes of the initiators' shared files mapped at once, over all connections.
-    pub max_shared_bytes: u64,
 }
 
 impl Default for ShmConfig {
@@ -81,7 +80,6 @@ impl Default for ShmConfig {
             idle_timeout: Duration::from_secs(60),
             limits: ServeLimits::default(),
             max_shared_sources: 1024,
-            max_shared_bytes: 16 << 40,
         }
     }
 }
@@ -229,7 +227,7 @@ impl Transport for ShmTransport {
             return Err(unsupported("it cannot read this process's memory to pull WRITEs (ptrace policy)".into()));
         }
         if regions.iter().flatten().any(|r| r.reach == Reach::CrossMemory) {
-            link::probe_cross_memory(conn.pid, conn.probe)
+            pull::probe_cross_memory(conn.pid, conn.probe)
                 .map_err(|cause| unsupported(format!("cross-memory attach is refused: {cause}")))?;
         }
         let info = LinkInfo {

@@ -1,11 +1,11 @@
 //! The memory owner's side of the shm transport. Every connection first proves the cluster
 //! secret; only then does it get a hello answer (pid, probe, a lease file of its own). The owner
 //! copies every byte that lands in its memory itself: a WRITE names the initiator's sources, and
-//! the owner checks key and range and copies them, with `memcpy` from its read-only mapping of a
-//! memfd the initiator shared on the connection (`SHARE`, seals checked, cached until `UNSHARE`
-//! or the connection's end), or with `process_vm_readv` from the initiator's address space; large
-//! copies are split over the host device's copy pool. READs are copied by the initiator (through a
-//! mapping or cross-memory attach) after a grant (`MAP`: checks the key, answers with the
+//! the owner checks key and range and copies them (`pull`), with `pread` from a memfd the
+//! initiator shared on the connection (`SHARE`, seals checked, kept until `UNSHARE` or the
+//! connection's end), or with `process_vm_readv` from the initiator's address space; large
+//! copies are split over the host device's copy pool. READs are copied by the initiator (from the
+//! owner's file or cross-memory) after a grant (`MAP`: checks the key, answers with the
 //! registered range, the connection's lease slot and, for shareable memory, the file);
 //! deregistration revokes that slot in every connection's lease file.
 //!
@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,12 +23,12 @@ use std::time::Duration;
 
 use super::ShmConfig;
 use super::lease::Leases;
+use super::pull::{Pull, Source, probe_cross_memory, pull_sharing};
 use super::wire::{self, Header, WriteOp, invalid};
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
-use crate::memory::CopyOp;
-use crate::memory::host::{HostDevice, HostView, MIN_WORKER_SHARE};
+use crate::memory::host::{HostDevice, PeerFile};
 use crate::net::{DeadlineStream, Next, Service, peer_cred, received, recv_ready};
 use crate::transport::keys::{KeyEntry, KeyTable};
 use crate::transport::tcp::wire::{BUSY_NOTIFICATIONS, BUSY_REQUEST_BYTES, STATUS_BUSY};
@@ -52,17 +52,15 @@ pub(super) struct LeaseTable {
 /// Bytes the owner copied for WRITEs, by how it reached the source.
 #[derive(Default)]
 pub(super) struct Pulled {
-    /// From mappings of the initiators' shared files.
+    /// From the initiators' shared files.
     pub mapped: AtomicU64,
     /// With `process_vm_readv`.
     pub cross_memory: AtomicU64,
 }
 
-/// A source an initiator shared on its connection: the read-only mapping of its memfd, and the
-/// bytes it takes of the transport's budget for such mappings.
-struct Source {
-    view: HostView,
-    _held: Reservation,
+/// A source an initiator shared on its connection.
+struct SharedSource {
+    file: PeerFile,
 }
 
 pub(super) struct OwnerShared {
@@ -80,8 +78,6 @@ pub(super) struct OwnerShared {
     device: Arc<HostDevice>,
     /// Sources one connection may share at once.
     max_sources: usize,
-    /// Bytes of shared sources mapped, over all connections.
-    pub source_bytes: Arc<Budget>,
     pub pulled: Pulled,
 }
 
@@ -97,7 +93,6 @@ impl OwnerShared {
             budget: Budget::new(config.limits.request_bytes),
             device,
             max_sources: config.max_shared_sources,
-            source_bytes: Budget::new(config.max_shared_bytes),
             pulled: Pulled::default(),
         }
     }
@@ -122,8 +117,8 @@ pub(super) struct Conn {
     leases: Arc<Leases>,
     id: u64,
     table: Arc<LeaseTable>,
-    /// Mapped until `UNSHARE` or the connection's end, by the initiator's source id.
-    sources: HashMap<u64, Source>,
+    /// Held until `UNSHARE` or the connection's end, by the initiator's source id.
+    sources: HashMap<u64, SharedSource>,
     /// The descriptor that came with the request being read (a `SHARE`'s file).
     passed: Option<OwnedFd>,
     reading: Reading,
@@ -319,9 +314,8 @@ fn accept_hello(stream: &mut UnixStream, leases: &Leases, deadline: Deadline) ->
     let name = String::from_utf8(name).map_err(|_| invalid("agent name is not UTF-8"))?;
     let pid = peer_cred(stream)?.pid as u32;
     // Whether we can pull this peer's WRITEs: read the word it names in its own memory.
-    let mut word = 0u64;
-    let pulled = pull(pid, &[(&mut word as *mut u64 as u64, u64::from_le_bytes(probe), 8)]);
-    let flags = if pulled.is_ok() && word == wire::PROBE_MAGIC { wire::FLAG_CAN_PULL } else { 0 };
+    let can_pull = probe_cross_memory(pid, u64::from_le_bytes(probe)).is_ok();
+    let flags = if can_pull { wire::FLAG_CAN_PULL } else { 0 };
     let mut ack = Header { tag: 0, count: std::process::id(), payload_len: PROBE.as_ptr() as u64 }.encode().to_vec();
     ack.extend_from_slice(&flags.to_le_bytes());
     stream.set_timeouts(crate::net::time_left(deadline)?)?;
@@ -379,32 +373,27 @@ fn serve_map(
     }
 }
 
-/// Map a source the initiator shares (`SHARE`): within the connection's count and the
-/// transport's bytes, and only a file that cannot shrink under the mapping (see [`HostView::map`]).
+/// Keep a source the initiator shares (`SHARE`): within the connection's count, and only a file that cannot shrink under our reads (see [`PeerFile::open`]).
 /// Returns the answer's status.
-fn share(shared: &OwnerShared, sources: &mut HashMap<u64, Source>, body: &[u8], fd: Option<OwnedFd>) -> u8 {
+fn share(shared: &OwnerShared, sources: &mut HashMap<u64, SharedSource>, body: &[u8], fd: Option<OwnedFd>) -> u8 {
     let word = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
     let (id, len) = (word(0), word(8));
     let Some(fd) = fd else { return wire::STATUS_BAD_SOURCE };
     if id == wire::FROM_ADDRESS || sources.contains_key(&id) {
         return wire::STATUS_BAD_SOURCE;
     }
-    let mut held = shared.source_bytes.reservation();
-    if sources.len() >= shared.max_sources || !held.grow(len) {
+    if sources.len() >= shared.max_sources {
         return RejectReason::TooLarge.to_wire();
     }
-    let Some(view) = usize::try_from(len).ok().and_then(|len| HostView::map(fd.as_fd(), len).ok()) else {
-        return wire::STATUS_BAD_SOURCE;
-    };
-    // The mapping keeps the file; the descriptor closes here.
-    sources.insert(id, Source { view, _held: held });
+    let Ok(file) = PeerFile::open(fd, len) else { return wire::STATUS_BAD_SOURCE };
+    sources.insert(id, SharedSource { file });
     0
 }
 
 /// Check every op of a WRITE against the registrations and the connection's shared sources, then
 /// copy the initiator's source bytes into our memory ourselves. The entries are held during the
 /// copy, so deregistration waits for it (our own copy, which does not depend on the initiator
-/// running) and no later copy starts.
+/// running: a stopped process's pages and a file are read all the same) and no later copy starts.
 fn serve_write(
     stream: &mut UnixStream,
     shared: &OwnerShared,
@@ -414,118 +403,47 @@ fn serve_write(
 ) -> io::Result<()> {
     let ops: Vec<WriteOp> =
         body.chunks_exact(wire::WRITE_OP_LEN).map(|c| WriteOp::decode(c.try_into().expect("op length"))).collect();
-    let checked = match check_write(shared, &conn.sources, &ops) {
+    let checked = match check_write(shared, &conn.sources, conn.pid, &ops) {
         Ok(checked) => checked,
         Err((index, reason)) => return respond(stream, reason.to_wire(), index, 0, deadline),
     };
-    let (mapped_bytes, cross_bytes) =
-        (bytes_of(checked.mapped.iter().map(|c| c.len)), bytes_of(checked.cross.iter().map(|c| c.2)));
-    // SAFETY: every destination lies in a registration held until the copies are done; every
-    // source lies in a mapping of `conn.sources`, which this call does not let go of.
-    let fence = unsafe { shared.device.copy_batch_sharing(&checked.mapped) };
-    let pulled = pull_sharing(&shared.device, conn.pid, checked.cross);
-    if let Ok(fence) = &fence {
-        // Our own copies, from our own mappings: they end whatever the initiator does.
-        while fence.wait(Deadline::after(Duration::from_secs(1))).is_err() {}
-    }
-    drop(checked.held);
-    let failed = match (fence, pulled) {
-        (Err(e), _) => Some((checked.mapped_index[memory_error_index(&e)], io::Error::from_raw_os_error(libc::EINVAL))),
-        (Ok(_), Err((index, e))) => Some((checked.cross_index[index], e)),
-        (Ok(_), Ok(())) => None,
+    let bytes = |file: bool| {
+        let of = |p: &&Pull| matches!(p.source, Source::File(_)) == file;
+        checked.pulls.iter().filter(of).fold(0u64, |acc, p| acc.saturating_add(p.len))
     };
-    match failed {
-        None => {
-            shared.pulled.mapped.fetch_add(mapped_bytes, Ordering::Relaxed);
+    let (file_bytes, cross_bytes) = (bytes(true), bytes(false));
+    // SAFETY: every destination lies in a registration held until the copies are done, and
+    // distinct ops of one WRITE are the initiator's to keep apart (it can only hurt its own
+    // transfer); every file lies in `conn.sources`, which this call does not let go of.
+    let pulled = unsafe { pull_sharing(&shared.device, checked.pulls) };
+    drop(checked.held);
+    match pulled {
+        Ok(()) => {
+            shared.pulled.mapped.fetch_add(file_bytes, Ordering::Relaxed);
             shared.pulled.cross_memory.fetch_add(cross_bytes, Ordering::Relaxed);
             respond(stream, 0, 0, 0, deadline)
         }
-        Some((index, e)) => {
+        Err((index, e)) => {
             let errno = e.raw_os_error().unwrap_or(libc::EIO) as u64;
             respond(stream, wire::STATUS_PULL_FAILED, index as u32, errno, deadline)
         }
     }
 }
 
-fn bytes_of(lens: impl Iterator<Item = u64>) -> u64 {
-    lens.fold(0u64, u64::saturating_add)
-}
-
-/// The copy a refused batch names (`InvalidCopy`), or its first.
-fn memory_error_index(e: &crate::error::Error) -> usize {
-    match e {
-        crate::error::Error::Memory(crate::memory::MemoryError::InvalidCopy { index, .. }) => *index,
-        _ => 0,
-    }
-}
-
-/// [`pull`], split into equal byte shares of at least [`MIN_WORKER_SHARE`] over the copy pool
-/// and this thread, so that one large WRITE uses several cores. Returns once every share is done;
-/// an error names the first op (in the request's order) that failed.
-fn pull_sharing(device: &HostDevice, pid: u32, copies: Vec<(u64, u64, u64)>) -> Result<(), (usize, io::Error)> {
-    let total = copies.iter().fold(0u64, |acc, c| acc.saturating_add(c.2));
-    let shares = (device.threads() as u64 + 1).min(total / MIN_WORKER_SHARE as u64);
-    if shares < 2 {
-        return pull(pid, &copies);
-    }
-    // Each share: its copies and, for each, the index of the op it came from.
-    type Share = (Vec<(u64, u64, u64)>, Vec<usize>);
-    let share_len = total.div_ceil(shares);
-    let mut split: Vec<Share> = Vec::new();
-    let (mut current, mut from, mut current_len) = (Vec::new(), Vec::new(), 0u64);
-    for (index, (mut local, mut remote, mut len)) in copies.into_iter().enumerate() {
-        while len > 0 {
-            let take = len.min(share_len - current_len);
-            current.push((local, remote, take));
-            from.push(index);
-            (local, remote, len, current_len) = (local + take, remote + take, len - take, current_len + take);
-            if current_len == share_len {
-                split.push((std::mem::take(&mut current), std::mem::take(&mut from)));
-                current_len = 0;
-            }
-        }
-    }
-    if !current.is_empty() {
-        split.push((current, from));
-    }
-    let failed: Arc<Mutex<Option<(usize, io::Error)>>> = Arc::default();
-    let tasks = split
-        .into_iter()
-        .map(|(share, from)| {
-            let failed = failed.clone();
-            Box::new(move || {
-                if let Err((at, e)) = pull(pid, &share) {
-                    let mut first = failed.lock().unwrap();
-                    if first.as_ref().is_none_or(|(index, _)| from[at] < *index) {
-                        *first = Some((from[at], e));
-                    }
-                }
-            }) as Box<dyn FnOnce() + Send>
-        })
-        .collect();
-    device.run_sharing(tasks);
-    match failed.lock().unwrap().take() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// A WRITE's ops, checked: the entries they use (held for the copy), the copies from shared
-/// sources and those cross-memory `(ours, theirs, len)`, each with the index of its op.
+/// A WRITE's ops, checked: the entries they use (held for the copy) and one pull per op, in the
+/// request's order.
 #[derive(Default)]
 struct Checked {
     held: Vec<Arc<KeyEntry>>,
-    mapped: Vec<CopyOp>,
-    mapped_index: Vec<usize>,
-    cross: Vec<(u64, u64, u64)>,
-    cross_index: Vec<usize>,
+    pulls: Vec<Pull>,
 }
 
 /// Check a WRITE's ops: the destination against the registrations, the source, when shared,
-/// against its mapping; the first refused and why.
+/// against its file; the first refused and why.
 fn check_write(
     shared: &OwnerShared,
-    sources: &HashMap<u64, Source>,
+    sources: &HashMap<u64, SharedSource>,
+    pid: u32,
     ops: &[WriteOp],
 ) -> Result<Checked, (u32, RejectReason)> {
     let mut held: Vec<(u128, Arc<KeyEntry>)> = Vec::new();
@@ -550,69 +468,18 @@ fn check_write(
         if !entry.region.contains(op.addr, op.len) {
             return Err(reject(RejectReason::OutOfRange));
         }
-        if op.from == wire::FROM_ADDRESS {
-            checked.cross.push((op.addr, op.source, op.len));
-            checked.cross_index.push(index);
-            continue;
-        }
-        let source = sources.get(&op.from).ok_or(reject(RejectReason::UnknownKey))?;
-        if source_end > source.view.len() as u64 {
-            return Err(reject(RejectReason::OutOfRange));
-        }
-        checked.mapped.push(CopyOp { src: source.view.as_ptr() as u64 + op.source, dst: op.addr, len: op.len });
-        checked.mapped_index.push(index);
+        let from = match op.from {
+            wire::FROM_ADDRESS => Source::Process(pid),
+            id => {
+                let shared = sources.get(&id).ok_or(reject(RejectReason::UnknownKey))?;
+                if source_end > shared.file.len() {
+                    return Err(reject(RejectReason::OutOfRange));
+                }
+                Source::File(shared.file.raw_fd())
+            }
+        };
+        checked.pulls.push(Pull { source: from, local: op.addr, remote: op.source, len: op.len });
     }
     checked.held = held.into_iter().map(|(_, e)| e).collect();
     Ok(checked)
-}
-
-/// Copy `(local, remote, len)` ranges from process `pid` into ours with `process_vm_readv`, up to
-/// 1024 per call, looping over partial copies; an error names the op it stopped at.
-pub(super) fn pull(pid: u32, ops: &[(u64, u64, u64)]) -> Result<(), (usize, io::Error)> {
-    const IOV_MAX: usize = 1024;
-    let iov = |addr: u64, len: u64| libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len as usize };
-    let (mut next, mut done_in_next) = (0usize, 0u64);
-    while next < ops.len() {
-        let window = &ops[next..ops.len().min(next + IOV_MAX)];
-        let skip = |k: usize| if k == 0 { done_in_next } else { 0 };
-        let local: Vec<libc::iovec> =
-            window.iter().enumerate().map(|(k, &(l, _, len))| iov(l + skip(k), len - skip(k))).collect();
-        let remote: Vec<libc::iovec> =
-            window.iter().enumerate().map(|(k, &(_, r, len))| iov(r + skip(k), len - skip(k))).collect();
-        // SAFETY: the local iovecs name memory of ours the caller checked (registered ranges held
-        // for the call, or a local word); the kernel checks the remote ones against the peer's
-        // address space.
-        let n = unsafe {
-            libc::process_vm_readv(
-                pid as libc::pid_t,
-                local.as_ptr(),
-                local.len() as _,
-                remote.as_ptr(),
-                remote.len() as _,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err((next, e));
-        }
-        if n == 0 {
-            return Err((next, io::Error::from_raw_os_error(libc::EFAULT)));
-        }
-        let mut left = n as u64;
-        while left > 0 {
-            let rest = ops[next].2 - done_in_next;
-            if left < rest {
-                done_in_next += left;
-                break;
-            }
-            left -= rest;
-            next += 1;
-            done_in_next = 0;
-        }
-    }
-    Ok(())
 }

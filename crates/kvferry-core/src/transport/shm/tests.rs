@@ -4,8 +4,8 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use super::link::probe_cross_memory;
 use super::owner::PROBE;
+use super::pull::probe_cross_memory;
 use super::wire::{self, Reach};
 use super::*;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
@@ -295,8 +295,18 @@ fn eventually(mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
+/// Descriptors of this process open on the same file as `fd` (itself included).
+fn descriptors_of(fd: std::os::fd::BorrowedFd<'_>) -> usize {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let inode = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let own = inode(std::path::Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())));
+    let entries = std::fs::read_dir("/proc/self/fd").unwrap();
+    entries.filter_map(|e| e.ok()).filter(|e| own.is_some() && inode(&e.path()) == own).count()
+}
+
 #[test]
-fn a_write_from_a_shareable_source_is_copied_through_a_mapping_byte_exact() {
+fn a_write_from_a_shareable_source_is_copied_from_its_file_byte_exact() {
     use crate::transport::XferOp;
     use std::sync::atomic::Ordering;
 
@@ -343,11 +353,13 @@ fn a_write_from_a_shareable_source_is_copied_through_a_mapping_byte_exact() {
         "the shared source was not copied through its mapping"
     );
     assert_eq!(pulled.cross_memory.load(Ordering::Relaxed), 2 * block);
-    assert_eq!(t.owner.shared.source_bytes.used(), (4 << 20) as u64, "one mapping, of the registered range");
+    // Ours and the owner's: one descriptor each (the processes are one here).
+    let file = shared_src.share_fd().unwrap();
+    assert_eq!(descriptors_of(file), 2, "the owner does not hold the shared file once");
 
     // Deregistered, the file is withdrawn from the owner at once, not when the connection ends.
     t.initiator.deregister(&src_key);
-    assert!(eventually(|| t.owner.shared.source_bytes.used() == 0), "the owner still maps a deregistered source");
+    assert!(eventually(|| descriptors_of(file) == 1), "the owner still holds a deregistered source");
     // A new registration of the same memory is shared afresh.
     register(&t.initiator, &shared_src);
     shared_src.write_at(0, &[0x77; 4096]).unwrap();
@@ -443,6 +455,75 @@ fn hostile_sharer_child() {
     println!("writes refused");
     // Hold the first connection (and its mapping) until the parent is done.
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+/// The child of `a_sharer_of_holes_costs_the_owner_no_page`: it shares a sparse file and WRITEs
+/// the owner's registration from its holes, then checks that no page of the file was allocated.
+#[test]
+#[ignore = "run by a_sharer_of_holes_costs_the_owner_no_page in a child process"]
+fn sparse_sharer_child() {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use wire::{Header, WriteOp};
+
+    let Ok(spec) = std::env::var("KVFERRY_SHM_SPARSE") else { return };
+    let mut parts = spec.split(',');
+    let mut next = || parts.next().unwrap().to_string();
+    let (socket, key, addr) = (next(), u128::from_str_radix(&next(), 16).unwrap(), next().parse::<u64>().unwrap());
+    let deadline = crate::Deadline::after(std::time::Duration::from_secs(10));
+    let mut conn = link::connect(&socket, "sparse", &secret_auth(SECRET), deadline).map_err(|e| e.to_string()).unwrap();
+    let stream = &mut conn.stream;
+    let len = 64u64 << 20;
+    let raw = unsafe { libc::memfd_create(c"sparse".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(raw >= 0);
+    let sparse = unsafe { OwnedFd::from_raw_fd(raw) };
+    assert_eq!(unsafe { libc::ftruncate(raw, len as libc::off_t) }, 0);
+    assert_eq!(unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }, 0);
+    let answer = |stream: &mut UnixStream| {
+        let mut head = [0u8; wire::HEADER_LEN];
+        stream.read_exact(&mut head).unwrap();
+        Header::decode(&head).tag
+    };
+    wire::send_with_fd(stream, &wire::encode_share(1, len), sparse.as_fd()).unwrap();
+    assert_eq!(answer(stream), 0, "the sparse file was refused");
+    // Both pages of the owner's registration, from holes far apart in the file.
+    let ops = [
+        WriteOp { key, addr, source: 0, len: 4096, from: 1 },
+        WriteOp { key, addr: addr + 4096, source: len - 4096, len: 4096, from: 1 },
+    ];
+    let mut request =
+        Header { tag: wire::WRITE, count: 2, payload_len: (2 * wire::WRITE_OP_LEN) as u64 }.encode().to_vec();
+    ops.iter().for_each(|op| op.encode_into(&mut request));
+    stream.write_all(&request).unwrap();
+    assert_eq!(answer(stream), 0, "the WRITE from holes failed");
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::fstat(sparse.as_raw_fd(), &mut stat) }, 0);
+    assert_eq!(stat.st_blocks, 0, "the owner's reads allocated pages of the shared file");
+    println!("holes read");
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+#[test]
+fn a_sharer_of_holes_costs_the_owner_no_page() {
+    use std::io::BufRead;
+    use std::sync::atomic::Ordering;
+
+    let t = transports(ShmConfig::default());
+    let target = patterned(2 * 4096, false, 0x5a);
+    let key = register(&t.owner, &target);
+    let (raw_key, _) = wire::decode_key(&key).unwrap();
+    let socket = socket_of(&t.owner.endpoint().address);
+    let mut child = spawn_entry(
+        "transport::shm::tests::sparse_sharer_child",
+        ("KVFERRY_SHM_SPARSE", format!("{socket},{raw_key:x},{}", target.as_ptr() as u64)),
+    );
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let said = lines.by_ref().map_while(|l| l.ok()).any(|l| l.ends_with("holes read"));
+    drop(child.stdin.take());
+    lines.for_each(drop);
+    assert!(child.wait().unwrap().success() && said, "the sparse sharer failed (see its output)");
+    assert!(target.to_vec().iter().all(|&b| b == 0), "the holes did not land as zeros");
+    assert_eq!(t.owner.shared.pulled.mapped.load(Ordering::Relaxed), 2 * 4096);
 }
 
 #[test]
