@@ -19,6 +19,7 @@ use super::{FabricError, Info, LocalRegistry, c_text, check, fi_error_text, tran
 use crate::auth::Auth;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
+use crate::limits::LogLimiter;
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{Completion, NotificationQueue, Op, PartOutcome, RejectReason, TransferError};
 
@@ -99,10 +100,22 @@ pub(super) fn refusal(verdict: u8) -> Option<RejectReason> {
 /// key for each region (17 + 8 × rails bytes each).
 pub(super) const MAX_CHECKS: usize = (MESSAGE_BYTES - 64) / (17 + 8 * super::MAX_RAILS);
 
-/// Message kinds, the first byte of every message between rails.
-const MSG_NOTIFY: u8 = 1;
+/// Message kinds, the first byte of every message between rails; 4 to 7 are the session's
+/// handshake (`session.rs`). Kind 1, a notification that was not acknowledged, is dropped as
+/// malformed.
 const MSG_CHECK: u8 = 2;
 const MSG_CHECKED: u8 = 3;
+const MSG_NOTIFY: u8 = 8;
+const MSG_NOTIFIED: u8 = 9;
+
+/// How a receiver answers a notification (`MSG_NOTIFIED`): queued, or refused for a full queue.
+const NOTIFY_QUEUED: u8 = 0;
+const NOTIFY_BUSY: u8 = 1;
+
+/// Answers (to checks and notifications) one rail keeps in flight at most: a peer that floods
+/// us with requests gets no answer beyond them (its batches time out), so what it makes us hold
+/// is bounded. Notifications that go unanswered this way are not queued either.
+const MAX_ANSWERS: usize = 256;
 
 pub(super) struct RegisteredMr {
     pub id: u64,
@@ -363,15 +376,33 @@ struct OpContext {
 
 enum Pending {
     Access(Rc<RefCell<PartRun>>),
-    /// A message; `completion` is the batch a notification settles.
+    /// A message, and what its completion means.
     Send {
-        completion: Option<Arc<Completion>>,
+        sent: Sent,
         _message: Vec<u8>,
         mr: *mut sys::fid_mr,
     },
     Recv {
         slot: usize,
     },
+}
+
+/// What a message is, for what its send completion does.
+enum Purpose {
+    /// Nothing waits for it (a handshake message, a check).
+    Plain,
+    /// An answer to a peer's check or notification: counted against [`MAX_ANSWERS`].
+    Answer,
+    /// A notification: its batch settles on the receiver's answer (`MSG_NOTIFIED`), or fails if
+    /// the send does.
+    Notify { query: u64, peer: Arc<[u8]>, completion: Arc<Completion> },
+}
+
+/// A posted message's [`Purpose`], as its send completion needs it.
+enum Sent {
+    Plain,
+    Answer,
+    Notify(u64),
 }
 
 /// A part whose operations are in flight.
@@ -390,8 +421,18 @@ struct Waiting {
     dest: sys::fi_addr_t,
     /// The batch it belongs to: its deadline bounds the wait.
     completion: Arc<Completion>,
-    /// A check's query id (its part is parked under it); `None` for a notification.
-    query: Option<u64>,
+    /// A check's query id (its part is parked under it), or a notification's (its answer names it).
+    query: u64,
+}
+
+impl Waiting {
+    /// What sending it means, to the peer rail at `peer`.
+    fn purpose(&self, peer: &[u8]) -> Purpose {
+        match self.kind {
+            MSG_NOTIFY => Purpose::Notify { query: self.query, peer: peer.into(), completion: self.completion.clone() },
+            _ => Purpose::Plain,
+        }
+    }
 }
 
 /// State owned by the progress thread.
@@ -414,6 +455,11 @@ struct Progress {
     known: HashMap<Vec<u8>, sys::fi_addr_t>,
     /// Parts waiting for the answer to their check, by query id.
     parked: HashMap<u64, Part>,
+    /// Notifications sent and not yet answered, by query id: the peer rail asked, and the batch.
+    notifying: HashMap<u64, (Arc<[u8]>, Arc<Completion>)>,
+    /// Answers posted and not yet completed (at most [`MAX_ANSWERS`]).
+    answers_in_flight: usize,
+    unanswered_log: LogLimiter,
     /// Each peer's session (see `session`), when messages are authenticated.
     sessions: Sessions,
     /// Messages waiting for a session with the peer (by its address) to open.
@@ -451,6 +497,9 @@ impl Progress {
             registry,
             known: HashMap::new(),
             parked: HashMap::new(),
+            notifying: HashMap::new(),
+            answers_in_flight: 0,
+            unanswered_log: LogLimiter::per_second(),
             sessions,
             waiting: HashMap::new(),
             #[cfg(test)]
@@ -475,6 +524,7 @@ impl Progress {
             busy |= self.poll(&mut entries) > 0;
             self.expire_waiting();
             self.expire_parked();
+            self.expire_notifying();
             if busy {
                 self.last_activity = Instant::now();
             } else if (self.live.len() > RECV_SLOTS && self.spin_until.is_some_and(|d| !d.expired()))
@@ -548,7 +598,7 @@ impl Progress {
                 #[cfg(test)]
                 Command::Raw { to, message } => {
                     if let Some(dest) = self.address_of(&to) {
-                        let _ = self.send(dest, message, None, Deadline::after(HOUSEKEEPING));
+                        let _ = self.send(dest, message, Purpose::Plain, Deadline::after(HOUSEKEEPING));
                     }
                 }
             }
@@ -757,13 +807,20 @@ impl Progress {
         // Dropping the part releases the batch's hold on its local memory.
     }
 
+    /// `query u64 | reply_len u16 | our rail's address | name_len u16 | name | data`: the receiver
+    /// answers the query to that address once it has queued the notification or refused it.
     fn send_notification(&mut self, part: &Part, data: Vec<u8>) {
-        let mut payload = Vec::with_capacity(2 + part.from.len() + data.len());
+        let query = self.next_query;
+        self.next_query += 1;
+        let address = &self.objects.address;
+        let mut payload = Vec::with_capacity(12 + address.len() + part.from.len() + data.len());
+        payload.extend_from_slice(&query.to_le_bytes());
+        payload.extend_from_slice(&(address.len() as u16).to_le_bytes());
+        payload.extend_from_slice(address);
         payload.extend_from_slice(&(part.from.len() as u16).to_le_bytes());
         payload.extend_from_slice(part.from.as_bytes());
         payload.extend_from_slice(&data);
-        let w =
-            Waiting { kind: MSG_NOTIFY, payload, dest: part.dest, completion: part.completion.clone(), query: None };
+        let w = Waiting { kind: MSG_NOTIFY, payload, dest: part.dest, completion: part.completion.clone(), query };
         if let Err((code, detail)) = self.send_message(&part.peer_address, w) {
             part.completion.finish(Err(transfer_error(part, code, detail)));
         }
@@ -773,19 +830,18 @@ impl Progress {
     /// with the peer where one is open, or once one opens (beginning it if need be).
     fn send_message(&mut self, peer: &Arc<[u8]>, w: Waiting) -> std::result::Result<(), (i32, String)> {
         let deadline = w.completion.deadline();
-        let completion = (w.kind == MSG_NOTIFY).then(|| w.completion.clone());
         if !self.sessions.enabled() {
             let message = [&[w.kind][..], &w.payload].concat();
-            return self.send(w.dest, message, completion, deadline);
+            return self.send(w.dest, message, w.purpose(peer), deadline);
         }
         if let Some(message) = self.sessions.seal(peer, w.kind, &w.payload) {
-            return self.send(w.dest, message, completion, deadline);
+            return self.send(w.dest, message, w.purpose(peer), deadline);
         }
         let dest = w.dest;
         self.waiting.entry(peer.clone()).or_default().push(w);
         if !self.sessions.initiating(peer) {
             let hello = self.sessions.hello(peer);
-            if let Err((code, detail)) = self.send(dest, hello, None, deadline) {
+            if let Err((code, detail)) = self.send(dest, hello, Purpose::Plain, deadline) {
                 self.sessions.forget(peer, false);
                 let waiting = self.waiting.remove(peer).unwrap_or_default();
                 // The message just queued reports through the caller; the others here.
@@ -814,8 +870,8 @@ impl Progress {
                 self.fail_waiting(w, e);
                 continue;
             };
-            let completion = (w.kind == MSG_NOTIFY).then(|| w.completion.clone());
-            if let Err((code, detail)) = self.send(w.dest, message, completion, w.completion.deadline()) {
+            let purpose = w.purpose(peer);
+            if let Err((code, detail)) = self.send(w.dest, message, purpose, w.completion.deadline()) {
                 let e = super::classify(w.completion.peer(), w.completion.op(), "", code, detail);
                 self.fail_waiting(w, e);
             }
@@ -824,13 +880,13 @@ impl Progress {
 
     /// Fail the batch a waiting message belongs to: its parked part, or its notification.
     fn fail_waiting(&mut self, w: Waiting, e: TransferError) {
-        match w.query {
-            Some(query) => {
-                if let Some(part) = self.parked.remove(&query) {
+        match w.kind {
+            MSG_CHECK => {
+                if let Some(part) = self.parked.remove(&w.query) {
                     self.part_finished(part, Some(e));
                 }
             }
-            None => w.completion.finish(Err(e)),
+            _ => w.completion.finish(Err(e)),
         }
     }
 
@@ -888,13 +944,8 @@ impl Progress {
             message.push(c.keys.len() as u8);
             c.keys.iter().for_each(|k| message.extend_from_slice(&k.to_le_bytes()));
         }
-        let w = Waiting {
-            kind: MSG_CHECK,
-            payload: message,
-            dest: part.dest,
-            completion: part.completion.clone(),
-            query: Some(query),
-        };
+        let w =
+            Waiting { kind: MSG_CHECK, payload: message, dest: part.dest, completion: part.completion.clone(), query };
         let peer = part.peer_address.clone();
         self.parked.insert(query, part);
         if let Err((code, detail)) = self.send_message(&peer, w) {
@@ -970,15 +1021,32 @@ impl Progress {
                 answer.push(verdict);
             }
         }
-        let Some(dest) = self.address_of(&reply_to) else { return Some(()) };
-        let message = match from {
-            Some(from) => self.sessions.seal(from, MSG_CHECKED, &answer)?,
-            None => [&[MSG_CHECKED][..], &answer].concat(),
-        };
-        if let Err((_, detail)) = self.send(dest, message, None, Deadline::after(HOUSEKEEPING)) {
-            tracing::warn!("fabric: cannot answer a check: {detail}");
-        }
+        self.reply(&reply_to, from, MSG_CHECKED, &answer)?;
         Some(())
+    }
+
+    /// Send `answer` to the peer rail at `reply_to` (over its session when authenticated, `from`
+    /// being the peer that proved itself). Returns whether it was posted: not beyond
+    /// [`MAX_ANSWERS`] in flight, nor to a rail we cannot reach. `None` when the session is gone.
+    fn reply(&mut self, reply_to: &[u8], from: Option<&[u8]>, kind: u8, answer: &[u8]) -> Option<bool> {
+        if self.answers_in_flight >= MAX_ANSWERS {
+            if let Some(left_out) = self.unanswered_log.allow() {
+                tracing::warn!(left_out, "fabric: {MAX_ANSWERS} answers in flight; a peer's request goes unanswered");
+            }
+            return Some(false);
+        }
+        let Some(dest) = self.address_of(reply_to) else { return Some(false) };
+        let message = match from {
+            Some(from) => self.sessions.seal(from, kind, answer)?,
+            None => [&[kind][..], answer].concat(),
+        };
+        match self.send(dest, message, Purpose::Answer, Deadline::after(HOUSEKEEPING)) {
+            Ok(()) => Some(true),
+            Err((_, detail)) => {
+                tracing::warn!("fabric: cannot answer a peer: {detail}");
+                Some(false)
+            }
+        }
     }
 
     /// The address-vector entry of the peer rail at `address`, inserted if new. Entries no session
@@ -1008,7 +1076,8 @@ impl Progress {
     fn handle(&mut self, message: &[u8]) {
         if !self.sessions.enabled() {
             let handled = match message.split_first() {
-                Some((&MSG_NOTIFY, payload)) => self.deliver(payload),
+                Some((&MSG_NOTIFY, payload)) => self.deliver(payload, None),
+                Some((&MSG_NOTIFIED, payload)) => self.notified(payload, None),
                 Some((&MSG_CHECK, payload)) => self.answer_check(payload, None),
                 Some((&MSG_CHECKED, payload)) => self.checked(payload, None),
                 _ => None,
@@ -1021,7 +1090,8 @@ impl Progress {
         match self.sessions.open(message) {
             Incoming::Message { kind, from, payload } => {
                 let handled = match kind {
-                    MSG_NOTIFY => self.deliver(&payload),
+                    MSG_NOTIFY => self.deliver(&payload, Some(&from)),
+                    MSG_NOTIFIED => self.notified(&payload, Some(&from)),
                     MSG_CHECK => self.answer_check(&payload, Some(&from)),
                     MSG_CHECKED => self.checked(&payload, Some(&from)),
                     _ => None,
@@ -1032,14 +1102,14 @@ impl Progress {
             }
             Incoming::Reply { to, message } => {
                 if let Some(dest) = self.address_of(&to)
-                    && let Err((_, detail)) = self.send(dest, message, None, Deadline::after(HOUSEKEEPING))
+                    && let Err((_, detail)) = self.send(dest, message, Purpose::Plain, Deadline::after(HOUSEKEEPING))
                 {
                     tracing::debug!("fabric: cannot answer a handshake: {detail}");
                 }
             }
             Incoming::Accepted { peer, welcome } => {
                 if let Some(dest) = self.address_of(&peer)
-                    && let Err((_, detail)) = self.send(dest, welcome, None, Deadline::after(HOUSEKEEPING))
+                    && let Err((_, detail)) = self.send(dest, welcome, Purpose::Plain, Deadline::after(HOUSEKEEPING))
                 {
                     tracing::debug!("fabric: cannot answer a handshake: {detail}");
                 }
@@ -1069,12 +1139,25 @@ impl Progress {
         }
     }
 
-    /// Send a message; `completion` (a notification's batch) settles when the send completes.
+    /// Notifications not answered by their deadline (or whose batch was cancelled) fail.
+    fn expire_notifying(&mut self) {
+        if self.notifying.is_empty() {
+            return;
+        }
+        let expired: Vec<(u64, TransferError)> =
+            self.notifying.iter().filter_map(|(q, (_, c))| Some((*q, c.skip_reason()?))).collect();
+        for (q, e) in expired {
+            let (_, completion) = self.notifying.remove(&q).expect("listed above");
+            completion.finish(Err(e));
+        }
+    }
+
+    /// Send a message; what its completion does is its `purpose`'s.
     fn send(
         &mut self,
         dest: sys::fi_addr_t,
         message: Vec<u8>,
-        completion: Option<Arc<Completion>>,
+        purpose: Purpose,
         deadline: Deadline,
     ) -> std::result::Result<(), (i32, String)> {
         // Providers with FI_MR_LOCAL need the message registered; it is small and rare.
@@ -1086,7 +1169,12 @@ impl Progress {
         };
         let iov = libc::iovec { iov_base: message.as_ptr() as *mut libc::c_void, iov_len: message.len() };
         let mut desc = self.mr_desc(mr);
-        let ctx = self.context(Pending::Send { completion, _message: message, mr });
+        let sent = match &purpose {
+            Purpose::Plain => Sent::Plain,
+            Purpose::Answer => Sent::Answer,
+            Purpose::Notify { query, .. } => Sent::Notify(*query),
+        };
+        let ctx = self.context(Pending::Send { sent, _message: message, mr });
         let msg = sys::fi_msg {
             msg_iov: (&iov as *const libc::iovec).cast(),
             desc: &mut desc,
@@ -1099,6 +1187,13 @@ impl Progress {
         if ret != 0 {
             self.release(ctx);
             return Err(((-ret) as i32, format!("fi_sendmsg: {}", fi_error_text(ret as i32))));
+        }
+        match purpose {
+            Purpose::Plain => {}
+            Purpose::Answer => self.answers_in_flight += 1,
+            Purpose::Notify { query, peer, completion } => {
+                self.notifying.insert(query, (peer, completion));
+            }
         }
         Ok(())
     }
@@ -1161,15 +1256,20 @@ impl Progress {
                 run.borrow_mut().in_flight -= 1;
                 self.maybe_finish(run);
             }
-            Pending::Send { completion, mr, .. } => {
+            Pending::Send { sent, mr, .. } => {
                 if !mr.is_null() {
                     unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
                 }
-                if let Some(completion) = completion {
-                    let peer = completion.peer().to_string();
-                    let result = result.map(drop);
-                    completion
-                        .finish(result.map_err(|(code, cause)| super::classify(&peer, Op::Notify, "", code, cause)));
+                match (sent, result) {
+                    (Sent::Answer, _) => self.answers_in_flight -= 1,
+                    // A notification sent settles on its answer; one that could not be sent, now.
+                    (Sent::Notify(query), Err((code, cause))) => {
+                        if let Some((_, completion)) = self.notifying.remove(&query) {
+                            let peer = completion.peer().to_string();
+                            completion.finish(Err(super::classify(&peer, Op::Notify, "", code, cause)));
+                        }
+                    }
+                    (Sent::Notify(_) | Sent::Plain, _) => {}
                 }
             }
             Pending::Recv { slot } => {
@@ -1189,12 +1289,56 @@ impl Progress {
         }
     }
 
-    /// Hand an incoming notification (`name_len u16 | name | data`) to the agent.
-    fn deliver(&self, message: &[u8]) -> Option<()> {
+    /// Hand an incoming notification (see [`send_notification`](Self::send_notification)) to the
+    /// agent if its queue has room, and answer the sender either way; when authenticated, only
+    /// to the peer that proved itself (`from`). Room is reserved before the answer is posted and
+    /// filled after, so a notification answered as queued is queued, and one that could not be
+    /// answered is not (its sender times out).
+    fn deliver(&mut self, message: &[u8], from: Option<&[u8]>) -> Option<()> {
         let mut r = Reader(message);
+        let query = r.u64()?;
+        let reply_len = r.u16()? as usize;
+        let reply_to = r.take(reply_len)?.to_vec();
+        if from.is_some_and(|from| from != reply_to.as_slice()) {
+            return None;
+        }
         let len = r.u16()? as usize;
-        let from = std::str::from_utf8(r.take(len)?).ok()?.to_string();
-        self.notifications.push(crate::transport::Notification { from, data: r.0.to_vec() });
+        let name = std::str::from_utf8(r.take(len)?).ok()?.to_string();
+        let data = r.0;
+        let room = self.notifications.reserve(data.len() as u64);
+        let answer = [&query.to_le_bytes()[..], &[if room { NOTIFY_QUEUED } else { NOTIFY_BUSY }]].concat();
+        let answered = self.reply(&reply_to, from, MSG_NOTIFIED, &answer);
+        match (room, answered) {
+            (true, Some(true)) => {
+                self.notifications.push_reserved(crate::transport::Notification { from: name, data: data.to_vec() })
+            }
+            (true, _) => self.notifications.release(data.len() as u64),
+            (false, _) => {}
+        }
+        answered.map(drop)
+    }
+
+    /// A receiver's answer to our notification: the batch settles, done or refused as busy.
+    fn notified(&mut self, message: &[u8], from: Option<&[u8]>) -> Option<()> {
+        let mut r = Reader(message);
+        let query = r.u64()?;
+        let status = r.take(1)?[0];
+        // Only the rail the notification went to answers it.
+        let (peer, _) = self.notifying.get(&query)?;
+        if from.is_some_and(|from| from != &**peer) {
+            return None;
+        }
+        let (_, completion) = self.notifying.remove(&query).expect("found above");
+        let peer = completion.peer().to_string();
+        completion.finish(match status {
+            NOTIFY_QUEUED => Ok(()),
+            NOTIFY_BUSY => Err(TransferError::PeerBusy {
+                peer,
+                op: Op::Notify,
+                cause: "its queue of notifications is full".into(),
+            }),
+            other => Err(TransferError::Protocol { peer, detail: format!("a notification answered {other}") }),
+        });
         Some(())
     }
 }
@@ -1211,8 +1355,11 @@ impl Drop for Progress {
         for ctx in self.live.iter().copied().collect::<Vec<_>>() {
             self.complete(ctx as *mut OpContext, Err(closed()));
         }
+        for (_, (_, completion)) in std::mem::take(&mut self.notifying) {
+            completion.finish(Err(super::classify(completion.peer(), Op::Notify, "", closed().0, closed().1)));
+        }
         for w in std::mem::take(&mut self.waiting).into_values().flatten() {
-            if w.query.is_none() {
+            if w.kind != MSG_CHECK {
                 w.completion.finish(Err(super::classify(w.completion.peer(), Op::Notify, "", closed().0, closed().1)));
             }
         }

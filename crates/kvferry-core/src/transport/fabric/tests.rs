@@ -283,7 +283,7 @@ fn forged_and_replayed_messages_are_not_acted_upon() {
     // The rail logs a message after handling it, so the log may trail the queue a moment.
     let deadline = soon();
     let genuine = loop {
-        if let Some(m) = b.rails[0].received.lock().unwrap().iter().rev().find(|m| m[0] == 1) {
+        if let Some(m) = b.rails[0].received.lock().unwrap().iter().rev().find(|m| m[0] == 8) {
             break m.clone();
         }
         assert!(!deadline.expired(), "the genuine notification was never logged");
@@ -291,7 +291,11 @@ fn forged_and_replayed_messages_are_not_acted_upon() {
     };
 
     let target = &b.rails[0].address;
-    let mut plain = vec![1u8];
+    // A notification without a session, answered to the stranger.
+    let mut plain = vec![8u8];
+    plain.extend_from_slice(&0xbeefu64.to_le_bytes());
+    plain.extend_from_slice(&(stranger.rails[0].address.len() as u16).to_le_bytes());
+    plain.extend_from_slice(&stranger.rails[0].address);
     plain.extend_from_slice(&6u16.to_le_bytes());
     plain.extend_from_slice(b"sender");
     plain.extend_from_slice(b"forged");
@@ -331,4 +335,34 @@ fn forged_and_replayed_messages_are_not_acted_upon() {
     assert_eq!(answers, vec![5], "the target answered the stranger with more than a challenge");
 
     notify(b"genuine 2");
+}
+
+/// A receiver answers every notification: queued, or busy when its queue is full, so the sender
+/// learns it (`PeerBusy`) and the receiver holds no more than its limits, whatever is sent.
+#[test]
+fn a_full_notification_queue_answers_busy_and_nothing_queues_past_its_limits() {
+    let member = || Auth::resolve(&secret(SECRET)).unwrap();
+    let queue = Arc::new(NotificationQueue::with_limits(2, 100 << 10));
+    let a = FabricTransport::start("sender", config("tcp"), member(), Arc::default()).unwrap();
+    let b = FabricTransport::start("target", config("tcp"), member(), queue.clone()).unwrap();
+    let bbuf = buffer(4096);
+    let key = b.register(bbuf.region(), Arc::new(())).unwrap();
+    let link = a.link("target", &b.endpoint(), vec![RemoteRegion { region: bbuf.region(), key }]).unwrap();
+    let notify = |data: &[u8]| {
+        let completion = Arc::new(Completion::new("target", Op::Notify, 0, Some(data.to_vec()), soon()));
+        link.post(Batch { ops: Vec::new(), completion: completion.clone(), keep_alive: Arc::new(()) }).unwrap();
+        completion.wait()
+    };
+    notify(b"first").unwrap();
+    notify(b"second").unwrap();
+    let refused = notify(b"third").unwrap_err();
+    assert_eq!(refused.code(), ErrorCode::PeerBusy, "{refused}");
+    // Past the byte limit too: a notification larger than the room left.
+    let taken: Vec<Vec<u8>> = queue.take().into_iter().map(|n| n.data).collect();
+    assert_eq!(taken, [b"first".to_vec(), b"second".to_vec()]);
+    notify(&vec![7u8; 60 << 10]).unwrap();
+    assert_eq!(notify(&vec![8u8; 60 << 10]).unwrap_err().code(), ErrorCode::PeerBusy);
+    assert_eq!(queue.take().len(), 1);
+    notify(b"after").unwrap();
+    assert_eq!(queue.take()[0].data, b"after");
 }
