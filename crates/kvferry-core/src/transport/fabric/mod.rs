@@ -205,6 +205,14 @@ impl Info {
         self.mr_mode() & sys::FI_MR_LOCAL as i32 != 0
     }
 
+    /// Whether the rail stages host transfers (see `rail.rs`): the provider moves bytes with the
+    /// processes' CPUs (`tcp`, `shm`, `sockets`, `udp`), so a stalled peer can make an operation
+    /// land long after its batch stopped, and the copy that staging adds is small beside the
+    /// provider's own. Not with `FI_HMEM`: device memory is moved directly.
+    pub fn staged(&self) -> bool {
+        matches!(self.core_provider().as_str(), "tcp" | "shm" | "sockets" | "udp") && self.caps() & sys::FI_HMEM == 0
+    }
+
     fn mr_flag_names(&self) -> Vec<&'static str> {
         let mode = self.mr_mode();
         [
@@ -600,6 +608,7 @@ impl Transport for FabricTransport {
             remote,
             local: self.local.clone(),
             mr_local: self.rails[0].info.mr_local(),
+            staged: self.rails[0].info.staged(),
             stripe_min_bytes: self.stripe_min_bytes,
             next_rail: AtomicUsize::new(0),
         }))
@@ -619,6 +628,8 @@ struct FabricLink {
     verdicts: Arc<[AtomicU8]>,
     local: LocalRegistry,
     mr_local: bool,
+    /// The rails stage their transfers, so the batch's parts are guarded (see `rail.rs`).
+    staged: bool,
     stripe_min_bytes: u64,
     /// Small batches take turns on the rails.
     next_rail: AtomicUsize,
@@ -728,7 +739,10 @@ impl PeerLink for FabricLink {
             .filter(|(i, p)| !p.is_empty() || *i == 0)
             .map(|(i, p)| ((first + i) % rails, p))
             .collect();
-        batch.completion.set_parts(parts.len());
+        match self.staged {
+            true => batch.completion.set_guarded_parts(parts.len()),
+            false => batch.completion.set_parts(parts.len()),
+        }
         for (rail, ops) in parts {
             let (rail_handle, dest, peer_address) = &self.routes[rail];
             rail_handle.post(Part {

@@ -1,6 +1,15 @@
 //! One rail: a libfabric domain with its RDM endpoint, completion queue and address vector, owned by
 //! one progress thread. Every libfabric call on the rail runs on that thread, so the domain can be
 //! opened with `FI_THREAD_DOMAIN` (no locks inside the provider); other threads hand it commands.
+//!
+//! **Staging.** A posted RMA cannot be taken back, and where the provider moves bytes with the
+//! processes' CPUs (`Info::staged`: `tcp`, `shm`) a stopped or slow peer can make one land long
+//! after its batch was cancelled or timed out. On such rails every operation of host memory goes
+//! through a buffer of its own (one per message, freed when the provider returns the operation):
+//! a WRITE's bytes are copied into it before the post, a READ's out of it after the completion,
+//! each copy inside [`Completion::start_part`], which a stopped batch refuses and waits for. So
+//! once `cancel` returns or `wait` fails, no byte moves into or out of the batch's memory,
+//! whatever the peer does; what lands late lands in the staging buffer.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -375,7 +384,11 @@ struct OpContext {
 }
 
 enum Pending {
-    Access(Rc<RefCell<PartRun>>),
+    /// Ops `staging.ops` (or the message's ops, unstaged) of a part.
+    Access {
+        run: Rc<RefCell<PartRun>>,
+        staging: Option<Staging>,
+    },
     /// A message, and what its completion means.
     Send {
         sent: Sent,
@@ -385,6 +398,23 @@ enum Pending {
     Recv {
         slot: usize,
     },
+}
+
+/// One message's staging buffer (see the module's comment) and the part's ops it carries.
+struct Staging {
+    buf: Vec<u8>,
+    ops: std::ops::Range<usize>,
+    /// Its registration, where the provider needs local ones.
+    mr: *mut sys::fid_mr,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.mr.is_null() {
+            // SAFETY: a registration this staging buffer owns, closed once, here.
+            unsafe { sys::kvferry_fi_close(&mut (*self.mr).fid) };
+        }
+    }
 }
 
 /// What a message is, for what its send completion does.
@@ -459,6 +489,8 @@ struct Progress {
     notifying: HashMap<u64, (Arc<[u8]>, Arc<Completion>)>,
     /// Answers posted and not yet completed (at most [`MAX_ANSWERS`]).
     answers_in_flight: usize,
+    /// Operations go through staging buffers (see the module's comment).
+    staged: bool,
     unanswered_log: LogLimiter,
     /// Each peer's session (see `session`), when messages are authenticated.
     sessions: Sessions,
@@ -482,6 +514,7 @@ impl Progress {
         registry: LocalRegistry,
         sessions: Sessions,
     ) -> Result<Progress> {
+        let staged = info.staged();
         let mut p = Progress {
             objects,
             info,
@@ -499,6 +532,7 @@ impl Progress {
             parked: HashMap::new(),
             notifying: HashMap::new(),
             answers_in_flight: 0,
+            staged,
             unanswered_log: LogLimiter::per_second(),
             sessions,
             waiting: HashMap::new(),
@@ -724,11 +758,12 @@ impl Progress {
         let ordered_writes = self.info.ordered_writes();
         let (op, dest, count, deadline) = (part.op, part.dest, part.ops.len(), part.completion.deadline());
         self.spin_until = Some(self.spin_until.map_or(deadline, |d| d.max(deadline)));
+        let completion = part.completion.clone();
         let run = Rc::new(RefCell::new(PartRun { part, in_flight: 0, all_posted: false, error: None }));
         let mut first = 0;
         while first < count {
             let last = (first + per_message).min(count);
-            let (iov, mut desc, rma): (Vec<libc::iovec>, Vec<*mut libc::c_void>, Vec<sys::fi_rma_iov>) = {
+            let (mut iov, mut desc, rma): (Vec<libc::iovec>, Vec<*mut libc::c_void>, Vec<sys::fi_rma_iov>) = {
                 let r = run.borrow();
                 let ops = &r.part.ops[first..last];
                 (
@@ -742,7 +777,21 @@ impl Progress {
                 )
             };
             let len: u64 = iov.iter().map(|v| v.iov_len as u64).sum();
-            let ctx = self.context(Pending::Access(run.clone()));
+            let staging = match self.staged {
+                false => None,
+                true => match self.stage(&completion, &run.borrow().part.ops, first..last, len) {
+                    Ok(staging) => Some(staging),
+                    Err(e) => {
+                        run.borrow_mut().error.get_or_insert(e);
+                        break;
+                    }
+                },
+            };
+            if let Some(st) = &staging {
+                iov = vec![libc::iovec { iov_base: st.buf.as_ptr() as *mut libc::c_void, iov_len: st.buf.len() }];
+                desc = vec![self.mr_desc(st.mr)];
+            }
+            let ctx = self.context(Pending::Access { run: run.clone(), staging });
             let msg = sys::fi_msg_rma {
                 msg_iov: iov.as_ptr().cast(),
                 desc: desc.as_mut_ptr(),
@@ -779,6 +828,50 @@ impl Progress {
         }
         run.borrow_mut().all_posted = true;
         self.maybe_finish(run);
+    }
+
+    /// A staging buffer for ops `ops` of a part (`len` bytes), holding their bytes for a WRITE.
+    /// Refused, as the batch would refuse a part, once the batch has stopped.
+    fn stage(
+        &mut self,
+        completion: &Completion,
+        all: &[RailOp],
+        ops: std::ops::Range<usize>,
+        len: u64,
+    ) -> std::result::Result<Staging, TransferError> {
+        let mut buf = vec![0u8; len as usize];
+        if completion.op() == Op::Write {
+            let _touching = completion.start_part(None)?;
+            let mut at = 0;
+            for o in &all[ops.clone()] {
+                // SAFETY: the op's local range lies in memory the batch holds, which no one
+                // reclaims while it runs (the guard keeps a stop waiting for this copy).
+                unsafe {
+                    ptr::copy_nonoverlapping(o.local_addr as *const u8, buf.as_mut_ptr().add(at), o.len as usize)
+                };
+                at += o.len as usize;
+            }
+        }
+        let mr = match self.info.mr_local() {
+            true => self
+                .reg_mr(MemRegion::host(buf.as_ptr(), buf.len()), 0, (sys::FI_READ | sys::FI_WRITE) as u64)
+                .map_err(|e| TransferError::Protocol { peer: completion.peer().to_string(), detail: e.to_string() })?,
+            false => ptr::null_mut(),
+        };
+        Ok(Staging { buf, ops, mr })
+    }
+
+    /// A staged READ's bytes, copied into the batch's memory unless the batch has stopped.
+    fn unstage(run: &RefCell<PartRun>, staging: &Staging) -> std::result::Result<(), TransferError> {
+        let r = run.borrow();
+        let _touching = r.part.completion.start_part(None)?;
+        let mut at = 0;
+        for o in &r.part.ops[staging.ops.clone()] {
+            // SAFETY: as in `stage`, the other way.
+            unsafe { ptr::copy_nonoverlapping(staging.buf.as_ptr().add(at), o.local_addr as *mut u8, o.len as usize) };
+            at += o.len as usize;
+        }
+        Ok(())
     }
 
     /// Finish the part once every op is posted and back; `run` is then its last reference.
@@ -1247,11 +1340,14 @@ impl Progress {
             return;
         }
         match self.forget(ctx) {
-            Pending::Access(run) => {
-                if let Err((code, detail)) = result {
-                    let mut r = run.borrow_mut();
-                    let e = transfer_error(&r.part, code, detail);
-                    r.error.get_or_insert(e);
+            Pending::Access { run, staging } => {
+                let result = match (&staging, result) {
+                    (Some(st), Ok(_)) if run.borrow().part.op == Op::Read => Self::unstage(&run, st),
+                    (_, Ok(_)) => Ok(()),
+                    (_, Err((code, detail))) => Err(transfer_error(&run.borrow().part, code, detail)),
+                };
+                if let Err(e) = result {
+                    run.borrow_mut().error.get_or_insert(e);
                 }
                 run.borrow_mut().in_flight -= 1;
                 self.maybe_finish(run);
