@@ -333,6 +333,42 @@ fn a_trickled_write_is_cut_off_at_the_request_timeout_from_its_first_byte() {
     honest_read(&served, "after-trickle");
 }
 
+/// Members that each send a request, then trickle the next one's header a byte a millisecond
+/// (faster than a serving worker lingers for the next request) hold no more than the workers
+/// that may linger: an honest peer is served meanwhile, long before any `request_timeout`.
+#[test]
+fn members_trickling_faster_than_the_linger_leave_a_worker_for_others() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let served = Served::start(&["--request-timeout", "60"], None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let read_kind = 1;
+    let tricklers: Vec<_> = (0..4)
+        .map(|_| {
+            let (mut stream, key) = hostile_member(&served);
+            let ask = request(read_kind, 1, 0, &[(key, served.buffer_addr, 4096)]);
+            stream.write_all(&ask).unwrap();
+            let mut answer = vec![0u8; 16 + 4096];
+            stream.read_exact(&mut answer).unwrap();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for byte in ask.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) || stream.write_all(&[*byte]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    honest_read(&served, "beside-fast-tricklers");
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    tricklers.into_iter().for_each(|t| t.join().unwrap());
+    assert!(took < Duration::from_secs(15), "the honest read waited {took:?} behind the tricklers");
+}
+
 /// Whether the server at the other end closed `stream`, waiting up to `wait` for it.
 fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
     let mut probe = [0u8; 64];
