@@ -71,6 +71,8 @@ struct DiskState {
     files: Arc<Mutex<DiskFiles>>,
     /// Keys a direct write is storing: not found yet, and not stored twice meanwhile.
     storing: HashSet<BlockKey>,
+    /// The directory, for errors, without taking the files' lock.
+    dir: std::path::PathBuf,
     blocks: HashMap<BlockKey, DiskBlock>,
     free: Vec<u32>,
     policy: Box<dyn Policy>,
@@ -188,6 +190,8 @@ struct DirectClaim {
     writes: Vec<DirectWrite>,
     /// Blocks evicted for the slots, gone from the index, whose removals are not logged yet.
     victims: Vec<BlockKey>,
+    /// Blocks the write needs when fewer slots could be claimed.
+    short: Option<usize>,
 }
 
 /// The part of a store its workers share.
@@ -270,6 +274,7 @@ impl TierStore {
                 Some(DiskState {
                     files: Arc::new(Mutex::new(files)),
                     storing: HashSet::new(),
+                    dir: disk.dir.clone(),
                     blocks: replayed.blocks.into_iter().map(|(k, entry)| (k, DiskBlock { entry, pins: 0 })).collect(),
                     free: (0..slots).rev().filter(|s| !used.contains(s)).collect(),
                     policy,
@@ -1041,13 +1046,17 @@ impl Shared {
     fn put_to_disk(&self, ring: Option<&mut Ring>, blocks: &[BlockRegions]) -> Result<()> {
         let Some(ring) = ring else { unreachable!("check_direct refused a store without a disk tier") };
         let Some(claim) = self.claim_direct(blocks)? else { return Ok(()) };
-        let DirectClaim { files, writes, victims } = claim;
+        let DirectClaim { files, writes, victims, short } = claim;
         // Victims' removals are logged before their slots are overwritten (and outside the state lock,
         // as every append of a direct write is).
         let removals: Vec<Record> = victims.iter().map(|k| Record::Remove(*k)).collect();
         if let Err(e) = files.lock().unwrap_or_else(PoisonError::into_inner).append(&removals) {
             self.abandon_direct(&writes, Some(&e));
             return Err(e.into());
+        }
+        if let Some(needed) = short {
+            self.abandon_direct(&writes, None);
+            return Err(TierError::NoRoom { needed, medium: Medium::Disk }.into());
         }
         let ops: Vec<IoOp> = writes
             .iter()
@@ -1067,7 +1076,7 @@ impl Shared {
                 block_checksum(&w.key, w.slot, bytes)
             });
         });
-        let dir = files.lock().unwrap_or_else(PoisonError::into_inner).dir().to_path_buf();
+        let dir = self.lock().disk.as_ref().expect("a direct write's store has a disk tier").dir.clone();
         let mut failure: Option<TierError> = None;
         let mut stored: Vec<(BlockKey, DiskEntry)> = Vec::new();
         let mut failed: Vec<DirectWrite> = Vec::new();
@@ -1123,7 +1132,7 @@ impl Shared {
         }
         for key in &published {
             if let Some(&index) = state.host.get(key) {
-                state.slots[index as usize].as_mut().expect("mapped slabs are occupied").on_disk = true;
+                state.slot(index).on_disk = true;
             }
         }
         state.stats.disk_writes += published.len() as u64;
@@ -1135,8 +1144,8 @@ impl Shared {
     }
 
     /// Under the lock: the blocks of a direct write that are new to the disk, each with a slot (a
-    /// free one or an unpinned victim's, whose removal the caller logs). `None` when there is
-    /// nothing to write.
+    /// free one or an unpinned victim's, whose removal the caller logs), or as many slots as could
+    /// be had when every other block is being read (`short`). `None` when there is nothing to write.
     fn claim_direct(&self, blocks: &[BlockRegions]) -> Result<Option<DirectClaim>> {
         let mut state = self.lock();
         let state = &mut *state;
@@ -1157,9 +1166,8 @@ impl Shared {
             return Ok(None);
         }
         if fresh.len() > disk.slots as usize {
-            let dir = disk.log().dir().display().to_string();
             let cause = format!("{} blocks do not fit in its {} slots", fresh.len(), disk.slots);
-            return Err(TierError::DiskFull { dir, cause }.into());
+            return Err(TierError::DiskFull { dir: disk.dir.display().to_string(), cause }.into());
         }
         let (mut slots, mut victims) = (Vec::new(), Vec::new());
         while slots.len() < fresh.len() {
@@ -1175,42 +1183,20 @@ impl Shared {
             slots.push(block.entry.slot);
             victims.push(victim);
         }
-        let files = Arc::clone(&disk.files);
-        if slots.len() < fresh.len() {
-            // Every other block is being read. The victims are gone from the index already; their
-            // slots return to the free list only once their removals are logged.
-            let needed = fresh.len();
-            let (free, taken) = slots.split_at(slots.len() - victims.len());
-            disk.free.extend_from_slice(free);
-            let taken = taken.to_vec();
-            for victim in &victims {
-                if let Some(&index) = state.host.get(victim) {
-                    state.slots[index as usize].as_mut().expect("mapped slabs are occupied").on_disk = false;
-                }
-            }
-            state.emit(TierEvent::Removed { keys: victims.clone(), medium: Medium::Disk });
-            let removals: Vec<Record> = victims.iter().map(|k| Record::Remove(*k)).collect();
-            let logged = files.lock().unwrap_or_else(PoisonError::into_inner).append(&removals);
-            let disk = state.disk.as_mut().expect("checked above");
-            match logged {
-                Ok(()) => disk.free.extend(taken),
-                Err(e) => {
-                    disk.failed.get_or_insert(e);
-                }
-            }
-            return Err(TierError::NoRoom { needed, medium: Medium::Disk }.into());
-        }
-        for victim in &victims {
-            if let Some(&index) = state.host.get(victim) {
-                state.slots[index as usize].as_mut().expect("mapped slabs are occupied").on_disk = false;
-            }
-        }
+        let short = (slots.len() < fresh.len()).then_some(fresh.len());
+        // Slots and keys are claimed even when short, so that the caller logs the victims' removals
+        // before any of their slots can be reused, and then gives everything back.
         let writes: Vec<DirectWrite> =
             fresh.iter().zip(&slots).map(|(&(key, addr), &slot)| DirectWrite { key, addr, slot }).collect();
-        let disk = state.disk.as_mut().expect("checked above");
         disk.storing.extend(writes.iter().map(|w| w.key));
+        let files = Arc::clone(&disk.files);
+        for victim in &victims {
+            if let Some(&index) = state.host.get(victim) {
+                state.slot(index).on_disk = false;
+            }
+        }
         state.emit(TierEvent::Removed { keys: victims.clone(), medium: Medium::Disk });
-        Ok(Some(DirectClaim { files, writes, victims }))
+        Ok(Some(DirectClaim { files, writes, victims, short }))
     }
 
     /// Give back the slots of a direct write that failed before publishing anything; `failure` stops
