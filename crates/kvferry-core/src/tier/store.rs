@@ -1468,6 +1468,45 @@ mod tests {
     }
 
     #[test]
+    fn a_direct_write_short_of_unpinned_slots_writes_nothing_and_leaves_no_slot_behind() {
+        let dir = temp_dir("direct-pinned");
+        let store = open(&dir, 3);
+        let source = buffer(3, 20);
+        wait(unsafe { store.put_to_disk(blocks(&source, &[1, 2, 3])) }).unwrap();
+        // Readers hold blocks 2 and 3 (as a get does while it reads them).
+        let pin = |delta: i32| {
+            let mut state = store.shared.lock();
+            for k in [key(2), key(3)] {
+                let block = state.disk.as_mut().unwrap().blocks.get_mut(&k).unwrap();
+                block.pins = block.pins.checked_add_signed(delta).unwrap();
+            }
+        };
+        pin(1);
+        let events_of = store.subscribe();
+        let more = buffer(2, 50);
+        let short = unsafe { store.put_to_disk(blocks(&more, &[4, 5])) };
+        assert_eq!(wait(short).unwrap_err().code(), ErrorCode::TierNoRoom);
+        // Block 1 was evicted for the write (and says so); nothing of the write is found.
+        assert_eq!(events(&events_of), [TierEvent::Removed { keys: vec![key(1)], medium: Medium::Disk }]);
+        assert_eq!(store.lookup(&[key(4)]), []);
+        assert_eq!(store.lookup(&[key(2), key(3)]), [Medium::Disk; 2]);
+        {
+            let state = store.shared.lock();
+            let disk = state.disk.as_ref().unwrap();
+            assert!(disk.storing.is_empty());
+            assert_eq!(disk.free, [0], "block 1's slot is free again, once");
+        }
+        pin(-1);
+        wait(unsafe { store.put_to_disk(blocks(&more, &[4, 5])) }).unwrap();
+        assert_eq!(store.lookup(&[key(4), key(5)]), [Medium::Disk; 2]);
+        let dest = buffer(2, 0);
+        wait(unsafe { store.get_from_disk(blocks(&dest, &[4, 5])) }).unwrap();
+        assert_eq!(dest.to_vec(), more.to_vec());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn direct_blocks_must_be_one_aligned_host_region_and_need_a_disk() {
         let dir = temp_dir("direct-refused");
         let store = open(&dir, 4);
