@@ -175,7 +175,14 @@ python_tests() {
         test_a_peer_without_our_secret_is_refused \
         test_side_channel_serves_only_engines_that_prove_the_secret \
         test_a_tensor_given_other_storage_is_revoked_and_new_tensors_stay_untouched \
-        test_a_deregistration_cuts_off_a_read_from_a_stopped_peer_and_lands_nothing
+        test_a_deregistration_cuts_off_a_read_from_a_stopped_peer_and_lands_nothing \
+        test_blocks_go_straight_to_disk_and_back_into_caller_memory \
+        test_a_disk_directory_is_locked_against_a_second_process \
+        test_the_factory_loads_the_tier_by_module_path \
+        test_stores_lookups_loads_and_events_round_trip_byte_exact \
+        test_a_flipped_byte_in_the_block_file_fails_the_load_and_serves_nothing \
+        test_a_store_larger_than_the_disk_fails_and_nothing_is_served \
+        test_blocks_on_disk_are_found_after_the_tier_is_recreated
 }
 python_tests
 
@@ -258,6 +265,9 @@ sentinels=(
     every_corpus_replays_without_a_panic
     the_c_options_corpus_replays_without_a_panic
     soak_for_a_minute_checks_every_byte_and_leaks_nothing
+    put_to_disk_skips_dram_and_reads_back_byte_exact_into_caller_memory
+    a_lookup_answers_while_the_index_log_is_held
+    a_second_open_of_a_directory_is_refused_until_the_first_closes
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

@@ -98,6 +98,7 @@ pub const KVFERRY_ERR_TIER_NOT_CACHED: kvferry_status = 608;
 pub const KVFERRY_ERR_TIER_NO_ROOM: kvferry_status = 609;
 pub const KVFERRY_ERR_TIER_DISK_IO: kvferry_status = 610;
 pub const KVFERRY_ERR_TIER_CLOSED: kvferry_status = 611;
+pub const KVFERRY_ERR_TIER_DISK_LOCKED: kvferry_status = 612;
 pub const KVFERRY_ERR_DISCOVERY_UNREACHABLE: kvferry_status = 700;
 pub const KVFERRY_ERR_DISCOVERY_BAD_RESPONSE: kvferry_status = 701;
 pub const KVFERRY_ERR_DISCOVERY_LEASE_LOST: kvferry_status = 702;
@@ -187,6 +188,7 @@ const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
     (KVFERRY_ERR_TIER_NO_ROOM, "KVFERRY_ERR_TIER_NO_ROOM\0", Some(ErrorCode::TierNoRoom)),
     (KVFERRY_ERR_TIER_DISK_IO, "KVFERRY_ERR_TIER_DISK_IO\0", Some(ErrorCode::TierDiskIo)),
     (KVFERRY_ERR_TIER_CLOSED, "KVFERRY_ERR_TIER_CLOSED\0", Some(ErrorCode::TierClosed)),
+    (KVFERRY_ERR_TIER_DISK_LOCKED, "KVFERRY_ERR_TIER_DISK_LOCKED\0", Some(ErrorCode::TierDiskLocked)),
     (KVFERRY_ERR_DISCOVERY_UNREACHABLE, "KVFERRY_ERR_DISCOVERY_UNREACHABLE\0", Some(ErrorCode::DiscoveryUnreachable)),
     (KVFERRY_ERR_DISCOVERY_BAD_RESPONSE, "KVFERRY_ERR_DISCOVERY_BAD_RESPONSE\0", Some(ErrorCode::DiscoveryBadResponse)),
     (KVFERRY_ERR_DISCOVERY_LEASE_LOST, "KVFERRY_ERR_DISCOVERY_LEASE_LOST\0", Some(ErrorCode::DiscoveryLeaseLost)),

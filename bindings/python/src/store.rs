@@ -23,6 +23,16 @@ use crate::errors::{OrRaise, exception};
 /// A block of a put or get as Python passes it: its key and its `(addr, length)` regions.
 type PyBlock = (PyBackedBytes, Vec<Span>);
 
+/// Which store operation a `put` or `get` runs.
+#[derive(Clone, Copy)]
+enum Op {
+    Put,
+    Get,
+    /// Host memory straight to the disk tier, and back.
+    PutToDisk,
+    GetFromDisk,
+}
+
 struct StoreState {
     store: CoreTierStore,
     /// Copies between caller memory and the arena, one device per kind of caller memory.
@@ -64,8 +74,13 @@ impl TierStore {
         self.state.get()
     }
 
-    fn submit(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str, put: bool) -> PyResult<StoreOp> {
+    fn submit(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str, op: Op) -> PyResult<StoreOp> {
         let kind = parse_device(device)?;
+        if matches!(op, Op::PutToDisk | Op::GetFromDisk) && kind != MemKind::Host {
+            return Err(PyValueError::new_err(format!(
+                "to_disk and from_disk move host memory (device=\"cpu\"), not {device:?}"
+            )));
+        }
         let blocks: Vec<BlockRegions> = blocks
             .into_iter()
             .map(|(key, regions)| {
@@ -75,13 +90,14 @@ impl TierStore {
             .collect::<PyResult<_>>()?;
         let state = self.state()?;
         let fence = py.detach(|| {
-            let device = state.device(kind)?;
             // SAFETY: the caller keeps the regions valid (and, for a get, unread and not
             // overlapping) until the operation completes, as documented on put and get.
             unsafe {
-                match put {
-                    true => state.store.put(device, blocks),
-                    false => state.store.get(device, blocks),
+                match op {
+                    Op::Put => state.store.put(state.device(kind)?, blocks),
+                    Op::Get => state.store.get(state.device(kind)?, blocks),
+                    Op::PutToDisk => state.store.put_to_disk(blocks),
+                    Op::GetFromDisk => state.store.get_from_disk(blocks),
                 }
             }
         });
@@ -150,17 +166,19 @@ impl TierStore {
     }
 
     /// Copy blocks into the store; returns at once. The memory must stay valid and unchanged until
-    /// the operation completes.
-    #[pyo3(signature = (blocks, *, device = "cpu"))]
-    fn put(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str) -> PyResult<StoreOp> {
-        self.submit(py, blocks, device, true)
+    /// the operation completes. With `to_disk`, each block (one 4096-aligned host region) is written
+    /// straight to the disk tier and never held in DRAM.
+    #[pyo3(signature = (blocks, *, device = "cpu", to_disk = false))]
+    fn put(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str, to_disk: bool) -> PyResult<StoreOp> {
+        self.submit(py, blocks, device, if to_disk { Op::PutToDisk } else { Op::Put })
     }
 
     /// Copy cached blocks out into caller memory; returns at once. The memory must stay valid and
-    /// must not be read until the operation completes.
-    #[pyo3(signature = (blocks, *, device = "cpu"))]
-    fn get(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str) -> PyResult<StoreOp> {
-        self.submit(py, blocks, device, false)
+    /// must not be read until the operation completes. With `from_disk`, each block (one
+    /// 4096-aligned host region) is read from the disk tier straight into it, not promoted to DRAM.
+    #[pyo3(signature = (blocks, *, device = "cpu", from_disk = false))]
+    fn get(&self, py: Python<'_>, blocks: Vec<PyBlock>, device: &str, from_disk: bool) -> PyResult<StoreOp> {
+        self.submit(py, blocks, device, if from_disk { Op::GetFromDisk } else { Op::Get })
     }
 
     /// Where each block of the longest cached prefix of `keys` is: "CPU" or "DISK".

@@ -1,5 +1,9 @@
 """The tier store from Python: byte-exact puts and gets through DRAM and disk, events, errors."""
 
+import mmap
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -135,3 +139,64 @@ def test_a_dropped_store_op_finishes_and_closing_waits_for_it():
     del op
     store.close()
     assert np.array_equal(source, dest)
+
+
+def page_aligned(nbytes: int) -> np.ndarray:
+    """Anonymous mapped memory: page-aligned, as direct disk reads and writes need."""
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
+
+
+def test_blocks_go_straight_to_disk_and_back_into_caller_memory(tmp_path):
+    count = 6
+    keys = [kvferry.engine_key(i) for i in range(count)]
+    source, dest = page_aligned(count * BLOCK), page_aligned(count * BLOCK)
+    source[:] = pattern(count * BLOCK, 24)
+
+    def whole(array, i):
+        return (keys[i], [(array.ctypes.data + i * BLOCK, BLOCK)])
+
+    with kvferry.TierStore(BLOCK, BLOCK, disk_dir=tmp_path, disk_capacity=count * BLOCK, pin=False) as store:
+        store.put([whole(source, i) for i in range(count)], to_disk=True).wait(10)
+        assert store.lookup(keys) == ["DISK"] * count
+        stats = store.stats()
+        assert stats["host_blocks"] == 0 and stats["disk_blocks"] == count
+        events = store.take_events()
+        assert [(e.kind, e.medium) for e in events] == [("stored", "DISK")] and events[0].keys == keys
+        store.get([whole(dest, i) for i in range(count)], from_disk=True).wait(10)
+        assert np.array_equal(source, dest)
+        assert store.stats()["host_blocks"] == 0, "a direct read promotes nothing"
+        # One region each, 4096-aligned, in host memory.
+        with pytest.raises(kvferry.TierError) as split:
+            store.put([(keys[0], layer_regions(source, 0))], to_disk=True)
+        assert split.value.code_name == "TierBadBlock"
+        with pytest.raises(kvferry.TierError) as unaligned:
+            store.get([(keys[0], [(dest.ctypes.data + 512, BLOCK)])], from_disk=True)
+        assert unaligned.value.code_name == "TierBadBlock"
+        with pytest.raises(ValueError, match="host memory"):
+            store.put([whole(source, 0)], device="cuda:0", to_disk=True)
+        # More new blocks than the disk has slots: refused whole, nothing written or evicted.
+        more = [(kvferry.engine_key(100 + i), [(source.ctypes.data, BLOCK)]) for i in range(count + 1)]
+        with pytest.raises(kvferry.TierError) as too_big:
+            store.put(more, to_disk=True).wait(10)
+        assert too_big.value.code_name == "TierDiskFull"
+        assert store.lookup([kvferry.engine_key(100)]) == [] and store.lookup(keys) == ["DISK"] * count
+
+
+def test_a_disk_directory_is_locked_against_a_second_process(tmp_path):
+    child = (
+        "import sys, kvferry\n"
+        "try:\n"
+        "    kvferry.TierStore(4096, 4096, disk_dir=sys.argv[1], disk_capacity=4 * 4096).close()\n"
+        "    print('opened')\n"
+        "except kvferry.TierError as e:\n"
+        "    print(e.code_name, e.code)\n"
+    )
+
+    def open_elsewhere() -> str:
+        done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    with kvferry.TierStore(BLOCK, BLOCK, disk_dir=tmp_path, disk_capacity=4 * BLOCK):
+        assert open_elsewhere() == "TierDiskLocked 612"
+    assert open_elsewhere() == "opened"

@@ -173,6 +173,8 @@ error_codes! {
         TierNoRoom = 609,
         TierDiskIo = 610,
         TierClosed = 611,
+        /// Another store holds the disk tier's directory.
+        TierDiskLocked = 612,
 
         /// No etcd endpoint answered.
         DiscoveryUnreachable = 700,

@@ -14,6 +14,10 @@
 //!
 //! At open, and whenever dead records outnumber live ones four to one, the log is rewritten compacted
 //! (one record per live block) through a temporary file and a rename.
+//!
+//! The directory belongs to one store at a time: `open` takes an exclusive `flock` on its lock file
+//! and holds it until the files are dropped, so a second store (in this process or another) gets
+//! [`TierError::DiskLocked`] instead of two stores handing out the same slots.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -29,6 +33,7 @@ use crate::tier::{BlockKey, TierError};
 const DATA_FILE: &str = "blocks.kvf";
 const LOG_FILE: &str = "index.kvf";
 const LOG_TMP_FILE: &str = "index.kvf.tmp";
+const LOCK_FILE: &str = "lock.kvf";
 /// Format 2: block checksums cover the key and the slot as well as the bytes.
 const LOG_MAGIC: &[u8; 8] = b"KVFIDX02";
 /// Format 1, whose checksums covered the bytes only: such a log is discarded at open (see `replay`).
@@ -115,6 +120,12 @@ pub(crate) struct DiskFiles {
     sync_writes: bool,
     /// Why the data file is not opened with `O_DIRECT`, when it is not.
     buffered: Option<String>,
+    /// Store records appended to the log whose blocks are not in the store's index yet (a direct
+    /// write publishes them after the append, without holding the log): a compaction in between
+    /// must keep them.
+    unpublished: HashMap<BlockKey, DiskEntry>,
+    /// Holds the directory's `flock` for as long as the files are open.
+    _lock: File,
 }
 
 fn unavailable(dir: &Path, what: &str, err: std::io::Error) -> TierError {
@@ -159,6 +170,9 @@ impl DiskFiles {
         sync_writes: bool,
     ) -> Result<(DiskFiles, Replayed), TierError> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable(dir, "creating the directory", e))?;
+        // Locked before anything is read or written: another store's replay or appends must not
+        // interleave with ours.
+        let lock = lock_dir(dir)?;
         let open_data = |flags: i32| {
             OpenOptions::new()
                 .read(true)
@@ -194,8 +208,18 @@ impl DiskFiles {
         }
         let log = rewrite_log(dir, block_size, slots, &replayed.blocks)?;
         let log_records = replayed.blocks.len();
-        let files =
-            DiskFiles { dir: dir.to_path_buf(), block_size, slots, data, log, log_records, sync_writes, buffered };
+        let files = DiskFiles {
+            dir: dir.to_path_buf(),
+            block_size,
+            slots,
+            data,
+            log,
+            log_records,
+            sync_writes,
+            buffered,
+            unpublished: HashMap::new(),
+            _lock: lock,
+        };
         Ok((files, replayed))
     }
 
@@ -234,12 +258,53 @@ impl DiskFiles {
     }
 
     /// Replace the log with one record per block of `live` (all of them: none to forget every
-    /// block), atomically.
+    /// block) and per block appended but not published yet, atomically.
     pub(crate) fn rewrite(&mut self, live: &HashMap<BlockKey, DiskEntry>) -> Result<(), TierError> {
-        self.log = rewrite_log(&self.dir, self.block_size, self.slots, live)?;
-        self.log_records = live.len();
+        let mut kept = live.clone();
+        kept.extend(self.unpublished.iter().map(|(k, e)| (*k, *e)));
+        self.log = rewrite_log(&self.dir, self.block_size, self.slots, &kept)?;
+        self.log_records = kept.len();
         Ok(())
     }
+
+    /// Append store records for blocks that the caller publishes in the index afterwards (and then
+    /// reports with [`DiskFiles::published`]).
+    pub(crate) fn append_unpublished(&mut self, stored: &[(BlockKey, DiskEntry)]) -> Result<(), TierError> {
+        let records: Vec<Record> = stored.iter().map(|(k, e)| Record::Store(*k, *e)).collect();
+        self.append(&records)?;
+        self.unpublished.extend(stored.iter().copied());
+        Ok(())
+    }
+
+    /// The blocks of an [`DiskFiles::append_unpublished`] are in the index now (or were dropped).
+    pub(crate) fn published(&mut self, keys: impl IntoIterator<Item = BlockKey>) {
+        for key in keys {
+            self.unpublished.remove(&key);
+        }
+    }
+}
+
+/// Take the directory's lock without waiting: `DiskLocked` when another open file description (a
+/// store in this process or in another) holds it. The lock goes with the descriptor, so a killed
+/// store never leaves it behind.
+fn lock_dir(dir: &Path) -> Result<File, TierError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| unavailable(dir, "opening the lock file", e))?;
+    // SAFETY: plain syscall on an open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(TierError::DiskLocked { dir: dir.display().to_string(), lock: path.display().to_string() });
+        }
+        return Err(unavailable(dir, "locking the directory", err));
+    }
+    Ok(file)
 }
 
 fn replay(dir: &Path, block_size: usize, slots: u32) -> Result<Replayed, TierError> {
@@ -398,5 +463,49 @@ mod tests {
         let short = BlockKey::from_engine_hash(&[1]).unwrap();
         let padded = BlockKey::from_engine_hash(&[1, 0]).unwrap();
         assert_ne!(block_checksum(&short, 0, &data), block_checksum(&padded, 0, &data));
+    }
+
+    #[test]
+    fn a_second_open_of_a_directory_is_refused_until_the_first_closes() {
+        let dir = std::env::temp_dir().join(format!("kvferry-disk-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (first, _) = DiskFiles::open(&dir, 4096, 4, false).unwrap();
+        // flock is per open file description: a second open in the same process is refused too, as
+        // one in another process is (the Python tests check that case).
+        match DiskFiles::open(&dir, 4096, 4, false) {
+            Err(TierError::DiskLocked { dir: named, lock }) => {
+                assert_eq!(named, dir.display().to_string());
+                assert!(lock.ends_with(LOCK_FILE), "{lock}");
+            }
+            other => panic!("expected DiskLocked, got {:?}", other.map(|_| ())),
+        }
+        drop(first);
+        let (again, replayed) = DiskFiles::open(&dir, 4096, 4, false).unwrap();
+        assert!(replayed.blocks.is_empty());
+        drop(again);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_compaction_keeps_blocks_appended_but_not_yet_published() {
+        let dir = std::env::temp_dir().join(format!("kvferry-disk-unpublished-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut files, _) = DiskFiles::open(&dir, 4096, 8, false).unwrap();
+        let (live, pending) = (DiskEntry { slot: 0, checksum: 1 }, DiskEntry { slot: 1, checksum: 2 });
+        files.append(&[Record::Store(key(1), live)]).unwrap();
+        files.append_unpublished(&[(key(2), pending)]).unwrap();
+        // The index (what `live` holds) does not know key 2 yet; the rewritten log must.
+        files.rewrite(&HashMap::from([(key(1), live)])).unwrap();
+        drop(files);
+        let (mut files, replayed) = DiskFiles::open(&dir, 4096, 8, false).unwrap();
+        assert_eq!(replayed.blocks, HashMap::from([(key(1), live), (key(2), pending)]));
+        // Once published, a block is the index's to keep: a rewrite without it forgets it.
+        files.append_unpublished(&[(key(3), DiskEntry { slot: 2, checksum: 3 })]).unwrap();
+        files.published([key(3)]);
+        files.rewrite(&HashMap::from([(key(1), live)])).unwrap();
+        drop(files);
+        let (_, replayed) = DiskFiles::open(&dir, 4096, 8, false).unwrap();
+        assert_eq!(replayed.blocks, HashMap::from([(key(1), live)]));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

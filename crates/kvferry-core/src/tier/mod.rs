@@ -189,6 +189,9 @@ pub enum TierError {
     DiskUnavailable { dir: String, cause: String },
     #[error("the disk tier in {dir} is full: {cause}")]
     DiskFull { dir: String, cause: String },
+    /// Another store (in this process or another) has the directory open.
+    #[error("the disk tier in {dir} is in use by another store (its lock file {lock} is held)")]
+    DiskLocked { dir: String, lock: String },
     #[error("the disk tier's index {path} is corrupt: {why}")]
     IndexCorrupt { path: String, why: String },
     #[error("the disk tier's index {path} holds {found}, but the store was opened for {expected}")]
@@ -213,6 +216,7 @@ impl TierError {
             TierError::BadBlock { .. } => ErrorCode::TierBadBlock,
             TierError::DiskUnavailable { .. } => ErrorCode::TierDiskUnavailable,
             TierError::DiskFull { .. } => ErrorCode::TierDiskFull,
+            TierError::DiskLocked { .. } => ErrorCode::TierDiskLocked,
             TierError::IndexCorrupt { .. } => ErrorCode::TierIndexCorrupt,
             TierError::IndexMismatch { .. } => ErrorCode::TierIndexMismatch,
             TierError::BlockCorrupt { .. } => ErrorCode::TierBlockCorrupt,

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::HostBuffer;
-use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemRegion};
+use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemKind, MemRegion};
 use crate::tier::disk::{DiskEntry, DiskFiles, Record, block_checksum, write_failed};
 use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
 use crate::tier::uring::{Direction, IoOp, Ring};
@@ -65,13 +65,26 @@ struct DiskBlock {
 }
 
 struct DiskState {
-    files: DiskFiles,
+    /// The files behind their own lock, taken after the state's (never before it): a direct write
+    /// appends its records holding only this one, so lookups do not wait on the log's write or
+    /// fsync.
+    files: Arc<Mutex<DiskFiles>>,
+    /// Keys a direct write is storing: not found yet, and not stored twice meanwhile.
+    storing: HashSet<BlockKey>,
+    /// The directory, for errors, without taking the files' lock.
+    dir: std::path::PathBuf,
     blocks: HashMap<BlockKey, DiskBlock>,
     free: Vec<u32>,
     policy: Box<dyn Policy>,
     slots: u32,
     /// Set on the first failed write: the tier keeps serving reads but takes no more blocks.
     failed: Option<TierError>,
+}
+
+impl DiskState {
+    fn log(&self) -> MutexGuard<'_, DiskFiles> {
+        self.files.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 struct State {
@@ -125,7 +138,7 @@ impl State {
             disk.policy.forgotten(&key);
             disk.free.push(block.entry.slot);
             // If the record cannot be written, the next open drops the block again on read.
-            let _ = disk.files.append(&[Record::Remove(key)]);
+            let _ = disk.log().append(&[Record::Remove(key)]);
         }
         self.emit(TierEvent::Removed { keys: vec![key], medium: Medium::Disk });
     }
@@ -139,7 +152,8 @@ impl State {
         }
         let blocks = &disk.blocks;
         let victim = disk.policy.victim(&mut |k| blocks.get(k).is_some_and(|b| b.pins == 0))?;
-        if let Err(e) = disk.files.append(&[Record::Remove(victim)]) {
+        let logged = disk.log().append(&[Record::Remove(victim)]);
+        if let Err(e) = logged {
             disk.failed = Some(e);
             return None;
         }
@@ -160,6 +174,24 @@ struct WriteDown {
     key: BlockKey,
     host_slot: u32,
     disk_slot: u32,
+}
+
+/// One block of a direct write: the caller's address and the disk slot it goes to.
+#[derive(Clone, Copy)]
+struct DirectWrite {
+    key: BlockKey,
+    addr: u64,
+    slot: u32,
+}
+
+/// What a direct write claimed under the lock.
+struct DirectClaim {
+    files: Arc<Mutex<DiskFiles>>,
+    writes: Vec<DirectWrite>,
+    /// Blocks evicted for the slots, gone from the index, whose removals are not logged yet.
+    victims: Vec<BlockKey>,
+    /// Blocks the write needs when fewer slots could be claimed.
+    short: Option<usize>,
 }
 
 /// The part of a store its workers share.
@@ -240,7 +272,9 @@ impl TierStore {
                 stats.torn_records = replayed.torn_records;
                 stats.disk_capacity_blocks = slots as usize;
                 Some(DiskState {
-                    files,
+                    files: Arc::new(Mutex::new(files)),
+                    storing: HashSet::new(),
+                    dir: disk.dir.clone(),
                     blocks: replayed.blocks.into_iter().map(|(k, entry)| (k, DiskBlock { entry, pins: 0 })).collect(),
                     free: (0..slots).rev().filter(|s| !used.contains(s)).collect(),
                     policy,
@@ -253,15 +287,15 @@ impl TierStore {
         let mut rings = Vec::new();
         if let (Some(disk_config), Some(disk)) = (&config.disk, &disk) {
             for _ in 0..config.workers {
+                let files = disk.log();
                 let (ring, refused) = Ring::new(
                     disk_config.queue_depth,
-                    disk.files.data_fd(),
+                    files.data_fd(),
                     arena.as_ptr() as usize,
                     arena.len(),
                     block_size,
                 );
-                let reasons: Vec<String> =
-                    refused.into_iter().chain(disk.files.buffered().map(str::to_string)).collect();
+                let reasons: Vec<String> = refused.into_iter().chain(files.buffered().map(str::to_string)).collect();
                 if !reasons.is_empty() {
                     stats.io_fallback = Some(reasons.join("; "));
                 }
@@ -360,6 +394,40 @@ impl TierStore {
         self.submit(move |shared, ring| shared.get(ring, device.as_ref(), &blocks))
     }
 
+    /// Write blocks from host memory straight to the disk tier, without a stop in DRAM: for a caller
+    /// that keeps its own copy (vLLM's CPU tier) and wants the disk as a second level. Each block is
+    /// one region of the block size at an address aligned to [`DISK_ALIGNMENT`] (`O_DIRECT` reads
+    /// and writes it where it is). Blocks already on disk, or being written there, are skipped; the
+    /// disk's policy makes room by evicting unpinned blocks, and the admission filter does not apply.
+    ///
+    /// A block becomes visible to [`TierStore::lookup`] only once its bytes and its record are
+    /// written; a block whose write fails is never found. The disk takes a batch whole or not at
+    /// all: more blocks than it has slots is [`TierError::DiskFull`], too few unpinned slots
+    /// [`TierError::NoRoom`], and nothing is written in either case.
+    ///
+    /// # Safety
+    /// The regions must be readable and stay valid and unchanged until the fence completes.
+    pub unsafe fn put_to_disk(&self, blocks: Vec<BlockRegions>) -> Result<CopyFence> {
+        self.check_blocks(&blocks)?;
+        self.check_direct(&blocks)?;
+        self.submit(move |shared, ring| shared.put_to_disk(ring, &blocks))
+    }
+
+    /// Read blocks from the disk tier straight into host memory (no promotion to DRAM), each
+    /// checked against its checksum where it landed. Each block is one region as for
+    /// [`TierStore::put_to_disk`]. Fails with [`TierError::NotCached`] naming the first block not on
+    /// disk, before reading anything; a block that fails its checksum is dropped from the tier and
+    /// fails the read with [`TierError::BlockCorrupt`]. After a failure the regions' bytes are
+    /// unspecified: the caller must not use them.
+    ///
+    /// # Safety
+    /// The regions must be writable, not overlap, and stay valid until the fence completes.
+    pub unsafe fn get_from_disk(&self, blocks: Vec<BlockRegions>) -> Result<CopyFence> {
+        self.check_blocks(&blocks)?;
+        self.check_direct(&blocks)?;
+        self.submit(move |shared, ring| shared.get_from_disk(ring, &blocks))
+    }
+
     /// Move blocks from DRAM to disk (writing those not there yet) and free their slabs; blocks not
     /// in DRAM are skipped, and blocks the disk cannot take stay in DRAM. The disk's admission filter
     /// does not apply: the caller asked.
@@ -385,9 +453,9 @@ impl TierStore {
         let Some(disk) = &mut state.disk else { return Ok(()) };
         let gone: Vec<BlockKey> = disk.blocks.iter().filter(|(_, b)| b.pins == 0).map(|(k, _)| *k).collect();
         if gone.len() == disk.blocks.len() {
-            disk.files.rewrite(&HashMap::new())?;
+            disk.log().rewrite(&HashMap::new())?;
         } else {
-            disk.files.append(&gone.iter().map(|k| Record::Remove(*k)).collect::<Vec<_>>())?;
+            disk.log().append(&gone.iter().map(|k| Record::Remove(*k)).collect::<Vec<_>>())?;
         }
         for key in &gone {
             if let Some(block) = disk.blocks.remove(key) {
@@ -431,6 +499,25 @@ impl TierStore {
             if regions.iter().any(|r| r.end().is_none()) {
                 return Err(TierError::BadBlock { index, why: "a region wraps around the address space".into() }.into());
             }
+        }
+        Ok(())
+    }
+
+    /// Blocks that `O_DIRECT` can move where they are: one aligned host region each, with a disk.
+    fn check_direct(&self, blocks: &[BlockRegions]) -> Result<()> {
+        if self.shared.lock().disk.is_none() {
+            return Err(TierError::Config { why: "the store has no disk tier to read or write directly".into() }.into());
+        }
+        for (index, (_, regions)) in blocks.iter().enumerate() {
+            let why = match regions.as_slice() {
+                [region] if region.kind != MemKind::Host => format!("it is in {} memory, not host memory", region.kind),
+                [region] if !region.addr.is_multiple_of(DISK_ALIGNMENT as u64) => {
+                    format!("its address {:#x} is not aligned to {DISK_ALIGNMENT} bytes (O_DIRECT)", region.addr)
+                }
+                [_] => continue,
+                _ => format!("it has {} regions; a direct disk read or write takes one", regions.len()),
+            };
+            return Err(TierError::BadBlock { index, why }.into());
         }
         Ok(())
     }
@@ -885,6 +972,7 @@ impl Shared {
     ) -> Vec<u32> {
         let mut stored = Vec::new();
         if let Some(disk) = &mut state.disk {
+            let mut files = disk.files.lock().unwrap_or_else(PoisonError::into_inner);
             let mut failure = None;
             let mut records = Vec::new();
             for (w, result) in written {
@@ -894,11 +982,11 @@ impl Shared {
                     }
                     Err(e) => {
                         disk.free.push(w.disk_slot);
-                        failure.get_or_insert_with(|| write_failed(disk.files.dir(), "writing a block", e));
+                        failure.get_or_insert_with(|| write_failed(files.dir(), "writing a block", e));
                     }
                 }
             }
-            let logged = disk.files.append(&records);
+            let logged = files.append(&records);
             for record in &records {
                 let Record::Store(key, entry) = *record else { continue };
                 if logged.is_ok() {
@@ -911,9 +999,9 @@ impl Shared {
             }
             if let Err(e) = logged {
                 failure.get_or_insert(e);
-            } else if disk.files.needs_compaction(disk.blocks.len()) {
+            } else if files.needs_compaction(disk.blocks.len()) {
                 let live: HashMap<BlockKey, DiskEntry> = disk.blocks.iter().map(|(k, b)| (*k, b.entry)).collect();
-                if let Err(e) = disk.files.rewrite(&live) {
+                if let Err(e) = files.rewrite(&live) {
                     failure.get_or_insert(e);
                 }
             }
@@ -955,6 +1043,242 @@ impl Shared {
         freed
     }
 
+    fn put_to_disk(&self, ring: Option<&mut Ring>, blocks: &[BlockRegions]) -> Result<()> {
+        let Some(ring) = ring else { unreachable!("check_direct refused a store without a disk tier") };
+        let Some(claim) = self.claim_direct(blocks)? else { return Ok(()) };
+        let DirectClaim { files, writes, victims, short } = claim;
+        // Victims' removals are logged before their slots are overwritten (and outside the state lock,
+        // as every append of a direct write is).
+        let removals: Vec<Record> = victims.iter().map(|k| Record::Remove(*k)).collect();
+        if let Err(e) = files.lock().unwrap_or_else(PoisonError::into_inner).append(&removals) {
+            self.abandon_direct(&writes, Some(&e));
+            return Err(e.into());
+        }
+        if let Some(needed) = short {
+            self.abandon_direct(&writes, None);
+            return Err(TierError::NoRoom { needed, medium: Medium::Disk }.into());
+        }
+        let ops: Vec<IoOp> = writes
+            .iter()
+            .map(|w| IoOp {
+                addr: w.addr as usize,
+                len: self.block_size,
+                offset: w.slot as u64 * self.block_size as u64,
+            })
+            .collect();
+        let mut written: Vec<std::io::Result<u64>> = (0..writes.len()).map(|_| Ok(0)).collect();
+        ring.run(Direction::Write, &ops, &mut |i, outcome| {
+            written[i] = outcome.map(|()| {
+                let w = &writes[i];
+                // SAFETY: the caller keeps the block readable and unchanged until the fence completes
+                // (see `TierStore::put_to_disk`), so these are the bytes just written.
+                let bytes = unsafe { std::slice::from_raw_parts(w.addr as *const u8, self.block_size) };
+                block_checksum(&w.key, w.slot, bytes)
+            });
+        });
+        let dir = self.lock().disk.as_ref().expect("a direct write's store has a disk tier").dir.clone();
+        let mut failure: Option<TierError> = None;
+        let mut stored: Vec<(BlockKey, DiskEntry)> = Vec::new();
+        let mut failed: Vec<DirectWrite> = Vec::new();
+        for (w, outcome) in writes.iter().zip(written) {
+            match outcome {
+                Ok(checksum) => stored.push((w.key, DiskEntry { slot: w.slot, checksum })),
+                Err(e) => {
+                    failure.get_or_insert_with(|| write_failed(&dir, "writing a block", &e));
+                    failed.push(*w);
+                }
+            }
+        }
+        if let Err(e) = files.lock().unwrap_or_else(PoisonError::into_inner).append_unpublished(&stored) {
+            // No record, no block: every slot goes back, and the bytes written into them are never
+            // read.
+            self.abandon_direct(&writes, Some(&e));
+            return Err(e.into());
+        }
+
+        let mut state = self.lock();
+        let state = &mut *state;
+        let disk = state.disk.as_mut().expect("a direct write's store has a disk tier");
+        let mut published = Vec::new();
+        for (key, entry) in &stored {
+            disk.storing.remove(key);
+            // A DRAM eviction may have written the same key down meanwhile: that copy stays (a reader
+            // may hold it) and this slot goes back; the later record of the two wins at replay, and
+            // the checksum, which binds the slot, keeps a reused slot from serving the key.
+            if disk.blocks.contains_key(key) {
+                disk.free.push(entry.slot);
+                continue;
+            }
+            disk.blocks.insert(*key, DiskBlock { entry: *entry, pins: 0 });
+            disk.policy.inserted(*key);
+            published.push(*key);
+        }
+        for w in &failed {
+            disk.storing.remove(&w.key);
+            disk.free.push(w.slot);
+        }
+        let mut files = disk.log();
+        files.published(stored.iter().map(|(k, _)| *k));
+        if failure.is_none() && files.needs_compaction(disk.blocks.len()) {
+            let live: HashMap<BlockKey, DiskEntry> = disk.blocks.iter().map(|(k, b)| (*k, b.entry)).collect();
+            if let Err(e) = files.rewrite(&live) {
+                failure = Some(e);
+            }
+        }
+        drop(files);
+        if let Some(e) = &failure {
+            tracing::warn!("the disk tier stops taking blocks: {e}");
+            disk.failed.get_or_insert(e.clone());
+        }
+        for key in &published {
+            if let Some(&index) = state.host.get(key) {
+                state.slot(index).on_disk = true;
+            }
+        }
+        state.stats.disk_writes += published.len() as u64;
+        state.emit(TierEvent::Stored { keys: published, medium: Medium::Disk });
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Under the lock: the blocks of a direct write that are new to the disk, each with a slot (a
+    /// free one or an unpinned victim's, whose removal the caller logs), or as many slots as could
+    /// be had when every other block is being read (`short`). `None` when there is nothing to write.
+    fn claim_direct(&self, blocks: &[BlockRegions]) -> Result<Option<DirectClaim>> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let disk = state.disk.as_mut().expect("check_direct refused a store without a disk tier");
+        if let Some(e) = &disk.failed {
+            return Err(e.clone().into());
+        }
+        let mut fresh: Vec<(BlockKey, u64)> = Vec::new();
+        let mut seen = HashSet::new();
+        for (key, regions) in blocks {
+            if disk.blocks.contains_key(key) {
+                disk.policy.touched(key);
+            } else if !disk.storing.contains(key) && seen.insert(*key) {
+                fresh.push((*key, regions[0].addr));
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(None);
+        }
+        if fresh.len() > disk.slots as usize {
+            let cause = format!("{} blocks do not fit in its {} slots", fresh.len(), disk.slots);
+            return Err(TierError::DiskFull { dir: disk.dir.display().to_string(), cause }.into());
+        }
+        let (mut slots, mut victims) = (Vec::new(), Vec::new());
+        while slots.len() < fresh.len() {
+            if let Some(slot) = disk.free.pop() {
+                slots.push(slot);
+                continue;
+            }
+            let blocks = &disk.blocks;
+            let Some(victim) = disk.policy.victim(&mut |k| blocks.get(k).is_some_and(|b| b.pins == 0)) else { break };
+            let block = disk.blocks.remove(&victim).expect("the policy names indexed blocks");
+            disk.policy.evicted(&victim);
+            state.stats.disk_evictions += 1;
+            slots.push(block.entry.slot);
+            victims.push(victim);
+        }
+        let short = (slots.len() < fresh.len()).then_some(fresh.len());
+        // Slots and keys are claimed even when short, so that the caller logs the victims' removals
+        // before any of their slots can be reused, and then gives everything back.
+        let writes: Vec<DirectWrite> =
+            fresh.iter().zip(&slots).map(|(&(key, addr), &slot)| DirectWrite { key, addr, slot }).collect();
+        disk.storing.extend(writes.iter().map(|w| w.key));
+        let files = Arc::clone(&disk.files);
+        for victim in &victims {
+            if let Some(&index) = state.host.get(victim) {
+                state.slot(index).on_disk = false;
+            }
+        }
+        state.emit(TierEvent::Removed { keys: victims.clone(), medium: Medium::Disk });
+        Ok(Some(DirectClaim { files, writes, victims, short }))
+    }
+
+    /// Give back the slots of a direct write that failed before publishing anything; `failure` stops
+    /// the disk taking blocks.
+    fn abandon_direct(&self, writes: &[DirectWrite], failure: Option<&TierError>) {
+        let mut state = self.lock();
+        let disk = state.disk.as_mut().expect("a direct write's store has a disk tier");
+        for w in writes {
+            disk.storing.remove(&w.key);
+            disk.free.push(w.slot);
+        }
+        if let Some(e) = failure {
+            tracing::warn!("the disk tier stops taking blocks: {e}");
+            disk.failed.get_or_insert(e.clone());
+        }
+    }
+
+    fn get_from_disk(&self, ring: Option<&mut Ring>, blocks: &[BlockRegions]) -> Result<()> {
+        let Some(ring) = ring else { unreachable!("check_direct refused a store without a disk tier") };
+        let mut pinned: Vec<(BlockKey, DiskEntry)> = Vec::new();
+        {
+            let mut state = self.lock();
+            let state = &mut *state;
+            let disk = state.disk.as_mut().expect("check_direct refused a store without a disk tier");
+            for (key, _) in blocks {
+                match disk.blocks.get_mut(key) {
+                    Some(block) => {
+                        block.pins += 1;
+                        disk.policy.touched(key);
+                        pinned.push((*key, block.entry));
+                    }
+                    None => {
+                        state.stats.misses += 1;
+                        self.unpin(state, &[], &pinned);
+                        return Err(TierError::NotCached { key: *key }.into());
+                    }
+                }
+            }
+            state.stats.disk_hits += pinned.len() as u64;
+        }
+        let ops: Vec<IoOp> = blocks
+            .iter()
+            .zip(&pinned)
+            .map(|((_, regions), (_, entry))| IoOp {
+                addr: regions[0].addr as usize,
+                len: self.block_size,
+                offset: entry.slot as u64 * self.block_size as u64,
+            })
+            .collect();
+        let mut verified: Vec<std::result::Result<(), TierError>> = vec![Ok(()); ops.len()];
+        ring.run(Direction::Read, &ops, &mut |i, read| {
+            let (key, entry) = pinned[i];
+            verified[i] = read
+                .map_err(|e| TierError::DiskIo { op: format!("reading block {key}"), cause: e.to_string() })
+                .and_then(|()| {
+                    // SAFETY: the caller keeps the region valid until the fence completes and this
+                    // read into it has completed.
+                    let bytes = unsafe { std::slice::from_raw_parts(ops[i].addr as *const u8, self.block_size) };
+                    if block_checksum(&key, entry.slot, bytes) != entry.checksum {
+                        return Err(TierError::BlockCorrupt { key });
+                    }
+                    Ok(())
+                });
+        });
+        let mut state = self.lock();
+        self.unpin(&mut state, &[], &pinned);
+        let mut first_error = None;
+        let mut dropped = HashSet::new();
+        for ((key, _), outcome) in pinned.iter().zip(verified) {
+            if let Err(e) = outcome {
+                if matches!(e, TierError::BlockCorrupt { .. }) && dropped.insert(*key) {
+                    state.drop_corrupt(*key);
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
     fn offload(&self, ring: Option<&mut Ring>, keys: &[BlockKey]) -> Result<()> {
         let (victims, writes) = {
             let mut state = self.lock();
@@ -981,5 +1305,259 @@ impl Shared {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::mpsc::Receiver;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::memory::host::{HostAllocOptions, HostBuffer};
+    use crate::tier::DiskConfig;
+
+    const BLOCK: usize = 4096;
+
+    fn key(i: u32) -> BlockKey {
+        BlockKey::chain(None, &[i], b"")
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kvferry-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn open(dir: &std::path::Path, disk_blocks: usize) -> TierStore {
+        let config = TierConfig::new(BLOCK, BLOCK as u64)
+            .with_host_alloc(HostAllocOptions::new().with_pin(false))
+            .with_disk(DiskConfig::new(dir, (disk_blocks * BLOCK) as u64));
+        TierStore::open(config).unwrap()
+    }
+
+    /// `count` blocks, block `i` filled with `seed + i`, page-aligned as `O_DIRECT` needs.
+    fn buffer(count: usize, seed: u8) -> HostBuffer {
+        let buf = HostBuffer::alloc(count * BLOCK, &HostAllocOptions::new().with_pin(false)).unwrap();
+        for i in 0..count {
+            buf.write_at(i * BLOCK, &[seed.wrapping_add(i as u8); BLOCK]).unwrap();
+        }
+        buf
+    }
+
+    fn blocks(buf: &HostBuffer, ids: &[u32]) -> Vec<BlockRegions> {
+        ids.iter()
+            .enumerate()
+            .map(|(n, &i)| (key(i), vec![MemRegion::host(buf.as_ptr().wrapping_add(n * BLOCK), BLOCK)]))
+            .collect()
+    }
+
+    fn wait(fence: Result<CopyFence>) -> Result<()> {
+        fence?.wait(Deadline::after(Duration::from_secs(30)))
+    }
+
+    fn events(receiver: &Receiver<TierEvent>) -> Vec<TierEvent> {
+        receiver.try_iter().collect()
+    }
+
+    #[test]
+    fn put_to_disk_skips_dram_and_reads_back_byte_exact_into_caller_memory() {
+        let dir = temp_dir("direct");
+        let store = open(&dir, 8);
+        let events_of = store.subscribe();
+        let source = buffer(3, 10);
+        // SAFETY: `source` outlives the wait.
+        wait(unsafe { store.put_to_disk(blocks(&source, &[1, 2, 3])) }).unwrap();
+        assert_eq!(store.lookup(&[key(1), key(2), key(3)]), [Medium::Disk; 3]);
+        let stats = store.stats();
+        assert_eq!((stats.host_blocks, stats.disk_blocks, stats.disk_writes), (0, 3, 3));
+        assert_eq!(
+            events(&events_of),
+            [TierEvent::Stored { keys: vec![key(1), key(2), key(3)], medium: Medium::Disk }]
+        );
+        // Again: nothing new to write.
+        wait(unsafe { store.put_to_disk(blocks(&source, &[1, 2, 3])) }).unwrap();
+        assert_eq!(store.stats().disk_writes, 3);
+
+        let dest = buffer(3, 0);
+        // SAFETY: `dest` outlives the wait.
+        wait(unsafe { store.get_from_disk(blocks(&dest, &[3, 1, 2])) }).unwrap();
+        let bytes = dest.to_vec();
+        for (n, seed) in [(0, 12u8), (1, 10), (2, 11)] {
+            assert!(bytes[n * BLOCK..(n + 1) * BLOCK].iter().all(|&b| b == seed), "block {n}");
+        }
+        assert_eq!(store.stats().host_blocks, 0, "a direct read promotes nothing");
+
+        // A key not on disk fails before anything is read.
+        let missing = unsafe { store.get_from_disk(blocks(&dest, &[1, 9])) };
+        assert_eq!(wait(missing).unwrap_err().code(), ErrorCode::TierNotCached);
+        drop(store);
+
+        // The blocks and their records survive the store.
+        let store = open(&dir, 8);
+        assert_eq!(store.lookup(&[key(1), key(2), key(3)]), [Medium::Disk; 3]);
+        let dest = buffer(1, 0);
+        wait(unsafe { store.get_from_disk(blocks(&dest, &[2])) }).unwrap();
+        assert!(dest.to_vec().iter().all(|&b| b == 11));
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_on_disk_fails_the_direct_read_and_drops_the_block() {
+        let dir = temp_dir("direct-corrupt");
+        let store = open(&dir, 4);
+        let source = buffer(2, 40);
+        wait(unsafe { store.put_to_disk(blocks(&source, &[1, 2])) }).unwrap();
+        drop(store);
+        // Slots are handed out from the front of the file: block 2 is in slot 1.
+        let path = dir.join("blocks.kvf");
+        let mut data = std::fs::read(&path).unwrap();
+        data[BLOCK + 17] ^= 0x01;
+        std::fs::write(&path, &data).unwrap();
+
+        let store = open(&dir, 4);
+        let events_of = store.subscribe();
+        let dest = buffer(2, 0);
+        let read = unsafe { store.get_from_disk(blocks(&dest, &[1, 2])) };
+        assert_eq!(wait(read).unwrap_err().code(), ErrorCode::TierBlockCorrupt);
+        assert_eq!(store.lookup(&[key(2)]), []);
+        assert_eq!(store.lookup(&[key(1)]), [Medium::Disk]);
+        assert_eq!(store.stats().corrupt_blocks, 1);
+        assert_eq!(events(&events_of), [TierEvent::Removed { keys: vec![key(2)], medium: Medium::Disk }]);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_direct_write_larger_than_the_disk_fails_whole_and_eviction_makes_room_otherwise() {
+        let dir = temp_dir("direct-full");
+        let store = open(&dir, 2);
+        let source = buffer(3, 70);
+        let too_big = unsafe { store.put_to_disk(blocks(&source, &[1, 2, 3])) };
+        assert_eq!(wait(too_big).unwrap_err().code(), ErrorCode::TierDiskFull);
+        assert_eq!(store.lookup(&[key(1)]), []);
+        assert_eq!(store.stats().disk_blocks, 0);
+        // The tier still takes batches that fit; a full disk evicts its least recent blocks.
+        wait(unsafe { store.put_to_disk(blocks(&source, &[1, 2])) }).unwrap();
+        let events_of = store.subscribe();
+        let third = buffer(1, 99);
+        wait(unsafe { store.put_to_disk(blocks(&third, &[3])) }).unwrap();
+        assert_eq!(store.lookup(&[key(3)]), [Medium::Disk]);
+        assert_eq!(store.stats().disk_evictions, 1);
+        assert_eq!(
+            events(&events_of),
+            [
+                TierEvent::Removed { keys: vec![key(1)], medium: Medium::Disk },
+                TierEvent::Stored { keys: vec![key(3)], medium: Medium::Disk }
+            ]
+        );
+        let dest = buffer(1, 0);
+        wait(unsafe { store.get_from_disk(blocks(&dest, &[3])) }).unwrap();
+        assert!(dest.to_vec().iter().all(|&b| b == 99));
+        drop(store);
+        // The evicted block stays gone after a restart; the slot it had serves the new one.
+        let store = open(&dir, 2);
+        assert_eq!(store.lookup(&[key(1)]), []);
+        assert_eq!(store.lookup(&[key(2)]), [Medium::Disk]);
+        assert_eq!(store.lookup(&[key(3)]), [Medium::Disk]);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_direct_write_short_of_unpinned_slots_writes_nothing_and_leaves_no_slot_behind() {
+        let dir = temp_dir("direct-pinned");
+        let store = open(&dir, 3);
+        let source = buffer(3, 20);
+        wait(unsafe { store.put_to_disk(blocks(&source, &[1, 2, 3])) }).unwrap();
+        // Readers hold blocks 2 and 3 (as a get does while it reads them).
+        let pin = |delta: i32| {
+            let mut state = store.shared.lock();
+            for k in [key(2), key(3)] {
+                let block = state.disk.as_mut().unwrap().blocks.get_mut(&k).unwrap();
+                block.pins = block.pins.checked_add_signed(delta).unwrap();
+            }
+        };
+        pin(1);
+        let events_of = store.subscribe();
+        let more = buffer(2, 50);
+        let short = unsafe { store.put_to_disk(blocks(&more, &[4, 5])) };
+        assert_eq!(wait(short).unwrap_err().code(), ErrorCode::TierNoRoom);
+        // Block 1 was evicted for the write (and says so); nothing of the write is found.
+        assert_eq!(events(&events_of), [TierEvent::Removed { keys: vec![key(1)], medium: Medium::Disk }]);
+        assert_eq!(store.lookup(&[key(4)]), []);
+        assert_eq!(store.lookup(&[key(2), key(3)]), [Medium::Disk; 2]);
+        {
+            let state = store.shared.lock();
+            let disk = state.disk.as_ref().unwrap();
+            assert!(disk.storing.is_empty());
+            assert_eq!(disk.free, [0], "block 1's slot is free again, once");
+        }
+        pin(-1);
+        wait(unsafe { store.put_to_disk(blocks(&more, &[4, 5])) }).unwrap();
+        assert_eq!(store.lookup(&[key(4), key(5)]), [Medium::Disk; 2]);
+        let dest = buffer(2, 0);
+        wait(unsafe { store.get_from_disk(blocks(&dest, &[4, 5])) }).unwrap();
+        assert_eq!(dest.to_vec(), more.to_vec());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn direct_blocks_must_be_one_aligned_host_region_and_need_a_disk() {
+        let dir = temp_dir("direct-refused");
+        let store = open(&dir, 4);
+        let buf = buffer(2, 0);
+        let base = buf.as_ptr();
+        let code = |blocks: Vec<BlockRegions>| unsafe { store.put_to_disk(blocks) }.err().unwrap().code();
+        let split = vec![(
+            key(1),
+            vec![MemRegion::host(base, BLOCK / 2), MemRegion::host(base.wrapping_add(BLOCK / 2), BLOCK / 2)],
+        )];
+        assert_eq!(code(split), ErrorCode::TierBadBlock);
+        let unaligned = vec![(key(1), vec![MemRegion::host(base.wrapping_add(512), BLOCK)])];
+        assert_eq!(code(unaligned), ErrorCode::TierBadBlock);
+        let device =
+            vec![(key(1), vec![MemRegion { addr: base as u64, len: BLOCK as u64, kind: MemKind::Cuda { device: 0 } }])];
+        assert_eq!(code(device), ErrorCode::TierBadBlock);
+        drop(store);
+        let dram_only = TierStore::open(
+            TierConfig::new(BLOCK, BLOCK as u64).with_host_alloc(HostAllocOptions::new().with_pin(false)),
+        )
+        .unwrap();
+        let err = unsafe { dram_only.get_from_disk(blocks(&buf, &[1])) }.err().unwrap();
+        assert_eq!(err.code(), ErrorCode::TierConfig);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_lookup_answers_while_the_index_log_is_held() {
+        let dir = temp_dir("direct-lookup");
+        let store = open(&dir, 4);
+        let source = buffer(2, 5);
+        wait(unsafe { store.put_to_disk(blocks(&source, &[1])) }).unwrap();
+        // A direct write appends (and, with sync_writes, fsyncs) holding the log's lock only: hold
+        // it as a slow disk would, and lookups must still answer.
+        let files = Arc::clone(&store.shared.lock().disk.as_ref().unwrap().files);
+        let held = files.lock().unwrap();
+        let write = unsafe { store.put_to_disk(blocks(&source, &[2])) }.unwrap();
+        // The write has claimed its slot and waits for the log.
+        while !store.shared.lock().disk.as_ref().unwrap().storing.contains(&key(2)) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            assert_eq!(store.lookup(&[key(1), key(2)]), [Medium::Disk], "block 2 is not findable before its record");
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(write.poll().is_none(), "the write waits for the log");
+        drop(held);
+        write.wait(Deadline::after(Duration::from_secs(30))).unwrap();
+        assert_eq!(store.lookup(&[key(1), key(2)]), [Medium::Disk; 2]);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,7 +20,8 @@ pub(crate) fn probe() -> io::Result<()> {
     IoUring::new(2).map(drop)
 }
 
-/// One read or write of a slab: `len` bytes at `addr` in the arena, `offset` in the file.
+/// One read or write: `len` bytes at `addr` (a slab of the arena, or caller memory), `offset` in the
+/// file.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct IoOp {
     pub addr: usize,
@@ -34,9 +35,10 @@ pub(crate) enum Direction {
     Write,
 }
 
-/// The arena as the ring registers it: `count` buffers of `chunk` bytes from `base`.
+/// The arena as the ring registers it: buffers of `chunk` bytes from `base`, `len` in all.
 struct FixedBuffers {
     base: usize,
+    len: usize,
     chunk: usize,
 }
 
@@ -86,7 +88,7 @@ impl Ring {
         // SAFETY: the iovecs cover the arena, which outlives the ring (the store drops its rings
         // first).
         let fixed_buffers = match unsafe { ring.submitter().register_buffers(&iovecs) } {
-            Ok(()) => Some(FixedBuffers { base: arena_base, chunk }),
+            Ok(()) => Some(FixedBuffers { base: arena_base, len: arena_len, chunk }),
             Err(e) => {
                 refused.push(format!("registered buffers: {e} (needs RLIMIT_MEMLOCK above the arena or CAP_IPC_LOCK)"));
                 None
@@ -115,7 +117,8 @@ impl Ring {
                 let Some(&index) = pending.front() else { break };
                 let entry =
                     entry(self.fd, self.fixed_file, &self.fixed_buffers, direction, &remaining[index], index as u64);
-                // SAFETY: the buffer lies in the arena, which outlives this call; the ring has room
+                // SAFETY: the buffer lies in the arena, which outlives this call, or in caller memory
+                // kept valid until its operation's fence completes (after this call); the ring has room
                 // because no more than `depth` entries are ever outstanding.
                 if unsafe { ring.submission().push(&entry) }.is_err() {
                     break;
@@ -175,7 +178,11 @@ fn entry(
     tag: u64,
 ) -> squeue::Entry {
     let (ptr, len) = (op.addr as *mut u8, op.len as u32);
-    let buffer = fixed_buffers.as_ref().map(|fixed| ((op.addr - fixed.base) / fixed.chunk) as u16);
+    // Memory outside the arena (a direct read or write of the caller's) is not registered.
+    let buffer = fixed_buffers
+        .as_ref()
+        .filter(|fixed| op.addr >= fixed.base && op.addr + op.len <= fixed.base + fixed.len)
+        .map(|fixed| ((op.addr - fixed.base) / fixed.chunk) as u16);
     // The file target is a different type for fixed and plain files, hence a macro, not a fn.
     macro_rules! build {
         ($file:expr) => {
@@ -209,7 +216,8 @@ fn run_blocking(fd: RawFd, direction: Direction, ops: &[IoOp], complete: &mut dy
             }
             let (ptr, len, offset) =
                 ((op.addr + moved) as *mut libc::c_void, op.len - moved, (op.offset + moved as u64) as libc::off_t);
-            // SAFETY: the range lies in the arena, which outlives this call.
+            // SAFETY: the range lies in the arena, which outlives this call, or in caller memory
+            // kept valid until the operation's fence completes.
             let n = unsafe {
                 match direction {
                     Direction::Read => libc::pread(fd, ptr, len, offset),
