@@ -400,21 +400,34 @@ enum Pending {
     },
 }
 
-/// One message's staging buffer (see the module's comment) and the part's ops it carries.
-struct Staging {
+/// Staging buffers come in powers of two from this size, and a rail keeps up to
+/// [`STAGING_KEPT`] bytes of them for reuse: allocating, faulting in and registering a buffer per
+/// message would cost more than the copy.
+const MIN_STAGING: usize = 64 << 10;
+const STAGING_KEPT: usize = 64 << 20;
+
+/// A staging buffer and its registration (every provider gets one: some pick faster protocols for
+/// registered memory). Dropped, the registration is closed; only while the domain is open.
+struct StagingBuf {
     buf: Vec<u8>,
-    ops: std::ops::Range<usize>,
-    /// Its registration, where the provider needs local ones.
     mr: *mut sys::fid_mr,
 }
 
-impl Drop for Staging {
+impl Drop for StagingBuf {
     fn drop(&mut self) {
         if !self.mr.is_null() {
-            // SAFETY: a registration this staging buffer owns, closed once, here.
+            // SAFETY: a registration this buffer owns, closed once, here.
             unsafe { sys::kvferry_fi_close(&mut (*self.mr).fid) };
         }
     }
+}
+
+/// One message's staging (see the module's comment): its first `len` bytes carry the part's
+/// ops `ops`, in order.
+struct Staging {
+    held: StagingBuf,
+    len: usize,
+    ops: std::ops::Range<usize>,
 }
 
 /// What a message is, for what its send completion does.
@@ -491,6 +504,9 @@ struct Progress {
     answers_in_flight: usize,
     /// Operations go through staging buffers (see the module's comment).
     staged: bool,
+    /// Staging buffers not in use, by size, and their bytes (at most [`STAGING_KEPT`]).
+    staging_pool: HashMap<usize, Vec<StagingBuf>>,
+    staging_kept: usize,
     unanswered_log: LogLimiter,
     /// Each peer's session (see `session`), when messages are authenticated.
     sessions: Sessions,
@@ -533,6 +549,8 @@ impl Progress {
             notifying: HashMap::new(),
             answers_in_flight: 0,
             staged,
+            staging_pool: HashMap::new(),
+            staging_kept: 0,
             unanswered_log: LogLimiter::per_second(),
             sessions,
             waiting: HashMap::new(),
@@ -788,8 +806,8 @@ impl Progress {
                 },
             };
             if let Some(st) = &staging {
-                iov = vec![libc::iovec { iov_base: st.buf.as_ptr() as *mut libc::c_void, iov_len: st.buf.len() }];
-                desc = vec![self.mr_desc(st.mr)];
+                iov = vec![libc::iovec { iov_base: st.held.buf.as_ptr() as *mut libc::c_void, iov_len: st.len }];
+                desc = vec![self.mr_desc(st.held.mr)];
             }
             let ctx = self.context(Pending::Access { run: run.clone(), staging });
             let msg = sys::fi_msg_rma {
@@ -839,7 +857,11 @@ impl Progress {
         ops: std::ops::Range<usize>,
         len: u64,
     ) -> std::result::Result<Staging, TransferError> {
-        let mut buf = vec![0u8; len as usize];
+        let len = len as usize;
+        let mut held = self.take_staging(len).map_err(|e| TransferError::Protocol {
+            peer: completion.peer().to_string(),
+            detail: format!("a staging buffer: {e}"),
+        })?;
         if completion.op() == Op::Write {
             let _touching = completion.start_part(None)?;
             let mut at = 0;
@@ -847,18 +869,42 @@ impl Progress {
                 // SAFETY: the op's local range lies in memory the batch holds, which no one
                 // reclaims while it runs (the guard keeps a stop waiting for this copy).
                 unsafe {
-                    ptr::copy_nonoverlapping(o.local_addr as *const u8, buf.as_mut_ptr().add(at), o.len as usize)
+                    ptr::copy_nonoverlapping(o.local_addr as *const u8, held.buf.as_mut_ptr().add(at), o.len as usize)
                 };
                 at += o.len as usize;
             }
         }
-        let mr = match self.info.mr_local() {
-            true => self
-                .reg_mr(MemRegion::host(buf.as_ptr(), buf.len()), 0, (sys::FI_READ | sys::FI_WRITE) as u64)
-                .map_err(|e| TransferError::Protocol { peer: completion.peer().to_string(), detail: e.to_string() })?,
-            false => ptr::null_mut(),
+        Ok(Staging { held, len, ops })
+    }
+
+    /// A registered staging buffer of at least `len` bytes, reused if one is free.
+    fn take_staging(&mut self, len: usize) -> Result<StagingBuf> {
+        let size = len.next_power_of_two().max(MIN_STAGING);
+        if let Some(held) = self.staging_pool.get_mut(&size).and_then(Vec::pop) {
+            self.staging_kept -= size;
+            return Ok(held);
+        }
+        let buf = vec![0u8; size];
+        let access = (sys::FI_READ | sys::FI_WRITE) as u64;
+        // A random key, as for registrations: providers that let us choose keys want them unique.
+        let key = u64::from_le_bytes(crate::transport::random_key()?);
+        let mr = match self.reg_mr(MemRegion::host(buf.as_ptr(), buf.len()), key, access) {
+            Ok(mr) => mr,
+            // Providers that need no local registration move unregistered memory too.
+            Err(_) if !self.info.mr_local() => ptr::null_mut(),
+            Err(e) => return Err(e),
         };
-        Ok(Staging { buf, ops, mr })
+        Ok(StagingBuf { buf, mr })
+    }
+
+    /// Keep a staging buffer the provider has returned for the next message, within
+    /// [`STAGING_KEPT`].
+    fn recycle(&mut self, held: StagingBuf) {
+        let size = held.buf.len();
+        if self.staging_kept + size <= STAGING_KEPT {
+            self.staging_kept += size;
+            self.staging_pool.entry(size).or_default().push(held);
+        }
     }
 
     /// A staged READ's bytes, copied into the batch's memory unless the batch has stopped.
@@ -868,7 +914,9 @@ impl Progress {
         let mut at = 0;
         for o in &r.part.ops[staging.ops.clone()] {
             // SAFETY: as in `stage`, the other way.
-            unsafe { ptr::copy_nonoverlapping(staging.buf.as_ptr().add(at), o.local_addr as *mut u8, o.len as usize) };
+            unsafe {
+                ptr::copy_nonoverlapping(staging.held.buf.as_ptr().add(at), o.local_addr as *mut u8, o.len as usize)
+            };
             at += o.len as usize;
         }
         Ok(())
@@ -1349,6 +1397,9 @@ impl Progress {
                 if let Err(e) = result {
                     run.borrow_mut().error.get_or_insert(e);
                 }
+                if let Some(st) = staging {
+                    self.recycle(st.held);
+                }
                 run.borrow_mut().in_flight -= 1;
                 self.maybe_finish(run);
             }
@@ -1463,6 +1514,8 @@ impl Drop for Progress {
             let e = transfer_error(&part, closed().0, closed().1);
             self.part_finished(part, Some(e));
         }
+        // Staging registrations close while the domain is still open.
+        self.staging_pool.clear();
         for (_, mr) in self.mrs.drain() {
             unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
         }
