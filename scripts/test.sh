@@ -234,8 +234,8 @@ sentinels=(
     etcd_a_hung_peer_fails_its_pending_transfer_when_its_key_vanishes
     etcd_unreachable_is_a_typed_error_and_the_side_channel_still_works
     etcd_malformed_values_under_the_prefix_are_typed_errors
-    subscribers_decode_stored_moved_and_removed_blocks_with_their_medium
-    kv_events::tests::a_move_encodes_as_the_bytes_vllm_sends
+    subscribers_decode_stored_moved_removed_and_cleared_blocks_with_their_medium
+    kv_events::tests::a_move_and_a_clear_encode_as_the_bytes_vllm_sends
     auth::tests::a_replayed_client_proof_is_refused
     a_client_without_the_secret_reads_nothing
     after_cancel_returns_no_byte_lands_and_the_peer_is_cut_off
