@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use kvferry_core::tier::BlockRegions;
 use kvferry_core::{
-    BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, ErrorCode, EvictionPolicy, HostDevice, MemKind,
-    Medium, MemRegion, TierConfig, TierEvent as CoreTierEvent, TierStore as CoreTierStore,
+    BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, ErrorCode, EvictionPolicy, HostDevice, Medium, MemKind,
+    MemRegion, TierConfig, TierEvent as CoreTierEvent, TierStore as CoreTierStore,
 };
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;

@@ -850,5 +850,8 @@ fn a_clear_names_the_blocks_it_forgets_and_then_that_the_store_is_empty() {
     let events = store.subscribe();
     put(&store, &[3]).unwrap();
     store.clear().unwrap();
-    assert_eq!(drain(&events)[1..], [TierEvent::Removed { keys: vec![key(3)], medium: Medium::Cpu }, TierEvent::Cleared]);
+    assert_eq!(
+        drain(&events)[1..],
+        [TierEvent::Removed { keys: vec![key(3)], medium: Medium::Cpu }, TierEvent::Cleared]
+    );
 }

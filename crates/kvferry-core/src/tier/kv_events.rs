@@ -449,7 +449,8 @@ mod tests {
 
     #[test]
     fn hashes_as_bytes_without_locality_encode_as_the_bytes_vllm_sends() {
-        let moved = TierEvent::Moved { keys: vec![key(&(0..32).collect::<Vec<u8>>())], from: Medium::Cpu, to: Medium::Disk };
+        let moved =
+            TierEvent::Moved { keys: vec![key(&(0..32).collect::<Vec<u8>>())], from: Medium::Cpu, to: Medium::Disk };
         assert_eq!(hex(&encoding(HashForm::Bytes, None, None).batch(&[moved], 1.5)), VLLM_BYTES);
     }
 
