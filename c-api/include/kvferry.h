@@ -309,6 +309,10 @@ typedef struct kvferry_transfer {
 // The block left `from` and is now in `medium`.
 #define KVFERRY_STORE_EVENT_MOVED 3
 
+// `kvferry_store_clear` left no block in either tier; it follows the `REMOVED` events naming the
+// blocks. `medium` and `from` are `KVFERRY_MEDIUM_NONE` and `key` is empty (`len` 0).
+#define KVFERRY_STORE_EVENT_CLEARED 4
+
 // The peer's memory -> this agent's memory.
 #define KVFERRY_OP_READ 1
 

@@ -85,6 +85,9 @@ pub const KVFERRY_STORE_EVENT_STORED: kvferry_store_event_kind = 1;
 pub const KVFERRY_STORE_EVENT_REMOVED: kvferry_store_event_kind = 2;
 /// The block left `from` and is now in `medium`.
 pub const KVFERRY_STORE_EVENT_MOVED: kvferry_store_event_kind = 3;
+/// `kvferry_store_clear` left no block in either tier; it follows the `REMOVED` events naming the
+/// blocks. `medium` and `from` are `KVFERRY_MEDIUM_NONE` and `key` is empty (`len` 0).
+pub const KVFERRY_STORE_EVENT_CLEARED: kvferry_store_event_kind = 4;
 
 /// One block's change of place. `from` is `KVFERRY_MEDIUM_NONE` unless `kind` is
 /// `KVFERRY_STORE_EVENT_MOVED`.
@@ -187,6 +190,15 @@ impl Events {
                 TierEvent::Stored { keys, medium: m } => (KVFERRY_STORE_EVENT_STORED, keys, m, None),
                 TierEvent::Removed { keys, medium: m } => (KVFERRY_STORE_EVENT_REMOVED, keys, m, None),
                 TierEvent::Moved { keys, from, to } => (KVFERRY_STORE_EVENT_MOVED, keys, to, Some(from)),
+                TierEvent::Cleared => {
+                    self.pending.push_back(kvferry_store_event {
+                        kind: KVFERRY_STORE_EVENT_CLEARED,
+                        medium: KVFERRY_MEDIUM_NONE,
+                        from: KVFERRY_MEDIUM_NONE,
+                        key: kvferry_block_key { len: 0, bytes: [0; KVFERRY_BLOCK_KEY_MAX_BYTES] },
+                    });
+                    continue;
+                }
             };
             self.pending.extend(keys.iter().map(|key| kvferry_store_event {
                 kind,

@@ -201,6 +201,9 @@ static void restart(const kvferry_block_key *keys, uint8_t *dst) {
     CHECK(has_event(events, n, KVFERRY_STORE_EVENT_REMOVED, KVFERRY_MEDIUM_DISK, KVFERRY_MEDIUM_NONE, &keys[0]));
     CHECK(has_event(events, n, KVFERRY_STORE_EVENT_REMOVED, KVFERRY_MEDIUM_CPU, KVFERRY_MEDIUM_NONE,
                     &keys[HOST_BLOCKS]));
+    /* Then that nothing is left, as the last event. */
+    CHECK(n > 0 && events[n - 1].kind == KVFERRY_STORE_EVENT_CLEARED && events[n - 1].key.len == 0 &&
+          events[n - 1].medium == KVFERRY_MEDIUM_NONE);
     CHECK_OK(kvferry_store_lookup(store, keys, BLOCKS, media, BLOCKS, &found));
     CHECK(found == 0);
     CHECK_OK(kvferry_store_destroy(store));

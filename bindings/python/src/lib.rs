@@ -9,6 +9,8 @@ mod cli;
 mod closable;
 mod convert;
 mod errors;
+#[cfg(feature = "kv-events")]
+mod kv_events;
 mod registration;
 mod store;
 
@@ -26,6 +28,9 @@ fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::TierStore>()?;
     m.add_class::<store::StoreOp>()?;
     m.add_class::<store::TierEvent>()?;
+    #[cfg(feature = "kv-events")]
+    m.add_class::<kv_events::KvEventPublisher>()?;
+    m.add("KV_EVENT_MEDIUM", store::kv_event_medium(m.py())?)?;
     m.add_function(wrap_pyfunction!(auth::authenticate_socket, m)?)?;
     m.add_function(wrap_pyfunction!(cli::cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(store::prefix_keys, m)?)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvferry_core::tier::BlockRegions;
 use kvferry_core::{
-    BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, ErrorCode, EvictionPolicy, HostDevice, MemKind,
+    BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, ErrorCode, EvictionPolicy, HostDevice, Medium, MemKind,
     MemRegion, TierConfig, TierEvent as CoreTierEvent, TierStore as CoreTierStore,
 };
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
@@ -231,6 +231,55 @@ impl TierStore {
         Ok(receiver.try_iter().map(TierEvent::from).collect())
     }
 
+    /// Publish the store's events from now on over ZMQ as vLLM's KV events, until the returned
+    /// publisher is closed or dropped.
+    #[cfg(feature = "kv-events")]
+    #[pyo3(signature = (endpoint, block_tokens, *, pod = None, model = None, topic = None, replay_endpoint = None, data_parallel_rank = None, hashes = "int", locality = Some("LOCAL"), buffer_steps = 10_000, hwm = 100_000))]
+    #[allow(clippy::too_many_arguments, reason = "the publisher's keyword arguments")]
+    fn publish_events(
+        &self,
+        py: Python<'_>,
+        endpoint: String,
+        block_tokens: u32,
+        pod: Option<String>,
+        model: Option<String>,
+        topic: Option<String>,
+        replay_endpoint: Option<String>,
+        data_parallel_rank: Option<i64>,
+        hashes: &str,
+        locality: Option<&str>,
+        buffer_steps: usize,
+        hwm: i32,
+    ) -> PyResult<crate::kv_events::KvEventPublisher> {
+        use kvferry_core::tier::kv_events::KvEventsConfig;
+        let mut config = KvEventsConfig::new(endpoint, block_tokens);
+        config.topic = match (pod, model, topic) {
+            (Some(pod), Some(model), None) => kvferry_core::tier::kv_events::kv_topic(&pod, &model).or_raise()?,
+            (None, None, topic) => topic.unwrap_or_default(),
+            _ => return Err(PyValueError::new_err("give pod and model (topic kv@<pod>@<model>), or topic, not both")),
+        };
+        config.replay_endpoint = replay_endpoint;
+        config.data_parallel_rank = data_parallel_rank;
+        config.hash_form = hashes.parse().or_raise()?;
+        config.locality = locality.map(str::parse).transpose().or_raise()?;
+        config.buffer_steps = buffer_steps;
+        config.hwm = hwm;
+        let state = self.state()?;
+        crate::kv_events::KvEventPublisher::start(py, &state.store, config)
+    }
+
+    /// What builds without the `kv-events` feature (the default wheel: libzmq is not part of the
+    /// manylinux policy) answer, so that callers get a typed error rather than a missing method.
+    #[cfg(not(feature = "kv-events"))]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn publish_events(&self, _args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        Err(Error::Unsupported {
+            what: "publishing KV events".into(),
+            why: "this build of kvferry has no kv-events feature (build the package with --features kv-events)".into(),
+        })
+        .or_raise()
+    }
+
     /// Finish running operations, stop the workers, close the disk files; idempotent. The disk
     /// tier's blocks stay for the next store opened on the directory.
     fn close(&self, py: Python<'_>) {
@@ -317,13 +366,14 @@ impl StoreOp {
 /// A change of place of some blocks.
 #[pyclass(frozen, module = "kvferry._kvferry")]
 pub struct TierEvent {
-    /// "stored", "removed" or "moved".
+    /// "stored", "removed", "moved" or "cleared".
     #[pyo3(get)]
     kind: &'static str,
     keys: Vec<BlockKey>,
-    /// Where the blocks are now ("CPU", "DISK"), or where they left for "removed".
+    /// Where the blocks are now ("CPU", "DISK"), or where they left for "removed"; None for
+    /// "cleared", which names no block.
     #[pyo3(get)]
-    medium: &'static str,
+    medium: Option<&'static str>,
     /// Where they came from, for "moved".
     #[pyo3(get)]
     from_medium: Option<&'static str>,
@@ -332,11 +382,12 @@ pub struct TierEvent {
 impl From<CoreTierEvent> for TierEvent {
     fn from(event: CoreTierEvent) -> Self {
         let (kind, keys, medium, from) = match event {
-            CoreTierEvent::Stored { keys, medium } => ("stored", keys, medium, None),
-            CoreTierEvent::Removed { keys, medium } => ("removed", keys, medium, None),
-            CoreTierEvent::Moved { keys, from, to } => ("moved", keys, to, Some(from)),
+            CoreTierEvent::Stored { keys, medium } => ("stored", keys, Some(medium), None),
+            CoreTierEvent::Removed { keys, medium } => ("removed", keys, Some(medium), None),
+            CoreTierEvent::Moved { keys, from, to } => ("moved", keys, Some(to), Some(from)),
+            CoreTierEvent::Cleared => ("cleared", Vec::new(), None, None),
         };
-        TierEvent { kind, keys, medium: medium.as_str(), from_medium: from.map(|m| m.as_str()) }
+        TierEvent { kind, keys, medium: medium.map(Medium::as_str), from_medium: from.map(Medium::as_str) }
     }
 }
 
@@ -349,8 +400,19 @@ impl TierEvent {
 
     fn __repr__(&self) -> String {
         let from = self.from_medium.map(|m| format!(", from_medium={m:?}")).unwrap_or_default();
-        format!("TierEvent(kind={:?}, keys=<{}>, medium={:?}{from})", self.kind, self.keys.len(), self.medium)
+        let medium = self.medium.map(|m| format!(", medium={m:?}")).unwrap_or_default();
+        format!("TierEvent(kind={:?}, keys=<{}>{medium}{from})", self.kind, self.keys.len())
     }
+}
+
+/// kvferry's name of each medium ("GPU", "CPU", "DISK", as events and lookups spell them) to the
+/// `medium` of vLLM's KV events ([`Medium::kv_event_name`]), for the vLLM connector's events.
+pub fn kv_event_medium(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let media = PyDict::new(py);
+    for medium in Medium::ALL {
+        media.set_item(medium.as_str(), medium.kv_event_name())?;
+    }
+    Ok(media)
 }
 
 /// The chained keys of every full block of `tokens`.

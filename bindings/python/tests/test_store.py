@@ -45,6 +45,11 @@ def test_put_lookup_get_in_dram_byte_exact():
         assert store.take_events() == []
         store.clear()
         assert store.lookup(keys) == []
+        # The clear names the blocks it forgot, then says the store is empty.
+        events = store.take_events()
+        assert [(e.kind, e.medium) for e in events] == [("removed", "CPU"), ("cleared", None)]
+        assert set(events[0].keys) == set(keys) and events[1].keys == []
+        assert repr(events[1]) == 'TierEvent(kind="cleared", keys=<0>)'
         assert "TierStore" in repr(store)
     with pytest.raises(ValueError, match="closed"):
         store.lookup(keys)

@@ -34,8 +34,14 @@ fn put(store: &TierStore, ids: &[u8]) {
     unsafe { store.put(host, blocks) }.unwrap().wait(Deadline::after(Duration::from_secs(30))).unwrap();
 }
 
-/// (tag, hashes, medium) of one decoded event, after checking its fields' shapes.
-fn event(v: &Value) -> (String, Vec<Vec<u8>>, String) {
+/// vLLM's integer form of block `i`'s hash: its last eight bytes, big-endian.
+fn int_hash(i: u8) -> u64 {
+    u64::from_be_bytes(hash(i)[24..].try_into().unwrap())
+}
+
+/// (tag, hashes, medium) of one decoded event, after checking its fields' shapes and order.
+fn event(v: &Value) -> (String, Vec<u64>, String) {
+    let names: Vec<&str> = v.as_map().unwrap().iter().map(|(k, _)| k.as_str().unwrap()).collect();
     let fields: std::collections::HashMap<&str, &Value> = v
         .as_map()
         .expect("an event is a tagged map")
@@ -43,24 +49,41 @@ fn event(v: &Value) -> (String, Vec<Vec<u8>>, String) {
         .map(|(k, v)| (k.as_str().expect("field names are strings"), v))
         .collect();
     let tag = fields["type"].as_str().unwrap().to_string();
-    let hashes =
-        fields["block_hashes"].as_array().unwrap().iter().map(|h| h.as_slice().expect("hashes are bytes").to_vec());
+    if tag == "AllBlocksCleared" {
+        assert_eq!(names, ["type"]);
+        return (tag, Vec::new(), String::new());
+    }
+    let hashes = fields["block_hashes"].as_array().unwrap().iter().map(|h| h.as_u64().expect("hashes are ints"));
+    assert_eq!(fields["locality"].as_str(), Some("LOCAL"), "{v}");
     match tag.as_str() {
         "BlockStored" => {
-            assert_eq!(fields.len(), 8, "{v}");
+            // The order vLLM's BlockStored declares them in; what vLLM leaves at its default
+            // between lora_name and locality is omitted.
+            let order = [
+                "type",
+                "block_hashes",
+                "parent_block_hash",
+                "token_ids",
+                "block_size",
+                "lora_id",
+                "medium",
+                "lora_name",
+                "locality",
+            ];
+            assert_eq!(names, order, "{v}");
             assert!(fields["parent_block_hash"].is_nil(), "no parent hash: {v}");
             assert_eq!(fields["token_ids"].as_array().map(Vec::len), Some(0), "no token ids: {v}");
             assert_eq!(fields["block_size"].as_u64(), Some(16), "block_size in tokens: {v}");
             assert!(fields["lora_id"].is_nil() && fields["lora_name"].is_nil(), "no LoRA: {v}");
         }
-        "BlockRemoved" => assert_eq!(fields.len(), 3, "{v}"),
+        "BlockRemoved" => assert_eq!(names, ["type", "block_hashes", "medium", "locality"], "{v}"),
         other => panic!("unexpected event {other}"),
     }
     (tag, hashes.collect(), fields["medium"].as_str().unwrap().to_string())
 }
 
 #[test]
-fn subscribers_decode_stored_moved_and_removed_blocks_with_their_medium() {
+fn subscribers_decode_stored_moved_removed_and_cleared_blocks_with_their_medium() {
     let context = zmq::Context::new();
     // As llm-d's indexer does: the subscriber binds, the engine side connects.
     let sub = context.socket(zmq::SUB).unwrap();
@@ -73,8 +96,7 @@ fn subscribers_decode_stored_moved_and_removed_blocks_with_their_medium() {
     let disk = DiskConfig::new(&dir, 8 * BLOCK as u64).with_admit_after(0);
     let store =
         TierStore::open(TierConfig::new(BLOCK, 2 * BLOCK as u64).with_host_alloc(UNPINNED).with_disk(disk)).unwrap();
-    let mut config = KvEventsConfig::new(endpoint, 16);
-    config.topic = "kv@rank0".into();
+    let mut config = KvEventsConfig::new(endpoint, 16).with_pod_and_model("pod-0", "org/model").unwrap();
     config.data_parallel_rank = Some(0);
     config.replay_endpoint = Some("tcp://127.0.0.1:*".into());
     let publisher = KvEventPublisher::start(&store, config).unwrap();
@@ -98,14 +120,14 @@ fn subscribers_decode_stored_moved_and_removed_blocks_with_their_medium() {
 
     put(&store, &[0, 1]); // Stored(CPU) [0, 1]
     put(&store, &[2]); // DRAM holds two: block 0 moves to disk, then Stored(CPU) [2]
-    store.clear().unwrap(); // Removed(CPU) [1, 2], Removed(DISK) [0]
+    store.clear().unwrap(); // Removed(CPU) [1, 2], Removed(DISK) [0], AllBlocksCleared
 
     let mut batches = Vec::new();
     let mut events = Vec::new();
-    while events.len() < 6 {
+    while events.len() < 7 {
         let frames = sub.recv_multipart(0).expect("the events arrive within 10 s");
         assert_eq!(frames.len(), 3);
-        assert_eq!(frames[0], b"kv@rank0");
+        assert_eq!(frames[0], b"kv@pod-0@org/model");
         let seq = u64::from_be_bytes(frames[1].as_slice().try_into().unwrap());
         assert_eq!(seq, first_seq + batches.len() as u64, "sequence numbers count batches");
         let batch = rmpv::decode::read_value(&mut frames[2].as_slice()).unwrap();
@@ -119,7 +141,7 @@ fn subscribers_decode_stored_moved_and_removed_blocks_with_their_medium() {
         batches.push((frames[1].clone(), frames[2].clone(), decoded));
     }
     let ev = |tag: &str, ids: &[u8], medium: &str| {
-        (tag.to_string(), ids.iter().map(|&i| hash(i)).collect(), medium.to_string())
+        (tag.to_string(), ids.iter().map(|&i| int_hash(i)).collect(), medium.to_string())
     };
     let mut expected = vec![
         ev("BlockStored", &[0, 1], "CPU"),
@@ -130,8 +152,10 @@ fn subscribers_decode_stored_moved_and_removed_blocks_with_their_medium() {
     assert_eq!(events[..4], expected[..], "{events:?}");
     // The move is one removal and one store, in the same batch.
     assert!(batches.iter().any(|(.., b)| b.windows(2).any(|w| w[0] == expected[1] && w[1] == expected[2])));
-    // The order of a clear's events, and of the blocks within one, means nothing.
-    let mut cleared: Vec<_> = events[4..].to_vec();
+    // The order of a clear's removals, and of the blocks within one, means nothing; the clear
+    // comes last.
+    assert_eq!(events[6], ("AllBlocksCleared".to_string(), vec![], String::new()));
+    let mut cleared: Vec<_> = events[4..6].to_vec();
     cleared.iter_mut().for_each(|(_, hashes, _)| hashes.sort());
     cleared.sort();
     expected = vec![ev("BlockRemoved", &[0], "STORAGE"), ev("BlockRemoved", &[1, 2], "CPU")];
@@ -143,10 +167,13 @@ fn subscribers_decode_stored_moved_and_removed_blocks_with_their_medium() {
     replay.set_rcvtimeo(10_000).unwrap();
     replay.connect(publisher.replay_endpoint().unwrap()).unwrap();
     replay.send_multipart([&b""[..], &(first_seq + 1).to_be_bytes()], 0).unwrap();
+    // As vLLM 0.32's ROUTER answers: the topic, the number and the payload as published, then an
+    // end marker with an empty topic.
+    let topic = b"kv@pod-0@org/model".to_vec();
     for (seq, payload, _) in &batches[1..] {
-        assert_eq!(replay.recv_multipart(0).unwrap(), vec![vec![], seq.clone(), payload.clone()]);
+        assert_eq!(replay.recv_multipart(0).unwrap(), vec![vec![], topic.clone(), seq.clone(), payload.clone()]);
     }
-    assert_eq!(replay.recv_multipart(0).unwrap(), vec![vec![], (-1i64).to_be_bytes().to_vec(), vec![]]);
+    assert_eq!(replay.recv_multipart(0).unwrap(), vec![vec![], vec![], (-1i64).to_be_bytes().to_vec(), vec![]]);
     drop(publisher);
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);

@@ -822,3 +822,36 @@ fn the_index_log_is_compacted_while_running() {
     drop(store);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_clear_names_the_blocks_it_forgets_and_then_that_the_store_is_empty() {
+    let dir = temp_dir("clear-events");
+    let store = TierStore::open(disk_config(2, &dir, 8)).unwrap();
+    let events = store.subscribe();
+    put(&store, &[0, 1]).unwrap();
+    offload(&store, &[0]);
+    drain(&events);
+    store.clear().unwrap();
+    assert_eq!(
+        drain(&events),
+        [
+            TierEvent::Removed { keys: vec![key(1)], medium: Medium::Cpu },
+            TierEvent::Removed { keys: vec![key(0)], medium: Medium::Disk },
+            TierEvent::Cleared,
+        ]
+    );
+    // An empty store's clear forgets nothing, and still says the store is empty.
+    store.clear().unwrap();
+    assert_eq!(drain(&events), [TierEvent::Cleared]);
+    drop(store);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let store = TierStore::open(config(4)).unwrap();
+    let events = store.subscribe();
+    put(&store, &[3]).unwrap();
+    store.clear().unwrap();
+    assert_eq!(
+        drain(&events)[1..],
+        [TierEvent::Removed { keys: vec![key(3)], medium: Medium::Cpu }, TierEvent::Cleared]
+    );
+}

@@ -20,6 +20,7 @@ from ._errors import (
 )
 from ._kvferry import (
     ERROR_CODES,
+    KV_EVENT_MEDIUM,
     Agent,
     Prepared,
     Registration,
@@ -36,6 +37,7 @@ from ._kvferry import (
 
 __all__ = [
     "ERROR_CODES",
+    "KV_EVENT_MEDIUM",
     "Agent",
     "DescriptorError",
     "InvalidArgumentError",

@@ -9,6 +9,9 @@ from typing_extensions import Buffer, Self
 __version__: str
 #: Every kvferry error code by name (``ErrorCode`` in Rust).
 ERROR_CODES: dict[str, int]
+#: kvferry's medium names ("GPU", "CPU", "DISK") to the ``medium`` of vLLM's KV events ("GPU",
+#: "CPU", "STORAGE"): the spelling the store's publisher and the vLLM connector share.
+KV_EVENT_MEDIUM: dict[str, str]
 #: The variable the console script sets to its interpreter (see ``kvferry._cli``).
 CLI_PYTHON_ENV: str
 
@@ -143,6 +146,39 @@ class TierStore(_Closes):
     def clear(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def take_events(self) -> list[TierEvent]: ...
+    def publish_events(
+        self,
+        endpoint: str,
+        block_tokens: int,
+        *,
+        pod: Optional[str] = None,
+        model: Optional[str] = None,
+        topic: Optional[str] = None,
+        replay_endpoint: Optional[str] = None,
+        data_parallel_rank: Optional[int] = None,
+        hashes: Literal["int", "bytes"] = "int",
+        locality: Optional[Literal["LOCAL", "REMOTE"]] = "LOCAL",
+        buffer_steps: int = 10_000,
+        hwm: int = 100_000,
+    ) -> KvEventPublisher:
+        """Publish the store's events over ZMQ as vLLM's KV events (topic ``kv@<pod>@<model>``
+        with ``pod`` and ``model``); raises UnsupportedError in builds without the ``kv-events``
+        feature, which the default wheel is."""
+
+class KvEventPublisher:
+    """A store's KV event publisher; ``close()`` (or leaving a ``with`` block) stops it."""
+
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def replay_endpoint(self) -> Optional[str]: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> KvEventPublisher: ...
+    def __exit__(self, *exc_info: object) -> bool: ...
 
 class StoreOp:
     """A put, get or offload in progress."""
@@ -151,14 +187,15 @@ class StoreOp:
     def wait(self, timeout: Optional[float] = None) -> None: ...
 
 class TierEvent:
-    """Blocks that changed place: ``kind`` is "stored", "removed" or "moved"."""
+    """Blocks that changed place: ``kind`` is "stored", "removed" or "moved"; "cleared" (no
+    keys, no medium) follows the removals of a ``clear()`` that left the store empty."""
 
     @property
-    def kind(self) -> Literal["stored", "removed", "moved"]: ...
+    def kind(self) -> Literal["stored", "removed", "moved", "cleared"]: ...
     @property
     def keys(self) -> list[bytes]: ...
     @property
-    def medium(self) -> str: ...
+    def medium(self) -> Optional[str]: ...
     @property
     def from_medium(self) -> Optional[str]: ...
 

@@ -44,7 +44,7 @@ pub fn io_uring_available() -> Result<(), String> {
     uring::probe().map_err(|e| e.to_string())
 }
 
-/// Where a block lives, spelled as vLLM's KV events spell it (`vllm/distributed/kv_events.py`).
+/// Where a block lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Medium {
     Gpu,
@@ -53,11 +53,25 @@ pub enum Medium {
 }
 
 impl Medium {
+    pub const ALL: [Medium; 3] = [Medium::Gpu, Medium::Cpu, Medium::Disk];
+
+    /// kvferry's name: the `tier` label of the metrics, what `lookup` answers in Python and C.
     pub fn as_str(self) -> &'static str {
         match self {
             Medium::Gpu => "GPU",
             Medium::Cpu => "CPU",
             Medium::Disk => "DISK",
+        }
+    }
+
+    /// The `medium` of vLLM's KV events (`MEDIUM_GPU`, `MEDIUM_CPU`, `MEDIUM_STORAGE` in
+    /// `vllm/distributed/kv_events.py`): the one spelling every publisher of kvferry uses, the
+    /// store's and the vLLM connector's (`kvferry.KV_EVENT_MEDIUM`).
+    pub fn kv_event_name(self) -> &'static str {
+        match self {
+            Medium::Gpu => "GPU",
+            Medium::Cpu => "CPU",
+            Medium::Disk => "STORAGE",
         }
     }
 }
@@ -85,6 +99,19 @@ pub enum TierEvent {
         from: Medium,
         to: Medium,
     },
+    /// `clear()` left the store empty, in both tiers. It follows the `Removed` events that name
+    /// the blocks, so a subscriber may act on either.
+    Cleared,
+}
+
+impl TierEvent {
+    /// The blocks the event names (none for `Cleared`).
+    pub fn keys(&self) -> &[BlockKey] {
+        match self {
+            TierEvent::Stored { keys, .. } | TierEvent::Removed { keys, .. } | TierEvent::Moved { keys, .. } => keys,
+            TierEvent::Cleared => &[],
+        }
+    }
 }
 
 /// The disk tier: a directory the user names, and how the store uses it.

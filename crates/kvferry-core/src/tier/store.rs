@@ -100,12 +100,8 @@ struct State {
 
 impl State {
     fn emit(&mut self, event: TierEvent) {
-        let keys_empty = match &event {
-            TierEvent::Stored { keys, .. } | TierEvent::Removed { keys, .. } | TierEvent::Moved { keys, .. } => {
-                keys.is_empty()
-            }
-        };
-        if !keys_empty {
+        // A change of no block says nothing; `Cleared` names none by nature.
+        if !event.keys().is_empty() || event == TierEvent::Cleared {
             self.subscribers.retain(|s| s.send(event.clone()).is_ok());
         }
     }
@@ -435,7 +431,8 @@ impl TierStore {
         self.submit(move |shared, ring| shared.offload(ring, &keys))
     }
 
-    /// Forget every block that is not being read or written, in both tiers.
+    /// Forget every block that is not being read or written, in both tiers. Emits `Removed` for
+    /// the blocks forgotten and then, if no block is left, `Cleared`.
     pub fn clear(&self) -> Result<()> {
         let mut state = self.shared.lock();
         let state = &mut *state;
@@ -450,25 +447,29 @@ impl TierStore {
             }
         }
         state.emit(TierEvent::Removed { keys: removed, medium: Medium::Cpu });
-        let Some(disk) = &mut state.disk else { return Ok(()) };
-        let gone: Vec<BlockKey> = disk.blocks.iter().filter(|(_, b)| b.pins == 0).map(|(k, _)| *k).collect();
-        if gone.len() == disk.blocks.len() {
-            disk.log().rewrite(&HashMap::new())?;
-        } else {
-            disk.log().append(&gone.iter().map(|k| Record::Remove(*k)).collect::<Vec<_>>())?;
-        }
-        for key in &gone {
-            if let Some(block) = disk.blocks.remove(key) {
-                disk.policy.forgotten(key);
-                disk.free.push(block.entry.slot);
+        if let Some(disk) = &mut state.disk {
+            let gone: Vec<BlockKey> = disk.blocks.iter().filter(|(_, b)| b.pins == 0).map(|(k, _)| *k).collect();
+            if gone.len() == disk.blocks.len() {
+                disk.log().rewrite(&HashMap::new())?;
+            } else {
+                disk.log().append(&gone.iter().map(|k| Record::Remove(*k)).collect::<Vec<_>>())?;
             }
+            for key in &gone {
+                if let Some(block) = disk.blocks.remove(key) {
+                    disk.policy.forgotten(key);
+                    disk.free.push(block.entry.slot);
+                }
+            }
+            // Descending, so that slots are handed out in file order again (sequential writes).
+            disk.free.sort_unstable_by(|a, b| b.cmp(a));
+            for slot in state.slots.iter_mut().flatten() {
+                slot.on_disk &= disk.blocks.contains_key(&slot.key);
+            }
+            state.emit(TierEvent::Removed { keys: gone, medium: Medium::Disk });
         }
-        // Descending, so that slots are handed out in file order again (sequential writes).
-        disk.free.sort_unstable_by(|a, b| b.cmp(a));
-        for slot in state.slots.iter_mut().flatten() {
-            slot.on_disk &= disk.blocks.contains_key(&slot.key);
+        if state.host.is_empty() && state.disk.as_ref().is_none_or(|d| d.blocks.is_empty()) {
+            state.emit(TierEvent::Cleared);
         }
-        state.emit(TierEvent::Removed { keys: gone, medium: Medium::Disk });
         Ok(())
     }
 

@@ -62,7 +62,7 @@ class StepMetadata(KVConnectorMetadata):
 class WorkerReport(KVConnectorWorkerMetadata):
     """Tier changes seen by workers: `(rank, kind, keys, medium, from_medium)` each."""
 
-    tier_events: list[tuple[int, str, list[bytes], str, str | None]] = field(default_factory=list)
+    tier_events: list[tuple[int, str, list[bytes], str | None, str | None]] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, WorkerReport)

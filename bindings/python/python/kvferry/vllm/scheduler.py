@@ -24,8 +24,8 @@ logger = init_logger(f"vllm.{__name__}")
 _REMOTE_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
 # Where a block lives across ranks: the medium farthest from the engine any rank keeps it in.
 _MEDIUM_ORDER = {"CPU": 0, "DISK": 1}
-# The store's media as vLLM's KV events name them.
-_VLLM_MEDIUM = {"CPU": ev.MEDIUM_CPU, "DISK": getattr(ev, "MEDIUM_STORAGE", "DISK")}
+# The store's media as vLLM's KV events name them, spelled once for every publisher of kvferry.
+_VLLM_MEDIUM = kvferry.KV_EVENT_MEDIUM
 
 
 @dataclass
@@ -283,7 +283,9 @@ class ConnectorScheduler:
             return None
         return max(ranks.values(), key=_MEDIUM_ORDER.__getitem__)
 
-    def _apply(self, events: list[tuple[int, str, list[bytes], str, str | None]]) -> None:
+    def _apply(self, events: list[tuple[int, str, list[bytes], str | None, str | None]]) -> None:
+        # A "cleared" event names no key: the "removed" events before it named every block the
+        # rank's clear forgot, and reset() has published vLLM's AllBlocksCleared already.
         for rank, kind, keys, medium, _from in events:
             for key in keys:
                 before = self._medium(key)
