@@ -8,11 +8,12 @@
 //!   with `process_vm_readv`. The worker is told when a local registration goes (`Job::Forget`)
 //!   and withdraws its file (`UNSHARE`). No byte of ours is ever written into the owner's address
 //!   space by us.
-//! - a **READ** lands in our memory, so we copy it: after a grant (`MAP`), through the owner's
+//! - a **READ** lands in our memory, so we copy it: after a grant (`MAP`), from the owner's
 //!   shareable file (`pread`, never a mapping: see [`super::pull`]) or with `process_vm_readv`,
-//!   split over the host device's copy pool, this thread taking a share. The connection's lease slot of every registration touched is checked
-//!   before the copy and again after it: a READ that raced a deregistration is discarded (the
-//!   transfer fails), and a hang-up of the socket after the copy means the owner died.
+//!   split over the host device's copy pool, this thread taking a share. The connection's lease
+//!   slot of every registration touched is checked before the copy and again after it: a READ
+//!   that raced a deregistration is discarded (the transfer fails), and a hang-up of the socket
+//!   after the copy means the owner died.
 
 use std::collections::HashMap;
 use std::io;
@@ -612,7 +613,7 @@ impl Worker {
     }
 
     /// Check every op against its grant and its lease, copy, then check that the owner is still
-    /// there (a mapping stays valid after its death, so the copy alone cannot tell) and that no
+    /// there (its file stays readable after its death, so the copy alone cannot tell) and that no
     /// registration was revoked meanwhile.
     fn read(&mut self, c: &Completion, ops: &[XferOp]) -> Result<(), TransferError> {
         let mut pulls = Vec::with_capacity(ops.len());
