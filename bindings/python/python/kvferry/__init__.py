@@ -20,6 +20,7 @@ from ._errors import (
 )
 from ._kvferry import (
     ERROR_CODES,
+    TRANSFER_DURATION_BUCKETS,
     Agent,
     Prepared,
     Registration,
@@ -49,6 +50,7 @@ __all__ = [
     "TierError",
     "TierEvent",
     "TierStore",
+    "TRANSFER_DURATION_BUCKETS",
     "Transfer",
     "TransferError",
     "TransferTimeoutError",
