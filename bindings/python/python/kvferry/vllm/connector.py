@@ -98,7 +98,7 @@ class KvferryConnector(KVConnectorBase_V1, SupportsHMA):
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvferryConnectorStats | None:
-        return KvferryConnectorStats() if data is None else KvferryConnectorStats(data=data)
+        return KvferryConnectorStats() if data is None else KvferryConnectorStats.from_dict(data)
 
     @classmethod
     def build_prom_metrics(

@@ -77,6 +77,12 @@ class KvferryConnectorStats(KVConnectorStats):
         if not self.data:
             self.reset()
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "KvferryConnectorStats":
+        """A report rebuilt from its `to_dict()`, sharing nothing with it: vLLM hands the same dict
+        to its log and its Prometheus loggers, and `aggregate` adds into the receiver."""
+        return cls(data={k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()})
+
     def reset(self) -> None:
         self.data = _empty()
 
