@@ -122,9 +122,22 @@ set_without_libfabric() {
         without_libfabric=(env KVFERRY_LIBFABRIC=/nonexistent/libfabric.so.1)
     fi
 }
+# vLLM 0.33.0's wheel (about 340 MB), whose KVConnectorBase_V1 test_vllm_api.py reads from source
+# without importing it (its GPU build does not import here); kept in target/ between runs.
+vllm_033_wheel() {
+    local dir=target/vllm-0.33.0
+    if ! ls "$dir"/vllm-0.33.0-*.whl >/dev/null 2>&1; then
+        log "downloading vLLM 0.33.0's wheel for the connector's API check"
+        rm -rf "$dir"
+        target/venv/bin/python -m pip download -q --no-deps vllm==0.33.0 -d "$dir"
+    fi
+    KVFERRY_VLLM_033_WHEEL=$(realpath "$dir"/vllm-0.33.0-*.whl)
+    export KVFERRY_VLLM_033_WHEEL
+}
 python_tests() {
     log "Python package: build the wheel (scripts/python-env.sh)"
     bash scripts/python-env.sh
+    vllm_033_wheel
     log "Python package: auditwheel names the wheel's manylinux policy"
     "target/venv/bin/python" -m pip install -q auditwheel
     target/venv/bin/auditwheel show target/wheels/kvferry-*.whl | tee target/auditwheel.log
@@ -190,7 +203,11 @@ python_tests() {
         test_a_flipped_byte_in_the_block_file_fails_the_load_and_serves_nothing \
         test_a_store_larger_than_the_disk_fails_and_nothing_is_served \
         test_blocks_on_disk_are_found_after_the_tier_is_recreated \
-        test_routers_decode_a_put_a_move_a_clear_and_a_replay
+        test_routers_decode_a_put_a_move_a_clear_and_a_replay \
+        test_the_connector_implements_the_installed_vllm_base \
+        test_the_connector_implements_the_vllm_0_33_base \
+        test_vllm_sums_the_ranks_logs_and_exports_the_counters \
+        test_reports_hold_what_the_agent_moved_since_the_last_report
 }
 python_tests
 

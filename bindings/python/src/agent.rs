@@ -11,7 +11,7 @@ use kvferry_core::{
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::closable::Closable;
 use crate::convert::{Span, deadline, describe_memory, kind_at, parse_device};
@@ -214,6 +214,28 @@ impl Agent {
 
     fn peers(&self) -> PyResult<Vec<String>> {
         Ok(self.agent()?.peers())
+    }
+
+    /// The agent's transfer counters since it started, one dict per transport and direction it
+    /// used: what its Prometheus rendering shows (`kvferry_transfer_*`).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let metrics = self.agent()?.metrics();
+        metrics
+            .transfer_stats()
+            .into_iter()
+            .map(|s| {
+                let dict = PyDict::new(py);
+                dict.set_item("transport", s.transport.name())?;
+                dict.set_item("direction", s.direction.to_string())?;
+                dict.set_item("transfers", s.transfers)?;
+                dict.set_item("bytes", s.bytes)?;
+                dict.set_item("failures", s.failures)?;
+                dict.set_item("in_flight", s.in_flight)?;
+                dict.set_item("duration_seconds", s.duration.as_secs_f64())?;
+                dict.set_item("duration_buckets", s.duration_buckets.to_vec())?;
+                Ok(dict)
+            })
+            .collect()
     }
 
     #[pyo3(signature = (host = "127.0.0.1", port = 0))]

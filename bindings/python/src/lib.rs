@@ -21,6 +21,8 @@ fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ERROR_CODES", errors::codes(m.py())?)?;
     m.add("CLI_PYTHON_ENV", kvferry_cli::cli::PYTHON_LAUNCHER_ENV)?;
+    // The upper bounds (seconds) of the buckets of `Agent.stats()`'s "duration_buckets".
+    m.add("TRANSFER_DURATION_BUCKETS", kvferry_core::metrics::LATENCY_BUCKETS.to_vec())?;
     m.add_class::<agent::Agent>()?;
     m.add_class::<registration::Registration>()?;
     m.add_class::<agent::Prepared>()?;

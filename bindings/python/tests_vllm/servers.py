@@ -12,6 +12,9 @@ from pathlib import Path
 
 from conftest import ENGINE_ENV, free_port
 
+# Tokens in a KV cache block of every engine these tests start.
+BLOCK_TOKENS = 32
+
 
 class Server:
     def __init__(self, name: str, cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None):
@@ -54,7 +57,7 @@ def vllm_server(name: str, model: Path, log_dir: Path, kv_transfer_config: dict)
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "m",
-        "--skip-tokenizer-init", "--block-size", "32", "--max-model-len", "1024",
+        "--skip-tokenizer-init", "--block-size", str(BLOCK_TOKENS), "--max-model-len", "1024",
         "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05",
         "--kv-transfer-config", json.dumps(kv_transfer_config),
     ]  # fmt: skip

@@ -9,7 +9,7 @@ import socket
 import time
 
 import pytest
-from servers import complete, metrics, proxy, vllm_server
+from servers import BLOCK_TOKENS, complete, metrics, proxy, vllm_server
 
 LEASE = 8.0
 PROMPTS = [[(i * 53 + j * 7) % 1000 + 1 for j in range(n)] for i, n in enumerate([45, 96, 150])]
@@ -69,7 +69,7 @@ def wait_for(condition, timeout: float) -> bool:
     return condition()
 
 
-def test_decode_through_proxy_equals_one_engine(cluster):
+def test_decode_through_proxy_equals_one_engine(cluster, model_dir):
     prefill, decode, router = cluster["prefill"], cluster["recompute"], cluster["proxy"]
     # The single-engine reference: the prefill server generating on its own.
     expected = [tokens(complete(prefill.url, p, MAX_TOKENS)) for p in PROMPTS]
@@ -84,6 +84,15 @@ def test_decode_through_proxy_equals_one_engine(cluster):
     assert delta["vllm:prompt_tokens_by_source_total{source=local_cache_hit}"] == 0
     assert delta["vllm:prompt_tokens_by_source_total{source=external_kv_transfer}"] == sum(map(len, PROMPTS))
     assert delta["vllm:prompt_tokens_cached_by_source_total{source=p2p}"] == sum(map(len, PROMPTS))
+    # kvferry's counters reach vLLM's /metrics: the decode engine read every block of the prompts,
+    # whole (K and V of every layer, float32), and nothing else.
+    model = json.loads((model_dir / "config.json").read_text())
+    block_bytes = 2 * model["num_hidden_layers"] * BLOCK_TOKENS * model["num_key_value_heads"] * model["head_dim"] * 4
+    blocks = sum(-(-len(p) // BLOCK_TOKENS) for p in PROMPTS)
+    assert delta["vllm:kvferry_transfer_bytes_total"] == blocks * block_bytes
+    # Counters appear once they count something.
+    assert delta.get("vllm:kvferry_transfer_failures_total", 0) == 0
+    assert delta.get("vllm:kvferry_load_failures_total", 0) == 0
     # The decode side's notification freed the prefill blocks, well before their lease ends.
     assert wait_for(lambda: usage(prefill) == 0.0, LEASE / 2)
     assert usage(decode) == 0.0

@@ -22,7 +22,7 @@ use crate::transport::{Op, TransportKind};
 
 /// Upper bounds of the transfer latency histogram's buckets, in seconds: 10 µs to 10 s, about
 /// three per decade, which separates shm (µs), TCP loopback (100s of µs) and large batches (ms).
-const LATENCY_BUCKETS: [f64; 19] = [
+pub const LATENCY_BUCKETS: [f64; 19] = [
     10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
     2.5, 5.0, 10.0,
 ];
@@ -38,6 +38,27 @@ struct Series {
     /// Per bucket (not cumulative; the last is `+Inf`), summed up when rendered.
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_ns: AtomicU64,
+}
+
+/// What one transport moved in one direction, read from [`Metrics`] by
+/// [`transfer_stats`](Metrics::transfer_stats): the numbers a scrape renders, for front ends that
+/// report them their own way (vLLM's stats, say).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransferStats {
+    pub transport: TransportKind,
+    pub direction: Op,
+    /// Transfers completed successfully.
+    pub transfers: u64,
+    /// Bytes moved by completed transfers.
+    pub bytes: u64,
+    /// Transfers that settled with an error, whatever its code.
+    pub failures: u64,
+    /// Transfers posted and not yet settled.
+    pub in_flight: i64,
+    /// Time from post to completion or failure, summed over every settled transfer.
+    pub duration: Duration,
+    /// Settled transfers per bucket of [`LATENCY_BUCKETS`] (not cumulative; the last is `+Inf`).
+    pub duration_buckets: [u64; LATENCY_BUCKETS.len() + 1],
 }
 
 /// Counters of one agent's transfers, and the tier stores attached to it. Shared by the agent
@@ -137,43 +158,65 @@ impl Metrics {
         out.text
     }
 
+    /// Every transport and direction that moved anything or has a transfer in flight, in a fixed
+    /// order (transports as [`TransportKind::ALL`], then read, write, notify).
+    pub fn transfer_stats(&self) -> Vec<TransferStats> {
+        let errors = self.errors.lock().unwrap();
+        let mut out = Vec::new();
+        for (t, &transport) in TransportKind::ALL.iter().enumerate() {
+            for (d, &direction) in DIRECTIONS.iter().enumerate() {
+                let s = &self.series[t][d];
+                let duration_buckets = std::array::from_fn(|i| s.buckets[i].load(Ordering::Relaxed));
+                let in_flight = s.in_flight.load(Ordering::Relaxed);
+                // Series that never moved anything stay out, so a reading lists what this agent uses.
+                if in_flight == 0 && duration_buckets.iter().all(|&n| n == 0) {
+                    continue;
+                }
+                let failures = errors.range((t, d, 0)..=(t, d, u32::MAX)).map(|(_, (_, n))| n).sum();
+                out.push(TransferStats {
+                    transport,
+                    direction,
+                    transfers: s.transfers.load(Ordering::Relaxed),
+                    bytes: s.bytes.load(Ordering::Relaxed),
+                    failures,
+                    in_flight,
+                    duration: Duration::from_nanos(s.latency_ns.load(Ordering::Relaxed)),
+                    duration_buckets,
+                });
+            }
+        }
+        out
+    }
+
     fn render_transfers(&self, out: &mut Exposition) {
-        let all = || {
-            TransportKind::ALL.iter().flat_map(|&t| DIRECTIONS.iter().map(move |&op| (t, op))).map(|(t, op)| {
-                let labels = format!("transport=\"{t}\",direction=\"{op}\"");
-                (labels, self.series(t, op))
-            })
-        };
-        // Series that never moved anything stay out, so a scrape lists what this agent uses.
-        let used = |s: &Series| {
-            s.in_flight.load(Ordering::Relaxed) != 0 || s.buckets.iter().any(|b| b.load(Ordering::Relaxed) != 0)
-        };
+        let stats = self.transfer_stats();
+        let labelled =
+            || stats.iter().map(|s| (format!("transport=\"{}\",direction=\"{}\"", s.transport, s.direction), s));
         out.family("kvferry_transfer_bytes_total", "counter", "Bytes moved by completed transfers.");
-        for (labels, s) in all().filter(|(_, s)| used(s)) {
-            out.sample("kvferry_transfer_bytes_total", &labels, s.bytes.load(Ordering::Relaxed));
+        for (labels, s) in labelled() {
+            out.sample("kvferry_transfer_bytes_total", &labels, s.bytes);
         }
         out.family("kvferry_transfers_total", "counter", "Transfers completed successfully.");
-        for (labels, s) in all().filter(|(_, s)| used(s)) {
-            out.sample("kvferry_transfers_total", &labels, s.transfers.load(Ordering::Relaxed));
+        for (labels, s) in labelled() {
+            out.sample("kvferry_transfers_total", &labels, s.transfers);
         }
         out.family("kvferry_transfers_in_flight", "gauge", "Transfers posted and not yet settled.");
-        for (labels, s) in all().filter(|(_, s)| used(s)) {
-            out.sample("kvferry_transfers_in_flight", &labels, s.in_flight.load(Ordering::Relaxed));
+        for (labels, s) in labelled() {
+            out.sample("kvferry_transfers_in_flight", &labels, s.in_flight);
         }
         out.family(
             "kvferry_transfer_duration_seconds",
             "histogram",
             "Time from post to completion or failure of each transfer.",
         );
-        for (labels, s) in all().filter(|(_, s)| used(s)) {
+        for (labels, s) in labelled() {
             let mut cumulative = 0;
-            for (i, bucket) in s.buckets.iter().enumerate() {
-                cumulative += bucket.load(Ordering::Relaxed);
+            for (i, bucket) in s.duration_buckets.iter().enumerate() {
+                cumulative += bucket;
                 let le = LATENCY_BUCKETS.get(i).map_or("+Inf".to_string(), f64::to_string);
                 out.sample("kvferry_transfer_duration_seconds_bucket", &format!("{labels},le=\"{le}\""), cumulative);
             }
-            let sum = s.latency_ns.load(Ordering::Relaxed) as f64 / 1e9;
-            out.sample("kvferry_transfer_duration_seconds_sum", &labels, sum);
+            out.sample("kvferry_transfer_duration_seconds_sum", &labels, s.duration.as_secs_f64());
             out.sample("kvferry_transfer_duration_seconds_count", &labels, cumulative);
         }
         out.family("kvferry_transfer_errors_total", "counter", "Failed transfers by error code and kind.");

@@ -21,6 +21,7 @@ from ._errors import (
 from ._kvferry import (
     ERROR_CODES,
     KV_EVENT_MEDIUM,
+    TRANSFER_DURATION_BUCKETS,
     Agent,
     Prepared,
     Registration,
@@ -51,6 +52,7 @@ __all__ = [
     "TierError",
     "TierEvent",
     "TierStore",
+    "TRANSFER_DURATION_BUCKETS",
     "Transfer",
     "TransferError",
     "TransferTimeoutError",

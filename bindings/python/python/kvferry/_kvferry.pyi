@@ -14,6 +14,9 @@ ERROR_CODES: dict[str, int]
 KV_EVENT_MEDIUM: dict[str, str]
 #: The variable the console script sets to its interpreter (see ``kvferry._cli``).
 CLI_PYTHON_ENV: str
+#: Upper bounds, in seconds, of the buckets of ``Agent.stats()``'s ``duration_buckets`` (one more,
+#: ``+Inf``, ends the list).
+TRANSFER_DURATION_BUCKETS: list[float]
 
 _Bytes = Union[bytes, bytearray, memoryview]
 _Blocks = Sequence[tuple[_Bytes, Sequence[tuple[int, int]]]]
@@ -53,6 +56,11 @@ class Agent(_Closes):
     def add_peer(self, metadata: _Bytes) -> str: ...
     def remove_peer(self, name: str) -> None: ...
     def peers(self) -> list[str]: ...
+    def stats(self) -> list[dict[str, Any]]:
+        """Transfer counters since the agent started, one dict per transport and direction used:
+        ``transport``, ``direction`` ("read", "write", "notify"), ``transfers``, ``bytes``,
+        ``failures``, ``in_flight``, ``duration_seconds`` (summed) and ``duration_buckets`` (settled
+        transfers per bucket of ``TRANSFER_DURATION_BUCKETS``, not cumulative, ``+Inf`` last)."""
     def serve_side_channel(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]: ...
     def connect_peer(self, addr: str, timeout: float = 10.0) -> str: ...
     def register(self, obj: Union[Buffer, Any], *, device: Optional[str] = None) -> Registration: ...

@@ -15,6 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvferry.vllm.config import ConnectorConfig
 from kvferry.vllm.metadata import StepMetadata
+from kvferry.vllm.stats import KvferryConnectorStats, KvferryPromMetrics
 
 
 class KvferryConnector(KVConnectorBase_V1, SupportsHMA):
@@ -26,7 +27,7 @@ class KvferryConnector(KVConnectorBase_V1, SupportsHMA):
     `timeout_seconds`, `shm`, `fabric_provider`. See docs/vllm.md.
     """
 
-    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any):
         super().__init__(vllm_config, role, kv_cache_config)
         ktc = vllm_config.kv_transfer_config
         self.config = ConnectorConfig.from_extra(ktc.engine_id, ktc.kv_role, ktc.kv_connector_extra_config)
@@ -88,6 +89,41 @@ class KvferryConnector(KVConnectorBase_V1, SupportsHMA):
 
     def reset_cache(self) -> bool | None:
         return self._scheduler.reset() if self._scheduler is not None else None
+
+    # Metrics: workers report kvferry's counters every step; vLLM sums the ranks' reports, logs
+    # them and adds them to its Prometheus counters.
+
+    def get_kv_connector_stats(self) -> KvferryConnectorStats | None:
+        return self._worker.stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvferryConnectorStats | None:
+        return KvferryConnectorStats() if data is None else KvferryConnectorStats.from_dict(data)
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KvferryPromMetrics | None:
+        return KvferryPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    # Sleep mode (vLLM 0.33 and later; 0.32 never calls these).
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        # The caches are deregistered before sleep and registered again after wake-up.
+        return True
+
+    def unregister_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.unregister_kv_caches()
+
+    def restore_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.restore_kv_caches()
 
     # Worker side.
 

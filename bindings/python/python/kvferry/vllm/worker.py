@@ -19,6 +19,7 @@ from kvferry.vllm.config import ConnectorConfig
 from kvferry.vllm.handshake import HandshakeError, RankInfo, fetch
 from kvferry.vllm.layout import KvLayout, LayoutError, describe_layer, head_range, read_plan, sources
 from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, WorkerReport
+from kvferry.vllm.stats import KvferryConnectorStats, StatsReader
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -106,6 +107,10 @@ class ConnectorWorker:
         self._tier_loads: dict[str, tuple[TierLoad, Any]] = {}
         self._stores: dict[str, list[Any]] = defaultdict(list)
         self._error_blocks: set[int] = set()
+        self._stats = StatsReader()
+        # The cache tensors and their registrations with the agent (none while vLLM sleeps).
+        self._kv_caches: dict[str, Any] = {}
+        self._registrations: list[Any] = []
 
     # Set up.
 
@@ -134,11 +139,8 @@ class ConnectorWorker:
                 cuda_device=device.index or 0 if device.type == "cuda" else None,
                 **self.cfg.auth_kwargs(),
             )
-        storages = {}
-        for tensor in kv_caches.values():
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        self._registrations = [self.agent.register_ptr(ptr, n, self.device) for ptr, n in storages.items()]
+        self._kv_caches = kv_caches
+        self._register_memory()
         if self.cfg.offload is not None:
             self._open_store()
         logger.info(
@@ -150,6 +152,26 @@ class ConnectorWorker:
             layouts[0].block_bytes,
             layouts[0].layers[0].offsets,
         )
+
+    def _register_memory(self) -> None:
+        assert self.agent is not None
+        storages = {}
+        for tensor in self._kv_caches.values():
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        self._registrations = [self.agent.register_ptr(ptr, n, self.device) for ptr, n in storages.items()]
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM is going to sleep (its transfers drained): the cache memory is remapped or freed,
+        so peers must not read it, nor the agent write it, until `restore_kv_caches`."""
+        for registration in self._registrations:
+            registration.deregister()
+        self._registrations = []
+
+    def restore_kv_caches(self) -> None:
+        """After wake-up: register the cache tensors again (vLLM keeps their addresses)."""
+        if self.agent is not None and not self._registrations:
+            self._register_memory()
 
     def _open_store(self) -> None:
         off = self.cfg.offload
@@ -262,6 +284,10 @@ class ConnectorWorker:
         blocks, self._error_blocks = self._error_blocks, set()
         return blocks
 
+    def stats(self) -> KvferryConnectorStats | None:
+        """What the agent and the store counted since the last call; None if nothing."""
+        return self._stats.report(self.agent, self.store)
+
     def report(self) -> WorkerReport | None:
         if self.store is None:
             return None
@@ -283,6 +309,7 @@ class ConnectorWorker:
 
     def _fail(self, req: str, block_ids: list[list[int]], error: str, failed: set[str]) -> None:
         logger.warning("kvferry: loading the KV blocks of %s failed: %s", req, error)
+        self._stats.load_failures += 1
         # Block-level reports let vLLM keep what loaded; they are unambiguous with one group only.
         if len(self.layouts) == 1:
             self._error_blocks.update(block_ids[0])
