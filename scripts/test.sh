@@ -175,8 +175,9 @@ python_tests() {
     # and vLLM gets a build with them, so that their test runs there rather than skipping.
     log "Python package: a build with KV events (--features kv-events) into target/venv"
     rm -rf target/wheels-kv-events
+    # Tagged for this machine (`linux`): libzmq brings a libstdc++ newer than the wheel's policy.
     target/venv/bin/maturin build --release -m bindings/python/Cargo.toml --features kv-events \
-        -o target/wheels-kv-events
+        --compatibility linux -o target/wheels-kv-events
     target/venv/bin/python -m pip install -q --force-reinstall --no-deps target/wheels-kv-events/kvferry-*.whl
     log "Python package: every test, with torch"
     KVFERRY_REQUIRE_TORCH=1 run_pytest target/venv target/pytest-torch.log
