@@ -2,9 +2,12 @@
 own prefix cache is reset, loaded back, and the output tokens unchanged."""
 
 import json
+import signal
 import sys
+import time
 
 from conftest import HERE, free_port, run
+from servers import complete, metrics, vllm_server
 
 BLOCK = 32
 # Several lengths, including partial last blocks and a prompt of whole blocks only.
@@ -65,3 +68,52 @@ def test_offload_round_trip_through_disk(tmp_path, model_dir):
     assert result["cached_by_source"].get("disk", 0) > 0, result["cached_by_source"]
     media = {e["medium"] for e in result["events"] if e["type"] == "BlockStored"}
     assert {"CPU", "STORAGE"} <= media, result["events"]
+
+
+# Prompts that push the others' blocks out of a 6-block DRAM onto the disk: 9 full blocks.
+FILLER = [[(i * 41 + j * 17) % 1000 + 1 for j in range(96)] for i in range(3)]
+
+
+def test_an_engine_killed_with_sigkill_restarts_on_its_disk_and_serves_it(tmp_path, model_dir):
+    offload = {"dram_bytes": 6 * (64 << 10), "disk_dir": str(tmp_path / "kv"), "disk_bytes": 64 << 20}
+    config = {
+        "kv_connector": "KvferryConnector",
+        "kv_connector_module_path": "kvferry.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"pd": False, "offload": offload},
+    }
+
+    def run_prompts(server, prompts):
+        # One at a time: a put needs DRAM for all its blocks at once.
+        out = []
+        for p in prompts:
+            status, body = complete(server.url, p, 8)
+            assert status == 200, body
+            out.append(body["choices"][0]["token_ids"])
+        return out
+
+    first = vllm_server("before-kill", model_dir, tmp_path, config)
+    try:
+        first.wait_ready("/health", time.monotonic() + 600)
+        expected = run_prompts(first, PROMPTS)
+        run_prompts(first, FILLER)
+        # The filler's last stores (and the write-downs they cause) end on the store's threads
+        # after the responses; then the kill: nothing is closed, flushed or unlocked.
+        time.sleep(3)
+    finally:
+        first.kill(signal.SIGKILL)
+
+    # The same directory: the dead engine's flock is gone with its processes, and its index log
+    # is replayed; a DiskLocked here would fail the start.
+    second = vllm_server("after-kill", model_dir, tmp_path, config)
+    try:
+        second.wait_ready("/health", time.monotonic() + 600)
+        assert run_prompts(second, PROMPTS) == expected
+        m = metrics(second)
+        blocks = sum(n // BLOCK for n in LENGTHS)
+        # Every full block of every prompt came back from disk, none from this engine's DRAM.
+        assert m.get("vllm:kvferry_tier_hits_total{medium=DISK}") == blocks, m
+        assert m.get("vllm:kvferry_tier_hits_total{medium=CPU}", 0) == 0, m
+        assert m.get("vllm:prompt_tokens_cached_by_source_total{source=disk}", 0) > 0, m
+    finally:
+        second.kill()
