@@ -199,6 +199,7 @@ python_tests() {
         test_a_deregistration_cuts_off_a_read_from_a_stopped_peer_and_lands_nothing \
         test_blocks_go_straight_to_disk_and_back_into_caller_memory \
         test_a_disk_directory_is_locked_against_a_second_process \
+        test_a_store_killed_with_sigkill_leaves_its_blocks_listed_and_no_lock \
         test_the_factory_loads_the_tier_by_module_path \
         test_stores_lookups_loads_and_events_round_trip_byte_exact \
         test_a_flipped_byte_in_the_block_file_fails_the_load_and_serves_nothing \
@@ -219,6 +220,7 @@ vllm_tests() {
     require_passed target/pytest-vllm.log \
         test_offload_round_trip_through_dram \
         test_offload_round_trip_through_disk \
+        test_an_engine_killed_with_sigkill_restarts_on_its_disk_and_serves_it \
         test_decode_through_proxy_equals_one_engine \
         test_lease_ends_and_frees_unread_prefill_blocks \
         test_a_decode_request_aborted_mid_pull_frees_its_blocks_at_once \

@@ -593,6 +593,18 @@ kvferry_status kvferry_store_lookup(struct kvferry_store store,
                                     size_t capacity,
                                     size_t *found);
 
+// The keys of every block on the disk tier, in slot order (none without a disk tier): stores them
+// in `keys[0..*count]`. Right after `kvferry_store_create` they are the blocks the directory's
+// index log held, so an engine restarted on the directory can rebuild its own index from them.
+// When `capacity` is too small, returns `KVFERRY_ERR_BUFFER_TOO_SMALL` with the number of keys in
+// `*count`. Never blocks on i/o.
+//
+// Ownership: `keys` and `count` are the caller's.
+kvferry_status kvferry_store_disk_keys(struct kvferry_store store,
+                                       struct kvferry_block_key *keys,
+                                       size_t capacity,
+                                       size_t *count);
+
 // Forget every block that is not being read or written, in DRAM and on disk.
 //
 // Ownership: borrows `store`.

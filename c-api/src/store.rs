@@ -526,6 +526,28 @@ pub unsafe extern "C" fn kvferry_store_lookup(
     })
 }
 
+/// The keys of every block on the disk tier, in slot order (none without a disk tier): stores them
+/// in `keys[0..*count]`. Right after `kvferry_store_create` they are the blocks the directory's
+/// index log held, so an engine restarted on the directory can rebuild its own index from them.
+/// When `capacity` is too small, returns `KVFERRY_ERR_BUFFER_TOO_SMALL` with the number of keys in
+/// `*count`. Never blocks on i/o.
+///
+/// Ownership: `keys` and `count` are the caller's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvferry_store_disk_keys(
+    store: kvferry_store,
+    keys: *mut kvferry_block_key,
+    capacity: usize,
+    count: *mut usize,
+) -> kvferry_status {
+    guard(|| {
+        let out = unsafe { OutBuf::new(keys, capacity, count, "the key array") }?;
+        let keys: Vec<kvferry_block_key> =
+            handles::get(store)?.store.disk_keys().iter().map(kvferry_block_key::from_core).collect();
+        out.fill_items(&keys)
+    })
+}
+
 /// Forget every block that is not being read or written, in DRAM and on disk.
 ///
 /// Ownership: borrows `store`.

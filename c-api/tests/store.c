@@ -186,6 +186,18 @@ static void restart(const kvferry_block_key *keys, uint8_t *dst) {
     kvferry_store store = open_store();
     kvferry_medium media[BLOCKS];
     size_t found = 0;
+    /* The replayed index lists every block: too small an array says how many. */
+    kvferry_block_key listed[BLOCKS];
+    CHECK_STATUS(KVFERRY_ERR_BUFFER_TOO_SMALL, kvferry_store_disk_keys(store, listed, 1, &found));
+    CHECK(found == BLOCKS);
+    CHECK_OK(kvferry_store_disk_keys(store, listed, BLOCKS, &found));
+    CHECK(found == BLOCKS);
+    for (size_t b = 0; b < BLOCKS; b++) {
+        bool known = false;
+        for (size_t k = 0; k < BLOCKS; k++)
+            known |= listed[b].len == keys[k].len && memcmp(listed[b].bytes, keys[k].bytes, keys[k].len) == 0;
+        CHECK(known);
+    }
     CHECK_OK(kvferry_store_lookup(store, keys, BLOCKS, media, BLOCKS, &found));
     CHECK(found == BLOCKS);
     for (size_t b = 0; b < BLOCKS; b++) CHECK(media[b] == KVFERRY_MEDIUM_DISK);
@@ -210,6 +222,8 @@ static void restart(const kvferry_block_key *keys, uint8_t *dst) {
 
     store = open_store();
     CHECK_OK(kvferry_store_lookup(store, keys, BLOCKS, media, 0, &found));
+    CHECK(found == 0);
+    CHECK_OK(kvferry_store_disk_keys(store, NULL, 0, &found));
     CHECK(found == 0);
     CHECK_OK(kvferry_store_destroy(store));
 }

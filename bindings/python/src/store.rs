@@ -187,6 +187,13 @@ impl TierStore {
         Ok(self.state()?.store.lookup(&keys).into_iter().map(|m| m.as_str()).collect())
     }
 
+    /// The keys of every block on the disk tier, in slot order; right after opening, what the
+    /// directory's index log held (an empty list without a disk tier).
+    fn disk_keys<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let keys = self.state()?.store.disk_keys();
+        Ok(keys.iter().map(|k| PyBytes::new(py, k.as_bytes())).collect())
+    }
+
     fn offload(&self, py: Python<'_>, keys: Vec<PyBackedBytes>) -> PyResult<StoreOp> {
         let keys = block_keys(&keys)?;
         let state = self.state()?;

@@ -205,3 +205,40 @@ def test_a_disk_directory_is_locked_against_a_second_process(tmp_path):
     with kvferry.TierStore(BLOCK, BLOCK, disk_dir=tmp_path, disk_capacity=4 * BLOCK):
         assert open_elsewhere() == "TierDiskLocked 612"
     assert open_elsewhere() == "opened"
+
+
+def test_a_store_killed_with_sigkill_leaves_its_blocks_listed_and_no_lock(tmp_path):
+    # The child writes blocks straight to disk, says so, and waits holding the store open until it
+    # is killed: no close, no flush, as an engine killed with `kill -9`.
+    child = (
+        "import sys, time, numpy as np, kvferry\n"
+        "keys = kvferry.prefix_keys(range(3 * 16), 16)\n"
+        "source = np.zeros(3 * 4096 + 4096, np.uint8)\n"
+        "base = (source.ctypes.data + 4095) // 4096 * 4096\n"
+        "for i in range(3):\n"
+        "    np.frombuffer(source, np.uint8)[base - source.ctypes.data + i * 4096:][:4096] = 50 + i\n"
+        "store = kvferry.TierStore(4096, 4096, disk_dir=sys.argv[1], disk_capacity=8 * 4096)\n"
+        "store.put([(k, [(base + i * 4096, 4096)]) for i, k in enumerate(keys)], to_disk=True).wait(30)\n"
+        "print('stored', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "stored"
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    keys = kvferry.prefix_keys(range(3 * 16), 16)
+    # The kernel released the dead process's lock: a restarted store opens the directory.
+    with kvferry.TierStore(BLOCK, 4 * BLOCK, disk_dir=tmp_path, disk_capacity=8 * BLOCK) as store:
+        assert store.disk_keys() == keys
+        assert store.lookup(keys) == ["DISK"] * 3
+        dest = np.zeros(3 * BLOCK, np.uint8)
+        store.get([(k, [(dest.ctypes.data + i * BLOCK, BLOCK)]) for i, k in enumerate(keys)]).wait(30)
+        assert [set(dest[i * BLOCK : (i + 1) * BLOCK]) for i in range(3)] == [{50}, {51}, {52}]
+        store.clear()
+        assert store.disk_keys() == []
+    with kvferry.TierStore(BLOCK, BLOCK) as dram_only:
+        assert dram_only.disk_keys() == []

@@ -230,6 +230,9 @@ def test_settings_from_extra_config():
     assert cfg.pd and cfg.offload.dram_bytes == 2 * GIB and cfg.offload.disk_bytes == GIB
     offload_only = ConnectorConfig.from_extra("e", "kv_both", {"pd": False, "offload": {}})
     assert not offload_only.pd and offload_only.offload.dram_bytes == 4 * GIB
+    # A restarted engine keeps what its disk holds unless told to empty it.
+    assert not cfg.offload.clear_on_start
+    assert ConnectorConfig.from_extra("e", "kv_both", {"offload": {"clear_on_start": True}}).offload.clear_on_start
     for bad in (
         {"pd": False},
         {"lease_seconds": 0},
@@ -238,6 +241,7 @@ def test_settings_from_extra_config():
         {"offload": {"disk_dir": "/x"}},
         {"offload": {"dram_bytes": "lots"}},
         {"offload": 3},
+        {"offload": {"clear_on_start": "yes"}},
     ):
         with pytest.raises(ValueError):
             ConnectorConfig.from_extra("e", "kv_both", bad)

@@ -84,8 +84,13 @@ def complete(url: str, prompt: list[int], max_tokens: int, timeout: float = 120,
         return e.code, json.loads(e.read() or b"{}")
 
 
+# The labels `metrics` keeps apart: the source of cached prompt tokens, the medium of tier hits.
+KEPT_LABELS = ("source", "medium")
+
+
 def metrics(server: Server) -> dict[str, float]:
-    """Prometheus samples summed over labels other than `source`: `name{source=x}` or `name`."""
+    """Prometheus samples summed over labels other than `KEPT_LABELS`: `name{source=x}`,
+    `name{medium=x}` or `name`."""
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
@@ -94,7 +99,7 @@ def metrics(server: Server) -> dict[str, float]:
             continue
         name_labels, _, value = line.rpartition(" ")
         name, _, labels = name_labels.partition("{")
-        source = next((p.split("=")[1].strip('"') for p in labels.rstrip("}").split(",") if p.startswith("source=")), None)
-        key = f"{name}{{source={source}}}" if source else name
+        kept = [p.replace('"', "") for p in labels.rstrip("}").split(",") if p.split("=")[0] in KEPT_LABELS]
+        key = f"{name}{{{','.join(kept)}}}" if kept else name
         values[key] = values.get(key, 0.0) + float(value)
     return values

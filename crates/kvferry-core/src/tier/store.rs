@@ -368,6 +368,18 @@ impl TierStore {
         found
     }
 
+    /// The keys of every block on the disk tier (none without one), in slot order. Right after
+    /// [`TierStore::open`] these are the blocks the replayed index log holds: a restarted engine
+    /// rebuilds its own index of the store from them instead of starting empty. Blocks being
+    /// written are not listed until their record is.
+    pub fn disk_keys(&self) -> Vec<BlockKey> {
+        let state = self.shared.lock();
+        let Some(disk) = &state.disk else { return Vec::new() };
+        let mut blocks: Vec<(u32, BlockKey)> = disk.blocks.iter().map(|(k, b)| (b.entry.slot, *k)).collect();
+        blocks.sort_unstable_by_key(|&(slot, _)| slot);
+        blocks.into_iter().map(|(_, k)| k).collect()
+    }
+
     /// Copy blocks into the store from memory of `device`: each block is the concatenation of its
     /// regions, which must add up to the block size. Blocks already cached are skipped.
     ///
@@ -1403,6 +1415,42 @@ mod tests {
         wait(unsafe { store.get_from_disk(blocks(&dest, &[2])) }).unwrap();
         assert!(dest.to_vec().iter().all(|&b| b == 11));
         drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn disk_keys_list_what_the_replayed_index_holds() {
+        let dir = temp_dir("disk-keys");
+        let store = open(&dir, 4);
+        assert_eq!(store.disk_keys(), []);
+        let source = buffer(3, 30);
+        wait(unsafe { store.put_to_disk(blocks(&source, &[3, 1, 2])) }).unwrap();
+        // A block only in DRAM is not persisted, so not listed.
+        wait(unsafe { store.put(Arc::new(crate::HostDevice::new().unwrap()), blocks(&source, &[7])) }).unwrap();
+        assert_eq!(store.lookup(&[key(7)]), [Medium::Cpu]);
+        assert_eq!(store.disk_keys(), [key(3), key(1), key(2)], "slot order");
+        drop(store);
+
+        let store = open(&dir, 4);
+        assert_eq!(store.disk_keys(), [key(3), key(1), key(2)]);
+        // The listing follows the tier: an eviction to make room removes its victim.
+        let more = buffer(2, 60);
+        wait(unsafe { store.put_to_disk(blocks(&more, &[4, 5])) }).unwrap();
+        let listed = store.disk_keys();
+        assert_eq!(listed.len(), 4);
+        assert!(listed.contains(&key(4)) && listed.contains(&key(5)));
+        drop(store);
+        let store = open(&dir, 4);
+        assert_eq!(store.disk_keys().len(), 4);
+        store.clear().unwrap();
+        assert_eq!(store.disk_keys(), []);
+        drop(store);
+        assert_eq!(open(&dir, 4).disk_keys(), []);
+        let dram_only = TierStore::open(
+            TierConfig::new(BLOCK, BLOCK as u64).with_host_alloc(HostAllocOptions::new().with_pin(false)),
+        )
+        .unwrap();
+        assert_eq!(dram_only.disk_keys(), []);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

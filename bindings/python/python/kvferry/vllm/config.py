@@ -16,6 +16,8 @@ class OffloadConfig:
     disk_bytes: int
     policy: str
     admit_after: int
+    # Empty each rank's disk directory at start instead of finding its blocks again.
+    clear_on_start: bool
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def _choice(d: Mapping[str, Any], key: str, choices: tuple[str, ...], default: s
 def _offload(d: Any) -> OffloadConfig:
     if not isinstance(d, Mapping):
         raise ValueError(f'"offload" must be an object, not {d!r}')
-    known = {"dram_bytes", "dram_gib", "disk_dir", "disk_bytes", "disk_gib", "policy", "admit_after"}
+    known = {"dram_bytes", "dram_gib", "disk_dir", "disk_bytes", "disk_gib", "policy", "admit_after", "clear_on_start"}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f'unknown "offload" keys {sorted(unknown)}; known: {sorted(known)}')
@@ -96,7 +98,15 @@ def _offload(d: Any) -> OffloadConfig:
         disk_bytes=disk,
         policy=str(d.get("policy", "lru")),
         admit_after=int(_positive(d, "admit_after", 1)),
+        clear_on_start=_bool(d, "clear_on_start", False),
     )
+
+
+def _bool(d: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f'"{key}" must be true or false, not {value!r}')
+    return value
 
 
 def _bytes(d: Mapping[str, Any], stem: str, default: int) -> int:

@@ -23,7 +23,8 @@ class KvferryConnector(KVConnectorBase_V1, SupportsHMA):
     "kv_connector_module_path": "kvferry.vllm", "kv_role": "kv_both", "kv_connector_extra_config": {...}}'`.
 
     `kv_connector_extra_config`: `pd` (default on for any kv_role), `offload`
-    (`{"dram_gib": 4, "disk_dir": "/nvme/kv", "disk_gib": 100}`), `host`, `port`, `lease_seconds`,
+    (`{"dram_gib": 4, "disk_dir": "/nvme/kv", "disk_gib": 100}`; a restarted engine finds what the
+    disk kept unless `"clear_on_start": true`), `host`, `port`, `lease_seconds`,
     `timeout_seconds`, `shm`, `fabric_provider`. See docs/vllm.md.
     """
 

@@ -71,6 +71,9 @@ class WorkerReport(KVConnectorWorkerMetadata):
 
 @dataclass
 class RankHandshake(KVConnectorHandshakeMetadata):
-    """A worker rank's `RankInfo`, as a dict, on its way to the scheduler."""
+    """What a worker rank tells the scheduler once, at start: its `RankInfo` as a dict (P/D; None
+    without), and the keys its disk tier kept from an earlier engine on the same directory, which
+    the scheduler's index starts with."""
 
-    info: dict[str, Any]
+    info: dict[str, Any] | None
+    persisted: list[bytes] = field(default_factory=list)

@@ -4,6 +4,7 @@ scheduler process."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ class ConnectorScheduler:
         self.block_tokens = vllm_config.cache_config.block_size
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.groups = len(kv_cache_config.kv_cache_groups)
+        self.hash_algo = str(vllm_config.cache_config.prefix_caching_hash_algo)
         self.offload = cfg.offload is not None and self.groups == 1
         self.kv_cache_manager: Any = None
         self.server: HandshakeServer | None = None
@@ -256,9 +258,12 @@ class ConnectorScheduler:
         return True
 
     def serve_handshake(self, ranks: dict[int, Any]) -> None:
+        shakes = {r: m for r, m in ranks.items() if isinstance(m, RankHandshake)}
+        if self.offload:
+            self._restore({r: m.persisted for r, m in shakes.items()})
         if not self.cfg.pd:
             return
-        infos = {r: RankInfo.from_dict(m.info) for r, m in ranks.items() if isinstance(m, RankHandshake)}
+        infos = {r: RankInfo.from_dict(m.info) for r, m in shakes.items() if m.info is not None}
         if len(infos) != self.tp_size:
             logger.warning("kvferry: %d of %d ranks sent handshake metadata", len(infos), self.tp_size)
         self.server = HandshakeServer(self.cfg.host, self.cfg.port, infos, self.cfg.auth_kwargs())
@@ -269,6 +274,34 @@ class ConnectorScheduler:
             self.server.close()
 
     # Index of the tiers.
+
+    def _restore(self, persisted: dict[int, list[bytes]]) -> None:
+        """Start the index with the blocks the ranks' disk tiers kept from an earlier engine: their
+        keys are the block hashes that engine computed, found again by a restarted engine that
+        hashes the same tokens to the same values (vLLM's sha256 hashes do; its xxhash ones only
+        with one PYTHONHASHSEED for both)."""
+        count = sum(map(len, persisted.values()))
+        if count == 0:
+            return
+        if self.hash_algo.startswith("xxhash") and os.environ.get("PYTHONHASHSEED") is None:
+            logger.warning(
+                "kvferry: %s block hashes are random per process without PYTHONHASHSEED: the %d blocks "
+                "on disk from an earlier engine will not be found again",
+                self.hash_algo,
+                count,
+            )
+        # Published as vLLM's BlockStored like any store, with the hash alone: the index log keeps
+        # neither the parent hash nor the tokens.
+        restored = {key for keys in persisted.values() for key in keys}
+        for key in restored:
+            self._pending.setdefault(key, _Pending(maybe_convert_block_hash(key), None, []))
+        self._apply([(rank, "stored", keys, "DISK", None) for rank, keys in persisted.items()])
+        for key in restored:
+            # A block not on every rank is not found: it must not look as if it were being stored.
+            if self._medium(key) is None:
+                self._pending.pop(key, None)
+        found = sum(self._medium(key) is not None for key in restored)
+        logger.info("kvferry: %d blocks found on disk from an earlier engine", found)
 
     def _request_keys(self, request: Any) -> list[bytes]:
         """The request's store keys; only blocks hashed since the last call are converted."""

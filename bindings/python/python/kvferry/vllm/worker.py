@@ -5,6 +5,7 @@ store's own threads, and each step only polls what finished."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -26,6 +27,11 @@ logger = init_logger(f"vllm.{__name__}")
 # Sent by a decode rank to each prefill rank it read from: "<prefix><readers> <request id>", where
 # `readers` is how many decode ranks read from that prefill rank, so it knows when all are done.
 DONE_PREFIX = b"kvferry-done "
+
+# In each rank's disk directory: what the engine that wrote its blocks was (model, dtypes, block
+# shape, rank). vLLM's block hashes name tokens, not a model, so blocks another configuration
+# wrote would be found under the same hashes and loaded as this one's.
+ENGINE_FILE = "engine.json"
 
 
 def done_message(readers: int, request_id: str) -> bytes:
@@ -86,6 +92,19 @@ class ConnectorWorker:
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.tp_rank = get_tensor_model_parallel_rank()
         self.total_heads = vllm_config.model_config.get_total_num_kv_heads()
+        model, cache = vllm_config.model_config, vllm_config.cache_config
+        self._engine = {
+            "model": str(model.model),
+            "revision": model.revision,
+            "dtype": str(model.dtype),
+            "cache_dtype": str(cache.cache_dtype),
+            "hash_algo": str(cache.prefix_caching_hash_algo),
+            "block_tokens": self.block_tokens,
+            "tp_size": self.tp_size,
+            "tp_rank": self.tp_rank,
+        }
+        # Keys the disk tier kept from an earlier engine, until the handshake hands them over.
+        self._persisted: list[bytes] = []
         self.agent: kvferry.Agent | None = None
         self.store: kvferry.TierStore | None = None
         self.layouts: list[KvLayout] = []
@@ -189,19 +208,53 @@ class ConnectorWorker:
                 policy=off.policy,
                 admit_after=off.admit_after,
             )
-        # The scheduler's index starts empty, so blocks a previous engine left on disk could never
-        # be found: reuse their space instead.
-        self.store.clear()
+        if disk_dir is not None:
+            self._persisted = self._reuse_disk(disk_dir, off.clear_on_start)
+
+    def _reuse_disk(self, disk_dir: str, clear: bool) -> list[bytes]:
+        """The keys of the blocks an earlier engine left in `disk_dir`, for the scheduler to find
+        again; the tier is emptied instead when asked to, or when that engine was another
+        configuration (`ENGINE_FILE`)."""
+        assert self.store is not None and self.layouts
+        engine = {
+            **self._engine,
+            "block_bytes": self.layouts[0].block_bytes,
+            "layers": [[x.name, x.segment_len, len(x.offsets), x.head_len, x.num_heads] for x in self.layouts[0].layers],
+        }
+        path = os.path.join(disk_dir, ENGINE_FILE)
+        try:
+            with open(path) as f:
+                before = json.load(f)
+        except FileNotFoundError:
+            before = None
+        except (OSError, ValueError) as e:
+            before = f"unreadable: {e}"
+        keys = self.store.disk_keys()
+        if keys and not clear and before != engine:
+            logger.warning(
+                "kvferry: %s holds %d blocks of another engine (%s, now %s): emptying it", disk_dir, len(keys), before, engine
+            )
+            clear = True
+        if clear:
+            self.store.clear()
+            keys = []
+        # Written while the store holds the directory's lock, so no other engine writes it too.
+        with open(path + ".tmp", "w") as f:
+            json.dump(engine, f)
+        os.replace(path + ".tmp", path)
+        logger.info("kvferry: rank %d found %d blocks in %s", self.tp_rank, len(keys), disk_dir)
+        return keys
 
     def handshake(self) -> RankHandshake | None:
+        persisted, self._persisted = self._persisted, []
         if not self.cfg.pd or self.agent is None:
-            return None
+            return RankHandshake(None, persisted) if self.store is not None else None
         info = RankInfo(
             self.cfg.engine_id, self.tp_rank, self.tp_size, self.total_heads, self.agent.metadata(), self.layouts[0]
         )
         if len(self.layouts) != 1:
             logger.warning("kvferry: P/D transfers cover the first of %d KV cache groups", len(self.layouts))
-        return RankHandshake(info.to_dict())
+        return RankHandshake(info.to_dict(), persisted)
 
     # Each step.
 
