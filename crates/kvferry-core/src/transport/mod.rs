@@ -623,7 +623,11 @@ impl Completion {
         let mut state = self.state.lock().unwrap();
         let at = state.running.iter().position(|r| r.id == id).expect("a running part ends once");
         let part = state.running.swap_remove(at);
-        self.settled.notify_all();
+        // Only a stopped batch waits for its running parts to end (`wait_stopped`): waking the
+        // caller's `wait` at every part's end would cost each transfer a context switch.
+        if state.status != TransferStatus::InProgress || self.stopping.load(Ordering::Acquire) {
+            self.settled.notify_all();
+        }
         part.cut
     }
 
