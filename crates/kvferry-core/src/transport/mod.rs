@@ -675,7 +675,11 @@ impl Completion {
             state.first_error.get_or_insert(e);
             self.abort_running(&mut state);
         }
-        self.settled.notify_all();
+        // `wait` is woken when the batch settles; only a cancel of an unguarded batch, which sets
+        // `stopping` under this lock first, waits for the parts to report.
+        if self.stopping.load(Ordering::Acquire) {
+            self.settled.notify_all();
+        }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return PartOutcome::Pending;
         }
