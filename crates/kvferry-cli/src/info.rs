@@ -194,6 +194,14 @@ fn limits_report() -> serde_json::Value {
         json!({ "name": "peers.max_exchanged", "value": agent.max_peers }),
         json!({ "name": "peers.idle_timeout_s", "value": agent.peer_idle_timeout.as_secs_f64() }),
     ]);
+    #[cfg(feature = "fabric")]
+    {
+        let fabric = kvferry::transport::fabric::FabricConfig::default();
+        rows.extend([
+            json!({ "name": "fabric.max_answers", "value": fabric.max_answers }),
+            json!({ "name": "fabric.staging_kept_bytes", "value": fabric.staging_kept_bytes }),
+        ]);
+    }
     serde_json::Value::Array(rows)
 }
 

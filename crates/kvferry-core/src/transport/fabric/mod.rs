@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 
 use kvferry_fabric_sys as sys;
 
-use self::rail::{CONFIRMED, Check, Part, Rail, RailOp, UNCHECKED};
+use self::rail::{CONFIRMED, Check, Part, Rail, RailLimits, RailOp, UNCHECKED};
 use crate::auth::Auth;
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{MemKind, MemRegion};
@@ -57,11 +57,25 @@ pub struct FabricConfig {
     pub hmem: bool,
     /// Batches of at least this many bytes are striped across rails; smaller ones use one rail.
     pub stripe_min_bytes: u64,
+    /// Answers (to peers' checks and notifications) a rail keeps in flight: a peer that floods it
+    /// gets no answer beyond them, and its batches time out.
+    pub max_answers: usize,
+    /// Bytes of staging buffers a rail keeps for reuse (see `rail.rs`); beyond, a returned buffer
+    /// is freed.
+    pub staging_kept_bytes: usize,
 }
 
 impl Default for FabricConfig {
     fn default() -> Self {
-        FabricConfig { provider: None, rails: 1, domains: Vec::new(), hmem: false, stripe_min_bytes: 1 << 20 }
+        FabricConfig {
+            provider: None,
+            rails: 1,
+            domains: Vec::new(),
+            hmem: false,
+            stripe_min_bytes: 1 << 20,
+            max_answers: 256,
+            staging_kept_bytes: 64 << 20,
+        }
     }
 }
 
@@ -498,7 +512,10 @@ impl FabricTransport {
         let rails = infos
             .into_iter()
             .enumerate()
-            .map(|(i, info)| Rail::open(info, i, notifications.clone(), local.clone(), auth.clone()).map(Arc::new))
+            .map(|(i, info)| {
+                let limits = RailLimits { max_answers: config.max_answers, staging_kept: config.staging_kept_bytes };
+                Rail::open(info, i, limits, notifications.clone(), local.clone(), auth.clone()).map(Arc::new)
+            })
             .collect::<Result<Vec<_>>>()?;
         let addresses: Vec<&[u8]> = rails.iter().map(|r| &r.address[..]).collect();
         let endpoint = Endpoint { kind: TransportKind::Fabric, address: encode_endpoint(&provider, &addresses) };

@@ -121,10 +121,15 @@ const MSG_NOTIFIED: u8 = 9;
 const NOTIFY_QUEUED: u8 = 0;
 const NOTIFY_BUSY: u8 = 1;
 
-/// Answers (to checks and notifications) one rail keeps in flight at most: a peer that floods
-/// us with requests gets no answer beyond them (its batches time out), so what it makes us hold
-/// is bounded. Notifications that go unanswered this way are not queued either.
-const MAX_ANSWERS: usize = 256;
+/// What a rail may hold (`FabricConfig::max_answers`, `staging_kept_bytes`): answers to checks
+/// and notifications in flight (a peer that floods us gets no answer beyond them, its batches
+/// time out, and a notification that goes unanswered is not queued), and staging buffers kept
+/// for reuse.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RailLimits {
+    pub max_answers: usize,
+    pub staging_kept: usize,
+}
 
 pub(super) struct RegisteredMr {
     pub id: u64,
@@ -196,6 +201,7 @@ impl Rail {
     pub fn open(
         info: Info,
         index: usize,
+        limits: RailLimits,
         notifications: Arc<NotificationQueue>,
         registry: LocalRegistry,
         auth: Auth,
@@ -225,6 +231,7 @@ impl Rail {
                     let progress = Progress::new(
                         objects,
                         thread_info,
+                        limits,
                         queue.clone(),
                         notifications,
                         thread_bytes,
@@ -400,11 +407,10 @@ enum Pending {
     },
 }
 
-/// Staging buffers come in powers of two from this size, and a rail keeps up to
-/// [`STAGING_KEPT`] bytes of them for reuse: allocating, faulting in and registering a buffer per
-/// message would cost more than the copy.
+/// Staging buffers come in powers of two from this size, and a rail keeps some for reuse
+/// ([`RailLimits::staging_kept`]): allocating, faulting in and registering a buffer per message
+/// would cost more than the copy.
 const MIN_STAGING: usize = 64 << 10;
-const STAGING_KEPT: usize = 64 << 20;
 
 /// A staging buffer and its registration (every provider gets one: some pick faster protocols for
 /// registered memory). Dropped, the registration is closed; only while the domain is open.
@@ -434,7 +440,7 @@ struct Staging {
 enum Purpose {
     /// Nothing waits for it (a handshake message, a check).
     Plain,
-    /// An answer to a peer's check or notification: counted against [`MAX_ANSWERS`].
+    /// An answer to a peer's check or notification: counted against [`RailLimits::max_answers`].
     Answer,
     /// A notification: its batch settles on the receiver's answer (`MSG_NOTIFIED`), or fails if
     /// the send does.
@@ -500,11 +506,12 @@ struct Progress {
     parked: HashMap<u64, Part>,
     /// Notifications sent and not yet answered, by query id: the peer rail asked, and the batch.
     notifying: HashMap<u64, (Arc<[u8]>, Arc<Completion>)>,
-    /// Answers posted and not yet completed (at most [`MAX_ANSWERS`]).
+    limits: RailLimits,
+    /// Answers posted and not yet completed (at most [`RailLimits::max_answers`]).
     answers_in_flight: usize,
     /// Operations go through staging buffers (see the module's comment).
     staged: bool,
-    /// Staging buffers not in use, by size, and their bytes (at most [`STAGING_KEPT`]).
+    /// Staging buffers not in use, by size, and their bytes (at most [`RailLimits::staging_kept`]).
     staging_pool: HashMap<usize, Vec<StagingBuf>>,
     staging_kept: usize,
     unanswered_log: LogLimiter,
@@ -521,9 +528,11 @@ struct Progress {
 }
 
 impl Progress {
+    #[allow(clippy::too_many_arguments)] // what the progress thread owns, each handed over once
     fn new(
         objects: Objects,
         info: Info,
+        limits: RailLimits,
         queue: Arc<CommandQueue>,
         notifications: Arc<NotificationQueue>,
         bytes: Arc<AtomicU64>,
@@ -547,6 +556,7 @@ impl Progress {
             known: HashMap::new(),
             parked: HashMap::new(),
             notifying: HashMap::new(),
+            limits,
             answers_in_flight: 0,
             staged,
             staging_pool: HashMap::new(),
@@ -898,10 +908,10 @@ impl Progress {
     }
 
     /// Keep a staging buffer the provider has returned for the next message, within
-    /// [`STAGING_KEPT`].
+    /// [`RailLimits::staging_kept`].
     fn recycle(&mut self, held: StagingBuf) {
         let size = held.buf.len();
-        if self.staging_kept + size <= STAGING_KEPT {
+        if self.staging_kept + size <= self.limits.staging_kept {
             self.staging_kept += size;
             self.staging_pool.entry(size).or_default().push(held);
         }
@@ -1168,11 +1178,12 @@ impl Progress {
 
     /// Send `answer` to the peer rail at `reply_to` (over its session when authenticated, `from`
     /// being the peer that proved itself). Returns whether it was posted: not beyond
-    /// [`MAX_ANSWERS`] in flight, nor to a rail we cannot reach. `None` when the session is gone.
+    /// [`RailLimits::max_answers`] in flight, nor to a rail we cannot reach. `None` when the session is gone.
     fn reply(&mut self, reply_to: &[u8], from: Option<&[u8]>, kind: u8, answer: &[u8]) -> Option<bool> {
-        if self.answers_in_flight >= MAX_ANSWERS {
+        if self.answers_in_flight >= self.limits.max_answers {
             if let Some(left_out) = self.unanswered_log.allow() {
-                tracing::warn!(left_out, "fabric: {MAX_ANSWERS} answers in flight; a peer's request goes unanswered");
+                let limit = self.limits.max_answers;
+                tracing::warn!(left_out, "fabric: {limit} answers in flight; a peer's request goes unanswered");
             }
             return Some(false);
         }
