@@ -175,8 +175,10 @@ python_tests() {
     # and vLLM gets a build with them, so that their test runs there rather than skipping.
     log "Python package: a build with KV events (--features kv-events) into target/venv"
     rm -rf target/wheels-kv-events
-    # Tagged for this machine (`linux`): libzmq brings a libstdc++ newer than the wheel's policy.
-    target/venv/bin/maturin build --release -m bindings/python/Cargo.toml --features kv-events \
+    # The wheel's own features (pyproject.toml: `--features` replaces them) and kv-events, tagged
+    # for this machine (`linux`): libzmq brings a libstdc++ newer than the wheel's policy.
+    wheel_features=$(python3 -c 'import tomllib; print(",".join(tomllib.load(open("bindings/python/pyproject.toml", "rb"))["tool"]["maturin"]["features"]))')
+    target/venv/bin/maturin build --release -m bindings/python/Cargo.toml --features "$wheel_features,kv-events" \
         --compatibility linux -o target/wheels-kv-events
     target/venv/bin/python -m pip install -q --force-reinstall --no-deps target/wheels-kv-events/kvferry-*.whl
     log "Python package: every test, with torch"
