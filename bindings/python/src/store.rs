@@ -221,6 +221,7 @@ impl TierStore {
         dict.set_item("disk_evictions", stats.disk_evictions)?;
         dict.set_item("disk_writes", stats.disk_writes)?;
         dict.set_item("not_admitted", stats.not_admitted)?;
+        dict.set_item("promotions", stats.promotions)?;
         dict.set_item("corrupt_blocks", stats.corrupt_blocks)?;
         dict.set_item("torn_records", stats.torn_records)?;
         dict.set_item("disk_failed", stats.disk_failure.is_some())?;

@@ -70,6 +70,7 @@ def test_a_small_dram_serves_blocks_back_from_disk(tmp_path):
         assert np.array_equal(source, dest)
         stats = store.stats()
         assert stats["disk_hits"] >= 8 and stats["disk_writes"] >= 8 and not stats["disk_failed"]
+        assert stats["promotions"] >= 8, stats
         events = store.take_events()
         moved = [k for e in events if (e.kind, e.from_medium, e.medium) == ("moved", "CPU", "DISK") for k in e.keys]
         assert set(keys[:8]) <= set(moved)
