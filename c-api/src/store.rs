@@ -68,12 +68,15 @@ pub const KVFERRY_MEDIUM_GPU: kvferry_medium = 1;
 pub const KVFERRY_MEDIUM_CPU: kvferry_medium = 2;
 /// The store's disk tier.
 pub const KVFERRY_MEDIUM_DISK: kvferry_medium = 3;
+/// The remote tier every engine shares (object storage or a shared directory).
+pub const KVFERRY_MEDIUM_REMOTE: kvferry_medium = 4;
 
 fn medium(medium: Medium) -> kvferry_medium {
     match medium {
         Medium::Gpu => KVFERRY_MEDIUM_GPU,
         Medium::Cpu => KVFERRY_MEDIUM_CPU,
         Medium::Disk => KVFERRY_MEDIUM_DISK,
+        Medium::Remote => KVFERRY_MEDIUM_REMOTE,
     }
 }
 

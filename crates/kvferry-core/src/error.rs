@@ -175,6 +175,12 @@ error_codes! {
         TierClosed = 611,
         /// Another store holds the disk tier's directory.
         TierDiskLocked = 612,
+        /// The remote tier could not be reached or did not answer by the deadline.
+        TierRemoteUnavailable = 613,
+        /// An object of the remote tier failed its checksum or framing.
+        TierRemoteCorrupt = 614,
+        /// An object of the remote tier belongs to another namespace or block.
+        TierRemoteMismatch = 615,
 
         /// No etcd endpoint answered.
         DiscoveryUnreachable = 700,

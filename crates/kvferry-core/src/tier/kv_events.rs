@@ -70,7 +70,7 @@ impl std::str::FromStr for HashForm {
 pub enum Locality {
     /// DRAM of this host, a disk directory on a local device.
     Local,
-    /// A disk directory on network storage.
+    /// A disk directory on network storage; always the remote tier's blocks.
     Remote,
 }
 
@@ -366,11 +366,12 @@ impl Encoding {
 
     /// vLLM declares `locality` after the fields kvferry leaves at their defaults (`extra_keys`,
     /// `group_idx`, the cache spec), which msgspec omits, so it comes right after `medium` or
-    /// `lora_name`.
-    fn locality(&self, out: &mut Vec<u8>) {
+    /// `lora_name`. Blocks of the level every engine shares are `REMOTE` whatever the config says
+    /// of the store's own tiers.
+    fn locality(&self, out: &mut Vec<u8>, medium: Medium) {
         if let Some(locality) = self.locality {
             field(out, "locality");
-            field(out, locality.as_str());
+            field(out, if medium == Medium::Remote { Locality::Remote.as_str() } else { locality.as_str() });
         }
     }
 
@@ -389,14 +390,14 @@ impl Encoding {
         field(out, medium.kv_event_name());
         field(out, "lora_name");
         write_nil(out).unwrap();
-        self.locality(out);
+        self.locality(out, medium);
     }
 
     fn removed(&self, out: &mut Vec<u8>, keys: &[BlockKey], medium: Medium) {
         self.head(out, "BlockRemoved", 3, keys);
         field(out, "medium");
         field(out, medium.kv_event_name());
-        self.locality(out);
+        self.locality(out, medium);
     }
 }
 

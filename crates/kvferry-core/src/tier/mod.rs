@@ -17,6 +17,7 @@ mod key;
 #[cfg(feature = "kv-events")]
 pub mod kv_events;
 mod policy;
+mod remote;
 mod store;
 mod uring;
 
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 pub use key::{BlockKey, MAX_KEY_BYTES};
 pub use policy::EvictionPolicy;
+pub use remote::{RemoteConfig, RemoteLocation, RemoteLookup, RemoteStats, RemoteTier};
 pub use store::{TierStats, TierStore};
 
 use crate::error::ErrorCode;
@@ -50,10 +52,12 @@ pub enum Medium {
     Gpu,
     Cpu,
     Disk,
+    /// The level every engine shares: object storage or a shared directory.
+    Remote,
 }
 
 impl Medium {
-    pub const ALL: [Medium; 3] = [Medium::Gpu, Medium::Cpu, Medium::Disk];
+    pub const ALL: [Medium; 4] = [Medium::Gpu, Medium::Cpu, Medium::Disk, Medium::Remote];
 
     /// kvferry's name: the `tier` label of the metrics, what `lookup` answers in Python and C.
     pub fn as_str(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Medium {
             Medium::Gpu => "GPU",
             Medium::Cpu => "CPU",
             Medium::Disk => "DISK",
+            Medium::Remote => "REMOTE",
         }
     }
 
@@ -71,7 +76,7 @@ impl Medium {
         match self {
             Medium::Gpu => "GPU",
             Medium::Cpu => "CPU",
-            Medium::Disk => "STORAGE",
+            Medium::Disk | Medium::Remote => "STORAGE",
         }
     }
 }
@@ -162,6 +167,8 @@ pub struct TierConfig {
     pub host_alloc: HostAllocOptions,
     pub policy: EvictionPolicy,
     pub disk: Option<DiskConfig>,
+    /// The level below DRAM and disk that every engine pointing at it shares.
+    pub remote: Option<RemoteConfig>,
     /// Threads, each with its own io_uring, that run puts and gets.
     pub workers: usize,
     /// How long a worker waits for a device copy before failing the operation.
@@ -177,6 +184,7 @@ impl TierConfig {
             host_alloc: HostAllocOptions::new(),
             policy: EvictionPolicy::Lru,
             disk: None,
+            remote: None,
             workers: 2,
             copy_timeout: Duration::from_secs(60),
         }
@@ -184,6 +192,11 @@ impl TierConfig {
 
     pub fn with_disk(mut self, disk: DiskConfig) -> Self {
         self.disk = Some(disk);
+        self
+    }
+
+    pub fn with_remote(mut self, remote: RemoteConfig) -> Self {
+        self.remote = Some(remote);
         self
     }
 
@@ -233,6 +246,15 @@ pub enum TierError {
     DiskIo { op: String, cause: String },
     #[error("the tier store is shut down")]
     Closed,
+    /// The remote level could not be reached, answered with an error, or not by the deadline.
+    #[error("the remote tier at {location} is unavailable: {cause}")]
+    RemoteUnavailable { location: String, cause: String },
+    /// An object read from the remote failed its framing or checksum; it was never served.
+    #[error("block {key} in the remote tier is corrupt ({why}) and was dropped")]
+    RemoteCorrupt { key: BlockKey, why: String },
+    /// An intact object under this store's name that holds another namespace's or key's block.
+    #[error("block {key} in the remote tier does not match this store ({why}) and was dropped")]
+    RemoteMismatch { key: BlockKey, why: String },
 }
 
 impl TierError {
@@ -251,6 +273,9 @@ impl TierError {
             TierError::NoRoom { .. } => ErrorCode::TierNoRoom,
             TierError::DiskIo { .. } => ErrorCode::TierDiskIo,
             TierError::Closed => ErrorCode::TierClosed,
+            TierError::RemoteUnavailable { .. } => ErrorCode::TierRemoteUnavailable,
+            TierError::RemoteCorrupt { .. } => ErrorCode::TierRemoteCorrupt,
+            TierError::RemoteMismatch { .. } => ErrorCode::TierRemoteMismatch,
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemKind, MemRegion};
 use crate::tier::disk::{DiskEntry, DiskFiles, Record, block_checksum, write_failed};
 use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
 use crate::tier::uring::{Direction, IoOp, Ring};
+use crate::tier::remote::{RemoteLookup, RemoteStats, RemoteTier};
 use crate::tier::{BlockKey, BlockRegions, DISK_ALIGNMENT, Medium, TierConfig, TierError, TierEvent};
 
 /// Rounds of "pick victims, write them down" a reservation tries before reporting no room: a victim
@@ -48,6 +49,8 @@ pub struct TierStats {
     pub disk_failure: Option<String>,
     /// Why the rings run without registered buffers or files, if they do.
     pub io_fallback: Option<String>,
+    /// The remote level's counters, with one.
+    pub remote: Option<RemoteStats>,
 }
 
 struct HostSlot {
@@ -196,6 +199,7 @@ struct Shared {
     copy_timeout: std::time::Duration,
     arena: HostBuffer,
     state: Mutex<State>,
+    remote: Option<RemoteTier>,
 }
 
 type Job = Box<dyn FnOnce(&Shared, Option<&mut Ring>) + Send>;
@@ -209,14 +213,17 @@ impl Shared {
             stats.disk_blocks = disk.blocks.len();
             stats.disk_failure = disk.failed.as_ref().map(|e| e.to_string());
         }
+        drop(state);
+        stats.remote = self.remote.as_ref().map(RemoteTier::stats);
         stats
     }
 }
 
-/// A two-level (pinned DRAM, NVMe) store of fixed-size KV blocks keyed by chained prefix hashes.
+/// A store of fixed-size KV blocks keyed by chained prefix hashes, in pinned DRAM, on NVMe, and in a
+/// remote level shared by every engine.
 ///
 /// `put` and `get` return at once with a [`CopyFence`]; worker threads do the work. `lookup` only
-/// reads the index and answers directly.
+/// reads the index and answers directly; `lookup_remote` asks the remote level without waiting.
 pub struct TierStore {
     shared: Arc<Shared>,
     jobs: Option<mpsc::Sender<Job>>,
@@ -316,8 +323,19 @@ impl TierStore {
             stats,
             subscribers: Vec::new(),
         };
+        let remote = config.remote.clone().map(|r| RemoteTier::open(r, block_size)).transpose()?;
         let shared =
-            Arc::new(Shared { block_size, copy_timeout: config.copy_timeout, arena, state: Mutex::new(state) });
+            Arc::new(Shared { block_size, copy_timeout: config.copy_timeout, arena, state: Mutex::new(state), remote });
+        if let Some(remote) = &shared.remote {
+            // Weak: the client's tasks outlive the store, which must not be kept alive by them.
+            let announce = Mutex::new(Arc::downgrade(&shared));
+            remote.set_on_uploaded(Box::new(move |key| {
+                let shared = announce.lock().unwrap_or_else(PoisonError::into_inner).upgrade();
+                if let Some(shared) = shared {
+                    shared.lock().emit(TierEvent::Stored { keys: vec![key], medium: Medium::Remote });
+                }
+            }));
+        }
         let (sender, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
         let workers = rings
@@ -368,6 +386,29 @@ impl TierStore {
         found
     }
 
+    /// Like [`TierStore::lookup`], then the remote level for the blocks after the local prefix,
+    /// without waiting: `None` while the remote is being asked (look again later). Blocks found
+    /// only there are [`Medium::Remote`]; a `get` reads them into DRAM.
+    pub fn lookup_remote(&self, keys: &[BlockKey]) -> Option<Vec<Medium>> {
+        let mut found = self.lookup(keys);
+        let Some(remote) = &self.shared.remote else { return Some(found) };
+        if found.len() == keys.len() {
+            return Some(found);
+        }
+        match remote.lookup(&keys[found.len()..]) {
+            RemoteLookup::Found(n) => {
+                found.extend(std::iter::repeat_n(Medium::Remote, n));
+                Some(found)
+            }
+            RemoteLookup::Pending => None,
+        }
+    }
+
+    /// The remote level, with one.
+    pub fn remote(&self) -> Option<&RemoteTier> {
+        self.shared.remote.as_ref()
+    }
+
     /// The keys of every block on the disk tier (none without one), in slot order. Right after
     /// [`TierStore::open`] these are the blocks the replayed index log holds: a restarted engine
     /// rebuilds its own index of the store from them instead of starting empty. Blocks being
@@ -391,8 +432,9 @@ impl TierStore {
         self.submit(move |shared, ring| shared.put(ring, device.as_ref(), &blocks))
     }
 
-    /// Copy cached blocks out into memory of `device`, reading disk blocks into DRAM first (where
-    /// they stay, promoted). Fails with [`TierError::NotCached`] naming the first block missing.
+    /// Copy cached blocks out into memory of `device`, reading disk and remote blocks into DRAM
+    /// first (where they stay, promoted). Fails with [`TierError::NotCached`] naming the first
+    /// block missing; a remote block that cannot be read fails it with the remote's error.
     ///
     /// # Safety
     /// The regions must be writable by `device`, not overlap, and stay valid until the fence
@@ -606,6 +648,12 @@ impl Shared {
         self.arena.as_ptr() as u64 + index as u64 * self.block_size as u64
     }
 
+    /// # Safety
+    /// The slab must be pinned, and not being written.
+    unsafe fn slab_bytes(&self, index: u32) -> &[u8] {
+        unsafe { std::slice::from_raw_parts(self.slab(index) as *const u8, self.block_size) }
+    }
+
     fn put(&self, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
         let keys: Vec<BlockKey> = {
             let mut state = self.lock();
@@ -637,6 +685,14 @@ impl Shared {
         // SAFETY: the sources are the caller's (see `TierStore::put`); each destination is a slab
         // claimed for this put alone.
         let copied = unsafe { device.copy_batch(&ops) }.and_then(|f| f.wait(Deadline::after(self.copy_timeout)));
+        if copied.is_ok()
+            && let Some(remote) = &self.remote
+        {
+            for (key, index) in &claimed {
+                // SAFETY: the slab is claimed by this put and its copy has completed.
+                remote.offer(*key, unsafe { self.slab_bytes(*index) });
+            }
+        }
         let mut state = self.lock();
         if let Err(e) = copied {
             // A copy that timed out may still write into its slabs, so they leave the arena for good
@@ -663,7 +719,70 @@ impl Shared {
         Ok(())
     }
 
-    fn get(&self, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
+    fn get(&self, mut ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
+        // Blocks only the remote holds come into DRAM first, pinned until the copies out are done.
+        let from_remote = self.fetch_remote(ring.as_deref_mut(), blocks)?;
+        let outcome = self.get_local(ring, device, blocks);
+        self.unpin(&mut self.lock(), &from_remote, &[]);
+        outcome
+    }
+
+    /// Read the blocks of `blocks` that neither DRAM nor disk holds from the remote level into
+    /// fresh slabs, verified, and publish them in DRAM; returns them still pinned. Fails if one
+    /// cannot be read (those that could are kept).
+    fn fetch_remote(&self, ring: Option<&mut Ring>, blocks: &[BlockRegions]) -> Result<Vec<(BlockKey, u32)>> {
+        let Some(remote) = &self.remote else { return Ok(Vec::new()) };
+        let wanted: Vec<BlockKey> = {
+            let state = self.lock();
+            let mut seen = HashSet::new();
+            blocks
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| {
+                    !state.host.contains_key(k)
+                        && !state.disk.as_ref().is_some_and(|d| d.blocks.contains_key(k))
+                        && seen.insert(*k)
+                })
+                .collect()
+        };
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fetched = remote.fetch(&wanted, Deadline::after(self.copy_timeout));
+        let mut first_error = None;
+        let mut data = HashMap::new();
+        for (key, got) in wanted.iter().zip(fetched) {
+            match got {
+                Ok(bytes) => {
+                    data.insert(*key, bytes);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let keys: Vec<BlockKey> = wanted.iter().filter(|k| data.contains_key(k)).copied().collect();
+        let claimed = self.reserve(ring, &keys)?;
+        for (key, index) in &claimed {
+            // SAFETY: the slab is claimed by this worker alone; the object holds one block.
+            unsafe { std::ptr::copy_nonoverlapping(data[key].as_ptr(), self.slab(*index) as *mut u8, self.block_size) };
+        }
+        let mut state = self.lock();
+        for (key, index) in &claimed {
+            let slot = state.slot(*index);
+            slot.ready = true;
+            state.policy.inserted(*key);
+        }
+        state.stats.promotions += claimed.len() as u64;
+        state.emit(TierEvent::Stored { keys: claimed.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
+        if let Some(e) = first_error {
+            self.unpin(&mut state, &claimed, &[]);
+            return Err(e.into());
+        }
+        Ok(claimed)
+    }
+
+    fn get_local(&self, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
         // Pin what is where: DRAM slabs to copy from, disk blocks to promote first.
         let mut pinned_host: Vec<(BlockKey, u32)> = Vec::new();
         let mut from_disk: Vec<(BlockKey, DiskEntry)> = Vec::new();
@@ -1089,6 +1208,14 @@ impl Shared {
                 block_checksum(&w.key, w.slot, bytes)
             });
         });
+        if let Some(remote) = &self.remote {
+            for (w, outcome) in writes.iter().zip(&written) {
+                if outcome.is_ok() {
+                    // SAFETY: as above; the caller's block is readable until the fence completes.
+                    remote.offer(w.key, unsafe { std::slice::from_raw_parts(w.addr as *const u8, self.block_size) });
+                }
+            }
+        }
         let dir = self.lock().disk.as_ref().expect("a direct write's store has a disk tier").dir.clone();
         let mut failure: Option<TierError> = None;
         let mut stored: Vec<(BlockKey, DiskEntry)> = Vec::new();

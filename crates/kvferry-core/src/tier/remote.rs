@@ -1,0 +1,930 @@
+//! The remote level: KV blocks in storage that every engine and host pointing at it shares,
+//! S3-compatible object storage or a shared directory, both through the `object_store` client.
+//!
+//! An object holds one block and names it by the block's key under a fingerprint of everything that
+//! makes bytes incompatible (the namespace), so that caches of different models, dtypes, layouts or
+//! head slices never mix:
+//!
+//! ```text
+//! <prefix>/<fingerprint: 32 hex>/<key: hex>
+//!   "KVFR" | version u16 | header bytes u16 | fingerprint [16] | key length u8 | key | data bytes u64
+//!   | data | xxh3-64 over everything before it
+//! ```
+//!
+//! Uploads run behind the engine (write-behind) and lookups ahead of it (a lookup that is not
+//! answered yet says so instead of waiting); both are bounded in bytes and requests in flight, and
+//! every request has a deadline. A circuit breaker stops sending requests to a store that keeps
+//! failing and lets one through again after a while to find out whether it is back.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use sha2::{Digest, Sha256};
+use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::deadline::Deadline;
+use crate::tier::{BlockKey, MAX_KEY_BYTES, TierError};
+
+const MAGIC: &[u8; 4] = b"KVFR";
+const VERSION: u16 = 1;
+const FINGERPRINT_BYTES: usize = 16;
+const CHECKSUM_BYTES: usize = 8;
+/// Bytes before the key in an object's header.
+const FIXED_HEADER_BYTES: usize = 4 + 2 + 2 + FINGERPRINT_BYTES + 1;
+/// Entries of the table of keys known present or absent; past it the table starts over (a lookup
+/// then asks the store again), so that it never grows without bound.
+const MAX_KNOWN_KEYS: usize = 1 << 20;
+
+/// Where the shared blocks live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteLocation {
+    /// An object store URL: `s3://bucket/prefix` (any S3-compatible store; credentials, region and
+    /// endpoint from the usual `AWS_*` environment variables or [`RemoteConfig::options`]), or
+    /// `file:///path`.
+    Url(String),
+    /// A directory every host mounts (NFS, Lustre, CephFS, 3FS, or a local path): one file per
+    /// block, written under a temporary name and renamed into place.
+    Path(PathBuf),
+}
+
+impl std::fmt::Display for RemoteLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RemoteLocation::Url(url) => f.write_str(url),
+            RemoteLocation::Path(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// How a store uses its remote level.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub location: RemoteLocation,
+    /// Everything that makes two engines' bytes for one key differ: model identity, dtype, tokens
+    /// per block, layout, and the head slice or tensor-parallel rank the blocks hold. Hashed (with
+    /// the block size) into the objects' fingerprint; engines share blocks exactly when their
+    /// namespaces are equal.
+    pub namespace: String,
+    /// Client settings by `object_store` name (`aws_endpoint`, `aws_region`, `aws_allow_http`...),
+    /// which take precedence over the environment.
+    pub options: Vec<(String, String)>,
+    /// The deadline of each request, retries included.
+    pub timeout: Duration,
+    /// Requests in flight at once, for reads and for writes each.
+    pub concurrency: usize,
+    /// Bytes of uploads queued or in flight; a block offered beyond it is dropped (and counted)
+    /// rather than making the engine wait.
+    pub max_upload_bytes: u64,
+    /// Consecutive failed requests after which the breaker opens: no request is sent for
+    /// `retry_after`, then one probes the store.
+    pub failures_to_open: u32,
+    pub retry_after: Duration,
+    /// How long a key found absent is remembered before a lookup asks again.
+    pub absent_for: Duration,
+    /// Keys one lookup asks the store about at most, in prefix order.
+    pub max_lookup_keys: usize,
+}
+
+impl RemoteConfig {
+    pub fn new(location: RemoteLocation, namespace: impl Into<String>) -> Self {
+        RemoteConfig {
+            location,
+            namespace: namespace.into(),
+            options: Vec::new(),
+            timeout: Duration::from_secs(5),
+            concurrency: 16,
+            max_upload_bytes: 256 << 20,
+            failures_to_open: 3,
+            retry_after: Duration::from_secs(5),
+            absent_for: Duration::from_secs(2),
+            max_lookup_keys: 1024,
+        }
+    }
+
+    pub fn with_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    pub fn with_max_upload_bytes(mut self, bytes: u64) -> Self {
+        self.max_upload_bytes = bytes;
+        self
+    }
+
+    pub fn with_breaker(mut self, failures_to_open: u32, retry_after: Duration) -> Self {
+        self.failures_to_open = failures_to_open;
+        self.retry_after = retry_after;
+        self
+    }
+}
+
+/// Counters of a remote level.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// Blocks read from the remote (and promoted into DRAM by a store).
+    pub hits: u64,
+    /// Keys the remote did not hold when asked.
+    pub misses: u64,
+    pub uploads: u64,
+    pub upload_bytes: u64,
+    /// Offered blocks not uploaded because the remote already holds them.
+    pub already_stored: u64,
+    /// Offered blocks dropped: the upload budget was spent or the breaker was open.
+    pub dropped: u64,
+    /// Requests that failed (unreachable, timed out, refused by the server).
+    pub errors: u64,
+    /// Objects that failed their checksum or framing, and were never served.
+    pub corrupt: u64,
+    /// Objects under our name whose header names another fingerprint or key.
+    pub mismatched: u64,
+    /// Times the breaker opened.
+    pub breaker_trips: u64,
+    pub breaker_open: bool,
+    /// Bytes of uploads queued or in flight now.
+    pub upload_bytes_pending: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// What a lookup in the remote knows so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteLookup {
+    /// The first `n` keys are in the remote (those after them are not, or were not asked about).
+    Found(usize),
+    /// The remote is being asked; look again later.
+    Pending,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    Present,
+    Absent(Instant),
+    /// A lookup or upload is asking or writing it now.
+    InFlight,
+}
+
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    /// The one request let through after `open_until`, while it runs.
+    probing: bool,
+}
+
+/// A remote level: the client, its namespace, and what it learned about keys.
+pub struct RemoteTier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    runtime: Arc<Runtime>,
+    location: String,
+    /// `<prefix>/<fingerprint hex>`.
+    dir: ObjectPath,
+    fingerprint: [u8; FINGERPRINT_BYTES],
+    block_size: usize,
+    config: RemoteConfig,
+    known: Mutex<HashMap<BlockKey, Known>>,
+    reads: Semaphore,
+    writes: Semaphore,
+    breaker: Mutex<Breaker>,
+    stats: Mutex<RemoteStats>,
+    /// Signalled when the last pending upload ends.
+    idle: Condvar,
+    /// Called with each block once its upload is complete.
+    on_uploaded: Mutex<Option<Box<dyn Fn(BlockKey) + Send>>>,
+}
+
+impl RemoteTier {
+    /// Build the client (nothing is sent yet: an unreachable store is found out by the first
+    /// request, and counted, rather than failing the engine's start).
+    pub fn open(config: RemoteConfig, block_size: usize) -> Result<RemoteTier, TierError> {
+        let invalid = |why: String| TierError::Config { why };
+        if config.concurrency == 0 {
+            return Err(invalid("the remote tier needs a concurrency of at least 1".into()));
+        }
+        if config.timeout.is_zero() {
+            return Err(invalid("the remote tier's request timeout must not be zero".into()));
+        }
+        if block_size == 0 {
+            return Err(invalid("the block size must not be zero".into()));
+        }
+        let location = config.location.to_string();
+        let (store, prefix) = build_store(&config)?;
+        let fingerprint = fingerprint(&config.namespace, block_size);
+        let dir = prefix.clone().join(hex(&fingerprint));
+        Ok(RemoteTier {
+            inner: Arc::new(Inner {
+                store,
+                runtime: runtime().map_err(|e| TierError::RemoteUnavailable {
+                    location: location.clone(),
+                    cause: format!("starting the client's threads: {e}"),
+                })?,
+                location,
+                dir,
+                fingerprint,
+                block_size,
+                reads: Semaphore::new(config.concurrency),
+                writes: Semaphore::new(config.concurrency),
+                config,
+                known: Mutex::new(HashMap::new()),
+                breaker: Mutex::new(Breaker { failures: 0, open_until: None, probing: false }),
+                stats: Mutex::new(RemoteStats::default()),
+                idle: Condvar::new(),
+                on_uploaded: Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.inner.block_size
+    }
+
+    /// The objects' fingerprint, in hex: the directory under the prefix where this namespace's
+    /// blocks are.
+    pub fn fingerprint(&self) -> String {
+        hex(&self.inner.fingerprint)
+    }
+
+    /// Where the blocks live (the URL or the directory).
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    pub fn stats(&self) -> RemoteStats {
+        let mut stats = lock(&self.inner.stats).clone();
+        stats.breaker_open = lock(&self.inner.breaker).open_until.is_some();
+        stats
+    }
+
+    /// How many leading `keys` the remote holds, without waiting: a key not asked about yet starts
+    /// a lookup of it and those after it (in batches of `concurrency`, stopping at the first
+    /// absent one) and answers [`RemoteLookup::Pending`]; asking again once it ends answers
+    /// [`RemoteLookup::Found`]. Failures count as absent, and an open breaker answers at once with
+    /// what is known.
+    pub fn lookup(&self, keys: &[BlockKey]) -> RemoteLookup {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let mut known = lock(&inner.known);
+        let mut found = 0;
+        for key in keys {
+            match known.get(key) {
+                Some(Known::Present) => found += 1,
+                Some(Known::InFlight) => return RemoteLookup::Pending,
+                Some(Known::Absent(at)) if now.duration_since(*at) < inner.config.absent_for => break,
+                _ => {
+                    if !inner.admit() {
+                        return RemoteLookup::Found(found);
+                    }
+                    let ask: Vec<BlockKey> =
+                        keys[found..].iter().take(inner.config.max_lookup_keys).copied().collect();
+                    remember(&mut known, &ask, Known::InFlight);
+                    drop(known);
+                    let task = Arc::clone(inner);
+                    inner.runtime.spawn(async move { task.ask(ask).await });
+                    return RemoteLookup::Pending;
+                }
+            }
+        }
+        RemoteLookup::Found(found)
+    }
+
+    /// Like [`RemoteTier::lookup`], but waits (until `deadline`) for the answer.
+    pub fn lookup_blocking(&self, keys: &[BlockKey], deadline: Deadline) -> Result<usize, TierError> {
+        loop {
+            if let RemoteLookup::Found(n) = self.lookup(keys) {
+                return Ok(n);
+            }
+            if deadline.expired() {
+                return Err(TierError::RemoteUnavailable {
+                    location: self.inner.location.clone(),
+                    cause: "the lookup did not end by its deadline".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Queue `data` (one block) for upload under `key`, unless the remote is known to hold it or the
+    /// upload budget is spent (then it is dropped and counted). Returns whether it was queued.
+    pub fn offer(&self, key: BlockKey, data: &[u8]) -> bool {
+        let inner = &self.inner;
+        debug_assert_eq!(data.len(), inner.block_size);
+        let object_bytes = encoded_len(&key, data.len()) as u64;
+        let skip_head = {
+            let mut known = lock(&inner.known);
+            match known.get(&key) {
+                Some(Known::Present) => {
+                    lock(&inner.stats).already_stored += 1;
+                    return false;
+                }
+                Some(Known::InFlight) => return false,
+                entry => {
+                    let absent = matches!(entry, Some(Known::Absent(_)));
+                    let mut stats = lock(&inner.stats);
+                    if stats.upload_bytes_pending + object_bytes > inner.config.max_upload_bytes || !inner.admit() {
+                        stats.dropped += 1;
+                        return false;
+                    }
+                    stats.upload_bytes_pending += object_bytes;
+                    remember(&mut known, &[key], Known::InFlight);
+                    absent
+                }
+            }
+        };
+        let object = Bytes::from(encode_object(&inner.fingerprint, &key, data));
+        let task = Arc::clone(inner);
+        inner.runtime.spawn(async move { task.upload(key, object, skip_head).await });
+        true
+    }
+
+    /// Wait until every queued upload has ended (stored or failed); false if some are still
+    /// pending at `deadline`.
+    pub fn flush(&self, deadline: Deadline) -> bool {
+        let mut stats = lock(&self.inner.stats);
+        while stats.upload_bytes_pending > 0 {
+            if deadline.expired() {
+                return false;
+            }
+            stats = self.inner.idle.wait_timeout(stats, deadline.remaining()).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        true
+    }
+
+    /// Read blocks, each verified against its header and checksum, waiting until `deadline` at
+    /// most. A block the remote does not hold is [`TierError::NotCached`]; a corrupt or mismatched
+    /// object is counted, deleted (so that the next store of the block replaces it) and never
+    /// returned.
+    pub fn fetch(&self, keys: &[BlockKey], deadline: Deadline) -> Vec<Result<Bytes, TierError>> {
+        let inner = &self.inner;
+        let reads = keys.iter().map(|key| {
+            let inner = Arc::clone(inner);
+            let key = *key;
+            async move { inner.fetch_one(key, deadline).await }
+        });
+        let all = futures::future::join_all(reads);
+        // The deadline bounds each request; this bounds the whole batch, queueing included.
+        let bounded = async {
+            tokio::time::timeout_at(deadline.instant().into(), all).await.unwrap_or_else(|_| {
+                keys.iter()
+                    .map(|_| {
+                        Err(TierError::RemoteUnavailable {
+                            location: inner.location.clone(),
+                            cause: "the read did not end by its deadline".into(),
+                        })
+                    })
+                    .collect()
+            })
+        };
+        inner.runtime.block_on(bounded)
+    }
+
+    /// Called with each block once its upload completes (a store announces them as events).
+    pub(crate) fn set_on_uploaded(&self, callback: Box<dyn Fn(BlockKey) + Send>) {
+        *lock(&self.inner.on_uploaded) = Some(callback);
+    }
+}
+
+impl std::fmt::Debug for RemoteTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteTier")
+            .field("location", &self.inner.location)
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
+}
+
+impl Inner {
+    fn path_of(&self, key: &BlockKey) -> ObjectPath {
+        self.dir.clone().join(hex(key.as_bytes()))
+    }
+
+    fn unavailable(&self, cause: impl std::fmt::Display) -> TierError {
+        TierError::RemoteUnavailable { location: self.location.clone(), cause: cause.to_string() }
+    }
+
+    /// Whether a request may go out now: always with the breaker closed; once it has been open for
+    /// `retry_after`, one probe at a time.
+    fn admit(&self) -> bool {
+        let mut breaker = lock(&self.breaker);
+        match breaker.open_until {
+            None => true,
+            Some(until) if Instant::now() >= until && !breaker.probing => {
+                breaker.probing = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// The server answered (a missing object is an answer too).
+    fn succeeded(&self) {
+        let mut breaker = lock(&self.breaker);
+        *breaker = Breaker { failures: 0, open_until: None, probing: false };
+    }
+
+    fn failed(&self, error: &TierError) {
+        let tripped = {
+            let mut breaker = lock(&self.breaker);
+            breaker.failures += 1;
+            let probe_failed = breaker.probing || breaker.open_until.is_some();
+            breaker.probing = false;
+            if probe_failed || breaker.failures >= self.config.failures_to_open {
+                let was_open = breaker.open_until.is_some();
+                breaker.open_until = Some(Instant::now() + self.config.retry_after);
+                !was_open
+            } else {
+                false
+            }
+        };
+        let mut stats = lock(&self.stats);
+        stats.errors += 1;
+        stats.last_error = Some(error.to_string());
+        if tripped {
+            stats.breaker_trips += 1;
+            tracing::warn!(
+                "the remote tier at {} stops sending requests for {:?}: {error}",
+                self.location,
+                self.config.retry_after
+            );
+        }
+    }
+
+    /// One request with its deadline, its outcome fed to the breaker; `Ok(None)` is "not there".
+    async fn request<T>(
+        &self,
+        deadline: Instant,
+        op: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<Option<T>, TierError> {
+        let outcome = match tokio::time::timeout_at(deadline.into(), op).await {
+            Ok(Ok(value)) => Ok(Some(value)),
+            Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
+            Ok(Err(e)) => Err(self.unavailable(e)),
+            Err(_) => Err(self.unavailable("the request did not end by its deadline")),
+        };
+        match &outcome {
+            Ok(_) => self.succeeded(),
+            Err(e) => self.failed(e),
+        }
+        outcome
+    }
+
+    /// Ask about `keys` in prefix order, `concurrency` at a time, until one is absent; keys not
+    /// asked about are forgotten (a later lookup asks again).
+    async fn ask(self: Arc<Self>, keys: Vec<BlockKey>) {
+        let mut results: Vec<(BlockKey, Known)> = Vec::with_capacity(keys.len());
+        let mut done = 0;
+        for batch in keys.chunks(self.config.concurrency) {
+            let heads = batch.iter().map(|key| {
+                let path = self.path_of(key);
+                let this = &self;
+                async move {
+                    let _permit = this.reads.acquire().await;
+                    let deadline = Instant::now() + this.config.timeout;
+                    this.request(deadline, this.store.head(&path)).await
+                }
+            });
+            let answers = futures::future::join_all(heads).await;
+            let mut absent = false;
+            for (key, answer) in batch.iter().zip(answers) {
+                let state = match answer {
+                    Ok(Some(_)) => Known::Present,
+                    _ => {
+                        absent = true;
+                        Known::Absent(Instant::now())
+                    }
+                };
+                results.push((*key, state));
+            }
+            done += batch.len();
+            if absent || !self.admit_next() {
+                break;
+            }
+        }
+        let misses = results.iter().filter(|(_, k)| matches!(k, Known::Absent(_))).count() as u64;
+        lock(&self.stats).misses += misses;
+        let mut known = lock(&self.known);
+        for (key, state) in results {
+            known.insert(key, state);
+        }
+        for key in &keys[done..] {
+            if matches!(known.get(key), Some(Known::InFlight)) {
+                known.remove(key);
+            }
+        }
+    }
+
+    /// Whether a lookup goes on to its next batch: not while the breaker is open.
+    fn admit_next(&self) -> bool {
+        lock(&self.breaker).open_until.is_none()
+    }
+
+    async fn upload(self: Arc<Self>, key: BlockKey, object: Bytes, skip_head: bool) {
+        let bytes = object.len() as u64;
+        let outcome = {
+            let _permit = self.writes.acquire().await;
+            let deadline = Instant::now() + self.config.timeout;
+            let path = self.path_of(&key);
+            let there = if skip_head { Ok(None) } else { self.request(deadline, self.store.head(&path)).await };
+            match there {
+                Ok(Some(_)) => Ok(false),
+                Ok(None) => self.request(deadline, self.store.put(&path, object.into())).await.map(|_| true),
+                Err(e) => Err(e),
+            }
+        };
+        let uploaded = matches!(outcome, Ok(true));
+        remember(
+            &mut lock(&self.known),
+            &[key],
+            if outcome.is_ok() { Known::Present } else { Known::Absent(Instant::now()) },
+        );
+        {
+            let mut stats = lock(&self.stats);
+            match outcome {
+                Ok(true) => {
+                    stats.uploads += 1;
+                    stats.upload_bytes += self.block_size as u64;
+                }
+                Ok(false) => stats.already_stored += 1,
+                Err(_) => {}
+            }
+            stats.upload_bytes_pending -= bytes;
+            if stats.upload_bytes_pending == 0 {
+                self.idle.notify_all();
+            }
+        }
+        if uploaded && let Some(callback) = &*lock(&self.on_uploaded) {
+            callback(key);
+        }
+    }
+
+    async fn fetch_one(&self, key: BlockKey, deadline: Deadline) -> Result<Bytes, TierError> {
+        if !self.admit() {
+            return Err(self.unavailable("the breaker is open after repeated failures"));
+        }
+        let _permit = self.reads.acquire().await;
+        let path = self.path_of(&key);
+        let request_deadline = deadline.instant().min(Instant::now() + self.config.timeout);
+        let got = self
+            .request(request_deadline, async {
+                let object = self.store.get(&path).await?;
+                object.bytes().await
+            })
+            .await;
+        let object = match got {
+            Ok(Some(object)) => object,
+            Ok(None) => {
+                lock(&self.stats).misses += 1;
+                remember(&mut lock(&self.known), &[key], Known::Absent(Instant::now()));
+                return Err(TierError::NotCached { key });
+            }
+            Err(e) => return Err(e),
+        };
+        match decode_object(&object, &self.fingerprint, &key, self.block_size) {
+            Ok(range) => {
+                lock(&self.stats).hits += 1;
+                remember(&mut lock(&self.known), &[key], Known::Present);
+                Ok(object.slice(range))
+            }
+            Err(e) => {
+                {
+                    let mut stats = lock(&self.stats);
+                    match e {
+                        TierError::RemoteMismatch { .. } => stats.mismatched += 1,
+                        _ => stats.corrupt += 1,
+                    }
+                    stats.last_error = Some(e.to_string());
+                }
+                remember(&mut lock(&self.known), &[key], Known::Absent(Instant::now()));
+                // Best effort: a store of the block by any engine replaces it either way.
+                let _ = tokio::time::timeout_at(request_deadline.into(), self.store.delete(&path)).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn remember(known: &mut HashMap<BlockKey, Known>, keys: &[BlockKey], state: Known) {
+    if known.len() + keys.len() > MAX_KNOWN_KEYS {
+        // Starting over forgets only what a lookup can ask again; uploads in flight stay marked.
+        known.retain(|_, k| matches!(k, Known::InFlight));
+    }
+    for key in keys {
+        known.insert(*key, state);
+    }
+}
+
+/// The process's client threads: one runtime for every remote tier, so that their number does not
+/// grow with the stores. Made again in a forked child, where the parent's threads do not exist.
+fn runtime() -> std::io::Result<Arc<Runtime>> {
+    static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
+    let mut slot = lock(&RUNTIME);
+    let pid = std::process::id();
+    if let Some((owner, runtime)) = &*slot {
+        if *owner == pid {
+            return Ok(Arc::clone(runtime));
+        }
+        // The parent's runtime: its threads are not in this process, so it cannot be shut down.
+        if let Some((_, stale)) = slot.take() {
+            std::mem::forget(stale);
+        }
+    }
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(16)
+            .thread_name("kvferry-remote")
+            .enable_all()
+            .build()?,
+    );
+    *slot = Some((pid, Arc::clone(&runtime)));
+    Ok(runtime)
+}
+
+fn build_store(config: &RemoteConfig) -> Result<(Arc<dyn ObjectStore>, ObjectPath), TierError> {
+    let location = config.location.to_string();
+    let unusable = |cause: String| TierError::RemoteUnavailable { location: location.clone(), cause };
+    let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: config.timeout, ..Default::default() };
+    let client = object_store::ClientOptions::new()
+        .with_timeout(config.timeout)
+        .with_connect_timeout(config.timeout.min(Duration::from_secs(2)));
+    match &config.location {
+        RemoteLocation::Path(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| unusable(format!("creating the directory: {e}")))?;
+            let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                .map_err(|e| unusable(e.to_string()))?
+                .with_automatic_cleanup(true);
+            if !config.options.is_empty() {
+                return Err(TierError::Config { why: "a shared directory takes no client options".into() });
+            }
+            Ok((Arc::new(store), ObjectPath::default()))
+        }
+        RemoteLocation::Url(url) => {
+            let parsed =
+                url::Url::parse(url).map_err(|e| TierError::Config { why: format!("the remote URL {url:?}: {e}") })?;
+            let prefix = ObjectPath::parse(parsed.path().trim_matches('/'))
+                .map_err(|e| TierError::Config { why: format!("the remote URL's path: {e}") })?;
+            match parsed.scheme() {
+                "s3" | "s3a" => {
+                    let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                        .with_url(url.clone())
+                        .with_retry(retry)
+                        .with_client_options(client);
+                    for (key, value) in &config.options {
+                        let key: object_store::aws::AmazonS3ConfigKey = key.parse().map_err(|e| {
+                            TierError::Config { why: format!("the remote tier's option {key:?}: {e}") }
+                        })?;
+                        builder = builder.with_config(key, value);
+                    }
+                    let store = builder.build().map_err(|e| TierError::Config { why: e.to_string() })?;
+                    Ok((Arc::new(store), prefix))
+                }
+                "file" => {
+                    let dir = parsed
+                        .to_file_path()
+                        .map_err(|()| TierError::Config { why: format!("{url:?} names no local directory") })?;
+                    build_store(&RemoteConfig { location: RemoteLocation::Path(dir), ..config.clone() })
+                }
+                other => Err(TierError::Config {
+                    why: format!("the remote tier takes s3:// or file:// URLs (or a path), not {other}://"),
+                }),
+            }
+        }
+    }
+}
+
+/// The namespace's fingerprint: what every object of it carries and is filed under.
+fn fingerprint(namespace: &str, block_size: usize) -> [u8; FINGERPRINT_BYTES] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"kvferry remote tier v1\0");
+    hasher.update((block_size as u64).to_le_bytes());
+    hasher.update(namespace.as_bytes());
+    let digest = hasher.finalize();
+    let mut out = [0; FINGERPRINT_BYTES];
+    out.copy_from_slice(&digest[..FINGERPRINT_BYTES]);
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn encoded_len(key: &BlockKey, data_len: usize) -> usize {
+    FIXED_HEADER_BYTES + key.as_bytes().len() + 8 + data_len + CHECKSUM_BYTES
+}
+
+/// One block as an object: header, data, checksum.
+pub(crate) fn encode_object(fingerprint: &[u8; FINGERPRINT_BYTES], key: &BlockKey, data: &[u8]) -> Vec<u8> {
+    let key_bytes = key.as_bytes();
+    let header_len = FIXED_HEADER_BYTES + key_bytes.len() + 8;
+    let mut out = Vec::with_capacity(encoded_len(key, data.len()));
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(header_len as u16).to_le_bytes());
+    out.extend_from_slice(fingerprint);
+    out.push(key_bytes.len() as u8);
+    out.extend_from_slice(key_bytes);
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    out.extend_from_slice(data);
+    let checksum = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&checksum.to_le_bytes());
+    out
+}
+
+/// Check an object read back for `key`: the byte range of its data, or why it must not be served.
+/// Nothing in it is trusted: every length is checked against the object's size before use.
+pub(crate) fn decode_object(
+    object: &[u8],
+    fingerprint: &[u8; FINGERPRINT_BYTES],
+    key: &BlockKey,
+    block_size: usize,
+) -> Result<std::ops::Range<usize>, TierError> {
+    let corrupt = |why: &str| TierError::RemoteCorrupt { key: *key, why: why.to_string() };
+    if object.len() < FIXED_HEADER_BYTES + CHECKSUM_BYTES {
+        return Err(corrupt("it is shorter than a header"));
+    }
+    if &object[..4] != MAGIC {
+        return Err(corrupt("it does not start with kvferry's magic"));
+    }
+    let version = u16::from_le_bytes([object[4], object[5]]);
+    if version != VERSION {
+        return Err(TierError::RemoteMismatch { key: *key, why: format!("it has format version {version}") });
+    }
+    let header_len = u16::from_le_bytes([object[6], object[7]]) as usize;
+    let key_len = object[FIXED_HEADER_BYTES - 1] as usize;
+    if key_len == 0 || key_len > MAX_KEY_BYTES || header_len != FIXED_HEADER_BYTES + key_len + 8 {
+        return Err(corrupt("its header length or key length is invalid"));
+    }
+    if object.len() < header_len + CHECKSUM_BYTES {
+        return Err(corrupt("it is shorter than its header"));
+    }
+    let data_len = u64::from_le_bytes(object[header_len - 8..header_len].try_into().expect("8 bytes"));
+    if data_len != block_size as u64 || object.len() != header_len + block_size + CHECKSUM_BYTES {
+        return Err(corrupt("its length is not one block of this store's size"));
+    }
+    let body = object.len() - CHECKSUM_BYTES;
+    let stored = u64::from_le_bytes(object[body..].try_into().expect("8 bytes"));
+    let mut hasher = Xxh3::new();
+    hasher.update(&object[..body]);
+    if hasher.digest() != stored {
+        return Err(corrupt("it failed its checksum"));
+    }
+    // Checked after the checksum: an intact object of another namespace or key is a mismatch.
+    if &object[8..8 + FINGERPRINT_BYTES] != fingerprint {
+        return Err(TierError::RemoteMismatch { key: *key, why: "it belongs to another namespace".into() });
+    }
+    if &object[FIXED_HEADER_BYTES..FIXED_HEADER_BYTES + key_len] != key.as_bytes() {
+        return Err(TierError::RemoteMismatch { key: *key, why: "its header names another block".into() });
+    }
+    Ok(header_len..header_len + block_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> BlockKey {
+        BlockKey::from_engine_hash(&[n; 16]).unwrap()
+    }
+
+    #[test]
+    fn an_object_round_trips_and_every_flipped_byte_is_refused() {
+        let fp = fingerprint("model-a", 64);
+        let data: Vec<u8> = (0..64u8).collect();
+        let object = encode_object(&fp, &key(1), &data);
+        let range = decode_object(&object, &fp, &key(1), 64).unwrap();
+        assert_eq!(&object[range], &data[..]);
+        for i in 0..object.len() {
+            let mut bad = object.clone();
+            bad[i] ^= 0x10;
+            assert!(decode_object(&bad, &fp, &key(1), 64).is_err(), "a flip at byte {i} was served");
+        }
+        for len in 0..object.len() {
+            assert!(decode_object(&object[..len], &fp, &key(1), 64).is_err(), "a cut at {len} was served");
+        }
+    }
+
+    #[test]
+    fn another_namespace_key_or_block_size_is_a_mismatch_not_data() {
+        let fp = fingerprint("model-a", 64);
+        let object = encode_object(&fp, &key(1), &[7; 64]);
+        let other = fingerprint("model-b", 64);
+        assert!(matches!(decode_object(&object, &other, &key(1), 64), Err(TierError::RemoteMismatch { .. })));
+        assert!(matches!(decode_object(&object, &fp, &key(2), 64), Err(TierError::RemoteMismatch { .. })));
+        assert!(matches!(decode_object(&object, &fp, &key(1), 128), Err(TierError::RemoteCorrupt { .. })));
+        assert_ne!(fingerprint("model-a", 64), fingerprint("model-a", 128));
+    }
+
+    fn shared_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kvferry-remote-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn blocks_offered_by_one_client_are_found_and_read_by_another() {
+        let dir = shared_dir("two-clients");
+        let config = RemoteConfig::new(RemoteLocation::Path(dir.clone()), "model-a/rank0");
+        let writer = RemoteTier::open(config.clone(), 4096).unwrap();
+        let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i ^ 0x5a; 4096]).collect();
+        for (i, block) in data.iter().enumerate() {
+            assert!(writer.offer(key(i as u8), block));
+        }
+        assert!(writer.flush(Deadline::after(Duration::from_secs(10))));
+        assert_eq!(writer.stats().uploads, 4);
+        // Offered again: known present, not uploaded twice.
+        assert!(!writer.offer(key(0), &data[0]));
+
+        let reader = RemoteTier::open(config, 4096).unwrap();
+        let keys: Vec<BlockKey> = (0..6).map(key).collect();
+        assert_eq!(reader.lookup(&keys), RemoteLookup::Pending);
+        assert_eq!(reader.lookup_blocking(&keys, Deadline::after(Duration::from_secs(10))).unwrap(), 4);
+        let fetched = reader.fetch(&keys[..5], Deadline::after(Duration::from_secs(10)));
+        for (i, got) in fetched.iter().take(4).enumerate() {
+            assert_eq!(&got.as_ref().unwrap()[..], &data[i][..]);
+        }
+        assert!(matches!(fetched[4], Err(TierError::NotCached { .. })));
+        // A block the directory holds is not uploaded again: the reader knows it is there, and a
+        // client that never looked finds out before uploading.
+        assert!(!reader.offer(key(1), &data[1]));
+        let third = RemoteTier::open(RemoteConfig::new(RemoteLocation::Path(dir.clone()), "model-a/rank0"), 4096).unwrap();
+        assert!(third.offer(key(1), &data[1]));
+        assert!(third.flush(Deadline::after(Duration::from_secs(10))));
+        for tier in [&reader, &third] {
+            let stats = tier.stats();
+            assert_eq!((stats.uploads, stats.already_stored), (0, 1));
+        }
+        // Another namespace sees none of it.
+        let other = RemoteTier::open(RemoteConfig::new(RemoteLocation::Path(dir.clone()), "model-b/rank0"), 4096).unwrap();
+        assert_eq!(other.lookup_blocking(&keys, Deadline::after(Duration::from_secs(10))).unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_corrupt_object_is_counted_deleted_and_never_served() {
+        let dir = shared_dir("corrupt");
+        let config = RemoteConfig::new(RemoteLocation::Path(dir.clone()), "ns");
+        let tier = RemoteTier::open(config, 4096).unwrap();
+        assert!(tier.offer(key(1), &[1; 4096]));
+        assert!(tier.flush(Deadline::after(Duration::from_secs(10))));
+        let file = dir.join(tier.fingerprint()).join(hex(key(1).as_bytes()));
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&file, &bytes).unwrap();
+        let got = tier.fetch(&[key(1)], Deadline::after(Duration::from_secs(10)));
+        assert!(matches!(got[0], Err(TierError::RemoteCorrupt { .. })));
+        assert_eq!(tier.stats().corrupt, 1);
+        assert!(!file.exists(), "the corrupt object was left for others to read");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unreachable_store_opens_the_breaker_and_drops_offers_without_waiting() {
+        // A port nothing listens on: every request fails at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let config = RemoteConfig::new(RemoteLocation::Url("s3://kv/prefix".into()), "ns")
+            .with_option("aws_endpoint", format!("http://127.0.0.1:{port}"))
+            .with_option("aws_allow_http", "true")
+            .with_option("aws_region", "local")
+            .with_option("aws_access_key_id", "id")
+            .with_option("aws_secret_access_key", "secret")
+            .with_timeout(Duration::from_secs(2))
+            .with_breaker(2, Duration::from_secs(60));
+        let tier = RemoteTier::open(config, 4096).unwrap();
+        let keys: Vec<BlockKey> = (0..3).map(key).collect();
+        // One batch asks about all three at once: two failures open the breaker.
+        assert_eq!(tier.lookup_blocking(&keys, Deadline::after(Duration::from_secs(20))).unwrap(), 0);
+        let stats = tier.stats();
+        assert!(stats.breaker_open && stats.breaker_trips == 1, "{stats:?}");
+        assert!(stats.errors >= 2 && stats.last_error.is_some());
+        // Open: nothing is sent, nothing is queued, reads fail at once.
+        assert_eq!(tier.lookup(&[key(7)]), RemoteLookup::Found(0));
+        assert!(!tier.offer(key(9), &[0; 4096]));
+        assert_eq!(tier.stats().dropped, 1);
+        let got = tier.fetch(&keys[..1], Deadline::after(Duration::from_secs(20)));
+        assert!(matches!(got[0], Err(TierError::RemoteUnavailable { .. })));
+    }
+}
