@@ -12,6 +12,7 @@ mod errors;
 #[cfg(feature = "kv-events")]
 mod kv_events;
 mod registration;
+mod remote;
 mod store;
 
 use pyo3::prelude::*;
@@ -30,6 +31,7 @@ fn _kvferry(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::TierStore>()?;
     m.add_class::<store::StoreOp>()?;
     m.add_class::<store::TierEvent>()?;
+    m.add_class::<remote::RemoteTier>()?;
     #[cfg(feature = "kv-events")]
     m.add_class::<kv_events::KvEventPublisher>()?;
     m.add("KV_EVENT_MEDIUM", store::kv_event_medium(m.py())?)?;

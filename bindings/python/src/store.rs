@@ -116,7 +116,7 @@ fn block_keys(keys: &[PyBackedBytes]) -> PyResult<Vec<BlockKey>> {
 #[pymethods]
 impl TierStore {
     #[new]
-    #[pyo3(signature = (block_size, dram_capacity, *, disk_dir = None, disk_capacity = 0, policy = "lru", admit_after = 1, workers = None, pin = true, events = true, disk_queue_depth = None, sync_writes = false))]
+    #[pyo3(signature = (block_size, dram_capacity, *, disk_dir = None, disk_capacity = 0, policy = "lru", admit_after = 1, workers = None, pin = true, events = true, disk_queue_depth = None, sync_writes = false, remote = None))]
     #[allow(clippy::too_many_arguments, reason = "the constructor's keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -131,6 +131,7 @@ impl TierStore {
         events: bool,
         disk_queue_depth: Option<usize>,
         sync_writes: bool,
+        remote: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let policy = match policy {
             "lru" => EvictionPolicy::Lru,
@@ -153,6 +154,9 @@ impl TierStore {
             }
             (None, 0) => {}
             (None, _) => return Err(PyValueError::new_err("disk_capacity needs a disk_dir")),
+        }
+        if let Some(remote) = remote {
+            config = config.with_remote(crate::remote::remote_config(&remote)?);
         }
         let store = py.detach(|| CoreTierStore::open(config)).or_raise()?;
         let events = events.then(|| Mutex::new(store.subscribe()));
@@ -185,6 +189,21 @@ impl TierStore {
     fn lookup(&self, keys: Vec<PyBackedBytes>) -> PyResult<Vec<&'static str>> {
         let keys = block_keys(&keys)?;
         Ok(self.state()?.store.lookup(&keys).into_iter().map(|m| m.as_str()).collect())
+    }
+
+    /// As `lookup`, then the remote tier for the blocks after the local prefix ("REMOTE"); None
+    /// while the remote is being asked (ask again). Never waits on the network.
+    fn lookup_remote(&self, keys: Vec<PyBackedBytes>) -> PyResult<Option<Vec<&'static str>>> {
+        let keys = block_keys(&keys)?;
+        Ok(self.state()?.store.lookup_remote(&keys).map(|found| found.into_iter().map(|m| m.as_str()).collect()))
+    }
+
+    /// Wait until every block queued for the remote tier is uploaded (or failed), `timeout`
+    /// seconds at most; False if some are still pending. True without a remote tier.
+    fn flush_remote(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let until = deadline(timeout)?;
+        let state = self.state()?;
+        Ok(py.detach(|| state.store.remote().is_none_or(|remote| remote.flush(until))))
     }
 
     /// The keys of every block on the disk tier, in slot order; right after opening, what the
@@ -226,6 +245,8 @@ impl TierStore {
         dict.set_item("torn_records", stats.torn_records)?;
         dict.set_item("disk_failed", stats.disk_failure.is_some())?;
         dict.set_item("io_fallback", stats.io_fallback.is_some())?;
+        let remote = stats.remote.as_ref().map(|r| crate::remote::stats_dict(py, r)).transpose()?;
+        dict.set_item("remote", remote)?;
         Ok(dict)
     }
 

@@ -1,8 +1,9 @@
 """kvferry: KV-cache block transfer between engines and tiering to pinned DRAM and disk.
 
 ``Agent`` moves registered memory (torch tensors, numpy arrays, raw pointers) to and from peers
-over shared memory, libfabric or TCP; ``TierStore`` keeps blocks in pinned DRAM and on disk, found
-again by prefix keys. Every call that waits releases the GIL. Failures raise ``KvferryError``
+over shared memory, libfabric or TCP; ``TierStore`` keeps blocks in pinned DRAM, on disk and in a
+remote tier every engine shares (S3-compatible object storage or a shared directory), found again
+by prefix keys; ``RemoteTier`` looks blocks up in that remote tier alone. Every call that waits releases the GIL. Failures raise ``KvferryError``
 subclasses carrying kvferry's stable error code.
 """
 
@@ -25,6 +26,7 @@ from ._kvferry import (
     Agent,
     Prepared,
     Registration,
+    RemoteTier,
     StoreOp,
     TierEvent,
     TierStore,
@@ -48,6 +50,7 @@ __all__ = [
     "Prepared",
     "Registration",
     "RegistrationError",
+    "RemoteTier",
     "StoreOp",
     "TierError",
     "TierEvent",

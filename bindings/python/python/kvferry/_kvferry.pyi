@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from os import PathLike
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypedDict, Union
 
 from typing_extensions import Buffer, Self
 
@@ -141,7 +141,10 @@ class TierStore(_Closes):
         events: bool = True,
         disk_queue_depth: Optional[int] = None,
         sync_writes: bool = False,
-    ) -> None: ...
+        remote: Optional[RemoteSettings] = None,
+    ) -> None:
+        """``remote``: the tier every engine shares, e.g. ``{"url": "s3://bucket/prefix",
+        "namespace": "model@dtype@tp0"}`` or ``{"path": "/shared/kv", "namespace": ...}``."""
     @property
     def block_size(self) -> int: ...
     def put(self, blocks: _Blocks, *, device: str = "cpu", to_disk: bool = False) -> StoreOp:
@@ -150,12 +153,18 @@ class TierStore(_Closes):
         """With ``from_disk``, each block (one 4096-aligned host region) is read from the disk tier
         straight into it, checked, and not promoted to DRAM."""
     def lookup(self, keys: Sequence[_Bytes]) -> list[str]: ...
+    def lookup_remote(self, keys: Sequence[_Bytes]) -> Optional[list[str]]:
+        """``lookup``, then the remote tier ("REMOTE") for the blocks after the local prefix;
+        None while the remote is being asked (ask again). Never waits on the network."""
+    def flush_remote(self, timeout: float) -> bool:
+        """Wait until every block queued for the remote tier is uploaded or failed."""
     def disk_keys(self) -> list[bytes]:
         """The keys of every block on the disk tier, in slot order; right after opening, the blocks
         the directory's index log held (a restart finds them again)."""
     def offload(self, keys: Sequence[_Bytes]) -> StoreOp: ...
     def clear(self) -> None: ...
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, Any]:
+        """Counters and occupancy; ``"remote"`` holds the remote tier's (None without one)."""
     def take_events(self) -> list[TierEvent]: ...
     def publish_events(
         self,
@@ -175,6 +184,34 @@ class TierStore(_Closes):
         """Publish the store's events over ZMQ as vLLM's KV events (topic ``kv@<pod>@<model>``
         with ``pod`` and ``model``); raises UnsupportedError in builds without the ``kv-events``
         feature, which the default wheel is."""
+
+class RemoteSettings(TypedDict, total=False):
+    """The remote tier: ``url`` (``s3://bucket/prefix``, ``file://``) or ``path`` (a shared
+    directory), and ``namespace`` (everything that makes blocks' bytes differ: model, dtype,
+    block tokens, layout, tensor-parallel rank); credentials and endpoint from the ``AWS_*``
+    environment or ``options`` (object_store names such as ``aws_endpoint``)."""
+
+    url: str
+    path: Union[str, PathLike[str]]
+    namespace: str
+    timeout: float
+    concurrency: int
+    max_upload_bytes: int
+    failures_to_open: int
+    retry_after: float
+    options: dict[str, str]
+
+class RemoteTier:
+    """A client of the remote tier alone: looks blocks up without holding any."""
+
+    def __init__(self, block_size: int, remote: RemoteSettings) -> None: ...
+    def lookup(self, keys: Sequence[_Bytes]) -> Optional[int]:
+        """How many leading keys the remote holds, or None while it is being asked."""
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def location(self) -> str: ...
+    def stats(self) -> dict[str, Any]: ...
 
 class KvEventPublisher:
     """A store's KV event publisher; ``close()`` (or leaving a ``with`` block) stops it."""

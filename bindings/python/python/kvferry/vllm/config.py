@@ -18,6 +18,9 @@ class OffloadConfig:
     admit_after: int
     # Empty each rank's disk directory at start instead of finding its blocks again.
     clear_on_start: bool
+    # The tier every engine shares: `TierStore`'s remote settings without the namespace, which each
+    # rank derives from its engine and layout (plus an optional "namespace" given here).
+    remote: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ def _offload(d: Any) -> OffloadConfig:
     if not isinstance(d, Mapping):
         raise ValueError(f'"offload" must be an object, not {d!r}')
     known = {"dram_bytes", "dram_gib", "disk_dir", "disk_bytes", "disk_gib", "policy", "admit_after", "clear_on_start"}
+    known |= {"remote"}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f'unknown "offload" keys {sorted(unknown)}; known: {sorted(known)}')
@@ -99,7 +103,24 @@ def _offload(d: Any) -> OffloadConfig:
         policy=str(d.get("policy", "lru")),
         admit_after=int(_positive(d, "admit_after", 1)),
         clear_on_start=_bool(d, "clear_on_start", False),
+        remote=None if d.get("remote") is None else _remote(d["remote"]),
     )
+
+
+# The remote settings an engine may give; the rest of `kvferry.TierStore`'s are derived.
+_REMOTE_KEYS = {"url", "path", "namespace", "timeout", "concurrency", "max_upload_bytes", "failures_to_open"}
+_REMOTE_KEYS |= {"retry_after", "options"}
+
+
+def _remote(d: Any) -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        raise ValueError(f'"offload.remote" must be an object, not {d!r}')
+    unknown = set(d) - _REMOTE_KEYS
+    if unknown:
+        raise ValueError(f'unknown "offload.remote" keys {sorted(unknown)}; known: {sorted(_REMOTE_KEYS)}')
+    if ("url" in d) == ("path" in d):
+        raise ValueError('"offload.remote" takes either "url" (s3://bucket/prefix) or "path" (a shared directory)')
+    return dict(d)
 
 
 def _bool(d: Mapping[str, Any], key: str, default: bool) -> bool:

@@ -72,8 +72,11 @@ class WorkerReport(KVConnectorWorkerMetadata):
 @dataclass
 class RankHandshake(KVConnectorHandshakeMetadata):
     """What a worker rank tells the scheduler once, at start: its `RankInfo` as a dict (P/D; None
-    without), and the keys its disk tier kept from an earlier engine on the same directory, which
-    the scheduler's index starts with."""
+    without), the keys its disk tier kept from an earlier engine on the same directory, which
+    the scheduler's index starts with, and its remote tier (settings with the rank's namespace, and
+    its block size), which the scheduler looks blocks up in."""
 
     info: dict[str, Any] | None
     persisted: list[bytes] = field(default_factory=list)
+    remote: dict[str, Any] | None = None
+    block_bytes: int = 0

@@ -25,6 +25,9 @@ logger = init_logger(f"vllm.{__name__}")
 _REMOTE_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port")
 # Where a block lives across ranks: the medium farthest from the engine any rank keeps it in.
 _MEDIUM_ORDER = {"CPU": 0, "DISK": 1}
+# The shared tier's medium: its blocks are looked up there (`RemoteTier`), not kept in the index.
+_REMOTE = "REMOTE"
+_MAX_UPLOADS_TRACKED = 1 << 16
 # The store's media as vLLM's KV events name them, spelled once for every publisher of kvferry.
 _VLLM_MEDIUM = kvferry.KV_EVENT_MEDIUM
 
@@ -66,10 +69,14 @@ class ConnectorScheduler:
         self._index: dict[bytes, dict[int, str]] = {}
         self._hashes: dict[bytes, Any] = {}
         self._events: list[Any] = []
+        # Each rank's view of the shared tier (its own namespace), once the handshake names it.
+        self._remote: list[kvferry.RemoteTier] = []
+        # Ranks that uploaded each block; all of them: announced as stored in the shared tier.
+        self._uploaded: dict[bytes, set[int]] = {}
 
     # Lookups.
 
-    def matched_tokens(self, request: Any, num_computed: int) -> tuple[int, bool]:
+    def matched_tokens(self, request: Any, num_computed: int) -> tuple[int | None, bool]:
         rid = request.request_id
         params = request.kv_transfer_params or {}
         if self.cfg.pd and params.get("do_remote_prefill") and all(k in params for k in _REMOTE_KEYS):
@@ -87,6 +94,14 @@ class ConnectorScheduler:
                 if self._medium(key) is None:
                     break
                 hits += 1
+            rest = keys[start + hits :]
+            if self._remote and rest:
+                # Every rank holds its own slice of a block: a block is a hit when all have it.
+                found = [tier.lookup(rest) for tier in self._remote]
+                if None in found:
+                    # Asked in the background; vLLM asks again at a later step.
+                    return None, False
+                hits += min(found)
             n = (start + hits) * self.block_tokens - num_computed
             if n > 0:
                 self._matches[rid] = _Match("tier", num_computed, n)
@@ -103,7 +118,11 @@ class ConnectorScheduler:
         first = match.num_computed // self.block_tokens
         counts: dict[Any, int] = {}
         for key in keys[first : first + num_external // self.block_tokens]:
-            source = CacheHitSource.DISK if self._medium(key) == "DISK" else CacheHitSource.HOST
+            medium = self._medium(key)
+            if medium is None:
+                source = CacheHitSource.EXTERNAL_UNSPECIFIED
+            else:
+                source = CacheHitSource.DISK if medium == "DISK" else CacheHitSource.HOST
             counts[source] = counts.get(source, 0) + self.block_tokens
         return counts
 
@@ -261,6 +280,12 @@ class ConnectorScheduler:
         shakes = {r: m for r, m in ranks.items() if isinstance(m, RankHandshake)}
         if self.offload:
             self._restore({r: m.persisted for r, m in shakes.items()})
+            remote = [shakes[r] for r in sorted(shakes) if shakes[r].remote is not None]
+            if remote and len(remote) == self.tp_size:
+                self._remote = [kvferry.RemoteTier(m.block_bytes, m.remote) for m in remote]
+                logger.info("kvferry: remote tier %s for %d ranks", self._remote[0].location, len(self._remote))
+            elif remote:
+                logger.warning("kvferry: %d of %d ranks have a remote tier: not looking blocks up there", len(remote), self.tp_size)
         if not self.cfg.pd:
             return
         infos = {r: RankInfo.from_dict(m.info) for r, m in shakes.items() if m.info is not None}
@@ -320,6 +345,9 @@ class ConnectorScheduler:
         # A "cleared" event names no key: the "removed" events before it named every block the
         # rank's clear forgot, and reset() has published vLLM's AllBlocksCleared already.
         for rank, kind, keys, medium, _from in events:
+            if medium == _REMOTE:
+                self._announce_uploads(rank, keys)
+                continue
             for key in keys:
                 before = self._medium(key)
                 ranks = self._index.setdefault(key, {})
@@ -354,3 +382,31 @@ class ConnectorScheduler:
                             lora_name=None,
                         )
                     )
+
+    def _announce_uploads(self, rank: int, keys: list[bytes]) -> None:
+        """Blocks that every rank has uploaded are in the shared tier: vLLM's BlockStored with the
+        STORAGE medium and the REMOTE locality, for routers of other engines."""
+        if len(self._uploaded) > _MAX_UPLOADS_TRACKED:
+            # Blocks some rank never uploaded (its budget dropped them) are forgotten, not kept forever.
+            self._uploaded.clear()
+        for key in keys:
+            ranks = self._uploaded.setdefault(key, set())
+            ranks.add(rank)
+            if len(ranks) < self.tp_size:
+                continue
+            del self._uploaded[key]
+            info = self._hashes.get(key) or self._pending.get(key)
+            if info is None:
+                continue
+            self._events.append(
+                ev.BlockStored(
+                    block_hashes=[info.engine_hash],
+                    parent_block_hash=info.parent_hash,
+                    token_ids=info.token_ids,
+                    block_size=self.block_tokens,
+                    lora_id=None,
+                    medium=_VLLM_MEDIUM[_REMOTE],
+                    lora_name=None,
+                    locality="REMOTE",
+                )
+            )

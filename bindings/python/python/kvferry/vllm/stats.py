@@ -40,13 +40,21 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "tier_hits": (
         "vllm:kvferry_tier_hits",
-        "KV blocks loaded from kvferry's tiers, by the medium they were in (CPU: DRAM, DISK).",
+        "KV blocks loaded from kvferry's tiers, by the medium they were in (CPU: DRAM, DISK, REMOTE: "
+        "the tier every engine shares).",
         ("medium",),
     ),
     "tier_misses": (
         "vllm:kvferry_tier_misses",
         "KV blocks a tier load found in no tier (evicted after the lookup).",
         (),
+    ),
+    "remote": (
+        "vllm:kvferry_remote",
+        "What kvferry's remote tier did with blocks, by event: uploads, already_stored (not uploaded "
+        "again), dropped (upload budget spent or breaker open), misses, errors (requests failed), corrupt "
+        "and mismatched (objects refused).",
+        ("event",),
     ),
     "load_failures": (
         "vllm:kvferry_load_failures",
@@ -63,6 +71,8 @@ AGENT_SOURCES = {
 }
 # The `TierStore.stats()` key of the hits in each medium, named as vLLM's KV events name media.
 TIER_HITS = {"CPU": "host_hits", "DISK": "disk_hits"}
+# The `TierStore.stats()["remote"]` counters the "remote" entry reports, by event.
+REMOTE_EVENTS = ("uploads", "already_stored", "dropped", "misses", "errors", "corrupt", "mismatched")
 
 
 def _empty() -> dict[str, Any]:
@@ -114,6 +124,8 @@ class KvferryConnectorStats(KVConnectorStats):
             "Throughput (MB/s)": round(mb / seconds, 3) if seconds else 0,
             "DRAM hits": d["tier_hits"].get("CPU", 0),
             "Disk hits": d["tier_hits"].get("DISK", 0),
+            "Remote hits": d["tier_hits"].get("REMOTE", 0),
+            "Remote uploads": d["remote"].get("uploads", 0),
             "Tier misses": d["tier_misses"],
             "Failed loads": d["load_failures"],
         }
@@ -146,6 +158,15 @@ class StatsReader:
                 if delta:
                     d["tier_hits"][medium] = delta
             d["tier_misses"] = now["misses"] - self._store.get("misses", 0)
+            remote, before = now.get("remote"), self._store.get("remote") or {}
+            if remote is not None:
+                hits = remote["hits"] - before.get("hits", 0)
+                if hits:
+                    d["tier_hits"]["REMOTE"] = hits
+                for event in REMOTE_EVENTS:
+                    delta = remote[event] - before.get(event, 0)
+                    if delta:
+                        d["remote"][event] = delta
             self._store = now
         d["load_failures"], self.load_failures = self.load_failures, 0
         return None if stats.is_empty() else stats

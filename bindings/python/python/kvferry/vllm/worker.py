@@ -107,6 +107,7 @@ class ConnectorWorker:
         self._persisted: list[bytes] = []
         self.agent: kvferry.Agent | None = None
         self.store: kvferry.TierStore | None = None
+        self._remote_settings: dict[str, Any] | None = None
         self.layouts: list[KvLayout] = []
         self.device = "cpu"
         # Guards the remote engines' handshakes and peers, which the pull threads fill.
@@ -199,6 +200,7 @@ class ConnectorWorker:
             logger.warning("kvferry: offload supports one KV cache group; this model has %d", len(self.layouts))
             return
         disk_dir = None if off.disk_dir is None else f"{off.disk_dir}/rank{self.tp_rank}"
+        self._remote_settings = None if off.remote is None else self._remote_namespace(off.remote)
         with _unpinned():
             self.store = kvferry.TierStore(
                 self.layouts[0].block_bytes,
@@ -207,20 +209,33 @@ class ConnectorWorker:
                 disk_capacity=off.disk_bytes,
                 policy=off.policy,
                 admit_after=off.admit_after,
+                remote=self._remote_settings,
             )
         if disk_dir is not None:
             self._persisted = self._reuse_disk(disk_dir, off.clear_on_start)
+
+    def _layout_identity(self) -> dict[str, Any]:
+        """Everything that makes this rank's block bytes differ from another engine's: the model,
+        dtypes, tokens per block, tensor-parallel rank and the layout of a block."""
+        return {
+            **self._engine,
+            "block_bytes": self.layouts[0].block_bytes,
+            "layers": [[x.name, x.segment_len, len(x.offsets), x.head_len, x.num_heads] for x in self.layouts[0].layers],
+        }
+
+    def _remote_namespace(self, remote: dict[str, Any]) -> dict[str, Any]:
+        """The remote settings with this rank's namespace: engines share blocks exactly when they
+        hold the same bytes for a key (and name the same "namespace", if they give one)."""
+        identity = json.dumps(self._layout_identity(), sort_keys=True, separators=(",", ":"))
+        given = remote.get("namespace")
+        return {**remote, "namespace": identity if given is None else f"{given}/{identity}"}
 
     def _reuse_disk(self, disk_dir: str, clear: bool) -> list[bytes]:
         """The keys of the blocks an earlier engine left in `disk_dir`, for the scheduler to find
         again; the tier is emptied instead when asked to, or when that engine was another
         configuration (`ENGINE_FILE`)."""
         assert self.store is not None and self.layouts
-        engine = {
-            **self._engine,
-            "block_bytes": self.layouts[0].block_bytes,
-            "layers": [[x.name, x.segment_len, len(x.offsets), x.head_len, x.num_heads] for x in self.layouts[0].layers],
-        }
+        engine = self._layout_identity()
         path = os.path.join(disk_dir, ENGINE_FILE)
         try:
             with open(path) as f:
@@ -247,14 +262,16 @@ class ConnectorWorker:
 
     def handshake(self) -> RankHandshake | None:
         persisted, self._persisted = self._persisted, []
+        remote = self._remote_settings if self.store is not None else None
+        block_bytes = self.layouts[0].block_bytes if self.layouts else 0
         if not self.cfg.pd or self.agent is None:
-            return RankHandshake(None, persisted) if self.store is not None else None
+            return RankHandshake(None, persisted, remote, block_bytes) if self.store is not None else None
         info = RankInfo(
             self.cfg.engine_id, self.tp_rank, self.tp_size, self.total_heads, self.agent.metadata(), self.layouts[0]
         )
         if len(self.layouts) != 1:
             logger.warning("kvferry: P/D transfers cover the first of %d KV cache groups", len(self.layouts))
-        return RankHandshake(info.to_dict(), persisted)
+        return RankHandshake(info.to_dict(), persisted, remote, block_bytes)
 
     # Each step.
 
@@ -354,6 +371,9 @@ class ConnectorWorker:
         for req in list(self._stores):
             self._wait_stores(req)
         if self.store is not None:
+            # Blocks still queued for the shared tier are worth a short wait: other engines find them.
+            if not self.store.flush_remote(self.cfg.timeout_seconds):
+                logger.warning("kvferry: some blocks were not uploaded to the remote tier before shutdown")
             self.store.close()
         if self.agent is not None:
             self.agent.close()
