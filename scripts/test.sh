@@ -23,6 +23,8 @@ packages+=(libfabric-dev libfabric-bin)
 packages+=(python3-dev python3-venv)
 # etcd for the discovery tests (they start their own on loopback); libzmq for KV events.
 packages+=(etcd-server libzmq3-dev)
+# curl (with --aws-sigv4) for scripts/garage.sh, which starts the S3 server of the remote tier's tests.
+packages+=(curl)
 # Optional back ends every CI run builds and tests, as `crate/feature` (each needs its packages above).
 features=()
 # GPU devices load their drivers at run time: they build anywhere and skip, saying why, without a GPU.
@@ -45,6 +47,16 @@ if ((${#missing[@]})); then
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
 fi
+
+# A real S3 server for the remote tier's tests: Garage, run as its own process (scripts/garage.sh),
+# never linked; built once into ~/.cargo/bin (about 10 minutes on two cores).
+garage_version=2.5.0
+garage_bin="${KVFERRY_GARAGE:-$HOME/.cargo/bin/garage}"
+if ! "$garage_bin" --version 2>/dev/null | grep -q "$garage_version"; then
+    log "installing Garage $garage_version (cargo install)"
+    cargo install garage --locked --version "$garage_version"
+fi
+export KVFERRY_GARAGE="$garage_bin"
 
 if cargo fmt --version >/dev/null 2>&1; then
     log "cargo fmt --check"
@@ -211,7 +223,10 @@ python_tests() {
         test_the_connector_implements_the_installed_vllm_base \
         test_the_connector_implements_the_vllm_0_33_base \
         test_vllm_sums_the_ranks_logs_and_exports_the_counters \
-        test_reports_hold_what_the_agent_moved_since_the_last_report
+        test_reports_hold_what_the_agent_moved_since_the_last_report \
+        test_blocks_stored_by_one_store_are_read_by_another_with_an_empty_dram \
+        test_a_flipped_byte_in_an_object_fails_the_get_and_serves_nothing \
+        test_an_unreachable_store_answers_lookups_as_misses_and_keeps_dram_serving
 }
 python_tests
 
@@ -226,7 +241,10 @@ vllm_tests() {
         test_decode_through_proxy_equals_one_engine \
         test_lease_ends_and_frees_unread_prefill_blocks \
         test_a_decode_request_aborted_mid_pull_frees_its_blocks_at_once \
-        test_prefill_killed_before_decode_reads
+        test_prefill_killed_before_decode_reads \
+        test_a_second_engine_hits_every_block_the_first_stored_in_s3 \
+        test_a_shared_directory_serves_a_second_engine_and_flipped_bytes_are_recomputed \
+        test_the_s3_server_killed_mid_run_leaves_every_request_served
 }
 vllm_tests
 
@@ -298,6 +316,13 @@ sentinels=(
     put_to_disk_skips_dram_and_reads_back_byte_exact_into_caller_memory
     a_lookup_answers_while_the_index_log_is_held
     a_second_open_of_a_directory_is_refused_until_the_first_closes
+    s3_blocks_stored_by_one_store_are_read_byte_exact_by_another
+    s3_objects_forged_by_another_writer_are_refused_and_counted
+    s3_a_three_node_cluster_that_loses_a_node_mid_workload_keeps_serving
+    s3_a_server_killed_under_load_fails_fast_opens_the_breaker_and_dram_keeps_serving
+    blocks_offered_by_one_client_are_found_and_read_by_another
+    a_corrupt_object_is_counted_deleted_and_never_served
+    an_unreachable_store_opens_the_breaker_and_drops_offers_without_waiting
 )
 for must in "${sentinels[@]}"; do
     grep -q "test .*$must \.\.\. ok" target/test-output.log || { echo "sentinel: $must did not run" >&2; exit 1; }

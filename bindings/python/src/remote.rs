@@ -94,6 +94,13 @@ pub(crate) fn stats_dict<'py>(py: Python<'py>, stats: &RemoteStats) -> PyResult<
     Ok(dict)
 }
 
+fn keys_of(keys: &[PyBackedBytes]) -> PyResult<Vec<BlockKey>> {
+    keys.iter()
+        .map(|k| BlockKey::from_engine_hash(k).map_err(Error::from))
+        .collect::<kvferry_core::Result<_>>()
+        .or_raise()
+}
+
 /// A client of the remote level alone: looks blocks up without holding any.
 #[pyclass(frozen, module = "kvferry._kvferry")]
 pub struct RemoteTier {
@@ -112,15 +119,18 @@ impl RemoteTier {
     /// How many leading `keys` the remote holds, or None while it is being asked (ask again);
     /// never waits on the network.
     fn lookup(&self, keys: Vec<PyBackedBytes>) -> PyResult<Option<usize>> {
-        let keys: Vec<BlockKey> = keys
-            .iter()
-            .map(|k| BlockKey::from_engine_hash(k).map_err(Error::from))
-            .collect::<kvferry_core::Result<_>>()
-            .or_raise()?;
+        let keys = keys_of(&keys)?;
         Ok(match self.tier.lookup(&keys) {
             RemoteLookup::Found(n) => Some(n),
             RemoteLookup::Pending => None,
         })
+    }
+
+    /// Count `keys` as absent for a while (their load failed): lookups stop at them.
+    fn forget(&self, keys: Vec<PyBackedBytes>) -> PyResult<()> {
+        let keys = keys_of(&keys)?;
+        self.tier.forget(&keys);
+        Ok(())
     }
 
     /// The objects' fingerprint (hex): the folder under the prefix holding this namespace.

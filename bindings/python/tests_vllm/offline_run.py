@@ -38,6 +38,7 @@ def collect_events(port: int, events: list, stop: threading.Event, ready: thread
                 {
                     "type": type(event).__name__,
                     "medium": getattr(event, "medium", None),
+                    "locality": getattr(event, "locality", None),
                     "hashes": [h.hex() if isinstance(h, bytes) else h for h in getattr(event, "block_hashes", [])],
                 }
             )
@@ -86,16 +87,22 @@ def main() -> None:
             [{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0} for o in outputs]
         )
         assert llm.reset_prefix_cache()
-    cached_by_source = {}
+    cached_by_source, kvferry_counters = {}, {}
     for metric in llm.get_metrics():
         if metric.name == "vllm:prompt_tokens_cached_by_source":
             cached_by_source[metric.labels["source"]] = cached_by_source.get(metric.labels["source"], 0) + metric.value
+        elif metric.name.startswith("vllm:kvferry_") and hasattr(metric, "value"):
+            # "name{label=value}", the connector's own labels only (not vLLM's engine and model).
+            own = ",".join(f"{k}={v}" for k, v in sorted(metric.labels.items()) if k not in ("engine", "model_name"))
+            name = f"{metric.name}{{{own}}}" if own else metric.name
+            kvferry_counters[name] = kvferry_counters.get(name, 0) + metric.value
     if subscriber is not None:
         # Events of the last step travel after its outputs.
         time.sleep(1.0)
         stop.set()
         subscriber.join()
-    json.dump({"rounds": rounds, "cached_by_source": cached_by_source, "events": events}, open(sys.argv[2], "w"))
+    result = {"rounds": rounds, "cached_by_source": cached_by_source, "events": events, "kvferry": kvferry_counters}
+    json.dump(result, open(sys.argv[2], "w"))
 
 
 if __name__ == "__main__":

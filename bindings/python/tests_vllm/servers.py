@@ -84,8 +84,9 @@ def complete(url: str, prompt: list[int], max_tokens: int, timeout: float = 120,
         return e.code, json.loads(e.read() or b"{}")
 
 
-# The labels `metrics` keeps apart: the source of cached prompt tokens, the medium of tier hits.
-KEPT_LABELS = ("source", "medium")
+# The labels `metrics` keeps apart: the source of cached prompt tokens, the medium of tier hits, the
+# event of the remote tier's counter.
+KEPT_LABELS = ("source", "medium", "event")
 
 
 def metrics(server: Server) -> dict[str, float]:

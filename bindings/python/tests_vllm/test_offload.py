@@ -21,7 +21,6 @@ PROMPTS = [[(i * 37 + j * 11) % 1000 + 1 for j in range(n)] for i, n in enumerat
 
 def offline(tmp_path, model_dir, offload: dict, name: str, **options) -> dict:
     config = {
-        **options,
         "model": str(model_dir),
         "prompts": PROMPTS,
         "max_tokens": 8,
@@ -33,6 +32,7 @@ def offline(tmp_path, model_dir, offload: dict, name: str, **options) -> dict:
             "kv_role": "kv_both",
             "kv_connector_extra_config": {"pd": False, "offload": offload},
         },
+        **options,
     }
     cfg, out = tmp_path / f"{name}.json", tmp_path / f"{name}-out.json"
     cfg.write_text(json.dumps(config))

@@ -207,6 +207,8 @@ class RemoteTier:
     def __init__(self, block_size: int, remote: RemoteSettings) -> None: ...
     def lookup(self, keys: Sequence[_Bytes]) -> Optional[int]:
         """How many leading keys the remote holds, or None while it is being asked."""
+    def forget(self, keys: Sequence[_Bytes]) -> None:
+        """Count keys as absent for a while (their load failed): lookups stop at them."""
     @property
     def fingerprint(self) -> str: ...
     @property

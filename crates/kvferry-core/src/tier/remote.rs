@@ -187,6 +187,9 @@ struct Breaker {
     probing: bool,
 }
 
+/// What a store is told of each block whose upload completed.
+type UploadedCallback = Box<dyn Fn(BlockKey) + Send>;
+
 /// A remote level: the client, its namespace, and what it learned about keys.
 pub struct RemoteTier {
     inner: Arc<Inner>,
@@ -209,7 +212,7 @@ struct Inner {
     /// Signalled when the last pending upload ends.
     idle: Condvar,
     /// Called with each block once its upload is complete.
-    on_uploaded: Mutex<Option<Box<dyn Fn(BlockKey) + Send>>>,
+    on_uploaded: Mutex<Option<UploadedCallback>>,
 }
 
 impl RemoteTier {
@@ -293,8 +296,7 @@ impl RemoteTier {
                     if !inner.admit() {
                         return RemoteLookup::Found(found);
                     }
-                    let ask: Vec<BlockKey> =
-                        keys[found..].iter().take(inner.config.max_lookup_keys).copied().collect();
+                    let ask: Vec<BlockKey> = keys[found..].iter().take(inner.config.max_lookup_keys).copied().collect();
                     remember(&mut known, &ask, Known::InFlight);
                     drop(known);
                     let task = Arc::clone(inner);
@@ -396,8 +398,20 @@ impl RemoteTier {
         inner.runtime.block_on(bounded)
     }
 
+    /// Count `keys` as absent (a load of them failed elsewhere): lookups stop at them until
+    /// `absent_for` has passed and the remote is asked again.
+    pub fn forget(&self, keys: &[BlockKey]) {
+        let mut known = lock(&self.inner.known);
+        let now = Instant::now();
+        for key in keys {
+            if !matches!(known.get(key), Some(Known::InFlight)) {
+                known.insert(*key, Known::Absent(now));
+            }
+        }
+    }
+
     /// Called with each block once its upload completes (a store announces them as events).
-    pub(crate) fn set_on_uploaded(&self, callback: Box<dyn Fn(BlockKey) + Send>) {
+    pub(crate) fn set_on_uploaded(&self, callback: UploadedCallback) {
         *lock(&self.inner.on_uploaded) = Some(callback);
     }
 }
@@ -476,7 +490,7 @@ impl Inner {
         let outcome = match tokio::time::timeout_at(deadline.into(), op).await {
             Ok(Ok(value)) => Ok(Some(value)),
             Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
-            Ok(Err(e)) => Err(self.unavailable(e)),
+            Ok(Err(e)) => Err(self.unavailable(with_sources(&e))),
             Err(_) => Err(self.unavailable("the request did not end by its deadline")),
         };
         match &outcome {
@@ -621,6 +635,22 @@ impl Inner {
     }
 }
 
+/// An error and its causes: the client's own message often ends at "HTTP error", the reason
+/// (connection refused, a TLS failure) is further down.
+fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -666,9 +696,6 @@ fn build_store(config: &RemoteConfig) -> Result<(Arc<dyn ObjectStore>, ObjectPat
     let location = config.location.to_string();
     let unusable = |cause: String| TierError::RemoteUnavailable { location: location.clone(), cause };
     let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: config.timeout, ..Default::default() };
-    let client = object_store::ClientOptions::new()
-        .with_timeout(config.timeout)
-        .with_connect_timeout(config.timeout.min(Duration::from_secs(2)));
     match &config.location {
         RemoteLocation::Path(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| unusable(format!("creating the directory: {e}")))?;
@@ -687,14 +714,23 @@ fn build_store(config: &RemoteConfig) -> Result<(Arc<dyn ObjectStore>, ObjectPat
                 .map_err(|e| TierError::Config { why: format!("the remote URL's path: {e}") })?;
             match parsed.scheme() {
                 "s3" | "s3a" => {
+                    use object_store::ClientConfigKey;
+                    use object_store::aws::AmazonS3ConfigKey;
+                    // Through `with_config`, which keeps the environment's other client settings
+                    // (AWS_ALLOW_HTTP, proxies) that a whole new ClientOptions would drop.
+                    let millis = |d: Duration| format!("{}ms", d.as_millis());
                     let mut builder = object_store::aws::AmazonS3Builder::from_env()
                         .with_url(url.clone())
                         .with_retry(retry)
-                        .with_client_options(client);
+                        .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), millis(config.timeout))
+                        .with_config(
+                            AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                            millis(config.timeout.min(Duration::from_secs(2))),
+                        );
                     for (key, value) in &config.options {
-                        let key: object_store::aws::AmazonS3ConfigKey = key.parse().map_err(|e| {
-                            TierError::Config { why: format!("the remote tier's option {key:?}: {e}") }
-                        })?;
+                        let key: AmazonS3ConfigKey = key
+                            .parse()
+                            .map_err(|e| TierError::Config { why: format!("the remote tier's option {key:?}: {e}") })?;
                         builder = builder.with_config(key, value);
                     }
                     let store = builder.build().map_err(|e| TierError::Config { why: e.to_string() })?;
@@ -868,15 +904,20 @@ mod tests {
         // A block the directory holds is not uploaded again: the reader knows it is there, and a
         // client that never looked finds out before uploading.
         assert!(!reader.offer(key(1), &data[1]));
-        let third = RemoteTier::open(RemoteConfig::new(RemoteLocation::Path(dir.clone()), "model-a/rank0"), 4096).unwrap();
+        let third =
+            RemoteTier::open(RemoteConfig::new(RemoteLocation::Path(dir.clone()), "model-a/rank0"), 4096).unwrap();
         assert!(third.offer(key(1), &data[1]));
         assert!(third.flush(Deadline::after(Duration::from_secs(10))));
         for tier in [&reader, &third] {
             let stats = tier.stats();
             assert_eq!((stats.uploads, stats.already_stored), (0, 1));
         }
+        // A load that failed elsewhere makes the reader stop counting the block, until asked again.
+        reader.forget(&keys[1..2]);
+        assert_eq!(reader.lookup(&keys), RemoteLookup::Found(1));
         // Another namespace sees none of it.
-        let other = RemoteTier::open(RemoteConfig::new(RemoteLocation::Path(dir.clone()), "model-b/rank0"), 4096).unwrap();
+        let other =
+            RemoteTier::open(RemoteConfig::new(RemoteLocation::Path(dir.clone()), "model-b/rank0"), 4096).unwrap();
         assert_eq!(other.lookup_blocking(&keys, Deadline::after(Duration::from_secs(10))).unwrap(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -919,7 +960,9 @@ mod tests {
         assert_eq!(tier.lookup_blocking(&keys, Deadline::after(Duration::from_secs(20))).unwrap(), 0);
         let stats = tier.stats();
         assert!(stats.breaker_open && stats.breaker_trips == 1, "{stats:?}");
-        assert!(stats.errors >= 2 && stats.last_error.is_some());
+        assert!(stats.errors >= 2, "{stats:?}");
+        // The reason itself, not only the client's summary of it.
+        assert!(stats.last_error.as_deref().is_some_and(|e| e.contains("onnect")), "{stats:?}");
         // Open: nothing is sent, nothing is queued, reads fail at once.
         assert_eq!(tier.lookup(&[key(7)]), RemoteLookup::Found(0));
         assert!(!tier.offer(key(9), &[0; 4096]));

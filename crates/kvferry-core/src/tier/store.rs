@@ -16,8 +16,8 @@ use crate::memory::host::HostBuffer;
 use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemKind, MemRegion};
 use crate::tier::disk::{DiskEntry, DiskFiles, Record, block_checksum, write_failed};
 use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
-use crate::tier::uring::{Direction, IoOp, Ring};
 use crate::tier::remote::{RemoteLookup, RemoteStats, RemoteTier};
+use crate::tier::uring::{Direction, IoOp, Ring};
 use crate::tier::{BlockKey, BlockRegions, DISK_ALIGNMENT, Medium, TierConfig, TierError, TierEvent};
 
 /// Rounds of "pick victims, write them down" a reservation tries before reporting no room: a victim
@@ -722,7 +722,8 @@ impl Shared {
     fn get(&self, mut ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
         // Blocks only the remote holds come into DRAM first, pinned until the copies out are done.
         let from_remote = self.fetch_remote(ring.as_deref_mut(), blocks)?;
-        let outcome = self.get_local(ring, device, blocks);
+        let fetched: HashSet<BlockKey> = from_remote.iter().map(|(k, _)| *k).collect();
+        let outcome = self.get_local(ring, device, blocks, &fetched);
         self.unpin(&mut self.lock(), &from_remote, &[]);
         outcome
     }
@@ -782,7 +783,15 @@ impl Shared {
         Ok(claimed)
     }
 
-    fn get_local(&self, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
+    /// `get` of blocks in DRAM and on disk; those in `fetched` came from the remote just now and are
+    /// counted as the remote's hits, not DRAM's.
+    fn get_local(
+        &self,
+        ring: Option<&mut Ring>,
+        device: &dyn Device,
+        blocks: &[BlockRegions],
+        fetched: &HashSet<BlockKey>,
+    ) -> Result<()> {
         // Pin what is where: DRAM slabs to copy from, disk blocks to promote first.
         let mut pinned_host: Vec<(BlockKey, u32)> = Vec::new();
         let mut from_disk: Vec<(BlockKey, DiskEntry)> = Vec::new();
@@ -795,7 +804,9 @@ impl Shared {
                 if let Some(index) = state.ready_slab(key) {
                     state.slot(index).pins += 1;
                     state.policy.touched(key);
-                    state.stats.host_hits += 1;
+                    if !fetched.contains(key) {
+                        state.stats.host_hits += 1;
+                    }
                     pinned_host.push((*key, index));
                     continue;
                 }

@@ -63,10 +63,13 @@ class WorkerReport(KVConnectorWorkerMetadata):
     """Tier changes seen by workers: `(rank, kind, keys, medium, from_medium)` each."""
 
     tier_events: list[tuple[int, str, list[bytes], str | None, str | None]] = field(default_factory=list)
+    # Keys of tier loads that failed: the scheduler stops finding them in the remote tier, so that a
+    # rescheduled request computes them instead of loading them again.
+    failed_keys: list[bytes] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, WorkerReport)
-        return WorkerReport(self.tier_events + other.tier_events)
+        return WorkerReport(self.tier_events + other.tier_events, self.failed_keys + other.failed_keys)
 
 
 @dataclass

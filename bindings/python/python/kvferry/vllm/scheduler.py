@@ -56,6 +56,12 @@ class ConnectorScheduler:
         self.groups = len(kv_cache_config.kv_cache_groups)
         self.hash_algo = str(vllm_config.cache_config.prefix_caching_hash_algo)
         self.offload = cfg.offload is not None and self.groups == 1
+        policy = getattr(vllm_config.kv_transfer_config, "kv_load_failure_policy", None)
+        if self.offload and cfg.offload.remote is not None and policy == "fail":
+            logger.warning(
+                "kvferry: with a remote tier, a block that cannot be loaded (a corrupt object, an unreachable "
+                'store) fails its request under kv_load_failure_policy="fail"; "recompute" computes it instead'
+            )
         self.kv_cache_manager: Any = None
         self.server: HandshakeServer | None = None
         self._step = StepMetadata()
@@ -262,6 +268,9 @@ class ConnectorScheduler:
         report = output.kv_connector_worker_meta
         if isinstance(report, WorkerReport):
             self._apply(report.tier_events)
+            if report.failed_keys:
+                for tier in self._remote:
+                    tier.forget(report.failed_keys)
 
     def take_events(self) -> list[Any]:
         events, self._events = self._events, []

@@ -127,6 +127,7 @@ class ConnectorWorker:
         self._tier_loads: dict[str, tuple[TierLoad, Any]] = {}
         self._stores: dict[str, list[Any]] = defaultdict(list)
         self._error_blocks: set[int] = set()
+        self._failed_keys: list[bytes] = []
         self._stats = StatsReader()
         # The cache tensors and their registrations with the agent (none while vLLM sleeps).
         self._kv_caches: dict[str, Any] = {}
@@ -346,6 +347,7 @@ class ConnectorWorker:
                     continue
             except kvferry.KvferryError as e:
                 self._fail(req, [load.block_ids], str(e), failed)
+                self._failed_keys.extend(load.keys)
             del self._tier_loads[req]
             recving.add(req)
         return sending, recving, failed
@@ -362,7 +364,8 @@ class ConnectorWorker:
         if self.store is None:
             return None
         events = [(self.tp_rank, e.kind, list(e.keys), e.medium, e.from_medium) for e in self.store.take_events()]
-        return WorkerReport(events) if events else None
+        failed, self._failed_keys = self._failed_keys, []
+        return WorkerReport(events, failed) if events or failed else None
 
     def shutdown(self) -> None:
         for pull in self._pulls.values():
