@@ -253,6 +253,42 @@ fn check_replayed(replayed: Result<disk::Replayed, crate::tier::TierError>) {
     }
 }
 
+/// The block size of the remote objects the fuzzer decodes: small, so that whole objects fit in
+/// libFuzzer's input length limit.
+const REMOTE_BLOCK_SIZE: usize = 64;
+const REMOTE_FINGERPRINT: [u8; 16] = [0x5a; 16];
+
+fn remote_key() -> crate::tier::BlockKey {
+    crate::tier::BlockKey::from_engine_hash(&[0x33; 16]).expect("a 16-byte key")
+}
+
+/// An object read from the remote tier (`remote::decode_object`), on the bytes as they came and
+/// with the checksum made right (so the fuzzer reaches the checks after it). What it accepts is one
+/// block of the store's size, inside the object, and re-encodes to the very same object.
+pub fn remote_object(bytes: &[u8]) {
+    check_remote_object(bytes);
+    if bytes.len() >= 8 {
+        let body = bytes.len() - 8;
+        let mut sealed = bytes.to_vec();
+        let sum = xxhash_rust::xxh3::xxh3_64(&sealed[..body]);
+        sealed[body..].copy_from_slice(&sum.to_le_bytes());
+        check_remote_object(&sealed);
+    }
+}
+
+fn check_remote_object(bytes: &[u8]) {
+    use crate::tier::remote::{decode_object, encode_object};
+    let key = remote_key();
+    let Ok(range) = decode_object(bytes, &REMOTE_FINGERPRINT, &key, REMOTE_BLOCK_SIZE) else { return };
+    assert_eq!(range.len(), REMOTE_BLOCK_SIZE, "a range that is not one block was accepted");
+    assert!(range.end <= bytes.len(), "a range outside the object was accepted");
+    assert_eq!(
+        encode_object(&REMOTE_FINGERPRINT, &key, &bytes[range]),
+        bytes,
+        "an accepted object re-encodes differently"
+    );
+}
+
 fn fuzz_auth() -> &'static Auth {
     static AUTH: OnceLock<Auth> = OnceLock::new();
     AUTH.get_or_init(|| {
@@ -285,6 +321,7 @@ pub fn targets() -> Vec<Target> {
         ("side_channel", side_channel),
         ("tier_index", tier_index),
         ("auth_handshake", auth_handshake),
+        ("remote_object", remote_object),
     ];
     #[cfg(feature = "fabric")]
     all.push(("fabric_control", fabric_control));
@@ -380,6 +417,18 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             Record::Remove(key(1)).encode(&mut records);
             log.extend_from_slice(&records);
             vec![log, records]
+        }
+        "remote_object" => {
+            use crate::tier::remote::encode_object;
+            let block: Vec<u8> = (0..REMOTE_BLOCK_SIZE as u8).collect();
+            let object = encode_object(&REMOTE_FINGERPRINT, &remote_key(), &block);
+            let other_key = crate::tier::BlockKey::from_engine_hash(&[0x44; 8]).expect("an 8-byte key");
+            vec![
+                object.clone(),
+                encode_object(&[0; 16], &remote_key(), &block),
+                encode_object(&REMOTE_FINGERPRINT, &other_key, &block),
+                object[..40].to_vec(),
+            ]
         }
         "auth_handshake" => {
             // A client's hello (scheme hmac, channel tcp) and a proof; a server's answer and verdict.

@@ -17,7 +17,7 @@ mod key;
 #[cfg(feature = "kv-events")]
 pub mod kv_events;
 mod policy;
-mod remote;
+pub(crate) mod remote;
 mod store;
 mod uring;
 
