@@ -187,6 +187,9 @@ struct Breaker {
     probing: bool,
 }
 
+/// What a store is told of each block whose upload completed.
+type UploadedCallback = Box<dyn Fn(BlockKey) + Send>;
+
 /// A remote level: the client, its namespace, and what it learned about keys.
 pub struct RemoteTier {
     inner: Arc<Inner>,
@@ -209,7 +212,7 @@ struct Inner {
     /// Signalled when the last pending upload ends.
     idle: Condvar,
     /// Called with each block once its upload is complete.
-    on_uploaded: Mutex<Option<Box<dyn Fn(BlockKey) + Send>>>,
+    on_uploaded: Mutex<Option<UploadedCallback>>,
 }
 
 impl RemoteTier {
@@ -397,7 +400,7 @@ impl RemoteTier {
     }
 
     /// Called with each block once its upload completes (a store announces them as events).
-    pub(crate) fn set_on_uploaded(&self, callback: Box<dyn Fn(BlockKey) + Send>) {
+    pub(crate) fn set_on_uploaded(&self, callback: UploadedCallback) {
         *lock(&self.inner.on_uploaded) = Some(callback);
     }
 }
