@@ -60,7 +60,7 @@ typedef struct kvferry_peer {
   uint64_t id;
 } kvferry_peer;
 
-// A tiered block store: pinned DRAM, optionally backed by a disk directory.
+// A tiered block store: pinned DRAM, optionally backed by a disk directory and a remote tier.
 typedef struct kvferry_store {
   uint64_t id;
 } kvferry_store;
@@ -86,6 +86,13 @@ typedef uint32_t kvferry_medium;
 // index records dropped at open; `disk_failed`: the disk tier stopped taking writes (full disk,
 // i/o error) and serves reads only; `io_fallback`: it runs without some kernel fast path
 // (io_uring, registered buffers, `O_DIRECT`).
+//
+// The `remote_` fields are the remote tier's (all 0 and false unless `remote_enabled`): blocks
+// read from it, keys it did not hold when asked, blocks uploaded and their bytes, offered blocks
+// it already held, offered blocks dropped (upload budget spent or breaker open), failed requests,
+// objects dropped for a bad checksum or framing, objects of another namespace or block, times the
+// breaker opened, bytes of uploads queued or in flight now; `remote_breaker_open`: no request is
+// sent to it for now after repeated failures.
 typedef struct kvferry_store_stats {
   uint64_t block_size;
   uint64_t host_blocks;
@@ -101,8 +108,21 @@ typedef struct kvferry_store_stats {
   uint64_t not_admitted;
   uint64_t corrupt_blocks;
   uint64_t torn_records;
+  uint64_t remote_hits;
+  uint64_t remote_misses;
+  uint64_t remote_uploads;
+  uint64_t remote_upload_bytes;
+  uint64_t remote_already_stored;
+  uint64_t remote_dropped;
+  uint64_t remote_errors;
+  uint64_t remote_corrupt;
+  uint64_t remote_mismatched;
+  uint64_t remote_breaker_trips;
+  uint64_t remote_upload_bytes_pending;
   bool disk_failed;
   bool io_fallback;
+  bool remote_enabled;
+  bool remote_breaker_open;
 } kvferry_store_stats;
 
 // What happened to a block (`kvferry_store_event::kind`).
@@ -273,6 +293,15 @@ typedef struct kvferry_transfer {
 
 #define KVFERRY_ERR_TIER_DISK_LOCKED 612
 
+// The remote tier could not be reached or did not answer by the deadline.
+#define KVFERRY_ERR_TIER_REMOTE_UNAVAILABLE 613
+
+// An object of the remote tier failed its checksum or framing; it was dropped, never served.
+#define KVFERRY_ERR_TIER_REMOTE_CORRUPT 614
+
+// An object of the remote tier belongs to another namespace or block; it was dropped.
+#define KVFERRY_ERR_TIER_REMOTE_MISMATCH 615
+
 #define KVFERRY_ERR_DISCOVERY_UNREACHABLE 700
 
 #define KVFERRY_ERR_DISCOVERY_BAD_RESPONSE 701
@@ -299,6 +328,9 @@ typedef struct kvferry_transfer {
 
 // The store's disk tier.
 #define KVFERRY_MEDIUM_DISK 3
+
+// The remote tier every engine shares (object storage or a shared directory).
+#define KVFERRY_MEDIUM_REMOTE 4
 
 // The block is now in `medium`.
 #define KVFERRY_STORE_EVENT_STORED 1
@@ -496,8 +528,9 @@ kvferry_status kvferry_peer_name(struct kvferry_peer peer, char *buf, size_t cap
 // Ownership: consumes `peer`; every copy of the handle becomes invalid.
 kvferry_status kvferry_peer_destroy(struct kvferry_peer peer);
 
-// Open a tier store: a pinned DRAM arena, and with `disk.dir` a disk tier whose blocks survive
-// the process (reopening the same directory finds them again).
+// Open a tier store: a pinned DRAM arena, with `disk.dir` a disk tier whose blocks survive the
+// process (reopening the same directory finds them again), and with `remote.url` or `remote.path`
+// a remote tier that every store pointing at it with the same namespace shares.
 //
 // `options` is an array of `option_count` `"key=value"` strings: `block_size=BYTES` and
 // `host_capacity=BYTES` (required; the arena is allocated up front), `policy=lru|arc` (default
@@ -506,7 +539,24 @@ kvferry_status kvferry_peer_destroy(struct kvferry_peer peer);
 // off: an undrained queue grows), `disk.dir=PATH` and `disk.capacity=BYTES` (together; the block
 // size must then be a multiple of 4096), `disk.queue_depth=N` (default 32), `disk.admit_after=N`
 // (how often a block must have been seen before an eviction writes it down; 0 or 1 writes every
-// block; default 2), `disk.sync_writes=on|off` (default off). An unknown key is an error.
+// block; default 2), `disk.sync_writes=on|off` (default off).
+//
+// The remote tier: `remote.url=URL` (`s3://bucket/prefix` for any S3-compatible store, with
+// credentials, region and endpoint from the `AWS_*` environment variables; or `file:///dir`) or
+// `remote.path=DIR` (a directory every host mounts), with `remote.namespace=TEXT` (required:
+// model, dtype, tokens per block, layout and rank, everything that makes bytes for one key
+// differ; stores share blocks exactly when their namespaces and block sizes are equal),
+// `remote.timeout_ms=N` (each request's deadline, default 5000), `remote.concurrency=N` (requests
+// in flight for reads and for writes each, default 16), `remote.max_upload_bytes=BYTES` (uploads
+// queued or in flight; blocks offered beyond it are dropped and counted, default 256 MiB), and
+// `remote.option.NAME=VALUE` (a client setting by its `object_store` name, taking precedence over
+// the environment: `remote.option.aws_endpoint=http://minio:9000`, `aws_region`,
+// `aws_allow_http`...). Every block put is uploaded in the background. Nothing is sent at
+// creation: an unreachable store shows in the stats, not as a failure here; a URL of another
+// scheme, an unknown client setting, or client settings for a directory are
+// `KVFERRY_ERR_TIER_CONFIG`.
+//
+// An unknown key is an error.
 //
 // Ownership: `options` is borrowed for the call. On success `*out` is a new store the caller
 // owns and must release with `kvferry_store_destroy`; on failure `*out` is untouched.
@@ -541,8 +591,9 @@ kvferry_status kvferry_store_put(struct kvferry_store store,
                                  struct kvferry_store_op *out);
 
 // Copy `count` cached blocks out of the store into caller memory, laid out as for
-// `kvferry_store_put`. Disk blocks are read into DRAM first and stay there (promoted). The
-// operation fails with `KVFERRY_ERR_TIER_NOT_CACHED`, naming the block, if one is missing.
+// `kvferry_store_put`. Disk and remote blocks are read into DRAM first and stay there (promoted).
+// The operation fails with `KVFERRY_ERR_TIER_NOT_CACHED`, naming the block, if one is missing,
+// and with `KVFERRY_ERR_TIER_REMOTE_*` if a block only the remote tier holds cannot be read.
 //
 // Ownership: as for `kvferry_store_put`; the destination regions must not overlap and must not be
 // read until the operation is done.
@@ -592,6 +643,31 @@ kvferry_status kvferry_store_lookup(struct kvferry_store store,
                                     kvferry_medium *media,
                                     size_t capacity,
                                     size_t *found);
+
+// Like `kvferry_store_lookup`, then the remote tier for the blocks after the local prefix, without
+// waiting on the network: blocks only the remote holds are `KVFERRY_MEDIUM_REMOTE` (a get reads
+// them into DRAM). While the remote is being asked about them, `*pending` is true, `*found` is 0
+// and `media` is untouched: call again later (a later call answers from what the remote said).
+// Otherwise `*pending` is false and `*found` and `media` are as for `kvferry_store_lookup`,
+// `KVFERRY_ERR_BUFFER_TOO_SMALL` included. A remote that fails counts as not holding the blocks.
+// Without a remote tier this is `kvferry_store_lookup` with `*pending` false.
+//
+// Ownership: `keys` is borrowed for the call; `media`, `found` and `pending` are the caller's.
+kvferry_status kvferry_store_lookup_remote(struct kvferry_store store,
+                                           const struct kvferry_block_key *keys,
+                                           size_t count,
+                                           kvferry_medium *media,
+                                           size_t capacity,
+                                           size_t *found,
+                                           bool *pending);
+
+// Wait until every upload to the remote tier queued so far has ended (stored or failed), or
+// `timeout_ms` has passed: stores in `*done` whether they all ended. Without a remote tier there
+// is nothing to wait for (`*done` true at once). For a process that exits soon after its last
+// put, so that its blocks reach the remote first.
+//
+// Ownership: `done` is the caller's.
+kvferry_status kvferry_store_remote_flush(struct kvferry_store store, uint32_t timeout_ms, bool *done);
 
 // The keys of every block on the disk tier, in slot order (none without a disk tier): stores them
 // in `keys[0..*count]`. Right after `kvferry_store_create` they are the blocks the directory's

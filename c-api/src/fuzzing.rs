@@ -26,6 +26,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         b"secret=a cluster secret of 32 bytes....\0auth=env\0tcp.min_frame_bytes=65536",
         b"block_size=8192\0host_capacity=65536\0policy=arc\0workers=3\0pin=off\0events=on",
         b"block_size=4096\0host_capacity=4096\0disk.dir=/tmp/kvferry-fuzz\0disk.capacity=8192\0disk.admit_after=0",
+        b"block_size=4096\0host_capacity=4096\0remote.url=s3://kv/prefix\0remote.namespace=model/rank0\0\
+          remote.timeout_ms=500\0remote.concurrency=4\0remote.option.aws_region=local",
     ]
     .iter()
     .map(|s| s.to_vec())
@@ -56,7 +58,7 @@ mod tests {
 
     #[test]
     fn seeds_are_options_both_parsers_can_take() {
-        // The first two seeds configure an agent, the last two a store: the corpus starts inside
+        // The first two seeds configure an agent, the others a store: the corpus starts inside
         // the parsers, not at their first error.
         let parse = |seed: &[u8]| {
             let strings: Vec<CString> = seed.split(|&b| b == 0).map(|s| CString::new(s).unwrap()).collect();
@@ -69,5 +71,6 @@ mod tests {
         assert_eq!(parse(&seeds[1]), (true, false));
         assert_eq!(parse(&seeds[2]), (false, true));
         assert_eq!(parse(&seeds[3]), (false, true));
+        assert_eq!(parse(&seeds[4]), (false, true));
     }
 }

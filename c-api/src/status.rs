@@ -99,6 +99,12 @@ pub const KVFERRY_ERR_TIER_NO_ROOM: kvferry_status = 609;
 pub const KVFERRY_ERR_TIER_DISK_IO: kvferry_status = 610;
 pub const KVFERRY_ERR_TIER_CLOSED: kvferry_status = 611;
 pub const KVFERRY_ERR_TIER_DISK_LOCKED: kvferry_status = 612;
+/// The remote tier could not be reached or did not answer by the deadline.
+pub const KVFERRY_ERR_TIER_REMOTE_UNAVAILABLE: kvferry_status = 613;
+/// An object of the remote tier failed its checksum or framing; it was dropped, never served.
+pub const KVFERRY_ERR_TIER_REMOTE_CORRUPT: kvferry_status = 614;
+/// An object of the remote tier belongs to another namespace or block; it was dropped.
+pub const KVFERRY_ERR_TIER_REMOTE_MISMATCH: kvferry_status = 615;
 pub const KVFERRY_ERR_DISCOVERY_UNREACHABLE: kvferry_status = 700;
 pub const KVFERRY_ERR_DISCOVERY_BAD_RESPONSE: kvferry_status = 701;
 pub const KVFERRY_ERR_DISCOVERY_LEASE_LOST: kvferry_status = 702;
@@ -189,6 +195,13 @@ const CODES: &[(kvferry_status, &str, Option<ErrorCode>)] = &[
     (KVFERRY_ERR_TIER_DISK_IO, "KVFERRY_ERR_TIER_DISK_IO\0", Some(ErrorCode::TierDiskIo)),
     (KVFERRY_ERR_TIER_CLOSED, "KVFERRY_ERR_TIER_CLOSED\0", Some(ErrorCode::TierClosed)),
     (KVFERRY_ERR_TIER_DISK_LOCKED, "KVFERRY_ERR_TIER_DISK_LOCKED\0", Some(ErrorCode::TierDiskLocked)),
+    (
+        KVFERRY_ERR_TIER_REMOTE_UNAVAILABLE,
+        "KVFERRY_ERR_TIER_REMOTE_UNAVAILABLE\0",
+        Some(ErrorCode::TierRemoteUnavailable),
+    ),
+    (KVFERRY_ERR_TIER_REMOTE_CORRUPT, "KVFERRY_ERR_TIER_REMOTE_CORRUPT\0", Some(ErrorCode::TierRemoteCorrupt)),
+    (KVFERRY_ERR_TIER_REMOTE_MISMATCH, "KVFERRY_ERR_TIER_REMOTE_MISMATCH\0", Some(ErrorCode::TierRemoteMismatch)),
     (KVFERRY_ERR_DISCOVERY_UNREACHABLE, "KVFERRY_ERR_DISCOVERY_UNREACHABLE\0", Some(ErrorCode::DiscoveryUnreachable)),
     (KVFERRY_ERR_DISCOVERY_BAD_RESPONSE, "KVFERRY_ERR_DISCOVERY_BAD_RESPONSE\0", Some(ErrorCode::DiscoveryBadResponse)),
     (KVFERRY_ERR_DISCOVERY_LEASE_LOST, "KVFERRY_ERR_DISCOVERY_LEASE_LOST\0", Some(ErrorCode::DiscoveryLeaseLost)),

@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use kvferry_core::tier::{BlockRegions, MAX_KEY_BYTES, TierError, TierStats};
+use kvferry_core::tier::{BlockRegions, MAX_KEY_BYTES, RemoteConfig, RemoteLocation, TierError, TierStats};
 use kvferry_core::{
     BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, EvictionPolicy, HostDevice, Medium, MemKind, TierConfig,
     TierEvent, TierStore,
@@ -109,6 +109,13 @@ pub struct kvferry_store_event {
 /// index records dropped at open; `disk_failed`: the disk tier stopped taking writes (full disk,
 /// i/o error) and serves reads only; `io_fallback`: it runs without some kernel fast path
 /// (io_uring, registered buffers, `O_DIRECT`).
+///
+/// The `remote_` fields are the remote tier's (all 0 and false unless `remote_enabled`): blocks
+/// read from it, keys it did not hold when asked, blocks uploaded and their bytes, offered blocks
+/// it already held, offered blocks dropped (upload budget spent or breaker open), failed requests,
+/// objects dropped for a bad checksum or framing, objects of another namespace or block, times the
+/// breaker opened, bytes of uploads queued or in flight now; `remote_breaker_open`: no request is
+/// sent to it for now after repeated failures.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvferry_store_stats {
@@ -126,12 +133,26 @@ pub struct kvferry_store_stats {
     pub not_admitted: u64,
     pub corrupt_blocks: u64,
     pub torn_records: u64,
+    pub remote_hits: u64,
+    pub remote_misses: u64,
+    pub remote_uploads: u64,
+    pub remote_upload_bytes: u64,
+    pub remote_already_stored: u64,
+    pub remote_dropped: u64,
+    pub remote_errors: u64,
+    pub remote_corrupt: u64,
+    pub remote_mismatched: u64,
+    pub remote_breaker_trips: u64,
+    pub remote_upload_bytes_pending: u64,
     pub disk_failed: bool,
     pub io_fallback: bool,
+    pub remote_enabled: bool,
+    pub remote_breaker_open: bool,
 }
 
 impl kvferry_store_stats {
     fn from_core(block_size: usize, stats: TierStats) -> Self {
+        let remote = stats.remote.clone().unwrap_or_default();
         kvferry_store_stats {
             block_size: block_size as u64,
             host_blocks: stats.host_blocks as u64,
@@ -147,13 +168,26 @@ impl kvferry_store_stats {
             not_admitted: stats.not_admitted,
             corrupt_blocks: stats.corrupt_blocks,
             torn_records: stats.torn_records,
+            remote_hits: remote.hits,
+            remote_misses: remote.misses,
+            remote_uploads: remote.uploads,
+            remote_upload_bytes: remote.upload_bytes,
+            remote_already_stored: remote.already_stored,
+            remote_dropped: remote.dropped,
+            remote_errors: remote.errors,
+            remote_corrupt: remote.corrupt,
+            remote_mismatched: remote.mismatched,
+            remote_breaker_trips: remote.breaker_trips,
+            remote_upload_bytes_pending: remote.upload_bytes_pending,
             disk_failed: stats.disk_failure.is_some(),
             io_fallback: stats.io_fallback.is_some(),
+            remote_enabled: stats.remote.is_some(),
+            remote_breaker_open: remote.breaker_open,
         }
     }
 }
 
-/// A tiered block store: pinned DRAM, optionally backed by a disk directory.
+/// A tiered block store: pinned DRAM, optionally backed by a disk directory and a remote tier.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvferry_store {
@@ -218,7 +252,12 @@ handle!(kvferry_store_op, CopyFence, Kind::StoreOp);
 
 /// The options `kvferry_store_create` understands, for the error that lists them.
 const OPTIONS: &str = "block_size, host_capacity, policy, workers, pin, events, disk.dir, disk.capacity, \
-                       disk.queue_depth, disk.admit_after, disk.sync_writes";
+                       disk.queue_depth, disk.admit_after, disk.sync_writes, remote.url, remote.path, \
+                       remote.namespace, remote.timeout_ms, remote.concurrency, remote.max_upload_bytes, \
+                       remote.option.NAME";
+
+/// The prefix of options passed through to the remote tier's client (`remote.option.aws_endpoint`).
+const REMOTE_CLIENT_OPTION: &str = "remote.option.";
 
 pub(crate) struct StoreOptions {
     config: TierConfig,
@@ -230,6 +269,11 @@ pub(crate) fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
     let (mut block_size, mut host_capacity, mut disk_dir, mut disk_capacity) = (None, None, None, None);
     let mut disk = DiskConfig::new("", 0);
     let mut events = false;
+    let (mut remote_location, mut remote_namespace) = (None, None);
+    // The remote tier's settings, kept until its location and namespace are known.
+    let mut remote = RemoteConfig::new(RemoteLocation::Path(PathBuf::new()), "");
+    // The first remote.* option given, which the error names when no location is.
+    let mut remote_setting = None;
     for option in options {
         let count = |expected: &str| usize::try_from(option.positive(expected)?).map_err(|_| option.bad(expected));
         match option.key {
@@ -254,7 +298,36 @@ pub(crate) fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
                     .map_err(|_| option.bad("a count from 0 to 255"))?
             }
             "disk.sync_writes" => disk.sync_writes = option.switch()?,
+            "remote.url" | "remote.path" if option.value.is_empty() => {
+                return Err(option.bad(if option.key == "remote.url" { "a URL" } else { "a directory" }));
+            }
+            "remote.url" | "remote.path" if remote_location.is_some() => {
+                return Err(Failure::invalid_argument(
+                    "options remote.url and remote.path name the remote tier's location: give one, once",
+                ));
+            }
+            "remote.url" => remote_location = Some(RemoteLocation::Url(option.value.to_string())),
+            "remote.path" => remote_location = Some(RemoteLocation::Path(PathBuf::from(option.value))),
+            "remote.namespace" if option.value.is_empty() => return Err(option.bad("a namespace")),
+            "remote.namespace" => remote_namespace = Some(option.value.to_string()),
+            "remote.timeout_ms" => {
+                remote.timeout = Duration::from_millis(option.positive("a positive number of milliseconds")?)
+            }
+            "remote.concurrency" => remote.concurrency = count("a positive request count")?,
+            "remote.max_upload_bytes" => remote.max_upload_bytes = option.positive("a positive byte count")?,
+            key if key.starts_with(REMOTE_CLIENT_OPTION) => {
+                let name = &key[REMOTE_CLIENT_OPTION.len()..];
+                if name.is_empty() {
+                    return Err(Failure::invalid_argument(format!(
+                        "option {key} names no client setting (remote.option.aws_endpoint, say)"
+                    )));
+                }
+                remote.options.push((name.to_string(), option.value.to_string()));
+            }
             _ => return Err(option.unknown(OPTIONS)),
+        }
+        if option.key.starts_with("remote.") && remote_setting.is_none() {
+            remote_setting = Some(option.key);
         }
     }
     let required = |key: &str| Failure::invalid_argument(format!("option {key} is required"));
@@ -266,11 +339,20 @@ pub(crate) fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
         (Some(_), None) => return Err(required("disk.capacity (with disk.dir)")),
         (None, Some(_)) => return Err(required("disk.dir (with disk.capacity)")),
     };
+    config.remote = match (remote_location, remote_namespace) {
+        (Some(location), Some(namespace)) => Some(RemoteConfig { location, namespace, ..remote }),
+        (Some(_), None) => return Err(required("remote.namespace (with remote.url or remote.path)")),
+        (None, _) => match remote_setting {
+            Some(key) => return Err(required(&format!("remote.url or remote.path (with {key})"))),
+            None => None,
+        },
+    };
     Ok(StoreOptions { config, events })
 }
 
-/// Open a tier store: a pinned DRAM arena, and with `disk.dir` a disk tier whose blocks survive
-/// the process (reopening the same directory finds them again).
+/// Open a tier store: a pinned DRAM arena, with `disk.dir` a disk tier whose blocks survive the
+/// process (reopening the same directory finds them again), and with `remote.url` or `remote.path`
+/// a remote tier that every store pointing at it with the same namespace shares.
 ///
 /// `options` is an array of `option_count` `"key=value"` strings: `block_size=BYTES` and
 /// `host_capacity=BYTES` (required; the arena is allocated up front), `policy=lru|arc` (default
@@ -279,7 +361,24 @@ pub(crate) fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
 /// off: an undrained queue grows), `disk.dir=PATH` and `disk.capacity=BYTES` (together; the block
 /// size must then be a multiple of 4096), `disk.queue_depth=N` (default 32), `disk.admit_after=N`
 /// (how often a block must have been seen before an eviction writes it down; 0 or 1 writes every
-/// block; default 2), `disk.sync_writes=on|off` (default off). An unknown key is an error.
+/// block; default 2), `disk.sync_writes=on|off` (default off).
+///
+/// The remote tier: `remote.url=URL` (`s3://bucket/prefix` for any S3-compatible store, with
+/// credentials, region and endpoint from the `AWS_*` environment variables; or `file:///dir`) or
+/// `remote.path=DIR` (a directory every host mounts), with `remote.namespace=TEXT` (required:
+/// model, dtype, tokens per block, layout and rank, everything that makes bytes for one key
+/// differ; stores share blocks exactly when their namespaces and block sizes are equal),
+/// `remote.timeout_ms=N` (each request's deadline, default 5000), `remote.concurrency=N` (requests
+/// in flight for reads and for writes each, default 16), `remote.max_upload_bytes=BYTES` (uploads
+/// queued or in flight; blocks offered beyond it are dropped and counted, default 256 MiB), and
+/// `remote.option.NAME=VALUE` (a client setting by its `object_store` name, taking precedence over
+/// the environment: `remote.option.aws_endpoint=http://minio:9000`, `aws_region`,
+/// `aws_allow_http`...). Every block put is uploaded in the background. Nothing is sent at
+/// creation: an unreachable store shows in the stats, not as a failure here; a URL of another
+/// scheme, an unknown client setting, or client settings for a directory are
+/// `KVFERRY_ERR_TIER_CONFIG`.
+///
+/// An unknown key is an error.
 ///
 /// Ownership: `options` is borrowed for the call. On success `*out` is a new store the caller
 /// owns and must release with `kvferry_store_destroy`; on failure `*out` is untouched.
@@ -423,8 +522,9 @@ pub unsafe extern "C" fn kvferry_store_put(
 }
 
 /// Copy `count` cached blocks out of the store into caller memory, laid out as for
-/// `kvferry_store_put`. Disk blocks are read into DRAM first and stay there (promoted). The
-/// operation fails with `KVFERRY_ERR_TIER_NOT_CACHED`, naming the block, if one is missing.
+/// `kvferry_store_put`. Disk and remote blocks are read into DRAM first and stay there (promoted).
+/// The operation fails with `KVFERRY_ERR_TIER_NOT_CACHED`, naming the block, if one is missing,
+/// and with `KVFERRY_ERR_TIER_REMOTE_*` if a block only the remote tier holds cannot be read.
 ///
 /// Ownership: as for `kvferry_store_put`; the destination regions must not overlap and must not be
 /// read until the operation is done.
@@ -526,6 +626,63 @@ pub unsafe extern "C" fn kvferry_store_lookup(
         let keys = core_keys(keys)?;
         let hits: Vec<kvferry_medium> = handles::get(store)?.store.lookup(&keys).into_iter().map(medium).collect();
         out.fill_items(&hits)
+    })
+}
+
+/// Like `kvferry_store_lookup`, then the remote tier for the blocks after the local prefix, without
+/// waiting on the network: blocks only the remote holds are `KVFERRY_MEDIUM_REMOTE` (a get reads
+/// them into DRAM). While the remote is being asked about them, `*pending` is true, `*found` is 0
+/// and `media` is untouched: call again later (a later call answers from what the remote said).
+/// Otherwise `*pending` is false and `*found` and `media` are as for `kvferry_store_lookup`,
+/// `KVFERRY_ERR_BUFFER_TOO_SMALL` included. A remote that fails counts as not holding the blocks.
+/// Without a remote tier this is `kvferry_store_lookup` with `*pending` false.
+///
+/// Ownership: `keys` is borrowed for the call; `media`, `found` and `pending` are the caller's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvferry_store_lookup_remote(
+    store: kvferry_store,
+    keys: *const kvferry_block_key,
+    count: usize,
+    media: *mut kvferry_medium,
+    capacity: usize,
+    found: *mut usize,
+    pending: *mut bool,
+) -> kvferry_status {
+    guard(|| {
+        let keys = unsafe { slice_arg(keys, count, "keys") }?;
+        let out = unsafe { OutBuf::new(media, capacity, found, "the media array") }?;
+        let pending = unsafe { Out::new(pending, "pending") }?;
+        let keys = core_keys(keys)?;
+        match handles::get(store)?.store.lookup_remote(&keys) {
+            None => {
+                pending.set(true);
+                out.fill_items(&[])
+            }
+            Some(hits) => {
+                pending.set(false);
+                out.fill_items(&hits.into_iter().map(medium).collect::<Vec<_>>())
+            }
+        }
+    })
+}
+
+/// Wait until every upload to the remote tier queued so far has ended (stored or failed), or
+/// `timeout_ms` has passed: stores in `*done` whether they all ended. Without a remote tier there
+/// is nothing to wait for (`*done` true at once). For a process that exits soon after its last
+/// put, so that its blocks reach the remote first.
+///
+/// Ownership: `done` is the caller's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvferry_store_remote_flush(
+    store: kvferry_store,
+    timeout_ms: u32,
+    done: *mut bool,
+) -> kvferry_status {
+    guard(|| {
+        let done = unsafe { Out::new(done, "done") }?;
+        let state = handles::get(store)?;
+        done.set(state.store.remote().is_none_or(|remote| remote.flush(deadline_ms(timeout_ms))));
+        Ok(())
     })
 }
 
@@ -738,6 +895,58 @@ mod tests {
         ] {
             let failure = parse(bad).err().unwrap_or_else(|| panic!("{bad:?} was accepted"));
             assert_eq!(failure.code, KVFERRY_ERR_INVALID_ARGUMENT, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn remote_options_become_the_remote_config() {
+        let base = ["block_size=4096", "host_capacity=4096"];
+        let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
+        let parsed = with(&[
+            "remote.url=s3://kv/prefix",
+            "remote.namespace=llama-8b/bf16/16/rank0",
+            "remote.timeout_ms=1500",
+            "remote.concurrency=4",
+            "remote.max_upload_bytes=1048576",
+            "remote.option.aws_endpoint=http://minio:9000",
+            "remote.option.aws_allow_http=true",
+        ])
+        .unwrap();
+        let remote = parsed.config.remote.unwrap();
+        assert_eq!(remote.location, RemoteLocation::Url("s3://kv/prefix".into()));
+        assert_eq!(remote.namespace, "llama-8b/bf16/16/rank0");
+        assert_eq!(
+            (remote.timeout, remote.concurrency, remote.max_upload_bytes),
+            (Duration::from_millis(1500), 4, 1 << 20)
+        );
+        assert_eq!(
+            remote.options,
+            [("aws_endpoint".to_string(), "http://minio:9000".to_string()), ("aws_allow_http".into(), "true".into())]
+        );
+
+        let shared = with(&["remote.path=/mnt/kv", "remote.namespace=ns"]).unwrap().config.remote.unwrap();
+        assert_eq!(shared.location, RemoteLocation::Path("/mnt/kv".into()));
+        let defaults = RemoteConfig::new(RemoteLocation::Path("/mnt/kv".into()), "ns");
+        assert_eq!((shared.timeout, shared.concurrency), (defaults.timeout, defaults.concurrency));
+        assert!(shared.options.is_empty());
+        assert!(parse(&base).unwrap().config.remote.is_none());
+
+        for (bad, needle) in [
+            (&["remote.path=/mnt/kv"][..], "remote.namespace"),
+            (&["remote.namespace=ns"], "remote.url or remote.path"),
+            (&["remote.concurrency=4"], "with remote.concurrency"),
+            (&["remote.path=/a", "remote.url=s3://b/c", "remote.namespace=ns"], "give one"),
+            (&["remote.url=", "remote.namespace=ns"], "a URL"),
+            (&["remote.path=/a", "remote.namespace="], "a namespace"),
+            (&["remote.path=/a", "remote.namespace=ns", "remote.timeout_ms=0"], "milliseconds"),
+            (&["remote.path=/a", "remote.namespace=ns", "remote.concurrency=many"], "request count"),
+            (&["remote.path=/a", "remote.namespace=ns", "remote.max_upload_bytes=-1"], "byte count"),
+            (&["remote.path=/a", "remote.namespace=ns", "remote.option.=x"], "names no client setting"),
+            (&["remote.bucket=kv"], "unknown option"),
+        ] {
+            let failure = with(bad).err().unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            assert_eq!(failure.code, KVFERRY_ERR_INVALID_ARGUMENT, "{bad:?}");
+            assert!(failure.message.contains(needle), "{bad:?}: {}", failure.message);
         }
     }
 

@@ -1,13 +1,15 @@
 /* The tier store through the C ABI, as an engine uses it: key a token sequence, put its blocks,
  * look the prefix up, get the blocks back byte-exact from DRAM and from disk (the DRAM tier holds
- * half of them), reopen the directory after a restart, watch the events, and every error path of
- * the store functions. Run under valgrind by the test script too, so destroying a store or an
+ * half of them), reopen the directory after a restart, watch the events, share blocks with a
+ * second store through a remote tier in a shared directory, and every error path of the store
+ * functions. Run under valgrind by the test script too, so destroying a store or an
  * operation still copying caller memory must leave no invalid access behind. */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -226,6 +228,165 @@ static void restart(const kvferry_block_key *keys, uint8_t *dst) {
     CHECK_OK(kvferry_store_disk_keys(store, NULL, 0, &found));
     CHECK(found == 0);
     CHECK_OK(kvferry_store_destroy(store));
+}
+
+static double seconds_now(void) {
+    struct timespec now;
+    CHECK(clock_gettime(CLOCK_MONOTONIC, &now) == 0);
+    return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+}
+
+/* Look `keys` up through the remote tier, polling (at most WAIT_MS) while the remote is asked. The
+ * first call must find it not asked yet when `expect_pending`. */
+static size_t lookup_remote_settled(kvferry_store store, const kvferry_block_key *keys, kvferry_medium *media,
+                                    bool expect_pending) {
+    size_t found = 99;
+    bool pending = false;
+    CHECK_OK(kvferry_store_lookup_remote(store, keys, BLOCKS, media, BLOCKS, &found, &pending));
+    if (expect_pending) CHECK(pending && found == 0);
+    double give_up = seconds_now() + WAIT_MS / 1000.0;
+    struct timespec pause = {.tv_nsec = 1000 * 1000};
+    while (pending) {
+        CHECK(seconds_now() < give_up);
+        nanosleep(&pause, NULL);
+        CHECK_OK(kvferry_store_lookup_remote(store, keys, BLOCKS, media, BLOCKS, &found, &pending));
+    }
+    return found;
+}
+
+/* One store puts blocks and flushes them to a remote tier in a shared directory; a second store on
+ * the same directory and namespace, with an empty DRAM tier, finds them there and reads them back
+ * byte-exact; a store of another namespace sees none of them. */
+static void remote_tier(const kvferry_block_key *keys, uint8_t *src, uint8_t *dst) {
+    char path_option[128];
+    snprintf(path_option, sizeof path_option, "remote.path=%s/remote", dir);
+    const char *options[] = {"block_size=4096",        "host_capacity=32768",     path_option,
+                             "remote.concurrency=4",   "remote.timeout_ms=10000", "remote.max_upload_bytes=1048576",
+                             "remote.namespace=model-a/bf16/16/rank0"};
+    const size_t option_count = sizeof options / sizeof options[0];
+    kvferry_store writer = {0}, reader = {0}, other = {0};
+    CHECK_OK(kvferry_store_create(options, option_count, &writer));
+    kvferry_store_stats stats;
+    CHECK_OK(kvferry_store_stats_get(writer, &stats));
+    CHECK(stats.remote_enabled && !stats.remote_breaker_open && stats.remote_uploads == 0);
+
+    for (size_t b = 0; b < BLOCKS; b++) fill_block(src + b * BLOCK, BLOCK, SEED + 2, b);
+    put(writer, keys, src, 0, BLOCKS, 2);
+    bool done = false;
+    CHECK_OK(kvferry_store_remote_flush(writer, WAIT_MS, &done));
+    CHECK(done);
+    CHECK_OK(kvferry_store_stats_get(writer, &stats));
+    CHECK(stats.remote_uploads == BLOCKS && stats.remote_upload_bytes == (uint64_t)BLOCKS * BLOCK);
+    CHECK(stats.remote_upload_bytes_pending == 0 && stats.remote_dropped == 0 && stats.remote_errors == 0);
+
+    CHECK_OK(kvferry_store_create(options, option_count, &reader));
+    kvferry_medium media[BLOCKS];
+    size_t found = 99;
+    CHECK_OK(kvferry_store_lookup(reader, keys, BLOCKS, media, BLOCKS, &found));
+    CHECK(found == 0); /* nothing local: only the remote has them */
+    CHECK(lookup_remote_settled(reader, keys, media, true) == BLOCKS);
+    for (size_t b = 0; b < BLOCKS; b++) CHECK(media[b] == KVFERRY_MEDIUM_REMOTE);
+
+    memset(dst, 0, (size_t)BLOCKS * BLOCK);
+    get(reader, keys, dst, 0, BLOCKS);
+    for (size_t b = 0; b < BLOCKS; b++) CHECK(block_matches(dst + b * BLOCK, BLOCK, SEED + 2, b));
+    CHECK_OK(kvferry_store_stats_get(reader, &stats));
+    CHECK(stats.remote_enabled && stats.remote_hits == BLOCKS && stats.remote_uploads == 0);
+    CHECK(stats.remote_corrupt == 0 && stats.remote_mismatched == 0 && stats.host_blocks == BLOCKS);
+    /* Read into DRAM, the blocks are local now: found without asking the remote, pending or not. */
+    bool pending = true;
+    CHECK_OK(kvferry_store_lookup_remote(reader, keys, BLOCKS, media, BLOCKS, &found, &pending));
+    CHECK(!pending && found == BLOCKS && media[0] == KVFERRY_MEDIUM_CPU && media[BLOCKS - 1] == KVFERRY_MEDIUM_CPU);
+    CHECK_STATUS(KVFERRY_ERR_BUFFER_TOO_SMALL, kvferry_store_lookup_remote(reader, keys, BLOCKS, media, 1, &found,
+                                                                           &pending));
+    CHECK(!pending && found == BLOCKS);
+
+    /* Another namespace shares the directory, not the blocks. */
+    options[option_count - 1] = "remote.namespace=model-b/bf16/16/rank0";
+    CHECK_OK(kvferry_store_create(options, option_count, &other));
+    CHECK(lookup_remote_settled(other, keys, media, true) == 0);
+    CHECK_OK(kvferry_store_stats_get(other, &stats));
+    CHECK(stats.remote_misses >= 1 && stats.remote_hits == 0);
+
+    CHECK_OK(kvferry_store_destroy(other));
+    CHECK_OK(kvferry_store_destroy(reader));
+    CHECK_OK(kvferry_store_destroy(writer));
+}
+
+/* The remote tier's options and functions refuse what is wrong with a typed error and write no
+ * output; without a remote tier its functions answer for the local tiers. */
+static void remote_errors(const kvferry_block_key *keys) {
+    char path_option[128];
+    snprintf(path_option, sizeof path_option, "remote.path=%s/remote", dir);
+    kvferry_store store = {0};
+    const char *no_namespace[] = {"block_size=4096", "host_capacity=16384", path_option};
+    CHECK_STATUS(KVFERRY_ERR_INVALID_ARGUMENT, kvferry_store_create(no_namespace, 3, &store));
+    CHECK(strstr(kvferry_last_error_message(), "remote.namespace") != NULL);
+    const char *no_location[] = {"block_size=4096", "host_capacity=16384", "remote.namespace=ns"};
+    CHECK_STATUS(KVFERRY_ERR_INVALID_ARGUMENT, kvferry_store_create(no_location, 3, &store));
+    const char *zero_timeout[] = {"block_size=4096", "host_capacity=16384", path_option, "remote.namespace=ns",
+                                  "remote.timeout_ms=0"};
+    CHECK_STATUS(KVFERRY_ERR_INVALID_ARGUMENT, kvferry_store_create(zero_timeout, 5, &store));
+    CHECK(strstr(kvferry_last_error_message(), "remote.timeout_ms") != NULL);
+    const char *bad_scheme[] = {"block_size=4096", "host_capacity=16384", "remote.url=ftp://host/kv",
+                                "remote.namespace=ns"};
+    CHECK_STATUS(KVFERRY_ERR_TIER_CONFIG, kvferry_store_create(bad_scheme, 4, &store));
+    CHECK(strstr(kvferry_last_error_message(), "ftp") != NULL);
+    const char *bad_setting[] = {"block_size=4096", "host_capacity=16384", "remote.url=s3://kv/prefix",
+                                 "remote.namespace=ns", "remote.option.aws_no_such_setting=1"};
+    CHECK_STATUS(KVFERRY_ERR_TIER_CONFIG, kvferry_store_create(bad_setting, 5, &store));
+    CHECK(strstr(kvferry_last_error_message(), "aws_no_such_setting") != NULL);
+    const char *setting_for_directory[] = {"block_size=4096", "host_capacity=16384", path_option,
+                                           "remote.namespace=ns", "remote.option.aws_region=x"};
+    CHECK_STATUS(KVFERRY_ERR_TIER_CONFIG, kvferry_store_create(setting_for_directory, 5, &store));
+    CHECK(store.id == 0);
+
+    const char *remote[] = {"block_size=4096", "host_capacity=16384", path_option, "remote.namespace=ns"};
+    CHECK_OK(kvferry_store_create(remote, 4, &store));
+    kvferry_medium media[BLOCKS];
+    size_t found = 99;
+    bool pending = true, done = false;
+    CHECK_STATUS(KVFERRY_ERR_NULL_POINTER,
+                 kvferry_store_lookup_remote(store, keys, BLOCKS, media, BLOCKS, &found, NULL));
+    CHECK_STATUS(KVFERRY_ERR_NULL_POINTER,
+                 kvferry_store_lookup_remote(store, keys, BLOCKS, media, BLOCKS, NULL, &pending));
+    CHECK_STATUS(KVFERRY_ERR_NULL_POINTER,
+                 kvferry_store_lookup_remote(store, keys, BLOCKS, NULL, BLOCKS, &found, &pending));
+    CHECK_STATUS(KVFERRY_ERR_NULL_POINTER,
+                 kvferry_store_lookup_remote(store, NULL, 2, media, BLOCKS, &found, &pending));
+    kvferry_block_key bad_keys[2] = {keys[0], keys[1]};
+    bad_keys[1].len = 0;
+    CHECK_STATUS(KVFERRY_ERR_TIER_BAD_KEY,
+                 kvferry_store_lookup_remote(store, bad_keys, 2, media, 2, &found, &pending));
+    CHECK(strstr(kvferry_last_error_message(), "keys[1]") != NULL);
+    CHECK(found == 99 && pending); /* no failed call wrote its outputs */
+    CHECK_STATUS(KVFERRY_ERR_NULL_POINTER, kvferry_store_remote_flush(store, 0, NULL));
+    CHECK_OK(kvferry_store_remote_flush(store, 0, &done));
+    CHECK(done); /* nothing was put */
+    CHECK_OK(kvferry_store_destroy(store));
+
+    kvferry_store never = {0}, forged = {0x7fffffffffffull};
+    kvferry_store handles[] = {never, forged, store};
+    for (size_t i = 0; i < 3; i++) {
+        CHECK_STATUS(KVFERRY_ERR_INVALID_HANDLE,
+                     kvferry_store_lookup_remote(handles[i], keys, BLOCKS, media, BLOCKS, &found, &pending));
+        CHECK_STATUS(KVFERRY_ERR_INVALID_HANDLE, kvferry_store_remote_flush(handles[i], 0, &done));
+    }
+
+    /* Without a remote tier: the local lookup, never pending, and nothing to flush. */
+    const char *local[] = {"block_size=4096", "host_capacity=16384"};
+    CHECK_OK(kvferry_store_create(local, 2, &store));
+    CHECK_OK(kvferry_store_lookup_remote(store, keys, BLOCKS, media, BLOCKS, &found, &pending));
+    CHECK(found == 0 && !pending);
+    done = false;
+    CHECK_OK(kvferry_store_remote_flush(store, 0, &done));
+    CHECK(done);
+    kvferry_store_stats stats;
+    CHECK_OK(kvferry_store_stats_get(store, &stats));
+    CHECK(!stats.remote_enabled && !stats.remote_breaker_open && stats.remote_uploads == 0);
+    CHECK_OK(kvferry_store_destroy(store));
+    CHECK(strcmp(kvferry_status_name(KVFERRY_ERR_TIER_REMOTE_UNAVAILABLE), "KVFERRY_ERR_TIER_REMOTE_UNAVAILABLE") == 0);
+    CHECK(strcmp(kvferry_status_name(KVFERRY_ERR_TIER_REMOTE_MISMATCH), "KVFERRY_ERR_TIER_REMOTE_MISMATCH") == 0);
 }
 
 static void creation_errors(void) {
@@ -497,6 +658,8 @@ int main(void) {
     CHECK_OK(kvferry_store_destroy(store));
     CHECK_STATUS(KVFERRY_ERR_INVALID_HANDLE, kvferry_store_destroy(store));
     restart(keys, dst);
+    remote_tier(keys, src, dst);
+    remote_errors(keys);
 
     creation_errors();
     key_errors();
@@ -514,6 +677,6 @@ int main(void) {
     char command[128];
     snprintf(command, sizeof command, "rm -rf %s", dir);
     CHECK(system(command) == 0);
-    printf("store: put, lookup, get from DRAM and disk, restart, events and error paths pass\n");
+    printf("store: put, lookup, get from DRAM, disk and a remote tier, restart, events and error paths pass\n");
     return 0;
 }

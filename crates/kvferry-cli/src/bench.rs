@@ -37,7 +37,8 @@ pub enum Role {
 
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum BenchWhat {
-    /// Put and get throughput of the tier store's DRAM and disk tiers, next to memcpy.
+    /// Put and get throughput of the tier store's DRAM and disk tiers, next to memcpy, and of its
+    /// remote tier, next to the object store client's raw put and get loop.
     Tier(Box<TierBenchArgs>),
 }
 

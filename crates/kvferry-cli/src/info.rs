@@ -2,7 +2,12 @@
 
 use kvferry::memory::host::{self, HostAllocOptions, HostBuffer};
 use kvferry::transport::shm;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use serde_json::json;
+
+/// The variables that choose where an `s3://` remote tier sends its requests.
+const S3_PLACE_ENV: [&str; 5] =
+    ["AWS_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"];
 
 /// How many devices a GPU back end sees: `None` when not compiled in, else the count or why none.
 type DeviceCount = Option<Result<u32, String>>;
@@ -97,6 +102,7 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
                     Err(why) => format!("pread/pwrite, one block at a time (io_uring: {why})"),
                 },
             },
+            remote_report(),
         ],
         "observability": [
             { "name": "metrics", "available": true, "detail": "Prometheus text format (--metrics ADDR on serve and bench)" },
@@ -146,6 +152,40 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The remote tier's line: its back ends, and where an `s3://` store would send its requests when
+/// the environment says, read the way the store's client reads it (credentials are never shown,
+/// nor user info or a query in the endpoint URL).
+fn remote_report() -> serde_json::Value {
+    let mut detail = "S3-compatible object storage (s3://), shared directory (path or file://)".to_string();
+    if S3_PLACE_ENV.iter().any(|name| std::env::var_os(name).is_some()) {
+        let s3 = AmazonS3Builder::from_env();
+        let region = s3.get_config_value(&AmazonS3ConfigKey::Region);
+        // The client prefers the S3-specific endpoint, and without one addresses AWS's own.
+        let endpoint = s3
+            .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+            .or_else(|| s3.get_config_value(&AmazonS3ConfigKey::Endpoint))
+            .map(|e| redacted_url(&e))
+            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", region.as_deref().unwrap_or("us-east-1")));
+        let region = region.unwrap_or_else(|| "us-east-1 (the default)".to_string());
+        detail.push_str(&format!("; s3:// from the environment: endpoint {endpoint}, region {region}"));
+    }
+    json!({ "name": "remote", "available": true, "detail": detail })
+}
+
+/// `url` without user name, password or query, which may carry secrets.
+fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            // Only URLs that cannot have user info refuse these, and they have none to hide.
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.set_query(None);
+            parsed.as_str().trim_end_matches('/').to_string()
+        }
+        Err(_) => "(set, but not a URL)".to_string(),
+    }
 }
 
 /// How agents started here would authenticate their peers (from the environment, as `serve` and

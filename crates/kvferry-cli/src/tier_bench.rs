@@ -1,10 +1,13 @@
 //! `kvferry bench tier`: put and get throughput of the tier store's DRAM and disk tiers, next to a
-//! single-thread memcpy of the same bytes measured in the same run.
+//! single-thread memcpy of the same bytes measured in the same run, and of its remote tier, next to
+//! the same object store client's raw put and get loop (`tier_bench/remote.rs`).
 //!
 //! Host rows: blocks are put into a DRAM-only store from a host buffer and read back out. Disk rows:
 //! a store with one worker (one ring, so `--queue-depths` is the number of i/os in flight, as fio's
 //! `--iodepth`) takes the blocks into DRAM untimed, then `offload` writes them all down (disk put)
 //! and `get` reads them back, verifying checksums and promoting them (disk get).
+
+mod remote;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,18 +27,31 @@ pub struct TierBenchArgs {
     /// removed afterwards.
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    #[arg(long, default_value = "64K,256K,1M", value_parser = units::parse_size_list)]
-    pub block_sizes: std::vec::Vec<u64>,
+    /// Block sizes [default: 64K,256K,1M for the host and disk tiers, 256K,1M,4M for the remote tier]
+    #[arg(long, value_parser = units::parse_size_list)]
+    pub block_sizes: Option<std::vec::Vec<u64>>,
     /// Tiers to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "host,disk")]
+    #[arg(long, visible_alias = "tier", value_enum, value_delimiter = ',', default_value = "host,disk")]
     pub tiers: Vec<TierArg>,
     /// Disk i/os in flight.
     #[arg(long, default_value = "1,8,32", value_parser = units::parse_count_list)]
     pub queue_depths: std::vec::Vec<usize>,
-    /// Bytes moved by each measurement (also the size of each tier).
-    #[arg(long, default_value = "512M", value_parser = units::parse_size)]
-    pub bytes: u64,
-    /// Blocks per `put` / `get` call of the host rows.
+    /// Bytes moved by each measurement (also the size of each tier) [default: 512M, 256M for the
+    /// remote tier]
+    #[arg(long, value_parser = units::parse_size)]
+    pub bytes: Option<u64>,
+    /// The remote tier's object store: `s3://bucket/prefix` (credentials, region and endpoint from
+    /// the `AWS_*` environment variables, as a store takes them) or `file:///dir`.
+    #[arg(long, conflicts_with = "remote_path")]
+    pub remote_url: Option<String>,
+    /// A shared directory for the remote tier (default: a fresh one under the system's temp dir,
+    /// removed afterwards). The bench deletes the objects it wrote from either.
+    #[arg(long)]
+    pub remote_path: Option<PathBuf>,
+    /// Requests in flight to the remote tier, for the store and the raw loop alike.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Blocks per `put` / `get` call of the host and remote rows.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Blocks per `get` call of the disk rows: many times the queue depth, so that the ring stays
@@ -54,6 +70,7 @@ pub struct TierBenchArgs {
 pub enum TierArg {
     Host,
     Disk,
+    Remote,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,37 +83,72 @@ pub struct TierRow {
     pub gbps: f64,
     /// The single-thread memcpy of the same bytes, same run (host rows).
     pub memcpy_gbps: Option<f64>,
+    /// Requests in flight (remote rows).
+    pub concurrency: Option<usize>,
+    /// The same object store client's raw put or get loop over the same objects, same run (remote
+    /// rows).
+    pub raw_gbps: Option<f64>,
 }
 
 const DEADLINE: Duration = Duration::from_secs(600);
 /// The bench's buffers and arenas: faulted in up front, so that no measurement pays for page faults.
 const ALLOC: HostAllocOptions = HostAllocOptions::new().with_pin(false).with_populate(true);
 
+const LOCAL_BLOCK_SIZES: [u64; 3] = [64 << 10, 256 << 10, 1 << 20];
+const LOCAL_BYTES: u64 = 512 << 20;
+
 pub fn run(args: &TierBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.repeats > 0 && args.batch > 0 && args.disk_batch > 0,
-        "--repeats, --batch and --disk-batch must be positive"
+        args.repeats > 0 && args.batch > 0 && args.disk_batch > 0 && args.concurrency > 0,
+        "--repeats, --batch, --disk-batch and --concurrency must be positive"
     );
-    let dir = match &args.dir {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("kvferry-tier-bench-{}", std::process::id())),
-    };
-    let result = run_in(args, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    let rows = result?;
+    let remote = args.tiers.contains(&TierArg::Remote);
+    anyhow::ensure!(
+        remote || (args.remote_url.is_none() && args.remote_path.is_none()),
+        "--remote-url and --remote-path go with --tiers remote"
+    );
+    let mut rows = Vec::new();
+    if args.tiers.iter().any(|t| *t != TierArg::Remote) {
+        let dir = match &args.dir {
+            Some(dir) => dir.clone(),
+            None => std::env::temp_dir().join(format!("kvferry-tier-bench-{}", std::process::id())),
+        };
+        let block_sizes = args.block_sizes.clone().unwrap_or(LOCAL_BLOCK_SIZES.to_vec());
+        let result = run_in(args, &dir, &block_sizes, args.bytes.unwrap_or(LOCAL_BYTES));
+        let _ = std::fs::remove_dir_all(&dir);
+        rows = result?;
+    }
+    if remote {
+        rows.extend(remote::rows(args)?);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
+        return Ok(());
+    }
+    let (remote_rows, local_rows): (Vec<&TierRow>, Vec<&TierRow>) = rows.iter().partition(|r| r.tier == "remote");
+    if !local_rows.is_empty() {
         println!("| tier | op | block | queue depth | GB/s | memcpy GB/s | % of memcpy |");
         println!("|---|---|---|---|---|---|---|");
-        for r in &rows {
+        for r in local_rows {
             let qd = r.queue_depth.map_or("-".into(), |q| q.to_string());
-            let (memcpy, ratio) = match r.memcpy_gbps {
-                Some(m) => (format!("{m:.2}"), format!("{:.0}%", 100.0 * r.gbps / m)),
-                None => ("-".into(), "-".into()),
-            };
+            let (memcpy, ratio) = limit_columns(r.gbps, r.memcpy_gbps);
             println!(
                 "| {} | {} | {} | {qd} | {:.2} | {memcpy} | {ratio} |",
+                r.tier,
+                r.op,
+                units::format_size(r.block_size),
+                r.gbps
+            );
+        }
+    }
+    if !remote_rows.is_empty() {
+        println!("| tier | op | block | concurrency | GB/s | raw object_store GB/s | % of raw |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in remote_rows {
+            let concurrency = r.concurrency.map_or("-".into(), |c| c.to_string());
+            let (raw, ratio) = limit_columns(r.gbps, r.raw_gbps);
+            println!(
+                "| {} | {} | {} | {concurrency} | {:.2} | {raw} | {ratio} |",
                 r.tier,
                 r.op,
                 units::format_size(r.block_size),
@@ -107,11 +159,24 @@ pub fn run(args: &TierBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_in(args: &TierBenchArgs, dir: &std::path::Path) -> anyhow::Result<Vec<TierRow>> {
+/// A limit's column and the row's share of it.
+fn limit_columns(gbps: f64, limit: Option<f64>) -> (String, String) {
+    match limit {
+        Some(limit) => (format!("{limit:.2}"), format!("{:.0}%", 100.0 * gbps / limit)),
+        None => ("-".into(), "-".into()),
+    }
+}
+
+fn run_in(
+    args: &TierBenchArgs,
+    dir: &std::path::Path,
+    block_sizes: &[u64],
+    bytes: u64,
+) -> anyhow::Result<Vec<TierRow>> {
     let device: Arc<dyn Device> = Arc::new(HostDevice::new()?);
     let mut rows = Vec::new();
-    for &block in &args.block_sizes {
-        let count = (args.bytes / block).max(1) as usize;
+    for &block in block_sizes {
+        let count = (bytes / block).max(1) as usize;
         let total = count as u64 * block;
         let buffer = |byte: u8| -> anyhow::Result<HostBuffer> {
             let buf = HostBuffer::alloc(total as usize, &ALLOC)?;
@@ -177,6 +242,8 @@ fn run_in(args: &TierBenchArgs, dir: &std::path::Path) -> anyhow::Result<Vec<Tie
                     queue_depth: Some(depth),
                     gbps: median_of(samples),
                     memcpy_gbps: None,
+                    concurrency: None,
+                    raw_gbps: None,
                 });
             }
         }
@@ -221,7 +288,16 @@ fn host_rows(
     check(dst, block, "host")?;
     drop(store);
     for (op, gbps) in [("put", put), ("get", get)] {
-        rows.push(TierRow { tier: "host", op, block_size: block, queue_depth: None, gbps, memcpy_gbps: Some(memcpy) });
+        rows.push(TierRow {
+            tier: "host",
+            op,
+            block_size: block,
+            queue_depth: None,
+            gbps,
+            memcpy_gbps: Some(memcpy),
+            concurrency: None,
+            raw_gbps: None,
+        });
     }
     Ok(rows)
 }

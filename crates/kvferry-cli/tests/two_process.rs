@@ -291,6 +291,7 @@ fn info_lists_host_and_tcp() {
     assert!(names("devices").contains(&("host".into(), true.into())));
     assert!(names("transports").contains(&("tcp".into(), true.into())));
     assert!(names("tiers").contains(&("disk".into(), true.into())));
+    assert!(names("tiers").contains(&("remote".into(), true.into())));
 }
 
 #[test]

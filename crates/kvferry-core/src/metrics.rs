@@ -17,7 +17,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::ServeLimits;
 use crate::net::{DeadlineStream, Next, Server, Service, recv_ready};
-use crate::tier::{TierStats, TierStore};
+use crate::tier::{RemoteStats, TierStats, TierStore};
 use crate::transport::{Op, TransportKind};
 
 /// Upper bounds of the transfer latency histogram's buckets, in seconds: 10 µs to 10 s, about
@@ -300,6 +300,79 @@ impl Metrics {
                 out.sample(name, &format!("store=\"{}\"", escape(store)), value(s));
             }
         }
+        render_remotes(out, &stats);
+    }
+}
+
+/// The remote tier's series, for the stores that have one (none at all when no store has).
+fn render_remotes(out: &mut Exposition, stats: &[(String, TierStats, usize)]) {
+    let remotes: Vec<(&String, &RemoteStats)> =
+        stats.iter().filter_map(|(store, s, _)| Some((store, s.remote.as_ref()?))).collect();
+    if remotes.is_empty() {
+        return;
+    }
+    type PerRemote = fn(&RemoteStats) -> u64;
+    let families: [(&str, &str, &str, PerRemote); 12] = [
+        ("kvferry_tier_remote_hits_total", "counter", "Blocks read from the remote tier.", |r| r.hits),
+        ("kvferry_tier_remote_misses_total", "counter", "Keys the remote tier did not hold when asked.", |r| r.misses),
+        ("kvferry_tier_remote_uploads_total", "counter", "Blocks uploaded to the remote tier.", |r| r.uploads),
+        ("kvferry_tier_remote_upload_bytes_total", "counter", "Bytes of blocks uploaded to the remote tier.", |r| {
+            r.upload_bytes
+        }),
+        (
+            "kvferry_tier_remote_already_stored_total",
+            "counter",
+            "Offered blocks not uploaded because the remote tier already held them.",
+            |r| r.already_stored,
+        ),
+        (
+            "kvferry_tier_remote_dropped_total",
+            "counter",
+            "Offered blocks not uploaded: the upload budget was spent or the breaker was open.",
+            |r| r.dropped,
+        ),
+        (
+            "kvferry_tier_remote_errors_total",
+            "counter",
+            "Requests to the remote tier that failed (unreachable, timed out, refused by the server).",
+            |r| r.errors,
+        ),
+        (
+            "kvferry_tier_remote_corrupt_total",
+            "counter",
+            "Remote objects that failed their checksum or framing; dropped, never served.",
+            |r| r.corrupt,
+        ),
+        (
+            "kvferry_tier_remote_mismatched_total",
+            "counter",
+            "Remote objects under this store's name holding another namespace's or key's block; dropped.",
+            |r| r.mismatched,
+        ),
+        (
+            "kvferry_tier_remote_breaker_trips_total",
+            "counter",
+            "Times the remote tier's circuit breaker opened after repeated failures.",
+            |r| r.breaker_trips,
+        ),
+        (
+            "kvferry_tier_remote_breaker_open",
+            "gauge",
+            "1 while the circuit breaker sends no request to the remote tier, else 0.",
+            |r| r.breaker_open.into(),
+        ),
+        (
+            "kvferry_tier_remote_upload_bytes_pending",
+            "gauge",
+            "Bytes of uploads to the remote tier queued or in flight.",
+            |r| r.upload_bytes_pending,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        out.family(name, kind, help);
+        for (store, r) in &remotes {
+            out.sample(name, &format!("store=\"{}\"", escape(store)), value(r));
+        }
     }
 }
 
@@ -495,7 +568,7 @@ mod tests {
         use crate::Deadline;
         use crate::memory::host::{HostAllocOptions, HostBuffer, HostDevice};
         use crate::memory::{Device, MemRegion};
-        use crate::tier::{BlockKey, DiskConfig, TierConfig};
+        use crate::tier::{BlockKey, DiskConfig, RemoteConfig, RemoteLocation, TierConfig};
 
         const BLOCK: usize = 4096;
         let unpinned = HostAllocOptions::new().with_pin(false);
@@ -530,9 +603,57 @@ mod tests {
         assert_eq!(at(&format!("kvferry_tier_promotions_total{{{s}}}")), 1.0);
         assert!(at(&format!("kvferry_tier_evictions_total{{{s},tier=\"CPU\"}}")) >= 1.0);
         assert_eq!(at(&format!("kvferry_tier_checksum_failures_total{{{s}}}")), 0.0);
-        drop(store);
+        assert!(!text.contains("kvferry_tier_remote_"), "no store has a remote tier: {text}");
+
+        // Two stores sharing a remote tier: one uploads, the other reads one block and misses one.
+        let shared = std::env::temp_dir().join(format!("kvferry-metrics-remote-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&shared);
+        let with_remote = || {
+            let remote = RemoteConfig::new(RemoteLocation::Path(shared.clone()), "metrics");
+            TierStore::open(TierConfig::new(BLOCK, 4 * BLOCK as u64).with_host_alloc(unpinned).with_remote(remote))
+        };
+        let (writer, reader) = (with_remote().unwrap(), with_remote().unwrap());
+        m.add_tier_store("writer", &writer);
+        m.add_tier_store("reader", &reader);
+        for i in 0..2 {
+            wait(unsafe { writer.put(host.clone(), block(i)) }).unwrap();
+        }
+        assert!(writer.remote().unwrap().flush(Deadline::after(Duration::from_secs(30))));
+        wait(unsafe { reader.get(host.clone(), block(1)) }).unwrap();
+        wait(unsafe { reader.get(host.clone(), block(9)) }).unwrap_err();
+
+        let text = m.render();
+        let at = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series} in {text}"));
+        let (w, r) = ("store=\"writer\"", "store=\"reader\"");
+        assert_eq!(at(&format!("kvferry_tier_remote_uploads_total{{{w}}}")), 2.0);
+        assert_eq!(at(&format!("kvferry_tier_remote_upload_bytes_total{{{w}}}")), (2 * BLOCK) as f64);
+        assert_eq!(at(&format!("kvferry_tier_remote_upload_bytes_pending{{{w}}}")), 0.0);
+        assert_eq!(at(&format!("kvferry_tier_remote_uploads_total{{{r}}}")), 0.0);
+        assert_eq!(at(&format!("kvferry_tier_remote_hits_total{{{r}}}")), 1.0);
+        assert_eq!(at(&format!("kvferry_tier_remote_misses_total{{{r}}}")), 1.0);
+        for zero in [
+            "already_stored_total",
+            "dropped_total",
+            "errors_total",
+            "corrupt_total",
+            "mismatched_total",
+            "breaker_trips_total",
+            "breaker_open",
+        ] {
+            for store in [w, r] {
+                assert_eq!(at(&format!("kvferry_tier_remote_{zero}{{{store}}}")), 0.0);
+            }
+        }
+        for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE kvferry_tier_remote_")) {
+            let name = family.split(' ').next().unwrap();
+            assert!(text.contains(&format!("# HELP kvferry_tier_remote_{name} ")), "no HELP for {name}");
+        }
+        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE kvferry_tier_remote_")).count(), 12);
+        assert!(!text.lines().any(|l| l.starts_with("kvferry_tier_remote_") && l.contains(s)), "{text}");
+        drop((store, writer, reader));
         assert!(!m.render().contains("kvferry_tier_"), "a closed store is no longer rendered");
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&shared);
     }
 
     #[test]
