@@ -181,6 +181,9 @@ fn s3_blocks_stored_by_one_store_are_read_byte_exact_by_another() {
     get_exact(&reader, &ids).unwrap();
     assert_eq!(reader.lookup(&ids.iter().map(|&i| key(i)).collect::<Vec<_>>()), vec![Medium::Cpu; 16]);
     assert_eq!(reader.stats().remote.unwrap().hits, 16);
+    // A block no tier holds, the remote included: not cached, and a miss of the store.
+    assert_eq!(get_exact(&reader, &[999]).unwrap_err().code(), ErrorCode::TierNotCached);
+    assert_eq!(reader.stats().misses, 1);
     // Another namespace on the same bucket and prefix finds none of them.
     let other = store(garage.remote(&endpoint, "kv", "model-b"), 4);
     assert!(lookup_remote(&other, &ids).is_empty());

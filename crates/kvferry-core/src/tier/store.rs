@@ -752,16 +752,19 @@ impl Shared {
         let fetched = remote.fetch(&wanted, Deadline::after(self.copy_timeout));
         let mut first_error = None;
         let mut data = HashMap::new();
+        let mut missing = 0;
         for (key, got) in wanted.iter().zip(fetched) {
             match got {
                 Ok(bytes) => {
                     data.insert(*key, bytes);
                 }
                 Err(e) => {
+                    missing += u64::from(matches!(e, TierError::NotCached { .. }));
                     first_error.get_or_insert(e);
                 }
             }
         }
+        self.lock().stats.misses += missing;
         let keys: Vec<BlockKey> = wanted.iter().filter(|k| data.contains_key(k)).copied().collect();
         let claimed = self.reserve(ring, &keys)?;
         for (key, index) in &claimed {
