@@ -465,7 +465,24 @@ mod tests {
     #[test]
     fn media_are_spelled_as_vllm_spells_them() {
         let names: Vec<&str> = Medium::ALL.iter().map(|m| m.kv_event_name()).collect();
-        assert_eq!(names, ["GPU", "CPU", "STORAGE"]);
+        assert_eq!(names, ["GPU", "CPU", "STORAGE", "STORAGE"]);
+    }
+
+    #[test]
+    fn remote_blocks_are_storage_with_the_remote_locality_whatever_the_config_says() {
+        let keys = vec![key(&[9; 16])];
+        let encoding = encoding(HashForm::Int, Some(Locality::Local), None);
+        let batch = encoding.batch(&[TierEvent::Stored { keys: keys.clone(), medium: Medium::Remote }], 1.0);
+        let value = rmpv::decode::read_value(&mut &batch[..]).unwrap();
+        let event = &value[1][0];
+        let field =
+            |name: &str| event.as_map().unwrap().iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v.clone());
+        assert_eq!(field("medium").unwrap().as_str(), Some("STORAGE"));
+        assert_eq!(field("locality").unwrap().as_str(), Some("REMOTE"));
+        let local = encoding.batch(&[TierEvent::Stored { keys, medium: Medium::Disk }], 1.0);
+        let local = rmpv::decode::read_value(&mut &local[..]).unwrap();
+        let locality = local[1][0].as_map().unwrap().iter().find(|(k, _)| k.as_str() == Some("locality")).cloned();
+        assert_eq!(locality.unwrap().1.as_str(), Some("LOCAL"));
     }
 
     #[test]
