@@ -266,4 +266,5 @@ def test_the_media_are_spelled_as_vllm_spells_them():
         "GPU": kv_events.MEDIUM_GPU,
         "CPU": kv_events.MEDIUM_CPU,
         "DISK": kv_events.MEDIUM_STORAGE,
+        "REMOTE": kv_events.MEDIUM_STORAGE,
     }
