@@ -380,17 +380,7 @@ class ConnectorScheduler:
                 if after is None:
                     self._hashes.pop(key, None)
                 else:
-                    self._events.append(
-                        ev.BlockStored(
-                            block_hashes=[info.engine_hash],
-                            parent_block_hash=info.parent_hash,
-                            token_ids=info.token_ids,
-                            block_size=self.block_tokens,
-                            lora_id=None,
-                            medium=_VLLM_MEDIUM[after],
-                            lora_name=None,
-                        )
-                    )
+                    self._events.append(self._stored_event(info, after))
 
     def _announce_uploads(self, rank: int, keys: list[bytes]) -> None:
         """Blocks that every rank has uploaded are in the shared tier: vLLM's BlockStored with the
@@ -407,15 +397,17 @@ class ConnectorScheduler:
             info = self._hashes.get(key) or self._pending.get(key)
             if info is None:
                 continue
-            self._events.append(
-                ev.BlockStored(
-                    block_hashes=[info.engine_hash],
-                    parent_block_hash=info.parent_hash,
-                    token_ids=info.token_ids,
-                    block_size=self.block_tokens,
-                    lora_id=None,
-                    medium=_VLLM_MEDIUM[_REMOTE],
-                    lora_name=None,
-                    locality="REMOTE",
-                )
-            )
+            self._events.append(self._stored_event(info, _REMOTE, locality="REMOTE"))
+
+    def _stored_event(self, info: _Pending, medium: str, **locality: str) -> Any:
+        """vLLM's BlockStored of one block in `medium` (kvferry's name), with `locality` if given."""
+        return ev.BlockStored(
+            block_hashes=[info.engine_hash],
+            parent_block_hash=info.parent_hash,
+            token_ids=info.token_ids,
+            block_size=self.block_tokens,
+            lora_id=None,
+            medium=_VLLM_MEDIUM[medium],
+            lora_name=None,
+            **locality,
+        )
