@@ -188,15 +188,7 @@ fn run_in(
         crate::pattern::fill(unsafe { src.as_mut_slice() }, block, 0);
         let keys: Vec<BlockKey> =
             (0..count as u32).map(|i| BlockKey::chain(None, &[i, block as u32], b"bench")).collect();
-        let regions = |buf: &HostBuffer| -> Vec<BlockRegions> {
-            keys.iter()
-                .enumerate()
-                .map(|(i, k)| {
-                    (*k, vec![MemRegion::host(buf.as_ptr().wrapping_add(i * block as usize), block as usize)])
-                })
-                .collect()
-        };
-        let (sources, destinations) = (regions(&src), regions(&dst));
+        let (sources, destinations) = (block_regions(&keys, &src, block), block_regions(&keys, &dst, block));
         let gbps = |elapsed: Duration| total as f64 / elapsed.as_secs_f64() / 1e9;
 
         if args.tiers.contains(&TierArg::Host) {
@@ -332,4 +324,12 @@ fn check(buf: &HostBuffer, seed: u64, tier: &str) -> anyhow::Result<()> {
         bail!("the {tier} tier returned different bytes at offset {at}");
     }
     Ok(())
+}
+
+/// Block `i` of `keys` as the `i`-th `block`-byte region of `buf`.
+pub(crate) fn block_regions(keys: &[BlockKey], buf: &HostBuffer, block: u64) -> Vec<BlockRegions> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| (*k, vec![MemRegion::host(buf.as_ptr().wrapping_add(i * block as usize), block as usize)]))
+        .collect()
 }

@@ -17,8 +17,8 @@ use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use kvferry::memory::host::HostBuffer;
-use kvferry::tier::{BlockKey, BlockRegions, RemoteConfig, RemoteLocation, TierConfig, TierStore};
-use kvferry::{Deadline, Device, HostDevice, MemRegion};
+use kvferry::tier::{BlockKey, RemoteConfig, RemoteLocation, TierConfig, TierStore};
+use kvferry::{Deadline, Device, HostDevice};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
@@ -60,15 +60,8 @@ fn measure(args: &TierBenchArgs, location: &RemoteLocation, raw: &Raw) -> anyhow
         crate::pattern::fill(unsafe { src.as_mut_slice() }, block, 0);
         let keys: Vec<BlockKey> =
             (0..count as u32).map(|i| BlockKey::chain(None, &[i, block as u32], b"bench-remote")).collect();
-        let regions = |buf: &HostBuffer| -> Vec<BlockRegions> {
-            keys.iter()
-                .enumerate()
-                .map(|(i, k)| {
-                    (*k, vec![MemRegion::host(buf.as_ptr().wrapping_add(i * block as usize), block as usize)])
-                })
-                .collect()
-        };
-        let (sources, destinations) = (regions(&src), regions(&dst));
+        let (sources, destinations) =
+            (super::block_regions(&keys, &src, block), super::block_regions(&keys, &dst, block));
         // SAFETY: the pattern is written; nothing writes `src` from here on.
         let objects: Vec<Bytes> =
             unsafe { src.as_slice() }.chunks(block as usize).map(Bytes::copy_from_slice).collect();
