@@ -5,6 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
+# What the run has left on its disk, printed between stages: the builds, the venvs and the pip
+# downloads together take most of a small machine's free space.
+disk() { df -h --output=avail,target . | tail -1 | awk '{ print "disk: " $1 " free on " $2 }'; }
+
+# A test run builds once: incremental state and pip's download cache would only take disk.
+export CARGO_INCREMENTAL=0 PIP_NO_CACHE_DIR=1
+disk
 
 if ! command -v cargo >/dev/null; then
     echo "kvferry's tests need a Rust toolchain (1.88 or newer) on PATH" >&2
@@ -88,6 +95,7 @@ if [ "$status" -ne 0 ]; then
     exit "$status"
 fi
 
+disk
 # The C ABI: C programs built with cc against an installed libkvferry, run, and run under valgrind.
 log "C ABI tests (c-api/check.sh)"
 bash c-api/check.sh
@@ -147,6 +155,7 @@ vllm_033_wheel() {
     export KVFERRY_VLLM_033_WHEEL
 }
 python_tests() {
+    disk
     log "Python package: build the wheel (scripts/python-env.sh)"
     bash scripts/python-env.sh
     vllm_033_wheel
@@ -232,6 +241,7 @@ python_tests
 
 # The vLLM connector end to end: real vLLM (CPU build) engines in their own processes.
 vllm_tests() {
+    disk
     log "vLLM connector: offload, P/D and failure tests on vLLM's CPU build"
     KVFERRY_REQUIRE_VLLM=1 run_pytest target/venv target/pytest-vllm.log bindings/python/tests_vllm
     require_passed target/pytest-vllm.log \
