@@ -569,6 +569,11 @@ impl Inner {
             &[key],
             if outcome.is_ok() { Known::Present } else { Known::Absent(Instant::now()) },
         );
+        // Announced before the upload stops counting as pending, so that whoever `flush`es sees
+        // the events of every upload it waited for.
+        if uploaded && let Some(callback) = &*lock(&self.on_uploaded) {
+            callback(key);
+        }
         {
             let mut stats = lock(&self.stats);
             match outcome {
@@ -583,9 +588,6 @@ impl Inner {
             if stats.upload_bytes_pending == 0 {
                 self.idle.notify_all();
             }
-        }
-        if uploaded && let Some(callback) = &*lock(&self.on_uploaded) {
-            callback(key);
         }
     }
 

@@ -1517,6 +1517,37 @@ mod tests {
     }
 
     #[test]
+    fn a_flushed_remote_has_announced_every_upload_it_waited_for() {
+        let dir = temp_dir("remote-events");
+        let remote = crate::tier::RemoteConfig::new(crate::tier::RemoteLocation::Path(dir.clone()), "events");
+        let config = TierConfig::new(BLOCK, (8 * BLOCK) as u64)
+            .with_host_alloc(HostAllocOptions::new().with_pin(false))
+            .with_remote(remote);
+        let store = TierStore::open(config).unwrap();
+        let events_of = store.subscribe();
+        for round in 0..8u32 {
+            let ids: Vec<u32> = (round * 4..round * 4 + 4).collect();
+            let source = buffer(ids.len(), round as u8);
+            wait(unsafe { store.put(Arc::new(crate::HostDevice::new().unwrap()), blocks(&source, &ids)) }).unwrap();
+            assert!(store.remote().unwrap().flush(Deadline::after(Duration::from_secs(10))));
+            let mut announced: Vec<BlockKey> = events(&events_of)
+                .into_iter()
+                .filter_map(|e| match e {
+                    TierEvent::Stored { keys, medium: Medium::Remote } => Some(keys),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            announced.sort();
+            let mut expected: Vec<BlockKey> = ids.iter().map(|&i| key(i)).collect();
+            expected.sort();
+            assert_eq!(announced, expected, "round {round}");
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn put_to_disk_skips_dram_and_reads_back_byte_exact_into_caller_memory() {
         let dir = temp_dir("direct");
         let store = open(&dir, 8);
