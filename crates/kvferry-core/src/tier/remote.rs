@@ -22,8 +22,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetResultPayload, ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
@@ -330,7 +331,7 @@ impl RemoteTier {
         let inner = &self.inner;
         debug_assert_eq!(data.len(), inner.block_size);
         let object_bytes = encoded_len(&key, data.len()) as u64;
-        let skip_head = {
+        {
             let mut known = lock(&inner.known);
             match known.get(&key) {
                 Some(Known::Present) => {
@@ -338,8 +339,7 @@ impl RemoteTier {
                     return false;
                 }
                 Some(Known::InFlight) => return false,
-                entry => {
-                    let absent = matches!(entry, Some(Known::Absent(_)));
+                _ => {
                     let mut stats = lock(&inner.stats);
                     if stats.upload_bytes_pending + object_bytes > inner.config.max_upload_bytes || !inner.admit() {
                         stats.dropped += 1;
@@ -347,13 +347,15 @@ impl RemoteTier {
                     }
                     stats.upload_bytes_pending += object_bytes;
                     remember(&mut known, &[key], Known::InFlight);
-                    absent
                 }
             }
-        };
-        let object = Bytes::from(encode_object(&inner.fingerprint, &key, data));
+        }
+        let (header, checksum) = encode_parts(&inner.fingerprint, &key, data);
+        let object: PutPayload = [Bytes::from(header), Bytes::copy_from_slice(data), Bytes::copy_from_slice(&checksum)]
+            .into_iter()
+            .collect();
         let task = Arc::clone(inner);
-        inner.runtime.spawn(async move { task.upload(key, object, skip_head).await });
+        inner.runtime.spawn(async move { task.upload(key, object, object_bytes).await });
         true
     }
 
@@ -370,22 +372,21 @@ impl RemoteTier {
         true
     }
 
-    /// Read blocks, each verified against its header and checksum, waiting until `deadline` at
-    /// most. A block the remote does not hold is [`TierError::NotCached`]; a corrupt or mismatched
-    /// object is counted, deleted (so that the next store of the block replaces it) and never
-    /// returned.
-    pub fn fetch(&self, keys: &[BlockKey], deadline: Deadline) -> Vec<Result<Bytes, TierError>> {
+    /// Read blocks into their destinations (one block's length each), each object checked against
+    /// its header and checksum as its bytes arrive, waiting until `deadline` at most. A block the
+    /// remote does not hold is [`TierError::NotCached`]; a corrupt or mismatched object is counted,
+    /// deleted (so that the next store of the block replaces it) and never served. A destination
+    /// whose result is an error holds no block (its bytes are unspecified); none is written after
+    /// this returns, as every read runs on the calling thread and has ended or been dropped by then.
+    pub fn fetch_into(&self, blocks: &mut [(BlockKey, &mut [u8])], deadline: Deadline) -> Vec<Result<(), TierError>> {
         let inner = &self.inner;
-        let reads = keys.iter().map(|key| {
-            let inner = Arc::clone(inner);
-            let key = *key;
-            async move { inner.fetch_one(key, deadline).await }
-        });
+        let count = blocks.len();
+        let reads = blocks.iter_mut().map(|(key, destination)| inner.fetch_one(*key, destination, deadline));
         let all = futures::future::join_all(reads);
         // The deadline bounds each request; this bounds the whole batch, queueing included.
         let bounded = async {
             tokio::time::timeout_at(deadline.instant().into(), all).await.unwrap_or_else(|_| {
-                keys.iter()
+                (0..count)
                     .map(|_| {
                         Err(TierError::RemoteUnavailable {
                             location: inner.location.clone(),
@@ -410,6 +411,13 @@ impl RemoteTier {
         }
     }
 
+    /// The error every read gets while the breaker is open (before its probe is due), so that a
+    /// store makes no room in DRAM for blocks that cannot come.
+    pub(crate) fn refusal(&self) -> Option<TierError> {
+        let open_until = lock(&self.inner.breaker).open_until;
+        open_until.is_some_and(|until| Instant::now() < until).then(|| self.inner.breaker_open())
+    }
+
     /// Called with each block once its upload completes (a store announces them as events).
     pub(crate) fn set_on_uploaded(&self, callback: UploadedCallback) {
         *lock(&self.inner.on_uploaded) = Some(callback);
@@ -432,6 +440,10 @@ impl Inner {
 
     fn unavailable(&self, cause: impl std::fmt::Display) -> TierError {
         TierError::RemoteUnavailable { location: self.location.clone(), cause: cause.to_string() }
+    }
+
+    fn breaker_open(&self) -> TierError {
+        self.unavailable("the breaker is open after repeated failures")
     }
 
     /// Whether a request may go out now: always with the breaker closed; once it has been open for
@@ -550,16 +562,31 @@ impl Inner {
         lock(&self.breaker).open_until.is_none()
     }
 
-    async fn upload(self: Arc<Self>, key: BlockKey, object: Bytes, skip_head: bool) {
-        let bytes = object.len() as u64;
+    /// Store one object unless the remote has it: a conditional create (`If-None-Match: *`), one
+    /// request whatever the answer, where a HEAD first would add a round trip to every new block.
+    /// A server that ignores the condition replaces the object with one of the same block.
+    async fn upload(self: Arc<Self>, key: BlockKey, object: PutPayload, bytes: u64) {
         let outcome = {
             let _permit = self.writes.acquire().await;
             let deadline = Instant::now() + self.config.timeout;
             let path = self.path_of(&key);
-            let there = if skip_head { Ok(None) } else { self.request(deadline, self.store.head(&path)).await };
-            match there {
-                Ok(Some(_)) => Ok(false),
-                Ok(None) => self.request(deadline, self.store.put(&path, object.into())).await.map(|_| true),
+            let put = async {
+                match self.store.put_opts(&path, object.clone(), PutMode::Create.into()).await {
+                    Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                    // A client configured without conditional puts (`aws_conditional_put=disabled`).
+                    Err(object_store::Error::NotImplemented { .. }) => {
+                        self.store.put(&path, object).await.map(|_| true)
+                    }
+                    other => other.map(|_| true),
+                }
+            };
+            match self.request(deadline, put).await {
+                Ok(Some(stored)) => Ok(stored),
+                Ok(None) => {
+                    let e = self.unavailable("the store answered the upload with \"not found\" (is the bucket there?)");
+                    self.failed(&e);
+                    Err(e)
+                }
                 Err(e) => Err(e),
             }
         };
@@ -591,21 +618,45 @@ impl Inner {
         }
     }
 
-    async fn fetch_one(&self, key: BlockKey, deadline: Deadline) -> Result<Bytes, TierError> {
+    async fn fetch_one(&self, key: BlockKey, destination: &mut [u8], deadline: Deadline) -> Result<(), TierError> {
+        if destination.len() != self.block_size {
+            return Err(TierError::BadBlock {
+                index: 0,
+                why: format!("a destination of {} bytes for blocks of {}", destination.len(), self.block_size),
+            });
+        }
         if !self.admit() {
-            return Err(self.unavailable("the breaker is open after repeated failures"));
+            return Err(self.breaker_open());
         }
         let _permit = self.reads.acquire().await;
         let path = self.path_of(&key);
         let request_deadline = deadline.instant().min(Instant::now() + self.config.timeout);
+        let expected = encoded_len(&key, self.block_size) as u64;
+        let mut reader = ObjectReader::new(&self.fingerprint, &key, destination);
+        // The stream's errors are the server's; the reader's (a bad object) end the read at once.
         let got = self
             .request(request_deadline, async {
                 let object = self.store.get(&path).await?;
-                object.bytes().await
+                if object.meta.size > expected {
+                    return Ok(Err(reader.corrupt("it is longer than one block of this store's size")));
+                }
+                // A file is read whole on the client's blocking threads, where its stream would
+                // take one trip to them per 8 KiB; a response is taken as its chunks arrive.
+                if matches!(object.payload, GetResultPayload::File(..)) {
+                    return Ok(reader.feed(&object.bytes().await?));
+                }
+                let mut stream = object.into_stream();
+                while let Some(chunk) = stream.next().await {
+                    if let Err(e) = reader.feed(&chunk?) {
+                        return Ok(Err(e));
+                    }
+                }
+                Ok(Ok(()))
             })
             .await;
-        let object = match got {
-            Ok(Some(object)) => object,
+        let checked = match got {
+            Ok(Some(Ok(()))) => reader.finish(),
+            Ok(Some(Err(bad))) => Err(bad),
             Ok(None) => {
                 lock(&self.stats).misses += 1;
                 remember(&mut lock(&self.known), &[key], Known::Absent(Instant::now()));
@@ -613,11 +664,11 @@ impl Inner {
             }
             Err(e) => return Err(e),
         };
-        match decode_object(&object, &self.fingerprint, &key, self.block_size) {
-            Ok(range) => {
+        match checked {
+            Ok(()) => {
                 lock(&self.stats).hits += 1;
                 remember(&mut lock(&self.known), &[key], Known::Present);
-                Ok(object.slice(range))
+                Ok(())
             }
             Err(e) => {
                 {
@@ -772,70 +823,179 @@ fn encoded_len(key: &BlockKey, data_len: usize) -> usize {
     FIXED_HEADER_BYTES + key.as_bytes().len() + 8 + data_len + CHECKSUM_BYTES
 }
 
-/// One block as an object: header, data, checksum.
-pub(crate) fn encode_object(fingerprint: &[u8; FINGERPRINT_BYTES], key: &BlockKey, data: &[u8]) -> Vec<u8> {
+/// The header of `key`'s object, and the checksum that ends an object of that header and `data`.
+fn encode_parts(fingerprint: &[u8; FINGERPRINT_BYTES], key: &BlockKey, data: &[u8]) -> (Vec<u8>, [u8; CHECKSUM_BYTES]) {
     let key_bytes = key.as_bytes();
     let header_len = FIXED_HEADER_BYTES + key_bytes.len() + 8;
-    let mut out = Vec::with_capacity(encoded_len(key, data.len()));
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(header_len as u16).to_le_bytes());
-    out.extend_from_slice(fingerprint);
-    out.push(key_bytes.len() as u8);
-    out.extend_from_slice(key_bytes);
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    out.extend_from_slice(data);
-    let checksum = xxhash_rust::xxh3::xxh3_64(&out);
-    out.extend_from_slice(&checksum.to_le_bytes());
-    out
+    let mut header = Vec::with_capacity(header_len);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    header.extend_from_slice(&(header_len as u16).to_le_bytes());
+    header.extend_from_slice(fingerprint);
+    header.push(key_bytes.len() as u8);
+    header.extend_from_slice(key_bytes);
+    header.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    let mut hasher = Xxh3::new();
+    hasher.update(&header);
+    hasher.update(data);
+    (header, hasher.digest().to_le_bytes())
 }
 
-/// Check an object read back for `key`: the byte range of its data, or why it must not be served.
-/// Nothing in it is trusted: every length is checked against the object's size before use.
+/// One block as an object: header, data, checksum.
+pub(crate) fn encode_object(fingerprint: &[u8; FINGERPRINT_BYTES], key: &BlockKey, data: &[u8]) -> Vec<u8> {
+    let (header, checksum) = encode_parts(fingerprint, key, data);
+    [&header[..], data, &checksum].concat()
+}
+
+/// Check an object read back whole for `key` and return its block, or why it must not be served.
 pub(crate) fn decode_object(
     object: &[u8],
     fingerprint: &[u8; FINGERPRINT_BYTES],
     key: &BlockKey,
     block_size: usize,
-) -> Result<std::ops::Range<usize>, TierError> {
-    let corrupt = |why: &str| TierError::RemoteCorrupt { key: *key, why: why.to_string() };
-    if object.len() < FIXED_HEADER_BYTES + CHECKSUM_BYTES {
-        return Err(corrupt("it is shorter than a header"));
+) -> Result<Vec<u8>, TierError> {
+    let mut block = vec![0; block_size];
+    let mut reader = ObjectReader::new(fingerprint, key, &mut block);
+    reader.feed(object)?;
+    reader.finish()?;
+    Ok(block)
+}
+
+/// Where an [`ObjectReader`] is in its object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Collecting the header, whose length is known once its fixed part is in.
+    Header {
+        len: usize,
+    },
+    Data {
+        written: usize,
+    },
+    Checksum {
+        have: usize,
+    },
+}
+
+/// One object checked as its bytes arrive, in pieces of any size: the header into a small buffer,
+/// the data straight into the block's destination, the checksum last. Nothing in it is trusted:
+/// every length is checked before a byte is placed, so an object can neither write past the
+/// destination nor pass as a shorter block, and a byte beyond the checksum fails it at once. What
+/// lands in the destination is the block only if [`ObjectReader::finish`] says so.
+pub(crate) struct ObjectReader<'a> {
+    fingerprint: &'a [u8; FINGERPRINT_BYTES],
+    key: &'a BlockKey,
+    destination: &'a mut [u8],
+    header: Vec<u8>,
+    checksum: [u8; CHECKSUM_BYTES],
+    part: Part,
+    hasher: Xxh3,
+}
+
+impl<'a> ObjectReader<'a> {
+    /// A reader of `key`'s object whose block (of `destination`'s length) goes to `destination`.
+    pub(crate) fn new(fingerprint: &'a [u8; FINGERPRINT_BYTES], key: &'a BlockKey, destination: &'a mut [u8]) -> Self {
+        ObjectReader {
+            fingerprint,
+            key,
+            destination,
+            header: Vec::with_capacity(FIXED_HEADER_BYTES + MAX_KEY_BYTES + 8),
+            checksum: [0; CHECKSUM_BYTES],
+            part: Part::Header { len: FIXED_HEADER_BYTES },
+            hasher: Xxh3::new(),
+        }
     }
-    if &object[..4] != MAGIC {
-        return Err(corrupt("it does not start with kvferry's magic"));
+
+    fn corrupt(&self, why: &str) -> TierError {
+        TierError::RemoteCorrupt { key: *self.key, why: why.to_string() }
     }
-    let version = u16::from_le_bytes([object[4], object[5]]);
-    if version != VERSION {
-        return Err(TierError::RemoteMismatch { key: *key, why: format!("it has format version {version}") });
+
+    /// Take the object's next bytes.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> Result<(), TierError> {
+        while !bytes.is_empty() {
+            let taken = match self.part {
+                Part::Header { len } => {
+                    let take = (len - self.header.len()).min(bytes.len());
+                    self.header.extend_from_slice(&bytes[..take]);
+                    self.hasher.update(&bytes[..take]);
+                    if self.header.len() == len {
+                        self.part = self.header_read()?;
+                    }
+                    take
+                }
+                Part::Data { written } => {
+                    let take = (self.destination.len() - written).min(bytes.len());
+                    let into = &mut self.destination[written..written + take];
+                    into.copy_from_slice(&bytes[..take]);
+                    // Hashed where it landed, while it is still in cache.
+                    self.hasher.update(into);
+                    let written = written + take;
+                    self.part = if written == self.destination.len() {
+                        Part::Checksum { have: 0 }
+                    } else {
+                        Part::Data { written }
+                    };
+                    take
+                }
+                Part::Checksum { have } => {
+                    if bytes.len() > CHECKSUM_BYTES - have {
+                        return Err(self.corrupt("it is longer than one block of this store's size"));
+                    }
+                    self.checksum[have..have + bytes.len()].copy_from_slice(bytes);
+                    self.part = Part::Checksum { have: have + bytes.len() };
+                    bytes.len()
+                }
+            };
+            bytes = &bytes[taken..];
+        }
+        Ok(())
     }
-    let header_len = u16::from_le_bytes([object[6], object[7]]) as usize;
-    let key_len = object[FIXED_HEADER_BYTES - 1] as usize;
-    if key_len == 0 || key_len > MAX_KEY_BYTES || header_len != FIXED_HEADER_BYTES + key_len + 8 {
-        return Err(corrupt("its header length or key length is invalid"));
+
+    /// The header's fixed part is in (then the rest of the header is due) or all of it (then the
+    /// data): what comes next, or why the object must not be served.
+    fn header_read(&self) -> Result<Part, TierError> {
+        let header = &self.header[..];
+        if header.len() == FIXED_HEADER_BYTES {
+            if &header[..4] != MAGIC {
+                return Err(self.corrupt("it does not start with kvferry's magic"));
+            }
+            let version = u16::from_le_bytes([header[4], header[5]]);
+            if version != VERSION {
+                return Err(TierError::RemoteMismatch {
+                    key: *self.key,
+                    why: format!("it has format version {version}"),
+                });
+            }
+            let header_len = u16::from_le_bytes([header[6], header[7]]) as usize;
+            let key_len = header[FIXED_HEADER_BYTES - 1] as usize;
+            if key_len == 0 || key_len > MAX_KEY_BYTES || header_len != FIXED_HEADER_BYTES + key_len + 8 {
+                return Err(self.corrupt("its header length or key length is invalid"));
+            }
+            return Ok(Part::Header { len: header_len });
+        }
+        let data_len = u64::from_le_bytes(header[header.len() - 8..].try_into().expect("8 bytes"));
+        if data_len != self.destination.len() as u64 {
+            return Err(self.corrupt("its length is not one block of this store's size"));
+        }
+        Ok(if self.destination.is_empty() { Part::Checksum { have: 0 } } else { Part::Data { written: 0 } })
     }
-    if object.len() < header_len + CHECKSUM_BYTES {
-        return Err(corrupt("it is shorter than its header"));
+
+    /// The object has ended: whether the destination holds its block.
+    pub(crate) fn finish(self) -> Result<(), TierError> {
+        if self.part != (Part::Checksum { have: CHECKSUM_BYTES }) {
+            return Err(self.corrupt("it is shorter than one block of this store's size"));
+        }
+        if self.hasher.digest() != u64::from_le_bytes(self.checksum) {
+            return Err(self.corrupt("it failed its checksum"));
+        }
+        // Checked after the checksum: an intact object of another namespace or key is a mismatch.
+        if &self.header[8..8 + FINGERPRINT_BYTES] != self.fingerprint {
+            return Err(TierError::RemoteMismatch { key: *self.key, why: "it belongs to another namespace".into() });
+        }
+        if &self.header[FIXED_HEADER_BYTES..self.header.len() - 8] != self.key.as_bytes() {
+            return Err(TierError::RemoteMismatch { key: *self.key, why: "its header names another block".into() });
+        }
+        Ok(())
     }
-    let data_len = u64::from_le_bytes(object[header_len - 8..header_len].try_into().expect("8 bytes"));
-    if data_len != block_size as u64 || object.len() != header_len + block_size + CHECKSUM_BYTES {
-        return Err(corrupt("its length is not one block of this store's size"));
-    }
-    let body = object.len() - CHECKSUM_BYTES;
-    let stored = u64::from_le_bytes(object[body..].try_into().expect("8 bytes"));
-    let mut hasher = Xxh3::new();
-    hasher.update(&object[..body]);
-    if hasher.digest() != stored {
-        return Err(corrupt("it failed its checksum"));
-    }
-    // Checked after the checksum: an intact object of another namespace or key is a mismatch.
-    if &object[8..8 + FINGERPRINT_BYTES] != fingerprint {
-        return Err(TierError::RemoteMismatch { key: *key, why: "it belongs to another namespace".into() });
-    }
-    if &object[FIXED_HEADER_BYTES..FIXED_HEADER_BYTES + key_len] != key.as_bytes() {
-        return Err(TierError::RemoteMismatch { key: *key, why: "its header names another block".into() });
-    }
-    Ok(header_len..header_len + block_size)
 }
 
 #[cfg(test)]
@@ -851,8 +1011,18 @@ mod tests {
         let fp = fingerprint("model-a", 64);
         let data: Vec<u8> = (0..64u8).collect();
         let object = encode_object(&fp, &key(1), &data);
-        let range = decode_object(&object, &fp, &key(1), 64).unwrap();
-        assert_eq!(&object[range], &data[..]);
+        assert_eq!(decode_object(&object, &fp, &key(1), 64).unwrap(), data);
+        // However the bytes arrive: one at a time, in pieces that straddle the parts.
+        for piece in [1, 7, 60, 200] {
+            let (mut block, key) = (vec![0; 64], key(1));
+            let mut reader = ObjectReader::new(&fp, &key, &mut block);
+            object.chunks(piece).try_for_each(|chunk| reader.feed(chunk)).unwrap();
+            reader.finish().unwrap();
+            assert_eq!(block, data, "read in pieces of {piece}");
+        }
+        let mut long = object.clone();
+        long.push(0);
+        assert!(matches!(decode_object(&long, &fp, &key(1), 64), Err(TierError::RemoteCorrupt { .. })));
         for i in 0..object.len() {
             let mut bad = object.clone();
             bad[i] ^= 0x10;
@@ -872,6 +1042,15 @@ mod tests {
         assert!(matches!(decode_object(&object, &fp, &key(2), 64), Err(TierError::RemoteMismatch { .. })));
         assert!(matches!(decode_object(&object, &fp, &key(1), 128), Err(TierError::RemoteCorrupt { .. })));
         assert_ne!(fingerprint("model-a", 64), fingerprint("model-a", 128));
+    }
+
+    /// Read `keys` through `fetch_into`, each into a buffer of its own.
+    fn fetch(tier: &RemoteTier, keys: &[BlockKey]) -> Vec<Result<Vec<u8>, TierError>> {
+        let mut buffers = vec![vec![0; tier.block_size()]; keys.len()];
+        let mut blocks: Vec<(BlockKey, &mut [u8])> =
+            keys.iter().copied().zip(buffers.iter_mut().map(Vec::as_mut_slice)).collect();
+        let results = tier.fetch_into(&mut blocks, Deadline::after(Duration::from_secs(20)));
+        results.into_iter().zip(buffers).map(|(result, buffer)| result.map(|()| buffer)).collect()
     }
 
     fn shared_dir(name: &str) -> PathBuf {
@@ -898,7 +1077,7 @@ mod tests {
         let keys: Vec<BlockKey> = (0..6).map(key).collect();
         assert_eq!(reader.lookup(&keys), RemoteLookup::Pending);
         assert_eq!(reader.lookup_blocking(&keys, Deadline::after(Duration::from_secs(10))).unwrap(), 4);
-        let fetched = reader.fetch(&keys[..5], Deadline::after(Duration::from_secs(10)));
+        let fetched = fetch(&reader, &keys[..5]);
         for (i, got) in fetched.iter().take(4).enumerate() {
             assert_eq!(&got.as_ref().unwrap()[..], &data[i][..]);
         }
@@ -935,7 +1114,7 @@ mod tests {
         let mut bytes = std::fs::read(&file).unwrap();
         bytes[100] ^= 1;
         std::fs::write(&file, &bytes).unwrap();
-        let got = tier.fetch(&[key(1)], Deadline::after(Duration::from_secs(10)));
+        let got = fetch(&tier, &[key(1)]);
         assert!(matches!(got[0], Err(TierError::RemoteCorrupt { .. })));
         assert_eq!(tier.stats().corrupt, 1);
         assert!(!file.exists(), "the corrupt object was left for others to read");
@@ -969,7 +1148,7 @@ mod tests {
         assert_eq!(tier.lookup(&[key(7)]), RemoteLookup::Found(0));
         assert!(!tier.offer(key(9), &[0; 4096]));
         assert_eq!(tier.stats().dropped, 1);
-        let got = tier.fetch(&keys[..1], Deadline::after(Duration::from_secs(20)));
+        let got = fetch(&tier, &keys[..1]);
         assert!(matches!(got[0], Err(TierError::RemoteUnavailable { .. })));
     }
 }

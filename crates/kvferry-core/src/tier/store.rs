@@ -749,41 +749,47 @@ impl Shared {
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
-        let fetched = remote.fetch(&wanted, Deadline::after(self.copy_timeout));
+        if let Some(refused) = remote.refusal() {
+            return Err(refused.into());
+        }
+        // Each object streams into a slab claimed for it, checked as it lands.
+        let claimed = self.reserve(ring, &wanted)?;
+        let mut destinations: Vec<(BlockKey, &mut [u8])> = claimed
+            .iter()
+            // SAFETY: each slab is claimed by this worker alone until it is published or released.
+            .map(|(key, index)| {
+                (*key, unsafe { std::slice::from_raw_parts_mut(self.slab(*index) as *mut u8, self.block_size) })
+            })
+            .collect();
+        let fetched = remote.fetch_into(&mut destinations, Deadline::after(self.copy_timeout));
+        drop(destinations);
         let mut first_error = None;
-        let mut data = HashMap::new();
         let mut missing = 0;
-        for (key, got) in wanted.iter().zip(fetched) {
+        let mut state = self.lock();
+        let mut published = Vec::with_capacity(claimed.len());
+        for ((key, index), got) in claimed.into_iter().zip(fetched) {
             match got {
-                Ok(bytes) => {
-                    data.insert(*key, bytes);
+                Ok(()) => {
+                    let slot = state.slot(index);
+                    slot.ready = true;
+                    state.policy.inserted(key);
+                    published.push((key, index));
                 }
                 Err(e) => {
+                    state.release_claim(index);
                     missing += u64::from(matches!(e, TierError::NotCached { .. }));
                     first_error.get_or_insert(e);
                 }
             }
         }
-        self.lock().stats.misses += missing;
-        let keys: Vec<BlockKey> = wanted.iter().filter(|k| data.contains_key(k)).copied().collect();
-        let claimed = self.reserve(ring, &keys)?;
-        for (key, index) in &claimed {
-            // SAFETY: the slab is claimed by this worker alone; the object holds one block.
-            unsafe { std::ptr::copy_nonoverlapping(data[key].as_ptr(), self.slab(*index) as *mut u8, self.block_size) };
-        }
-        let mut state = self.lock();
-        for (key, index) in &claimed {
-            let slot = state.slot(*index);
-            slot.ready = true;
-            state.policy.inserted(*key);
-        }
-        state.stats.promotions += claimed.len() as u64;
-        state.emit(TierEvent::Stored { keys: claimed.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
+        state.stats.misses += missing;
+        state.stats.promotions += published.len() as u64;
+        state.emit(TierEvent::Stored { keys: published.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
         if let Some(e) = first_error {
-            self.unpin(&mut state, &claimed, &[]);
+            self.unpin(&mut state, &published, &[]);
             return Err(e.into());
         }
-        Ok(claimed)
+        Ok(published)
     }
 
     /// `get` of blocks in DRAM and on disk; those in `fetched` came from the remote just now and are
