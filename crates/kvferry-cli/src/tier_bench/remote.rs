@@ -5,9 +5,11 @@
 //! location and namespace, with an empty DRAM tier, gets every block, which reads them from the
 //! remote (verified) into DRAM and copies them out. The limit: the same `object_store` client, built
 //! as a store builds it, putting and getting objects of the block size with the same number of
-//! requests in flight, on the same runtime shape, alternating with the store's passes. Each pass
-//! of the store uses a namespace of its own, so that it finds none of its blocks already stored,
-//! and each raw pass names new objects too; both delete what they wrote before the next pass.
+//! requests in flight, on the same runtime shape, alternating with the store's passes, under names
+//! of the same shape (the block keys in hex). Each pass writes new bytes (a server that keeps data
+//! by its hash would otherwise store nothing the second time) under new names: the store in a
+//! namespace of its own, so that it finds none of its blocks already stored, the raw loop in a
+//! directory of its own; both delete what they wrote before the next pass.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,15 +58,14 @@ fn measure(args: &TierBenchArgs, location: &RemoteLocation, raw: &Raw) -> anyhow
         let total = count as u64 * block;
         let gbps = |elapsed: Duration| total as f64 / elapsed.as_secs_f64() / 1e9;
         let (src, dst) = (HostBuffer::alloc(total as usize, &ALLOC)?, HostBuffer::alloc(total as usize, &ALLOC)?);
-        // SAFETY: nothing else uses the buffer yet.
-        crate::pattern::fill(unsafe { src.as_mut_slice() }, block, 0);
         let keys: Vec<BlockKey> =
             (0..count as u32).map(|i| BlockKey::chain(None, &[i, block as u32], b"bench-remote")).collect();
+        // The raw loop's objects are named as the store names its own (the key in hex), so that
+        // the server indexes names of the same shape.
+        let names: Vec<String> =
+            keys.iter().map(|key| key.as_bytes().iter().map(|b| format!("{b:02x}")).collect()).collect();
         let (sources, destinations) =
             (super::block_regions(&keys, &src, block), super::block_regions(&keys, &dst, block));
-        // SAFETY: the pattern is written; nothing writes `src` from here on.
-        let objects: Vec<Bytes> =
-            unsafe { src.as_slice() }.chunks(block as usize).map(Bytes::copy_from_slice).collect();
         let store = |namespace: &str| {
             let remote = RemoteConfig::new(location.clone(), namespace)
                 .with_concurrency(args.concurrency)
@@ -75,6 +76,13 @@ fn measure(args: &TierBenchArgs, location: &RemoteLocation, raw: &Raw) -> anyhow
 
         let mut samples: [Vec<f64>; 4] = Default::default();
         for pass in 0..args.repeats {
+            // New bytes every pass: a server that stores data by its hash (Garage does) would
+            // otherwise find a pass's blocks still held from the one before and write nothing.
+            let seed = block ^ ((pass as u64 + 1) << 40) ^ u64::from(std::process::id()) << 16;
+            // SAFETY: no fence uses `src` between passes.
+            crate::pattern::fill(unsafe { src.as_mut_slice() }, seed, 0);
+            let objects: Vec<Bytes> =
+                unsafe { src.as_slice() }.chunks(block as usize).map(Bytes::copy_from_slice).collect();
             let namespace = format!("kvferry-bench-tier/{}/{block}/{pass}", std::process::id());
             let writer = store(&namespace)?;
             let remote = writer.remote().expect("the store was opened with a remote tier");
@@ -100,7 +108,7 @@ fn measure(args: &TierBenchArgs, location: &RemoteLocation, raw: &Raw) -> anyhow
             // SAFETY: `dst` outlives every fence.
             wait_all(args.batch, &destinations, |chunk| unsafe { reader.get(Arc::clone(&device), chunk) })?;
             samples[1].push(gbps(start.elapsed()));
-            check(&dst, block, "remote")?;
+            check(&dst, seed, "remote")?;
             let fingerprint = reader.remote().expect("opened with a remote tier").fingerprint();
             drop(reader);
             raw.delete_under(&raw.prefix.clone().join(fingerprint))?;
@@ -109,8 +117,8 @@ fn measure(args: &TierBenchArgs, location: &RemoteLocation, raw: &Raw) -> anyhow
             let raw_dir = [std::process::id() as u64, block, pass as u64]
                 .iter()
                 .fold(raw.prefix.clone().join("kvferry-bench-raw"), |dir, part| dir.join(part.to_string()));
-            samples[2].push(gbps(raw.put_all(&raw_dir, &objects)?));
-            let (elapsed, fetched) = raw.get_all(&raw_dir, objects.len())?;
+            samples[2].push(gbps(raw.put_all(&raw_dir, &names, &objects)?));
+            let (elapsed, fetched) = raw.get_all(&raw_dir, &names)?;
             samples[3].push(gbps(elapsed));
             raw.delete_under(&raw_dir)?;
             if let Some(i) = fetched.iter().zip(&objects).position(|(got, put)| got != put) {
@@ -174,13 +182,13 @@ impl Raw {
         Ok(Raw { store, prefix, runtime, concurrency })
     }
 
-    /// Put `objects` as `dir/0`, `dir/1`...; the time from the first put to the last one's end.
-    fn put_all(&self, dir: &ObjectPath, objects: &[Bytes]) -> anyhow::Result<Duration> {
+    /// Put `objects` as `dir/<name>`, in order; the time from the first put to the last one's end.
+    fn put_all(&self, dir: &ObjectPath, names: &[String], objects: &[Bytes]) -> anyhow::Result<Duration> {
         self.runtime.block_on(async {
             let start = Instant::now();
             futures::stream::iter(objects.iter().enumerate())
                 .map(|(i, data)| {
-                    let path = dir.clone().join(i.to_string());
+                    let path = dir.clone().join(names[i].as_str());
                     async move { self.store.put(&path, PutPayload::from(data.clone())).await }
                 })
                 .buffer_unordered(self.concurrency)
@@ -190,13 +198,13 @@ impl Raw {
         })
     }
 
-    /// Get `dir/0` to `dir/{count - 1}`, each read whole, in order.
-    fn get_all(&self, dir: &ObjectPath, count: usize) -> anyhow::Result<(Duration, Vec<Bytes>)> {
+    /// Get `dir/<name>` for each name, each read whole, in order.
+    fn get_all(&self, dir: &ObjectPath, names: &[String]) -> anyhow::Result<(Duration, Vec<Bytes>)> {
         self.runtime.block_on(async {
             let start = Instant::now();
-            let fetched = futures::stream::iter(0..count)
+            let fetched = futures::stream::iter(0..names.len())
                 .map(|i| {
-                    let path = dir.clone().join(i.to_string());
+                    let path = dir.clone().join(names[i].as_str());
                     async move { self.store.get(&path).await?.bytes().await }
                 })
                 .buffered(self.concurrency)
