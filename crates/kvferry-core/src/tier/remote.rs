@@ -328,9 +328,14 @@ impl RemoteTier {
     /// Queue `data` (one block) for upload under `key`, unless the remote is known to hold it or the
     /// upload budget is spent (then it is dropped and counted). Returns whether it was queued.
     pub fn offer(&self, key: BlockKey, data: &[u8]) -> bool {
+        self.offer_with(key, || Bytes::copy_from_slice(data))
+    }
+
+    /// [`RemoteTier::offer`] of a block whose bytes `data` gives only once the upload is queued,
+    /// so that a block that is dropped or already stored costs no copy (or no lease of its slab).
+    pub(crate) fn offer_with(&self, key: BlockKey, data: impl FnOnce() -> Bytes) -> bool {
         let inner = &self.inner;
-        debug_assert_eq!(data.len(), inner.block_size);
-        let object_bytes = encoded_len(&key, data.len()) as u64;
+        let object_bytes = encoded_len(&key, inner.block_size) as u64;
         {
             let mut known = lock(&inner.known);
             match known.get(&key) {
@@ -350,10 +355,10 @@ impl RemoteTier {
                 }
             }
         }
-        let (header, checksum) = encode_parts(&inner.fingerprint, &key, data);
-        let object: PutPayload = [Bytes::from(header), Bytes::copy_from_slice(data), Bytes::copy_from_slice(&checksum)]
-            .into_iter()
-            .collect();
+        let data = data();
+        debug_assert_eq!(data.len(), inner.block_size);
+        let (header, checksum) = encode_parts(&inner.fingerprint, &key, &data);
+        let object: PutPayload = [Bytes::from(header), data, Bytes::copy_from_slice(&checksum)].into_iter().collect();
         let task = Arc::clone(inner);
         inner.runtime.spawn(async move { task.upload(key, object, object_bytes).await });
         true
@@ -841,13 +846,15 @@ fn encode_parts(fingerprint: &[u8; FINGERPRINT_BYTES], key: &BlockKey, data: &[u
     (header, hasher.digest().to_le_bytes())
 }
 
-/// One block as an object: header, data, checksum.
+/// One block as an object: header, data, checksum. (Tests and the fuzzer; the tier streams both.)
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn encode_object(fingerprint: &[u8; FINGERPRINT_BYTES], key: &BlockKey, data: &[u8]) -> Vec<u8> {
     let (header, checksum) = encode_parts(fingerprint, key, data);
     [&header[..], data, &checksum].concat()
 }
 
-/// Check an object read back whole for `key` and return its block, or why it must not be served.
+/// Check an object read back whole for `key` and return its block, or why it must not be served. (Tests and the fuzzer; the tier streams both.)
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn decode_object(
     object: &[u8],
     fingerprint: &[u8; FINGERPRINT_BYTES],

@@ -10,6 +10,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
+
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::HostBuffer;
@@ -99,6 +101,10 @@ struct State {
     admission: AdmissionFilter,
     stats: TierStats,
     subscribers: Vec<mpsc::Sender<TierEvent>>,
+    /// Slabs lent to uploads ([`SlabLease`]), at most half the arena, so that a slow remote can
+    /// pin no more of DRAM than that; beyond it an upload takes a copy.
+    leased: usize,
+    max_leased: usize,
 }
 
 impl State {
@@ -202,7 +208,7 @@ struct Shared {
     remote: Option<RemoteTier>,
 }
 
-type Job = Box<dyn FnOnce(&Shared, Option<&mut Ring>) + Send>;
+type Job = Box<dyn FnOnce(&Arc<Shared>, Option<&mut Ring>) + Send>;
 
 impl Shared {
     fn stats(&self) -> TierStats {
@@ -322,6 +328,8 @@ impl TierStore {
             admission: AdmissionFilter::new(total_blocks, admit_after),
             stats,
             subscribers: Vec::new(),
+            leased: 0,
+            max_leased: host_blocks / 2,
         };
         let remote = config.remote.clone().map(|r| RemoteTier::open(r, block_size)).transpose()?;
         let shared =
@@ -579,7 +587,7 @@ impl TierStore {
 
     fn submit(
         &self,
-        work: impl FnOnce(&Shared, Option<&mut Ring>) -> Result<()> + Send + 'static,
+        work: impl FnOnce(&Arc<Shared>, Option<&mut Ring>) -> Result<()> + Send + 'static,
     ) -> Result<CopyFence> {
         let outcome = Arc::new(Outcome::default());
         let signal = Arc::clone(&outcome);
@@ -639,6 +647,30 @@ impl FenceSignal for Outcome {
     }
 }
 
+/// A DRAM slab lent to an upload, which sends its bytes without copying them: pinned, so neither
+/// evicted nor rewritten, until the upload drops it. It keeps the arena mapped if the upload
+/// outlives the store.
+struct SlabLease {
+    shared: Arc<Shared>,
+    index: u32,
+}
+
+impl AsRef<[u8]> for SlabLease {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the slab was lent holding a whole block (its copy done) and stays pinned, and a
+        // pinned slab is neither evicted nor written.
+        unsafe { self.shared.slab_bytes(self.index) }
+    }
+}
+
+impl Drop for SlabLease {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.leased -= 1;
+        state.slot(self.index).pins -= 1;
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -654,7 +686,18 @@ impl Shared {
         unsafe { std::slice::from_raw_parts(self.slab(index) as *const u8, self.block_size) }
     }
 
-    fn put(&self, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
+    /// Lend slab `index` (holding a whole block) to an upload, pinned until the upload lets go of
+    /// it; `None` once half the arena is lent.
+    fn lend(self: &Arc<Self>, state: &mut State, index: u32) -> Option<SlabLease> {
+        if state.leased >= state.max_leased {
+            return None;
+        }
+        state.leased += 1;
+        state.slot(index).pins += 1;
+        Some(SlabLease { shared: Arc::clone(self), index })
+    }
+
+    fn put(self: &Arc<Self>, ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
         let keys: Vec<BlockKey> = {
             let mut state = self.lock();
             let mut seen = HashSet::new();
@@ -689,8 +732,15 @@ impl Shared {
             && let Some(remote) = &self.remote
         {
             for (key, index) in &claimed {
-                // SAFETY: the slab is claimed by this put and its copy has completed.
-                remote.offer(*key, unsafe { self.slab_bytes(*index) });
+                // The upload reads the slab itself where it can: no copy, no fresh pages to fault in.
+                remote.offer_with(*key, || {
+                    let lease = self.lend(&mut self.lock(), *index);
+                    match lease {
+                        Some(lease) => Bytes::from_owner(lease),
+                        // SAFETY: the slab is claimed by this put and its copy has completed.
+                        None => Bytes::copy_from_slice(unsafe { self.slab_bytes(*index) }),
+                    }
+                });
             }
         }
         let mut state = self.lock();
@@ -1550,6 +1600,53 @@ mod tests {
             assert_eq!(announced, expected, "round {round}");
         }
         drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn uploads_lend_at_most_half_the_arena_and_give_every_slab_back() {
+        let dir = temp_dir("remote-leases");
+        let remote = || crate::tier::RemoteConfig::new(crate::tier::RemoteLocation::Path(dir.clone()), "leases");
+        let open = || {
+            let config = TierConfig::new(BLOCK, (8 * BLOCK) as u64)
+                .with_host_alloc(HostAllocOptions::new().with_pin(false))
+                .with_remote(remote());
+            TierStore::open(config).unwrap()
+        };
+        let (writer, device) = (open(), Arc::new(crate::HostDevice::new().unwrap()));
+        let ids: Vec<u32> = (0..8).collect();
+        let source = buffer(8, 40);
+        wait(unsafe { writer.put(device.clone(), blocks(&source, &ids)) }).unwrap();
+        assert!(writer.remote().unwrap().flush(Deadline::after(Duration::from_secs(10))));
+        assert_eq!(writer.remote().unwrap().stats().uploads, 8);
+        {
+            let state = writer.shared.lock();
+            assert_eq!(state.leased, 0);
+            assert!(state.slots.iter().flatten().all(|slot| slot.pins == 0), "a slab stayed pinned");
+        }
+        // Half the arena at most; a lease pins its slab against eviction until dropped.
+        let indices: Vec<u32> = ids.iter().map(|&i| writer.shared.lock().host[&key(i)]).collect();
+        let leases: Vec<Option<SlabLease>> =
+            indices.iter().map(|&i| writer.shared.lend(&mut writer.shared.lock(), i)).collect();
+        assert_eq!(leases.iter().filter(|l| l.is_some()).count(), 4);
+        let pinned = |store: &TierStore| store.shared.lock().slots.iter().flatten().filter(|s| s.pins > 0).count();
+        assert_eq!(pinned(&writer), 4);
+        drop(leases);
+        assert_eq!(pinned(&writer), 0);
+        assert_eq!(writer.shared.lock().leased, 0);
+        // Every slab can be evicted again: eight new blocks take the whole arena.
+        let more: Vec<u32> = (8..16).collect();
+        let newer = buffer(8, 90);
+        wait(unsafe { writer.put(device.clone(), blocks(&newer, &more)) }).unwrap();
+        assert_eq!(writer.lookup(&[key(8)]), vec![Medium::Cpu]);
+        assert!(writer.remote().unwrap().flush(Deadline::after(Duration::from_secs(10))));
+        drop(writer);
+        // Lent or copied, every upload carried its block's bytes.
+        let reader = open();
+        let back = buffer(8, 0);
+        wait(unsafe { reader.get(device.clone(), blocks(&back, &ids)) }).unwrap();
+        assert_eq!(unsafe { back.as_slice() }, unsafe { source.as_slice() });
+        drop(reader);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
