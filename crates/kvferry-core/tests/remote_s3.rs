@@ -1,6 +1,7 @@
 //! The remote tier against a real S3 server: Garage (scripts/garage.sh) on loopback, one node and a
-//! three-node cluster with replication 3 that loses a node mid-workload. Without Garage the tests
-//! skip, saying why, unless KVFERRY_GARAGE names it (the project's test script installs it).
+//! three-node cluster with replication 3 that loses a node mid-workload, a server killed and one
+//! stopped (SIGSTOP) under load. Without Garage the tests skip, saying why, unless KVFERRY_GARAGE
+//! names it (the project's test script installs it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -286,4 +287,61 @@ fn s3_a_server_killed_under_load_fails_fast_opens_the_breaker_and_dram_keeps_ser
     let error = get_exact(&store, &[99]).unwrap_err();
     assert_eq!(error.code(), ErrorCode::TierRemoteUnavailable, "{error}");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(pid: &str, signal: &str) {
+    assert!(Command::new("kill").arg(format!("-{signal}")).arg(pid).status().unwrap().success());
+}
+
+#[test]
+fn s3_a_stopped_server_is_cut_off_at_each_deadline_and_read_again_once_it_resumes() {
+    let Some(garage) = Garage::start("stopped", 1) else { return };
+    let endpoint = garage.var("AWS_ENDPOINT").to_string();
+    let pid = garage.var("GARAGE_NODE1_PID").to_string();
+    let timeout = Duration::from_secs(2);
+    let remote = || garage.remote(&endpoint, "kv", "model-a").with_timeout(timeout).with_breaker(2, timeout);
+    let writer = store(remote(), 64);
+    put(&writer, &(0..8).collect::<Vec<_>>());
+    assert!(writer.remote().unwrap().flush(deadline()));
+    let reader = store(remote(), 64);
+
+    // The server stops answering (its sockets stay open: connections are taken, nothing comes back).
+    signal(&pid, "STOP");
+    let resume = Resume(&pid);
+    // A block only the remote holds: a typed error once the request's deadline has passed, twice,
+    // and then the breaker is open.
+    for _ in 0..2 {
+        let error = get_exact(&reader, &[0]).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::TierRemoteUnavailable, "{error}");
+    }
+    assert!(reader.stats().remote.unwrap().breaker_open);
+    assert!(reader.lookup(&[key(0)]).is_empty(), "a block that never arrived was published");
+    // Uploads to the stopped server end by their deadlines too: the flush returns, nothing stored.
+    put(&writer, &(8..16).collect::<Vec<_>>());
+    assert!(writer.remote().unwrap().flush(deadline()));
+    let stats = writer.stats().remote.unwrap();
+    assert!(stats.uploads == 8 && stats.errors >= 2 && stats.upload_bytes_pending == 0, "{stats:?}");
+    // DRAM serves what it holds throughout.
+    get_exact(&writer, &(0..16).collect::<Vec<_>>()).unwrap();
+
+    // Resumed, the server is probed again after `retry_after` and the block is read.
+    drop(resume);
+    let until = deadline();
+    while let Err(e) = get_exact(&reader, &[0]) {
+        assert_eq!(e.code(), ErrorCode::TierRemoteUnavailable, "{e}");
+        assert!(!until.expired(), "the resumed server was never read again: {e}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!reader.stats().remote.unwrap().breaker_open);
+    assert_eq!(reader.lookup(&[key(0)]), vec![Medium::Cpu]);
+}
+
+/// Continues a stopped process when dropped, so that a failed assertion leaves no stopped server.
+struct Resume<'a>(&'a str);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
 }
