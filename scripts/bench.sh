@@ -3,8 +3,10 @@
 # stream and two), single-thread memcpy, then `kvferry bench` (TCP, shared memory, and the fabric
 # transport over libfabric's tcp and shm providers; needs libfabric-dev); then the tier store next
 # to fio (io_uring, O_DIRECT) at the same block sizes and queue depths, and memcpy. Prints a
-# Markdown summary for docs/benchmarks.md.
-# Usage: scripts/bench.sh [seconds per row] [all|tcp|tier]   (tcp: the transport rows)
+# Markdown summary for docs/benchmarks.md. `remote` measures the remote tier instead: against a
+# one-node Garage on loopback (scripts/garage.sh) and a directory, each next to the object_store
+# client's raw loop, then the disk tier next to fio at the same block sizes.
+# Usage: scripts/bench.sh [seconds per row] [all|tcp|tier|remote]   (tcp: the transport rows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-2}
@@ -21,6 +23,49 @@ fi
 cargo build --release -q -p kvferry-cli --features fabric
 kvferry=${CARGO_TARGET_DIR:-target}/release/kvferry
 out=$(mktemp -d)
+
+if [ "$what" = remote ]; then
+remote_sizes=256K,1M,4M
+garage_dir="$out/garage"
+bash scripts/garage.sh start "$garage_dir" 1 >/dev/null
+(set -a; source "$garage_dir/env"; set +a
+ $kvferry bench tier --tier remote --remote-url "s3://$KVFERRY_S3_BUCKET/bench" --block-sizes $remote_sizes \
+     --repeats 5 --json >"$out/remote-s3.json")
+bash scripts/garage.sh stop "$garage_dir"
+$kvferry bench tier --tier remote --remote-path "$out/shared" --block-sizes $remote_sizes --repeats 5 --json \
+    >"$out/remote-dir.json"
+for bs in ${remote_sizes//,/ }; do
+    for run in 1 2 3; do
+        for rw in write read; do
+            fio --name=tier --filename="$out/fio-data" --size=256M --bs="$bs" --iodepth=32 --rw=$rw \
+                --ioengine=io_uring --direct=1 --fixedbufs --registerfiles --output-format=json \
+                >"$out/fio-$bs-$rw-$run.json"
+        done
+    done
+    rm -f "$out/fio-data"
+    $kvferry bench tier --dir "$out/tier" --bytes 256M --repeats 3 --json --tiers disk --block-sizes "$bs" \
+        --queue-depths 32 >"$out/disk-$bs.json"
+done
+python3 - "$out" "$remote_sizes" <<'PY'
+import json, os, sys
+d, sizes = sys.argv[1], sys.argv[2].split(",")
+load = lambda name: json.load(open(os.path.join(d, name)))
+label = lambda n: f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+print("| back end | op | block | kvferry GB/s | raw object_store GB/s | % of raw |\n|---|---|---|---|---|---|")
+for name, back_end in [("remote-s3.json", "S3 (Garage)"), ("remote-dir.json", "directory")]:
+    for r in load(name):
+        print(f"| {back_end} | {r['op']} | {label(r['block_size'])} | {r['gbps']:.2f} | {r['raw_gbps']:.2f} "
+              f"| {100 * r['gbps'] / r['raw_gbps']:.0f}% |")
+print("\n| op | block | disk tier GB/s | fio GB/s | % of fio |\n|---|---|---|---|---|")
+for bs in sizes:
+    for r in load(f"disk-{bs}.json"):
+        rw = "write" if r["op"] == "put" else "read"
+        fio = sorted(load(f"fio-{bs}-{rw}-{run}.json")["jobs"][0][rw]["bw_bytes"] / 1e9 for run in (1, 2, 3))[1]
+        print(f"| {r['op']} | {label(r['block_size'])} | {r['gbps']:.2f} | {fio:.2f} | {100 * r['gbps'] / fio:.0f}% |")
+PY
+rm -rf "$out"
+exit 0
+fi
 
 if [ "$what" != tier ]; then
 port=5299
