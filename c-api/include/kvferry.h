@@ -82,8 +82,9 @@ typedef uint32_t kvferry_medium;
 
 // Occupancy and counters of a store (`kvferry_store_stats_get`), as `docs/tier.md` describes them:
 // blocks held and slots per tier, hits per tier and misses, evictions per tier, disk writes,
-// evicted blocks the admission filter kept off the disk, blocks dropped for a bad checksum, torn
-// index records dropped at open; `disk_failed`: the disk tier stopped taking writes (full disk,
+// evicted blocks the admission filter kept off the disk, disk blocks read back into DRAM on a hit
+// (promotions), blocks dropped for a bad checksum, torn index records dropped at open (the counts
+// of `TierStats::counts`, under the same names); `disk_failed`: the disk tier stopped taking writes (full disk,
 // i/o error) and serves reads only; `io_fallback`: it runs without some kernel fast path
 // (io_uring, registered buffers, `O_DIRECT`).
 //
@@ -106,6 +107,7 @@ typedef struct kvferry_store_stats {
   uint64_t disk_evictions;
   uint64_t disk_writes;
   uint64_t not_admitted;
+  uint64_t promotions;
   uint64_t corrupt_blocks;
   uint64_t torn_records;
   uint64_t remote_hits;

@@ -105,8 +105,9 @@ pub struct kvferry_store_event {
 
 /// Occupancy and counters of a store (`kvferry_store_stats_get`), as `docs/tier.md` describes them:
 /// blocks held and slots per tier, hits per tier and misses, evictions per tier, disk writes,
-/// evicted blocks the admission filter kept off the disk, blocks dropped for a bad checksum, torn
-/// index records dropped at open; `disk_failed`: the disk tier stopped taking writes (full disk,
+/// evicted blocks the admission filter kept off the disk, disk blocks read back into DRAM on a hit
+/// (promotions), blocks dropped for a bad checksum, torn index records dropped at open (the counts
+/// of `TierStats::counts`, under the same names); `disk_failed`: the disk tier stopped taking writes (full disk,
 /// i/o error) and serves reads only; `io_fallback`: it runs without some kernel fast path
 /// (io_uring, registered buffers, `O_DIRECT`).
 ///
@@ -131,6 +132,7 @@ pub struct kvferry_store_stats {
     pub disk_evictions: u64,
     pub disk_writes: u64,
     pub not_admitted: u64,
+    pub promotions: u64,
     pub corrupt_blocks: u64,
     pub torn_records: u64,
     pub remote_hits: u64,
@@ -166,6 +168,7 @@ impl kvferry_store_stats {
             disk_evictions: stats.disk_evictions,
             disk_writes: stats.disk_writes,
             not_admitted: stats.not_admitted,
+            promotions: stats.promotions,
             corrupt_blocks: stats.corrupt_blocks,
             torn_records: stats.torn_records,
             remote_hits: remote.hits,

@@ -78,18 +78,10 @@ pub(crate) fn remote_config(settings: &Bound<'_, PyDict>) -> PyResult<RemoteConf
 
 pub(crate) fn stats_dict<'py>(py: Python<'py>, stats: &RemoteStats) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
-    dict.set_item("hits", stats.hits)?;
-    dict.set_item("misses", stats.misses)?;
-    dict.set_item("uploads", stats.uploads)?;
-    dict.set_item("upload_bytes", stats.upload_bytes)?;
-    dict.set_item("already_stored", stats.already_stored)?;
-    dict.set_item("dropped", stats.dropped)?;
-    dict.set_item("errors", stats.errors)?;
-    dict.set_item("corrupt", stats.corrupt)?;
-    dict.set_item("mismatched", stats.mismatched)?;
-    dict.set_item("breaker_trips", stats.breaker_trips)?;
+    for (name, count) in stats.counts() {
+        dict.set_item(name, count)?;
+    }
     dict.set_item("breaker_open", stats.breaker_open)?;
-    dict.set_item("upload_bytes_pending", stats.upload_bytes_pending)?;
     dict.set_item("last_error", stats.last_error.as_deref())?;
     Ok(dict)
 }

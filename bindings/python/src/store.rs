@@ -229,20 +229,9 @@ impl TierStore {
         let stats = self.state()?.store.stats();
         let dict = PyDict::new(py);
         dict.set_item("block_size", self.block_size)?;
-        dict.set_item("host_blocks", stats.host_blocks)?;
-        dict.set_item("host_capacity_blocks", stats.host_capacity_blocks)?;
-        dict.set_item("disk_blocks", stats.disk_blocks)?;
-        dict.set_item("disk_capacity_blocks", stats.disk_capacity_blocks)?;
-        dict.set_item("host_hits", stats.host_hits)?;
-        dict.set_item("disk_hits", stats.disk_hits)?;
-        dict.set_item("misses", stats.misses)?;
-        dict.set_item("host_evictions", stats.host_evictions)?;
-        dict.set_item("disk_evictions", stats.disk_evictions)?;
-        dict.set_item("disk_writes", stats.disk_writes)?;
-        dict.set_item("not_admitted", stats.not_admitted)?;
-        dict.set_item("promotions", stats.promotions)?;
-        dict.set_item("corrupt_blocks", stats.corrupt_blocks)?;
-        dict.set_item("torn_records", stats.torn_records)?;
+        for (name, count) in stats.counts() {
+            dict.set_item(name, count)?;
+        }
         dict.set_item("disk_failed", stats.disk_failure.is_some())?;
         dict.set_item("io_fallback", stats.io_fallback.is_some())?;
         let remote = stats.remote.as_ref().map(|r| crate::remote::stats_dict(py, r)).transpose()?;

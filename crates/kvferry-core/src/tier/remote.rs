@@ -188,6 +188,26 @@ struct Breaker {
     probing: bool,
 }
 
+impl RemoteStats {
+    /// Every count of the remote tier, by the name the front ends give it (the Python dict's key;
+    /// the C struct's field after `remote_`), as [`crate::tier::TierStats::counts`] is the store's.
+    pub fn counts(&self) -> [(&'static str, u64); 11] {
+        [
+            ("hits", self.hits),
+            ("misses", self.misses),
+            ("uploads", self.uploads),
+            ("upload_bytes", self.upload_bytes),
+            ("already_stored", self.already_stored),
+            ("dropped", self.dropped),
+            ("errors", self.errors),
+            ("corrupt", self.corrupt),
+            ("mismatched", self.mismatched),
+            ("breaker_trips", self.breaker_trips),
+            ("upload_bytes_pending", self.upload_bytes_pending),
+        ]
+    }
+}
+
 /// What a store is told of each block whose upload completed.
 type UploadedCallback = Box<dyn Fn(BlockKey) + Send>;
 

@@ -55,6 +55,31 @@ pub struct TierStats {
     pub remote: Option<RemoteStats>,
 }
 
+impl TierStats {
+    /// Every count of the store, by the name each front end gives it (the Python dict's key, the C
+    /// struct's field): the one list they take their fields from, and are tested against. The
+    /// flags (`disk_failure`, `io_fallback`, a remote tier) and the remote's counts
+    /// ([`RemoteStats::counts`]) are apart.
+    pub fn counts(&self) -> [(&'static str, u64); 14] {
+        [
+            ("host_blocks", self.host_blocks as u64),
+            ("host_capacity_blocks", self.host_capacity_blocks as u64),
+            ("disk_blocks", self.disk_blocks as u64),
+            ("disk_capacity_blocks", self.disk_capacity_blocks as u64),
+            ("host_hits", self.host_hits),
+            ("disk_hits", self.disk_hits),
+            ("misses", self.misses),
+            ("host_evictions", self.host_evictions),
+            ("disk_evictions", self.disk_evictions),
+            ("disk_writes", self.disk_writes),
+            ("not_admitted", self.not_admitted),
+            ("promotions", self.promotions),
+            ("corrupt_blocks", self.corrupt_blocks),
+            ("torn_records", self.torn_records),
+        ]
+    }
+}
+
 struct HostSlot {
     key: BlockKey,
     pins: u32,
