@@ -873,7 +873,8 @@ pub(crate) fn encode_object(fingerprint: &[u8; FINGERPRINT_BYTES], key: &BlockKe
     [&header[..], data, &checksum].concat()
 }
 
-/// Check an object read back whole for `key` and return its block, or why it must not be served. (Tests and the fuzzer; the tier streams both.)
+/// Check an object read back whole for `key` and return its block, or why it must not be served.
+/// (Tests and the fuzzer; the tier streams both.)
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn decode_object(
     object: &[u8],

@@ -129,7 +129,6 @@ struct State {
     /// Slabs lent to uploads ([`SlabLease`]), at most half the arena, so that a slow remote can
     /// pin no more of DRAM than that; beyond it an upload takes a copy.
     leased: usize,
-    max_leased: usize,
 }
 
 impl State {
@@ -354,7 +353,6 @@ impl TierStore {
             stats,
             subscribers: Vec::new(),
             leased: 0,
-            max_leased: host_blocks / 2,
         };
         let remote = config.remote.clone().map(|r| RemoteTier::open(r, block_size)).transpose()?;
         let shared =
@@ -714,7 +712,7 @@ impl Shared {
     /// Lend slab `index` (holding a whole block) to an upload, pinned until the upload lets go of
     /// it; `None` once half the arena is lent.
     fn lend(self: &Arc<Self>, state: &mut State, index: u32) -> Option<SlabLease> {
-        if state.leased >= state.max_leased {
+        if state.leased >= state.slots.len() / 2 {
             return None;
         }
         state.leased += 1;
