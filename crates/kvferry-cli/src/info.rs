@@ -1,7 +1,6 @@
 //! `kvferry info`: the devices, transports and tiers this build can use on this machine.
 
 use kvferry::memory::host::{self, HostAllocOptions, HostBuffer};
-use kvferry::transport::shm;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use serde_json::json;
 
@@ -40,7 +39,7 @@ fn gpu(name: &str, devices: DeviceCount, what: &str) -> serde_json::Value {
 
 /// Whether the shm transport can run here, and which of its ways the kernel allows.
 fn shm_report() -> serde_json::Value {
-    let boot_id = match shm::boot_id() {
+    let boot_id = match kvferry::transport::host::boot_id() {
         Ok(id) => id,
         Err(e) => return json!({ "name": "shm", "available": false, "detail": format!("no boot id: {e}") }),
     };

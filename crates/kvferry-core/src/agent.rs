@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{Auth, AuthConfig};
 use crate::deadline::Deadline;
-use crate::error::{Error, ErrorCode, Result};
+use crate::descriptor::{DescError, DescSide, LinkGap};
+use crate::error::{Error, Result};
 use crate::limits::AgentLimits;
 use crate::memory::{MemRegion, Memory};
 use crate::metadata::{AgentMetadata, RegionInfo};
 use crate::metrics::Metrics;
-use crate::side_channel::{self, SideChannelServer};
+use crate::side_channel::{self, MetadataHost, SideChannelServer};
 use crate::tls::TlsConfig;
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::staging::{Stager, StagingConfig};
@@ -31,83 +32,6 @@ use crate::transport::{
 };
 
 pub use crate::transport::{Notification, TransferStatus};
-
-/// Errors in what the caller asked for, found before anything is sent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DescError {
-    #[error("descriptor {index} ({addr:#x}+{len}) is not inside any local registration")]
-    NotRegistered { index: usize, addr: u64, len: u64 },
-    #[error(
-        "descriptor {index} ({addr:#x}+{len}) is not inside any region peer {peer} registered for a shared transport"
-    )]
-    RemoteRegionUnknown { peer: String, index: usize, addr: u64, len: u64 },
-    #[error("descriptor {index} has length zero")]
-    ZeroLength { index: usize },
-    #[error("descriptor {index} ({addr:#x}+{len}) overflows the address space")]
-    RangeOverflow { index: usize, addr: u64, len: u64 },
-    #[error("pair {position}: local length {local_len} differs from remote length {remote_len}")]
-    LengthMismatch { position: usize, local_len: u64, remote_len: u64 },
-    #[error("no peer named {peer}")]
-    UnknownPeer { peer: String },
-    #[error("index {index} is outside a prepared list of {len} descriptors")]
-    IndexOutOfRange { index: usize, len: usize },
-    #[error("descriptors were prepared against older metadata of peer {peer}; prepare them again")]
-    Stale { peer: String },
-    #[error("a transfer needs at least one descriptor pair or a notification")]
-    EmptyTransfer,
-    #[error("no link to peer {peer} moves every descriptor of the request: {}", join_gaps(.gaps))]
-    NoCommonLink { peer: String, gaps: Vec<LinkGap> },
-}
-
-/// Why one of a peer's links cannot move a request: the first descriptor without a key for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkGap {
-    pub transport: TransportKind,
-    pub side: DescSide,
-    /// The descriptor's index in its prepared list.
-    pub index: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DescSide {
-    Local,
-    Remote,
-}
-
-impl std::fmt::Display for LinkGap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.side {
-            DescSide::Local => {
-                write!(f, "{}: local descriptor {} is not registered for it", self.transport, self.index)
-            }
-            DescSide::Remote => {
-                write!(f, "{}: the peer did not register remote descriptor {} for it", self.transport, self.index)
-            }
-        }
-    }
-}
-
-fn join_gaps(gaps: &[LinkGap]) -> String {
-    gaps.iter().map(LinkGap::to_string).collect::<Vec<_>>().join("; ")
-}
-
-impl DescError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            DescError::NotRegistered { .. } => ErrorCode::NotRegistered,
-            DescError::RemoteRegionUnknown { .. } => ErrorCode::RemoteRegionUnknown,
-            DescError::ZeroLength { .. } => ErrorCode::ZeroLength,
-            DescError::RangeOverflow { .. } => ErrorCode::RangeOverflow,
-            DescError::LengthMismatch { .. } => ErrorCode::LengthMismatch,
-            DescError::UnknownPeer { .. } => ErrorCode::UnknownPeer,
-            DescError::IndexOutOfRange { .. } => ErrorCode::DescIndexOutOfRange,
-            DescError::Stale { .. } => ErrorCode::StaleDescriptors,
-            DescError::EmptyTransfer => ErrorCode::EmptyTransfer,
-            DescError::NoCommonLink { .. } => ErrorCode::NoCommonLink,
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -852,7 +776,9 @@ impl Agent {
     /// Serve this agent's metadata on `listen` so peers can find it from `host:port` alone.
     /// Returns the bound address. Peers that send their own metadata are added as peers.
     pub fn serve_side_channel(&self, listen: SocketAddr) -> Result<SocketAddr> {
-        let server = side_channel::serve(Arc::downgrade(&self.inner), listen, self.inner.limits.side_channel.clone())?;
+        let host: Weak<dyn MetadataHost> = Arc::downgrade(&self.inner) as Weak<AgentInner>;
+        let server =
+            side_channel::serve(host, self.inner.auth.clone(), listen, self.inner.limits.side_channel.clone())?;
         let addr = server.local_addr();
         *self.inner.side_channel.lock().unwrap() = Some(server);
         Ok(addr)
@@ -1005,10 +931,16 @@ impl AgentInner {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
+}
+
+impl MetadataHost for AgentInner {
+    fn encoded_metadata(&self) -> Vec<u8> {
+        self.metadata().encode()
+    }
 
     /// Add the peer whose EXCHANGE arrived on the side channel. Such peers are bounded in number:
     /// idle ones are forgotten first, and when none is, a new one is refused as busy.
-    pub(crate) fn add_exchanged_peer(&self, bytes: &[u8]) -> Result<String> {
+    fn add_exchanged_peer(&self, bytes: &[u8]) -> Result<String> {
         let meta = AgentMetadata::decode(bytes)?;
         let idle_ms = self.limits.peer_idle_timeout.as_millis() as u64;
         let now = self.now_ms();
@@ -1036,7 +968,9 @@ impl AgentInner {
         drop(peers);
         self.link_peer(meta, true)
     }
+}
 
+impl AgentInner {
     fn link_peer(&self, meta: AgentMetadata, exchanged: bool) -> Result<String> {
         if meta.name == self.name {
             return Err(Error::InvalidArgument(format!("metadata of {} is this agent's own", meta.name)));

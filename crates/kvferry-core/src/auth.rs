@@ -31,7 +31,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::net::DeadlineStream;
 use crate::tls::{PeerStream, Tls, TlsConfig};
-use crate::transport::TransferError;
+use crate::transport::error::TransferError;
 
 pub(crate) const MAGIC: [u8; 4] = *b"KVFA";
 const VERSION: u8 = 1;

@@ -19,8 +19,8 @@ use crate::memory::{MemKind, MemRegion};
 use crate::metadata::{self, AgentMetadata};
 use crate::net::DeadlineStream;
 use crate::tier::disk::{self, Record};
+use crate::transport::frame::{self, FrameKind, Header, WireDesc};
 use crate::transport::keys::KeyTable;
-use crate::transport::tcp::wire::{self as tcp_wire, FrameKind, Header, WireDesc};
 
 /// The most bytes one read of a [`Wire`] returns.
 const SHORT_READ: usize = 7;
@@ -116,16 +116,16 @@ pub fn tcp_request(bytes: &[u8]) {
     while let Ok(header) = Header::read_from(&mut wire) {
         let Some(kind) = FrameKind::from_wire(header.tag) else { return };
         let count = header.count as usize;
-        if count > tcp_wire::MAX_DESCS {
+        if count > frame::MAX_DESCS {
             return;
         }
-        desc_buf.resize(count * tcp_wire::DESC_LEN, 0);
+        desc_buf.resize(count * frame::DESC_LEN, 0);
         if wire.read_exact(&mut desc_buf).is_err() {
             return;
         }
-        let descs: Vec<WireDesc> = desc_buf.chunks_exact(tcp_wire::DESC_LEN).map(WireDesc::decode).collect();
+        let descs: Vec<WireDesc> = desc_buf.chunks_exact(frame::DESC_LEN).map(WireDesc::decode).collect();
         let payload = match kind {
-            FrameKind::Notify if count != 0 || header.payload_len > tcp_wire::MAX_NOTIFICATION => return,
+            FrameKind::Notify if count != 0 || header.payload_len > frame::MAX_NOTIFICATION => return,
             FrameKind::Notify => header.payload_len,
             FrameKind::Read | FrameKind::Write => {
                 let described = descs.iter().fold(0u64, |acc, d| acc.saturating_add(d.len));
@@ -156,12 +156,12 @@ fn skip(wire: &mut Wire<'_>, len: u64) -> bool {
     true
 }
 
-/// The initiator's reading of a stream of responses: each header's status (`wire::status_of`,
+/// The initiator's reading of a stream of responses: each header's status (`frame::status_of`,
 /// which names a rejection or refuses an unknown status) and its payload.
 pub fn tcp_response(bytes: &[u8]) {
     let mut wire = Wire::new(bytes);
     while let Ok(header) = Header::read_from(&mut wire) {
-        match tcp_wire::status_of(header) {
+        match frame::status_of(header) {
             Ok(h) if skip(&mut wire, h.payload_len) => {}
             Ok(_) => return,
             // A rejection leaves the stream in step; anything else ends it.
@@ -175,17 +175,17 @@ pub fn tcp_response(bytes: &[u8]) {
 /// lease slot, granted range); and the shm key that metadata carries, through `wire::decode_key`.
 pub fn shm_wire(bytes: &[u8]) {
     use crate::transport::shm::decode_key;
-    const MAP_ACK_LEN: usize = tcp_wire::HEADER_LEN + 16;
+    const MAP_ACK_LEN: usize = frame::HEADER_LEN + 16;
     let _ = decode_key(bytes);
     let _ = decode_key(&bytes[..bytes.len().min(17)]);
-    let Some((hello, mut rest)) = bytes.split_first_chunk::<{ tcp_wire::HEADER_LEN }>() else { return };
+    let Some((hello, mut rest)) = bytes.split_first_chunk::<{ frame::HEADER_LEN }>() else { return };
     let hello = Header::decode(hello);
     if hello.tag != 0 {
         return;
     }
     while let Some((ack, tail)) = rest.split_first_chunk::<MAP_ACK_LEN>() {
         rest = tail;
-        let status = tcp_wire::status_of(Header::decode(ack[..tcp_wire::HEADER_LEN].try_into().unwrap()));
+        let status = frame::status_of(Header::decode(ack[..frame::HEADER_LEN].try_into().unwrap()));
         if status.is_err() {
             continue;
         }

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod auth;
 pub mod deadline;
+pub mod descriptor;
 pub mod discovery;
 pub mod error;
 #[cfg(feature = "fuzzing")]
@@ -20,11 +21,11 @@ pub mod tier;
 pub mod tls;
 pub mod transport;
 pub use agent::{
-    Agent, AgentConfig, DescError, DescSide, LinkGap, Notification, PreparedDescs, Registration, Transfer,
-    TransferRequest, TransferStatus,
+    Agent, AgentConfig, Notification, PreparedDescs, Registration, Transfer, TransferRequest, TransferStatus,
 };
 pub use auth::{Auth, AuthConfig};
 pub use deadline::Deadline;
+pub use descriptor::{DescError, DescSide, LinkGap};
 pub use error::{Error, ErrorCode, Result};
 pub use tls::TlsConfig;
 

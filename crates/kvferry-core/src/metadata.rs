@@ -12,9 +12,9 @@
 //! Endpoints and keys of transports this build does not know (a peer built with another set of
 //! back ends) are skipped, not refused: the peer stays reachable through what both sides speak.
 
-use crate::error::ErrorCode;
-use crate::memory::{MemKind, MemRegion};
-use crate::transport::{Endpoint, TransportKind};
+use crate::error::code::ErrorCode;
+use crate::memory::region::{MemKind, MemRegion};
+use crate::transport::kind::{Endpoint, TransportKind};
 
 pub const MAGIC: [u8; 4] = *b"KVFM";
 pub const VERSION: u16 = 1;

@@ -18,7 +18,8 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::limits::ServeLimits;
 use crate::net::{DeadlineStream, Next, Server, Service, recv_ready};
 use crate::tier::{RemoteStats, TierStats, TierStore};
-use crate::transport::{Op, TransportKind};
+use crate::transport::TransferObserver;
+use crate::transport::kind::{Op, TransportKind};
 
 /// Upper bounds of the transfer latency histogram's buckets, in seconds: 10 µs to 10 s, about
 /// three per decade, which separates shm (µs), TCP loopback (100s of µs) and large batches (ms).
@@ -80,26 +81,14 @@ impl Default for Metrics {
     }
 }
 
-fn transport_index(kind: TransportKind) -> usize {
-    TransportKind::ALL.iter().position(|&k| k == kind).expect("ALL lists every transport")
-}
-
-fn direction_index(op: Op) -> usize {
-    DIRECTIONS.iter().position(|&d| d == op).expect("DIRECTIONS lists every op")
-}
-
-impl Metrics {
-    fn series(&self, transport: TransportKind, op: Op) -> &Series {
-        &self.series[transport_index(transport)][direction_index(op)]
-    }
-
+impl TransferObserver for Metrics {
     /// A transfer was handed to `transport`.
-    pub(crate) fn started(&self, transport: TransportKind, op: Op) {
+    fn started(&self, transport: TransportKind, op: Op) {
         self.series(transport, op).in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A transfer [`started`](Self::started) settled: `Ok(bytes)` moved, or failed with `code`.
-    pub(crate) fn settled(&self, transport: TransportKind, op: Op, elapsed: Duration, outcome: Result<u64, ErrorCode>) {
+    /// A transfer [`started`](TransferObserver::started) settled: `Ok(bytes)` moved, or failed with `code`.
+    fn settled(&self, transport: TransportKind, op: Op, elapsed: Duration, outcome: Result<u64, ErrorCode>) {
         let series = self.series(transport, op);
         series.in_flight.fetch_sub(1, Ordering::Relaxed);
         let seconds = elapsed.as_secs_f64();
@@ -118,9 +107,23 @@ impl Metrics {
         }
     }
 
-    /// A transfer [`started`](Self::started) was refused before it was queued: it never settles.
-    pub(crate) fn abandoned(&self, transport: TransportKind, op: Op) {
+    /// A transfer [`started`](TransferObserver::started) was refused before it was queued: it never settles.
+    fn abandoned(&self, transport: TransportKind, op: Op) {
         self.series(transport, op).in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn transport_index(kind: TransportKind) -> usize {
+    TransportKind::ALL.iter().position(|&k| k == kind).expect("ALL lists every transport")
+}
+
+fn direction_index(op: Op) -> usize {
+    DIRECTIONS.iter().position(|&d| d == op).expect("DIRECTIONS lists every op")
+}
+
+impl Metrics {
+    fn series(&self, transport: TransportKind, op: Op) -> &Series {
+        &self.series[transport_index(transport)][direction_index(op)]
     }
 
     /// What a successful transfer costs the data path (`started`, then `settled`), for benchmarks.

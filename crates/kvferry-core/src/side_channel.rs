@@ -16,7 +16,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::agent::AgentInner;
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
@@ -42,6 +41,14 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// rather than with the length a client announced.
 const READ_CHUNK: usize = 64 << 10;
 
+/// What the side channel serves: an agent's metadata, and the peers that exchange theirs with it.
+pub(crate) trait MetadataHost: Send + Sync + 'static {
+    /// The metadata peers read, encoded.
+    fn encoded_metadata(&self) -> Vec<u8>;
+    /// Add the peer whose encoded metadata an exchange carried.
+    fn add_exchanged_peer(&self, metadata: &[u8]) -> Result<String>;
+}
+
 pub(crate) struct SideChannelServer {
     addr: SocketAddr,
     _server: Server<SideChannel>,
@@ -53,21 +60,23 @@ impl SideChannelServer {
     }
 }
 
-/// Serve `agent`'s metadata; stops when the server is dropped (held by the agent, hence weak).
-pub(crate) fn serve(agent: Weak<AgentInner>, listen: SocketAddr, limits: ServeLimits) -> Result<SideChannelServer> {
+/// Serve `agent`'s metadata to peers that prove `auth`'s secret; stops when the server is dropped
+/// (held by the agent, hence weak).
+pub(crate) fn serve(
+    agent: Weak<dyn MetadataHost>,
+    auth: Auth,
+    listen: SocketAddr,
+    limits: ServeLimits,
+) -> Result<SideChannelServer> {
     let listener = TcpListener::bind(listen).map_err(|e| Error::io(format!("binding {listen}"), e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
-    let auth = match agent.upgrade() {
-        Some(agent) => agent.auth.clone(),
-        None => return Err(Error::InvalidArgument("the agent is gone".into())),
-    };
     let service = Arc::new(SideChannel { agent, auth, budget: Budget::new(limits.request_bytes) });
     let server = Server::start(PeerListener(listener), "kvferry-side-channel", service, limits)?;
     Ok(SideChannelServer { addr, _server: server })
 }
 
 struct SideChannel {
-    agent: Weak<AgentInner>,
+    agent: Weak<dyn MetadataHost>,
     auth: Auth,
     /// Bytes of requests still being read, over all connections.
     budget: Arc<Budget>,
@@ -130,9 +139,9 @@ impl Service for SideChannel {
         }
         let Some(agent) = self.agent.upgrade() else { return Ok(Next::Close) };
         let reply = match req.head[6] {
-            OP_GET => frame(STATUS_OK, &agent.metadata().encode()),
+            OP_GET => frame(STATUS_OK, &agent.encoded_metadata()),
             OP_EXCHANGE => match agent.add_exchanged_peer(&req.body) {
-                Ok(_) => frame(STATUS_OK, &agent.metadata().encode()),
+                Ok(_) => frame(STATUS_OK, &agent.encoded_metadata()),
                 Err(e) if e.code() == crate::ErrorCode::PeerBusy => frame(STATUS_BUSY, e.to_string().as_bytes()),
                 Err(e) => frame(STATUS_REJECTED, e.to_string().as_bytes()),
             },

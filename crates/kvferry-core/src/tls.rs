@@ -27,6 +27,9 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::net::{DeadlineStream, EventListener, Peer, ServeStream, time_left};
 
+/// The content type of the record that opens every TLS connection (RFC 8446, 5.1).
+const TLS_HANDSHAKE_RECORD: u8 = 22;
+
 /// TLS for the side channel and the TCP transport, as configured. Off unless set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
@@ -219,8 +222,8 @@ impl PeerStream {
         Ok(true)
     }
 
-    /// Whether the first byte waiting is the start of kvferry's plain handshake (`K`), which no
-    /// TLS record starts with.
+    /// Whether the first byte waiting starts anything but a TLS handshake record (type 22): a peer
+    /// speaking the plain handshake, which the layer above answers in its own words.
     fn peer_speaks_plain(&self, deadline: Deadline) -> io::Result<bool> {
         let mut first = [0u8; 1];
         self.armed.set(None);
@@ -228,7 +231,7 @@ impl PeerStream {
             self.sock.set_read_timeout(Some(time_left(deadline)?))?;
             match self.sock.peek(&mut first) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(_) => return Ok(first[0] == crate::auth::MAGIC[0]),
+                Ok(_) => return Ok(first[0] != TLS_HANDSHAKE_RECORD),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }

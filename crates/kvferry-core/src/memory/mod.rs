@@ -9,10 +9,12 @@
 pub mod cuda;
 #[cfg(any(feature = "cuda", feature = "rocm"))]
 mod dynlib;
+pub(crate) mod error;
 #[cfg(any(feature = "cuda", feature = "rocm"))]
 pub mod gpu;
 pub mod host;
 pub mod paged;
+pub(crate) mod region;
 #[cfg(feature = "rocm")]
 pub mod rocm;
 
@@ -20,72 +22,10 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use crate::deadline::Deadline;
-use crate::error::{ErrorCode, Result};
+use crate::error::Result;
 
-/// Where a region lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MemKind {
-    Host,
-    Cuda { device: u32 },
-    Rocm { device: u32 },
-}
-
-impl MemKind {
-    /// Wire encoding: (tag, device ordinal).
-    pub fn to_wire(self) -> (u8, u32) {
-        match self {
-            MemKind::Host => (0, 0),
-            MemKind::Cuda { device } => (1, device),
-            MemKind::Rocm { device } => (2, device),
-        }
-    }
-
-    pub fn from_wire(tag: u8, device: u32) -> Option<MemKind> {
-        match tag {
-            0 => Some(MemKind::Host),
-            1 => Some(MemKind::Cuda { device }),
-            2 => Some(MemKind::Rocm { device }),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for MemKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MemKind::Host => write!(f, "host"),
-            MemKind::Cuda { device } => write!(f, "cuda:{device}"),
-            MemKind::Rocm { device } => write!(f, "rocm:{device}"),
-        }
-    }
-}
-
-/// A span of bytes in some memory. Plain data: holding one does not keep the memory alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MemRegion {
-    pub addr: u64,
-    pub len: u64,
-    pub kind: MemKind,
-}
-
-impl MemRegion {
-    pub fn host(ptr: *const u8, len: usize) -> Self {
-        MemRegion { addr: ptr as u64, len: len as u64, kind: MemKind::Host }
-    }
-
-    /// One past the last byte, or `None` when `addr + len` overflows.
-    pub fn end(&self) -> Option<u64> {
-        self.addr.checked_add(self.len)
-    }
-
-    /// Whether `[addr, addr + len)` lies inside this region (same kind assumed by the caller).
-    pub fn contains(&self, addr: u64, len: u64) -> bool {
-        match (addr.checked_add(len), self.end()) {
-            (Some(end), Some(self_end)) => addr >= self.addr && end <= self_end,
-            _ => false,
-        }
-    }
-}
+pub use error::MemoryError;
+pub use region::{MemKind, MemRegion};
 
 /// Memory that can be registered with an agent and is kept alive by the registration.
 pub trait Memory: Send + Sync + 'static {
@@ -264,43 +204,4 @@ pub(crate) fn coalesce_copies(ops: &[CopyOp]) -> Result<Vec<Piece>> {
         }
     }
     Ok(pieces)
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum MemoryError {
-    #[error("allocating {len} bytes of {kind} memory failed: {cause}")]
-    AllocFailed { kind: MemKind, len: u64, cause: String },
-    #[error("no huge pages available for {len} bytes: {cause}")]
-    HugePagesUnavailable { len: u64, cause: String },
-    #[error("pinning {len} bytes at {addr:#x} failed: {cause} (check `ulimit -l`)")]
-    PinFailed { addr: u64, len: u64, cause: String },
-    #[error("copy {index} of the batch is invalid: {reason}")]
-    InvalidCopy { index: usize, reason: String },
-    #[error("no {kind} device: {reason}")]
-    NoDevice { kind: String, reason: String },
-    #[error("copies did not complete before the deadline")]
-    FenceTimeout,
-    #[error("no {kind} driver: {reason}")]
-    NoDriver { kind: String, reason: String },
-    #[error("{device}: {call} failed: {cause}")]
-    DeviceCall { device: String, call: String, cause: String },
-    #[error("invalid IPC handle: {reason}")]
-    InvalidIpcHandle { reason: String },
-}
-
-impl MemoryError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            MemoryError::AllocFailed { .. } => ErrorCode::AllocFailed,
-            MemoryError::HugePagesUnavailable { .. } => ErrorCode::HugePagesUnavailable,
-            MemoryError::PinFailed { .. } => ErrorCode::PinFailed,
-            MemoryError::InvalidCopy { .. } => ErrorCode::InvalidCopy,
-            MemoryError::NoDevice { .. } => ErrorCode::NoDevice,
-            MemoryError::FenceTimeout => ErrorCode::Timeout,
-            MemoryError::NoDriver { .. } => ErrorCode::NoDriver,
-            MemoryError::DeviceCall { .. } => ErrorCode::DeviceCallFailed,
-            MemoryError::InvalidIpcHandle { .. } => ErrorCode::InvalidIpcHandle,
-        }
-    }
 }

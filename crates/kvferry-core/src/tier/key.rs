@@ -7,7 +7,7 @@
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::tier::TierError;
+use crate::tier::error::TierError;
 
 /// The longest engine hash kept verbatim: vLLM's `sha256` block hashes are 32 bytes, its builtin
 /// hashes 8.

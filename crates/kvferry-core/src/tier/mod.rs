@@ -13,9 +13,11 @@
 //! [`TierEvent`] naming the medium, as vLLM's KV events do.
 
 pub(crate) mod disk;
-mod key;
+pub(crate) mod error;
+pub(crate) mod key;
 #[cfg(feature = "kv-events")]
 pub mod kv_events;
+pub(crate) mod medium;
 mod policy;
 pub(crate) mod remote;
 mod store;
@@ -24,12 +26,13 @@ mod uring;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use error::TierError;
 pub use key::{BlockKey, MAX_KEY_BYTES};
+pub use medium::Medium;
 pub use policy::EvictionPolicy;
 pub use remote::{RemoteConfig, RemoteLocation, RemoteLookup, RemoteStats, RemoteTier};
 pub use store::{TierStats, TierStore};
 
-use crate::error::ErrorCode;
 use crate::memory::MemRegion;
 use crate::memory::host::HostAllocOptions;
 
@@ -44,47 +47,6 @@ pub const DISK_ALIGNMENT: usize = 4096;
 /// Whether the disk tier can use io_uring here; `Err` says why not (it then uses `pread`/`pwrite`).
 pub fn io_uring_available() -> Result<(), String> {
     uring::probe().map_err(|e| e.to_string())
-}
-
-/// Where a block lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Medium {
-    Gpu,
-    Cpu,
-    Disk,
-    /// The level every engine shares: object storage or a shared directory.
-    Remote,
-}
-
-impl Medium {
-    pub const ALL: [Medium; 4] = [Medium::Gpu, Medium::Cpu, Medium::Disk, Medium::Remote];
-
-    /// kvferry's name: the `tier` label of the metrics, what `lookup` answers in Python and C.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Medium::Gpu => "GPU",
-            Medium::Cpu => "CPU",
-            Medium::Disk => "DISK",
-            Medium::Remote => "REMOTE",
-        }
-    }
-
-    /// The `medium` of vLLM's KV events (`MEDIUM_GPU`, `MEDIUM_CPU`, `MEDIUM_STORAGE` in
-    /// `vllm/distributed/kv_events.py`): the one spelling every publisher of kvferry uses, the
-    /// store's and the vLLM connector's (`kvferry.KV_EVENT_MEDIUM`).
-    pub fn kv_event_name(self) -> &'static str {
-        match self {
-            Medium::Gpu => "GPU",
-            Medium::Cpu => "CPU",
-            Medium::Disk | Medium::Remote => "STORAGE",
-        }
-    }
-}
-
-impl std::fmt::Display for Medium {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// A change in where blocks live, for routers that must know where a prefix can be found.
@@ -213,69 +175,5 @@ impl TierConfig {
     pub fn with_workers(mut self, workers: usize) -> Self {
         self.workers = workers;
         self
-    }
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum TierError {
-    #[error("a block key needs 1 to {MAX_KEY_BYTES} bytes, got {len}")]
-    BadKey { len: usize },
-    #[error("invalid tier store configuration: {why}")]
-    Config { why: String },
-    #[error("block {index} of the request is invalid: {why}")]
-    BadBlock { index: usize, why: String },
-    #[error("the disk tier in {dir} cannot be used: {cause}")]
-    DiskUnavailable { dir: String, cause: String },
-    #[error("the disk tier in {dir} is full: {cause}")]
-    DiskFull { dir: String, cause: String },
-    /// Another store (in this process or another) has the directory open.
-    #[error("the disk tier in {dir} is in use by another store (its lock file {lock} is held)")]
-    DiskLocked { dir: String, lock: String },
-    #[error("the disk tier's index {path} is corrupt: {why}")]
-    IndexCorrupt { path: String, why: String },
-    #[error("the disk tier's index {path} holds {found}, but the store was opened for {expected}")]
-    IndexMismatch { path: String, found: String, expected: String },
-    #[error("block {key} failed its checksum on disk and was dropped")]
-    BlockCorrupt { key: BlockKey },
-    #[error("block {key} is not cached")]
-    NotCached { key: BlockKey },
-    #[error("no room for {needed} blocks in {medium}: every block there is being read or written")]
-    NoRoom { needed: usize, medium: Medium },
-    #[error("disk i/o failed while {op}: {cause}")]
-    DiskIo { op: String, cause: String },
-    #[error("the tier store is shut down")]
-    Closed,
-    /// The remote level could not be reached, answered with an error, or not by the deadline.
-    #[error("the remote tier at {location} is unavailable: {cause}")]
-    RemoteUnavailable { location: String, cause: String },
-    /// An object read from the remote failed its framing or checksum; it was never served.
-    #[error("block {key} in the remote tier is corrupt ({why}) and was dropped")]
-    RemoteCorrupt { key: BlockKey, why: String },
-    /// An intact object under this store's name that holds another namespace's or key's block.
-    #[error("block {key} in the remote tier does not match this store ({why}) and was dropped")]
-    RemoteMismatch { key: BlockKey, why: String },
-}
-
-impl TierError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            TierError::BadKey { .. } => ErrorCode::TierBadKey,
-            TierError::Config { .. } => ErrorCode::TierConfig,
-            TierError::BadBlock { .. } => ErrorCode::TierBadBlock,
-            TierError::DiskUnavailable { .. } => ErrorCode::TierDiskUnavailable,
-            TierError::DiskFull { .. } => ErrorCode::TierDiskFull,
-            TierError::DiskLocked { .. } => ErrorCode::TierDiskLocked,
-            TierError::IndexCorrupt { .. } => ErrorCode::TierIndexCorrupt,
-            TierError::IndexMismatch { .. } => ErrorCode::TierIndexMismatch,
-            TierError::BlockCorrupt { .. } => ErrorCode::TierBlockCorrupt,
-            TierError::NotCached { .. } => ErrorCode::TierNotCached,
-            TierError::NoRoom { .. } => ErrorCode::TierNoRoom,
-            TierError::DiskIo { .. } => ErrorCode::TierDiskIo,
-            TierError::Closed => ErrorCode::TierClosed,
-            TierError::RemoteUnavailable { .. } => ErrorCode::TierRemoteUnavailable,
-            TierError::RemoteCorrupt { .. } => ErrorCode::TierRemoteCorrupt,
-            TierError::RemoteMismatch { .. } => ErrorCode::TierRemoteMismatch,
-        }
     }
 }

@@ -24,12 +24,12 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::cuda::CudaDevice;
 use crate::memory::{CopyFence, CopyOp, Device, IpcHandle, MemKind, MemRegion, Memory};
-use crate::transport::shm::boot_id;
+use crate::transport::host::boot_id;
 use crate::transport::staging::ABANDON_AFTER;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{
     Batch, Completion, Endpoint, NotificationQueue, Op, PartOutcome, PeerLink, RejectReason, RemoteRegion,
-    TransferError, Transport, TransportKind,
+    TransferError, Transport, TransportKind, XferOp, no_key_on_link,
 };
 
 /// The `cuda-ipc` transport's settings.
@@ -153,14 +153,16 @@ struct CudaIpcLink {
 }
 
 impl CudaIpcLink {
-    /// Where `len` bytes at the peer's `addr` in region `index` are mapped in this process;
-    /// `regions` is the locked [`regions`](Self::regions).
-    fn mapped(&self, regions: &mut [PeerRegion], index: u32, addr: u64, len: u64, op: Op) -> Result<u64> {
-        let rejected = |reason| Error::from(TransferError::Rejected { peer: self.peer.clone(), op, index, reason });
-        let (remote, mapping) = regions.get_mut(index as usize).ok_or_else(|| rejected(RejectReason::UnknownKey))?;
-        if remote.key.is_empty() {
-            return Err(rejected(RejectReason::UnknownKey));
-        }
+    /// Where the peer's side of op `index` of a batch is mapped in this process; `regions` is the
+    /// locked [`regions`](Self::regions).
+    fn mapped(&self, regions: &mut [PeerRegion], index: usize, x: &XferOp, op: Op) -> Result<u64> {
+        let (addr, len) = (x.remote_addr, x.len);
+        let rejected =
+            |reason| Error::from(TransferError::Rejected { peer: self.peer.clone(), op, index: index as u32, reason });
+        let Some((remote, mapping)) = regions.get_mut(x.remote_region as usize).filter(|(r, _)| !r.key.is_empty())
+        else {
+            return Err(no_key_on_link(&self.peer, index, x));
+        };
         if !remote.region.contains(addr, len) {
             return Err(rejected(RejectReason::OutOfRange));
         }
@@ -181,8 +183,8 @@ impl PeerLink for CudaIpcLink {
         let op = batch.completion.op();
         let mut copies = Vec::with_capacity(batch.ops.len());
         let mut regions = self.regions.lock().unwrap();
-        for x in &batch.ops {
-            let remote = self.mapped(&mut regions, x.remote_region, x.remote_addr, x.len, op)?;
+        for (index, x) in batch.ops.iter().enumerate() {
+            let remote = self.mapped(&mut regions, index, x, op)?;
             copies.push(match op {
                 Op::Read => CopyOp { src: remote, dst: x.local_addr, len: x.len },
                 Op::Write | Op::Notify => CopyOp { src: x.local_addr, dst: remote, len: x.len },

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::memory::{MemKind, MemRegion, Memory};
 use crate::transport::RejectReason;
-use crate::transport::tcp::wire::WireDesc;
+use crate::transport::frame::WireDesc;
 
 /// Cuts off the connection of a request that uses a region (shuts its socket down), so that
 /// deregistration ends the request instead of waiting for its peer.

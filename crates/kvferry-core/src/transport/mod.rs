@@ -6,9 +6,13 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda_ipc;
+pub(crate) mod error;
 #[cfg(feature = "fabric")]
 pub mod fabric;
+pub(crate) mod frame;
+pub mod host;
 pub(crate) mod keys;
+pub(crate) mod kind;
 pub mod shm;
 pub mod staging;
 pub mod tcp;
@@ -20,204 +24,27 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
-use crate::error::{ErrorCode, Result};
+use crate::error::Result;
+use crate::error::code::ErrorCode;
 use crate::memory::{MemKind, MemRegion};
-use crate::metrics::Metrics;
 
-/// What a transfer does, seen from the initiator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// Remote memory → local memory.
-    Read,
-    /// Local memory → remote memory.
-    Write,
-    /// No data, only a notification delivered to the peer.
-    Notify,
-}
+pub use error::{RejectReason, TransferError};
+pub use kind::{Endpoint, Op, TransportKind};
 
-impl std::fmt::Display for Op {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Op::Read => "read",
-            Op::Write => "write",
-            Op::Notify => "notify",
-        })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum TransportKind {
-    Tcp,
-    /// libfabric (RDMA NICs, or its tcp and shm providers).
-    Fabric,
-    /// Shared memory between processes of one host.
-    Shm,
-    /// CUDA IPC between processes on one host (`cuda` feature). Known to every build, so metadata
-    /// that offers it can still be read where it is not compiled in.
-    CudaIpc,
-}
-
-impl TransportKind {
-    pub const ALL: &'static [TransportKind] =
-        &[TransportKind::Tcp, TransportKind::Fabric, TransportKind::Shm, TransportKind::CudaIpc];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportKind::Tcp => "tcp",
-            TransportKind::Fabric => "fabric",
-            TransportKind::Shm => "shm",
-            TransportKind::CudaIpc => "cuda-ipc",
-        }
-    }
-
-    pub fn to_wire(self) -> u8 {
-        match self {
-            TransportKind::Tcp => 1,
-            TransportKind::Fabric => 2,
-            TransportKind::Shm => 3,
-            TransportKind::CudaIpc => 4,
-        }
-    }
-
-    pub fn from_wire(tag: u8) -> Option<TransportKind> {
-        match tag {
-            1 => Some(TransportKind::Tcp),
-            2 => Some(TransportKind::Fabric),
-            3 => Some(TransportKind::Shm),
-            4 => Some(TransportKind::CudaIpc),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Where a peer reaches one of an agent's transports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub kind: TransportKind,
-    pub address: String,
-}
-
-/// Why the owner of the memory refused a descriptor. Sent on the wire as one byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    /// No registration has this key (never registered, deregistered, or forged).
-    UnknownKey,
-    /// The range is not inside the registration the key names.
-    OutOfRange,
-    ZeroLength,
-    /// `addr + len` overflows.
-    RangeOverflow,
-    /// The request exceeds the target's limits (descriptor count or frame size).
-    TooLarge,
-}
-
-impl RejectReason {
-    pub fn to_wire(self) -> u8 {
-        match self {
-            RejectReason::UnknownKey => 1,
-            RejectReason::OutOfRange => 2,
-            RejectReason::ZeroLength => 3,
-            RejectReason::RangeOverflow => 4,
-            RejectReason::TooLarge => 5,
-        }
-    }
-
-    pub fn from_wire(b: u8) -> Option<RejectReason> {
-        Some(match b {
-            1 => RejectReason::UnknownKey,
-            2 => RejectReason::OutOfRange,
-            3 => RejectReason::ZeroLength,
-            4 => RejectReason::RangeOverflow,
-            5 => RejectReason::TooLarge,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RejectReason::UnknownKey => "no registration has this key",
-            RejectReason::OutOfRange => "range lies outside the registered region",
-            RejectReason::ZeroLength => "zero-length range",
-            RejectReason::RangeOverflow => "address + length overflows",
-            RejectReason::TooLarge => "request exceeds the target's limits",
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TransferError {
-    #[error("{op} with peer {peer} did not complete before its deadline")]
-    Timeout { peer: String, op: Op },
-    #[error("{op} with peer {peer} was cancelled")]
-    Cancelled { peer: String, op: Op },
-    #[error("cannot reach peer {peer} at {endpoint}: {cause}")]
-    PeerUnreachable { peer: String, endpoint: String, cause: String },
-    #[error("peer {peer} disconnected during {op}: {cause}")]
-    PeerDisconnected { peer: String, op: Op, cause: String },
-    #[error("peer {peer} rejected {op} descriptor {index}: {reason}")]
-    Rejected { peer: String, op: Op, index: u32, reason: RejectReason },
-    #[error("protocol error with peer {peer}: {detail}")]
-    Protocol { peer: String, detail: String },
-    /// The handshake failed: one side did not prove the cluster secret.
-    #[error("peer {peer} is not authenticated: {cause}")]
-    Unauthenticated { peer: String, cause: String },
-    /// The peer refused the request for one of its limits; it may succeed later.
-    #[error("peer {peer} refused {op}: {cause}")]
-    PeerBusy { peer: String, op: Op, cause: String },
-    /// The target's NIC or provider refused a remote access: a key it never issued (or revoked),
-    /// or a range outside the registration. libfabric does not say which.
-    #[error("peer {peer} refused {op} access to its memory: {cause}")]
-    RemoteAccess { peer: String, op: Op, cause: String },
-    /// Any other failure a fabric provider reported for the transfer.
-    #[error("fabric {op} with peer {peer} failed: {cause}")]
-    Fabric { peer: String, op: Op, cause: String },
-    /// The kernel refused `process_vm_readv`/`process_vm_writev` into the peer (ptrace policy).
-    #[error("{op} with peer {peer}: cross-memory attach refused: {cause}")]
-    CrossMemoryRefused { peer: String, op: Op, cause: String },
-    /// The peer's shared memory could not be mapped (no file, not sealed, mmap failed).
-    #[error("cannot map the shared memory of peer {peer}: {cause}")]
-    MappingFailed { peer: String, cause: String },
-    #[error("{op} with peer {peer} failed staging through host memory: {cause}")]
-    Staging { peer: String, op: Op, cause: String },
-    #[error("{op} with peer {peer} failed in the device copy: {cause}")]
-    DeviceCopy { peer: String, op: Op, cause: String },
-}
-
-impl TransferError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            TransferError::Timeout { .. } => ErrorCode::Timeout,
-            TransferError::Cancelled { .. } => ErrorCode::Cancelled,
-            TransferError::PeerUnreachable { .. } => ErrorCode::PeerUnreachable,
-            TransferError::PeerDisconnected { .. } => ErrorCode::PeerDisconnected,
-            TransferError::Protocol { .. } => ErrorCode::Protocol,
-            TransferError::Unauthenticated { .. } => ErrorCode::Unauthenticated,
-            TransferError::PeerBusy { .. } => ErrorCode::PeerBusy,
-            TransferError::RemoteAccess { .. } => ErrorCode::FabricRemoteAccess,
-            TransferError::Fabric { .. } => ErrorCode::FabricTransfer,
-            TransferError::CrossMemoryRefused { .. } => ErrorCode::ShmCrossMemoryRefused,
-            TransferError::MappingFailed { .. } => ErrorCode::ShmMappingFailed,
-            TransferError::Staging { .. } => ErrorCode::StagingFailed,
-            TransferError::DeviceCopy { .. } => ErrorCode::DeviceCopyFailed,
-            TransferError::Rejected { reason, .. } => match reason {
-                RejectReason::UnknownKey => ErrorCode::RemoteUnknownKey,
-                RejectReason::OutOfRange => ErrorCode::RemoteOutOfRange,
-                RejectReason::ZeroLength => ErrorCode::RemoteZeroLength,
-                RejectReason::RangeOverflow => ErrorCode::RemoteRangeOverflow,
-                RejectReason::TooLarge => ErrorCode::RemoteTooLarge,
-            },
-        }
-    }
+/// Hears of every batch a transport is handed: [`started`](Self::started), then
+/// [`settled`](Self::settled) once or [`abandoned`](Self::abandoned) if it was never queued. The
+/// agent's metrics are one; the transports count nothing themselves.
+pub trait TransferObserver: Send + Sync {
+    fn started(&self, transport: TransportKind, op: Op);
+    /// `Ok(bytes)` moved, or the batch failed with `code`, `elapsed` after it was posted.
+    fn settled(
+        &self,
+        transport: TransportKind,
+        op: Op,
+        elapsed: Duration,
+        outcome: std::result::Result<u64, ErrorCode>,
+    );
+    fn abandoned(&self, transport: TransportKind, op: Op);
 }
 
 /// One op of a batch, resolved: a local address, and a remote address inside the peer's region
@@ -307,6 +134,14 @@ pub(crate) fn remote_keys<T>(
             }),
         })
         .collect()
+}
+
+/// The one refusal, whatever the transport, of op `index` of a batch naming a remote region this
+/// link holds no key for (the peer did not register it for this transport). Links find it at post,
+/// before anything moves; the agent, which picks a link that has every key, normally finds it first.
+pub(crate) fn no_key_on_link(peer: &str, index: usize, op: &XferOp) -> crate::error::Error {
+    crate::descriptor::DescError::RemoteRegionUnknown { peer: peer.into(), index, addr: op.remote_addr, len: op.len }
+        .into()
 }
 
 /// Random bits for a registration key, from the OS: a peer cannot guess another registration's key.
@@ -470,8 +305,8 @@ pub struct Completion {
     state: Mutex<CompletionState>,
     /// Signalled when the batch settles, a part reports, or a running part ends.
     settled: Condvar,
-    /// Where the settled outcome is counted, and as which transport's.
-    metrics: Option<(Arc<Metrics>, TransportKind)>,
+    /// Who counts the settled outcome, and as which transport's.
+    observer: Option<(Arc<dyn TransferObserver>, TransportKind)>,
 }
 
 struct CompletionState {
@@ -535,21 +370,21 @@ impl Completion {
                 next_part: 0,
             }),
             settled: Condvar::new(),
-            metrics: None,
+            observer: None,
         }
     }
 
-    /// Count this batch as in flight on `transport` in `metrics`, and its outcome once settled.
-    pub(crate) fn observed(mut self, metrics: Arc<Metrics>, transport: TransportKind) -> Self {
-        metrics.started(transport, self.op);
-        self.metrics = Some((metrics, transport));
+    /// Tell `observer` of this batch as in flight on `transport`, and of its outcome once settled.
+    pub(crate) fn observed(mut self, observer: Arc<dyn TransferObserver>, transport: TransportKind) -> Self {
+        observer.started(transport, self.op);
+        self.observer = Some((observer, transport));
         self
     }
 
     /// The transport refused the batch before queuing it, so it never settles: stop counting it.
     pub(crate) fn abandon(&self) {
-        if let Some((metrics, transport)) = &self.metrics {
-            metrics.abandoned(*transport, self.op);
+        if let Some((observer, transport)) = &self.observer {
+            observer.abandoned(*transport, self.op);
         }
     }
 
@@ -709,12 +544,12 @@ impl Completion {
         // A waiter that gave up at the deadline has already settled the batch as timed out.
         if state.status == TransferStatus::InProgress {
             let now = Instant::now();
-            if let Some((metrics, transport)) = &self.metrics {
+            if let Some((observer, transport)) = &self.observer {
                 let outcome = match &status {
                     TransferStatus::Failed(e) => Err(e.code()),
                     _ => Ok(self.bytes),
                 };
-                metrics.settled(*transport, self.op, now - self.posted_at, outcome);
+                observer.settled(*transport, self.op, now - self.posted_at, outcome);
             }
             if matches!(status, TransferStatus::Failed(_)) {
                 self.abort_running(state);
@@ -834,6 +669,61 @@ impl Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every transport refuses, with the one error for it, a batch naming a peer's region that
+    /// the peer did not open to that transport (its key is empty), before anything moves.
+    #[test]
+    fn every_transport_refuses_a_region_without_its_key_with_one_error() {
+        use crate::auth::Auth;
+        use crate::memory::host::{HostAllocOptions, HostBuffer};
+        let auth = || Auth::disabled();
+        let queue = || Arc::new(NotificationQueue::default());
+        let mut transports: Vec<(Box<dyn Transport>, Box<dyn Transport>)> = vec![
+            (
+                Box::new(tcp::TcpTransport::start("a", tcp::TcpConfig::default(), auth(), queue()).unwrap()),
+                Box::new(tcp::TcpTransport::start("b", tcp::TcpConfig::default(), auth(), queue()).unwrap()),
+            ),
+            (
+                Box::new(shm::ShmTransport::start("a", shm::ShmConfig::default(), auth(), queue()).unwrap()),
+                Box::new(shm::ShmTransport::start("b", shm::ShmConfig::default(), auth(), queue()).unwrap()),
+            ),
+        ];
+        #[cfg(feature = "fabric")]
+        {
+            let config = fabric::FabricConfig { provider: Some("tcp".into()), ..fabric::FabricConfig::default() };
+            transports.push((
+                Box::new(fabric::FabricTransport::start("a", config.clone(), auth(), queue()).unwrap()),
+                Box::new(fabric::FabricTransport::start("b", config, auth(), queue()).unwrap()),
+            ));
+        }
+        let options = HostAllocOptions { pin: false, ..Default::default() };
+        let (local, remote) = (
+            Arc::new(HostBuffer::alloc(8192, &options).unwrap()),
+            Arc::new(HostBuffer::alloc(8192, &options).unwrap()),
+        );
+        for (a, b) in &transports {
+            let kind = a.kind();
+            a.register(local.region(), local.clone()).unwrap();
+            let opened = b.register(remote.region(), remote.clone()).unwrap();
+            let regions = vec![
+                RemoteRegion { region: remote.region(), key: opened },
+                RemoteRegion { region: remote.region(), key: Vec::new() },
+            ];
+            let link = a.link("b", &b.endpoint(), regions).unwrap();
+            let op = |remote_region| XferOp {
+                local_addr: local.as_ptr() as u64,
+                remote_region,
+                remote_addr: remote.as_ptr() as u64 + 4096,
+                len: 64,
+            };
+            let completion =
+                Arc::new(Completion::new("b", Op::Write, 128, None, Deadline::after(Duration::from_secs(5))));
+            let batch = Batch { ops: vec![op(0), op(1)], completion: completion.clone(), keep_alive: local.clone() };
+            let refused = link.post(batch).expect_err(&format!("{kind} posted a batch without a key"));
+            assert_eq!(refused.code(), ErrorCode::RemoteRegionUnknown, "{kind}: {refused}");
+            assert!(refused.to_string().contains("descriptor 1"), "{kind} names the op: {refused}");
+        }
+    }
 
     #[test]
     fn a_wait_shorter_than_the_deadline_leaves_the_batch_running() {

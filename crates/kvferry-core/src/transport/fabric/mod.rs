@@ -8,6 +8,7 @@
 //! forged descriptor is refused by the NIC (or provider), not trusted. A notification follows the
 //! batch's data as a message.
 
+pub(crate) mod error;
 mod rail;
 mod session;
 
@@ -21,13 +22,14 @@ use std::sync::{Arc, RwLock};
 
 use kvferry_fabric_sys as sys;
 
+pub use self::error::FabricError;
 use self::rail::{CONFIRMED, Check, Part, Rail, RailLimits, RailOp, UNCHECKED};
 use crate::auth::Auth;
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{
     Batch, Endpoint, NotificationQueue, Op, PeerLink, RejectReason, RemoteRegion, TransferError, Transport,
-    TransportKind, remote_keys,
+    TransportKind, no_key_on_link, remote_keys,
 };
 
 /// The largest notification the fabric transport carries (it lands in a posted receive buffer).
@@ -75,31 +77,6 @@ impl Default for FabricConfig {
             stripe_min_bytes: 1 << 20,
             max_answers: 256,
             staging_kept_bytes: 64 << 20,
-        }
-    }
-}
-
-/// Failures of libfabric itself, before a transfer exists.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum FabricError {
-    #[error("no libfabric provider {wanted} with RDM endpoints, RMA and messages is usable here{found}")]
-    NoProvider { wanted: String, found: String },
-    /// libfabric is missing, is not libfabric, or is older than 1.17 (see [`libfabric`]).
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{call} failed: {detail}")]
-    Call { call: &'static str, code: i32, detail: String },
-    #[error("peer {peer} uses fabric provider {theirs}; this agent uses {ours}")]
-    ProviderMismatch { peer: String, ours: String, theirs: String },
-}
-
-impl FabricError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            FabricError::NoProvider { .. } | FabricError::Unavailable(_) => ErrorCode::FabricNoProvider,
-            FabricError::Call { .. } => ErrorCode::FabricCall,
-            FabricError::ProviderMismatch { .. } => ErrorCode::FabricProviderMismatch,
         }
     }
 }
@@ -718,13 +695,7 @@ impl PeerLink for FabricLink {
         let (mut stripe, mut filled) = (0usize, 0u64);
         for (index, o) in batch.ops.iter().enumerate() {
             let Some(Some((region, key))) = self.remote.get(o.remote_region as usize) else {
-                return Err(crate::agent::DescError::RemoteRegionUnknown {
-                    peer: self.peer.clone(),
-                    index,
-                    addr: o.remote_addr,
-                    len: o.len,
-                }
-                .into());
+                return Err(no_key_on_link(&self.peer, index, o));
             };
             let (mut local_addr, mut remote_addr, mut left) = (o.local_addr, o.remote_addr, o.len);
             while left > 0 {

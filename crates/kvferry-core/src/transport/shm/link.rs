@@ -26,14 +26,17 @@ use std::time::Duration;
 use super::lease::LeaseFile;
 use super::owner::{OwnerShared, PROBE};
 use super::pull::{Pull, Source, pull_sharing};
-use super::wire::{self, Failure, Header, Reach, WriteOp};
+use super::wire::{self, Reach, WriteOp};
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::memory::MemRegion;
 use crate::memory::host::{HostDevice, PeerFile};
 use crate::net::DeadlineStream;
-use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp};
+use crate::transport::frame::{self, Failure, Header};
+use crate::transport::{
+    AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp, no_key_on_link,
+};
 
 /// A peer's region as this transport reaches it.
 #[derive(Debug, Clone, Copy)]
@@ -152,16 +155,16 @@ pub(super) fn connect(
         other => ConnectError::Unauthenticated(other.to_string()),
     })?;
     stream.write_all_by(&wire::encode_hello(local_name, PROBE.as_ptr() as u64), deadline).map_err(unreachable)?;
-    let mut ack = [0u8; wire::HEADER_LEN + 8];
+    let mut ack = [0u8; frame::HEADER_LEN + 8];
     stream.set_timeouts(crate::net::time_left(deadline).map_err(unreachable)?).map_err(unreachable)?;
     let leases = wire::recv_with_fd(&stream, &mut ack)
         .map_err(|e| ConnectError::Unreachable(format!("handshake failed: {e}")))?;
-    let header = Header::decode(ack[..wire::HEADER_LEN].try_into().expect("header"));
+    let header = Header::decode(ack[..frame::HEADER_LEN].try_into().expect("header"));
     match header.tag {
         0 => {
             let leases = leases.ok_or(ConnectError::Unreachable("the owner sent no lease file".into()))?;
             let leases = LeaseFile::map(leases.as_fd()).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
-            let flags = u64::from_le_bytes(ack[wire::HEADER_LEN..].try_into().expect("8 bytes"));
+            let flags = u64::from_le_bytes(ack[frame::HEADER_LEN..].try_into().expect("8 bytes"));
             let pid = crate::net::peer_cred(&stream).map_err(unreachable)?.pid as u32;
             Ok(Connected { stream, pid, probe: header.payload_len, can_pull: flags & wire::FLAG_CAN_PULL != 0, leases })
         }
@@ -227,13 +230,13 @@ impl ShmLink {
 
 impl PeerLink for ShmLink {
     fn post(&self, batch: Batch) -> Result<()> {
-        if let Some(op) =
-            batch.ops.iter().find(|o| self.regions.get(o.remote_region as usize).is_none_or(Option::is_none))
+        if let Some((index, op)) = batch
+            .ops
+            .iter()
+            .enumerate()
+            .find(|(_, o)| self.regions.get(o.remote_region as usize).is_none_or(Option::is_none))
         {
-            return Err(Error::InvalidArgument(format!(
-                "peer {} has no shm-accessible region {}",
-                self.peer, op.remote_region
-            )));
+            return Err(no_key_on_link(&self.peer, index, op));
         }
         batch.completion.set_guarded_parts(1);
         let mut jobs = self.jobs.lock().unwrap();
@@ -275,9 +278,9 @@ impl PeerLink for ShmLink {
 }
 
 fn read_status(stream: &mut UnixStream, deadline: Deadline) -> Result<Header, Failure> {
-    let mut head = [0u8; wire::HEADER_LEN];
+    let mut head = [0u8; frame::HEADER_LEN];
     stream.read_exact_by(&mut head, deadline)?;
-    wire::status_of(Header::decode(&head))
+    frame::status_of(Header::decode(&head))
 }
 
 /// What the owner granted for one registration, for READs.
@@ -483,7 +486,7 @@ impl Worker {
                 let cause = "the owner cannot read this process's memory (ptrace policy)".to_string();
                 return Err(TransferError::CrossMemoryRefused { peer, op, cause });
             }
-            let mut head = [0u8; wire::HEADER_LEN];
+            let mut head = [0u8; frame::HEADER_LEN];
             let answered = conn
                 .stream
                 .write_all_by(&request, deadline)
@@ -504,7 +507,7 @@ impl Worker {
                     },
                 });
             }
-            if let Err(f) = wire::status_of(header) {
+            if let Err(f) = frame::status_of(header) {
                 let f = match f {
                     Failure::Rejected(index, reason) => Failure::Rejected(base + index, reason),
                     other => other,
@@ -558,7 +561,7 @@ impl Worker {
         self.next_source += 1;
         let deadline = c.deadline();
         let stream = &mut self.conn.as_mut().expect("sources are named on a connection").stream;
-        let mut head = [0u8; wire::HEADER_LEN];
+        let mut head = [0u8; frame::HEADER_LEN];
         let answered = crate::net::time_left(deadline)
             .and_then(|left| stream.set_timeouts(left))
             .and_then(|()| wire::send_with_fd(stream, &wire::encode_share(id, len), fd.as_fd()))
@@ -572,7 +575,7 @@ impl Worker {
             wire::STATUS_BAD_SOURCE => SourceState::Refused { room: false },
             tag if tag == RejectReason::TooLarge.to_wire() => SourceState::Refused { room: true },
             _ => {
-                let failure = wire::status_of(header).err().unwrap_or(Failure::Protocol("a refused share".into()));
+                let failure = frame::status_of(header).err().unwrap_or(Failure::Protocol("a refused share".into()));
                 return Err(self.named(c, failure));
             }
         })
@@ -593,7 +596,7 @@ impl Worker {
         let Some(conn) = self.conn.as_mut().filter(|_| !ids.is_empty()) else { return };
         let deadline = Deadline::after(self.info.connect_timeout);
         for id in ids {
-            let mut head = [0u8; wire::HEADER_LEN];
+            let mut head = [0u8; frame::HEADER_LEN];
             let answered = conn
                 .stream
                 .write_all_by(&wire::encode_unshare(id), deadline)
@@ -711,7 +714,7 @@ impl Worker {
             Ok(fd) => fd,
             Err(e) => return Err(self.named(c, Failure::Io(e))),
         };
-        let header = match wire::status_of(Header::decode(ack[..wire::HEADER_LEN].try_into().expect("header"))) {
+        let header = match frame::status_of(Header::decode(ack[..frame::HEADER_LEN].try_into().expect("header"))) {
             Ok(header) => header,
             Err(f) => return Err(self.named(c, f)),
         };

@@ -44,6 +44,7 @@ use crate::limits::ServeLimits;
 use crate::memory::host::HostDevice;
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Server;
+use crate::transport::host::boot_id;
 use crate::transport::keys::{self, memory_of};
 use crate::transport::{
     Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys, require_host,
@@ -82,13 +83,6 @@ impl Default for ShmConfig {
             max_shared_sources: 1024,
         }
     }
-}
-
-/// This host's boot id: peers with the same one share the kernel, so shared memory can reach them.
-pub fn boot_id() -> Result<String> {
-    let path = "/proc/sys/kernel/random/boot_id";
-    let id = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {path}"), e))?;
-    Ok(id.trim().to_string())
 }
 
 /// Where a peer's shm transport listens, parsed from its endpoint address

@@ -24,14 +24,15 @@ use std::time::Duration;
 use super::ShmConfig;
 use super::lease::Leases;
 use super::pull::{Pull, Source, probe_cross_memory, pull_sharing};
-use super::wire::{self, Header, WriteOp, invalid};
+use super::wire::{self, WriteOp};
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
 use crate::memory::host::{HostDevice, PeerFile};
 use crate::net::{DeadlineStream, Next, Service, peer_cred, received, recv_ready};
+use crate::transport::frame::{self, Header, invalid};
+use crate::transport::frame::{BUSY_NOTIFICATIONS, BUSY_REQUEST_BYTES, STATUS_BUSY};
 use crate::transport::keys::{KeyEntry, KeyTable};
-use crate::transport::tcp::wire::{BUSY_NOTIFICATIONS, BUSY_REQUEST_BYTES, STATUS_BUSY};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
 /// Read with `process_vm_readv`, by initiators to check that cross-memory attach reaches the
@@ -132,13 +133,13 @@ impl Drop for Conn {
 
 /// How far the request being read has arrived.
 enum Reading {
-    Header { buf: [u8; wire::HEADER_LEN], got: usize },
+    Header { buf: [u8; frame::HEADER_LEN], got: usize },
     Body { header: Header, want: usize, buf: Vec<u8>, held: Reservation },
 }
 
 impl Reading {
     fn start() -> Reading {
-        Reading::Header { buf: [0; wire::HEADER_LEN], got: 0 }
+        Reading::Header { buf: [0; frame::HEADER_LEN], got: 0 }
     }
 }
 
@@ -190,7 +191,7 @@ impl Service for OwnerShared {
                     if let Some(next) = received(read, got, started)? {
                         return Ok(next);
                     }
-                    if *got < wire::HEADER_LEN {
+                    if *got < frame::HEADER_LEN {
                         continue;
                     }
                     let header = Header::decode(buf);
@@ -214,7 +215,7 @@ impl Service for OwnerShared {
                             ops
                         }
                         wire::NOTIFY => {
-                            if header.payload_len > wire::MAX_NOTIFICATION {
+                            if header.payload_len > frame::MAX_NOTIFICATION {
                                 respond(stream, RejectReason::TooLarge.to_wire(), 0, 0, deadline)?;
                                 return Err(invalid("oversized notification"));
                             }
@@ -294,7 +295,7 @@ fn respond(stream: &mut UnixStream, tag: u8, count: u32, payload_len: u64, deadl
 
 /// Authenticate, then answer the hello; returns the peer's name and pid.
 fn accept_hello(stream: &mut UnixStream, leases: &Leases, deadline: Deadline) -> io::Result<(String, u32)> {
-    let mut head = [0u8; wire::HEADER_LEN];
+    let mut head = [0u8; frame::HEADER_LEN];
     stream.read_exact_by(&mut head, deadline)?;
     let hello = Header::decode(&head);
     if hello.tag != wire::HELLO {
@@ -304,7 +305,7 @@ fn accept_hello(stream: &mut UnixStream, leases: &Leases, deadline: Deadline) ->
         respond(stream, wire::STATUS_BAD_VERSION, wire::VERSION, 0, deadline)?;
         return Err(invalid(format!("peer speaks shm version {}, this agent {}", hello.count, wire::VERSION)));
     }
-    if hello.payload_len > wire::MAX_NAME as u64 {
+    if hello.payload_len > frame::MAX_NAME as u64 {
         return Err(invalid("agent name too long"));
     }
     let mut probe = [0u8; 8];

@@ -10,6 +10,7 @@ use super::wire::{self, Reach};
 use super::*;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
 use crate::transport::RejectReason;
+use crate::transport::frame;
 
 #[test]
 fn endpoint_addresses_parse_or_are_refused() {
@@ -379,9 +380,10 @@ fn a_write_from_a_shareable_source_is_copied_from_its_file_byte_exact() {
 #[test]
 #[ignore = "run by a_hostile_sharer_is_refused_and_the_owner_keeps_serving in a child process"]
 fn hostile_sharer_child() {
+    use crate::transport::frame::Header;
     use std::io::Read;
     use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
-    use wire::{Header, WriteOp};
+    use wire::WriteOp;
 
     let Ok(spec) = std::env::var("KVFERRY_SHM_SHARER") else { return };
     let mut parts = spec.split(',');
@@ -395,7 +397,7 @@ fn hostile_sharer_child() {
             Some(fd) => wire::send_with_fd(stream, request, fd).unwrap(),
             None => stream.write_all(request).unwrap(),
         }
-        let mut head = [0u8; wire::HEADER_LEN];
+        let mut head = [0u8; frame::HEADER_LEN];
         stream.read_exact(&mut head).unwrap();
         let h = Header::decode(&head);
         (h.tag, h.count)
@@ -450,7 +452,7 @@ fn hostile_sharer_child() {
     let mut fresh =
         link::connect(&socket, "sharer", &secret_auth(SECRET), deadline).map_err(|e| e.to_string()).unwrap();
     wire::send_with_fd(&fresh.stream, &write(&[good]), sealed.as_fd()).unwrap();
-    let mut head = [0u8; wire::HEADER_LEN];
+    let mut head = [0u8; frame::HEADER_LEN];
     assert!(fresh.stream.read_exact(&mut head).is_err(), "a WRITE carrying a descriptor was answered");
     println!("writes refused");
     // Hold the first connection (and its mapping) until the parent is done.
@@ -462,9 +464,10 @@ fn hostile_sharer_child() {
 #[test]
 #[ignore = "run by a_sharer_of_holes_costs_the_owner_no_page in a child process"]
 fn sparse_sharer_child() {
+    use crate::transport::frame::Header;
     use std::io::Read;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use wire::{Header, WriteOp};
+    use wire::WriteOp;
 
     let Ok(spec) = std::env::var("KVFERRY_SHM_SPARSE") else { return };
     let mut parts = spec.split(',');
@@ -480,7 +483,7 @@ fn sparse_sharer_child() {
     assert_eq!(unsafe { libc::ftruncate(raw, len as libc::off_t) }, 0);
     assert_eq!(unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }, 0);
     let answer = |stream: &mut UnixStream| {
-        let mut head = [0u8; wire::HEADER_LEN];
+        let mut head = [0u8; frame::HEADER_LEN];
         stream.read_exact(&mut head).unwrap();
         Header::decode(&head).tag
     };

@@ -36,7 +36,7 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-pub use crate::transport::tcp::wire::{Failure, HEADER_LEN, Header, MAX_NAME, MAX_NOTIFICATION, invalid, status_of};
+use crate::transport::frame::{HEADER_LEN, Header};
 
 /// 3: WRITE ops name their source (`from`), and `SHARE`/`UNSHARE` pass the initiator's memfds.
 pub const VERSION: u32 = 3;

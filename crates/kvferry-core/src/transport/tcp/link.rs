@@ -13,15 +13,16 @@ use std::thread;
 use std::time::Duration;
 
 use super::TcpConfig;
-use super::wire::{self, Failure, FrameKind, Header, WireDesc};
+use super::wire;
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::MemKind;
 use crate::net::DeadlineStream;
 use crate::tls::PeerStream;
+use crate::transport::frame::{self, Failure, FrameKind, Header, WireDesc};
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
-use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, TransferError};
+use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, TransferError, no_key_on_link};
 
 /// One request on one stream.
 struct Frame {
@@ -107,13 +108,13 @@ impl TcpLink {
         let mut descs = Vec::new();
         let mut local = Vec::new();
         let mut bytes = 0u64;
-        for op in &batch.ops {
-            let key = self.keys.get(op.remote_region as usize).copied().flatten().ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "peer {} has no tcp-accessible region {}",
-                    self.info.peer, op.remote_region
-                ))
-            })?;
+        for (index, op) in batch.ops.iter().enumerate() {
+            let key = self
+                .keys
+                .get(op.remote_region as usize)
+                .copied()
+                .flatten()
+                .ok_or_else(|| no_key_on_link(&self.info.peer, index, op))?;
             let mut done = 0u64;
             while done < op.len {
                 let take = (op.len - done).min(target - bytes);
@@ -121,7 +122,7 @@ impl TcpLink {
                 local.push(op.local_addr + done);
                 done += take;
                 bytes += take;
-                if bytes >= target || descs.len() == wire::MAX_DESCS {
+                if bytes >= target || descs.len() == frame::MAX_DESCS {
                     frames.push((std::mem::take(&mut descs), std::mem::take(&mut local)));
                     bytes = 0;
                 }
@@ -288,18 +289,18 @@ impl Io<'_> {
 
     fn write_all(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         let c = self.completion;
-        wire::write_all_vectored_with(self.stream, bufs, |s| Io::ready(c, s))
+        frame::write_all_vectored_with(self.stream, bufs, |s| Io::ready(c, s))
     }
 
     fn read_exact(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         let c = self.completion;
-        wire::read_exact_vectored_with(self.stream, bufs, |s| Io::ready(c, s))
+        frame::read_exact_vectored_with(self.stream, bufs, |s| Io::ready(c, s))
     }
 
     fn read_response(&mut self) -> Result<Header, Failure> {
-        let mut b = [0u8; wire::HEADER_LEN];
+        let mut b = [0u8; frame::HEADER_LEN];
         self.read_exact(&mut [IoSliceMut::new(&mut b)])?;
-        wire::status_of(Header::decode(&b))
+        frame::status_of(Header::decode(&b))
     }
 }
 
@@ -343,9 +344,9 @@ fn handshake(info: &LinkInfo, stream: &mut PeerStream, until: Deadline) -> Resul
     stream.socket().set_nodelay(true).map_err(io)?;
     super::set_keepalive(stream.socket()).map_err(io)?;
     let hello = wire::encode_hello(&info.local_name);
-    wire::write_all_vectored_with(stream, &mut [IoSlice::new(&hello)], |s| bound_by(s, until)).map_err(io)?;
+    frame::write_all_vectored_with(stream, &mut [IoSlice::new(&hello)], |s| bound_by(s, until)).map_err(io)?;
     let mut ack = [0u8; wire::HELLO_ACK_LEN];
-    wire::read_exact_vectored_with(stream, &mut [IoSliceMut::new(&mut ack)], |s| bound_by(s, until)).map_err(io)?;
+    frame::read_exact_vectored_with(stream, &mut [IoSliceMut::new(&mut ack)], |s| bound_by(s, until)).map_err(io)?;
     let version = u16::from_le_bytes([ack[4], ack[5]]);
     if ack[..4] != wire::MAGIC {
         return Err("the endpoint is not a kvferry tcp transport".into());
@@ -357,7 +358,7 @@ fn handshake(info: &LinkInfo, stream: &mut PeerStream, until: Deadline) -> Resul
 }
 
 fn request_header(kind: FrameKind, descs: &[WireDesc], payload_len: u64) -> Vec<u8> {
-    let mut head = Vec::with_capacity(wire::HEADER_LEN + descs.len() * wire::DESC_LEN);
+    let mut head = Vec::with_capacity(frame::HEADER_LEN + descs.len() * frame::DESC_LEN);
     head.extend_from_slice(&Header { tag: kind as u8, count: descs.len() as u32, payload_len }.encode());
     for d in descs {
         d.encode_into(&mut head);
@@ -402,7 +403,7 @@ fn run_frame(
             }
             // Zero-copy: the kernel writes the payload straight into the registered local memory.
             // Under TLS, one copy: rustls decrypts into its buffer, then copies into this memory.
-            let mut dst = unsafe { wire::slices_mut(frame.local.iter().copied().zip(lens)) };
+            let mut dst = unsafe { frame::slices_mut(frame.local.iter().copied().zip(lens)) };
             io.read_exact(&mut dst)?;
         }
         _ => {
@@ -417,7 +418,7 @@ fn run_frame(
             bufs.push(IoSlice::new(&head));
             // Zero-copy: the kernel reads straight from the registered local memory. Under TLS,
             // rustls encrypts from it into its record buffer: one copy.
-            bufs.extend(unsafe { wire::slices(frame.local.iter().copied().zip(lens)) });
+            bufs.extend(unsafe { frame::slices(frame.local.iter().copied().zip(lens)) });
             io.write_all(&mut bufs)?;
             io.read_response()?;
         }

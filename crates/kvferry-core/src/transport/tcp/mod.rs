@@ -28,7 +28,7 @@ use crate::transport::keys;
 use crate::transport::staging::Stager;
 use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys};
 
-pub use self::wire::MAX_NOTIFICATION;
+pub use crate::transport::frame::MAX_NOTIFICATION;
 
 #[derive(Debug, Clone)]
 pub struct TcpConfig {

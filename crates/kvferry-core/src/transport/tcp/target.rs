@@ -7,20 +7,21 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::wire::{self, FrameKind, Header, WireDesc, invalid};
+use super::wire;
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
 use crate::memory::MemKind;
 use crate::net::{DeadlineStream, Next, Service, received};
 use crate::tls::PeerStream;
+use crate::transport::frame::{self, FrameKind, Header, WireDesc, invalid};
 use crate::transport::keys::{Cut, KeyTable};
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
 /// Descriptors are read in pieces of this many bytes, so that memory follows the bytes that have
 /// arrived rather than the count a header announced.
-const DESC_CHUNK: usize = 1024 * wire::DESC_LEN;
+const DESC_CHUNK: usize = 1024 * frame::DESC_LEN;
 
 /// What the serving threads share.
 pub(super) struct TargetShared {
@@ -64,14 +65,14 @@ pub(super) struct Conn {
 /// How far the request being read has arrived. Everything before the payload is read as it
 /// arrives, without holding a thread; its bytes count against the transport's budget.
 enum Reading {
-    Header { buf: [u8; wire::HEADER_LEN], got: usize },
+    Header { buf: [u8; frame::HEADER_LEN], got: usize },
     Descs { header: Header, kind: FrameKind, buf: Vec<u8>, held: Reservation },
     Notification { buf: Vec<u8>, got: usize, _held: Reservation },
 }
 
 impl Reading {
     fn start() -> Reading {
-        Reading::Header { buf: [0; wire::HEADER_LEN], got: 0 }
+        Reading::Header { buf: [0; frame::HEADER_LEN], got: 0 }
     }
 }
 
@@ -118,7 +119,7 @@ impl Service for TargetShared {
                     if let Some(next) = received(stream.recv_ready(&mut buf[*got..], deadline), got, started)? {
                         return Ok(next);
                     }
-                    if *got < wire::HEADER_LEN {
+                    if *got < frame::HEADER_LEN {
                         continue;
                     }
                     let header = Header::decode(buf);
@@ -126,21 +127,21 @@ impl Service for TargetShared {
                         return Err(invalid(format!("unknown request kind {}", header.tag)));
                     };
                     let count = header.count as usize;
-                    if count > wire::MAX_DESCS {
+                    if count > frame::MAX_DESCS {
                         // The stream cannot be resynchronised cheaply; answer and close.
                         respond(stream, Err((0, RejectReason::TooLarge)), &[], deadline)?;
                         return Err(invalid(format!("{count} descriptors in one request")));
                     }
                     conn.reading = match kind {
                         FrameKind::Notify => {
-                            if count != 0 || header.payload_len > wire::MAX_NOTIFICATION {
+                            if count != 0 || header.payload_len > frame::MAX_NOTIFICATION {
                                 respond(stream, Err((0, RejectReason::TooLarge)), &[], deadline)?;
                                 return Err(invalid("oversized notification"));
                             }
                             let len = header.payload_len as usize;
                             let mut held = self.budget.reservation();
                             if !held.grow(len as u64) {
-                                return busy_close(stream, wire::BUSY_REQUEST_BYTES, deadline);
+                                return busy_close(stream, frame::BUSY_REQUEST_BYTES, deadline);
                             }
                             Reading::Notification { buf: vec![0; len], got: 0, _held: held }
                         }
@@ -148,14 +149,14 @@ impl Service for TargetShared {
                     };
                 }
                 Reading::Descs { header, kind, buf, held } => {
-                    let want = header.count as usize * wire::DESC_LEN;
+                    let want = header.count as usize * frame::DESC_LEN;
                     if buf.len() < want {
                         let start = buf.len();
                         let chunk = (want - start).min(DESC_CHUNK);
                         if buf.capacity() < start + chunk {
                             let more = (start + chunk).max(2 * buf.capacity()).min(want);
                             if !held.grow((more - buf.capacity()) as u64) {
-                                return busy_close(stream, wire::BUSY_REQUEST_BYTES, deadline);
+                                return busy_close(stream, frame::BUSY_REQUEST_BYTES, deadline);
                             }
                             buf.reserve_exact(more - start);
                         }
@@ -170,7 +171,7 @@ impl Service for TargetShared {
                     }
                     let (header, kind) = (*header, *kind);
                     worker.descs.clear();
-                    worker.descs.extend(buf.chunks_exact(wire::DESC_LEN).map(WireDesc::decode));
+                    worker.descs.extend(buf.chunks_exact(frame::DESC_LEN).map(WireDesc::decode));
                     conn.reading = Reading::start();
                     let descs = std::mem::take(&mut worker.descs);
                     let served = match kind {
@@ -197,7 +198,7 @@ impl Service for TargetShared {
                     // A full queue refuses it, in step, and the sender gets `PeerBusy`.
                     let len = data.len() as u64;
                     if !self.notifications.reserve(len) {
-                        respond_busy(stream, wire::BUSY_NOTIFICATIONS, deadline)?;
+                        respond_busy(stream, frame::BUSY_NOTIFICATIONS, deadline)?;
                         return Ok(Next::Idle);
                     }
                     // Acknowledge first, in the room held: a receiver that acts on the
@@ -223,7 +224,7 @@ fn busy_close(stream: &mut PeerStream, what: u32, deadline: Deadline) -> io::Res
 }
 
 fn respond_busy(stream: &mut PeerStream, what: u32, deadline: Deadline) -> io::Result<()> {
-    let header = Header { tag: wire::STATUS_BUSY, count: what, payload_len: 0 };
+    let header = Header { tag: frame::STATUS_BUSY, count: what, payload_len: 0 };
     stream.write_all_by(&header.encode(), deadline)
 }
 
@@ -240,7 +241,7 @@ fn accept_hello(stream: &mut PeerStream, deadline: Deadline) -> io::Result<Strin
         return Err(invalid(format!("peer speaks wire version {version}, this agent {}", wire::VERSION)));
     }
     let name_len = u16::from_le_bytes([head[6], head[7]]) as usize;
-    if name_len > wire::MAX_NAME {
+    if name_len > frame::MAX_NAME {
         return Err(invalid("agent name too long"));
     }
     let mut name = vec![0u8; name_len];
@@ -264,7 +265,7 @@ fn respond(
     let mut bufs = Vec::with_capacity(1 + payload.len());
     bufs.push(IoSlice::new(&encoded));
     bufs.extend_from_slice(payload);
-    wire::write_all_vectored_by(stream, &mut bufs, deadline)
+    frame::write_all_vectored_by(stream, &mut bufs, deadline)
 }
 
 /// The staging path for a request, when it names memory the transport stages: the stager and the
@@ -319,7 +320,7 @@ fn serve_read(
             }
             // Zero-copy: the kernel reads straight from the registered memory, which `_held` keeps
             // registered until the send is done (under TLS, rustls encrypts from it: one copy).
-            let payload = unsafe { wire::slices(descs.iter().map(|d| (d.addr, d.len))) };
+            let payload = unsafe { frame::slices(descs.iter().map(|d| (d.addr, d.len))) };
             respond(stream, Ok(total), &payload, deadline)
         }
     }
@@ -351,8 +352,8 @@ fn serve_write(
             }
             // Zero-copy: the kernel writes straight into the registered memory (under TLS, rustls
             // decrypts into its buffer and copies from there into it: one copy).
-            let mut dst = unsafe { wire::slices_mut(descs.iter().map(|d| (d.addr, d.len))) };
-            wire::read_exact_vectored_by(stream, &mut dst, deadline)?;
+            let mut dst = unsafe { frame::slices_mut(descs.iter().map(|d| (d.addr, d.len))) };
+            frame::read_exact_vectored_by(stream, &mut dst, deadline)?;
             respond(stream, Ok(0), &[], deadline)
         }
     }

@@ -6,11 +6,12 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::wire::{self, FrameKind, Header, WireDesc};
+use super::wire;
 use super::{TcpConfig, TcpTransport};
 use crate::auth::{Auth, AuthConfig, Channel};
 use crate::deadline::Deadline;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
+use crate::transport::frame::{self, FrameKind, Header, WireDesc};
 use crate::transport::{NotificationQueue, RejectReason, Transport};
 
 struct Fixture {
@@ -126,7 +127,7 @@ fn a_deregistered_key_is_unknown() {
 fn oversized_requests_are_refused_and_other_clients_keep_working() {
     let f = fixture();
     let mut hostile = client(&f);
-    let header = Header { tag: FrameKind::Read as u8, count: (wire::MAX_DESCS + 1) as u32, payload_len: 0 };
+    let header = Header { tag: FrameKind::Read as u8, count: (frame::MAX_DESCS + 1) as u32, payload_len: 0 };
     hostile.write_all(&header.encode()).unwrap();
     let h = Header::read_from(&mut hostile).unwrap();
     assert_eq!(RejectReason::from_wire(h.tag), Some(RejectReason::TooLarge));

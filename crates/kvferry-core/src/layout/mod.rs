@@ -8,31 +8,11 @@
 
 use std::ops::Range;
 
-use crate::error::{ErrorCode, Result};
+use crate::error::Result;
 
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum LayoutError {
-    #[error("invalid layout: {0}")]
-    Invalid(String),
-    #[error("block {block} is out of range (the cache has {num_blocks} blocks)")]
-    BlockOutOfRange { block: u32, num_blocks: u32 },
-    #[error("layouts are incompatible: {0}")]
-    Incompatible(String),
-    #[error("layout size overflows 64 bits")]
-    Overflow,
-}
+pub(crate) mod error;
 
-impl LayoutError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            LayoutError::Invalid(_) => ErrorCode::LayoutInvalid,
-            LayoutError::BlockOutOfRange { .. } => ErrorCode::BlockOutOfRange,
-            LayoutError::Incompatible(_) => ErrorCode::LayoutIncompatible,
-            LayoutError::Overflow => ErrorCode::LayoutOverflow,
-        }
-    }
-}
+pub use error::LayoutError;
 
 /// One dimension of a KV cache tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -513,7 +493,7 @@ fn walk<const N: usize>(order: [Dim; 6], sides: [(&KvLayout, &Selection); N]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Error;
+    use crate::{Error, ErrorCode};
     use proptest::prelude::*;
 
     const FLASH_ATTN: [Dim; 6] = [Dim::Layer, Dim::Kv, Dim::Block, Dim::Token, Dim::Head, Dim::Channel];
