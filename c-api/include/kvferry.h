@@ -149,12 +149,6 @@ typedef struct kvferry_transfer {
 
 #define KVFERRY_OK 0
 
-#define KVFERRY_ERR_INVALID_ARGUMENT 1
-
-#define KVFERRY_ERR_UNSUPPORTED 2
-
-#define KVFERRY_ERR_IO 3
-
 // A pointer argument that must not be NULL was NULL.
 #define KVFERRY_ERR_NULL_POINTER 4
 
@@ -167,6 +161,12 @@ typedef struct kvferry_transfer {
 
 // An output buffer is too small; the required size was written and nothing was consumed.
 #define KVFERRY_ERR_BUFFER_TOO_SMALL 7
+
+#define KVFERRY_ERR_INVALID_ARGUMENT 1
+
+#define KVFERRY_ERR_UNSUPPORTED 2
+
+#define KVFERRY_ERR_IO 3
 
 #define KVFERRY_ERR_ALLOC_FAILED 100
 
@@ -251,14 +251,19 @@ typedef struct kvferry_transfer {
 
 #define KVFERRY_ERR_REMOTE_TOO_LARGE 514
 
+// The target's provider refused a remote access (unknown key or range outside a registration).
 #define KVFERRY_ERR_FABRIC_REMOTE_ACCESS 520
 
+// A fabric provider failed a transfer for another reason.
 #define KVFERRY_ERR_FABRIC_TRANSFER 521
 
+// No usable libfabric provider (or not the one asked for).
 #define KVFERRY_ERR_FABRIC_NO_PROVIDER 522
 
+// A libfabric call failed while setting up (domain, endpoint, registration, address vector).
 #define KVFERRY_ERR_FABRIC_CALL 523
 
+// The peer uses another fabric provider.
 #define KVFERRY_ERR_FABRIC_PROVIDER_MISMATCH 524
 
 #define KVFERRY_ERR_SHM_CROSS_MEMORY_REFUSED 540
@@ -293,6 +298,7 @@ typedef struct kvferry_transfer {
 
 #define KVFERRY_ERR_TIER_CLOSED 611
 
+// Another store holds the disk tier's directory.
 #define KVFERRY_ERR_TIER_DISK_LOCKED 612
 
 // The remote tier could not be reached or did not answer by the deadline.
@@ -304,14 +310,19 @@ typedef struct kvferry_transfer {
 // An object of the remote tier belongs to another namespace or block; it was dropped.
 #define KVFERRY_ERR_TIER_REMOTE_MISMATCH 615
 
+// No etcd endpoint answered.
 #define KVFERRY_ERR_DISCOVERY_UNREACHABLE 700
 
+// etcd answered with an error or something that is not its v3 JSON API.
 #define KVFERRY_ERR_DISCOVERY_BAD_RESPONSE 701
 
+// etcd let this agent's lease expire.
 #define KVFERRY_ERR_DISCOVERY_LEASE_LOST 702
 
+// No agent of that name is registered under the prefix.
 #define KVFERRY_ERR_DISCOVERY_PEER_NOT_FOUND 703
 
+// An endpoint or prefix that cannot be used.
 #define KVFERRY_ERR_DISCOVERY_CONFIG 704
 
 #define KVFERRY_MEM_HOST 0

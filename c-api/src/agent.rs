@@ -11,9 +11,10 @@ use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{Agent, AgentConfig, AuthConfig, Notification, TlsConfig};
 
 use crate::args::{KeyValue, Out, OutBuf, deadline_ms, options_arg, str_arg};
+use crate::codes::KVFERRY_ERR_TIMEOUT;
 use crate::handles::{self, Kind, handle};
 use crate::peer::kvferry_peer;
-use crate::status::{CResult, Failure, KVFERRY_ERR_TIMEOUT, guard, kvferry_status};
+use crate::status::{CResult, Failure, guard, kvferry_status};
 
 /// One engine rank's endpoint: its transports, registered memory and peers.
 ///

@@ -11,6 +11,8 @@
 
 // Declared first: the header lists the status codes before the functions that return them.
 mod status;
+// Generated from kvferry's `ErrorCode` by tests/header.rs; public, as the constants are for C.
+pub mod codes;
 
 mod agent;
 mod args;

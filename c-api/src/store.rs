@@ -18,9 +18,10 @@ use kvferry_core::{
 };
 
 use crate::args::{KeyValue, Out, OutBuf, deadline_ms, options_arg, slice_arg};
+use crate::codes::{KVFERRY_ERR_TIMEOUT, KVFERRY_ERR_UNSUPPORTED};
 use crate::handles::{self, Kind, handle};
 use crate::memory::{kvferry_region, mem_regions};
-use crate::status::{CResult, Failure, KVFERRY_ERR_TIMEOUT, KVFERRY_ERR_UNSUPPORTED, guard, kvferry_status};
+use crate::status::{CResult, Failure, guard, kvferry_status};
 
 /// The longest block key: engine hashes up to this many bytes are kept verbatim.
 pub const KVFERRY_BLOCK_KEY_MAX_BYTES: usize = 32;
@@ -842,7 +843,7 @@ pub unsafe extern "C" fn kvferry_block_key_from_hash(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{KVFERRY_ERR_INVALID_ARGUMENT, KVFERRY_ERR_TIER_BAD_KEY};
+    use crate::codes::{KVFERRY_ERR_INVALID_ARGUMENT, KVFERRY_ERR_TIER_BAD_KEY};
 
     fn parse(options: &[&str]) -> CResult<StoreOptions> {
         let options: Vec<KeyValue> = options

@@ -9,22 +9,18 @@ use pyo3::types::PyDict;
 pub(crate) fn exception(py: Python<'_>, code: ErrorCode, message: &str) -> PyErr {
     let built = py
         .import("kvferry._errors")
-        .and_then(|errors| errors.getattr("error_for")?.call1((code.as_u32(), code_name(code), message)));
+        .and_then(|errors| errors.getattr("error_for")?.call1((code.as_u32(), code.name(), message)));
     match built {
         Ok(exception) => PyErr::from_value(exception),
         Err(import_failed) => import_failed,
     }
 }
 
-pub(crate) fn code_name(code: ErrorCode) -> String {
-    format!("{code:?}")
-}
-
 /// Every error code by name, for `kvferry.ERROR_CODES`.
 pub(crate) fn codes(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let codes = PyDict::new(py);
     for &code in ErrorCode::ALL {
-        codes.set_item(code_name(code), code.as_u32())?;
+        codes.set_item(code.name(), code.as_u32())?;
     }
     Ok(codes)
 }

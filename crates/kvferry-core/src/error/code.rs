@@ -1,11 +1,12 @@
 //! The stable numeric error codes: a leaf that every module's error maps onto.
 
-/// Declares [`ErrorCode`] and its list of every code together, so the list cannot miss one.
+/// Declares [`ErrorCode`] with its list of every code and each code's documentation, so that the
+/// front ends (the C header's constants, Python's `ERROR_CODES`) are generated from this one list.
 macro_rules! error_codes {
-    ($(#[$attr:meta])* pub enum ErrorCode { $($(#[$variant_attr:meta])* $name:ident = $value:literal,)* }) => {
+    ($(#[$attr:meta])* pub enum ErrorCode { $($(#[doc = $doc:literal])* $name:ident = $value:literal,)* }) => {
         $(#[$attr])*
         pub enum ErrorCode {
-            $($(#[$variant_attr])* $name = $value,)*
+            $($(#[doc = $doc])* $name = $value,)*
         }
 
         impl ErrorCode {
@@ -16,6 +17,14 @@ macro_rules! error_codes {
             pub fn name(self) -> &'static str {
                 match self {
                     $(ErrorCode::$name => stringify!($name),)*
+                }
+            }
+
+            /// The code's documentation, one line of its doc comment per item (each with the
+            /// space after `///`); empty when it has none.
+            pub fn doc_lines(self) -> &'static [&'static str] {
+                match self {
+                    $(ErrorCode::$name => &[$($doc),*],)*
                 }
             }
         }
@@ -38,6 +47,7 @@ error_codes! {
         PinFailed = 102,
         InvalidCopy = 103,
         NoDevice = 104,
+        /// No driver for the device kind (the library loads it at run time).
         NoDriver = 105,
         DeviceCallFailed = 106,
         InvalidIpcHandle = 107,
@@ -62,6 +72,7 @@ error_codes! {
         DescIndexOutOfRange = 406,
         StaleDescriptors = 407,
         EmptyTransfer = 408,
+        /// No single link to the peer reaches every descriptor of the request; split it.
         NoCommonLink = 409,
 
         Timeout = 500,
@@ -71,8 +82,8 @@ error_codes! {
         Protocol = 504,
         /// The peer did not prove the cluster secret, or refused this agent's proof.
         Unauthenticated = 505,
-        /// The peer refused a request for one of its limits (its notification queue is full, it
-        /// has too many connections): the request may succeed later.
+        /// The peer refused the request for one of its limits (a full notification queue, too many
+        /// connections); it may succeed later.
         PeerBusy = 506,
         RemoteUnknownKey = 510,
         RemoteOutOfRange = 511,
@@ -113,9 +124,9 @@ error_codes! {
         TierDiskLocked = 612,
         /// The remote tier could not be reached or did not answer by the deadline.
         TierRemoteUnavailable = 613,
-        /// An object of the remote tier failed its checksum or framing.
+        /// An object of the remote tier failed its checksum or framing; it was dropped, never served.
         TierRemoteCorrupt = 614,
-        /// An object of the remote tier belongs to another namespace or block.
+        /// An object of the remote tier belongs to another namespace or block; it was dropped.
         TierRemoteMismatch = 615,
 
         /// No etcd endpoint answered.
