@@ -247,64 +247,151 @@ impl Metrics {
         if stats.is_empty() {
             return;
         }
-        // (name, type, help, value of one store's tier given its block size)
-        type PerTier = fn(&TierStats, usize, &str) -> u64;
-        let per_tier: [(&str, &str, &str, PerTier); 6] = [
-            ("kvferry_tier_used_bytes", "gauge", "Bytes of blocks a tier holds.", |s, bs, tier| {
-                tier_pick(tier, s.host_blocks, s.disk_blocks) as u64 * bs as u64
-            }),
-            ("kvferry_tier_capacity_bytes", "gauge", "Bytes of blocks a tier can hold.", |s, bs, tier| {
-                tier_pick(tier, s.host_capacity_blocks, s.disk_capacity_blocks) as u64 * bs as u64
-            }),
-            ("kvferry_tier_blocks", "gauge", "Blocks a tier holds.", |s, _, tier| {
-                tier_pick(tier, s.host_blocks, s.disk_blocks) as u64
-            }),
-            ("kvferry_tier_capacity_blocks", "gauge", "Blocks a tier can hold.", |s, _, tier| {
-                tier_pick(tier, s.host_capacity_blocks, s.disk_capacity_blocks) as u64
-            }),
-            ("kvferry_tier_hits_total", "counter", "Blocks a get found in a tier.", |s, _, tier| {
-                tier_pick(tier, s.host_hits, s.disk_hits)
-            }),
-            ("kvferry_tier_evictions_total", "counter", "Blocks evicted from a tier.", |s, _, tier| {
-                tier_pick(tier, s.host_evictions, s.disk_evictions)
-            }),
-        ];
-        for (name, kind, help, value) in per_tier {
+        for (name, kind, help, (cpu, disk), unit) in PER_TIER {
             out.family(name, kind, help);
-            for (store, s, bs) in &stats {
-                for tier in ["CPU", "DISK"] {
+            for (store, s, block_size) in &stats {
+                let counts = s.counts();
+                let scale = match unit {
+                    Unit::Bytes => *block_size as u64,
+                    Unit::Blocks => 1,
+                };
+                for (tier, count) in [("CPU", cpu), ("DISK", disk)] {
                     // A store without a disk tier has no DISK series.
                     if tier == "DISK" && s.disk_capacity_blocks == 0 {
                         continue;
                     }
-                    out.sample(name, &format!("store=\"{}\",tier=\"{tier}\"", escape(store)), value(s, *bs, tier));
+                    let labels = format!("store=\"{}\",tier=\"{tier}\"", escape(store));
+                    out.sample(name, &labels, count_of(&counts, count) * scale);
                 }
             }
         }
-        type PerStore = fn(&TierStats) -> u64;
-        let per_store: [(&str, &str, PerStore); 5] = [
-            ("kvferry_tier_misses_total", "Blocks a get found in no tier.", |s| s.misses),
-            (
-                "kvferry_tier_admissions_rejected_total",
-                "Blocks evicted from DRAM that the admission filter kept off the disk.",
-                |s| s.not_admitted,
-            ),
-            ("kvferry_tier_promotions_total", "Disk blocks read back into DRAM on a hit.", |s| s.promotions),
-            (
-                "kvferry_tier_checksum_failures_total",
-                "Disk blocks that failed their checksum on read and were dropped.",
-                |s| s.corrupt_blocks,
-            ),
-            ("kvferry_tier_disk_writes_total", "Blocks written to the disk tier.", |s| s.disk_writes),
-        ];
-        for (name, help, value) in per_store {
+        for (name, help, count) in PER_STORE {
             out.family(name, "counter", help);
             for (store, s, _) in &stats {
-                out.sample(name, &format!("store=\"{}\"", escape(store)), value(s));
+                out.sample(name, &format!("store=\"{}\"", escape(store)), count_of(&s.counts(), count));
             }
         }
         render_remotes(out, &stats);
     }
+}
+
+enum Unit {
+    Blocks,
+    Bytes,
+}
+
+type TierSeries = (&'static str, &'static str, &'static str, (&'static str, &'static str), Unit);
+
+/// The store's series with a `tier` label: (name, type, help, (CPU count, DISK count) by their
+/// names in [`TierStats::counts`], unit). Every count is rendered by this table or the next
+/// (a test checks), so a count added to the store cannot be left out of a scrape.
+const PER_TIER: [TierSeries; 6] = [
+    ("kvferry_tier_used_bytes", "gauge", "Bytes of blocks a tier holds.", ("host_blocks", "disk_blocks"), Unit::Bytes),
+    (
+        "kvferry_tier_capacity_bytes",
+        "gauge",
+        "Bytes of blocks a tier can hold.",
+        ("host_capacity_blocks", "disk_capacity_blocks"),
+        Unit::Bytes,
+    ),
+    ("kvferry_tier_blocks", "gauge", "Blocks a tier holds.", ("host_blocks", "disk_blocks"), Unit::Blocks),
+    (
+        "kvferry_tier_capacity_blocks",
+        "gauge",
+        "Blocks a tier can hold.",
+        ("host_capacity_blocks", "disk_capacity_blocks"),
+        Unit::Blocks,
+    ),
+    ("kvferry_tier_hits_total", "counter", "Blocks a get found in a tier.", ("host_hits", "disk_hits"), Unit::Blocks),
+    (
+        "kvferry_tier_evictions_total",
+        "counter",
+        "Blocks evicted from a tier.",
+        ("host_evictions", "disk_evictions"),
+        Unit::Blocks,
+    ),
+];
+
+/// The store's counters without a tier: (name, help, count by its name in [`TierStats::counts`]).
+const PER_STORE: [(&str, &str, &str); 6] = [
+    ("kvferry_tier_misses_total", "Blocks a get found in no tier.", "misses"),
+    (
+        "kvferry_tier_admissions_rejected_total",
+        "Blocks evicted from DRAM that the admission filter kept off the disk.",
+        "not_admitted",
+    ),
+    ("kvferry_tier_promotions_total", "Disk blocks read back into DRAM on a hit.", "promotions"),
+    (
+        "kvferry_tier_checksum_failures_total",
+        "Disk blocks that failed their checksum on read and were dropped.",
+        "corrupt_blocks",
+    ),
+    ("kvferry_tier_disk_writes_total", "Blocks written to the disk tier.", "disk_writes"),
+    (
+        "kvferry_tier_torn_records_total",
+        "Index records found torn when the disk tier was opened (an append cut short by a crash), skipped.",
+        "torn_records",
+    ),
+];
+
+/// The remote tier's series: (name, type, help, count by its name in [`RemoteStats::counts`]).
+const PER_REMOTE: [(&str, &str, &str, &str); 11] = [
+    ("kvferry_tier_remote_hits_total", "counter", "Blocks read from the remote tier.", "hits"),
+    ("kvferry_tier_remote_misses_total", "counter", "Keys the remote tier did not hold when asked.", "misses"),
+    ("kvferry_tier_remote_uploads_total", "counter", "Blocks uploaded to the remote tier.", "uploads"),
+    (
+        "kvferry_tier_remote_upload_bytes_total",
+        "counter",
+        "Bytes of blocks uploaded to the remote tier.",
+        "upload_bytes",
+    ),
+    (
+        "kvferry_tier_remote_already_stored_total",
+        "counter",
+        "Offered blocks not uploaded because the remote tier already held them.",
+        "already_stored",
+    ),
+    (
+        "kvferry_tier_remote_dropped_total",
+        "counter",
+        "Offered blocks not uploaded: the upload budget was spent or the breaker was open.",
+        "dropped",
+    ),
+    (
+        "kvferry_tier_remote_errors_total",
+        "counter",
+        "Requests to the remote tier that failed (unreachable, timed out, refused by the server).",
+        "errors",
+    ),
+    (
+        "kvferry_tier_remote_corrupt_total",
+        "counter",
+        "Remote objects that failed their checksum or framing; dropped, never served.",
+        "corrupt",
+    ),
+    (
+        "kvferry_tier_remote_mismatched_total",
+        "counter",
+        "Remote objects under this store's name holding another namespace's or key's block; dropped.",
+        "mismatched",
+    ),
+    (
+        "kvferry_tier_remote_breaker_trips_total",
+        "counter",
+        "Times the remote tier's circuit breaker opened after repeated failures.",
+        "breaker_trips",
+    ),
+    (
+        "kvferry_tier_remote_upload_bytes_pending",
+        "gauge",
+        "Bytes of uploads to the remote tier queued or in flight.",
+        "upload_bytes_pending",
+    ),
+];
+
+/// The count named `name` in a `counts()` list.
+fn count_of(counts: &[(&str, u64)], name: &str) -> u64 {
+    counts.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).expect("the metrics name only counts the store keeps")
 }
 
 /// The remote tier's series, for the stores that have one (none at all when no store has).
@@ -314,68 +401,17 @@ fn render_remotes(out: &mut Exposition, stats: &[(String, TierStats, usize)]) {
     if remotes.is_empty() {
         return;
     }
-    type PerRemote = fn(&RemoteStats) -> u64;
-    let families: [(&str, &str, &str, PerRemote); 12] = [
-        ("kvferry_tier_remote_hits_total", "counter", "Blocks read from the remote tier.", |r| r.hits),
-        ("kvferry_tier_remote_misses_total", "counter", "Keys the remote tier did not hold when asked.", |r| r.misses),
-        ("kvferry_tier_remote_uploads_total", "counter", "Blocks uploaded to the remote tier.", |r| r.uploads),
-        ("kvferry_tier_remote_upload_bytes_total", "counter", "Bytes of blocks uploaded to the remote tier.", |r| {
-            r.upload_bytes
-        }),
-        (
-            "kvferry_tier_remote_already_stored_total",
-            "counter",
-            "Offered blocks not uploaded because the remote tier already held them.",
-            |r| r.already_stored,
-        ),
-        (
-            "kvferry_tier_remote_dropped_total",
-            "counter",
-            "Offered blocks not uploaded: the upload budget was spent or the breaker was open.",
-            |r| r.dropped,
-        ),
-        (
-            "kvferry_tier_remote_errors_total",
-            "counter",
-            "Requests to the remote tier that failed (unreachable, timed out, refused by the server).",
-            |r| r.errors,
-        ),
-        (
-            "kvferry_tier_remote_corrupt_total",
-            "counter",
-            "Remote objects that failed their checksum or framing; dropped, never served.",
-            |r| r.corrupt,
-        ),
-        (
-            "kvferry_tier_remote_mismatched_total",
-            "counter",
-            "Remote objects under this store's name holding another namespace's or key's block; dropped.",
-            |r| r.mismatched,
-        ),
-        (
-            "kvferry_tier_remote_breaker_trips_total",
-            "counter",
-            "Times the remote tier's circuit breaker opened after repeated failures.",
-            |r| r.breaker_trips,
-        ),
-        (
-            "kvferry_tier_remote_breaker_open",
-            "gauge",
-            "1 while the circuit breaker sends no request to the remote tier, else 0.",
-            |r| r.breaker_open.into(),
-        ),
-        (
-            "kvferry_tier_remote_upload_bytes_pending",
-            "gauge",
-            "Bytes of uploads to the remote tier queued or in flight.",
-            |r| r.upload_bytes_pending,
-        ),
-    ];
-    for (name, kind, help, value) in families {
+    for (name, kind, help, count) in PER_REMOTE {
         out.family(name, kind, help);
         for (store, r) in &remotes {
-            out.sample(name, &format!("store=\"{}\"", escape(store)), value(r));
+            out.sample(name, &format!("store=\"{}\"", escape(store)), count_of(&r.counts(), count));
         }
+    }
+    // A state rather than a count, so not in `counts()`.
+    let name = "kvferry_tier_remote_breaker_open";
+    out.family(name, "gauge", "1 while the circuit breaker sends no request to the remote tier, else 0.");
+    for (store, r) in &remotes {
+        out.sample(name, &format!("store=\"{}\"", escape(store)), u64::from(r.breaker_open));
     }
 }
 
@@ -389,10 +425,6 @@ fn snake_case(name: &str) -> String {
         out.push(c.to_ascii_lowercase());
     }
     out
-}
-
-fn tier_pick<T>(tier: &str, cpu: T, disk: T) -> T {
-    if tier == "CPU" { cpu } else { disk }
 }
 
 /// A label value with `\`, `"` and newlines escaped, as the exposition format requires.
@@ -522,6 +554,23 @@ fn respond(
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    /// The scrape renders every count the store and its remote tier keep, and names no other: a
+    /// count added to `TierStats::counts` or `RemoteStats::counts` fails here until a series shows it.
+    #[test]
+    fn the_series_cover_exactly_the_counts_of_the_store() {
+        use std::collections::BTreeSet;
+        let rendered: BTreeSet<&str> = PER_TIER
+            .iter()
+            .flat_map(|(_, _, _, (cpu, disk), _)| [*cpu, *disk])
+            .chain(PER_STORE.iter().map(|(_, _, count)| *count))
+            .collect();
+        let kept: BTreeSet<&str> = TierStats::default().counts().iter().map(|(name, _)| *name).collect();
+        assert_eq!(rendered, kept);
+        let rendered: BTreeSet<&str> = PER_REMOTE.iter().map(|(_, _, _, count)| *count).collect();
+        let kept: BTreeSet<&str> = RemoteStats::default().counts().iter().map(|(name, _)| *name).collect();
+        assert_eq!(rendered, kept);
+    }
 
     fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
         text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())

@@ -678,6 +678,7 @@ mod tests {
         use crate::memory::host::{HostAllocOptions, HostBuffer};
         let auth = || Auth::disabled();
         let queue = || Arc::new(NotificationQueue::default());
+        #[cfg_attr(not(feature = "fabric"), allow(unused_mut))]
         let mut transports: Vec<(Box<dyn Transport>, Box<dyn Transport>)> = vec![
             (
                 Box::new(tcp::TcpTransport::start("a", tcp::TcpConfig::default(), auth(), queue()).unwrap()),
