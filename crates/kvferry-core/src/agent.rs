@@ -25,7 +25,7 @@ use crate::side_channel::{self, MetadataHost, SideChannelServer};
 use crate::tls::TlsConfig;
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::staging::{Stager, StagingConfig};
-use crate::transport::tcp::{self, TcpConfig, TcpTransport};
+use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{
     Batch, Completion, Endpoint, NotificationQueue, Op, PeerLink, RemoteRegion, TransferError, Transport,
     TransportKind, XferOp,
@@ -650,7 +650,7 @@ impl Agent {
         let started = Instant::now();
         let peer_entry = self.inner.peer(peer)?;
         let link = peer_entry.preferred();
-        check_notification(link.0, data)?;
+        check_notification(link, data)?;
         let completion = Completion::new(peer, Op::Notify, 0, Some(data.to_vec()), deadline);
         self.submit(&peer_entry, link, started, Vec::new(), completion, Vec::new())
     }
@@ -725,7 +725,7 @@ impl Agent {
             .find(|(kind, _)| shared.has(*kind))
             .ok_or_else(|| DescError::NoCommonLink { peer: peer.clone(), gaps: link_gaps(&peer_entry, &req) })?;
         if let Some(n) = req.notification {
-            check_notification(link.0, n)?;
+            check_notification(link, n)?;
         }
         let held: Vec<(Arc<LocalReg>, DescError)> = held.into_iter().flatten().collect();
         let notification = req.notification.map(<[u8]>::to_vec);
@@ -833,12 +833,8 @@ fn link_gaps(peer: &Peer, req: &TransferRequest<'_>) -> Vec<LinkGap> {
         .collect()
 }
 
-fn check_notification(transport: TransportKind, data: &[u8]) -> Result<()> {
-    let limit = match transport {
-        #[cfg(feature = "fabric")]
-        TransportKind::Fabric => crate::transport::fabric::MAX_NOTIFICATION,
-        _ => tcp::MAX_NOTIFICATION,
-    };
+fn check_notification((transport, link): &(TransportKind, Arc<dyn PeerLink>), data: &[u8]) -> Result<()> {
+    let limit = link.max_notification();
     if data.len() as u64 > limit {
         return Err(Error::InvalidArgument(format!(
             "a notification of {} bytes exceeds the {transport} transport's limit of {limit}",

@@ -65,4 +65,8 @@ fn full_queue_answers_busy(over: TransportKind) {
     assert_eq!(held, 2 << 20, "nothing beyond the byte limit was queued");
     assert!(receiver.take_notifications().is_empty());
     sender.notify(&peer, b"again", soon()).unwrap().wait().unwrap();
+    // Longer than the link carries (1 MiB over TCP and shm): refused before anything is sent.
+    let e = sender.notify(&peer, &vec![0u8; (1 << 20) + 1], soon()).map(drop).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
+    assert!(e.to_string().contains(&format!("the {over} transport's limit of 1048576")), "{e}");
 }

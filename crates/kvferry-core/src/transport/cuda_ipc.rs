@@ -179,6 +179,11 @@ impl CudaIpcLink {
 }
 
 impl PeerLink for CudaIpcLink {
+    /// Notifications travel over the TCP transport the link starts for them.
+    fn max_notification(&self) -> u64 {
+        crate::transport::frame::MAX_NOTIFICATION
+    }
+
     fn post(&self, batch: Batch) -> Result<()> {
         let op = batch.completion.op();
         let mut copies = Vec::with_capacity(batch.ops.len());

@@ -79,6 +79,10 @@ pub trait PeerLink: Send + Sync {
     /// the batch's completion.
     fn post(&self, batch: Batch) -> Result<()>;
 
+    /// The largest notification this link carries, in bytes: the agent refuses a longer one
+    /// before anything is sent.
+    fn max_notification(&self) -> u64;
+
     /// How these ops will move, for transports with more than one way (the shm transport's
     /// `mapped` and `cross-memory`); reported per transfer.
     fn mode(&self, _ops: &[XferOp]) -> Option<&'static str> {

@@ -644,6 +644,10 @@ fn local_desc(local: Option<&BTreeMap<(u64, u64), Arc<LocalMr>>>, addr: u64, len
 }
 
 impl PeerLink for FabricLink {
+    fn max_notification(&self) -> u64 {
+        MAX_NOTIFICATION
+    }
+
     fn post(&self, batch: Batch) -> Result<()> {
         let op = batch.completion.op();
         let rails = self.routes.len();

@@ -366,3 +366,24 @@ fn a_full_notification_queue_answers_busy_and_nothing_queues_past_its_limits() {
     notify(b"after").unwrap();
     assert_eq!(queue.take()[0].data, b"after");
 }
+
+/// The agent asks the link how long a notification may be: a fabric message carries 64 KiB, so
+/// one byte more is refused before anything is sent, while TCP would carry it.
+#[test]
+fn a_notification_longer_than_a_fabric_message_is_refused_before_it_is_sent() {
+    let (a, b) = (agent("long-a", "tcp"), agent("long-b", "tcp"));
+    let peer = a.add_peer(&b.metadata()).unwrap();
+    b.add_peer(&a.metadata()).unwrap();
+    let limit = super::MAX_NOTIFICATION as usize;
+    let e = a.notify(&peer, &vec![1u8; limit + 1], soon()).map(drop).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
+    assert!(e.to_string().contains(&format!("the fabric transport's limit of {limit}")), "{e}");
+    a.notify(&peer, &vec![2u8; limit], soon()).unwrap().wait().unwrap();
+    let deadline = soon();
+    let mut got = Vec::new();
+    while got.is_empty() && !deadline.expired() {
+        got = b.wait_notifications(deadline);
+    }
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, vec![2u8; limit]);
+}

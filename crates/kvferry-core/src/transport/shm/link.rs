@@ -229,6 +229,10 @@ impl ShmLink {
 }
 
 impl PeerLink for ShmLink {
+    fn max_notification(&self) -> u64 {
+        frame::MAX_NOTIFICATION
+    }
+
     fn post(&self, batch: Batch) -> Result<()> {
         if let Some((index, op)) = batch
             .ops

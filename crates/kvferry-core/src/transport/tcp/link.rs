@@ -137,6 +137,10 @@ impl TcpLink {
 }
 
 impl PeerLink for TcpLink {
+    fn max_notification(&self) -> u64 {
+        frame::MAX_NOTIFICATION
+    }
+
     fn post(&self, batch: Batch) -> Result<()> {
         let op = batch.completion.op();
         let kind = match op {
