@@ -392,17 +392,19 @@ const char *kvferry_status_name(kvferry_status status);
 
 // Create an agent named `name` (unique among the agents that talk to each other).
 //
-// `options` is an array of `option_count` `"key=value"` strings (NULL when `option_count` is 0):
-// `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0), `tcp.advertise_host=HOST` (needed
-// with a wildcard listen address), `tcp.streams=N` (default 2), `tcp.connect_timeout_ms=MS`,
-// `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`, `shm=on|off` (shared memory with peers on
-// this host, default on), `secret=S` (the cluster secret peers prove, at least 16 bytes; default:
-// the `KVFERRY_SECRET` or `KVFERRY_SECRET_FILE` environment variable, else a random secret of this
-// process), `auth=none` (no authentication, for closed networks only), `tls.cert=PEM`,
-// `tls.key=PEM`, `tls.ca=PEM` (paths; all three turn TLS on for the side channel and TCP, off by
-// default; the cluster secret is still proven inside it), `tls.require_client_cert=on|off`
-// (mutual TLS, default off), `tls.server_name=NAME` (the name servers' certificates must carry;
-// default: the host dialled). An unknown key is an error; so is turning every transport off.
+// `options` is an array of `option_count` `"key=value"` strings (NULL when `option_count` is 0),
+// the agent options every front end shares (all of them, with their defaults: `kvferry info`;
+// docs/c-api.md). Among them: `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0),
+// `tcp.advertise_host=HOST` (needed with a wildcard listen address), `tcp.streams=N` (default 2),
+// `tcp.connect_timeout_ms=MS`, `tcp.request_timeout_ms=MS`, `shm=on|off` (shared memory with peers
+// on this host, default on), `fabric=off|any|PROVIDER` (libfabric, in builds that have it),
+// `secret=S` (the cluster secret peers prove, at least 16 bytes; default: the `KVFERRY_SECRET` or
+// `KVFERRY_SECRET_FILE` environment variable, else a random secret of this process), `auth=none`
+// (no authentication, for closed networks only), `tls.cert=PEM`, `tls.key=PEM`, `tls.ca=PEM`
+// (paths; all three turn TLS on for the side channel and TCP, off by default; the cluster secret
+// is still proven inside it), `tls.require_client_cert=on|off`, `tls.server_name=NAME`, and the
+// limits (`max_peers=N`, `tcp.max_connections=N`, ...). An unknown key is an error; so is turning
+// every transport off.
 //
 // Ownership: `name` and `options` are borrowed for the call. On success `*out` is a new agent
 // the caller owns and must release with `kvferry_agent_destroy`; on failure `*out` is untouched.

@@ -3,12 +3,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_char;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
-use kvferry_core::transport::tcp::TcpConfig;
-use kvferry_core::{Agent, AgentConfig, AuthConfig, Notification, TlsConfig};
+use kvferry_core::{Agent, AgentConfig, Notification};
 
 use crate::args::{KeyValue, Out, OutBuf, deadline_ms, options_arg, str_arg};
 use crate::codes::KVFERRY_ERR_TIMEOUT;
@@ -36,83 +33,27 @@ pub(crate) struct AgentState {
 
 handle!(kvferry_agent, AgentState, Kind::Agent);
 
-/// The options `kvferry_agent_create` understands, for the error that lists them.
-const OPTIONS: &str = "tcp, tcp.listen, tcp.advertise_host, tcp.streams, tcp.connect_timeout_ms, \
-                       tcp.request_timeout_ms, tcp.min_frame_bytes, shm, secret, auth, tls.cert, tls.key, tls.ca, \
-                       tls.require_client_cert, tls.server_name";
-
+/// The configuration `options` give, by the parser every front end shares
+/// ([`AgentConfig::with_options`]).
 pub(crate) fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
-    let mut tcp = TcpConfig::default();
-    let mut tcp_enabled = true;
-    let mut shm_enabled = true;
-    let mut auth = AuthConfig::default();
-    let (mut cert, mut key, mut ca): (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) = (None, None, None);
-    let (mut require_client_cert, mut server_name) = (false, None);
-    for option in options {
-        // Sockets refuse a zero timeout, so zero would fail every connection later.
-        let millis = || option.positive("a positive number of milliseconds");
-        match option.key {
-            "tcp" => tcp_enabled = option.switch()?,
-            "shm" => shm_enabled = option.switch()?,
-            "secret" => auth = AuthConfig::Secret(option.value.as_bytes().to_vec()),
-            "auth" => match option.value {
-                "none" => auth = AuthConfig::Disabled,
-                "env" => auth = AuthConfig::FromEnv,
-                _ => return Err(option.bad("`none` or `env`")),
-            },
-            "tcp.listen" => {
-                tcp.listen = option.value.parse::<SocketAddr>().map_err(|_| option.bad("an ip:port address"))?
-            }
-            "tcp.advertise_host" => tcp.advertise_host = Some(option.value.to_string()),
-            "tcp.streams" => {
-                tcp.streams = match option.number("a stream count from 1 to 64")? {
-                    n @ 1..=64 => n as usize,
-                    _ => return Err(option.bad("a stream count from 1 to 64")),
-                }
-            }
-            "tcp.connect_timeout_ms" => tcp.connect_timeout = Duration::from_millis(millis()?),
-            "tcp.request_timeout_ms" => tcp.request_timeout = Duration::from_millis(millis()?),
-            "tcp.min_frame_bytes" => tcp.min_frame_bytes = option.number("a byte count")?,
-            "tls.cert" => cert = Some(option.value.into()),
-            "tls.key" => key = Some(option.value.into()),
-            "tls.ca" => ca = Some(option.value.into()),
-            "tls.require_client_cert" => require_client_cert = option.switch()?,
-            "tls.server_name" => server_name = Some(option.value.to_string()),
-            _ => return Err(option.unknown(OPTIONS)),
-        }
-    }
-    let tls = match (cert, key, ca) {
-        (Some(cert), Some(key), Some(ca)) => {
-            Some(TlsConfig { require_client_cert, server_name, ..TlsConfig::new(cert, key, ca) })
-        }
-        (None, None, None) if !require_client_cert && server_name.is_none() => None,
-        _ => {
-            return Err(Failure::invalid_argument("TLS needs all three of tls.cert, tls.key and tls.ca"));
-        }
-    };
-    let defaults = AgentConfig::new(name);
-    Ok(AgentConfig {
-        tcp: tcp_enabled.then_some(tcp),
-        shm: defaults.shm.filter(|_| shm_enabled),
-        auth,
-        tls,
-        ..defaults
-    })
+    Ok(AgentConfig::new(name).with_options(options.iter().map(|o| (o.key, o.value)))?)
 }
 
 /// Create an agent named `name` (unique among the agents that talk to each other).
 ///
-/// `options` is an array of `option_count` `"key=value"` strings (NULL when `option_count` is 0):
-/// `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0), `tcp.advertise_host=HOST` (needed
-/// with a wildcard listen address), `tcp.streams=N` (default 2), `tcp.connect_timeout_ms=MS`,
-/// `tcp.request_timeout_ms=MS`, `tcp.min_frame_bytes=N`, `shm=on|off` (shared memory with peers on
-/// this host, default on), `secret=S` (the cluster secret peers prove, at least 16 bytes; default:
-/// the `KVFERRY_SECRET` or `KVFERRY_SECRET_FILE` environment variable, else a random secret of this
-/// process), `auth=none` (no authentication, for closed networks only), `tls.cert=PEM`,
-/// `tls.key=PEM`, `tls.ca=PEM` (paths; all three turn TLS on for the side channel and TCP, off by
-/// default; the cluster secret is still proven inside it), `tls.require_client_cert=on|off`
-/// (mutual TLS, default off), `tls.server_name=NAME` (the name servers' certificates must carry;
-/// default: the host dialled). An unknown key is an error; so is turning every transport off.
+/// `options` is an array of `option_count` `"key=value"` strings (NULL when `option_count` is 0),
+/// the agent options every front end shares (all of them, with their defaults: `kvferry info`;
+/// docs/c-api.md). Among them: `tcp=on|off`, `tcp.listen=IP:PORT` (default 127.0.0.1:0),
+/// `tcp.advertise_host=HOST` (needed with a wildcard listen address), `tcp.streams=N` (default 2),
+/// `tcp.connect_timeout_ms=MS`, `tcp.request_timeout_ms=MS`, `shm=on|off` (shared memory with peers
+/// on this host, default on), `fabric=off|any|PROVIDER` (libfabric, in builds that have it),
+/// `secret=S` (the cluster secret peers prove, at least 16 bytes; default: the `KVFERRY_SECRET` or
+/// `KVFERRY_SECRET_FILE` environment variable, else a random secret of this process), `auth=none`
+/// (no authentication, for closed networks only), `tls.cert=PEM`, `tls.key=PEM`, `tls.ca=PEM`
+/// (paths; all three turn TLS on for the side channel and TCP, off by default; the cluster secret
+/// is still proven inside it), `tls.require_client_cert=on|off`, `tls.server_name=NAME`, and the
+/// limits (`max_peers=N`, `tcp.max_connections=N`, ...). An unknown key is an error; so is turning
+/// every transport off.
 ///
 /// Ownership: `name` and `options` are borrowed for the call. On success `*out` is a new agent
 /// the caller owns and must release with `kvferry_agent_destroy`; on failure `*out` is untouched.

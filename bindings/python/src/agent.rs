@@ -4,7 +4,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use kvferry_core::metadata::AgentMetadata;
-use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{
     AgentConfig, MemKind, MemRegion, Op, PreparedDescs, Transfer as CoreTransfer, TransferRequest, TransferStatus,
 };
@@ -117,7 +116,7 @@ impl Agent {
 #[pymethods]
 impl Agent {
     #[new]
-    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None, cuda_device = None, secret = None, auth = "env", tls_cert = None, tls_key = None, tls_ca = None, tls_require_client_cert = false, tls_server_name = None))]
+    #[pyo3(signature = (name, *, host = "127.0.0.1", port = 0, tcp = true, shm = true, fabric_provider = None, advertise_host = None, cuda_device = None, secret = None, auth = "env", tls_cert = None, tls_key = None, tls_ca = None, tls_require_client_cert = false, tls_server_name = None, options = None))]
     #[allow(clippy::too_many_arguments, reason = "the constructor's keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -136,34 +135,42 @@ impl Agent {
         tls_ca: Option<std::path::PathBuf>,
         tls_require_client_cert: bool,
         tls_server_name: Option<String>,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let ip: IpAddr =
             host.parse().map_err(|_| PyValueError::new_err(format!("host must be an IP address, got {host:?}")))?;
-        let auth = crate::auth::auth_config(secret, auth)?;
-        let tls = match (tls_cert, tls_key, tls_ca) {
-            (Some(cert), Some(key), Some(ca)) => Some(kvferry_core::TlsConfig {
-                require_client_cert: tls_require_client_cert,
-                server_name: tls_server_name,
-                ..kvferry_core::TlsConfig::new(cert, key, ca)
-            }),
-            (None, None, None) if !tls_require_client_cert && tls_server_name.is_none() => None,
-            _ => return Err(PyValueError::new_err("TLS needs all three of tls_cert, tls_key and tls_ca")),
+        #[cfg(not(feature = "fabric"))]
+        if fabric_provider.is_some() {
+            return Err(missing_feature("the fabric transport", "fabric")).or_raise();
+        }
+        // The keyword arguments are agent options under other names; `options` gives any of them
+        // (`kvferry info` lists them), after the keywords, so it wins.
+        let switch = |on: bool| if on { "on" } else { "off" }.to_string();
+        let path = |p: std::path::PathBuf| {
+            p.into_os_string().into_string().map_err(|p| PyValueError::new_err(format!("{p:?} is not UTF-8")))
         };
-        let defaults = AgentConfig { auth, tls, ..AgentConfig::new(name.clone()) };
-        let tcp_config = TcpConfig { listen: SocketAddr::new(ip, port), advertise_host, ..TcpConfig::default() };
-        #[allow(unused_mut, reason = "only the fabric and cuda features add to the config")]
-        let mut config = AgentConfig { tcp: tcp.then_some(tcp_config), shm: defaults.shm.filter(|_| shm), ..defaults };
+        let mut settings: Vec<(String, String)> = vec![
+            ("tcp".into(), switch(tcp)),
+            ("tcp.listen".into(), SocketAddr::new(ip, port).to_string()),
+            ("shm".into(), switch(shm)),
+            ("tls.require_client_cert".into(), switch(tls_require_client_cert)),
+        ];
+        let optional = [
+            ("tcp.advertise_host", advertise_host),
+            ("fabric", fabric_provider),
+            ("tls.cert", tls_cert.map(path).transpose()?),
+            ("tls.key", tls_key.map(path).transpose()?),
+            ("tls.ca", tls_ca.map(path).transpose()?),
+            ("tls.server_name", tls_server_name),
+        ];
+        settings.extend(optional.into_iter().filter_map(|(key, value)| Some((key.to_string(), value?))));
+        for (key, value) in options.into_iter().flat_map(|d| d.iter()) {
+            settings.push((key.extract()?, option_value(&value)?));
+        }
+        let base = AgentConfig { auth: crate::auth::auth_config(secret, auth)?, ..AgentConfig::new(name.clone()) };
+        #[allow(unused_mut, reason = "only the cuda feature adds to the config")]
+        let mut config = base.with_options(settings.iter().map(|(k, v)| (k.as_str(), v.as_str()))).or_raise()?;
         let agent = py.detach(|| {
-            match fabric_provider {
-                #[cfg(feature = "fabric")]
-                Some(provider) => {
-                    use kvferry_core::transport::fabric::FabricConfig;
-                    config.fabric = Some(FabricConfig { provider: Some(provider), ..FabricConfig::default() });
-                }
-                #[cfg(not(feature = "fabric"))]
-                Some(_) => return Err(missing_feature("the fabric transport", "fabric")),
-                None => {}
-            }
             match cuda_device {
                 // Device memory then moves over cuda-ipc to peers on this host and is staged
                 // through pinned host buffers over TCP to the others.
@@ -373,6 +380,19 @@ impl Agent {
         });
         format!("Agent(name={:?}, {state})", self.name)
     }
+}
+
+/// An option's value as the parser takes it: `True`/`False` as on/off, numbers and text as written.
+fn option_value(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(on) = value.extract::<bool>() {
+        return Ok(if on { "on" } else { "off" }.to_string());
+    }
+    if let Ok(n) = value.extract::<i64>() {
+        return Ok(n.to_string());
+    }
+    value.extract::<String>().map_err(|_| {
+        pyo3::exceptions::PyTypeError::new_err(format!("an agent option is a bool, an int or a str, not {value}"))
+    })
 }
 
 #[cfg(not(all(feature = "fabric", feature = "cuda")))]

@@ -164,3 +164,26 @@ def test_gpu_memory_without_a_gpu_path_is_a_typed_error():
             store.put([(b"k", [(memory.ctypes.data, 4096)])], device="cuda:0")
         with pytest.raises(kvferry.UnsupportedError):
             store.put([(b"k", [(memory.ctypes.data, 4096)])], device="rocm:0")
+
+
+def test_agent_options_are_read_by_the_parser_every_front_end_shares():
+    """`options` takes any agent option by the C ABI's key; the core's parser refuses what it refuses,
+    with the same words, and applies the options after the keyword arguments."""
+    with kvferry.Agent("opts", options={"tcp.streams": 4, "max_peers": 3, "shm": False, "auth": "none"}) as agent:
+        assert agent.name == "opts"
+    cases = [
+        ({"tcp.streams": 0}, r'option tcp\.streams: "0" is not a stream count from 1 to 64'),
+        ({"tcp.connect_timeout_ms": 0}, r'option tcp\.connect_timeout_ms: "0" is not a positive number'),
+        ({"shm": "maybe"}, r'option shm: "maybe" is not on or off'),
+        ({"tcp.colour": "blue"}, r'unknown option "tcp\.colour"; known options: tcp, tcp\.listen'),
+        ({"tls.cert": "/c.pem"}, r"TLS needs all three of tls\.cert, tls\.key and tls\.ca"),
+    ]
+    for options, message in cases:
+        with pytest.raises(kvferry.InvalidArgumentError, match=message) as caught:
+            kvferry.Agent("bad", options=options)
+        assert caught.value.code == 1 and isinstance(caught.value, ValueError)
+    # Applied after the keywords: the options turn off what the keywords turned on.
+    with pytest.raises(kvferry.KvferryError, match="transport"):
+        kvferry.Agent("none-left", tcp=True, shm=True, options={"tcp": False, "shm": False})
+    with pytest.raises(TypeError, match="bool, an int or a str"):
+        kvferry.Agent("bad", options={"tcp.streams": 1.5})

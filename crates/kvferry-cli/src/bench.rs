@@ -14,7 +14,7 @@ use kvferry::transport::tcp::TcpConfig;
 use kvferry::{Agent, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
 use serde::Serialize;
 
-use crate::serve::{self, FabricArgs, MemoryArg, ServeArgs, Target, TlsArgs};
+use crate::serve::{self, FabricArgs, MemoryArg, OptionArgs, ServeArgs, Target, TlsArgs};
 use crate::tier_bench::{self, TierBenchArgs};
 use crate::{pattern, units};
 
@@ -109,6 +109,8 @@ pub struct BenchArgs {
     pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub options: OptionArgs,
     /// Keep the metrics endpoint up this many seconds after the last row, for a final scrape.
     #[arg(long, default_value_t = 0.0, requires = "metrics")]
     pub linger: f64,
@@ -267,6 +269,7 @@ fn serve_args(args: &BenchArgs, buffer_size: u64) -> ServeArgs {
         etcd: Default::default(),
         limits: Default::default(),
         tls: args.tls.clone(),
+        options: args.options.clone(),
     }
 }
 
@@ -299,7 +302,7 @@ fn setup(args: &BenchArgs, needed: u64) -> anyhow::Result<Setup> {
     // Only `--transport shm` measures shared memory; otherwise a peer on this host would take it.
     config.shm =
         (args.transport == "shm").then(|| ShmConfig { copy_threads: args.copy_threads, ..ShmConfig::default() });
-    let agent = Agent::new(config)?;
+    let agent = Agent::new(args.options.apply(config)?)?;
     let peer = agent
         .connect_peer(&peer_addr, Deadline::after(Duration::from_secs(10)))
         .with_context(|| format!("connecting to {peer_addr}"))?;

@@ -110,7 +110,7 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
         ],
         "fabric_providers": fabric_providers,
         "security": security_report(),
-        "limits": limits_report(),
+        "agent_options": agent_options_report(),
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -132,9 +132,10 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
     for item in report["security"].as_array().into_iter().flatten() {
         println!("  {:<34} {}", item["name"].as_str().unwrap_or_default(), item["value"]);
     }
-    println!("limits (defaults):");
-    for item in report["limits"].as_array().into_iter().flatten() {
-        println!("  {:<34} {}", item["name"].as_str().unwrap_or_default(), item["value"]);
+    println!("agent options (defaults; set with --set KEY=VALUE, C key=value options, Python options=):");
+    for item in report["agent_options"].as_array().into_iter().flatten() {
+        let value = item["value"].as_str().unwrap_or("(unset)");
+        println!("  {:<34} {value}", item["name"].as_str().unwrap_or_default());
     }
     let providers = report["fabric_providers"].as_array().into_iter().flatten();
     for (i, p) in providers.enumerate() {
@@ -203,45 +204,11 @@ fn security_report() -> serde_json::Value {
     ])
 }
 
-/// The default limits on what peers can make an agent spend (`kvferry serve` flags set them).
-fn limits_report() -> serde_json::Value {
-    let tcp = kvferry::transport::tcp::TcpConfig::default();
-    let shm = kvferry::transport::shm::ShmConfig::default();
-    let agent = kvferry::AgentLimits::default();
-    let mut rows = vec![
-        json!({ "name": "tcp.request_timeout_s", "value": tcp.request_timeout.as_secs_f64() }),
-        json!({ "name": "shm.request_timeout_s", "value": shm.request_timeout.as_secs_f64() }),
-        json!({ "name": "shm.idle_between_requests_s", "value": shm.idle_timeout.as_secs_f64() }),
-        json!({ "name": "shm.max_shared_sources", "value": shm.max_shared_sources }),
-    ];
-    for (prefix, l) in [("tcp", &tcp.limits), ("shm", &shm.limits), ("side_channel", &agent.side_channel)] {
-        let row = |name: &str, value: serde_json::Value| json!({ "name": format!("{prefix}.{name}"), "value": value });
-        rows.extend([
-            row("workers", l.workers.into()),
-            row("handshake_workers", l.handshake_workers.into()),
-            row("max_connections", l.max_connections.into()),
-            row("max_unauthenticated", l.max_unauthenticated.into()),
-            row("max_per_ip", l.max_per_ip.into()),
-            row("handshake_timeout_s", l.handshake_timeout.as_secs_f64().into()),
-            row("idle_timeout_s", l.idle_timeout.as_secs_f64().into()),
-            row("request_bytes", l.request_bytes.into()),
-        ]);
-    }
-    rows.extend([
-        json!({ "name": "notifications.max_count", "value": agent.max_notifications }),
-        json!({ "name": "notifications.max_bytes", "value": agent.max_notification_bytes }),
-        json!({ "name": "peers.max_exchanged", "value": agent.max_peers }),
-        json!({ "name": "peers.idle_timeout_s", "value": agent.peer_idle_timeout.as_secs_f64() }),
-    ]);
-    #[cfg(feature = "fabric")]
-    {
-        let fabric = kvferry::transport::fabric::FabricConfig::default();
-        rows.extend([
-            json!({ "name": "fabric.max_answers", "value": fabric.max_answers }),
-            json!({ "name": "fabric.staging_kept_bytes", "value": fabric.staging_kept_bytes }),
-        ]);
-    }
-    serde_json::Value::Array(rows)
+/// Every agent option with its default, from the parser the C ABI, Python and `--set` share (the
+/// limits on what peers can make an agent spend among them); `null` for one unset by default.
+fn agent_options_report() -> serde_json::Value {
+    let options = kvferry::AgentConfig::new("defaults").options();
+    serde_json::Value::Array(options.into_iter().map(|(key, value)| json!({ "name": key, "value": value })).collect())
 }
 
 fn json_list(v: &serde_json::Value) -> String {

@@ -55,6 +55,29 @@ pub struct ServeArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub options: OptionArgs,
+}
+
+/// Agent options by key, the same as the C ABI's `key=value` options and Python's `options=`
+/// (`kvferry info` lists them with their defaults); applied after the other flags, so they win.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OptionArgs {
+    /// An agent option, `KEY=VALUE` (e.g. `--set tcp.max_connections=64`); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_option)]
+    pub set: Vec<(String, String)>,
+}
+
+fn parse_option(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not of the form KEY=VALUE"))?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+impl OptionArgs {
+    /// `config` with these options applied.
+    pub fn apply(&self, config: AgentConfig) -> anyhow::Result<AgentConfig> {
+        Ok(config.with_options(self.set.iter().map(|(k, v)| (k.as_str(), v.as_str())))?)
+    }
 }
 
 /// TLS on the side channel and the TCP transport (off unless `--tls-cert` is given). The cluster
@@ -264,7 +287,7 @@ impl Target {
             shm.request_timeout = Duration::from_secs_f64(args.limits.request_timeout);
             shm.limits = args.limits.serve_limits();
         }
-        let agent = Agent::new(config).context("starting the agent")?;
+        let agent = Agent::new(args.options.apply(config)?).context("starting the agent")?;
         let buffer = alloc_buffer(args.buffer_size, args.memory == MemoryArg::Shared)?;
         if let Some(seed) = args.fill_seed {
             // Nothing is registered yet, so nobody else touches the buffer.
@@ -345,5 +368,29 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         if until.is_some_and(|t| Instant::now() >= t) {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        options: OptionArgs,
+    }
+
+    #[test]
+    fn set_applies_agent_options_by_the_core_parser_and_refuses_what_it_refuses() {
+        let parsed = Command::try_parse_from(["serve", "--set", "max_peers=3", "--set", "shm=off"]).unwrap();
+        let config = parsed.options.apply(AgentConfig::new("cli")).unwrap();
+        assert_eq!((config.limits.max_peers, config.shm.is_none()), (3, true));
+        let bad = Command::try_parse_from(["serve", "--set", "tcp.streams=0"]).unwrap();
+        let e = bad.options.apply(AgentConfig::new("cli")).unwrap_err().to_string();
+        assert!(e.contains("option tcp.streams: \"0\" is not a stream count from 1 to 64"), "{e}");
+        assert!(Command::try_parse_from(["serve", "--set", "no-equals-sign"]).is_err());
     }
 }

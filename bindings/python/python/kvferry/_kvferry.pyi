@@ -1,6 +1,6 @@
 """Type stubs of the extension module ``kvferry._kvferry`` (re-exported by ``kvferry``)."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal, Optional, TypedDict, Union
 
@@ -49,7 +49,11 @@ class Agent(_Closes):
         tls_ca: Optional[str] = None,
         tls_require_client_cert: bool = False,
         tls_server_name: Optional[str] = None,
-    ) -> None: ...
+        options: Optional[Mapping[str, Union[bool, int, str]]] = None,
+    ) -> None:
+        """``options``: any agent option by its key (``{"tcp.streams": 4, "max_peers": 64}``), the
+        same keys as the C ABI's ``key=value`` options, listed with their defaults by
+        ``kvferry info``; applied after the keyword arguments, which are options under other names."""
     @property
     def name(self) -> str: ...
     def metadata(self) -> bytes: ...

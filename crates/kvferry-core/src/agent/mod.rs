@@ -13,7 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::auth::{Auth, AuthConfig};
+use crate::auth::Auth;
+mod config;
+
+pub use config::AgentConfig;
+
 use crate::deadline::Deadline;
 use crate::descriptor::{DescError, DescSide, LinkGap};
 use crate::error::{Error, Result};
@@ -22,64 +26,15 @@ use crate::memory::{MemRegion, Memory};
 use crate::metadata::{AgentMetadata, RegionInfo};
 use crate::metrics::Metrics;
 use crate::side_channel::{self, MetadataHost, SideChannelServer};
-use crate::tls::TlsConfig;
-use crate::transport::shm::{ShmConfig, ShmTransport};
-use crate::transport::staging::{Stager, StagingConfig};
-use crate::transport::tcp::{TcpConfig, TcpTransport};
+use crate::transport::shm::ShmTransport;
+use crate::transport::staging::Stager;
+use crate::transport::tcp::TcpTransport;
 use crate::transport::{
     Batch, Completion, Endpoint, NotificationQueue, Op, PeerLink, RemoteRegion, TransferError, Transport,
     TransportKind, XferOp,
 };
 
 pub use crate::transport::{Notification, TransferStatus};
-
-#[derive(Debug, Clone)]
-pub struct AgentConfig {
-    /// Unique among the agents that talk to each other.
-    pub name: String,
-    /// The TCP transport; `None` disables it.
-    pub tcp: Option<TcpConfig>,
-    /// Device memory moved by transports that cannot reach it (TCP) passes through pinned host
-    /// buffers with these devices; `None` registers device memory only with transports that can.
-    pub staging: Option<StagingConfig>,
-    /// The shared-memory transport, preferred for peers on the same host; `None` disables it.
-    pub shm: Option<ShmConfig>,
-    /// CUDA IPC between peers on this host; `None` disables it. When enabled it is preferred over
-    /// shm and TCP for the device memory it moves; other memory to the same peer takes the others.
-    #[cfg(feature = "cuda")]
-    pub cuda_ipc: Option<crate::transport::cuda_ipc::CudaIpcConfig>,
-    /// The libfabric transport; `None` (the default) disables it. Preferred over TCP (and after
-    /// shm and cuda-ipc, which only reach peers on this host).
-    #[cfg(feature = "fabric")]
-    pub fabric: Option<crate::transport::fabric::FabricConfig>,
-    /// How peers prove the cluster secret on every channel (see [`AuthConfig`]).
-    pub auth: AuthConfig,
-    /// TLS on the side channel and the TCP transport (both directions); `None` (the default):
-    /// plain TCP after the cluster-secret handshake. An agent with TLS refuses peers without it.
-    pub tls: Option<TlsConfig>,
-    /// What peers can make the agent spend: the side channel's connections, queued notifications,
-    /// peers added through the side channel.
-    pub limits: AgentLimits,
-}
-
-impl AgentConfig {
-    /// TCP and shared memory with their defaults.
-    pub fn new(name: impl Into<String>) -> Self {
-        AgentConfig {
-            name: name.into(),
-            tcp: Some(TcpConfig::default()),
-            staging: None,
-            shm: Some(ShmConfig::default()),
-            #[cfg(feature = "cuda")]
-            cuda_ipc: None,
-            #[cfg(feature = "fabric")]
-            fabric: None,
-            auth: AuthConfig::default(),
-            tls: None,
-            limits: AgentLimits::default(),
-        }
-    }
-}
 
 /// A registered region on this agent.
 struct LocalReg {
