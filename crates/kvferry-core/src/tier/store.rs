@@ -229,7 +229,19 @@ struct Shared {
     copy_timeout: std::time::Duration,
     arena: HostBuffer,
     state: Mutex<State>,
+    /// Told whenever slots claimed by a put, a fetch or a promotion are published or given back,
+    /// for a get that waits on another's claim ([`Shared::pin_when_ready`]).
+    claims_settled: Condvar,
     remote: Option<RemoteTier>,
+}
+
+/// Wakes the waiters on claims when the function that made them returns, whichever way it does.
+struct SettleClaims<'a>(&'a Shared);
+
+impl Drop for SettleClaims<'_> {
+    fn drop(&mut self) {
+        self.0.claims_settled.notify_all();
+    }
 }
 
 type Job = Box<dyn FnOnce(&Arc<Shared>, Option<&mut Ring>) + Send>;
@@ -355,8 +367,14 @@ impl TierStore {
             leased: 0,
         };
         let remote = config.remote.clone().map(|r| RemoteTier::open(r, block_size)).transpose()?;
-        let shared =
-            Arc::new(Shared { block_size, copy_timeout: config.copy_timeout, arena, state: Mutex::new(state), remote });
+        let shared = Arc::new(Shared {
+            block_size,
+            copy_timeout: config.copy_timeout,
+            arena,
+            state: Mutex::new(state),
+            claims_settled: Condvar::new(),
+            remote,
+        });
         if let Some(remote) = &shared.remote {
             // Weak: the client's tasks outlive the store, which must not be kept alive by them.
             let announce = Mutex::new(Arc::downgrade(&shared));
@@ -739,6 +757,7 @@ impl Shared {
             return Ok(());
         }
         let claimed = self.reserve(ring, &keys)?;
+        let _settle = SettleClaims(self);
         let sources: HashMap<BlockKey, &Vec<MemRegion>> = blocks.iter().map(|(k, r)| (*k, r)).collect();
         let mut ops = Vec::new();
         for (key, index) in &claimed {
@@ -827,6 +846,7 @@ impl Shared {
         }
         // Each object streams into a slab claimed for it, checked as it lands.
         let claimed = self.reserve(ring, &wanted)?;
+        let _settle = SettleClaims(self);
         let mut destinations: Vec<(BlockKey, &mut [u8])> = claimed
             .iter()
             // SAFETY: each slab is claimed by this worker alone until it is published or released.
@@ -965,20 +985,19 @@ impl Shared {
     /// Pin `key`'s slab once the put or promotion filling it publishes it.
     fn pin_when_ready(&self, key: &BlockKey) -> Result<u32> {
         let deadline = Deadline::after(self.copy_timeout);
+        let mut state = self.lock();
         loop {
-            {
-                let mut state = self.lock();
-                let Some(&index) = state.host.get(key) else { return Err(TierError::NotCached { key: *key }.into()) };
-                let slot = state.slot(index);
-                if slot.ready {
-                    slot.pins += 1;
-                    return Ok(index);
-                }
+            let Some(&index) = state.host.get(key) else { return Err(TierError::NotCached { key: *key }.into()) };
+            let slot = state.slot(index);
+            if slot.ready {
+                slot.pins += 1;
+                return Ok(index);
             }
             if deadline.expired() {
                 return Err(crate::memory::MemoryError::FenceTimeout.into());
             }
-            std::thread::sleep(std::time::Duration::from_micros(50));
+            state =
+                self.claims_settled.wait_timeout(state, deadline.remaining()).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
@@ -1018,6 +1037,7 @@ impl Shared {
                 return Err(e);
             }
         };
+        let _settle = SettleClaims(self);
         let entry_of: HashMap<BlockKey, DiskEntry> = blocks.iter().copied().collect();
         let ops: Vec<IoOp> = claimed
             .iter()
