@@ -1,6 +1,6 @@
 //! Registered memory and prepared descriptor lists.
 
-use kvferry_core::{MemKind, MemRegion, PreparedDescs, Registration};
+use kvferry_core::{MemKind, MemRegion, PreparedList, Registration};
 
 use crate::agent::kvferry_agent;
 use crate::args::{Out, slice_arg};
@@ -58,7 +58,7 @@ pub struct kvferry_descs {
     pub id: u64,
 }
 
-handle!(kvferry_descs, PreparedDescs, Kind::Descs);
+handle!(kvferry_descs, PreparedList, Kind::Descs);
 
 /// Register `region` with every transport of the agent that can move its kind of memory, and store
 /// the registration in `*out`. Peers see it in metadata the agent publishes from now on.
@@ -109,7 +109,7 @@ pub unsafe extern "C" fn kvferry_descs_prepare_local(
     unsafe {
         prepare(regions, count, out, |regions| {
             let state = handles::get(agent)?;
-            Ok((state.agent.prepare_local(regions)?, agent))
+            Ok((PreparedList::Local(state.agent.prepare_local(regions)?), agent))
         })
     }
 }
@@ -129,7 +129,10 @@ pub unsafe extern "C" fn kvferry_descs_prepare_remote(
     unsafe {
         prepare(regions, count, out, |regions| {
             let (peer, agent) = handles::lookup(peer)?;
-            Ok((peer.agent.agent.prepare_remote(&peer.name, regions)?, kvferry_agent { id: agent }))
+            Ok((
+                PreparedList::Remote(peer.agent.agent.prepare_remote(&peer.name, regions)?),
+                kvferry_agent { id: agent },
+            ))
         })
     }
 }
@@ -140,7 +143,7 @@ unsafe fn prepare(
     regions: *const kvferry_region,
     count: usize,
     out: *mut kvferry_descs,
-    prepare_with: impl FnOnce(&[MemRegion]) -> CResult<(PreparedDescs, kvferry_agent)>,
+    prepare_with: impl FnOnce(&[MemRegion]) -> CResult<(PreparedList, kvferry_agent)>,
 ) -> kvferry_status {
     guard(|| {
         let regions = unsafe { slice_arg(regions, count, "regions") }?;

@@ -85,7 +85,12 @@ pub unsafe extern "C" fn kvferry_transfer_post(
         check_owner(agent, remote_owner, "the remote descriptor list")?;
         let request = TransferRequest {
             notification,
-            ..TransferRequest::new(op, (&local, local_indices), (&remote, remote_indices), deadline_ms(timeout_ms))
+            ..TransferRequest::new(
+                op,
+                (local.local()?, local_indices),
+                (remote.remote()?, remote_indices),
+                deadline_ms(timeout_ms),
+            )
         };
         let transfer = state.agent.post(request)?;
         out.set(track(agent, transfer)?);

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::{
-    AgentConfig, MemKind, MemRegion, Op, PreparedDescs, Transfer as CoreTransfer, TransferRequest, TransferStatus,
+    AgentConfig, MemKind, MemRegion, Op, PreparedList, Transfer as CoreTransfer, TransferRequest, TransferStatus,
 };
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -63,8 +63,8 @@ impl Agent {
         };
         check_all(py, &held, true)?;
         let descs = py.detach(|| match peer {
-            None => agent.prepare_local(&regions),
-            Some(peer) => agent.prepare_remote(peer, &regions),
+            None => agent.prepare_local(&regions).map(PreparedList::Local),
+            Some(peer) => agent.prepare_remote(peer, &regions).map(PreparedList::Remote),
         });
         let held = held.iter().map(Arc::downgrade).collect();
         Ok(Prepared { descs: descs.or_raise()?, held })
@@ -103,9 +103,10 @@ impl Agent {
         let deadline = deadline(timeout)?;
         let held: Vec<Arc<Held>> = local.held.iter().filter_map(Weak::upgrade).collect();
         check_all(py, &held, true)?;
+        let (local_descs, remote_descs) = (local.descs.local().or_raise()?, remote.descs.remote().or_raise()?);
         let transfer = py.detach(|| {
             let mut request =
-                TransferRequest::new(op, (&local.descs, &local_indices), (&remote.descs, &remote_indices), deadline);
+                TransferRequest::new(op, (local_descs, &local_indices), (remote_descs, &remote_indices), deadline);
             request.notification = notification.as_deref();
             agent.post(request)
         });
@@ -450,7 +451,7 @@ fn check_all(py: Python<'_>, held: &[Arc<Held>], revoked_too: bool) -> PyResult<
 /// transfers pick entries by index.
 #[pyclass(frozen, module = "kvferry._kvferry")]
 pub struct Prepared {
-    descs: PreparedDescs,
+    descs: PreparedList,
     /// For a local list, the registrations it uses (weak: a list keeps nothing registered).
     held: Vec<Weak<Held>>,
 }

@@ -81,8 +81,10 @@ def test_descriptor_errors_carry_their_codes(pair):
     half = a.prepare_local([(a_reg.addr, 2048)])
     assert code_of(lambda: a.write(half, [0], remote, [0])) == "LengthMismatch"
     # Lists swapped: the local list where the remote one goes.
-    with pytest.raises(kvferry.InvalidArgumentError):
+    with pytest.raises(kvferry.InvalidArgumentError, match="the local list was prepared for a peer"):
         a.read(remote, [0], local, [0])
+    with pytest.raises(kvferry.InvalidArgumentError, match="the remote list was prepared for local memory"):
+        a.read(local, [0], local, [0])
 
 
 def test_a_refused_connection_is_a_transfer_error():

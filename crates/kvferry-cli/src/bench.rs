@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvferry::memory::host::HostBuffer;
 use kvferry::transport::shm::ShmConfig;
 use kvferry::transport::tcp::TcpConfig;
-use kvferry::{Agent, Deadline, MemKind, MemRegion, Op, PreparedDescs, TransferRequest};
+use kvferry::{Agent, Deadline, LocalDescs, MemKind, MemRegion, Op, RemoteDescs, TransferRequest};
 use serde::Serialize;
 
 use crate::serve::{self, FabricArgs, MemoryArg, OptionArgs, ServeArgs, Target, TlsArgs};
@@ -344,7 +344,7 @@ struct Moved {
 /// The block pairs of one row. Block `i` of the local buffer pairs with block `batch - 1 - i` of
 /// the remote one, so that no two pairs coalesce and a batch really moves `batch` separate blocks.
 enum Pairs {
-    Agent { local: PreparedDescs, remote: PreparedDescs, indices: Vec<usize> },
+    Agent { local: LocalDescs, remote: RemoteDescs, indices: Vec<usize> },
     Memcpy { local: u64, remote: u64, block: u64, batch: u64 },
 }
 

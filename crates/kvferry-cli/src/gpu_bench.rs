@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry::{
-    Agent, AgentConfig, CopyOp, Deadline, Device, ErrorCode, HostDevice, MemRegion, Memory, PreparedDescs,
+    Agent, AgentConfig, CopyOp, Deadline, Device, ErrorCode, HostDevice, LocalDescs, MemRegion, Memory, RemoteDescs,
     StagingConfig,
 };
 use serde::Serialize;
@@ -244,7 +244,7 @@ fn block_regions(r: MemRegion, block: u64, n: usize) -> Vec<MemRegion> {
 }
 
 /// WRITE blocks `all` of `local` to the same blocks of `remote` and wait.
-fn write_blocks(agent: &Agent, local: &PreparedDescs, remote: &PreparedDescs, all: &[usize]) -> anyhow::Result<()> {
+fn write_blocks(agent: &Agent, local: &LocalDescs, remote: &RemoteDescs, all: &[usize]) -> anyhow::Result<()> {
     agent.write(local, all, remote, all, deadline())?.wait()?;
     Ok(())
 }
@@ -256,7 +256,7 @@ fn agent_pair(
     memory: impl Fn() -> anyhow::Result<Arc<dyn Memory>>,
     block: u64,
     n: usize,
-) -> anyhow::Result<(Agent, Agent, PreparedDescs, PreparedDescs, Vec<kvferry::Registration>)> {
+) -> anyhow::Result<(Agent, Agent, LocalDescs, RemoteDescs, Vec<kvferry::Registration>)> {
     let config = |side: &str| AgentConfig { staging: staging.clone(), ..AgentConfig::new(format!("{name}-{side}")) };
     let (initiator, target) = (Agent::new(config("initiator"))?, Agent::new(config("target"))?);
     let (a, b) = (memory()?, memory()?);

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use kvferry::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry::metadata::AgentMetadata;
-use kvferry::{Agent, AgentConfig, AuthConfig, Deadline, ErrorCode, MemKind, MemRegion, PreparedDescs, TransportKind};
+use kvferry::{
+    Agent, AgentConfig, AuthConfig, Deadline, ErrorCode, LocalDescs, MemKind, MemRegion, RemoteDescs, TransportKind,
+};
 use kvferry_cli::pattern;
 
 const KVFERRY: &str = env!("CARGO_BIN_EXE_kvferry");
@@ -93,13 +95,7 @@ fn initiator_with(config: AgentConfig, len: usize) -> (Agent, Arc<HostBuffer>, k
 }
 
 /// Every block of the local buffer and of the served one, prepared.
-fn block_lists(
-    agent: &Agent,
-    peer: &str,
-    buf: &HostBuffer,
-    served: &Served,
-    block: u64,
-) -> (PreparedDescs, PreparedDescs) {
+fn block_lists(agent: &Agent, peer: &str, buf: &HostBuffer, served: &Served, block: u64) -> (LocalDescs, RemoteDescs) {
     let local: Vec<MemRegion> = (0..buf.len() as u64 / block)
         .map(|i| MemRegion::host(unsafe { buf.as_ptr().add((i * block) as usize) }, block as usize))
         .collect();

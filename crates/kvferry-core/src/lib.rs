@@ -21,7 +21,8 @@ pub mod tier;
 pub mod tls;
 pub mod transport;
 pub use agent::{
-    Agent, AgentConfig, Notification, PreparedDescs, Registration, Transfer, TransferRequest, TransferStatus,
+    Agent, AgentConfig, LocalDescs, Notification, PreparedList, Registration, RemoteDescs, Transfer, TransferRequest,
+    TransferStatus,
 };
 pub use auth::{Auth, AuthConfig};
 pub use deadline::Deadline;

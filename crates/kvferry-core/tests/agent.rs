@@ -7,7 +7,8 @@ use kvferry_core::memory::host::{HostAllocOptions, HostBuffer};
 use kvferry_core::metadata::AgentMetadata;
 use kvferry_core::transport::tcp::TcpConfig;
 use kvferry_core::{
-    Agent, AgentConfig, Deadline, ErrorCode, MemKind, MemRegion, PreparedDescs, TransferRequest, TransferStatus,
+    Agent, AgentConfig, Deadline, ErrorCode, LocalDescs, MemKind, MemRegion, PreparedList, RemoteDescs,
+    TransferRequest, TransferStatus,
 };
 
 const BLOCK: usize = 4096;
@@ -44,8 +45,8 @@ struct Pair {
     target: Agent,
     local_buf: Arc<HostBuffer>,
     remote_buf: Arc<HostBuffer>,
-    local: PreparedDescs,
-    remote: PreparedDescs,
+    local: LocalDescs,
+    remote: RemoteDescs,
     _regs: Vec<kvferry_core::Registration>,
 }
 
@@ -162,8 +163,12 @@ fn descriptor_errors_are_distinct_and_local() {
     assert_eq!(e.code(), ErrorCode::LengthMismatch);
     let e = p.initiator.read(&p.local, &[], &p.remote, &[], soon()).err().unwrap();
     assert_eq!(e.code(), ErrorCode::EmptyTransfer);
-    let e = p.initiator.read(&p.remote, &[0], &p.local, &[0], soon()).err().unwrap();
-    assert_eq!(e.code(), ErrorCode::InvalidArgument);
+    // Swapped lists do not compile in Rust; front ends that hold both in one type (Python, C) ask
+    // PreparedList for the kind they need and get one error for the other.
+    let (local, remote) = (PreparedList::Local(p.local.clone()), PreparedList::Remote(p.remote.clone()));
+    assert_eq!(local.remote().unwrap_err().code(), ErrorCode::InvalidArgument);
+    assert_eq!(remote.local().unwrap_err().code(), ErrorCode::InvalidArgument);
+    assert_eq!((local.local().unwrap().len(), remote.peer()), (p.local.len(), Some(p.remote.peer())));
 }
 
 #[test]
@@ -265,7 +270,7 @@ fn an_unreachable_peer_fails_fast_and_other_peers_still_work() {
 }
 
 /// A peer whose endpoint is a listener that accepts (the kernel does) but never speaks.
-fn silent_peer(p: &Pair) -> (std::net::TcpListener, PreparedDescs) {
+fn silent_peer(p: &Pair) -> (std::net::TcpListener, RemoteDescs) {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut md = AgentMetadata::decode(&p.target.metadata()).unwrap();
     md.name = "silent".into();

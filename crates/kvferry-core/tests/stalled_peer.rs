@@ -203,7 +203,7 @@ fn local_buffer() -> Arc<HostBuffer> {
 }
 
 /// Link the agent to the stalled peer, which claims one region with a made-up key.
-fn link(agent: &Agent, peer: &Peer) -> kvferry_core::PreparedDescs {
+fn link(agent: &Agent, peer: &Peer) -> kvferry_core::RemoteDescs {
     let region = MemRegion { addr: 0x7000_0000, len: LEN as u64, kind: MemKind::Host };
     let meta = AgentMetadata {
         name: "stalled".into(),

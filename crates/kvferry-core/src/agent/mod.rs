@@ -214,20 +214,73 @@ impl std::fmt::Debug for Registration {
     }
 }
 
-/// Descriptors checked once and reused: transfers pick entries by index.
+/// Local descriptors checked once against this agent's registrations and reused: transfers pick
+/// entries by index. A distinct type from [`RemoteDescs`], so the two cannot be swapped.
 #[derive(Debug, Clone)]
-pub struct PreparedDescs {
-    side: Side,
+pub struct LocalDescs {
+    /// The agent that prepared them.
+    agent: usize,
+    /// `regs[slot]` is the registration holding each descriptor. Weak, so a prepared list never
+    /// keeps memory registered.
+    regs: Vec<Weak<LocalReg>>,
     descs: Vec<PreparedDesc>,
 }
 
+/// A peer's descriptors checked once against the regions it advertised, and reused.
 #[derive(Debug, Clone)]
-enum Side {
-    /// `regs[slot]` is the registration holding each descriptor. Weak, so a prepared list never
-    /// keeps memory registered.
-    Local { agent: usize, regs: Vec<Weak<LocalReg>> },
-    /// `slot` indexes the peer's regions as of metadata `generation`.
-    Remote { peer: String, generation: u64 },
+pub struct RemoteDescs {
+    peer: String,
+    /// `slot` indexes the peer's regions as of this generation of its metadata.
+    generation: u64,
+    descs: Vec<PreparedDesc>,
+}
+
+/// Either kind of prepared list, for front ends whose callers hold both in one type (a Python
+/// `Prepared`, a C `kvferry_descs`): they ask for the kind a call needs and get the one error for a
+/// list of the other kind.
+#[derive(Debug, Clone)]
+pub enum PreparedList {
+    Local(LocalDescs),
+    Remote(RemoteDescs),
+}
+
+impl PreparedList {
+    pub fn len(&self) -> usize {
+        match self {
+            PreparedList::Local(l) => l.len(),
+            PreparedList::Remote(r) => r.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The peer a remote list targets; `None` for a local list.
+    pub fn peer(&self) -> Option<&str> {
+        match self {
+            PreparedList::Local(_) => None,
+            PreparedList::Remote(r) => Some(r.peer()),
+        }
+    }
+
+    /// The list as the local side of a transfer.
+    pub fn local(&self) -> Result<&LocalDescs> {
+        match self {
+            PreparedList::Local(l) => Ok(l),
+            PreparedList::Remote(_) => Err(Error::InvalidArgument("the local list was prepared for a peer".into())),
+        }
+    }
+
+    /// The list as the remote side of a transfer.
+    pub fn remote(&self) -> Result<&RemoteDescs> {
+        match self {
+            PreparedList::Remote(r) => Ok(r),
+            PreparedList::Local(_) => {
+                Err(Error::InvalidArgument("the remote list was prepared for local memory".into()))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -245,7 +298,17 @@ impl std::fmt::Debug for LocalReg {
     }
 }
 
-impl PreparedDescs {
+impl LocalDescs {
+    pub fn len(&self) -> usize {
+        self.descs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
+    }
+}
+
+impl RemoteDescs {
     pub fn len(&self) -> usize {
         self.descs.len()
     }
@@ -254,21 +317,18 @@ impl PreparedDescs {
         self.descs.is_empty()
     }
 
-    /// The peer a remote list targets.
-    pub fn peer(&self) -> Option<&str> {
-        match &self.side {
-            Side::Remote { peer, .. } => Some(peer),
-            Side::Local { .. } => None,
-        }
+    /// The peer the list targets.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 }
 
 /// What to move: pairs `local[local_indices[i]]` ↔ `remote[remote_indices[i]]`.
 pub struct TransferRequest<'a> {
     pub op: Op,
-    pub local: &'a PreparedDescs,
+    pub local: &'a LocalDescs,
     pub local_indices: &'a [usize],
-    pub remote: &'a PreparedDescs,
+    pub remote: &'a RemoteDescs,
     pub remote_indices: &'a [usize],
     /// Delivered to the peer once all the data is in place.
     pub notification: Option<&'a [u8]>,
@@ -279,8 +339,8 @@ impl<'a> TransferRequest<'a> {
     /// A request without a notification; set `notification` on the result to add one.
     pub fn new(
         op: Op,
-        (local, local_indices): (&'a PreparedDescs, &'a [usize]),
-        (remote, remote_indices): (&'a PreparedDescs, &'a [usize]),
+        (local, local_indices): (&'a LocalDescs, &'a [usize]),
+        (remote, remote_indices): (&'a RemoteDescs, &'a [usize]),
         deadline: Deadline,
     ) -> Self {
         TransferRequest { op, local, local_indices, remote, remote_indices, notification: None, deadline }
@@ -520,7 +580,7 @@ impl Agent {
     }
 
     /// Check local descriptors against this agent's registrations.
-    pub fn prepare_local(&self, descs: &[MemRegion]) -> Result<PreparedDescs> {
+    pub fn prepare_local(&self, descs: &[MemRegion]) -> Result<LocalDescs> {
         let registry = self.inner.registry.lock().unwrap();
         let mut regs: Vec<Weak<LocalReg>> = Vec::new();
         let mut slots: HashMap<u64, u32> = HashMap::new();
@@ -540,11 +600,11 @@ impl Agent {
             });
             prepared.push(PreparedDesc { addr: d.addr, len: d.len, slot, kinds: Kinds::keyed(&reg.keys) });
         }
-        Ok(PreparedDescs { side: Side::Local { agent: self.id(), regs }, descs: prepared })
+        Ok(LocalDescs { agent: self.id(), regs, descs: prepared })
     }
 
     /// Check remote descriptors against the regions the peer advertised.
-    pub fn prepare_remote(&self, peer: &str, descs: &[MemRegion]) -> Result<PreparedDescs> {
+    pub fn prepare_remote(&self, peer: &str, descs: &[MemRegion]) -> Result<RemoteDescs> {
         let peer_entry = self.inner.peer(peer)?;
         let regions = &peer_entry.meta.regions;
         let linked = peer_entry.kinds();
@@ -572,16 +632,15 @@ impl Agent {
             let kinds = Kinds::keyed(&regions[slot].keys).and(linked);
             prepared.push(PreparedDesc { addr: d.addr, len: d.len, slot: slot as u32, kinds });
         }
-        let side = Side::Remote { peer: peer.into(), generation: peer_entry.meta.generation };
-        Ok(PreparedDescs { side, descs: prepared })
+        Ok(RemoteDescs { peer: peer.into(), generation: peer_entry.meta.generation, descs: prepared })
     }
 
     /// Read `remote[remote_indices[i]]` into `local[local_indices[i]]`.
     pub fn read(
         &self,
-        local: &PreparedDescs,
+        local: &LocalDescs,
         local_indices: &[usize],
-        remote: &PreparedDescs,
+        remote: &RemoteDescs,
         remote_indices: &[usize],
         deadline: Deadline,
     ) -> Result<Transfer> {
@@ -591,9 +650,9 @@ impl Agent {
     /// Write `local[local_indices[i]]` into `remote[remote_indices[i]]`.
     pub fn write(
         &self,
-        local: &PreparedDescs,
+        local: &LocalDescs,
         local_indices: &[usize],
-        remote: &PreparedDescs,
+        remote: &RemoteDescs,
         remote_indices: &[usize],
         deadline: Deadline,
     ) -> Result<Transfer> {
@@ -616,17 +675,12 @@ impl Agent {
         if req.op == Op::Notify {
             return Err(Error::InvalidArgument("use Agent::notify for a notification without data".into()));
         }
-        let Side::Local { agent, regs } = &req.local.side else {
-            return Err(Error::InvalidArgument("the local list was prepared for a peer".into()));
-        };
-        if *agent != self.id() {
+        let (regs, peer) = (&req.local.regs, &req.remote.peer);
+        if req.local.agent != self.id() {
             return Err(Error::InvalidArgument("the local list was prepared by another agent".into()));
         }
-        let Side::Remote { peer, generation } = &req.remote.side else {
-            return Err(Error::InvalidArgument("the remote list was prepared for local memory".into()));
-        };
         let peer_entry = self.inner.peer(peer)?;
-        if peer_entry.meta.generation != *generation {
+        if peer_entry.meta.generation != req.remote.generation {
             return Err(DescError::Stale { peer: peer.clone() }.into());
         }
         if req.local_indices.len() != req.remote_indices.len() {
@@ -639,8 +693,8 @@ impl Agent {
         if req.local_indices.is_empty() && req.notification.is_none() {
             return Err(DescError::EmptyTransfer.into());
         }
-        let pick = |list: &PreparedDescs, index: usize| {
-            list.descs.get(index).copied().ok_or(DescError::IndexOutOfRange { index, len: list.descs.len() })
+        let pick = |list: &[PreparedDesc], index: usize| {
+            list.get(index).copied().ok_or(DescError::IndexOutOfRange { index, len: list.len() })
         };
         // Upgrade each registration once (with the first index using it): the batch holds them
         // until its last part is done.
@@ -650,7 +704,7 @@ impl Agent {
         let mut bytes = 0u64;
         let mut shared = Kinds::ALL;
         for (position, (&li, &ri)) in req.local_indices.iter().zip(req.remote_indices).enumerate() {
-            let (l, r) = (pick(req.local, li)?, pick(req.remote, ri)?);
+            let (l, r) = (pick(&req.local.descs, li)?, pick(&req.remote.descs, ri)?);
             if l.len != r.len {
                 return Err(DescError::LengthMismatch { position, local_len: l.len, remote_len: r.len }.into());
             }
@@ -770,15 +824,15 @@ impl Agent {
 /// For each of the peer's links, the first descriptor of an (already checked) request it has no key for.
 fn link_gaps(peer: &Peer, req: &TransferRequest<'_>) -> Vec<LinkGap> {
     let pairs = || req.local_indices.iter().zip(req.remote_indices);
-    let lacks = |list: &PreparedDescs, index: usize, kind| !list.descs[index].kinds.has(kind);
+    let lacks = |list: &[PreparedDesc], index: usize, kind| !list[index].kinds.has(kind);
     peer.links
         .iter()
         .filter_map(|&(transport, _)| {
             pairs().find_map(|(&li, &ri)| {
                 let gap = |side, index| Some(LinkGap { transport, side, index });
-                if lacks(req.local, li, transport) {
+                if lacks(&req.local.descs, li, transport) {
                     gap(DescSide::Local, li)
-                } else if lacks(req.remote, ri, transport) {
+                } else if lacks(&req.remote.descs, ri, transport) {
                     gap(DescSide::Remote, ri)
                 } else {
                     None
