@@ -91,7 +91,7 @@ fn tcp_keys() -> &'static KeyTable {
     static KEYS: OnceLock<KeyTable> = OnceLock::new();
     KEYS.get_or_init(|| {
         let keys = KeyTable::default();
-        keys.insert(TCP_KEY, TCP_REGION, Arc::new(()));
+        keys.insert(TCP_KEY, TCP_REGION, None);
         keys
     })
 }

@@ -869,11 +869,10 @@ impl AgentInner {
                 region.addr, region.len
             )));
         }
-        let keep_alive: Arc<dyn Any + Send + Sync> = Arc::new(owner.clone());
         let mut keys = Vec::new();
         let wanted = |t: &&Arc<dyn Transport>| t.supports(region.kind) && only.is_none_or(|o| o.contains(&t.kind()));
         for t in self.transports.iter().filter(wanted) {
-            match t.register(region, keep_alive.clone()) {
+            match t.register(region, owner.clone()) {
                 Ok(key) => keys.push((t.kind(), key)),
                 Err(e) => {
                     self.revoke(&keys);

@@ -13,7 +13,6 @@
 //!   check each access as the TCP target does. Handles travel only in metadata, to peers the agent
 //!   added; ranges are checked on the initiator against the regions the owner published.
 
-use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -28,7 +27,7 @@ use crate::transport::host::boot_id;
 use crate::transport::staging::ABANDON_AFTER;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{
-    Batch, Completion, Endpoint, NotificationQueue, Op, PartOutcome, PeerLink, RejectReason, RemoteRegion,
+    Batch, Completion, Endpoint, MemoryOwner, NotificationQueue, Op, PartOutcome, PeerLink, RejectReason, RemoteRegion,
     TransferError, Transport, TransportKind, XferOp, no_key_on_link,
 };
 
@@ -95,7 +94,7 @@ impl Transport for CudaIpcTransport {
         kind == self.device.kind()
     }
 
-    fn register(&self, region: MemRegion, _keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
+    fn register(&self, region: MemRegion, _owner: MemoryOwner) -> Result<Vec<u8>> {
         // The exported handle names memory the registration keeps alive; peers' mappings stay valid
         // until they close them, as CUDA defines.
         Ok(self.device.export_ipc(region)?.bytes)

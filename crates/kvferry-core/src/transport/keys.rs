@@ -1,7 +1,6 @@
 //! The memory owner's table of registration keys, shared by the transports that check every
 //! remote access against it: 128 random bits per registration, a region, and what keeps it alive.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -10,6 +9,7 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::memory::{MemKind, MemRegion, Memory};
+use crate::transport::MemoryOwner;
 use crate::transport::RejectReason;
 use crate::transport::frame::WireDesc;
 
@@ -20,7 +20,7 @@ pub(crate) type Cut = Arc<dyn Fn() + Send + Sync>;
 /// A registered region as the target sees it.
 pub(crate) struct KeyEntry {
     pub region: MemRegion,
-    keep_alive: Arc<dyn Any + Send + Sync>,
+    owner: MemoryOwner,
     /// The requests using the region now, each with its cut-off.
     users: Mutex<HashMap<u64, Cut>>,
 }
@@ -51,8 +51,8 @@ pub(crate) struct KeyTable {
 }
 
 impl KeyTable {
-    pub fn insert(&self, key: u128, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) {
-        let entry = KeyEntry { region, keep_alive, users: Mutex::new(HashMap::new()) };
+    pub fn insert(&self, key: u128, region: MemRegion, owner: MemoryOwner) {
+        let entry = KeyEntry { region, owner, users: Mutex::new(HashMap::new()) };
         self.entries.write().unwrap().insert(key, Arc::new(entry));
     }
 
@@ -124,14 +124,8 @@ impl KeyTable {
 impl KeyEntry {
     /// The memory behind the region, when the agent registered memory it owns.
     pub fn memory(&self) -> Option<&Arc<dyn Memory>> {
-        memory_of(&self.keep_alive)
+        self.owner.as_ref()
     }
-}
-
-/// The memory a registration's keep-alive holds: the agent passes `Option<Arc<dyn Memory>>`
-/// (`None` for raw registrations of memory owned elsewhere).
-pub(crate) fn memory_of(keep_alive: &Arc<dyn Any + Send + Sync>) -> Option<&Arc<dyn Memory>> {
-    keep_alive.downcast_ref::<Option<Arc<dyn Memory>>>()?.as_ref()
 }
 
 /// A fresh 128-bit key.

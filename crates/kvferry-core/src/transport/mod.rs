@@ -73,6 +73,11 @@ pub struct RemoteRegion {
     pub key: Vec<u8>,
 }
 
+/// What keeps a registered region's memory alive while remote requests use it: the memory itself
+/// when the agent owns it (a transport may also ask it for a file to share, `Memory::share_fd`),
+/// nothing for a raw registration, whose owner promised to keep it valid.
+pub type MemoryOwner = Option<Arc<dyn crate::memory::Memory>>;
+
 /// A transport's connection to one peer.
 pub trait PeerLink: Send + Sync {
     /// Queue a batch; never blocks on the network. Failures after this returns are reported through
@@ -99,9 +104,9 @@ pub trait Transport: Send + Sync {
     /// Whether this transport can move memory of this kind directly.
     fn supports(&self, kind: MemKind) -> bool;
 
-    /// Make a region accessible to peers; returns the key they need. `keep_alive` is held while any
+    /// Make a region accessible to peers; returns the key they need. `owner` is held while any
     /// remote request is using the region.
-    fn register(&self, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>>;
+    fn register(&self, region: MemRegion, owner: MemoryOwner) -> Result<Vec<u8>>;
 
     /// Revoke a key. Returns once no remote request is using the region any more.
     fn deregister(&self, key: &[u8]);
@@ -708,8 +713,8 @@ mod tests {
         );
         for (a, b) in &transports {
             let kind = a.kind();
-            a.register(local.region(), local.clone()).unwrap();
-            let opened = b.register(remote.region(), remote.clone()).unwrap();
+            a.register(local.region(), Some(local.clone())).unwrap();
+            let opened = b.register(remote.region(), Some(remote.clone())).unwrap();
             let regions = vec![
                 RemoteRegion { region: remote.region(), key: opened },
                 RemoteRegion { region: remote.region(), key: Vec::new() },

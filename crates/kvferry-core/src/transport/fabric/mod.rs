@@ -12,7 +12,6 @@ pub(crate) mod error;
 mod rail;
 mod session;
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
@@ -28,8 +27,8 @@ use crate::auth::Auth;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
 use crate::transport::{
-    Batch, Endpoint, NotificationQueue, Op, PeerLink, RejectReason, RemoteRegion, TransferError, Transport,
-    TransportKind, no_key_on_link, remote_keys,
+    Batch, Endpoint, MemoryOwner, NotificationQueue, Op, PeerLink, RejectReason, RemoteRegion, TransferError,
+    Transport, TransportKind, no_key_on_link, remote_keys,
 };
 
 /// The largest notification the fabric transport carries (it lands in a posted receive buffer).
@@ -533,7 +532,7 @@ impl Transport for FabricTransport {
         kind == MemKind::Host || (self.rails[0].info.caps() & sys::FI_HMEM != 0)
     }
 
-    fn register(&self, region: MemRegion, _keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
+    fn register(&self, region: MemRegion, _owner: MemoryOwner) -> Result<Vec<u8>> {
         if !self.supports(region.kind) {
             return Err(Error::Unsupported {
                 what: format!("registering {} memory with the fabric transport", region.kind),

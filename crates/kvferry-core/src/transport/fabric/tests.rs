@@ -144,8 +144,8 @@ fn large_batches_stripe_across_two_rails_byte_exact() {
     const LEN: usize = 8 << 20;
     let (abuf, bbuf) = (buffer(LEN), buffer(LEN));
     abuf.write_at(0, &pattern(LEN, 9)).unwrap();
-    a.register(abuf.region(), Arc::new(())).unwrap();
-    let key = b.register(bbuf.region(), Arc::new(())).unwrap();
+    a.register(abuf.region(), None).unwrap();
+    let key = b.register(bbuf.region(), None).unwrap();
     let link = a.link("striped", &b.endpoint(), vec![RemoteRegion { region: bbuf.region(), key }]).unwrap();
     let post = |ops: Vec<XferOp>, len: u64| {
         let completion = Arc::new(Completion::new("striped", Op::Write, len, None, soon()));
@@ -236,8 +236,8 @@ fn a_peer_that_never_answers_the_handshake_fails_the_batch_at_its_deadline() {
     let (abuf, bbuf) = (buffer(4096), buffer(4096));
     bbuf.write_at(0, &pattern(4096, 5)).unwrap();
     let a = a.unwrap();
-    a.register(abuf.region(), Arc::new(())).unwrap();
-    let key = b.register(bbuf.region(), Arc::new(())).unwrap();
+    a.register(abuf.region(), None).unwrap();
+    let key = b.register(bbuf.region(), None).unwrap();
     let link = a.link("silent", &b.endpoint(), vec![RemoteRegion { region: bbuf.region(), key }]).unwrap();
     let op =
         XferOp { local_addr: abuf.as_ptr() as u64, remote_region: 0, remote_addr: bbuf.as_ptr() as u64, len: 4096 };
@@ -269,7 +269,7 @@ fn forged_and_replayed_messages_are_not_acted_upon() {
     // The stranger sends raw bytes from its own endpoint.
     let stranger = FabricTransport::start("stranger", config("tcp"), Auth::disabled(), Arc::default()).unwrap();
     let bbuf = buffer(4096);
-    let key = b.register(bbuf.region(), Arc::new(())).unwrap();
+    let key = b.register(bbuf.region(), None).unwrap();
     let link = a.link("target", &b.endpoint(), vec![RemoteRegion { region: bbuf.region(), key: key.clone() }]).unwrap();
     let notify = |data: &[u8]| {
         let completion = Arc::new(Completion::new("target", Op::Notify, 0, Some(data.to_vec()), soon()));
@@ -346,7 +346,7 @@ fn a_full_notification_queue_answers_busy_and_nothing_queues_past_its_limits() {
     let a = FabricTransport::start("sender", config("tcp"), member(), Arc::default()).unwrap();
     let b = FabricTransport::start("target", config("tcp"), member(), queue.clone()).unwrap();
     let bbuf = buffer(4096);
-    let key = b.register(bbuf.region(), Arc::new(())).unwrap();
+    let key = b.register(bbuf.region(), None).unwrap();
     let link = a.link("target", &b.endpoint(), vec![RemoteRegion { region: bbuf.region(), key }]).unwrap();
     let notify = |data: &[u8]| {
         let completion = Arc::new(Completion::new("target", Op::Notify, 0, Some(data.to_vec()), soon()));

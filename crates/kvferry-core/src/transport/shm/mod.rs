@@ -28,7 +28,6 @@ mod owner;
 mod pull;
 mod wire;
 
-use std::any::Any;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
 use std::sync::{Arc, Mutex, Weak};
@@ -45,9 +44,10 @@ use crate::memory::host::HostDevice;
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Server;
 use crate::transport::host::boot_id;
-use crate::transport::keys::{self, memory_of};
+use crate::transport::keys;
 use crate::transport::{
-    Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys, require_host,
+    Endpoint, MemoryOwner, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys,
+    require_host,
 };
 
 #[derive(Debug, Clone)]
@@ -168,14 +168,13 @@ impl Transport for ShmTransport {
         kind == MemKind::Host
     }
 
-    fn register(&self, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
+    fn register(&self, region: MemRegion, owner: MemoryOwner) -> Result<Vec<u8>> {
         require_host(TransportKind::Shm, &region)?;
         // Mapped only when the file starts at the region: that is how shareable buffers map it.
-        let shareable =
-            memory_of(&keep_alive).is_some_and(|m| m.share_fd().is_some() && m.region().addr == region.addr);
+        let shareable = owner.as_ref().is_some_and(|m| m.share_fd().is_some() && m.region().addr == region.addr);
         let reach = if shareable { Reach::Mapped } else { Reach::CrossMemory };
         let key = keys::new_key()?;
-        self.shared.keys.insert(key, region, keep_alive);
+        self.shared.keys.insert(key, region, owner);
         Ok(wire::encode_key(key, reach))
     }
 

@@ -258,10 +258,10 @@ fn transports(config: ShmConfig) -> Transports {
     Transports { owner: start("pull-owner"), initiator: start("pull-initiator") }
 }
 
-/// Register `buf` with `transport` as the agent does (the keep-alive carries the memory).
+/// Register `buf` with `transport` as the agent does, owning the memory.
 fn register(transport: &ShmTransport, buf: &Arc<HostBuffer>) -> Vec<u8> {
     let memory: Arc<dyn crate::memory::Memory> = buf.clone();
-    transport.register(buf.region(), Arc::new(Some(memory))).unwrap()
+    transport.register(buf.region(), Some(memory)).unwrap()
 }
 
 fn patterned(len: usize, shareable: bool, seed: u8) -> Arc<HostBuffer> {

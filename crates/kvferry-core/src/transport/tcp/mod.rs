@@ -11,7 +11,6 @@ mod link;
 mod target;
 pub(crate) mod wire;
 
-use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +25,9 @@ use crate::net::Server;
 use crate::tls::PeerListener;
 use crate::transport::keys;
 use crate::transport::staging::Stager;
-use crate::transport::{Endpoint, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys};
+use crate::transport::{
+    Endpoint, MemoryOwner, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys,
+};
 
 pub use crate::transport::frame::MAX_NOTIFICATION;
 
@@ -168,7 +169,7 @@ impl Transport for TcpTransport {
         kind == MemKind::Host || self.stager.as_ref().is_some_and(|s| s.stages(kind))
     }
 
-    fn register(&self, region: MemRegion, keep_alive: Arc<dyn Any + Send + Sync>) -> Result<Vec<u8>> {
+    fn register(&self, region: MemRegion, owner: MemoryOwner) -> Result<Vec<u8>> {
         if !self.supports(region.kind) {
             return Err(Error::Unsupported {
                 what: format!("registering {} memory with the tcp transport", region.kind),
@@ -176,7 +177,7 @@ impl Transport for TcpTransport {
             });
         }
         let key = keys::new_key()?;
-        self.shared.keys.insert(key, region, keep_alive);
+        self.shared.keys.insert(key, region, owner);
         if let Some(stager) = self.stager.as_ref().filter(|s| s.stages(region.kind)) {
             stager.add_region(key, region);
         }

@@ -33,7 +33,7 @@ fn fixture_with(config: TcpConfig) -> Fixture {
     for i in 0..buffer.len() {
         buffer.write_at(i, &[(i % 251) as u8]).unwrap();
     }
-    let key = transport.register(buffer.region(), Arc::new(())).unwrap();
+    let key = transport.register(buffer.region(), None).unwrap();
     let key = u128::from_le_bytes(key.try_into().unwrap());
     Fixture { transport, buffer, key, notifications }
 }
