@@ -17,6 +17,7 @@ pub mod metadata;
 pub mod metrics;
 mod net;
 pub mod side_channel;
+mod sync;
 pub mod tier;
 pub mod tls;
 pub mod transport;

@@ -2,6 +2,7 @@
 //! notifications, peers. Each limit is a setting with a default sized for a cluster of a few
 //! hundred engines; `kvferry info` shows them.
 
+use crate::sync::Locked;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,7 +140,7 @@ impl LogLimiter {
     /// `Some(suppressed)` when a line may be logged now, `suppressed` being how many were left out
     /// since the last; `None` when this one is to be left out.
     pub fn allow(&self) -> Option<u64> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         let now = Instant::now();
         match state.0 {
             Some(last) if now.duration_since(last) < self.interval => {
@@ -181,6 +182,6 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(limiter.allow(), None);
         }
-        assert_eq!(limiter.state.lock().unwrap().1, 1000);
+        assert_eq!(limiter.state.locked().1, 1000);
     }
 }

@@ -17,6 +17,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, ErrorCode, Result};
 use crate::limits::ServeLimits;
 use crate::net::{DeadlineStream, Next, Server, Service, recv_ready};
+use crate::sync::Locked;
 use crate::tier::{RemoteStats, TierStats, TierStore};
 use crate::transport::TransferObserver;
 use crate::transport::kind::{Op, TransportKind};
@@ -102,7 +103,7 @@ impl TransferObserver for Metrics {
             }
             Err(code) => {
                 let key = (transport_index(transport), direction_index(op), code.as_u32());
-                self.errors.lock().unwrap().entry(key).or_insert((code, 0)).1 += 1;
+                self.errors.locked().entry(key).or_insert((code, 0)).1 += 1;
             }
         }
     }
@@ -135,7 +136,7 @@ impl Metrics {
 
     /// Include `store` in the rendering under the label `store="name"`, for as long as it is open.
     pub fn add_tier_store(&self, name: impl Into<String>, store: &TierStore) {
-        self.stores.lock().unwrap().push((name.into(), Box::new(store.stats_reader())));
+        self.stores.locked().push((name.into(), Box::new(store.stats_reader())));
     }
 
     /// Bytes moved by completed transfers of `transport` in direction `op`.
@@ -150,7 +151,7 @@ impl Metrics {
 
     /// Failed transfers with this error code, over every transport and direction.
     pub fn errors(&self, code: ErrorCode) -> u64 {
-        self.errors.lock().unwrap().values().filter(|(c, _)| *c == code).map(|(_, n)| n).sum()
+        self.errors.locked().values().filter(|(c, _)| *c == code).map(|(_, n)| n).sum()
     }
 
     /// Everything, in Prometheus' text exposition format (version 0.0.4).
@@ -164,7 +165,7 @@ impl Metrics {
     /// Every transport and direction that moved anything or has a transfer in flight, in a fixed
     /// order (transports as [`TransportKind::ALL`], then read, write, notify).
     pub fn transfer_stats(&self) -> Vec<TransferStats> {
-        let errors = self.errors.lock().unwrap();
+        let errors = self.errors.locked();
         let mut out = Vec::new();
         for (t, &transport) in TransportKind::ALL.iter().enumerate() {
             for (d, &direction) in DIRECTIONS.iter().enumerate() {
@@ -223,7 +224,7 @@ impl Metrics {
             out.sample("kvferry_transfer_duration_seconds_count", &labels, cumulative);
         }
         out.family("kvferry_transfer_errors_total", "counter", "Failed transfers by error code and kind.");
-        for (&(t, op, _), (code, n)) in self.errors.lock().unwrap().iter() {
+        for (&(t, op, _), (code, n)) in self.errors.locked().iter() {
             let (t, op) = (TransportKind::ALL[t], DIRECTIONS[op]);
             let labels = format!(
                 "transport=\"{t}\",direction=\"{op}\",code=\"{}\",kind=\"{}\"",
@@ -237,7 +238,7 @@ impl Metrics {
     fn render_stores(&self, out: &mut Exposition) {
         // Stores that were dropped leave the list.
         let mut stats: Vec<(String, TierStats, usize)> = Vec::new();
-        self.stores.lock().unwrap().retain(|(name, read)| match read() {
+        self.stores.locked().retain(|(name, read)| match read() {
             Some((s, block_size)) => {
                 stats.push((name.clone(), s, block_size));
                 true

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::limits::{LogLimiter, ServeLimits};
+use crate::sync::Locked;
 
 /// Connect to the first address `addr` (`host:port`) resolves to that accepts before the deadline;
 /// the error says why the last attempt failed.
@@ -310,13 +311,13 @@ impl Queue {
     }
 
     fn push(&self, id: u64) {
-        self.ids.lock().unwrap().push_back(id);
+        self.ids.locked().push_back(id);
         self.ready.notify_one();
     }
 
     /// The next id, or `None` once `stopping` is set.
     fn pop(&self, stopping: &AtomicBool) -> Option<u64> {
-        let mut ids = self.ids.lock().unwrap();
+        let mut ids = self.ids.locked();
         loop {
             if stopping.load(Ordering::Acquire) {
                 return None;
@@ -329,11 +330,11 @@ impl Queue {
     }
 
     fn is_empty(&self) -> bool {
-        self.ids.lock().unwrap().is_empty()
+        self.ids.locked().is_empty()
     }
 
     fn stop(&self) {
-        let _guard = self.ids.lock().unwrap();
+        let _guard = self.ids.locked();
         self.ready.notify_all();
     }
 }
@@ -445,7 +446,7 @@ impl<S: Service> Drop for Server<S> {
         {
             // Wake workers blocked mid-request; a worker removes its connection from the table
             // before closing it, so every descriptor here is still open.
-            let table = shared.table.lock().unwrap();
+            let table = shared.table.locked();
             for entry in table.entries.values() {
                 // SAFETY: shutting down a socket the table keeps open.
                 unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
@@ -458,7 +459,7 @@ impl<S: Service> Drop for Server<S> {
                 let _ = t.join();
             }
         }
-        shared.table.lock().unwrap().entries.clear();
+        shared.table.locked().entries.clear();
     }
 }
 
@@ -572,7 +573,7 @@ impl<S: Service> ServerShared<S> {
     /// Take a new connection in, or close it at once if it is over a limit.
     fn admit(&self, stream: S::Stream, peer: Option<Peer>) {
         let limits = &self.limits;
-        let mut table = self.table.lock().unwrap();
+        let mut table = self.table.locked();
         if table.entries.len() >= limits.max_connections {
             drop(table);
             return self.refused("too many connections", peer);
@@ -633,7 +634,7 @@ impl<S: Service> ServerShared<S> {
 
     /// A watched connection became readable: hand it to a worker.
     fn ready(&self, id: u64, now: Instant) {
-        let mut table = self.table.lock().unwrap();
+        let mut table = self.table.locked();
         let Some(entry) = table.entries.get_mut(&id) else { return };
         if entry.slot.is_none() {
             return;
@@ -656,7 +657,7 @@ impl<S: Service> ServerShared<S> {
         let limits = &self.limits;
         let request_timeout = self.service.request_timeout();
         let between = self.service.idle_between_requests();
-        let mut table = self.table.lock().unwrap();
+        let mut table = self.table.locked();
         let expired: Vec<u64> = table
             .entries
             .iter()
@@ -679,7 +680,7 @@ impl<S: Service> ServerShared<S> {
 
     /// Take a connection out of the table for a worker.
     fn take(&self, id: u64) -> Option<(Slot<S>, Instant, Option<Instant>)> {
-        let mut table = self.table.lock().unwrap();
+        let mut table = self.table.locked();
         let entry = table.entries.get_mut(&id)?;
         let slot = entry.slot.take()?;
         Some((slot, entry.accepted, entry.request_since))
@@ -688,7 +689,7 @@ impl<S: Service> ServerShared<S> {
     /// Give a connection back and watch it again, or close it. `request_since`: when the request
     /// a worker parked began (it may have begun while the worker lingered).
     fn put_back(&self, id: u64, slot: Slot<S>, next: io::Result<Next>, request_since: Option<Instant>) {
-        let mut table = self.table.lock().unwrap();
+        let mut table = self.table.locked();
         let keep = matches!(next, Ok(Next::Park | Next::Idle)) && !self.stopping.load(Ordering::Acquire);
         if keep && table.entries.contains_key(&id) {
             let entry = table.entries.get_mut(&id).expect("present above");

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::auth::Auth;
+use crate::sync::{Locked, ReadWriteLocked};
 mod config;
 
 pub use config::AgentConfig;
@@ -82,7 +83,7 @@ struct PendingList {
 impl Pending {
     /// Adds a transfer; false once the list is closed.
     fn push(&self, completion: &Arc<Completion>) -> bool {
-        let mut list = self.transfers.lock().unwrap();
+        let mut list = self.transfers.locked();
         if list.closed {
             return false;
         }
@@ -95,12 +96,12 @@ impl Pending {
     }
 
     fn take(&self) -> Vec<Arc<Completion>> {
-        self.transfers.lock().unwrap().transfers.drain(..).filter_map(|w| w.upgrade()).collect()
+        self.transfers.locked().transfers.drain(..).filter_map(|w| w.upgrade()).collect()
     }
 
     /// Takes the transfers and refuses any more.
     fn close(&self) -> Vec<Arc<Completion>> {
-        let mut list = self.transfers.lock().unwrap();
+        let mut list = self.transfers.locked();
         list.closed = true;
         list.transfers.drain(..).filter_map(|w| w.upgrade()).collect()
     }
@@ -561,27 +562,27 @@ impl Agent {
     }
 
     pub fn peers(&self) -> Vec<String> {
-        self.inner.peers.read().unwrap().keys().cloned().collect()
+        self.inner.peers.read_locked().keys().cloned().collect()
     }
 
     pub fn peer_metadata(&self, name: &str) -> Option<AgentMetadata> {
-        self.inner.peers.read().unwrap().get(name).map(|p| p.meta.clone())
+        self.inner.peers.read_locked().get(name).map(|p| p.meta.clone())
     }
 
     /// The transport this agent prefers for a peer: notifications alone go over it, and every
     /// transfer whose descriptors it can reach.
     pub fn peer_transport(&self, name: &str) -> Option<TransportKind> {
-        self.inner.peers.read().unwrap().get(name).map(|p| p.preferred().0)
+        self.inner.peers.read_locked().get(name).map(|p| p.preferred().0)
     }
 
     /// Every transport linking this agent to a peer, most preferred first.
     pub fn peer_transports(&self, name: &str) -> Option<Vec<TransportKind>> {
-        self.inner.peers.read().unwrap().get(name).map(|p| p.links.iter().map(|(kind, _)| *kind).collect())
+        self.inner.peers.read_locked().get(name).map(|p| p.links.iter().map(|(kind, _)| *kind).collect())
     }
 
     /// Check local descriptors against this agent's registrations.
     pub fn prepare_local(&self, descs: &[MemRegion]) -> Result<LocalDescs> {
-        let registry = self.inner.registry.lock().unwrap();
+        let registry = self.inner.registry.locked();
         let mut regs: Vec<Weak<LocalReg>> = Vec::new();
         let mut slots: HashMap<u64, u32> = HashMap::new();
         let mut prepared = Vec::with_capacity(descs.len());
@@ -789,7 +790,7 @@ impl Agent {
         let server =
             side_channel::serve(host, self.inner.auth.clone(), listen, self.inner.limits.side_channel.clone())?;
         let addr = server.local_addr();
-        *self.inner.side_channel.lock().unwrap() = Some(server);
+        *self.inner.side_channel.locked() = Some(server);
         Ok(addr)
     }
 
@@ -894,7 +895,7 @@ impl AgentInner {
         }
         let id = self.next_reg_id.fetch_add(1, Ordering::Relaxed);
         let reg = Arc::new(LocalReg { id, region, keys, owner, transfers: Pending::default() });
-        self.registry.lock().unwrap().insert((region.addr, id), reg.clone());
+        self.registry.locked().insert((region.addr, id), reg.clone());
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(Registration { agent: Arc::downgrade(&agent.inner), reg })
     }
@@ -902,7 +903,7 @@ impl AgentInner {
     /// Take a registration out of the registry: no new prepared list finds it, and metadata from
     /// now on omits it.
     fn unlist(&self, reg: &LocalReg) {
-        self.registry.lock().unwrap().remove(&(reg.region.addr, reg.id));
+        self.registry.locked().remove(&(reg.region.addr, reg.id));
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -915,7 +916,7 @@ impl AgentInner {
     }
 
     pub(crate) fn metadata(&self) -> AgentMetadata {
-        let registry = self.registry.lock().unwrap();
+        let registry = self.registry.locked();
         AgentMetadata {
             name: self.name.clone(),
             generation: self.generation.load(Ordering::Acquire),
@@ -925,7 +926,7 @@ impl AgentInner {
     }
 
     fn peer(&self, name: &str) -> Result<Arc<Peer>> {
-        self.peers.read().unwrap().get(name).cloned().ok_or_else(|| DescError::UnknownPeer { peer: name.into() }.into())
+        self.peers.read_locked().get(name).cloned().ok_or_else(|| DescError::UnknownPeer { peer: name.into() }.into())
     }
 
     pub(crate) fn add_peer(&self, bytes: &[u8]) -> Result<String> {
@@ -948,7 +949,7 @@ impl MetadataHost for AgentInner {
         let meta = AgentMetadata::decode(bytes)?;
         let idle_ms = self.limits.peer_idle_timeout.as_millis() as u64;
         let now = self.now_ms();
-        let mut peers = self.peers.write().unwrap();
+        let mut peers = self.peers.write_locked();
         if !peers.contains_key(&meta.name) {
             let exchanged = peers.values().filter(|p| p.exchanged).count();
             if exchanged >= self.limits.max_peers {
@@ -979,7 +980,7 @@ impl AgentInner {
         if meta.name == self.name {
             return Err(Error::InvalidArgument(format!("metadata of {} is this agent's own", meta.name)));
         }
-        if let Some(known) = self.peers.read().unwrap().get(&meta.name) {
+        if let Some(known) = self.peers.read_locked().get(&meta.name) {
             let unchanged = known.meta.endpoints == meta.endpoints && known.meta.regions == meta.regions;
             if unchanged || known.meta.generation > meta.generation {
                 // Nothing new, or older news: keep the link, its connections and prepared lists valid.
@@ -1014,7 +1015,7 @@ impl AgentInner {
             return Err(refused);
         }
         let name = meta.name.clone();
-        let mut peers = self.peers.write().unwrap();
+        let mut peers = self.peers.write_locked();
         let known = peers.get(&name);
         let pending = known.map(|p| p.pending.clone()).unwrap_or_default();
         // A peer the caller added stays one the caller added.
@@ -1025,7 +1026,7 @@ impl AgentInner {
     }
 
     fn remove_peer(&self, name: &str) -> Result<Arc<Peer>> {
-        self.peers.write().unwrap().remove(name).ok_or_else(|| DescError::UnknownPeer { peer: name.into() }.into())
+        self.peers.write_locked().remove(name).ok_or_else(|| DescError::UnknownPeer { peer: name.into() }.into())
     }
 
     pub(crate) fn peer_gone(&self, name: &str, cause: &str) -> Result<usize> {

@@ -10,6 +10,7 @@ use super::DiscoveryError;
 use super::etcd::{EtcdClient, WatchEvent};
 use crate::agent::{Agent, AgentInner};
 use crate::error::{Error, Result};
+use crate::sync::Locked;
 use crate::transport::TransferError;
 
 /// How an agent joins a cluster through etcd.
@@ -75,12 +76,12 @@ impl Shared {
     }
 
     fn stopping(&self) -> bool {
-        *self.stop.lock().unwrap()
+        *self.stop.locked()
     }
 
     /// Sleep up to `timeout`; returns whether discovery is stopping.
     fn sleep(&self, timeout: Duration) -> bool {
-        let stop = self.stop.lock().unwrap();
+        let stop = self.stop.locked();
         *self.wake.wait_timeout_while(stop, timeout, |stop| !*stop).unwrap().0
     }
 
@@ -96,7 +97,7 @@ impl Shared {
 
     /// A tracked peer's key was deleted (its lease expired or it left): fail what is pending to it.
     fn gone(&self, agent: &Agent, name: &str) {
-        if self.tracked.lock().unwrap().remove(name) {
+        if self.tracked.locked().remove(name) {
             let cause = format!("its etcd key {}{name} was deleted", String::from_utf8_lossy(&self.prefix));
             // It may have been removed by the caller meanwhile; nothing is left to fail then.
             let _ = agent.peer_gone(name, &cause);
@@ -169,7 +170,7 @@ impl EtcdDiscovery {
             .open(&key, &sealed)
             .map_err(|cause| TransferError::Unauthenticated { peer: name.into(), cause })?;
         // Track before adding, so that a deletion arriving meanwhile is not missed.
-        self.shared.tracked.lock().unwrap().insert(name.to_string());
+        self.shared.tracked.locked().insert(name.to_string());
         let added = self.agent.add_peer(&metadata).and_then(|added| match added == name {
             true => Ok(added),
             false => {
@@ -179,7 +180,7 @@ impl EtcdDiscovery {
             }
         });
         if added.is_err() {
-            self.shared.tracked.lock().unwrap().remove(name);
+            self.shared.tracked.locked().remove(name);
         }
         added
     }
@@ -217,7 +218,7 @@ impl EtcdDiscovery {
 
 impl Drop for EtcdDiscovery {
     fn drop(&mut self) {
-        *self.shared.stop.lock().unwrap() = true;
+        *self.shared.stop.locked() = true;
         self.shared.wake.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -275,7 +276,7 @@ fn watch_peers(client: &EtcdClient, shared: &Shared, agent: &Weak<AgentInner>, m
                         }
                         WatchEvent::Put { key, value } => {
                             let Some(name) = name_of(&key) else { continue };
-                            if !shared.tracked.lock().unwrap().contains(&name) {
+                            if !shared.tracked.locked().contains(&name) {
                                 continue;
                             }
                             let update = agent.auth().open(&key, &value).map_err(|cause| {
@@ -296,7 +297,7 @@ fn watch_peers(client: &EtcdClient, shared: &Shared, agent: &Weak<AgentInner>, m
                     }
                     let resumed = client.list(&shared.prefix).and_then(|(kvs, revision)| {
                         let present: HashSet<String> = kvs.iter().filter_map(|(k, _)| name_of(k)).collect();
-                        let tracked: Vec<String> = shared.tracked.lock().unwrap().iter().cloned().collect();
+                        let tracked: Vec<String> = shared.tracked.locked().iter().cloned().collect();
                         for name in tracked.iter().filter(|n| !present.contains(*n)) {
                             shared.gone(&agent, name);
                         }

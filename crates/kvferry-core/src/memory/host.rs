@@ -19,6 +19,7 @@ use crate::memory::{
     CopyFence, CopyOp, Device, FenceSignal, IpcHandle, MemKind, MemRegion, Memory, MemoryError, Piece, PinGuard,
     coalesce_copies,
 };
+use crate::sync::Locked;
 
 /// Batches smaller than this are copied on the caller's thread: waking a worker and signalling the
 /// fence back costs more than copying this much. Chosen with `benches/host_copy.rs`.
@@ -581,7 +582,7 @@ enum Work {
 fn copy_worker(jobs: &Mutex<mpsc::Receiver<Job>>) {
     loop {
         // The lock is released as soon as a job is taken, so the others can take the next one.
-        let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let job = jobs.locked().recv();
         let Ok(job) = job else { return };
         match job.work {
             Work::Copy(pieces) => {
@@ -610,7 +611,7 @@ impl HostFence {
     }
 
     fn signal(&self) {
-        let mut remaining = self.remaining.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut remaining = self.remaining.locked();
         *remaining -= 1;
         if *remaining == 0 {
             self.done.notify_all();
@@ -620,11 +621,11 @@ impl HostFence {
 
 impl FenceSignal for HostFence {
     fn poll(&self) -> Option<Result<()>> {
-        (*self.remaining.lock().unwrap_or_else(PoisonError::into_inner) == 0).then_some(Ok(()))
+        (*self.remaining.locked() == 0).then_some(Ok(()))
     }
 
     fn wait(&self, deadline: Deadline) -> Result<()> {
-        let mut remaining = self.remaining.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut remaining = self.remaining.locked();
         while *remaining > 0 {
             if deadline.expired() {
                 return Err(MemoryError::FenceTimeout.into());

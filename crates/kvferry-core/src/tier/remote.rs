@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::deadline::Deadline;
+use crate::sync::Locked;
 use crate::tier::{BlockKey, MAX_KEY_BYTES, TierError};
 
 const MAGIC: &[u8; 4] = b"KVFR";
@@ -730,7 +731,7 @@ fn with_sources(error: &dyn std::error::Error) -> String {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+    mutex.locked()
 }
 
 fn remember(known: &mut HashMap<BlockKey, Known>, keys: &[BlockKey], state: Known) {

@@ -16,6 +16,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::HostBuffer;
 use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemKind, MemRegion};
+use crate::sync::Locked;
 use crate::tier::disk::{DiskEntry, DiskFiles, Record, block_checksum, write_failed};
 use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
 use crate::tier::remote::{RemoteLookup, RemoteStats, RemoteTier};
@@ -113,7 +114,7 @@ struct DiskState {
 
 impl DiskState {
     fn log(&self) -> MutexGuard<'_, DiskFiles> {
-        self.files.lock().unwrap_or_else(PoisonError::into_inner)
+        self.files.locked()
     }
 }
 
@@ -379,7 +380,7 @@ impl TierStore {
             // Weak: the client's tasks outlive the store, which must not be kept alive by them.
             let announce = Mutex::new(Arc::downgrade(&shared));
             remote.set_on_uploaded(Box::new(move |key| {
-                let shared = announce.lock().unwrap_or_else(PoisonError::into_inner).upgrade();
+                let shared = announce.locked().upgrade();
                 if let Some(shared) = shared {
                     shared.lock().emit(TierEvent::Stored { keys: vec![key], medium: Medium::Remote });
                 }
@@ -397,7 +398,7 @@ impl TierStore {
                     .spawn(move || {
                         loop {
                             // The lock is released as soon as a job is taken.
-                            let job = receiver.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                            let job = receiver.locked().recv();
                             let Ok(job) = job else { return };
                             job(&shared, ring.as_mut());
                         }
@@ -664,18 +665,18 @@ struct Outcome {
 
 impl Outcome {
     fn complete(&self, result: Result<()>) {
-        *self.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+        *self.result.locked() = Some(result);
         self.done.notify_all();
     }
 }
 
 impl FenceSignal for Outcome {
     fn poll(&self) -> Option<Result<()>> {
-        self.result.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.result.locked().clone()
     }
 
     fn wait(&self, deadline: Deadline) -> Result<()> {
-        let mut result = self.result.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut result = self.result.locked();
         loop {
             if let Some(result) = &*result {
                 return result.clone();
@@ -714,7 +715,7 @@ impl Drop for SlabLease {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.locked()
     }
 
     fn slab(&self, index: u32) -> u64 {
@@ -1217,7 +1218,7 @@ impl Shared {
     ) -> Vec<u32> {
         let mut stored = Vec::new();
         if let Some(disk) = &mut state.disk {
-            let mut files = disk.files.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut files = disk.files.locked();
             let mut failure = None;
             let mut records = Vec::new();
             for (w, result) in written {
@@ -1295,7 +1296,7 @@ impl Shared {
         // Victims' removals are logged before their slots are overwritten (and outside the state lock,
         // as every append of a direct write is).
         let removals: Vec<Record> = victims.iter().map(|k| Record::Remove(*k)).collect();
-        if let Err(e) = files.lock().unwrap_or_else(PoisonError::into_inner).append(&removals) {
+        if let Err(e) = files.locked().append(&removals) {
             self.abandon_direct(&writes, Some(&e));
             return Err(e.into());
         }
@@ -1342,7 +1343,7 @@ impl Shared {
                 }
             }
         }
-        if let Err(e) = files.lock().unwrap_or_else(PoisonError::into_inner).append_unpublished(&stored) {
+        if let Err(e) = files.locked().append_unpublished(&stored) {
             // No record, no block: every slot goes back, and the bytes written into them are never
             // read.
             self.abandon_direct(&writes, Some(&e));
@@ -1909,7 +1910,7 @@ mod tests {
         // A direct write appends (and, with sync_writes, fsyncs) holding the log's lock only: hold
         // it as a slow disk would, and lookups must still answer.
         let files = Arc::clone(&store.shared.lock().disk.as_ref().unwrap().files);
-        let held = files.lock().unwrap();
+        let held = files.locked();
         let write = unsafe { store.put_to_disk(blocks(&source, &[2])) }.unwrap();
         // The write has claimed its slot and waits for the log.
         while !store.shared.lock().disk.as_ref().unwrap().storing.contains(&key(2)) {

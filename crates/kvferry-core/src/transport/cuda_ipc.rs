@@ -23,6 +23,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::cuda::CudaDevice;
 use crate::memory::{CopyFence, CopyOp, Device, IpcHandle, MemKind, MemRegion, Memory};
+use crate::sync::Locked;
 use crate::transport::host::boot_id;
 use crate::transport::staging::ABANDON_AFTER;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
@@ -186,7 +187,7 @@ impl PeerLink for CudaIpcLink {
     fn post(&self, batch: Batch) -> Result<()> {
         let op = batch.completion.op();
         let mut copies = Vec::with_capacity(batch.ops.len());
-        let mut regions = self.regions.lock().unwrap();
+        let mut regions = self.regions.locked();
         for (index, x) in batch.ops.iter().enumerate() {
             let remote = self.mapped(&mut regions, index, x, op)?;
             copies.push(match op {
@@ -202,7 +203,7 @@ impl PeerLink for CudaIpcLink {
             // checked against the peer's published regions and map memory the link keeps open.
             false => Some(unsafe { self.device.copy_batch(&copies) }?),
         };
-        let sent = self.jobs.lock().unwrap().send(Job { fence, batch });
+        let sent = self.jobs.locked().send(Job { fence, batch });
         if let Err(mpsc::SendError(job)) = sent {
             let cause = "the completion thread has exited".to_string();
             let e = TransferError::PeerDisconnected { peer: self.peer.clone(), op, cause };

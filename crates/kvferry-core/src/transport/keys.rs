@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::memory::{MemKind, MemRegion, Memory};
+use crate::sync::{Locked, ReadWriteLocked};
 use crate::transport::MemoryOwner;
 use crate::transport::RejectReason;
 use crate::transport::frame::WireDesc;
@@ -34,7 +35,7 @@ pub(crate) struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         for entry in &self.entries {
-            entry.users.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+            entry.users.locked().remove(&self.id);
         }
     }
 }
@@ -53,25 +54,25 @@ pub(crate) struct KeyTable {
 impl KeyTable {
     pub fn insert(&self, key: u128, region: MemRegion, owner: MemoryOwner) {
         let entry = KeyEntry { region, owner, users: Mutex::new(HashMap::new()) };
-        self.entries.write().unwrap().insert(key, Arc::new(entry));
+        self.entries.write_locked().insert(key, Arc::new(entry));
     }
 
     pub fn get(&self, key: u128) -> Option<Arc<KeyEntry>> {
-        self.entries.read().unwrap().get(&key).cloned()
+        self.entries.read_locked().get(&key).cloned()
     }
 
     /// A registration whose region holds the `len` bytes at `addr`, and its key: how the shm
     /// initiator finds the file behind a WRITE's source (a scan, once per region and connection).
     pub fn find(&self, addr: u64, len: u64) -> Option<(u128, Arc<KeyEntry>)> {
-        let entries = self.entries.read().unwrap();
+        let entries = self.entries.read_locked();
         entries.iter().find(|(_, e)| e.region.contains(addr, len)).map(|(k, e)| (*k, e.clone()))
     }
 
     /// Remove a key, cut off the requests using its region, and wait until they have let go (the
     /// cut makes their socket calls return, so this does not wait on any peer).
     pub fn remove(&self, key: u128) {
-        let Some(entry) = self.entries.write().unwrap().remove(&key) else { return };
-        let cuts: Vec<Cut> = entry.users.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let Some(entry) = self.entries.write_locked().remove(&key) else { return };
+        let cuts: Vec<Cut> = entry.users.locked().values().cloned().collect();
         for cut in cuts {
             cut();
         }
@@ -83,7 +84,7 @@ impl KeyTable {
     /// Check every descriptor; on success returns the entries they use (held for the request, with
     /// `cut` registered: deregistration calls it) and the kind of memory each descriptor names.
     pub fn resolve(&self, descs: &[WireDesc], cut: &Cut) -> Result<Resolved, (u32, RejectReason)> {
-        let entries = self.entries.read().unwrap();
+        let entries = self.entries.read_locked();
         let mut held: Vec<Arc<KeyEntry>> = Vec::new();
         let mut kinds = Vec::with_capacity(descs.len());
         let mut last: Option<(u128, Arc<KeyEntry>)> = None;
@@ -115,7 +116,7 @@ impl KeyTable {
         // seen by it (the key is gone and the descriptor refused).
         let id = NEXT_USE.fetch_add(1, Ordering::Relaxed);
         for entry in &held {
-            entry.users.lock().unwrap_or_else(|e| e.into_inner()).insert(id, cut.clone());
+            entry.users.locked().insert(id, cut.clone());
         }
         Ok((Held { entries: held, id }, kinds))
     }

@@ -27,6 +27,7 @@ use crate::deadline::Deadline;
 use crate::error::Result;
 use crate::error::code::ErrorCode;
 use crate::memory::{MemKind, MemRegion};
+use crate::sync::Locked;
 
 pub use error::{RejectReason, TransferError};
 pub use kind::{Endpoint, Op, TransportKind};
@@ -205,7 +206,7 @@ impl NotificationQueue {
     /// to its sender (who gets `PeerBusy`) rather than queue it. The room is filled by
     /// [`push_reserved`](Self::push_reserved) or given back by [`release`](Self::release).
     pub fn reserve(&self, bytes: u64) -> bool {
-        let mut q = self.queue.lock().unwrap();
+        let mut q = self.queue.locked();
         let fits =
             q.notifications.len() + q.reserved < self.max_count && q.bytes.saturating_add(bytes) <= self.max_bytes;
         if fits {
@@ -217,7 +218,7 @@ impl NotificationQueue {
 
     /// Queue a notification whose room [`reserve`](Self::reserve) held.
     pub fn push_reserved(&self, n: Notification) {
-        let mut q = self.queue.lock().unwrap();
+        let mut q = self.queue.locked();
         q.reserved -= 1;
         q.notifications.push_back(n);
         self.arrived.notify_all();
@@ -225,7 +226,7 @@ impl NotificationQueue {
 
     /// Give back room [`reserve`](Self::reserve) held for a notification that did not arrive.
     pub fn release(&self, bytes: u64) {
-        let mut q = self.queue.lock().unwrap();
+        let mut q = self.queue.locked();
         q.reserved -= 1;
         q.bytes -= bytes;
     }
@@ -233,14 +234,14 @@ impl NotificationQueue {
     /// Queue `n`, whatever the limits (it counts against them): for a transport that cannot
     /// refuse a notification to its sender; others [`reserve`](Self::reserve) first.
     pub fn push(&self, n: Notification) {
-        let mut q = self.queue.lock().unwrap();
+        let mut q = self.queue.locked();
         q.bytes += n.data.len() as u64;
         q.notifications.push_back(n);
         self.arrived.notify_all();
     }
 
     pub fn take(&self) -> Vec<Notification> {
-        Self::drain(&mut self.queue.lock().unwrap())
+        Self::drain(&mut self.queue.locked())
     }
 
     fn drain(q: &mut Queued) -> Vec<Notification> {
@@ -251,7 +252,7 @@ impl NotificationQueue {
 
     /// Waits until at least one notification is queued or the deadline passes, then takes all.
     pub fn wait(&self, deadline: Deadline) -> Vec<Notification> {
-        let mut q = self.queue.lock().unwrap();
+        let mut q = self.queue.locked();
         while q.notifications.is_empty() && !deadline.expired() {
             q = self.arrived.wait_timeout(q, deadline.remaining()).unwrap().0;
         }
@@ -428,7 +429,7 @@ impl Completion {
     /// Why a part that has not started yet should not start: cancelled, past its deadline, or
     /// another part already failed.
     pub fn skip_reason(&self) -> Option<TransferError> {
-        self.skip_reason_locked(&self.state.lock().unwrap())
+        self.skip_reason_locked(&self.state.locked())
     }
 
     fn skip_reason_locked(&self, state: &CompletionState) -> Option<TransferError> {
@@ -448,7 +449,7 @@ impl Completion {
     /// would). `abort` is called, at most once, if the batch stops while the part runs; it must
     /// make the part's blocking calls return at once. Whoever stops the batch waits for the guard.
     pub fn start_part(&self, abort: Option<AbortHook>) -> std::result::Result<RunningPart<'_>, TransferError> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         if let Some(e) = self.skip_reason_locked(&state) {
             return Err(e);
         }
@@ -464,7 +465,7 @@ impl Completion {
     }
 
     fn end_part(&self, id: u64) -> bool {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         let at = state.running.iter().position(|r| r.id == id).expect("a running part ends once");
         let part = state.running.swap_remove(at);
         // Only a stopped batch waits for its running parts to end (`wait_stopped`): waking the
@@ -514,7 +515,7 @@ impl Completion {
 
     /// Report one part's outcome. A failed part cuts off the parts still running.
     pub fn part_done(&self, result: std::result::Result<(), TransferError>) -> PartOutcome {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         if let Err(e) = result {
             state.first_error.get_or_insert(e);
             self.abort_running(&mut state);
@@ -541,7 +542,7 @@ impl Completion {
 
     /// Settle the batch after a [`PartOutcome::LastOk`] (with the notification's outcome).
     pub fn finish(&self, result: std::result::Result<(), TransferError>) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         let status = match result {
             Ok(()) => TransferStatus::Done,
             Err(e) => TransferStatus::Failed(e),
@@ -572,7 +573,7 @@ impl Completion {
     /// The batch's state. A batch that failed reads as in progress until its running parts have
     /// ended (they are being cut off), so a failure seen here means its memory is free.
     pub fn status(&self) -> TransferStatus {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         if state.status == TransferStatus::InProgress && self.deadline.expired() {
             let e = self.timeout_error();
             self.settle(&mut state, TransferStatus::Failed(e));
@@ -592,7 +593,7 @@ impl Completion {
     /// batch is still running at `until` (a caller's shorter wait, not a failure). A failure is
     /// returned once the running parts it cut off have ended.
     pub fn wait_until(&self, until: Deadline) -> Option<std::result::Result<(), TransferError>> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         while state.status == TransferStatus::InProgress {
             if self.deadline.expired() {
                 let e = self.timeout_error();
@@ -620,7 +621,7 @@ impl Completion {
     /// deadline passed.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         if self.guarded.load(Ordering::Acquire) {
             let e = self.cancelled_error();
             self.settle(&mut state, TransferStatus::Failed(e));
@@ -644,7 +645,7 @@ impl Completion {
     /// that does not, until every part has reported (bounded only by the transport).
     pub(crate) fn stop(&self) {
         self.cancel();
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         let since = Instant::now();
         let mut warned = false;
         while !self.guarded.load(Ordering::Acquire) && self.remaining.load(Ordering::Acquire) > 0 {
@@ -661,17 +662,17 @@ impl Completion {
     /// part a transport does not guard ends on its own (by its deadline at the latest); the batch
     /// keeps its local memory registered until then.
     pub fn fail(&self, error: TransferError) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         self.settle(&mut state, TransferStatus::Failed(error));
     }
 
     pub(crate) fn is_settled(&self) -> bool {
-        self.state.lock().unwrap().status != TransferStatus::InProgress
+        self.state.locked().status != TransferStatus::InProgress
     }
 
     /// Time from post to settle, once settled.
     pub fn elapsed(&self) -> Option<Duration> {
-        self.state.lock().unwrap().finished_at.map(|t| t - self.posted_at)
+        self.state.locked().finished_at.map(|t| t - self.posted_at)
     }
 }
 

@@ -22,6 +22,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::memory::host::{HostAllocOptions, HostBuffer};
 use crate::memory::{CopyFence, CopyOp, Device, MemKind, MemRegion, PinGuard};
+use crate::sync::ReadWriteLocked;
 
 /// How the agent stages device memory through host memory for transports that cannot reach it.
 #[derive(Clone)]
@@ -128,17 +129,17 @@ impl Stager {
     }
 
     pub fn add_region(&self, key: u128, region: MemRegion) {
-        self.regions.write().unwrap().insert((region.addr, key), region);
+        self.regions.write_locked().insert((region.addr, key), region);
     }
 
     pub fn remove_region(&self, key: u128) {
-        self.regions.write().unwrap().retain(|&(_, k), _| k != key);
+        self.regions.write_locked().retain(|&(_, k), _| k != key);
     }
 
     /// The kind of local memory at `addr` if a staged registration holds it, else `None` (host
     /// memory the transport reads directly).
     pub fn staged_kind(&self, addr: u64, len: u64) -> Option<MemKind> {
-        let regions = self.regions.read().unwrap();
+        let regions = self.regions.read_locked();
         regions.range(..=(addr, u128::MAX)).rev().map(|(_, r)| r).find(|r| r.contains(addr, len)).map(|r| r.kind)
     }
 

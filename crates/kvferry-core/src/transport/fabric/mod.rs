@@ -26,6 +26,7 @@ use self::rail::{CONFIRMED, Check, Part, Rail, RailLimits, RailOp, UNCHECKED};
 use crate::auth::Auth;
 use crate::error::{Error, Result};
 use crate::memory::{MemKind, MemRegion};
+use crate::sync::ReadWriteLocked;
 use crate::transport::{
     Batch, Endpoint, MemoryOwner, NotificationQueue, Op, PeerLink, RejectReason, RemoteRegion, TransferError,
     Transport, TransportKind, no_key_on_link, remote_keys,
@@ -555,13 +556,13 @@ impl Transport for FabricTransport {
             }
         }
         let mr = Arc::new(LocalMr { region, rails: ids, keys: keys.clone() });
-        self.local.write().unwrap().insert((region.addr, keys[0]), mr);
+        self.local.write_locked().insert((region.addr, keys[0]), mr);
         Ok(encode_key(self.virt_addr(), &keys))
     }
 
     fn deregister(&self, key: &[u8]) {
         let Some(key) = decode_key(key) else { return };
-        let mut local = self.local.write().unwrap();
+        let mut local = self.local.write_locked();
         let Some(&at) = local.iter().find(|((_, k), _)| *k == key.keys[0]).map(|(at, _)| at) else { return };
         let mr = local.remove(&at).expect("found above");
         drop(local);
@@ -693,7 +694,7 @@ impl PeerLink for FabricLink {
             _ => 0,
         };
         // One look at the registrations for the whole batch, not one per op.
-        let registry = self.mr_local.then(|| self.local.read().unwrap());
+        let registry = self.mr_local.then(|| self.local.read_locked());
         let mut parts: Vec<Vec<RailOp>> = (0..stripes).map(|_| Vec::new()).collect();
         let (mut stripe, mut filled) = (0usize, 0u64);
         for (index, o) in batch.ops.iter().enumerate() {

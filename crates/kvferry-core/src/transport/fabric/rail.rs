@@ -30,6 +30,7 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::limits::LogLimiter;
 use crate::memory::{MemKind, MemRegion};
+use crate::sync::{Locked, ReadWriteLocked};
 use crate::transport::{Completion, NotificationQueue, Op, PartOutcome, RejectReason, TransferError};
 
 /// Posted receive buffers per rail for notifications, and the size of each: the sender's name
@@ -185,7 +186,7 @@ struct CommandQueue {
 
 impl CommandQueue {
     fn push(&self, c: Command) {
-        self.commands.lock().unwrap().push_back(c);
+        self.commands.locked().push_back(c);
         self.wake();
     }
 
@@ -621,7 +622,7 @@ impl Progress {
             self.handle_read(n, entries);
             return;
         }
-        let commands = self.queue.commands.lock().unwrap();
+        let commands = self.queue.commands.locked();
         if commands.is_empty() {
             let _ = self.queue.posted.wait_timeout(commands, IDLE_SLEEP);
         }
@@ -630,7 +631,7 @@ impl Progress {
     fn drain_commands(&mut self) -> bool {
         let mut any = false;
         loop {
-            let Some(command) = self.queue.commands.lock().unwrap().pop_front() else { return any };
+            let Some(command) = self.queue.commands.locked().pop_front() else { return any };
             any = true;
             match command {
                 Command::Register { region, requested_key, reply } => {
@@ -1160,7 +1161,7 @@ impl Progress {
         answer.extend_from_slice(&query.to_le_bytes());
         answer.extend_from_slice(&(count as u16).to_le_bytes());
         {
-            let registry = self.registry.read().unwrap();
+            let registry = self.registry.read_locked();
             for _ in 0..count {
                 let (addr, len) = (r.u64()?, r.u64()?);
                 let keys: Vec<u64> = (0..r.take(1)?[0]).map(|_| r.u64()).collect::<Option<_>>()?;
@@ -1436,7 +1437,7 @@ impl Progress {
                     let message = self.recv_buffer[start..start + len.min(RECV_SLOT_BYTES)].to_vec();
                     self.handle(&message);
                     #[cfg(test)]
-                    self.received.lock().unwrap().push(message);
+                    self.received.locked().push(message);
                 }
                 if !self.queue.stop.load(Ordering::Acquire)
                     && let Err(e) = self.post_recv(slot)

@@ -8,6 +8,7 @@ use super::{FabricConfig, FabricTransport};
 use crate::auth::Auth;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
 use crate::metadata::AgentMetadata;
+use crate::sync::Locked;
 use crate::transport::{Batch, Completion, NotificationQueue, Op, RemoteRegion, Transport, TransportKind, XferOp};
 use crate::{Agent, AgentConfig, Deadline, ErrorCode, MemRegion};
 
@@ -254,7 +255,7 @@ fn a_peer_that_never_answers_the_handshake_fails_the_batch_at_its_deadline() {
 /// Waits (bounded) until `rail` has handled every message of `sent`.
 fn handled(transport: &FabricTransport, sent: &[&[u8]]) {
     let deadline = soon();
-    while !sent.iter().all(|m| transport.rails[0].received.lock().unwrap().iter().any(|r| r == m)) {
+    while !sent.iter().all(|m| transport.rails[0].received.locked().iter().any(|r| r == m)) {
         assert!(!deadline.expired(), "the messages did not arrive");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -283,7 +284,7 @@ fn forged_and_replayed_messages_are_not_acted_upon() {
     // The rail logs a message after handling it, so the log may trail the queue a moment.
     let deadline = soon();
     let genuine = loop {
-        if let Some(m) = b.rails[0].received.lock().unwrap().iter().rev().find(|m| m[0] == 8) {
+        if let Some(m) = b.rails[0].received.locked().iter().rev().find(|m| m[0] == 8) {
             break m.clone();
         }
         assert!(!deadline.expired(), "the genuine notification was never logged");
@@ -327,11 +328,11 @@ fn forged_and_replayed_messages_are_not_acted_upon() {
     hello.extend_from_slice(&[9u8; 32]);
     stranger.rails[0].send_raw(target, hello);
     let deadline = soon();
-    while stranger.rails[0].received.lock().unwrap().is_empty() {
+    while stranger.rails[0].received.locked().is_empty() {
         assert!(!deadline.expired(), "the target did not answer the stranger's hello");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let answers: Vec<u8> = stranger.rails[0].received.lock().unwrap().iter().map(|m| m[0]).collect();
+    let answers: Vec<u8> = stranger.rails[0].received.locked().iter().map(|m| m[0]).collect();
     assert_eq!(answers, vec![5], "the target answered the stranger with more than a challenge");
 
     notify(b"genuine 2");

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use crate::error::Result;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
+use crate::sync::Locked;
 
 /// Registrations one connection can hold grants for at once.
 const SLOTS: usize = 1 << 16;
@@ -95,7 +96,7 @@ impl Leases {
     /// The slot of a registration granted on this connection (opened on first grant); `None`
     /// when the connection holds [`SLOTS`] grants already.
     pub fn open(&self, key: u128) -> Option<u32> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         let (open, free, next) = &mut *state;
         if let Some(&index) = open.get(&key) {
             return Some(index);
@@ -118,7 +119,7 @@ impl Leases {
     /// Revoke the registration's slot, if this connection holds one, and free it. Never waits:
     /// a peer that copied meanwhile discards what it read (see the module documentation).
     pub fn revoke(&self, key: u128) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.locked();
         let (open, free, _) = &mut *state;
         if let Some(index) = open.remove(&key) {
             self.file.slot(index).expect("open slots exist").revoked.store(1, Ordering::SeqCst);

@@ -33,6 +33,7 @@ use crate::error::Result;
 use crate::memory::MemRegion;
 use crate::memory::host::{HostDevice, PeerFile};
 use crate::net::DeadlineStream;
+use crate::sync::Locked;
 use crate::transport::frame::{self, Failure, Header};
 use crate::transport::{
     AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp, no_key_on_link,
@@ -207,7 +208,7 @@ impl ShmLink {
         let cut_handle: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let handle = cut_handle.clone();
         let cut: AbortHook = Arc::new(move || {
-            if let Some(stream) = handle.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if let Some(stream) = handle.locked().as_ref() {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
         });
@@ -243,7 +244,7 @@ impl PeerLink for ShmLink {
             return Err(no_key_on_link(&self.peer, index, op));
         }
         batch.completion.set_guarded_parts(1);
-        let mut jobs = self.jobs.lock().unwrap();
+        let mut jobs = self.jobs.locked();
         let batch = match jobs.as_ref() {
             Some(queue) => match queue.send(Job::Batch(batch)) {
                 Ok(()) => return Ok(()),
@@ -354,7 +355,7 @@ impl Worker {
                     let Some(queue) = queue.upgrade() else { return };
                     // Under the queue's lock no batch can be sent to us: take one that came, or
                     // retire, so the next post starts a fresh worker.
-                    let mut jobs = queue.lock().unwrap();
+                    let mut jobs = queue.locked();
                     match batches.try_recv() {
                         Ok(job) => {
                             drop(jobs);
@@ -436,7 +437,7 @@ impl Worker {
             // on it; ask afresh.
             self.grants.clear();
             self.sources.clear();
-            *self.cut_handle.lock().unwrap_or_else(|e| e.into_inner()) = conn.stream.try_clone().ok();
+            *self.cut_handle.locked() = conn.stream.try_clone().ok();
             self.conn = Some(conn);
         }
         if c.deadline().expired() {
@@ -456,7 +457,7 @@ impl Worker {
     /// Forget the connection and everything granted on it.
     fn disconnect(&mut self) {
         self.conn = None;
-        *self.cut_handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.cut_handle.locked() = None;
         self.grants.clear();
         self.sources.clear();
     }
@@ -654,7 +655,7 @@ impl Worker {
         // `grants`, which nothing changes until the pull returns.
         let pulled = unsafe { pull_sharing(&self.device, pulls) };
         #[cfg(test)]
-        if let Some((peer, hook)) = AFTER_READ_COPY.lock().unwrap().as_mut()
+        if let Some((peer, hook)) = AFTER_READ_COPY.locked().as_mut()
             && *peer == self.info.peer
         {
             hook();

@@ -43,6 +43,7 @@ use crate::limits::ServeLimits;
 use crate::memory::host::HostDevice;
 use crate::memory::{MemKind, MemRegion};
 use crate::net::Server;
+use crate::sync::Locked;
 use crate::transport::host::boot_id;
 use crate::transport::keys;
 use crate::transport::{
@@ -182,9 +183,9 @@ impl Transport for ShmTransport {
         let Some((key, _)) = wire::decode_key(key) else { return };
         self.shared.deregister(key);
         // The links that shared its file withdraw it; a worker that is not running shares nothing.
-        self.links.lock().unwrap().retain(|queue| {
+        self.links.locked().retain(|queue| {
             let Some(queue) = queue.upgrade() else { return false };
-            if let Some(jobs) = queue.lock().unwrap().as_ref() {
+            if let Some(jobs) = queue.locked().as_ref() {
                 let _ = jobs.send(Job::Forget(key));
             }
             true
@@ -235,7 +236,7 @@ impl Transport for ShmTransport {
             local: self.shared.clone(),
         };
         let link = ShmLink::new(info, regions, self.device.clone());
-        let mut links = self.links.lock().unwrap();
+        let mut links = self.links.locked();
         links.retain(|queue| queue.strong_count() > 0);
         links.push(link.queue());
         Ok(Arc::new(link))

@@ -30,6 +30,7 @@ use crate::deadline::Deadline;
 use crate::limits::{Budget, Reservation};
 use crate::memory::host::{HostDevice, PeerFile};
 use crate::net::{DeadlineStream, Next, Service, peer_cred, received, recv_ready};
+use crate::sync::Locked;
 use crate::transport::frame::{self, Header, invalid};
 use crate::transport::frame::{BUSY_NOTIFICATIONS, BUSY_REQUEST_BYTES, STATUS_BUSY};
 use crate::transport::keys::{KeyEntry, KeyTable};
@@ -102,7 +103,7 @@ impl OwnerShared {
     /// do not depend on the peer running), then revoke the key in every connection's lease file.
     pub fn deregister(&self, key: u128) {
         self.keys.remove(key);
-        let leases: Vec<Arc<Leases>> = self.leases.open.lock().unwrap().values().cloned().collect();
+        let leases: Vec<Arc<Leases>> = self.leases.open.locked().values().cloned().collect();
         for l in leases {
             l.revoke(key);
         }
@@ -127,7 +128,7 @@ pub(super) struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.table.open.lock().unwrap().remove(&self.id);
+        self.table.open.locked().remove(&self.id);
     }
 }
 
@@ -167,7 +168,7 @@ impl Service for OwnerShared {
         let leases = Arc::new(Leases::new().map_err(io::Error::other)?);
         let (from, pid) = accept_hello(stream, &leases, deadline)?;
         let id = self.leases.next.fetch_add(1, Ordering::Relaxed);
-        self.leases.open.lock().unwrap().insert(id, leases.clone());
+        self.leases.open.locked().insert(id, leases.clone());
         let table = self.leases.clone();
         Ok(Conn { from, pid, leases, id, table, sources: HashMap::new(), passed: None, reading: Reading::start() })
     }

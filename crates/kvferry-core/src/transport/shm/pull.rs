@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use super::wire;
 use crate::memory::host::{HostDevice, MIN_WORKER_SHARE, read_file_at};
+use crate::sync::Locked;
 
 /// Where a pull's bytes come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,7 +164,7 @@ pub(super) unsafe fn pull_sharing(device: &HostDevice, ops: Vec<Pull>) -> Result
             Box::new(move || {
                 // SAFETY: the caller's guarantees hold until `run_sharing` has run every share.
                 if let Err((at, e)) = unsafe { pull(&share) } {
-                    let mut first = failed.lock().unwrap();
+                    let mut first = failed.locked();
                     if first.as_ref().is_none_or(|(index, _)| from[at] < *index) {
                         *first = Some((from[at], e));
                     }
@@ -172,7 +173,7 @@ pub(super) unsafe fn pull_sharing(device: &HostDevice, ops: Vec<Pull>) -> Result
         })
         .collect();
     device.run_sharing(tasks);
-    match failed.lock().unwrap().take() {
+    match failed.locked().take() {
         Some(e) => Err(e),
         None => Ok(()),
     }

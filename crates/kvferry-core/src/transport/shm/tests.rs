@@ -9,6 +9,7 @@ use super::pull::probe_cross_memory;
 use super::wire::{self, Reach};
 use super::*;
 use crate::memory::host::{HostAllocOptions, HostBuffer};
+use crate::sync::Locked;
 use crate::transport::RejectReason;
 use crate::transport::frame;
 
@@ -234,13 +235,12 @@ fn a_read_that_raced_a_deregistration_fails_instead_of_succeeding() {
         let r = initiator.prepare_remote("race-target", &[remote.region()]).unwrap();
         // Deregister between the copy and the lease check: the copy happened, the READ must fail.
         let dropped = reg.clone();
-        *link::AFTER_READ_COPY.lock().unwrap() =
-            Some(("race-target".into(), Box::new(move || drop(dropped.lock().unwrap().take()))));
+        *link::AFTER_READ_COPY.locked() = Some(("race-target".into(), Box::new(move || drop(dropped.locked().take()))));
         let e = initiator.read(&l, &[0], &r, &[0], crate::Deadline::after(std::time::Duration::from_secs(10)));
         let e = e.unwrap().wait().unwrap_err();
-        *link::AFTER_READ_COPY.lock().unwrap() = None;
+        *link::AFTER_READ_COPY.locked() = None;
         assert_eq!(e.code(), crate::ErrorCode::RemoteUnknownKey, "{e}");
-        assert!(reg.lock().unwrap().is_none(), "the registration was dropped during the READ");
+        assert!(reg.locked().is_none(), "the registration was dropped during the READ");
     }
 }
 
