@@ -252,6 +252,7 @@ vllm_tests() {
         test_lease_ends_and_frees_unread_prefill_blocks \
         test_a_decode_request_aborted_mid_pull_frees_its_blocks_at_once \
         test_prefill_killed_before_decode_reads \
+        test_colocated_engines_on_one_cpu_serve_pd_without_waiting_for_the_lease \
         test_a_second_engine_hits_every_block_the_first_stored_in_s3 \
         test_a_shared_directory_serves_a_second_engine_and_flipped_bytes_are_recomputed \
         test_the_s3_server_killed_mid_run_leaves_every_request_served

@@ -52,7 +52,9 @@ class Server:
         self._out.close()
 
 
-def vllm_server(name: str, model: Path, log_dir: Path, kv_transfer_config: dict) -> Server:
+def vllm_server(
+    name: str, model: Path, log_dir: Path, kv_transfer_config: dict, env: dict[str, str] | None = None
+) -> Server:
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -61,7 +63,7 @@ def vllm_server(name: str, model: Path, log_dir: Path, kv_transfer_config: dict)
         "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05",
         "--kv-transfer-config", json.dumps(kv_transfer_config),
     ]  # fmt: skip
-    return Server(name, cmd, port, log_dir / f"{name}.log", env=ENGINE_ENV)
+    return Server(name, cmd, port, log_dir / f"{name}.log", env={**ENGINE_ENV, **(env or {})})
 
 
 def proxy(prefill: Server, decode: Server, log_dir: Path) -> Server:
