@@ -1,4 +1,7 @@
-"""Writes a small Llama with random weights (no download): `python make_model.py DIR`."""
+"""Writes a small Llama with random weights (no download): `python make_model.py DIR [--wide]`.
+
+`--wide`: four layers of eight KV heads, 512 KiB of cache a block of 32 float32 tokens (16 KiB
+without), so that a prompt's blocks take a measurable time to cross a shaped link."""
 
 import sys
 
@@ -7,14 +10,15 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    wide = sys.argv[2:] == ["--wide"]
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=512 if wide else 256,
+        intermediate_size=1024 if wide else 512,
+        num_hidden_layers=4 if wide else 2,
+        num_attention_heads=8 if wide else 4,
+        num_key_value_heads=8 if wide else 2,
         head_dim=64,
         max_position_embeddings=2048,
         # Large weights make the greedy choice clear-cut, so tokens do not flip on rounding

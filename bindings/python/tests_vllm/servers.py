@@ -17,9 +17,11 @@ BLOCK_TOKENS = 32
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self, name: str, cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None, host: str = "127.0.0.1"
+    ):
         self.name, self.port, self.log = name, port, log
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         self._out = open(log, "w")
         self.proc = subprocess.Popen(
             cmd, stdout=self._out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
@@ -52,16 +54,26 @@ class Server:
         self._out.close()
 
 
-def vllm_server(name: str, model: Path, log_dir: Path, kv_transfer_config: dict) -> Server:
+def vllm_server(
+    name: str,
+    model: Path,
+    log_dir: Path,
+    kv_transfer_config: dict,
+    env: dict[str, str] | None = None,
+    netns: str | None = None,
+    host: str = "127.0.0.1",
+) -> Server:
+    """A server listening on `host`, in network namespace `netns` (None: this process's)."""
     port = free_port()
-    cmd = [
+    cmd = ["ip", "netns", "exec", netns] if netns is not None else []
+    cmd += [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "m",
+        "--host", host, "--port", str(port), "--served-model-name", "m",
         "--skip-tokenizer-init", "--block-size", str(BLOCK_TOKENS), "--max-model-len", "1024",
         "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05",
         "--kv-transfer-config", json.dumps(kv_transfer_config),
     ]  # fmt: skip
-    return Server(name, cmd, port, log_dir / f"{name}.log", env=ENGINE_ENV)
+    return Server(name, cmd, port, log_dir / f"{name}.log", env={**ENGINE_ENV, **(env or {})}, host=host)
 
 
 def proxy(prefill: Server, decode: Server, log_dir: Path) -> Server:
@@ -89,8 +101,8 @@ def complete(url: str, prompt: list[int], max_tokens: int, timeout: float = 120,
 KEPT_LABELS = ("source", "medium", "event")
 
 
-def metrics(server: Server) -> dict[str, float]:
-    """Prometheus samples summed over labels other than `KEPT_LABELS`: `name{source=x}`,
+def metrics(server: Server, kept: tuple[str, ...] = KEPT_LABELS) -> dict[str, float]:
+    """Prometheus samples summed over labels other than `kept`: `name{source=x}`,
     `name{medium=x}` or `name`."""
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
         text = response.read().decode()
@@ -100,7 +112,7 @@ def metrics(server: Server) -> dict[str, float]:
             continue
         name_labels, _, value = line.rpartition(" ")
         name, _, labels = name_labels.partition("{")
-        kept = [p.replace('"', "") for p in labels.rstrip("}").split(",") if p.split("=")[0] in KEPT_LABELS]
-        key = f"{name}{{{','.join(kept)}}}" if kept else name
+        shown = [p.replace('"', "") for p in labels.rstrip("}").split(",") if p.split("=")[0] in kept]
+        key = f"{name}{{{','.join(shown)}}}" if shown else name
         values[key] = values.get(key, 0.0) + float(value)
     return values

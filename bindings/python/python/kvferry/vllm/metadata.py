@@ -56,6 +56,8 @@ class StepMetadata(KVConnectorMetadata):
     preempted: set[str] = field(default_factory=set)
     # Empty the tiers (vLLM's `reset_prefix_cache(reset_connector=True)`).
     clear_tiers: bool = False
+    # The step runs no token: vLLM steps only to hear which held blocks are released.
+    idle: bool = False
 
 
 @dataclass

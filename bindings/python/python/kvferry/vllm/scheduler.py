@@ -180,6 +180,7 @@ class ConnectorScheduler:
 
     def build_meta(self, out: Any) -> StepMetadata:
         meta, self._step = self._step, StepMetadata()
+        meta.idle = out.total_num_scheduled_tokens == 0
         meta.preempted = set(out.preempted_req_ids or ())
         for rid in meta.preempted:
             self._stored_upto.pop(rid, None)

@@ -28,6 +28,12 @@ logger = init_logger(f"vllm.{__name__}")
 # `readers` is how many decode ranks read from that prefill rank, so it knows when all are done.
 DONE_PREFIX = b"kvferry-done "
 
+# How long a step that runs no token may wait for a decode engine's "done" while this engine only
+# holds leased blocks. vLLM steps such an engine without pause until the blocks are released; on a
+# host it shares with its decode engines that loop takes the CPUs they need to read and decode, so
+# each step waits here instead, and a request arriving meanwhile waits at most this long.
+IDLE_WAIT_SECONDS = 0.05
+
 # In each rank's disk directory: what the engine that wrote its blocks was (model, dtypes, block
 # shape, rank). vLLM's block hashes name tokens, not a model, so blocks another configuration
 # wrote would be found under the same hashes and loaded as this one's.
@@ -308,11 +314,19 @@ class ConnectorWorker:
                 # A cache that cannot take a block only misses it later.
                 logger.info("kvferry: storing %d blocks of %s skipped: %s", len(blocks), spec.req_id, e)
 
-    def results(self) -> tuple[set[str], set[str], set[str]]:
-        """(finished sending, finished receiving, failed receiving) since the last call."""
+    def results(self, idle: bool = False) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving) since the last call. In an
+        `idle` step (no token scheduled) with nothing in flight but held blocks, first wait, at most
+        `IDLE_WAIT_SECONDS`, for a reader's "done" or the next lease to end."""
         now = time.time()
         if self.agent is not None:
-            for _peer, data in self.agent.take_notifications():
+            wait = 0.0
+            if idle and self._held and not (self._pulls or self._tier_loads or self._stores):
+                holding = [self._holding_for(req, expiry, now) for req, expiry in self._held.items()]
+                wait = min([IDLE_WAIT_SECONDS, *holding])
+            notes = self.agent.wait_notifications(wait) if wait > 0 else self.agent.take_notifications()
+            now = time.time()
+            for _peer, data in notes:
                 parsed = parse_done(data)
                 if parsed is not None:
                     self._done_readers[parsed[1]].append(parsed[0])
@@ -324,10 +338,9 @@ class ConnectorWorker:
         for req, expiry in list(self._held.items()):
             if req in self._stores:
                 continue
-            readers = self._done_readers.get(req, [])
-            if expiry is not None and not (readers and len(readers) >= readers[0]):
-                if now < expiry:
-                    continue
+            if self._holding_for(req, expiry, now) > 0:
+                continue
+            if expiry is not None and not self._all_read(req):
                 logger.warning("kvferry: lease of %s ended before its decode side read it", req)
             sending.add(req)
             del self._held[req]
@@ -351,6 +364,16 @@ class ConnectorWorker:
             del self._tier_loads[req]
             recving.add(req)
         return sending, recving, failed
+
+    def _all_read(self, req: str) -> bool:
+        readers = self._done_readers.get(req, [])
+        return bool(readers) and len(readers) >= readers[0]
+
+    def _holding_for(self, req: str, expiry: float | None, now: float) -> float:
+        """Seconds until a held request's blocks go back, unless a reader says done first (0: now)."""
+        if expiry is None or self._all_read(req):
+            return 0.0
+        return max(0.0, expiry - now)
 
     def take_error_blocks(self) -> set[int]:
         blocks, self._error_blocks = self._error_blocks, set()
