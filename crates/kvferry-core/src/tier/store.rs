@@ -18,7 +18,7 @@ use crate::memory::host::HostBuffer;
 use crate::memory::{CopyFence, CopyOp, Device, FenceSignal, MemKind, MemRegion};
 use crate::sync::Locked;
 use crate::tier::disk::{DiskEntry, DiskFiles, Record, block_checksum, write_failed};
-use crate::tier::policy::{AdmissionFilter, Policy, new_policy};
+use crate::tier::policy::{AdmissionFilter, EvictionPolicy, Policy, new_policy};
 use crate::tier::remote::{RemoteLookup, RemoteStats, RemoteTier};
 use crate::tier::uring::{Direction, IoOp, Ring};
 use crate::tier::{BlockKey, BlockRegions, DISK_ALIGNMENT, Medium, TierConfig, TierError, TierEvent};
@@ -133,6 +133,62 @@ struct State {
 }
 
 impl State {
+    /// `host_blocks` free slabs in DRAM, no disk tier, nothing counted yet.
+    fn new(host_blocks: usize, policy: EvictionPolicy, admission: AdmissionFilter) -> State {
+        State {
+            host: HashMap::new(),
+            slots: (0..host_blocks).map(|_| None).collect(),
+            free: (0..host_blocks as u32).rev().collect(),
+            policy: new_policy(policy, host_blocks),
+            disk: None,
+            admission,
+            stats: TierStats::default(),
+            subscribers: Vec::new(),
+            leased: 0,
+        }
+    }
+
+    /// Claim free slabs for the `keys` not in DRAM yet (pinned, not visible to lookups until
+    /// [`publish`](Self::publish)), adding them to `claimed`; returns how many keys still lack one.
+    fn claim_free(&mut self, keys: &[BlockKey], claimed: &mut Vec<(BlockKey, u32)>) -> usize {
+        for key in keys {
+            if self.host.contains_key(key) {
+                continue;
+            }
+            let Some(index) = self.free.pop() else { break };
+            self.slots[index as usize] = Some(HostSlot { key: *key, pins: 1, ready: false, on_disk: false });
+            self.host.insert(*key, index);
+            claimed.push((*key, index));
+        }
+        keys.iter().filter(|k| !self.host.contains_key(k)).count()
+    }
+
+    /// Make filled claims visible to lookups and evictable: the claim's pin goes.
+    fn publish(&mut self, claimed: &[(BlockKey, u32)]) {
+        for (key, index) in claimed {
+            let slot = self.slot(*index);
+            slot.ready = true;
+            slot.pins -= 1;
+            self.policy.inserted(*key);
+        }
+    }
+
+    /// Up to `count` evictable slabs (filled, unpinned) in the policy's order, pinned for the
+    /// eviction.
+    fn pin_victims(&mut self, count: usize) -> Vec<(BlockKey, u32)> {
+        let (host, slots) = (&self.host, &self.slots);
+        let keys = self.policy.victims(count, &mut |key| {
+            host.get(key).is_some_and(|&i| slots[i as usize].as_ref().is_some_and(|s| s.ready && s.pins == 0))
+        });
+        keys.into_iter()
+            .map(|key| {
+                let index = self.host[&key];
+                self.slot(index).pins += 1;
+                (key, index)
+            })
+            .collect()
+    }
+
     fn emit(&mut self, event: TierEvent) {
         // A change of no block says nothing; `Cleared` names none by nature.
         if !event.keys().is_empty() || event == TierEvent::Cleared {
@@ -356,17 +412,8 @@ impl TierStore {
 
         let total_blocks = host_blocks + disk.as_ref().map_or(0, |d| d.slots as usize);
         let admit_after = config.disk.as_ref().map_or(0, |d| d.admit_after);
-        let state = State {
-            host: HashMap::new(),
-            slots: (0..host_blocks).map(|_| None).collect(),
-            free: (0..host_blocks as u32).rev().collect(),
-            policy: new_policy(config.policy, host_blocks),
-            disk,
-            admission: AdmissionFilter::new(total_blocks, admit_after),
-            stats,
-            subscribers: Vec::new(),
-            leased: 0,
-        };
+        let mut state = State::new(host_blocks, config.policy, AdmissionFilter::new(total_blocks, admit_after));
+        (state.disk, state.stats) = (disk, stats);
         let remote = config.remote.clone().map(|r| RemoteTier::open(r, block_size)).transpose()?;
         let shared = Arc::new(Shared {
             block_size,
@@ -802,12 +849,7 @@ impl Shared {
             }
             return Err(e);
         }
-        for (key, index) in &claimed {
-            let slot = state.slot(*index);
-            slot.ready = true;
-            slot.pins -= 1;
-            state.policy.inserted(*key);
-        }
+        state.publish(&claimed);
         state.emit(TierEvent::Stored { keys: claimed.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
         Ok(())
     }
@@ -1107,20 +1149,11 @@ impl Shared {
             let (victims, writes) = {
                 let mut state = self.lock();
                 let state = &mut *state;
-                for key in keys {
-                    if state.host.contains_key(key) {
-                        continue;
-                    }
-                    let Some(index) = state.free.pop() else { break };
-                    state.slots[index as usize] = Some(HostSlot { key: *key, pins: 1, ready: false, on_disk: false });
-                    state.host.insert(*key, index);
-                    claimed.push((*key, index));
-                }
-                let wanted = keys.iter().filter(|k| !state.host.contains_key(k)).count();
+                let wanted = state.claim_free(keys, &mut claimed);
                 if wanted == 0 {
                     return Ok(claimed);
                 }
-                let victims = self.pick_victims(state, wanted);
+                let victims = state.pin_victims(wanted);
                 if victims.is_empty() {
                     claimed.iter().for_each(|(_, index)| state.release_claim(*index));
                     return Err(TierError::NoRoom { needed: wanted, medium: Medium::Cpu }.into());
@@ -1136,21 +1169,6 @@ impl Shared {
         let mut state = self.lock();
         claimed.iter().for_each(|(_, index)| state.release_claim(*index));
         Err(TierError::NoRoom { needed: keys.len(), medium: Medium::Cpu }.into())
-    }
-
-    /// Up to `count` evictable slabs in policy order, pinned for the eviction.
-    fn pick_victims(&self, state: &mut State, count: usize) -> Vec<(BlockKey, u32)> {
-        let (host, slots) = (&state.host, &state.slots);
-        let keys = state.policy.victims(count, &mut |key| {
-            host.get(key).is_some_and(|&i| slots[i as usize].as_ref().is_some_and(|s| s.ready && s.pins == 0))
-        });
-        keys.into_iter()
-            .map(|key| {
-                let index = state.host[&key];
-                state.slot(index).pins += 1;
-                (key, index)
-            })
-            .collect()
     }
 
     /// Which victims go to disk, with a disk slot each: those not there yet that the admission filter
@@ -1577,6 +1595,65 @@ mod tests {
 
     fn key(i: u32) -> BlockKey {
         BlockKey::chain(None, &[i], b"")
+    }
+
+    /// A DRAM-only state of `slabs` slabs under LRU: the transitions below run on it alone, with no
+    /// thread, arena or file.
+    fn dram(slabs: usize) -> State {
+        State::new(slabs, EvictionPolicy::Lru, AdmissionFilter::new(slabs, 0))
+    }
+
+    fn put_into(state: &mut State, ids: &[u32]) -> Vec<(BlockKey, u32)> {
+        let keys: Vec<BlockKey> = ids.iter().map(|&i| key(i)).collect();
+        let mut claimed = Vec::new();
+        assert_eq!(state.claim_free(&keys, &mut claimed), 0);
+        state.publish(&claimed);
+        claimed
+    }
+
+    #[test]
+    fn a_claim_is_pinned_and_invisible_until_published() {
+        let mut state = dram(2);
+        let mut claimed = Vec::new();
+        assert_eq!(state.claim_free(&[key(1), key(2), key(3)], &mut claimed), 1, "two slabs for three keys");
+        assert_eq!(claimed.len(), 2);
+        assert!(state.ready_slab(&key(1)).is_none(), "a claim is not a block yet");
+        assert!(state.pin_victims(2).is_empty(), "claims are never victims");
+        state.publish(&claimed);
+        let index = state.ready_slab(&key(1)).unwrap();
+        assert_eq!(state.slots[index as usize].as_ref().map(|s| s.pins), Some(0));
+        // A key already in DRAM takes no second slab.
+        let mut again = Vec::new();
+        assert_eq!(state.claim_free(&[key(1)], &mut again), 0);
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn a_released_claim_gives_its_slab_back_and_leaves_no_key() {
+        let mut state = dram(1);
+        let mut claimed = Vec::new();
+        state.claim_free(&[key(7)], &mut claimed);
+        assert!(state.free.is_empty());
+        state.release_claim(claimed[0].1);
+        assert_eq!(state.free.len(), 1);
+        assert!(!state.host.contains_key(&key(7)));
+        assert_eq!(put_into(&mut state, &[8]).len(), 1, "the slab is claimable again");
+    }
+
+    #[test]
+    fn victims_come_in_lru_order_and_pinned_blocks_are_skipped() {
+        let mut state = dram(3);
+        put_into(&mut state, &[1, 2, 3]);
+        // Block 1 is the oldest, but a reader holds it.
+        let index = state.ready_slab(&key(1)).unwrap();
+        state.slot(index).pins += 1;
+        let victims = state.pin_victims(1);
+        assert_eq!(victims.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(2)]);
+        // A victim is pinned for its eviction, so the next choice passes it by too.
+        assert_eq!(state.pin_victims(1).iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(3)]);
+        assert!(state.pin_victims(1).is_empty(), "every block is pinned now");
+        state.slot(index).pins -= 1;
+        assert_eq!(state.pin_victims(1).iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(1)]);
     }
 
     fn temp_dir(name: &str) -> PathBuf {
