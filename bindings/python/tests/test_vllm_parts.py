@@ -233,6 +233,10 @@ def test_settings_from_extra_config():
     # A restarted engine keeps what its disk holds unless told to empty it.
     assert not cfg.offload.clear_on_start
     assert ConnectorConfig.from_extra("e", "kv_both", {"offload": {"clear_on_start": True}}).offload.clear_on_start
+    # The agent's own options pass through to kvferry.Agent, which checks them.
+    options = {"fabric.domains": "eth1", "tcp.streams": 4}
+    assert ConnectorConfig.from_extra("e", "kv_both", {"agent_options": options}).agent_options == options
+    assert ConnectorConfig.from_extra("e", "kv_both", {}).agent_options == {}
     for bad in (
         {"pd": False},
         {"lease_seconds": 0},
@@ -242,6 +246,7 @@ def test_settings_from_extra_config():
         {"offload": {"dram_bytes": "lots"}},
         {"offload": 3},
         {"offload": {"clear_on_start": "yes"}},
+        {"agent_options": ["fabric.domains"]},
     ):
         with pytest.raises(ValueError):
             ConnectorConfig.from_extra("e", "kv_both", bad)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 GIB = 1 << 30
@@ -41,6 +41,9 @@ class ConnectorConfig:
     # KVFERRY_SECRET_FILE); "auth": "none" turns it off on a closed network.
     secret_file: str | None
     auth: str
+    # Any of the agent's own options by key (`kvferry info` lists them), e.g. `fabric.domains` to
+    # pick the NIC the libfabric transport uses: passed to `kvferry.Agent(options=...)`.
+    agent_options: dict[str, Any] = field(default_factory=dict)
 
     def auth_kwargs(self) -> dict[str, Any]:
         """The `secret`/`auth` arguments of `kvferry.Agent` and `kvferry.authenticate_socket`."""
@@ -53,7 +56,7 @@ class ConnectorConfig:
     def from_extra(engine_id: str, kv_role: str | None, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
         extra = dict(extra or {})
         known = {"pd", "offload", "host", "port", "lease_seconds", "timeout_seconds", "shm", "fabric_provider"}
-        known |= {"secret_file", "auth"}
+        known |= {"secret_file", "auth", "agent_options"}
         unknown = set(extra) - known
         if unknown:
             raise ValueError(f"unknown kv_connector_extra_config keys {sorted(unknown)}; known: {sorted(known)}")
@@ -73,7 +76,15 @@ class ConnectorConfig:
             fabric_provider=extra.get("fabric_provider"),
             secret_file=None if extra.get("secret_file") is None else str(extra["secret_file"]),
             auth=_choice(extra, "auth", ("env", "none"), "env"),
+            agent_options=_agent_options(extra.get("agent_options", {})),
         )
+
+
+def _agent_options(d: Any) -> dict[str, Any]:
+    """Checked here only for shape; the agent's parser checks keys and values when it starts."""
+    if not isinstance(d, Mapping) or not all(isinstance(k, str) for k in d):
+        raise ValueError(f"agent_options must map option keys to values, got {d!r}")
+    return dict(d)
 
 
 def _choice(d: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:

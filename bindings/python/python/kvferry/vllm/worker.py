@@ -164,6 +164,7 @@ class ConnectorWorker:
                 shm=self.cfg.shm,
                 fabric_provider=self.cfg.fabric_provider,
                 cuda_device=device.index or 0 if device.type == "cuda" else None,
+                options=self.cfg.agent_options,
                 **self.cfg.auth_kwargs(),
             )
         self._kv_caches = kv_caches
