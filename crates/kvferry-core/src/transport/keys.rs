@@ -2,10 +2,9 @@
 //! remote access against it: 128 random bits per registration, a region, and what keeps it alive.
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::thread;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 
 use crate::error::Result;
 use crate::memory::{MemKind, MemRegion, Memory};
@@ -24,11 +23,54 @@ pub(crate) struct KeyEntry {
     owner: MemoryOwner,
     /// The requests using the region now, each with its cut-off.
     users: Mutex<HashMap<u64, Cut>>,
+    /// The [`KeyUse`]s alive, and the signal that the last one went.
+    uses: Mutex<usize>,
+    unused: Condvar,
+}
+
+impl KeyEntry {
+    fn new(region: MemRegion, owner: MemoryOwner) -> KeyEntry {
+        KeyEntry { region, owner, users: Mutex::default(), uses: Mutex::new(0), unused: Condvar::new() }
+    }
+}
+
+/// A use of a registration's entry: while one is alive, `KeyTable::remove` of its key waits.
+pub(crate) struct KeyUse(Arc<KeyEntry>);
+
+impl KeyUse {
+    fn of(entry: &Arc<KeyEntry>) -> KeyUse {
+        *entry.uses.locked() += 1;
+        KeyUse(entry.clone())
+    }
+}
+
+impl Clone for KeyUse {
+    fn clone(&self) -> KeyUse {
+        KeyUse::of(&self.0)
+    }
+}
+
+impl Drop for KeyUse {
+    fn drop(&mut self) {
+        let mut uses = self.0.uses.locked();
+        *uses -= 1;
+        if *uses == 0 {
+            self.0.unused.notify_all();
+        }
+    }
+}
+
+impl Deref for KeyUse {
+    type Target = KeyEntry;
+
+    fn deref(&self) -> &KeyEntry {
+        &self.0
+    }
 }
 
 /// The entries a request uses, held (and its cut-off registered with them) until it is dropped.
 pub(crate) struct Held {
-    entries: Vec<Arc<KeyEntry>>,
+    entries: Vec<KeyUse>,
     id: u64,
 }
 
@@ -53,31 +95,32 @@ pub(crate) struct KeyTable {
 
 impl KeyTable {
     pub fn insert(&self, key: u128, region: MemRegion, owner: MemoryOwner) {
-        let entry = KeyEntry { region, owner, users: Mutex::new(HashMap::new()) };
-        self.entries.write_locked().insert(key, Arc::new(entry));
+        self.entries.write_locked().insert(key, Arc::new(KeyEntry::new(region, owner)));
     }
 
-    pub fn get(&self, key: u128) -> Option<Arc<KeyEntry>> {
-        self.entries.read_locked().get(&key).cloned()
+    pub fn get(&self, key: u128) -> Option<KeyUse> {
+        self.entries.read_locked().get(&key).map(KeyUse::of)
     }
 
     /// A registration whose region holds the `len` bytes at `addr`, and its key: how the shm
     /// initiator finds the file behind a WRITE's source (a scan, once per region and connection).
-    pub fn find(&self, addr: u64, len: u64) -> Option<(u128, Arc<KeyEntry>)> {
+    pub fn find(&self, addr: u64, len: u64) -> Option<(u128, KeyUse)> {
         let entries = self.entries.read_locked();
-        entries.iter().find(|(_, e)| e.region.contains(addr, len)).map(|(k, e)| (*k, e.clone()))
+        entries.iter().find(|(_, e)| e.region.contains(addr, len)).map(|(k, e)| (*k, KeyUse::of(e)))
     }
 
-    /// Remove a key, cut off the requests using its region, and wait until they have let go (the
-    /// cut makes their socket calls return, so this does not wait on any peer).
+    /// Remove a key, cut off the requests using its region, and wait until every use has let go
+    /// (the cut makes their socket calls return, so this does not wait on any peer). Uses are only
+    /// made under the table's lock, so none starts once the key is out of it.
     pub fn remove(&self, key: u128) {
         let Some(entry) = self.entries.write_locked().remove(&key) else { return };
         let cuts: Vec<Cut> = entry.users.locked().values().cloned().collect();
         for cut in cuts {
             cut();
         }
-        while Arc::strong_count(&entry) > 1 {
-            thread::sleep(Duration::from_micros(200));
+        let mut uses = entry.uses.locked();
+        while *uses > 0 {
+            uses = entry.unused.wait(uses).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -85,7 +128,7 @@ impl KeyTable {
     /// `cut` registered: deregistration calls it) and the kind of memory each descriptor names.
     pub fn resolve(&self, descs: &[WireDesc], cut: &Cut) -> Result<Resolved, (u32, RejectReason)> {
         let entries = self.entries.read_locked();
-        let mut held: Vec<Arc<KeyEntry>> = Vec::new();
+        let mut held: Vec<KeyUse> = Vec::new();
         let mut kinds = Vec::with_capacity(descs.len());
         let mut last: Option<(u128, Arc<KeyEntry>)> = None;
         for (i, d) in descs.iter().enumerate() {
@@ -100,8 +143,8 @@ impl KeyTable {
                 Some((k, e)) if *k == d.key => e.clone(),
                 _ => {
                     let e = entries.get(&d.key).ok_or(reject(RejectReason::UnknownKey))?.clone();
-                    if !held.iter().any(|h| Arc::ptr_eq(h, &e)) {
-                        held.push(e.clone());
+                    if !held.iter().any(|h| Arc::ptr_eq(&h.0, &e)) {
+                        held.push(KeyUse::of(&e));
                     }
                     last = Some((d.key, e.clone()));
                     e
@@ -132,4 +175,33 @@ impl KeyEntry {
 /// A fresh 128-bit key.
 pub(crate) fn new_key() -> Result<u128> {
     crate::transport::random_key().map(u128::from_le_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// `remove` returns only once every use of the entry is gone, however long it is held.
+    #[test]
+    fn remove_waits_for_the_last_use_and_no_new_use_starts() {
+        let table = Arc::new(KeyTable::default());
+        table.insert(7, MemRegion::host(std::ptr::null(), 64), None);
+        let first = table.get(7).unwrap();
+        let second = first.clone();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let remover = {
+            let (table, dropped) = (table.clone(), dropped.clone());
+            std::thread::spawn(move || {
+                table.remove(7);
+                assert!(dropped.load(Ordering::SeqCst), "remove returned while a use was alive");
+            })
+        };
+        drop(first);
+        dropped.store(true, Ordering::SeqCst);
+        drop(second);
+        remover.join().unwrap();
+        assert!(table.get(7).is_none());
+    }
 }

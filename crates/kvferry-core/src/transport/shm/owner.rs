@@ -33,7 +33,7 @@ use crate::net::{DeadlineStream, Next, Service, peer_cred, received, recv_ready}
 use crate::sync::Locked;
 use crate::transport::frame::{self, Header, invalid};
 use crate::transport::frame::{BUSY_NOTIFICATIONS, BUSY_REQUEST_BYTES, STATUS_BUSY};
-use crate::transport::keys::{KeyEntry, KeyTable};
+use crate::transport::keys::{KeyTable, KeyUse};
 use crate::transport::{Notification, NotificationQueue, RejectReason};
 
 /// Read with `process_vm_readv`, by initiators to check that cross-memory attach reaches the
@@ -436,7 +436,7 @@ fn serve_write(
 /// request's order.
 #[derive(Default)]
 struct Checked {
-    held: Vec<Arc<KeyEntry>>,
+    held: Vec<KeyUse>,
     pulls: Vec<Pull>,
 }
 
@@ -448,7 +448,7 @@ fn check_write(
     pid: u32,
     ops: &[WriteOp],
 ) -> Result<Checked, (u32, RejectReason)> {
-    let mut held: Vec<(u128, Arc<KeyEntry>)> = Vec::new();
+    let mut held: Vec<(u128, KeyUse)> = Vec::new();
     let mut checked = Checked::default();
     for (index, op) in ops.iter().enumerate() {
         let reject = |reason| (index as u32, reason);
@@ -459,14 +459,14 @@ fn check_write(
         if op.addr.checked_add(op.len).is_none() {
             return Err(reject(RejectReason::RangeOverflow));
         }
-        let entry = match held.iter().find(|(k, _)| *k == op.key) {
-            Some((_, e)) => e.clone(),
+        let position = match held.iter().position(|(k, _)| *k == op.key) {
+            Some(position) => position,
             None => {
-                let e = shared.keys.get(op.key).ok_or(reject(RejectReason::UnknownKey))?;
-                held.push((op.key, e.clone()));
-                e
+                held.push((op.key, shared.keys.get(op.key).ok_or(reject(RejectReason::UnknownKey))?));
+                held.len() - 1
             }
         };
+        let entry = &held[position].1;
         if !entry.region.contains(op.addr, op.len) {
             return Err(reject(RejectReason::OutOfRange));
         }
