@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -227,6 +227,8 @@ struct Inner {
     block_size: usize,
     config: RemoteConfig,
     known: Mutex<HashMap<BlockKey, Known>>,
+    /// Told when keys in flight become known, for lookups that wait on them.
+    answered: Condvar,
     reads: Semaphore,
     writes: Semaphore,
     breaker: Mutex<Breaker>,
@@ -270,6 +272,7 @@ impl RemoteTier {
                 writes: Semaphore::new(config.concurrency),
                 config,
                 known: Mutex::new(HashMap::new()),
+                answered: Condvar::new(),
                 breaker: Mutex::new(Breaker { failures: 0, open_until: None, probing: false }),
                 stats: Mutex::new(RemoteStats::default()),
                 idle: Condvar::new(),
@@ -294,8 +297,8 @@ impl RemoteTier {
     }
 
     pub fn stats(&self) -> RemoteStats {
-        let mut stats = lock(&self.inner.stats).clone();
-        stats.breaker_open = lock(&self.inner.breaker).open_until.is_some();
+        let mut stats = self.inner.stats.locked().clone();
+        stats.breaker_open = self.inner.breaker.locked().open_until.is_some();
         stats
     }
 
@@ -307,7 +310,7 @@ impl RemoteTier {
     pub fn lookup(&self, keys: &[BlockKey]) -> RemoteLookup {
         let inner = &self.inner;
         let now = Instant::now();
-        let mut known = lock(&inner.known);
+        let mut known = inner.known.locked();
         let mut found = 0;
         for key in keys {
             match known.get(key) {
@@ -342,7 +345,12 @@ impl RemoteTier {
                     cause: "the lookup did not end by its deadline".into(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Pending means a key is in flight; wait for it to settle unless it did meanwhile.
+            let known = self.inner.known.locked();
+            if keys.iter().any(|k| matches!(known.get(k), Some(Known::InFlight))) {
+                let waited = self.inner.answered.wait_timeout(known, deadline.remaining());
+                drop(waited.unwrap_or_else(PoisonError::into_inner));
+            }
         }
     }
 
@@ -358,15 +366,15 @@ impl RemoteTier {
         let inner = &self.inner;
         let object_bytes = encoded_len(&key, inner.block_size) as u64;
         {
-            let mut known = lock(&inner.known);
+            let mut known = inner.known.locked();
             match known.get(&key) {
                 Some(Known::Present) => {
-                    lock(&inner.stats).already_stored += 1;
+                    inner.stats.locked().already_stored += 1;
                     return false;
                 }
                 Some(Known::InFlight) => return false,
                 _ => {
-                    let mut stats = lock(&inner.stats);
+                    let mut stats = inner.stats.locked();
                     if stats.upload_bytes_pending + object_bytes > inner.config.max_upload_bytes || !inner.admit() {
                         stats.dropped += 1;
                         return false;
@@ -388,7 +396,7 @@ impl RemoteTier {
     /// Wait until every queued upload has ended (stored or failed); false if some are still
     /// pending at `deadline`.
     pub fn flush(&self, deadline: Deadline) -> bool {
-        let mut stats = lock(&self.inner.stats);
+        let mut stats = self.inner.stats.locked();
         while stats.upload_bytes_pending > 0 {
             if deadline.expired() {
                 return false;
@@ -428,7 +436,7 @@ impl RemoteTier {
     /// Count `keys` as absent (a load of them failed elsewhere): lookups stop at them until
     /// `absent_for` has passed and the remote is asked again.
     pub fn forget(&self, keys: &[BlockKey]) {
-        let mut known = lock(&self.inner.known);
+        let mut known = self.inner.known.locked();
         let now = Instant::now();
         for key in keys {
             if !matches!(known.get(key), Some(Known::InFlight)) {
@@ -440,13 +448,13 @@ impl RemoteTier {
     /// The error every read gets while the breaker is open (before its probe is due), so that a
     /// store makes no room in DRAM for blocks that cannot come.
     pub(crate) fn refusal(&self) -> Option<TierError> {
-        let open_until = lock(&self.inner.breaker).open_until;
+        let open_until = self.inner.breaker.locked().open_until;
         open_until.is_some_and(|until| Instant::now() < until).then(|| self.inner.breaker_open())
     }
 
     /// Called with each block once its upload completes (a store announces them as events).
     pub(crate) fn set_on_uploaded(&self, callback: UploadedCallback) {
-        *lock(&self.inner.on_uploaded) = Some(callback);
+        *self.inner.on_uploaded.locked() = Some(callback);
     }
 }
 
@@ -475,7 +483,7 @@ impl Inner {
     /// Whether a request may go out now: always with the breaker closed; once it has been open for
     /// `retry_after`, one probe at a time.
     fn admit(&self) -> bool {
-        let mut breaker = lock(&self.breaker);
+        let mut breaker = self.breaker.locked();
         match breaker.open_until {
             None => true,
             Some(until) if Instant::now() >= until && !breaker.probing => {
@@ -488,13 +496,13 @@ impl Inner {
 
     /// The server answered (a missing object is an answer too).
     fn succeeded(&self) {
-        let mut breaker = lock(&self.breaker);
+        let mut breaker = self.breaker.locked();
         *breaker = Breaker { failures: 0, open_until: None, probing: false };
     }
 
     fn failed(&self, error: &TierError) {
         let tripped = {
-            let mut breaker = lock(&self.breaker);
+            let mut breaker = self.breaker.locked();
             breaker.failures += 1;
             let probe_failed = breaker.probing || breaker.open_until.is_some();
             breaker.probing = false;
@@ -506,7 +514,7 @@ impl Inner {
                 false
             }
         };
-        let mut stats = lock(&self.stats);
+        let mut stats = self.stats.locked();
         stats.errors += 1;
         stats.last_error = Some(error.to_string());
         if tripped {
@@ -571,21 +579,29 @@ impl Inner {
             }
         }
         let misses = results.iter().filter(|(_, k)| matches!(k, Known::Absent(_))).count() as u64;
-        lock(&self.stats).misses += misses;
-        let mut known = lock(&self.known);
-        for (key, state) in results {
-            known.insert(key, state);
-        }
-        for key in &keys[done..] {
-            if matches!(known.get(key), Some(Known::InFlight)) {
-                known.remove(key);
+        self.stats.locked().misses += misses;
+        self.settle(|known| {
+            for (key, state) in results {
+                known.insert(key, state);
             }
-        }
+            for key in &keys[done..] {
+                if matches!(known.get(key), Some(Known::InFlight)) {
+                    known.remove(key);
+                }
+            }
+        });
+    }
+
+    /// Change what is known of keys a lookup may be waiting on, and wake such lookups
+    /// ([`RemoteTier::lookup_blocking`]).
+    fn settle(&self, change: impl FnOnce(&mut HashMap<BlockKey, Known>)) {
+        change(&mut self.known.locked());
+        self.answered.notify_all();
     }
 
     /// Whether a lookup goes on to its next batch: not while the breaker is open.
     fn admit_next(&self) -> bool {
-        lock(&self.breaker).open_until.is_none()
+        self.breaker.locked().open_until.is_none()
     }
 
     /// Store one object unless the remote has it: a conditional create (`If-None-Match: *`), one
@@ -617,18 +633,15 @@ impl Inner {
             }
         };
         let uploaded = matches!(outcome, Ok(true));
-        remember(
-            &mut lock(&self.known),
-            &[key],
-            if outcome.is_ok() { Known::Present } else { Known::Absent(Instant::now()) },
-        );
+        let state = if outcome.is_ok() { Known::Present } else { Known::Absent(Instant::now()) };
+        self.settle(|known| remember(known, &[key], state));
         // Announced before the upload stops counting as pending, so that whoever `flush`es sees
         // the events of every upload it waited for.
-        if uploaded && let Some(callback) = &*lock(&self.on_uploaded) {
+        if uploaded && let Some(callback) = &*self.on_uploaded.locked() {
             callback(key);
         }
         {
-            let mut stats = lock(&self.stats);
+            let mut stats = self.stats.locked();
             match outcome {
                 Ok(true) => {
                     stats.uploads += 1;
@@ -684,28 +697,28 @@ impl Inner {
             Ok(Some(Ok(()))) => reader.finish(),
             Ok(Some(Err(bad))) => Err(bad),
             Ok(None) => {
-                lock(&self.stats).misses += 1;
-                remember(&mut lock(&self.known), &[key], Known::Absent(Instant::now()));
+                self.stats.locked().misses += 1;
+                self.settle(|known| remember(known, &[key], Known::Absent(Instant::now())));
                 return Err(TierError::NotCached { key });
             }
             Err(e) => return Err(e),
         };
         match checked {
             Ok(()) => {
-                lock(&self.stats).hits += 1;
-                remember(&mut lock(&self.known), &[key], Known::Present);
+                self.stats.locked().hits += 1;
+                self.settle(|known| remember(known, &[key], Known::Present));
                 Ok(())
             }
             Err(e) => {
                 {
-                    let mut stats = lock(&self.stats);
+                    let mut stats = self.stats.locked();
                     match e {
                         TierError::RemoteMismatch { .. } => stats.mismatched += 1,
                         _ => stats.corrupt += 1,
                     }
                     stats.last_error = Some(e.to_string());
                 }
-                remember(&mut lock(&self.known), &[key], Known::Absent(Instant::now()));
+                self.settle(|known| remember(known, &[key], Known::Absent(Instant::now())));
                 // Best effort: a store of the block by any engine replaces it either way.
                 let _ = tokio::time::timeout_at(request_deadline.into(), self.store.delete(&path)).await;
                 Err(e)
@@ -730,10 +743,6 @@ fn with_sources(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.locked()
-}
-
 fn remember(known: &mut HashMap<BlockKey, Known>, keys: &[BlockKey], state: Known) {
     if known.len() + keys.len() > MAX_KNOWN_KEYS {
         // Starting over forgets only what a lookup can ask again; uploads in flight stay marked.
@@ -748,7 +757,7 @@ fn remember(known: &mut HashMap<BlockKey, Known>, keys: &[BlockKey], state: Know
 /// grow with the stores. Made again in a forked child, where the parent's threads do not exist.
 fn runtime() -> std::io::Result<Arc<Runtime>> {
     static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
-    let mut slot = lock(&RUNTIME);
+    let mut slot = RUNTIME.locked();
     let pid = std::process::id();
     if let Some((owner, runtime)) = &*slot {
         if *owner == pid {
