@@ -53,6 +53,10 @@ const IDLE_SLEEP: Duration = Duration::from_micros(50);
 const SPIN_AFTER_ACTIVITY: Duration = Duration::from_millis(2);
 /// How long posting a receive buffer or an answer to a peer's check may wait for queue space.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Zeros after a peer's address given to `fi_av_insert`: libfabric's fixed-size address formats
+/// (sockaddrs, EFA's, PSM's, CXI's, ...) are no longer than a `sockaddr_storage`, and a string
+/// ends at the first zero.
+const ADDRESS_PAD: usize = std::mem::size_of::<libc::sockaddr_storage>();
 
 /// One remote access of a part, resolved for this rail.
 pub(super) struct RailOp {
@@ -734,12 +738,15 @@ impl Progress {
     }
 
     fn av_insert(&mut self, address: &[u8]) -> Result<sys::fi_addr_t> {
+        // libfabric takes an address's length from its bytes (a sockaddr's family, a string's
+        // end), and peers supply `address`: zeros after it keep what is read inside the buffer.
+        let mut padded = address.to_vec();
+        padded.resize(address.len() + ADDRESS_PAD, 0);
         let mut fi_addr: sys::fi_addr_t = sys::FI_ADDR_UNSPEC;
         let av = self.objects.av.as_ptr();
-        // SAFETY: an open address vector; one address is read from `address`, and one entry
-        // written to `fi_addr`.
-        let ret =
-            unsafe { sys::kvferry_fi_av_insert(av, address.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut()) };
+        // SAFETY: an open address vector; the one address read lies inside `padded` (see
+        // `ADDRESS_PAD`), and one entry is written to `fi_addr`.
+        let ret = unsafe { sys::kvferry_fi_av_insert(av, padded.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut()) };
         match ret {
             1 => Ok(fi_addr),
             r => Err(FabricError::Call { call: "fi_av_insert", code: r.min(0), detail: fi_error_text(r) }.into()),
