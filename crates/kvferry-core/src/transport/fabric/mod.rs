@@ -341,14 +341,16 @@ fn get_infos(hmem: bool, provider: Option<&str>) -> Result<Vec<Info>> {
     let mut cur = list;
     while !cur.is_null() {
         // SAFETY: an entry of the answer, which is ours until it is freed below; unlinked for the
-        // copy, so only it is copied.
-        unsafe {
+        // copy, so only it is copied, then linked back.
+        let (copy, next) = unsafe {
             let next = (*cur).next;
             (*cur).next = ptr::null_mut();
-            infos.push(Info::dup(cur));
+            let copy = Info::dup(cur);
             (*cur).next = next;
-            cur = next;
-        }
+            (copy, next)
+        };
+        infos.push(copy);
+        cur = next;
     }
     // SAFETY: the answer, freed once; the copies own their memory.
     unsafe { sys::fi_freeinfo(list) };
