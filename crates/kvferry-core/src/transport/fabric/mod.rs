@@ -82,10 +82,12 @@ impl Default for FabricConfig {
 }
 
 pub(crate) fn fi_error_text(code: i32) -> String {
+    // SAFETY: any code is allowed; the answer is null or a static C string.
     let text = unsafe { sys::fi_strerror(code.abs()) };
     if text.is_null() {
         return format!("error {code}");
     }
+    // SAFETY: a static C string (above).
     format!("{} ({code})", unsafe { CStr::from_ptr(text) }.to_string_lossy())
 }
 
@@ -125,37 +127,82 @@ fn transfer_error(part: &Part, code: i32, cause: String) -> TransferError {
     classify(part.completion.peer(), part.op, &part.endpoint, code, cause)
 }
 
-/// One entry of `fi_getinfo`'s answer, duplicated so it owns its memory.
+/// One entry of `fi_getinfo`'s answer, duplicated so it owns its memory: valid while the `Info`
+/// lives, with every attribute `fi_getinfo` fills (fabric, domain, endpoint, transmit, ...).
 pub(crate) struct Info(*mut sys::fi_info);
 
-// The entry is never modified after construction; libfabric only reads it.
+// SAFETY: the entry is never modified after construction and libfabric only reads it, so it may
+// be read from any thread, and freed from any.
 unsafe impl Send for Info {}
+// SAFETY: as above.
 unsafe impl Sync for Info {}
 
 impl Clone for Info {
     fn clone(&self) -> Info {
-        Info(unsafe { sys::fi_dupinfo(self.0) })
+        // SAFETY: a valid entry (see `Info`).
+        unsafe { Info::dup(self.0) }.expect("fi_dupinfo: out of memory")
     }
 }
 
 impl Drop for Info {
     fn drop(&mut self) {
+        // SAFETY: the entry this `Info` alone owns, freed once; `fi_dupinfo` made it without a
+        // next entry, so nothing else is freed.
         unsafe { sys::fi_freeinfo(self.0) };
     }
 }
 
-fn c_text(s: *const libc::c_char) -> String {
-    if s.is_null() { String::new() } else { unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned() }
+/// The text of a C string; empty for null.
+///
+/// # Safety
+/// `s` is null or a NUL-terminated string valid for reads.
+unsafe fn c_text(s: *const libc::c_char) -> String {
+    if s.is_null() {
+        return String::new();
+    }
+    // SAFETY: a NUL-terminated string (the caller's guarantee).
+    unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
 }
 
 impl Info {
+    /// A copy of `entry` alone (not the entries after it); `None` when out of memory.
+    ///
+    /// # Safety
+    /// `entry` is a valid entry with the attributes `fi_getinfo` fills.
+    unsafe fn dup(entry: *const sys::fi_info) -> Option<Info> {
+        // SAFETY: a valid entry (the caller's guarantee).
+        let copy = unsafe { sys::fi_dupinfo(entry) };
+        (!copy.is_null()).then_some(Info(copy))
+    }
+
     fn raw(&self) -> *mut sys::fi_info {
         self.0
     }
 
+    fn entry(&self) -> &sys::fi_info {
+        // SAFETY: valid, and never modified, while the `Info` lives (see `Info`).
+        unsafe { &*self.0 }
+    }
+
+    fn fabric_attr(&self) -> &sys::fi_fabric_attr {
+        // SAFETY: an attribute of the entry, set (see `Info`) and as long-lived.
+        unsafe { &*self.entry().fabric_attr }
+    }
+
+    fn domain_attr(&self) -> &sys::fi_domain_attr {
+        // SAFETY: as in `fabric_attr`.
+        unsafe { &*self.entry().domain_attr }
+    }
+
+    fn tx_attr(&self) -> &sys::fi_tx_attr {
+        // SAFETY: as in `fabric_attr`.
+        unsafe { &*self.entry().tx_attr }
+    }
+
     /// `tcp;ofi_rxm`, `shm`, `verbs;ofi_rxm`, `efa`, ...
     pub fn provider(&self) -> String {
-        c_text(unsafe { (*(*self.0).fabric_attr).prov_name })
+        // SAFETY: libfabric's names are null or C strings the entry owns.
+        unsafe { c_text(self.fabric_attr().prov_name) }
     }
 
     /// The core provider's name, without the utility layers (`tcp` for `tcp;ofi_rxm`).
@@ -164,31 +211,33 @@ impl Info {
     }
 
     pub fn fabric(&self) -> String {
-        c_text(unsafe { (*(*self.0).fabric_attr).name })
+        // SAFETY: as in `provider`.
+        unsafe { c_text(self.fabric_attr().name) }
     }
 
     pub fn domain(&self) -> String {
-        c_text(unsafe { (*(*self.0).domain_attr).name })
+        // SAFETY: as in `provider`.
+        unsafe { c_text(self.domain_attr().name) }
     }
 
     pub fn caps(&self) -> u64 {
-        unsafe { (*self.0).caps }
+        self.entry().caps
     }
 
     pub fn mr_mode(&self) -> i32 {
-        unsafe { (*(*self.0).domain_attr).mr_mode }
+        self.domain_attr().mr_mode
     }
 
     /// How many ops one RMA message may carry: the smaller of the local and remote scatter-gather
     /// limits.
     pub fn max_iov(&self) -> usize {
-        let tx = unsafe { &*(*self.0).tx_attr };
+        let tx = self.tx_attr();
         tx.iov_limit.min(tx.rma_iov_limit).max(1)
     }
 
     /// Whether the provider applies RMA writes to the same target in the order they were posted.
     pub fn ordered_writes(&self) -> bool {
-        let order = unsafe { (*(*self.0).tx_attr).msg_order };
+        let order = self.tx_attr().msg_order;
         order & (sys::FI_ORDER_WAW as u64 | sys::FI_ORDER_RMA_WAW) != 0
     }
 
@@ -249,68 +298,86 @@ fn get_infos(hmem: bool, provider: Option<&str>) -> Result<Vec<Info>> {
         .transpose()
         .map_err(|_| Error::InvalidArgument("the fabric provider's name has a NUL byte".into()))?;
     let out_of_memory = |call| FabricError::Call { call, code: 0, detail: "out of memory".into() };
-    unsafe {
-        let hints = sys::kvferry_fi_allocinfo();
-        if hints.is_null() {
-            return Err(out_of_memory("fi_allocinfo").into());
+    // SAFETY: libfabric is loaded (above).
+    let hints = unsafe { sys::kvferry_fi_allocinfo() };
+    if hints.is_null() {
+        return Err(out_of_memory("fi_allocinfo").into());
+    }
+    // SAFETY: a new entry only this function holds, with every attribute allocated, until it is
+    // freed below; the attributes are allocations of their own, so the references do not overlap.
+    let (h, fabric_attr, ep_attr, domain_attr) =
+        unsafe { (&mut *hints, &mut *(*hints).fabric_attr, &mut *(*hints).ep_attr, &mut *(*hints).domain_attr) };
+    if let Some(name) = &provider {
+        // SAFETY: `name` is a C string. fi_freeinfo frees the copy.
+        fabric_attr.prov_name = unsafe { libc::strdup(name.as_ptr()) };
+        if fabric_attr.prov_name.is_null() {
+            // SAFETY: the entry, freed once, as this returns.
+            unsafe { sys::fi_freeinfo(hints) };
+            return Err(out_of_memory("strdup").into());
         }
-        if let Some(name) = &provider {
-            // fi_freeinfo frees it.
-            (*(*hints).fabric_attr).prov_name = libc::strdup(name.as_ptr());
-            if (*(*hints).fabric_attr).prov_name.is_null() {
-                sys::fi_freeinfo(hints);
-                return Err(out_of_memory("strdup").into());
-            }
-        }
-        (*hints).caps = (sys::FI_MSG | sys::FI_RMA) as u64 | if hmem { sys::FI_HMEM } else { 0 };
-        // Contexts are `fi_context2`-sized, so providers that need either may use them.
-        (*hints).mode = sys::FI_CONTEXT | sys::FI_CONTEXT2;
-        (*(*hints).ep_attr).type_ = sys::FI_EP_RDM;
-        // The registration modes this transport honours; FI_MR_RAW (keys over 8 bytes) is not one.
-        let mut mr_mode =
-            sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_PROV_KEY | sys::FI_MR_ALLOCATED | sys::FI_MR_ENDPOINT;
-        if hmem {
-            mr_mode |= sys::FI_MR_HMEM;
-        }
-        (*(*hints).domain_attr).mr_mode = mr_mode as i32;
-        (*(*hints).domain_attr).threading = sys::FI_THREAD_DOMAIN;
-        let mut list: *mut sys::fi_info = ptr::null_mut();
-        let ret = sys::fi_getinfo(sys::fi_version_of(1, 17), ptr::null(), ptr::null(), 0, hints, &mut list);
-        sys::fi_freeinfo(hints);
-        if ret == -(sys::FI_ENODATA as i32) {
-            return Ok(Vec::new());
-        }
-        check("fi_getinfo", ret)?;
-        let mut infos = Vec::new();
-        let mut cur = list;
-        while !cur.is_null() {
+    }
+    h.caps = (sys::FI_MSG | sys::FI_RMA) as u64 | if hmem { sys::FI_HMEM } else { 0 };
+    // Contexts are `fi_context2`-sized, so providers that need either may use them.
+    h.mode = sys::FI_CONTEXT | sys::FI_CONTEXT2;
+    ep_attr.type_ = sys::FI_EP_RDM;
+    // The registration modes this transport honours; FI_MR_RAW (keys over 8 bytes) is not one.
+    let mut mr_mode =
+        sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_PROV_KEY | sys::FI_MR_ALLOCATED | sys::FI_MR_ENDPOINT;
+    if hmem {
+        mr_mode |= sys::FI_MR_HMEM;
+    }
+    domain_attr.mr_mode = mr_mode as i32;
+    domain_attr.threading = sys::FI_THREAD_DOMAIN;
+    let mut list: *mut sys::fi_info = ptr::null_mut();
+    // SAFETY: `hints` is a complete entry, only read; `list` receives the answer.
+    let ret = unsafe { sys::fi_getinfo(sys::fi_version_of(1, 17), ptr::null(), ptr::null(), 0, hints, &mut list) };
+    // SAFETY: the entry, freed once; the references to it are not used again.
+    unsafe { sys::fi_freeinfo(hints) };
+    if ret == -(sys::FI_ENODATA as i32) {
+        return Ok(Vec::new());
+    }
+    check("fi_getinfo", ret)?;
+    let mut infos = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: an entry of the answer, which is ours until it is freed below; unlinked for the
+        // copy, so only it is copied, then linked back.
+        let (copy, next) = unsafe {
             let next = (*cur).next;
             (*cur).next = ptr::null_mut();
-            infos.push(Info(sys::fi_dupinfo(cur)));
+            let copy = Info::dup(cur);
             (*cur).next = next;
-            cur = next;
-        }
-        sys::fi_freeinfo(list);
-        Ok(infos)
+            (copy, next)
+        };
+        infos.push(copy);
+        cur = next;
     }
+    // SAFETY: the answer, freed once; the copies own their memory.
+    unsafe { sys::fi_freeinfo(list) };
+    infos.into_iter().collect::<Option<_>>().ok_or_else(|| out_of_memory("fi_dupinfo").into())
 }
 
 /// The core providers the loaded libfabric has, usable here or not; asks none of them.
 fn provider_names() -> Vec<String> {
     let mut names = BTreeSet::new();
-    unsafe {
-        let mut list: *mut sys::fi_info = ptr::null_mut();
-        let flags = sys::FI_PROV_ATTR_ONLY;
-        if sys::fi_getinfo(sys::fi_version_of(1, 17), ptr::null(), ptr::null(), flags, ptr::null(), &mut list) != 0 {
-            return Vec::new();
-        }
-        let mut cur = list;
-        while !cur.is_null() {
-            names.insert(c_text((*(*cur).fabric_attr).prov_name));
-            cur = (*cur).next;
-        }
-        sys::fi_freeinfo(list);
+    let mut list: *mut sys::fi_info = ptr::null_mut();
+    let flags = sys::FI_PROV_ATTR_ONLY;
+    // SAFETY: no hints; `list` receives the answer.
+    if unsafe { sys::fi_getinfo(sys::fi_version_of(1, 17), ptr::null(), ptr::null(), flags, ptr::null(), &mut list) }
+        != 0
+    {
+        return Vec::new();
     }
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: an entry of the answer, which has a fabric attribute (FI_PROV_ATTR_ONLY fills
+        // that one), whose name is null or a C string.
+        let (name, next) = unsafe { (c_text((*(*cur).fabric_attr).prov_name), (*cur).next) };
+        names.insert(name);
+        cur = next;
+    }
+    // SAFETY: the answer, freed once.
+    unsafe { sys::fi_freeinfo(list) };
     // Utility and hook providers (`ofi_rxm`, `ofi_hook_perf`, ...) layer over core ones.
     names.into_iter().filter(|n| !n.is_empty() && !n.starts_with("ofi_")).collect()
 }

@@ -53,6 +53,10 @@ const IDLE_SLEEP: Duration = Duration::from_micros(50);
 const SPIN_AFTER_ACTIVITY: Duration = Duration::from_millis(2);
 /// How long posting a receive buffer or an answer to a peer's check may wait for queue space.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Zeros after a peer's address given to `fi_av_insert`: libfabric's fixed-size address formats
+/// (sockaddrs, EFA's, PSM's, CXI's, ...) are no longer than a `sockaddr_storage`, and a string
+/// ends at the first zero.
+const ADDRESS_PAD: usize = std::mem::size_of::<libc::sockaddr_storage>();
 
 /// One remote access of a part, resolved for this rail.
 pub(super) struct RailOp {
@@ -138,6 +142,80 @@ pub(super) struct RegisteredMr {
     pub desc: usize,
 }
 
+/// An open libfabric object, closed (`fi_close`) when dropped. Owners drop an object before the
+/// one it was opened on or bound to: a registration or endpoint before its domain, say.
+struct Fid<T: FiObject>(ptr::NonNull<T>);
+
+/// libfabric's object types.
+///
+/// # Safety
+/// `#[repr(C)]` structures that begin with their `struct fid`, so a pointer to one is a pointer to
+/// its `fid`.
+unsafe trait FiObject {}
+
+// SAFETY: each of these begins with `fid: fid` (see the bindings).
+unsafe impl FiObject for sys::fid_fabric {}
+// SAFETY: as above.
+unsafe impl FiObject for sys::fid_domain {}
+// SAFETY: as above.
+unsafe impl FiObject for sys::fid_cq {}
+// SAFETY: as above.
+unsafe impl FiObject for sys::fid_av {}
+// SAFETY: as above.
+unsafe impl FiObject for sys::fid_ep {}
+// SAFETY: as above.
+unsafe impl FiObject for sys::fid_mr {}
+
+impl<T: FiObject> Fid<T> {
+    /// The object `open` opens: a libfabric call that writes it to the pointer it is given and
+    /// returns 0, or returns an error code (reported as `call`'s).
+    ///
+    /// # Safety
+    /// When `open` returns 0, it has written an open object that nothing else closes.
+    unsafe fn open(call: &'static str, open: impl FnOnce(*mut *mut T) -> i32) -> Result<Fid<T>> {
+        let mut raw = ptr::null_mut();
+        check(call, open(&mut raw))?;
+        let detail = "it returned no object".to_string();
+        ptr::NonNull::new(raw).map(Fid).ok_or_else(|| FabricError::Call { call, code: 0, detail }.into())
+    }
+
+    fn as_ptr(&self) -> *mut T {
+        self.0.as_ptr()
+    }
+
+    fn fid(&self) -> *mut sys::fid {
+        self.0.as_ptr().cast()
+    }
+}
+
+impl<T: FiObject> Drop for Fid<T> {
+    fn drop(&mut self) {
+        // SAFETY: an open object this `Fid` alone owns (see `open`), so closed once.
+        unsafe { sys::kvferry_fi_close(self.fid()) };
+    }
+}
+
+/// A memory registration. Its owner keeps the memory alive until it is closed, and closes it
+/// while the domain is open.
+type Registration = Fid<sys::fid_mr>;
+
+impl Registration {
+    fn key(&self) -> u64 {
+        // SAFETY: an open registration.
+        unsafe { sys::kvferry_fi_mr_key(self.as_ptr()) }
+    }
+
+    fn desc(&self) -> *mut libc::c_void {
+        // SAFETY: an open registration.
+        unsafe { sys::kvferry_fi_mr_desc(self.as_ptr()) }
+    }
+}
+
+/// The local descriptor of `mr`: null for memory that is not registered.
+fn desc_of(mr: Option<&Registration>) -> *mut libc::c_void {
+    mr.map_or(ptr::null_mut(), Registration::desc)
+}
+
 enum Command {
     Register {
         region: MemRegion,
@@ -180,8 +258,9 @@ struct CommandQueue {
     posted: Condvar,
     stop: AtomicBool,
     /// The completion queue, for `fi_cq_signal` (which may be called from any thread) to wake a
-    /// progress thread blocked in `fi_cq_sread`; 0 when the provider has no wait object.
-    wakeable_cq: usize,
+    /// progress thread blocked in `fi_cq_sread`; 0 when the provider has no wait object, and from
+    /// just before the progress thread closes it.
+    wakeable_cq: Mutex<usize>,
 }
 
 impl CommandQueue {
@@ -192,8 +271,11 @@ impl CommandQueue {
 
     fn wake(&self) {
         self.posted.notify_one();
-        if self.wakeable_cq != 0 {
-            unsafe { sys::kvferry_fi_cq_signal(self.wakeable_cq as *mut sys::fid_cq) };
+        let cq = self.wakeable_cq.locked();
+        if *cq != 0 {
+            // SAFETY: `fi_cq_signal` may be called from any thread, and the queue is open: the
+            // progress thread zeroes `wakeable_cq` under this lock before closing it.
+            unsafe { sys::kvferry_fi_cq_signal(*cq as *mut sys::fid_cq) };
         }
     }
 }
@@ -226,7 +308,7 @@ impl Rail {
                         commands: Mutex::new(VecDeque::new()),
                         posted: Condvar::new(),
                         stop: AtomicBool::new(false),
-                        wakeable_cq: if objects.cq_waits { objects.cq as usize } else { 0 },
+                        wakeable_cq: Mutex::new(if objects.cq_waits { objects.cq.as_ptr() as usize } else { 0 }),
                     });
                     let sessions = Sessions::new(auth, objects.address.clone());
                     let progress = Progress::new(
@@ -311,75 +393,77 @@ impl Drop for Rail {
     }
 }
 
-/// The libfabric objects of a rail, closed in reverse order of opening.
+/// The libfabric objects of a rail. Fields drop in declaration order: the endpoint before the
+/// address vector and completion queue bound to it, those before their domain, the domain before
+/// its fabric.
 struct Objects {
-    fabric: *mut sys::fid_fabric,
-    domain: *mut sys::fid_domain,
-    cq: *mut sys::fid_cq,
-    av: *mut sys::fid_av,
-    ep: *mut sys::fid_ep,
+    /// `None` once closed, at shutdown (see `Progress`'s `Drop`).
+    ep: Option<Fid<sys::fid_ep>>,
+    av: Fid<sys::fid_av>,
+    cq: Fid<sys::fid_cq>,
+    domain: Fid<sys::fid_domain>,
+    /// Held, never read: the domain's fabric, closed last.
+    _fabric: Fid<sys::fid_fabric>,
     /// Whether the completion queue has a wait object (`fi_cq_sread`, `fi_cq_signal` work).
     cq_waits: bool,
     address: Vec<u8>,
 }
 
 impl Objects {
+    /// Opened in order; on a failure, what is already open closes in reverse order.
     fn open(info: &Info) -> Result<Objects> {
-        let mut o = Objects {
-            fabric: ptr::null_mut(),
-            domain: ptr::null_mut(),
-            cq: ptr::null_mut(),
-            av: ptr::null_mut(),
-            ep: ptr::null_mut(),
-            cq_waits: false,
-            address: Vec::new(),
-        };
         let raw = info.raw();
-        unsafe {
-            check("fi_fabric", sys::fi_fabric((*raw).fabric_attr, &mut o.fabric, ptr::null_mut()))?;
-            check("fi_domain", sys::kvferry_fi_domain(o.fabric, raw, &mut o.domain, ptr::null_mut()))?;
-            let mut cq_attr: sys::fi_cq_attr = std::mem::zeroed();
-            cq_attr.format = sys::FI_CQ_FORMAT_DATA;
-            cq_attr.wait_obj = sys::FI_WAIT_UNSPEC;
-            // A wait object lets an idle rail sleep in the kernel; providers without one are polled.
-            if sys::kvferry_fi_cq_open(o.domain, &mut cq_attr, &mut o.cq, ptr::null_mut()) == 0 {
-                o.cq_waits = true;
-            } else {
+        // SAFETY: `raw` is the entry `info` owns, which the call only reads.
+        let fabric = unsafe { Fid::open("fi_fabric", |out| sys::fi_fabric((*raw).fabric_attr, out, ptr::null_mut())) }?;
+        // SAFETY: an open fabric, and the entry it was opened from.
+        let domain = unsafe {
+            Fid::open("fi_domain", |out| sys::kvferry_fi_domain(fabric.as_ptr(), raw, out, ptr::null_mut()))
+        }?;
+        // SAFETY: plain data, for which zero is the default.
+        let mut cq_attr: sys::fi_cq_attr = unsafe { std::mem::zeroed() };
+        cq_attr.format = sys::FI_CQ_FORMAT_DATA;
+        cq_attr.wait_obj = sys::FI_WAIT_UNSPEC;
+        let open_cq = |cq_attr: &mut sys::fi_cq_attr| {
+            // SAFETY: an open domain; `cq_attr` is valid for the call.
+            unsafe {
+                Fid::open("fi_cq_open", |out| sys::kvferry_fi_cq_open(domain.as_ptr(), cq_attr, out, ptr::null_mut()))
+            }
+        };
+        // A wait object lets an idle rail sleep in the kernel; providers without one are polled.
+        let (cq, cq_waits) = match open_cq(&mut cq_attr) {
+            Ok(cq) => (cq, true),
+            Err(_) => {
                 cq_attr.wait_obj = sys::FI_WAIT_NONE;
-                check("fi_cq_open", sys::kvferry_fi_cq_open(o.domain, &mut cq_attr, &mut o.cq, ptr::null_mut()))?;
+                (open_cq(&mut cq_attr)?, false)
             }
-            let mut av_attr: sys::fi_av_attr = std::mem::zeroed();
-            av_attr.type_ = sys::FI_AV_TABLE;
-            check("fi_av_open", sys::kvferry_fi_av_open(o.domain, &mut av_attr, &mut o.av, ptr::null_mut()))?;
-            check("fi_endpoint", sys::kvferry_fi_endpoint(o.domain, raw, &mut o.ep, ptr::null_mut()))?;
-            check("fi_ep_bind(av)", sys::kvferry_fi_ep_bind(o.ep, &mut (*o.av).fid, 0))?;
-            let cq_flags = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
-            check("fi_ep_bind(cq)", sys::kvferry_fi_ep_bind(o.ep, &mut (*o.cq).fid, cq_flags))?;
-            check("fi_enable", sys::kvferry_fi_enable(o.ep))?;
-            let mut len = 0usize;
-            // The first call reports the length (-FI_ETOOSMALL), the second fills the name.
-            sys::kvferry_fi_getname(&mut (*o.ep).fid, ptr::null_mut(), &mut len);
-            o.address = vec![0u8; len];
-            check("fi_getname", sys::kvferry_fi_getname(&mut (*o.ep).fid, o.address.as_mut_ptr().cast(), &mut len))?;
-            o.address.truncate(len);
-        }
-        Ok(o)
-    }
-}
-
-impl Drop for Objects {
-    fn drop(&mut self) {
-        for fid in [
-            self.ep as *mut sys::fid,
-            self.av as *mut sys::fid,
-            self.cq as *mut sys::fid,
-            self.domain as *mut sys::fid,
-            self.fabric as *mut sys::fid,
-        ] {
-            if !fid.is_null() {
-                unsafe { sys::kvferry_fi_close(fid) };
-            }
-        }
+        };
+        // SAFETY: plain data, for which zero is the default.
+        let mut av_attr: sys::fi_av_attr = unsafe { std::mem::zeroed() };
+        av_attr.type_ = sys::FI_AV_TABLE;
+        // SAFETY: an open domain; `av_attr` is valid for the call.
+        let av = unsafe {
+            Fid::open("fi_av_open", |out| sys::kvferry_fi_av_open(domain.as_ptr(), &mut av_attr, out, ptr::null_mut()))
+        }?;
+        // SAFETY: an open domain, and the entry it was opened from.
+        let ep = unsafe {
+            Fid::open("fi_endpoint", |out| sys::kvferry_fi_endpoint(domain.as_ptr(), raw, out, ptr::null_mut()))
+        }?;
+        // SAFETY: an open endpoint and address vector of one domain.
+        check("fi_ep_bind(av)", unsafe { sys::kvferry_fi_ep_bind(ep.as_ptr(), av.fid(), 0) })?;
+        let cq_flags = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
+        // SAFETY: an open endpoint and completion queue of one domain.
+        check("fi_ep_bind(cq)", unsafe { sys::kvferry_fi_ep_bind(ep.as_ptr(), cq.fid(), cq_flags) })?;
+        // SAFETY: an open endpoint, bound to its address vector and completion queue.
+        check("fi_enable", unsafe { sys::kvferry_fi_enable(ep.as_ptr()) })?;
+        let mut len = 0usize;
+        // The first call reports the length (-FI_ETOOSMALL), the second fills the name.
+        // SAFETY: an open endpoint; with no buffer, only `len` is written.
+        unsafe { sys::kvferry_fi_getname(ep.fid(), ptr::null_mut(), &mut len) };
+        let mut address = vec![0u8; len];
+        // SAFETY: an open endpoint; `address` is valid for writes of `len` bytes, the most written.
+        check("fi_getname", unsafe { sys::kvferry_fi_getname(ep.fid(), address.as_mut_ptr().cast(), &mut len) })?;
+        address.truncate(len);
+        Ok(Objects { ep: Some(ep), av, cq, domain, _fabric: fabric, cq_waits, address })
     }
 }
 
@@ -400,8 +484,9 @@ enum Pending {
     /// A message, and what its completion means.
     Send {
         sent: Sent,
+        /// Before the message, so it closes before the memory it registers is freed.
+        _mr: Option<Registration>,
         _message: Vec<u8>,
-        mr: *mut sys::fid_mr,
     },
     Recv {
         slot: usize,
@@ -414,19 +499,10 @@ enum Pending {
 const MIN_STAGING: usize = 64 << 10;
 
 /// A staging buffer and its registration (every provider gets one: some pick faster protocols for
-/// registered memory). Dropped, the registration is closed; only while the domain is open.
+/// registered memory). Dropped only while the domain is open; the registration closes first.
 struct StagingBuf {
+    mr: Option<Registration>,
     buf: Vec<u8>,
-    mr: *mut sys::fid_mr,
-}
-
-impl Drop for StagingBuf {
-    fn drop(&mut self) {
-        if !self.mr.is_null() {
-            // SAFETY: a registration this buffer owns, closed once, here.
-            unsafe { sys::kvferry_fi_close(&mut (*self.mr).fid) };
-        }
-    }
 }
 
 /// One message's staging (see the module's comment): its first `len` bytes carry the part's
@@ -491,12 +567,12 @@ struct Progress {
     info: Info,
     queue: Arc<CommandQueue>,
     notifications: Arc<NotificationQueue>,
-    mrs: HashMap<u64, *mut sys::fid_mr>,
+    mrs: HashMap<u64, Registration>,
     next_mr: u64,
     /// Contexts handed to libfabric and not yet returned by a completion, freed at shutdown.
     live: HashSet<usize>,
     recv_buffer: Vec<u8>,
-    recv_mr: *mut sys::fid_mr,
+    recv_mr: Option<Registration>,
     last_activity: Instant,
     bytes: Arc<AtomicU64>,
     /// The transport's registrations, to answer peers' checks.
@@ -550,7 +626,7 @@ impl Progress {
             next_mr: 1,
             live: HashSet::new(),
             recv_buffer: vec![0u8; RECV_SLOTS * RECV_SLOT_BYTES],
-            recv_mr: ptr::null_mut(),
+            recv_mr: None,
             last_activity: Instant::now(),
             bytes,
             registry,
@@ -572,7 +648,7 @@ impl Progress {
         };
         if p.info.mr_local() {
             let region = MemRegion::host(p.recv_buffer.as_ptr(), p.recv_buffer.len());
-            p.recv_mr = p.reg_mr(region, 0, sys::FI_RECV as u64)?;
+            p.recv_mr = Some(p.reg_mr(region, 0, sys::FI_RECV as u64)?);
         }
         for slot in 0..RECV_SLOTS {
             p.post_recv(slot)?;
@@ -607,14 +683,11 @@ impl Progress {
     /// Wait for a completion or a command without spinning.
     fn idle(&mut self, entries: &mut [sys::fi_cq_data_entry; CQ_BATCH]) {
         if self.objects.cq_waits {
+            let cq = self.objects.cq.as_ptr();
+            // SAFETY: an open completion queue with a wait object, and room for `CQ_BATCH` entries
+            // of its format (`FI_CQ_FORMAT_DATA`); no wait condition.
             let n = unsafe {
-                sys::kvferry_fi_cq_sread(
-                    self.objects.cq,
-                    entries.as_mut_ptr().cast(),
-                    CQ_BATCH,
-                    ptr::null(),
-                    IDLE_WAIT_MS,
-                )
+                sys::kvferry_fi_cq_sread(cq, entries.as_mut_ptr().cast(), CQ_BATCH, ptr::null(), IDLE_WAIT_MS)
             };
             if n > 0 {
                 self.last_activity = Instant::now();
@@ -639,19 +712,15 @@ impl Progress {
                     let result = self.reg_mr(region, requested_key, access).map(|mr| {
                         let id = self.next_mr;
                         self.next_mr += 1;
+                        let registered = RegisteredMr { id, key: mr.key(), desc: mr.desc() as usize };
                         self.mrs.insert(id, mr);
-                        RegisteredMr {
-                            id,
-                            key: unsafe { sys::kvferry_fi_mr_key(mr) },
-                            desc: unsafe { sys::kvferry_fi_mr_desc(mr) } as usize,
-                        }
+                        registered
                     });
                     let _ = reply.send(result);
                 }
                 Command::Deregister { id, reply } => {
-                    if let Some(mr) = self.mrs.remove(&id) {
-                        unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
-                    }
+                    // Dropping the registration closes it.
+                    self.mrs.remove(&id);
                     let _ = reply.send(());
                 }
                 Command::Insert { address, reply } => {
@@ -669,10 +738,15 @@ impl Progress {
     }
 
     fn av_insert(&mut self, address: &[u8]) -> Result<sys::fi_addr_t> {
+        // libfabric takes an address's length from its bytes (a sockaddr's family, a string's
+        // end), and peers supply `address`: zeros after it keep what is read inside the buffer.
+        let mut padded = address.to_vec();
+        padded.resize(address.len() + ADDRESS_PAD, 0);
         let mut fi_addr: sys::fi_addr_t = sys::FI_ADDR_UNSPEC;
-        let ret = unsafe {
-            sys::kvferry_fi_av_insert(self.objects.av, address.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut())
-        };
+        let av = self.objects.av.as_ptr();
+        // SAFETY: an open address vector; the one address read lies inside `padded` (see
+        // `ADDRESS_PAD`), and one entry is written to `fi_addr`.
+        let ret = unsafe { sys::kvferry_fi_av_insert(av, padded.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut()) };
         match ret {
             1 => Ok(fi_addr),
             r => Err(FabricError::Call { call: "fi_av_insert", code: r.min(0), detail: fi_error_text(r) }.into()),
@@ -680,8 +754,9 @@ impl Progress {
     }
 
     /// Register memory with this rail's domain, honouring the provider's `mr_mode`.
-    fn reg_mr(&mut self, region: MemRegion, requested_key: u64, access: u64) -> Result<*mut sys::fid_mr> {
+    fn reg_mr(&mut self, region: MemRegion, requested_key: u64, access: u64) -> Result<Registration> {
         let iov = libc::iovec { iov_base: region.addr as *mut libc::c_void, iov_len: region.len as usize };
+        // SAFETY: plain data, for which zero is the default.
         let mut attr: sys::fi_mr_attr = unsafe { std::mem::zeroed() };
         attr.mr_iov = (&iov as *const libc::iovec).cast();
         attr.iov_count = 1;
@@ -699,29 +774,28 @@ impl Progress {
                 attr.device.reserved = device as u64;
             }
         }
-        let mut mr: *mut sys::fid_mr = ptr::null_mut();
-        unsafe {
-            check("fi_mr_regattr", sys::kvferry_fi_mr_regattr(self.objects.domain, &attr, 0, &mut mr))?;
-            // FI_MR_ENDPOINT: a region is usable only once bound to the endpoint and enabled.
-            if self.info.mr_mode() & sys::FI_MR_ENDPOINT as i32 != 0 {
-                let bound = check("fi_mr_bind", sys::kvferry_fi_mr_bind(mr, &mut (*self.objects.ep).fid, 0))
-                    .and_then(|()| check("fi_mr_enable", sys::kvferry_fi_mr_enable(mr)));
-                if let Err(e) = bound {
-                    sys::kvferry_fi_close(&mut (*mr).fid);
-                    return Err(e);
-                }
-            }
+        let domain = self.objects.domain.as_ptr();
+        // SAFETY: an open domain; `attr` and the iovec it points to are valid for the call. The
+        // region's memory outlives the registration (see `Registration`).
+        let mr = unsafe { Fid::open("fi_mr_regattr", |out| sys::kvferry_fi_mr_regattr(domain, &attr, 0, out)) }?;
+        // FI_MR_ENDPOINT: a region is usable only once bound to the endpoint and enabled (on a
+        // failure, dropping `mr` closes it).
+        if self.info.mr_mode() & sys::FI_MR_ENDPOINT as i32 != 0 {
+            let ep = self.objects.ep.as_ref().ok_or_else(stopped)?;
+            // SAFETY: an open registration, and an open endpoint of its domain.
+            check("fi_mr_bind", unsafe { sys::kvferry_fi_mr_bind(mr.as_ptr(), ep.fid(), 0) })?;
+            // SAFETY: an open registration, bound to the endpoint.
+            check("fi_mr_enable", unsafe { sys::kvferry_fi_mr_enable(mr.as_ptr()) })?;
         }
         Ok(mr)
     }
 
     fn post_recv(&mut self, slot: usize) -> Result<()> {
         let ctx = self.context(Pending::Recv { slot });
-        let iov = libc::iovec {
-            iov_base: unsafe { self.recv_buffer.as_mut_ptr().add(slot * RECV_SLOT_BYTES) }.cast(),
-            iov_len: RECV_SLOT_BYTES,
-        };
-        let mut desc = self.mr_desc(self.recv_mr);
+        // SAFETY: `slot < RECV_SLOTS`, so the slot lies inside `recv_buffer`.
+        let base = unsafe { self.recv_buffer.as_mut_ptr().add(slot * RECV_SLOT_BYTES) };
+        let iov = libc::iovec { iov_base: base.cast(), iov_len: RECV_SLOT_BYTES };
+        let mut desc = desc_of(self.recv_mr.as_ref());
         let msg = sys::fi_msg {
             msg_iov: (&iov as *const libc::iovec).cast(),
             desc: &mut desc,
@@ -730,6 +804,8 @@ impl Progress {
             context: ctx.cast(),
             data: 0,
         };
+        // SAFETY: `ep` is open; `msg` and what it points to are valid for the call. The slot and
+        // `ctx` stay valid until the receive completes or the endpoint closes (first, at shutdown).
         let ret = self.retry(Deadline::after(HOUSEKEEPING), |ep| unsafe { sys::kvferry_fi_recvmsg(ep, &msg, 0) });
         if ret != 0 {
             self.forget(ctx);
@@ -738,19 +814,23 @@ impl Progress {
         Ok(())
     }
 
-    fn mr_desc(&self, mr: *mut sys::fid_mr) -> *mut libc::c_void {
-        if mr.is_null() { ptr::null_mut() } else { unsafe { sys::kvferry_fi_mr_desc(mr) } }
-    }
-
+    /// A context to hand to libfabric with an operation, until [`forget`](Self::forget) takes it
+    /// back.
     fn context(&mut self, what: Pending) -> *mut OpContext {
-        let ctx = Box::into_raw(Box::new(OpContext { scratch: unsafe { std::mem::zeroed() }, what }));
+        let scratch = sys::fi_context2 { internal: [ptr::null_mut(); 8] };
+        let ctx = Box::into_raw(Box::new(OpContext { scratch, what }));
         self.live.insert(ctx as usize);
         ctx
     }
 
-    fn forget(&mut self, ctx: *mut OpContext) -> Pending {
-        self.live.remove(&(ctx as usize));
-        unsafe { Box::from_raw(ctx) }.what
+    /// Take back a context libfabric is done with (its operation completed or was never posted,
+    /// or the endpoint is closed); `None` if `ctx` is not a live one.
+    fn forget(&mut self, ctx: *mut OpContext) -> Option<Pending> {
+        if !self.live.remove(&(ctx as usize)) {
+            return None;
+        }
+        // SAFETY: a live context is a box `context` leaked, and leaves `live` once, here.
+        Some(unsafe { Box::from_raw(ctx) }.what)
     }
 
     /// Post with `post`, progressing the completion queue while the provider's queue is full, until
@@ -759,7 +839,11 @@ impl Progress {
         // Room for completions only once the queue turns out full: most posts go through first time.
         let mut entries = None;
         loop {
-            let ret = post(self.objects.ep);
+            let Some(ep) = self.objects.ep.as_ref() else {
+                // Closed at shutdown, when nothing is posted any more.
+                return -(sys::FI_ECANCELED as isize);
+            };
+            let ret = post(ep.as_ptr());
             if ret != -(sys::FI_EAGAIN as isize) {
                 return ret;
             }
@@ -818,7 +902,7 @@ impl Progress {
             };
             if let Some(st) = &staging {
                 iov = vec![libc::iovec { iov_base: st.held.buf.as_ptr() as *mut libc::c_void, iov_len: st.len }];
-                desc = vec![self.mr_desc(st.held.mr)];
+                desc = vec![desc_of(st.held.mr.as_ref())];
             }
             let ctx = self.context(Pending::Access { run: run.clone(), staging });
             let msg = sys::fi_msg_rma {
@@ -840,7 +924,12 @@ impl Progress {
                 false => sys::FI_DELIVERY_COMPLETE as u64,
             };
             let ret = match op {
+                // SAFETY: `ep` is open; `msg` and the lists it points to are valid for the call.
+                // The local memory (the batch's, which the part holds, or the staging buffer the
+                // context holds) and `ctx` stay valid until the write completes or the endpoint
+                // closes.
                 Op::Write => self.retry(deadline, |ep| unsafe { sys::kvferry_fi_writemsg(ep, &msg, more | delivered) }),
+                // SAFETY: as for a write.
                 _ => self.retry(deadline, |ep| unsafe { sys::kvferry_fi_readmsg(ep, &msg, more) }),
             };
             if ret != 0 {
@@ -878,7 +967,8 @@ impl Progress {
             let mut at = 0;
             for o in &all[ops.clone()] {
                 // SAFETY: the op's local range lies in memory the batch holds, which no one
-                // reclaims while it runs (the guard keeps a stop waiting for this copy).
+                // reclaims while it runs (the guard keeps a stop waiting for this copy); the
+                // buffer has room for the ops' `len` bytes.
                 unsafe {
                     ptr::copy_nonoverlapping(o.local_addr as *const u8, held.buf.as_mut_ptr().add(at), o.len as usize)
                 };
@@ -900,12 +990,12 @@ impl Progress {
         // A random key, as for registrations: providers that let us choose keys want them unique.
         let key = u64::from_le_bytes(crate::transport::random_key()?);
         let mr = match self.reg_mr(MemRegion::host(buf.as_ptr(), buf.len()), key, access) {
-            Ok(mr) => mr,
+            Ok(mr) => Some(mr),
             // Providers that need no local registration move unregistered memory too.
-            Err(_) if !self.info.mr_local() => ptr::null_mut(),
+            Err(_) if !self.info.mr_local() => None,
             Err(e) => return Err(e),
         };
-        Ok(StagingBuf { buf, mr })
+        Ok(StagingBuf { mr, buf })
     }
 
     /// Keep a staging buffer the provider has returned for the next message, within
@@ -1212,7 +1302,8 @@ impl Progress {
             let unused: Vec<Vec<u8>> = self.known.keys().filter(|a| !self.sessions.holds(a)).cloned().collect();
             for a in unused {
                 let mut fi_addr = self.known.remove(&a).expect("listed above");
-                unsafe { sys::kvferry_fi_av_remove(self.objects.av, &mut fi_addr, 1, 0) };
+                // SAFETY: an open address vector, and an entry it gave, removed once (from `known`).
+                unsafe { sys::kvferry_fi_av_remove(self.objects.av.as_ptr(), &mut fi_addr, 1, 0) };
             }
         }
         match self.av_insert(address) {
@@ -1315,19 +1406,20 @@ impl Progress {
     ) -> std::result::Result<(), (i32, String)> {
         // Providers with FI_MR_LOCAL need the message registered; it is small and rare.
         let mr = match self.info.mr_local() {
-            true => self
-                .reg_mr(MemRegion::host(message.as_ptr(), message.len()), 0, sys::FI_SEND as u64)
-                .map_err(|e| (0, format!("registering a message: {e}")))?,
-            false => ptr::null_mut(),
+            true => Some(
+                self.reg_mr(MemRegion::host(message.as_ptr(), message.len()), 0, sys::FI_SEND as u64)
+                    .map_err(|e| (0, format!("registering a message: {e}")))?,
+            ),
+            false => None,
         };
         let iov = libc::iovec { iov_base: message.as_ptr() as *mut libc::c_void, iov_len: message.len() };
-        let mut desc = self.mr_desc(mr);
+        let mut desc = desc_of(mr.as_ref());
         let sent = match &purpose {
             Purpose::Plain => Sent::Plain,
             Purpose::Answer => Sent::Answer,
             Purpose::Notify { query, .. } => Sent::Notify(*query),
         };
-        let ctx = self.context(Pending::Send { sent, _message: message, mr });
+        let ctx = self.context(Pending::Send { sent, _mr: mr, _message: message });
         let msg = sys::fi_msg {
             msg_iov: (&iov as *const libc::iovec).cast(),
             desc: &mut desc,
@@ -1336,9 +1428,13 @@ impl Progress {
             context: ctx.cast(),
             data: 0,
         };
+        // SAFETY: `ep` is open; `msg` and what it points to are valid for the call. The message's
+        // bytes (moved, not copied, into the context) and `ctx` stay valid until the send
+        // completes or the endpoint closes.
         let ret = self.retry(deadline, |ep| unsafe { sys::kvferry_fi_sendmsg(ep, &msg, 0) });
         if ret != 0 {
-            self.release(ctx);
+            // Dropping the context closes the message's registration.
+            self.forget(ctx);
             return Err(((-ret) as i32, format!("fi_sendmsg: {}", fi_error_text(ret as i32))));
         }
         match purpose {
@@ -1351,18 +1447,11 @@ impl Progress {
         Ok(())
     }
 
-    /// Free a context that will not complete, closing what it holds.
-    fn release(&mut self, ctx: *mut OpContext) {
-        if let Pending::Send { mr, .. } = self.forget(ctx)
-            && !mr.is_null()
-        {
-            unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
-        }
-    }
-
     /// Read completions once; returns how many arrived (errors included).
     fn poll(&mut self, entries: &mut [sys::fi_cq_data_entry; CQ_BATCH]) -> usize {
-        let n = unsafe { sys::kvferry_fi_cq_read(self.objects.cq, entries.as_mut_ptr().cast(), CQ_BATCH) };
+        // SAFETY: an open completion queue, and room for `CQ_BATCH` entries of its format
+        // (`FI_CQ_FORMAT_DATA`).
+        let n = unsafe { sys::kvferry_fi_cq_read(self.objects.cq.as_ptr(), entries.as_mut_ptr().cast(), CQ_BATCH) };
         self.handle_read(n, entries)
     }
 
@@ -1383,23 +1472,27 @@ impl Progress {
     }
 
     fn read_error(&mut self) {
+        let cq = self.objects.cq.as_ptr();
+        // SAFETY: plain data, for which zero is valid.
         let mut err: sys::fi_cq_err_entry = unsafe { std::mem::zeroed() };
-        if unsafe { sys::kvferry_fi_cq_readerr(self.objects.cq, &mut err, 0) } != 1 {
+        // SAFETY: an open completion queue; `err` is valid for writes of one entry (with
+        // `err_data_size` 0, the provider keeps the error data).
+        if unsafe { sys::kvferry_fi_cq_readerr(cq, &mut err, 0) } != 1 {
             return;
         }
         let mut text = [0 as libc::c_char; 256];
-        let provider = c_text(unsafe {
-            sys::kvferry_fi_cq_strerror(self.objects.cq, err.prov_errno, err.err_data, text.as_mut_ptr(), 256)
-        });
+        // SAFETY: the entry just read, whose error data is valid until the next read; `text` is
+        // valid for writes of its length. The answer is a C string, in `text` or the provider's.
+        let provider = unsafe {
+            c_text(sys::kvferry_fi_cq_strerror(cq, err.prov_errno, err.err_data, text.as_mut_ptr(), text.len()))
+        };
         let detail = format!("{} (provider: {provider})", fi_error_text(-err.err));
         self.complete(err.op_context.cast(), Err((err.err, detail)));
     }
 
     fn complete(&mut self, ctx: *mut OpContext, result: std::result::Result<usize, (i32, String)>) {
-        if ctx.is_null() || !self.live.contains(&(ctx as usize)) {
-            return;
-        }
-        match self.forget(ctx) {
+        let Some(what) = self.forget(ctx) else { return };
+        match what {
             Pending::Access { run, staging } => {
                 let result = match (&staging, result) {
                     (Some(st), Ok(_)) if run.borrow().part.op == Op::Read => Self::unstage(&run, st),
@@ -1415,10 +1508,8 @@ impl Progress {
                 run.borrow_mut().in_flight -= 1;
                 self.maybe_finish(run);
             }
-            Pending::Send { sent, mr, .. } => {
-                if !mr.is_null() {
-                    unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
-                }
+            // The message and its registration go when `what` does.
+            Pending::Send { sent, .. } => {
                 match (sent, result) {
                     (Sent::Answer, _) => self.answers_in_flight -= 1,
                     // A notification sent settles on its answer; one that could not be sent, now.
@@ -1440,6 +1531,7 @@ impl Progress {
                     self.received.locked().push(message);
                 }
                 if !self.queue.stop.load(Ordering::Acquire)
+                    && self.objects.ep.is_some()
                     && let Err(e) = self.post_recv(slot)
                 {
                     tracing::warn!("fabric: reposting a notification buffer failed: {e}");
@@ -1504,11 +1596,10 @@ impl Progress {
 
 impl Drop for Progress {
     fn drop(&mut self) {
+        // From here no other thread signals the completion queue, which closes once this returns.
+        *self.queue.wakeable_cq.locked() = 0;
         // Close the endpoint first so no completion can name a context freed below.
-        if !self.objects.ep.is_null() {
-            unsafe { sys::kvferry_fi_close(&mut (*self.objects.ep).fid) };
-            self.objects.ep = ptr::null_mut();
-        }
+        self.objects.ep = None;
         // Fail what is still in flight (its completions will never come), releasing its memory.
         let closed = || (sys::FI_ECANCELED as i32, "the fabric transport was closed".to_string());
         for ctx in self.live.iter().copied().collect::<Vec<_>>() {
@@ -1526,14 +1617,10 @@ impl Drop for Progress {
             let e = transfer_error(&part, closed().0, closed().1);
             self.part_finished(part, Some(e));
         }
-        // Staging registrations close while the domain is still open.
+        // Registrations close while the domain is still open.
         self.staging_pool.clear();
-        for (_, mr) in self.mrs.drain() {
-            unsafe { sys::kvferry_fi_close(&mut (*mr).fid) };
-        }
-        if !self.recv_mr.is_null() {
-            unsafe { sys::kvferry_fi_close(&mut (*self.recv_mr).fid) };
-        }
+        self.mrs.clear();
+        self.recv_mr = None;
     }
 }
 

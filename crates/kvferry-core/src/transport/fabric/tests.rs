@@ -44,6 +44,7 @@ fn move_blocks(provider: &str) {
     let peer = a.add_peer(&b.metadata()).unwrap();
     b.add_peer(&a.metadata()).unwrap();
     let blocks = |buf: &HostBuffer| -> Vec<MemRegion> {
+        // SAFETY: block `i < N` starts inside the buffer of `BLOCK * N` bytes.
         (0..N).map(|i| MemRegion::host(unsafe { buf.as_ptr().add(i * BLOCK) }, BLOCK)).collect()
     };
     let local = a.prepare_local(&blocks(&abuf)).unwrap();
@@ -97,6 +98,7 @@ fn forged_key(provider: &str) {
     md.name = format!("{provider}-forged");
     md.regions[0].region.len *= 4; // claims memory beyond the registration
     let forged = a.add_peer(&md.encode()).unwrap();
+    // SAFETY: one past the end of `bbuf`'s 8192 bytes, an address only (this side never reads it).
     let beyond = MemRegion::host(unsafe { bbuf.as_ptr().add(8192) }, 4096);
     let remote = a.prepare_remote(&forged, &[beyond]).unwrap();
     let e = a.write(&local, &[0], &remote, &[0], soon()).unwrap().wait().unwrap_err();
