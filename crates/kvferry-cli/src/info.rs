@@ -1,5 +1,8 @@
 //! `kvferry info`: the devices, transports and tiers this build can use on this machine.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use kvferry::memory::host::{self, HostAllocOptions, HostBuffer};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use serde_json::json;
@@ -112,46 +115,58 @@ pub fn run(as_json: bool) -> anyhow::Result<()> {
         "security": security_report(),
         "agent_options": agent_options_report(),
     });
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+    let text = match as_json {
+        true => serde_json::to_string_pretty(&report)? + "\n",
+        false => text_report(&report)?,
+    };
+    // A reader that stops early (`kvferry info | head`) ends the output, not the command with an
+    // error: the process keeps SIGPIPE ignored, which its sockets need.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    println!("kvferry {}", report["version"].as_str().unwrap_or_default());
+}
+
+fn text_report(report: &serde_json::Value) -> anyhow::Result<String> {
+    let mut out = String::new();
+    writeln!(out, "kvferry {}", report["version"].as_str().unwrap_or_default())?;
     for section in ["devices", "transports", "tiers", "observability"] {
-        println!("{section}:");
+        writeln!(out, "{section}:")?;
         for item in report[section].as_array().into_iter().flatten() {
             let mark = if item["available"].as_bool() == Some(true) { "yes" } else { "no " };
-            println!(
+            writeln!(
+                out,
                 "  {:<9} {mark}  {}",
                 item["name"].as_str().unwrap_or_default(),
                 item["detail"].as_str().unwrap_or_default()
-            );
+            )?;
         }
     }
-    println!("security:");
+    writeln!(out, "security:")?;
     for item in report["security"].as_array().into_iter().flatten() {
-        println!("  {:<34} {}", item["name"].as_str().unwrap_or_default(), item["value"]);
+        writeln!(out, "  {:<34} {}", item["name"].as_str().unwrap_or_default(), item["value"])?;
     }
-    println!("agent options (defaults; set with --set KEY=VALUE, C key=value options, Python options=):");
+    writeln!(out, "agent options (defaults; set with --set KEY=VALUE, C key=value options, Python options=):")?;
     for item in report["agent_options"].as_array().into_iter().flatten() {
         let value = item["value"].as_str().unwrap_or("(unset)");
-        println!("  {:<34} {value}", item["name"].as_str().unwrap_or_default());
+        writeln!(out, "  {:<34} {value}", item["name"].as_str().unwrap_or_default())?;
     }
     let providers = report["fabric_providers"].as_array().into_iter().flatten();
     for (i, p) in providers.enumerate() {
         if i == 0 {
-            println!("fabric providers:");
+            writeln!(out, "fabric providers:")?;
         }
-        println!(
+        writeln!(
+            out,
             "  {:<14} fabric {:<16} domain {:<10} caps {:<28} mr_mode {}",
             p["provider"].as_str().unwrap_or_default(),
             p["fabric"].as_str().unwrap_or_default(),
             p["domain"].as_str().unwrap_or_default(),
             json_list(&p["caps"]),
             json_list(&p["mr_mode"]),
-        );
+        )?;
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The remote tier's line: its back ends, and where an `s3://` store would send its requests when
