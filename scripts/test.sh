@@ -111,7 +111,9 @@ pytest_prefix=()
 run_pytest() {
     local venv=$1 output=$2 tests=${3:-bindings/python/tests}
     set +e
-    ${pytest_prefix:+"${pytest_prefix[@]}"} "$venv/bin/python" -m pytest -p no:cacheprovider -v -rs "$tests" 2>&1 |
+    # -rsp: the summary names every skipped and passed test on a line of its own, which
+    # require_passed reads (a test that prints puts its PASSED on a later line than its name).
+    ${pytest_prefix:+"${pytest_prefix[@]}"} "$venv/bin/python" -m pytest -p no:cacheprovider -v -rsp "$tests" 2>&1 |
         tee "$output"
     local status=${PIPESTATUS[0]}
     set -e
@@ -126,7 +128,7 @@ require_passed() {
     local log=$1 must
     shift
     for must in "$@"; do
-        grep -q "::$must.* PASSED" "$log" || { echo "sentinel: $must did not run" >&2; exit 1; }
+        grep -q "^PASSED .*::$must" "$log" || { echo "sentinel: $must did not run" >&2; exit 1; }
     done
 }
 # A command prefix under which the dynamic loader cannot load libfabric, as on a machine without
