@@ -264,8 +264,7 @@ vllm_tests() {
     # it must have passed.
     if ip netns add "kvf-probe-$$" 2>/dev/null; then
         ip netns del "kvf-probe-$$"
-        require_passed target/pytest-vllm.log "test_pd_between_two_network_namespaces\[tcp\]" \
-            "test_pd_between_two_network_namespaces\[fabric\]"
+        require_passed target/pytest-vllm.log test_pd_between_two_network_namespaces_over_tcp
     fi
 }
 vllm_tests

@@ -1,7 +1,7 @@
 """P/D across two hosts on one machine: the prefill engine in this machine's network namespace, the
 decode engine in a second one, joined by a veth pair shaped with tc (a token bucket, 2 Gbit/s each
 way; kernels without netem add no delay), so the KV blocks cross a link between two network stacks
-over kvferry's TCP transport, and again over libfabric's tcp provider. iperf3 measures the link in the same run, and the test prints the
+over kvferry's TCP transport. iperf3 measures the link in the same run, and the test prints the
 transfer's bandwidth next to it. Needs root for `ip netns`: skips, saying why, where a namespace
 cannot be made."""
 
@@ -30,8 +30,7 @@ def _ip(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def link():
-    """The namespace at the far end of the shaped veth pair: (its name, whether tc shaped it, the
-    veth's name here, its name there)."""
+    """The namespace at the far end of the shaped veth pair: (its name, whether tc shaped it)."""
     if os.geteuid() != 0:
         pytest.skip("two hosts on one machine need root (ip netns)")
     if shutil.which("ip") is None:
@@ -67,7 +66,7 @@ def link():
             if out.returncode != 0:
                 print(f"the link is not shaped (tc: {out.stderr.strip()}); it runs at the veth's speed")
                 shaped = False
-        yield ns, shaped, here, there
+        yield ns, shaped
     finally:
         # Removing the namespace removes its end of the veth pair, and with it this one.
         _ip("netns", "del", ns)
@@ -103,17 +102,13 @@ def iperf(ns: str) -> float | None:
         server.wait(timeout=30)
 
 
-def connector(role: str, host: str, transport: str, device: str) -> dict:
-    # Shared memory would reach across network namespaces: every byte goes over the link instead.
-    extra = {"host": host, "shm": False, "lease_seconds": 60, "timeout_seconds": 20}
-    if transport == "fabric":
-        # libfabric's tcp provider on the veth: its rails bind the interface named, not the first.
-        extra |= {"fabric_provider": "tcp", "agent_options": {"fabric.domains": device}}
+def connector(role: str, host: str) -> dict:
     return {
         "kv_connector": "KvferryConnector",
         "kv_connector_module_path": "kvferry.vllm",
         "kv_role": role,
-        "kv_connector_extra_config": extra,
+        # Shared memory would reach across network namespaces: every byte goes over the link instead.
+        "kv_connector_extra_config": {"host": host, "shm": False, "lease_seconds": 60, "timeout_seconds": 20},
     }
 
 
@@ -124,17 +119,12 @@ def wide_model(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", params=["tcp", "fabric"])
-def hosts(request, tmp_path_factory, link, wide_model):
-    ns, shaped, here, there = link
-    transport = request.param
-    if transport == "fabric" and not kvferry_has_fabric():
-        pytest.skip("this build of kvferry has no libfabric transport")
-    logs = tmp_path_factory.mktemp(f"two-hosts-{transport}-logs")
-    prefill_config = connector("kv_producer", PREFILL_IP, transport, here)
-    decode_config = connector("kv_consumer", DECODE_IP, transport, there)
-    prefill = vllm_server("prefill", wide_model, logs, prefill_config, host=PREFILL_IP)
-    decode = vllm_server("decode", wide_model, logs, decode_config, netns=ns, host=DECODE_IP)
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory, link, wide_model):
+    ns, shaped = link
+    logs = tmp_path_factory.mktemp("two-hosts-logs")
+    prefill = vllm_server("prefill", wide_model, logs, connector("kv_producer", PREFILL_IP), host=PREFILL_IP)
+    decode = vllm_server("decode", wide_model, logs, connector("kv_consumer", DECODE_IP), netns=ns, host=DECODE_IP)
     servers = [prefill, decode]
     try:
         deadline = time.monotonic() + 600
@@ -142,7 +132,6 @@ def hosts(request, tmp_path_factory, link, wide_model):
             s.wait_ready("/health", deadline)
         expected = [complete(prefill.url, p, MAX_TOKENS)[1]["choices"][0]["token_ids"] for p in PROMPTS]
         yield {
-            "transport": transport,
             "model": wide_model,
             "shaped": shaped,
             "iperf": iperf(ns),
@@ -155,18 +144,8 @@ def hosts(request, tmp_path_factory, link, wide_model):
             s.kill()
 
 
-def kvferry_has_fabric() -> bool:
-    import kvferry
-
-    try:
-        kvferry.Agent("fabric-probe", tcp=False, shm=False, fabric_provider="tcp").close()
-        return True
-    except kvferry.KvferryError:
-        return False
-
-
-def test_pd_between_two_network_namespaces(hosts, capsys):
-    prefill, decode, transport = hosts["prefill"], hosts["decode"], hosts["transport"]
+def test_pd_between_two_network_namespaces_over_tcp(hosts, capsys):
+    prefill, decode, transport = hosts["prefill"], hosts["decode"], "tcp"
     kept = ("transport",)
     before = metrics(decode, kept)
     got = []
