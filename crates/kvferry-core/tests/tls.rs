@@ -338,3 +338,35 @@ fn a_trickling_relay_is_cut_off_at_the_deadline_under_tls() {
     expect_line(&relay.lines, "cut ");
     assert_eq!(s.local.to_vec(), after_wait, "no byte landed after wait returned");
 }
+
+/// A client whose first bytes are neither a TLS record nor the plain handshake (the TLS side
+/// takes them for the plain path, where the handshake refuses them), sent one byte at a time, is
+/// cut off, and the endpoint keeps serving an honest peer meanwhile.
+#[test]
+fn garbage_trickled_at_a_tls_side_channel_is_refused_and_others_are_served() {
+    let tls = certs("garbage");
+    let target = agent("garbage-target", Some(tls.clone()));
+    let side = target.serve_side_channel("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut raw = TcpStream::connect(side).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in b"GET / HTTP/1.1\r\n" {
+        if raw.write_all(&[*byte]).is_err() {
+            closed = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let honest = agent("garbage-honest", Some(tls));
+    honest.connect_peer(&side.to_string(), soon()).expect("an honest peer is served");
+    // The server ends the connection (EOF, or a reset), rather than the read timing out.
+    let mut rest = Vec::new();
+    let ended = match raw.read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    };
+    assert!(closed || ended, "never cut off; it got {rest:?}");
+    assert!(!rest.starts_with(b"HTTP"), "{rest:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "cut off at {:?}", started.elapsed());
+}
