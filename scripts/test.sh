@@ -116,6 +116,7 @@ sentinels=(
     an_endpoint_with_a_full_backlog_fails_add_peer_by_the_deadline
     idle_connections_leave_the_thread_count_fixed
     idle_shm_connections_leave_the_thread_count_fixed
+    threads_stay_fixed_from_a_few_peers_to_hundreds_over_tcp_and_shm
     a_trickled_write_is_cut_off_at_the_request_timeout_from_its_first_byte
     headers_announcing_many_descriptors_commit_no_memory_before_the_bytes_arrive
     accepting_at_the_descriptor_limit_does_not_spin

@@ -259,13 +259,14 @@ fn threads_named(name: &str) -> usize {
 
 #[test]
 fn a_link_that_is_never_used_starts_no_threads() {
-    // TCP stream workers are named `kvferry-tcp-<peer>-<n>`, cut by the kernel to 15 bytes.
-    let p = pair("idle-initiator", "qz7-idle-target", &[None, Some(&[TransportKind::Tcp])]);
+    // The TCP transport's progress threads are named `kvf-tcp-<agent>-<n>`, cut by the kernel to
+    // 15 bytes; they start on the transport's first frame.
+    let p = pair("qz7-idle-initiator", "qz7-idle-target", &[None, Some(&[TransportKind::Tcp])]);
     let (initiator, local, remote, remote_tcp) = (&p.initiator, &*p.local, &*p.remotes[0], &*p.remotes[1]);
     let locals = initiator.prepare_local(&blocks(local)).unwrap();
     let remotes = initiator.prepare_remote("qz7-idle-target", &[blocks(remote), blocks(remote_tcp)].concat()).unwrap();
     initiator.write(&locals, &[0], &remotes, &[0], soon()).unwrap().wait().unwrap();
-    assert_eq!(threads_named("kvferry-tcp-qz7"), 0, "the TCP link to a peer reached over shm stays idle");
+    assert_eq!(threads_named("kvf-tcp-qz7-idl"), 0, "the TCP link to a peer reached over shm stays idle");
     initiator.write(&locals, &[1], &remotes, &[BLOCKS + 1], soon()).unwrap().wait().unwrap();
-    assert!(threads_named("kvferry-tcp-qz7") > 0, "its first transfer starts the TCP link's workers");
+    assert!(threads_named("kvf-tcp-qz7-idl") > 0, "its first transfer starts the TCP transport's threads");
 }

@@ -196,6 +196,7 @@ impl AgentConfig {
             some("tcp.listen", tcp.listen.to_string()),
             ("tcp.advertise_host".into(), tcp.advertise_host.clone()),
             some("tcp.streams", tcp.streams.to_string()),
+            some("tcp.threads", tcp.threads.to_string()),
             some("tcp.connect_timeout_ms", millis(tcp.connect_timeout)),
             some("tcp.request_timeout_ms", millis(tcp.request_timeout)),
             some("tcp.min_frame_bytes", tcp.min_frame_bytes.to_string()),
@@ -205,6 +206,7 @@ impl AgentConfig {
         out.extend([
             some("shm", switch(self.shm.is_some())),
             ("shm.copy_threads".into(), shm.copy_threads.map(|n| n.to_string())),
+            some("shm.threads", shm.threads.to_string()),
             some("shm.connect_timeout_ms", millis(shm.connect_timeout)),
             some("shm.request_timeout_ms", millis(shm.request_timeout)),
             some("shm.link_idle_timeout_ms", millis(shm.idle_timeout)),
@@ -327,6 +329,7 @@ impl Draft {
                             _ => return Err(s.bad("a stream count from 1 to 64")),
                         }
                     }
+                    "threads" => tcp.threads = s.count()?,
                     "connect_timeout_ms" => tcp.connect_timeout = s.millis()?,
                     "request_timeout_ms" => tcp.request_timeout = s.millis()?,
                     "min_frame_bytes" => tcp.min_frame_bytes = s.number()?,
@@ -338,6 +341,7 @@ impl Draft {
                 let shm = &mut self.shm.1;
                 match field {
                     "copy_threads" => shm.copy_threads = Some(s.count()?),
+                    "threads" => shm.threads = s.count()?,
                     "connect_timeout_ms" => shm.connect_timeout = s.millis()?,
                     "request_timeout_ms" => shm.request_timeout = s.millis()?,
                     "link_idle_timeout_ms" => shm.idle_timeout = s.millis()?,
@@ -414,9 +418,11 @@ mod tests {
             ("tcp.listen", "127.0.0.1:7311"),
             ("tcp.advertise_host", "node-7"),
             ("tcp.streams", "5"),
+            ("tcp.threads", "6"),
             ("tcp.workers", "3"),
             ("shm", "off"),
             ("shm.copy_threads", "2"),
+            ("shm.threads", "3"),
             ("auth", "none"),
             ("tls.cert", "/c.pem"),
             ("tls.key", "/k.pem"),

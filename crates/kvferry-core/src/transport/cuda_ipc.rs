@@ -7,16 +7,14 @@
 //!   hosts (which cannot open the handles) are told apart and reached by another transport; and
 //!   the notifier is a loopback TCP transport that carries notifications only.
 //! - **Data**: a batch becomes one `copy_batch` on the device (one `cuMemcpyBatchAsync` where the
-//!   driver has it); a per-link thread waits for its event, then sends the notification, so a
-//!   notification never overtakes its data.
+//!   driver has it); the link's lane of the transport's completion threads waits for its event,
+//!   then sends the notification, so a notification never overtakes its data.
 //! - **Trust**: an IPC handle opens the whole allocation to whoever holds it, so the owner cannot
 //!   check each access as the TCP target does. Handles travel only in metadata, to peers the agent
 //!   added; ranges are checked on the initiator against the regions the owner published.
 
 use std::net::SocketAddr;
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use crate::auth::Auth;
 use crate::deadline::Deadline;
@@ -25,6 +23,7 @@ use crate::memory::cuda::CudaDevice;
 use crate::memory::{CopyFence, CopyOp, Device, IpcHandle, MemKind, MemRegion, Memory};
 use crate::sync::Locked;
 use crate::transport::host::boot_id;
+use crate::transport::progress::{Lane, LaneWork, Progress};
 use crate::transport::staging::ABANDON_AFTER;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{
@@ -45,12 +44,17 @@ impl std::fmt::Debug for CudaIpcConfig {
     }
 }
 
+/// Threads waiting for every link's copies to finish, whatever the number of peers: the copies
+/// themselves run on the device.
+const COMPLETION_THREADS: usize = 2;
+
 pub struct CudaIpcTransport {
     device: CudaDevice,
     host_id: String,
     endpoint: Endpoint,
     /// Carries notifications between peers on this host (no memory is registered with it).
     notifier: TcpTransport,
+    completions: Progress<InOrder>,
 }
 
 impl CudaIpcTransport {
@@ -70,6 +74,7 @@ impl CudaIpcTransport {
             host_id,
             endpoint: Endpoint { kind: TransportKind::CudaIpc, address },
             notifier,
+            completions: Progress::new(&format!("kvf-ipc-{local_name}"), COMPLETION_THREADS, None),
         })
     }
 }
@@ -121,16 +126,11 @@ impl Transport for CudaIpcTransport {
             Vec::new(),
         )?;
         let regions = regions.into_iter().map(|r| (r, None)).collect();
-        let (jobs, queue) = mpsc::channel::<Job>();
-        thread::Builder::new()
-            .name(format!("kvferry-cuda-ipc-{peer}"))
-            .spawn(move || complete_in_order(queue, &*notify))
-            .map_err(|e| Error::io("spawning the cuda-ipc completion thread", e))?;
         Ok(Arc::new(CudaIpcLink {
             peer: peer.to_string(),
             device: self.device.clone(),
             regions: Mutex::new(regions),
-            jobs: Mutex::new(jobs),
+            completions: self.completions.lane(InOrder { notify }),
         }))
     }
 }
@@ -149,7 +149,7 @@ struct CudaIpcLink {
     device: CudaDevice,
     /// The peer's regions and, once used, their mapping here (imported on first use, kept).
     regions: Mutex<Vec<PeerRegion>>,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    completions: Lane<InOrder>,
 }
 
 impl CudaIpcLink {
@@ -203,22 +203,28 @@ impl PeerLink for CudaIpcLink {
             // checked against the peer's published regions and map memory the link keeps open.
             false => Some(unsafe { self.device.copy_batch(&copies) }?),
         };
-        let sent = self.jobs.locked().send(Job { fence, batch });
-        if let Err(mpsc::SendError(job)) = sent {
-            let cause = "the completion thread has exited".to_string();
-            let e = TransferError::PeerDisconnected { peer: self.peer.clone(), op, cause };
-            let _ = job.batch.completion.part_done(Err(e));
+        if let Err(job) = self.completions.submit(Job { fence, batch }) {
+            // Its copies may still run: the memory stays held until they are done.
+            job.batch.completion.refuse_part(&self.peer);
+            job.drain();
         }
         Ok(())
     }
 }
 
-/// Settle each batch once its copies are done (in posting order, as the stream runs them), then
-/// send its notification through the loopback notifier.
-fn complete_in_order(jobs: mpsc::Receiver<Job>, notify: &dyn PeerLink) {
-    for Job { fence, batch } in jobs {
-        let completion = &batch.completion;
-        let copied = match &fence {
+/// A link's completions: each batch settled once its copies are done (in posting order, as the
+/// stream runs them), then its notification sent through the loopback notifier.
+struct InOrder {
+    notify: Arc<dyn PeerLink>,
+}
+
+impl LaneWork for InOrder {
+    type Job = Job;
+    type Scratch = ();
+
+    fn run(&mut self, job: Job, _: &mut ()) {
+        let completion = &job.batch.completion;
+        let copied = match &job.fence {
             Some(f) => f.wait(completion.deadline()).map_err(|e| match e.code() {
                 crate::ErrorCode::Timeout => completion.timeout_error(),
                 _ => TransferError::DeviceCopy {
@@ -231,17 +237,24 @@ fn complete_in_order(jobs: mpsc::Receiver<Job>, notify: &dyn PeerLink) {
         };
         if let PartOutcome::LastOk { notification } = completion.part_done(copied) {
             let sent = match notification {
-                Some(data) => send_notification(notify, completion, data),
+                Some(data) => send_notification(&*self.notify, completion, data),
                 None => Ok(()),
             };
             completion.finish(sent);
         }
-        // A batch past its deadline may still be copying: its memory stays held until the device is
-        // done, and is never released under a copy that does not finish.
-        let drained = fence.is_none_or(|f| f.wait(Deadline::after(ABANDON_AFTER)).is_ok());
+        job.drain();
+    }
+}
+
+impl Job {
+    /// Release the batch's memory once the device is done with it: a batch past its deadline may
+    /// still be copying, and its memory is never released under a copy that does not finish.
+    fn drain(self) {
+        let drained = self.fence.is_none_or(|f| f.wait(Deadline::after(ABANDON_AFTER)).is_ok());
         if !drained {
-            tracing::error!(peer = completion.peer(), "a cuda-ipc copy did not finish; keeping its memory forever");
-            std::mem::forget(batch.keep_alive);
+            let peer = self.batch.completion.peer();
+            tracing::error!(peer, "a cuda-ipc copy did not finish; keeping its memory forever");
+            std::mem::forget(self.batch.keep_alive);
         }
     }
 }

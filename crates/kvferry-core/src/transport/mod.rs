@@ -13,6 +13,7 @@ pub(crate) mod frame;
 pub mod host;
 pub(crate) mod keys;
 pub(crate) mod kind;
+pub(crate) mod progress;
 pub mod shm;
 pub mod staging;
 pub mod tcp;
@@ -538,6 +539,15 @@ impl Completion {
             return PartOutcome::Finished;
         }
         PartOutcome::LastOk { notification: state.notification.take() }
+    }
+
+    /// Fail a part its link's progress threads refused (the transport is shutting down, or no
+    /// thread could be started); the link cannot move it.
+    pub(crate) fn refuse_part(&self, peer: &str) {
+        let cause = "the transport is shutting down or could not start a progress thread".to_string();
+        let e = TransferError::PeerDisconnected { peer: peer.to_string(), op: self.op(), cause };
+        // A failed part settles the batch as failed if it was the last; nothing else to do.
+        let _ = self.part_done(Err(e));
     }
 
     /// Settle the batch after a [`PartOutcome::LastOk`] (with the notification's outcome).

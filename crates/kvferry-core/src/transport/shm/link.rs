@@ -1,16 +1,16 @@
-//! The initiator's side of the shm transport: a worker thread per peer, started on the first
-//! batch and ended after `idle_timeout` without one, with a connection made on first use.
+//! The initiator's side of the shm transport: a link per peer, a lane of the transport's progress
+//! threads with a connection made on first use and closed after `idle_timeout` without a batch.
 //!
 //! - a **WRITE** is a request on the socket naming our own sources; the owner checks key and range
 //!   and copies the bytes into its memory itself, and the batch settles on its answer. A source in
 //!   a shareable registration of ours (a sealed memfd) is passed once per connection (`SHARE`), so
 //!   the owner copies it with `pread` from the file; any other is named by address and pulled
-//!   with `process_vm_readv`. The worker is told when a local registration goes (`Job::Forget`)
+//!   with `process_vm_readv`. The link is told when a local registration goes (`Job::Forget`)
 //!   and withdraws its file (`UNSHARE`). No byte of ours is ever written into the owner's address
 //!   space by us.
 //! - a **READ** lands in our memory, so we copy it: after a grant (`MAP`), from the owner's
 //!   shareable file (`pread`, never a mapping: see [`super::pull`]) or with `process_vm_readv`,
-//!   split over the host device's copy pool, this thread taking a share. The connection's lease
+//!   split over the host device's copy pool, the progress thread taking a share. The connection's lease
 //!   slot of every registration touched is checked before the copy and again after it: a READ
 //!   that raced a deregistration is discarded (the transfer fails), and a hang-up of the socket
 //!   after the copy means the owner died.
@@ -19,8 +19,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, Weak, mpsc};
-use std::thread;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::lease::LeaseFile;
@@ -35,6 +34,7 @@ use crate::memory::host::{HostDevice, PeerFile};
 use crate::net::DeadlineStream;
 use crate::sync::Locked;
 use crate::transport::frame::{self, Failure, Header};
+use crate::transport::progress::{Lane, LaneWork, Progress};
 use crate::transport::{
     AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp, no_key_on_link,
 };
@@ -58,12 +58,11 @@ pub(super) struct LinkInfo {
     pub pid: u32,
     pub auth: Auth,
     pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
     /// This agent's own registrations, where a WRITE's sources are looked up.
     pub local: Arc<OwnerShared>,
 }
 
-/// What a link's worker is handed, in order.
+/// What a link's lane is handed, in order.
 pub(super) enum Job {
     Batch(Batch),
     /// A local registration is gone: stop sharing its file. Queued before the deregistration
@@ -71,9 +70,6 @@ pub(super) enum Job {
     /// addresses for other memory).
     Forget(u128),
 }
-
-/// A link's queue: `None` until the first batch and after the worker idled out.
-pub(super) type Jobs = Mutex<Option<mpsc::Sender<Job>>>;
 
 /// An authenticated connection to an owner.
 pub(super) struct Connected {
@@ -181,30 +177,17 @@ pub(super) fn connect(
 pub(super) struct ShmLink {
     peer: String,
     regions: Arc<Vec<Option<RemoteShm>>>,
-    info: Arc<LinkInfo>,
-    device: Arc<HostDevice>,
-    jobs: Arc<Jobs>,
+    lane: Arc<Lane<Worker>>,
 }
 
 impl ShmLink {
-    pub fn new(info: LinkInfo, regions: Vec<Option<RemoteShm>>, device: Arc<HostDevice>) -> ShmLink {
-        ShmLink {
-            peer: info.peer.clone(),
-            regions: Arc::new(regions),
-            info: Arc::new(info),
-            device,
-            jobs: Arc::new(Mutex::new(None)),
-        }
-    }
-
-    /// The queue deregistrations tell of local registrations gone.
-    pub fn queue(&self) -> Weak<Jobs> {
-        Arc::downgrade(&self.jobs)
-    }
-
-    /// Start a worker and return its queue.
-    fn spawn(&self) -> io::Result<mpsc::Sender<Job>> {
-        let (jobs, batches) = mpsc::channel::<Job>();
+    pub fn new(
+        info: LinkInfo,
+        regions: Vec<Option<RemoteShm>>,
+        device: Arc<HostDevice>,
+        progress: &Progress<Worker>,
+    ) -> ShmLink {
+        let regions = Arc::new(regions);
         let cut_handle: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let handle = cut_handle.clone();
         let cut: AbortHook = Arc::new(move || {
@@ -212,20 +195,24 @@ impl ShmLink {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
         });
+        let peer = info.peer.clone();
         let worker = Worker {
-            info: self.info.clone(),
-            regions: self.regions.clone(),
+            info: Arc::new(info),
+            regions: regions.clone(),
             conn: None,
             cut_handle,
             cut,
             grants: HashMap::new(),
             sources: Vec::new(),
             next_source: 1,
-            device: self.device.clone(),
+            device,
         };
-        let queue = Arc::downgrade(&self.jobs);
-        thread::Builder::new().name(format!("kvferry-shm-{}", self.peer)).spawn(move || worker.run(batches, queue))?;
-        Ok(jobs)
+        ShmLink { peer, regions, lane: Arc::new(progress.lane(worker)) }
+    }
+
+    /// The lane deregistrations tell of local registrations gone.
+    pub fn lane(&self) -> &Arc<Lane<Worker>> {
+        &self.lane
     }
 }
 
@@ -244,27 +231,8 @@ impl PeerLink for ShmLink {
             return Err(no_key_on_link(&self.peer, index, op));
         }
         batch.completion.set_guarded_parts(1);
-        let mut jobs = self.jobs.locked();
-        let batch = match jobs.as_ref() {
-            Some(queue) => match queue.send(Job::Batch(batch)) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::SendError(Job::Batch(batch))) => batch,
-                Err(mpsc::SendError(Job::Forget(_))) => unreachable!("a batch was sent"),
-            },
-            None => batch,
-        };
-        match self.spawn() {
-            Ok(sender) => {
-                let sent = sender.send(Job::Batch(batch));
-                *jobs = Some(sender);
-                debug_assert!(sent.is_ok(), "a fresh worker holds its receiver");
-            }
-            Err(e) => {
-                let cause = format!("cannot start the link's worker thread: {e}");
-                let e = TransferError::PeerDisconnected { peer: self.peer.clone(), op: batch.completion.op(), cause };
-                // A failed part settles the batch as failed; nothing else to do.
-                let _ = batch.completion.part_done(Err(e));
-            }
+        if let Err(Job::Batch(batch)) = self.lane.submit(Job::Batch(batch)) {
+            batch.completion.refuse_part(&self.peer);
         }
         Ok(())
     }
@@ -319,7 +287,8 @@ enum SourceState {
     Refused { room: bool },
 }
 
-struct Worker {
+/// A link's state on its lane: the connection and what was granted and shared on it.
+pub(super) struct Worker {
     info: Arc<LinkInfo>,
     regions: Arc<Vec<Option<RemoteShm>>>,
     conn: Option<Connected>,
@@ -343,34 +312,21 @@ pub(super) type ReadHook = (String, Box<dyn FnMut() + Send>);
 #[cfg(test)]
 pub(super) static AFTER_READ_COPY: Mutex<Option<ReadHook>> = Mutex::new(None);
 
-impl Worker {
-    /// Run batches until the link is dropped or none came for `idle_timeout`; the connection (and
-    /// the owner's thread serving it) goes with the worker.
-    fn run(mut self, batches: mpsc::Receiver<Job>, queue: Weak<Jobs>) {
-        loop {
-            match batches.recv_timeout(self.info.idle_timeout) {
-                Ok(job) => self.run_job(job),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let Some(queue) = queue.upgrade() else { return };
-                    // Under the queue's lock no batch can be sent to us: take one that came, or
-                    // retire, so the next post starts a fresh worker.
-                    let mut jobs = queue.locked();
-                    match batches.try_recv() {
-                        Ok(job) => {
-                            drop(jobs);
-                            self.run_job(job);
-                        }
-                        Err(_) => {
-                            *jobs = None;
-                            return;
-                        }
-                    }
-                }
-            }
-        }
+impl LaneWork for Worker {
+    type Job = Job;
+    type Scratch = ();
+
+    fn run(&mut self, job: Job, _: &mut ()) {
+        self.run_job(job);
     }
 
+    /// The connection (and the owner's resources serving it) goes; the next batch connects again.
+    fn idle(&mut self) {
+        self.disconnect();
+    }
+}
+
+impl Worker {
     fn run_job(&mut self, job: Job) {
         match job {
             Job::Batch(batch) => self.run_batch(&batch),

@@ -33,7 +33,7 @@ use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use self::link::{ConnectError, Job, Jobs, LinkInfo, RemoteShm, ShmLink};
+use self::link::{ConnectError, Job, LinkInfo, RemoteShm, ShmLink, Worker};
 use self::owner::OwnerShared;
 use self::wire::Reach;
 use crate::auth::Auth;
@@ -46,6 +46,7 @@ use crate::net::Server;
 use crate::sync::Locked;
 use crate::transport::host::boot_id;
 use crate::transport::keys;
+use crate::transport::progress::{Lane, Progress};
 use crate::transport::{
     Endpoint, MemoryOwner, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys,
     require_host,
@@ -53,8 +54,8 @@ use crate::transport::{
 
 #[derive(Debug, Clone)]
 pub struct ShmConfig {
-    /// Pool threads copying large batches through mappings, next to the link's worker, which
-    /// copies a share too; `None`: one per core but one, at least 1 and at most 7.
+    /// Pool threads copying large batches through mappings, next to the progress thread running
+    /// the batch, which copies a share too; `None`: one per core but one, at least 1 and at most 7.
     pub copy_threads: Option<usize>,
     /// The connect, the handshake and the hello together, at link time and on first use.
     pub connect_timeout: Duration,
@@ -62,8 +63,10 @@ pub struct ShmConfig {
     /// before its connection is closed.
     pub request_timeout: Duration,
     /// How long a connection may stay idle between requests before it is closed, on both sides
-    /// (an initiator's worker thread retires too, and comes back on the next batch).
+    /// (the initiator connects again on the next batch).
     pub idle_timeout: Duration,
+    /// Threads running every link's batches, whatever the number of peers.
+    pub threads: usize,
     /// Serving threads and connections the peers of this transport can make it spend. The
     /// per-peer limit (`max_per_ip`) counts connections per user id (`SO_PEERCRED`);
     /// `idle_timeout` there is for a connection that has sent no request since its handshake.
@@ -80,6 +83,7 @@ impl Default for ShmConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            threads: 2,
             limits: ServeLimits::default(),
             max_shared_sources: 1024,
         }
@@ -113,8 +117,9 @@ pub struct ShmTransport {
     auth: Auth,
     device: Arc<HostDevice>,
     server: Option<Server<OwnerShared>>,
-    /// The queues of this transport's links, told when a local registration goes.
-    links: Mutex<Vec<Weak<Jobs>>>,
+    /// The lanes of this transport's links, told when a local registration goes.
+    links: Mutex<Vec<Weak<Lane<Worker>>>>,
+    progress: Progress<Worker>,
 }
 
 impl ShmTransport {
@@ -125,7 +130,7 @@ impl ShmTransport {
         notifications: Arc<NotificationQueue>,
     ) -> Result<ShmTransport> {
         let boot_id = boot_id()?;
-        // The worker copies a share itself: with one pool thread per core but one, a batch keeps
+        // The progress thread running a batch copies a share itself: with one pool thread per core but one, a batch keeps
         // every core busy without more copying threads than cores.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let device = Arc::new(HostDevice::with_threads(config.copy_threads.unwrap_or((cores - 1).clamp(1, 7)))?);
@@ -136,6 +141,7 @@ impl ShmTransport {
         let shared = Arc::new(OwnerShared::new(auth, notifications, &config, device.clone()));
         let server = Server::start(listener, "kvferry-shm", shared.clone(), config.limits.clone())?;
         Ok(ShmTransport {
+            progress: Progress::new(&format!("kvf-shm-{local_name}"), config.threads, Some(config.idle_timeout)),
             local_name: local_name.to_string(),
             config,
             endpoint: Endpoint { kind: TransportKind::Shm, address: format!("{boot_id}/{pid}/{socket}") },
@@ -182,12 +188,10 @@ impl Transport for ShmTransport {
     fn deregister(&self, key: &[u8]) {
         let Some((key, _)) = wire::decode_key(key) else { return };
         self.shared.deregister(key);
-        // The links that shared its file withdraw it; a worker that is not running shares nothing.
-        self.links.locked().retain(|queue| {
-            let Some(queue) = queue.upgrade() else { return false };
-            if let Some(jobs) = queue.locked().as_ref() {
-                let _ = jobs.send(Job::Forget(key));
-            }
+        // The links that shared its file withdraw it (a stopped pool shares nothing any more).
+        self.links.locked().retain(|lane| {
+            let Some(lane) = lane.upgrade() else { return false };
+            let _ = lane.submit(Job::Forget(key));
             true
         });
     }
@@ -232,13 +236,12 @@ impl Transport for ShmTransport {
             pid: conn.pid,
             auth: self.auth.clone(),
             connect_timeout: self.config.connect_timeout,
-            idle_timeout: self.config.idle_timeout,
             local: self.shared.clone(),
         };
-        let link = ShmLink::new(info, regions, self.device.clone());
+        let link = ShmLink::new(info, regions, self.device.clone(), &self.progress);
         let mut links = self.links.locked();
-        links.retain(|queue| queue.strong_count() > 0);
-        links.push(link.queue());
+        links.retain(|lane| lane.strong_count() > 0);
+        links.push(Arc::downgrade(link.lane()));
         Ok(Arc::new(link))
     }
 }

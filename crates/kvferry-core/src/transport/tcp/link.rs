@@ -1,31 +1,30 @@
-//! The initiator's side of the TCP transport: a link per peer with several streams, each served by
-//! a worker thread that owns one connection. A batch is cut into frames spread over the streams; the
-//! frame that finishes last sends the notification. The workers start on the first post, so a link
-//! that is never used (a same-host peer reached over shm, say) costs no threads.
+//! The initiator's side of the TCP transport: a link per peer with several streams, each a lane of
+//! the transport's progress threads that owns one connection, made on its first frame. A batch is
+//! cut into frames spread over the streams; the frame that finishes last sends the notification.
+//! A link that is never used (a same-host peer reached over shm, say) holds no connection.
 
 use std::any::Any;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
-use std::thread;
 use std::time::Duration;
 
 use super::TcpConfig;
 use super::wire;
 use crate::auth::{Auth, AuthError, Channel};
 use crate::deadline::Deadline;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::memory::MemKind;
 use crate::net::DeadlineStream;
 use crate::tls::PeerStream;
 use crate::transport::frame::{self, Failure, FrameKind, Header, WireDesc};
+use crate::transport::progress::{Lane, LaneWork, Progress};
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
 use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, TransferError, no_key_on_link};
 
 /// One request on one stream.
-struct Frame {
+pub(super) struct Frame {
     kind: FrameKind,
     descs: Vec<WireDesc>,
     /// Local addresses, parallel to `descs`.
@@ -46,13 +45,13 @@ struct LinkInfo {
 pub(super) struct TcpLink {
     info: Arc<LinkInfo>,
     keys: Vec<Option<u128>>,
-    stream_count: usize,
-    streams: OnceLock<Vec<mpsc::Sender<Frame>>>,
+    streams: Vec<Lane<Stream>>,
     next_stream: AtomicUsize,
     min_frame_bytes: u64,
 }
 
 impl TcpLink {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         local_name: &str,
         peer: &str,
@@ -61,6 +60,7 @@ impl TcpLink {
         config: &TcpConfig,
         auth: Auth,
         stager: Option<Arc<Stager>>,
+        progress: &Progress<Stream>,
     ) -> TcpLink {
         let info = Arc::new(LinkInfo {
             local_name: local_name.to_string(),
@@ -70,40 +70,21 @@ impl TcpLink {
             auth,
             stager,
         });
+        let streams = (0..config.streams.max(1)).map(|_| progress.lane(Stream { info: info.clone(), conn: None }));
         TcpLink {
+            streams: streams.collect(),
             info,
             keys,
-            stream_count: config.streams.max(1),
-            streams: OnceLock::new(),
             next_stream: AtomicUsize::new(0),
             min_frame_bytes: config.min_frame_bytes,
         }
-    }
-
-    /// The streams' senders, starting their workers on first use.
-    fn streams(&self) -> Result<&[mpsc::Sender<Frame>]> {
-        if let Some(streams) = self.streams.get() {
-            return Ok(streams);
-        }
-        let mut streams = Vec::with_capacity(self.stream_count);
-        for i in 0..self.stream_count {
-            let (tx, rx) = mpsc::channel::<Frame>();
-            let info = self.info.clone();
-            thread::Builder::new()
-                .name(format!("kvferry-tcp-{}-{i}", info.peer))
-                .spawn(move || run_stream(&info, rx))
-                .map_err(|e| Error::io("spawning a tcp stream worker", e))?;
-            streams.push(tx);
-        }
-        // Two first posts may race: the loser's senders are dropped here, and its workers exit.
-        Ok(self.streams.get_or_init(|| streams))
     }
 
     /// Cut a batch into frames of about `total / streams` bytes (at least `min_frame_bytes`, at most
     /// `MAX_DESCS` descriptors), splitting ops where needed so one huge op still uses every stream.
     fn frames(&self, batch: &Batch) -> Result<Vec<(Vec<WireDesc>, Vec<u64>)>> {
         let total: u64 = batch.ops.iter().map(|o| o.len).sum();
-        let target = total.div_ceil(self.stream_count as u64).max(self.min_frame_bytes);
+        let target = total.div_ceil(self.streams.len() as u64).max(self.min_frame_bytes);
         let mut frames = Vec::new();
         let mut descs = Vec::new();
         let mut local = Vec::new();
@@ -148,7 +129,7 @@ impl PeerLink for TcpLink {
             Op::Write | Op::Notify => FrameKind::Write,
         };
         let frames = self.frames(&batch)?;
-        let streams = self.streams()?;
+        let streams = &self.streams;
         batch.completion.set_guarded_parts(frames.len());
         let first = self.next_stream.fetch_add(1, Ordering::Relaxed);
         for (i, (descs, local)) in frames.into_iter().enumerate() {
@@ -160,13 +141,8 @@ impl PeerLink for TcpLink {
                 _keep_alive: batch.keep_alive.clone(),
             };
             let stream = &streams[(first + i) % streams.len()];
-            // Workers exit only when the link is dropped; should one have died anyway, its part
-            // fails rather than leaving the batch unsettled.
-            if let Err(mpsc::SendError(frame)) = stream.send(frame) {
-                let cause = "the stream's worker thread has exited".to_string();
-                let e = TransferError::PeerDisconnected { peer: self.info.peer.clone(), op, cause };
-                // A failed part settles the batch as failed if it was the last; nothing else to do.
-                let _ = frame.completion.part_done(Err(e));
+            if let Err(frame) = stream.submit(frame) {
+                frame.completion.refuse_part(&self.info.peer);
             }
         }
         Ok(())
@@ -192,21 +168,27 @@ impl Conn {
     }
 }
 
-fn run_stream(info: &LinkInfo, frames: mpsc::Receiver<Frame>) {
-    let mut conn: Option<Conn> = None;
-    // Bounce buffers for frames that stage local memory, allocated on the first one.
-    let mut bounce: Option<Bounce> = None;
-    for frame in frames {
+/// One stream of a link: its connection, made on the first frame and again after one broke.
+pub(super) struct Stream {
+    info: Arc<LinkInfo>,
+    conn: Option<Conn>,
+}
+
+impl LaneWork for Stream {
+    type Job = Frame;
+    /// Bounce buffers for frames that stage local memory, allocated on the first one.
+    type Scratch = Option<Bounce>;
+
+    fn run(&mut self, frame: Frame, bounce: &mut Option<Bounce>) {
+        let (info, conn) = (&*self.info, &mut self.conn);
         let completion = &frame.completion;
         let result = match frame.descs.is_empty() {
             true => completion.skip_reason().map_or(Ok(()), Err),
-            false => {
-                exchange(info, &mut conn, completion, |io| run_frame(io, &frame, info.stager.as_deref(), &mut bounce))
-            }
+            false => exchange(info, conn, completion, |io| run_frame(io, &frame, info.stager.as_deref(), bounce)),
         };
         if let PartOutcome::LastOk { notification } = completion.part_done(result) {
             let sent = match notification {
-                Some(data) => exchange(info, &mut conn, completion, |io| send_notification(io, &data)),
+                Some(data) => exchange(info, conn, completion, |io| send_notification(io, &data)),
                 None => Ok(()),
             };
             completion.finish(sent);

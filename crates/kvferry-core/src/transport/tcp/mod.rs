@@ -3,9 +3,10 @@
 //! Data moves with `writev`/`readv` straight between registered memory and the socket: no
 //! intermediate buffer in user space (the kernel's own socket copies remain). With TLS
 //! ([`crate::tls`]) that becomes one copy: rustls encrypts from, and decrypts into its buffer and
-//! then into, registered memory. Several streams per
-//! peer, each with its own worker thread, carry the frames of a batch in parallel. The target
-//! serves every connection with a fixed set of threads (`net::Server`).
+//! then into, registered memory. Several streams per peer, each with its own connection, carry the
+//! frames of a batch in parallel on the transport's progress threads, which every peer shares
+//! (`transport::progress`). The target serves every connection with a fixed set of threads
+//! (`net::Server`).
 
 mod link;
 mod target;
@@ -15,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use self::link::TcpLink;
+use self::link::{Stream, TcpLink};
 use self::target::TargetShared;
 use crate::auth::Auth;
 use crate::error::{Error, Result};
@@ -24,6 +25,7 @@ use crate::memory::{MemKind, MemRegion};
 use crate::net::Server;
 use crate::tls::PeerListener;
 use crate::transport::keys;
+use crate::transport::progress::Progress;
 use crate::transport::staging::Stager;
 use crate::transport::{
     Endpoint, MemoryOwner, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys,
@@ -39,6 +41,9 @@ pub struct TcpConfig {
     pub advertise_host: Option<String>,
     /// Parallel TCP connections per peer.
     pub streams: usize,
+    /// Threads moving the frames of every peer's streams (at least `streams`, so that one peer's
+    /// batch uses all of its streams at once).
+    pub threads: usize,
     pub connect_timeout: Duration,
     /// Batches are cut into frames of at least this many bytes; smaller batches use one stream.
     pub min_frame_bytes: u64,
@@ -55,6 +60,7 @@ impl Default for TcpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise_host: None,
             streams: 2,
+            threads: 4,
             connect_timeout: Duration::from_secs(5),
             min_frame_bytes: 512 * 1024,
             request_timeout: Duration::from_secs(30),
@@ -74,6 +80,7 @@ pub struct TcpTransport {
     stager: Option<Arc<Stager>>,
     /// Proves the cluster secret on the connections this agent opens.
     auth: Auth,
+    progress: Progress<Stream>,
 }
 
 impl TcpTransport {
@@ -118,7 +125,9 @@ impl TcpTransport {
             Ok(_) => format!("[{host}]:{}", listen_addr.port()),
             Err(_) => format!("{host}:{}", listen_addr.port()),
         };
+        let progress = Progress::new(&format!("kvf-tcp-{local_name}"), config.threads.max(config.streams), None);
         Ok(TcpTransport {
+            progress,
             local_name: local_name.to_string(),
             config,
             endpoint: Endpoint { kind: TransportKind::Tcp, address },
@@ -203,6 +212,7 @@ impl Transport for TcpTransport {
             &self.config,
             self.auth.clone(),
             self.stager.clone(),
+            &self.progress,
         );
         Ok(Arc::new(link))
     }
