@@ -27,7 +27,7 @@ use crate::transport::progress::{Lane, LaneWork, Progress};
 use crate::transport::staging::ABANDON_AFTER;
 use crate::transport::tcp::{TcpConfig, TcpTransport};
 use crate::transport::{
-    Batch, Completion, Endpoint, MemoryOwner, NotificationQueue, Op, PartOutcome, PeerLink, RejectReason, RemoteRegion,
+    Batch, Completion, Endpoint, MemoryOwner, NotificationQueue, Op, PeerLink, RejectReason, RemoteRegion,
     TransferError, Transport, TransportKind, XferOp, no_key_on_link,
 };
 
@@ -235,13 +235,7 @@ impl LaneWork for InOrder {
             }),
             None => Ok(()),
         };
-        if let PartOutcome::LastOk { notification } = completion.part_done(copied) {
-            let sent = match notification {
-                Some(data) => send_notification(&*self.notify, completion, data),
-                None => Ok(()),
-            };
-            completion.finish(sent);
-        }
+        completion.settle_part(copied, |data| send_notification(&*self.notify, completion, data));
         job.drain();
     }
 }

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::auth::AuthError;
 use crate::deadline::Deadline;
 use crate::error::Result;
 use crate::error::code::ErrorCode;
@@ -155,6 +156,48 @@ pub(crate) fn no_key_on_link(peer: &str, index: usize, op: &XferOp) -> crate::er
         .into()
 }
 
+/// Why a link could not connect to its peer (connect, TLS, the cluster secret, the hello).
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    Unreachable(String),
+    /// The peer did not prove the cluster secret, or refused our proof.
+    Unauthenticated(String),
+}
+
+impl ConnectError {
+    /// The error of the part that needed the connection: an unreachable peer whose connect the
+    /// batch's deadline cut short is a timeout, not proof the peer is gone.
+    pub(crate) fn for_part(self, completion: &Completion, endpoint: &str) -> TransferError {
+        let peer = completion.peer().to_string();
+        match self {
+            ConnectError::Unauthenticated(cause) => TransferError::Unauthenticated { peer, cause },
+            ConnectError::Unreachable(_) if completion.deadline().expired() => completion.timeout_error(),
+            ConnectError::Unreachable(cause) => {
+                TransferError::PeerUnreachable { peer, endpoint: endpoint.into(), cause }
+            }
+        }
+    }
+}
+
+impl From<AuthError> for ConnectError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Refused(why) => ConnectError::Unauthenticated(why),
+            // Another protocol or version: not a peer this agent can talk to.
+            AuthError::Protocol(why) => ConnectError::Unreachable(why),
+            AuthError::Io(e) => ConnectError::Unreachable(format!("handshake failed: {e}")),
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Unreachable(why) | ConnectError::Unauthenticated(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Random bits for a registration key, from the OS: a peer cannot guess another registration's key.
 pub(crate) fn random_key<const N: usize>() -> Result<[u8; N]> {
     let mut key = [0u8; N];
@@ -203,10 +246,35 @@ impl NotificationQueue {
         NotificationQueue { queue: Mutex::default(), arrived: Condvar::new(), max_count, max_bytes }
     }
 
-    /// Hold room for a notification of `bytes`, if it fits: a transport refuses one that does not
-    /// to its sender (who gets `PeerBusy`) rather than queue it. The room is filled by
-    /// [`push_reserved`](Self::push_reserved) or given back by [`release`](Self::release).
-    pub fn reserve(&self, bytes: u64) -> bool {
+    /// Queue a notification a sender is waiting on, the way every transport serves one: room is
+    /// held first and `answer(room)` tells the sender queued or busy (a full queue refuses it, and
+    /// the sender gets `PeerBusy`); the notification is queued only once `answer` says its answer
+    /// went out (`true`), so one answered as queued is queued and one that could not be answered is
+    /// not. Answering first matters: a receiver that acts on the notification by shutting down
+    /// would otherwise close the connection before its sender learns it succeeded.
+    pub(crate) fn deliver<R>(&self, n: Notification, answer: impl FnOnce(bool) -> (bool, R)) -> R {
+        let bytes = n.data.len() as u64;
+        let room = self.reserve(bytes);
+        let (answered, result) = answer(room);
+        match (room, answered) {
+            (true, true) => {
+                let mut q = self.queue.locked();
+                q.reserved -= 1;
+                q.notifications.push_back(n);
+                self.arrived.notify_all();
+            }
+            (true, false) => {
+                let mut q = self.queue.locked();
+                q.reserved -= 1;
+                q.bytes -= bytes;
+            }
+            (false, _) => {}
+        }
+        result
+    }
+
+    /// Hold room for a notification of `bytes`, if it fits.
+    fn reserve(&self, bytes: u64) -> bool {
         let mut q = self.queue.locked();
         let fits =
             q.notifications.len() + q.reserved < self.max_count && q.bytes.saturating_add(bytes) <= self.max_bytes;
@@ -215,21 +283,6 @@ impl NotificationQueue {
             q.reserved += 1;
         }
         fits
-    }
-
-    /// Queue a notification whose room [`reserve`](Self::reserve) held.
-    pub fn push_reserved(&self, n: Notification) {
-        let mut q = self.queue.locked();
-        q.reserved -= 1;
-        q.notifications.push_back(n);
-        self.arrived.notify_all();
-    }
-
-    /// Give back room [`reserve`](Self::reserve) held for a notification that did not arrive.
-    pub fn release(&self, bytes: u64) {
-        let mut q = self.queue.locked();
-        q.reserved -= 1;
-        q.bytes -= bytes;
     }
 
     /// Queue `n`, whatever the limits (it counts against them): for a transport that cannot
@@ -539,6 +592,19 @@ impl Completion {
             return PartOutcome::Finished;
         }
         PartOutcome::LastOk { notification: state.notification.take() }
+    }
+
+    /// Report a part's outcome the way every blocking transport does: the last part of a batch
+    /// that succeeded sends the notification with `notify` (synchronously, so a notification never
+    /// overtakes its data) and settles the batch with its outcome.
+    pub(crate) fn settle_part(
+        &self,
+        result: std::result::Result<(), TransferError>,
+        notify: impl FnOnce(Vec<u8>) -> std::result::Result<(), TransferError>,
+    ) {
+        if let PartOutcome::LastOk { notification } = self.part_done(result) {
+            self.finish(notification.map_or(Ok(()), notify));
+        }
     }
 
     /// Fail a part its link's progress threads refused (the transport is shutting down, or no

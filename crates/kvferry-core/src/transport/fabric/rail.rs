@@ -1542,9 +1542,9 @@ impl Progress {
 
     /// Hand an incoming notification (see [`send_notification`](Self::send_notification)) to the
     /// agent if its queue has room, and answer the sender either way; when authenticated, only
-    /// to the peer that proved itself (`from`). Room is reserved before the answer is posted and
-    /// filled after, so a notification answered as queued is queued, and one that could not be
-    /// answered is not (its sender times out).
+    /// to the peer that proved itself (`from`), queued as every transport does
+    /// ([`NotificationQueue::deliver`](crate::transport::NotificationQueue::deliver); one that could
+    /// not be answered is not queued, and its sender times out).
     fn deliver(&mut self, message: &[u8], from: Option<&[u8]>) -> Option<()> {
         let mut r = Reader(message);
         let query = r.u64()?;
@@ -1555,18 +1555,13 @@ impl Progress {
         }
         let len = r.u16()? as usize;
         let name = std::str::from_utf8(r.take(len)?).ok()?.to_string();
-        let data = r.0;
-        let room = self.notifications.reserve(data.len() as u64);
-        let answer = [&query.to_le_bytes()[..], &[if room { NOTIFY_QUEUED } else { NOTIFY_BUSY }]].concat();
-        let answered = self.reply(&reply_to, from, MSG_NOTIFIED, &answer);
-        match (room, answered) {
-            (true, Some(true)) => {
-                self.notifications.push_reserved(crate::transport::Notification { from: name, data: data.to_vec() })
-            }
-            (true, _) => self.notifications.release(data.len() as u64),
-            (false, _) => {}
-        }
-        answered.map(drop)
+        let note = crate::transport::Notification { from: name, data: r.0.to_vec() };
+        let notifications = self.notifications.clone();
+        notifications.deliver(note, |room| {
+            let answer = [&query.to_le_bytes()[..], &[if room { NOTIFY_QUEUED } else { NOTIFY_BUSY }]].concat();
+            let answered = self.reply(&reply_to, from, MSG_NOTIFIED, &answer);
+            (answered == Some(true), answered.map(drop))
+        })
     }
 
     /// A receiver's answer to our notification: the batch settles, done or refused as busy.

@@ -26,7 +26,7 @@ use super::lease::LeaseFile;
 use super::owner::{OwnerShared, PROBE};
 use super::pull::{Pull, Source, pull_sharing};
 use super::wire::{self, Reach, WriteOp};
-use crate::auth::{Auth, AuthError, Channel};
+use crate::auth::{Auth, Channel};
 use crate::deadline::Deadline;
 use crate::error::Result;
 use crate::memory::MemRegion;
@@ -36,7 +36,7 @@ use crate::sync::Locked;
 use crate::transport::frame::{self, Failure, Header};
 use crate::transport::progress::{Lane, LaneWork, Progress};
 use crate::transport::{
-    AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, RejectReason, TransferError, XferOp, no_key_on_link,
+    AbortHook, Batch, Completion, ConnectError, Op, PeerLink, RejectReason, TransferError, XferOp, no_key_on_link,
 };
 
 /// A peer's region as this transport reaches it.
@@ -80,21 +80,6 @@ pub(super) struct Connected {
     /// Whether the owner could read our probe word, so can pull our WRITEs.
     pub can_pull: bool,
     pub leases: LeaseFile,
-}
-
-/// Why a connection could not be made.
-#[derive(Debug)]
-pub(super) enum ConnectError {
-    Unreachable(String),
-    Unauthenticated(String),
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::Unreachable(why) | ConnectError::Unauthenticated(why) => f.write_str(why),
-        }
-    }
 }
 
 /// Connect to an abstract Unix socket by `deadline`. A blocking connect to a listener whose
@@ -147,10 +132,7 @@ pub(super) fn connect(
 ) -> std::result::Result<Connected, ConnectError> {
     let unreachable = |e: io::Error| ConnectError::Unreachable(e.to_string());
     let mut stream = connect_by(socket, deadline).map_err(unreachable)?;
-    auth.client(&mut stream, Channel::Shm, deadline).map_err(|e| match e {
-        AuthError::Io(e) => ConnectError::Unreachable(format!("handshake failed: {e}")),
-        other => ConnectError::Unauthenticated(other.to_string()),
-    })?;
+    auth.client(&mut stream, Channel::Shm, deadline)?;
     stream.write_all_by(&wire::encode_hello(local_name, PROBE.as_ptr() as u64), deadline).map_err(unreachable)?;
     let mut ack = [0u8; frame::HEADER_LEN + 8];
     stream.set_timeouts(crate::net::time_left(deadline).map_err(unreachable)?).map_err(unreachable)?;
@@ -356,13 +338,7 @@ impl Worker {
                 }
             }
         };
-        if let PartOutcome::LastOk { notification } = completion.part_done(result) {
-            let sent = match notification {
-                Some(data) => self.notify(completion, &data),
-                None => Ok(()),
-            };
-            completion.finish(sent);
-        }
+        completion.settle_part(result, |data| self.notify(completion, &data));
     }
 
     /// The connection, made (or made again, when the owner closed it) within the batch's deadline.
@@ -372,22 +348,11 @@ impl Worker {
         }
         if self.conn.is_none() {
             let deadline = c.deadline().min(Deadline::after(self.info.connect_timeout));
-            let peer = self.info.peer.clone();
-            let unreachable = |cause| TransferError::PeerUnreachable {
-                peer: peer.clone(),
-                endpoint: self.info.endpoint.clone(),
-                cause,
-            };
-            let conn =
-                connect(&self.info.socket, &self.info.local_name, &self.info.auth, deadline).map_err(|e| match e {
-                    ConnectError::Unauthenticated(cause) => {
-                        TransferError::Unauthenticated { peer: peer.clone(), cause }
-                    }
-                    ConnectError::Unreachable(_) if c.deadline().expired() => c.timeout_error(),
-                    ConnectError::Unreachable(cause) => unreachable(cause),
-                })?;
+            let conn = connect(&self.info.socket, &self.info.local_name, &self.info.auth, deadline)
+                .map_err(|e| e.for_part(c, &self.info.endpoint))?;
             if conn.pid != self.info.pid {
-                return Err(unreachable(format!("another process (pid {}) now serves the endpoint", conn.pid)));
+                let cause = format!("another process (pid {}) now serves the endpoint", conn.pid);
+                return Err(ConnectError::Unreachable(cause).for_part(c, &self.info.endpoint));
             }
             // Grants name slots of the previous connection's lease file, and sources were shared
             // on it; ask afresh.

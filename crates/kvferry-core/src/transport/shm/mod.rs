@@ -33,7 +33,7 @@ use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use self::link::{ConnectError, Job, LinkInfo, RemoteShm, ShmLink, Worker};
+use self::link::{Job, LinkInfo, RemoteShm, ShmLink, Worker};
 use self::owner::OwnerShared;
 use self::wire::Reach;
 use crate::auth::Auth;
@@ -48,8 +48,8 @@ use crate::transport::host::boot_id;
 use crate::transport::keys;
 use crate::transport::progress::{Lane, Progress};
 use crate::transport::{
-    Endpoint, MemoryOwner, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind, remote_keys,
-    require_host,
+    ConnectError, Endpoint, MemoryOwner, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind,
+    remote_keys, require_host,
 };
 
 #[derive(Debug, Clone)]

@@ -325,9 +325,9 @@ fn accept_hello(stream: &mut UnixStream, leases: &Leases, deadline: Deadline) ->
     Ok((name, pid))
 }
 
-/// Queue a notification if the queue has room, acknowledging it first (as the TCP target does: a
-/// receiver that acts on it by shutting down would otherwise fail a sender that succeeded); a
-/// full queue answers busy, and the sender gets `PeerBusy`.
+/// Queue a notification as every transport does ([`NotificationQueue::deliver`]).
+///
+/// [`NotificationQueue::deliver`]: crate::transport::NotificationQueue::deliver
 fn serve_notify(
     stream: &mut UnixStream,
     shared: &OwnerShared,
@@ -335,16 +335,13 @@ fn serve_notify(
     data: Vec<u8>,
     deadline: Deadline,
 ) -> io::Result<()> {
-    let len = data.len() as u64;
-    if !shared.notifications.reserve(len) {
-        return respond(stream, STATUS_BUSY, BUSY_NOTIFICATIONS, 0, deadline);
-    }
-    if let Err(e) = respond(stream, 0, 0, 0, deadline) {
-        shared.notifications.release(len);
-        return Err(e);
-    }
-    shared.notifications.push_reserved(Notification { from: from.to_string(), data });
-    Ok(())
+    shared.notifications.deliver(Notification { from: from.to_string(), data }, |room| {
+        let answered = match room {
+            true => respond(stream, 0, 0, 0, deadline),
+            false => respond(stream, STATUS_BUSY, BUSY_NOTIFICATIONS, 0, deadline),
+        };
+        (answered.is_ok(), answered)
+    })
 }
 
 /// Grant a READ access to a registration, after checking its key: its range, this connection's

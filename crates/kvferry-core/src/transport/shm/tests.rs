@@ -145,7 +145,7 @@ fn hostile_lease_child() {
     assert!(fd.is_none() && &answer[..4] == b"KVFA" && answer[6] != 0, "a hello without the secret was answered");
     // The wrong secret: refused before any hello answer.
     let wrong = link::connect(&socket, "intruder", &secret_auth("not the cluster secret, 32 bytes"), deadline());
-    assert!(matches!(wrong, Err(link::ConnectError::Unauthenticated(_))), "{:?}", wrong.err());
+    assert!(matches!(wrong, Err(crate::transport::ConnectError::Unauthenticated(_))), "{:?}", wrong.err());
     println!("refused");
     let conn = link::connect(&socket, "hostile", &secret_auth(SECRET), deadline()).map_err(|e| e.to_string()).unwrap();
     conn.leases.revoke_all();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::TcpConfig;
 use super::wire;
-use crate::auth::{Auth, AuthError, Channel};
+use crate::auth::{Auth, Channel};
 use crate::deadline::Deadline;
 use crate::error::Result;
 use crate::memory::MemKind;
@@ -21,7 +21,7 @@ use crate::tls::PeerStream;
 use crate::transport::frame::{self, Failure, FrameKind, Header, WireDesc};
 use crate::transport::progress::{Lane, LaneWork, Progress};
 use crate::transport::staging::{Bounce, Segment, StageError, Stager};
-use crate::transport::{AbortHook, Batch, Completion, Op, PartOutcome, PeerLink, TransferError, no_key_on_link};
+use crate::transport::{AbortHook, Batch, Completion, ConnectError, Op, PeerLink, TransferError, no_key_on_link};
 
 /// One request on one stream.
 pub(super) struct Frame {
@@ -186,13 +186,7 @@ impl LaneWork for Stream {
             true => completion.skip_reason().map_or(Ok(()), Err),
             false => exchange(info, conn, completion, |io| run_frame(io, &frame, info.stager.as_deref(), bounce)),
         };
-        if let PartOutcome::LastOk { notification } = completion.part_done(result) {
-            let sent = match notification {
-                Some(data) => exchange(info, conn, completion, |io| send_notification(io, &data)),
-                None => Ok(()),
-            };
-            completion.finish(sent);
-        }
+        completion.settle_part(result, |data| exchange(info, conn, completion, |io| send_notification(io, &data)));
     }
 }
 
@@ -220,18 +214,7 @@ fn exchange(
     let deadline = completion.deadline();
     if conn.is_none() {
         let until = deadline.min(Deadline::after(info.connect_timeout));
-        *conn = Some(connect(info, until).map_err(|failure| {
-            // A handshake cut short by the deadline is a timeout, not proof the peer is gone.
-            match (deadline.expired(), failure) {
-                (true, _) => completion.timeout_error(),
-                (false, ConnectFailure::Unauthenticated(cause)) => {
-                    TransferError::Unauthenticated { peer: info.peer.clone(), cause }
-                }
-                (false, ConnectFailure::Unreachable(cause)) => {
-                    TransferError::PeerUnreachable { peer: info.peer.clone(), endpoint: info.address.clone(), cause }
-                }
-            }
-        })?);
+        *conn = Some(connect(info, until).map_err(|e| e.for_part(completion, &info.address))?);
     }
     let c = conn.as_mut().unwrap();
     let part = completion.start_part(Some(c.cut.clone()))?;
@@ -290,18 +273,12 @@ impl Io<'_> {
     }
 }
 
-enum ConnectFailure {
-    Unreachable(String),
-    /// The peer did not prove the cluster secret, or refused our proof.
-    Unauthenticated(String),
-}
-
 /// Connect, prove the cluster secret and say hello, all by `until`.
-fn connect(info: &LinkInfo, until: Deadline) -> Result<Conn, ConnectFailure> {
+fn connect(info: &LinkInfo, until: Deadline) -> Result<Conn, ConnectError> {
     if until.expired() {
-        return Err(ConnectFailure::Unreachable("deadline passed before connecting".into()));
+        return Err(ConnectError::Unreachable("deadline passed before connecting".into()));
     }
-    let unreachable = |e: io::Error| ConnectFailure::Unreachable(e.to_string());
+    let unreachable = |e: io::Error| ConnectError::Unreachable(e.to_string());
     let addrs: Vec<SocketAddr> = info.address.to_socket_addrs().map_err(unreachable)?.collect();
     let mut last = String::from("address resolves to nothing");
     for addr in addrs {
@@ -311,18 +288,14 @@ fn connect(info: &LinkInfo, until: Deadline) -> Result<Conn, ConnectFailure> {
         }
         match TcpStream::connect_timeout(&addr, left) {
             Ok(stream) => {
-                let mut stream =
-                    info.auth.connect_stream(stream, &info.address, Channel::Tcp, until).map_err(|e| match e {
-                        AuthError::Refused(why) => ConnectFailure::Unauthenticated(why),
-                        other => ConnectFailure::Unreachable(other.to_string()),
-                    })?;
-                handshake(info, &mut stream, until).map_err(ConnectFailure::Unreachable)?;
-                return Conn::new(stream).map_err(|e| ConnectFailure::Unreachable(format!("handshake failed: {e}")));
+                let mut stream = info.auth.connect_stream(stream, &info.address, Channel::Tcp, until)?;
+                handshake(info, &mut stream, until).map_err(ConnectError::Unreachable)?;
+                return Conn::new(stream).map_err(|e| ConnectError::Unreachable(format!("handshake failed: {e}")));
             }
             Err(e) => last = e.to_string(),
         }
     }
-    Err(ConnectFailure::Unreachable(last))
+    Err(ConnectError::Unreachable(last))
 }
 
 fn handshake(info: &LinkInfo, stream: &mut PeerStream, until: Deadline) -> Result<(), String> {

@@ -195,20 +195,15 @@ impl Service for TargetShared {
                     }
                     let data = std::mem::take(buf);
                     conn.reading = Reading::start();
-                    // A full queue refuses it, in step, and the sender gets `PeerBusy`.
-                    let len = data.len() as u64;
-                    if !self.notifications.reserve(len) {
-                        respond_busy(stream, frame::BUSY_NOTIFICATIONS, deadline)?;
-                        return Ok(Next::Idle);
-                    }
-                    // Acknowledge first, in the room held: a receiver that acts on the
-                    // notification by shutting down would otherwise close the connection before
-                    // the sender learns it succeeded.
-                    if let Err(e) = respond(stream, Ok(0), &[], deadline) {
-                        self.notifications.release(len);
-                        return Err(e);
-                    }
-                    self.notifications.push_reserved(Notification { from: conn.from.clone(), data });
+                    // Refused in step when the queue is full: the stream stays usable.
+                    let note = Notification { from: conn.from.clone(), data };
+                    self.notifications.deliver(note, |room| {
+                        let answered = match room {
+                            true => respond(stream, Ok(0), &[], deadline),
+                            false => respond_busy(stream, frame::BUSY_NOTIFICATIONS, deadline),
+                        };
+                        (answered.is_ok(), answered)
+                    })?;
                     return Ok(Next::Idle);
                 }
             }
