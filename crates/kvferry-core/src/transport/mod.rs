@@ -215,8 +215,7 @@ pub struct Notification {
 }
 
 /// Where transports deliver incoming notifications; the agent drains it. Bounded in count and
-/// bytes: a transport that can answer the sender refuses one it cannot
-/// [`reserve`](Self::reserve) room for, and the sender gets `PeerBusy`.
+/// bytes: a notification beyond them is refused to its sender, who gets `PeerBusy`.
 pub struct NotificationQueue {
     queue: Mutex<Queued>,
     arrived: Condvar,
@@ -283,15 +282,6 @@ impl NotificationQueue {
             q.reserved += 1;
         }
         fits
-    }
-
-    /// Queue `n`, whatever the limits (it counts against them): for a transport that cannot
-    /// refuse a notification to its sender; others [`reserve`](Self::reserve) first.
-    pub fn push(&self, n: Notification) {
-        let mut q = self.queue.locked();
-        q.bytes += n.data.len() as u64;
-        q.notifications.push_back(n);
-        self.arrived.notify_all();
     }
 
     pub fn take(&self) -> Vec<Notification> {
