@@ -561,7 +561,9 @@ kvferry_status kvferry_peer_destroy(struct kvferry_peer peer);
 // `remote.path=DIR` (a directory every host mounts), with `remote.namespace=TEXT` (required:
 // model, dtype, tokens per block, layout and rank, everything that makes bytes for one key
 // differ; stores share blocks exactly when their namespaces and block sizes are equal),
-// `remote.timeout_ms=N` (each request's deadline, default 5000), `remote.concurrency=N` (requests
+// `remote.timeout_ms=N` (each request's deadline, default 5000), `remote.failures_to_open=N` and
+// `remote.retry_after_ms=N` (the breaker: after N failures in a row no request for that long,
+// defaults 3 and 5000), `remote.concurrency=N` (requests
 // in flight for reads and for writes each, default 16), `remote.max_upload_bytes=BYTES` (uploads
 // queued or in flight; blocks offered beyond it are dropped and counted, default 256 MiB), and
 // `remote.option.NAME=VALUE` (a client setting by its `object_store` name, taking precedence over

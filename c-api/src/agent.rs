@@ -36,7 +36,7 @@ handle!(kvferry_agent, AgentState, Kind::Agent);
 /// The configuration `options` give, by the parser every front end shares
 /// ([`AgentConfig::with_options`]).
 pub(crate) fn agent_config(name: &str, options: &[KeyValue]) -> CResult<AgentConfig> {
-    Ok(AgentConfig::new(name).with_options(options.iter().map(|o| (o.key, o.value)))?)
+    Ok(AgentConfig::new(name).with_options(options.iter().copied())?)
 }
 
 /// Create an agent named `name` (unique among the agents that talk to each other).

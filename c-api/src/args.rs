@@ -47,43 +47,8 @@ pub(crate) unsafe fn slice_arg<'a, T>(ptr: *const T, len: usize, name: &str) -> 
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
-/// One `"key=value"` creation option.
-pub(crate) struct KeyValue<'a> {
-    pub key: &'a str,
-    pub value: &'a str,
-}
-
-impl<'a> KeyValue<'a> {
-    /// The failure for a value that is not what the key takes.
-    pub fn bad(&self, expected: &str) -> Failure {
-        Failure::invalid_argument(format!("option {}: {:?} is not {expected}", self.key, self.value))
-    }
-
-    pub fn number(&self, expected: &str) -> CResult<u64> {
-        self.value.parse::<u64>().map_err(|_| self.bad(expected))
-    }
-
-    /// A number other than 0.
-    pub fn positive(&self, expected: &str) -> CResult<u64> {
-        match self.number(expected)? {
-            0 => Err(self.bad(expected)),
-            n => Ok(n),
-        }
-    }
-
-    pub fn switch(&self) -> CResult<bool> {
-        match self.value {
-            "on" | "1" | "true" => Ok(true),
-            "off" | "0" | "false" => Ok(false),
-            _ => Err(self.bad("on or off")),
-        }
-    }
-
-    /// The failure for a key the function does not know, listing those it does.
-    pub fn unknown(&self, known: &str) -> Failure {
-        Failure::invalid_argument(format!("unknown option {:?}; known options: {known}", self.key))
-    }
-}
+/// One `"key=value"` creation option, as the option parsers of kvferry-core take it.
+pub(crate) type KeyValue<'a> = (&'a str, &'a str);
 
 /// An array of `count` `"key=value"` strings (NULL when `count` is 0).
 ///
@@ -97,7 +62,7 @@ pub(crate) unsafe fn options_arg<'a>(options: *const *const c_char, count: usize
         let (key, value) = option
             .split_once('=')
             .ok_or_else(|| Failure::invalid_argument(format!("option {option:?} is not of the form key=value")))?;
-        parsed.push(KeyValue { key, value });
+        parsed.push((key, value));
     }
     Ok(parsed)
 }

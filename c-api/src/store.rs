@@ -6,16 +6,12 @@
 
 use std::collections::VecDeque;
 use std::ffi::c_char;
-use std::path::PathBuf;
 use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use kvferry_core::tier::{BlockRegions, MAX_KEY_BYTES, RemoteConfig, RemoteLocation, TierError, TierStats};
-use kvferry_core::{
-    BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, EvictionPolicy, HostDevice, Medium, MemKind, TierConfig,
-    TierEvent, TierStore,
-};
+use kvferry_core::tier::{BlockRegions, MAX_KEY_BYTES, StoreOptions, TierError, TierStats};
+use kvferry_core::{BlockKey, CopyFence, Deadline, Device, Error, HostDevice, Medium, MemKind, TierEvent, TierStore};
 
 use crate::args::{KeyValue, Out, OutBuf, deadline_ms, options_arg, slice_arg};
 use crate::codes::{KVFERRY_ERR_TIMEOUT, KVFERRY_ERR_UNSUPPORTED};
@@ -254,104 +250,9 @@ impl Events {
 handle!(kvferry_store, StoreState, Kind::Store);
 handle!(kvferry_store_op, CopyFence, Kind::StoreOp);
 
-/// The options `kvferry_store_create` understands, for the error that lists them.
-const OPTIONS: &str = "block_size, host_capacity, policy, workers, pin, events, disk.dir, disk.capacity, \
-                       disk.queue_depth, disk.admit_after, disk.sync_writes, remote.url, remote.path, \
-                       remote.namespace, remote.timeout_ms, remote.concurrency, remote.max_upload_bytes, \
-                       remote.option.NAME";
-
-/// The prefix of options passed through to the remote tier's client (`remote.option.aws_endpoint`).
-const REMOTE_CLIENT_OPTION: &str = "remote.option.";
-
-pub(crate) struct StoreOptions {
-    config: TierConfig,
-    events: bool,
-}
-
+/// The store `options` describe, by the parser every front end shares ([`StoreOptions::parse`]).
 pub(crate) fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
-    let mut config = TierConfig::new(0, 0);
-    let (mut block_size, mut host_capacity, mut disk_dir, mut disk_capacity) = (None, None, None, None);
-    let mut disk = DiskConfig::new("", 0);
-    let mut events = false;
-    let (mut remote_location, mut remote_namespace) = (None, None);
-    // The remote tier's settings, kept until its location and namespace are known.
-    let mut remote = RemoteConfig::new(RemoteLocation::Path(PathBuf::new()), "");
-    // The first remote.* option given, which the error names when no location is.
-    let mut remote_setting = None;
-    for option in options {
-        let count = |expected: &str| usize::try_from(option.positive(expected)?).map_err(|_| option.bad(expected));
-        match option.key {
-            "block_size" => block_size = Some(count("a positive byte count")?),
-            "host_capacity" => host_capacity = Some(option.positive("a positive byte count")?),
-            "policy" => {
-                config.policy = match option.value {
-                    "lru" => EvictionPolicy::Lru,
-                    "arc" => EvictionPolicy::Arc,
-                    _ => return Err(option.bad("lru or arc")),
-                }
-            }
-            "workers" => config.workers = count("a positive thread count")?,
-            "pin" => config.host_alloc = config.host_alloc.with_pin(option.switch()?),
-            "events" => events = option.switch()?,
-            "disk.dir" if option.value.is_empty() => return Err(option.bad("a directory")),
-            "disk.dir" => disk_dir = Some(PathBuf::from(option.value)),
-            "disk.capacity" => disk_capacity = Some(option.positive("a positive byte count")?),
-            "disk.queue_depth" => disk.queue_depth = count("a positive queue depth")?,
-            "disk.admit_after" => {
-                disk.admit_after = u8::try_from(option.number("a count from 0 to 255")?)
-                    .map_err(|_| option.bad("a count from 0 to 255"))?
-            }
-            "disk.sync_writes" => disk.sync_writes = option.switch()?,
-            "remote.url" | "remote.path" if option.value.is_empty() => {
-                return Err(option.bad(if option.key == "remote.url" { "a URL" } else { "a directory" }));
-            }
-            "remote.url" | "remote.path" if remote_location.is_some() => {
-                return Err(Failure::invalid_argument(
-                    "options remote.url and remote.path name the remote tier's location: give one, once",
-                ));
-            }
-            "remote.url" => remote_location = Some(RemoteLocation::Url(option.value.to_string())),
-            "remote.path" => remote_location = Some(RemoteLocation::Path(PathBuf::from(option.value))),
-            "remote.namespace" if option.value.is_empty() => return Err(option.bad("a namespace")),
-            "remote.namespace" => remote_namespace = Some(option.value.to_string()),
-            "remote.timeout_ms" => {
-                remote.timeout = Duration::from_millis(option.positive("a positive number of milliseconds")?)
-            }
-            "remote.concurrency" => remote.concurrency = count("a positive request count")?,
-            "remote.max_upload_bytes" => remote.max_upload_bytes = option.positive("a positive byte count")?,
-            key if key.starts_with(REMOTE_CLIENT_OPTION) => {
-                let name = &key[REMOTE_CLIENT_OPTION.len()..];
-                if name.is_empty() {
-                    return Err(Failure::invalid_argument(format!(
-                        "option {key} names no client setting (remote.option.aws_endpoint, say)"
-                    )));
-                }
-                remote.options.push((name.to_string(), option.value.to_string()));
-            }
-            _ => return Err(option.unknown(OPTIONS)),
-        }
-        if option.key.starts_with("remote.") && remote_setting.is_none() {
-            remote_setting = Some(option.key);
-        }
-    }
-    let required = |key: &str| Failure::invalid_argument(format!("option {key} is required"));
-    config.block_size = block_size.ok_or_else(|| required("block_size"))?;
-    config.host_capacity = host_capacity.ok_or_else(|| required("host_capacity"))?;
-    config.disk = match (disk_dir, disk_capacity) {
-        (Some(dir), Some(capacity)) => Some(DiskConfig { dir, capacity, ..disk }),
-        (None, None) => None,
-        (Some(_), None) => return Err(required("disk.capacity (with disk.dir)")),
-        (None, Some(_)) => return Err(required("disk.dir (with disk.capacity)")),
-    };
-    config.remote = match (remote_location, remote_namespace) {
-        (Some(location), Some(namespace)) => Some(RemoteConfig { location, namespace, ..remote }),
-        (Some(_), None) => return Err(required("remote.namespace (with remote.url or remote.path)")),
-        (None, _) => match remote_setting {
-            Some(key) => return Err(required(&format!("remote.url or remote.path (with {key})"))),
-            None => None,
-        },
-    };
-    Ok(StoreOptions { config, events })
+    Ok(StoreOptions::parse(options.iter().copied())?)
 }
 
 /// Open a tier store: a pinned DRAM arena, with `disk.dir` a disk tier whose blocks survive the
@@ -372,7 +273,9 @@ pub(crate) fn store_options(options: &[KeyValue]) -> CResult<StoreOptions> {
 /// `remote.path=DIR` (a directory every host mounts), with `remote.namespace=TEXT` (required:
 /// model, dtype, tokens per block, layout and rank, everything that makes bytes for one key
 /// differ; stores share blocks exactly when their namespaces and block sizes are equal),
-/// `remote.timeout_ms=N` (each request's deadline, default 5000), `remote.concurrency=N` (requests
+/// `remote.timeout_ms=N` (each request's deadline, default 5000), `remote.failures_to_open=N` and
+/// `remote.retry_after_ms=N` (the breaker: after N failures in a row no request for that long,
+/// defaults 3 and 5000), `remote.concurrency=N` (requests
 /// in flight for reads and for writes each, default 16), `remote.max_upload_bytes=BYTES` (uploads
 /// queued or in flight; blocks offered beyond it are dropped and counted, default 256 MiB), and
 /// `remote.option.NAME=VALUE` (a client setting by its `object_store` name, taking precedence over
@@ -843,116 +746,7 @@ pub unsafe extern "C" fn kvferry_block_key_from_hash(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codes::{KVFERRY_ERR_INVALID_ARGUMENT, KVFERRY_ERR_TIER_BAD_KEY};
-
-    fn parse(options: &[&str]) -> CResult<StoreOptions> {
-        let options: Vec<KeyValue> = options
-            .iter()
-            .map(|o| {
-                let (key, value) = o.split_once('=').unwrap();
-                KeyValue { key, value }
-            })
-            .collect();
-        store_options(&options)
-    }
-
-    #[test]
-    fn store_options_become_the_tier_config() {
-        let parsed = parse(&[
-            "block_size=8192",
-            "host_capacity=65536",
-            "policy=arc",
-            "workers=3",
-            "pin=off",
-            "events=on",
-            "disk.dir=/nvme/kv",
-            "disk.capacity=1048576",
-            "disk.queue_depth=8",
-            "disk.admit_after=0",
-            "disk.sync_writes=on",
-        ])
-        .unwrap();
-        let config = parsed.config;
-        assert!(parsed.events);
-        assert_eq!((config.block_size, config.host_capacity, config.workers), (8192, 65536, 3));
-        assert_eq!(config.policy, EvictionPolicy::Arc);
-        assert!(!config.host_alloc.pin);
-        let disk = config.disk.unwrap();
-        assert_eq!(disk.dir, PathBuf::from("/nvme/kv"));
-        assert_eq!((disk.capacity, disk.queue_depth, disk.admit_after, disk.sync_writes), (1 << 20, 8, 0, true));
-
-        let plain = parse(&["block_size=4096", "host_capacity=4096"]).unwrap();
-        assert!(plain.config.disk.is_none() && !plain.events);
-        assert_eq!(plain.config.policy, EvictionPolicy::Lru);
-
-        for bad in [
-            &["host_capacity=4096"][..],
-            &["block_size=4096"],
-            &["block_size=4096", "host_capacity=4096", "disk.dir=/x"],
-            &["block_size=4096", "host_capacity=4096", "disk.capacity=4096"],
-            &["block_size=4096", "host_capacity=4096", "disk.dir="],
-            &["block_size=-1", "host_capacity=4096"],
-            &["block_size=4096", "host_capacity=0"],
-            &["block_size=4096", "host_capacity=4096", "disk.queue_depth=0"],
-            &["block_size=4096", "host_capacity=4096", "policy=mru"],
-            &["block_size=4096", "host_capacity=4096", "pin=sometimes"],
-        ] {
-            let failure = parse(bad).err().unwrap_or_else(|| panic!("{bad:?} was accepted"));
-            assert_eq!(failure.code, KVFERRY_ERR_INVALID_ARGUMENT, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn remote_options_become_the_remote_config() {
-        let base = ["block_size=4096", "host_capacity=4096"];
-        let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
-        let parsed = with(&[
-            "remote.url=s3://kv/prefix",
-            "remote.namespace=llama-8b/bf16/16/rank0",
-            "remote.timeout_ms=1500",
-            "remote.concurrency=4",
-            "remote.max_upload_bytes=1048576",
-            "remote.option.aws_endpoint=http://minio:9000",
-            "remote.option.aws_allow_http=true",
-        ])
-        .unwrap();
-        let remote = parsed.config.remote.unwrap();
-        assert_eq!(remote.location, RemoteLocation::Url("s3://kv/prefix".into()));
-        assert_eq!(remote.namespace, "llama-8b/bf16/16/rank0");
-        assert_eq!(
-            (remote.timeout, remote.concurrency, remote.max_upload_bytes),
-            (Duration::from_millis(1500), 4, 1 << 20)
-        );
-        assert_eq!(
-            remote.options,
-            [("aws_endpoint".to_string(), "http://minio:9000".to_string()), ("aws_allow_http".into(), "true".into())]
-        );
-
-        let shared = with(&["remote.path=/mnt/kv", "remote.namespace=ns"]).unwrap().config.remote.unwrap();
-        assert_eq!(shared.location, RemoteLocation::Path("/mnt/kv".into()));
-        let defaults = RemoteConfig::new(RemoteLocation::Path("/mnt/kv".into()), "ns");
-        assert_eq!((shared.timeout, shared.concurrency), (defaults.timeout, defaults.concurrency));
-        assert!(shared.options.is_empty());
-        assert!(parse(&base).unwrap().config.remote.is_none());
-
-        for (bad, needle) in [
-            (&["remote.path=/mnt/kv"][..], "remote.namespace"),
-            (&["remote.namespace=ns"], "remote.url or remote.path"),
-            (&["remote.concurrency=4"], "with remote.concurrency"),
-            (&["remote.path=/a", "remote.url=s3://b/c", "remote.namespace=ns"], "give one"),
-            (&["remote.url=", "remote.namespace=ns"], "a URL"),
-            (&["remote.path=/a", "remote.namespace="], "a namespace"),
-            (&["remote.path=/a", "remote.namespace=ns", "remote.timeout_ms=0"], "milliseconds"),
-            (&["remote.path=/a", "remote.namespace=ns", "remote.concurrency=many"], "request count"),
-            (&["remote.path=/a", "remote.namespace=ns", "remote.max_upload_bytes=-1"], "byte count"),
-            (&["remote.path=/a", "remote.namespace=ns", "remote.option.=x"], "names no client setting"),
-            (&["remote.bucket=kv"], "unknown option"),
-        ] {
-            let failure = with(bad).err().unwrap_or_else(|| panic!("{bad:?} was accepted"));
-            assert_eq!(failure.code, KVFERRY_ERR_INVALID_ARGUMENT, "{bad:?}");
-            assert!(failure.message.contains(needle), "{bad:?}: {}", failure.message);
-        }
-    }
+    use crate::codes::KVFERRY_ERR_TIER_BAD_KEY;
 
     #[test]
     fn keys_cross_the_boundary_unchanged() {

@@ -2,9 +2,7 @@
 //! `RemoteTier`: a client of the remote level alone, for a process that looks blocks up without
 //! holding them (the vLLM connector's scheduler).
 
-use std::time::Duration;
-
-use kvferry_core::tier::{RemoteConfig, RemoteLocation, RemoteLookup, RemoteStats, RemoteTier as CoreRemoteTier};
+use kvferry_core::tier::{RemoteConfig, RemoteLookup, RemoteStats, RemoteTier as CoreRemoteTier};
 use kvferry_core::{BlockKey, Error};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -13,67 +11,40 @@ use pyo3::types::PyDict;
 
 use crate::errors::OrRaise;
 
-/// The keys of a remote settings dict, in the order the docs list them.
-const KEYS: [&str; 9] = [
-    "url",
-    "path",
-    "namespace",
-    "timeout",
-    "concurrency",
-    "max_upload_bytes",
-    "failures_to_open",
-    "retry_after",
-    "options",
-];
-
 /// `{"url": "s3://bucket/prefix"}` or `{"path": "/shared/kv"}`, with `"namespace"` and optional
 /// `timeout` / `retry_after` (seconds), `concurrency`, `max_upload_bytes`, `failures_to_open`, and
-/// `options` (object_store settings such as `aws_endpoint`).
-pub(crate) fn remote_config(settings: &Bound<'_, PyDict>) -> PyResult<RemoteConfig> {
-    for key in settings.keys() {
+/// `options` (object_store settings such as `aws_endpoint`), as the remote tier's options every
+/// front end gives ([`RemoteConfig::from_options`], keys without their `remote.` prefix): seconds
+/// become `timeout_ms` and `retry_after_ms`, each entry of `options` an `option.NAME`.
+pub(crate) fn remote_options(settings: &Bound<'_, PyDict>) -> PyResult<Vec<(String, String)>> {
+    let mut options = Vec::new();
+    for (key, value) in settings.iter() {
         let key: String = key.extract()?;
-        if !KEYS.contains(&key.as_str()) {
-            return Err(PyValueError::new_err(format!("unknown remote tier setting {key:?}; known: {KEYS:?}")));
+        match key.as_str() {
+            "timeout" | "retry_after" => {
+                let secs: f64 = value.extract()?;
+                if !(secs.is_finite() && (0.0..=1e9).contains(&secs)) {
+                    return Err(PyValueError::new_err(format!("\"{key}\" must be a finite number of seconds >= 0")));
+                }
+                options.push((format!("{key}_ms"), ((secs * 1000.0).round() as u64).to_string()));
+            }
+            "options" => {
+                let client =
+                    value.cast_into::<PyDict>().map_err(|_| PyValueError::new_err("\"options\" must be a dict"))?;
+                for (name, setting) in client.iter() {
+                    options.push((format!("option.{}", name.extract::<String>()?), setting.extract()?));
+                }
+            }
+            _ => options.push((key, value.str()?.to_string())),
         }
     }
-    let get = |key: &str| settings.get_item(key);
-    let location = match (get("url")?, get("path")?) {
-        (Some(url), None) => RemoteLocation::Url(url.extract()?),
-        (None, Some(path)) => RemoteLocation::Path(path.extract()?),
-        _ => return Err(PyValueError::new_err("the remote tier takes either \"url\" or \"path\"")),
-    };
-    let namespace: String = match get("namespace")? {
-        Some(namespace) => namespace.extract()?,
-        None => return Err(PyValueError::new_err("the remote tier needs a \"namespace\"")),
-    };
-    let mut config = RemoteConfig::new(location, namespace);
-    let seconds = |value: Bound<'_, PyAny>, key: &str| -> PyResult<Duration> {
-        let secs: f64 = value.extract()?;
-        Duration::try_from_secs_f64(secs)
-            .map_err(|_| PyValueError::new_err(format!("\"{key}\" must be a finite number of seconds >= 0")))
-    };
-    if let Some(v) = get("timeout")? {
-        config.timeout = seconds(v, "timeout")?;
-    }
-    if let Some(v) = get("retry_after")? {
-        config.retry_after = seconds(v, "retry_after")?;
-    }
-    if let Some(v) = get("concurrency")? {
-        config.concurrency = v.extract()?;
-    }
-    if let Some(v) = get("max_upload_bytes")? {
-        config.max_upload_bytes = v.extract()?;
-    }
-    if let Some(v) = get("failures_to_open")? {
-        config.failures_to_open = v.extract()?;
-    }
-    if let Some(v) = get("options")? {
-        let options = v.cast_into::<PyDict>().map_err(|_| PyValueError::new_err("\"options\" must be a dict"))?;
-        for (key, value) in options.iter() {
-            config.options.push((key.extract()?, value.extract()?));
-        }
-    }
-    Ok(config)
+    Ok(options)
+}
+
+/// The remote tier's configuration from a settings dict (see [`remote_options`]).
+pub(crate) fn remote_config(settings: &Bound<'_, PyDict>) -> PyResult<RemoteConfig> {
+    let options = remote_options(settings)?;
+    RemoteConfig::from_options(options.iter().map(|(k, v)| (k.as_str(), v.as_str()))).or_raise()
 }
 
 pub(crate) fn stats_dict<'py>(py: Python<'py>, stats: &RemoteStats) -> PyResult<Bound<'py, PyDict>> {

@@ -6,10 +6,10 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use kvferry_core::tier::BlockRegions;
+use kvferry_core::tier::{BlockRegions, StoreOptions};
 use kvferry_core::{
-    BlockKey, CopyFence, Deadline, Device, DiskConfig, Error, ErrorCode, EvictionPolicy, HostDevice, Medium, MemKind,
-    MemRegion, TierConfig, TierEvent as CoreTierEvent, TierStore as CoreTierStore,
+    BlockKey, CopyFence, Deadline, Device, Error, ErrorCode, HostDevice, Medium, MemKind, MemRegion,
+    TierEvent as CoreTierEvent, TierStore as CoreTierStore,
 };
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -133,31 +133,31 @@ impl TierStore {
         sync_writes: bool,
         remote: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let policy = match policy {
-            "lru" => EvictionPolicy::Lru,
-            "arc" => EvictionPolicy::Arc,
-            other => return Err(PyValueError::new_err(format!("policy must be \"lru\" or \"arc\", got {other:?}"))),
-        };
-        let mut config = TierConfig::new(block_size, dram_capacity).with_policy(policy);
-        config.host_alloc = config.host_alloc.with_pin(pin);
-        if let Some(workers) = workers {
-            config = config.with_workers(workers);
+        // The keyword arguments as the store options every front end gives (StoreOptions::parse).
+        let switch = |on: bool| if on { "on" } else { "off" }.to_string();
+        let mut options: Vec<(String, String)> = vec![
+            ("block_size".into(), block_size.to_string()),
+            ("host_capacity".into(), dram_capacity.to_string()),
+            ("policy".into(), policy.to_string()),
+            ("pin".into(), switch(pin)),
+            ("events".into(), switch(events)),
+            ("disk.admit_after".into(), admit_after.to_string()),
+            ("disk.sync_writes".into(), switch(sync_writes)),
+        ];
+        options.extend(workers.map(|n| ("workers".into(), n.to_string())));
+        options.extend(disk_queue_depth.map(|n| ("disk.queue_depth".into(), n.to_string())));
+        if let Some(dir) = disk_dir {
+            options.push(("disk.dir".into(), dir.to_string_lossy().into_owned()));
         }
-        match (disk_dir, disk_capacity) {
-            (Some(dir), capacity) => {
-                let mut disk =
-                    DiskConfig::new(dir, capacity).with_admit_after(admit_after).with_sync_writes(sync_writes);
-                if let Some(depth) = disk_queue_depth {
-                    disk = disk.with_queue_depth(depth);
-                }
-                config = config.with_disk(disk);
-            }
-            (None, 0) => {}
-            (None, _) => return Err(PyValueError::new_err("disk_capacity needs a disk_dir")),
+        if options.iter().any(|(k, _)| k == "disk.dir") || disk_capacity != 0 {
+            options.push(("disk.capacity".into(), disk_capacity.to_string()));
         }
         if let Some(remote) = remote {
-            config = config.with_remote(crate::remote::remote_config(&remote)?);
+            let remote = crate::remote::remote_options(&remote)?;
+            options.extend(remote.into_iter().map(|(k, v)| (format!("remote.{k}"), v)));
         }
+        let StoreOptions { config, events } =
+            StoreOptions::parse(options.iter().map(|(k, v)| (k.as_str(), v.as_str()))).or_raise()?;
         let store = py.detach(|| CoreTierStore::open(config)).or_raise()?;
         let events = events.then(|| Mutex::new(store.subscribe()));
         let state = StoreState { store, devices: Mutex::default(), events };

@@ -108,7 +108,11 @@ def test_store_errors_are_tier_errors_with_codes(tmp_path):
             store.take_events()
         with pytest.raises(ValueError, match="device"):
             store.put(blocks_of(keys, memory, [0]), device="gpu")
-    assert code_of(lambda: kvferry.TierStore(0, BLOCK)) == "TierConfig"
+    # A value no store takes is refused by the options parser every front end shares; one that
+    # only this configuration cannot use, by the store.
+    with pytest.raises(kvferry.InvalidArgumentError, match="block_size"):
+        kvferry.TierStore(0, BLOCK)
+    assert code_of(lambda: kvferry.TierStore(BLOCK, BLOCK // 2)) == "TierConfig"
     a_file = tmp_path / "file"
     a_file.write_bytes(b"not a directory")
     assert code_of(lambda: kvferry.TierStore(BLOCK, BLOCK, disk_dir=a_file, disk_capacity=BLOCK)) in (
@@ -117,7 +121,7 @@ def test_store_errors_are_tier_errors_with_codes(tmp_path):
     )
     with pytest.raises(ValueError, match="policy"):
         kvferry.TierStore(BLOCK, BLOCK, policy="mru")
-    with pytest.raises(ValueError, match="disk_dir"):
+    with pytest.raises(ValueError, match="disk.dir"):
         kvferry.TierStore(BLOCK, BLOCK, disk_capacity=BLOCK)
 
 

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod metadata;
 pub mod metrics;
 mod net;
+mod setting;
 pub mod side_channel;
 mod sync;
 pub mod tier;

@@ -5,11 +5,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::auth::AuthConfig;
 use crate::error::{Error, Result};
 use crate::limits::{AgentLimits, ServeLimits};
+use crate::setting::{OptionValue, Setting, millis, switch};
 use crate::tls::TlsConfig;
 use crate::transport::shm::ShmConfig;
 use crate::transport::staging::StagingConfig;
@@ -63,87 +63,87 @@ impl AgentConfig {
     }
 }
 
-/// A setting's value as an option: `None` for one that is unset (no default).
-type OptionValue = Option<String>;
+/// How one of an endpoint's limits is listed and set.
+type LimitOption = (&'static str, fn(&ServeLimits) -> String, fn(&mut ServeLimits, &Setting) -> Result<()>);
 
-fn switch(on: bool) -> String {
-    (if on { "on" } else { "off" }).to_string()
-}
-
-fn millis(d: Duration) -> String {
-    d.as_millis().to_string()
-}
+/// Every limit of a serving endpoint, as an option under its endpoint's prefix (`tcp.workers`).
+const SERVE_LIMITS: [LimitOption; 8] = [
+    (
+        "workers",
+        |l| l.workers.to_string(),
+        |l, s| {
+            l.workers = s.count()?;
+            Ok(())
+        },
+    ),
+    (
+        "handshake_workers",
+        |l| l.handshake_workers.to_string(),
+        |l, s| {
+            l.handshake_workers = s.count()?;
+            Ok(())
+        },
+    ),
+    (
+        "max_connections",
+        |l| l.max_connections.to_string(),
+        |l, s| {
+            l.max_connections = s.count()?;
+            Ok(())
+        },
+    ),
+    (
+        "max_unauthenticated",
+        |l| l.max_unauthenticated.to_string(),
+        |l, s| {
+            l.max_unauthenticated = s.count()?;
+            Ok(())
+        },
+    ),
+    (
+        "max_per_ip",
+        |l| l.max_per_ip.to_string(),
+        |l, s| {
+            l.max_per_ip = s.count()?;
+            Ok(())
+        },
+    ),
+    (
+        "handshake_timeout_ms",
+        |l| millis(l.handshake_timeout),
+        |l, s| {
+            l.handshake_timeout = s.millis()?;
+            Ok(())
+        },
+    ),
+    (
+        "idle_timeout_ms",
+        |l| millis(l.idle_timeout),
+        |l, s| {
+            l.idle_timeout = s.millis()?;
+            Ok(())
+        },
+    ),
+    (
+        "request_bytes",
+        |l| l.request_bytes.to_string(),
+        |l, s| {
+            l.request_bytes = s.count()? as u64;
+            Ok(())
+        },
+    ),
+];
 
 /// The options of one serving endpoint's limits, under `prefix`.
 fn serve_limit_options(prefix: &str, limits: &ServeLimits) -> Vec<(String, OptionValue)> {
-    [
-        ("workers", limits.workers.to_string()),
-        ("handshake_workers", limits.handshake_workers.to_string()),
-        ("max_connections", limits.max_connections.to_string()),
-        ("max_unauthenticated", limits.max_unauthenticated.to_string()),
-        ("max_per_ip", limits.max_per_ip.to_string()),
-        ("handshake_timeout_ms", millis(limits.handshake_timeout)),
-        ("idle_timeout_ms", millis(limits.idle_timeout)),
-        ("request_bytes", limits.request_bytes.to_string()),
-    ]
-    .into_iter()
-    .map(|(key, value)| (format!("{prefix}.{key}"), Some(value)))
-    .collect()
+    SERVE_LIMITS.iter().map(|(key, get, _)| (format!("{prefix}.{key}"), Some(get(limits)))).collect()
 }
 
-/// One `key=value` being applied, for the errors that name it.
-struct Setting<'a> {
-    key: &'a str,
-    value: &'a str,
-}
-
-impl Setting<'_> {
-    fn bad(&self, expected: &str) -> Error {
-        Error::InvalidArgument(format!("option {}: {:?} is not {expected}", self.key, self.value))
-    }
-
-    fn number(&self) -> Result<u64> {
-        self.value.parse::<u64>().map_err(|_| self.bad("a number"))
-    }
-
-    /// A count of at least 1.
-    fn count(&self) -> Result<usize> {
-        match self.value.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(self.bad("a number of at least 1")),
-        }
-    }
-
-    /// Sockets and timers refuse a zero timeout, so zero would fail every connection later.
-    fn millis(&self) -> Result<Duration> {
-        match self.value.parse::<u64>() {
-            Ok(n) if n > 0 => Ok(Duration::from_millis(n)),
-            _ => Err(self.bad("a positive number of milliseconds")),
-        }
-    }
-
-    fn switch(&self) -> Result<bool> {
-        match self.value {
-            "on" | "1" | "true" => Ok(true),
-            "off" | "0" | "false" => Ok(false),
-            _ => Err(self.bad("on or off")),
-        }
-    }
-
-    /// `limits`' field named `field`; `false` when `field` is not one.
-    fn serve_limit(&self, limits: &mut ServeLimits, field: &str) -> Result<bool> {
-        match field {
-            "workers" => limits.workers = self.count()?,
-            "handshake_workers" => limits.handshake_workers = self.count()?,
-            "max_connections" => limits.max_connections = self.count()?,
-            "max_unauthenticated" => limits.max_unauthenticated = self.count()?,
-            "max_per_ip" => limits.max_per_ip = self.count()?,
-            "handshake_timeout_ms" => limits.handshake_timeout = self.millis()?,
-            "idle_timeout_ms" => limits.idle_timeout = self.millis()?,
-            "request_bytes" => limits.request_bytes = self.count()? as u64,
-            _ => return Ok(false),
-        }
-        Ok(true)
+/// Apply `setting` to `limits`' field named `field`; `false` when `field` is not one.
+fn serve_limit(setting: &Setting, limits: &mut ServeLimits, field: &str) -> Result<bool> {
+    match SERVE_LIMITS.iter().find(|(key, _, _)| *key == field) {
+        Some((_, _, set)) => set(limits, setting).map(|()| true),
+        None => Ok(false),
     }
 }
 
@@ -333,7 +333,7 @@ impl Draft {
                     "connect_timeout_ms" => tcp.connect_timeout = s.millis()?,
                     "request_timeout_ms" => tcp.request_timeout = s.millis()?,
                     "min_frame_bytes" => tcp.min_frame_bytes = s.number()?,
-                    other => return s.serve_limit(&mut tcp.limits, other),
+                    other => return serve_limit(s, &mut tcp.limits, other),
                 }
             }
             ("shm", "") => self.shm.0 = s.switch()?,
@@ -346,7 +346,7 @@ impl Draft {
                     "request_timeout_ms" => shm.request_timeout = s.millis()?,
                     "link_idle_timeout_ms" => shm.idle_timeout = s.millis()?,
                     "max_shared_sources" => shm.max_shared_sources = s.count()?,
-                    other => return s.serve_limit(&mut shm.limits, other),
+                    other => return serve_limit(s, &mut shm.limits, other),
                 }
             }
             #[cfg(feature = "fabric")]
@@ -370,7 +370,7 @@ impl Draft {
             ("max_notification_bytes", "") => limits.max_notification_bytes = s.count()? as u64,
             ("max_peers", "") => limits.max_peers = s.count()?,
             ("peer_idle_timeout_ms", "") => limits.peer_idle_timeout = s.millis()?,
-            ("side_channel", field) => return s.serve_limit(&mut limits.side_channel, field),
+            ("side_channel", field) => return serve_limit(s, &mut limits.side_channel, field),
             _ => return Ok(false),
         }
         Ok(true)

@@ -19,7 +19,7 @@ mod registry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
@@ -198,7 +198,7 @@ impl Agent {
     /// Increases on every registration change, and with it [`metadata`](Self::metadata).
     #[cfg(feature = "etcd")]
     pub(crate) fn generation(&self) -> u64 {
-        self.inner.generation.load(Ordering::Acquire)
+        self.inner.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

@@ -18,6 +18,7 @@ pub(crate) mod key;
 #[cfg(feature = "kv-events")]
 pub mod kv_events;
 pub(crate) mod medium;
+mod options;
 mod policy;
 pub(crate) mod remote;
 mod store;
@@ -29,6 +30,7 @@ use std::time::Duration;
 pub use error::TierError;
 pub use key::{BlockKey, MAX_KEY_BYTES};
 pub use medium::Medium;
+pub use options::StoreOptions;
 pub use policy::EvictionPolicy;
 pub use remote::{RemoteConfig, RemoteLocation, RemoteLookup, RemoteStats, RemoteTier};
 pub use store::{TierStats, TierStore};
