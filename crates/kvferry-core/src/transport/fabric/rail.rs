@@ -1240,12 +1240,7 @@ impl Progress {
     /// peer that proved itself (`from`), over its session.
     fn answer_check(&mut self, message: &[u8], from: Option<&[u8]>) -> Option<()> {
         let mut r = Reader(message);
-        let query = r.u64()?;
-        let reply_len = r.u16()? as usize;
-        let reply_to = r.take(reply_len)?.to_vec();
-        if from.is_some_and(|from| from != reply_to.as_slice()) {
-            return None;
-        }
+        let (query, reply_to) = r.query(from)?;
         let count = r.u16()? as usize;
         let mut answer = Vec::new();
         answer.extend_from_slice(&query.to_le_bytes());
@@ -1547,12 +1542,7 @@ impl Progress {
     /// not be answered is not queued, and its sender times out).
     fn deliver(&mut self, message: &[u8], from: Option<&[u8]>) -> Option<()> {
         let mut r = Reader(message);
-        let query = r.u64()?;
-        let reply_len = r.u16()? as usize;
-        let reply_to = r.take(reply_len)?.to_vec();
-        if from.is_some_and(|from| from != reply_to.as_slice()) {
-            return None;
-        }
+        let (query, reply_to) = r.query(from)?;
         let len = r.u16()? as usize;
         let name = std::str::from_utf8(r.take(len)?).ok()?.to_string();
         let note = crate::transport::Notification { from: name, data: r.0.to_vec() };
@@ -1627,6 +1617,18 @@ fn empty_entries() -> [sys::fi_cq_data_entry; CQ_BATCH] {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
+    /// A query's head, `query u64 | reply_len u16 | reply address`: the query and where to answer
+    /// it. When authenticated, `None` unless the answer goes to the peer that proved itself (`from`).
+    fn query(&mut self, from: Option<&[u8]>) -> Option<(u64, Vec<u8>)> {
+        let query = self.u64()?;
+        let reply_len = self.u16()? as usize;
+        let reply_to = self.take(reply_len)?.to_vec();
+        if from.is_some_and(|from| from != reply_to.as_slice()) {
+            return None;
+        }
+        Some((query, reply_to))
+    }
+
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let (head, rest) = self.0.split_at_checked(n)?;
         self.0 = rest;
