@@ -182,11 +182,54 @@ enum Known {
     InFlight,
 }
 
+/// The circuit breaker in front of the store: after `failures_to_open` failed requests in a row
+/// no request goes out for `retry_after`, then one probe at a time until one succeeds. Its logic
+/// takes the time as an argument, so that it is tested without waiting.
+#[derive(Debug, Default)]
 struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
     /// The one request let through after `open_until`, while it runs.
     probing: bool,
+}
+
+impl Breaker {
+    /// Whether a request may go out at `now`: always while closed; once open past `open_until`,
+    /// one probe at a time.
+    fn admit(&mut self, now: Instant) -> bool {
+        match self.open_until {
+            None => true,
+            Some(until) if now >= until && !self.probing => {
+                self.probing = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Whether reads are refused at `now` (open, its probe not due yet).
+    fn refuses(&self, now: Instant) -> bool {
+        self.open_until.is_some_and(|until| now < until)
+    }
+
+    /// The server answered (a missing object is an answer too): closed again.
+    fn succeeded(&mut self) {
+        *self = Breaker::default();
+    }
+
+    /// A request failed at `now`; true when that opened the breaker. A failed probe keeps it open
+    /// for another `retry_after`.
+    fn failed(&mut self, now: Instant, failures_to_open: u32, retry_after: Duration) -> bool {
+        self.failures += 1;
+        let probe_failed = self.probing || self.open_until.is_some();
+        self.probing = false;
+        if !probe_failed && self.failures < failures_to_open {
+            return false;
+        }
+        let was_open = self.open_until.is_some();
+        self.open_until = Some(now + retry_after);
+        !was_open
+    }
 }
 
 impl RemoteStats {
@@ -273,7 +316,7 @@ impl RemoteTier {
                 config,
                 known: Mutex::new(HashMap::new()),
                 answered: Condvar::new(),
-                breaker: Mutex::new(Breaker { failures: 0, open_until: None, probing: false }),
+                breaker: Mutex::new(Breaker::default()),
                 stats: Mutex::new(RemoteStats::default()),
                 idle: Condvar::new(),
                 on_uploaded: Mutex::new(None),
@@ -448,8 +491,7 @@ impl RemoteTier {
     /// The error every read gets while the breaker is open (before its probe is due), so that a
     /// store makes no room in DRAM for blocks that cannot come.
     pub(crate) fn refusal(&self) -> Option<TierError> {
-        let open_until = self.inner.breaker.locked().open_until;
-        open_until.is_some_and(|until| Instant::now() < until).then(|| self.inner.breaker_open())
+        self.inner.breaker.locked().refuses(Instant::now()).then(|| self.inner.breaker_open())
     }
 
     /// Called with each block once its upload completes (a store announces them as events).
@@ -483,37 +525,17 @@ impl Inner {
     /// Whether a request may go out now: always with the breaker closed; once it has been open for
     /// `retry_after`, one probe at a time.
     fn admit(&self) -> bool {
-        let mut breaker = self.breaker.locked();
-        match breaker.open_until {
-            None => true,
-            Some(until) if Instant::now() >= until && !breaker.probing => {
-                breaker.probing = true;
-                true
-            }
-            Some(_) => false,
-        }
+        self.breaker.locked().admit(Instant::now())
     }
 
     /// The server answered (a missing object is an answer too).
     fn succeeded(&self) {
-        let mut breaker = self.breaker.locked();
-        *breaker = Breaker { failures: 0, open_until: None, probing: false };
+        self.breaker.locked().succeeded();
     }
 
     fn failed(&self, error: &TierError) {
-        let tripped = {
-            let mut breaker = self.breaker.locked();
-            breaker.failures += 1;
-            let probe_failed = breaker.probing || breaker.open_until.is_some();
-            breaker.probing = false;
-            if probe_failed || breaker.failures >= self.config.failures_to_open {
-                let was_open = breaker.open_until.is_some();
-                breaker.open_until = Some(Instant::now() + self.config.retry_after);
-                !was_open
-            } else {
-                false
-            }
-        };
+        let config = &self.config;
+        let tripped = self.breaker.locked().failed(Instant::now(), config.failures_to_open, config.retry_after);
         let mut stats = self.stats.locked();
         stats.errors += 1;
         stats.last_error = Some(error.to_string());
@@ -1039,6 +1061,24 @@ impl<'a> ObjectReader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_breaker_opens_after_failures_in_a_row_and_probes_one_at_a_time() {
+        let (start, retry) = (Instant::now(), Duration::from_secs(5));
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut b = Breaker::default();
+        assert!(b.admit(at(0)) && !b.failed(at(0), 3, retry) && !b.failed(at(0), 3, retry));
+        b.succeeded();
+        assert!(!b.failed(at(1), 3, retry) && !b.failed(at(1), 3, retry), "a success starts the count again");
+        assert!(b.failed(at(1), 3, retry), "the third failure in a row opens it");
+        assert!(b.refuses(at(5)) && !b.admit(at(5)), "no request before retry_after");
+        assert!(b.admit(at(6)) && !b.admit(at(6)), "then one probe at a time");
+        assert!(!b.failed(at(6), 3, retry), "a failed probe keeps it open (no new trip)");
+        assert!(b.refuses(at(10)) && !b.admit(at(10)), "for another retry_after");
+        assert!(b.admit(at(11)));
+        b.succeeded();
+        assert!(!b.refuses(at(11)) && b.admit(at(11)) && b.admit(at(11)), "a probe that succeeds closes it");
+    }
 
     fn key(n: u8) -> BlockKey {
         BlockKey::from_engine_hash(&[n; 16]).unwrap()
