@@ -81,13 +81,34 @@ impl TierStats {
     }
 }
 
+/// Where a DRAM slab is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// Claimed by the put, fetch or promotion filling it: invisible to lookups, never evicted, and
+    /// holding its claim's pin until [`State::publish`] or [`State::release_claim`].
+    Claimed,
+    /// Filled and visible to lookups.
+    Ready,
+}
+
 struct HostSlot {
     key: BlockKey,
+    /// Readers, evictions and leases holding the slab, and a claim's own pin.
     pins: u32,
-    /// Filled and visible to lookups.
-    ready: bool,
+    fill: Fill,
     /// A copy is on disk too, so evicting needs no write.
     on_disk: bool,
+}
+
+impl HostSlot {
+    fn ready(&self) -> bool {
+        self.fill == Fill::Ready
+    }
+
+    /// Ready and held by nobody: the eviction policy may take it.
+    fn evictable(&self) -> bool {
+        self.ready() && self.pins == 0
+    }
 }
 
 struct DiskBlock {
@@ -156,7 +177,7 @@ impl State {
                 continue;
             }
             let Some(index) = self.free.pop() else { break };
-            self.slots[index as usize] = Some(HostSlot { key: *key, pins: 1, ready: false, on_disk: false });
+            self.slots[index as usize] = Some(HostSlot { key: *key, pins: 1, fill: Fill::Claimed, on_disk: false });
             self.host.insert(*key, index);
             claimed.push((*key, index));
         }
@@ -167,7 +188,7 @@ impl State {
     fn publish(&mut self, claimed: &[(BlockKey, u32)]) {
         for (key, index) in claimed {
             let slot = self.slot(*index);
-            slot.ready = true;
+            slot.fill = Fill::Ready;
             slot.pins -= 1;
             self.policy.inserted(*key);
         }
@@ -178,7 +199,7 @@ impl State {
     fn pin_victims(&mut self, count: usize) -> Vec<(BlockKey, u32)> {
         let (host, slots) = (&self.host, &self.slots);
         let keys = self.policy.victims(count, &mut |key| {
-            host.get(key).is_some_and(|&i| slots[i as usize].as_ref().is_some_and(|s| s.ready && s.pins == 0))
+            host.get(key).is_some_and(|&i| slots[i as usize].as_ref().is_some_and(HostSlot::evictable))
         });
         keys.into_iter()
             .map(|key| {
@@ -198,7 +219,7 @@ impl State {
 
     /// The slab holding `key`, if it is filled and visible to lookups.
     fn ready_slab(&self, key: &BlockKey) -> Option<u32> {
-        self.host.get(key).copied().filter(|&i| self.slots[i as usize].as_ref().is_some_and(|s| s.ready))
+        self.host.get(key).copied().filter(|&i| self.slots[i as usize].as_ref().is_some_and(HostSlot::ready))
     }
 
     fn slot(&mut self, index: u32) -> &mut HostSlot {
@@ -307,7 +328,7 @@ impl Shared {
     fn stats(&self) -> TierStats {
         let state = self.lock();
         let mut stats = state.stats.clone();
-        stats.host_blocks = state.slots.iter().flatten().filter(|s| s.ready).count();
+        stats.host_blocks = state.slots.iter().flatten().filter(|s| s.ready()).count();
         if let Some(disk) = &state.disk {
             stats.disk_blocks = disk.blocks.len();
             stats.disk_failure = disk.failed.as_ref().map(|e| e.to_string());
@@ -589,7 +610,7 @@ impl TierStore {
         let state = &mut *state;
         let mut removed = Vec::new();
         for index in 0..state.slots.len() {
-            if state.slots[index].as_ref().is_some_and(|s| s.ready && s.pins == 0) {
+            if state.slots[index].as_ref().is_some_and(HostSlot::evictable) {
                 let slot = state.slots[index].take().expect("checked above");
                 state.host.remove(&slot.key);
                 state.policy.forgotten(&slot.key);
@@ -760,6 +781,77 @@ impl Drop for SlabLease {
     }
 }
 
+/// A reader's pins on DRAM slabs and disk blocks: while they are held, those blocks are neither
+/// evicted nor rewritten. Dropping them unpins (taking the state's lock, so they must not be
+/// dropped under it: [`release`](Self::release) unpins under a lock already held).
+#[must_use]
+struct Pins<'a> {
+    shared: &'a Shared,
+    host: Vec<(BlockKey, u32)>,
+    disk: Vec<(BlockKey, DiskEntry)>,
+}
+
+impl<'a> Pins<'a> {
+    fn new(shared: &'a Shared) -> Pins<'a> {
+        Pins { shared, host: Vec::new(), disk: Vec::new() }
+    }
+
+    /// Pin a ready DRAM slab.
+    fn pin_host(&mut self, state: &mut State, key: BlockKey, index: u32) {
+        state.slot(index).pins += 1;
+        self.host.push((key, index));
+    }
+
+    /// Take over a pin already held on a slab: a claim's on the slab it has just filled, or the one
+    /// [`Shared::pin_when_ready`] took.
+    fn adopt(&mut self, key: BlockKey, index: u32) {
+        self.host.push((key, index));
+    }
+
+    fn pin_disk(&mut self, block: &mut DiskBlock, key: BlockKey) {
+        block.pins += 1;
+        self.disk.push((key, block.entry));
+    }
+
+    /// Move `other`'s pins into these.
+    fn extend(&mut self, mut other: Pins<'a>) {
+        self.host.append(&mut other.host);
+        self.disk.append(&mut other.disk);
+    }
+
+    fn keys(&self) -> HashSet<BlockKey> {
+        self.host.iter().map(|(k, _)| *k).chain(self.disk.iter().map(|(k, _)| *k)).collect()
+    }
+
+    /// Unpin under the state's lock, held by the caller.
+    fn release(mut self, state: &mut State) {
+        self.unpin(state);
+    }
+
+    fn unpin(&mut self, state: &mut State) {
+        for (_, index) in self.host.drain(..) {
+            state.slot(index).pins -= 1;
+        }
+        let disk = std::mem::take(&mut self.disk);
+        if let Some(d) = &mut state.disk {
+            for (key, _) in disk {
+                if let Some(block) = d.blocks.get_mut(&key) {
+                    block.pins -= 1;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        if !self.host.is_empty() || !self.disk.is_empty() {
+            let mut state = self.shared.lock();
+            self.unpin(&mut state);
+        }
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.locked()
@@ -857,17 +949,14 @@ impl Shared {
     fn get(&self, mut ring: Option<&mut Ring>, device: &dyn Device, blocks: &[BlockRegions]) -> Result<()> {
         // Blocks only the remote holds come into DRAM first, pinned until the copies out are done.
         let from_remote = self.fetch_remote(ring.as_deref_mut(), blocks)?;
-        let fetched: HashSet<BlockKey> = from_remote.iter().map(|(k, _)| *k).collect();
-        let outcome = self.get_local(ring, device, blocks, &fetched);
-        self.unpin(&mut self.lock(), &from_remote, &[]);
-        outcome
+        self.get_local(ring, device, blocks, &from_remote.keys())
     }
 
     /// Read the blocks of `blocks` that neither DRAM nor disk holds from the remote level into
     /// fresh slabs, verified, and publish them in DRAM; returns them still pinned. Fails if one
     /// cannot be read (those that could are kept).
-    fn fetch_remote(&self, ring: Option<&mut Ring>, blocks: &[BlockRegions]) -> Result<Vec<(BlockKey, u32)>> {
-        let Some(remote) = &self.remote else { return Ok(Vec::new()) };
+    fn fetch_remote(&self, ring: Option<&mut Ring>, blocks: &[BlockRegions]) -> Result<Pins<'_>> {
+        let Some(remote) = &self.remote else { return Ok(Pins::new(self)) };
         let wanted: Vec<BlockKey> = {
             let state = self.lock();
             let mut seen = HashSet::new();
@@ -882,7 +971,7 @@ impl Shared {
                 .collect()
         };
         if wanted.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Pins::new(self));
         }
         if let Some(refused) = remote.refusal() {
             return Err(refused.into());
@@ -901,15 +990,15 @@ impl Shared {
         drop(destinations);
         let mut first_error = None;
         let mut missing = 0;
+        let mut published = Pins::new(self);
         let mut state = self.lock();
-        let mut published = Vec::with_capacity(claimed.len());
         for ((key, index), got) in claimed.into_iter().zip(fetched) {
             match got {
                 Ok(()) => {
                     let slot = state.slot(index);
-                    slot.ready = true;
+                    slot.fill = Fill::Ready;
                     state.policy.inserted(key);
-                    published.push((key, index));
+                    published.adopt(key, index);
                 }
                 Err(e) => {
                     state.release_claim(index);
@@ -919,10 +1008,10 @@ impl Shared {
             }
         }
         state.stats.misses += missing;
-        state.stats.promotions += published.len() as u64;
-        state.emit(TierEvent::Stored { keys: published.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
+        state.stats.promotions += published.host.len() as u64;
+        state.emit(TierEvent::Stored { keys: published.host.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
         if let Some(e) = first_error {
-            self.unpin(&mut state, &published, &[]);
+            published.release(&mut state);
             return Err(e.into());
         }
         Ok(published)
@@ -937,9 +1026,10 @@ impl Shared {
         blocks: &[BlockRegions],
         fetched: &HashSet<BlockKey>,
     ) -> Result<()> {
-        // Pin what is where: DRAM slabs to copy from, disk blocks to promote first.
-        let mut pinned_host: Vec<(BlockKey, u32)> = Vec::new();
-        let mut from_disk: Vec<(BlockKey, DiskEntry)> = Vec::new();
+        // Pin what is where: DRAM slabs to copy from, disk blocks to promote first. The pins are
+        // made before the lock is taken, so that a return under it drops the lock first.
+        let mut pinned_host = Pins::new(self);
+        let mut from_disk = Pins::new(self);
         let mut promoting = HashSet::new();
         {
             let mut state = self.lock();
@@ -947,26 +1037,23 @@ impl Shared {
             for (key, _) in blocks {
                 state.admission.record(key);
                 if let Some(index) = state.ready_slab(key) {
-                    state.slot(index).pins += 1;
+                    pinned_host.pin_host(state, *key, index);
                     state.policy.touched(key);
                     if !fetched.contains(key) {
                         state.stats.host_hits += 1;
                     }
-                    pinned_host.push((*key, index));
                     continue;
                 }
                 let on_disk = state.disk.as_mut().and_then(|d| d.blocks.get_mut(key).map(|b| (b, &mut d.policy)));
                 match on_disk {
                     Some((block, policy)) if promoting.insert(*key) => {
-                        block.pins += 1;
+                        from_disk.pin_disk(block, *key);
                         policy.touched(key);
                         state.stats.disk_hits += 1;
-                        from_disk.push((*key, block.entry));
                     }
                     Some(_) => {}
                     None => {
                         state.stats.misses += 1;
-                        self.unpin(state, &pinned_host, &from_disk);
                         return Err(TierError::NotCached { key: *key }.into());
                     }
                 }
@@ -1000,24 +1087,25 @@ impl Shared {
                 }
             }
         };
-        copy_out(&pinned_host);
-        let promoted = self.promote(ring, &from_disk, &mut |key, index| copy_out(&[(key, index)]));
+        copy_out(&pinned_host.host);
+        let on_disk: Vec<BlockKey> = from_disk.disk.iter().map(|(k, _)| *k).collect();
+        let promoted = self.promote(ring, from_disk, &mut |key, index| copy_out(&[(key, index)]));
         let mut outcome = promoted.map(|promoted| pinned_host.extend(promoted));
         // A disk block another get promoted at the same time is in DRAM under that get's claim.
-        let in_hand: HashSet<BlockKey> = pinned_host.iter().map(|(k, _)| *k).collect();
-        for (key, _) in &from_disk {
+        let in_hand: HashSet<BlockKey> = pinned_host.keys();
+        for key in &on_disk {
             if outcome.is_err() || in_hand.contains(key) {
                 continue;
             }
             outcome = self.pin_when_ready(key).map(|index| {
-                pinned_host.push((*key, index));
+                pinned_host.adopt(*key, index);
                 copy_out(&[(*key, index)]);
             });
         }
         let deadline = Deadline::after(self.copy_timeout);
         // Every fence is waited for, even after a failure: the copies read slabs about to be unpinned.
         let waited: Vec<Result<()>> = fences.iter().map(|f| f.wait(deadline)).collect();
-        self.unpin(&mut self.lock(), &pinned_host, &[]);
+        drop(pinned_host);
         outcome?;
         if let Some(e) = copy_error {
             return Err(e);
@@ -1032,7 +1120,7 @@ impl Shared {
         loop {
             let Some(&index) = state.host.get(key) else { return Err(TierError::NotCached { key: *key }.into()) };
             let slot = state.slot(index);
-            if slot.ready {
+            if slot.ready() {
                 slot.pins += 1;
                 return Ok(index);
             }
@@ -1044,42 +1132,24 @@ impl Shared {
         }
     }
 
-    fn unpin(&self, state: &mut State, host: &[(BlockKey, u32)], disk: &[(BlockKey, DiskEntry)]) {
-        for (_, index) in host {
-            state.slot(*index).pins -= 1;
-        }
-        if let Some(d) = &mut state.disk {
-            for (key, _) in disk {
-                if let Some(block) = d.blocks.get_mut(key) {
-                    block.pins -= 1;
-                }
-            }
-        }
-    }
-
     /// Read pinned disk blocks into fresh slabs, verify them and publish them in DRAM, calling
     /// `on_ready` with each verified block as soon as its read completes. Returns the slabs, still
     /// pinned for the caller; unpins the disk blocks.
     fn promote(
         &self,
         ring: Option<&mut Ring>,
-        blocks: &[(BlockKey, DiskEntry)],
+        pinned: Pins<'_>,
         on_ready: &mut dyn FnMut(BlockKey, u32),
-    ) -> Result<Vec<(BlockKey, u32)>> {
+    ) -> Result<Pins<'_>> {
+        let blocks = pinned.disk.clone();
         if blocks.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Pins::new(self));
         }
         let Some(ring) = ring else {
             unreachable!("disk blocks exist only with a disk tier, which gives every worker a ring")
         };
         let keys: Vec<BlockKey> = blocks.iter().map(|(k, _)| *k).collect();
-        let claimed = match self.reserve(Some(&mut *ring), &keys) {
-            Ok(claimed) => claimed,
-            Err(e) => {
-                self.unpin(&mut self.lock(), &[], blocks);
-                return Err(e);
-            }
-        };
+        let claimed = self.reserve(Some(&mut *ring), &keys)?;
         let _settle = SettleClaims(self);
         let entry_of: HashMap<BlockKey, DiskEntry> = blocks.iter().copied().collect();
         let ops: Vec<IoOp> = claimed
@@ -1109,18 +1179,18 @@ impl Shared {
                 });
         });
 
+        let mut promoted = Pins::new(self);
         let mut state = self.lock();
-        self.unpin(&mut state, &[], blocks);
+        pinned.release(&mut state);
         let mut first_error = None;
-        let mut promoted = Vec::new();
         for ((key, index), verified) in claimed.iter().zip(verified) {
             match verified {
                 Ok(()) => {
                     let slot = state.slot(*index);
-                    slot.ready = true;
+                    slot.fill = Fill::Ready;
                     slot.on_disk = true;
                     state.policy.inserted(*key);
-                    promoted.push((*key, *index));
+                    promoted.adopt(*key, *index);
                 }
                 Err(e) => {
                     if matches!(e, TierError::BlockCorrupt { .. }) {
@@ -1131,10 +1201,10 @@ impl Shared {
                 }
             }
         }
-        state.stats.promotions += promoted.len() as u64;
-        state.emit(TierEvent::Stored { keys: promoted.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
+        state.stats.promotions += promoted.host.len() as u64;
+        state.emit(TierEvent::Stored { keys: promoted.host.iter().map(|(k, _)| *k).collect(), medium: Medium::Cpu });
         if let Some(e) = first_error {
-            self.unpin(&mut state, &promoted, &[]);
+            promoted.release(&mut state);
             return Err(e.into());
         }
         Ok(promoted)
@@ -1488,7 +1558,8 @@ impl Shared {
 
     fn get_from_disk(&self, ring: Option<&mut Ring>, blocks: &[BlockRegions]) -> Result<()> {
         let Some(ring) = ring else { unreachable!("check_direct refused a store without a disk tier") };
-        let mut pinned: Vec<(BlockKey, DiskEntry)> = Vec::new();
+        // Made before the lock is taken, so that a return under it drops the lock first.
+        let mut pins = Pins::new(self);
         {
             let mut state = self.lock();
             let state = &mut *state;
@@ -1496,19 +1567,18 @@ impl Shared {
             for (key, _) in blocks {
                 match disk.blocks.get_mut(key) {
                     Some(block) => {
-                        block.pins += 1;
+                        pins.pin_disk(block, *key);
                         disk.policy.touched(key);
-                        pinned.push((*key, block.entry));
                     }
                     None => {
                         state.stats.misses += 1;
-                        self.unpin(state, &[], &pinned);
                         return Err(TierError::NotCached { key: *key }.into());
                     }
                 }
             }
-            state.stats.disk_hits += pinned.len() as u64;
+            state.stats.disk_hits += pins.disk.len() as u64;
         }
+        let pinned = pins.disk.clone();
         let ops: Vec<IoOp> = blocks
             .iter()
             .zip(&pinned)
@@ -1534,7 +1604,7 @@ impl Shared {
                 });
         });
         let mut state = self.lock();
-        self.unpin(&mut state, &[], &pinned);
+        pins.release(&mut state);
         let mut first_error = None;
         let mut dropped = HashSet::new();
         for ((key, _), outcome) in pinned.iter().zip(verified) {
@@ -1560,7 +1630,7 @@ impl Shared {
             for key in keys {
                 let Some(&index) = state.host.get(key) else { continue };
                 let slot = state.slot(index);
-                if !slot.ready || !seen.insert(*key) {
+                if !slot.ready() || !seen.insert(*key) {
                     continue;
                 }
                 slot.pins += 1;
@@ -1638,6 +1708,33 @@ mod tests {
         assert_eq!(state.free.len(), 1);
         assert!(!state.host.contains_key(&key(7)));
         assert_eq!(put_into(&mut state, &[8]).len(), 1, "the slab is claimable again");
+    }
+
+    #[test]
+    fn a_readers_pins_hold_its_slabs_until_they_are_dropped_or_released() {
+        let alloc = crate::memory::host::HostAllocOptions::new().with_pin(false);
+        let store = TierStore::open(TierConfig::new(4096, 2 * 4096).with_host_alloc(alloc)).unwrap();
+        let shared = &*store.shared;
+        put_into(&mut shared.lock(), &[1, 2]);
+        let (one, two) = {
+            let state = shared.lock();
+            (state.ready_slab(&key(1)).unwrap(), state.ready_slab(&key(2)).unwrap())
+        };
+        let evictable = |index: u32| shared.lock().slot(index).evictable();
+
+        let mut pins = Pins::new(shared);
+        pins.pin_host(&mut shared.lock(), key(1), one);
+        assert!(!evictable(one) && evictable(two));
+        drop(pins);
+        assert!(evictable(one), "dropping the pins unpins");
+
+        let mut pins = Pins::new(shared);
+        let mut state = shared.lock();
+        pins.pin_host(&mut state, key(2), two);
+        pins.pin_host(&mut state, key(2), two);
+        assert_eq!(state.slot(two).pins, 2, "each reader holds its own pin");
+        pins.release(&mut state);
+        assert!(state.slot(two).evictable(), "released under the lock already held");
     }
 
     #[test]
