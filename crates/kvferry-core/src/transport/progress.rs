@@ -146,32 +146,41 @@ impl<W: LaneWork> Lane<W> {
     /// Queue a job after the lane's others. The job comes back when it cannot run: the transport
     /// is shutting down, or no thread could be started.
     pub fn submit(&self, job: W::Job) -> Result<(), W::Job> {
-        let mut queue = self.shared.queue.locked();
-        if !queue.scheduled {
-            if let Err(()) = self.shared.pool.schedule(&self.shared) {
-                return Err(job);
+        let wake = {
+            let mut queue = self.shared.queue.locked();
+            queue.items.push_back(Item::Job(job));
+            queue.last_job = Instant::now();
+            queue.told_idle = false;
+            if queue.scheduled {
+                return Ok(());
             }
+            // An unscheduled lane has nothing queued: the job just pushed is the only one.
+            let Ok(wake) = self.shared.pool.schedule(&self.shared) else {
+                let Some(Item::Job(job)) = queue.items.pop_back() else { unreachable!("pushed above") };
+                return Err(job);
+            };
             queue.scheduled = true;
-        }
-        queue.items.push_back(Item::Job(job));
-        queue.last_job = Instant::now();
-        queue.told_idle = false;
+            wake
+        };
+        // Woken only once both locks are free, so that the thread it wakes does not block on them.
+        self.shared.pool.wake_one(wake);
         Ok(())
     }
 }
 
 impl<W: LaneWork> Pool<W> {
-    /// Put a lane in the ready queue and see that a thread comes for it. The caller holds the
-    /// lane's queue lock (the lock order is lane, then pool).
-    fn schedule(self: &Arc<Self>, lane: &Arc<LaneShared<W>>) -> Result<(), ()> {
+    /// Put a lane in the ready queue and see that a thread comes for it: `Ok(true)` when a
+    /// waiting thread is to be woken, which the caller does with [`wake_one`](Self::wake_one) once
+    /// it has let go of its locks. The caller holds the lane's queue lock (the lock order is lane,
+    /// then pool).
+    fn schedule(self: &Arc<Self>, lane: &Arc<LaneShared<W>>) -> Result<bool, ()> {
         let mut state = self.state.locked();
         if state.stopped {
             return Err(());
         }
         state.ready.push_back(lane.clone());
         if state.ready.len() <= state.waiting || state.threads.len() == self.max_threads {
-            self.wake.notify_one();
-            return Ok(());
+            return Ok(true);
         }
         let pool = self.clone();
         let spawned =
@@ -186,7 +195,13 @@ impl<W: LaneWork> Pool<W> {
             // The threads already running take the lane in turn.
             Err(e) => tracing::warn!(pool = %self.name, "cannot start another progress thread: {e}"),
         }
-        Ok(())
+        Ok(false)
+    }
+
+    fn wake_one(&self, wake: bool) {
+        if wake {
+            self.wake.notify_one();
+        }
     }
 
     fn serve(self: Arc<Self>) {
@@ -258,7 +273,9 @@ impl<W: LaneWork> LaneShared<W> {
                 queue.scheduled = false;
                 return;
             }
-            if self.pool.schedule(self).is_ok() {
+            if let Ok(wake) = self.pool.schedule(self) {
+                drop(queue);
+                self.pool.wake_one(wake);
                 return;
             }
         }
@@ -270,10 +287,12 @@ impl<W: LaneWork> LaneShared<W> {
         if queue.scheduled || queue.told_idle || queue.last_job.elapsed() < idle {
             return;
         }
-        if self.pool.schedule(self).is_ok() {
+        if let Ok(wake) = self.pool.schedule(self) {
             queue.items.push_back(Item::Idle);
             queue.scheduled = true;
             queue.told_idle = true;
+            drop(queue);
+            self.pool.wake_one(wake);
         }
     }
 }
