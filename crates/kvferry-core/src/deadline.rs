@@ -2,6 +2,21 @@
 
 use std::time::{Duration, Instant};
 
+/// Where deadline logic reads the time: the system's monotonic clock, or in a test one it moves
+/// by hand, so that what happens at and past a deadline is tested without waiting for it.
+pub(crate) trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The monotonic clock of the system.
+pub(crate) struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
 /// A point in time after which an operation gives up. There is no "forever": callers that really
 /// want a long wait say how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -22,11 +37,20 @@ impl Deadline {
 
     /// Time left, zero once passed.
     pub fn remaining(&self) -> Duration {
-        self.0.saturating_duration_since(Instant::now())
+        self.remaining_on(&SystemClock)
     }
 
     pub fn expired(&self) -> bool {
-        Instant::now() >= self.0
+        self.expired_on(&SystemClock)
+    }
+
+    /// Time left as `clock` tells it.
+    pub(crate) fn remaining_on(&self, clock: &dyn Clock) -> Duration {
+        self.0.saturating_duration_since(clock.now())
+    }
+
+    pub(crate) fn expired_on(&self, clock: &dyn Clock) -> bool {
+        clock.now() >= self.0
     }
 
     /// The earlier of two deadlines.

@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::auth::AuthError;
-use crate::deadline::Deadline;
+use crate::deadline::{Clock, Deadline, SystemClock};
 use crate::error::Result;
 use crate::error::code::ErrorCode;
 use crate::memory::{MemKind, MemRegion};
@@ -361,6 +361,8 @@ pub struct Completion {
     settled: Condvar,
     /// Who counts the settled outcome, and as which transport's.
     observer: Option<(Arc<dyn TransferObserver>, TransportKind)>,
+    /// What the deadline and the batch's duration are read on.
+    clock: &'static dyn Clock,
 }
 
 struct CompletionState {
@@ -410,6 +412,7 @@ impl Completion {
             op,
             deadline,
             posted_at: Instant::now(),
+            clock: &SystemClock,
             bytes,
             remaining: AtomicUsize::new(0),
             cancelled: AtomicBool::new(false),
@@ -454,6 +457,19 @@ impl Completion {
         self.deadline
     }
 
+    /// The batch is past its deadline on its clock.
+    fn expired(&self) -> bool {
+        self.deadline.expired_on(self.clock)
+    }
+
+    /// The batch read on `clock` (posted at its `now`), for tests that move time by hand.
+    #[cfg(test)]
+    fn on_clock(mut self, clock: &'static dyn Clock) -> Self {
+        self.posted_at = clock.now();
+        self.clock = clock;
+        self
+    }
+
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -480,7 +496,7 @@ impl Completion {
         if self.cancelled.load(Ordering::Acquire) {
             return Some(self.cancelled_error());
         }
-        if self.deadline.expired() {
+        if self.expired() {
             return Some(self.timeout_error());
         }
         if let TransferStatus::Failed(e) = &state.status {
@@ -505,7 +521,7 @@ impl Completion {
 
     /// Whether running parts should stop now: checked by a part between its blocking calls.
     pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire) || self.deadline.expired()
+        self.stopping.load(Ordering::Acquire) || self.expired()
     }
 
     fn end_part(&self, id: u64) -> bool {
@@ -619,7 +635,7 @@ impl Completion {
     fn settle(&self, state: &mut CompletionState, status: TransferStatus) {
         // A waiter that gave up at the deadline has already settled the batch as timed out.
         if state.status == TransferStatus::InProgress {
-            let now = Instant::now();
+            let now = self.clock.now();
             if let Some((observer, transport)) = &self.observer {
                 let outcome = match &status {
                     TransferStatus::Failed(e) => Err(e.code()),
@@ -640,7 +656,7 @@ impl Completion {
     /// ended (they are being cut off), so a failure seen here means its memory is free.
     pub fn status(&self) -> TransferStatus {
         let mut state = self.state.locked();
-        if state.status == TransferStatus::InProgress && self.deadline.expired() {
+        if state.status == TransferStatus::InProgress && self.expired() {
             let e = self.timeout_error();
             self.settle(&mut state, TransferStatus::Failed(e));
         }
@@ -661,7 +677,7 @@ impl Completion {
     pub fn wait_until(&self, until: Deadline) -> Option<std::result::Result<(), TransferError>> {
         let mut state = self.state.locked();
         while state.status == TransferStatus::InProgress {
-            if self.deadline.expired() {
+            if self.expired() {
                 let e = self.timeout_error();
                 self.settle(&mut state, TransferStatus::Failed(e));
                 break;
@@ -669,7 +685,7 @@ impl Completion {
             if until < self.deadline && until.expired() {
                 return None;
             }
-            state = self.settled.wait_timeout(state, until.min(self.deadline).remaining()).unwrap().0;
+            state = self.settled.wait_timeout(state, until.min(self.deadline).remaining_on(self.clock)).unwrap().0;
         }
         match state.status.clone() {
             TransferStatus::Done => Some(Ok(())),
@@ -697,8 +713,8 @@ impl Completion {
             return;
         }
         self.stopping.store(true, Ordering::Release);
-        while self.remaining.load(Ordering::Acquire) > 0 && !self.deadline.expired() {
-            state = self.settled.wait_timeout(state, self.deadline.remaining()).unwrap().0;
+        while self.remaining.load(Ordering::Acquire) > 0 && !self.expired() {
+            state = self.settled.wait_timeout(state, self.deadline.remaining_on(self.clock)).unwrap().0;
         }
         if state.status == TransferStatus::InProgress {
             let e = self.cancelled_error();
@@ -745,6 +761,57 @@ impl Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clock a test moves by hand.
+    struct ManualClock(Mutex<Instant>);
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Instant {
+            *self.0.locked()
+        }
+    }
+
+    impl ManualClock {
+        fn leaked() -> &'static ManualClock {
+            Box::leak(Box::new(ManualClock(Mutex::new(Instant::now()))))
+        }
+
+        fn advance(&self, by: Duration) {
+            *self.0.locked() += by;
+        }
+    }
+
+    #[test]
+    fn a_batch_passes_its_deadline_when_its_clock_does_and_no_sooner() {
+        let clock = ManualClock::leaked();
+        let deadline = Deadline::at(clock.now() + Duration::from_secs(10));
+        let batch = Completion::new("p", Op::Write, 64, None, deadline).on_clock(clock);
+        batch.set_guarded_parts(2);
+        let part = batch.start_part(None).unwrap();
+        assert!(!part.end(), "nothing cut it off");
+        clock.advance(Duration::from_secs(9));
+        assert_eq!(batch.status(), TransferStatus::InProgress, "a second before the deadline");
+        assert!(batch.skip_reason().is_none() && !batch.stopping());
+        clock.advance(Duration::from_secs(1));
+        assert!(batch.stopping(), "at the deadline");
+        assert!(matches!(batch.skip_reason(), Some(TransferError::Timeout { .. })));
+        assert!(batch.start_part(None).is_err(), "no part starts past the deadline");
+        assert!(matches!(batch.status(), TransferStatus::Failed(TransferError::Timeout { .. })));
+        assert_eq!(batch.elapsed(), Some(Duration::from_secs(10)), "timed on its clock");
+    }
+
+    #[test]
+    fn a_batch_that_settles_before_its_deadline_is_timed_on_its_clock() {
+        let clock = ManualClock::leaked();
+        let deadline = Deadline::at(clock.now() + Duration::from_secs(10));
+        let batch = Completion::new("p", Op::Read, 64, None, deadline).on_clock(clock);
+        batch.set_parts(1);
+        clock.advance(Duration::from_millis(2500));
+        batch.settle_part(Ok(()), |_| unreachable!("no notification"));
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(batch.status(), TransferStatus::Done, "done stays done past the deadline");
+        assert_eq!(batch.elapsed(), Some(Duration::from_millis(2500)));
+    }
 
     /// Every transport refuses, with the one error for it, a batch naming a peer's region that
     /// the peer did not open to that transport (its key is empty), before anything moves.
