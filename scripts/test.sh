@@ -117,6 +117,11 @@ sentinels=(
     idle_connections_leave_the_thread_count_fixed
     idle_shm_connections_leave_the_thread_count_fixed
     threads_stay_fixed_from_a_few_peers_to_hundreds_over_tcp_and_shm
+    many_lanes_share_the_pool_and_each_runs_its_jobs_in_order
+    a_batch_passes_its_deadline_when_its_clock_does_and_no_sooner
+    the_breaker_opens_after_failures_in_a_row_and_probes_one_at_a_time
+    a_readers_pins_hold_its_slabs_until_they_are_dropped_or_released
+    what_options_lists_parse_takes_back_and_lists_again
     a_trickled_write_is_cut_off_at_the_request_timeout_from_its_first_byte
     headers_announcing_many_descriptors_commit_no_memory_before_the_bytes_arrive
     accepting_at_the_descriptor_limit_does_not_spin
