@@ -781,8 +781,8 @@ impl Drop for SlabLease {
     }
 }
 
-/// A reader's pins on DRAM slabs and disk blocks: while they are held, those blocks are neither
-/// evicted nor rewritten. Dropping them unpins (taking the state's lock, so they must not be
+/// Pins on DRAM slabs and disk blocks, a reader's or an eviction's: while they are held, those
+/// blocks are neither evicted (by anyone else) nor rewritten. Dropping them unpins (taking the state's lock, so they must not be
 /// dropped under it: [`release`](Self::release) unpins under a lock already held).
 #[must_use]
 struct Pins<'a> {
@@ -817,6 +817,11 @@ impl<'a> Pins<'a> {
     fn extend(&mut self, mut other: Pins<'a>) {
         self.host.append(&mut other.host);
         self.disk.append(&mut other.disk);
+    }
+
+    /// The pins [`State::pin_victims`] took for an eviction.
+    fn of_victims(shared: &'a Shared, victims: Vec<(BlockKey, u32)>) -> Pins<'a> {
+        Pins { shared, host: victims, disk: Vec::new() }
     }
 
     fn keys(&self) -> HashSet<BlockKey> {
@@ -1229,11 +1234,11 @@ impl Shared {
                     return Err(TierError::NoRoom { needed: wanted, medium: Medium::Cpu }.into());
                 }
                 let writes = self.plan_writes(state, &victims, false);
-                (victims, writes)
+                (Pins::of_victims(self, victims), writes)
             };
             let written = self.write_down(ring.as_deref_mut(), writes);
             let mut state = self.lock();
-            let freed = self.finish_eviction(&mut state, &victims, &written, false);
+            let freed = self.finish_eviction(&mut state, victims, &written, false);
             state.free.extend(freed);
         }
         let mut state = self.lock();
@@ -1300,7 +1305,7 @@ impl Shared {
     fn finish_eviction(
         &self,
         state: &mut State,
-        victims: &[(BlockKey, u32)],
+        mut victims: Pins<'_>,
         written: &[(WriteDown, std::io::Result<u64>)],
         keep_unwritten: bool,
     ) -> Vec<u32> {
@@ -1351,23 +1356,24 @@ impl Shared {
         }
 
         let (mut moved, mut dropped, mut freed) = (Vec::new(), Vec::new(), Vec::new());
-        for (key, index) in victims {
-            let slot = state.slot(*index);
+        // Each victim's pin is given back here, under the lock, before its slab may be freed.
+        for (key, index) in std::mem::take(&mut victims.host) {
+            let slot = state.slot(index);
             slot.pins -= 1;
             if slot.pins > 0 || (keep_unwritten && !slot.on_disk) {
                 continue;
             }
             let on_disk = slot.on_disk;
-            state.slots[*index as usize] = None;
-            state.host.remove(key);
-            state.policy.evicted(key);
+            state.slots[index as usize] = None;
+            state.host.remove(&key);
+            state.policy.evicted(&key);
             state.stats.host_evictions += 1;
             if on_disk {
-                moved.push(*key)
+                moved.push(key)
             } else {
-                dropped.push(*key)
+                dropped.push(key)
             }
-            freed.push(*index);
+            freed.push(index);
         }
         // Blocks written now and kept in DRAM (a reader pinned them meanwhile) are stored on disk too.
         let kept: Vec<BlockKey> = stored.iter().filter(|k| state.host.contains_key(k)).copied().collect();
@@ -1622,26 +1628,24 @@ impl Shared {
     }
 
     fn offload(&self, ring: Option<&mut Ring>, keys: &[BlockKey]) -> Result<()> {
-        let (victims, writes) = {
+        // Made before the lock is taken, so that it is dropped after it.
+        let mut victims = Pins::new(self);
+        let writes = {
             let mut state = self.lock();
             let state = &mut *state;
-            let mut victims = Vec::new();
             let mut seen = HashSet::new();
             for key in keys {
                 let Some(&index) = state.host.get(key) else { continue };
-                let slot = state.slot(index);
-                if !slot.ready() || !seen.insert(*key) {
+                if !state.slot(index).ready() || !seen.insert(*key) {
                     continue;
                 }
-                slot.pins += 1;
-                victims.push((*key, index));
+                victims.pin_host(state, *key, index);
             }
-            let writes = self.plan_writes(state, &victims, true);
-            (victims, writes)
+            self.plan_writes(state, &victims.host, true)
         };
         let written = self.write_down(ring, writes);
         let mut state = self.lock();
-        let freed = self.finish_eviction(&mut state, &victims, &written, true);
+        let freed = self.finish_eviction(&mut state, victims, &written, true);
         state.free.extend(freed);
         match state.disk.as_ref().and_then(|d| d.failed.clone()) {
             Some(e) => Err(e.into()),
