@@ -275,6 +275,89 @@ impl State {
     }
 }
 
+/// Record what was written, then release the victims (their pins, taken with
+/// [`Pins::into_victims`]): each one no one else pinned meanwhile
+/// leaves DRAM and its slab is returned; with `keep_unwritten`, only those now on disk.
+fn finish_eviction(
+    state: &mut State,
+    victims: Vec<(BlockKey, u32)>,
+    written: &[(WriteDown, std::io::Result<u64>)],
+    keep_unwritten: bool,
+) -> Vec<u32> {
+    let mut stored = Vec::new();
+    if let Some(disk) = &mut state.disk {
+        let mut files = disk.files.locked();
+        let mut failure = None;
+        let mut records = Vec::new();
+        for (w, result) in written {
+            match result {
+                Ok(checksum) => {
+                    records.push(Record::Store(w.key, DiskEntry { slot: w.disk_slot, checksum: *checksum }))
+                }
+                Err(e) => {
+                    disk.free.push(w.disk_slot);
+                    failure.get_or_insert_with(|| write_failed(files.dir(), "writing a block", e));
+                }
+            }
+        }
+        let logged = files.append(&records);
+        for record in &records {
+            let Record::Store(key, entry) = *record else { continue };
+            if logged.is_ok() {
+                disk.blocks.insert(key, DiskBlock { entry, pins: 0 });
+                disk.policy.inserted(key);
+                stored.push(key);
+            } else {
+                disk.free.push(entry.slot);
+            }
+        }
+        if let Err(e) = logged {
+            failure.get_or_insert(e);
+        } else if files.needs_compaction(disk.blocks.len()) {
+            let live: HashMap<BlockKey, DiskEntry> = disk.blocks.iter().map(|(k, b)| (*k, b.entry)).collect();
+            if let Err(e) = files.rewrite(&live) {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(failure) = failure {
+            tracing::warn!("the disk tier stops taking blocks: {failure}");
+            disk.failed.get_or_insert(failure);
+        }
+    }
+    state.stats.disk_writes += stored.len() as u64;
+    for key in &stored {
+        let index = state.host[key];
+        state.slot(index).on_disk = true;
+    }
+
+    let (mut moved, mut dropped, mut freed) = (Vec::new(), Vec::new(), Vec::new());
+    // Each victim's pin is given back here, under the lock, before its slab may be freed.
+    for (key, index) in victims {
+        let slot = state.slot(index);
+        slot.pins -= 1;
+        if slot.pins > 0 || (keep_unwritten && !slot.on_disk) {
+            continue;
+        }
+        let on_disk = slot.on_disk;
+        state.slots[index as usize] = None;
+        state.host.remove(&key);
+        state.policy.evicted(&key);
+        state.stats.host_evictions += 1;
+        if on_disk {
+            moved.push(key)
+        } else {
+            dropped.push(key)
+        }
+        freed.push(index);
+    }
+    // Blocks written now and kept in DRAM (a reader pinned them meanwhile) are stored on disk too.
+    let kept: Vec<BlockKey> = stored.iter().filter(|k| state.host.contains_key(k)).copied().collect();
+    state.emit(TierEvent::Stored { keys: kept, medium: Medium::Disk });
+    state.emit(TierEvent::Moved { keys: moved, from: Medium::Cpu, to: Medium::Disk });
+    state.emit(TierEvent::Removed { keys: dropped, medium: Medium::Cpu });
+    freed
+}
+
 /// A host slab being written down to a disk slot.
 #[derive(Clone, Copy)]
 struct WriteDown {
@@ -819,6 +902,11 @@ impl<'a> Pins<'a> {
         self.disk.append(&mut other.disk);
     }
 
+    /// The victims' pins, for [`finish_eviction`] to give back one by one under the lock.
+    fn into_victims(mut self) -> Vec<(BlockKey, u32)> {
+        std::mem::take(&mut self.host)
+    }
+
     /// The pins [`State::pin_victims`] took for an eviction.
     fn of_victims(shared: &'a Shared, victims: Vec<(BlockKey, u32)>) -> Pins<'a> {
         Pins { shared, host: victims, disk: Vec::new() }
@@ -1238,7 +1326,7 @@ impl Shared {
             };
             let written = self.write_down(ring.as_deref_mut(), writes);
             let mut state = self.lock();
-            let freed = self.finish_eviction(&mut state, victims, &written, false);
+            let freed = finish_eviction(&mut state, victims.into_victims(), &written, false);
             state.free.extend(freed);
         }
         let mut state = self.lock();
@@ -1298,89 +1386,6 @@ impl Shared {
             });
         });
         writes.into_iter().zip(results).collect()
-    }
-
-    /// Record what was written, then release the victims: each one no one else pinned meanwhile
-    /// leaves DRAM and its slab is returned; with `keep_unwritten`, only those now on disk.
-    fn finish_eviction(
-        &self,
-        state: &mut State,
-        mut victims: Pins<'_>,
-        written: &[(WriteDown, std::io::Result<u64>)],
-        keep_unwritten: bool,
-    ) -> Vec<u32> {
-        let mut stored = Vec::new();
-        if let Some(disk) = &mut state.disk {
-            let mut files = disk.files.locked();
-            let mut failure = None;
-            let mut records = Vec::new();
-            for (w, result) in written {
-                match result {
-                    Ok(checksum) => {
-                        records.push(Record::Store(w.key, DiskEntry { slot: w.disk_slot, checksum: *checksum }))
-                    }
-                    Err(e) => {
-                        disk.free.push(w.disk_slot);
-                        failure.get_or_insert_with(|| write_failed(files.dir(), "writing a block", e));
-                    }
-                }
-            }
-            let logged = files.append(&records);
-            for record in &records {
-                let Record::Store(key, entry) = *record else { continue };
-                if logged.is_ok() {
-                    disk.blocks.insert(key, DiskBlock { entry, pins: 0 });
-                    disk.policy.inserted(key);
-                    stored.push(key);
-                } else {
-                    disk.free.push(entry.slot);
-                }
-            }
-            if let Err(e) = logged {
-                failure.get_or_insert(e);
-            } else if files.needs_compaction(disk.blocks.len()) {
-                let live: HashMap<BlockKey, DiskEntry> = disk.blocks.iter().map(|(k, b)| (*k, b.entry)).collect();
-                if let Err(e) = files.rewrite(&live) {
-                    failure.get_or_insert(e);
-                }
-            }
-            if let Some(failure) = failure {
-                tracing::warn!("the disk tier stops taking blocks: {failure}");
-                disk.failed.get_or_insert(failure);
-            }
-        }
-        state.stats.disk_writes += stored.len() as u64;
-        for key in &stored {
-            let index = state.host[key];
-            state.slot(index).on_disk = true;
-        }
-
-        let (mut moved, mut dropped, mut freed) = (Vec::new(), Vec::new(), Vec::new());
-        // Each victim's pin is given back here, under the lock, before its slab may be freed.
-        for (key, index) in std::mem::take(&mut victims.host) {
-            let slot = state.slot(index);
-            slot.pins -= 1;
-            if slot.pins > 0 || (keep_unwritten && !slot.on_disk) {
-                continue;
-            }
-            let on_disk = slot.on_disk;
-            state.slots[index as usize] = None;
-            state.host.remove(&key);
-            state.policy.evicted(&key);
-            state.stats.host_evictions += 1;
-            if on_disk {
-                moved.push(key)
-            } else {
-                dropped.push(key)
-            }
-            freed.push(index);
-        }
-        // Blocks written now and kept in DRAM (a reader pinned them meanwhile) are stored on disk too.
-        let kept: Vec<BlockKey> = stored.iter().filter(|k| state.host.contains_key(k)).copied().collect();
-        state.emit(TierEvent::Stored { keys: kept, medium: Medium::Disk });
-        state.emit(TierEvent::Moved { keys: moved, from: Medium::Cpu, to: Medium::Disk });
-        state.emit(TierEvent::Removed { keys: dropped, medium: Medium::Cpu });
-        freed
     }
 
     fn put_to_disk(&self, ring: Option<&mut Ring>, blocks: &[BlockRegions]) -> Result<()> {
@@ -1645,7 +1650,7 @@ impl Shared {
         };
         let written = self.write_down(ring, writes);
         let mut state = self.lock();
-        let freed = self.finish_eviction(&mut state, victims, &written, true);
+        let freed = finish_eviction(&mut state, victims.into_victims(), &written, true);
         state.free.extend(freed);
         match state.disk.as_ref().and_then(|d| d.failed.clone()) {
             Some(e) => Err(e.into()),
@@ -1739,6 +1744,26 @@ mod tests {
         assert_eq!(state.slot(two).pins, 2, "each reader holds its own pin");
         pins.release(&mut state);
         assert!(state.slot(two).evictable(), "released under the lock already held");
+    }
+
+    #[test]
+    fn an_eviction_frees_its_victims_unless_a_reader_pinned_one_meanwhile() {
+        let mut state = dram(3);
+        let (sender, events) = mpsc::channel();
+        state.subscribers.push(sender);
+        put_into(&mut state, &[1, 2, 3]);
+        let victims = state.pin_victims(2);
+        assert_eq!(victims.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(1), key(2)]);
+        // A reader takes block 2 while its eviction writes (nothing, without a disk tier).
+        let read = state.ready_slab(&key(2)).unwrap();
+        state.slot(read).pins += 1;
+        let freed = finish_eviction(&mut state, victims, &[], false);
+        assert_eq!(freed.len(), 1, "only the block nobody else held leaves DRAM");
+        assert!(state.ready_slab(&key(1)).is_none() && state.ready_slab(&key(2)).is_some());
+        assert_eq!(state.stats.host_evictions, 1);
+        assert_eq!(state.slot(read).pins, 1, "the eviction gave its own pin back, the reader's stays");
+        let removed: Vec<TierEvent> = events.try_iter().filter(|e| matches!(e, TierEvent::Removed { .. })).collect();
+        assert_eq!(removed, [TierEvent::Removed { keys: vec![key(1)], medium: Medium::Cpu }]);
     }
 
     #[test]
