@@ -122,6 +122,7 @@ sentinels=(
     the_breaker_opens_after_failures_in_a_row_and_probes_one_at_a_time
     a_readers_pins_hold_its_slabs_until_they_are_dropped_or_released
     what_options_lists_parse_takes_back_and_lists_again
+    an_eviction_frees_its_victims_unless_a_reader_pinned_one_meanwhile
     a_trickled_write_is_cut_off_at_the_request_timeout_from_its_first_byte
     headers_announcing_many_descriptors_commit_no_memory_before_the_bytes_arrive
     accepting_at_the_descriptor_limit_does_not_spin
