@@ -134,23 +134,24 @@ impl TierStore {
         remote: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         // The keyword arguments as the store options every front end gives (StoreOptions::parse).
-        let switch = |on: bool| if on { "on" } else { "off" }.to_string();
         let mut options: Vec<(String, String)> = vec![
             ("block_size".into(), block_size.to_string()),
             ("host_capacity".into(), dram_capacity.to_string()),
             ("policy".into(), policy.to_string()),
-            ("pin".into(), switch(pin)),
-            ("events".into(), switch(events)),
+            ("pin".into(), pin.to_string()),
+            ("events".into(), events.to_string()),
             ("disk.admit_after".into(), admit_after.to_string()),
-            ("disk.sync_writes".into(), switch(sync_writes)),
+            ("disk.sync_writes".into(), sync_writes.to_string()),
         ];
         options.extend(workers.map(|n| ("workers".into(), n.to_string())));
         options.extend(disk_queue_depth.map(|n| ("disk.queue_depth".into(), n.to_string())));
-        if let Some(dir) = disk_dir {
-            options.push(("disk.dir".into(), dir.to_string_lossy().into_owned()));
-        }
-        if options.iter().any(|(k, _)| k == "disk.dir") || disk_capacity != 0 {
+        if disk_dir.is_some() || disk_capacity != 0 {
             options.push(("disk.capacity".into(), disk_capacity.to_string()));
+        }
+        if let Some(dir) = disk_dir {
+            // Options are text: a path that is not would name another directory if converted.
+            let dir = dir.to_str().ok_or_else(|| PyValueError::new_err("disk_dir must be valid UTF-8"))?;
+            options.push(("disk.dir".into(), dir.to_string()));
         }
         if let Some(remote) = remote {
             let remote = crate::remote::remote_options(&remote)?;
