@@ -205,7 +205,7 @@ impl PeerLink for CudaIpcLink {
         };
         if let Err(job) = self.completions.submit(Job { fence, batch }) {
             // Its copies may still run: the memory stays held until they are done.
-            job.batch.completion.refuse_part(&self.peer);
+            job.batch.completion.refuse_part();
             job.drain();
         }
         Ok(())

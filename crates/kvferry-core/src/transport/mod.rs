@@ -171,7 +171,7 @@ impl ConnectError {
         let peer = completion.peer().to_string();
         match self {
             ConnectError::Unauthenticated(cause) => TransferError::Unauthenticated { peer, cause },
-            ConnectError::Unreachable(_) if completion.deadline().expired() => completion.timeout_error(),
+            ConnectError::Unreachable(_) if completion.expired() => completion.timeout_error(),
             ConnectError::Unreachable(cause) => {
                 TransferError::PeerUnreachable { peer, endpoint: endpoint.into(), cause }
             }
@@ -458,7 +458,7 @@ impl Completion {
     }
 
     /// The batch is past its deadline on its clock.
-    fn expired(&self) -> bool {
+    pub(crate) fn expired(&self) -> bool {
         self.deadline.expired_on(self.clock)
     }
 
@@ -615,9 +615,9 @@ impl Completion {
 
     /// Fail a part its link's progress threads refused (the transport is shutting down, or no
     /// thread could be started); the link cannot move it.
-    pub(crate) fn refuse_part(&self, peer: &str) {
+    pub(crate) fn refuse_part(&self) {
         let cause = "the transport is shutting down or could not start a progress thread".to_string();
-        let e = TransferError::PeerDisconnected { peer: peer.to_string(), op: self.op(), cause };
+        let e = TransferError::PeerDisconnected { peer: self.peer.clone(), op: self.op, cause };
         // A failed part settles the batch as failed if it was the last; nothing else to do.
         let _ = self.part_done(Err(e));
     }
@@ -682,7 +682,7 @@ impl Completion {
                 self.settle(&mut state, TransferStatus::Failed(e));
                 break;
             }
-            if until < self.deadline && until.expired() {
+            if until < self.deadline && until.expired_on(self.clock) {
                 return None;
             }
             state = self.settled.wait_timeout(state, until.min(self.deadline).remaining_on(self.clock)).unwrap().0;

@@ -1143,7 +1143,7 @@ impl Progress {
             let (expired, kept): (Vec<Waiting>, Vec<Waiting>) =
                 waiting.into_iter().partition(|w| w.completion.skip_reason().is_some());
             for w in expired {
-                let e = match w.completion.deadline().expired() {
+                let e = match w.completion.expired() {
                     true => TransferError::Unauthenticated {
                         peer: w.completion.peer().to_string(),
                         cause: "the peer did not complete the fabric handshake by the deadline".into(),

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -157,9 +158,10 @@ pub(super) fn connect(
 }
 
 pub(super) struct ShmLink {
-    peer: String,
     regions: Arc<Vec<Option<RemoteShm>>>,
-    lane: Arc<Lane<Worker>>,
+    lane: Lane<Worker>,
+    /// The lane holds local sources a deregistration must withdraw (see [`Worker::sources`]).
+    has_sources: Arc<AtomicBool>,
 }
 
 impl ShmLink {
@@ -177,8 +179,9 @@ impl ShmLink {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
         });
-        let peer = info.peer.clone();
+        let has_sources = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            has_sources: has_sources.clone(),
             info: Arc::new(info),
             regions: regions.clone(),
             conn: None,
@@ -189,12 +192,19 @@ impl ShmLink {
             next_source: 1,
             device,
         };
-        ShmLink { peer, regions, lane: Arc::new(progress.lane(worker)) }
+        ShmLink { regions, lane: progress.lane(worker), has_sources }
     }
 
-    /// The lane deregistrations tell of local registrations gone.
-    pub fn lane(&self) -> &Arc<Lane<Worker>> {
-        &self.lane
+    /// A local registration is gone: queued on the lane (so handled before any batch posted
+    /// afterwards, which may use the same addresses for other memory) when the lane holds sources,
+    /// which it withdraws. A lane that holds none, having written nothing since it connected,
+    /// has nothing to do. Called once the key is out of the local key table: a source found in it
+    /// was recorded (and `has_sources` set) before that, so is never missed.
+    pub fn forget(&self, key: u128) {
+        if self.has_sources.load(Ordering::SeqCst) {
+            // A stopped pool shares nothing any more.
+            let _ = self.lane.submit(Job::Forget(key));
+        }
     }
 }
 
@@ -210,11 +220,11 @@ impl PeerLink for ShmLink {
             .enumerate()
             .find(|(_, o)| self.regions.get(o.remote_region as usize).is_none_or(Option::is_none))
         {
-            return Err(no_key_on_link(&self.peer, index, op));
+            return Err(no_key_on_link(batch.completion.peer(), index, op));
         }
         batch.completion.set_guarded_parts(1);
         if let Err(Job::Batch(batch)) = self.lane.submit(Job::Batch(batch)) {
-            batch.completion.refuse_part(&self.peer);
+            batch.completion.refuse_part();
         }
         Ok(())
     }
@@ -282,6 +292,9 @@ pub(super) struct Worker {
     grants: HashMap<u128, Grant>,
     /// Local registrations WRITEs came from on this connection.
     sources: Vec<LocalSource>,
+    /// Set (before the key table is read) whenever a source may be recorded, cleared with the
+    /// connection: what [`ShmLink::forget`] reads.
+    has_sources: Arc<AtomicBool>,
     /// The id the next shared source gets on this connection (never 0: that is "by address").
     next_source: u64,
     device: Arc<HostDevice>,
@@ -299,7 +312,10 @@ impl LaneWork for Worker {
     type Scratch = ();
 
     fn run(&mut self, job: Job, _: &mut ()) {
-        self.run_job(job);
+        match job {
+            Job::Batch(batch) => self.run_batch(&batch),
+            Job::Forget(key) => self.forget(key),
+        }
     }
 
     /// The connection (and the owner's resources serving it) goes; the next batch connects again.
@@ -309,13 +325,6 @@ impl LaneWork for Worker {
 }
 
 impl Worker {
-    fn run_job(&mut self, job: Job) {
-        match job {
-            Job::Batch(batch) => self.run_batch(&batch),
-            Job::Forget(key) => self.forget(key),
-        }
-    }
-
     fn run_batch(&mut self, batch: &Batch) {
         let completion = &*batch.completion;
         // A guarded part: a stop (cancel, failure, the deadline) cuts the connection and waits for
@@ -361,7 +370,7 @@ impl Worker {
             *self.cut_handle.locked() = conn.stream.try_clone().ok();
             self.conn = Some(conn);
         }
-        if c.deadline().expired() {
+        if c.expired() {
             return Err(c.timeout_error());
         }
         Ok(self.conn.as_mut().expect("connected above"))
@@ -381,6 +390,7 @@ impl Worker {
         *self.cut_handle.locked() = None;
         self.grants.clear();
         self.sources.clear();
+        self.has_sources.store(false, Ordering::SeqCst);
     }
 
     fn region(&self, op: &XferOp) -> RemoteShm {
@@ -451,6 +461,9 @@ impl Worker {
         let index = match found {
             Some(index) => index,
             None => {
+                // Set before the key table is read: a deregistration, which reads it after taking
+                // the key out, then sees any source this finds.
+                self.has_sources.store(true, Ordering::SeqCst);
                 let Some((key, entry)) = self.info.local.keys.find(o.local_addr, o.len) else {
                     return Ok((wire::FROM_ADDRESS, o.local_addr));
                 };
@@ -595,7 +608,7 @@ impl Worker {
             _ => TransferError::Protocol { peer, detail: format!("copying from the owner failed: {e}") },
         })?;
         // A copy cannot hang, but one that ended past the deadline is late like any other part.
-        match c.deadline().expired() {
+        match c.expired() {
             true => Err(c.timeout_error()),
             false => Ok(()),
         }

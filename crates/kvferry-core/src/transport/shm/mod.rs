@@ -33,7 +33,7 @@ use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use self::link::{Job, LinkInfo, RemoteShm, ShmLink, Worker};
+use self::link::{LinkInfo, RemoteShm, ShmLink, Worker};
 use self::owner::OwnerShared;
 use self::wire::Reach;
 use crate::auth::Auth;
@@ -46,7 +46,7 @@ use crate::net::Server;
 use crate::sync::Locked;
 use crate::transport::host::boot_id;
 use crate::transport::keys;
-use crate::transport::progress::{Lane, Progress};
+use crate::transport::progress::Progress;
 use crate::transport::{
     ConnectError, Endpoint, MemoryOwner, NotificationQueue, PeerLink, RemoteRegion, Transport, TransportKind,
     remote_keys, require_host,
@@ -117,8 +117,8 @@ pub struct ShmTransport {
     auth: Auth,
     device: Arc<HostDevice>,
     server: Option<Server<OwnerShared>>,
-    /// The lanes of this transport's links, told when a local registration goes.
-    links: Mutex<Vec<Weak<Lane<Worker>>>>,
+    /// This transport's links, told when a local registration goes.
+    links: Mutex<Vec<Weak<ShmLink>>>,
     progress: Progress<Worker>,
 }
 
@@ -188,10 +188,9 @@ impl Transport for ShmTransport {
     fn deregister(&self, key: &[u8]) {
         let Some((key, _)) = wire::decode_key(key) else { return };
         self.shared.deregister(key);
-        // The links that shared its file withdraw it (a stopped pool shares nothing any more).
-        self.links.locked().retain(|lane| {
-            let Some(lane) = lane.upgrade() else { return false };
-            let _ = lane.submit(Job::Forget(key));
+        self.links.locked().retain(|link| {
+            let Some(link) = link.upgrade() else { return false };
+            link.forget(key);
             true
         });
     }
@@ -238,11 +237,11 @@ impl Transport for ShmTransport {
             connect_timeout: self.config.connect_timeout,
             local: self.shared.clone(),
         };
-        let link = ShmLink::new(info, regions, self.device.clone(), &self.progress);
+        let link = Arc::new(ShmLink::new(info, regions, self.device.clone(), &self.progress));
         let mut links = self.links.locked();
-        links.retain(|lane| lane.strong_count() > 0);
-        links.push(Arc::downgrade(link.lane()));
-        Ok(Arc::new(link))
+        links.retain(|link| link.strong_count() > 0);
+        links.push(Arc::downgrade(&link));
+        Ok(link)
     }
 }
 

@@ -142,7 +142,7 @@ impl PeerLink for TcpLink {
             };
             let stream = &streams[(first + i) % streams.len()];
             if let Err(frame) = stream.submit(frame) {
-                frame.completion.refuse_part(&self.info.peer);
+                frame.completion.refuse_part();
             }
         }
         Ok(())
@@ -250,7 +250,7 @@ struct Io<'a> {
 
 impl Io<'_> {
     fn ready(completion: &Completion, stream: &PeerStream) -> io::Result<()> {
-        if completion.stopping() && !completion.deadline().expired() {
+        if completion.stopping() && !completion.expired() {
             return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the transfer was stopped"));
         }
         bound_by(stream, completion.deadline())
