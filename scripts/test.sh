@@ -343,6 +343,8 @@ vllm_tests() {
     KVFERRY_REQUIRE_VLLM=1 run_pytest target/venv target/pytest-vllm.log bindings/python/tests_vllm
     require_passed target/pytest-vllm.log \
         test_offload_round_trip_through_dram \
+        test_offload_round_trip_of_a_model_with_a_sliding_window_group \
+        test_pd_moves_every_kv_cache_group \
         test_offload_round_trip_through_disk \
         test_an_engine_killed_with_sigkill_restarts_on_its_disk_and_serves_it \
         test_decode_through_proxy_equals_one_engine \

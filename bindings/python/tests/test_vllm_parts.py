@@ -150,8 +150,12 @@ ENV_AUTH = {"auth": "env"}
 
 
 def _info(torch) -> RankInfo:
-    layout = KvLayout([describe_layer("l0", torch.zeros(2, BLOCKS, HEADS, TOKENS, DIM), BLOCKS, HEADS)], TOKENS, BLOCKS)
-    return RankInfo("engine-1", 0, 1, HEADS, b"\x00metadata\xff", layout)
+    # Two KV cache groups (a full attention layer and a sliding window one, say).
+    groups = [
+        KvLayout([describe_layer(f"l{i}", torch.zeros(2, BLOCKS, HEADS, TOKENS, DIM), BLOCKS, HEADS)], TOKENS, BLOCKS)
+        for i in range(2)
+    ]
+    return RankInfo("engine-1", 0, 1, HEADS, b"\x00metadata\xff", tuple(groups))
 
 
 def test_side_channel_serves_every_rank(torch):
@@ -159,7 +163,9 @@ def test_side_channel_serves_every_rank(torch):
     server = HandshakeServer("127.0.0.1", 0, {0: info}, ENV_AUTH)
     try:
         got = fetch(server.host, server.port, 5, ENV_AUTH)
-        assert got[0].agent_metadata == info.agent_metadata and got[0].layout.layers == info.layout.layers
+        assert got[0].agent_metadata == info.agent_metadata
+        assert [g.layers for g in got[0].layouts] == [g.layers for g in info.layouts]
+        assert got[0].layouts[0].layers != got[0].layouts[1].layers
     finally:
         server.close()
 

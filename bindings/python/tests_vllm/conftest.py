@@ -39,6 +39,14 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def windowed_model(tmp_path_factory) -> Path:
+    """A model whose KV cache vLLM keeps in two groups: full attention and a sliding window."""
+    path = tmp_path_factory.mktemp("windowed-llama")
+    run([sys.executable, str(HERE / "make_model.py"), str(path), "--windowed"], tmp_path_factory.mktemp("log") / "m.log", 300)
+    return path
+
+
 # What every engine these tests start is given, whatever the order fixtures run in. vLLM's CPU build
 # sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); without it, from a share of the machine's
 # memory, which on a small machine is less than the engine's own footprint. The cluster secret lets

@@ -19,10 +19,10 @@ LENGTHS = [40, 64, 100, 129]
 PROMPTS = [[(i * 37 + j * 11) % 1000 + 1 for j in range(n)] for i, n in enumerate(LENGTHS)]
 
 
-def offline(tmp_path, model_dir, offload: dict, name: str, **options) -> dict:
+def offline(tmp_path, model_dir, offload: dict, name: str, prompts=PROMPTS, **options) -> dict:
     config = {
         "model": str(model_dir),
-        "prompts": PROMPTS,
+        "prompts": prompts,
         "max_tokens": 8,
         "rounds": 2,
         "events_port": free_port(),
@@ -40,11 +40,11 @@ def offline(tmp_path, model_dir, offload: dict, name: str, **options) -> dict:
     return json.loads(out.read_text())
 
 
-def check_round_trip(result: dict) -> None:
+def check_round_trip(result: dict, lengths=LENGTHS) -> None:
     first, second = result["rounds"]
     assert [r["tokens"] for r in second] == [r["tokens"] for r in first]
     assert all(r["cached"] == 0 for r in first)
-    for n, r in zip(LENGTHS, second):
+    for n, r in zip(lengths, second, strict=True):
         # Every full block of the prompt comes back (the partial last block is recomputed).
         assert r["cached"] == n // BLOCK * BLOCK, (n, r)
 
@@ -61,6 +61,21 @@ def test_offload_round_trip_through_dram(tmp_path, model_dir):
     # The same blocks under the same hashes as vLLM's own events, so a router matches them.
     in_gpu = {h for e in result["events"] if e["type"] == "BlockStored" and e["medium"] == "GPU" for h in e["hashes"]}
     assert tiered <= in_gpu
+
+
+def test_offload_round_trip_of_a_model_with_a_sliding_window_group(tmp_path, windowed_model):
+    # Prompts within the 48-token window and well past it, so that loads find blocks the window
+    # gave back (vLLM's null block in their place) as well as blocks it keeps.
+    lengths = [40, 100, 129, 300]
+    prompts = [[(i * 31 + j * 13) % 1000 + 1 for j in range(n)] for i, n in enumerate(lengths)]
+    result = offline(tmp_path, windowed_model, {"dram_bytes": 64 << 20}, "windowed", prompts=prompts)
+    log = (tmp_path / "windowed.log").read_text()
+    assert "registered 4 layers in 2 groups (1 with a sliding window)" in log, log[-4000:]
+    # Identical tokens from loaded blocks: both groups' bytes came back where each group reads them
+    # (a sliding window layer fed another block's keys would change the greedy choice).
+    check_round_trip(result, lengths)
+    blocks = sum(n // BLOCK for n in lengths)
+    assert result["kvferry"].get("vllm:kvferry_tier_hits{medium=CPU}") == blocks, result["kvferry"]
 
 
 def test_offload_round_trip_through_disk(tmp_path, model_dir):

@@ -26,7 +26,8 @@ from kvferry.vllm.layout import KvLayout, LayoutError
 logger = logging.getLogger(__name__)
 
 _MAX_DOC = 64 << 20
-VERSION = 1
+# 2: a layout per KV cache group.
+VERSION = 2
 # A client has this long, handshake and reply together, before the next one is served.
 _SERVE_SECONDS = 5.0
 
@@ -44,7 +45,8 @@ class RankInfo:
     tp_size: int
     total_heads: int
     agent_metadata: bytes
-    layout: KvLayout
+    # One per KV cache group, in vLLM's order.
+    layouts: tuple[KvLayout, ...]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,7 +55,7 @@ class RankInfo:
             "tp_size": self.tp_size,
             "total_heads": self.total_heads,
             "agent_metadata": base64.b64encode(self.agent_metadata).decode(),
-            "layout": self.layout.to_dict(),
+            "layouts": [layout.to_dict() for layout in self.layouts],
         }
 
     @staticmethod
@@ -65,7 +67,7 @@ class RankInfo:
                 tp_size=int(d["tp_size"]),
                 total_heads=int(d["total_heads"]),
                 agent_metadata=base64.b64decode(d["agent_metadata"], validate=True),
-                layout=KvLayout.from_dict(d["layout"]),
+                layouts=tuple(KvLayout.from_dict(x) for x in d["layouts"]),
             )
         except (KeyError, TypeError, ValueError, LayoutError) as e:
             raise HandshakeError(f"malformed rank metadata: {e}") from e

@@ -14,11 +14,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 @dataclass
 class RemoteLoad:
-    """Pull a finished prefill's blocks from a remote engine into `block_ids` (per KV cache group)."""
+    """Pull a finished prefill's blocks from a remote engine into `block_ids`: per KV cache group,
+    the local and the remote block of each token block, None where that side's group holds none
+    (outside a sliding window)."""
 
     req_id: str
-    block_ids: list[list[int]]
-    remote_block_ids: list[list[int]]
+    block_ids: list[list[int | None]]
+    remote_block_ids: list[list[int | None]]
     remote_engine_id: str
     remote_request_id: str
     remote_host: str
@@ -27,19 +29,21 @@ class RemoteLoad:
 
 @dataclass
 class TierLoad:
-    """Copy cached blocks back from the tiers: `keys[i]` into block `block_ids[i]`."""
+    """Copy cached blocks back from the tiers: `keys[i]` into the blocks `block_ids[i]`, one per KV
+    cache group (None: the group holds none there, its bytes are not needed)."""
 
     req_id: str
-    block_ids: list[int]
+    block_ids: list[list[int | None]]
     keys: list[bytes]
 
 
 @dataclass
 class TierSave:
-    """Copy computed blocks into the tiers once this step's forward pass wrote them."""
+    """Copy computed blocks into the tiers once this step's forward pass wrote them: `keys[i]` from
+    the blocks `block_ids[i]`, one per KV cache group."""
 
     req_id: str
-    block_ids: list[int]
+    block_ids: list[list[int]]
     keys: list[bytes]
 
 

@@ -17,6 +17,7 @@ from vllm.v1.request import RequestStatus
 
 import kvferry
 from kvferry.vllm.config import ConnectorConfig
+from kvferry.vllm.groups import windowed_groups
 from kvferry.vllm.handshake import HandshakeServer, RankInfo
 from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, TierSave, WorkerReport
 
@@ -53,9 +54,10 @@ class ConnectorScheduler:
         self.cfg = cfg
         self.block_tokens = vllm_config.cache_config.block_size
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.groups = len(kv_cache_config.kv_cache_groups)
+        # Refuses, at start, a model with a group the connector cannot serve.
+        self.groups = len(windowed_groups(kv_cache_config, self.block_tokens))
         self.hash_algo = str(vllm_config.cache_config.prefix_caching_hash_algo)
-        self.offload = cfg.offload is not None and self.groups == 1
+        self.offload = cfg.offload is not None
         policy = getattr(vllm_config.kv_transfer_config, "kv_load_failure_policy", None)
         if self.offload and cfg.offload.remote is not None and policy == "fail":
             logger.warning(
@@ -145,14 +147,14 @@ class ConnectorScheduler:
             if not all(k in params for k in _REMOTE_KEYS):
                 logger.warning("kvferry: %s has incomplete kv_transfer_params %s", rid, params)
                 return
-            local_ids, remote_ids = [[]], [[]]
+            local_ids = remote_ids = [[] for _ in range(self.groups)]
             if num_external > 0 and match is not None and match.kind == "remote":
                 first = match.num_computed // self.block_tokens
                 last = -(-(match.num_computed + num_external) // self.block_tokens)
                 remote_all = params["remote_block_ids"]
                 if remote_all and not isinstance(remote_all[0], (list, tuple)):
                     remote_all = [remote_all]
-                local_ids = [list(g[first:last]) for g in blocks.get_block_ids()]
+                local_ids = [g[first:last] for g in self._held_ids(blocks.get_block_ids())]
                 remote_ids = [list(g[first:last]) for g in remote_all]
                 self._loading.add(rid)
             # With nothing to read the load still tells the prefill engine to release the blocks.
@@ -171,9 +173,10 @@ class ConnectorScheduler:
         if num_external > 0 and match is not None and match.kind == "tier":
             first = match.num_computed // self.block_tokens
             count = num_external // self.block_tokens
-            ids = blocks.get_block_ids()[0][first : first + count]
+            groups = self._held_ids(blocks.get_block_ids())
+            ids = [[g[i] for g in groups] for i in range(first, first + count)]
             keys = self._request_keys(request)[first : first + count]
-            self._step.tier_loads.append(TierLoad(rid, list(ids), keys))
+            self._step.tier_loads.append(TierLoad(rid, ids, keys))
             self._loading.add(rid)
 
     # Each step.
@@ -204,7 +207,7 @@ class ConnectorScheduler:
         if upto <= start:
             return None
         self._stored_upto[rid] = upto
-        block_ids = self.kv_cache_manager.get_block_ids(rid)[0]
+        groups = self._held_ids(self.kv_cache_manager.get_block_ids(rid))
         ids, chosen = [], []
         hashes = request.block_hashes
         tokens = request.all_token_ids
@@ -212,12 +215,17 @@ class ConnectorScheduler:
             key = keys[i]
             if self._medium(key) is not None or key in self._pending:
                 continue
+            block = [g[i] if i < len(g) else None for g in groups]
+            if None in block:
+                # A sliding window gave this block back (a prefix this engine had cached
+                # starts past it): the tokens are stored whole or not at all.
+                continue
             self._pending[key] = _Pending(
                 maybe_convert_block_hash(hashes[i]),
                 maybe_convert_block_hash(hashes[i - 1]) if i else None,
                 list(tokens[i * self.block_tokens : (i + 1) * self.block_tokens]),
             )
-            ids.append(block_ids[i])
+            ids.append(block)
             chosen.append(key)
         if not chosen:
             return None
@@ -250,7 +258,7 @@ class ConnectorScheduler:
                 params = {
                     "do_remote_prefill": True,
                     "do_remote_decode": False,
-                    "remote_block_ids": [list(g) for g in block_ids],
+                    "remote_block_ids": self._held_ids(block_ids),
                     "remote_engine_id": self.cfg.engine_id,
                     "remote_request_id": rid,
                     "remote_host": self.server.host,
@@ -337,6 +345,12 @@ class ConnectorScheduler:
                 self._pending.pop(key, None)
         found = sum(self._medium(key) is not None for key in restored)
         logger.info("kvferry: %d blocks found on disk from an earlier engine", found)
+
+    def _held_ids(self, groups: Any) -> list[list[int | None]]:
+        """Each group's block ids, None where the group holds no block: vLLM's null block, in place
+        of the blocks a sliding window gave back."""
+        null = self.kv_cache_manager.block_pool.null_block.block_id
+        return [[None if b == null else b for b in g] for g in groups]
 
     def _request_keys(self, request: Any) -> list[bytes]:
         """The request's store keys; only blocks hashed since the last call are converted."""

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kvferry
+import torch
 from vllm.logger import init_logger
 from kvferry.vllm.config import ConnectorConfig
+from kvferry.vllm.groups import windowed_groups
 from kvferry.vllm.handshake import HandshakeError, RankInfo, fetch
-from kvferry.vllm.layout import KvLayout, LayoutError, describe_layer, head_range, read_plan, sources
+from kvferry.vllm.layout import KvLayout, LayoutError, describe_layer, head_range, merge_regions, read_plan, sources
 from kvferry.vllm.metadata import RankHandshake, RemoteLoad, StepMetadata, TierLoad, WorkerReport
 from kvferry.vllm.stats import KvferryConnectorStats, StatsReader
 
@@ -95,6 +97,8 @@ class ConnectorWorker:
         self.cfg = cfg
         self.kv_cache_config = kv_cache_config
         self.block_tokens = vllm_config.cache_config.block_size
+        # Per KV cache group: a sliding window gives blocks back while its request runs.
+        self.windowed = windowed_groups(kv_cache_config, self.block_tokens)
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.tp_rank = get_tensor_model_parallel_rank()
         self.total_heads = vllm_config.model_config.get_total_num_kv_heads()
@@ -114,8 +118,11 @@ class ConnectorWorker:
         self.agent: kvferry.Agent | None = None
         self.store: kvferry.TierStore | None = None
         self._remote_settings: dict[str, Any] | None = None
+        # One per KV cache group; a tier entry holds a token block's bytes of every group.
         self.layouts: list[KvLayout] = []
         self.device = "cpu"
+        # Where a load puts the bytes of a group that holds no block there (outside a window).
+        self._discard: Any = None
         # Guards the remote engines' handshakes and peers, which the pull threads fill.
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
@@ -155,7 +162,9 @@ class ConnectorWorker:
                 layers.append(describe_layer(name, tensor, num_blocks, heads[1] - heads[0]))
             layouts.append(KvLayout(layers, self.block_tokens, num_blocks))
         self.layouts = layouts
-        device = next(iter(kv_caches.values())).device
+        first = next(iter(kv_caches.values()))
+        device = first.device
+        self._discard = first.new_empty(max(g.block_bytes for g in layouts), dtype=torch.uint8)
         self.device = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
         with _unpinned():
             self.agent = kvferry.Agent(
@@ -172,12 +181,14 @@ class ConnectorWorker:
         if self.cfg.offload is not None:
             self._open_store()
         logger.info(
-            "kvferry: rank %d/%d registered %d layers in %d groups, %d bytes a block, layout offsets %s",
+            "kvferry: rank %d/%d registered %d layers in %d groups (%d with a sliding window), %d bytes a "
+            "block, layout offsets %s",
             self.tp_rank,
             self.tp_size,
             sum(len(g.layers) for g in layouts),
             len(layouts),
-            layouts[0].block_bytes,
+            sum(self.windowed),
+            self._entry_bytes(),
             layouts[0].layers[0].offsets,
         )
 
@@ -204,14 +215,11 @@ class ConnectorWorker:
     def _open_store(self) -> None:
         off = self.cfg.offload
         assert off is not None
-        if len(self.layouts) != 1:
-            logger.warning("kvferry: offload supports one KV cache group; this model has %d", len(self.layouts))
-            return
         disk_dir = None if off.disk_dir is None else f"{off.disk_dir}/rank{self.tp_rank}"
         self._remote_settings = None if off.remote is None else self._remote_namespace(off.remote)
         with _unpinned():
             self.store = kvferry.TierStore(
-                self.layouts[0].block_bytes,
+                self._entry_bytes(),
                 off.dram_bytes,
                 disk_dir=disk_dir,
                 disk_capacity=off.disk_bytes,
@@ -227,8 +235,10 @@ class ConnectorWorker:
         dtypes, tokens per block, tensor-parallel rank and the layout of a block."""
         return {
             **self._engine,
-            "block_bytes": self.layouts[0].block_bytes,
-            "layers": [[x.name, x.segment_len, len(x.offsets), x.head_len, x.num_heads] for x in self.layouts[0].layers],
+            "block_bytes": self._entry_bytes(),
+            "layers": [
+                [x.name, x.segment_len, len(x.offsets), x.head_len, x.num_heads] for g in self.layouts for x in g.layers
+            ],
         }
 
     def _remote_namespace(self, remote: dict[str, Any]) -> dict[str, Any]:
@@ -271,14 +281,12 @@ class ConnectorWorker:
     def handshake(self) -> RankHandshake | None:
         persisted, self._persisted = self._persisted, []
         remote = self._remote_settings if self.store is not None else None
-        block_bytes = self.layouts[0].block_bytes if self.layouts else 0
+        block_bytes = self._entry_bytes() if self.layouts else 0
         if not self.cfg.pd or self.agent is None:
             return RankHandshake(None, persisted, remote, block_bytes) if self.store is not None else None
         info = RankInfo(
-            self.cfg.engine_id, self.tp_rank, self.tp_size, self.total_heads, self.agent.metadata(), self.layouts[0]
+            self.cfg.engine_id, self.tp_rank, self.tp_size, self.total_heads, self.agent.metadata(), tuple(self.layouts)
         )
-        if len(self.layouts) != 1:
-            logger.warning("kvferry: P/D transfers cover the first of %d KV cache groups", len(self.layouts))
         return RankHandshake(info.to_dict(), persisted, remote, block_bytes)
 
     # Each step.
@@ -289,6 +297,11 @@ class ConnectorWorker:
             self._wait_stores(req)
 
     def start(self, meta: StepMetadata) -> None:
+        if any(self.windowed):
+            # A sliding window gives blocks back while their request runs, and this step may write
+            # them for another: the stores still reading them end first.
+            for req in list(self._stores):
+                self._wait_stores(req)
         if meta.clear_tiers and self.store is not None:
             self.store.clear()
         self._held.update(meta.held)
@@ -306,9 +319,8 @@ class ConnectorWorker:
     def save(self, meta: StepMetadata) -> None:
         if self.store is None:
             return
-        layout = self.layouts[0]
         for spec in meta.stores:
-            blocks = [(key, layout.block_regions(b)) for key, b in zip(spec.keys, spec.block_ids)]
+            blocks = [(key, self._entry_regions(ids)) for key, ids in zip(spec.keys, spec.block_ids)]
             try:
                 self._stores[spec.req_id].append(self.store.put(blocks, device=self.device))
             except kvferry.KvferryError as e:
@@ -360,7 +372,7 @@ class ConnectorWorker:
                 if not op.poll():
                     continue
             except kvferry.KvferryError as e:
-                self._fail(req, [load.block_ids], str(e), failed)
+                self._fail(req, [list(g) for g in zip(*load.block_ids)], str(e), failed)
                 self._failed_keys.extend(load.keys)
             del self._tier_loads[req]
             recving.add(req)
@@ -407,12 +419,13 @@ class ConnectorWorker:
 
     # Helpers.
 
-    def _fail(self, req: str, block_ids: list[list[int]], error: str, failed: set[str]) -> None:
+    def _fail(self, req: str, block_ids: list[list[int | None]], error: str, failed: set[str]) -> None:
+        """`block_ids`: per KV cache group, the blocks the load was to fill."""
         logger.warning("kvferry: loading the KV blocks of %s failed: %s", req, error)
         self._stats.load_failures += 1
         # Block-level reports let vLLM keep what loaded; they are unambiguous with one group only.
         if len(self.layouts) == 1:
-            self._error_blocks.update(block_ids[0])
+            self._error_blocks.update(b for b in block_ids[0] if b is not None)
         else:
             failed.add(req)
 
@@ -432,8 +445,7 @@ class ConnectorWorker:
 
     def _start_tier_load(self, load: TierLoad) -> None:
         assert self.store is not None
-        layout = self.layouts[0]
-        blocks = [(key, layout.block_regions(b)) for key, b in zip(load.keys, load.block_ids)]
+        blocks = [(key, self._entry_regions(ids)) for key, ids in zip(load.keys, load.block_ids)]
         try:
             op = self.store.get(blocks, device=self.device)
         except kvferry.KvferryError as e:
@@ -470,14 +482,7 @@ class ConnectorWorker:
             peer = self._peer(load.remote_engine_id, r, info)
             readers = sum(r in sources(d, self.tp_size, self.total_heads, holders) for d in range(self.tp_size))
             message = done_message(readers, load.remote_request_id)
-            pairs = read_plan(
-                self.layouts[0],
-                mine,
-                info.layout,
-                head_range(r, info.tp_size, info.total_heads),
-                load.block_ids[0],
-                load.remote_block_ids[0],
-            )
+            pairs = self._read_pairs(load, mine, info, head_range(r, info.tp_size, info.total_heads))
             if not pairs:
                 transfers.append(self.agent.notify(peer, message, self.cfg.timeout_seconds))
                 continue
@@ -505,6 +510,41 @@ class ConnectorWorker:
                 except (kvferry.KvferryError, TimeoutError):
                     pass
             raise
+
+    def _read_pairs(
+        self, load: RemoteLoad, mine: tuple[int, int], info: RankInfo, theirs: tuple[int, int]
+    ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """`(local, remote)` regions of every group's blocks that this rank reads from `info`'s."""
+        groups = len(self.layouts)
+        if len(info.layouts) != groups or len(load.block_ids) != groups or len(load.remote_block_ids) != groups:
+            raise LayoutError(
+                f"{groups} KV cache groups here, {len(info.layouts)} on the prefill engine, "
+                f"{len(load.remote_block_ids)} in its block ids"
+            )
+        pairs = []
+        for layout, remote, local_ids, remote_ids in zip(self.layouts, info.layouts, load.block_ids, load.remote_block_ids):
+            # Where this engine's window has no block, the prefill engine's bytes are not needed.
+            kept = [(lb, rb) for lb, rb in zip(local_ids, remote_ids) if lb is not None]
+            if any(rb is None for _, rb in kept):
+                raise LayoutError("the prefill engine gave back blocks of a sliding window that this engine needs")
+            local = [lb for lb, _ in kept]
+            pairs.extend(read_plan(layout, mine, remote, theirs, local, [rb for _, rb in kept]))
+        return pairs
+
+    def _entry_bytes(self) -> int:
+        """Bytes of a tier entry: a token block of every KV cache group."""
+        return sum(g.block_bytes for g in self.layouts)
+
+    def _entry_regions(self, block_ids: list[int | None]) -> list[tuple[int, int]]:
+        """Where a tier entry's bytes go or come from: the block of each group in turn, or where
+        a load discards them for a group that holds none there."""
+        regions = []
+        for layout, block in zip(self.layouts, block_ids):
+            if block is None:
+                regions.append((self._discard.data_ptr(), layout.block_bytes))
+            else:
+                regions.extend(layout.block_regions(block))
+        return merge_regions(regions)
 
     def _remote_ranks(self, engine: str, host: str, port: int) -> dict[int, RankInfo]:
         with self._lock:
